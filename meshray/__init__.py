@@ -1,0 +1,44 @@
+"""meshray: Ray Core's programming model on a runtime with no head node.
+
+`import meshray as ray` and a Ray Core program runs: remote functions,
+objects, and (as they land) actors and placement groups, on peer node
+daemons coordinated only through etcd.
+"""
+from meshray import exceptions
+from meshray._api import (
+    available_resources,
+    cancel,
+    cluster_resources,
+    get,
+    get_gpu_ids,
+    init,
+    is_initialized,
+    nodes,
+    put,
+    remote,
+    shutdown,
+    wait,
+)
+from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
+from meshray.runtime_context import get_runtime_context
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ObjectRef",
+    "ObjectRefGenerator",
+    "available_resources",
+    "cancel",
+    "cluster_resources",
+    "exceptions",
+    "get",
+    "get_gpu_ids",
+    "get_runtime_context",
+    "init",
+    "is_initialized",
+    "nodes",
+    "put",
+    "remote",
+    "shutdown",
+    "wait",
+]

@@ -1,0 +1,289 @@
+"""The public functions of meshray, with Ray Core's names and behaviour."""
+from __future__ import annotations
+
+import atexit
+import inspect
+import logging
+import os
+import threading
+
+from meshray import exceptions
+from meshray.core import ids, state as state_mod
+from meshray.core.core_worker import CoreWorker
+from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
+from meshray.core.remote_function import RemoteFunction
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
+    "cluster_resources", "available_resources", "nodes", "get_gpu_ids",
+]
+
+log = logging.getLogger(__name__)
+_state = state_mod.state
+_INIT_KEYWORDS = {
+    "address", "num_cpus", "num_gpus", "resources", "labels", "namespace", "runtime_env",
+    "object_store_memory", "log_to_driver", "ignore_reinit_error", "logging_level",
+    "include_dashboard", "configure_logging", "_node_ip_address", "_temp_dir",
+    "_system_config", "dashboard_host", "dashboard_port", "local_mode", "job_config",
+    "_token", "_lease_ttl",
+}
+
+
+def is_initialized() -> bool:
+    return _state.core is not None
+
+
+def _check_number(name, value, *, allow_none=True, minimum=0.0):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ValueError(f"init() argument {name}={value!r} must be a number >= {minimum}")
+
+
+def _resolve_address(address: str | None) -> str | None:
+    if address is None:
+        address = os.environ.get("MESHRAY_ADDRESS") or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "", "local"):
+        return None
+    if address.startswith("etcd://"):
+        address = address[len("etcd://"):]
+    elif address.startswith("meshray://"):
+        address = address[len("meshray://"):]
+    return address
+
+
+def _find_local_node(etcd: str | None):
+    """A running node on this machine (joined to `etcd`, or any when None)."""
+    from meshray.node import registry
+    records = registry.read_records()
+    if etcd is not None:
+        wanted = set(etcd.split(","))
+        records = [r for r in records if wanted & set(r.get("etcd", "").split(","))]
+    records.sort(key=lambda r: (not r.get("cli"), r.get("node_id")))
+    return records[0] if records else None
+
+
+def _check_etcd_reachable(endpoints: str, timeout: float = 5.0) -> None:
+    from meshray.coordination.client import Coordinator
+    try:
+        coordinator = Coordinator(endpoints.split(","), timeout=timeout)
+    except ConnectionError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ConnectionError(f"could not reach etcd at {endpoints}: {exc}") from exc
+    coordinator.close()
+
+
+def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=None,
+         labels=None, namespace: str | None = None, runtime_env: dict | None = None,
+         object_store_memory: int | None = None, log_to_driver: bool = True,
+         ignore_reinit_error: bool = False, **kwargs):
+    """Connect this process to a meshray cluster, starting one if needed.
+
+    With no address (and no MESHRAY_ADDRESS) a private cluster starts here: an
+    etcd member and a node daemon as child processes, on free loopback ports,
+    in a temp dir -- all gone again after shutdown() or when this process
+    exits, however it exits.
+    """
+    unknown = set(kwargs) - _INIT_KEYWORDS
+    if unknown:
+        raise ValueError(f"Unknown keyword argument(s) for init(): {sorted(unknown)}")
+    with _state.lock:
+        if _state.core is not None:
+            if ignore_reinit_error:
+                return _context_info()
+            raise RuntimeError("Maybe you called meshray.init twice by accident? This error "
+                               "can be suppressed by passing in 'ignore_reinit_error=True'.")
+        _check_number("num_cpus", num_cpus)
+        _check_number("num_gpus", num_gpus)
+        _check_number("object_store_memory", object_store_memory)
+        if resources is not None:
+            if not isinstance(resources, dict):
+                raise ValueError(f"init() argument resources={resources!r} must be a dict")
+            for key in ("CPU", "GPU"):
+                if key in resources:
+                    raise ValueError(f"Use the 'num_{key.lower()}s' argument instead of "
+                                     f"resources={{'{key}': ...}}")
+        if runtime_env is not None and not isinstance(runtime_env, dict):
+            raise ValueError(f"init() argument runtime_env={runtime_env!r} must be a dict")
+        from meshray.runtime_env import validate_runtime_env
+        runtime_env = validate_runtime_env(runtime_env)
+        if namespace is not None and not isinstance(namespace, str):
+            raise ValueError(f"init() argument namespace={namespace!r} must be a string")
+
+        from meshray.node import launcher
+        target = _resolve_address(address)
+        token = kwargs.get("_token") or os.environ.get("MESHRAY_TOKEN") or None
+        node = None
+        if target is None:
+            token = token or launcher.new_token()
+            node = launcher.start_node(
+                embedded_etcd=True, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                labels=labels, object_store_memory=object_store_memory, token=token,
+                lease_ttl=kwargs.get("_lease_ttl"))
+            daemon_address = node.local_address
+        else:
+            if target == "auto":
+                record = _find_local_node(None)
+                if record is None:
+                    raise ConnectionError(
+                        "Could not find any running meshray instance on this machine. "
+                        "Start one with `meshray start`, or call init() without an address.")
+            else:
+                _check_etcd_reachable(target)
+                record = _find_local_node(target)
+                if record is None:
+                    raise ConnectionError(
+                        f"No meshray node on this machine is joined to etcd at {target}; "
+                        f"run `meshray start --address {target}` here first.")
+            token = token or _read_token(record)
+            daemon_address = record["local_address"]
+        job_id = ids.new_job_id()
+        try:
+            core = CoreWorker(daemon_address=daemon_address, token=token, role="driver",
+                              job_id=job_id, namespace=namespace or "", log_to_driver=log_to_driver)
+        except BaseException:
+            if node is not None:
+                node.stop()
+            raise
+        _state.core, _state.mode, _state.job_id = core, "driver", job_id
+        _state.namespace = namespace or f"anonymous-{job_id.hex()}"
+        _state.job_runtime_env = runtime_env or {}
+        _state.local_node = node
+        return _context_info()
+
+
+def _read_token(record: dict) -> str | None:
+    path = os.path.join(record.get("session_dir", ""), "token")
+    try:
+        with open(path) as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def _context_info() -> dict:
+    core = _state.core
+    return {"node_id": core.node_id.hex(), "session_dir": core.session_dir,
+            "address": core.node_address, "job_id": _state.job_id.hex()}
+
+
+def shutdown() -> None:
+    """Disconnect, and stop the cluster this process started (if any)."""
+    with _state.lock:
+        core, node = _state.core, _state.local_node
+        _state.core = None
+        _state.local_node = None
+        _state.mode = None
+        if core is not None:
+            core.close()
+        if node is not None:
+            node.stop()
+
+
+atexit.register(shutdown)
+
+
+def _ensure_core() -> CoreWorker:
+    core = _state.core
+    if core is None:
+        init()
+        core = _state.core
+    return core
+
+
+def remote(*args, **kwargs):
+    """Make a function a remote function (or a class an actor class)."""
+    if len(args) == 1 and not kwargs and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("The @meshray.remote decorator must be applied either with no "
+                        "arguments and no parentheses, or with keyword arguments only.")
+    return lambda target: _make_remote(target, kwargs)
+
+
+def _make_remote(target, options: dict):
+    if inspect.isclass(target):
+        from meshray.actor import ActorClass
+        return ActorClass(target, options)
+    if not callable(target):
+        raise TypeError(f"@meshray.remote must decorate a function or class, got {target!r}")
+    return RemoteFunction(target, options)
+
+
+def _as_ref_list(object_refs, what: str):
+    if isinstance(object_refs, ObjectRef):
+        return [object_refs], True
+    if isinstance(object_refs, (list, tuple)):
+        for item in object_refs:
+            if not isinstance(item, ObjectRef):
+                raise TypeError(f"{what} expected ObjectRefs in the list, got {type(item).__name__}")
+        return list(object_refs), False
+    if isinstance(object_refs, ObjectRefGenerator):
+        raise TypeError(f"{what} got an ObjectRefGenerator; iterate it to get ObjectRefs")
+    raise TypeError(f"{what} expected an ObjectRef or a list of ObjectRefs, "
+                    f"got {type(object_refs).__name__}")
+
+
+def get(object_refs, *, timeout: float | None = None):
+    """Wait for and return the value(s) of ObjectRef(s)."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout < 0):
+        raise ValueError(f"get() argument timeout={timeout!r} must be a number >= 0 or None")
+    refs, single = _as_ref_list(object_refs, "get()")
+    values = _ensure_core().get(refs, timeout)
+    return values[0] if single else values
+
+
+def put(value, *, _owner=None) -> ObjectRef:
+    """Store a value in the object store and return its ObjectRef."""
+    return _ensure_core().put(value)
+
+
+def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True):
+    """Return (ready, not_ready) once num_returns refs are ready or timeout passes."""
+    if isinstance(object_refs, ObjectRef):
+        raise TypeError("wait() expected a list of ObjectRef, got a single ObjectRef")
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"wait() expected a list of ObjectRef, got {type(object_refs).__name__}")
+    refs, _ = _as_ref_list(list(object_refs), "wait()")
+    if len(set(refs)) != len(refs):
+        raise ValueError("Wait requires a list of unique object refs.")
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(f"wait() argument num_returns={num_returns!r} must be an int >= 0")
+    if num_returns > len(refs):
+        raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
+                         f"of objects provided ({len(refs)}).")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout < 0):
+        raise ValueError(f"wait() argument timeout={timeout!r} must be a number >= 0 or None")
+    if not isinstance(fetch_local, bool):
+        raise ValueError(f"wait() argument fetch_local={fetch_local!r} must be a bool")
+    return _ensure_core().wait(refs, num_returns, timeout)
+
+
+def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that produces `object_ref`."""
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"cancel() expected an ObjectRef, got {type(object_ref).__name__}")
+    _ensure_core().cancel(object_ref, force, recursive)
+
+
+def cluster_resources() -> dict:
+    return _ensure_core().request("cluster_resources")
+
+
+def available_resources() -> dict:
+    return _ensure_core().request("available_resources")
+
+
+def nodes() -> list:
+    return _ensure_core().request("nodes")
+
+
+def get_gpu_ids() -> list:
+    """GPU ids assigned to the current task or actor (empty in a driver)."""
+    from meshray.runtime_context import get_runtime_context
+    return [int(i) if str(i).isdigit() else i
+            for i in get_runtime_context().get_accelerator_ids().get("GPU", [])]

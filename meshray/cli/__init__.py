@@ -1,0 +1,1 @@
+"""The `meshray` command line."""

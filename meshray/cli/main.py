@@ -1,0 +1,139 @@
+"""`meshray start | stop | status | list actors | microbenchmark`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _cmd_start(args) -> int:
+    from meshray.node import launcher, registry
+
+    resources = json.loads(args.resources) if args.resources else {}
+    if not isinstance(resources, dict):
+        print(f"--resources must be a JSON object, got {args.resources!r}", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("MESHRAY_TOKEN") or None
+    if args.token_file:
+        with open(args.token_file) as handle:
+            token = handle.read().strip()
+    embedded = not args.address
+    if embedded and not token:
+        token = launcher.new_token()
+    address = args.address[len("etcd://"):] if args.address and args.address.startswith(
+        "etcd://") else args.address
+    node = launcher.start_node(
+        etcd=address, embedded_etcd=embedded, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        resources=resources, labels=json.loads(args.labels) if args.labels else None,
+        object_store_memory=args.object_store_memory, host=args.host, port=args.port,
+        token=token, session_dir=None, tie_to_parent=False, cli=True,
+        lease_ttl=args.lease_ttl)
+    node.owns_session_dir = False  # the daemon removes its own session dir on exit
+    token_path = os.path.join(node.session_dir, "token")
+    print(f"meshray node {node.node_id} started (pid {node.pid})")
+    print(f"  node address : {node.address}")
+    print(f"  etcd         : {node.etcd}")
+    if embedded:
+        print(f"  cluster token: written to {token_path} (mode 0600)")
+        print("To add another node to this cluster:")
+        print(f"  MESHRAY_TOKEN=$(cat {token_path}) meshray start --address {node.etcd}")
+    print("To connect a driver on this machine: meshray.init(address='auto')")
+    if args.block:
+        def forward(signum, _frame):
+            node.process.send_signal(signum)
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        node.process.wait()
+    del registry
+    return 0
+
+
+def _cmd_stop(args) -> int:
+    from meshray.node import registry
+
+    records = [r for r in registry.read_records() if r.get("cli")]
+    if not records:
+        print("no meshray nodes started by `meshray start` are running on this machine")
+        return 0
+    for record in records:
+        os.kill(int(record["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + args.grace_period
+    for record in records:
+        pid = int(record["pid"])
+        while registry.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if registry.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        registry.remove_record(record["node_id"])
+        print(f"stopped meshray node {record['node_id']} (pid {pid})")
+    return 0
+
+
+def _connect(address):
+    import meshray
+    meshray.init(address=address or "auto", log_to_driver=False)
+    return meshray
+
+
+def _cmd_status(args) -> int:
+    meshray = _connect(args.address)
+    try:
+        nodes = meshray.nodes()
+        print(f"{'node':<34} {'alive':<6} {'address':<22} resources (available / total)")
+        available = meshray.available_resources()
+        for node in nodes:
+            total = node.get("Resources", {})
+            parts = [f"{k}: {available.get(k, 0) if len(nodes) == 1 else '-'} / {v:g}"
+                     for k, v in sorted(total.items()) if not k.startswith("node:")
+                     and k not in ("memory", "object_store_memory")]
+            print(f"{node['NodeID']:<34} {str(node['Alive']):<6} "
+                  f"{node.get('Address', node.get('NodeManagerAddress', '')):<22} "
+                  + ", ".join(parts))
+            labels = node.get("Labels") or {}
+            if labels:
+                print(f"{'':<34} labels: {labels}")
+        print("cluster total    :", meshray.cluster_resources())
+        print("cluster available:", available)
+    finally:
+        meshray.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="meshray", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    start = commands.add_parser("start", help="start a node daemon on this machine")
+    start.add_argument("--address", help="etcd endpoint(s) to join, HOST:PORT[,HOST:PORT]")
+    start.add_argument("--num-cpus", type=float)
+    start.add_argument("--num-gpus", type=float)
+    start.add_argument("--resources", default="", help='JSON, e.g. \'{"custom": 2}\'')
+    start.add_argument("--labels", default="", help="JSON object of node labels")
+    start.add_argument("--object-store-memory", type=int)
+    start.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    start.add_argument("--port", type=int, default=0)
+    start.add_argument("--token", help="cluster token (or MESHRAY_TOKEN)")
+    start.add_argument("--token-file")
+    start.add_argument("--lease-ttl", type=float)
+    start.add_argument("--block", action="store_true", help="stay in the foreground")
+    start.set_defaults(func=_cmd_start)
+
+    stop = commands.add_parser("stop", help="stop the nodes `meshray start` started here")
+    stop.add_argument("--grace-period", type=float, default=10.0)
+    stop.set_defaults(func=_cmd_stop)
+
+    status = commands.add_parser("status", help="show nodes and resources")
+    status.add_argument("--address")
+    status.set_defaults(func=_cmd_status)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Driver and worker core: submission, ownership, references, execution."""

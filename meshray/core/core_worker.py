@@ -1,0 +1,511 @@
+"""The core worker: what every driver and worker process runs to take part.
+
+It holds the process's session stream to its node daemon, the values this
+process has received, its local reference counts, and the submission side of
+tasks. Outgoing events are queued and a single sender drains the queue into
+batches, so many `.remote()` calls in a row cost few gRPC messages.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import logging
+import os
+import pickle
+import queue
+import sys
+import threading
+import time
+
+from meshray import exceptions
+from meshray.core import ids, object_ref, serialization
+from meshray.core.object_ref import ObjectRef
+from meshray.object_store import layout
+from meshray.rpc import make_channel
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+
+__all__ = ["CoreWorker", "ArgPlaceholder"]
+
+log = logging.getLogger(__name__)
+
+_MAX_BATCH = 2000
+CONNECT_TIMEOUT_S = 15.0
+
+
+class ArgPlaceholder:
+    """Stands for the i-th top-level ObjectRef argument inside args_blob."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self):
+        return (ArgPlaceholder, (self.index,))
+
+
+class _Stream:
+    __slots__ = ("items", "total")
+
+    def __init__(self):
+        self.items: dict[int, bytes] = {}
+        self.total: int | None = None
+
+
+class CoreWorker:
+    def __init__(self, *, daemon_address: str, token: str | None, role: str,
+                 worker_id: bytes | None = None, job_id: bytes = b"", namespace: str = "",
+                 log_to_driver: bool = True, on_execute=None, on_kill=None):
+        self.role = role
+        self.worker_id = worker_id or ids.new_id()
+        self.job_id = job_id
+        self.namespace = namespace
+        self._on_execute = on_execute
+        self._on_kill = on_kill
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        # Re-entrant: ObjectRef.__del__ may run (via GC) while this thread holds it.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._values: dict[bytes, pb.ObjectValue] = {}
+        self._subscribed: set[bytes] = set()
+        self._local_refs: dict[bytes, int] = {}
+        self._futures: dict[bytes, list] = {}
+        self._streams: dict[bytes, _Stream] = {}
+        self._requests: dict[int, concurrent.futures.Future] = {}
+        self._request_ids = itertools.count(1)
+        self._functions_sent: set[bytes] = set()
+        self._put_task_id = ids.new_id()
+        self._put_counter = itertools.count(1)
+        self._closed = False
+        self._lost = False
+        self.current_task_id = b""
+        self.blocked_depth = 0
+        self.store_dir = ""
+        self.node_id = b""
+        self.session_dir = ""
+        self.node_address = ""
+
+        self._channel = make_channel(daemon_address, token=token)
+        stub = pb_grpc.NodeServiceStub(self._channel)
+        self._send(pb.ClientEvent(hello=pb.Hello(
+            role=role, worker_id=self.worker_id, pid=os.getpid(), job_id=job_id,
+            namespace=namespace, log_to_driver=log_to_driver)))
+        self._welcome = concurrent.futures.Future()
+        self._responses = stub.Connect(self._outgoing())
+        self._reader = threading.Thread(target=self._read_loop, name="meshray-reader", daemon=True)
+        self._reader.start()
+        try:
+            welcome = self._welcome.result(CONNECT_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            self.close()
+            raise ConnectionError(
+                f"node daemon at {daemon_address} did not answer within {CONNECT_TIMEOUT_S:.0f}s")
+        self.node_id = welcome.node_id
+        self.store_dir = welcome.store_dir
+        self.session_dir = welcome.session_dir
+        self.node_address = welcome.node_address
+        object_ref.set_tracker(self)
+
+    # ------------------------------------------------------------ transport
+    def _send(self, event: pb.ClientEvent) -> None:
+        self._outbox.put(event)
+
+    def _outgoing(self):
+        while True:
+            event = self._outbox.get()
+            if event is None:
+                return
+            events = [event]
+            done = False
+            while len(events) < _MAX_BATCH:
+                try:
+                    event = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if event is None:
+                    done = True
+                    break
+                events.append(event)
+            yield pb.ClientBatch(events=events)
+            if done:
+                return
+
+    def _read_loop(self) -> None:
+        try:
+            for batch in self._responses:
+                for event in batch.events:
+                    kind = event.WhichOneof("kind")
+                    try:
+                        getattr(self, "_on_" + kind)(getattr(event, kind))
+                    except Exception:  # noqa: BLE001 - keep reading
+                        log.exception("failed to handle %s from the node", kind)
+        except Exception as exc:  # noqa: BLE001 - stream ended
+            if not self._closed:
+                log.debug("session stream ended: %s", exc)
+        finally:
+            with self._lock:
+                self._lost = not self._closed
+                self._changed.notify_all()
+            if not self._welcome.done():
+                self._welcome.set_exception(ConnectionError("node daemon closed the session"))
+            for future in list(self._requests.values()):
+                if not future.done():
+                    future.set_exception(ConnectionError("node daemon connection lost"))
+            if self._lost and self._on_kill is not None:
+                self._on_kill(None)
+
+    def _on_welcome(self, welcome: pb.Welcome) -> None:
+        self._welcome.set_result(welcome)
+
+    def _on_ready(self, msg: pb.ObjectReady) -> None:
+        value = msg.value
+        object_id = value.object_id
+        futures = ()
+        with self._lock:
+            self._values[object_id] = value
+            task_id = ids.task_id_of(object_id)
+            stream = self._streams.get(task_id)
+            if stream is not None:
+                index = ids.index_of(object_id)
+                if index == 0:
+                    if not value.is_error:
+                        stream.total = pickle.loads(value.inline_data)
+                    else:
+                        stream.total = len(stream.items)
+                else:
+                    stream.items[index] = object_id
+            futures = self._futures.pop(object_id, ())
+            self._changed.notify_all()
+        for future in futures:
+            self._resolve_future(future, object_id)
+
+    def _on_execute(self, msg: pb.ExecuteTask) -> None:
+        self._on_execute(msg)
+
+    def _on_kill(self, msg: pb.KillTask) -> None:
+        if self._on_kill is not None:
+            self._on_kill(msg)
+
+    def _on_reserve_reply(self, msg: pb.ReserveReply) -> None:
+        future = self._requests.pop(msg.request_id, None)
+        if future is not None:
+            future.set_result(msg)
+
+    def _on_reply(self, msg: pb.Reply) -> None:
+        future = self._requests.pop(msg.request_id, None)
+        if future is not None:
+            future.set_result(msg)
+
+    def _on_logs(self, msg: pb.LogBatch) -> None:
+        for line in msg.lines:
+            stream = sys.stderr if line.is_err else sys.stdout
+            print(f"{line.prefix} {line.text}", file=stream, flush=True)
+
+    def _on_notice(self, msg: pb.Notice) -> None:
+        log.warning("%s", msg.text)
+        print(f"(meshray) {msg.text}", file=sys.stderr, flush=True)
+
+    def request(self, method: str, payload: dict | None = None, timeout: float = 30.0):
+        """Ask the node a question answered with JSON."""
+        request_id = next(self._request_ids)
+        future = concurrent.futures.Future()
+        self._requests[request_id] = future
+        self._send(pb.ClientEvent(request=pb.Request(
+            request_id=request_id, method=method, payload=json.dumps(payload or {}).encode())))
+        try:
+            reply = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._requests.pop(request_id, None)
+            raise exceptions.GetTimeoutError(
+                f"node did not answer {method!r} within {timeout}s") from None
+        if reply.error:
+            raise exceptions.RaySystemError(f"node failed to answer {method!r}: {reply.error}")
+        return json.loads(reply.payload)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        object_ref.set_tracker(None)
+        self._outbox.put(None)
+        try:
+            self._responses.cancel()
+        except Exception:  # noqa: BLE001
+            pass
+        self._channel.close()
+
+    # ------------------------------------------------------------ references
+    def add_local_ref(self, object_id: bytes) -> None:
+        with self._lock:
+            count = self._local_refs.get(object_id, 0)
+            self._local_refs[object_id] = count + 1
+        if count == 0:
+            self._send(pb.ClientEvent(refs=pb.RefUpdate(add=[object_id])))
+
+    def remove_local_ref(self, object_id: bytes) -> None:
+        with self._lock:
+            count = self._local_refs.get(object_id, 0) - 1
+            if count > 0:
+                self._local_refs[object_id] = count
+                return
+            self._local_refs.pop(object_id, None)
+            self._values.pop(object_id, None)
+            self._subscribed.discard(object_id)
+        if not self._closed:
+            self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
+
+    # ------------------------------------------------------------ objects
+    def put(self, value) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError(
+                "Calling 'put' on an ObjectRef is not allowed. If you really want to do "
+                "this, you can wrap the ObjectRef in a list and call 'put' on it.")
+        object_id = ids.object_id_for(self._put_task_id, next(self._put_counter))
+        serialized = serialization.serialize(value, what="the value passed to put()")
+        ref = ObjectRef(object_id)
+        self.store_value(object_id, serialized, local=True)
+        return ref
+
+    def store_value(self, object_id: bytes, serialized, *, local: bool) -> pb.ObjectValue:
+        """Make an ObjectValue for `serialized`, writing it to the store if large.
+
+        With local=True the value is also sent to the node as a put (the
+        caller holds the ref); otherwise the caller ships the returned
+        ObjectValue itself (task returns).
+        """
+        if serialized.is_inline:
+            value = pb.ObjectValue(object_id=object_id, inline_data=serialized.inband,
+                                   contained_ids=serialized.contained_ids)
+        else:
+            size = layout.object_size(len(serialized.inband),
+                                      [memoryview(b).nbytes for b in serialized.buffers])
+            path = self._reserve(object_id, size)
+            layout.write_object(path, serialized.inband, serialized.buffers)
+            value = pb.ObjectValue(object_id=object_id, in_store=True, size=size,
+                                   contained_ids=serialized.contained_ids)
+        if local:
+            with self._lock:
+                self._values[object_id] = value
+            self._send(pb.ClientEvent(put=pb.PutObject(value=value)))
+        return value
+
+    def _reserve(self, object_id: bytes, size: int) -> str:
+        request_id = next(self._request_ids)
+        future = concurrent.futures.Future()
+        self._requests[request_id] = future
+        self._send(pb.ClientEvent(reserve=pb.ReserveObject(
+            request_id=request_id, object_id=object_id, size=size)))
+        reply = future.result(60.0)
+        if reply.error:
+            raise exceptions.ObjectStoreFullError(reply.error)
+        return reply.path
+
+    def _subscribe(self, object_ids) -> None:
+        missing = []
+        with self._lock:
+            for object_id in object_ids:
+                if object_id not in self._values and object_id not in self._subscribed:
+                    self._subscribed.add(object_id)
+                    missing.append(object_id)
+        if missing:
+            self._send(pb.ClientEvent(subscribe=pb.Subscribe(object_ids=missing)))
+
+    def _wait_values(self, object_ids, num_needed: int, deadline: float | None) -> int:
+        """Block until `num_needed` of the ids have values; return how many do."""
+        self._subscribe(object_ids)
+        with self._lock:
+            ready = sum(1 for oid in object_ids if oid in self._values)
+            if ready >= num_needed:
+                return ready
+        self._set_blocked(True)
+        try:
+            with self._lock:
+                while True:
+                    ready = sum(1 for oid in object_ids if oid in self._values)
+                    if ready >= num_needed or self._lost:
+                        return ready
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return ready
+                    self._changed.wait(remaining if remaining is not None else 1.0)
+        finally:
+            self._set_blocked(False)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        if self.role != "worker" or not self.current_task_id:
+            return
+        self._send(pb.ClientEvent(blocked=pb.WorkerBlocked(blocked=blocked)))
+
+    def get(self, refs: list, timeout: float | None = None) -> list:
+        object_ids = [ref.binary() for ref in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ready = self._wait_values(object_ids, len(set(object_ids)), deadline)
+        if ready < len(set(object_ids)):
+            if self._lost:
+                raise exceptions.RaySystemError("lost the connection to the node daemon")
+            raise exceptions.GetTimeoutError(
+                f"Get timed out: some object(s) not ready after {timeout}s.")
+        with self._lock:
+            values = [self._values[oid] for oid in object_ids]
+        return [self.materialize(value) for value in values]
+
+    def materialize(self, value: pb.ObjectValue):
+        """Turn an ObjectValue into the Python value (raising stored errors)."""
+        if value.in_store:
+            result = self._read_store(value.object_id)
+        else:
+            result = serialization.deserialize_inline(value.inline_data)
+        if value.is_error:
+            if isinstance(result, exceptions.RayTaskError):
+                raise result.as_instanceof_cause()
+            raise result
+        return result
+
+    def _read_store(self, object_id: bytes):
+        path = os.path.join(self.store_dir, object_id.hex())
+        try:
+            inband, buffers = layout.read_object(path)
+        except FileNotFoundError:
+            # Spilled to disk meanwhile: ask the node to bring it back.
+            path = self.request("restore", {"object_id": object_id.hex()})["path"]
+            inband, buffers = layout.read_object(path)
+        return serialization.deserialize_buffers(inband, buffers)
+
+    def wait(self, refs: list, num_returns: int, timeout: float | None):
+        object_ids = [ref.binary() for ref in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait_values(object_ids, num_returns, deadline)
+        ready, not_ready = [], []
+        with self._lock:
+            for ref in refs:
+                if ref.binary() in self._values and len(ready) < num_returns:
+                    ready.append(ref)
+                else:
+                    not_ready.append(ref)
+        return ready, not_ready
+
+    def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        future._meshray_ref = ref  # keep the ref (and so the value) alive
+        object_id = ref.binary()
+        with self._lock:
+            present = object_id in self._values
+            if not present:
+                self._futures.setdefault(object_id, []).append(future)
+        if present:
+            self._resolve_future(future, object_id)
+        else:
+            self._subscribe([object_id])
+        return future
+
+    def _resolve_future(self, future, object_id: bytes) -> None:
+        with self._lock:
+            value = self._values.get(object_id)
+        try:
+            future.set_result(self.materialize(value))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            future.set_exception(exc)
+
+    # ------------------------------------------------------------ streams
+    def open_stream(self, task_id: bytes):
+        with self._lock:
+            self._streams.setdefault(task_id, _Stream())
+        self._subscribe([ids.object_id_for(task_id, 0)])
+        return task_id
+
+    def next_stream_item(self, task_id: bytes, index: int, timeout: float | None):
+        wanted = index + 1
+        with self._lock:
+            stream = self._streams[task_id]
+            while wanted not in stream.items:
+                if stream.total is not None and index >= stream.total:
+                    return None
+                if self._lost:
+                    raise exceptions.RaySystemError("lost the connection to the node daemon")
+                self._changed.wait(1.0)
+            object_id = stream.items[wanted]
+        return ObjectRef(object_id)
+
+    def close_stream(self, task_id: bytes) -> None:
+        with self._lock:
+            stream = self._streams.pop(task_id, None)
+        if stream is None or self._closed:
+            return
+        # Items never handed out are released here; handed-out refs release themselves.
+        unclaimed = [oid for oid in stream.items.values() if oid not in self._local_refs]
+        if unclaimed:
+            self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=unclaimed)))
+
+    # ------------------------------------------------------------ tasks
+    def ensure_function(self, function_id: bytes, pickled_fn, name: str) -> None:
+        if function_id in self._functions_sent:
+            return
+        self._functions_sent.add(function_id)
+        self._send(pb.ClientEvent(register_function=pb.RegisterFunction(
+            function_id=function_id, pickled=pickled_fn(), name=name)))
+
+    def build_args(self, args: tuple, kwargs: dict, name: str):
+        """Pickle arguments, leaving top-level ObjectRefs to be resolved by the node.
+
+        Returns (args_blob, arg_ref_ids, contained_ids, keepalive) where
+        keepalive holds refs created here for large arguments until the
+        submission message is queued.
+        """
+        arg_refs: list[bytes] = []
+        keepalive = []
+
+        def substitute(value):
+            if isinstance(value, ObjectRef):
+                arg_refs.append(value.binary())
+                keepalive.append(value)
+                return ArgPlaceholder(len(arg_refs) - 1)
+            return value
+
+        new_args = [substitute(a) for a in args]
+        new_kwargs = {k: substitute(v) for k, v in kwargs.items()}
+        try:
+            serialized = serialization.serialize((new_args, new_kwargs),
+                                                 what=f"the arguments of {name}")
+        except TypeError:
+            # Say which argument could not be pickled, not just that one couldn't.
+            for i, value in enumerate(new_args):
+                serialization.serialize(value, what=f"argument {i} of {name}")
+            for key, value in new_kwargs.items():
+                serialization.serialize(value, what=f"keyword argument {key!r} of {name}")
+            raise
+        if not serialized.is_inline:
+            # Large arguments go through the object store, one object each.
+            for i, value in enumerate(new_args):
+                new_args[i] = self._maybe_store_arg(value, f"argument {i} of {name}",
+                                                    arg_refs, keepalive)
+            for key, value in new_kwargs.items():
+                new_kwargs[key] = self._maybe_store_arg(value, f"keyword argument {key!r} of {name}",
+                                                        arg_refs, keepalive)
+            serialized = serialization.serialize((new_args, new_kwargs),
+                                                 what=f"the arguments of {name}")
+        return serialized.inband, arg_refs, serialized.contained_ids, keepalive
+
+    def _maybe_store_arg(self, value, what, arg_refs, keepalive):
+        if isinstance(value, ArgPlaceholder):
+            return value
+        serialized = serialization.serialize(value, what=what)
+        if serialized.is_inline:
+            return value
+        ref = ObjectRef(ids.object_id_for(self._put_task_id, next(self._put_counter)))
+        self.store_value(ref.binary(), serialized, local=True)
+        keepalive.append(ref)
+        arg_refs.append(ref.binary())
+        return ArgPlaceholder(len(arg_refs) - 1)
+
+    def submit(self, spec: pb.TaskSpec, keepalive) -> None:
+        self._send(pb.ClientEvent(submit=pb.SubmitTask(spec=spec)))
+        del keepalive  # refs may now drop: the queued submission pins them
+
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        self._send(pb.ClientEvent(cancel=pb.CancelTask(
+            object_id=ref.binary(), force=force, recursive=recursive)))
+
+    def send_task_result(self, result: pb.TaskResult) -> None:
+        self._send(pb.ClientEvent(task_result=result))

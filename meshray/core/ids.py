@@ -1,0 +1,47 @@
+"""Identifier layout.
+
+An object id is the id of the task that produces it plus a 4-byte index, so
+a task's return ids are known at submission without asking anyone, and the
+producing task (lineage) can be read off any object id. `put` objects use a
+per-process "put task" id with a counter.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+__all__ = [
+    "TASK_ID_LEN",
+    "OBJECT_ID_LEN",
+    "new_id",
+    "new_job_id",
+    "object_id_for",
+    "task_id_of",
+    "index_of",
+]
+
+TASK_ID_LEN = 16
+OBJECT_ID_LEN = TASK_ID_LEN + 4
+_INDEX = struct.Struct(">I")
+
+
+def new_id(length: int = 16) -> bytes:
+    """A random id; collisions are negligible at 128 bits."""
+    return os.urandom(length)
+
+
+def new_job_id() -> bytes:
+    return os.urandom(8)
+
+
+def object_id_for(task_id: bytes, index: int) -> bytes:
+    """The id of return value (or put) number `index` of `task_id`."""
+    return task_id + _INDEX.pack(index)
+
+
+def task_id_of(object_id: bytes) -> bytes:
+    return object_id[:TASK_ID_LEN]
+
+
+def index_of(object_id: bytes) -> int:
+    return _INDEX.unpack(object_id[TASK_ID_LEN:OBJECT_ID_LEN])[0]

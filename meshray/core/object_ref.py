@@ -1,0 +1,131 @@
+"""ObjectRef: a name for a value that exists, or will exist, in the cluster.
+
+Every live ObjectRef in a process counts as one local reference; the process's
+core worker turns the first and last local reference into "hold"/"release"
+messages to its node, which frees the value once nobody holds it. Pickling a
+ref (into task arguments or another object) records it in the containing
+value, so the container keeps it alive in between.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+from meshray.core import ids, serialization
+
+__all__ = ["ObjectRef", "ObjectRefGenerator"]
+
+# Set by the core worker when a process connects; None in a process that has
+# not called init() (refs are then inert names).
+_tracker = None
+
+
+def set_tracker(tracker) -> None:
+    global _tracker
+    _tracker = tracker
+
+
+class ObjectRef:
+    __slots__ = ("_id", "_tracker", "__weakref__")
+
+    def __init__(self, object_id: bytes, *, _borrowed: bool = True):
+        if not isinstance(object_id, bytes) or len(object_id) != ids.OBJECT_ID_LEN:
+            raise ValueError(f"object_id must be {ids.OBJECT_ID_LEN} bytes, got {object_id!r}")
+        self._id = object_id
+        tracker = _tracker
+        self._tracker = tracker
+        if tracker is not None:
+            tracker.add_local_ref(object_id)
+
+    def __del__(self):
+        tracker = self._tracker
+        if tracker is not None:
+            try:
+                tracker.remove_local_ref(self._id)
+            except Exception:  # noqa: BLE001 - interpreter teardown
+                pass
+
+    def __reduce__(self):
+        serialization.record_contained_ref(self._id)
+        return (ObjectRef, (self._id,))
+
+    def binary(self) -> bytes:
+        return self._id
+
+    def hex(self) -> str:
+        return self._id.hex()
+
+    def task_id(self) -> bytes:
+        return ids.task_id_of(self._id)
+
+    def is_nil(self) -> bool:
+        return not any(self._id)
+
+    def __eq__(self, other):
+        return isinstance(other, ObjectRef) and other._id == self._id
+
+    def __hash__(self):
+        return hash(self._id)
+
+    def __repr__(self):
+        return f"ObjectRef({self._id.hex()})"
+
+    def future(self) -> concurrent.futures.Future:
+        """A concurrent.futures.Future resolved with the value (or its error)."""
+        tracker = self._tracker or _tracker
+        if tracker is None:
+            raise RuntimeError("meshray is not initialized; call meshray.init() first")
+        return tracker.future_for(self)
+
+    def __await__(self):
+        return asyncio.wrap_future(self.future()).__await__()
+
+
+class ObjectRefGenerator:
+    """The ObjectRefs a streaming generator task yields, as they are produced.
+
+    Iterating blocks until the next item exists; when the task raised midway,
+    the item after the last good one is a ref whose `get` raises the error.
+    """
+
+    def __init__(self, task_id: bytes, tracker):
+        self._task_id = task_id
+        self._tracker = tracker
+        self._next_index = 0
+        # Keeps the stream's bookkeeping alive while this generator exists.
+        self._handle = tracker.open_stream(task_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> ObjectRef:
+        ref = self._tracker.next_stream_item(self._task_id, self._next_index, timeout=None)
+        if ref is None:
+            raise StopIteration
+        self._next_index += 1
+        return ref
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> ObjectRef:
+        loop = asyncio.get_running_loop()
+        ref = await loop.run_in_executor(
+            None, self._tracker.next_stream_item, self._task_id, self._next_index, None)
+        if ref is None:
+            raise StopAsyncIteration
+        self._next_index += 1
+        return ref
+
+    def completed(self) -> ObjectRef:
+        """A ref that resolves once the generator task has finished."""
+        return ObjectRef(ids.object_id_for(self._task_id, 0))
+
+    def __del__(self):
+        try:
+            self._tracker.close_stream(self._task_id)
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+    def __repr__(self):
+        return f"ObjectRefGenerator(task={self._task_id.hex()})"

@@ -1,0 +1,122 @@
+"""`@meshray.remote` on a function: the RemoteFunction and its submission."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import pickle
+
+import cloudpickle
+
+from meshray.core import ids, options as opts, state as state_mod
+from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
+from meshray.rpc.generated import meshray_pb2 as pb
+
+__all__ = ["RemoteFunction", "build_task_spec_fields"]
+
+
+def _job_env_vars(runtime_env: dict | None) -> dict:
+    """Merge env_vars from the job, the parent task and this call (child wins)."""
+    merged: dict = {}
+    job_env = state_mod.state.job_runtime_env or {}
+    merged.update(job_env.get("env_vars") or {})
+    parent = state_mod.current_spec()
+    if parent is not None:
+        merged.update(dict(parent.env_vars))
+    if runtime_env:
+        merged.update(runtime_env.get("env_vars") or {})
+    return {str(k): str(v) for k, v in merged.items()}
+
+
+def build_task_spec_fields(spec: pb.TaskSpec, options: dict, placement: dict) -> None:
+    """Fill the option-derived fields of a TaskSpec."""
+    for name, amount in placement.items():
+        if amount:
+            spec.resources[name] = float(amount)
+    strategy = options.get("scheduling_strategy") or "DEFAULT"
+    if isinstance(strategy, str):
+        spec.scheduling_strategy = strategy
+    else:
+        spec.scheduling_strategy = type(strategy).__name__
+        spec.strategy_blob = cloudpickle.dumps(strategy)
+    spec.env_vars.update(_job_env_vars(options.get("runtime_env")))
+
+
+class RemoteFunction:
+    """A function that runs as a task when called with `.remote()`."""
+
+    def __init__(self, function, options: dict):
+        opts.validate_task_options(options, in_options=False)
+        self._function = function
+        self._is_generator = inspect.isgeneratorfunction(function)
+        self._default_options = {**opts.task_defaults(self._is_generator), **options}
+        self._name = f"{function.__module__}.{function.__qualname__}" \
+            if function.__module__ != "__main__" else function.__qualname__
+        self._pickled: bytes | None = None
+        self._function_id: bytes | None = None
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(
+            f"Remote functions cannot be called directly. Instead of running "
+            f"'{self._function.__name__}()', try '{self._function.__name__}.remote()'.")
+
+    def options(self, **task_options):
+        opts.validate_task_options(task_options, in_options=True)
+        merged = opts.merge_options(self._default_options, task_options)
+        parent = self
+
+        class _Options:
+            def remote(self, *args, **kwargs):
+                return parent._remote(args, kwargs, merged)
+
+            def bind(self, *args, **kwargs):
+                raise NotImplementedError("meshray does not support Ray DAGs (bind)")
+
+        return _Options()
+
+    def remote(self, *args, **kwargs):
+        return self._remote(args, kwargs, self._default_options)
+
+    def _pickle(self) -> bytes:
+        if self._pickled is None:
+            try:
+                self._pickled = cloudpickle.dumps(self._function)
+            except Exception as exc:  # noqa: BLE001
+                raise TypeError(f"could not serialize remote function {self._name}: {exc}") from exc
+            self._function_id = hashlib.sha256(self._pickled).digest()[:16]
+        return self._pickled
+
+    def _remote(self, args, kwargs, options):
+        from meshray._api import _ensure_core  # late: avoids an import cycle
+        core = _ensure_core()
+        self._pickle()
+        core.ensure_function(self._function_id, lambda: self._pickled, self._name)
+        num_returns = options.get("num_returns", 1)
+        streaming = num_returns in ("streaming", "dynamic")
+        task_id = ids.new_id()
+        args_blob, arg_refs, contained, keepalive = core.build_args(args, kwargs, self._name)
+        parent = state_mod.current_spec()
+        spec = pb.TaskSpec(
+            task_id=task_id, job_id=parent.job_id if parent is not None else core.job_id,
+            function_id=self._function_id, name=options.get("name") or self._name,
+            args_blob=args_blob, arg_ref_ids=arg_refs, contained_ids=contained,
+            num_returns=-1 if streaming else int(num_returns),
+            max_retries=int(options.get("max_retries", 3)), owner_id=core.worker_id,
+            parent_task_id=parent.task_id if parent is not None else b"")
+        retry = options.get("retry_exceptions", False)
+        if retry:
+            spec.retry_exceptions = True
+            if not isinstance(retry, bool):
+                spec.retry_exception_types = pickle.dumps(tuple(retry))
+        placement, _held = opts.resource_request(options, for_actor=False)
+        build_task_spec_fields(spec, options, placement)
+        if streaming:
+            generator = ObjectRefGenerator(task_id, core)
+            core.submit(spec, keepalive)
+            return generator
+        refs = [ObjectRef(ids.object_id_for(task_id, i + 1)) for i in range(spec.num_returns)]
+        core.submit(spec, keepalive)
+        if spec.num_returns == 0:
+            return None
+        return refs[0] if spec.num_returns == 1 else refs

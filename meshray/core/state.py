@@ -1,0 +1,36 @@
+"""Process-wide state: which core worker this process uses, and for what.
+
+A driver and a worker both run one CoreWorker; the public API reads it from
+here. The currently running task's spec is thread-local so threaded actors
+(several methods at once) each see their own.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["ProcessState", "state", "current_spec", "set_current_spec"]
+
+
+@dataclass
+class ProcessState:
+    core: object = None                 # CoreWorker
+    mode: str | None = None             # "driver" | "worker"
+    job_id: bytes = b""
+    namespace: str = ""
+    job_runtime_env: dict = field(default_factory=dict)
+    local_node: object = None           # handle on a node this driver started
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+
+state = ProcessState()
+_task_local = threading.local()
+
+
+def current_spec():
+    """The TaskSpec this thread is executing, or None outside a task."""
+    return getattr(_task_local, "spec", None)
+
+
+def set_current_spec(spec) -> None:
+    _task_local.spec = spec

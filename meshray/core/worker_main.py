@@ -1,0 +1,48 @@
+"""Entry point of a worker process (started by its node daemon)."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us if the daemon dies, so no worker is orphaned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def main() -> None:
+    _die_with_parent()
+    parent = os.getppid()
+    if parent == 1:
+        sys.exit(1)
+    logging.basicConfig(level=os.environ.get("MESHRAY_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from meshray.core import state as state_mod
+    from meshray.core.core_worker import CoreWorker
+    from meshray.core.executor import TaskExecutor
+
+    executor = TaskExecutor()
+    core = CoreWorker(
+        daemon_address=os.environ["MESHRAY_DAEMON_ADDRESS"],
+        token=os.environ.get("MESHRAY_TOKEN") or None,
+        role="worker",
+        worker_id=bytes.fromhex(os.environ["MESHRAY_WORKER_ID"]),
+        on_execute=executor.enqueue,
+        on_kill=executor.kill,
+    )
+    executor.core = core
+    state_mod.state.core = core
+    state_mod.state.mode = "worker"
+    executor.run_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,925 @@
+"""Exception types with Ray's names and hierarchy.
+
+Programs written for Ray catch these by name (`except
+ray.exceptions.RayActorError`), so the class names, base classes and the
+public attributes match Ray 2.x; constructors accept Ray's positional
+arguments and add keyword-only ids where meshray knows more (task, actor,
+node, worker). Messages always name the ids involved and, for task errors,
+the remote traceback including its cause chain.
+
+Every error pickles: errors cross process boundaries inside task results.
+`RayError.__reduce__` rebuilds instances without calling `__init__`, so
+subclasses with any constructor signature round-trip with their attributes.
+
+Beyond Ray: `ActorAlreadyExistsError` (Ray raises a bare ValueError for a
+taken actor name; ours subclasses ValueError so Ray-style `except
+ValueError` still works) and `PlacementGroupSchedulingError`.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import pickle
+import socket
+import threading
+import traceback
+import weakref
+from typing import Any, Optional
+
+try:  # cloudpickle handles exception classes defined in __main__ or locally
+    import cloudpickle as _pickler
+except ImportError:  # pragma: no cover - cloudpickle is a hard dependency
+    _pickler = pickle
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RayError",
+    "CrossLanguageError",
+    "TaskCancelledError",
+    "RayTaskError",
+    "LocalRayletDiedError",
+    "WorkerCrashedError",
+    "RayActorError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "ActorAlreadyExistsError",
+    "RaySystemError",
+    "UserCodeException",
+    "ObjectStoreFullError",
+    "OutOfDiskError",
+    "OutOfMemoryError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "ObjectFetchTimedOutError",
+    "RpcError",
+    "ReferenceCountingAssertionError",
+    "ObjectFreedError",
+    "OwnerDiedError",
+    "ObjectReconstructionFailedError",
+    "ObjectReconstructionFailedMaxAttemptsExceededError",
+    "ObjectReconstructionFailedLineageEvictedError",
+    "GetTimeoutError",
+    "PlasmaObjectNotAvailable",
+    "AsyncioActorExit",
+    "RuntimeEnvSetupError",
+    "TaskPlacementGroupRemoved",
+    "ActorPlacementGroupRemoved",
+    "PendingCallsLimitExceeded",
+    "TaskUnschedulableError",
+    "ActorUnschedulableError",
+    "PlacementGroupSchedulingError",
+    "ObjectRefStreamEndOfStreamError",
+    "OufOfBandObjectRefSerializationException",
+    "RayChannelError",
+    "RayChannelTimeoutError",
+    "RAY_EXCEPTION_TYPES",
+]
+
+
+def _hex(value: Any) -> Optional[str]:
+    """Render an id (bytes, str, or an object with .hex()) as a hex string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    hexer = getattr(value, "hex", None)
+    if callable(hexer) and not isinstance(value, numbers.Number):
+        try:
+            out = hexer()
+            if isinstance(out, str):
+                return out
+        except TypeError:
+            pass
+    return str(value)
+
+
+_IP_LOCK = threading.Lock()
+_IP: Optional[str] = None
+
+
+def _local_ip() -> str:
+    # A UDP connect sends no packet; it only asks the kernel for the source
+    # address it would route from. Cached: this runs on every task failure.
+    global _IP
+    if _IP is None:
+        with _IP_LOCK:
+            if _IP is None:
+                ip = "127.0.0.1"
+                try:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    try:
+                        s.connect(("10.255.255.255", 1))
+                        ip = s.getsockname()[0]
+                    finally:
+                        s.close()
+                except OSError:
+                    pass
+                _IP = ip
+    return _IP
+
+
+def _rebuild_error(cls, args, state):
+    obj = cls.__new__(cls, *args)
+    obj.args = args
+    obj.__dict__.update(state)
+    return obj
+
+
+class RayError(Exception):
+    """Base of every meshray/Ray error."""
+
+    def __reduce__(self):
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+    def to_bytes(self) -> bytes:
+        """Serialize for the wire (cloudpickle, so locally defined causes survive)."""
+        return _pickler.dumps(self)
+
+    @staticmethod
+    def from_bytes(data: bytes) -> "RayError":
+        try:
+            return pickle.loads(data)
+        except Exception as e:  # noqa: BLE001 - report any decoding failure uniformly
+            raise RuntimeError("Failed to unpickle serialized exception") from e
+
+
+class CrossLanguageError(RayError):
+    """Raised from another language's worker (kept for Ray API parity)."""
+
+    def __init__(self, message: Any, language: str = "UNKNOWN"):
+        self.language = language
+        super().__init__(f"An exception raised from {language}:\n{message}")
+
+
+class TaskCancelledError(RayError):
+    """The task (or one it depended on) was cancelled."""
+
+    def __init__(self, task_id: Any = None, error_message: Optional[str] = None):
+        self.task_id = task_id
+        self.error_message = error_message
+        super().__init__(task_id, error_message)
+
+    def __str__(self) -> str:
+        msg = ""
+        if self.task_id is not None:
+            msg = f"Task: {_hex(self.task_id)} was cancelled. "
+        if self.error_message:
+            msg += self.error_message
+        return msg or "This task or its dependency was cancelled."
+
+
+# Frames from these meshray-internal paths are hidden from remote tracebacks:
+# they are the same in every failure and only bury the user's frames.
+_INTERNAL_FRAME_MARKERS = (
+    f"{os.sep}meshray{os.sep}core{os.sep}",
+    f"{os.sep}meshray{os.sep}node{os.sep}",
+    f"{os.sep}meshray{os.sep}rpc{os.sep}",
+)
+
+_DUAL_CLASSES: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
+_DUAL_LOCK = threading.Lock()
+
+
+def _rebuild_exception(cls, args, state):
+    try:
+        obj = cls.__new__(cls, *args)
+    except TypeError:
+        obj = BaseException.__new__(cls)
+    obj.args = args
+    if state:
+        obj.__dict__.update(state)
+    return obj
+
+
+class _PortableException:
+    """Pickles an exception without calling its __init__ on the way back.
+
+    BaseException's default reduce re-calls `cls(*args)`, which breaks for
+    user exceptions whose __init__ takes other arguments than it passes to
+    super() - common in real code. Rebuilding from __new__ + state works for
+    any class with the normal exception layout.
+    """
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __reduce__(self):
+        e = self.exc
+        return (_rebuild_exception, (type(e), e.args, dict(getattr(e, "__dict__", {}))))
+
+
+def _portable(cause: Any) -> Any:
+    # Only wrap classes that rely on BaseException's reduce; anything with
+    # its own (RayError, OSError, user-defined) knows how to rebuild itself.
+    if isinstance(cause, BaseException) and type(cause).__reduce__ is BaseException.__reduce__:
+        return _PortableException(cause)
+    return cause
+
+
+def _serializable_cause(cause: Any) -> Any:
+    if cause is None:
+        return None
+    try:
+        _pickler.dumps(_portable(cause))
+        return cause
+    except Exception as e:  # noqa: BLE001 - any pickling failure means "can't ship it"
+        msg = (
+            f"The original cause of the RayTaskError ({type(cause)}) isn't serializable: "
+            f"{e}. Overwriting the cause to a RayError."
+        )
+        logger.warning(msg)
+        return RayError(msg)
+
+
+class RayTaskError(RayError):
+    """A task raised; carries the remote traceback and the original exception.
+
+    `ray.get` raises `as_instanceof_cause()`, which is an instance of both
+    RayTaskError and the user's exception class, so `except ValueError` and
+    `except RayTaskError` both catch it.
+    """
+
+    def __init__(
+        self,
+        function_name: str,
+        traceback_str: Optional[str],
+        cause: Any,
+        proctitle: Optional[str] = None,
+        pid: Optional[int] = None,
+        ip: Optional[str] = None,
+        actor_repr: Optional[str] = None,
+        actor_id: Any = None,
+        *,
+        task_id: Any = None,
+        node_id: Any = None,
+    ):
+        self.function_name = function_name
+        self.traceback_str = traceback_str if traceback_str is not None else ""
+        self.cause = _serializable_cause(cause)
+        self.proctitle = proctitle or f"meshray::{function_name}"
+        self.pid = pid or os.getpid()
+        self.ip = ip or _local_ip()
+        self.actor_repr = actor_repr
+        self._actor_id = _hex(actor_id)
+        self.task_id = _hex(task_id)
+        self.node_id = _hex(node_id)
+        super().__init__(function_name, self.traceback_str, self.cause, proctitle, pid, ip)
+
+    @property
+    def actor_id(self) -> Optional[str]:
+        return self._actor_id
+
+    def __reduce__(self):
+        state = dict(self.__dict__)
+        state["cause"] = _portable(state.get("cause"))
+        args = tuple(_portable(a) for a in self.args)
+        return (_rebuild_error, (type(self), args, state))
+
+    @classmethod
+    def from_exception(
+        cls,
+        exc: BaseException,
+        function_name: str,
+        *,
+        task_id: Any = None,
+        actor_id: Any = None,
+        actor_repr: Optional[str] = None,
+        node_id: Any = None,
+        proctitle: Optional[str] = None,
+    ) -> "RayTaskError":
+        """Wrap an exception caught while running a task (keeps its chained causes)."""
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(
+            function_name,
+            tb,
+            exc,
+            proctitle=proctitle,
+            actor_repr=actor_repr,
+            actor_id=actor_id,
+            task_id=task_id,
+            node_id=node_id,
+        )
+
+    def _root_cause(self) -> Any:
+        cause = self.cause
+        seen = 0
+        while isinstance(cause, RayTaskError) and seen < 100:
+            cause = cause.cause
+            seen += 1
+        return cause
+
+    def make_dual_exception_type(self) -> type:
+        """The class deriving from RayTaskError and the (innermost) cause's class.
+
+        Raises TypeError when the cause's class can't be combined (e.g. an
+        OSError subclass or a class with __slots__: incompatible layouts).
+        """
+        cause_cls = type(self._root_cause())
+        with _DUAL_LOCK:
+            dual = _DUAL_CLASSES.get(cause_cls)
+            if dual is None:
+                name = f"RayTaskError({cause_cls.__name__})"
+                dual = type(
+                    name,
+                    (RayTaskError, cause_cls),
+                    {
+                        "__module__": __name__,
+                        "__qualname__": name,
+                        "__getattr__": _dual_getattr,
+                        "__reduce__": _dual_reduce,
+                        "__str__": RayTaskError.__str__,
+                        "__repr__": RayTaskError.__repr__,
+                    },
+                )
+                _DUAL_CLASSES[cause_cls] = dual
+        return dual
+
+    def as_instanceof_cause(self) -> "RayTaskError":
+        """An exception that is an instance of both RayTaskError and the cause's class.
+
+        Returns self when the cause is already satisfied by RayTaskError or
+        its class can't be subclassed (logged); the cause stays on `.cause`.
+        """
+        root = self._root_cause()
+        if root is None or issubclass(RayTaskError, type(root)):
+            return self
+        if isinstance(self, type(root)):
+            return self
+        try:
+            dual = self.make_dual_exception_type()
+        except Exception as e:  # noqa: BLE001 - TypeError mostly; metaclass hooks may raise anything
+            logger.warning(
+                "User exception type %s in RayTaskError can't be subclassed; raising it as "
+                "RayTaskError only (the original is on .cause): %s",
+                type(root),
+                e,
+            )
+            return self
+        try:
+            obj = dual.__new__(dual)
+        except Exception as e:  # noqa: BLE001 - a user __new__ that insists on arguments
+            logger.warning("Cannot instantiate %s without arguments; raising plain RayTaskError: %s", dual, e)
+            return self
+        obj.__dict__.update(self.__dict__)
+        if isinstance(root, OSError):
+            # errno & co. are C-level slots, not in __dict__: copy them over.
+            for attr in ("errno", "strerror", "filename", "filename2"):
+                try:
+                    setattr(obj, attr, getattr(root, attr))
+                except (AttributeError, TypeError):
+                    pass
+        obj.args = (self.cause,)
+        obj.__cause__ = self.__cause__
+        obj.__traceback__ = self.__traceback__
+        return obj
+
+    def _header(self) -> str:
+        parts = [f"pid={self.pid}", f"ip={self.ip}"]
+        if self.task_id:
+            parts.append(f"task_id={self.task_id}")
+        if self._actor_id:
+            parts.append(f"actor_id={self._actor_id}")
+        if self.actor_repr:
+            parts.append(f"repr={self.actor_repr}")
+        if self.node_id:
+            parts.append(f"node_id={self.node_id}")
+        return f"{self.proctitle}() ({', '.join(parts)})"
+
+    def __str__(self) -> str:
+        header = self._header()
+        lines = self.traceback_str.strip("\n").split("\n") if self.traceback_str else []
+        out = []
+        skip_code = False
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback "):
+                out.append(header)
+                skip_code = False
+            elif line.startswith("  File ") and any(m in line for m in _INTERNAL_FRAME_MARKERS):
+                skip_code = i + 1 < len(lines) and lines[i + 1].startswith("    ")
+            elif skip_code:
+                skip_code = False
+            else:
+                out.append(line)
+        if not out or out[0] != header:
+            out.insert(0, header)
+        if len(out) == 1 and self.cause is not None:
+            out.append(f"{type(self.cause).__name__}: {self.cause}")
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(function_name={self.function_name!r}, cause={self.cause!r})"
+
+
+def _dual_getattr(self, name: str):
+    # Only reached when normal lookup fails: expose the user exception's
+    # attributes (e.g. `e.errno`, custom fields) on the dual instance.
+    if name.startswith("__") or name == "cause":
+        raise AttributeError(name)
+    try:
+        cause = self.__dict__["cause"]
+    except KeyError:
+        raise AttributeError(name) from None
+    return getattr(cause, name)
+
+
+def _dual_reduce(self):
+    state = dict(self.__dict__)
+    state["cause"] = _portable(state.get("cause"))
+    return (_rebuild_dual, (state,))
+
+
+def _rebuild_dual(state):
+    base = RayTaskError.__new__(RayTaskError)
+    base.__dict__.update(state)
+    base.args = (state.get("function_name"), state.get("traceback_str"), state.get("cause"), None, None, None)
+    return base.as_instanceof_cause()
+
+
+class LocalRayletDiedError(RayError):
+    """The task's local node daemon died."""
+
+    def __init__(self, *args: Any, node_id: Any = None):
+        self.node_id = _hex(node_id)
+        super().__init__(*args)
+
+    def __str__(self) -> str:
+        where = f" (node {self.node_id})" if self.node_id else ""
+        return f"The task's local node daemon{where} died. Check its log for more information."
+
+
+class WorkerCrashedError(RayError):
+    """The worker process died unexpectedly while running the task."""
+
+    def __init__(
+        self,
+        error_message: Optional[str] = None,
+        *,
+        task_id: Any = None,
+        worker_id: Any = None,
+        node_id: Any = None,
+    ):
+        self.error_message = error_message
+        self.task_id = _hex(task_id)
+        self.worker_id = _hex(worker_id)
+        self.node_id = _hex(node_id)
+        super().__init__(*(() if error_message is None else (error_message,)))
+
+    def __str__(self) -> str:
+        msg = "The worker died unexpectedly while executing this task."
+        ids = [
+            f"{k}={v}"
+            for k, v in (("task_id", self.task_id), ("worker_id", self.worker_id), ("node_id", self.node_id))
+            if v
+        ]
+        if ids:
+            msg += f" ({', '.join(ids)})"
+        if self.error_message:
+            msg += f" {self.error_message}"
+        return msg + " Check the worker's log on that node for more information."
+
+
+class RayActorError(RayError):
+    """The actor could not finish the task: it died, or is unreachable for now.
+
+    Subclasses: ActorDiedError (permanent) and ActorUnavailableError
+    (transient; the call may or may not have run).
+    """
+
+    BASE_ERROR_MSG = "The actor experienced an error before finishing this task."
+
+    def __init__(
+        self,
+        actor_id: Any = None,
+        error_msg: str = BASE_ERROR_MSG,
+        actor_init_failed: bool = False,
+        preempted: bool = False,
+    ):
+        self.actor_id = _hex(actor_id)
+        self.error_msg = error_msg
+        self._actor_init_failed = actor_init_failed
+        self._preempted = preempted
+        super().__init__(self.actor_id, error_msg)
+
+    @property
+    def actor_init_failed(self) -> bool:
+        return self._actor_init_failed
+
+    @property
+    def preempted(self) -> bool:
+        return self._preempted
+
+    def __str__(self) -> str:
+        return self.error_msg
+
+    @staticmethod
+    def from_task_error(task_error: RayTaskError) -> "ActorDiedError":
+        return ActorDiedError(task_error)
+
+
+class ActorDiedError(RayActorError):
+    """The actor is dead: its process or node died, it was killed, or __init__ raised.
+
+    `cause` is the RayTaskError from a failed `__init__`, or None for system
+    failures, whose details come as keywords.
+    """
+
+    BASE_ERROR_MSG = "The actor died unexpectedly before finishing this task."
+
+    def __init__(
+        self,
+        cause: Optional[RayTaskError] = None,
+        *,
+        actor_id: Any = None,
+        class_name: Optional[str] = None,
+        name: Optional[str] = None,
+        namespace: Optional[str] = None,
+        pid: Optional[int] = None,
+        ip: Optional[str] = None,
+        node_id: Any = None,
+        error_message: Optional[str] = None,
+        never_started: bool = False,
+        preempted: bool = False,
+    ):
+        init_failed = False
+        if isinstance(cause, RayTaskError):
+            init_failed = True
+            actor_id = actor_id if actor_id is not None else cause.actor_id
+            msg = f"The actor died because of an error raised in its creation task, {cause}"
+        else:
+            lines = [self.BASE_ERROR_MSG]
+            for label, value in (
+                ("class_name", class_name),
+                ("actor_id", _hex(actor_id)),
+                ("pid", pid),
+                ("name", name),
+                ("namespace", namespace),
+                ("ip", ip),
+                ("node_id", _hex(node_id)),
+            ):
+                if value:
+                    lines.append(f"\t{label}: {value}")
+            if error_message:
+                lines.append(error_message)
+            if never_started:
+                lines.append("The actor never ran - it was cancelled before it started running.")
+            msg = "\n".join(lines)
+        self.cause = cause
+        self.class_name = class_name
+        self.name = name
+        self.namespace = namespace
+        self.pid = pid
+        self.ip = ip
+        self.node_id = _hex(node_id)
+        super().__init__(actor_id, msg, init_failed, preempted)
+
+    @staticmethod
+    def from_task_error(task_error: RayTaskError) -> "ActorDiedError":
+        return ActorDiedError(task_error)
+
+
+class ActorUnavailableError(RayActorError):
+    """The actor can't be reached right now (e.g. restarting); it may come back."""
+
+    def __init__(self, error_message: str, actor_id: Any = None):
+        aid = _hex(actor_id)
+        msg = (
+            f"The actor {aid} is unavailable: {error_message}. The task may or may not "
+            f"have been executed on the actor."
+        )
+        super().__init__(aid, msg, False, False)
+        self.error_message = error_message
+
+
+class ActorAlreadyExistsError(RayError, ValueError):
+    """A named actor with this name already exists in the namespace (meshray extension)."""
+
+    def __init__(self, name: str, namespace: Optional[str] = None, actor_id: Any = None):
+        self.name = name
+        self.namespace = namespace
+        self.actor_id = _hex(actor_id)
+        super().__init__(name, namespace)
+
+    def __str__(self) -> str:
+        held = f" (held by actor {self.actor_id})" if self.actor_id else ""
+        return (
+            f"The name {self.name} (namespace={self.namespace}) is already taken{held}. "
+            f"Use a different name, or get_if_exists=True to reuse the existing actor."
+        )
+
+
+class RaySystemError(RayError):
+    """meshray itself failed (daemon, store or transport), not user code."""
+
+    def __init__(self, client_exc: Any, traceback_str: Optional[str] = None):
+        self.client_exc = client_exc
+        self.traceback_str = traceback_str
+        super().__init__(client_exc, traceback_str)
+
+    def __str__(self) -> str:
+        msg = f"System error: {self.client_exc}"
+        if self.traceback_str:
+            msg += f"\ntraceback: {self.traceback_str}"
+        return msg
+
+
+class UserCodeException(RayError):
+    """Wraps an exception from user code; retry_exceptions still sees the cause."""
+
+
+class ObjectStoreFullError(RayError):
+    """The object could not be stored: the store is full of in-scope objects."""
+
+    def __str__(self) -> str:
+        return super().__str__() + (
+            "\nThe local object store is full of objects that are still in scope and cannot "
+            "be evicted or spilled. Free references you no longer need, or give the store "
+            "more memory."
+        )
+
+
+class OutOfDiskError(RayError):
+    """Both the object store and the spill disk are full."""
+
+    def __str__(self) -> str:
+        return super().__str__() + (
+            "\nThe object cannot be created because the local object store is full and the "
+            "spill directory's disk is over its usage threshold. Check disk usage (df) on "
+            "this node."
+        )
+
+
+class OutOfMemoryError(RayError):
+    """The node ran low on memory and killed the task's worker to recover."""
+
+    def __init__(self, message: str, *, task_id: Any = None, node_id: Any = None):
+        self.message = message
+        self.task_id = _hex(task_id)
+        self.node_id = _hex(node_id)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NodeDiedError(RayError):
+    """The node is dead or unreachable (its etcd lease expired)."""
+
+    def __init__(self, message: str, *, node_id: Any = None):
+        self.message = message
+        self.node_id = _hex(node_id)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ObjectLostError(RayError):
+    """Every copy of the object is gone (node failure or system error)."""
+
+    def __init__(self, object_ref_hex: Any, owner_address: Any = None, call_site: Optional[str] = None):
+        self.object_ref_hex = _hex(object_ref_hex)
+        self.owner_address = owner_address
+        self.call_site = call_site or ""
+        super().__init__(self.object_ref_hex, owner_address, self.call_site)
+
+    def _base_str(self) -> str:
+        msg = f"Failed to retrieve object {self.object_ref_hex}."
+        if self.owner_address:
+            msg += f" Its owner is {self.owner_address}."
+        if self.call_site:
+            msg += f" The ObjectRef was created at: {self.call_site}"
+        return msg
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + f"\n\nAll copies of {self.object_ref_hex} have been lost due to node failure. "
+            "Check the node daemons' logs for more information about the failure."
+        )
+
+
+class ObjectFetchTimedOutError(ObjectLostError):
+    """No location of the object answered in time."""
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + f"\n\nFetch for object {self.object_ref_hex} timed out because no locations "
+            "were found for the object. This may indicate a system-level bug."
+        )
+
+
+class RpcError(RayError):
+    """The underlying gRPC call failed."""
+
+    def __init__(self, message: str, rpc_code: Any = None):
+        self.message = message
+        self.rpc_code = rpc_code
+        super().__init__(message, rpc_code)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ReferenceCountingAssertionError(ObjectLostError, AssertionError):
+    """The object was deleted while a reference still existed (a refcount bug)."""
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + "\n\nThe object has already been deleted by the reference counting protocol. "
+            "This should not happen."
+        )
+
+
+class ObjectFreedError(ObjectLostError):
+    """The application freed the object explicitly."""
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + "\n\nThe object was manually freed using the internal `free` call. Call `free` "
+            "only once the object is no longer needed."
+        )
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object (created it) exited."""
+
+    def __str__(self) -> str:
+        where = f" ({self.owner_address})" if self.owner_address else ""
+        return (
+            self._base_str()
+            + f"\n\nThe object's owner{where} has exited. This is the Python worker or driver "
+            "that first created the ObjectRef via `.remote()` or `put()`. Check that "
+            "process's log for more information."
+        )
+
+
+class ObjectReconstructionFailedError(ObjectLostError):
+    """The object is lost and can't be rebuilt from lineage."""
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + "\n\nThe object cannot be reconstructed because it was created by an actor, "
+            "a put() call, or its ObjectRef was created by a different worker."
+        )
+
+
+class ObjectReconstructionFailedMaxAttemptsExceededError(ObjectLostError):
+    """Rebuilding the object would exceed its task's retry budget."""
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + "\n\nThe object cannot be reconstructed because the maximum number of task "
+            "retries has been exceeded. Set `@remote(max_retries=<n>)` (default 3) to allow "
+            "more."
+        )
+
+
+class ObjectReconstructionFailedLineageEvictedError(ObjectLostError):
+    """The lineage needed to rebuild the object was evicted to save memory."""
+
+    def __str__(self) -> str:
+        return (
+            self._base_str()
+            + "\n\nThe object cannot be reconstructed because its lineage has been evicted "
+            "to reduce memory pressure."
+        )
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    """`get` (or `wait`-based retrieval) ran past its timeout."""
+
+
+class PlasmaObjectNotAvailable(RayError):
+    """The object was not available within the given timeout."""
+
+
+class AsyncioActorExit(RayError):
+    """An asyncio actor is exiting on purpose (exit_actor())."""
+
+
+class RuntimeEnvSetupError(RayError):
+    """The task's or actor's runtime environment could not be set up."""
+
+    def __init__(self, error_message: Optional[str] = None):
+        self.error_message = error_message
+        super().__init__(*(() if error_message is None else (error_message,)))
+
+    def __str__(self) -> str:
+        msgs = ["Failed to set up runtime environment."]
+        if self.error_message:
+            msgs.append(self.error_message)
+        return "\n".join(msgs)
+
+
+class TaskPlacementGroupRemoved(RayError):
+    """The task's placement group was removed."""
+
+    def __str__(self) -> str:
+        return "The placement group corresponding to this task has been removed."
+
+
+class ActorPlacementGroupRemoved(RayError):
+    """The actor's placement group was removed."""
+
+    def __str__(self) -> str:
+        return "The placement group corresponding to this Actor has been removed."
+
+
+class PendingCallsLimitExceeded(RayError):
+    """Too many calls pending on an actor handle (`max_pending_calls`)."""
+
+
+class TaskUnschedulableError(RayError):
+    """The task can never be scheduled (e.g. hard affinity to a dead node)."""
+
+    def __init__(self, error_message: str, *, task_id: Any = None):
+        self.error_message = error_message
+        self.task_id = _hex(task_id)
+        super().__init__(error_message)
+
+    def __str__(self) -> str:
+        who = f" (task {self.task_id})" if self.task_id else ""
+        return f"The task{who} is not schedulable: {self.error_message}"
+
+
+class ActorUnschedulableError(RayError):
+    """The actor can never be scheduled (e.g. hard affinity to a dead node)."""
+
+    def __init__(self, error_message: str, *, actor_id: Any = None):
+        self.error_message = error_message
+        self.actor_id = _hex(actor_id)
+        super().__init__(error_message)
+
+    def __str__(self) -> str:
+        who = f" (actor {self.actor_id})" if self.actor_id else ""
+        return f"The actor{who} is not schedulable: {self.error_message}"
+
+
+class PlacementGroupSchedulingError(RayError):
+    """A placement group could not be reserved (meshray extension)."""
+
+    def __init__(self, message: str, *, placement_group_id: Any = None):
+        self.message = message
+        self.placement_group_id = _hex(placement_group_id)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        who = f"Placement group {self.placement_group_id}: " if self.placement_group_id else ""
+        return f"{who}{self.message}"
+
+
+class ObjectRefStreamEndOfStreamError(RayError):
+    """A streaming generator has no more ObjectRefs to yield."""
+
+
+class OufOfBandObjectRefSerializationException(RayError):
+    """An ObjectRef was serialized out of band (Ray's class name, typo included)."""
+
+
+class RayChannelError(RaySystemError):
+    """System error in a compiled-graph channel (parity with Ray)."""
+
+
+class RayChannelTimeoutError(RayChannelError, TimeoutError):
+    """A compiled-graph channel operation timed out (parity with Ray)."""
+
+
+RAY_EXCEPTION_TYPES = [
+    PlasmaObjectNotAvailable,
+    RayError,
+    RayTaskError,
+    WorkerCrashedError,
+    RayActorError,
+    ObjectStoreFullError,
+    ObjectLostError,
+    ObjectFetchTimedOutError,
+    ReferenceCountingAssertionError,
+    ObjectReconstructionFailedError,
+    ObjectReconstructionFailedMaxAttemptsExceededError,
+    ObjectReconstructionFailedLineageEvictedError,
+    OwnerDiedError,
+    GetTimeoutError,
+    AsyncioActorExit,
+    RuntimeEnvSetupError,
+    TaskPlacementGroupRemoved,
+    ActorPlacementGroupRemoved,
+    PendingCallsLimitExceeded,
+    LocalRayletDiedError,
+    TaskUnschedulableError,
+    ActorDiedError,
+    ActorUnschedulableError,
+    ActorUnavailableError,
+    RayChannelError,
+    RayChannelTimeoutError,
+]

@@ -1,0 +1,551 @@
+"""The node daemon: one per node, a peer among peers.
+
+It serves the session streams of local drivers and workers, keeps the node's
+object directory and shared-memory store, queues and dispatches tasks onto
+its worker pool, and (through meshray.node.membership) holds the node's etcd
+lease. Everything runs on one asyncio loop, so the state below needs no locks;
+policy lives in pure modules (scheduler.policy, node.objects, node.tasks).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pickle
+import signal
+import time
+from dataclasses import dataclass, field
+
+from meshray import exceptions
+from meshray.core import ids
+from meshray.node.objects import ObjectDirectory
+from meshray.node.tasks import TaskQueue, TaskRecord
+from meshray.node.worker_pool import WorkerPool, WorkerProcess
+from meshray.object_store.store import ObjectStore
+from meshray.rpc import make_aio_server
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+from meshray.scheduler.resources import NodeResources, ResourceSet
+
+__all__ = ["NodeConfig", "NodeDaemon"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENV_KEY = "default"
+
+
+@dataclass
+class NodeConfig:
+    session_dir: str
+    node_id: bytes
+    resources: dict                       # total resources, e.g. {"CPU": 2.0}
+    object_store_memory: int
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+    etcd_endpoints: list = field(default_factory=list)
+    labels: dict = field(default_factory=dict)
+    prestart_workers: int | None = None
+
+
+@dataclass(eq=False)
+class Connection:
+    conn_id: int
+    outbox: asyncio.Queue
+    role: str = ""
+    worker_id: bytes = b""
+    job_id: bytes = b""
+    pid: int = 0
+    namespace: str = ""
+    log_to_driver: bool = True
+    worker: WorkerProcess | None = None
+    closed: bool = False
+
+    def send(self, event: pb.ServerEvent) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(event)
+
+
+def env_key_for(env_vars: dict) -> str:
+    if not env_vars:
+        return DEFAULT_ENV_KEY
+    blob = json.dumps(env_vars, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
+    return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
+
+
+class NodeDaemon(pb_grpc.NodeServiceServicer):
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.node_id = config.node_id
+        self.resources = NodeResources(ResourceSet.from_dict(config.resources))
+        store_root = f"/dev/shm/meshray-{config.node_id.hex()[:12]}"
+        self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
+                                 config.object_store_memory)
+        self.store_dir = store_root
+        self.objects = ObjectDirectory()
+        self.queue = TaskQueue()
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.waiting_on: dict[bytes, list[TaskRecord]] = {}
+        self.functions: dict[bytes, bytes] = {}
+        self.conns: dict[int, Connection] = {}
+        self._conn_ids = itertools.count(1)
+        self.awaiting_worker: list[TaskRecord] = []
+        self.pool: WorkerPool | None = None
+        self.server = None
+        self.address = ""
+        self.local_address = ""
+        self.membership = None            # set by the process entry point
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        unix_path = os.path.join(self.config.session_dir, f"node-{self.node_id.hex()[:8]}.sock")
+        self.server, bound = make_aio_server(
+            [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
+        pb_grpc.add_NodeServiceServicer_to_server(self, self.server)
+        await self.server.start()
+        self.address = bound[0]
+        self.local_address = bound[1]
+        self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
+                               session_dir=self.config.session_dir, on_output=self._worker_output)
+        count = self.config.prestart_workers
+        if count is None:
+            count = int(self.config.resources.get("CPU", 0))
+        for _ in range(count):
+            self.pool.start(ids.new_id(), DEFAULT_ENV_KEY, {})
+        asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def wait_stopped(self) -> None:
+        await self._stopping.wait()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        for conn in list(self.conns.values()):
+            conn.closed = True
+            conn.outbox.put_nowait(None)
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.pool.stop_all)
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
+        self.store.destroy()
+
+    # ------------------------------------------------------------ rpc
+    async def GetNodeInfo(self, request, context):
+        return pb.NodeInfoReply(node_id=self.node_id, address=self.address,
+                                etcd_endpoints=",".join(self.config.etcd_endpoints),
+                                session_dir=self.config.session_dir, pid=os.getpid())
+
+    async def Connect(self, request_iterator, context):
+        conn = Connection(next(self._conn_ids), asyncio.Queue())
+        self.conns[conn.conn_id] = conn
+        reader = asyncio.get_running_loop().create_task(self._read_client(conn, request_iterator))
+        try:
+            while True:
+                event = await conn.outbox.get()
+                if event is None:
+                    break
+                events = [event]
+                while not conn.outbox.empty() and len(events) < 2000:
+                    event = conn.outbox.get_nowait()
+                    if event is None:
+                        conn.closed = True
+                        break
+                    events.append(event)
+                yield pb.ServerBatch(events=events)
+                if conn.closed:
+                    break
+        finally:
+            reader.cancel()
+            self._disconnected(conn)
+
+    async def _read_client(self, conn: Connection, request_iterator) -> None:
+        try:
+            async for batch in request_iterator:
+                for event in batch.events:
+                    try:
+                        self._handle(conn, event)
+                    except Exception:  # noqa: BLE001 - one bad message never takes the node down
+                        log.exception("failed to handle %s from connection %d",
+                                      event.WhichOneof("kind"), conn.conn_id)
+                self._schedule()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.debug("connection %d read ended: %s", conn.conn_id, exc)
+        conn.outbox.put_nowait(None)
+
+    def _handle(self, conn: Connection, event: pb.ClientEvent) -> None:
+        kind = event.WhichOneof("kind")
+        getattr(self, "_on_" + kind)(conn, getattr(event, kind))
+
+    # ------------------------------------------------------------ handlers
+    def _on_hello(self, conn: Connection, hello: pb.Hello) -> None:
+        conn.role, conn.worker_id, conn.pid = hello.role, hello.worker_id, hello.pid
+        conn.job_id, conn.namespace, conn.log_to_driver = hello.job_id, hello.namespace, hello.log_to_driver
+        if hello.role == "worker":
+            worker = self.pool.by_id.get(hello.worker_id)
+            if worker is None:
+                log.warning("unknown worker %s said hello; closing", hello.worker_id.hex())
+                conn.send(pb.ServerEvent(notice=pb.Notice(text="unknown worker")))
+                conn.outbox.put_nowait(None)
+                return
+            worker.conn, conn.worker = conn, worker
+            self.pool.connected(worker)
+            self._worker_free(worker)
+        conn.send(pb.ServerEvent(welcome=pb.Welcome(
+            node_id=self.node_id, store_dir=self.store_dir,
+            session_dir=self.config.session_dir, node_address=self.address, job_id=conn.job_id)))
+
+    def _on_register_function(self, conn: Connection, msg: pb.RegisterFunction) -> None:
+        self.functions.setdefault(msg.function_id, msg.pickled)
+
+    def _on_submit(self, conn: Connection, msg: pb.SubmitTask) -> None:
+        spec = msg.spec
+        if spec.num_returns < 0:
+            return_ids = [ids.object_id_for(spec.task_id, 0)]
+        else:
+            return_ids = [ids.object_id_for(spec.task_id, i + 1) for i in range(spec.num_returns)]
+        env_vars = dict(spec.env_vars)
+        task = TaskRecord(spec=spec, owner=conn, return_ids=return_ids,
+                          request=ResourceSet.from_dict(dict(spec.resources)),
+                          env_key=env_key_for(env_vars), env_vars=env_vars,
+                          retries_left=spec.max_retries)
+        self.tasks[spec.task_id] = task
+        parent = self.tasks.get(spec.parent_task_id)
+        if parent is not None:
+            parent.children.add(spec.task_id)
+        for object_id in return_ids:
+            self.objects.expect(object_id, conn.conn_id)
+            self.objects.subscribe(object_id, conn.conn_id)
+        self.objects.pin(spec.arg_ref_ids)
+        self.objects.pin(spec.contained_ids)
+        for object_id in spec.arg_ref_ids:
+            if not self.objects.is_ready(object_id):
+                task.pending_deps.add(object_id)
+                self.waiting_on.setdefault(object_id, []).append(task)
+        if not task.pending_deps:
+            self._enqueue(task)
+
+    def _on_put(self, conn: Connection, msg: pb.PutObject) -> None:
+        value = msg.value
+        self.objects.add_holder(value.object_id, conn.conn_id)
+        if value.in_store:
+            self.store.seal(value.object_id, value.size)
+        self._apply(self.objects.set_value(value.object_id, value))
+
+    def _on_reserve(self, conn: Connection, msg: pb.ReserveObject) -> None:
+        try:
+            path = self.store.reserve(msg.object_id, msg.size)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(
+                request_id=msg.request_id, error=str(exc))))
+            return
+        conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(request_id=msg.request_id, path=path)))
+
+    def _on_subscribe(self, conn: Connection, msg: pb.Subscribe) -> None:
+        for object_id in msg.object_ids:
+            self._apply(self.objects.subscribe(object_id, conn.conn_id))
+
+    def _on_refs(self, conn: Connection, msg: pb.RefUpdate) -> None:
+        for object_id in msg.add:
+            self.objects.add_holder(object_id, conn.conn_id)
+        for object_id in msg.remove:
+            self._apply(self.objects.remove_holder(object_id, conn.conn_id))
+
+    def _on_blocked(self, conn: Connection, msg: pb.WorkerBlocked) -> None:
+        worker = conn.worker
+        task = worker.current_task if worker else None
+        if task is None or not task.acquired:
+            return
+        cpu = ResourceSet.from_dict({"CPU": task.spec.resources.get("CPU", 0.0)})
+        if msg.blocked and not task.cpu_lent and not cpu.is_empty():
+            self.resources.release(cpu)
+            task.cpu_lent = True
+        elif not msg.blocked and task.cpu_lent and self.resources.try_acquire(cpu):
+            # When the CPU is taken meanwhile the task runs on without it (a
+            # brief oversubscription) rather than deadlock waiting for it.
+            task.cpu_lent = False
+
+    def _on_cancel(self, conn: Connection, msg: pb.CancelTask) -> None:
+        task = self.tasks.get(ids.task_id_of(msg.object_id))
+        if task is not None:
+            self._cancel(task, msg.force, msg.recursive)
+
+    def _on_request(self, conn: Connection, msg: pb.Request) -> None:
+        asyncio.get_running_loop().create_task(self._answer_request(conn, msg))
+
+    async def _answer_request(self, conn: Connection, msg: pb.Request) -> None:
+        try:
+            payload = json.loads(msg.payload) if msg.payload else {}
+            if msg.method in self._LOCAL_QUESTIONS:
+                result = self._answer(msg.method, payload)
+            else:
+                # Cluster questions may wait on etcd: never on the event loop.
+                local = self.resources.available.to_dict()
+                result = await asyncio.get_running_loop().run_in_executor(
+                    None, self._answer_cluster, msg.method, local)
+            conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
+                                                    payload=json.dumps(result).encode())))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
+                                                    error=f"{type(exc).__name__}: {exc}")))
+
+    def _on_task_result(self, conn: Connection, result: pb.TaskResult) -> None:
+        worker = conn.worker
+        task = self.tasks.get(result.task_id)
+        if task is None or worker is None or task.worker is not worker:
+            return
+        if result.stream_item_id:
+            item = result.returns[0]
+            self.objects.expect(item.object_id, task.owner.conn_id)
+            self.objects.subscribe(item.object_id, task.owner.conn_id)
+            self._seal_if_stored(item)
+            self._apply(self.objects.set_value(item.object_id, item))
+            return
+        self._release(task)
+        self._worker_free(worker)
+        if (result.failed and result.retryable_error and not task.cancelled
+                and task.retries_left != 0):
+            task.retries_left -= 1
+            task.spec.attempt += 1
+            self._enqueue(task)
+            return
+        self._finish(task, list(result.returns))
+
+    # ------------------------------------------------------------ scheduling
+    def _enqueue(self, task: TaskRecord) -> None:
+        if not self.resources.is_feasible(task.request):
+            if not task.infeasible_reported:
+                task.infeasible_reported = True
+                task.owner.send(pb.ServerEvent(notice=pb.Notice(text=(
+                    f"Task {task.spec.name} (id {task.task_id.hex()}) needs "
+                    f"{task.request.to_dict()} but no node has that much in total "
+                    f"(this node: {self.resources.total.to_dict()}); it stays pending "
+                    "until a node that fits joins."))))
+        self.queue.push(task)
+
+    def _schedule(self) -> None:
+        """Dispatch queued tasks while resources and workers allow."""
+        for _key, tasks in self.queue.heads():
+            while tasks:
+                task = tasks[0]
+                if not self.resources.try_acquire(task.request):
+                    break
+                tasks.popleft()
+                task.acquired = True
+                worker = self.pool.pop_idle(task.env_key)
+                if worker is None:
+                    task.state = "assigned"
+                    self.awaiting_worker.append(task)
+                    self._ensure_workers(task.env_key, task.env_vars)
+                else:
+                    self._dispatch(task, worker)
+
+    def _ensure_workers(self, env_key: str, env_vars: dict) -> None:
+        wanted = sum(1 for t in self.awaiting_worker if t.env_key == env_key)
+        starting = self.pool.starting.get(env_key, 0)
+        for _ in range(max(0, wanted - starting)):
+            self.pool.start(ids.new_id(), env_key, env_vars)
+
+    def _worker_free(self, worker: WorkerProcess) -> None:
+        for index, task in enumerate(self.awaiting_worker):
+            if task.env_key == worker.env_key:
+                del self.awaiting_worker[index]
+                self._dispatch(task, worker)
+                return
+        self.pool.push_idle(worker)
+
+    def _dispatch(self, task: TaskRecord, worker: WorkerProcess) -> None:
+        task.state, task.worker = "running", worker
+        worker.current_task = task
+        spec = task.spec
+        execute = pb.ExecuteTask(spec=spec)
+        if spec.function_id not in worker.functions_sent:
+            execute.function_pickled = self.functions.get(spec.function_id, b"")
+            worker.functions_sent.add(spec.function_id)
+        for object_id in spec.arg_ref_ids:
+            execute.args.append(self.objects.get(object_id))
+        worker.conn.send(pb.ServerEvent(execute=execute))
+
+    def _release(self, task: TaskRecord) -> None:
+        if task.acquired:
+            request = task.request
+            if task.cpu_lent:
+                request = request - ResourceSet.from_dict({"CPU": task.spec.resources.get("CPU", 0.0)})
+            self.resources.release(request)
+            task.acquired = task.cpu_lent = False
+        if task.worker is not None:
+            task.worker.current_task = None
+            task.worker = None
+
+    def _finish(self, task: TaskRecord, values: list) -> None:
+        task.state = "done"
+        self.tasks.pop(task.task_id, None)
+        for value in values:
+            self._seal_if_stored(value)
+            self._apply(self.objects.set_value(value.object_id, value))
+        self._apply(self.objects.unpin(task.spec.arg_ref_ids))
+        self._apply(self.objects.unpin(task.spec.contained_ids))
+
+    def _fail(self, task: TaskRecord, error: BaseException) -> None:
+        self._release(task)
+        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+
+    def _cancel(self, task: TaskRecord, force: bool, recursive: bool) -> None:
+        if recursive:
+            for child_id in list(task.children):
+                child = self.tasks.get(child_id)
+                if child is not None:
+                    self._cancel(child, force, recursive)
+        if task.state == "done" or task.cancelled:
+            return
+        task.cancelled = True
+        error = exceptions.TaskCancelledError(task.task_id.hex())
+        if task.state == "waiting":
+            for object_id in task.pending_deps:
+                waiters = self.waiting_on.get(object_id, [])
+                if task in waiters:
+                    waiters.remove(task)
+            self._fail(task, error)
+        elif task.state == "queued":
+            self.queue.remove(task)
+            self._fail(task, error)
+        elif task.state == "assigned":
+            if task in self.awaiting_worker:
+                self.awaiting_worker.remove(task)
+            self._fail(task, error)
+        elif task.state == "running":
+            if force:
+                task.force_cancelled = True
+                self.pool.kill(task.worker)
+            else:
+                task.worker.conn.send(pb.ServerEvent(kill=pb.KillTask(task_id=task.task_id)))
+
+    # ------------------------------------------------------------ objects
+    def _seal_if_stored(self, value: pb.ObjectValue) -> None:
+        if value.in_store:
+            self.store.seal(value.object_id, value.size)
+
+    def _apply(self, effects) -> None:
+        for conn_id, value in effects.deliver:
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                conn.send(pb.ServerEvent(ready=pb.ObjectReady(value=value)))
+        for value in effects.free:
+            if value.in_store:
+                self.store.delete(value.object_id)
+        for object_id in effects.became_ready:
+            for task in self.waiting_on.pop(object_id, ()):
+                task.pending_deps.discard(object_id)
+                if not task.pending_deps and task.state == "waiting":
+                    self._enqueue(task)
+
+    # ------------------------------------------------------------ failures
+    def _disconnected(self, conn: Connection) -> None:
+        conn.closed = True
+        self.conns.pop(conn.conn_id, None)
+        self._apply(self.objects.drop_connection(conn.conn_id))
+        worker = conn.worker
+        if worker is not None:
+            self._worker_lost(worker)
+        elif conn.role == "driver":
+            self._job_ended(conn)
+        self._schedule()
+
+    def _worker_lost(self, worker: WorkerProcess) -> None:
+        self.pool.forget(worker)
+        self.pool.kill(worker)
+        task = worker.current_task
+        if task is None:
+            return
+        self._release(task)
+        if task.cancelled:
+            self._finish(task, [error_value(oid, exceptions.TaskCancelledError(task.task_id.hex()))
+                                for oid in task.return_ids])
+        elif task.retries_left != 0 and task.owner.conn_id in self.conns:
+            task.retries_left -= 1
+            task.spec.attempt += 1
+            log.info("worker %d died running %s; retrying (%s retries left)",
+                     worker.pid, task.spec.name, task.retries_left)
+            self._enqueue(task)
+        else:
+            code = worker.process.poll()
+            error = exceptions.WorkerCrashedError(
+                f"The worker (pid {worker.pid}, exit code {code}) running task "
+                f"{task.spec.name} (id {task.task_id.hex()}) died unexpectedly; "
+                f"no retries left (max_retries={task.spec.max_retries}).")
+            self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+
+    def _job_ended(self, driver: Connection) -> None:
+        """A driver left: drop its queued work and stop workers running it."""
+        for task in list(self.tasks.values()):
+            if task.spec.job_id != driver.job_id:
+                continue
+            if task.state == "running" and task.worker is not None:
+                task.cancelled = True
+                self.pool.kill(task.worker)
+            elif task.state in ("queued", "waiting", "assigned"):
+                self._cancel(task, force=False, recursive=False)
+                self.tasks.pop(task.task_id, None)
+
+    async def _reap_loop(self) -> None:
+        """Notice workers that exit before or without closing their stream."""
+        while not self._stopping.is_set():
+            await asyncio.sleep(0.2)
+            for worker in list(self.pool.by_id.values()):
+                if worker.process.poll() is not None and worker.conn is None:
+                    log.warning("worker pid %d exited with %s before connecting",
+                                worker.pid, worker.process.returncode)
+                    self.pool.forget(worker)
+                    # Tasks waiting on a worker for this env get a new start.
+                    for task in self.awaiting_worker:
+                        if task.env_key == worker.env_key:
+                            self._ensure_workers(task.env_key, task.env_vars)
+                            break
+
+    # ------------------------------------------------------------ logs
+    def _worker_output(self, worker: WorkerProcess, line: str, is_err: bool) -> None:
+        name = worker.task_name or "worker"
+        log_line = pb.LogLine(prefix=f"({name} pid={worker.pid})", text=line, is_err=is_err)
+        for conn in self.conns.values():
+            if conn.role == "driver" and conn.log_to_driver and (
+                    not worker.job_hex or conn.job_id.hex() == worker.job_hex):
+                conn.send(pb.ServerEvent(logs=pb.LogBatch(lines=[log_line])))
+
+    # ------------------------------------------------------------ questions
+    def local_node_record(self) -> dict:
+        return {
+            "NodeID": self.node_id.hex(),
+            "Alive": True,
+            "NodeManagerAddress": self.config.host,
+            "NodeManagerPort": int(self.address.rsplit(":", 1)[1]) if self.address else 0,
+            "Resources": self.resources.total.to_dict(),
+            "Labels": dict(self.config.labels),
+        }
+
+    _LOCAL_QUESTIONS = ("restore",)
+
+    def _answer(self, method: str, payload: dict):
+        if method == "restore":
+            return {"path": self.store.ensure_in_memory(bytes.fromhex(payload["object_id"]))}
+        raise ValueError(f"unknown request method {method!r}")
+
+    def _answer_cluster(self, method: str, local_available: dict):
+        """Cluster-wide questions, answered from the etcd view (off the loop)."""
+        membership = self.membership
+        if method == "available_resources":
+            return membership.available_resources(local_available) if membership else local_available
+        if method == "cluster_resources":
+            return membership.cluster_resources() if membership else self.resources.total.to_dict()
+        if method == "nodes":
+            return membership.nodes() if membership else [self.local_node_record()]
+        raise ValueError(f"unknown request method {method!r}")

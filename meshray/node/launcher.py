@@ -1,0 +1,178 @@
+"""Start a node daemon as a child process and wait until it serves.
+
+Used by `meshray.init()` (embedded default), `meshray start` and the
+testing Cluster. A daemon started with a parent pipe exits when the pipe
+closes -- that is, when this process ends for any reason, SIGKILL included --
+and takes its workers, shared memory, embedded etcd and session dir with it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["NodeProcess", "start_node", "new_token"]
+
+READY_TIMEOUT_S = 30.0
+
+
+def new_token() -> str:
+    return secrets.token_hex(24)
+
+
+@dataclass
+class NodeProcess:
+    """Handle on a node daemon this process started."""
+    process: subprocess.Popen
+    info: dict
+    session_dir: str
+    owns_session_dir: bool
+    token: str | None
+    parent_fd: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def node_id(self) -> str:
+        return self.info["node_id"]
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    @property
+    def local_address(self) -> str:
+        return self.info["local_address"]
+
+    @property
+    def etcd(self) -> str:
+        return self.info["etcd"]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash, for fault tests)."""
+        if self.alive():
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self._close_parent_fd()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the daemon to stop, wait for it, and make sure it is gone."""
+        if self.alive():
+            self._close_parent_fd()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGKILL)
+                self.process.wait()
+        self._close_parent_fd()
+        if self.owns_session_dir:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+
+    def _close_parent_fd(self) -> None:
+        if self.parent_fd is not None:
+            try:
+                os.close(self.parent_fd)
+            except OSError:
+                pass
+            self.parent_fd = None
+
+
+def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
+               num_cpus: float | None = None, num_gpus: float | None = None,
+               resources: dict | None = None, labels: dict | None = None,
+               object_store_memory: int | None = None, host: str = "127.0.0.1",
+               port: int = 0, token: str | None = None, session_dir: str | None = None,
+               tie_to_parent: bool = True, cli: bool = False, lease_ttl: float | None = None,
+               env: dict | None = None, prestart_workers: int | None = None) -> NodeProcess:
+    if not embedded_etcd and not etcd:
+        raise ValueError("start_node needs etcd endpoints or embedded_etcd=True")
+    owns = session_dir is None
+    session_dir = session_dir or tempfile.mkdtemp(prefix="meshray-")
+    ready_r, ready_w = os.pipe()
+    pass_fds = [ready_w]
+    args = [sys.executable, "-m", "meshray.node.main", "--session-dir", session_dir,
+            "--host", host, "--port", str(port), "--ready-fd", str(ready_w),
+            "--resources", json.dumps(resources or {}), "--labels", json.dumps(labels or {})]
+    if owns:
+        args.append("--owns-session-dir")
+    if embedded_etcd:
+        args.append("--embedded-etcd")
+    else:
+        args += ["--etcd", etcd]
+    for flag, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus),
+                        ("--object-store-memory", object_store_memory),
+                        ("--lease-ttl", lease_ttl), ("--prestart-workers", prestart_workers)):
+        if value is not None:
+            args += [flag, str(value)]
+    if cli:
+        args.append("--cli")
+    parent_w = None
+    if tie_to_parent:
+        parent_r, parent_w = os.pipe()
+        pass_fds.append(parent_r)
+        args += ["--parent-fd", str(parent_r)]
+    child_env = dict(os.environ if env is None else env)
+    if token:
+        child_env["MESHRAY_TOKEN"] = token
+    process = subprocess.Popen(args, pass_fds=pass_fds, env=child_env, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    os.close(ready_w)
+    if tie_to_parent:
+        os.close(parent_r)
+        os.set_inheritable(parent_w, False)
+    handle = NodeProcess(process, {}, session_dir, owns, token, parent_w)
+    try:
+        handle.info = _read_ready(ready_r, process, session_dir)
+    except BaseException:
+        handle.stop()
+        raise
+    finally:
+        os.close(ready_r)
+    return handle
+
+
+def _read_ready(fd: int, process: subprocess.Popen, session_dir: str) -> dict:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"node daemon (pid {process.pid}) did not start within "
+                               f"{READY_TIMEOUT_S:.0f}s; see {session_dir}/node.log")
+        readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+        if not readable:
+            if process.poll() is not None:
+                raise RuntimeError(_startup_failure(process, session_dir))
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            process.wait(5)
+            raise RuntimeError(_startup_failure(process, session_dir))
+        data += chunk
+    return json.loads(data)
+
+
+def _startup_failure(process: subprocess.Popen, session_dir: str) -> str:
+    tail = ""
+    try:
+        with open(os.path.join(session_dir, "node.log")) as handle:
+            tail = "".join(handle.readlines()[-20:])
+    except OSError:
+        pass
+    return (f"node daemon exited with code {process.returncode} during startup.\n"
+            f"Last lines of {session_dir}/node.log:\n{tail}")

@@ -1,0 +1,164 @@
+"""Process entry point of a node daemon: `python -m meshray.node.main`.
+
+Started by `meshray.init()` (then it watches a pipe from its driver and exits
+with it, even when the driver is SIGKILLed) or by `meshray start`. With
+--embedded-etcd it also runs the cluster's etcd member as its own child, and
+takes it down on exit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+
+__all__ = ["main"]
+
+log = logging.getLogger("meshray.node")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="meshray-node")
+    parser.add_argument("--session-dir", required=True)
+    parser.add_argument("--owns-session-dir", action="store_true")
+    parser.add_argument("--node-id", default="")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--etcd", default="", help="comma-separated etcd endpoints")
+    parser.add_argument("--embedded-etcd", action="store_true")
+    parser.add_argument("--num-cpus", type=float, default=None)
+    parser.add_argument("--num-gpus", type=float, default=None)
+    parser.add_argument("--resources", default="{}")
+    parser.add_argument("--labels", default="{}")
+    parser.add_argument("--object-store-memory", type=int, default=None)
+    parser.add_argument("--ready-fd", type=int, default=-1)
+    parser.add_argument("--parent-fd", type=int, default=-1)
+    parser.add_argument("--lease-ttl", type=float, default=None)
+    parser.add_argument("--prestart-workers", type=int, default=None)
+    parser.add_argument("--cli", action="store_true", help="started by `meshray start`")
+    return parser.parse_args(argv)
+
+
+def node_resources(args, gpus) -> dict:
+    """Total resources this node offers, with Ray's names and defaults."""
+    import psutil
+
+    from meshray.object_store.store import default_capacity
+
+    custom = json.loads(args.resources)
+    if not isinstance(custom, dict):
+        raise ValueError(f"--resources must be a JSON object, got {args.resources!r}")
+    for key in ("CPU", "GPU"):
+        if key in custom:
+            raise ValueError(f"--resources must not set {key!r}; use --num-{key.lower()}s")
+    resources = {"CPU": float(args.num_cpus if args.num_cpus is not None else os.cpu_count() or 1)}
+    num_gpus = args.num_gpus if args.num_gpus is not None else float(len(gpus))
+    if num_gpus:
+        resources["GPU"] = float(num_gpus)
+    store = args.object_store_memory or default_capacity()
+    resources["memory"] = float(int(psutil.virtual_memory().total * 0.7))
+    resources["object_store_memory"] = float(store)
+    resources[f"node:{args.host}"] = 1.0
+    if gpus:
+        from meshray.accelerators.nvidia import accelerator_type_from_name
+        kind = accelerator_type_from_name(gpus[0].name)
+        if kind:
+            resources[f"accelerator_type:{kind}"] = 1.0
+    resources.update({k: float(v) for k, v in custom.items()})
+    return resources
+
+
+async def _run(args) -> int:
+    from meshray.accelerators.nvidia import detect_gpus
+    from meshray.core import ids
+    from meshray.node import registry
+    from meshray.node.daemon import NodeConfig, NodeDaemon
+    from meshray.node.membership import Membership
+
+    loop = asyncio.get_running_loop()
+    os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
+    node_id = bytes.fromhex(args.node_id) if args.node_id else ids.new_id()
+    etcd = None
+    endpoints = [e for e in args.etcd.split(",") if e]
+    if args.embedded_etcd:
+        from meshray.coordination.embedded import EmbeddedEtcd
+        etcd = EmbeddedEtcd(os.path.join(args.session_dir, "etcd"), host="127.0.0.1")
+        etcd.launch()
+        endpoints = [etcd.endpoint]
+    gpus = detect_gpus()
+    resources = node_resources(args, gpus)
+    labels = json.loads(args.labels)
+    if gpus:
+        labels.setdefault("gpu_names", ",".join(g.name for g in gpus))
+        labels.setdefault("gpu_memory_bytes", ",".join(str(g.memory_total_bytes) for g in gpus))
+    config = NodeConfig(
+        session_dir=args.session_dir, node_id=node_id, resources=resources,
+        object_store_memory=int(resources["object_store_memory"]), host=args.host,
+        port=args.port, token=os.environ.get("MESHRAY_TOKEN") or None,
+        etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers)
+    daemon = NodeDaemon(config)
+    await daemon.start()
+    membership = Membership(daemon, endpoints, ttl=args.lease_ttl, etcd_process=etcd)
+    daemon.membership = membership
+    membership.start()
+
+    token = os.environ.get("MESHRAY_TOKEN")
+    if token:
+        fd = os.open(os.path.join(args.session_dir, "token"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token)
+    record = {
+        "node_id": node_id.hex(), "pid": os.getpid(), "address": daemon.address,
+        "local_address": daemon.local_address, "etcd": ",".join(endpoints),
+        "session_dir": args.session_dir, "cli": bool(args.cli),
+        "embedded_etcd": bool(etcd), "etcd_pid": etcd.pid if etcd else None,
+    }
+    registry.write_record(node_id.hex(), record)
+    if args.ready_fd >= 0:
+        os.write(args.ready_fd, (json.dumps(record) + "\n").encode())
+        os.close(args.ready_fd)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    if args.parent_fd >= 0:
+        def parent_gone():
+            try:
+                data = os.read(args.parent_fd, 1)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(args.parent_fd)
+                daemon.request_stop()
+        loop.add_reader(args.parent_fd, parent_gone)
+
+    try:
+        await daemon.wait_stopped()
+    finally:
+        log.info("node %s stopping", node_id.hex())
+        await daemon.stop()
+        await loop.run_in_executor(None, membership.stop)
+        if etcd is not None:
+            etcd.stop()
+        registry.remove_record(node_id.hex())
+        if args.owns_session_dir:
+            shutil.rmtree(args.session_dir, ignore_errors=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
+    logging.basicConfig(
+        level=os.environ.get("MESHRAY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        filename=os.path.join(args.session_dir, "node.log"),
+    )
+    return asyncio.run(_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

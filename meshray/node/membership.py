@@ -1,0 +1,181 @@
+"""The node's membership in the cluster: its etcd lease, records and view.
+
+Runs on its own thread so the daemon's event loop never waits on etcd. The
+node record and availability live under the node's lease and vanish when the
+node dies. Availability is published by sampling, at most every
+PUBLISH_INTERVAL_S and only when it changed: tasks never touch etcd.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import tenacity
+
+from meshray.coordination import keyspace
+
+__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL_S = 5.0
+PUBLISH_INTERVAL_S = 0.2
+VIEW_WAIT_S = 15.0
+
+
+class Membership:
+    def __init__(self, daemon, endpoints: list[str], *, ttl: float | None = None,
+                 etcd_process=None, keys: keyspace.Keyspace | None = None):
+        self._daemon = daemon
+        self._endpoints = endpoints
+        self._ttl = ttl or float(os.environ.get("MESHRAY_LEASE_TTL", DEFAULT_LEASE_TTL_S))
+        self._etcd_process = etcd_process
+        self.keys = keys or keyspace.Keyspace()
+        self.coordinator = None
+        self._lease = None
+        self._nodes_view = None
+        self._avail_view = None
+        self._registered = threading.Event()
+        self._stop = threading.Event()
+        self._seen_nodes: dict[str, dict] = {}
+        self._thread = threading.Thread(target=self._run, name="meshray-membership", daemon=True)
+        self.lease_generation = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for view in (self._nodes_view, self._avail_view):
+            if view is not None:
+                view.stop()
+        if self._lease is not None:
+            try:
+                self._lease.stop(revoke=True)
+            except Exception:  # noqa: BLE001 - etcd may already be gone
+                pass
+        if self.coordinator is not None:
+            self.coordinator.close()
+
+    def _run(self) -> None:
+        from meshray.coordination.client import Coordinator
+        from meshray.coordination.mirror import PrefixMirror
+
+        if self._etcd_process is not None:
+            self._etcd_process.wait_ready(30.0)
+
+        @tenacity.retry(wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
+                        stop=tenacity.stop_when_event_set(self._stop) if hasattr(
+                            tenacity, "stop_when_event_set") else tenacity.stop_never,
+                        before_sleep=lambda rs: log.warning(
+                            "cannot reach etcd at %s (%s); retrying",
+                            ",".join(self._endpoints), rs.outcome.exception()))
+        def connect():
+            if self._stop.is_set():
+                return None
+            return Coordinator(self._endpoints, timeout=5.0)
+
+        self.coordinator = connect()
+        if self.coordinator is None:
+            return
+        self._nodes_view = PrefixMirror(self.coordinator, self.keys.nodes_prefix())
+        self._avail_view = PrefixMirror(self.coordinator, self.keys.avail_prefix())
+        self._nodes_view.start(timeout=10.0)
+        self._avail_view.start(timeout=10.0)
+        while not self._stop.is_set():
+            try:
+                self._register()
+                self._publish_until_lost()
+            except Exception as exc:  # noqa: BLE001 - keep trying to be a member
+                log.warning("membership error: %s; re-registering", exc)
+                self._stop.wait(1.0)
+
+    def _register(self) -> None:
+        from meshray.coordination.client import LeaseKeeper
+
+        lost = threading.Event()
+        self._lease = LeaseKeeper(self.coordinator, max(1, int(round(self._ttl))), on_lost=lambda _id: lost.set())
+        self._lease_lost = lost
+        lease_id = self._lease.lease_id
+        record = self._daemon.local_node_record()
+        record["Hostname"] = socket.gethostname()
+        record["Address"] = self._daemon.address
+        record["StartedAt"] = time.time()
+        self.coordinator.put(self.keys.node(self._daemon.node_id), keyspace.encode_json(record),
+                             lease=lease_id)
+        self._published = self._daemon.resources.available.to_dict()
+        self.coordinator.put(self.keys.avail(self._daemon.node_id),
+                             keyspace.encode_json(self._published), lease=lease_id)
+        self.lease_generation += 1
+        self._registered.set()
+        log.info("registered node %s with lease %x", self._daemon.node_id.hex(), lease_id)
+
+    def _publish_until_lost(self) -> None:
+        while not self._stop.wait(PUBLISH_INTERVAL_S):
+            if self._lease_lost.is_set():
+                self._registered.clear()
+                log.warning("node %s lost its etcd lease; stopped acting as a member until "
+                            "re-registered", self._daemon.node_id.hex())
+                return
+            current = self._daemon.resources.available.to_dict()
+            if current != self._published:
+                self.coordinator.put(self.keys.avail(self._daemon.node_id),
+                                     keyspace.encode_json(current), lease=self._lease.lease_id)
+                self._published = current
+
+    # ------------------------------------------------------------ view
+    def _wait_view(self) -> None:
+        if not self._registered.wait(VIEW_WAIT_S):
+            raise ConnectionError(
+                f"node is not registered in etcd at {','.join(self._endpoints)} "
+                f"after {VIEW_WAIT_S:.0f}s")
+
+    @staticmethod
+    def _values(view) -> dict:
+        snapshot = view.snapshot()
+        out = {}
+        for key, entry in snapshot.items():
+            value = entry[0] if isinstance(entry, tuple) else getattr(entry, "value", entry)
+            out[key] = keyspace.decode_json(value)
+        return out
+
+    def _alive_records(self) -> dict[str, dict]:
+        self._wait_view()
+        records = {}
+        for key, record in self._values(self._nodes_view).items():
+            records[self.keys.parse_node(key)] = record
+        return records
+
+    def nodes(self) -> list[dict]:
+        alive = self._alive_records()
+        for node_hex, record in alive.items():
+            self._seen_nodes[node_hex] = record
+        out = []
+        for node_hex, record in self._seen_nodes.items():
+            entry = dict(record)
+            entry["Alive"] = node_hex in alive
+            out.append(entry)
+        return out
+
+    def cluster_resources(self) -> dict:
+        totals: dict[str, float] = {}
+        for record in self._alive_records().values():
+            for name, amount in record.get("Resources", {}).items():
+                totals[name] = totals.get(name, 0.0) + amount
+        return totals
+
+    def available_resources(self, local_available: dict) -> dict:
+        alive = self._alive_records()
+        avail = {self.keys.parse_avail(k): v for k, v in self._values(self._avail_view).items()}
+        avail[self._daemon.node_id.hex()] = local_available
+        totals: dict[str, float] = {}
+        for node_hex in alive:
+            for name, amount in avail.get(node_hex, {}).items():
+                if amount > 0:
+                    totals[name] = totals.get(name, 0.0) + amount
+        return totals

@@ -1,0 +1,156 @@
+"""The node's object directory: which values exist, who holds them, who waits.
+
+Pure state, no I/O. Every change returns what the daemon must now do (send a
+value to subscribers, delete a value from the store), so reference counting
+and readiness can be tested without processes.
+
+An object stays alive while anything holds it:
+- a process that has an ObjectRef to it (a *holder*, tracked per connection,
+  so a process that dies releases everything it held);
+- a pending task that takes it as an argument (a *pin*);
+- another live object that contains a ref to it (also a pin).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ObjectDirectory", "ObjectEntry", "Effects"]
+
+
+@dataclass
+class ObjectEntry:
+    value: object = None                # rpc ObjectValue once produced
+    holders: set = field(default_factory=set)
+    pins: int = 0
+    subscribers: set = field(default_factory=set)
+    ever_referenced: bool = False
+
+    @property
+    def referenced(self) -> bool:
+        return bool(self.holders) or self.pins > 0
+
+
+@dataclass
+class Effects:
+    """What the daemon must carry out after a directory change."""
+    deliver: list = field(default_factory=list)   # (conn_id, value)
+    free: list = field(default_factory=list)      # values no longer referenced
+    became_ready: list = field(default_factory=list)  # object ids now available
+
+    def extend(self, other: "Effects") -> None:
+        self.deliver.extend(other.deliver)
+        self.free.extend(other.free)
+        self.became_ready.extend(other.became_ready)
+
+
+class ObjectDirectory:
+    def __init__(self):
+        self._entries: dict[bytes, ObjectEntry] = {}
+
+    # -- queries ---------------------------------------------------------
+    def get(self, object_id: bytes):
+        entry = self._entries.get(object_id)
+        return entry.value if entry else None
+
+    def is_ready(self, object_id: bytes) -> bool:
+        entry = self._entries.get(object_id)
+        return entry is not None and entry.value is not None
+
+    def __contains__(self, object_id: bytes) -> bool:
+        return object_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def holders_of(self, object_id: bytes) -> set:
+        entry = self._entries.get(object_id)
+        return set(entry.holders) if entry else set()
+
+    # -- changes ---------------------------------------------------------
+    def _entry(self, object_id: bytes) -> ObjectEntry:
+        entry = self._entries.get(object_id)
+        if entry is None:
+            entry = self._entries[object_id] = ObjectEntry()
+        return entry
+
+    def expect(self, object_id: bytes, holder) -> None:
+        """A task will produce this object; its submitter holds the ref."""
+        entry = self._entry(object_id)
+        entry.holders.add(holder)
+        entry.ever_referenced = True
+
+    def add_holder(self, object_id: bytes, holder) -> None:
+        entry = self._entry(object_id)
+        entry.holders.add(holder)
+        entry.ever_referenced = True
+
+    def remove_holder(self, object_id: bytes, holder) -> Effects:
+        entry = self._entries.get(object_id)
+        if entry is None:
+            return Effects()
+        entry.holders.discard(holder)
+        entry.subscribers.discard(holder)
+        return self._maybe_free(object_id, entry)
+
+    def pin(self, object_ids) -> None:
+        for object_id in object_ids:
+            entry = self._entry(object_id)
+            entry.pins += 1
+            entry.ever_referenced = True
+
+    def unpin(self, object_ids) -> Effects:
+        effects = Effects()
+        for object_id in object_ids:
+            entry = self._entries.get(object_id)
+            if entry is None:
+                continue
+            entry.pins = max(0, entry.pins - 1)
+            effects.extend(self._maybe_free(object_id, entry))
+        return effects
+
+    def subscribe(self, object_id: bytes, conn) -> Effects:
+        """Ask for the value; delivered now if present, else when produced."""
+        entry = self._entry(object_id)
+        if entry.value is not None:
+            return Effects(deliver=[(conn, entry.value)])
+        entry.subscribers.add(conn)
+        return Effects()
+
+    def set_value(self, object_id: bytes, value) -> Effects:
+        """Record a produced value; deliver it to whoever is waiting.
+
+        A value nobody references any more (all refs were dropped while its
+        task ran) is freed at once; containers pin what they contain.
+        """
+        entry = self._entry(object_id)
+        effects = Effects()
+        if entry.value is not None:
+            # A retried task produced it again: keep the first copy.
+            effects.free.append(value)
+            return effects
+        entry.value = value
+        self.pin(value.contained_ids)
+        effects.became_ready.append(object_id)
+        for conn in entry.subscribers:
+            effects.deliver.append((conn, value))
+        entry.subscribers.clear()
+        effects.extend(self._maybe_free(object_id, entry))
+        return effects
+
+    def drop_connection(self, conn, object_ids=None) -> Effects:
+        """A process went away: release everything it held."""
+        effects = Effects()
+        for object_id, entry in list(self._entries.items()):
+            if conn in entry.holders or conn in entry.subscribers:
+                entry.holders.discard(conn)
+                entry.subscribers.discard(conn)
+                effects.extend(self._maybe_free(object_id, entry))
+        return effects
+
+    def _maybe_free(self, object_id: bytes, entry: ObjectEntry) -> Effects:
+        if entry.referenced or entry.subscribers or entry.value is None:
+            return Effects()
+        del self._entries[object_id]
+        effects = Effects(free=[entry.value])
+        effects.extend(self.unpin(entry.value.contained_ids))
+        return effects

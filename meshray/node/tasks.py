@@ -1,0 +1,80 @@
+"""Task records and the node's local queue, grouped by scheduling class.
+
+Tasks that ask for the same resources in the same environment form one class;
+the dispatcher only looks at the head of each class, so a deep backlog of
+identical tasks costs O(classes) per dispatch rather than O(tasks).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+__all__ = ["TaskRecord", "TaskQueue"]
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    spec: object                      # rpc TaskSpec
+    owner: object                     # Connection of the submitter
+    return_ids: list
+    request: object                   # scheduler ResourceSet
+    env_key: str
+    env_vars: dict
+    pending_deps: set = field(default_factory=set)
+    state: str = "waiting"            # waiting -> queued -> assigned -> running -> done
+    worker: object = None
+    acquired: bool = False
+    cpu_lent: bool = False            # CPU handed back while blocked in get()
+    cancelled: bool = False
+    force_cancelled: bool = False
+    retries_left: int = 0
+    infeasible_reported: bool = False
+    children: set = field(default_factory=set)
+
+    @property
+    def task_id(self) -> bytes:
+        return self.spec.task_id
+
+    @property
+    def sched_class(self) -> tuple:
+        return (self.env_key, tuple(sorted(self.spec.resources.items())))
+
+
+class TaskQueue:
+    """Queued tasks, FIFO within each scheduling class."""
+
+    def __init__(self):
+        self._classes: "OrderedDict[tuple, deque]" = OrderedDict()
+
+    def push(self, task: TaskRecord) -> None:
+        task.state = "queued"
+        self._classes.setdefault(task.sched_class, deque()).append(task)
+
+    def push_front(self, task: TaskRecord) -> None:
+        task.state = "queued"
+        self._classes.setdefault(task.sched_class, deque()).appendleft(task)
+
+    def heads(self):
+        """Yield (class, deque) pairs whose deque is non-empty."""
+        for key in list(self._classes):
+            tasks = self._classes[key]
+            while tasks and tasks[0].cancelled:
+                tasks.popleft()
+            if not tasks:
+                del self._classes[key]
+                continue
+            yield key, tasks
+
+    def remove(self, task: TaskRecord) -> bool:
+        tasks = self._classes.get(task.sched_class)
+        if tasks and task in tasks:
+            tasks.remove(task)
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._classes.values())
+
+    def __iter__(self):
+        for tasks in self._classes.values():
+            yield from tasks

@@ -1,0 +1,161 @@
+"""Worker processes of one node: start, track, reap.
+
+Workers are pooled by environment key (a hash of their runtime environment
+and device assignment): a task only ever runs in a worker started for its own
+environment. A worker's stdout/stderr come back through pipes so the daemon
+can forward lines to the driver that owns the running task.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER"]
+
+log = logging.getLogger(__name__)
+
+# A worker writes this marker (then job id hex and task name) on stdout and
+# stderr before running each task, so the daemon knows whose output follows.
+CONTEXT_MARKER = "\x1emeshray-ctx\x1f"
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: bytes
+    env_key: str
+    process: subprocess.Popen
+    started_at: float = field(default_factory=time.monotonic)
+    conn: object = None              # the daemon's Connection once it says hello
+    current_task: object = None      # TaskRecord it runs
+    functions_sent: set = field(default_factory=set)
+    idle_since: float = 0.0
+    dedicated: bool = False          # hosts an actor: never returns to the pool
+    job_hex: str = ""
+    task_name: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class WorkerPool:
+    """Tracks worker processes; the daemon decides when to start or stop one."""
+
+    def __init__(self, *, daemon_address: str, token: str | None, session_dir: str,
+                 on_output):
+        self._daemon_address = daemon_address
+        self._token = token
+        self._session_dir = session_dir
+        self._on_output = on_output          # (worker, line, is_err) -> None
+        self.by_id: dict[bytes, WorkerProcess] = {}
+        self.idle: dict[str, list[WorkerProcess]] = {}
+        self.starting: dict[str, int] = {}
+
+    def start(self, worker_id: bytes, env_key: str, extra_env: dict[str, str]) -> WorkerProcess:
+        env = dict(os.environ)
+        env.update(extra_env)
+        env["MESHRAY_DAEMON_ADDRESS"] = self._daemon_address
+        env["MESHRAY_WORKER_ID"] = worker_id.hex()
+        env["MESHRAY_SESSION_DIR"] = self._session_dir
+        env["PYTHONUNBUFFERED"] = "1"
+        if self._token:
+            env["MESHRAY_TOKEN"] = self._token
+        process = subprocess.Popen(
+            [sys.executable, "-m", "meshray.core.worker_main"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, close_fds=True, cwd=extra_env.get("MESHRAY_WORKER_CWD") or None,
+        )
+        worker = WorkerProcess(worker_id, env_key, process)
+        self.by_id[worker_id] = worker
+        self.starting[env_key] = self.starting.get(env_key, 0) + 1
+        loop = asyncio.get_running_loop()
+        for stream, is_err in ((process.stdout, False), (process.stderr, True)):
+            os.set_blocking(stream.fileno(), False)
+            loop.add_reader(stream.fileno(), self._read_output, worker, stream, is_err)
+        return worker
+
+    def _read_output(self, worker: WorkerProcess, stream, is_err: bool) -> None:
+        try:
+            data = stream.read()
+        except (BlockingIOError, ValueError):
+            return
+        if not data:
+            try:
+                asyncio.get_running_loop().remove_reader(stream.fileno())
+            except (ValueError, OSError):
+                pass
+            return
+        buffered = getattr(stream, "_meshray_partial", b"") + data
+        *lines, rest = buffered.split(b"\n")
+        stream._meshray_partial = rest
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if line.startswith(CONTEXT_MARKER):
+                job_hex, _, name = line[len(CONTEXT_MARKER):].partition(" ")
+                worker.job_hex, worker.task_name = job_hex, name
+                continue
+            self._on_output(worker, line, is_err)
+
+    def connected(self, worker: WorkerProcess) -> None:
+        self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
+
+    def push_idle(self, worker: WorkerProcess) -> None:
+        worker.current_task = None
+        worker.idle_since = time.monotonic()
+        self.idle.setdefault(worker.env_key, []).append(worker)
+
+    def pop_idle(self, env_key: str) -> WorkerProcess | None:
+        workers = self.idle.get(env_key)
+        while workers:
+            worker = workers.pop()
+            if worker.process.poll() is None and worker.conn is not None:
+                return worker
+        return None
+
+    def forget(self, worker: WorkerProcess) -> None:
+        self.by_id.pop(worker.worker_id, None)
+        workers = self.idle.get(worker.env_key)
+        if workers and worker in workers:
+            workers.remove(worker)
+        if worker.conn is None:
+            self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
+        loop = asyncio.get_running_loop()
+        for stream in (worker.process.stdout, worker.process.stderr):
+            try:
+                loop.remove_reader(stream.fileno())
+            except (ValueError, OSError):
+                pass
+
+    def kill(self, worker: WorkerProcess, sig: int = signal.SIGKILL) -> None:
+        if worker.process.poll() is None:
+            try:
+                os.kill(worker.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def idle_count(self, env_key: str) -> int:
+        return len(self.idle.get(env_key, ()))
+
+    def stop_all(self, timeout: float = 3.0) -> None:
+        """Terminate every worker we started, by pid, and reap them."""
+        workers = list(self.by_id.values())
+        for worker in workers:
+            self.kill(worker, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            try:
+                worker.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(worker, signal.SIGKILL)
+                worker.process.wait()
+            for stream in (worker.process.stdout, worker.process.stderr):
+                try:
+                    stream.close()
+                except OSError:
+                    pass

@@ -1,0 +1,61 @@
+"""Shared-memory object store: one file per object in a per-node /dev/shm directory.
+
+``layout`` is the file format that every process uses to write and map
+objects; ``store`` is the node daemon's capacity and spilling bookkeeping;
+``eviction`` is the pure spill policy.
+"""
+
+from meshray.object_store.eviction import SpillCandidate, choose_spill_victims
+from meshray.object_store.layout import (
+    ALIGNMENT,
+    FORMAT_VERSION,
+    MAGIC,
+    ChunkWriter,
+    CorruptObjectError,
+    ObjectLayout,
+    copy_file_chunks,
+    object_size,
+    read_object,
+    read_object_layout,
+    unpack_object,
+    write_object,
+    write_object_into,
+)
+from meshray.object_store.store import (
+    DEFAULT_CAPACITY_FRACTION,
+    ObjectExistsError,
+    ObjectStateError,
+    ObjectStore,
+    ObjectStoreFullError,
+    UnknownObjectError,
+    create_node_shm_dir,
+    default_capacity,
+    make_private_dir,
+)
+
+__all__ = [
+    "ALIGNMENT",
+    "DEFAULT_CAPACITY_FRACTION",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "ChunkWriter",
+    "CorruptObjectError",
+    "ObjectExistsError",
+    "ObjectLayout",
+    "ObjectStateError",
+    "ObjectStore",
+    "ObjectStoreFullError",
+    "SpillCandidate",
+    "UnknownObjectError",
+    "choose_spill_victims",
+    "copy_file_chunks",
+    "create_node_shm_dir",
+    "default_capacity",
+    "make_private_dir",
+    "object_size",
+    "read_object",
+    "read_object_layout",
+    "unpack_object",
+    "write_object",
+    "write_object_into",
+]

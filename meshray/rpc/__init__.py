@@ -1,0 +1,16 @@
+"""gRPC plumbing: the one factory for channels and servers, and generated code."""
+from meshray.rpc.factory import (
+    TOKEN_METADATA_KEY,
+    is_loopback_host,
+    make_aio_server,
+    make_channel,
+    split_host_port,
+)
+
+__all__ = [
+    "TOKEN_METADATA_KEY",
+    "is_loopback_host",
+    "make_aio_server",
+    "make_channel",
+    "split_host_port",
+]

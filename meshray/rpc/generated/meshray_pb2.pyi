@@ -1,0 +1,345 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ObjectValue(_message.Message):
+    __slots__ = ("object_id", "inline_data", "in_store", "size", "is_error", "contained_ids")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
+    IN_STORE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONTAINED_IDS_FIELD_NUMBER: _ClassVar[int]
+    object_id: bytes
+    inline_data: bytes
+    in_store: bool
+    size: int
+    is_error: bool
+    contained_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, object_id: _Optional[bytes] = ..., inline_data: _Optional[bytes] = ..., in_store: _Optional[bool] = ..., size: _Optional[int] = ..., is_error: _Optional[bool] = ..., contained_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class TaskSpec(_message.Message):
+    __slots__ = ("task_id", "job_id", "function_id", "name", "args_blob", "arg_ref_ids", "contained_ids", "num_returns", "resources", "max_retries", "retry_exceptions", "retry_exception_types", "scheduling_strategy", "strategy_blob", "env_vars", "owner_id", "parent_task_id", "attempt", "runtime_env_json")
+    class ResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class EnvVarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_BLOB_FIELD_NUMBER: _ClassVar[int]
+    ARG_REF_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINED_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETURNS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_EXCEPTIONS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_EXCEPTION_TYPES_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_BLOB_FIELD_NUMBER: _ClassVar[int]
+    ENV_VARS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ENV_JSON_FIELD_NUMBER: _ClassVar[int]
+    task_id: bytes
+    job_id: bytes
+    function_id: bytes
+    name: str
+    args_blob: bytes
+    arg_ref_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    contained_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    num_returns: int
+    resources: _containers.ScalarMap[str, float]
+    max_retries: int
+    retry_exceptions: bool
+    retry_exception_types: bytes
+    scheduling_strategy: str
+    strategy_blob: bytes
+    env_vars: _containers.ScalarMap[str, str]
+    owner_id: bytes
+    parent_task_id: bytes
+    attempt: int
+    runtime_env_json: str
+    def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ...) -> None: ...
+
+class TaskResult(_message.Message):
+    __slots__ = ("task_id", "returns", "failed", "retryable_error", "stream_item_id", "stream_end", "stream_index")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    RETRYABLE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_END_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    task_id: bytes
+    returns: _containers.RepeatedCompositeFieldContainer[ObjectValue]
+    failed: bool
+    retryable_error: bool
+    stream_item_id: bytes
+    stream_end: bool
+    stream_index: int
+    def __init__(self, task_id: _Optional[bytes] = ..., returns: _Optional[_Iterable[_Union[ObjectValue, _Mapping]]] = ..., failed: _Optional[bool] = ..., retryable_error: _Optional[bool] = ..., stream_item_id: _Optional[bytes] = ..., stream_end: _Optional[bool] = ..., stream_index: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("role", "worker_id", "pid", "job_id", "namespace", "log_to_driver", "runtime_env_json")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    LOG_TO_DRIVER_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_ENV_JSON_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    worker_id: bytes
+    pid: int
+    job_id: bytes
+    namespace: str
+    log_to_driver: bool
+    runtime_env_json: str
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[bytes] = ..., pid: _Optional[int] = ..., job_id: _Optional[bytes] = ..., namespace: _Optional[str] = ..., log_to_driver: _Optional[bool] = ..., runtime_env_json: _Optional[str] = ...) -> None: ...
+
+class RegisterFunction(_message.Message):
+    __slots__ = ("function_id", "pickled", "name")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PICKLED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    function_id: bytes
+    pickled: bytes
+    name: str
+    def __init__(self, function_id: _Optional[bytes] = ..., pickled: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SubmitTask(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: TaskSpec
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
+
+class PutObject(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: ObjectValue
+    def __init__(self, value: _Optional[_Union[ObjectValue, _Mapping]] = ...) -> None: ...
+
+class ReserveObject(_message.Message):
+    __slots__ = ("request_id", "object_id", "size")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    object_id: bytes
+    size: int
+    def __init__(self, request_id: _Optional[int] = ..., object_id: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
+class Subscribe(_message.Message):
+    __slots__ = ("object_ids",)
+    OBJECT_IDS_FIELD_NUMBER: _ClassVar[int]
+    object_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, object_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class RefUpdate(_message.Message):
+    __slots__ = ("add", "remove")
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    add: _containers.RepeatedScalarFieldContainer[bytes]
+    remove: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, add: _Optional[_Iterable[bytes]] = ..., remove: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CancelTask(_message.Message):
+    __slots__ = ("object_id", "force", "recursive")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    RECURSIVE_FIELD_NUMBER: _ClassVar[int]
+    object_id: bytes
+    force: bool
+    recursive: bool
+    def __init__(self, object_id: _Optional[bytes] = ..., force: _Optional[bool] = ..., recursive: _Optional[bool] = ...) -> None: ...
+
+class WorkerBlocked(_message.Message):
+    __slots__ = ("blocked",)
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    blocked: bool
+    def __init__(self, blocked: _Optional[bool] = ...) -> None: ...
+
+class Request(_message.Message):
+    __slots__ = ("request_id", "method", "payload")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    method: str
+    payload: bytes
+    def __init__(self, request_id: _Optional[int] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class ClientEvent(_message.Message):
+    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    TASK_RESULT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    register_function: RegisterFunction
+    submit: SubmitTask
+    put: PutObject
+    reserve: ReserveObject
+    subscribe: Subscribe
+    refs: RefUpdate
+    task_result: TaskResult
+    cancel: CancelTask
+    blocked: WorkerBlocked
+    request: Request
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ...) -> None: ...
+
+class ClientBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ClientEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[ClientEvent, _Mapping]]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("node_id", "store_dir", "session_dir", "node_address", "job_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STORE_DIR_FIELD_NUMBER: _ClassVar[int]
+    SESSION_DIR_FIELD_NUMBER: _ClassVar[int]
+    NODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: bytes
+    store_dir: str
+    session_dir: str
+    node_address: str
+    job_id: bytes
+    def __init__(self, node_id: _Optional[bytes] = ..., store_dir: _Optional[str] = ..., session_dir: _Optional[str] = ..., node_address: _Optional[str] = ..., job_id: _Optional[bytes] = ...) -> None: ...
+
+class ObjectReady(_message.Message):
+    __slots__ = ("value",)
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    value: ObjectValue
+    def __init__(self, value: _Optional[_Union[ObjectValue, _Mapping]] = ...) -> None: ...
+
+class ExecuteTask(_message.Message):
+    __slots__ = ("spec", "function_pickled", "args", "assigned_gpu_ids")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_PICKLED_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_GPU_IDS_FIELD_NUMBER: _ClassVar[int]
+    spec: TaskSpec
+    function_pickled: bytes
+    args: _containers.RepeatedCompositeFieldContainer[ObjectValue]
+    assigned_gpu_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., function_pickled: _Optional[bytes] = ..., args: _Optional[_Iterable[_Union[ObjectValue, _Mapping]]] = ..., assigned_gpu_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReserveReply(_message.Message):
+    __slots__ = ("request_id", "path", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    path: str
+    error: str
+    def __init__(self, request_id: _Optional[int] = ..., path: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class KillTask(_message.Message):
+    __slots__ = ("task_id", "force")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    task_id: bytes
+    force: bool
+    def __init__(self, task_id: _Optional[bytes] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class LogBatch(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[LogLine]
+    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("prefix", "text", "is_err")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IS_ERR_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    text: str
+    is_err: bool
+    def __init__(self, prefix: _Optional[str] = ..., text: _Optional[str] = ..., is_err: _Optional[bool] = ...) -> None: ...
+
+class Notice(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class Reply(_message.Message):
+    __slots__ = ("request_id", "payload", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    payload: bytes
+    error: str
+    def __init__(self, request_id: _Optional[int] = ..., payload: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ServerEvent(_message.Message):
+    __slots__ = ("welcome", "ready", "execute", "reserve_reply", "kill", "logs", "notice", "reply")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    EXECUTE_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_REPLY_FIELD_NUMBER: _ClassVar[int]
+    KILL_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    ready: ObjectReady
+    execute: ExecuteTask
+    reserve_reply: ReserveReply
+    kill: KillTask
+    logs: LogBatch
+    notice: Notice
+    reply: Reply
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., execute: _Optional[_Union[ExecuteTask, _Mapping]] = ..., reserve_reply: _Optional[_Union[ReserveReply, _Mapping]] = ..., kill: _Optional[_Union[KillTask, _Mapping]] = ..., logs: _Optional[_Union[LogBatch, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ...) -> None: ...
+
+class ServerBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ServerEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[ServerEvent, _Mapping]]] = ...) -> None: ...
+
+class NodeInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeInfoReply(_message.Message):
+    __slots__ = ("node_id", "address", "etcd_endpoints", "session_dir", "pid")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ETCD_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_DIR_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    node_id: bytes
+    address: str
+    etcd_endpoints: str
+    session_dir: str
+    pid: int
+    def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., etcd_endpoints: _Optional[str] = ..., session_dir: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
