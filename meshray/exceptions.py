@@ -35,45 +35,18 @@ except ImportError:  # pragma: no cover - cloudpickle is a hard dependency
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RayError",
-    "CrossLanguageError",
-    "TaskCancelledError",
-    "RayTaskError",
-    "LocalRayletDiedError",
-    "WorkerCrashedError",
-    "RayActorError",
-    "ActorDiedError",
-    "ActorUnavailableError",
-    "ActorAlreadyExistsError",
-    "RaySystemError",
-    "UserCodeException",
-    "ObjectStoreFullError",
-    "OutOfDiskError",
-    "OutOfMemoryError",
-    "NodeDiedError",
-    "ObjectLostError",
-    "ObjectFetchTimedOutError",
-    "RpcError",
-    "ReferenceCountingAssertionError",
-    "ObjectFreedError",
-    "OwnerDiedError",
-    "ObjectReconstructionFailedError",
+    "RayError", "CrossLanguageError", "TaskCancelledError", "RayTaskError", "LocalRayletDiedError",
+    "WorkerCrashedError", "RayActorError", "ActorDiedError", "ActorUnavailableError",
+    "ActorAlreadyExistsError", "RaySystemError", "UserCodeException", "ObjectStoreFullError",
+    "OutOfDiskError", "OutOfMemoryError", "NodeDiedError", "ObjectLostError",
+    "ObjectFetchTimedOutError", "RpcError", "ReferenceCountingAssertionError", "ObjectFreedError",
+    "OwnerDiedError", "ObjectReconstructionFailedError",
     "ObjectReconstructionFailedMaxAttemptsExceededError",
-    "ObjectReconstructionFailedLineageEvictedError",
-    "GetTimeoutError",
-    "PlasmaObjectNotAvailable",
-    "AsyncioActorExit",
-    "RuntimeEnvSetupError",
-    "TaskPlacementGroupRemoved",
-    "ActorPlacementGroupRemoved",
-    "PendingCallsLimitExceeded",
-    "TaskUnschedulableError",
-    "ActorUnschedulableError",
-    "PlacementGroupSchedulingError",
-    "ObjectRefStreamEndOfStreamError",
-    "OufOfBandObjectRefSerializationException",
-    "RayChannelError",
-    "RayChannelTimeoutError",
+    "ObjectReconstructionFailedLineageEvictedError", "GetTimeoutError", "PlasmaObjectNotAvailable",
+    "AsyncioActorExit", "RuntimeEnvSetupError", "TaskPlacementGroupRemoved",
+    "ActorPlacementGroupRemoved", "PendingCallsLimitExceeded", "TaskUnschedulableError",
+    "ActorUnschedulableError", "PlacementGroupSchedulingError", "ObjectRefStreamEndOfStreamError",
+    "OufOfBandObjectRefSerializationException", "RayChannelError", "RayChannelTimeoutError",
     "RAY_EXCEPTION_TYPES",
 ]
 
@@ -105,27 +78,35 @@ def _local_ip() -> str:
     # A UDP connect sends no packet; it only asks the kernel for the source
     # address it would route from. Cached: this runs on every task failure.
     global _IP
-    if _IP is None:
-        with _IP_LOCK:
-            if _IP is None:
-                ip = "127.0.0.1"
-                try:
-                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                    try:
-                        s.connect(("10.255.255.255", 1))
-                        ip = s.getsockname()[0]
-                    finally:
-                        s.close()
-                except OSError:
-                    pass
-                _IP = ip
+    if _IP is not None:
+        return _IP
+    with _IP_LOCK:
+        if _IP is None:
+            _IP = "127.0.0.1"
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.connect(("10.255.255.255", 1))
+                    _IP = s.getsockname()[0]
+            except OSError:
+                pass
     return _IP
 
 
+def _ids(**ids: Any) -> str:
+    """' (k=v, ...)' for the ids that are set, so messages name what they know."""
+    parts = [f"{k}={v}" for k, v in ids.items() if v]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _rebuild_error(cls, args, state):
-    obj = cls.__new__(cls, *args)
+    # Rebuild without __init__: constructors differ, the state is what matters.
+    try:
+        obj = cls.__new__(cls, *args)
+    except TypeError:
+        obj = BaseException.__new__(cls)
     obj.args = args
-    obj.__dict__.update(state)
+    if state:
+        obj.__dict__.update(state)
     return obj
 
 
@@ -159,14 +140,14 @@ class TaskCancelledError(RayError):
     """The task (or one it depended on) was cancelled."""
 
     def __init__(self, task_id: Any = None, error_message: Optional[str] = None):
-        self.task_id = task_id
+        self.task_id = _hex(task_id)
         self.error_message = error_message
-        super().__init__(task_id, error_message)
+        super().__init__(self.task_id, error_message)
 
     def __str__(self) -> str:
         msg = ""
         if self.task_id is not None:
-            msg = f"Task: {_hex(self.task_id)} was cancelled. "
+            msg = f"Task: {self.task_id} was cancelled. "
         if self.error_message:
             msg += self.error_message
         return msg or "This task or its dependency was cancelled."
@@ -182,17 +163,6 @@ _INTERNAL_FRAME_MARKERS = (
 
 _DUAL_CLASSES: "weakref.WeakKeyDictionary[type, type]" = weakref.WeakKeyDictionary()
 _DUAL_LOCK = threading.Lock()
-
-
-def _rebuild_exception(cls, args, state):
-    try:
-        obj = cls.__new__(cls, *args)
-    except TypeError:
-        obj = BaseException.__new__(cls)
-    obj.args = args
-    if state:
-        obj.__dict__.update(state)
-    return obj
 
 
 class _PortableException:
@@ -211,7 +181,7 @@ class _PortableException:
 
     def __reduce__(self):
         e = self.exc
-        return (_rebuild_exception, (type(e), e.args, dict(getattr(e, "__dict__", {}))))
+        return (_rebuild_error, (type(e), e.args, dict(getattr(e, "__dict__", {}))))
 
 
 def _portable(cause: Any) -> Any:
@@ -246,18 +216,10 @@ class RayTaskError(RayError):
     """
 
     def __init__(
-        self,
-        function_name: str,
-        traceback_str: Optional[str],
-        cause: Any,
-        proctitle: Optional[str] = None,
-        pid: Optional[int] = None,
-        ip: Optional[str] = None,
-        actor_repr: Optional[str] = None,
-        actor_id: Any = None,
-        *,
-        task_id: Any = None,
-        node_id: Any = None,
+        self, function_name: str, traceback_str: Optional[str], cause: Any,
+        proctitle: Optional[str] = None, pid: Optional[int] = None, ip: Optional[str] = None,
+        actor_repr: Optional[str] = None, actor_id: Any = None, *,
+        task_id: Any = None, node_id: Any = None,
     ):
         self.function_name = function_name
         self.traceback_str = traceback_str if traceback_str is not None else ""
@@ -283,28 +245,13 @@ class RayTaskError(RayError):
 
     @classmethod
     def from_exception(
-        cls,
-        exc: BaseException,
-        function_name: str,
-        *,
-        task_id: Any = None,
-        actor_id: Any = None,
-        actor_repr: Optional[str] = None,
-        node_id: Any = None,
-        proctitle: Optional[str] = None,
+        cls, exc: BaseException, function_name: str, *, task_id: Any = None, actor_id: Any = None,
+        actor_repr: Optional[str] = None, node_id: Any = None, proctitle: Optional[str] = None,
     ) -> "RayTaskError":
         """Wrap an exception caught while running a task (keeps its chained causes)."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(
-            function_name,
-            tb,
-            exc,
-            proctitle=proctitle,
-            actor_repr=actor_repr,
-            actor_id=actor_id,
-            task_id=task_id,
-            node_id=node_id,
-        )
+        return cls(function_name, tb, exc, proctitle=proctitle, actor_repr=actor_repr,
+                   actor_id=actor_id, task_id=task_id, node_id=node_id)
 
     def _root_cause(self) -> Any:
         cause = self.cause
@@ -317,8 +264,8 @@ class RayTaskError(RayError):
     def make_dual_exception_type(self) -> type:
         """The class deriving from RayTaskError and the (innermost) cause's class.
 
-        Raises TypeError when the cause's class can't be combined (e.g. an
-        OSError subclass or a class with __slots__: incompatible layouts).
+        Raises TypeError when the cause's class refuses to be subclassed
+        (an __init_subclass__ hook, a metaclass conflict).
         """
         cause_cls = type(self._root_cause())
         with _DUAL_LOCK:
@@ -353,18 +300,10 @@ class RayTaskError(RayError):
             return self
         try:
             dual = self.make_dual_exception_type()
-        except Exception as e:  # noqa: BLE001 - TypeError mostly; metaclass hooks may raise anything
-            logger.warning(
-                "User exception type %s in RayTaskError can't be subclassed; raising it as "
-                "RayTaskError only (the original is on .cause): %s",
-                type(root),
-                e,
-            )
-            return self
-        try:
             obj = dual.__new__(dual)
-        except Exception as e:  # noqa: BLE001 - a user __new__ that insists on arguments
-            logger.warning("Cannot instantiate %s without arguments; raising plain RayTaskError: %s", dual, e)
+        except Exception as e:  # noqa: BLE001 - refused subclassing, or a __new__ demanding args
+            logger.warning("User exception type %s can't be combined with RayTaskError; raising "
+                           "RayTaskError only (the original is on .cause): %s", type(root), e)
             return self
         obj.__dict__.update(self.__dict__)
         if isinstance(root, OSError):
@@ -380,16 +319,9 @@ class RayTaskError(RayError):
         return obj
 
     def _header(self) -> str:
-        parts = [f"pid={self.pid}", f"ip={self.ip}"]
-        if self.task_id:
-            parts.append(f"task_id={self.task_id}")
-        if self._actor_id:
-            parts.append(f"actor_id={self._actor_id}")
-        if self.actor_repr:
-            parts.append(f"repr={self.actor_repr}")
-        if self.node_id:
-            parts.append(f"node_id={self.node_id}")
-        return f"{self.proctitle}() ({', '.join(parts)})"
+        return f"{self.proctitle}()" + _ids(pid=self.pid, ip=self.ip, task_id=self.task_id,
+                                           actor_id=self._actor_id, repr=self.actor_repr,
+                                           node_id=self.node_id)
 
     def __str__(self) -> str:
         header = self._header()
@@ -456,32 +388,17 @@ class LocalRayletDiedError(RayError):
 class WorkerCrashedError(RayError):
     """The worker process died unexpectedly while running the task."""
 
-    def __init__(
-        self,
-        error_message: Optional[str] = None,
-        *,
-        task_id: Any = None,
-        worker_id: Any = None,
-        node_id: Any = None,
-    ):
+    def __init__(self, error_message: Optional[str] = None, *, task_id: Any = None,
+                 worker_id: Any = None, node_id: Any = None):
         self.error_message = error_message
-        self.task_id = _hex(task_id)
-        self.worker_id = _hex(worker_id)
-        self.node_id = _hex(node_id)
+        self.task_id, self.worker_id, self.node_id = _hex(task_id), _hex(worker_id), _hex(node_id)
         super().__init__(*(() if error_message is None else (error_message,)))
 
     def __str__(self) -> str:
-        msg = "The worker died unexpectedly while executing this task."
-        ids = [
-            f"{k}={v}"
-            for k, v in (("task_id", self.task_id), ("worker_id", self.worker_id), ("node_id", self.node_id))
-            if v
-        ]
-        if ids:
-            msg += f" ({', '.join(ids)})"
-        if self.error_message:
-            msg += f" {self.error_message}"
-        return msg + " Check the worker's log on that node for more information."
+        ids = _ids(task_id=self.task_id, worker_id=self.worker_id, node_id=self.node_id)
+        extra = f" {self.error_message}" if self.error_message else ""
+        return (f"The worker died unexpectedly while executing this task{ids}.{extra} "
+                "Check the worker's log on that node for more information.")
 
 
 class RayActorError(RayError):
@@ -532,18 +449,10 @@ class ActorDiedError(RayActorError):
     BASE_ERROR_MSG = "The actor died unexpectedly before finishing this task."
 
     def __init__(
-        self,
-        cause: Optional[RayTaskError] = None,
-        *,
-        actor_id: Any = None,
-        class_name: Optional[str] = None,
-        name: Optional[str] = None,
-        namespace: Optional[str] = None,
-        pid: Optional[int] = None,
-        ip: Optional[str] = None,
-        node_id: Any = None,
-        error_message: Optional[str] = None,
-        never_started: bool = False,
+        self, cause: Optional[RayTaskError] = None, *, actor_id: Any = None,
+        class_name: Optional[str] = None, name: Optional[str] = None,
+        namespace: Optional[str] = None, pid: Optional[int] = None, ip: Optional[str] = None,
+        node_id: Any = None, error_message: Optional[str] = None, never_started: bool = False,
         preempted: bool = False,
     ):
         init_failed = False
@@ -553,15 +462,9 @@ class ActorDiedError(RayActorError):
             msg = f"The actor died because of an error raised in its creation task, {cause}"
         else:
             lines = [self.BASE_ERROR_MSG]
-            for label, value in (
-                ("class_name", class_name),
-                ("actor_id", _hex(actor_id)),
-                ("pid", pid),
-                ("name", name),
-                ("namespace", namespace),
-                ("ip", ip),
-                ("node_id", _hex(node_id)),
-            ):
+            for label, value in (("class_name", class_name), ("actor_id", _hex(actor_id)),
+                                 ("pid", pid), ("name", name), ("namespace", namespace),
+                                 ("ip", ip), ("node_id", _hex(node_id))):
                 if value:
                     lines.append(f"\t{label}: {value}")
             if error_message:
@@ -569,13 +472,8 @@ class ActorDiedError(RayActorError):
             if never_started:
                 lines.append("The actor never ran - it was cancelled before it started running.")
             msg = "\n".join(lines)
-        self.cause = cause
-        self.class_name = class_name
-        self.name = name
-        self.namespace = namespace
-        self.pid = pid
-        self.ip = ip
-        self.node_id = _hex(node_id)
+        self.cause, self.class_name, self.name, self.namespace = cause, class_name, name, namespace
+        self.pid, self.ip, self.node_id = pid, ip, _hex(node_id)
         super().__init__(actor_id, msg, init_failed, preempted)
 
     @staticmethod
@@ -606,11 +504,9 @@ class ActorAlreadyExistsError(RayError, ValueError):
         super().__init__(name, namespace)
 
     def __str__(self) -> str:
-        held = f" (held by actor {self.actor_id})" if self.actor_id else ""
-        return (
-            f"The name {self.name} (namespace={self.namespace}) is already taken{held}. "
-            f"Use a different name, or get_if_exists=True to reuse the existing actor."
-        )
+        return (f"The name {self.name} (namespace={self.namespace}) is already taken"
+                f"{_ids(actor_id=self.actor_id)}. Use a different name, or get_if_exists=True "
+                "to reuse the existing actor.")
 
 
 class RaySystemError(RayError):
@@ -658,9 +554,7 @@ class OutOfMemoryError(RayError):
     """The node ran low on memory and killed the task's worker to recover."""
 
     def __init__(self, message: str, *, task_id: Any = None, node_id: Any = None):
-        self.message = message
-        self.task_id = _hex(task_id)
-        self.node_id = _hex(node_id)
+        self.message, self.task_id, self.node_id = message, _hex(task_id), _hex(node_id)
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -671,8 +565,7 @@ class NodeDiedError(RayError):
     """The node is dead or unreachable (its etcd lease expired)."""
 
     def __init__(self, message: str, *, node_id: Any = None):
-        self.message = message
-        self.node_id = _hex(node_id)
+        self.message, self.node_id = message, _hex(node_id)
         super().__init__(message)
 
     def __str__(self) -> str:
@@ -680,7 +573,16 @@ class NodeDiedError(RayError):
 
 
 class ObjectLostError(RayError):
-    """Every copy of the object is gone (node failure or system error)."""
+    """Every copy of the object is gone (node failure or system error).
+
+    Subclasses only change the explanation (`_detail`); all carry the object
+    id, the owner's address and the creation call site.
+    """
+
+    _detail = (
+        "All copies of {id} have been lost due to node failure. Check the node daemons' "
+        "logs for more information about the failure."
+    )
 
     def __init__(self, object_ref_hex: Any, owner_address: Any = None, call_site: Optional[str] = None):
         self.object_ref_hex = _hex(object_ref_hex)
@@ -697,22 +599,17 @@ class ObjectLostError(RayError):
         return msg
 
     def __str__(self) -> str:
-        return (
-            self._base_str()
-            + f"\n\nAll copies of {self.object_ref_hex} have been lost due to node failure. "
-            "Check the node daemons' logs for more information about the failure."
-        )
+        owner = f" ({self.owner_address})" if self.owner_address else ""
+        return self._base_str() + "\n\n" + self._detail.format(id=self.object_ref_hex, owner=owner)
 
 
 class ObjectFetchTimedOutError(ObjectLostError):
     """No location of the object answered in time."""
 
-    def __str__(self) -> str:
-        return (
-            self._base_str()
-            + f"\n\nFetch for object {self.object_ref_hex} timed out because no locations "
-            "were found for the object. This may indicate a system-level bug."
-        )
+    _detail = (
+        "Fetch for object {id} timed out because no locations were found for the object. "
+        "This may indicate a system-level bug."
+    )
 
 
 class RpcError(RayError):
@@ -730,70 +627,56 @@ class RpcError(RayError):
 class ReferenceCountingAssertionError(ObjectLostError, AssertionError):
     """The object was deleted while a reference still existed (a refcount bug)."""
 
-    def __str__(self) -> str:
-        return (
-            self._base_str()
-            + "\n\nThe object has already been deleted by the reference counting protocol. "
-            "This should not happen."
-        )
+    _detail = (
+        "The object has already been deleted by the reference counting protocol. "
+        "This should not happen."
+    )
 
 
 class ObjectFreedError(ObjectLostError):
     """The application freed the object explicitly."""
 
-    def __str__(self) -> str:
-        return (
-            self._base_str()
-            + "\n\nThe object was manually freed using the internal `free` call. Call `free` "
-            "only once the object is no longer needed."
-        )
+    _detail = (
+        "The object was manually freed using the internal `free` call. Call `free` only "
+        "once the object is no longer needed."
+    )
 
 
 class OwnerDiedError(ObjectLostError):
     """The process that owned the object (created it) exited."""
 
-    def __str__(self) -> str:
-        where = f" ({self.owner_address})" if self.owner_address else ""
-        return (
-            self._base_str()
-            + f"\n\nThe object's owner{where} has exited. This is the Python worker or driver "
-            "that first created the ObjectRef via `.remote()` or `put()`. Check that "
-            "process's log for more information."
-        )
+    _detail = (
+        "The object's owner{owner} has exited. This is the Python worker or driver that "
+        "first created the ObjectRef via `.remote()` or `put()`. Check that process's log "
+        "for more information."
+    )
 
 
 class ObjectReconstructionFailedError(ObjectLostError):
     """The object is lost and can't be rebuilt from lineage."""
 
-    def __str__(self) -> str:
-        return (
-            self._base_str()
-            + "\n\nThe object cannot be reconstructed because it was created by an actor, "
-            "a put() call, or its ObjectRef was created by a different worker."
-        )
+    _detail = (
+        "The object cannot be reconstructed because it was created by an actor, a put() "
+        "call, or its ObjectRef was created by a different worker."
+    )
 
 
 class ObjectReconstructionFailedMaxAttemptsExceededError(ObjectLostError):
     """Rebuilding the object would exceed its task's retry budget."""
 
-    def __str__(self) -> str:
-        return (
-            self._base_str()
-            + "\n\nThe object cannot be reconstructed because the maximum number of task "
-            "retries has been exceeded. Set `@remote(max_retries=<n>)` (default 3) to allow "
-            "more."
-        )
+    _detail = (
+        "The object cannot be reconstructed because the maximum number of task retries "
+        "has been exceeded. Set `@remote(max_retries=<n>)` (default 3) to allow more."
+    )
 
 
 class ObjectReconstructionFailedLineageEvictedError(ObjectLostError):
     """The lineage needed to rebuild the object was evicted to save memory."""
 
-    def __str__(self) -> str:
-        return (
-            self._base_str()
-            + "\n\nThe object cannot be reconstructed because its lineage has been evicted "
-            "to reduce memory pressure."
-        )
+    _detail = (
+        "The object cannot be reconstructed because its lineage has been evicted to "
+        "reduce memory pressure."
+    )
 
 
 class GetTimeoutError(RayError, TimeoutError):
@@ -896,30 +779,12 @@ class RayChannelTimeoutError(RayChannelError, TimeoutError):
 
 
 RAY_EXCEPTION_TYPES = [
-    PlasmaObjectNotAvailable,
-    RayError,
-    RayTaskError,
-    WorkerCrashedError,
-    RayActorError,
-    ObjectStoreFullError,
-    ObjectLostError,
-    ObjectFetchTimedOutError,
-    ReferenceCountingAssertionError,
-    ObjectReconstructionFailedError,
+    PlasmaObjectNotAvailable, RayError, RayTaskError, WorkerCrashedError, RayActorError,
+    ObjectStoreFullError, ObjectLostError, ObjectFetchTimedOutError,
+    ReferenceCountingAssertionError, ObjectReconstructionFailedError,
     ObjectReconstructionFailedMaxAttemptsExceededError,
-    ObjectReconstructionFailedLineageEvictedError,
-    OwnerDiedError,
-    GetTimeoutError,
-    AsyncioActorExit,
-    RuntimeEnvSetupError,
-    TaskPlacementGroupRemoved,
-    ActorPlacementGroupRemoved,
-    PendingCallsLimitExceeded,
-    LocalRayletDiedError,
-    TaskUnschedulableError,
-    ActorDiedError,
-    ActorUnschedulableError,
-    ActorUnavailableError,
-    RayChannelError,
-    RayChannelTimeoutError,
+    ObjectReconstructionFailedLineageEvictedError, OwnerDiedError, GetTimeoutError,
+    AsyncioActorExit, RuntimeEnvSetupError, TaskPlacementGroupRemoved, ActorPlacementGroupRemoved,
+    PendingCallsLimitExceeded, LocalRayletDiedError, TaskUnschedulableError, ActorDiedError,
+    ActorUnschedulableError, ActorUnavailableError, RayChannelError, RayChannelTimeoutError,
 ]

@@ -556,9 +556,10 @@ class Coordinator:
                 raise _Transient(code, details, ep.address) from None
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
+            sleep = state.next_action.sleep if state.next_action else 0.0
             log.warning("etcd %s failed (%s); retry %d in %.2fs", what,
                         state.outcome.exception(), state.attempt_number,
-                        state.upcoming_sleep)
+                        sleep)
 
         base_wait = tenacity.wait_random_exponential(multiplier=0.05, max=1.0)
         retrying = tenacity.Retrying(

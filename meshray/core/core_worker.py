@@ -69,6 +69,9 @@ class CoreWorker:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._values: dict[bytes, pb.ObjectValue] = {}
+        # Store objects this process has mapped, so every get of one object
+        # returns views of the same shared memory (and maps it only once).
+        self._mapped: dict[bytes, tuple] = {}
         self._subscribed: set[bytes] = set()
         self._local_refs: dict[bytes, int] = {}
         self._futures: dict[bytes, list] = {}
@@ -252,6 +255,7 @@ class CoreWorker:
                 return
             self._local_refs.pop(object_id, None)
             self._values.pop(object_id, None)
+            self._mapped.pop(object_id, None)
             self._subscribed.discard(object_id)
         if not self._closed:
             self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
@@ -364,14 +368,19 @@ class CoreWorker:
         return result
 
     def _read_store(self, object_id: bytes):
-        path = os.path.join(self.store_dir, object_id.hex())
-        try:
-            inband, buffers = layout.read_object(path)
-        except FileNotFoundError:
-            # Spilled to disk meanwhile: ask the node to bring it back.
-            path = self.request("restore", {"object_id": object_id.hex()})["path"]
-            inband, buffers = layout.read_object(path)
-        return serialization.deserialize_buffers(inband, buffers)
+        mapped = self._mapped.get(object_id)
+        if mapped is None:
+            path = os.path.join(self.store_dir, object_id.hex())
+            try:
+                mapped = layout.read_object(path)
+            except FileNotFoundError:
+                # Spilled to disk meanwhile: ask the node to bring it back.
+                path = self.request("restore", {"object_id": object_id.hex()})["path"]
+                mapped = layout.read_object(path)
+            with self._lock:
+                if object_id in self._local_refs:
+                    self._mapped[object_id] = mapped
+        return serialization.deserialize_buffers(*mapped)
 
     def wait(self, refs: list, num_returns: int, timeout: float | None):
         object_ids = [ref.binary() for ref in refs]

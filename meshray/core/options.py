@@ -53,6 +53,7 @@ __all__ = [
     "resolve_num_returns",
     "resolve_max_concurrency",
     "resource_request",
+    "scheduling_strategy_from_options",
 ]
 
 DEFAULT_TASK_MAX_RETRIES = 3
@@ -506,3 +507,25 @@ def resource_request(options: Mapping[str, Any], *, for_actor: bool) -> Tuple[Di
     named.setdefault("CPU", float(DEFAULT_ACTOR_SPECIFIED_CPU))
     held = _nonzero(named)
     return dict(held), held
+
+
+def scheduling_strategy_from_options(options: Mapping[str, Any]) -> Any:
+    """The strategy to schedule with, folding in the legacy placement_group options.
+
+    Returns `scheduling_strategy` if set; else a PlacementGroupSchedulingStrategy
+    built from `placement_group` / `placement_group_bundle_index` /
+    `placement_group_capture_child_tasks` when a group is given; else
+    "DEFAULT". Inheriting the parent's captured group is the caller's job:
+    only it knows the parent.
+    """
+    strategy = options.get("scheduling_strategy")
+    if strategy is not None:
+        return strategy
+    pg = options.get("placement_group", "default")
+    if pg not in ("default", None):
+        return PlacementGroupSchedulingStrategy(
+            pg,
+            options.get("placement_group_bundle_index", -1),
+            options.get("placement_group_capture_child_tasks"),
+        )
+    return "DEFAULT"

@@ -129,8 +129,12 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
     child_env = dict(os.environ if env is None else env)
     if token:
         child_env["MESHRAY_TOKEN"] = token
-    process = subprocess.Popen(args, pass_fds=pass_fds, env=child_env, stdin=subprocess.DEVNULL,
-                               start_new_session=True)
+    # The daemon logs to its session dir; its own stdout/stderr must not hold
+    # the caller's pipes open (a detached `meshray start` would never "finish").
+    with open(os.path.join(session_dir, "node.stderr"), "ab") as stderr_file:
+        process = subprocess.Popen(args, pass_fds=pass_fds, env=child_env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=stderr_file, start_new_session=True)
     os.close(ready_w)
     if tie_to_parent:
         os.close(parent_r)

@@ -518,10 +518,11 @@ def copy_file_chunks(path: str, chunk_size: int = 4 << 20) -> Iterator[memoryvie
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    # Map and validate now, not on the first next(), so a missing or damaged
+    # object fails before a transfer starts streaming.
     view = _map_file(path)
     _parse_header(view, len(view), path)
-    for start in range(0, len(view), chunk_size):
-        yield view[start : start + chunk_size]
+    return (view[start : start + chunk_size] for start in range(0, len(view), chunk_size))
 
 
 class ChunkWriter:

@@ -28,7 +28,7 @@ same way; they are spelled out on `rank_nodes_default`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from meshray.scheduler.resources import UNIT_SCALE, ResourceSet
 from meshray.util.scheduling_strategies import (

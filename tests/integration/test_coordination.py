@@ -5,8 +5,10 @@ sleeps are the ones a lease TTL requires.
 """
 
 import os
+import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
 import uuid
@@ -17,6 +19,7 @@ import pytest
 from meshray.coordination import embedded
 from meshray.coordination.client import (
     MAX_TXN_OPS,
+    AuthError,
     CoordinationUnavailable,
     Coordinator,
     Delete,
@@ -489,6 +492,7 @@ def test_three_member_cluster_survives_leader_kill(tmp_path):
         try:
             ks = Keyspace("chaos")
             c.put(ks.node("aa"), b"before")
+            mirror = PrefixMirror(c, ks.nodes_prefix()).start()
             leader = cluster.leader_index()
             assert leader is not None
             cluster.kill_member(leader)
@@ -498,6 +502,10 @@ def test_three_member_cluster_survives_leader_kill(tmp_path):
             assert len(c.get_prefix(ks.nodes_prefix())[0]) == 6
             new_leader = cluster.leader_index()
             assert new_leader is not None and new_leader != leader
+            # The watch behind the mirror survives (resuming elsewhere if it
+            # was connected to the killed member).
+            assert mirror.wait_for(lambda v: len(v) == 6, timeout=10)
+            mirror.stop()
 
             cluster.restart_member(leader)
             solo = Coordinator([cluster.members[leader].endpoint], timeout=5)
@@ -510,3 +518,85 @@ def test_three_member_cluster_survives_leader_kill(tmp_path):
     finally:
         cluster.stop()
     assert not any(m.is_running() for m in cluster.members)
+
+
+# ---------------------------------------------------------------------------
+# security
+
+
+def _make_certs(directory):
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True,
+                       capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+          "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "1", "-subj", "/CN=meshray-test-ca")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey",
+        "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "1",
+        "-extfile", "ext")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_tls_connection(tmp_path):
+    _make_certs(tmp_path)
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    server = EmbeddedEtcd(tmp_path / "tls", client_port=port,
+                          peer_port=free_port(), unsafe_no_fsync=True,
+                          extra_args=["--cert-file", str(tmp_path / "server.crt"),
+                                      "--key-file", str(tmp_path / "server.key"),
+                                      "--listen-client-urls", url,
+                                      "--advertise-client-urls", url])
+    server.launch()  # /health is plain HTTP; the client's connect waits
+    try:
+        c = Coordinator([url], timeout=10, ca_cert=str(tmp_path / "ca.crt"))
+        try:
+            c.put("/tls", b"ok")
+            assert c.get("/tls")[0] == b"ok"
+        finally:
+            c.close()
+        with pytest.raises(ConnectionError):
+            Coordinator([f"127.0.0.1:{port}"], timeout=0.5)  # plaintext
+    finally:
+        server.stop()
+
+
+def test_user_password_auth(tmp_path):
+    import grpc
+    from pyetcd import etcdrpc
+
+    server = EmbeddedEtcd(tmp_path / "auth", unsafe_no_fsync=True).start()
+    try:
+        channel = grpc.insecure_channel(server.endpoint)
+        auth = etcdrpc.AuthStub(channel)
+        auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password="pw"),
+                     timeout=5)
+        auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(
+            user="root", role="root"), timeout=5)
+        auth.AuthEnable(etcdrpc.AuthEnableRequest(), timeout=5)
+        channel.close()
+
+        c = Coordinator([server.endpoint], timeout=5, user="root",
+                        password="pw")
+        try:
+            c.put("/auth", b"1")
+            c._token = "expired"  # as after the server's token TTL
+            assert c.get("/auth")[0] == b"1"
+        finally:
+            c.close()
+        with pytest.raises(AuthError, match="authentication failed"):
+            Coordinator([server.endpoint], timeout=5, user="root",
+                        password="wrong")
+        anonymous = Coordinator([server.endpoint], timeout=5)
+        try:
+            with pytest.raises(AuthError):
+                anonymous.get("/auth")
+        finally:
+            anonymous.close()
+    finally:
+        server.stop()

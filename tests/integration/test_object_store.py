@@ -388,6 +388,12 @@ def test_incomplete_or_bad_transfers_leave_nothing_behind(tmp_shm):
 
     assert os.listdir(tmp_shm) == ["src"]
 
+    with pytest.raises(FileNotFoundError):
+        copy_file_chunks(os.path.join(tmp_shm, "missing"), 1024)
+    _rewrite(src, data[:-1])
+    with pytest.raises(CorruptObjectError, match="truncated"):
+        copy_file_chunks(src, 1024)  # fails before the first chunk is asked for
+
 
 # ------------------------------------------------------------------ store
 

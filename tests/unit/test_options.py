@@ -12,6 +12,7 @@ from meshray.core.options import (
     resolve_max_concurrency,
     resolve_num_returns,
     resource_request,
+    scheduling_strategy_from_options,
     task_defaults,
     validate_actor_options,
     validate_method_options,
@@ -260,3 +261,14 @@ def test_actor_resource_request():
     assert resource_request({"resources": {"x": 1}}, for_actor=True) == ({"x": 1.0, "CPU": 1.0}, {"x": 1.0, "CPU": 1.0})
     assert resource_request({"accelerator_type": "T4"}, for_actor=True)[1] == {
         "accelerator_type:T4": 0.001, "CPU": 1.0}
+
+
+def test_scheduling_strategy_from_options():
+    assert scheduling_strategy_from_options({}) == "DEFAULT"
+    assert scheduling_strategy_from_options(task_defaults(False)) == "DEFAULT"
+    assert scheduling_strategy_from_options({"scheduling_strategy": "SPREAD"}) == "SPREAD"
+    pg = _PG()
+    s = scheduling_strategy_from_options(
+        {"placement_group": pg, "placement_group_bundle_index": 1, "placement_group_capture_child_tasks": True})
+    assert s == PlacementGroupSchedulingStrategy(pg, 1, True)
+    assert scheduling_strategy_from_options({"placement_group": None}) == "DEFAULT"

@@ -298,3 +298,45 @@ def test_decide_is_fast():
         decide(r, nodes, "n000")  # local has 0 CPUs free: full ranking of 100 nodes
     slow = (time.perf_counter() - t0) / 200
     assert slow < 5e-3, slow
+
+
+# ---------------------------------------------------------------- strategy objects
+def test_strategy_objects_validate_and_pickle():
+    import pickle
+
+    aff = NodeAffinitySchedulingStrategy(b"\xab\xcd", soft=True)
+    assert aff.node_id == "abcd"
+    assert pickle.loads(pickle.dumps(aff)) == aff
+    pg = PlacementGroupSchedulingStrategy(_PG(), 2, True)
+    back = pickle.loads(pickle.dumps(pg))
+    assert back.placement_group_bundle_index == 2 and back.placement_group_capture_child_tasks is True
+    lab = NodeLabelSchedulingStrategy({"a": In("x", "y"), "b": NotIn("z")}, soft={"c": Exists(), "d": DoesNotExist()})
+    assert pickle.loads(pickle.dumps(lab)) == lab
+    assert lab.matches_hard({"a": "x"}) and not lab.matches_hard({"a": "x", "b": "z"})
+    assert lab.matches_soft({"c": ""}) and not lab.matches_soft({"c": "", "d": "1"})
+    assert hash(lab) == hash(pickle.loads(pickle.dumps(lab)))
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda: NodeAffinitySchedulingStrategy(123, soft=True), "node_id"),
+        (lambda: NodeAffinitySchedulingStrategy("", soft=True), "node_id"),
+        (lambda: NodeAffinitySchedulingStrategy("ab", soft="yes"), "soft"),
+        (lambda: NodeAffinitySchedulingStrategy("ab", False, _fail_on_unavailable=1), "_fail_on_unavailable"),
+        (lambda: PlacementGroupSchedulingStrategy("pg"), "placement_group"),
+        (lambda: PlacementGroupSchedulingStrategy(_PG(), -2), "placement_group_bundle_index"),
+        (lambda: PlacementGroupSchedulingStrategy(_PG(), True), "placement_group_bundle_index"),
+        (lambda: PlacementGroupSchedulingStrategy(_PG(), 0, "no"), "placement_group_capture_child_tasks"),
+        (lambda: NodeLabelSchedulingStrategy({}), "cannot both be empty"),
+        (lambda: NodeLabelSchedulingStrategy(["a"]), "hard"),
+        (lambda: NodeLabelSchedulingStrategy({"a": "x"}), "In"),
+        (lambda: NodeLabelSchedulingStrategy({1: Exists()}), "keys"),
+        (lambda: NodeLabelSchedulingStrategy(None, soft={"a": 3}), "soft"),
+        (lambda: In(), "at least one value"),
+        (lambda: NotIn("a", 2), "position 1"),
+    ],
+)
+def test_strategy_argument_errors(make, needle):
+    with pytest.raises(ValueError, match=needle):
+        make()
