@@ -4,15 +4,18 @@
 objects, and (as they land) actors and placement groups, on peer node
 daemons coordinated only through etcd.
 """
-from meshray import exceptions
+from meshray import actor, exceptions
 from meshray._api import (
     available_resources,
     cancel,
     cluster_resources,
     get,
+    get_actor,
     get_gpu_ids,
     init,
     is_initialized,
+    kill,
+    method,
     nodes,
     put,
     remote,
@@ -27,15 +30,19 @@ __version__ = "0.1.0"
 __all__ = [
     "ObjectRef",
     "ObjectRefGenerator",
+    "actor",
     "available_resources",
     "cancel",
     "cluster_resources",
     "exceptions",
     "get",
+    "get_actor",
     "get_gpu_ids",
     "get_runtime_context",
     "init",
     "is_initialized",
+    "kill",
+    "method",
     "nodes",
     "put",
     "remote",

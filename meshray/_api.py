@@ -15,7 +15,8 @@ from meshray.core.remote_function import RemoteFunction
 
 __all__ = [
     "init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
-    "cluster_resources", "available_resources", "nodes", "get_gpu_ids",
+    "cluster_resources", "available_resources", "nodes", "get_gpu_ids", "kill", "get_actor",
+    "method",
 ]
 
 log = logging.getLogger(__name__)
@@ -287,3 +288,35 @@ def get_gpu_ids() -> list:
     from meshray.runtime_context import get_runtime_context
     return [int(i) if str(i).isdigit() else i
             for i in get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+def kill(actor, *, no_restart: bool = True) -> None:
+    """Kill an actor now (running and queued calls fail with ActorDiedError)."""
+    from meshray.actor import ActorHandle
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(f"kill() expected an actor handle, got {type(actor).__name__}")
+    if not isinstance(no_restart, bool):
+        raise ValueError(f"kill() argument no_restart={no_restart!r} must be a bool")
+    _ensure_core().request("kill_actor", {"actor_id": actor._actor_id.hex(),
+                                          "no_restart": no_restart})
+
+
+def get_actor(name: str, namespace: str | None = None):
+    """The handle of the live named actor `name` in `namespace` (default: the job's)."""
+    from meshray.actor import ActorHandle
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"get_actor() argument name={name!r} must be a non-empty string")
+    core = _ensure_core()
+    namespace = _state.namespace if namespace is None else namespace
+    record = core.request("get_named_actor", {"name": name, "namespace": namespace})
+    if record.get("state") in ("UNKNOWN", "DEAD"):
+        raise ValueError(f"Failed to look up actor with name '{name}'. This could because "
+                         f"1. You are trying to look up a named actor you didn't create. "
+                         f"2. The named actor died. 3. You did not use a namespace matching "
+                         f"the namespace of the actor (namespace {namespace!r}).")
+    return ActorHandle._from_record(record)
+
+
+def method(*args, **kwargs):
+    from meshray.actor import method as _method
+    return _method(*args, **kwargs)

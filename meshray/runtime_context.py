@@ -32,11 +32,12 @@ class RuntimeContext:
         return self._core().worker_id.hex()
 
     def get_actor_id(self) -> str | None:
-        return None
+        actor_id = state_mod.state.actor_id
+        return actor_id.hex() if actor_id else None
 
     @property
     def was_current_actor_reconstructed(self) -> bool:
-        return False
+        return bool(state_mod.state.actor_reconstructed)
 
     @property
     def namespace(self) -> str:

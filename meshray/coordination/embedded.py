@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -112,9 +113,32 @@ def _die_with_parent() -> None:
         pass
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago. Callers must tolerate losing the
-    race to another process (EmbeddedEtcd retries with fresh ports)."""
+    """A port that was free a moment ago.
+
+    Chosen at random *below* the kernel's ephemeral range, because ports the
+    kernel hands out (every outgoing connection takes one) are exactly the
+    ones a pre-chosen port would race with. Callers must still tolerate
+    losing the race (EmbeddedEtcd and EtcdCluster retry with fresh ports).
+    """
+    high = _ephemeral_low()
+    low = max(1024, min(high - 1, 10000))
+    for _ in range(64):
+        port = random.randrange(low, high) if high > low else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -197,6 +221,8 @@ class EmbeddedEtcd:
         self.log_path = Path(log_path) if log_path else self.data_dir / "etcd.log"
         self._proc: subprocess.Popen | None = None
         self._created_data_dir = False
+        self._launched_at = 0.0
+        self._ready_pending = False
         self.startup_seconds: float | None = None
 
     # -- addresses ------------------------------------------------------
@@ -288,6 +314,7 @@ class EmbeddedEtcd:
                             if self.die_with_parent and os.name == "posix"
                             else None))
         self._launched_at = time.monotonic()
+        self._ready_pending = True
         log.debug("launched etcd %s pid=%s", self.endpoint, self._proc.pid)
 
     def healthy(self, timeout: float = 0.5) -> bool:
@@ -299,32 +326,27 @@ class EmbeddedEtcd:
             return False
         return status == 200 and body.get("health") == "true"
 
+    def _poll_ready(self, probe_timeout: float) -> bool:
+        """One readiness probe; raises RuntimeError if the process died."""
+        if self._proc is None:
+            raise RuntimeError("etcd was never launched")
+        code = self._proc.poll()
+        if code is not None:
+            raise RuntimeError(
+                f"etcd {self.name} exited with code {code} during startup "
+                f"(log: {self.log_path}). Log tail:\n{self.log_tail()}")
+        if not self.healthy(timeout=probe_timeout):
+            return False
+        if self._ready_pending:
+            self.startup_seconds = time.monotonic() - self._launched_at
+            self._ready_pending = False
+            log.info("etcd %s ready in %.3fs (pid %s)", self.endpoint,
+                     self.startup_seconds, self.pid)
+        return True
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until healthy, or raise RuntimeError with the log tail."""
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            if self._proc is None:
-                raise RuntimeError("etcd was never launched")
-            code = self._proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"etcd {self.name} exited with code {code} during startup "
-                    f"(binary args logged in {self.log_path}). Log tail:\n"
-                    f"{self.log_tail()}")
-            remaining = deadline - time.monotonic()
-            if self.healthy(timeout=max(0.05, min(0.5, remaining))):
-                self.startup_seconds = time.monotonic() - self._launched_at
-                log.info("etcd %s ready in %.3fs (pid %s)", self.endpoint,
-                         self.startup_seconds, self.pid)
-                return
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"etcd {self.name} at {self.endpoint} did not become "
-                    f"healthy within {timeout:.1f}s. Log tail:\n"
-                    f"{self.log_tail()}")
-            time.sleep(min(delay, max(0.0, remaining)))
-            delay = min(delay * 2, 0.05)
+        _wait_all([self], timeout)
 
     def start(self, timeout: float = 10.0) -> "EmbeddedEtcd":
         """Launch and wait until healthy.
@@ -434,6 +456,27 @@ class EmbeddedEtcd:
         self.stop()
 
 
+def _wait_all(members: Sequence[EmbeddedEtcd], timeout: float) -> None:
+    """Wait until every member is healthy; fail fast if any exits."""
+    deadline = time.monotonic() + timeout
+    pending = list(members)
+    delay = 0.005
+    while True:
+        remaining = deadline - time.monotonic()
+        probe = max(0.05, min(0.5, remaining))
+        pending = [m for m in pending if not m._poll_ready(probe)]
+        if not pending:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            m = pending[0]
+            raise RuntimeError(
+                f"etcd {m.name} at {m.endpoint} did not become healthy "
+                f"within {timeout:.1f}s. Log tail:\n{m.log_tail()}")
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.05)
+
+
 class EtcdCluster:
     """``size`` etcd members on loopback forming one real raft cluster.
 
@@ -450,37 +493,63 @@ class EtcdCluster:
         self.base_dir = Path(base_dir)
         self._created_base_dir = not self.base_dir.exists()
         self.host = host
-        token = f"meshray-test-{uuid.uuid4().hex[:12]}"
-        ports = [(free_port(host), free_port(host)) for _ in range(size)]
-        names = [f"m{i}" for i in range(size)]
-        initial = ",".join(f"{n}=http://{host}:{pp}"
-                           for n, (_, pp) in zip(names, ports))
+        self.size = size
         self._opts = dict(heartbeat_ms=heartbeat_ms, election_ms=election_ms,
-                          unsafe_no_fsync=unsafe_no_fsync,
-                          initial_cluster_token=token)
-        self.members: list[EmbeddedEtcd] = [
-            EmbeddedEtcd(self.base_dir / n, host=host, client_port=cp,
-                         peer_port=pp, name=n, initial_cluster=initial,
-                         **self._opts)
-            for n, (cp, pp) in zip(names, ports)]
+                          unsafe_no_fsync=unsafe_no_fsync)
+        self.members: list[EmbeddedEtcd] = []
+        self._plan_members()
         if start:
             self.start(start_timeout)
+
+    def _plan_members(self) -> None:
+        """Choose ports and a fresh cluster token for every member."""
+        host = self.host
+        token = f"meshray-test-{uuid.uuid4().hex[:12]}"
+        ports = [(free_port(host), free_port(host)) for _ in range(self.size)]
+        names = [f"m{i}" for i in range(self.size)]
+        initial = ",".join(f"{n}=http://{host}:{pp}"
+                           for n, (_, pp) in zip(names, ports))
+        self.members = [
+            EmbeddedEtcd(self.base_dir / n, host=host, client_port=cp,
+                         peer_port=pp, name=n, initial_cluster=initial,
+                         initial_cluster_token=token, **self._opts)
+            for n, (cp, pp) in zip(names, ports)]
 
     @property
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
     def start(self, timeout: float = 15.0) -> "EtcdCluster":
+        """Launch every member, then wait for all (none can serve before a
+        quorum is up). A lost port race restarts the whole cluster on fresh
+        ports, since every member's peer URL is baked into the others."""
         deadline = time.monotonic() + timeout
-        try:
-            for m in self.members:
-                m.launch()
-            for m in self.members:
-                m.wait_ready(max(0.1, deadline - time.monotonic()))
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(3):
+            try:
+                for m in self.members:
+                    m.launch()
+                _wait_all(self.members, max(0.1, deadline - time.monotonic()))
+                return self
+            except RuntimeError:
+                collided = any("address already in use" in m.log_tail()
+                               for m in self.members)
+                self._discard_members()
+                if not collided or attempt == 2 or \
+                        time.monotonic() >= deadline:
+                    self.stop()
+                    raise
+                log.info("etcd cluster port collision; retrying on new ports")
+                self._plan_members()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _discard_members(self) -> None:
+        for m in self.members:
+            m.kill()
+        for m in self.members:
+            m.stop(remove_data=True)
 
     def leader_index(self, timeout: float = 1.0) -> int | None:
         """Index of the member that currently leads, as the live members
@@ -513,6 +582,7 @@ class EtcdCluster:
                            peer_port=old.peer_port, name=old.name,
                            initial_cluster=old.initial_cluster,
                            initial_cluster_state="existing",
+                           initial_cluster_token=old.initial_cluster_token,
                            log_path=old.log_path, **self._opts)
         new._created_data_dir = old._created_data_dir
         self.members[i] = new

@@ -59,6 +59,7 @@ class CoreWorker:
                  worker_id: bytes | None = None, job_id: bytes = b"", namespace: str = "",
                  log_to_driver: bool = True, on_execute=None, on_kill=None):
         self.role = role
+        self.token = token
         self.worker_id = worker_id or ids.new_id()
         self.job_id = job_id
         self.namespace = namespace
@@ -79,6 +80,12 @@ class CoreWorker:
         self._requests: dict[int, concurrent.futures.Future] = {}
         self._request_ids = itertools.count(1)
         self._functions_sent: set[bytes] = set()
+        # Returns of actor calls arrive here directly; the node learns of one
+        # only if the ref leaves this process (passed to a task, put in an
+        # object) -- until then they cost the node nothing.
+        self._local_only: set[bytes] = set()
+        self._register_on_arrival: set[bytes] = set()
+        self._actor_connections: dict[bytes, object] = {}
         self._put_task_id = ids.new_id()
         self._put_counter = itertools.count(1)
         self._closed = False
@@ -232,6 +239,8 @@ class CoreWorker:
             return
         self._closed = True
         object_ref.set_tracker(None)
+        for connection in list(self._actor_connections.values()):
+            connection.close()
         self._outbox.put(None)
         try:
             self._responses.cancel()
@@ -244,7 +253,8 @@ class CoreWorker:
         with self._lock:
             count = self._local_refs.get(object_id, 0)
             self._local_refs[object_id] = count + 1
-        if count == 0:
+            local_only = object_id in self._local_only
+        if count == 0 and not local_only:
             self._send(pb.ClientEvent(refs=pb.RefUpdate(add=[object_id])))
 
     def remove_local_ref(self, object_id: bytes) -> None:
@@ -257,8 +267,67 @@ class CoreWorker:
             self._values.pop(object_id, None)
             self._mapped.pop(object_id, None)
             self._subscribed.discard(object_id)
+            if object_id in self._local_only:
+                self._local_only.discard(object_id)
+                self._register_on_arrival.discard(object_id)
+                return
         if not self._closed:
             self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
+
+    # ------------------------------------------------------------ actor results
+    def mark_local_only(self, object_ids) -> None:
+        with self._lock:
+            self._local_only.update(object_ids)
+
+    def ensure_registered(self, object_ids) -> None:
+        """Make sure the node knows these objects before a ref to them leaves us."""
+        puts = []
+        with self._lock:
+            for object_id in object_ids:
+                if object_id not in self._local_only:
+                    continue
+                value = self._values.get(object_id)
+                if value is None:
+                    self._register_on_arrival.add(object_id)
+                    continue
+                self._local_only.discard(object_id)
+                puts.append(value)
+        for value in puts:
+            self._send(pb.ClientEvent(put=pb.PutObject(value=value)))
+
+    def deliver_actor_result(self, result: pb.TaskResult) -> None:
+        for value in result.returns:
+            object_id = value.object_id
+            register = release = False
+            with self._lock:
+                wanted = object_id in self._local_refs
+                if value.in_store or object_id in self._register_on_arrival or not wanted:
+                    # Store values must be sealed by the node even if unwanted.
+                    register = value.in_store or object_id in self._register_on_arrival
+                    release = not wanted
+                    self._register_on_arrival.discard(object_id)
+                    if register:
+                        self._local_only.discard(object_id)
+            if register:
+                self._send(pb.ClientEvent(put=pb.PutObject(value=value)))
+                if release:
+                    self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
+            if wanted:
+                self._on_ready(pb.ObjectReady(value=value))
+
+    def fail_locally(self, object_ids, error: BaseException) -> None:
+        blob = pickle.dumps(error)
+        self.deliver_actor_result(pb.TaskResult(returns=[
+            pb.ObjectValue(object_id=oid, inline_data=blob, is_error=True) for oid in object_ids]))
+
+    def actor_connection(self, actor_id: bytes, *, max_task_retries: int, class_name: str):
+        from meshray.core.actor_client import ActorConnection
+        with self._lock:
+            connection = self._actor_connections.get(actor_id)
+            if connection is None:
+                connection = self._actor_connections[actor_id] = ActorConnection(
+                    self, actor_id, max_task_retries=max_task_retries, class_name=class_name)
+        return connection
 
     # ------------------------------------------------------------ objects
     def put(self, value) -> ObjectRef:
@@ -279,6 +348,8 @@ class CoreWorker:
         caller holds the ref); otherwise the caller ships the returned
         ObjectValue itself (task returns).
         """
+        if serialized.contained_ids:
+            self.ensure_registered(serialized.contained_ids)
         if serialized.is_inline:
             value = pb.ObjectValue(object_id=object_id, inline_data=serialized.inband,
                                    contained_ids=serialized.contained_ids)
@@ -310,6 +381,8 @@ class CoreWorker:
         missing = []
         with self._lock:
             for object_id in object_ids:
+                if object_id in self._local_only:
+                    continue  # arrives on its actor's stream
                 if object_id not in self._values and object_id not in self._subscribed:
                     self._subscribed.add(object_id)
                     missing.append(object_id)
@@ -494,6 +567,8 @@ class CoreWorker:
                                                         arg_refs, keepalive)
             serialized = serialization.serialize((new_args, new_kwargs),
                                                  what=f"the arguments of {name}")
+        self.ensure_registered(arg_refs)
+        self.ensure_registered(serialized.contained_ids)
         return serialized.inband, arg_refs, serialized.contained_ids, keepalive
 
     def _maybe_store_arg(self, value, what, arg_refs, keepalive):
@@ -518,3 +593,9 @@ class CoreWorker:
 
     def send_task_result(self, result: pb.TaskResult) -> None:
         self._send(pb.ClientEvent(task_result=result))
+
+    def send_actor_exiting(self, actor_id: bytes, reason: str) -> None:
+        self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(actor_id=actor_id, reason=reason)))
+
+    def outbox_empty(self) -> bool:
+        return self._outbox.empty()

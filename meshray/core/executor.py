@@ -1,8 +1,9 @@
-"""Runs tasks inside a worker process.
+"""Runs tasks and actor method calls inside a worker process.
 
-Tasks arrive on the core worker's reader thread and run on the main thread,
-one at a time, so a non-forced cancel can interrupt the task with
-KeyboardInterrupt (signals and interrupt_main only reach the main thread).
+Work arrives on other threads (the session stream's reader, actor call
+streams) and, unless an actor asked for concurrency, runs on the main thread
+one item at a time, so a non-forced cancel can interrupt it with
+KeyboardInterrupt (interrupt_main only reaches the main thread).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pickle
 import queue
 import socket
 import sys
-import traceback
+import threading
 
 from meshray import exceptions
 from meshray.core import ids, serialization, state as state_mod
@@ -22,9 +23,13 @@ from meshray.core.core_worker import ArgPlaceholder
 from meshray.node.worker_pool import CONTEXT_MARKER
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["TaskExecutor"]
+__all__ = ["TaskExecutor", "ActorExitRequested"]
 
 log = logging.getLogger(__name__)
+
+
+class ActorExitRequested(BaseException):
+    """Raised by exit_actor(): unwinds the method, then the actor exits."""
 
 
 class _DependencyFailed(Exception):
@@ -33,38 +38,58 @@ class _DependencyFailed(Exception):
         self.error = error
 
 
+def return_id(spec, index: int) -> bytes:
+    """Id of output `index`: index 0 of a stream is its completion marker."""
+    if spec.num_returns < 0:
+        return ids.object_id_for(spec.task_id, 0)
+    return ids.object_id_for(spec.task_id, index + 1)
+
+
 class TaskExecutor:
     def __init__(self):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._functions: dict[bytes, object] = {}
-        self._running: bytes = b""
-        self._cancel_requested: bytes = b""
+        self._running: dict[bytes, int] = {}   # task id -> thread ident
+        self._cancelled: set[bytes] = set()
         self.core = None
+        self.actor_host = None
 
-    # Called on the reader thread.
+    # ------------------------------------------------------------ inputs
     def enqueue(self, msg: pb.ExecuteTask) -> None:
-        self._inbox.put(msg)
+        self._inbox.put(("task", msg))
+
+    def enqueue_call(self, spec: pb.TaskSpec, reply) -> None:
+        """An actor method call to run on the main thread, in order."""
+        self._inbox.put(("call", (spec, reply)))
 
     def kill(self, msg) -> None:
         if msg is None:
             # The node daemon is gone; nothing we compute can be delivered.
             os._exit(1)
-        if msg.task_id and msg.task_id == self._running:
-            self._cancel_requested = msg.task_id
+        self.cancel(msg.task_id)
+
+    def cancel(self, task_id: bytes) -> None:
+        thread_ident = self._running.get(task_id)
+        if thread_ident is None:
+            return
+        self._cancelled.add(task_id)
+        if thread_ident == threading.main_thread().ident:
             _thread.interrupt_main()
 
     def run_forever(self) -> None:
         while True:
-            msg = self._inbox.get()
-            if msg is None:
-                return
+            kind, item = self._inbox.get()
             try:
-                self._execute(msg)
+                if kind == "task":
+                    self._execute(item)
+                else:
+                    spec, reply = item
+                    reply(self.actor_host.run_call(spec))
             except KeyboardInterrupt:
-                # A cancel that landed between tasks: nothing to interrupt.
+                # A cancel that landed between items: nothing to interrupt.
                 continue
 
-    # ------------------------------------------------------------ one task
+    # ------------------------------------------------------------ tasks
     def _load_function(self, msg: pb.ExecuteTask):
         function = self._functions.get(msg.spec.function_id)
         if function is not None:
@@ -83,27 +108,36 @@ class TaskExecutor:
         self._functions[msg.spec.function_id] = function
         return function
 
-    def _resolve_args(self, msg: pb.ExecuteTask):
-        values = []
-        for value in msg.args:
-            try:
-                values.append(self.core.materialize(value))
-            except exceptions.RayError as error:
-                raise _DependencyFailed(error) from None
-        args, kwargs = serialization.deserialize_inline(msg.spec.args_blob)
+    def resolve_args(self, spec, values: list):
+        """Rebuild (args, kwargs) from args_blob and the resolved ref values."""
+        args, kwargs = serialization.deserialize_inline(spec.args_blob)
 
         def fill(item):
             return values[item.index] if isinstance(item, ArgPlaceholder) else item
 
         return [fill(a) for a in args], {k: fill(v) for k, v in kwargs.items()}
 
-    def _execute(self, msg: pb.ExecuteTask) -> None:
-        spec = msg.spec
-        core = self.core
-        core.current_task_id = spec.task_id
-        state_mod.set_current_spec(spec)
-        self._running = spec.task_id
-        self._cancel_requested = b""
+    def _materialize_args(self, arg_values) -> list:
+        values = []
+        for value in arg_values:
+            try:
+                values.append(self.core.materialize(value))
+            except exceptions.RayError as error:
+                raise _DependencyFailed(error) from None
+        return values
+
+    def fetch_arg_values(self, spec) -> list:
+        """Values of a call's top-level ref arguments, fetched through the node."""
+        from meshray.core.object_ref import ObjectRef
+        if not spec.arg_ref_ids:
+            return []
+        refs = [ObjectRef(object_id) for object_id in spec.arg_ref_ids]
+        try:
+            return self.core.get(refs)
+        except exceptions.RayError as error:
+            raise _DependencyFailed(error) from None
+
+    def _announce(self, spec) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         marker = f"{CONTEXT_MARKER}{spec.job_id.hex()} {spec.name}\n"
@@ -111,39 +145,86 @@ class TaskExecutor:
         sys.stdout.flush()
         sys.stderr.write(marker)
         sys.stderr.flush()
+
+    def _execute(self, msg: pb.ExecuteTask) -> None:
+        spec = msg.spec
+        if spec.actor_creation:
+            self.core.send_task_result(self._create_actor(msg))
+            return
+
+        def body():
+            function = self._load_function(msg)
+            args, kwargs = self.resolve_args(spec, self._materialize_args(msg.args))
+            return function(*args, **kwargs)
+
+        self.core.send_task_result(self.run(spec, body))
+
+    def run(self, spec, body) -> pb.TaskResult:
+        """Run `body()` as the task `spec` and package its outputs or error."""
+        core = self.core
+        core.current_task_id = spec.task_id
+        state_mod.set_current_spec(spec)
+        self._running[spec.task_id] = threading.get_ident()
+        self._announce(spec)
         streaming = spec.num_returns < 0
         result = pb.TaskResult(task_id=spec.task_id)
         try:
             try:
-                function = self._load_function(msg)
-                args, kwargs = self._resolve_args(msg)
-                if streaming:
-                    count = self._stream(spec, function(*args, **kwargs))
-                    outputs = [count]
-                else:
-                    outputs = self._split_returns(spec, function(*args, **kwargs))
-                for index, output in enumerate(outputs):
-                    object_id = (ids.object_id_for(spec.task_id, 0) if streaming
-                                 else ids.object_id_for(spec.task_id, index + 1))
+                output = body()
+                if inspect.iscoroutine(output):
+                    raise TypeError(f"{spec.name} returned a coroutine outside an async actor")
+                outputs = [self._stream(spec, output)] if streaming else self._split_returns(spec, output)
+                for index, value in enumerate(outputs):
                     serialized = serialization.serialize(
-                        output, what=f"return value {index} of {spec.name}")
-                    result.returns.append(core.store_value(object_id, serialized, local=False))
+                        value, what=f"return value {index} of {spec.name}")
+                    result.returns.append(core.store_value(return_id(spec, index), serialized,
+                                                           local=False))
             except KeyboardInterrupt:
-                if self._cancel_requested != spec.task_id:
+                if spec.task_id not in self._cancelled:
                     raise
-                self._fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
+                self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
             except _DependencyFailed as failure:
-                self._fail(result, spec, failure.error)
+                self.fail(result, spec, failure.error)
+            except ActorExitRequested:
+                raise
             except Exception as exc:  # noqa: BLE001 - the user's error becomes the result
-                self._fail(result, spec, self._wrap(spec, exc), retryable=self._retryable(spec, exc))
+                self.fail(result, spec, self.wrap(spec, exc), retryable=self._retryable(spec, exc))
             sys.stdout.flush()
             sys.stderr.flush()
-            core.send_task_result(result)
+            return result
         finally:
-            self._running = b""
+            self._running.pop(spec.task_id, None)
+            self._cancelled.discard(spec.task_id)
             core.current_task_id = b""
             state_mod.set_current_spec(None)
 
+    # ------------------------------------------------------------ actors
+    def _create_actor(self, msg: pb.ExecuteTask) -> pb.TaskResult:
+        from meshray.core.actor_host import ActorHost
+        spec = msg.spec
+        address = []
+
+        def body():
+            cls = self._load_function(msg)
+            args, kwargs = self.resolve_args(spec, self._materialize_args(msg.args))
+            host = ActorHost(self, spec, cls)
+            host.construct(args, kwargs)
+            self.actor_host = host
+            address.append(host.start_server())
+            return None
+
+        result = self.run(spec, body)
+        if result.failed:
+            try:
+                error = pickle.loads(result.returns[0].inline_data) if result.returns else None
+            except Exception:  # noqa: BLE001
+                error = None
+            result.actor_error = str(error) if error is not None else "__init__ failed"
+        elif address:
+            result.actor_address = address[0]
+        return result
+
+    # ------------------------------------------------------------ outputs
     def _stream(self, spec, generator) -> int:
         """Send each yielded item as soon as it exists; return how many."""
         if not inspect.isgenerator(generator) and not hasattr(generator, "__iter__"):
@@ -155,12 +236,11 @@ class TaskExecutor:
                 count += 1
                 self._send_item(spec, count, serialization.serialize(
                     item, what=f"item {count - 1} yielded by {spec.name}"))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, ActorExitRequested):
             raise
         except Exception as exc:  # noqa: BLE001 - the error is the stream's last item
             count += 1
-            error = self._wrap(spec, exc)
-            self._send_item(spec, count, None, error=error)
+            self._send_item(spec, count, None, error=self.wrap(spec, exc))
         return count
 
     def _send_item(self, spec, index: int, serialized, error=None) -> None:
@@ -189,17 +269,11 @@ class TaskExecutor:
             raise ValueError(f"Task {spec.name} returned {got}, but num_returns={count}.")
         return outputs
 
-    def _wrap(self, spec, exc: BaseException) -> exceptions.RayTaskError:
-        if isinstance(exc, exceptions.RayTaskError):
-            return exc
-        return exceptions.RayTaskError(
-            function_name=spec.name,
-            traceback_str=traceback.format_exc(),
-            cause=exc,
-            pid=os.getpid(),
-            ip=socket.gethostname(),
-            task_id=spec.task_id.hex(),
-        )
+    def wrap(self, spec, exc: BaseException) -> exceptions.RayTaskError:
+        return exceptions.RayTaskError.from_exception(
+            exc, spec.name, task_id=spec.task_id.hex(),
+            actor_id=spec.actor_id.hex() if spec.actor_id else None,
+            node_id=self.core.node_id.hex() if self.core else None)
 
     @staticmethod
     def _retryable(spec, exc: BaseException) -> bool:
@@ -210,14 +284,12 @@ class TaskExecutor:
         return isinstance(exc, pickle.loads(spec.retry_exception_types))
 
     @staticmethod
-    def _fail(result: pb.TaskResult, spec, error: BaseException, retryable: bool = False) -> None:
+    def fail(result: pb.TaskResult, spec, error: BaseException, retryable: bool = False) -> None:
         del result.returns[:]
         result.failed = True
         result.retryable_error = retryable
         blob = pickle.dumps(error)
-        outputs = 1 if spec.num_returns < 0 else spec.num_returns
+        outputs = 1 if spec.num_returns < 0 else max(spec.num_returns, 0)
         for index in range(outputs):
-            object_id = (ids.object_id_for(spec.task_id, 0) if spec.num_returns < 0
-                         else ids.object_id_for(spec.task_id, index + 1))
-            result.returns.append(pb.ObjectValue(object_id=object_id, inline_data=blob,
-                                                 is_error=True))
+            result.returns.append(pb.ObjectValue(object_id=return_id(spec, index),
+                                                 inline_data=blob, is_error=True))

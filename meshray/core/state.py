@@ -20,6 +20,8 @@ class ProcessState:
     namespace: str = ""
     job_runtime_env: dict = field(default_factory=dict)
     local_node: object = None           # handle on a node this driver started
+    actor_id: bytes = b""               # set in a worker that hosts an actor
+    actor_reconstructed: bool = False   # this actor instance is a restart
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 

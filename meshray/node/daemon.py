@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 from meshray import exceptions
 from meshray.core import ids
+from meshray.node import actors as actor_states
+from meshray.node.actor_hosting import ActorHosting
+from meshray.node.actors import ActorEntry
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
@@ -80,7 +83,7 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
     return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
-class NodeDaemon(pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -102,6 +105,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
         self.address = ""
         self.local_address = ""
         self.membership = None            # set by the process entry point
+        self.actors: dict[bytes, ActorEntry] = {}
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -219,6 +223,13 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
                           request=ResourceSet.from_dict(dict(spec.resources)),
                           env_key=env_key_for(env_vars), env_vars=env_vars,
                           retries_left=spec.max_retries)
+        if spec.actor_creation:
+            task.hold = ResourceSet.from_dict(dict(spec.held_resources))
+            task.retries_left = 0
+            entry = ActorEntry(spec.actor_id, spec, conn, json.loads(spec.actor_options or b"{}"))
+            task.actor = entry
+            self.actors[spec.actor_id] = entry
+            self._publish_actor(entry)
         self.tasks[spec.task_id] = task
         parent = self.tasks.get(spec.parent_task_id)
         if parent is not None:
@@ -266,7 +277,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
         task = worker.current_task if worker else None
         if task is None or not task.acquired:
             return
-        cpu = ResourceSet.from_dict({"CPU": task.spec.resources.get("CPU", 0.0)})
+        cpu = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)})
         if msg.blocked and not task.cpu_lent and not cpu.is_empty():
             self.resources.release(cpu)
             task.cpu_lent = True
@@ -274,6 +285,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
             # When the CPU is taken meanwhile the task runs on without it (a
             # brief oversubscription) rather than deadlock waiting for it.
             task.cpu_lent = False
+
+    def _env_key(self, spec) -> str:
+        return env_key_for(dict(spec.env_vars))
 
     def _on_cancel(self, conn: Connection, msg: pb.CancelTask) -> None:
         task = self.tasks.get(ids.task_id_of(msg.object_id))
@@ -286,8 +300,11 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
     async def _answer_request(self, conn: Connection, msg: pb.Request) -> None:
         try:
             payload = json.loads(msg.payload) if msg.payload else {}
+            asker = getattr(self, "_ask_" + msg.method, None)
             if msg.method in self._LOCAL_QUESTIONS:
                 result = self._answer(msg.method, payload)
+            elif asker is not None:
+                result = await asker(conn, payload)
             else:
                 # Cluster questions may wait on etcd: never on the event loop.
                 local = self.resources.available.to_dict()
@@ -310,6 +327,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
             self.objects.subscribe(item.object_id, task.owner.conn_id)
             self._seal_if_stored(item)
             self._apply(self.objects.set_value(item.object_id, item))
+            return
+        if task.actor is not None:
+            self._actor_created(task, worker, result)
             return
         self._release(task)
         self._worker_free(worker)
@@ -338,7 +358,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
         for _key, tasks in self.queue.heads():
             while tasks:
                 task = tasks[0]
-                if not self.resources.try_acquire(task.request):
+                if not self._try_acquire(task):
                     break
                 tasks.popleft()
                 task.acquired = True
@@ -349,6 +369,12 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
                     self._ensure_workers(task.env_key, task.env_vars)
                 else:
                     self._dispatch(task, worker)
+
+    def _try_acquire(self, task: TaskRecord) -> bool:
+        if task.hold is task.request:
+            return self.resources.try_acquire(task.request)
+        # An actor must fit its placement request but only holds `hold`.
+        return self.resources.can_fit(task.request) and self.resources.try_acquire(task.hold)
 
     def _ensure_workers(self, env_key: str, env_vars: dict) -> None:
         wanted = sum(1 for t in self.awaiting_worker if t.env_key == env_key)
@@ -367,6 +393,10 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
     def _dispatch(self, task: TaskRecord, worker: WorkerProcess) -> None:
         task.state, task.worker = "running", worker
         worker.current_task = task
+        if task.actor is not None:
+            worker.dedicated = True
+            worker.actor = task.actor
+            task.actor.worker, task.actor.pid = worker, worker.pid
         spec = task.spec
         execute = pb.ExecuteTask(spec=spec)
         if spec.function_id not in worker.functions_sent:
@@ -378,9 +408,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
 
     def _release(self, task: TaskRecord) -> None:
         if task.acquired:
-            request = task.request
+            request = task.hold
             if task.cpu_lent:
-                request = request - ResourceSet.from_dict({"CPU": task.spec.resources.get("CPU", 0.0)})
+                request = request - ResourceSet.from_dict({"CPU": request.get("CPU", 0.0)})
             self.resources.release(request)
             task.acquired = task.cpu_lent = False
         if task.worker is not None:
@@ -451,9 +481,15 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
 
     # ------------------------------------------------------------ failures
     def _disconnected(self, conn: Connection) -> None:
+        log.debug("connection %d (%s pid %d) closed", conn.conn_id, conn.role, conn.pid)
         conn.closed = True
         self.conns.pop(conn.conn_id, None)
         self._apply(self.objects.drop_connection(conn.conn_id))
+        for entry in list(self.actors.values()):
+            if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
+                self._kill_actor(entry, no_restart=True, cause=(
+                    f"the actor's owner (pid {conn.pid}) exited; a non-detached actor "
+                    "dies with its owner"))
         worker = conn.worker
         if worker is not None:
             self._worker_lost(worker)
@@ -464,6 +500,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self.pool.forget(worker)
         self.pool.kill(worker)
+        if worker.actor is not None:
+            self._actor_worker_died(worker)
+            return
         task = worker.current_task
         if task is None:
             return
@@ -493,7 +532,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
             if task.state == "running" and task.worker is not None:
                 task.cancelled = True
                 self.pool.kill(task.worker)
-            elif task.state in ("queued", "waiting", "assigned"):
+            elif task.state in ("queued", "waiting", "assigned") and task.actor is None:
                 self._cancel(task, force=False, recursive=False)
                 self.tasks.pop(task.task_id, None)
 
@@ -501,6 +540,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer):
         """Notice workers that exit before or without closing their stream."""
         while not self._stopping.is_set():
             await asyncio.sleep(0.2)
+            self.pool.reap()
             for worker in list(self.pool.by_id.values()):
                 if worker.process.poll() is not None and worker.conn is None:
                     log.warning("worker pid %d exited with %s before connecting",

@@ -17,7 +17,7 @@ class TaskRecord:
     spec: object                      # rpc TaskSpec
     owner: object                     # Connection of the submitter
     return_ids: list
-    request: object                   # scheduler ResourceSet
+    request: object                   # scheduler ResourceSet that must fit to place it
     env_key: str
     env_vars: dict
     pending_deps: set = field(default_factory=set)
@@ -30,6 +30,12 @@ class TaskRecord:
     retries_left: int = 0
     infeasible_reported: bool = False
     children: set = field(default_factory=set)
+    hold: object = None               # ResourceSet held while it runs (default: request)
+    actor: object = None              # ActorEntry, for actor creation tasks
+
+    def __post_init__(self):
+        if self.hold is None:
+            self.hold = self.request
 
     @property
     def task_id(self) -> bytes:

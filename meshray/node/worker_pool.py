@@ -36,6 +36,7 @@ class WorkerProcess:
     functions_sent: set = field(default_factory=set)
     idle_since: float = 0.0
     dedicated: bool = False          # hosts an actor: never returns to the pool
+    actor: object = None             # its ActorEntry
     job_hex: str = ""
     task_name: str = ""
 
@@ -56,6 +57,7 @@ class WorkerPool:
         self.by_id: dict[bytes, WorkerProcess] = {}
         self.idle: dict[str, list[WorkerProcess]] = {}
         self.starting: dict[str, int] = {}
+        self._exited: list[subprocess.Popen] = []   # forgotten, still to be reaped
 
     def start(self, worker_id: bytes, env_key: str, extra_env: dict[str, str]) -> WorkerProcess:
         env = dict(os.environ)
@@ -118,7 +120,12 @@ class WorkerPool:
                 return worker
         return None
 
+    def reap(self) -> None:
+        """Collect the exit status of forgotten workers so none stays a zombie."""
+        self._exited = [process for process in self._exited if process.poll() is None]
+
     def forget(self, worker: WorkerProcess) -> None:
+        self._exited.append(worker.process)
         self.by_id.pop(worker.worker_id, None)
         workers = self.idle.get(worker.env_key)
         if workers and worker in workers:

@@ -4,6 +4,7 @@ from meshray.rpc.factory import (
     is_loopback_host,
     make_aio_server,
     make_channel,
+    make_server,
     split_host_port,
 )
 
@@ -12,5 +13,6 @@ __all__ = [
     "is_loopback_host",
     "make_aio_server",
     "make_channel",
+    "make_server",
     "split_host_port",
 ]

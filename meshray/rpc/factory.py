@@ -21,6 +21,7 @@ __all__ = [
     "is_loopback_host",
     "make_aio_server",
     "make_channel",
+    "make_server",
     "split_host_port",
 ]
 
@@ -38,6 +39,11 @@ _COMMON_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+# Servers must accept the clients' keepalive pings (else GOAWAY too_many_pings).
+_SERVER_OPTIONS = _COMMON_OPTIONS + [
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
@@ -108,7 +114,37 @@ def make_aio_server(bind: list[str], *, token: str | None,
     pickled code, so an open one would be remote code execution.
     """
     interceptors = [_TokenCheck(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=_COMMON_OPTIONS)
+    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    return server, _bind_all(server, bind, token, allow_insecure_remote)
+
+
+class _SyncTokenCheck(grpc.ServerInterceptor):
+    """The blocking-server twin of _TokenCheck (same rule, same moment)."""
+
+    def __init__(self, token: str):
+        self._token = token.encode()
+
+        def deny(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong meshray cluster token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        sent = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY:
+                sent = value.encode() if isinstance(value, str) else value
+                break
+        if hmac.compare_digest(sent, self._token):
+            return continuation(handler_call_details)
+        log.warning("rejected unauthenticated call to %s", handler_call_details.method)
+        if handler_call_details.method.endswith("/Call"):
+            return self._deny_stream
+        return self._deny_unary
+
+
+def _bind_all(server, bind: list[str], token: str | None, allow_insecure_remote: bool) -> list[str]:
     bound = []
     for address in bind:
         if address.startswith("unix:"):
@@ -124,7 +160,19 @@ def make_aio_server(bind: list[str], *, token: str | None,
         if actual == 0:
             raise OSError(f"could not bind gRPC server to {address!r}")
         bound.append(f"{host}:{actual}")
-    return server, bound
+    return bound
+
+
+def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
+                allow_insecure_remote: bool = False) -> tuple[grpc.Server, list[str]]:
+    """Build a thread-pool gRPC server (for worker processes, e.g. actors)."""
+    from concurrent import futures
+
+    interceptors = [_SyncTokenCheck(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                    thread_name_prefix="meshray-rpc"),
+                         interceptors=interceptors, options=_SERVER_OPTIONS)
+    return server, _bind_all(server, bind, token, allow_insecure_remote)
 
 
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,

@@ -133,6 +133,22 @@ def test_startup_failure_raises_with_log_tail(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_cluster_start_survives_a_lost_port_race(tmp_path):
+    cluster = EtcdCluster(tmp_path / "race", size=3, unsafe_no_fsync=True,
+                          start=False)
+    taken = cluster.members[1].peer_port
+    with socket.socket() as squatter:  # someone grabs a planned port
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            cluster.start(timeout=15)
+            assert taken not in [m.peer_port for m in cluster.members]
+            assert cluster.leader_index() is not None
+        finally:
+            cluster.stop()
+    assert not (tmp_path / "race").exists()
+
+
 # ---------------------------------------------------------------------------
 # key/value and transactions
 

@@ -23,7 +23,7 @@ class ObjectValue(_message.Message):
     def __init__(self, object_id: _Optional[bytes] = ..., inline_data: _Optional[bytes] = ..., in_store: _Optional[bool] = ..., size: _Optional[int] = ..., is_error: _Optional[bool] = ..., contained_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "job_id", "function_id", "name", "args_blob", "arg_ref_ids", "contained_ids", "num_returns", "resources", "max_retries", "retry_exceptions", "retry_exception_types", "scheduling_strategy", "strategy_blob", "env_vars", "owner_id", "parent_task_id", "attempt", "runtime_env_json")
+    __slots__ = ("task_id", "job_id", "function_id", "name", "args_blob", "arg_ref_ids", "contained_ids", "num_returns", "resources", "max_retries", "retry_exceptions", "retry_exception_types", "scheduling_strategy", "strategy_blob", "env_vars", "owner_id", "parent_task_id", "attempt", "runtime_env_json", "actor_id", "actor_creation", "method_name", "sequence", "concurrency_group", "actor_options", "held_resources")
     class ResourcesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,13 @@ class TaskSpec(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class HeldResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +64,13 @@ class TaskSpec(_message.Message):
     PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_ENV_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_CREATION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_NAME_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_GROUP_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    HELD_RESOURCES_FIELD_NUMBER: _ClassVar[int]
     task_id: bytes
     job_id: bytes
     function_id: bytes
@@ -76,10 +90,31 @@ class TaskSpec(_message.Message):
     parent_task_id: bytes
     attempt: int
     runtime_env_json: str
-    def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ...) -> None: ...
+    actor_id: bytes
+    actor_creation: bool
+    method_name: str
+    sequence: int
+    concurrency_group: str
+    actor_options: bytes
+    held_resources: _containers.ScalarMap[str, float]
+    def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ..., actor_id: _Optional[bytes] = ..., actor_creation: _Optional[bool] = ..., method_name: _Optional[str] = ..., sequence: _Optional[int] = ..., concurrency_group: _Optional[str] = ..., actor_options: _Optional[bytes] = ..., held_resources: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ActorCallBatch(_message.Message):
+    __slots__ = ("calls", "caller_id")
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    CALLER_ID_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[TaskSpec]
+    caller_id: bytes
+    def __init__(self, calls: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., caller_id: _Optional[bytes] = ...) -> None: ...
+
+class ActorReplyBatch(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TaskResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[TaskResult, _Mapping]]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "returns", "failed", "retryable_error", "stream_item_id", "stream_end", "stream_index")
+    __slots__ = ("task_id", "returns", "failed", "retryable_error", "stream_item_id", "stream_end", "stream_index", "actor_address", "actor_error")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +122,8 @@ class TaskResult(_message.Message):
     STREAM_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_END_FIELD_NUMBER: _ClassVar[int]
     STREAM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_ERROR_FIELD_NUMBER: _ClassVar[int]
     task_id: bytes
     returns: _containers.RepeatedCompositeFieldContainer[ObjectValue]
     failed: bool
@@ -94,7 +131,9 @@ class TaskResult(_message.Message):
     stream_item_id: bytes
     stream_end: bool
     stream_index: int
-    def __init__(self, task_id: _Optional[bytes] = ..., returns: _Optional[_Iterable[_Union[ObjectValue, _Mapping]]] = ..., failed: _Optional[bool] = ..., retryable_error: _Optional[bool] = ..., stream_item_id: _Optional[bytes] = ..., stream_end: _Optional[bool] = ..., stream_index: _Optional[int] = ...) -> None: ...
+    actor_address: str
+    actor_error: str
+    def __init__(self, task_id: _Optional[bytes] = ..., returns: _Optional[_Iterable[_Union[ObjectValue, _Mapping]]] = ..., failed: _Optional[bool] = ..., retryable_error: _Optional[bool] = ..., stream_item_id: _Optional[bytes] = ..., stream_end: _Optional[bool] = ..., stream_index: _Optional[int] = ..., actor_address: _Optional[str] = ..., actor_error: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("role", "worker_id", "pid", "job_id", "namespace", "log_to_driver", "runtime_env_json")
@@ -176,6 +215,14 @@ class WorkerBlocked(_message.Message):
     blocked: bool
     def __init__(self, blocked: _Optional[bool] = ...) -> None: ...
 
+class ActorExiting(_message.Message):
+    __slots__ = ("actor_id", "reason")
+    ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    actor_id: bytes
+    reason: str
+    def __init__(self, actor_id: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Request(_message.Message):
     __slots__ = ("request_id", "method", "payload")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -187,7 +234,7 @@ class Request(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ClientEvent(_message.Message):
-    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request")
+    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request", "actor_exiting")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REGISTER_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +246,7 @@ class ClientEvent(_message.Message):
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_EXITING_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     register_function: RegisterFunction
     submit: SubmitTask
@@ -210,7 +258,8 @@ class ClientEvent(_message.Message):
     cancel: CancelTask
     blocked: WorkerBlocked
     request: Request
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ...) -> None: ...
+    actor_exiting: ActorExiting
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ...) -> None: ...
 
 class ClientBatch(_message.Message):
     __slots__ = ("events",)

@@ -25,6 +25,87 @@ if _version_not_supported:
     )
 
 
+class ActorServiceStub:
+    """Served by an actor's worker process: callers stream method calls to it
+    directly (after finding its address through their node), so an actor call
+    costs one hop each way and never touches etcd.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Call = channel.stream_stream(
+                '/meshray.ActorService/Call',
+                request_serializer=meshray__pb2.ActorCallBatch.SerializeToString,
+                response_deserializer=meshray__pb2.ActorReplyBatch.FromString,
+                _registered_method=True)
+
+
+class ActorServiceServicer:
+    """Served by an actor's worker process: callers stream method calls to it
+    directly (after finding its address through their node), so an actor call
+    costs one hop each way and never touches etcd.
+    """
+
+    def Call(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ActorServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Call': grpc.stream_stream_rpc_method_handler(
+                    servicer.Call,
+                    request_deserializer=meshray__pb2.ActorCallBatch.FromString,
+                    response_serializer=meshray__pb2.ActorReplyBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshray.ActorService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshray.ActorService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ActorService:
+    """Served by an actor's worker process: callers stream method calls to it
+    directly (after finding its address through their node), so an actor call
+    costs one hop each way and never touches etcd.
+    """
+
+    @staticmethod
+    def Call(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshray.ActorService/Call',
+            meshray__pb2.ActorCallBatch.SerializeToString,
+            meshray__pb2.ActorReplyBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeServiceStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -1,0 +1,192 @@
+"""The caller-side half of actors: one direct stream per (process, actor).
+
+Calls are numbered and sent in submission order on the stream, so calls from
+one process run in that order on a synchronous actor. The actor's address
+comes from the caller's node (which asks etcd when the actor lives
+elsewhere) once per incarnation; after that, calls never touch the node or
+etcd. When the stream breaks, the connection asks the node what happened:
+a restarted actor gets the unanswered calls again if they may be retried
+(max_task_retries), a dead one fails them with ActorDiedError.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from meshray import exceptions
+from meshray.rpc import make_channel
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+
+__all__ = ["ActorConnection"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 2000
+RESOLVE_TIMEOUT_S = 60.0
+
+
+@dataclass(eq=False)
+class PendingCall:
+    spec: object
+    return_ids: list
+    keepalive: list
+    retries_left: int
+    sent: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class ActorConnection:
+    def __init__(self, core, actor_id: bytes, *, max_task_retries: int = 0,
+                 class_name: str = ""):
+        self._core = core
+        self.actor_id = actor_id
+        self.class_name = class_name
+        self.max_task_retries = max_task_retries
+        self._lock = threading.Lock()
+        self._pending: "OrderedDict[bytes, PendingCall]" = OrderedDict()
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self._closed = False
+        self._sequence = 0
+        self._known_restarts = -1
+        self._channel = None
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, spec, return_ids: list, keepalive: list, max_task_retries: int) -> None:
+        with self._lock:
+            if self._dead is not None:
+                self._core.fail_locally(return_ids, self._dead)
+                return
+            self._sequence += 1
+            spec.sequence = self._sequence
+            call = PendingCall(spec, return_ids, keepalive, max_task_retries)
+            self._pending[spec.task_id] = call
+            if self._queue is not None:
+                call.sent = True
+                self._queue.put(spec)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name=f"meshray-actor-{self.actor_id.hex()[:8]}")
+                self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            if self._queue is not None:
+                self._queue.put(None)
+        if self._channel is not None:
+            self._channel.close()
+
+    # ------------------------------------------------------------ thread
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                # After a broken stream, wait for the node to see a new
+                # incarnation (or the death) rather than redial the old one.
+                info = self._core.request("actor_info", {
+                    "actor_id": self.actor_id.hex(), "wait": True,
+                    "after_restarts": self._known_restarts,
+                    "timeout": RESOLVE_TIMEOUT_S}, timeout=RESOLVE_TIMEOUT_S + 10)
+            except Exception as exc:  # noqa: BLE001 - the node is unreachable
+                if self._closed:
+                    return
+                self._fail_everything(exceptions.ActorUnavailableError(
+                    f"could not look up the actor: {exc}", self.actor_id.hex()), final=False)
+                continue
+            state = info.get("state")
+            if state in ("DEAD", "UNKNOWN"):
+                cause = info.get("death_cause") or (
+                    "the actor is unknown to the cluster" if state == "UNKNOWN" else "")
+                self._fail_everything(exceptions.ActorDiedError(
+                    actor_id=self.actor_id.hex(), class_name=info.get("class_name") or self.class_name,
+                    name=info.get("name") or None, node_id=info.get("node_id"),
+                    error_message=cause), final=True)
+                return
+            if state != "ALIVE":
+                continue
+            self._serve(info)
+
+    def _serve(self, info: dict) -> None:
+        restarts = int(info.get("num_restarts", 0))
+        replies_queue: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            lost = [call for call in self._pending.values() if call.sent]
+            for call in lost:
+                # Sent to an earlier incarnation (or a broken stream) and never
+                # answered: it may have run. Retry only if the caller allowed it.
+                if call.retries_left == 0:
+                    self._pending.pop(call.spec.task_id)
+                    self._core.fail_locally(call.return_ids, exceptions.ActorUnavailableError(
+                        "the actor's connection was lost (it died or restarted) while this "
+                        "call was in flight; max_task_retries=0 means it is not retried",
+                        self.actor_id.hex()))
+                elif call.retries_left > 0:
+                    call.retries_left -= 1
+            self._known_restarts = restarts
+            for call in self._pending.values():
+                call.sent = True
+                replies_queue.put(call.spec)
+            self._queue = replies_queue
+        address = self._pick_address(info)
+        self._channel = make_channel(address, token=os.environ.get("MESHRAY_TOKEN")
+                                     or self._core.token)
+        stub = pb_grpc.ActorServiceStub(self._channel)
+        try:
+            for batch in stub.Call(self._outgoing(replies_queue)):
+                for result in batch.results:
+                    with self._lock:
+                        call = self._pending.pop(result.task_id, None)
+                    if call is not None:
+                        self._core.deliver_actor_result(result)
+        except Exception as exc:  # noqa: BLE001 - stream broke: find out why
+            log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
+        finally:
+            with self._lock:
+                if self._queue is replies_queue:
+                    self._queue = None
+            replies_queue.put(None)
+            self._channel.close()
+
+    def _pick_address(self, info: dict) -> str:
+        addresses = (info.get("address") or "").split(",")
+        if info.get("node_id") == self._core.node_id.hex():
+            for address in addresses:
+                if address.startswith("unix:"):
+                    return address
+        return next(a for a in addresses if not a.startswith("unix:"))
+
+    @staticmethod
+    def _outgoing(calls: queue.SimpleQueue):
+        while True:
+            spec = calls.get()
+            if spec is None:
+                return
+            batch = [spec]
+            while len(batch) < _BATCH:
+                try:
+                    spec = calls.get_nowait()
+                except queue.Empty:
+                    break
+                if spec is None:
+                    yield pb.ActorCallBatch(calls=batch)
+                    return
+                batch.append(spec)
+            yield pb.ActorCallBatch(calls=batch)
+
+    def _fail_everything(self, error: BaseException, *, final: bool) -> None:
+        with self._lock:
+            calls = list(self._pending.values())
+            self._pending.clear()
+            if final:
+                self._dead = error
+        for call in calls:
+            self._core.fail_locally(call.return_ids, error)

@@ -1,0 +1,232 @@
+"""The worker-side half of an actor: its instance, its server, its threads.
+
+Callers stream method calls straight to this process (ActorService.Call).
+How a call runs depends on the actor:
+- a plain actor (max_concurrency=1, no async methods): on the main thread,
+  one at a time, in arrival order;
+- a threaded actor (max_concurrency=N) and each concurrency group: a pool of
+  that many threads;
+- an async actor (any `async def` method): coroutines on one event loop, at
+  most max_concurrency (default 1000) at a time per group.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+
+from meshray import exceptions
+from meshray.core import state as state_mod
+from meshray.core.options import resolve_max_concurrency
+from meshray.rpc import make_server
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+
+__all__ = ["ActorHost"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 2000
+TERMINATE_METHOD = "__ray_terminate__"
+READY_METHOD = "__ray_ready__"
+
+
+class ActorHost(pb_grpc.ActorServiceServicer):
+    def __init__(self, executor, creation_spec, cls):
+        self.executor = executor
+        self.core = executor.core
+        self.spec = creation_spec
+        self.cls = cls
+        self.options = json.loads(creation_spec.actor_options or b"{}")
+        self.actor_id = creation_spec.actor_id
+        self.instance = None
+        self.is_async = bool(self.options.get("is_async"))
+        groups = dict(self.options.get("concurrency_groups") or {})
+        self.max_concurrency = resolve_max_concurrency(self.options.get("max_concurrency"),
+                                                       self.is_async)
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._groups = groups
+        self._inline = not self.is_async and self.max_concurrency == 1 and not groups
+        self._server = None
+        self._streams: list[queue.SimpleQueue] = []
+        self._exiting = False
+        self._exit_reason = ""
+
+    # ------------------------------------------------------------ setup
+    def construct(self, args, kwargs) -> None:
+        state_mod.state.actor_id = self.actor_id
+        state_mod.state.actor_reconstructed = self.spec.attempt > 0
+        if self.is_async:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="meshray-actor-loop",
+                             daemon=True).start()
+            for group, limit in [("", self.max_concurrency), *self._groups.items()]:
+                self._semaphores[group] = asyncio.Semaphore(limit)
+        elif not self._inline:
+            for group, limit in [("", self.max_concurrency), *self._groups.items()]:
+                self._pools[group] = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=limit, thread_name_prefix=f"meshray-actor-{group or 'default'}")
+        self.instance = self.cls(*args, **kwargs)
+
+    def start_server(self) -> str:
+        """Serve ActorService on a unix socket and a loopback/host TCP port."""
+        session = self.core.session_dir or "/tmp"
+        unix_path = os.path.join(session, f"actor-{self.actor_id.hex()[:12]}-{os.getpid()}.sock")
+        host = os.environ.get("MESHRAY_NODE_HOST", "127.0.0.1")
+        self._server, bound = make_server([f"{host}:0", f"unix:{unix_path}"],
+                                          token=os.environ.get("MESHRAY_TOKEN") or None,
+                                          max_workers=256)
+        pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
+        self._server.start()
+        return ",".join(bound)
+
+    # ------------------------------------------------------------ stream
+    def Call(self, request_iterator, context):
+        replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams.append(replies)
+        reader = threading.Thread(target=self._read_calls, args=(request_iterator, replies),
+                                  name="meshray-actor-calls", daemon=True)
+        reader.start()
+        try:
+            while True:
+                result = replies.get()
+                if result is None:
+                    return
+                results = [result]
+                while len(results) < _BATCH:
+                    try:
+                        result = replies.get_nowait()
+                    except queue.Empty:
+                        break
+                    if result is None:
+                        yield pb.ActorReplyBatch(results=results)
+                        return
+                    results.append(result)
+                yield pb.ActorReplyBatch(results=results)
+        finally:
+            self._streams.remove(replies)
+
+    def _read_calls(self, request_iterator, replies: queue.SimpleQueue) -> None:
+        try:
+            for batch in request_iterator:
+                for spec in batch.calls:
+                    self._dispatch(spec, replies.put)
+        except Exception as exc:  # noqa: BLE001 - the caller went away
+            log.debug("actor call stream ended: %s", exc)
+        replies.put(None)
+
+    def _refuse(self, spec) -> pb.TaskResult:
+        result = pb.TaskResult(task_id=spec.task_id)
+        self.executor.fail(result, spec, exceptions.ActorDiedError(
+            actor_id=self.actor_id.hex(), class_name=self.options.get("class_name"),
+            error_message=self._exit_reason))
+        return result
+
+    def _dispatch(self, spec, reply) -> None:
+        if self._exiting:
+            reply(self._refuse(spec))
+            return
+        if self._inline or spec.method_name == TERMINATE_METHOD:
+            # In order on the main thread (terminate waits behind queued calls).
+            self.executor.enqueue_call(spec, reply)
+        elif self.is_async:
+            asyncio.run_coroutine_threadsafe(self._run_async(spec, reply), self._loop)
+        else:
+            pool = self._pools.get(spec.concurrency_group) or self._pools[""]
+            pool.submit(lambda: reply(self.run_call(spec)))
+
+    # ------------------------------------------------------------ running
+    def _method(self, spec):
+        name = spec.method_name
+        if name == READY_METHOD:
+            return lambda: None
+        return getattr(self.instance, name)
+
+    def run_call(self, spec) -> pb.TaskResult:
+        """Run one call synchronously (main thread or a pool thread)."""
+        if self._exiting:
+            return self._refuse(spec)
+        if spec.method_name == TERMINATE_METHOD:
+            return self._terminate(spec)
+
+        def body():
+            values = self.executor.fetch_arg_values(spec)
+            args, kwargs = self.executor.resolve_args(spec, values)
+            return self._method(spec)(*args, **kwargs)
+
+        return self._guarded(spec, body)
+
+    def _guarded(self, spec, body) -> pb.TaskResult:
+        from meshray.core.executor import ActorExitRequested
+        try:
+            return self.executor.run(spec, body)
+        except ActorExitRequested:
+            return self._exit_now(spec, "exit_actor() was called")
+
+    async def _run_async(self, spec, reply) -> None:
+        semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]
+        async with semaphore:
+            loop = asyncio.get_running_loop()
+            try:
+                values = await loop.run_in_executor(None, self.executor.fetch_arg_values, spec)
+                method = self._method(spec)
+                args, kwargs = self.executor.resolve_args(spec, values)
+            except Exception as exc:  # noqa: BLE001 - reported as the call's result
+                failure = exc
+
+                def body():
+                    raise failure
+                reply(self._guarded(spec, body))
+                return
+            if inspect.iscoroutinefunction(method):
+                try:
+                    output = await method(*args, **kwargs)
+                    error = None
+                except BaseException as exc:  # noqa: BLE001 - packaged below
+                    output, error = None, exc
+
+                def body():
+                    if error is not None:
+                        raise error
+                    return output
+            else:
+                def body():
+                    return method(*args, **kwargs)
+            reply(self._guarded(spec, body))
+
+    # ------------------------------------------------------------ exits
+    def _terminate(self, spec) -> pb.TaskResult:
+        return self._exit_now(spec, "the actor was terminated with __ray_terminate__")
+
+    def _exit_now(self, spec, reason: str) -> pb.TaskResult:
+        """Tell the node this exit is intended, answer the call, then exit."""
+        self._exiting = True
+        self._exit_reason = reason
+        self.core.send_actor_exiting(self.actor_id, reason)
+        result = pb.TaskResult(task_id=spec.task_id)
+        self.executor.fail(result, spec, exceptions.ActorDiedError(
+            actor_id=self.actor_id.hex(), class_name=self.options.get("class_name"),
+            error_message=reason))
+        threading.Thread(target=self._exit_soon, daemon=True).start()
+        return result
+
+    def _exit_soon(self) -> None:
+        # Let the reply and the node message leave before the process ends.
+        deadline = time.monotonic() + 2.0
+        time.sleep(0.02)
+        while time.monotonic() < deadline and not (
+                self.core.outbox_empty() and all(q.empty() for q in list(self._streams))):
+            time.sleep(0.01)
+        time.sleep(0.1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,231 @@
+"""The node daemon's actor duties, as a mixin of NodeDaemon.
+
+Creation is an ordinary queued task whose worker is then kept for the actor;
+after that, callers talk to the actor's worker directly and the daemon only
+hears about lifecycle events: created, worker died, killed, exiting. Each
+change is published to etcd (the actor directory) off the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from meshray import exceptions
+from meshray.node import actors as actor_states
+from meshray.node.actors import ActorEntry
+from meshray.rpc.generated import meshray_pb2 as pb
+
+__all__ = ["ActorHosting"]
+
+log = logging.getLogger(__name__)
+
+ACTOR_WAIT_S = 60.0
+
+
+class ActorHosting:
+    """Mixed into NodeDaemon; uses its tasks, pool, resources and membership."""
+
+    # ------------------------------------------------------------ lifecycle
+    def _actor_created(self, task, worker, result: pb.TaskResult) -> None:
+        entry: ActorEntry = task.actor
+        if result.failed:
+            self._release(task)
+            worker.actor = None
+            self.pool.kill(worker)
+            self._set_actor_state(entry, "init_failed", result.actor_error)
+            self._finish(task, list(result.returns))
+            return
+        # The worker stays with the actor; its held resources stay taken.
+        task.worker = None
+        task.acquired = False
+        entry.holding = True
+        worker.current_task = None
+        entry.address = result.actor_address
+        self._set_actor_state(entry, "created")
+        self._finish(task, list(result.returns))
+
+    def _actor_worker_died(self, worker) -> None:
+        entry: ActorEntry = worker.actor
+        worker.actor = None
+        task = worker.current_task
+        if task is not None and task.actor is entry:
+            # Died inside __init__ (e.g. os._exit): counts as a failed start.
+            self._release(task)
+            task.worker = None
+        elif entry.holding:
+            self.resources.release(entry.hold)
+        entry.holding = False
+        entry.worker = None
+        event = "killed" if entry.killed else "worker_died"
+        self._set_actor_state(entry, event, entry.kill_cause)
+        if entry.state == actor_states.RESTARTING:
+            entry.num_restarts += 1
+            entry.killed = False
+            entry.kill_cause = ""
+            self._restart_actor(entry, task)
+        elif task is not None and task.actor is entry and task.state != "done":
+            self._finish(task, [self._actor_error_value(oid, entry) for oid in task.return_ids])
+
+    def _restart_actor(self, entry: ActorEntry, old_task) -> None:
+        from meshray.node.tasks import TaskRecord
+        from meshray.scheduler.resources import ResourceSet
+
+        spec = pb.TaskSpec()
+        spec.CopyFrom(entry.spec)
+        spec.attempt += 1
+        task = TaskRecord(spec=spec, owner=entry.owner, return_ids=[],
+                          request=ResourceSet.from_dict(dict(spec.resources)),
+                          env_key=old_task.env_key if old_task else self._env_key(spec),
+                          env_vars=dict(spec.env_vars), retries_left=0,
+                          hold=ResourceSet.from_dict(dict(spec.held_resources)), actor=entry)
+        self.tasks[spec.task_id] = task
+        self._enqueue(task)
+
+    def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
+        entry.state = actor_states.transition(entry, event, detail)
+        if entry.state == actor_states.DEAD:
+            entry.address = ""
+            self._release_actor_name(entry)
+        entry.wake()
+        self._publish_actor(entry)
+
+    def _kill_actor(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
+        if entry.state == actor_states.DEAD:
+            return
+        entry.no_restart = entry.no_restart or no_restart
+        entry.killed = True
+        entry.kill_cause = cause
+        if entry.worker is not None:
+            self.pool.kill(entry.worker)
+            return
+        # Not started yet (queued creation): it never runs.
+        for task in list(self.tasks.values()):
+            if task.actor is entry and task.state != "running":
+                self._cancel(task, force=False, recursive=False)
+        if entry.no_restart:
+            self._set_actor_state(entry, "killed", cause)
+
+    def _on_actor_exiting(self, conn, msg: pb.ActorExiting) -> None:
+        entry = self.actors.get(msg.actor_id)
+        if entry is not None:
+            entry.exiting = True
+            entry.kill_cause = msg.reason
+
+    def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
+        from meshray.node.daemon import error_value
+        return error_value(object_id, exceptions.ActorDiedError(
+            actor_id=entry.actor_id.hex(), class_name=entry.options.get("class_name"),
+            name=entry.options.get("name") or None, node_id=self.node_id.hex(),
+            error_message=entry.death_cause))
+
+    # ------------------------------------------------------------ etcd
+    async def _coordinator(self):
+        membership = self.membership
+        if membership is None:
+            return None
+        loop = asyncio.get_running_loop()
+        registered = await loop.run_in_executor(None, membership._registered.wait, 15.0)
+        return membership.coordinator if registered else None
+
+    def _publish_actor(self, entry: ActorEntry) -> None:
+        record = entry.encode(self.node_id.hex())
+
+        async def publish():
+            coordinator = await self._coordinator()
+            if coordinator is None:
+                return
+            key = self.membership.keys.actor(entry.actor_id)
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, coordinator.put, key, record)
+            except Exception as exc:  # noqa: BLE001 - the local table stays authoritative
+                log.warning("could not publish actor %s: %s", entry.actor_id.hex(), exc)
+
+        asyncio.get_running_loop().create_task(publish())
+
+    def _release_actor_name(self, entry: ActorEntry) -> None:
+        name = entry.options.get("name")
+        if not name:
+            return
+        namespace = entry.options.get("namespace") or ""
+
+        async def release():
+            from meshray.coordination.client import Delete, ValueEquals
+            coordinator = await self._coordinator()
+            if coordinator is None:
+                return
+            key = self.membership.keys.actor_name(namespace, name)
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: coordinator.txn([ValueEquals(key, entry.actor_id.hex().encode())],
+                                              [Delete(key)]))
+
+        asyncio.get_running_loop().create_task(release())
+
+    async def _etcd_call(self, fn, *args):
+        coordinator = await self._coordinator()
+        if coordinator is None:
+            raise ConnectionError("this node is not connected to etcd")
+        return await asyncio.get_running_loop().run_in_executor(None, fn, coordinator, *args)
+
+    # ------------------------------------------------------------ questions
+    async def _ask_actor_info(self, conn, payload: dict) -> dict:
+        actor_id = bytes.fromhex(payload["actor_id"])
+        entry = self.actors.get(actor_id)
+        if entry is not None:
+            if payload.get("wait"):
+                await entry.wait_settled(float(payload.get("timeout", ACTOR_WAIT_S)),
+                                         int(payload.get("after_restarts", -1)))
+            return entry.record(self.node_id.hex())
+        return await self._etcd_call(self._read_actor_record, actor_id)
+
+    def _read_actor_record(self, coordinator, actor_id: bytes) -> dict:
+        from meshray.coordination import keyspace
+        value, _rev = coordinator.get(self.membership.keys.actor(actor_id))
+        if value is None:
+            return {"actor_id": actor_id.hex(), "state": "UNKNOWN"}
+        return keyspace.decode_json(value)
+
+    async def _ask_kill_actor(self, conn, payload: dict) -> dict:
+        entry = self.actors.get(bytes.fromhex(payload["actor_id"]))
+        if entry is None:
+            raise ValueError(f"actor {payload['actor_id']} is not hosted on this node")
+        self._kill_actor(entry, no_restart=bool(payload.get("no_restart", True)),
+                         cause="the actor was killed with meshray.kill()")
+        return {"ok": True}
+
+    async def _ask_claim_actor_name(self, conn, payload: dict) -> dict:
+        """Claim (namespace, name) for an actor in one etcd transaction."""
+        from meshray.coordination.client import KeyMissing, Get, Put
+
+        def claim(coordinator):
+            key = self.membership.keys.actor_name(payload["namespace"], payload["name"])
+            result = coordinator.txn([KeyMissing(key)], [Put(key, payload["actor_id"].encode())],
+                                     [Get(key)])
+            if result.succeeded:
+                return {"claimed": True}
+            value, _revision = result.responses[0]
+            return {"claimed": False, "existing": (value or b"").decode()}
+
+        return await self._etcd_call(claim)
+
+    async def _ask_get_named_actor(self, conn, payload: dict) -> dict:
+        def lookup(coordinator):
+            from meshray.coordination import keyspace
+            key = self.membership.keys.actor_name(payload["namespace"], payload["name"])
+            value, _ = coordinator.get(key)
+            if value is None:
+                return {"state": "UNKNOWN"}
+            record_value, _ = coordinator.get(self.membership.keys.actor(value.decode()))
+            if record_value is None:
+                return {"actor_id": value.decode(), "state": "PENDING"}
+            return keyspace.decode_json(record_value)
+
+        return await self._etcd_call(lookup)
+
+    async def _ask_list_actors(self, conn, payload: dict) -> list:
+        def listing(coordinator):
+            from meshray.coordination import keyspace
+            items, _rev = coordinator.get_prefix(self.membership.keys.actors_prefix())
+            return [keyspace.decode_json(item[1]) for item in items]
+
+        return await self._etcd_call(listing)

@@ -1,0 +1,142 @@
+"""Actors hosted on this node: their lifecycle and their etcd records.
+
+State machine (one record per actor, mirrored to etcd on every change):
+
+    PENDING --created--> ALIVE --worker died, restarts left--> RESTARTING --> ALIVE
+       |                   |                                        |
+       +--init failed------+--killed / exited / owner died / no restarts left--> DEAD
+
+`transition()` is pure: it takes the record and an event and returns the new
+state; the daemon carries out what follows (restart the creation task, free
+resources, publish the record, wake waiters).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+
+__all__ = ["ActorEntry", "transition", "PENDING", "ALIVE", "RESTARTING", "DEAD"]
+
+log = logging.getLogger(__name__)
+
+PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+
+
+@dataclass(eq=False)
+class ActorEntry:
+    actor_id: bytes
+    spec: object                        # creation TaskSpec (re-run on restart)
+    owner: object                       # Connection of the creating process
+    options: dict
+    state: str = PENDING
+    address: str = ""
+    num_restarts: int = 0
+    death_cause: str = ""
+    worker: object = None
+    pid: int = 0
+    no_restart: bool = False            # set by kill(no_restart=True)
+    exiting: bool = False               # exit_actor() / __ray_terminate__
+    waiters: list = field(default_factory=list)   # futures woken on state change
+    killed: bool = False                # the worker was killed on purpose
+    kill_cause: str = ""
+    holding: bool = False               # its held resources are taken from the node
+
+    @property
+    def hold(self):
+        from meshray.scheduler.resources import ResourceSet
+        return ResourceSet.from_dict(dict(self.spec.held_resources))
+
+
+    @property
+    def max_restarts(self) -> int:
+        return int(self.options.get("max_restarts", 0))
+
+    @property
+    def detached(self) -> bool:
+        return self.options.get("lifetime") == "detached"
+
+    def record(self, node_id_hex: str) -> dict:
+        """The JSON-able record callers and etcd see."""
+        return {
+            "actor_id": self.actor_id.hex(),
+            "state": self.state,
+            "node_id": node_id_hex,
+            "address": self.address,
+            "num_restarts": self.num_restarts,
+            "death_cause": self.death_cause,
+            "name": self.options.get("name") or "",
+            "namespace": self.options.get("namespace") or "",
+            "class_name": self.options.get("class_name", ""),
+            "methods": self.options.get("methods", {}),
+            "is_async": bool(self.options.get("is_async")),
+            "max_task_retries": int(self.options.get("max_task_retries", 0)),
+            "max_restarts": self.max_restarts,
+            "detached": self.detached,
+            "owner_id": self.spec.owner_id.hex(),
+            "job_id": self.spec.job_id.hex(),
+            "pid": self.pid,
+        }
+
+    def encode(self, node_id_hex: str) -> bytes:
+        return json.dumps(self.record(node_id_hex)).encode()
+
+    def wake(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+    def settled(self, after_restarts: int = -1) -> bool:
+        """ALIVE or DEAD, and (if asked) past the incarnation the caller knew."""
+        if self.state == DEAD:
+            return True
+        return self.state == ALIVE and self.num_restarts > after_restarts
+
+    async def wait_settled(self, timeout: float, after_restarts: int = -1) -> None:
+        """Wait until settled() holds or the timeout passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.settled(after_restarts):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            waiter = loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                return
+
+
+def transition(entry: ActorEntry, event: str, detail: str = "") -> str:
+    """Next state of `entry` after `event`; also records the death cause.
+
+    Events: "created", "init_failed", "worker_died", "killed", "owner_died".
+    """
+    if entry.state == DEAD:
+        return DEAD
+    if event == "created":
+        return ALIVE
+    if event == "init_failed":
+        entry.death_cause = detail or "the actor's __init__ raised"
+        return DEAD
+    if event == "owner_died":
+        entry.death_cause = detail or "the actor's owner died"
+        return DEAD
+    if event in ("worker_died", "killed"):
+        if entry.exiting:
+            entry.death_cause = detail or "the actor exited on purpose"
+            return DEAD
+        restarts_left = entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts
+        if event == "killed" and entry.no_restart:
+            entry.death_cause = detail or "the actor was killed with meshray.kill()"
+            return DEAD
+        if restarts_left:
+            return RESTARTING
+        entry.death_cause = detail or (
+            f"the actor's worker process died and max_restarts={entry.max_restarts} "
+            "restarts are used up")
+        return DEAD
+    raise ValueError(f"unknown actor event {event!r}")
