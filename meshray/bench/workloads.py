@@ -296,7 +296,7 @@ def _async_actor_async(ctx: Context):
 
 
 @_workload("1:1 actor calls with args (1 MiB)", "ops/s",
-           "100 calls, each passing a fresh 1 MiB numpy array by value "
+           "100 calls, each passing a 1 MiB numpy array by value (serialized every call) "
            "(not a `ray microbenchmark` row)")
 def _actor_with_args(ctx: Context):
     import numpy as np

@@ -142,7 +142,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             asyncio.run_coroutine_threadsafe(self._run_async(spec, reply), self._loop)
         else:
             pool = self._pools.get(spec.concurrency_group) or self._pools[""]
-            pool.submit(lambda: reply(self.run_call(spec)))
+            pool.submit(self.run_call, spec, reply)
 
     # ------------------------------------------------------------ running
     def _method(self, spec):
@@ -151,26 +151,38 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             return lambda: None
         return getattr(self.instance, name)
 
-    def run_call(self, spec) -> pb.TaskResult:
+    def run_call(self, spec, reply) -> None:
         """Run one call synchronously (main thread or a pool thread)."""
         if self._exiting:
-            return self._refuse(spec)
+            reply(self._refuse(spec))
+            return
         if spec.method_name == TERMINATE_METHOD:
-            return self._terminate(spec)
+            reply(self._terminate(spec))
+            return
 
         def body():
             values = self.executor.fetch_arg_values(spec)
             args, kwargs = self.executor.resolve_args(spec, values)
             return self._method(spec)(*args, **kwargs)
 
-        return self._guarded(spec, body)
+        self._guarded(spec, body, reply)
 
-    def _guarded(self, spec, body) -> pb.TaskResult:
+    def _deliver(self, reply):
+        def deliver(result: pb.TaskResult) -> None:
+            # Values the node must track (stored, or holding refs) are held
+            # for us by the node until the caller registers them.
+            for value in result.returns:
+                if value.in_store or value.contained_ids:
+                    self.core.send_handoff(value)
+            reply(result)
+        return deliver
+
+    def _guarded(self, spec, body, reply) -> None:
         from meshray.core.executor import ActorExitRequested
         try:
-            return self.executor.run(spec, body)
+            self.executor.run(spec, body, self._deliver(reply))
         except ActorExitRequested:
-            return self._exit_now(spec, "exit_actor() was called")
+            reply(self._exit_now(spec, "exit_actor() was called"))
 
     async def _run_async(self, spec, reply) -> None:
         semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]
@@ -185,7 +197,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
 
                 def body():
                     raise failure
-                reply(self._guarded(spec, body))
+                self._guarded(spec, body, reply)
                 return
             if inspect.iscoroutinefunction(method):
                 try:
@@ -201,7 +213,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             else:
                 def body():
                     return method(*args, **kwargs)
-            reply(self._guarded(spec, body))
+            self._guarded(spec, body, reply)
 
     # ------------------------------------------------------------ exits
     def _terminate(self, spec) -> pb.TaskResult:

@@ -594,6 +594,9 @@ class CoreWorker:
     def send_task_result(self, result: pb.TaskResult) -> None:
         self._send(pb.ClientEvent(task_result=result))
 
+    def send_handoff(self, value: pb.ObjectValue) -> None:
+        self._send(pb.ClientEvent(put=pb.PutObject(value=value, handoff=True)))
+
     def send_actor_exiting(self, actor_id: bytes, reason: str) -> None:
         self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(actor_id=actor_id, reason=reason)))
 

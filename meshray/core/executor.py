@@ -84,7 +84,7 @@ class TaskExecutor:
                     self._execute(item)
                 else:
                     spec, reply = item
-                    reply(self.actor_host.run_call(spec))
+                    self.actor_host.run_call(spec, reply)
             except KeyboardInterrupt:
                 # A cancel that landed between items: nothing to interrupt.
                 continue
@@ -149,7 +149,7 @@ class TaskExecutor:
     def _execute(self, msg: pb.ExecuteTask) -> None:
         spec = msg.spec
         if spec.actor_creation:
-            self.core.send_task_result(self._create_actor(msg))
+            self._create_actor(msg)
             return
 
         def body():
@@ -157,10 +157,14 @@ class TaskExecutor:
             args, kwargs = self.resolve_args(spec, self._materialize_args(msg.args))
             return function(*args, **kwargs)
 
-        self.core.send_task_result(self.run(spec, body))
+        self.run(spec, body, self.core.send_task_result)
 
-    def run(self, spec, body) -> pb.TaskResult:
-        """Run `body()` as the task `spec` and package its outputs or error."""
+    def run(self, spec, body, deliver) -> pb.TaskResult:
+        """Run `body()` as the task `spec`, package its outputs or error, deliver them.
+
+        `deliver` is called while the outputs are still referenced here, so
+        refs nested in them are handed on before this frame lets them go.
+        """
         core = self.core
         core.current_task_id = spec.task_id
         state_mod.set_current_spec(spec)
@@ -191,6 +195,7 @@ class TaskExecutor:
                 self.fail(result, spec, self.wrap(spec, exc), retryable=self._retryable(spec, exc))
             sys.stdout.flush()
             sys.stderr.flush()
+            deliver(result)
             return result
         finally:
             self._running.pop(spec.task_id, None)
@@ -213,7 +218,7 @@ class TaskExecutor:
             address.append(host.start_server())
             return None
 
-        result = self.run(spec, body)
+        result = self.run(spec, body, lambda _result: None)
         if result.failed:
             try:
                 error = pickle.loads(result.returns[0].inline_data) if result.returns else None
@@ -222,6 +227,7 @@ class TaskExecutor:
             result.actor_error = str(error) if error is not None else "__init__ failed"
         elif address:
             result.actor_address = address[0]
+        self.core.send_task_result(result)
         return result
 
     # ------------------------------------------------------------ outputs

@@ -248,10 +248,12 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
 
     def _on_put(self, conn: Connection, msg: pb.PutObject) -> None:
         value = msg.value
-        self.objects.add_holder(value.object_id, conn.conn_id)
-        if value.in_store:
+        if value.in_store and not self.objects.is_ready(value.object_id):
             self.store.seal(value.object_id, value.size)
-        self._apply(self.objects.set_value(value.object_id, value))
+        if msg.handoff:
+            self._apply(self.objects.put_handoff(value.object_id, value, conn.conn_id))
+        else:
+            self._apply(self.objects.put_owned(value.object_id, value, conn.conn_id))
 
     def _on_reserve(self, conn: Connection, msg: pb.ReserveObject) -> None:
         try:

@@ -24,6 +24,8 @@ class ObjectEntry:
     pins: int = 0
     subscribers: set = field(default_factory=set)
     ever_referenced: bool = False
+    handoff_holder: object = None       # an actor holding a return until its caller registers
+    registered_by_owner: bool = False
 
     @property
     def referenced(self) -> bool:
@@ -145,6 +147,31 @@ class ObjectDirectory:
                 entry.holders.discard(conn)
                 entry.subscribers.discard(conn)
                 effects.extend(self._maybe_free(object_id, entry))
+        return effects
+
+    def put_handoff(self, object_id: bytes, value, holder) -> Effects:
+        """An actor's return value, held for the actor until its caller registers it."""
+        entry = self._entry(object_id)
+        if entry.registered_by_owner:
+            return Effects()
+        entry.holders.add(holder)
+        entry.handoff_holder = holder
+        return self.set_value(object_id, value)
+
+    def put_owned(self, object_id: bytes, value, holder) -> Effects:
+        """The owner registers a value (a put, or an actor return it received)."""
+        entry = self._entry(object_id)
+        entry.holders.add(holder)
+        entry.ever_referenced = True
+        entry.registered_by_owner = True
+        if entry.value is not None:
+            effects = Effects(deliver=[(conn, entry.value) for conn in entry.subscribers])
+            entry.subscribers.clear()
+        else:
+            effects = self.set_value(object_id, value)
+        if entry.handoff_holder is not None:
+            handed, entry.handoff_holder = entry.handoff_holder, None
+            effects.extend(self.remove_holder(object_id, handed))
         return effects
 
     def _maybe_free(self, object_id: bytes, entry: ObjectEntry) -> Effects:

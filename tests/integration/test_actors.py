@@ -404,3 +404,31 @@ os.kill(os.getpid(), 9)
     finally:
         subprocess.run([sys.executable, "-m", "meshray.cli.main", "stop"], capture_output=True,
                        cwd=REPO, timeout=60, env=env)
+
+
+def test_actor_returns_large_values_and_nested_refs(ray):
+    import gc
+
+    import numpy as np
+
+    from meshray.core.state import state
+
+    @ray.remote
+    class Producer:
+        def big(self):
+            return np.arange(400_000)
+
+        def nested(self):
+            return [ray.put("inside")]
+
+    producer = Producer.remote()
+    big_ref = producer.big.remote()
+    array = ray.get(big_ref)
+    assert array[-1] == 399_999 and not array.flags.writeable
+    name = big_ref.hex()
+    assert name in os.listdir(state.core.store_dir)
+    del array, big_ref
+    gc.collect()
+    wait_for(lambda: name not in os.listdir(state.core.store_dir), message="actor return freed")
+    outer = ray.get(producer.nested.remote())
+    assert ray.get(outer[0]) == "inside"

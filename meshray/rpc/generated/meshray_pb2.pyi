@@ -170,10 +170,12 @@ class SubmitTask(_message.Message):
     def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ...) -> None: ...
 
 class PutObject(_message.Message):
-    __slots__ = ("value",)
+    __slots__ = ("value", "handoff")
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
     value: ObjectValue
-    def __init__(self, value: _Optional[_Union[ObjectValue, _Mapping]] = ...) -> None: ...
+    handoff: bool
+    def __init__(self, value: _Optional[_Union[ObjectValue, _Mapping]] = ..., handoff: _Optional[bool] = ...) -> None: ...
 
 class ReserveObject(_message.Message):
     __slots__ = ("request_id", "object_id", "size")
