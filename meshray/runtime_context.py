@@ -48,8 +48,8 @@ class RuntimeContext:
         return dict(spec.resources) if spec is not None else {}
 
     def get_accelerator_ids(self) -> dict:
-        spec = state_mod.current_spec()
-        gpu_ids = list(getattr(state_mod.state, "gpu_ids", []) or []) if spec is not None else []
+        in_task = state_mod.current_spec() is not None or bool(state_mod.state.actor_id)
+        gpu_ids = list(state_mod.state.gpu_ids) if in_task else []
         return {"GPU": [str(i) for i in gpu_ids]}
 
     def get(self) -> dict:

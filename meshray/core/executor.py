@@ -148,6 +148,7 @@ class TaskExecutor:
 
     def _execute(self, msg: pb.ExecuteTask) -> None:
         spec = msg.spec
+        state_mod.state.gpu_ids = list(msg.assigned_gpu_ids)
         if spec.actor_creation:
             self._create_actor(msg)
             return

@@ -22,6 +22,7 @@ class ProcessState:
     local_node: object = None           # handle on a node this driver started
     actor_id: bytes = b""               # set in a worker that hosts an actor
     actor_reconstructed: bool = False   # this actor instance is a restart
+    gpu_ids: list = field(default_factory=list)   # devices of the running task / actor
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 

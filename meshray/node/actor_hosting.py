@@ -39,6 +39,7 @@ class ActorHosting:
         task.worker = None
         task.acquired = False
         entry.holding = True
+        entry.allocation, task.allocation = task.allocation, None
         worker.current_task = None
         entry.address = result.actor_address
         self._set_actor_state(entry, "created")
@@ -53,8 +54,12 @@ class ActorHosting:
             self._release(task)
             task.worker = None
         elif entry.holding:
-            self.resources.release(entry.hold)
+            if entry.allocation is not None:
+                self.resources.release(entry.allocation)
+            else:
+                self.resources.release(entry.hold)
         entry.holding = False
+        entry.allocation = None
         entry.worker = None
         event = "killed" if entry.killed else "worker_died"
         self._set_actor_state(entry, event, entry.kill_cause)
@@ -75,7 +80,7 @@ class ActorHosting:
         spec.attempt += 1
         task = TaskRecord(spec=spec, owner=entry.owner, return_ids=[],
                           request=ResourceSet.from_dict(dict(spec.resources)),
-                          env_key=old_task.env_key if old_task else self._env_key(spec),
+                          env_key=self._env_key(spec),
                           env_vars=dict(spec.env_vars), retries_left=0,
                           hold=ResourceSet.from_dict(dict(spec.held_resources)), actor=entry)
         self.tasks[spec.task_id] = task

@@ -42,6 +42,7 @@ class ActorEntry:
     killed: bool = False                # the worker was killed on purpose
     kill_cause: str = ""
     holding: bool = False               # its held resources are taken from the node
+    allocation: object = None           # device assignment it holds (GPUs)
 
     @property
     def hold(self):

@@ -31,7 +31,7 @@ from meshray.object_store.store import ObjectStore
 from meshray.rpc import make_aio_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from meshray.scheduler.resources import NodeResources, ResourceSet
+from meshray.scheduler.resources import Allocation, NodeResources, ResourceSet
 
 __all__ = ["NodeConfig", "NodeDaemon"]
 
@@ -52,6 +52,7 @@ class NodeConfig:
     etcd_endpoints: list = field(default_factory=list)
     labels: dict = field(default_factory=dict)
     prestart_workers: int | None = None
+    gpu_ids: list = field(default_factory=list)   # device ids behind the GPU resource
 
 
 @dataclass(eq=False)
@@ -87,7 +88,9 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
-        self.resources = NodeResources(ResourceSet.from_dict(config.resources))
+        self.resources = NodeResources(
+            ResourceSet.from_dict(config.resources),
+            instances={"GPU": list(config.gpu_ids)} if config.gpu_ids else None)
         store_root = f"/dev/shm/meshray-{config.node_id.hex()[:12]}"
         self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
                                  config.object_store_memory)
@@ -364,29 +367,45 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
                     break
                 tasks.popleft()
                 task.acquired = True
-                worker = self.pool.pop_idle(task.env_key)
+                worker = self.pool.pop_idle(task.worker_key)
                 if worker is None:
                     task.state = "assigned"
                     self.awaiting_worker.append(task)
-                    self._ensure_workers(task.env_key, task.env_vars)
+                    self._ensure_workers(task.worker_key, task.worker_env)
                 else:
                     self._dispatch(task, worker)
 
     def _try_acquire(self, task: TaskRecord) -> bool:
-        if task.hold is task.request:
-            return self.resources.try_acquire(task.request)
         # An actor must fit its placement request but only holds `hold`.
-        return self.resources.can_fit(task.request) and self.resources.try_acquire(task.hold)
+        if task.hold is not task.request and not self.resources.can_fit(task.request):
+            return False
+        if self.config.gpu_ids and task.hold.get("GPU"):
+            allocation = self.resources.allocate(task.hold)
+            if allocation is None:
+                return False
+            task.allocation = allocation
+            self._assign_devices(task, allocation.instances.get("GPU", ()))
+            return True
+        return self.resources.try_acquire(task.hold)
+
+    def _assign_devices(self, task: TaskRecord, gpu_ids) -> None:
+        """Pin the task's worker to its GPUs; such workers serve only that assignment."""
+        from meshray.accelerators.nvidia import visible_devices_env
+        task.gpu_ids = [str(i) for i in gpu_ids]
+        extra = visible_devices_env(gpu_ids)
+        if extra:
+            task.worker_env = {**task.env_vars, **extra}
+            task.worker_key = f"{task.env_key}|gpu:{','.join(task.gpu_ids)}"
 
     def _ensure_workers(self, env_key: str, env_vars: dict) -> None:
-        wanted = sum(1 for t in self.awaiting_worker if t.env_key == env_key)
+        wanted = sum(1 for t in self.awaiting_worker if t.worker_key == env_key)
         starting = self.pool.starting.get(env_key, 0)
         for _ in range(max(0, wanted - starting)):
             self.pool.start(ids.new_id(), env_key, env_vars)
 
     def _worker_free(self, worker: WorkerProcess) -> None:
         for index, task in enumerate(self.awaiting_worker):
-            if task.env_key == worker.env_key:
+            if task.worker_key == worker.env_key:
                 del self.awaiting_worker[index]
                 self._dispatch(task, worker)
                 return
@@ -406,14 +425,21 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
             worker.functions_sent.add(spec.function_id)
         for object_id in spec.arg_ref_ids:
             execute.args.append(self.objects.get(object_id))
+        execute.assigned_gpu_ids.extend(task.gpu_ids)
         worker.conn.send(pb.ServerEvent(execute=execute))
 
     def _release(self, task: TaskRecord) -> None:
         if task.acquired:
-            request = task.hold
-            if task.cpu_lent:
-                request = request - ResourceSet.from_dict({"CPU": request.get("CPU", 0.0)})
-            self.resources.release(request)
+            lent = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)}) \
+                if task.cpu_lent else ResourceSet()
+            if task.allocation is not None:
+                allocation = task.allocation
+                if task.cpu_lent:
+                    allocation = Allocation(allocation.resources - lent, allocation.instances)
+                self.resources.release(allocation)
+                task.allocation = None
+            else:
+                self.resources.release(task.hold - lent)
             task.acquired = task.cpu_lent = False
         if task.worker is not None:
             task.worker.current_task = None
@@ -550,8 +576,8 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
                     self.pool.forget(worker)
                     # Tasks waiting on a worker for this env get a new start.
                     for task in self.awaiting_worker:
-                        if task.env_key == worker.env_key:
-                            self._ensure_workers(task.env_key, task.env_vars)
+                        if task.worker_key == worker.env_key:
+                            self._ensure_workers(task.worker_key, task.worker_env)
                             break
 
     # ------------------------------------------------------------ logs

@@ -95,11 +95,19 @@ async def _run(args) -> int:
     if gpus:
         labels.setdefault("gpu_names", ",".join(g.name for g in gpus))
         labels.setdefault("gpu_memory_bytes", ",".join(str(g.memory_total_bytes) for g in gpus))
+    gpu_ids = [g.index for g in gpus]
+    total_gpus = resources.get("GPU", 0.0)
+    if total_gpus != len(gpu_ids):
+        # --num-gpus overrode detection: expose that many device ids.
+        gpu_ids = gpu_ids[:int(total_gpus)] if total_gpus <= len(gpu_ids) else list(range(int(total_gpus)))
+    if total_gpus != int(total_gpus):
+        gpu_ids = []
     config = NodeConfig(
         session_dir=args.session_dir, node_id=node_id, resources=resources,
         object_store_memory=int(resources["object_store_memory"]), host=args.host,
         port=args.port, token=os.environ.get("MESHRAY_TOKEN") or None,
-        etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers)
+        etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
+        gpu_ids=gpu_ids)
     daemon = NodeDaemon(config)
     await daemon.start()
     membership = Membership(daemon, endpoints, ttl=args.lease_ttl, etcd_process=etcd)

@@ -32,10 +32,16 @@ class TaskRecord:
     children: set = field(default_factory=set)
     hold: object = None               # ResourceSet held while it runs (default: request)
     actor: object = None              # ActorEntry, for actor creation tasks
+    allocation: object = None         # scheduler Allocation when devices were assigned
+    gpu_ids: list = field(default_factory=list)
+    worker_key: str = ""              # which pooled workers may run it (env + devices)
+    worker_env: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.hold is None:
             self.hold = self.request
+        self.worker_key = self.worker_key or self.env_key
+        self.worker_env = self.worker_env or dict(self.env_vars)
 
     @property
     def task_id(self) -> bytes:
