@@ -60,7 +60,8 @@ def _find_local_node(etcd: str | None):
     if etcd is not None:
         wanted = set(etcd.split(","))
         records = [r for r in records if wanted & set(r.get("etcd", "").split(","))]
-    records.sort(key=lambda r: (not r.get("cli"), r.get("node_id")))
+    # Prefer nodes started by `meshray start`, then the longest-running one.
+    records.sort(key=lambda r: (not r.get("cli"), r.get("started_at", 0), r.get("node_id")))
     return records[0] if records else None
 
 

@@ -114,7 +114,7 @@ class ActorClass:
         namespace = options.get("namespace")
         if namespace is None:
             namespace = state_mod.state.namespace
-        actor_id = ids.new_id()
+        actor_id = core.new_task_id()  # prefixed with the owner node, like task ids
         if name:
             claim = core.request("claim_actor_name", {
                 "name": name, "namespace": namespace, "actor_id": actor_id.hex()})
@@ -138,7 +138,7 @@ class ActorClass:
         }
         parent = state_mod.current_spec()
         spec = pb.TaskSpec(
-            task_id=ids.new_id(), job_id=parent.job_id if parent is not None else core.job_id,
+            task_id=core.new_task_id(), job_id=parent.job_id if parent is not None else core.job_id,
             function_id=self._class_id, name=f"{class_name}.__init__", args_blob=args_blob,
             arg_ref_ids=arg_refs, contained_ids=contained, num_returns=1, max_retries=0,
             owner_id=core.worker_id, actor_id=actor_id, actor_creation=True,
@@ -259,7 +259,7 @@ class ActorMethod:
         args_blob, arg_refs, contained, keepalive = core.build_args(args, kwargs, label)
         keepalive.extend(ObjectRef(object_id) for object_id in contained)
         parent = state_mod.current_spec()
-        task_id = ids.new_id()
+        task_id = core.new_task_id()
         spec = pb.TaskSpec(
             task_id=task_id, job_id=parent.job_id if parent is not None else core.job_id,
             name=self._overrides.get("name") or label, args_blob=args_blob,

@@ -48,6 +48,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="PATH",
                         help="write the table as markdown; a file that has the table markers "
                              "gets only the table between them replaced")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="run nothing: re-render a report saved with --json "
+                             "(e.g. into --markdown)")
     parser.add_argument("--compare-ray", action="store_true",
                         help="also run the same workloads on Ray and print meshray/Ray")
     parser.add_argument("--ray-python", default=sys.executable, metavar="PATH",
@@ -347,7 +350,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"Measured {meta['date']} on {meta['machine']['cpu_model']} "
         f"({meta['machine']['cores']} cores, {meta['machine']['memory_gib']} GiB), "
-        f"Python {meta['machine']['python']}, {versions}; num_cpus={meta['num_cpus']}, "
+        f"Python {meta['machine']['python']}, {versions}"
+        f"{' (commit ' + meta['git_commit'] + ')' if meta.get('git_commit') else ''}; "
+        f"num_cpus={meta['num_cpus']}, "
         f"{timing.get('runs', '?')} runs × {timing.get('duration', '?')} s after "
         f"{timing.get('warmup', '?')} s warm-up, medians (± is half the min–max range).",
         "",
@@ -400,12 +405,19 @@ def _machine() -> dict:
 
 
 def _git_commit() -> str | None:
+    """The commit measured, "+modified" when the working tree differs from it."""
     try:
-        out = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain",
+                                 "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    commit = head.stdout.strip() if head.returncode == 0 else ""
+    if commit and status.stdout.strip():
+        commit += "+modified"
+    return commit or None
 
 
 # --------------------------------------------------------------------- entry points
@@ -423,6 +435,9 @@ def run_cli(args) -> int:
         for workload in workloads_mod.WORKLOADS:
             print(f"{workload.name:<48} {workload.unit:<6} {workload.note}")
         return 0
+    if args.from_json:
+        with open(args.from_json) as handle:
+            return _finish(json.load(handle), args)
     chosen = workloads_mod.select(args.rows)
     if not chosen:
         print(f"no row matches {args.rows}; see --list", file=sys.stderr)
@@ -448,13 +463,18 @@ def run_cli(args) -> int:
     for runtime, python in runtimes:
         print(f"running {len(names)} rows on {runtime} ({python}) ...", flush=True)
         report["runtimes"][runtime] = run_runtime(runtime, python, names, args, on_row)
+    if args.compare_ray:
+        report["comparison"] = compare(report["runtimes"]["meshray"]["rows"],
+                                       report["runtimes"]["ray"]["rows"])
+    return _finish(report, args)
+
+
+def _finish(report: dict, args) -> int:
+    """Print the table and write the requested files; non-zero if a row failed."""
     runtime_rows = {name: data["rows"] for name, data in report["runtimes"].items()}
-    comparison = compare(runtime_rows["meshray"], runtime_rows["ray"]) if args.compare_ray else None
-    if comparison is not None:
-        report["comparison"] = comparison
     print()
-    print(render_text(runtime_rows, comparison))
-    if args.json:
+    print(render_text(runtime_rows, report.get("comparison")))
+    if args.json and not args.from_json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
         print(f"\nwrote {args.json}")

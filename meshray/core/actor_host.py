@@ -172,6 +172,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             # Values the node must track (stored, or holding refs) are held
             # for us by the node until the caller registers them.
             for value in result.returns:
+                if value.in_store:
+                    value.location = self.core.node_id.hex()   # callers may be elsewhere
                 if value.in_store or value.contained_ids:
                     self.core.send_handoff(value)
             reply(result)

@@ -86,7 +86,7 @@ class CoreWorker:
         self._local_only: set[bytes] = set()
         self._register_on_arrival: set[bytes] = set()
         self._actor_connections: dict[bytes, object] = {}
-        self._put_task_id = ids.new_id()
+        self._put_task_id = b""             # set once the node's id is known
         self._put_counter = itertools.count(1)
         self._closed = False
         self._lost = False
@@ -116,6 +116,7 @@ class CoreWorker:
         self.store_dir = welcome.store_dir
         self.session_dir = welcome.session_dir
         self.node_address = welcome.node_address
+        self._put_task_id = ids.new_task_id(self.node_id)
         object_ref.set_tracker(self)
 
     # ------------------------------------------------------------ transport
@@ -431,7 +432,7 @@ class CoreWorker:
     def materialize(self, value: pb.ObjectValue):
         """Turn an ObjectValue into the Python value (raising stored errors)."""
         if value.in_store:
-            result = self._read_store(value.object_id)
+            result = self._read_store(value.object_id, value.location)
         else:
             result = serialization.deserialize_inline(value.inline_data)
         if value.is_error:
@@ -440,15 +441,16 @@ class CoreWorker:
             raise result
         return result
 
-    def _read_store(self, object_id: bytes):
+    def _read_store(self, object_id: bytes, location: str = ""):
         mapped = self._mapped.get(object_id)
         if mapped is None:
             path = os.path.join(self.store_dir, object_id.hex())
             try:
                 mapped = layout.read_object(path)
             except FileNotFoundError:
-                # Spilled to disk meanwhile: ask the node to bring it back.
-                path = self.request("restore", {"object_id": object_id.hex()})["path"]
+                # Spilled to disk, or on another node: ask ours to make it local.
+                path = self.request("restore", {"object_id": object_id.hex(),
+                                                "location": location}, timeout=600)["path"]
                 mapped = layout.read_object(path)
             with self._lock:
                 if object_id in self._local_refs:
@@ -521,6 +523,9 @@ class CoreWorker:
             self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=unclaimed)))
 
     # ------------------------------------------------------------ tasks
+    def new_task_id(self) -> bytes:
+        return ids.new_task_id(self.node_id)
+
     def ensure_function(self, function_id: bytes, pickled_fn, name: str) -> None:
         if function_id in self._functions_sent:
             return

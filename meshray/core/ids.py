@@ -11,6 +11,9 @@ import os
 import struct
 
 __all__ = [
+    "NODE_PREFIX_LEN",
+    "new_task_id",
+    "owner_prefix",
     "TASK_ID_LEN",
     "OBJECT_ID_LEN",
     "new_id",
@@ -21,6 +24,9 @@ __all__ = [
 ]
 
 TASK_ID_LEN = 16
+# A task id starts with the first bytes of the id of the node it was
+# submitted on: any node can tell from an object id which node owns it.
+NODE_PREFIX_LEN = 6
 OBJECT_ID_LEN = TASK_ID_LEN + 4
 _INDEX = struct.Struct(">I")
 
@@ -45,3 +51,13 @@ def task_id_of(object_id: bytes) -> bytes:
 
 def index_of(object_id: bytes) -> int:
     return _INDEX.unpack(object_id[TASK_ID_LEN:OBJECT_ID_LEN])[0]
+
+
+def new_task_id(node_id: bytes) -> bytes:
+    """A task id owned by `node_id`: its prefix, then 80 random bits."""
+    return node_id[:NODE_PREFIX_LEN] + os.urandom(TASK_ID_LEN - NODE_PREFIX_LEN)
+
+
+def owner_prefix(object_or_task_id: bytes) -> bytes:
+    """The node-id prefix of the node that owns this object (or task)."""
+    return object_or_task_id[:NODE_PREFIX_LEN]

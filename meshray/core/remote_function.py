@@ -94,7 +94,7 @@ class RemoteFunction:
         core.ensure_function(self._function_id, lambda: self._pickled, self._name)
         num_returns = options.get("num_returns", 1)
         streaming = num_returns in ("streaming", "dynamic")
-        task_id = ids.new_id()
+        task_id = core.new_task_id()
         args_blob, arg_refs, contained, keepalive = core.build_args(args, kwargs, self._name)
         parent = state_mod.current_spec()
         spec = pb.TaskSpec(

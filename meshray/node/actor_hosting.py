@@ -8,6 +8,7 @@ change is published to etcd (the actor directory) off the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from meshray import exceptions
@@ -97,6 +98,16 @@ class ActorHosting:
     def _kill_actor(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
         if entry.state == actor_states.DEAD:
             return
+        if entry.remote_node and entry.remote_node not in self.known_dead and entry.worker is None:
+            # Hosted elsewhere: its host kills it; we only stop restarting it.
+            self._send_peer(entry.remote_node, pb.PeerEvent(request=pb.Request(
+                request_id=0, method="kill_actor", payload=json.dumps({
+                    "actor_id": entry.actor_id.hex(), "no_restart": no_restart,
+                    "cause": cause}).encode())))
+            if no_restart:
+                entry.state, entry.death_cause = actor_states.DEAD, cause
+                entry.wake()
+            return
         entry.no_restart = entry.no_restart or no_restart
         entry.killed = True
         entry.kill_cause = cause
@@ -174,14 +185,43 @@ class ActorHosting:
 
     # ------------------------------------------------------------ questions
     async def _ask_actor_info(self, conn, payload: dict) -> dict:
+        """The actor's record; with wait, once it is ALIVE (past a known incarnation) or DEAD.
+
+        The node hosting the actor answers for it; the node that created it
+        answers while it is being placed or restarted after its host died.
+        """
         actor_id = bytes.fromhex(payload["actor_id"])
         entry = self.actors.get(actor_id)
+        timeout = float(payload.get("timeout", ACTOR_WAIT_S))
+        host = entry.remote_node if entry is not None else ""
+        if entry is not None and host and host not in self.known_dead and entry.state == "ALIVE":
+            return await self.ask_peer(host, "actor_info", payload, timeout + 10)
         if entry is not None:
             if payload.get("wait"):
-                await entry.wait_settled(float(payload.get("timeout", ACTOR_WAIT_S)),
-                                         int(payload.get("after_restarts", -1)))
+                await entry.wait_settled(timeout, int(payload.get("after_restarts", -1)))
+                if entry.remote_node and entry.remote_node != host and entry.state == "ALIVE":
+                    return await self.ask_peer(entry.remote_node, "actor_info", payload, timeout + 10)
             return entry.record(self.node_id.hex())
-        return await self._etcd_call(self._read_actor_record, actor_id)
+        return await self._remote_actor_info(actor_id, payload, timeout)
+
+    async def _remote_actor_info(self, actor_id: bytes, payload: dict, timeout: float) -> dict:
+        """An actor neither hosted nor created here: etcd says where; ask that node."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            record = await self._etcd_call(self._read_actor_record, actor_id)
+            node = record.get("node_id", "")
+            if record.get("state") in ("DEAD", "UNKNOWN"):
+                return record
+            if node == self.node_id.hex():
+                entry = self.actors.get(actor_id)
+                if entry is not None:
+                    return entry.record(self.node_id.hex())
+            elif node in self.view_nodes and record.get("state") == "ALIVE":
+                return await self.ask_peer(node, "actor_info", payload, timeout + 10)
+            if not payload.get("wait") or loop.time() >= deadline:
+                return record
+            await asyncio.sleep(0.2)  # placed, restarting, or its host just died
 
     def _read_actor_record(self, coordinator, actor_id: bytes) -> dict:
         from meshray.coordination import keyspace
@@ -191,11 +231,19 @@ class ActorHosting:
         return keyspace.decode_json(value)
 
     async def _ask_kill_actor(self, conn, payload: dict) -> dict:
-        entry = self.actors.get(bytes.fromhex(payload["actor_id"]))
+        actor_id = bytes.fromhex(payload["actor_id"])
+        entry = self.actors.get(actor_id)
+        if entry is not None and entry.remote_node and entry.remote_node not in self.known_dead:
+            return await self.ask_peer(entry.remote_node, "kill_actor", payload)
         if entry is None:
-            raise ValueError(f"actor {payload['actor_id']} is not hosted on this node")
+            record = await self._etcd_call(self._read_actor_record, actor_id)
+            node = record.get("node_id", "")
+            if node and node != self.node_id.hex() and node in self.view_nodes:
+                return await self.ask_peer(node, "kill_actor", payload)
+            raise ValueError(f"actor {payload['actor_id']} is not known to this node "
+                             f"(its record says state {record.get('state')}, node {node or '?'})")
         self._kill_actor(entry, no_restart=bool(payload.get("no_restart", True)),
-                         cause="the actor was killed with meshray.kill()")
+                         cause=payload.get("cause") or "the actor was killed with meshray.kill()")
         return {"ok": True}
 
     async def _ask_claim_actor_name(self, conn, payload: dict) -> dict:

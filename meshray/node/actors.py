@@ -43,6 +43,8 @@ class ActorEntry:
     kill_cause: str = ""
     holding: bool = False               # its held resources are taken from the node
     allocation: object = None           # device assignment it holds (GPUs)
+    owner_node: str = ""                # set when the actor was created for another node
+    remote_node: str = ""               # set on the creating node when it runs elsewhere
 
     @property
     def hold(self):
@@ -63,7 +65,7 @@ class ActorEntry:
         return {
             "actor_id": self.actor_id.hex(),
             "state": self.state,
-            "node_id": node_id_hex,
+            "node_id": self.remote_node or node_id_hex,
             "address": self.address,
             "num_restarts": self.num_restarts,
             "death_cause": self.death_cause,

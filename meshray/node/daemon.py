@@ -24,6 +24,7 @@ from meshray.core import ids
 from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
+from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
@@ -84,7 +85,7 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
     return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
-class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -95,7 +96,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
                                  config.object_store_memory)
         self.store_dir = store_root
-        self.objects = ObjectDirectory()
+        self.objects = ObjectDirectory(is_local=self._owns)
         self.queue = TaskQueue()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.waiting_on: dict[bytes, list[TaskRecord]] = {}
@@ -109,7 +110,13 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         self.local_address = ""
         self.membership = None            # set by the process entry point
         self.actors: dict[bytes, ActorEntry] = {}
+        self.infeasible: list[TaskRecord] = []
+        self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
+        self._init_cluster()
+
+    def _owns(self, object_id: bytes) -> bool:
+        return object_id[:ids.NODE_PREFIX_LEN] == self.node_id[:ids.NODE_PREFIX_LEN]
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -117,6 +124,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         self.server, bound = make_aio_server(
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
         pb_grpc.add_NodeServiceServicer_to_server(self, self.server)
+        pb_grpc.add_NodePeerServicer_to_server(self, self.server)
         await self.server.start()
         self.address = bound[0]
         self.local_address = bound[1]
@@ -128,6 +136,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         for _ in range(count):
             self.pool.start(ids.new_id(), DEFAULT_ENV_KEY, {})
         asyncio.get_running_loop().create_task(self._reap_loop())
+        asyncio.get_running_loop().create_task(self._replace_loop())
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()
@@ -183,6 +192,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
                     except Exception:  # noqa: BLE001 - one bad message never takes the node down
                         log.exception("failed to handle %s from connection %d",
                                       event.WhichOneof("kind"), conn.conn_id)
+                self._flush_borrows()
                 self._schedule()
         except asyncio.CancelledError:
             raise
@@ -217,10 +227,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
 
     def _on_submit(self, conn: Connection, msg: pb.SubmitTask) -> None:
         spec = msg.spec
-        if spec.num_returns < 0:
-            return_ids = [ids.object_id_for(spec.task_id, 0)]
-        else:
-            return_ids = [ids.object_id_for(spec.task_id, i + 1) for i in range(spec.num_returns)]
+        return_ids = self._return_ids(spec)
         env_vars = dict(spec.env_vars)
         task = TaskRecord(spec=spec, owner=conn, return_ids=return_ids,
                           request=ResourceSet.from_dict(dict(spec.resources)),
@@ -249,10 +256,18 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         if not task.pending_deps:
             self._enqueue(task)
 
+    @staticmethod
+    def _return_ids(spec) -> list:
+        if spec.num_returns < 0:
+            return [ids.object_id_for(spec.task_id, 0)]
+        return [ids.object_id_for(spec.task_id, i + 1) for i in range(spec.num_returns)]
+
     def _on_put(self, conn: Connection, msg: pb.PutObject) -> None:
         value = msg.value
-        if value.in_store and not self.objects.is_ready(value.object_id):
-            self.store.seal(value.object_id, value.size)
+        self._seal_if_stored(value)
+        if value.in_store and value.location not in ("", self.node_hex) and not msg.handoff:
+            # An actor on another node holds this return for us until we claim it.
+            self._send_peer(value.location, pb.PeerEvent(refs=pb.RefUpdate(add=[value.object_id])))
         if msg.handoff:
             self._apply(self.objects.put_handoff(value.object_id, value, conn.conn_id))
         else:
@@ -326,6 +341,10 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         task = self.tasks.get(result.task_id)
         if task is None or worker is None or task.worker is not worker:
             return
+        if result.stream_item_id and isinstance(task.owner, RemoteOwner):
+            self._seal_if_stored(result.returns[0])
+            self._forward_stream_item(task, result.returns[0])
+            return
         if result.stream_item_id:
             item = result.returns[0]
             self.objects.expect(item.object_id, task.owner.conn_id)
@@ -348,15 +367,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
 
     # ------------------------------------------------------------ scheduling
     def _enqueue(self, task: TaskRecord) -> None:
-        if not self.resources.is_feasible(task.request):
-            if not task.infeasible_reported:
-                task.infeasible_reported = True
-                task.owner.send(pb.ServerEvent(notice=pb.Notice(text=(
-                    f"Task {task.spec.name} (id {task.task_id.hex()}) needs "
-                    f"{task.request.to_dict()} but no node has that much in total "
-                    f"(this node: {self.resources.total.to_dict()}); it stays pending "
-                    "until a node that fits joins."))))
-        self.queue.push(task)
+        self._place_or_queue(task)
 
     def _schedule(self) -> None:
         """Dispatch queued tasks while resources and workers allow."""
@@ -423,8 +434,11 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         if spec.function_id not in worker.functions_sent:
             execute.function_pickled = self.functions.get(spec.function_id, b"")
             worker.functions_sent.add(spec.function_id)
-        for object_id in spec.arg_ref_ids:
-            execute.args.append(self.objects.get(object_id))
+        if task.remote_args is not None:
+            execute.args.extend(task.remote_args)
+        else:
+            for object_id in spec.arg_ref_ids:
+                execute.args.append(self._exportable(self.objects.get(object_id)))
         execute.assigned_gpu_ids.extend(task.gpu_ids)
         worker.conn.send(pb.ServerEvent(execute=execute))
 
@@ -450,6 +464,11 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
         self.tasks.pop(task.task_id, None)
         for value in values:
             self._seal_if_stored(value)
+        if isinstance(task.owner, RemoteOwner):
+            if not task.cancelled or task.actor is not None:
+                self._send_home(task, values)
+            return
+        for value in values:
             self._apply(self.objects.set_value(value.object_id, value))
         self._apply(self.objects.unpin(task.spec.arg_ref_ids))
         self._apply(self.objects.unpin(task.spec.contained_ids))
@@ -481,6 +500,13 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
             if task in self.awaiting_worker:
                 self.awaiting_worker.remove(task)
             self._fail(task, error)
+        elif task.state == "spilled":
+            self._send_peer(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
+                object_id=ids.object_id_for(task.task_id, 1), force=force, recursive=recursive)))
+        elif task.state == "infeasible":
+            if task in self.infeasible:
+                self.infeasible.remove(task)
+            self._fail(task, error)
         elif task.state == "running":
             if force:
                 task.force_cancelled = True
@@ -490,17 +516,23 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
 
     # ------------------------------------------------------------ objects
     def _seal_if_stored(self, value: pb.ObjectValue) -> None:
-        if value.in_store:
+        """Seal a store value a local process just wrote (not copies elsewhere)."""
+        if value.in_store and value.location in ("", self.node_hex) \
+                and not self.objects.is_ready(value.object_id):
             self.store.seal(value.object_id, value.size)
 
     def _apply(self, effects) -> None:
         for conn_id, value in effects.deliver:
+            node = holder_node(conn_id)
+            if node is not None:
+                self._send_peer(node, pb.PeerEvent(ready=pb.ObjectReady(
+                    value=self._exportable(value))))
+                continue
             conn = self.conns.get(conn_id)
             if conn is not None:
                 conn.send(pb.ServerEvent(ready=pb.ObjectReady(value=value)))
         for value in effects.free:
-            if value.in_store:
-                self.store.delete(value.object_id)
+            self._free_value(value)
         for object_id in effects.became_ready:
             for task in self.waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
@@ -600,11 +632,9 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer):
             "Labels": dict(self.config.labels),
         }
 
-    _LOCAL_QUESTIONS = ("restore",)
+    _LOCAL_QUESTIONS = ()
 
     def _answer(self, method: str, payload: dict):
-        if method == "restore":
-            return {"path": self.store.ensure_in_memory(bytes.fromhex(payload["object_id"]))}
         raise ValueError(f"unknown request method {method!r}")
 
     def _answer_cluster(self, method: str, local_available: dict):

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 __all__ = ["main"]
 
@@ -112,7 +113,7 @@ async def _run(args) -> int:
     await daemon.start()
     membership = Membership(daemon, endpoints, ttl=args.lease_ttl, etcd_process=etcd)
     daemon.membership = membership
-    membership.start()
+    membership.start(loop)
 
     token = os.environ.get("MESHRAY_TOKEN")
     if token:
@@ -124,6 +125,7 @@ async def _run(args) -> int:
         "local_address": daemon.local_address, "etcd": ",".join(endpoints),
         "session_dir": args.session_dir, "cli": bool(args.cli),
         "embedded_etcd": bool(etcd), "etcd_pid": etcd.pid if etcd else None,
+        "started_at": time.time(),
     }
     registry.write_record(node_id.hex(), record)
     if args.ready_fd >= 0:

@@ -43,10 +43,54 @@ class Membership:
         self._seen_nodes: dict[str, dict] = {}
         self._thread = threading.Thread(target=self._run, name="meshray-membership", daemon=True)
         self.lease_generation = 0
+        self._loop = None                 # the daemon's event loop, for view callbacks
+        self._locations: dict[bytes, bool] = {}   # object id -> present here (unpublished)
+        self._locations_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> None:
+    def start(self, loop=None) -> None:
+        self._loop = loop
         self._thread.start()
+
+    def _view_changed(self, _changes=None) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._daemon.on_view_change)
+            except RuntimeError:
+                pass  # the loop is shutting down
+
+    def note_location(self, object_id: bytes, present: bool) -> None:
+        """Record that this node gained/lost a copy; published in the next batch."""
+        with self._locations_lock:
+            self._locations[object_id] = present
+
+    def _publish_locations(self) -> None:
+        from meshray.coordination.client import Delete, Put
+        with self._locations_lock:
+            pending, self._locations = self._locations, {}
+        if not pending or self._lease is None:
+            return
+        node = self._daemon.node_id
+        ops = [Put(self.keys.objloc(oid, node), b"1", lease=self._lease.lease_id) if present
+               else Delete(self.keys.objloc(oid, node)) for oid, present in pending.items()]
+        for start in range(0, len(ops), 100):
+            self.coordinator.txn([], ops[start:start + 100])
+
+    def locations(self, object_id: bytes) -> list[str]:
+        """Nodes (hex) that registered a copy of `object_id` in etcd."""
+        if self.coordinator is None:
+            return []
+        items, _rev = self.coordinator.get_prefix(self.keys.objloc_prefix(object_id))
+        return [self.keys.parse_objloc(item[0])[1] for item in items]
+
+    def view_snapshot(self) -> tuple[dict, dict]:
+        """(node records, availabilities) of live nodes, keyed by node id hex."""
+        if self._nodes_view is None or self._avail_view is None:
+            return {}, {}
+        nodes = {self.keys.parse_node(k): v for k, v in self._values(self._nodes_view).items()}
+        avail = {self.keys.parse_avail(k): v for k, v in self._values(self._avail_view).items()}
+        return nodes, avail
 
     def stop(self) -> None:
         self._stop.set()
@@ -83,8 +127,10 @@ class Membership:
         self.coordinator = connect()
         if self.coordinator is None:
             return
-        self._nodes_view = PrefixMirror(self.coordinator, self.keys.nodes_prefix())
-        self._avail_view = PrefixMirror(self.coordinator, self.keys.avail_prefix())
+        self._nodes_view = PrefixMirror(self.coordinator, self.keys.nodes_prefix(),
+                                        on_change=self._view_changed)
+        self._avail_view = PrefixMirror(self.coordinator, self.keys.avail_prefix(),
+                                        on_change=self._view_changed)
         self._nodes_view.start(timeout=10.0)
         self._avail_view.start(timeout=10.0)
         while not self._stop.is_set():
@@ -113,15 +159,19 @@ class Membership:
                              keyspace.encode_json(self._published), lease=lease_id)
         self.lease_generation += 1
         self._registered.set()
+        self._view_changed()
         log.info("registered node %s with lease %x", self._daemon.node_id.hex(), lease_id)
 
     def _publish_until_lost(self) -> None:
         while not self._stop.wait(PUBLISH_INTERVAL_S):
             if self._lease_lost.is_set():
                 self._registered.clear()
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._daemon.on_lease_lost)
                 log.warning("node %s lost its etcd lease; stopped acting as a member until "
                             "re-registered", self._daemon.node_id.hex())
                 return
+            self._publish_locations()
             current = self._daemon.resources.available.to_dict()
             if current != self._published:
                 self.coordinator.put(self.keys.avail(self._daemon.node_id),

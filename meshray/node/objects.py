@@ -25,6 +25,7 @@ class ObjectEntry:
     subscribers: set = field(default_factory=set)
     ever_referenced: bool = False
     handoff_holder: object = None       # an actor holding a return until its caller registers
+    fetching: bool = False              # foreign object: value requested from its owner
     registered_by_owner: bool = False
 
     @property
@@ -46,8 +47,29 @@ class Effects:
 
 
 class ObjectDirectory:
-    def __init__(self):
+    """Entries for objects this node owns, and borrow entries for foreign ones.
+
+    `is_local(object_id)` says whether this node owns an object. A foreign
+    entry exists while something here references the object; its creation
+    and removal are queued in `borrows` / `unborrows`, and the first request
+    for its value in `fetches`, for the daemon to tell the owner node.
+    """
+
+    def __init__(self, is_local=None):
         self._entries: dict[bytes, ObjectEntry] = {}
+        self._is_local = is_local or (lambda _object_id: True)
+        self.borrows: list[bytes] = []
+        self.unborrows: list[bytes] = []
+        self.fetches: list[bytes] = []
+
+    def drain(self) -> tuple[list, list, list]:
+        """Take the queued borrow / unborrow / fetch notices."""
+        out = (self.borrows, self.unborrows, self.fetches)
+        self.borrows, self.unborrows, self.fetches = [], [], []
+        return out
+
+    def entries(self):
+        return self._entries.items()
 
     # -- queries ---------------------------------------------------------
     def get(self, object_id: bytes):
@@ -73,6 +95,8 @@ class ObjectDirectory:
         entry = self._entries.get(object_id)
         if entry is None:
             entry = self._entries[object_id] = ObjectEntry()
+            if not self._is_local(object_id):
+                self.borrows.append(object_id)
         return entry
 
     def expect(self, object_id: bytes, holder) -> None:
@@ -116,6 +140,9 @@ class ObjectDirectory:
         if entry.value is not None:
             return Effects(deliver=[(conn, entry.value)])
         entry.subscribers.add(conn)
+        if not entry.fetching and not self._is_local(object_id):
+            entry.fetching = True
+            self.fetches.append(object_id)
         return Effects()
 
     def set_value(self, object_id: bytes, value) -> Effects:
@@ -174,10 +201,42 @@ class ObjectDirectory:
             effects.extend(self.remove_holder(object_id, handed))
         return effects
 
-    def _maybe_free(self, object_id: bytes, entry: ObjectEntry) -> Effects:
-        if entry.referenced or entry.subscribers or entry.value is None:
+    def complete_handoff(self, object_id: bytes) -> Effects:
+        """The owner (on another node) claimed an actor's return: drop the actor's hold."""
+        entry = self._entries.get(object_id)
+        if entry is None or entry.handoff_holder is None:
+            if entry is not None:
+                entry.registered_by_owner = True
             return Effects()
+        entry.registered_by_owner = True
+        handed, entry.handoff_holder = entry.handoff_holder, None
+        return self.remove_holder(object_id, handed)
+
+    def _maybe_free(self, object_id: bytes, entry: ObjectEntry) -> Effects:
+        if entry.referenced or entry.subscribers:
+            return Effects()
+        local = self._is_local(object_id)
+        if entry.value is None and local:
+            return Effects()            # still being produced here
         del self._entries[object_id]
+        if not local:
+            self.unborrows.append(object_id)
+        if entry.value is None:
+            return Effects()
         effects = Effects(free=[entry.value])
         effects.extend(self.unpin(entry.value.contained_ids))
         return effects
+
+    def replace_value(self, object_id: bytes, value) -> None:
+        """Point an existing entry at another copy (a pull, or a rebuilt value)."""
+        entry = self._entries.get(object_id)
+        if entry is not None:
+            entry.value = value
+
+    def forget_value(self, object_id: bytes):
+        """The only copy was lost: the entry waits for the value again."""
+        entry = self._entries.get(object_id)
+        if entry is None or entry.value is None:
+            return None
+        lost, entry.value = entry.value, None
+        return lost

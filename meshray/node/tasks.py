@@ -36,6 +36,10 @@ class TaskRecord:
     gpu_ids: list = field(default_factory=list)
     worker_key: str = ""              # which pooled workers may run it (env + devices)
     worker_env: dict = field(default_factory=dict)
+    remote_node: str = ""             # spilled: the node running it for us
+    spill_candidates: list = field(default_factory=list)
+    refused_by: set = field(default_factory=set)
+    remote_args: list | None = None   # spilled to us: argument values sent by the origin
 
     def __post_init__(self):
         if self.hold is None:

@@ -2,6 +2,7 @@
 from meshray.rpc.factory import (
     TOKEN_METADATA_KEY,
     is_loopback_host,
+    make_aio_channel,
     make_aio_server,
     make_channel,
     make_server,
@@ -11,6 +12,7 @@ from meshray.rpc.factory import (
 __all__ = [
     "TOKEN_METADATA_KEY",
     "is_loopback_host",
+    "make_aio_channel",
     "make_aio_server",
     "make_channel",
     "make_server",

@@ -1,24 +1,45 @@
 """The single seam through which every gRPC channel and server is built.
 
-Keeping construction in one place means deadlines, keepalive, message limits
-and the cluster-token check cannot be forgotten by one caller: a server built
-here rejects a call without the right token before any handler (and so any
-unpickling) runs, and a channel built here sends the token on every call.
+Keeping construction in one place means deadlines, keepalive, message limits,
+TLS and the cluster-token check cannot be forgotten by one caller: a server
+built here rejects a call without the right token before any handler (and so
+any unpickling) runs, and a channel built here sends the token on every call.
+
+Why the check sits where it does: meshray messages carry pickles, and
+unpickling runs code. The token is compared on the call's *metadata*, which
+gRPC hands to server interceptors before it has read a single request
+message; a rejected call is answered by a handler that never reads its
+request stream, so neither protobuf decoding nor pickle ever sees bytes from
+a caller who has not proved membership. The check is generic -- it does not
+know service or method names -- so a service added later is covered the
+moment it is registered on a server from this module.
+
+TLS is optional and configured per call (``tls=TlsConfig``) or, by default,
+from the MESHRAY_TLS_* environment so that worker processes inherit what
+their node daemon was started with (see :mod:`meshray.rpc.tls`).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
 import socket
+import threading
+import time
 
 import grpc
 import grpc.aio
 
+from meshray.rpc.tls import TLS_FROM_ENV, TlsConfig, resolve_tls
+
 __all__ = [
     "TOKEN_METADATA_KEY",
     "MAX_MESSAGE_BYTES",
+    "TLS_FROM_ENV",
+    "TlsConfig",
     "is_loopback_host",
+    "make_aio_channel",
     "make_aio_server",
     "make_channel",
     "make_server",
@@ -45,6 +66,7 @@ _SERVER_OPTIONS = _COMMON_OPTIONS + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+_DENIED_DETAILS = "missing or wrong meshray cluster token"
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -73,117 +95,229 @@ def is_loopback_host(host: str) -> bool:
             return False
 
 
-class _TokenCheck(grpc.aio.ServerInterceptor):
-    """Reject calls whose metadata lacks the cluster token.
+def _check_token(token) -> str | None:
+    """Normalise a token argument; an empty one means "no token".
 
-    Runs on the call's metadata, before the request message is read, so a
-    caller without the token never gets a payload deserialized.
+    gRPC metadata values must be printable ASCII, and a token with spaces or
+    a trailing newline would silently never match a token read (stripped)
+    from a file, so both are refused here with the reason.
     """
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a str or None, got {type(token).__name__}")
+    if not all(0x21 <= ord(ch) <= 0x7E for ch in token):
+        raise ValueError("token must consist of printable ASCII characters without spaces "
+                         "(it travels as gRPC metadata); generate one with "
+                         "meshray.security.generate_token()")
+    return token
+
+
+def _digest(value: bytes) -> bytes:
+    # Comparing fixed-size digests keeps the comparison constant-time even in
+    # the token's length, which compare_digest alone would reveal.
+    return hashlib.sha256(value).digest()
+
+
+def _sent_token(handler_call_details) -> bytes | None:
+    for key, value in handler_call_details.invocation_metadata or ():
+        if key == TOKEN_METADATA_KEY:
+            return value.encode() if isinstance(value, str) else bytes(value)
+    return None
+
+
+class _RejectionLog:
+    """Log rejected calls without letting a flood of them flood the log.
+
+    Every rejection is worth knowing about (it is either a misconfigured
+    peer or a probe), but a scanner can send thousands a second; after
+    `burst` lines in a window the rest are counted and summarised.
+    """
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0):
+        self._burst, self._window = burst, window_s
+        self._lock = threading.Lock()
+        self._window_start = 0.0
+        self._logged = 0
+        self._suppressed = 0
+
+    def record(self, method: str, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_start >= self._window:
+                if self._suppressed:
+                    log.warning("%d more unauthenticated gRPC calls were rejected in the "
+                                "last %.0fs (not logged individually)",
+                                self._suppressed, self._window)
+                self._window_start, self._logged, self._suppressed = now, 0, 0
+            if self._logged >= self._burst:
+                self._suppressed += 1
+                return
+            self._logged += 1
+        log.warning("rejected unauthenticated gRPC call to %s from %s: %s", method, peer, reason)
+
+
+class _Gate:
+    """The token rule shared by the asyncio and the thread-pool servers."""
 
     def __init__(self, token: str):
-        self._token = token.encode()
+        self._expected = _digest(token.encode())
+        self.rejections = _RejectionLog()
 
-        async def deny(request_or_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong meshray cluster token")
+    def check(self, handler_call_details) -> str | None:
+        """None when the call may proceed, else why it may not."""
+        sent = _sent_token(handler_call_details)
+        if sent is None:
+            return "no token in the call metadata"
+        if hmac.compare_digest(_digest(sent), self._expected):
+            return None
+        return "wrong token"
 
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+
+def _deny_handler(real_handler, behavior):
+    """A handler that aborts the call without reading its request.
+
+    The request side is always streaming, whatever the real method is: a
+    unary-request handler makes gRPC read (and hand over) the request
+    message before the behaviour runs, which is work -- and payload
+    handling -- an unauthenticated caller must not get. Streaming requests
+    leave the message unread. The response side copies the real method's
+    shape so the framework's bookkeeping matches the caller's expectation;
+    for an unknown method the stream shape fits any caller (the status is
+    the same on the wire).
+    """
+    if real_handler is not None and not real_handler.response_streaming:
+        return grpc.stream_unary_rpc_method_handler(behavior)
+    return grpc.stream_stream_rpc_method_handler(behavior)
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):
+    """Reject asyncio-server calls whose metadata lacks the cluster token."""
+
+    def __init__(self, token: str):
+        self._gate = _Gate(token)
 
     async def intercept_service(self, continuation, handler_call_details):
-        sent = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == TOKEN_METADATA_KEY:
-                sent = value.encode() if isinstance(value, str) else value
-                break
-        if hmac.compare_digest(sent, self._token):
-            return await continuation(handler_call_details)
-        log.warning("rejected unauthenticated call to %s", handler_call_details.method)
-        if handler_call_details.method.endswith("/Connect"):
-            return self._deny_stream
-        return self._deny_unary
+        reason = self._gate.check(handler_call_details)
+        real = await continuation(handler_call_details)
+        if reason is None:
+            return real
+        method = handler_call_details.method
+        rejections = self._gate.rejections
 
+        async def deny(_request_iterator, context):
+            rejections.record(method, context.peer(), reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED_DETAILS)
 
-def make_aio_server(bind: list[str], *, token: str | None,
-                    allow_insecure_remote: bool = False) -> tuple[grpc.aio.Server, list[str]]:
-    """Build an asyncio gRPC server bound to each address in `bind`.
-
-    Addresses are "host:port" (port 0 picks a free one) or "unix:/path".
-    Returns the server and the concrete addresses it listens on. A
-    non-loopback TCP bind without a token is refused: a meshray port runs
-    pickled code, so an open one would be remote code execution.
-    """
-    interceptors = [_TokenCheck(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-    return server, _bind_all(server, bind, token, allow_insecure_remote)
+        return _deny_handler(real, deny)
 
 
 class _SyncTokenCheck(grpc.ServerInterceptor):
-    """The blocking-server twin of _TokenCheck (same rule, same moment)."""
+    """The thread-pool-server twin of _TokenCheck (same rule, same moment)."""
 
     def __init__(self, token: str):
-        self._token = token.encode()
-
-        def deny(request_or_iterator, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong meshray cluster token")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
+        self._gate = _Gate(token)
 
     def intercept_service(self, continuation, handler_call_details):
-        sent = b""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == TOKEN_METADATA_KEY:
-                sent = value.encode() if isinstance(value, str) else value
-                break
-        if hmac.compare_digest(sent, self._token):
-            return continuation(handler_call_details)
-        log.warning("rejected unauthenticated call to %s", handler_call_details.method)
-        if handler_call_details.method.endswith("/Call"):
-            return self._deny_stream
-        return self._deny_unary
+        reason = self._gate.check(handler_call_details)
+        real = continuation(handler_call_details)
+        if reason is None:
+            return real
+        method = handler_call_details.method
+        rejections = self._gate.rejections
+
+        def deny(_request_iterator, context):
+            rejections.record(method, context.peer(), reason)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED_DETAILS)
+
+        return _deny_handler(real, deny)
 
 
-def _bind_all(server, bind: list[str], token: str | None, allow_insecure_remote: bool) -> list[str]:
+def _check_binds(bind: list[str], token: str | None, allow_insecure_remote: bool) -> None:
+    """Refuse an open listener before any server object exists."""
+    if isinstance(bind, str):
+        raise TypeError(f"bind must be a list of addresses, got the string {bind!r}")
+    for address in bind:
+        if address.startswith("unix:"):
+            continue
+        host, _port = split_host_port(address)
+        if not is_loopback_host(host) and not token and not allow_insecure_remote:
+            raise ValueError(
+                f"refusing to bind {address!r} without a cluster token: a non-loopback "
+                "listener runs pickled code sent to it, so it needs --token / "
+                "--token-file / MESHRAY_TOKEN (or bind 127.0.0.1)")
+
+
+def _bind_all(server, bind: list[str], tls: TlsConfig | None) -> list[str]:
+    creds = tls.server_credentials() if tls is not None else None
     bound = []
     for address in bind:
         if address.startswith("unix:"):
+            # Local only, inside a 0700 session dir: plaintext, token still checked.
             server.add_insecure_port(address)
             bound.append(address)
             continue
         host, port = split_host_port(address)
-        if not is_loopback_host(host) and not token and not allow_insecure_remote:
-            raise ValueError(
-                f"refusing to bind {address!r} without a cluster token: a non-loopback "
-                "listener needs --token / MESHRAY_TOKEN")
-        actual = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+        target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        try:
+            actual = (server.add_secure_port(target, creds) if creds is not None
+                      else server.add_insecure_port(target))
+        except RuntimeError as exc:  # grpc raises this when the port is taken
+            raise OSError(f"could not bind gRPC server to {address!r}: {exc}") from None
         if actual == 0:
             raise OSError(f"could not bind gRPC server to {address!r}")
         bound.append(f"{host}:{actual}")
     return bound
 
 
+def make_aio_server(bind: list[str], *, token: str | None,
+                    allow_insecure_remote: bool = False,
+                    tls: TlsConfig | None = TLS_FROM_ENV) -> tuple[grpc.aio.Server, list[str]]:
+    """Build an asyncio gRPC server bound to each address in `bind`.
+
+    Addresses are "host:port" (port 0 picks a free one) or "unix:/path".
+    Returns the server and the concrete addresses it listens on. A
+    non-loopback TCP bind without a token is refused: a meshray port runs
+    pickled code, so an open one would be remote code execution. With `tls`
+    (default: from MESHRAY_TLS_*), TCP ports serve TLS; unix sockets do not.
+    """
+    token = _check_token(token)
+    _check_binds(bind, token, allow_insecure_remote)
+    tls = resolve_tls(tls)
+    interceptors = [_TokenCheck(token)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    return server, _bind_all(server, bind, tls)
+
+
 def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
-                allow_insecure_remote: bool = False) -> tuple[grpc.Server, list[str]]:
-    """Build a thread-pool gRPC server (for worker processes, e.g. actors)."""
+                allow_insecure_remote: bool = False,
+                tls: TlsConfig | None = TLS_FROM_ENV) -> tuple[grpc.Server, list[str]]:
+    """Build a thread-pool gRPC server (for worker processes, e.g. actors).
+
+    Same binding, token and TLS rules as make_aio_server.
+    """
     from concurrent import futures
 
+    token = _check_token(token)
+    _check_binds(bind, token, allow_insecure_remote)
+    tls = resolve_tls(tls)
     interceptors = [_SyncTokenCheck(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="meshray-rpc"),
                          interceptors=interceptors, options=_SERVER_OPTIONS)
-    return server, _bind_all(server, bind, token, allow_insecure_remote)
+    return server, _bind_all(server, bind, tls)
 
 
+# ------------------------------------------------------------------ channels
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
                      grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    """Attach the cluster token to every outgoing call."""
+    """Attach the cluster token to every outgoing call (blocking API)."""
 
     def __init__(self, token: str):
         self._pair = (TOKEN_METADATA_KEY, token)
 
     def _details(self, details):
-        metadata = list(details.metadata or ())
+        metadata = [item for item in (details.metadata or ()) if item[0] != TOKEN_METADATA_KEY]
         metadata.append(self._pair)
         return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
             details.method, details.timeout, metadata, details.credentials,
@@ -212,9 +346,90 @@ class _Details(grpc.ClientCallDetails):
         self.compression = compression
 
 
-def make_channel(target: str, *, token: str | None) -> grpc.Channel:
-    """Build a blocking-API channel to `target` ("host:port" or "unix:/path")."""
-    channel = grpc.insecure_channel(target, options=_COMMON_OPTIONS)
+def _with_token_aio(details, token: str):
+    metadata = grpc.aio.Metadata(*[item for item in (details.metadata or ())
+                                   if item[0] != TOKEN_METADATA_KEY])
+    metadata.add(TOKEN_METADATA_KEY, token)
+    return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under the first arity it implements only, so
+# the asyncio channel needs one small class per call shape.
+class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_token_aio(details, self._token), request)
+
+
+class _AioTokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_token_aio(details, self._token), request)
+
+
+class _AioTokenStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_token_aio(details, self._token), request_iterator)
+
+
+class _AioTokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_token_aio(details, self._token), request_iterator)
+
+
+def _channel_security(target: str, tls) -> TlsConfig | None:
+    """The TLS config a channel to `target` uses (None: plaintext)."""
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"target={target!r} must be 'host:port' or 'unix:/path'")
+    tls = resolve_tls(tls)
+    # A unix socket never leaves the machine and its server serves it in
+    # plaintext (see _bind_all); TLS there would only fail the handshake.
+    return None if target.startswith("unix:") else tls
+
+
+def make_channel(target: str, *, token: str | None,
+                 tls: TlsConfig | None = TLS_FROM_ENV) -> grpc.Channel:
+    """Build a blocking-API channel to `target` ("host:port" or "unix:/path").
+
+    TCP targets use TLS when `tls` (default: from MESHRAY_TLS_*) is set.
+    """
+    token = _check_token(token)
+    tls = _channel_security(target, tls)
+    if tls is None:
+        channel = grpc.insecure_channel(target, options=_COMMON_OPTIONS)
+    else:
+        channel = grpc.secure_channel(target, tls.channel_credentials(),
+                                      options=_COMMON_OPTIONS + tls.channel_options())
     if token:
         channel = grpc.intercept_channel(channel, _TokenMetadata(token))
     return channel
+
+
+def make_aio_channel(target: str, *, token: str | None,
+                     tls: TlsConfig | None = TLS_FROM_ENV) -> grpc.aio.Channel:
+    """The asyncio twin of make_channel, for daemon-to-daemon calls.
+
+    Must be called with an event loop running (or at least set) in this
+    thread, like any grpc.aio channel.
+    """
+    token = _check_token(token)
+    tls = _channel_security(target, tls)
+    interceptors = ([_AioTokenUnaryUnary(token), _AioTokenUnaryStream(token),
+                     _AioTokenStreamUnary(token), _AioTokenStreamStream(token)]
+                    if token else None)
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=_COMMON_OPTIONS,
+                                         interceptors=interceptors)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(),
+                                   options=_COMMON_OPTIONS + tls.channel_options(),
+                                   interceptors=interceptors)

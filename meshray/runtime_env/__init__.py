@@ -1,41 +1,44 @@
-"""Runtime environments: what a task's worker process needs around it.
+"""Runtime environments: what a task's or actor's worker process needs around it.
 
-This package validates a `runtime_env` dict with Ray's field names. The
-fields that change how a worker is started are applied by the node daemon,
-which pools workers per environment.
+Ray's `runtime_env` fields, split by where the work happens:
+
+* driver: `validate_runtime_env` (fail early, normalise), `merge_runtime_envs`
+  (parent -> child inheritance) and `upload_plan` (local paths -> content-
+  addressed package URIs plus the bytes to put in the object store);
+* node: `RuntimeEnvCache` (unpacked packages and pip venvs, LRU-evicted,
+  pinned while workers use them), `setup_runtime_env` (make an env real and
+  pin it) and `launch_spec` (the worker's python, cwd and environment).
+
+docs/runtime-env.md describes the whole flow.
 """
 from __future__ import annotations
 
-__all__ = ["validate_runtime_env", "SUPPORTED_FIELDS", "RAY_FIELDS"]
+from meshray.runtime_env.cache import (
+    CacheEntryInfo, RuntimeEnvCache, choose_evictions, default_cache_bytes, default_cache_root,
+)
+from meshray.runtime_env.packaging import (
+    Package, PackageError, package_directory, package_file, package_wheel_or_module, parse_uri,
+    unpack_package, upload_plan, uris_in,
+)
+from meshray.runtime_env.pip_env import Deadline
+from meshray.runtime_env.setup import (
+    DEFAULT_ENV_KEY, ResolvedRuntimeEnv, WorkerLaunchSpec, launch_spec, runtime_env_key,
+    setup_runtime_env,
+)
+from meshray.runtime_env.validation import (
+    CONFIG_DEFAULTS, RAY_FIELDS, SUPPORTED_FIELDS, UNSUPPORTED_FIELDS, merge_runtime_envs,
+    runtime_env_config, validate_runtime_env,
+)
 
-SUPPORTED_FIELDS = {"env_vars", "config"}
-# Ray's fields that meshray knows by name; anything else is a typo.
-RAY_FIELDS = SUPPORTED_FIELDS | {
-    "working_dir", "py_modules", "pip", "uv", "conda", "container", "image_uri",
-    "excludes", "nsight", "py_executable", "java_jars", "_inherit",
-}
-
-
-def validate_runtime_env(runtime_env: dict | None) -> dict | None:
-    """Check a runtime_env and return a normalised copy (or None)."""
-    if runtime_env is None:
-        return None
-    if not isinstance(runtime_env, dict):
-        raise TypeError(f"runtime_env must be a dict, got {type(runtime_env).__name__}")
-    unknown = set(runtime_env) - RAY_FIELDS
-    if unknown:
-        raise ValueError(f"runtime_env has unknown field(s) {sorted(unknown)}; "
-                         f"known fields are {sorted(RAY_FIELDS)}")
-    unsupported = set(runtime_env) - SUPPORTED_FIELDS
-    if unsupported:
-        raise ValueError(f"runtime_env field(s) {sorted(unsupported)} are not supported by "
-                         f"this meshray version (supported: {sorted(SUPPORTED_FIELDS)})")
-    env_vars = runtime_env.get("env_vars")
-    if env_vars is not None:
-        if not isinstance(env_vars, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
-            raise TypeError(f"runtime_env['env_vars'] must be a dict of str to str, got {env_vars!r}")
-    config = runtime_env.get("config")
-    if config is not None and not isinstance(config, dict):
-        raise TypeError(f"runtime_env['config'] must be a dict, got {config!r}")
-    return dict(runtime_env)
+__all__ = [
+    # driver side
+    "validate_runtime_env", "merge_runtime_envs", "runtime_env_config", "upload_plan",
+    "package_directory", "package_wheel_or_module", "package_file", "Package", "PackageError",
+    "parse_uri", "uris_in", "unpack_package",
+    # node side
+    "RuntimeEnvCache", "CacheEntryInfo", "choose_evictions", "default_cache_root",
+    "default_cache_bytes", "setup_runtime_env", "ResolvedRuntimeEnv", "WorkerLaunchSpec",
+    "launch_spec", "runtime_env_key", "Deadline", "DEFAULT_ENV_KEY",
+    # field tables
+    "SUPPORTED_FIELDS", "UNSUPPORTED_FIELDS", "RAY_FIELDS", "CONFIG_DEFAULTS",
+]

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ObjectValue(_message.Message):
-    __slots__ = ("object_id", "inline_data", "in_store", "size", "is_error", "contained_ids")
+    __slots__ = ("object_id", "inline_data", "in_store", "size", "is_error", "contained_ids", "location")
     OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
     IN_STORE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     IS_ERROR_FIELD_NUMBER: _ClassVar[int]
     CONTAINED_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     object_id: bytes
     inline_data: bytes
     in_store: bool
     size: int
     is_error: bool
     contained_ids: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, object_id: _Optional[bytes] = ..., inline_data: _Optional[bytes] = ..., in_store: _Optional[bool] = ..., size: _Optional[int] = ..., is_error: _Optional[bool] = ..., contained_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    location: str
+    def __init__(self, object_id: _Optional[bytes] = ..., inline_data: _Optional[bytes] = ..., in_store: _Optional[bool] = ..., size: _Optional[int] = ..., is_error: _Optional[bool] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., location: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
     __slots__ = ("task_id", "job_id", "function_id", "name", "args_blob", "arg_ref_ids", "contained_ids", "num_returns", "resources", "max_retries", "retry_exceptions", "retry_exception_types", "scheduling_strategy", "strategy_blob", "env_vars", "owner_id", "parent_task_id", "attempt", "runtime_env_json", "actor_id", "actor_creation", "method_name", "sequence", "concurrency_group", "actor_options", "held_resources")
@@ -394,3 +396,93 @@ class NodeInfoReply(_message.Message):
     session_dir: str
     pid: int
     def __init__(self, node_id: _Optional[bytes] = ..., address: _Optional[str] = ..., etcd_endpoints: _Optional[str] = ..., session_dir: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class SpillTask(_message.Message):
+    __slots__ = ("spec", "function_pickled", "args")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_PICKLED_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    spec: TaskSpec
+    function_pickled: bytes
+    args: _containers.RepeatedCompositeFieldContainer[ObjectValue]
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., function_pickled: _Optional[bytes] = ..., args: _Optional[_Iterable[_Union[ObjectValue, _Mapping]]] = ...) -> None: ...
+
+class SpillVerdict(_message.Message):
+    __slots__ = ("task_id", "accepted", "reason")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    task_id: bytes
+    accepted: bool
+    reason: str
+    def __init__(self, task_id: _Optional[bytes] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FreeObjects(_message.Message):
+    __slots__ = ("object_ids",)
+    OBJECT_IDS_FIELD_NUMBER: _ClassVar[int]
+    object_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, object_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ContainerFreed(_message.Message):
+    __slots__ = ("container_id", "contained_ids")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINED_IDS_FIELD_NUMBER: _ClassVar[int]
+    container_id: bytes
+    contained_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, container_id: _Optional[bytes] = ..., contained_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PeerEvent(_message.Message):
+    __slots__ = ("spill", "verdict", "result", "subscribe", "ready", "refs", "request", "reply", "free", "cancel_remote", "container_freed")
+    SPILL_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REMOTE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FREED_FIELD_NUMBER: _ClassVar[int]
+    spill: SpillTask
+    verdict: SpillVerdict
+    result: TaskResult
+    subscribe: Subscribe
+    ready: ObjectReady
+    refs: RefUpdate
+    request: Request
+    reply: Reply
+    free: FreeObjects
+    cancel_remote: CancelTask
+    container_freed: ContainerFreed
+    def __init__(self, spill: _Optional[_Union[SpillTask, _Mapping]] = ..., verdict: _Optional[_Union[SpillVerdict, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., free: _Optional[_Union[FreeObjects, _Mapping]] = ..., cancel_remote: _Optional[_Union[CancelTask, _Mapping]] = ..., container_freed: _Optional[_Union[ContainerFreed, _Mapping]] = ...) -> None: ...
+
+class PeerBatch(_message.Message):
+    __slots__ = ("from_node", "events")
+    FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    from_node: bytes
+    events: _containers.RepeatedCompositeFieldContainer[PeerEvent]
+    def __init__(self, from_node: _Optional[bytes] = ..., events: _Optional[_Iterable[_Union[PeerEvent, _Mapping]]] = ...) -> None: ...
+
+class PeerAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("object_id", "chunk_size")
+    OBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    object_id: bytes
+    chunk_size: int
+    def __init__(self, object_id: _Optional[bytes] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class ObjectChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_size")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_size: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...

@@ -106,6 +106,133 @@ class ActorService:
             _registered_method=True)
 
 
+class NodePeerStub:
+    """Served by every node daemon for its peers. Control traffic between two
+    nodes goes through Deliver as ordered batches (one batch in flight per
+    direction), so e.g. a borrow is always seen before the task result that
+    would otherwise release the borrowed object. Object bytes use PullObject.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Deliver = channel.unary_unary(
+                '/meshray.NodePeer/Deliver',
+                request_serializer=meshray__pb2.PeerBatch.SerializeToString,
+                response_deserializer=meshray__pb2.PeerAck.FromString,
+                _registered_method=True)
+        self.PullObject = channel.unary_stream(
+                '/meshray.NodePeer/PullObject',
+                request_serializer=meshray__pb2.PullRequest.SerializeToString,
+                response_deserializer=meshray__pb2.ObjectChunk.FromString,
+                _registered_method=True)
+
+
+class NodePeerServicer:
+    """Served by every node daemon for its peers. Control traffic between two
+    nodes goes through Deliver as ordered batches (one batch in flight per
+    direction), so e.g. a borrow is always seen before the task result that
+    would otherwise release the borrowed object. Object bytes use PullObject.
+    """
+
+    def Deliver(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullObject(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodePeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Deliver': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=meshray__pb2.PeerBatch.FromString,
+                    response_serializer=meshray__pb2.PeerAck.SerializeToString,
+            ),
+            'PullObject': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullObject,
+                    request_deserializer=meshray__pb2.PullRequest.FromString,
+                    response_serializer=meshray__pb2.ObjectChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshray.NodePeer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshray.NodePeer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodePeer:
+    """Served by every node daemon for its peers. Control traffic between two
+    nodes goes through Deliver as ordered batches (one batch in flight per
+    direction), so e.g. a borrow is always seen before the task result that
+    would otherwise release the borrowed object. Object bytes use PullObject.
+    """
+
+    @staticmethod
+    def Deliver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshray.NodePeer/Deliver',
+            meshray__pb2.PeerBatch.SerializeToString,
+            meshray__pb2.PeerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullObject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshray.NodePeer/PullObject',
+            meshray__pb2.PullRequest.SerializeToString,
+            meshray__pb2.ObjectChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeServiceStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -1,0 +1,698 @@
+"""The node daemon's duties towards its peers, as a mixin of NodeDaemon.
+
+- Placement: a task that should not run here (policy.decide) is offered to a
+  peer (SpillTask); a peer whose real availability differs refuses, and the
+  next candidate gets it. Infeasible work waits and is re-placed when the
+  cluster view changes.
+- Results of a task that ran here for another node go back to that node; the
+  values stay in this node's store and the owner frees them (FreeObjects).
+- Objects: the node whose id prefixes an object id owns its directory entry.
+  Other nodes borrow (RefUpdate to the owner, in order on the peer link),
+  ask for values (Subscribe / ObjectReady), and pull store values in chunks.
+- Node death (its lease vanished from the view): work spilled there is
+  retried, actors it hosted for us are restarted, objects whose only copy
+  lived there are rebuilt from lineage or reported lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+
+from meshray import exceptions
+from meshray.core import ids
+from meshray.node.peers import PeerLink
+from meshray.object_store import layout
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+from meshray.scheduler import policy
+from meshray.scheduler.resources import ResourceSet
+
+__all__ = ["ClusterDuties", "RemoteOwner", "PULL_CHUNK_BYTES"]
+
+log = logging.getLogger(__name__)
+
+PULL_CHUNK_BYTES = 4 * 1024 * 1024
+REPLACE_INTERVAL_S = 0.1
+
+
+class RemoteOwner:
+    """Stands in for the submitting Connection of a task spilled here."""
+
+    role = "peer"
+    closed = False
+
+    def __init__(self, node_hex: str):
+        self.node_hex = node_hex
+        self.conn_id = f"node:{node_hex}"
+        self.pid = 0
+
+    def send(self, event) -> None:  # notices for a remote owner are dropped
+        return None
+
+
+def holder_node(holder) -> str | None:
+    """The node a holder id stands for ("node:<hex>" or "node:<hex>:<container>")."""
+    if isinstance(holder, str) and holder.startswith("node:"):
+        return holder[5:].split(":", 1)[0]
+    return None
+
+
+def container_holder(node_hex: str, container_id: bytes) -> str:
+    """Holder id for refs kept alive for `node_hex` because container_id holds them."""
+    return f"node:{node_hex}:{container_id.hex()}"
+
+
+class ClusterDuties(pb_grpc.NodePeerServicer):
+    """Mixed into NodeDaemon."""
+
+    def _init_cluster(self) -> None:
+        self.links: dict[str, PeerLink] = {}
+        self.view_nodes: dict[str, dict] = {}
+        self.view_avail: dict[str, dict] = {}
+        self.known_dead: set[str] = set()
+        self.spread_counter = 0
+        self.pulls: dict[bytes, asyncio.Future] = {}
+        self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
+        self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
+        self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
+        self.prefix = self.node_id[:ids.NODE_PREFIX_LEN]
+        self.node_hex = self.node_id.hex()
+
+    def is_local_object(self, object_id: bytes) -> bool:
+        return object_id[:ids.NODE_PREFIX_LEN] == self.prefix
+
+    # ------------------------------------------------------------ view
+    def on_view_change(self) -> None:
+        if self.membership is None:
+            return
+        nodes, avail = self.membership.view_snapshot()
+        gone = [n for n in self.view_nodes if n not in nodes and n != self.node_hex]
+        self.view_nodes, self.view_avail = nodes, avail
+        for node_hex in gone:
+            self._node_died(node_hex)
+        self._replace_waiting()
+        self._schedule()
+
+    def on_lease_lost(self) -> None:
+        """Our lease expired: peers consider us dead and re-run our guests' work."""
+        for task in list(self.tasks.values()):
+            if isinstance(task.owner, RemoteOwner):
+                task.cancelled = True
+                if task.worker is not None:
+                    self.pool.kill(task.worker)
+                else:
+                    self._drop_task(task)
+
+    def _node_views(self) -> dict:
+        views = {}
+        for node_hex, record in self.view_nodes.items():
+            if node_hex == self.node_hex:
+                continue
+            views[node_hex] = policy.NodeView(
+                node_hex, ResourceSet.from_dict(record.get("Resources", {})),
+                ResourceSet.from_dict(self.view_avail.get(node_hex, {})),
+                True, record.get("Labels", {}))
+        views[self.node_hex] = policy.NodeView(
+            self.node_hex, self.resources.total, self.resources.available, True,
+            dict(self.config.labels))
+        return views
+
+    def _node_for_prefix(self, object_id: bytes) -> str | None:
+        prefix = object_id[:ids.NODE_PREFIX_LEN].hex()
+        for node_hex in self.view_nodes:
+            if node_hex.startswith(prefix):
+                return node_hex
+        return None
+
+    def _link(self, node_hex: str) -> PeerLink | None:
+        link = self.links.get(node_hex)
+        if link is None:
+            record = self.view_nodes.get(node_hex)
+            if record is None or not record.get("Address"):
+                return None
+            link = self.links[node_hex] = PeerLink(self.node_id, node_hex, record["Address"],
+                                                   self.config.token)
+        return link
+
+    def _send_peer(self, node_hex: str, event: pb.PeerEvent) -> bool:
+        link = self._link(node_hex)
+        if link is None:
+            return False
+        link.send(event)
+        return True
+
+    # ------------------------------------------------------------ placement
+    def _placement(self, task):
+        """policy.decide for `task`, cheap when it plainly runs here."""
+        spec = task.spec
+        strategy = spec.scheduling_strategy or "DEFAULT"
+        if spec.strategy_blob:
+            import cloudpickle
+            strategy = cloudpickle.loads(spec.strategy_blob)
+        if (strategy == "DEFAULT" and self.resources.can_fit(task.request)
+                and not self._args_elsewhere(spec)):
+            return policy.RunLocal()
+        request = policy.SchedulingRequest(
+            task.request, strategy, self._arg_bytes_by_node(spec),
+            excluded_nodes=frozenset(task.refused_by))
+        self.spread_counter += 1
+        return policy.decide(request, self._node_views(), self.node_hex, self.spread_counter)
+
+    def _args_elsewhere(self, spec) -> bool:
+        for object_id in spec.arg_ref_ids:
+            value = self.objects.get(object_id)
+            if value is not None and value.in_store and value.location not in ("", self.node_hex):
+                return True
+        return False
+
+    def _arg_bytes_by_node(self, spec) -> dict:
+        sizes: dict[str, int] = {}
+        for object_id in spec.arg_ref_ids:
+            value = self.objects.get(object_id)
+            if value is not None and value.in_store:
+                node = value.location or self.node_hex
+                sizes[node] = sizes.get(node, 0) + value.size
+        return sizes
+
+    def _place_or_queue(self, task) -> None:
+        """Queue here, spill, or hold as infeasible, per the placement decision."""
+        if isinstance(task.owner, RemoteOwner):
+            self.queue.push(task)          # spilled to us: we accepted it, it runs here
+            return
+        decision = self._placement(task)
+        kind = decision.kind
+        if kind in ("run_local", "wait", "placement_group"):
+            self.queue.push(task)
+        elif kind == "spill":
+            self._spill(task, list(decision.candidates))
+        elif kind == "unschedulable":
+            error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
+                         else exceptions.TaskUnschedulableError)
+            self._fail(task, error_cls(
+                f"{task.spec.name} (id {task.task_id.hex()}) cannot be scheduled: "
+                f"{decision.reason}"))
+        else:  # infeasible
+            self._report_infeasible(task, getattr(decision, "reason", ""))
+            task.state = "infeasible"
+            self.infeasible.append(task)
+
+    def _report_infeasible(self, task, reason: str) -> None:
+        if task.infeasible_reported:
+            return
+        task.infeasible_reported = True
+        task.owner.send(pb.ServerEvent(notice=pb.Notice(text=(
+            f"Task {task.spec.name} (id {task.task_id.hex()}) needs "
+            f"{task.request.to_dict()} but no node in the cluster has that much in total; "
+            f"it stays pending until a node that fits joins. {reason}"))))
+
+    def _replace_waiting(self) -> None:
+        """Re-place infeasible tasks, and queued ones that a peer could run now."""
+        waiting, self.infeasible = self.infeasible, []
+        for task in waiting:
+            if not task.cancelled:
+                task.refused_by.clear()
+                self._place_or_queue(task)
+        if len(self.view_nodes) <= 1:
+            return
+        for _key, tasks in list(self.queue.heads()):
+            task = tasks[0]
+            if isinstance(task.owner, RemoteOwner) or self.resources.can_fit(task.request):
+                continue
+            decision = self._placement(task)
+            if decision.kind == "spill":
+                tasks.popleft()
+                self._spill(task, list(decision.candidates))
+
+    async def _replace_loop(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(REPLACE_INTERVAL_S)
+            if len(self.queue) and len(self.view_nodes) > 1:
+                self._replace_waiting()
+                self._schedule()
+
+    def _spill(self, task, candidates: list) -> None:
+        while candidates:
+            node_hex = candidates.pop(0)
+            link = self._link(node_hex)
+            if link is None:
+                continue
+            spec = task.spec
+            event = pb.SpillTask(spec=spec)
+            if spec.function_id not in link.functions_sent:
+                event.function_pickled = self.functions.get(spec.function_id, b"")
+                link.functions_sent.add(spec.function_id)
+            for object_id in spec.arg_ref_ids:
+                value = self.objects.get(object_id)
+                event.args.append(self._exportable(value))
+            task.state, task.remote_node = "spilled", node_hex
+            task.spill_candidates = candidates
+            link.send(pb.PeerEvent(spill=event))
+            return
+        task.refused_by.clear()
+        self.queue.push(task)
+
+    def _exportable(self, value):
+        """A copy of `value` that says where its store bytes live."""
+        if value is None or not value.in_store or value.location:
+            return value
+        out = pb.ObjectValue()
+        out.CopyFrom(value)
+        out.location = self.node_hex
+        return out
+
+    # ------------------------------------------------------------ peer rpc
+    async def Deliver(self, request: pb.PeerBatch, context):
+        from_hex = request.from_node.hex()
+        for event in request.events:
+            kind = event.WhichOneof("kind")
+            try:
+                getattr(self, "_peer_" + kind)(from_hex, getattr(event, kind))
+            except Exception:  # noqa: BLE001 - one bad event never takes the node down
+                log.exception("failed to handle peer event %s from %s", kind, from_hex)
+        self._flush_borrows()
+        self._schedule()
+        return pb.PeerAck()
+
+    def _peer_spill(self, origin: str, msg: pb.SpillTask) -> None:
+        from meshray.node.actors import ActorEntry
+        from meshray.node.tasks import TaskRecord
+        spec = msg.spec
+        verdict = pb.SpillVerdict(task_id=spec.task_id)
+        if msg.function_pickled:
+            self.functions.setdefault(spec.function_id, msg.function_pickled)
+        if spec.task_id in self.tasks:
+            verdict.accepted = True   # a re-sent offer we already took
+        elif not self.membership or not self.membership._registered.is_set():
+            verdict.reason = "node is not a registered member right now"
+        else:
+            request = ResourceSet.from_dict(dict(spec.resources))
+            if not self.resources.can_fit(request):
+                verdict.reason = f"not enough free resources here ({self.resources.available.to_dict()})"
+            elif spec.function_id not in self.functions:
+                verdict.reason = "function bytes were not shipped"
+            else:
+                verdict.accepted = True
+                owner = RemoteOwner(origin)
+                env_vars = dict(spec.env_vars)
+                task = TaskRecord(spec=spec, owner=owner, return_ids=self._return_ids(spec),
+                                  request=request, env_key=self._env_key(spec),
+                                  env_vars=env_vars, retries_left=spec.max_retries)
+                task.remote_args = list(msg.args)
+                if spec.actor_creation:
+                    task.hold = ResourceSet.from_dict(dict(spec.held_resources))
+                    task.retries_left = 0
+                    entry = ActorEntry(spec.actor_id, spec, owner,
+                                       json.loads(spec.actor_options or b"{}"))
+                    entry.owner_node = origin
+                    task.actor = entry
+                    self.actors[spec.actor_id] = entry
+                    self._publish_actor(entry)
+                self.tasks[spec.task_id] = task
+                self.queue.push(task)
+        self._send_peer(origin, pb.PeerEvent(verdict=verdict))
+
+    def _peer_verdict(self, from_hex: str, msg: pb.SpillVerdict) -> None:
+        task = self.tasks.get(msg.task_id)
+        if task is None or task.state != "spilled" or task.remote_node != from_hex:
+            return
+        if msg.accepted:
+            return
+        log.debug("node %s refused %s: %s", from_hex, task.spec.name, msg.reason)
+        task.refused_by.add(from_hex)
+        if task.spill_candidates:
+            self._spill(task, task.spill_candidates)
+        else:
+            task.state = "waiting"
+            self._place_or_queue(task)
+
+    def _peer_result(self, from_hex: str, result: pb.TaskResult) -> None:
+        task = self.tasks.get(result.task_id)
+        if task is None or task.remote_node != from_hex:
+            return
+        for value in result.returns:
+            if value.contained_ids:
+                self.value_from[value.object_id] = from_hex
+        if result.stream_item_id:
+            item = result.returns[0]
+            self.objects.expect(item.object_id, task.owner.conn_id)
+            self.objects.subscribe(item.object_id, task.owner.conn_id)
+            self._apply(self.objects.set_value(item.object_id, item))
+            return
+        if task.actor is not None:
+            entry = task.actor
+            entry.address = result.actor_address
+            entry.remote_node = from_hex
+            if result.failed:
+                entry.state = "DEAD"
+                entry.death_cause = result.actor_error or "the actor's __init__ failed"
+            else:
+                entry.state = "ALIVE"
+                self.remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
+            entry.wake()
+        if any(v.in_store for v in result.returns):
+            self.lineage[task.task_id] = task
+        task.state = "done"
+        self._finish(task, list(result.returns))
+
+    def _peer_subscribe(self, from_hex: str, msg: pb.Subscribe) -> None:
+        log.debug("node %s subscribes to %s (%s)", from_hex, [o.hex() for o in msg.object_ids],
+                  [(self.objects.is_ready(o), self.objects.holders_of(o)) for o in msg.object_ids])
+        for object_id in msg.object_ids:
+            self._apply(self.objects.subscribe(object_id, f"node:{from_hex}"))
+
+    def _peer_ready(self, from_hex: str, msg: pb.ObjectReady) -> None:
+        value = msg.value
+        log.debug("node %s sent the value of %s (known here: %s)", from_hex,
+                  value.object_id.hex(), value.object_id in self.objects)
+        if value.in_store and not value.location:
+            value.location = from_hex
+        if value.object_id in self.objects:
+            self._apply(self.objects.set_value(value.object_id, value))
+
+    def _peer_refs(self, from_hex: str, msg: pb.RefUpdate) -> None:
+        holder = f"node:{from_hex}"
+        for object_id in msg.add:
+            self.objects.add_holder(object_id, holder)
+            self._apply(self.objects.complete_handoff(object_id))
+        for object_id in msg.remove:
+            self._apply(self.objects.remove_holder(object_id, holder))
+
+    def _peer_free(self, from_hex: str, msg: pb.FreeObjects) -> None:
+        for object_id in msg.object_ids:
+            self._apply(self.objects.remove_holder(object_id, f"node:{from_hex}"))
+
+    def _peer_request(self, from_hex: str, msg: pb.Request) -> None:
+        async def answer():
+            try:
+                payload = json.loads(msg.payload) if msg.payload else {}
+                asker = getattr(self, "_ask_" + msg.method)
+                result = await asker(RemoteOwner(from_hex), payload)
+                reply = pb.Reply(request_id=msg.request_id, payload=json.dumps(result).encode())
+            except Exception as exc:  # noqa: BLE001 - reported to the asking node
+                reply = pb.Reply(request_id=msg.request_id, error=f"{type(exc).__name__}: {exc}")
+            self._send_peer(from_hex, pb.PeerEvent(reply=reply))
+        asyncio.get_running_loop().create_task(answer())
+
+    def _peer_container_freed(self, from_hex: str, msg: pb.ContainerFreed) -> None:
+        holder = container_holder(from_hex, msg.container_id)
+        for object_id in msg.contained_ids:
+            self._apply(self.objects.remove_holder(object_id, holder))
+
+    def _peer_cancel_remote(self, from_hex: str, msg: pb.CancelTask) -> None:
+        task = self.tasks.get(ids.task_id_of(msg.object_id))
+        if task is not None and isinstance(task.owner, RemoteOwner):
+            self._cancel(task, msg.force, msg.recursive)
+
+    def _peer_reply(self, from_hex: str, msg: pb.Reply) -> None:
+        future = self.peer_requests.pop(msg.request_id, None)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def ask_peer(self, node_hex: str, method: str, payload: dict, timeout: float = 70.0):
+        """A JSON question to another node's daemon (same handlers as local ones)."""
+        request_id = next(self._conn_ids)
+        future = asyncio.get_running_loop().create_future()
+        self.peer_requests[request_id] = future
+        if not self._send_peer(node_hex, pb.PeerEvent(request=pb.Request(
+                request_id=request_id, method=method, payload=json.dumps(payload).encode()))):
+            self.peer_requests.pop(request_id, None)
+            raise ConnectionError(f"node {node_hex} is not in this node's cluster view")
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self.peer_requests.pop(request_id, None)
+        if reply.error:
+            raise RuntimeError(f"node {node_hex} failed to answer {method}: {reply.error}")
+        return json.loads(reply.payload)
+
+    # ------------------------------------------------------------ results home
+    def _send_home(self, task, values: list) -> None:
+        """Results of a task run here for another node go back to that node."""
+        origin = task.owner.node_hex
+        holder = task.owner.conn_id
+        result = pb.TaskResult(task_id=task.task_id)
+        for value in values:
+            value = self._exportable(value)
+            if value.in_store:
+                # Our store keeps the bytes until the owner frees them.
+                self.objects.add_holder(value.object_id, holder)
+                self._apply(self.objects.set_value(value.object_id, value))
+                self._note_location(value.object_id, True)
+            for object_id in value.contained_ids:
+                # Kept for the owner until it frees the container (ContainerFreed).
+                self.objects.add_holder(object_id, container_holder(origin, value.object_id))
+            result.returns.append(value)
+        if task.actor is not None and task.actor.state == "ALIVE":
+            result.actor_address = task.actor.address
+        elif task.actor is not None:
+            result.failed = True
+            result.actor_error = task.actor.death_cause
+        self._send_peer(origin, pb.PeerEvent(result=result))
+
+    def _forward_stream_item(self, task, item) -> None:
+        value = self._exportable(item)
+        holder = task.owner.conn_id
+        if value.in_store:
+            self.objects.add_holder(value.object_id, holder)
+            self._apply(self.objects.set_value(value.object_id, value))
+        self._send_peer(task.owner.node_hex, pb.PeerEvent(result=pb.TaskResult(
+            task_id=task.task_id, returns=[value], stream_item_id=item.object_id,
+            stream_index=0)))
+
+    # ------------------------------------------------------------ objects
+    def _flush_borrows(self) -> None:
+        borrows, unborrows, fetches = self.objects.drain()
+        if borrows or unborrows or fetches:
+            log.debug("borrow %d, unborrow %d, fetch %d", len(borrows), len(unborrows), len(fetches))
+        by_node: dict[str, pb.RefUpdate] = {}
+        for object_id in borrows:
+            node = self._node_for_prefix(object_id)
+            if node is not None:
+                by_node.setdefault(node, pb.RefUpdate()).add.append(object_id)
+        for object_id in unborrows:
+            node = self._node_for_prefix(object_id)
+            if node is not None:
+                by_node.setdefault(node, pb.RefUpdate()).remove.append(object_id)
+        for node, update in by_node.items():
+            self._send_peer(node, pb.PeerEvent(refs=update))
+        for object_id in fetches:
+            node = self._node_for_prefix(object_id)
+            if node is not None:
+                self._send_peer(node, pb.PeerEvent(subscribe=pb.Subscribe(object_ids=[object_id])))
+            else:
+                self._apply(self.objects.set_value(object_id, self._lost_value(
+                    object_id, "its owner node is not in the cluster")))
+
+    def _lost_value(self, object_id: bytes, why: str) -> pb.ObjectValue:
+        from meshray.node.daemon import error_value
+        return error_value(object_id, exceptions.ObjectLostError(
+            object_id.hex(), call_site=why))
+
+    def _free_value(self, value) -> None:
+        """A value nobody references any more: drop its bytes wherever they are."""
+        if value.in_store:
+            location = value.location
+            if not location or location == self.node_hex:
+                self.store.delete(value.object_id)
+                self._note_location(value.object_id, False)
+            else:
+                if self.store.contains(value.object_id):   # a pulled copy
+                    self.store.delete(value.object_id)
+                    self._note_location(value.object_id, False)
+                self._send_peer(location, pb.PeerEvent(free=pb.FreeObjects(
+                    object_ids=[value.object_id])))
+        node = self.value_from.pop(value.object_id, None)
+        if node is not None and value.contained_ids:
+            self._send_peer(node, pb.PeerEvent(container_freed=pb.ContainerFreed(
+                container_id=value.object_id, contained_ids=list(value.contained_ids))))
+        self.lineage.pop(ids.task_id_of(value.object_id), None)
+
+    def _note_location(self, object_id: bytes, present: bool) -> None:
+        if self.membership is not None:
+            self.membership.note_location(object_id, present)
+
+    async def _ask_restore(self, conn, payload: dict) -> dict:
+        """Make an object's bytes local (restore from disk, or pull from a peer)."""
+        object_id = bytes.fromhex(payload["object_id"])
+        if self.store.contains(object_id):
+            return {"path": self.store.ensure_in_memory(object_id)}
+        pending = self.pulls.get(object_id)
+        if pending is None:
+            pending = self.pulls[object_id] = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().create_task(
+                self._pull(object_id, payload.get("location") or "", pending))
+        return {"path": await pending}
+
+    async def _pull(self, object_id: bytes, location: str, done: asyncio.Future) -> None:
+        try:
+            candidates = [location] if location and location != self.node_hex else []
+            if self.membership is not None:
+                others = await asyncio.get_running_loop().run_in_executor(
+                    None, self.membership.locations, object_id)
+                candidates += [n for n in others if n not in candidates and n != self.node_hex]
+            last_error = None
+            for node_hex in candidates:
+                link = self._link(node_hex)
+                if link is None:
+                    continue
+                try:
+                    path = await self._pull_from(link, object_id)
+                    self._note_location(object_id, True)
+                    done.set_result(path)
+                    return
+                except Exception as exc:  # noqa: BLE001 - try the next copy
+                    last_error = exc
+                    log.warning("pulling %s from %s failed: %s", object_id.hex(), node_hex, exc)
+            raise exceptions.ObjectLostError(
+                object_id.hex(), call_site=f"no reachable copy (tried {candidates}): {last_error}")
+        except BaseException as exc:  # noqa: BLE001 - every waiter gets the error
+            if not done.done():
+                done.set_exception(exc)
+        finally:
+            self.pulls.pop(object_id, None)
+
+    async def _pull_from(self, link: PeerLink, object_id: bytes) -> str:
+        """Stream the object in chunks straight into our store (never held twice)."""
+        writer = None
+        path = ""
+        try:
+            async for chunk in link.stub.PullObject(
+                    pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES),
+                    timeout=600):
+                if writer is None:
+                    path = self.store.reserve(object_id, chunk.total_size)
+                    writer = layout.ChunkWriter(path, chunk.total_size)
+                writer.write(chunk.offset, chunk.data)
+            if writer is None:
+                raise exceptions.ObjectLostError(object_id.hex(), call_site="empty transfer")
+            size = writer.finish()
+            self.store.seal(object_id, size)
+            return path
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            self.store.abort(object_id) if hasattr(self.store, "abort") else None
+            raise
+
+    async def PullObject(self, request: pb.PullRequest, context):
+        object_id = request.object_id
+        if not self.store.contains(object_id):
+            await context.abort(5, f"object {object_id.hex()} is not on node {self.node_hex}")
+        path = self.store.ensure_in_memory(object_id)
+        chunk_size = int(request.chunk_size or PULL_CHUNK_BYTES)
+        total = os.path.getsize(path)
+        offset = 0
+        for chunk in layout.copy_file_chunks(path, chunk_size):
+            yield pb.ObjectChunk(offset=offset, data=bytes(chunk), total_size=total)
+            offset += len(chunk)
+
+    # ------------------------------------------------------------ node death
+    def _node_died(self, node_hex: str) -> None:
+        if node_hex in self.known_dead:
+            return
+        self.known_dead.add(node_hex)
+        log.warning("node %s died (its etcd lease is gone)", node_hex)
+        link = self.links.pop(node_hex, None)
+        if link is not None:
+            asyncio.get_running_loop().create_task(link.close())
+        # Its borrows and the refs we kept for its containers are released.
+        for object_id, entry in list(self.objects.entries()):
+            for holder in [h for h in entry.holders | entry.subscribers
+                           if holder_node(h) == node_hex]:
+                self._apply(self.objects.remove_holder(object_id, holder))
+        # Work we sent there is retried elsewhere.
+        for task in list(self.tasks.values()):
+            if task.state == "spilled" and task.remote_node == node_hex:
+                self._remote_task_lost(task, node_hex)
+            elif isinstance(task.owner, RemoteOwner) and task.owner.node_hex == node_hex:
+                task.cancelled = True
+                if task.worker is not None and task.actor is None:
+                    self.pool.kill(task.worker)
+                elif task.state != "running":
+                    self._drop_task(task)
+        # Actors it owned die with it (unless detached); ours it hosted restart.
+        for entry in list(self.actors.values()):
+            if getattr(entry, "owner_node", None) == node_hex and not entry.detached:
+                self._kill_actor(entry, no_restart=True,
+                                 cause=f"the actor's owner node {node_hex} died")
+        for actor_id, info in list(self.remote_actors.items()):
+            if info["node"] == node_hex:
+                del self.remote_actors[actor_id]
+                self._restart_remote_actor(info["entry"], node_hex)
+        # Objects whose only copy lived there: rebuild from lineage or report lost.
+        for object_id, entry in list(self.objects.entries()):
+            value = entry.value
+            if value is not None and value.in_store and value.location == node_hex:
+                self._object_copy_lost(object_id, node_hex)
+
+    def _drop_task(self, task) -> None:
+        self.queue.remove(task)
+        if task in self.awaiting_worker:
+            self.awaiting_worker.remove(task)
+        self._release(task)
+        self.tasks.pop(task.task_id, None)
+
+    def _remote_task_lost(self, task, node_hex: str) -> None:
+        if task.actor is not None:
+            self._restart_remote_actor(task.actor, node_hex)
+            return
+        if task.cancelled:
+            self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
+        elif task.retries_left != 0:
+            task.retries_left -= 1
+            task.spec.attempt += 1
+            task.state = "waiting"
+            task.refused_by = {node_hex}
+            log.info("retrying %s: its node %s died", task.spec.name, node_hex)
+            self._place_or_queue(task)
+        else:
+            self._fail(task, exceptions.WorkerCrashedError(
+                f"Task {task.spec.name} (id {task.task_id.hex()}) was running on node "
+                f"{node_hex}, which died; no retries left (max_retries={task.spec.max_retries})."))
+
+    def _restart_remote_actor(self, entry, node_hex: str) -> None:
+        from meshray.node import actors as actor_states
+        entry.worker = None
+        entry.remote_node = ""
+        if entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts:
+            entry.num_restarts += 1
+            entry.state = actor_states.RESTARTING
+            entry.wake()
+            self._restart_actor(entry, None)
+        else:
+            entry.state = actor_states.DEAD
+            entry.death_cause = f"the node {node_hex} hosting the actor died"
+            entry.wake()
+            self._publish_actor(entry)
+            self._release_actor_name(entry)
+
+    def _object_copy_lost(self, object_id: bytes, node_hex: str) -> None:
+        task = self.lineage.get(ids.task_id_of(object_id))
+        lost = self.objects.forget_value(object_id)
+        if lost is None:
+            return
+        if task is not None and task.retries_left != 0 and task.actor is None:
+            # Lineage: run the producing task again; its other outputs are rebuilt too.
+            del self.lineage[task.task_id]
+            task.retries_left -= 1
+            task.spec.attempt += 1
+            task.state = "waiting"
+            task.refused_by = {node_hex}
+            for other in task.return_ids:
+                if other != object_id:
+                    self.objects.forget_value(other)
+            self.tasks[task.task_id] = task
+            self.objects.pin(task.spec.arg_ref_ids)
+            self.objects.pin(task.spec.contained_ids)
+            log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)
+            self._place_or_queue(task)
+            return
+        from meshray.node.daemon import error_value
+        reason = ("no retries left to rebuild it" if task is not None else
+                  "it cannot be rebuilt (a put object, or its lineage was released)")
+        error = exceptions.ObjectReconstructionFailedError(
+            object_id.hex(), call_site=f"its only copy was on node {node_hex}, which died; {reason}")
+        self._apply(self.objects.set_value(object_id, error_value(object_id, error)))
+
