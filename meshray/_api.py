@@ -60,8 +60,11 @@ def _find_local_node(etcd: str | None):
     if etcd is not None:
         wanted = set(etcd.split(","))
         records = [r for r in records if wanted & set(r.get("etcd", "").split(","))]
-    # Prefer nodes started by `meshray start`, then the longest-running one.
-    records.sort(key=lambda r: (not r.get("cli"), r.get("started_at", 0), r.get("node_id")))
+    # MESHRAY_PREFERRED_NODE picks one; else nodes started by `meshray start`,
+    # then the longest-running one.
+    preferred = os.environ.get("MESHRAY_PREFERRED_NODE", "")
+    records.sort(key=lambda r: (r.get("node_id") != preferred, not r.get("cli"),
+                                r.get("started_at", 0), r.get("node_id")))
     return records[0] if records else None
 
 

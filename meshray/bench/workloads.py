@@ -325,7 +325,8 @@ def _get_small(ctx: Context):
     return Timed(lambda: rt.get(ref))
 
 
-@_workload("single client put gigabytes", "GB/s", "put() of an 800 MB numpy array (1e9 bytes = 1 GB)")
+@_workload("single client put gigabytes", "GB/s",
+           "put() of an 800 MiB numpy array of zeros (1 GB = 1e9 bytes)")
 def _put_gigabytes(ctx: Context):
     import numpy as np
 

@@ -193,16 +193,29 @@ class ActorHosting:
         actor_id = bytes.fromhex(payload["actor_id"])
         entry = self.actors.get(actor_id)
         timeout = float(payload.get("timeout", ACTOR_WAIT_S))
-        host = entry.remote_node if entry is not None else ""
-        if entry is not None and host and host not in self.known_dead and entry.state == "ALIVE":
-            return await self.ask_peer(host, "actor_info", payload, timeout + 10)
-        if entry is not None:
-            if payload.get("wait"):
-                await entry.wait_settled(timeout, int(payload.get("after_restarts", -1)))
-                if entry.remote_node and entry.remote_node != host and entry.state == "ALIVE":
-                    return await self.ask_peer(entry.remote_node, "actor_info", payload, timeout + 10)
+        if entry is None:
+            return await self._remote_actor_info(actor_id, payload, timeout)
+        after = int(payload.get("after_restarts", -1))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = max(0.0, deadline - loop.time())
+            host = entry.remote_node
+            if host and host not in self.known_dead and entry.state == actor_states.ALIVE:
+                try:
+                    record = await self.ask_peer(host, "actor_info",
+                                                 {**payload, "timeout": remaining}, remaining + 10)
+                except (ConnectionError, asyncio.TimeoutError):
+                    if host in self.known_dead and loop.time() < deadline:
+                        continue   # its host died while we asked: we restart it
+                    raise
+                entry.num_restarts = max(entry.num_restarts, int(record.get("num_restarts", 0)))
+                return record
+            if payload.get("wait") and not entry.settled(after) and remaining > 0:
+                await entry.wait_settled(remaining, after)
+                if entry.settled(after) and loop.time() < deadline:
+                    continue
             return entry.record(self.node_id.hex())
-        return await self._remote_actor_info(actor_id, payload, timeout)
 
     async def _remote_actor_info(self, actor_id: bytes, payload: dict, timeout: float) -> dict:
         """An actor neither hosted nor created here: etcd says where; ask that node."""

@@ -288,12 +288,9 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             verdict.reason = "node is not a registered member right now"
         else:
             request = ResourceSet.from_dict(dict(spec.resources))
-            if not self.resources.can_fit(request):
-                verdict.reason = f"not enough free resources here ({self.resources.available.to_dict()})"
-            elif spec.function_id not in self.functions:
+            if spec.function_id not in self.functions:
                 verdict.reason = "function bytes were not shipped"
             else:
-                verdict.accepted = True
                 owner = RemoteOwner(origin)
                 env_vars = dict(spec.env_vars)
                 task = TaskRecord(spec=spec, owner=owner, return_ids=self._return_ids(spec),
@@ -307,10 +304,18 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                                        json.loads(spec.actor_options or b"{}"))
                     entry.owner_node = origin
                     task.actor = entry
-                    self.actors[spec.actor_id] = entry
-                    self._publish_actor(entry)
-                self.tasks[spec.task_id] = task
-                self.queue.push(task)
+                # Accept only what we can start now: resources are taken at
+                # once, so concurrent offers cannot both be accepted.
+                if self._try_acquire(task):
+                    verdict.accepted = True
+                    if task.actor is not None:
+                        self.actors[spec.actor_id] = task.actor
+                        self._publish_actor(task.actor)
+                    self.tasks[spec.task_id] = task
+                    self._start(task)
+                else:
+                    verdict.reason = (f"not enough free resources here "
+                                      f"({self.resources.available.to_dict()})")
         self._send_peer(origin, pb.PeerEvent(verdict=verdict))
 
     def _peer_verdict(self, from_hex: str, msg: pb.SpillVerdict) -> None:
@@ -324,8 +329,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if task.spill_candidates:
             self._spill(task, task.spill_candidates)
         else:
-            task.state = "waiting"
-            self._place_or_queue(task)
+            # Everyone was busy: wait here; _replace_waiting offers it again
+            # as the view shows room somewhere.
+            task.refused_by.clear()
+            self.queue.push(task)
 
     def _peer_result(self, from_hex: str, result: pb.TaskResult) -> None:
         task = self.tasks.get(result.task_id)
@@ -414,6 +421,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         """A JSON question to another node's daemon (same handlers as local ones)."""
         request_id = next(self._conn_ids)
         future = asyncio.get_running_loop().create_future()
+        future.node_hex = node_hex
         self.peer_requests[request_id] = future
         if not self._send_peer(node_hex, pb.PeerEvent(request=pb.Request(
                 request_id=request_id, method=method, payload=json.dumps(payload).encode()))):
@@ -597,6 +605,9 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         link = self.links.pop(node_hex, None)
         if link is not None:
             asyncio.get_running_loop().create_task(link.close())
+        for request_id, future in list(self.peer_requests.items()):
+            if getattr(future, "node_hex", None) == node_hex and not future.done():
+                future.set_exception(ConnectionError(f"node {node_hex} died"))
         # Its borrows and the refs we kept for its containers are released.
         for object_id, entry in list(self.objects.entries()):
             for holder in [h for h in entry.holders | entry.subscribers
@@ -621,11 +632,54 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if info["node"] == node_hex:
                 del self.remote_actors[actor_id]
                 self._restart_remote_actor(info["entry"], node_hex)
-        # Objects whose only copy lived there: rebuild from lineage or report lost.
+        # Objects whose copy or owner was there: find another copy, rebuild
+        # from lineage, or report them lost.
+        stranded = []
         for object_id, entry in list(self.objects.entries()):
             value = entry.value
             if value is not None and value.in_store and value.location == node_hex:
+                stranded.append(object_id)
+            elif value is None and self._node_for_prefix(object_id) is None \
+                    and not self.is_local_object(object_id):
+                stranded.append(object_id)     # waiting on an owner that is gone
+        if stranded:
+            asyncio.get_running_loop().create_task(self._recover_objects(node_hex, stranded))
+
+    async def _recover_objects(self, node_hex: str, object_ids: list) -> None:
+        for object_id in object_ids:
+            if self.store.contains(object_id):
+                self._use_copy(object_id, "")
+                continue
+            copies = []
+            if self.membership is not None:
+                try:
+                    copies = await asyncio.get_running_loop().run_in_executor(
+                        None, self.membership.locations, object_id)
+                except Exception as exc:  # noqa: BLE001 - treat as no copy
+                    log.warning("could not list copies of %s: %s", object_id.hex(), exc)
+            alive = [n for n in copies if n in self.view_nodes and n != node_hex]
+            if alive:
+                self._use_copy(object_id, alive[0])
+            elif self.is_local_object(object_id):
                 self._object_copy_lost(object_id, node_hex)
+            else:
+                from meshray.node.daemon import error_value
+                error = exceptions.OwnerDiedError(
+                    object_id.hex(), call_site=f"its owner node {node_hex} died and no other "
+                    "node holds a copy")
+                self.objects.forget_value(object_id)
+                self._apply(self.objects.set_value(object_id, error_value(object_id, error)))
+
+    def _use_copy(self, object_id: bytes, node_hex: str) -> None:
+        """Point the entry at a surviving copy (here when node_hex is empty)."""
+        old = self.objects.get(object_id)
+        value = pb.ObjectValue(object_id=object_id, in_store=True, location=node_hex)
+        if old is not None:
+            value.CopyFrom(old)
+            value.location = node_hex
+            self.objects.replace_value(object_id, value)
+        else:
+            self._apply(self.objects.set_value(object_id, value))
 
     def _drop_task(self, task) -> None:
         self.queue.remove(task)

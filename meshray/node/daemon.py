@@ -377,14 +377,18 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
                 if not self._try_acquire(task):
                     break
                 tasks.popleft()
-                task.acquired = True
-                worker = self.pool.pop_idle(task.worker_key)
-                if worker is None:
-                    task.state = "assigned"
-                    self.awaiting_worker.append(task)
-                    self._ensure_workers(task.worker_key, task.worker_env)
-                else:
-                    self._dispatch(task, worker)
+                self._start(task)
+
+    def _start(self, task: TaskRecord) -> None:
+        """Hand a task whose resources are acquired to a worker (starting one if needed)."""
+        task.acquired = True
+        worker = self.pool.pop_idle(task.worker_key)
+        if worker is None:
+            task.state = "assigned"
+            self.awaiting_worker.append(task)
+            self._ensure_workers(task.worker_key, task.worker_env)
+        else:
+            self._dispatch(task, worker)
 
     def _try_acquire(self, task: TaskRecord) -> bool:
         # An actor must fit its placement request but only holds `hold`.

@@ -90,6 +90,7 @@ class Membership:
             return {}, {}
         nodes = {self.keys.parse_node(k): v for k, v in self._values(self._nodes_view).items()}
         avail = {self.keys.parse_avail(k): v for k, v in self._values(self._avail_view).items()}
+        self._seen_nodes.update(nodes)   # remembered so status can list dead nodes
         return nodes, avail
 
     def stop(self) -> None:

@@ -376,9 +376,11 @@ def _decide_default(request, nodes, local_node_id, filters: _Filters) -> Decisio
 
 def _decide_spread(request, nodes, local_node_id, spread_counter, filters) -> Decision:
     need, feasible, ready = _classify(request, nodes, filters)
-    if not ready:
+    if not feasible:
         return _not_ready(request, nodes, need, feasible, local_node_id, filters)
-    ring = sorted(n.node_id for n in ready)
+    # Round-robin over every node that could run it, busy or not: views of
+    # peers' availability lag, and a busy peer refuses (or queues) the task.
+    ring = sorted(n.node_id for n in feasible)
     start = spread_counter % len(ring)
     return _placement(ring[start:] + ring[:start], local_node_id)
 

@@ -63,6 +63,13 @@ def no_children_left():
 
 
 @pytest.fixture
+def loopback_unproxied(monkeypatch):
+    """Our fake indexes are on loopback; a CI proxy must not answer for them."""
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+
+
+@pytest.fixture
 def wheel(tmp_path):
     d = tmp_path / "wheels"
     d.mkdir()
@@ -166,7 +173,7 @@ def test_full_setup_runs_a_worker_like_process(tmp_path, wheel):
     assert len(cache.evict()) == 4 and cache.entries() == []
 
 
-def test_unreachable_index_fails_with_pips_error(tmp_path, monkeypatch):
+def test_unreachable_index_fails_with_pips_error(tmp_path, monkeypatch, loopback_unproxied):
     monkeypatch.setenv("PIP_RETRIES", "0")
     cache = RuntimeEnvCache(str(tmp_path / "cache"))
     lines: list[str] = []
@@ -182,7 +189,7 @@ def test_unreachable_index_fails_with_pips_error(tmp_path, monkeypatch):
     assert cache.entries() == []
 
 
-def test_setup_timeout_kills_pip_and_fails_the_same_way(tmp_path):
+def test_setup_timeout_kills_pip_and_fails_the_same_way(tmp_path, loopback_unproxied):
     # A listening socket that never answers: pip connects, then waits for a reply.
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

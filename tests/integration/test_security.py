@@ -310,6 +310,34 @@ def test_grpc_tls_from_environment_aio(certs, monkeypatch):
     assert asyncio.run(run()) == [b"e"]
 
 
+def test_daemon_serves_tls_from_inherited_environment(certs, tmp_path):
+    """A daemon started with MESHRAY_TLS_* serves TLS on TCP; the token still counts."""
+    from meshray.node import launcher
+
+    config = TlsConfig(certs["node"], certs["node-key"], certs["ca"], client_auth=True,
+                       server_name="meshray")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHRAY_TLS_")}
+    env.update(config.to_env())
+    env["MESHRAY_RUN_DIR"] = str(tmp_path / "run")
+    node = launcher.start_node(embedded_etcd=True, token=TOKEN, env=env, num_cpus=0,
+                               prestart_workers=0)
+    try:
+        with make_channel(node.address, token=TOKEN, tls=config) as channel:
+            reply = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(),
+                                                                 timeout=10)
+        assert reply.node_id.hex() == node.node_id
+        with make_channel(node.address, token=TOKEN, tls=None) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with make_channel(node.address, token=WRONG, tls=config) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        node.stop()
+
+
 def test_etcd_tls_client_certs_and_password(certs, tmp_path):
     """etcd with TLS + client-cert auth, then user/password auth on top."""
     from pyetcd import etcdrpc
@@ -336,9 +364,9 @@ def test_etcd_tls_client_certs_and_password(certs, tmp_path):
             "MESHRAY_ETCD_CA": certs["ca"], "MESHRAY_ETCD_CERT": certs["node"],
             "MESHRAY_ETCD_KEY": certs["node-key"]})
         with pytest.raises(CoordinationUnavailable):
-            Coordinator([endpoint], timeout=1.5)  # plaintext client
+            Coordinator([endpoint], timeout=1.0)  # plaintext client
         with pytest.raises(CoordinationUnavailable):
-            Coordinator([endpoint], timeout=1.5, ca_cert=certs["ca"])  # no client cert
+            Coordinator([endpoint], timeout=1.0, ca_cert=certs["ca"])  # no client cert
         coordinator = Coordinator([endpoint], timeout=5, **options)
         coordinator.put("/meshray-test/tls", b"1")
         assert coordinator.get("/meshray-test/tls")[0] == b"1"
