@@ -17,7 +17,7 @@ def square(x):
 
 
 @ray.remote
-def total(values):
+def total(*values):
     return sum(values)
 
 
@@ -25,8 +25,8 @@ def total(values):
 refs = [square.remote(i) for i in range(10)]
 print("squares:", ray.get(refs))
 
-# ObjectRefs can be passed to other tasks; the value is resolved before they run.
-print("sum of squares:", ray.get(total.remote(refs)))
+# ObjectRefs passed as arguments are resolved to their values before the task runs.
+print("sum of squares:", ray.get(total.remote(*refs)))
 
 # Large objects live in shared memory and are read without copying.
 array = np.arange(20_000_000, dtype=np.float64)  # 160 MB

@@ -71,7 +71,9 @@ def _find_local_node(etcd: str | None):
 def _check_etcd_reachable(endpoints: str, timeout: float = 5.0) -> None:
     from meshray.coordination.client import Coordinator
     try:
-        coordinator = Coordinator(endpoints.split(","), timeout=timeout)
+        from meshray import security
+        coordinator = Coordinator(endpoints.split(","), timeout=timeout,
+                                  **security.etcd_client_options())
     except ConnectionError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -118,10 +120,12 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
 
         from meshray.node import launcher
         target = _resolve_address(address)
-        token = kwargs.get("_token") or os.environ.get("MESHRAY_TOKEN") or None
+        from meshray import security
+        token = (security.validate_token(kwargs["_token"], "init(_token=...)")
+                 if kwargs.get("_token") else security.resolve_token())
         node = None
         if target is None:
-            token = token or launcher.new_token()
+            token = token or security.generate_token()
             node = launcher.start_node(
                 embedded_etcd=True, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                 labels=labels, object_store_memory=object_store_memory, token=token,
@@ -142,6 +146,7 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
                         f"No meshray node on this machine is joined to etcd at {target}; "
                         f"run `meshray start --address {target}` here first.")
             token = token or _read_token(record)
+            _inherit_node_tls(record)
             daemon_address = record["local_address"]
         job_id = ids.new_job_id()
         try:
@@ -159,12 +164,27 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
 
 
 def _read_token(record: dict) -> str | None:
+    from meshray import security
     path = os.path.join(record.get("session_dir", ""), "token")
-    try:
-        with open(path) as handle:
-            return handle.read().strip() or None
-    except OSError:
+    if not os.path.exists(path):
         return None
+    return security.read_token_file(path)
+
+
+def _inherit_node_tls(record: dict) -> None:
+    """Dial other nodes and actors with the TLS settings of the node we joined.
+
+    The rpc factory reads MESHRAY_TLS_* by default, so exporting the node's
+    settings here is all a driver needs; settings already in the
+    environment win (the user chose them).
+    """
+    from meshray import security
+    from meshray.rpc.tls import ENV_CA, ENV_CERT
+    if os.environ.get(ENV_CERT) or os.environ.get(ENV_CA):
+        return
+    tls = security.load_session_tls(record.get("session_dir", ""))
+    if tls is not None:
+        os.environ.update(tls.to_env())
 
 
 def _context_info() -> dict:

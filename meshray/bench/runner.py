@@ -56,12 +56,11 @@ def _load_workloads():
 
 def _prepare_environment(runtime: str) -> None:
     """Switch off what would make Ray slower or chattier without being Ray's
-    core work: usage-stats reporting and its startup warnings. The dashboard
-    is switched off through init() arguments."""
+    core work: usage-stats reporting and the container CPU-limit check. The
+    dashboard is switched off through init() arguments."""
     if runtime == "ray":
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def classify_failure(exc: BaseException, rt) -> str:

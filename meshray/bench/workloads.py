@@ -21,7 +21,9 @@ Constraints this module lives under, and why:
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -414,8 +416,6 @@ def init_probe(rt: ModuleType, num_cpus: int) -> float:
            "fresh process: init() (starting a private cluster) until the first task's "
            "result arrives; import time is in details", needs_session=False)
 def _init_to_first_result(ctx: Context):
-    import json
-
     imports: list = []
 
     def sample():
@@ -569,7 +569,10 @@ def _node_failure_recovery(ctx: Context):
 
     def cleanup():
         open(stop_file, "w").close()
-        _stop_cluster(ctx, cluster)
+        try:
+            _stop_cluster(ctx, cluster)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     return Sampled(sample, cleanup=cleanup)
 

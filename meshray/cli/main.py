@@ -18,13 +18,23 @@ def _cmd_start(args) -> int:
     if not isinstance(resources, dict):
         print(f"--resources must be a JSON object, got {args.resources!r}", file=sys.stderr)
         return 2
-    token = args.token or os.environ.get("MESHRAY_TOKEN") or None
-    if args.token_file:
-        with open(args.token_file) as handle:
-            token = handle.read().strip()
+    from meshray import security
+    from meshray.rpc.tls import TlsConfig
+    try:
+        token = security.resolve_token(args.token, args.token_file)
+        etcd_options = security.etcd_client_options(
+            ca_cert=args.etcd_ca, cert_cert=args.etcd_cert, cert_key=args.etcd_key,
+            user=args.etcd_user, password_file=args.etcd_password_file)
+        tls = (TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
+                         client_auth=args.tls_client_auth,
+                         server_name=args.tls_server_name)
+               if (args.tls_cert or args.tls_key or args.tls_ca) else TlsConfig.from_env())
+    except (ValueError, TypeError) as exc:
+        print(f"meshray start: {exc}", file=sys.stderr)
+        return 2
     embedded = not args.address
     if embedded and not token:
-        token = launcher.new_token()
+        token = security.generate_token()
     address = args.address[len("etcd://"):] if args.address and args.address.startswith(
         "etcd://") else args.address
     node = launcher.start_node(
@@ -32,7 +42,7 @@ def _cmd_start(args) -> int:
         resources=resources, labels=json.loads(args.labels) if args.labels else None,
         object_store_memory=args.object_store_memory, host=args.host, port=args.port,
         token=token, session_dir=None, tie_to_parent=False, cli=True,
-        lease_ttl=args.lease_ttl)
+        lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host)
     node.owns_session_dir = False  # the daemon removes its own session dir on exit
     token_path = os.path.join(node.session_dir, "token")
     print(f"meshray node {node.node_id} started (pid {node.pid})")
@@ -40,8 +50,7 @@ def _cmd_start(args) -> int:
     print(f"  etcd         : {node.etcd}")
     if embedded:
         print(f"  cluster token: written to {token_path} (mode 0600)")
-        print("To add another node to this cluster:")
-        print(f"  MESHRAY_TOKEN=$(cat {token_path}) meshray start --address {node.etcd}")
+        print(security.join_hint(node.etcd, token_path))
     print("To connect a driver on this machine: meshray.init(address='auto')")
     if args.block:
         def forward(signum, _frame):
@@ -117,8 +126,26 @@ def main(argv=None) -> int:
     start.add_argument("--object-store-memory", type=int)
     start.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     start.add_argument("--port", type=int, default=0)
+    start.add_argument("--advertise-host", default="",
+                       help="address peers dial (default: --host, or this machine's address "
+                            "when binding 0.0.0.0)")
     start.add_argument("--token", help="cluster token (or MESHRAY_TOKEN)")
-    start.add_argument("--token-file")
+    start.add_argument("--token-file", help="file holding the cluster token "
+                       "(or MESHRAY_TOKEN_FILE)")
+    start.add_argument("--tls-cert", help="PEM certificate chain for gRPC TLS "
+                       "(or MESHRAY_TLS_CERT)")
+    start.add_argument("--tls-key", help="PEM private key (or MESHRAY_TLS_KEY)")
+    start.add_argument("--tls-ca", help="CA bundle peers must chain to (or MESHRAY_TLS_CA)")
+    start.add_argument("--tls-client-auth", action="store_true",
+                       help="require client certificates (mutual TLS)")
+    start.add_argument("--tls-server-name", help="name expected in peers' certificates "
+                       "(or MESHRAY_TLS_SERVER_NAME)")
+    start.add_argument("--etcd-ca", help="CA for etcd's TLS (or MESHRAY_ETCD_CA)")
+    start.add_argument("--etcd-cert", help="etcd client certificate (or MESHRAY_ETCD_CERT)")
+    start.add_argument("--etcd-key", help="etcd client key (or MESHRAY_ETCD_KEY)")
+    start.add_argument("--etcd-user", help="etcd user (or MESHRAY_ETCD_USER)")
+    start.add_argument("--etcd-password-file", help="file holding the etcd password "
+                       "(or MESHRAY_ETCD_PASSWORD[_FILE])")
     start.add_argument("--lease-ttl", type=float)
     start.add_argument("--block", action="store_true", help="stay in the foreground")
     start.set_defaults(func=_cmd_start)
@@ -130,6 +157,9 @@ def main(argv=None) -> int:
     status = commands.add_parser("status", help="show nodes and resources")
     status.add_argument("--address")
     status.set_defaults(func=_cmd_status)
+
+    from meshray.cli import microbenchmark
+    microbenchmark.add_parser(commands)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -240,6 +240,8 @@ def run_runtime(runtime: str, python: str, names: list, args, on_row=None) -> di
                     on_row(runtime, row)
             elif remaining and (fatal is not None or not progressed):
                 reason = fatal or f"runner exited with status {proc.returncode}: {_tail(log_path)}"
+                if fatal and runtime == "ray" and "cannot import" in fatal:
+                    reason += " (pass --ray-python with an interpreter that has ray installed)"
                 for name in remaining:
                     results[name] = _failed_row(name, reason)
                     if on_row is not None:

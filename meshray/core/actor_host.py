@@ -87,7 +87,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                                           max_workers=256)
         pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
         self._server.start()
-        return ",".join(bound)
+        advertise = os.environ.get("MESHRAY_ADVERTISE_HOST") or host
+        return ",".join(a if a.startswith("unix:") else f"{advertise}:{a.rsplit(':', 1)[1]}"
+                        for a in bound)
 
     # ------------------------------------------------------------ stream
     def Call(self, request_iterator, context):

@@ -49,6 +49,7 @@ class NodeConfig:
     object_store_memory: int
     host: str = "127.0.0.1"
     port: int = 0
+    advertise_host: str = ""          # what peers dial; default derived from host
     token: str | None = None
     etcd_endpoints: list = field(default_factory=list)
     labels: dict = field(default_factory=dict)
@@ -126,10 +127,11 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         pb_grpc.add_NodeServiceServicer_to_server(self, self.server)
         pb_grpc.add_NodePeerServicer_to_server(self, self.server)
         await self.server.start()
-        self.address = bound[0]
+        self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         self.local_address = bound[1]
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
-                               session_dir=self.config.session_dir, on_output=self._worker_output)
+                               session_dir=self.config.session_dir, on_output=self._worker_output,
+                               node_host=self.config.host, advertise_host=self._advertised_host())
         count = self.config.prestart_workers
         if count is None:
             count = int(self.config.resources.get("CPU", 0))
@@ -137,6 +139,17 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             self.pool.start(ids.new_id(), DEFAULT_ENV_KEY, {})
         asyncio.get_running_loop().create_task(self._reap_loop())
         asyncio.get_running_loop().create_task(self._replace_loop())
+
+    def _advertised_host(self) -> str:
+        if self.config.advertise_host:
+            return self.config.advertise_host
+        if self.config.host in ("0.0.0.0", "::", ""):
+            import socket
+            try:
+                return socket.gethostbyname(socket.gethostname())
+            except OSError:
+                return "127.0.0.1"
+        return self.config.host
 
     async def wait_stopped(self) -> None:
         await self._stopping.wait()

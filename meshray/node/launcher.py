@@ -25,7 +25,8 @@ READY_TIMEOUT_S = 30.0
 
 
 def new_token() -> str:
-    return secrets.token_hex(24)
+    from meshray.security import generate_token
+    return generate_token()
 
 
 @dataclass
@@ -98,7 +99,9 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                object_store_memory: int | None = None, host: str = "127.0.0.1",
                port: int = 0, token: str | None = None, session_dir: str | None = None,
                tie_to_parent: bool = True, cli: bool = False, lease_ttl: float | None = None,
-               env: dict | None = None, prestart_workers: int | None = None) -> NodeProcess:
+               env: dict | None = None, prestart_workers: int | None = None,
+               tls=None, etcd_options: dict | None = None,
+               advertise_host: str = "") -> NodeProcess:
     if not embedded_etcd and not etcd:
         raise ValueError("start_node needs etcd endpoints or embedded_etcd=True")
     owns = session_dir is None
@@ -121,6 +124,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
             args += [flag, str(value)]
     if cli:
         args.append("--cli")
+    if advertise_host:
+        args += ["--advertise-host", advertise_host]
     parent_w = None
     if tie_to_parent:
         parent_r, parent_w = os.pipe()
@@ -129,6 +134,11 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
     child_env = dict(os.environ if env is None else env)
     if token:
         child_env["MESHRAY_TOKEN"] = token
+    if tls is not None:      # a meshray.rpc.tls.TlsConfig; workers inherit it too
+        child_env.update(tls.to_env())
+    if etcd_options:
+        from meshray.security import etcd_options_to_env
+        child_env.update(etcd_options_to_env(etcd_options))
     # The daemon logs to its session dir; its own stdout/stderr must not hold
     # the caller's pipes open (a detached `meshray start` would never "finish").
     with open(os.path.join(session_dir, "node.stderr"), "ab") as stderr_file:
@@ -173,10 +183,11 @@ def _read_ready(fd: int, process: subprocess.Popen, session_dir: str) -> dict:
 
 def _startup_failure(process: subprocess.Popen, session_dir: str) -> str:
     tail = ""
-    try:
-        with open(os.path.join(session_dir, "node.log")) as handle:
-            tail = "".join(handle.readlines()[-20:])
-    except OSError:
-        pass
+    for name in ("node.log", "node.stderr"):
+        try:
+            with open(os.path.join(session_dir, name)) as handle:
+                tail += "".join(handle.readlines()[-20:])
+        except OSError:
+            pass
     return (f"node daemon exited with code {process.returncode} during startup.\n"
             f"Last lines of {session_dir}/node.log:\n{tail}")

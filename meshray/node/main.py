@@ -29,6 +29,9 @@ def _parse(argv):
     parser.add_argument("--node-id", default="")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--advertise-host", default="",
+                        help="address peers use to reach this node (default: --host, or this "
+                             "machine's address when --host is 0.0.0.0)")
     parser.add_argument("--etcd", default="", help="comma-separated etcd endpoints")
     parser.add_argument("--embedded-etcd", action="store_true")
     parser.add_argument("--num-cpus", type=float, default=None)
@@ -103,10 +106,15 @@ async def _run(args) -> int:
         gpu_ids = gpu_ids[:int(total_gpus)] if total_gpus <= len(gpu_ids) else list(range(int(total_gpus)))
     if total_gpus != int(total_gpus):
         gpu_ids = []
+    from meshray import security
+    from meshray.rpc.tls import TlsConfig
+    token = security.resolve_token()          # MESHRAY_TOKEN / MESHRAY_TOKEN_FILE
+    tls = TlsConfig.from_env()                # fail fast on bad MESHRAY_TLS_*
     config = NodeConfig(
         session_dir=args.session_dir, node_id=node_id, resources=resources,
         object_store_memory=int(resources["object_store_memory"]), host=args.host,
-        port=args.port, token=os.environ.get("MESHRAY_TOKEN") or None,
+        advertise_host=args.advertise_host,
+        port=args.port, token=token,
         etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
         gpu_ids=gpu_ids)
     daemon = NodeDaemon(config)
@@ -115,11 +123,9 @@ async def _run(args) -> int:
     daemon.membership = membership
     membership.start(loop)
 
-    token = os.environ.get("MESHRAY_TOKEN")
     if token:
-        fd = os.open(os.path.join(args.session_dir, "token"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token)
+        security.write_token_file(os.path.join(args.session_dir, "token"), token)
+    security.save_session_tls(args.session_dir, tls)
     record = {
         "node_id": node_id.hex(), "pid": os.getpid(), "address": daemon.address,
         "local_address": daemon.local_address, "etcd": ",".join(endpoints),

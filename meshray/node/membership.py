@@ -123,7 +123,9 @@ class Membership:
         def connect():
             if self._stop.is_set():
                 return None
-            return Coordinator(self._endpoints, timeout=5.0)
+            from meshray import security
+            return Coordinator(self._endpoints, timeout=5.0,
+                               **security.etcd_client_options())
 
         self.coordinator = connect()
         if self.coordinator is None:

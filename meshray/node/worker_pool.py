@@ -49,7 +49,9 @@ class WorkerPool:
     """Tracks worker processes; the daemon decides when to start or stop one."""
 
     def __init__(self, *, daemon_address: str, token: str | None, session_dir: str,
-                 on_output):
+                 on_output, node_host: str = "127.0.0.1", advertise_host: str = "127.0.0.1"):
+        self._node_host = node_host
+        self._advertise_host = advertise_host
         self._daemon_address = daemon_address
         self._token = token
         self._session_dir = session_dir
@@ -66,6 +68,8 @@ class WorkerPool:
         env["MESHRAY_WORKER_ID"] = worker_id.hex()
         env["MESHRAY_SESSION_DIR"] = self._session_dir
         env["PYTHONUNBUFFERED"] = "1"
+        env["MESHRAY_NODE_HOST"] = self._node_host            # actor servers bind here
+        env["MESHRAY_ADVERTISE_HOST"] = self._advertise_host  # and are dialled here
         if self._token:
             env["MESHRAY_TOKEN"] = self._token
         process = subprocess.Popen(
