@@ -70,7 +70,9 @@ class ActorClass:
     """What `@meshray.remote` returns for a class."""
 
     def __init__(self, cls, options: dict):
+        from meshray.core.remote_function import _check_runtime_env
         opts.validate_actor_options(options, in_options=False)
+        _check_runtime_env(options)
         self._cls = cls
         self._default_options = {**opts.actor_defaults(), **options}
         self._methods, self._is_async = _method_table(cls)
@@ -85,7 +87,9 @@ class ActorClass:
                         f"'{self._cls.__name__}()', use '{self._cls.__name__}.remote()'.")
 
     def options(self, **actor_options):
+        from meshray.core.remote_function import _check_runtime_env
         opts.validate_actor_options(actor_options, in_options=True)
+        _check_runtime_env(actor_options)
         merged = opts.merge_options(self._default_options, actor_options)
         parent = self
 

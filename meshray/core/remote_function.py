@@ -15,19 +15,6 @@ from meshray.rpc.generated import meshray_pb2 as pb
 __all__ = ["RemoteFunction", "build_task_spec_fields"]
 
 
-def _job_env_vars(runtime_env: dict | None) -> dict:
-    """Merge env_vars from the job, the parent task and this call (child wins)."""
-    merged: dict = {}
-    job_env = state_mod.state.job_runtime_env or {}
-    merged.update(job_env.get("env_vars") or {})
-    parent = state_mod.current_spec()
-    if parent is not None:
-        merged.update(dict(parent.env_vars))
-    if runtime_env:
-        merged.update(runtime_env.get("env_vars") or {})
-    return {str(k): str(v) for k, v in merged.items()}
-
-
 def build_task_spec_fields(spec: pb.TaskSpec, options: dict, placement: dict) -> None:
     """Fill the option-derived fields of a TaskSpec."""
     for name, amount in placement.items():
@@ -39,7 +26,16 @@ def build_task_spec_fields(spec: pb.TaskSpec, options: dict, placement: dict) ->
     else:
         spec.scheduling_strategy = type(strategy).__name__
         spec.strategy_blob = cloudpickle.dumps(strategy)
-    spec.env_vars.update(_job_env_vars(options.get("runtime_env")))
+    from meshray._api import _ensure_core
+    from meshray.core.runtime_envs import attach_runtime_env
+    attach_runtime_env(spec, options.get("runtime_env"), _ensure_core())
+
+
+def _check_runtime_env(options: dict) -> None:
+    """Reject a bad runtime_env when it is declared, not when a task runs."""
+    if options.get("runtime_env"):
+        from meshray.runtime_env import validate_runtime_env
+        validate_runtime_env(options["runtime_env"])
 
 
 class RemoteFunction:
@@ -47,6 +43,7 @@ class RemoteFunction:
 
     def __init__(self, function, options: dict):
         opts.validate_task_options(options, in_options=False)
+        _check_runtime_env(options)
         self._function = function
         self._is_generator = inspect.isgeneratorfunction(function)
         self._default_options = {**opts.task_defaults(self._is_generator), **options}
@@ -63,6 +60,7 @@ class RemoteFunction:
 
     def options(self, **task_options):
         opts.validate_task_options(task_options, in_options=True)
+        _check_runtime_env(task_options)
         merged = opts.merge_options(self._default_options, task_options)
         parent = self
 

@@ -25,6 +25,7 @@ from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
+from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
@@ -86,7 +87,7 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
     return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
-class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -115,6 +116,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
         self._init_cluster()
+        self._init_env_setup()
 
     def _owns(self, object_id: bytes) -> bool:
         return object_id[:ids.NODE_PREFIX_LEN] == self.node_id[:ids.NODE_PREFIX_LEN]
@@ -132,6 +134,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
                                session_dir=self.config.session_dir, on_output=self._worker_output,
                                node_host=self.config.host, advertise_host=self._advertised_host())
+        self.pool.on_forget = lambda worker: worker.resolved_env.release(self.env_cache)
         count = self.config.prestart_workers
         if count is None:
             count = int(self.config.resources.get("CPU", 0))
@@ -244,7 +247,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         env_vars = dict(spec.env_vars)
         task = TaskRecord(spec=spec, owner=conn, return_ids=return_ids,
                           request=ResourceSet.from_dict(dict(spec.resources)),
-                          env_key=env_key_for(env_vars), env_vars=env_vars,
+                          env_key=self._env_key(spec), env_vars=env_vars,
                           retries_left=spec.max_retries)
         if spec.actor_creation:
             task.hold = ResourceSet.from_dict(dict(spec.held_resources))
@@ -320,6 +323,10 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             task.cpu_lent = False
 
     def _env_key(self, spec) -> str:
+        env, _packages = parse_task_env(spec)
+        if env:
+            from meshray.runtime_env import runtime_env_key
+            return runtime_env_key(env)
         return env_key_for(dict(spec.env_vars))
 
     def _on_cancel(self, conn: Connection, msg: pb.CancelTask) -> None:
@@ -399,7 +406,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         if worker is None:
             task.state = "assigned"
             self.awaiting_worker.append(task)
-            self._ensure_workers(task.worker_key, task.worker_env)
+            self._ensure_workers(task)
         else:
             self._dispatch(task, worker)
 
@@ -425,11 +432,16 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             task.worker_env = {**task.env_vars, **extra}
             task.worker_key = f"{task.env_key}|gpu:{','.join(task.gpu_ids)}"
 
-    def _ensure_workers(self, env_key: str, env_vars: dict) -> None:
-        wanted = sum(1 for t in self.awaiting_worker if t.worker_key == env_key)
-        starting = self.pool.starting.get(env_key, 0)
-        for _ in range(max(0, wanted - starting)):
-            self.pool.start(ids.new_id(), env_key, env_vars)
+    def _ensure_workers(self, task: TaskRecord) -> None:
+        key = task.worker_key
+        wanted = sum(1 for t in self.awaiting_worker if t.worker_key == key)
+        missing = wanted - self.pool.starting.get(key, 0)
+        if missing > 0:
+            self._start_workers_for(task, missing)
+
+    @staticmethod
+    def _new_worker_id() -> bytes:
+        return ids.new_id()
 
     def _worker_free(self, worker: WorkerProcess) -> None:
         for index, task in enumerate(self.awaiting_worker):
@@ -551,6 +563,8 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         for value in effects.free:
             self._free_value(value)
         for object_id in effects.became_ready:
+            if object_id in self.object_waiters:
+                self._wake_object_waiters(object_id)
             for task in self.waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
                 if not task.pending_deps and task.state == "waiting":
@@ -618,6 +632,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         while not self._stopping.is_set():
             await asyncio.sleep(0.2)
             self.pool.reap()
+            self._reclaim_idle_env_workers()
             for worker in list(self.pool.by_id.values()):
                 if worker.process.poll() is not None and worker.conn is None:
                     log.warning("worker pid %d exited with %s before connecting",
@@ -626,7 +641,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
                     # Tasks waiting on a worker for this env get a new start.
                     for task in self.awaiting_worker:
                         if task.worker_key == worker.env_key:
-                            self._ensure_workers(task.worker_key, task.worker_env)
+                            self._ensure_workers(task)
                             break
 
     # ------------------------------------------------------------ logs

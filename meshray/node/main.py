@@ -93,6 +93,11 @@ async def _run(args) -> int:
         etcd = EmbeddedEtcd(os.path.join(args.session_dir, "etcd"), host="127.0.0.1")
         etcd.launch()
         endpoints = [etcd.endpoint]
+    if not args.cli and "MESHRAY_RUNTIME_ENV_CACHE_DIR" not in os.environ:
+        # A private cluster (init() with no address) keeps its environments
+        # in its session dir, so they go away with it; `meshray start` nodes
+        # share the per-machine cache across sessions.
+        os.environ["MESHRAY_RUNTIME_ENV_CACHE_DIR"] = os.path.join(args.session_dir, "runtime_env")
     gpus = detect_gpus()
     resources = node_resources(args, gpus)
     labels = json.loads(args.labels)

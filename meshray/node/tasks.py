@@ -6,6 +6,7 @@ identical tasks costs O(classes) per dispatch rather than O(tasks).
 """
 from __future__ import annotations
 
+import json
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -40,12 +41,18 @@ class TaskRecord:
     spill_candidates: list = field(default_factory=list)
     refused_by: set = field(default_factory=set)
     remote_args: list | None = None   # spilled to us: argument values sent by the origin
+    runtime_env: dict = field(default_factory=dict)   # without the package map
+    packages: dict = field(default_factory=dict)      # package uri -> object id hex
 
     def __post_init__(self):
         if self.hold is None:
             self.hold = self.request
         self.worker_key = self.worker_key or self.env_key
         self.worker_env = self.worker_env or dict(self.env_vars)
+        if self.spec is not None and getattr(self.spec, "runtime_env_json", ""):
+            env = json.loads(self.spec.runtime_env_json)
+            self.packages = env.pop("_packages", {}) or {}
+            self.runtime_env = env
 
     @property
     def task_id(self) -> bytes:

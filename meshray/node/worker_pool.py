@@ -37,6 +37,7 @@ class WorkerProcess:
     idle_since: float = 0.0
     dedicated: bool = False          # hosts an actor: never returns to the pool
     actor: object = None             # its ActorEntry
+    resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""
     task_name: str = ""
 
@@ -60,8 +61,10 @@ class WorkerPool:
         self.idle: dict[str, list[WorkerProcess]] = {}
         self.starting: dict[str, int] = {}
         self._exited: list[subprocess.Popen] = []   # forgotten, still to be reaped
+        self.on_forget = None                        # (worker) -> None, releases its env
 
-    def start(self, worker_id: bytes, env_key: str, extra_env: dict[str, str]) -> WorkerProcess:
+    def start(self, worker_id: bytes, env_key: str, extra_env: dict[str, str], *,
+              python: str | None = None, cwd: str | None = None) -> WorkerProcess:
         env = dict(os.environ)
         env.update(extra_env)
         env["MESHRAY_DAEMON_ADDRESS"] = self._daemon_address
@@ -73,9 +76,9 @@ class WorkerPool:
         if self._token:
             env["MESHRAY_TOKEN"] = self._token
         process = subprocess.Popen(
-            [sys.executable, "-m", "meshray.core.worker_main"],
+            [python or sys.executable, "-m", "meshray.core.worker_main"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, close_fds=True, cwd=extra_env.get("MESHRAY_WORKER_CWD") or None,
+            stderr=subprocess.PIPE, close_fds=True, cwd=cwd,
         )
         worker = WorkerProcess(worker_id, env_key, process)
         self.by_id[worker_id] = worker
@@ -129,6 +132,9 @@ class WorkerPool:
         self._exited = [process for process in self._exited if process.poll() is None]
 
     def forget(self, worker: WorkerProcess) -> None:
+        if worker.resolved_env is not None and self.on_forget is not None:
+            self.on_forget(worker)
+            worker.resolved_env = None
         self._exited.append(worker.process)
         self.by_id.pop(worker.worker_id, None)
         workers = self.idle.get(worker.env_key)
