@@ -31,6 +31,7 @@ __all__ = ["CoreWorker", "ArgPlaceholder"]
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 2000
+_NO_ARGS_BLOB = serialization.serialize(([], {})).inband
 CONNECT_TIMEOUT_S = 15.0
 
 
@@ -44,6 +45,14 @@ class ArgPlaceholder:
 
     def __reduce__(self):
         return (ArgPlaceholder, (self.index,))
+
+
+class _Waiter:
+    __slots__ = ("needed", "event")
+
+    def __init__(self, needed: int):
+        self.needed = needed
+        self.event = threading.Event()
 
 
 class _Stream:
@@ -74,6 +83,7 @@ class CoreWorker:
         # returns views of the same shared memory (and maps it only once).
         self._mapped: dict[bytes, tuple] = {}
         self._subscribed: set[bytes] = set()
+        self._waiters: dict[bytes, list] = {}    # object id -> gets/waits counting down
         self._local_refs: dict[bytes, int] = {}
         self._futures: dict[bytes, list] = {}
         self._streams: dict[bytes, _Stream] = {}
@@ -84,6 +94,9 @@ class CoreWorker:
         # only if the ref leaves this process (passed to a task, put in an
         # object) -- until then they cost the node nothing.
         self._local_only: set[bytes] = set()
+        # Ids the node already counts us as holding (task returns we submitted,
+        # objects we put): their first local ref needs no "add" message.
+        self._node_knows: set[bytes] = set()
         self._register_on_arrival: set[bytes] = set()
         self._actor_connections: dict[bytes, object] = {}
         self._put_task_id = b""             # set once the node's id is known
@@ -159,6 +172,9 @@ class CoreWorker:
             with self._lock:
                 self._lost = not self._closed
                 self._changed.notify_all()
+                for waiters in self._waiters.values():
+                    for waiter in waiters:
+                        waiter.event.set()
             if not self._welcome.done():
                 self._welcome.set_exception(ConnectionError("node daemon closed the session"))
             for future in list(self._requests.values()):
@@ -188,7 +204,12 @@ class CoreWorker:
                 else:
                     stream.items[index] = object_id
             futures = self._futures.pop(object_id, ())
-            self._changed.notify_all()
+            for waiter in self._waiters.pop(object_id, ()):
+                waiter.needed -= 1
+                if waiter.needed <= 0:
+                    waiter.event.set()
+            if stream is not None:
+                self._changed.notify_all()
         for future in futures:
             self._resolve_future(future, object_id)
 
@@ -254,8 +275,11 @@ class CoreWorker:
         with self._lock:
             count = self._local_refs.get(object_id, 0)
             self._local_refs[object_id] = count + 1
-            local_only = object_id in self._local_only
-        if count == 0 and not local_only:
+            silent = object_id in self._local_only
+            if object_id in self._node_knows:
+                self._node_knows.discard(object_id)
+                silent = True
+        if count == 0 and not silent:
             self._send(pb.ClientEvent(refs=pb.RefUpdate(add=[object_id])))
 
     def remove_local_ref(self, object_id: bytes) -> None:
@@ -276,6 +300,11 @@ class CoreWorker:
             self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
 
     # ------------------------------------------------------------ actor results
+    def mark_node_knows(self, object_ids) -> None:
+        """The next message about these ids (a submit or put) tells the node we hold them."""
+        with self._lock:
+            self._node_knows.update(object_ids)
+
     def mark_local_only(self, object_ids) -> None:
         with self._lock:
             self._local_only.update(object_ids)
@@ -338,6 +367,7 @@ class CoreWorker:
                 "this, you can wrap the ObjectRef in a list and call 'put' on it.")
         object_id = ids.object_id_for(self._put_task_id, next(self._put_counter))
         serialized = serialization.serialize(value, what="the value passed to put()")
+        self.mark_node_knows((object_id,))
         ref = ObjectRef(object_id)
         self.store_value(object_id, serialized, local=True)
         return ref
@@ -391,25 +421,38 @@ class CoreWorker:
             self._send(pb.ClientEvent(subscribe=pb.Subscribe(object_ids=missing)))
 
     def _wait_values(self, object_ids, num_needed: int, deadline: float | None) -> int:
-        """Block until `num_needed` of the ids have values; return how many do."""
+        """Block until `num_needed` of the ids have values; return how many do.
+
+        A waiter counts down as values arrive, so a get of N refs costs O(N)
+        in total rather than a rescan of all N on every arrival.
+        """
         self._subscribe(object_ids)
+        unique = set(object_ids)
         with self._lock:
-            ready = sum(1 for oid in object_ids if oid in self._values)
-            if ready >= num_needed:
+            missing = [oid for oid in unique if oid not in self._values]
+            ready = len(unique) - len(missing)
+            if ready >= num_needed or not missing:
                 return ready
+            waiter = _Waiter(num_needed - ready)
+            for oid in missing:
+                self._waiters.setdefault(oid, []).append(waiter)
         self._set_blocked(True)
         try:
-            with self._lock:
-                while True:
-                    ready = sum(1 for oid in object_ids if oid in self._values)
-                    if ready >= num_needed or self._lost:
-                        return ready
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return ready
-                    self._changed.wait(remaining if remaining is not None else 1.0)
+            while not waiter.event.is_set() and not self._lost:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                waiter.event.wait(1.0 if remaining is None else min(remaining, 1.0))
         finally:
             self._set_blocked(False)
+            with self._lock:
+                for oid in missing:
+                    waiting = self._waiters.get(oid)
+                    if waiting is not None and waiter in waiting:
+                        waiting.remove(waiter)
+                        if not waiting:
+                            del self._waiters[oid]
+                return sum(1 for oid in unique if oid in self._values)
 
     def _set_blocked(self, blocked: bool) -> None:
         if self.role != "worker" or not self.current_task_id:
@@ -540,6 +583,8 @@ class CoreWorker:
         keepalive holds refs created here for large arguments until the
         submission message is queued.
         """
+        if not args and not kwargs:
+            return _NO_ARGS_BLOB, [], [], []
         arg_refs: list[bytes] = []
         keepalive = []
 

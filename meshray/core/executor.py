@@ -53,6 +53,7 @@ class TaskExecutor:
         self._cancelled: set[bytes] = set()
         self.core = None
         self.actor_host = None
+        self._announced = None
 
     # ------------------------------------------------------------ inputs
     def enqueue(self, msg: pb.ExecuteTask) -> None:
@@ -138,6 +139,11 @@ class TaskExecutor:
             raise _DependencyFailed(error) from None
 
     def _announce(self, spec) -> None:
+        """Tell the node whose output follows -- only when that changes."""
+        context = (spec.job_id, spec.name)
+        if context == self._announced:
+            return
+        self._announced = context
         sys.stdout.flush()
         sys.stderr.flush()
         marker = f"{CONTEXT_MARKER}{spec.job_id.hex()} {spec.name}\n"

@@ -113,7 +113,9 @@ class RemoteFunction:
             generator = ObjectRefGenerator(task_id, core)
             core.submit(spec, keepalive)
             return generator
-        refs = [ObjectRef(ids.object_id_for(task_id, i + 1)) for i in range(spec.num_returns)]
+        return_ids = [ids.object_id_for(task_id, i + 1) for i in range(spec.num_returns)]
+        core.mark_node_knows(return_ids)   # the submission makes us their holder
+        refs = [ObjectRef(object_id) for object_id in return_ids]
         core.submit(spec, keepalive)
         if spec.num_returns == 0:
             return None

@@ -28,6 +28,7 @@ __all__ = [
 INLINE_THRESHOLD = 100 * 1024
 
 _context = threading.local()
+_PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
 @dataclass
@@ -58,6 +59,11 @@ def serialize(value, *, what: str = "value") -> SerializedValue:
     `what` names the value in errors ("argument 2 of f", "return value of g")
     so an unpicklable argument says which one failed and why.
     """
+    if type(value) in _PLAIN_TYPES:
+        # Plain values need neither cloudpickle nor ref tracking.
+        inband = pickle.dumps(value, protocol=5)
+        if len(inband) <= INLINE_THRESHOLD:
+            return SerializedValue(inband)
     previous = getattr(_context, "ids", None)
     _context.ids = ids = []
     buffers: list = []

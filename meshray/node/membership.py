@@ -183,10 +183,15 @@ class Membership:
 
     # ------------------------------------------------------------ view
     def _wait_view(self) -> None:
-        if not self._registered.wait(VIEW_WAIT_S):
-            raise ConnectionError(
-                f"node is not registered in etcd at {','.join(self._endpoints)} "
-                f"after {VIEW_WAIT_S:.0f}s")
+        """Wait until we are registered and our own record is in our view."""
+        deadline = time.monotonic() + VIEW_WAIT_S
+        own_key = self.keys.node(self._daemon.node_id)
+        if self._registered.wait(VIEW_WAIT_S) and self._nodes_view.wait_for(
+                lambda view: own_key in view, max(0.0, deadline - time.monotonic())):
+            return
+        raise ConnectionError(
+            f"node is not registered in etcd at {','.join(self._endpoints)} "
+            f"after {VIEW_WAIT_S:.0f}s")
 
     @staticmethod
     def _values(view) -> dict:

@@ -20,10 +20,15 @@ their node daemon was started with (see :mod:`meshray.rpc.tls`).
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import inspect
 import ipaddress
 import logging
+import os
+import random
+import re
 import socket
 import threading
 import time
@@ -34,6 +39,9 @@ import grpc.aio
 from meshray.rpc.tls import TLS_FROM_ENV, TlsConfig, resolve_tls
 
 __all__ = [
+    "FAILPOINTS_ENV",
+    "FAILPOINTS_FILE_ENV",
+    "FAILPOINT_METHODS",
     "TOKEN_METADATA_KEY",
     "MAX_MESSAGE_BYTES",
     "TLS_FROM_ENV",
@@ -43,6 +51,7 @@ __all__ = [
     "make_aio_server",
     "make_channel",
     "make_server",
+    "parse_failpoints",
     "split_host_port",
 ]
 
@@ -233,6 +242,344 @@ class _SyncTokenCheck(grpc.ServerInterceptor):
         return _deny_handler(real, deny)
 
 
+# ---------------------------------------------------------------- failpoints
+# Fault injection for the chaos suite (chaos/): named RPCs can be delayed or
+# dropped on the server side. Nothing here runs unless MESHRAY_FAILPOINTS or
+# MESHRAY_FAILPOINTS_FILE is set when the server is built -- without them no
+# interceptor is installed, so production calls pay nothing.
+#
+#   MESHRAY_FAILPOINTS="peer.deliver=delay(200ms,0.5);actor.call=drop(0.1)"
+#   MESHRAY_FAILPOINTS_FILE=/path   same syntax, re-read when the file changes,
+#                                   so a test can switch faults on and off in
+#                                   processes that are already running
+#
+# Actions: delay(D[,P]) waits D (e.g. 200ms, 1.5s) before the request reaches
+# its handler; drop(P) fails the call with UNAVAILABLE before the handler sees
+# it (the request is lost); drop_reply(P) lets the handler run and fails the
+# call instead of answering (the reply is lost). P is a probability (default
+# 1). On a streaming request each message rolls the dice and a drop ends the
+# whole stream with UNAVAILABLE.
+FAILPOINTS_ENV = "MESHRAY_FAILPOINTS"
+FAILPOINTS_FILE_ENV = "MESHRAY_FAILPOINTS_FILE"
+FAILPOINT_METHODS = {
+    "/meshray.NodePeer/Deliver": "peer.deliver",
+    "/meshray.NodePeer/PullObject": "peer.pull",
+    "/meshray.ActorService/Call": "actor.call",
+    "/meshray.NodeService/Connect": "node.connect",
+    "/meshray.NodeService/GetNodeInfo": "node.info",
+}
+_FAILPOINT_ACTIONS = ("delay", "drop", "drop_reply")
+_FAILPOINT_RE = re.compile(r"^\s*([\w./-]+)\s*=\s*(\w+)\s*\(([^)]*)\)\s*$")
+
+
+def _duration(text: str) -> float:
+    text = text.strip()
+    for suffix, scale in (("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(suffix):
+            return float(text[:-len(suffix)]) * scale
+    return float(text)
+
+
+def parse_failpoints(spec: str) -> dict[str, tuple[str, float, float]]:
+    """Parse a failpoint spec into {name: (action, probability, delay_s)}.
+
+    Names are the short names of FAILPOINT_METHODS or full method paths
+    ("/pkg.Service/Method"). A malformed spec is a ValueError naming the
+    offending part: a typo must not silently disable the fault a test needs.
+    """
+    rules: dict[str, tuple[str, float, float]] = {}
+    for part in (spec or "").split(";"):
+        if not part.strip():
+            continue
+        match = _FAILPOINT_RE.match(part)
+        if match is None:
+            raise ValueError(f"bad failpoint {part.strip()!r}: expected NAME=ACTION(ARGS), "
+                             f"e.g. peer.deliver=delay(200ms,0.5)")
+        name, action, args = match.group(1), match.group(2), [
+            a for a in match.group(3).split(",") if a.strip()]
+        if name not in FAILPOINT_METHODS.values() and not name.startswith("/"):
+            raise ValueError(f"unknown failpoint {name!r}; known: "
+                             f"{sorted(FAILPOINT_METHODS.values())} or a /pkg.Service/Method path")
+        if action not in _FAILPOINT_ACTIONS:
+            raise ValueError(f"unknown failpoint action {action!r} in {part.strip()!r}; "
+                             f"known: {', '.join(_FAILPOINT_ACTIONS)}")
+        try:
+            if action == "delay":
+                if not 1 <= len(args) <= 2:
+                    raise ValueError("delay takes (DURATION[,PROBABILITY])")
+                delay, probability = _duration(args[0]), float(args[1]) if len(args) > 1 else 1.0
+            else:
+                if len(args) > 1:
+                    raise ValueError(f"{action} takes ([PROBABILITY])")
+                delay, probability = 0.0, float(args[0]) if args else 1.0
+        except ValueError as exc:
+            raise ValueError(f"bad failpoint {part.strip()!r}: {exc}") from None
+        if not 0.0 <= probability <= 1.0 or delay < 0:
+            raise ValueError(f"bad failpoint {part.strip()!r}: probability must be in [0, 1] "
+                             "and the delay not negative")
+        rules[name] = (action, probability, delay)
+    return rules
+
+
+class _Failpoints:
+    """The rules in force in this process, from the environment or a file.
+
+    The file is stat()ed at most every 100 ms, so switching a fault on or off
+    takes effect within that; a file that fails to parse keeps the previous
+    rules (and says so in the log) rather than killing a running server.
+    """
+
+    def __init__(self):
+        self._path = os.environ.get(FAILPOINTS_FILE_ENV) or None
+        self._rules = parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
+        self._static = dict(self._rules)
+        self._checked = 0.0
+        self._mtime = None
+        self._lock = threading.Lock()
+        seed = os.environ.get("MESHRAY_FAILPOINTS_SEED")
+        self.rng = random.Random(f"{seed}:{os.getpid()}" if seed else None)
+
+    def rule(self, method: str):
+        if self._path is not None and time.monotonic() - self._checked > 0.1:
+            self._reload()
+        rules = self._rules
+        return rules.get(method) or rules.get(FAILPOINT_METHODS.get(method, ""))
+
+    def _reload(self) -> None:
+        with self._lock:
+            self._checked = time.monotonic()
+            try:
+                mtime = os.stat(self._path).st_mtime_ns
+            except OSError:
+                mtime = None
+            if mtime == self._mtime:
+                return
+            self._mtime = mtime
+            try:
+                text = open(self._path).read() if mtime is not None else ""
+                self._rules = {**self._static, **parse_failpoints(text)}
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring failpoint file %s: %s", self._path, exc)
+
+    def roll(self, method: str, actions) -> tuple[str, float] | None:
+        """(action, delay) when a rule for `method` fires now, else None."""
+        rule = self.rule(method)
+        if rule is None or rule[0] not in actions or self.rng.random() >= rule[1]:
+            return None
+        return rule[0], rule[2]
+
+
+def _failpoints_wanted() -> bool:
+    return bool(os.environ.get(FAILPOINTS_ENV) or os.environ.get(FAILPOINTS_FILE_ENV))
+
+
+def _failpoint_details(method: str, what: str) -> str:
+    return f"failpoint {FAILPOINT_METHODS.get(method, method)}: {what}"
+
+
+def _rebuild_handler(handler, unary_unary=None, unary_stream=None, stream_unary=None,
+                     stream_stream=None):
+    kwargs = dict(request_deserializer=handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
+    if stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+    if stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+    if unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+
+
+class _SyncFailpoints(grpc.ServerInterceptor):
+    """Failpoints for thread-pool servers (actor workers)."""
+
+    def __init__(self, points: _Failpoints):
+        self._points = points
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or self._points.rule(method) is None and self._points._path is None:
+            return handler
+        points = self._points
+
+        def before(context):
+            fired = points.roll(method, ("delay", "drop"))
+            if fired and fired[0] == "delay":
+                time.sleep(fired[1])
+            elif fired:
+                context.abort(grpc.StatusCode.UNAVAILABLE, _failpoint_details(method, "dropped"))
+            return points.roll(method, ("drop_reply",)) is not None
+
+        def requests(iterator, state):
+            for message in iterator:
+                fired = points.roll(method, _FAILPOINT_ACTIONS)
+                if fired and fired[0] == "delay":
+                    time.sleep(fired[1])
+                elif fired and fired[0] == "drop":
+                    state["abort"] = "dropped a request message"
+                    raise ConnectionAbortedError(_failpoint_details(method, "dropped"))
+                elif fired:
+                    state["drop_reply"] = True
+                yield message
+
+        def abort_if_needed(context, state, default: str) -> None:
+            if state.get("abort") or state.pop("drop_reply", False):
+                context.abort(grpc.StatusCode.UNAVAILABLE, _failpoint_details(
+                    method, state.get("abort") or default))
+
+        def replies(responses, state, context):
+            try:
+                for response in responses:
+                    abort_if_needed(context, state, "dropped a reply")
+                    yield response
+            except Exception:
+                if state.get("abort"):   # the handler let the dropped stream's error out
+                    abort_if_needed(context, state, "")
+                raise
+            if state.get("abort"):
+                abort_if_needed(context, state, "")
+
+        if not handler.request_streaming:
+            inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+            def unary_request(request, context):
+                lose_reply = before(context)
+                result = inner(request, context)
+                if lose_reply:
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  _failpoint_details(method, "dropped the reply"))
+                return result
+
+            def unary_request_stream(request, context):
+                state = {"drop_reply": before(context)}
+                yield from replies(inner(request, context), state, context)
+
+            if handler.response_streaming:
+                return _rebuild_handler(handler, unary_stream=unary_request_stream)
+            return _rebuild_handler(handler, unary_unary=unary_request)
+
+        inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+
+        def stream_request(iterator, context):
+            state = {}
+            try:
+                result = inner(requests(iterator, state), context)
+            except Exception:
+                abort_if_needed(context, state, "")
+                raise
+            abort_if_needed(context, state, "dropped the reply")
+            return result
+
+        def stream_request_stream(iterator, context):
+            state = {}
+            yield from replies(inner(requests(iterator, state), context), state, context)
+
+        if handler.response_streaming:
+            return _rebuild_handler(handler, stream_stream=stream_request_stream)
+        return _rebuild_handler(handler, stream_unary=stream_request)
+
+
+class _AioFailpoints(grpc.aio.ServerInterceptor):
+    """Failpoints for asyncio servers (node daemons); same rules as the sync twin."""
+
+    def __init__(self, points: _Failpoints):
+        self._points = points
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or self._points.rule(method) is None and self._points._path is None:
+            return handler
+        points = self._points
+
+        async def before(context):
+            fired = points.roll(method, ("delay", "drop"))
+            if fired and fired[0] == "delay":
+                await asyncio.sleep(fired[1])
+            elif fired:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    _failpoint_details(method, "dropped"))
+            return points.roll(method, ("drop_reply",)) is not None
+
+        async def requests(iterator, state):
+            async for message in iterator:
+                fired = points.roll(method, _FAILPOINT_ACTIONS)
+                if fired and fired[0] == "delay":
+                    await asyncio.sleep(fired[1])
+                elif fired and fired[0] == "drop":
+                    state["abort"] = "dropped a request message"
+                    raise ConnectionAbortedError(_failpoint_details(method, "dropped"))
+                elif fired:
+                    state["drop_reply"] = True
+                yield message
+
+        async def abort_if_needed(context, state, default: str) -> None:
+            if state.get("abort") or state.pop("drop_reply", False):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _failpoint_details(
+                    method, state.get("abort") or default))
+
+        async def replies(behavior, argument, context, state):
+            try:
+                if inspect.isasyncgenfunction(behavior):
+                    async for response in behavior(argument, context):
+                        await abort_if_needed(context, state, "dropped a reply")
+                        yield response
+                else:   # a coroutine that writes its replies through the context
+                    await behavior(argument, context)
+            except Exception:
+                if state.get("abort"):   # the handler let the dropped stream's error out
+                    await abort_if_needed(context, state, "")
+                raise
+            if state.get("abort"):
+                await abort_if_needed(context, state, "")
+
+        if not handler.request_streaming:
+            inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+            async def unary_request(request, context):
+                lose_reply = await before(context)
+                result = inner(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                if lose_reply:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        _failpoint_details(method, "dropped the reply"))
+                return result
+
+            async def unary_request_stream(request, context):
+                state = {"drop_reply": await before(context)}
+                async for response in replies(inner, request, context, state):
+                    yield response
+
+            if handler.response_streaming:
+                return _rebuild_handler(handler, unary_stream=unary_request_stream)
+            return _rebuild_handler(handler, unary_unary=unary_request)
+
+        inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+
+        async def stream_request(iterator, context):
+            state = {}
+            try:
+                result = inner(requests(iterator, state), context)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception:
+                await abort_if_needed(context, state, "")
+                raise
+            await abort_if_needed(context, state, "dropped the reply")
+            return result
+
+        async def stream_request_stream(iterator, context):
+            state = {}
+            async for response in replies(inner, requests(iterator, state), context, state):
+                yield response
+
+        if handler.response_streaming:
+            return _rebuild_handler(handler, stream_stream=stream_request_stream)
+        return _rebuild_handler(handler, stream_unary=stream_request)
+
+
 def _check_binds(bind: list[str], token: str | None, allow_insecure_remote: bool) -> None:
     """Refuse an open listener before any server object exists."""
     if isinstance(bind, str):
@@ -285,6 +632,8 @@ def make_aio_server(bind: list[str], *, token: str | None,
     _check_binds(bind, token, allow_insecure_remote)
     tls = resolve_tls(tls)
     interceptors = [_TokenCheck(token)] if token else []
+    if _failpoints_wanted():     # chaos testing only; see "failpoints" above
+        interceptors.append(_AioFailpoints(_Failpoints()))
     server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
     return server, _bind_all(server, bind, tls)
 
@@ -302,6 +651,8 @@ def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
     _check_binds(bind, token, allow_insecure_remote)
     tls = resolve_tls(tls)
     interceptors = [_SyncTokenCheck(token)] if token else []
+    if _failpoints_wanted():     # chaos testing only; see "failpoints" above
+        interceptors.append(_SyncFailpoints(_Failpoints()))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="meshray-rpc"),
                          interceptors=interceptors, options=_SERVER_OPTIONS)
