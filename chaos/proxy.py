@@ -275,18 +275,24 @@ class PortMirror:
 
 
 def _loopback_listeners() -> dict[int, int]:
-    """{socket inode: port} of every TCP socket listening on 127.0.0.1."""
+    """{socket inode: port} of every TCP socket listening on 127.0.0.1.
+
+    gRPC binds "127.0.0.1" as an IPv6 socket with a v4-mapped address, so
+    /proc/net/tcp6 counts as much as /proc/net/tcp.
+    """
+    loopback = ("0100007F:", "0000000000000000FFFF00000100007F:")
     out = {}
-    try:
-        with open("/proc/net/tcp") as handle:
-            next(handle)
-            for line in handle:
-                fields = line.split()
-                local, state, inode = fields[1], fields[3], int(fields[9])
-                if state == "0A" and local.startswith("0100007F:"):   # LISTEN on 127.0.0.1
-                    out[inode] = int(local.split(":")[1], 16)
-    except OSError:
-        pass
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                next(handle)
+                for line in handle:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], int(fields[9])
+                    if state == "0A" and local.startswith(loopback):   # 0A = LISTEN
+                        out[inode] = int(local.rsplit(":", 1)[1], 16)
+        except OSError:
+            continue
     return out
 
 

@@ -92,22 +92,42 @@ def _connect(address):
 def _cmd_status(args) -> int:
     meshray = _connect(args.address)
     try:
+        from meshray.core.state import state
         nodes = meshray.nodes()
-        print(f"{'node':<34} {'alive':<6} {'address':<22} resources (available / total)")
-        available = meshray.available_resources()
-        for node in nodes:
+        usage = state.core.request("node_usage")
+        print(f"{'node':<34} {'state':<6} {'address':<22} resources (available / total)")
+        for node in sorted(nodes, key=lambda n: (not n["Alive"], n["NodeID"])):
             total = node.get("Resources", {})
-            parts = [f"{k}: {available.get(k, 0) if len(nodes) == 1 else '-'} / {v:g}"
-                     for k, v in sorted(total.items()) if not k.startswith("node:")
-                     and k not in ("memory", "object_store_memory")]
-            print(f"{node['NodeID']:<34} {str(node['Alive']):<6} "
+            free = usage.get(node["NodeID"], {}) if node["Alive"] else {}
+            parts = [f"{k} {free.get(k, 0):g}/{v:g}" for k, v in sorted(total.items())
+                     if not k.startswith("node:") and k not in ("memory", "object_store_memory")]
+            print(f"{node['NodeID']:<34} {'alive' if node['Alive'] else 'DEAD':<6} "
                   f"{node.get('Address', node.get('NodeManagerAddress', '')):<22} "
                   + ", ".join(parts))
             labels = node.get("Labels") or {}
             if labels:
                 print(f"{'':<34} labels: {labels}")
         print("cluster total    :", meshray.cluster_resources())
-        print("cluster available:", available)
+        print("cluster available:", meshray.available_resources())
+    finally:
+        meshray.shutdown()
+    return 0
+
+
+def _cmd_list(args) -> int:
+    meshray = _connect(args.address)
+    try:
+        from meshray.core.state import state
+        actors = state.core.request("list_actors")
+        if args.json:
+            print(json.dumps(actors, indent=2))
+            return 0
+        print(f"{'actor':<34} {'class':<20} {'state':<11} {'name':<16} {'node':<34} death cause")
+        for actor in sorted(actors, key=lambda a: (a.get("state") != "ALIVE", a["actor_id"])):
+            name = (f"{actor.get('namespace')}/{actor['name']}" if actor.get("name") else "")
+            print(f"{actor['actor_id']:<34} {actor.get('class_name', ''):<20} "
+                  f"{actor.get('state', ''):<11} {name:<16} {actor.get('node_id', ''):<34} "
+                  f"{actor.get('death_cause', '')}")
     finally:
         meshray.shutdown()
     return 0
@@ -157,6 +177,12 @@ def main(argv=None) -> int:
     status = commands.add_parser("status", help="show nodes and resources")
     status.add_argument("--address")
     status.set_defaults(func=_cmd_status)
+
+    listing = commands.add_parser("list", help="list cluster state (actors)")
+    listing.add_argument("what", choices=["actors"])
+    listing.add_argument("--address")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_cmd_list)
 
     from meshray.cli import microbenchmark
     microbenchmark.add_parser(commands)

@@ -678,4 +678,9 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
             return membership.cluster_resources() if membership else self.resources.total.to_dict()
         if method == "nodes":
             return membership.nodes() if membership else [self.local_node_record()]
+        if method == "node_usage":
+            # Per-node availability as this node's view holds it (ours is live).
+            usage = dict(membership.view_snapshot()[1]) if membership else {}
+            usage[self.node_id.hex()] = local_available
+            return usage
         raise ValueError(f"unknown request method {method!r}")

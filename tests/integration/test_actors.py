@@ -401,6 +401,12 @@ os.kill(os.getpid(), 9)
                            "a = ray.get_actor('survivor', namespace='life')\n"
                            "print(ray.get(a.pid.remote()))\nray.kill(a)\nray.shutdown()", env=env)
         assert check.stdout.strip() == str(detached_pid), check.stderr
+        listing = subprocess.run([sys.executable, "-m", "meshray.cli.main", "list", "actors"],
+                                 capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+        assert listing.returncode == 0, listing.stderr
+        survivor_line = next(l for l in listing.stdout.splitlines() if "life/survivor" in l)
+        assert "DEAD" in survivor_line and "meshray.kill()" in survivor_line
+        assert any("DEAD" in l and "owner" in l for l in listing.stdout.splitlines())
     finally:
         subprocess.run([sys.executable, "-m", "meshray.cli.main", "stop"], capture_output=True,
                        cwd=REPO, timeout=60, env=env)
