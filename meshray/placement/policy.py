@@ -32,7 +32,6 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from meshray.placement.records import (
     MAX_NODES_PER_TXN,
     PACK,
-    SPREAD,
     STRATEGIES,
     STRICT_PACK,
     STRICT_SPREAD,
@@ -177,10 +176,10 @@ class _Problem:
 # Strategies. Each returns {index: node} or None.
 
 
-def _pack(p: _Problem, allowed: Optional[Sequence[str]] = None) -> Optional[Dict[int, str]]:
+def _pack(p: _Problem) -> Optional[Dict[int, str]]:
     """Fewest nodes: all on one node if any can take them, else first-fit
     decreasing, opening the roomiest nodes first so fewer get opened."""
-    candidates = list(allowed) if allowed is not None else p.nodes
+    candidates = p.nodes
     if not p.todo:
         return {}
     whole = {}

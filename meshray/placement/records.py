@@ -21,7 +21,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from meshray.coordination.client import MAX_TXN_OPS
 from meshray.scheduler.resources import ResourceSet, to_units

@@ -34,6 +34,7 @@ from meshray.coordination.client import (
     CoordinationError,
     CoordinationUnavailable,
     Delete,
+    LeaseNotFoundError,
     Get,
     KeyMissing,
     ModRevisionEquals,
@@ -342,7 +343,9 @@ def _place_once(coordinator, keys: ks.Keyspace, pg_hex: str, snap: Snapshot,
 
     candidates = set(snap.nodes) - snap.bad_allocs
     if live_hint is not None:
-        candidates &= live_hint
+        # The hint narrows where new bundles may go, never what is held: a
+        # kept bundle's node must stay visible or the policy would move it.
+        candidates = (candidates & live_hint) | set(kept.values())
     capacities = []
     for node_id in sorted(candidates):
         node = snap.nodes[node_id]
@@ -352,8 +355,9 @@ def _place_once(coordinator, keys: ks.Keyspace, pg_hex: str, snap: Snapshot,
         capacities.append(policy.NodeCapacity(
             node_id, node.total, alloc.reserved() if alloc else ResourceSet(),
             snap.avail.get(node_id), node.labels))
-    cleanup_only = [n for n in stale if n not in candidates]
-    max_nodes = max(0, min(MAX_NODES_PER_TXN, (MAX_TXN_OPS - 2 - 2 * len(cleanup_only)) // 3))
+    # Transaction budget: 2 slots for the group record, 2 per node cleaned,
+    # 3 per node receiving bundles.
+    max_nodes = max(0, min(MAX_NODES_PER_TXN, (MAX_TXN_OPS - 2 - 2 * len(stale)) // 3))
     decision = policy.place_bundles(record.bundles, record.strategy, capacities, kept=kept,
                                     max_nodes=max_nodes, use_availability=use_availability)
 
@@ -408,6 +412,11 @@ def _place_once(coordinator, keys: ks.Keyspace, pg_hex: str, snap: Snapshot,
         if not exc.outcome_unknown:
             raise
         committed = False  # re-read decides; the compares make a replay harmless
+    except LeaseNotFoundError:
+        # Only possible if a node record names a lease it is not attached
+        # to; nothing was written. Treat it like a lost race.
+        log.warning("placement group %s: a target node's LeaseID is stale; retrying", pg_hex)
+        committed = False
     if not committed:
         return "conflict", _result(record, pg_hex)
     if decision.ok:
@@ -463,6 +472,7 @@ def reschedule(coordinator, pg_id: Any, live_nodes: Optional[Iterable[str]] = No
 
 def try_place_pending(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
                       live_nodes: Optional[Iterable[str]] = None, use_availability: bool = True,
+                      responsible_for: Optional[str] = None,
                       timeout_s: float = 5.0) -> List[PlaceResult]:
     """Place every group that waits: PENDING, RESCHEDULING, or CREATED with a
     bundle on a dead node. Oldest first, but a big group that does not fit
@@ -472,6 +482,12 @@ def try_place_pending(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
     or left, a group was removed, availability rose). Safe concurrently from
     every node. Also frees reservations of removed groups left behind by an
     interrupted removal (collect_garbage).
+
+    ``responsible_for=<this node's id>`` limits the call to the groups that
+    policy.responsible_node assigns to this node among the live ones, so a
+    view change costs one transaction per group instead of one per node and
+    group. Daemons that use it must also call without it now and then (a few
+    seconds), which covers a responsible node that is slow or just died.
     """
     hint = set(live_nodes) if live_nodes is not None else None
     deadline = time.monotonic() + timeout_s
@@ -480,6 +496,9 @@ def try_place_pending(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
     if _collect_garbage(coordinator, keys, snap, records):
         snap = read_snapshot(coordinator, keys)
     todo = groups_needing_placement(records, snap.nodes.keys(), snap.alloc_records())
+    if responsible_for is not None:
+        me = ks.id_hex(responsible_for, "responsible_for")
+        todo = [g for g in todo if policy.responsible_node(g, snap.nodes) == me]
     results = []
     for pg_hex in todo:
         attempt = 0
@@ -692,7 +711,8 @@ def _error(kind: str, message: str) -> Dict[str, Any]:
 
 def handle_request(coordinator, method: str, payload: Mapping[str, Any], *, node_id: str,
                    keys: ks.Keyspace = ks.DEFAULT, job_id: Optional[str] = None,
-                   namespace: Optional[str] = None) -> Dict[str, Any]:
+                   namespace: Optional[str] = None,
+                   creator_node: Optional[str] = None) -> Dict[str, Any]:
     """Answer one ``pg_*`` request; the reply is JSON-ready.
 
     Errors the caller made (bad arguments, a taken name) come back as
@@ -701,6 +721,9 @@ def handle_request(coordinator, method: str, payload: Mapping[str, Any], *, node
     caller as RaySystemError through the daemon's generic error path.
     ``job_id``/``namespace``, when the daemon passes them, override the
     payload: the daemon knows which job a connection belongs to.
+    ``creator_node`` (default ``node_id``) is the node whose daemon will
+    remove the group when its job ends: pass the job's driver node when the
+    request comes from a worker and the driver lives elsewhere.
     """
     if method not in REQUEST_METHODS:
         raise ValueError(f"unknown placement group request {method!r}")
@@ -715,7 +738,8 @@ def handle_request(coordinator, method: str, payload: Mapping[str, Any], *, node
                 raise ValueError("pg_create: namespace and job_id must be strings")
             result = create_placement_group(
                 coordinator, spec, pg_id=str(payload.get("pg_id", "")), namespace=ns,
-                job_id=job.lower(), creator_node=ks.id_hex(node_id, "node_id"), keys=keys)
+                job_id=job.lower(), keys=keys,
+                creator_node=ks.id_hex(creator_node or node_id, "creator_node"))
             record, _ = get_record(coordinator, result.pg_id, keys)
             return {"record": record.to_dict() if record else None}
         if method == "pg_remove":
