@@ -34,7 +34,10 @@ __all__ = ["ClusterDuties", "RemoteOwner", "PULL_CHUNK_BYTES"]
 log = logging.getLogger(__name__)
 
 PULL_CHUNK_BYTES = 4 * 1024 * 1024
-REPLACE_INTERVAL_S = 0.1
+REPLACE_INTERVAL_S = 0.02
+# A peer also accepts offers it can't start at once while its own backlog is
+# short (per CPU), so a busy cluster keeps every node fed between view updates.
+SPILL_BACKLOG_PER_CPU = 2
 
 
 class RemoteOwner:
@@ -77,6 +80,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
         self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
         self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
+        self.offered: dict[str, dict] = {}          # node -> resources of unanswered spills
         self.prefix = self.node_id[:ids.NODE_PREFIX_LEN]
         self.node_hex = self.node_id.hex()
 
@@ -110,10 +114,13 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         for node_hex, record in self.view_nodes.items():
             if node_hex == self.node_hex:
                 continue
+            available = dict(self.view_avail.get(node_hex, {}))
+            for name, amount in self.offered.get(node_hex, {}).items():
+                # Offers not yet answered: don't count the same room twice.
+                available[name] = max(0.0, available.get(name, 0.0) - amount)
             views[node_hex] = policy.NodeView(
                 node_hex, ResourceSet.from_dict(record.get("Resources", {})),
-                ResourceSet.from_dict(self.view_avail.get(node_hex, {})),
-                True, record.get("Labels", {}))
+                ResourceSet.from_dict(available), True, record.get("Labels", {}))
         views[self.node_hex] = policy.NodeView(
             self.node_hex, self.resources.total, self.resources.available, True,
             dict(self.config.labels))
@@ -183,7 +190,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             return
         decision = self._placement(task)
         kind = decision.kind
-        if kind in ("run_local", "wait", "placement_group"):
+        if kind == "run_local" and not self.queue.has_class(task.sched_class) \
+                and self._try_acquire(task):
+            self._start(task)           # it fits here now: no queueing at all
+        elif kind in ("run_local", "wait", "placement_group"):
             self.queue.push(task)
         elif kind == "spill":
             self._spill(task, list(decision.candidates))
@@ -217,11 +227,15 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if len(self.view_nodes) <= 1:
             return
         for _key, tasks in list(self.queue.heads()):
-            task = tasks[0]
-            if isinstance(task.owner, RemoteOwner) or self.resources.can_fit(task.request):
-                continue
-            decision = self._placement(task)
-            if decision.kind == "spill":
+            # Offer queued work to peers with room, head first, until none has
+            # room by our (offer-adjusted) view.
+            while tasks:
+                task = tasks[0]
+                if isinstance(task.owner, RemoteOwner) or self.resources.can_fit(task.request):
+                    break
+                decision = self._placement(task)
+                if decision.kind != "spill":
+                    break
                 tasks.popleft()
                 self._spill(task, list(decision.candidates))
 
@@ -248,6 +262,9 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 event.args.append(self._exportable(value))
             task.state, task.remote_node = "spilled", node_hex
             task.spill_candidates = candidates
+            offer = self.offered.setdefault(node_hex, {})
+            for name, amount in task.request.to_dict().items():
+                offer[name] = offer.get(name, 0.0) + amount
             link.send(pb.PeerEvent(spill=event))
             return
         task.refused_by.clear()
@@ -306,13 +323,20 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     task.actor = entry
                 # Accept only what we can start now: resources are taken at
                 # once, so concurrent offers cannot both be accepted.
-                if self._try_acquire(task):
+                backlog_room = len(self.queue) < max(
+                    1, int(self.resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
+                started = self._try_acquire(task)
+                if started or (backlog_room and task.actor is None
+                               and self.resources.is_feasible(request)):
                     verdict.accepted = True
                     if task.actor is not None:
                         self.actors[spec.actor_id] = task.actor
                         self._publish_actor(task.actor)
                     self.tasks[spec.task_id] = task
-                    self._start(task)
+                    if started:
+                        self._start(task)
+                    else:
+                        self.queue.push(task)
                 else:
                     verdict.reason = (f"not enough free resources here "
                                       f"({self.resources.available.to_dict()})")
@@ -322,6 +346,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         task = self.tasks.get(msg.task_id)
         if task is None or task.state != "spilled" or task.remote_node != from_hex:
             return
+        offer = self.offered.get(from_hex)
+        if offer is not None:
+            for name, amount in task.request.to_dict().items():
+                offer[name] = max(0.0, offer.get(name, 0.0) - amount)
         if msg.accepted:
             return
         log.debug("node %s refused %s: %s", from_hex, task.spec.name, msg.reason)

@@ -22,7 +22,7 @@ __all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S"]
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_S = 5.0
-PUBLISH_INTERVAL_S = 0.2
+PUBLISH_INTERVAL_S = 0.1
 VIEW_WAIT_S = 15.0
 
 

@@ -88,6 +88,10 @@ class TaskQueue:
                 continue
             yield key, tasks
 
+    def has_class(self, sched_class: tuple) -> bool:
+        """Are tasks of this class already waiting (so a newcomer must queue behind)?"""
+        return bool(self._classes.get(sched_class))
+
     def remove(self, task: TaskRecord) -> bool:
         tasks = self._classes.get(task.sched_class)
         if tasks and task in tasks:

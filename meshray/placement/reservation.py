@@ -118,8 +118,11 @@ class Snapshot:
     is fine because the transaction re-checks every revision it relies on.
     ``bad_allocs`` holds nodes whose alloc value could not be parsed: they
     are never written to (we could not preserve what they hold).
+    ``revision`` is the store revision of the first read (``nodes/``): every
+    change up to it is visible in all three parts.
     """
 
+    revision: int = 0
     nodes: Dict[str, NodeEntry] = field(default_factory=dict)
     allocs: Dict[str, Tuple[AllocRecord, int]] = field(default_factory=dict)
     avail: Dict[str, ResourceSet] = field(default_factory=dict)
@@ -141,8 +144,8 @@ def _lease_of(record: Mapping[str, Any]) -> Optional[int]:
 
 
 def read_snapshot(coordinator, keys: ks.Keyspace = ks.DEFAULT) -> Snapshot:
-    snap = Snapshot()
-    items, _rev = coordinator.get_prefix(keys.nodes_prefix())
+    items, revision = coordinator.get_prefix(keys.nodes_prefix())
+    snap = Snapshot(revision=revision)
     for kv in items:
         try:
             node_id = keys.parse_node(kv.key)
@@ -314,19 +317,33 @@ def _alloc_write(keys: ks.Keyspace, node_id: str, new: AllocRecord, lease: Optio
 
 
 def _place_once(coordinator, keys: ks.Keyspace, pg_hex: str, snap: Snapshot,
-                live_hint: Optional[set], use_availability: bool) -> Tuple[str, PlaceResult]:
+                live_hint: Optional[set], use_availability: bool
+                ) -> Tuple[str, PlaceResult, Snapshot]:
     """One read-decide-commit round for one group.
 
-    Returns ("noop" | "written" | "waiting" | "conflict", result). "waiting"
-    means the group could not be placed and its record already says so.
+    Returns ("noop" | "written" | "waiting" | "conflict", result, snapshot
+    used). "waiting" means the group could not be placed and its record
+    already says so.
+
+    Which bundles are lost is judged from the snapshot, and only the nodes
+    that receive bundles are pinned by compares. That judgement is sound
+    only if the snapshot was read after the group record last changed: a
+    bundle the record holds was written to its alloc in the same
+    transaction, and afterwards only a lease expiry (a real loss) can take
+    it out without changing the record. So a snapshot older than the
+    record is re-read first; otherwise a placer holding an old snapshot
+    would mistake a group placed meanwhile by someone else for one that
+    lost its bundles.
     """
     record, rev = get_record(coordinator, pg_hex, keys)
     if record is None or record.state == REMOVED:
-        return "noop", _result(record, pg_hex)
+        return "noop", _result(record, pg_hex), snap
+    if rev > snap.revision:
+        snap = read_snapshot(coordinator, keys)
     allocs = snap.alloc_records()
     lost = lost_bundles(record, snap.nodes.keys(), allocs)
     if not lost and record.state == CREATED:
-        return "noop", _result(record, pg_hex)
+        return "noop", _result(record, pg_hex), snap
     lost_set = set(lost)
     kept = {i: node for i, node in enumerate(record.placement) if i not in lost_set}
 
@@ -386,7 +403,7 @@ def _place_once(coordinator, keys: ks.Keyspace, pg_hex: str, snap: Snapshot,
             # write wakes every watcher and invalidates racing placers.
             return "waiting", PlaceResult(pg_hex, record.state, record.placement,
                                           reason=decision.reason,
-                                          infeasible_ever=decision.ever)
+                                          infeasible_ever=decision.ever), snap
 
     pg_key = keys.pg(pg_hex)
     compares: list = [ModRevisionEquals(pg_key, rev)]
@@ -418,12 +435,12 @@ def _place_once(coordinator, keys: ks.Keyspace, pg_hex: str, snap: Snapshot,
         log.warning("placement group %s: a target node's LeaseID is stale; retrying", pg_hex)
         committed = False
     if not committed:
-        return "conflict", _result(record, pg_hex)
+        return "conflict", _result(record, pg_hex), snap
     if decision.ok:
         log.info("placement group %s %s: bundles %s", pg_hex,
                  "re-placed" if record.state != PENDING else "created",
                  {i: n for i, n in decision.assignment.items()})
-    return "written", _result(new_record, pg_hex, changed=True)
+    return "written", _result(new_record, pg_hex, changed=True), snap
 
 
 def _backoff(attempt: int) -> float:
@@ -449,7 +466,8 @@ def try_place(coordinator, pg_id: Any, *, keys: ks.Keyspace = ks.DEFAULT,
     while True:
         attempt += 1
         snap = read_snapshot(coordinator, keys)
-        status, result = _place_once(coordinator, keys, pg_hex, snap, hint, use_availability)
+        status, result, _snap = _place_once(coordinator, keys, pg_hex, snap, hint,
+                                            use_availability)
         if status != "conflict" or time.monotonic() >= deadline:
             return replace(result, attempts=attempt)
         time.sleep(_backoff(attempt))
@@ -504,8 +522,8 @@ def try_place_pending(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
         attempt = 0
         while True:
             attempt += 1
-            status, result = _place_once(coordinator, keys, pg_hex, snap, hint,
-                                         use_availability)
+            status, result, snap = _place_once(coordinator, keys, pg_hex, snap, hint,
+                                               use_availability)
             if status in ("written", "conflict"):
                 snap = read_snapshot(coordinator, keys)
             if status != "conflict" or time.monotonic() >= deadline:

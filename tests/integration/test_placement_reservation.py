@@ -211,12 +211,27 @@ def test_stale_views_cannot_both_win(coord, keys):
     for pg in (a, b):
         rsv.create_placement_group(coord, spec([{"CPU": 3}]), pg_id=pg, keys=keys, place=False)
     snap = rsv.read_snapshot(coord, keys)
-    status_a, _ = rsv._place_once(coord, keys, a, snap, None, True)
-    status_b, _ = rsv._place_once(coord, keys, b, snap, None, True)
+    status_a, _, _ = rsv._place_once(coord, keys, a, snap, None, True)
+    status_b, _, _ = rsv._place_once(coord, keys, b, snap, None, True)
     assert (status_a, status_b) == ("written", "conflict")
     retry = rsv.try_place(coord, b, keys=keys)
     assert retry.state == PENDING and not retry.infeasible_ever
     assert alloc_of(coord, keys, node_id(0)).reserved() == ResourceSet({"CPU": 3})
+    assert_consistent(coord, keys)
+
+
+def test_old_snapshot_does_not_mistake_a_fresh_placement_for_a_loss(coord, keys):
+    # Regression: a placer whose snapshot predates another node's successful
+    # placement must not see the group's bundles as lost and clear them.
+    FakeNode(coord, keys, 0, {"CPU": 2})
+    holder, pg = new_id(), new_id()
+    rsv.create_placement_group(coord, spec([{"CPU": 2}]), pg_id=holder, keys=keys)
+    rsv.create_placement_group(coord, spec([{"CPU": 2}]), pg_id=pg, keys=keys, place=False)
+    old = rsv.read_snapshot(coord, keys)  # the node looks full in this view
+    rsv.remove_placement_group(coord, holder, keys=keys)
+    assert rsv.try_place(coord, pg, keys=keys).state == CREATED
+    status, result, _ = rsv._place_once(coord, keys, pg, old, None, True)
+    assert status == "noop" and result.state == CREATED
     assert_consistent(coord, keys)
 
 
