@@ -65,6 +65,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
     def construct(self, args, kwargs) -> None:
         state_mod.state.actor_id = self.actor_id
         state_mod.state.actor_reconstructed = self.spec.attempt > 0
+        state_mod.state.actor_strategy_blob = self.spec.strategy_blob
         if self.is_async:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._loop.run_forever, name="meshray-actor-loop",

@@ -15,12 +15,41 @@ from meshray.rpc.generated import meshray_pb2 as pb
 __all__ = ["RemoteFunction", "build_task_spec_fields"]
 
 
+def _inherited_strategy():
+    """A parent's placement group, for children when it captures them (Ray's rule)."""
+    parent = state_mod.current_spec()
+    blob = parent.strategy_blob if parent is not None else state_mod.state.actor_strategy_blob
+    if not blob:
+        return None
+    strategy = cloudpickle.loads(blob)
+    if getattr(strategy, "placement_group_capture_child_tasks", False):
+        from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        return PlacementGroupSchedulingStrategy(strategy.placement_group, -1, True)
+    return None
+
+
+def _check_group_fits(strategy, placement: dict) -> None:
+    """A request that can never fit its bundle is a ValueError now, not a hang later."""
+    from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    if not isinstance(strategy, PlacementGroupSchedulingStrategy):
+        return
+    from meshray.placement.policy import validate_request_fits_bundle
+    from meshray.util.placement_group import check_placement_group_index
+    group = strategy.placement_group
+    check_placement_group_index(group, strategy.placement_group_bundle_index)
+    validate_request_fits_bundle(group.bundle_specs, strategy.placement_group_bundle_index,
+                                 {k: v for k, v in placement.items() if v})
+
+
 def build_task_spec_fields(spec: pb.TaskSpec, options: dict, placement: dict) -> None:
     """Fill the option-derived fields of a TaskSpec."""
     for name, amount in placement.items():
         if amount:
             spec.resources[name] = float(amount)
-    strategy = options.get("scheduling_strategy") or "DEFAULT"
+    strategy = opts.scheduling_strategy_from_options(options)
+    if strategy is None or strategy == "DEFAULT":
+        strategy = _inherited_strategy() or "DEFAULT"
+    _check_group_fits(strategy, placement)
     if isinstance(strategy, str):
         spec.scheduling_strategy = strategy
     else:

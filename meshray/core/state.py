@@ -23,6 +23,7 @@ class ProcessState:
     actor_id: bytes = b""               # set in a worker that hosts an actor
     actor_reconstructed: bool = False   # this actor instance is a restart
     gpu_ids: list = field(default_factory=list)   # devices of the running task / actor
+    actor_strategy_blob: bytes = b""    # an actor's creation strategy (its placement group)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 

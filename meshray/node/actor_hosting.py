@@ -41,6 +41,7 @@ class ActorHosting:
         task.acquired = False
         entry.holding = True
         entry.allocation, task.allocation = task.allocation, None
+        entry.bundle_task = task if task.bundle is not None else None
         worker.current_task = None
         entry.address = result.actor_address
         self._set_actor_state(entry, "created")
@@ -55,7 +56,9 @@ class ActorHosting:
             self._release(task)
             task.worker = None
         elif entry.holding:
-            if entry.allocation is not None:
+            if entry.bundle_task is not None:
+                self._release_bundle(entry.bundle_task)
+            elif entry.allocation is not None:
                 self.resources.release(entry.allocation)
             else:
                 self.resources.release(entry.hold)
@@ -84,6 +87,9 @@ class ActorHosting:
                           env_key=self._env_key(spec),
                           env_vars=dict(spec.env_vars), retries_left=0,
                           hold=ResourceSet.from_dict(dict(spec.held_resources)), actor=entry)
+        if entry.bundle_task is not None:
+            task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
+        entry.bundle_task = None
         self.tasks[spec.task_id] = task
         self._enqueue(task)
 

@@ -43,6 +43,7 @@ class ActorEntry:
     kill_cause: str = ""
     holding: bool = False               # its held resources are taken from the node
     allocation: object = None           # device assignment it holds (GPUs)
+    bundle_task: object = None          # creation TaskRecord when it lives in a PG bundle
     owner_node: str = ""                # set when the actor was created for another node
     remote_node: str = ""               # set on the creating node when it runs elsewhere
 

@@ -23,6 +23,7 @@ import os
 from meshray import exceptions
 from meshray.core import ids
 from meshray.node.peers import PeerLink
+from meshray.node.placement_groups import pg_strategy
 from meshray.object_store import layout
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -188,6 +189,9 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if isinstance(task.owner, RemoteOwner):
             self.queue.push(task)          # spilled to us: we accepted it, it runs here
             return
+        if task.bundle is None and pg_strategy(task.spec) is not None:
+            self._route_to_group(task)
+            return
         decision = self._placement(task)
         kind = decision.kind
         if kind == "run_local" and not self.queue.has_class(task.sched_class) \
@@ -314,6 +318,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                                   request=request, env_key=self._env_key(spec),
                                   env_vars=env_vars, retries_left=spec.max_retries)
                 task.remote_args = list(msg.args)
+                if not self._bind_bundle(task):
+                    verdict.reason = "its placement-group bundle is not reserved on this node"
+                    self._send_peer(origin, pb.PeerEvent(verdict=verdict))
+                    return
                 if spec.actor_creation:
                     task.hold = ResourceSet.from_dict(dict(spec.held_resources))
                     task.retries_left = 0
@@ -323,7 +331,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     task.actor = entry
                 # Accept only what we can start now: resources are taken at
                 # once, so concurrent offers cannot both be accepted.
-                backlog_room = len(self.queue) < max(
+                backlog_room = task.bundle is None and len(self.queue) < max(
                     1, int(self.resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
                 started = self._try_acquire(task)
                 if started or (backlog_room and task.actor is None

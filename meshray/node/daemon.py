@@ -26,6 +26,7 @@ from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.env_setup import EnvSetup, parse_task_env
+from meshray.node.placement_groups import PlacementDuties, pg_strategy
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
@@ -87,7 +88,8 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
     return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
-class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
+                 pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -117,6 +119,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
         self._stopping = asyncio.Event()
         self._init_cluster()
         self._init_env_setup()
+        self._init_pg()
 
     def _owns(self, object_id: bytes) -> bool:
         return object_id[:ids.NODE_PREFIX_LEN] == self.node_id[:ids.NODE_PREFIX_LEN]
@@ -311,7 +314,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
     def _on_blocked(self, conn: Connection, msg: pb.WorkerBlocked) -> None:
         worker = conn.worker
         task = worker.current_task if worker else None
-        if task is None or not task.acquired:
+        if task is None or not task.acquired or task.bundle is not None:
             return
         cpu = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)})
         if msg.blocked and not task.cpu_lent and not cpu.is_empty():
@@ -391,6 +394,8 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
 
     def _schedule(self) -> None:
         """Dispatch queued tasks while resources and workers allow."""
+        if self.bundles:
+            self._take_bundles()
         for _key, tasks in self.queue.heads():
             while tasks:
                 task = tasks[0]
@@ -411,6 +416,8 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
             self._dispatch(task, worker)
 
     def _try_acquire(self, task: TaskRecord) -> bool:
+        if task.bundle is not None:
+            return self._try_acquire_bundle(task)
         # An actor must fit its placement request but only holds `hold`.
         if task.hold is not task.request and not self.resources.can_fit(task.request):
             return False
@@ -472,6 +479,9 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
         worker.conn.send(pb.ServerEvent(execute=execute))
 
     def _release(self, task: TaskRecord) -> None:
+        if task.acquired and task.bundle is not None:
+            self._release_bundle(task)
+            task.acquired = False
         if task.acquired:
             lent = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)}) \
                 if task.cpu_lent else ResourceSet()
@@ -532,6 +542,10 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
         elif task.state == "spilled":
             self._send_peer(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
                 object_id=ids.object_id_for(task.task_id, 1), force=force, recursive=recursive)))
+        elif task.state == "waiting_group":
+            if task in self.pg_waiting:
+                self.pg_waiting.remove(task)
+            self._fail(task, error)
         elif task.state == "infeasible":
             if task in self.infeasible:
                 self.infeasible.remove(task)
@@ -599,8 +613,8 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
             return
         self._release(task)
         if task.cancelled:
-            self._finish(task, [error_value(oid, exceptions.TaskCancelledError(task.task_id.hex()))
-                                for oid in task.return_ids])
+            error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
+            self._finish(task, [error_value(oid, error) for oid in task.return_ids])
         elif task.retries_left != 0 and task.owner.conn_id in self.conns:
             task.retries_left -= 1
             task.spec.attempt += 1
@@ -617,6 +631,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, pb_grpc.NodeServiceServi
 
     def _job_ended(self, driver: Connection) -> None:
         """A driver left: drop its queued work and stop workers running it."""
+        self._remove_job_groups(driver.job_id)
         for task in list(self.tasks.values()):
             if task.spec.job_id != driver.job_id:
                 continue

@@ -45,6 +45,9 @@ class Membership:
         self.lease_generation = 0
         self._loop = None                 # the daemon's event loop, for view callbacks
         self._locations: dict[bytes, bool] = {}   # object id -> present here (unpublished)
+        self._pgs_view = None
+        self._alloc_view = None
+        self._placer_wakeup = threading.Event()
         self._locations_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
@@ -59,6 +62,64 @@ class Membership:
                 loop.call_soon_threadsafe(self._daemon.on_view_change)
             except RuntimeError:
                 pass  # the loop is shutting down
+
+    def _pg_changed(self, _changes=None) -> None:
+        self._placer_wakeup.set()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._daemon.on_pg_change)
+            except RuntimeError:
+                pass
+
+    def poke_placer(self) -> None:
+        self._placer_wakeup.set()
+
+    def pg_snapshot(self):
+        """(group records by id hex, this node's AllocRecord or None)."""
+        from meshray.placement.records import AllocRecord, PlacementGroupRecord
+        records = {}
+        if self._pgs_view is not None:
+            for key, value in self._values(self._pgs_view).items():
+                try:
+                    record = PlacementGroupRecord.from_dict(value)
+                except (ValueError, TypeError, KeyError):
+                    continue
+                records[record.pg_id] = record
+        own = None
+        if self._alloc_view is not None:
+            for _key, value in self._values(self._alloc_view).items():
+                own = AllocRecord.from_dict(value)
+        return records, own
+
+    def _place_groups(self) -> None:
+        """Place waiting groups (ours to place first; all of them now and then).
+
+        Every node runs this; the reservation transactions make concurrent
+        placers safe, `responsible_for` keeps them from all doing the same work.
+        """
+        from meshray.placement import reservation
+        last_full = last_sweep = 0.0
+        me = self._daemon.node_id.hex()
+        while not self._stop.is_set():
+            self._placer_wakeup.wait(1.0)
+            self._placer_wakeup.clear()
+            if self._stop.is_set() or not self._registered.is_set():
+                continue
+            if self._pgs_view is None or not self._pgs_view.snapshot():
+                continue
+            now = time.monotonic()
+            try:
+                full = now - last_full > 5.0
+                reservation.try_place_pending(self.coordinator, keys=self.keys,
+                                              responsible_for=None if full else me)
+                if full:
+                    last_full = now
+                if now - last_sweep > 4 * self._ttl:
+                    reservation.sweep_orphans(self.coordinator, keys=self.keys)
+                    last_sweep = now
+            except Exception as exc:  # noqa: BLE001 - retried on the next wakeup
+                log.warning("placing placement groups failed: %s", exc)
 
     def note_location(self, object_id: bytes, present: bool) -> None:
         """Record that this node gained/lost a copy; published in the next batch."""
@@ -96,7 +157,7 @@ class Membership:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
-        for view in (self._nodes_view, self._avail_view):
+        for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
             if view is not None:
                 view.stop()
         if self._lease is not None:
@@ -134,8 +195,15 @@ class Membership:
                                         on_change=self._view_changed)
         self._avail_view = PrefixMirror(self.coordinator, self.keys.avail_prefix(),
                                         on_change=self._view_changed)
+        self._pgs_view = PrefixMirror(self.coordinator, self.keys.pgs_prefix(),
+                                      on_change=self._pg_changed)
+        self._alloc_view = PrefixMirror(self.coordinator, self.keys.alloc(self._daemon.node_id),
+                                        on_change=self._pg_changed)
         self._nodes_view.start(timeout=10.0)
         self._avail_view.start(timeout=10.0)
+        self._pgs_view.start(timeout=10.0)
+        self._alloc_view.start(timeout=10.0)
+        threading.Thread(target=self._place_groups, name="meshray-pg-placer", daemon=True).start()
         while not self._stop.is_set():
             try:
                 self._register()
@@ -155,6 +223,7 @@ class Membership:
         record["Hostname"] = socket.gethostname()
         record["Address"] = self._daemon.address
         record["StartedAt"] = time.time()
+        record["LeaseID"] = lease_id   # alloc/<node> rides on the same lease
         self.coordinator.put(self.keys.node(self._daemon.node_id), keyspace.encode_json(record),
                              lease=lease_id)
         self._published = self._daemon.resources.available.to_dict()

@@ -43,6 +43,12 @@ class TaskRecord:
     remote_args: list | None = None   # spilled to us: argument values sent by the origin
     runtime_env: dict = field(default_factory=dict)   # without the package map
     packages: dict = field(default_factory=dict)      # package uri -> object id hex
+    pg_hex: str = ""                  # placement group it targets, if any
+    pg_index: int = -1
+    pg_since: float = 0.0
+    bundle: tuple | None = None       # (pg hex, index) whose pool it runs in, on this node
+    bundle_gpu_ids: list = field(default_factory=list)
+    pg_error: object = None           # set when its group was removed while it ran
 
     def __post_init__(self):
         if self.hold is None:

@@ -1,8 +1,18 @@
-"""Ray-compatible utilities (`ray.util` counterparts).
+"""Ray-compatible utilities: placement groups and scheduling strategies."""
+from meshray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    get_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 
-Submodules such as `meshray.util.scheduling_strategies` mirror the module of
-the same name in Ray so that `from ray.util.x import Y` ports by renaming the
-package only.
-"""
-
-__all__ = []
+__all__ = [
+    "PlacementGroup",
+    "get_current_placement_group",
+    "get_placement_group",
+    "placement_group",
+    "placement_group_table",
+    "remove_placement_group",
+]

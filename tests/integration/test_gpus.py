@@ -124,3 +124,20 @@ ray.shutdown()
     result = run_driver(code, env=env)
     assert result.returncode == 0, result.stderr
     assert "('unset', [0])" in result.stdout
+
+
+def test_gpu_bundle_keeps_device_ids_for_work_in_it(ray):
+    from meshray.util.placement_group import placement_group, remove_placement_group
+    from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    pg = placement_group([{"GPU": 1, "CPU": 1}])
+    assert pg.wait(20)
+
+    @ray.remote(num_gpus=0.5, num_cpus=0.5)
+    def device():
+        return os.environ["CUDA_VISIBLE_DEVICES"], ray.get_gpu_ids()
+
+    strategy = PlacementGroupSchedulingStrategy(pg, 0)
+    first = ray.get(device.options(scheduling_strategy=strategy).remote(), timeout=60)
+    second = ray.get(device.options(scheduling_strategy=strategy).remote(), timeout=60)
+    assert first == second and first[1] == [int(first[0])]
+    remove_placement_group(pg)

@@ -1,0 +1,290 @@
+"""The node daemon's placement-group duties, as a mixin of NodeDaemon.
+
+Reservation itself is etcd's job (meshray.placement.reservation: one
+transaction per group, compared against every involved node's allocation
+record). Here a node carries out what etcd says about it:
+
+- each bundle listed in its own `alloc/<node>` record becomes a *bundle
+  pool*: the bundle's resources are taken out of the node's general pool
+  (ordinary work cannot use them) and tasks/actors scheduled into that bundle
+  acquire from the pool instead;
+- work with a PlacementGroupSchedulingStrategy goes to the node holding its
+  bundle (waiting while the bundle is unplaced), and fails fast with
+  TaskPlacementGroupRemoved / ActorPlacementGroupRemoved once the group is
+  removed -- queued, waiting or running.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import cloudpickle
+
+from meshray import exceptions
+from meshray.scheduler.resources import ResourceSet, UnitInstanceAllocator
+
+__all__ = ["PlacementDuties", "BundlePool"]
+
+log = logging.getLogger(__name__)
+
+MISSING_GROUP_GRACE_S = 10.0
+
+
+class BundlePool:
+    """The resources of one bundle reserved on this node."""
+
+    def __init__(self, pg_hex: str, index: int, resources: dict):
+        self.pg_hex = pg_hex
+        self.index = index
+        self.total = ResourceSet.from_dict(resources)
+        self.available = self.total
+        self.acquired_from_node = False   # taken out of the node's general pool yet?
+        self.allocation = None            # device assignment of the whole bundle
+        self.gpus: UnitInstanceAllocator | None = None
+        self.tasks: set = set()
+
+    def fits(self, request: ResourceSet) -> bool:
+        return self.acquired_from_node and request.fits_in(self.available)
+
+    def take(self, request: ResourceSet) -> None:
+        self.available = self.available - request
+
+    def give(self, request: ResourceSet) -> None:
+        self.available = self.available + request
+
+
+def pg_strategy(spec):
+    """The task's PlacementGroupSchedulingStrategy, or None."""
+    if not spec.strategy_blob or spec.scheduling_strategy != "PlacementGroupSchedulingStrategy":
+        return None
+    strategy = cloudpickle.loads(spec.strategy_blob)
+    return strategy if getattr(strategy, "placement_group", None) is not None else None
+
+
+class PlacementDuties:
+    """Mixed into NodeDaemon."""
+
+    def _init_pg(self) -> None:
+        self.pg_records: dict[str, object] = {}
+        self.bundles: dict[tuple, BundlePool] = {}
+        self.pg_waiting: list = []
+
+    # ------------------------------------------------------------ etcd view
+    def on_pg_change(self) -> None:
+        """Our alloc record or some group record changed."""
+        if self.membership is None:
+            return
+        records, own_alloc = self.membership.pg_snapshot()
+        self.pg_records = records
+        wanted = {}
+        if own_alloc is not None:
+            for bundle in own_alloc.bundles:
+                wanted[(bundle.pg_id, bundle.index)] = bundle.resources
+        for key in [k for k in self.bundles if k not in wanted]:
+            self._drop_bundle(self.bundles.pop(key))
+        for key, resources in wanted.items():
+            if key not in self.bundles:
+                self.bundles[key] = BundlePool(key[0], key[1], resources)
+        self._take_bundles()
+        self._fail_removed_group_work()
+        self._route_waiting()
+        self._schedule()
+
+    def _take_bundles(self) -> None:
+        """Move reserved bundles out of the general pool (as soon as it has room)."""
+        for pool in self.bundles.values():
+            if pool.acquired_from_node:
+                continue
+            if self.config.gpu_ids and pool.total.get("GPU"):
+                allocation = self.resources.allocate(pool.total)
+                if allocation is None:
+                    continue
+                pool.allocation = allocation
+                pool.gpus = UnitInstanceAllocator(list(allocation.instances.get("GPU", ())), "GPU")
+            elif not self.resources.try_acquire(pool.total):
+                continue
+            pool.acquired_from_node = True
+
+    def _drop_bundle(self, pool: BundlePool) -> None:
+        """The bundle left our alloc record: its work stops, its resources return."""
+        record = self.pg_records.get(pool.pg_hex)
+        removed = record is None or record.state == "REMOVED"
+        for task in list(pool.tasks):
+            self._stop_group_task(task, removed)
+        if pool.acquired_from_node:
+            self.resources.release(pool.allocation if pool.allocation is not None else pool.total)
+            pool.acquired_from_node = False
+
+    def _stop_group_task(self, task, removed: bool) -> None:
+        error = self._group_removed_error(task) if removed else None
+        if task.actor is not None:
+            self._kill_actor(task.actor, no_restart=removed, cause=(
+                "its placement group was removed" if removed else "its bundle moved"))
+            return
+        if task.worker is not None and task.state == "running":
+            task.cancelled = True
+            task.pg_error = error
+            self.pool.kill(task.worker)
+        elif error is not None:
+            self._cancel(task, force=False, recursive=False)
+
+    def _group_removed_error(self, task):
+        group = task.pg_hex or "?"
+        if task.actor is not None:
+            return exceptions.ActorPlacementGroupRemoved(
+                f"actor {task.actor.actor_id.hex()} cannot run: placement group {group} "
+                "was removed")
+        return exceptions.TaskPlacementGroupRemoved(
+            f"task {task.spec.name} (id {task.task_id.hex()}) cannot run: placement group "
+            f"{group} was removed")
+
+    def _fail_removed_group_work(self) -> None:
+        now = time.monotonic()
+        for task in list(self.pg_waiting):
+            record = self.pg_records.get(task.pg_hex)
+            missing_too_long = record is None and now - task.pg_since > MISSING_GROUP_GRACE_S
+            if (record is not None and record.state == "REMOVED") or missing_too_long:
+                self.pg_waiting.remove(task)
+                self._fail(task, self._group_removed_error(task))
+        for task in list(self.queue):
+            if task.pg_hex:
+                record = self.pg_records.get(task.pg_hex)
+                if record is not None and record.state == "REMOVED":
+                    self.queue.remove(task)
+                    self._fail(task, self._group_removed_error(task))
+
+    # ------------------------------------------------------------ routing
+    def _route_to_group(self, task) -> None:
+        """Send group work to the node with its bundle, or hold it until placed."""
+        strategy = pg_strategy(task.spec)
+        task.pg_hex = strategy.placement_group.id.hex()
+        task.pg_index = int(strategy.placement_group_bundle_index)
+        if not task.pg_since:
+            task.pg_since = time.monotonic()
+        record = self.pg_records.get(task.pg_hex)
+        if record is None or record.state != "REMOVED":
+            target = self._bundle_target(task, record) if record is not None else None
+            if target is None:
+                self.pg_waiting.append(task)
+                task.state = "waiting_group"
+                return
+            node, index = target
+            if node == self.node_hex:
+                task.bundle = (task.pg_hex, index)
+                self.queue.push(task)
+            else:
+                self._spill(task, [node])
+            return
+        self._fail(task, self._group_removed_error(task))
+
+    def _bundle_target(self, task, record):
+        placement = list(record.placement)
+        if task.pg_index >= 0:
+            if task.pg_index >= len(placement):
+                return None
+            node = placement[task.pg_index]
+            return (node, task.pg_index) if node else None
+        choices = [(node, i) for i, node in enumerate(placement) if node]
+        if not choices:
+            return None
+        for node, index in choices:   # prefer a local bundle with room
+            pool = self.bundles.get((task.pg_hex, index))
+            if node == self.node_hex and pool is not None and pool.fits(task.hold):
+                return node, index
+        for node, index in choices:
+            if node == self.node_hex:
+                return node, index
+        return choices[0]
+
+    def _route_waiting(self) -> None:
+        waiting, self.pg_waiting = self.pg_waiting, []
+        for task in waiting:
+            if not task.cancelled:
+                self._route_to_group(task)
+
+    def _bind_bundle(self, task) -> bool:
+        """A spilled-in group task: run it only if its bundle is reserved here."""
+        strategy = pg_strategy(task.spec)
+        if strategy is None:
+            return True
+        task.pg_hex = strategy.placement_group.id.hex()
+        index = int(strategy.placement_group_bundle_index)
+        keys = ([(task.pg_hex, index)] if index >= 0 else
+                [k for k in self.bundles if k[0] == task.pg_hex])
+        for key in keys:
+            pool = self.bundles.get(key)
+            if pool is not None and pool.total.fits_in(pool.total) and task.hold.fits_in(pool.total):
+                task.bundle = key
+                return True
+        return False
+
+    # ------------------------------------------------------------ accounting
+    def _try_acquire_bundle(self, task) -> bool:
+        pool = self.bundles.get(task.bundle)
+        if pool is None or not pool.fits(task.hold):
+            return False
+        if pool.gpus is not None and task.hold.get("GPU"):
+            ids = pool.gpus.assign(task.hold.get("GPU"))
+            if ids is None:
+                return False
+            task.bundle_gpu_ids = ids
+            self._assign_devices(task, ids)
+        pool.take(task.hold)
+        pool.tasks.add(task)
+        return True
+
+    def _release_bundle(self, task) -> None:
+        pool = self.bundles.get(task.bundle)
+        if pool is None:
+            return
+        if task.bundle_gpu_ids and pool.gpus is not None:
+            pool.gpus.release(task.bundle_gpu_ids, task.hold.get("GPU"))
+        task.bundle_gpu_ids = []
+        pool.give(task.hold)
+        pool.tasks.discard(task)
+
+    # ------------------------------------------------------------ requests
+    async def _pg_request(self, conn, method: str, payload: dict) -> dict:
+        from meshray.placement import reservation
+        coordinator = await self._coordinator()
+        if coordinator is None:
+            raise ConnectionError("this node is not connected to etcd")
+        job = conn.job_id.hex() if getattr(conn, "job_id", b"") else None
+        namespace = getattr(conn, "namespace", None) or None
+        reply = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: reservation.handle_request(
+                coordinator, method, payload, node_id=self.node_hex, keys=self.membership.keys,
+                job_id=job, namespace=namespace))
+        self.membership.poke_placer()
+        return reply
+
+    async def _ask_pg_create(self, conn, payload):
+        return await self._pg_request(conn, "pg_create", payload)
+
+    async def _ask_pg_remove(self, conn, payload):
+        return await self._pg_request(conn, "pg_remove", payload)
+
+    async def _ask_pg_get(self, conn, payload):
+        return await self._pg_request(conn, "pg_get", payload)
+
+    async def _ask_pg_get_by_name(self, conn, payload):
+        return await self._pg_request(conn, "pg_get_by_name", payload)
+
+    async def _ask_pg_table(self, conn, payload):
+        return await self._pg_request(conn, "pg_table", payload)
+
+    def _remove_job_groups(self, job_id: bytes) -> None:
+        async def remove():
+            from meshray.placement import reservation
+            coordinator = await self._coordinator()
+            if coordinator is None:
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: reservation.remove_job_groups(
+                        coordinator, job_id.hex(), keys=self.membership.keys))
+            except Exception as exc:  # noqa: BLE001 - the orphan sweep catches up later
+                log.warning("could not remove the placement groups of job %s: %s",
+                            job_id.hex(), exc)
+        asyncio.get_running_loop().create_task(remove())
