@@ -407,11 +407,12 @@ def _guard(loop, ctx, process: str) -> None:
 
 # ------------------------------------------------------------------ reporting
 def _workload_stats(result: RunResult) -> dict:
+    from chaos.checkers import group_of
     stats = collections.defaultdict(collections.Counter)
     for invoke, done in result.history.pairs():
         if invoke.process == "nemesis":
             continue
-        group = invoke.process.rsplit("-", 1)[0]
+        group = group_of(invoke.process)
         stats[group]["ops"] += 1
         stats[group][done.type if done else "pending"] += 1
     return {k: dict(v) for k, v in sorted(stats.items())}
@@ -444,19 +445,23 @@ def format_summary(result: RunResult) -> str:
         lines.append(f"  {name:<16}{s.get('ops', 0):>7}{s.get('ok', 0):>7}{s.get('fail', 0):>7}"
                      f"{s.get('info', 0):>7}{s.get('pending', 0):>9}")
     lines.append("== faults ==")
-    lines.append(f"  {'fault':<30}{'at':>8}{'healed':>9}{'healthy+':>10}{'recovery':>10}")
+    lines.append(f"  {'fault':<28}{'at':>8}{'healed':>8}{'healthy+':>10}{'recovery':>10}"
+                 f"{'stall':>9}")
     for f in result.faults:
         if "inject_time" not in f:
-            lines.append(f"  {f['label']:<30}  skipped: {f.get('skipped') or f.get('error')}")
+            lines.append(f"  {f['label']:<28}  skipped: {f.get('skipped') or f.get('error')}")
             continue
         healthy = f.get("health_after", {})
         recovery = f.get("recovery_s")
         lines.append(
-            f"  {f['label']:<30}{result.history.relative(f['inject_time']):>7.1f}s"
-            f"{result.history.relative(f.get('heal_time', f['inject_time'])):>8.1f}s"
+            f"  {f['label']:<28}{result.history.relative(f['inject_time']):>7.1f}s"
+            f"{result.history.relative(f.get('heal_time', f['inject_time'])):>7.1f}s"
             f"{(str(healthy.get('elapsed_s')) + 's') if healthy else '-':>10}"
             f"{(f'{recovery:.2f}s' if recovery is not None else 'never'):>10}"
+            f"{f.get('stalled_s', 0):>8.2f}s"
             + ("" if healthy.get("ok", True) else "  NOT HEALTHY"))
+    lines.append("  (recovery: fault -> every workload has completed an op invoked after it; "
+                 "stall: longest wait of an op in flight at the fault)")
     lines.append("== checkers ==")
     for v in result.verdicts:
         lines.append(f"  {v.checker:<22}{v.status.upper():<14}{v.summary}")

@@ -90,7 +90,7 @@ class PauseNode(Nemesis):
 
     def plan(self, rng, lease_ttl):
         # Longer than the lease, so peers must declare the node dead while it is frozen.
-        return {"hold": round(rng.uniform(2 * lease_ttl + 1, 2 * lease_ttl + 3), 2)}
+        return {"hold": round(rng.uniform(2 * lease_ttl + 0.5, 2 * lease_ttl + 2), 2)}
 
     def inject(self, ctx, fault):
         node = ctx.cluster.pause_node(fault.target)
@@ -189,7 +189,7 @@ class PartitionNode(Nemesis):
                                            "mode of a local cluster")
 
     def plan(self, rng, lease_ttl):
-        return {"hold": round(rng.uniform(2 * lease_ttl + 1, 2 * lease_ttl + 3), 2)}
+        return {"hold": round(rng.uniform(2 * lease_ttl + 0.5, 2 * lease_ttl + 2), 2)}
 
     def inject(self, ctx, fault):
         ctx.cluster.partition(fault.target)

@@ -20,6 +20,8 @@ starts have the repository on PYTHONPATH, so workers import them by name.
 """
 from __future__ import annotations
 
+import importlib
+
 import json
 import os
 import random
@@ -227,7 +229,17 @@ class ActorsWorkload(Workload):
                    "pause": "seconds between windows (0.05), so a counter does not eat the CPUs",
                    "alo_max_task_retries": "retries of the at-least-once counter (-1); 0 plants "
                                            "the bug 'claims at-least-once but does not retry'",
-                   "amo_max_task_retries": "retries of the at-most-once counter (0)"}
+                   "amo_max_task_retries": "retries of the at-most-once counter (0)",
+                   "allow_proxy": "run even in the proxy network mode (0); see docs/chaos.md"}
+
+    def unavailable(self, ctx: RunContext) -> str | None:
+        if getattr(ctx.cluster, "mode", "") == "proxy" and not ctx.option(
+                self.name, "allow_proxy", False):
+            return ("the proxy network mode mirrors actor ports by polling, and a call that "
+                    "races an actor's (re)start finds no listener; meshray then stalls that "
+                    "caller 60 s (a known bug), so use --netns for actors under partitions "
+                    "(or --set actors.allow_proxy=1)")
+        return None
 
     def setup(self, ctx: RunContext) -> None:
         os.makedirs(ctx.actor_dir, exist_ok=True)
@@ -362,7 +374,7 @@ class ObjectsWorkload(Workload):
 def pg_api():
     """Ray's placement-group API from meshray, or None while it does not exist."""
     try:
-        from meshray.util import placement_group as module
+        module = importlib.import_module("meshray.util.placement_group")
         return module if hasattr(module, "placement_group") else None
     except ImportError:
         return None

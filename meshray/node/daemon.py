@@ -512,6 +512,10 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
         self._apply(self.objects.unpin(task.spec.arg_ref_ids))
         self._apply(self.objects.unpin(task.spec.contained_ids))
 
+    def _finish_failed(self, task: TaskRecord, error: BaseException) -> None:
+        """Fail a task whose resources are already released."""
+        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
         self._release(task)
         self._finish(task, [error_value(oid, error) for oid in task.return_ids])
@@ -612,6 +616,8 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
         if task is None:
             return
         self._release(task)
+        if self._group_task_lost(task):
+            return
         if task.cancelled:
             error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
             self._finish(task, [error_value(oid, error) for oid in task.return_ids])

@@ -123,8 +123,9 @@ class PlacementDuties:
                 "its placement group was removed" if removed else "its bundle moved"))
             return
         if task.worker is not None and task.state == "running":
-            task.cancelled = True
-            task.pg_error = error
+            # Whether the group was removed or the bundle moved is decided when
+            # the worker is gone (our view of the group may lag the alloc change).
+            task.pg_dropped = True
             self.pool.kill(task.worker)
         elif error is not None:
             self._cancel(task, force=False, recursive=False)
@@ -153,6 +154,25 @@ class PlacementDuties:
                 if record is not None and record.state == "REMOVED":
                     self.queue.remove(task)
                     self._fail(task, self._group_removed_error(task))
+
+    def _group_task_lost(self, task) -> bool:
+        """A group task's worker was killed because its bundle left: fail or re-route."""
+        if not task.pg_dropped:
+            return False
+        task.pg_dropped = False
+        task.bundle = None
+        record = self.pg_records.get(task.pg_hex)
+        if record is None or record.state == "REMOVED":
+            self._finish_failed(task, self._group_removed_error(task))
+        elif task.retries_left != 0:
+            task.retries_left -= 1
+            task.spec.attempt += 1
+            self._enqueue(task)
+        else:
+            self._finish_failed(task, exceptions.WorkerCrashedError(
+                f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
+                "bundle and has no retries left"))
+        return True
 
     # ------------------------------------------------------------ routing
     def _route_to_group(self, task) -> None:

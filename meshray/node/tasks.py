@@ -49,6 +49,7 @@ class TaskRecord:
     bundle: tuple | None = None       # (pg hex, index) whose pool it runs in, on this node
     bundle_gpu_ids: list = field(default_factory=list)
     pg_error: object = None           # set when its group was removed while it ran
+    pg_dropped: bool = False          # killed because its bundle left this node
 
     def __post_init__(self):
         if self.hold is None:

@@ -1,6 +1,8 @@
 """Placement groups end to end: real etcd, real daemons, real workers."""
 from __future__ import annotations
 
+import importlib
+
 import os
 import sys
 import time
@@ -22,7 +24,7 @@ def ray():
 
 
 def _pg_api():
-    from meshray.util import placement_group as api
+    api = importlib.import_module("meshray.util.placement_group")
     from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     return api, PlacementGroupSchedulingStrategy
 

@@ -1,6 +1,8 @@
 """Placement groups across several real daemons: spreading, node death, late capacity."""
 from __future__ import annotations
 
+import importlib
+
 import sys
 
 import cloudpickle
@@ -12,7 +14,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _pg_api():
-    from meshray.util import placement_group as api
+    api = importlib.import_module("meshray.util.placement_group")
     from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     return api, PlacementGroupSchedulingStrategy
 

@@ -8,6 +8,8 @@ was ever half-reserved, at any revision.
 """
 from __future__ import annotations
 
+import importlib
+
 import json
 import os
 import subprocess
@@ -36,7 +38,7 @@ from meshray.placement.records import (
     validate_placement_group_args,
 )
 from meshray.scheduler.resources import ResourceSet
-from meshray.util import placement_group as pg_api
+pg_api = importlib.import_module("meshray.util.placement_group")
 
 pytestmark = pytest.mark.timeout(60)
 

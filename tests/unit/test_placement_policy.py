@@ -1,5 +1,6 @@
 """Pure placement-group logic: bundle placement, input checks, records, the
 public API's validation (which must fail before any I/O)."""
+import importlib
 import pickle
 
 import pytest
@@ -19,7 +20,7 @@ from meshray.placement.records import (
     PlacementGroupRecord,
 )
 from meshray.scheduler.resources import ResourceSet
-from meshray.util import placement_group as pg_api
+pg_api = importlib.import_module("meshray.util.placement_group")
 
 
 def node(node_id, cpu=4, gpu=0, reserved=None, avail=None, **extra):
