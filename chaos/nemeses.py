@@ -43,6 +43,7 @@ class Nemesis:
     summary = ""
     hold_range = (0.0, 0.0)   # seconds the fault is held before healing
     targets_slot = True       # target is a victim slot
+    target_text = "pick"      # how a non-slot target reads in the schedule
 
     def unavailable(self, cluster) -> str | None:
         return None
@@ -157,6 +158,7 @@ class KillEtcdLeader(Nemesis):
     summary = "SIGKILL the leader of the 3-member etcd, restart it on its data after the hold"
     hold_range = (2.0, 5.0)
     targets_slot = False
+    target_text = "leader"
 
     def unavailable(self, cluster):
         return _need(cluster, "etcd-members", "needs an etcd cluster of 3+ members started by the "
@@ -291,8 +293,9 @@ def format_schedule(plan: list[Fault]) -> str:
         return "  (no faults)"
     lines = []
     for i, fault in enumerate(plan):
-        target = (f"slot {fault.target}" if NEMESES[fault.nemesis].targets_slot
-                  else f"pick #{fault.target}")
+        nemesis = NEMESES[fault.nemesis]
+        target = (f"slot {fault.target}" if nemesis.targets_slot else
+                  f"pick #{fault.target}" if nemesis.target_text == "pick" else nemesis.target_text)
         extra = f"  {fault.params['spec']}" if "spec" in fault.params else ""
         lines.append(f"  {i + 1:>2}. t={fault.at:>6.2f}s  {fault.nemesis:<17} {target:<10} "
                      f"hold {fault.hold:>4.1f}s{extra}")
