@@ -21,6 +21,7 @@ from meshray.rpc.generated import meshray_pb2 as pb
 __all__ = ["ActorClass", "ActorHandle", "ActorMethod", "method", "exit_actor"]
 
 _METHOD_OPTIONS_ATTR = "__meshray_method_options__"
+ACTOR_ARG_INLINE_LIMIT = 8 * 1024 * 1024
 
 
 def method(*args, **kwargs):
@@ -260,7 +261,10 @@ class ActorMethod:
                 f"{connection.num_pending} pending calls, its max_pending_calls="
                 f"{handle._max_pending_calls}.")
         label = f"{handle._class_name}.{self._name}"
-        args_blob, arg_refs, contained, keepalive = core.build_args(args, kwargs, label)
+        # Arguments cross the direct stream once either way: up to a few MiB
+        # they travel inline rather than through the object store.
+        args_blob, arg_refs, contained, keepalive = core.build_args(
+            args, kwargs, label, inline_limit=ACTOR_ARG_INLINE_LIMIT)
         keepalive.extend(ObjectRef(object_id) for object_id in contained)
         parent = state_mod.current_spec()
         task_id = core.new_task_id()

@@ -27,6 +27,7 @@ __all__ = ["ActorConnection"]
 log = logging.getLogger(__name__)
 
 _BATCH = 2000
+_BATCH_BYTES = 2 * 1024 * 1024
 RESOLVE_TIMEOUT_S = 60.0
 
 
@@ -171,7 +172,10 @@ class ActorConnection:
             if spec is None:
                 return
             batch = [spec]
-            while len(batch) < _BATCH:
+            size = len(spec.args_blob)
+            # Cap batches by bytes too, so large arguments pipeline instead of
+            # forming one huge message the actor can only start on when whole.
+            while len(batch) < _BATCH and size < _BATCH_BYTES:
                 try:
                     spec = calls.get_nowait()
                 except queue.Empty:
@@ -180,6 +184,7 @@ class ActorConnection:
                     yield pb.ActorCallBatch(calls=batch)
                     return
                 batch.append(spec)
+                size += len(spec.args_blob)
             yield pb.ActorCallBatch(calls=batch)
 
     def _fail_everything(self, error: BaseException, *, final: bool) -> None:

@@ -576,7 +576,8 @@ class CoreWorker:
         self._send(pb.ClientEvent(register_function=pb.RegisterFunction(
             function_id=function_id, pickled=pickled_fn(), name=name)))
 
-    def build_args(self, args: tuple, kwargs: dict, name: str):
+    def build_args(self, args: tuple, kwargs: dict, name: str,
+                   inline_limit: int = serialization.INLINE_THRESHOLD):
         """Pickle arguments, leaving top-level ObjectRefs to be resolved by the node.
 
         Returns (args_blob, arg_ref_ids, contained_ids, keepalive) where
@@ -599,7 +600,8 @@ class CoreWorker:
         new_kwargs = {k: substitute(v) for k, v in kwargs.items()}
         try:
             serialized = serialization.serialize((new_args, new_kwargs),
-                                                 what=f"the arguments of {name}")
+                                                 what=f"the arguments of {name}",
+                                                 inline_limit=inline_limit)
         except TypeError:
             # Say which argument could not be pickled, not just that one couldn't.
             for i, value in enumerate(new_args):

@@ -36,6 +36,7 @@ class SerializedValue:
     inband: bytes
     buffers: list = field(default_factory=list)   # pickle.PickleBuffer
     contained_ids: list = field(default_factory=list)
+    inline_limit: int = INLINE_THRESHOLD
 
     @property
     def total_bytes(self) -> int:
@@ -43,7 +44,7 @@ class SerializedValue:
 
     @property
     def is_inline(self) -> bool:
-        return not self.buffers and len(self.inband) <= INLINE_THRESHOLD
+        return not self.buffers and len(self.inband) <= self.inline_limit
 
 
 def record_contained_ref(object_id: bytes) -> None:
@@ -53,17 +54,19 @@ def record_contained_ref(object_id: bytes) -> None:
         ids.append(object_id)
 
 
-def serialize(value, *, what: str = "value") -> SerializedValue:
+def serialize(value, *, what: str = "value", inline_limit: int = INLINE_THRESHOLD) -> SerializedValue:
     """Pickle `value`, keeping buffers out of band only when they are worth it.
 
     `what` names the value in errors ("argument 2 of f", "return value of g")
-    so an unpicklable argument says which one failed and why.
+    so an unpicklable argument says which one failed and why. Values up to
+    `inline_limit` bytes come back as one in-band blob (callers that send
+    straight to a peer, like actor calls, allow more than the store default).
     """
     if type(value) in _PLAIN_TYPES:
         # Plain values need neither cloudpickle nor ref tracking.
         inband = pickle.dumps(value, protocol=5)
-        if len(inband) <= INLINE_THRESHOLD:
-            return SerializedValue(inband)
+        if len(inband) <= inline_limit:
+            return SerializedValue(inband, inline_limit=inline_limit)
     previous = getattr(_context, "ids", None)
     _context.ids = ids = []
     buffers: list = []
@@ -73,14 +76,14 @@ def serialize(value, *, what: str = "value") -> SerializedValue:
         except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's TypeError
             raise TypeError(
                 f"could not serialize {what} of type {type(value).__name__}: {exc}") from exc
-        if buffers and len(inband) + sum(memoryview(b).nbytes for b in buffers) <= INLINE_THRESHOLD:
+        if buffers and len(inband) + sum(memoryview(b).nbytes for b in buffers) <= inline_limit:
             # Small: one in-band blob is cheaper to ship than separate buffers.
             ids.clear()
             inband = cloudpickle.dumps(value, protocol=5)
             buffers = []
     finally:
         _context.ids = previous
-    return SerializedValue(inband, buffers, list(dict.fromkeys(ids)))
+    return SerializedValue(inband, buffers, list(dict.fromkeys(ids)), inline_limit)
 
 
 def deserialize_inline(data: bytes):
