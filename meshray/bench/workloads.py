@@ -435,6 +435,83 @@ def _init_to_first_result(ctx: Context):
     return Sampled(sample, details=details)
 
 
+# --------------------------------------------------------------------- runtime envs
+def _fresh_working_dir(ctx: Context, tag: str) -> str:
+    """A small package directory with content no earlier run has shipped."""
+    import uuid
+    path = os.path.join(ctx.workdir, f"bench-wd-{tag}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(path)
+    with open(os.path.join(path, "bench_wd_mod.py"), "w") as handle:
+        handle.write(f"TAG = {uuid.uuid4().hex!r}\n" + "# padding\n" * 2000)
+    return path
+
+
+def _env_task(rt):
+    @rt.remote(num_cpus=0)
+    def tag():
+        import bench_wd_mod
+        return bench_wd_mod.TAG
+    return tag
+
+
+@_workload("runtime env: first task with a new working_dir (cold)", "s",
+           "a task whose runtime_env names a working_dir never shipped before: upload, "
+           "unpack on the node, start an environment worker, run")
+def _working_dir_cold(ctx: Context):
+    rt = ctx.rt
+    task = _env_task(rt)
+
+    def sample():
+        path = _fresh_working_dir(ctx, "cold")
+        try:
+            start = time.perf_counter()
+            rt.get(task.options(runtime_env={"working_dir": path}).remote(), timeout=300)
+            return time.perf_counter() - start
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    return Sampled(sample)
+
+
+@_workload("runtime env: first task with a cached working_dir (warm)", "s",
+           "the same working_dir again after it was set up once: what a cached environment "
+           "adds to a task's start (compare 'single client tasks sync' latency)")
+def _working_dir_warm(ctx: Context):
+    rt = ctx.rt
+    task = _env_task(rt)
+    path = _fresh_working_dir(ctx, "warm")
+    env = {"working_dir": path}
+    rt.get(task.options(runtime_env=env).remote(), timeout=300)
+
+    def sample():
+        start = time.perf_counter()
+        rt.get(task.options(runtime_env=env).remote(), timeout=300)
+        return time.perf_counter() - start
+
+    return Sampled(sample, cleanup=lambda: shutil.rmtree(path, ignore_errors=True))
+
+
+@_workload("runtime env: first task with a cached pip env", "s",
+           "a task whose runtime_env pip list was installed once before (an empty requirement "
+           "set plus env_vars, so no package index is needed)")
+def _pip_warm(ctx: Context):
+    rt = ctx.rt
+
+    @rt.remote(num_cpus=0)
+    def ping():
+        return 1
+
+    env = {"pip": ["pip"], "env_vars": {"BENCH_PIP_ENV": "1"}}
+    rt.get(ping.options(runtime_env=env).remote(), timeout=600)
+
+    def sample():
+        start = time.perf_counter()
+        rt.get(ping.options(runtime_env=env).remote(), timeout=300)
+        return time.perf_counter() - start
+
+    return Sampled(sample)
+
+
 # --------------------------------------------------------------------- multi-node
 def _start_cluster(ctx: Context, head_args: dict, nodes: list):
     """A local cluster with the driver connected to its head node."""

@@ -362,10 +362,12 @@ def test_partition_keeps_task_results():
 def test_checkers_catch_planted_bugs():
     """No task retries and an 'at-least-once' counter that never retries, under node kills:
     the checkers must report both, with the lost operations counted."""
-    result = _run(workloads=["tasks", "actors"], nemeses=["kill-node"], nodes=2, duration=16,
-                  seed=2, options={"tasks.max_retries": "0", "actors.alo_max_task_retries": "0",
-                                   "actors.window": "8"})
-    assert [f["nemesis"] for f in result.faults if "inject_time" in f], _explain(result)
+    result = _run(workloads=["tasks", "actors"], nemeses=["kill-actor", "kill-node"],
+                  duration=16, interval=4.0, seed=6,
+                  options={"tasks.max_retries": "0", "actors.alo_max_task_retries": "0",
+                           "actors.window": "8"})
+    kills = [f.get("injected", {}) for f in result.faults if "inject_time" in f]
+    assert kills and kills[0].get("actor") == "alo", _explain(result)   # seed 6 aims at alo
     verdicts = _verdicts(result)
     assert not result.ok
     tasks = verdicts["task-results"]
