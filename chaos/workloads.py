@@ -205,7 +205,9 @@ class Counter:
         os.replace(pid_path + ".tmp", pid_path)
         self.n = 0
 
-    def incr(self, op_id: str) -> int:
+    def incr(self, op_id: str, work: float = 0.0) -> int:
+        if work:
+            time.sleep(work)        # keeps calls in flight, where faults can catch them
         self._log.write(op_id + "\n")
         self._log.flush()
         self.n += 1
@@ -227,9 +229,12 @@ class ActorsWorkload(Workload):
     summary = "two counters (max_task_retries=-1 and 0) whose every call id is logged by the actor"
     option_help = {"window": "calls in flight per counter (4)",
                    "pause": "seconds between windows (0.05), so a counter does not eat the CPUs",
+                   "work": "seconds each call takes inside the actor (0.01)",
                    "alo_max_task_retries": "retries of the at-least-once counter (-1); 0 plants "
                                            "the bug 'claims at-least-once but does not retry'",
                    "amo_max_task_retries": "retries of the at-most-once counter (0)",
+                   "slot": "start the counters on this node slot (-1: any victim; soft, so "
+                           "restarts may move them)",
                    "allow_proxy": "run even in the proxy network mode (0); see docs/chaos.md"}
 
     def unavailable(self, ctx: RunContext) -> str | None:
@@ -252,7 +257,13 @@ class ActorsWorkload(Workload):
             pid_path = os.path.join(ctx.actor_dir, f"{name}.pid")
             actor = ray.remote(max_restarts=-1, max_task_retries=retries, num_cpus=0,
                                resources=ctx.victim_resources(1))(Counter)
-            self.handles[name] = actor.options(name=f"chaos-{name}").remote(log_path, pid_path)
+            options = {"name": f"chaos-{name}"}
+            slot = ctx.option(self.name, "slot", -1)
+            if slot >= 0:
+                from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                    ctx.cluster.nodes[slot].node_id, soft=True)
+            self.handles[name] = actor.options(**options).remote(log_path, pid_path)
             ctx.data[self.name][name] = {"claim": spec["claim"], "max_task_retries": retries,
                                          "log": log_path, "pid_file": pid_path}
         for name, handle in self.handles.items():      # both placed before faults start
@@ -267,6 +278,7 @@ class ActorsWorkload(Workload):
         handle = self.handles[name]
         window = ctx.option(self.name, "window", 4)
         pause = ctx.option(self.name, "pause", 0.05)
+        work = ctx.option(self.name, "work", 0.01)
         seq = 0
         while not ctx.stop.wait(pause):
             pending = []
@@ -275,7 +287,7 @@ class ActorsWorkload(Workload):
                 op_id = f"{name}-{seq}"
                 op = ctx.history.invoke(process, "incr", {"id": op_id}, op_id=op_id)
                 try:
-                    pending.append((op, handle.incr.remote(op_id)))
+                    pending.append((op, handle.incr.remote(op_id, work)))
                 except Exception as exc:  # noqa: BLE001
                     _complete_with_error(op, exc)
             for op, ref in pending:

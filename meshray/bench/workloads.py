@@ -610,13 +610,14 @@ def _object_transfer(ctx: Context):
            "retried task's result arrives from a spare node", needs_session=False, max_runs=3)
 def _node_failure_recovery(ctx: Context):
     rt = ctx.rt
-    workdir = tempfile.mkdtemp(prefix="meshray-bench-recovery-", dir=ctx.workdir)
-    stop_file = os.path.join(workdir, "stop")
     # The head has no CPU, so the task can only run on the node we kill.
     cluster, (victim,) = _start_cluster(ctx, {"num_cpus": 0}, [{"num_cpus": 1}])
+    workdir = tempfile.mkdtemp(prefix="meshray-bench-recovery-", dir=ctx.workdir)
+    stop_file = os.path.join(workdir, "stop")
     driver_node = rt.get_runtime_context().get_node_id()
     if driver_node and driver_node == getattr(victim, "node_id", None):
         _stop_cluster(ctx, cluster)
+        shutil.rmtree(workdir, ignore_errors=True)
         raise RuntimeError("the driver attached to a worker node, not the head; killing that "
                            "node would measure the driver's death, not recovery")
     state = {"victim": victim, "round": 0}

@@ -77,6 +77,38 @@ class Connection:
             self.outbox.put_nowait(event)
 
 
+OWNER_FILE = ".owner-pid"
+
+
+def sweep_stale_stores(root: str) -> None:
+    """Remove store dirs of daemons that died without cleaning up (SIGKILL, crash).
+
+    Each daemon writes its pid into its store dir; a dir whose pid is gone
+    (or now belongs to a process that is not a meshray daemon) is stale.
+    """
+    import psutil
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("meshray-"):
+            continue
+        path = os.path.join(root, name)
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as handle:
+                pid = int(handle.read().strip() or 0)
+        except (OSError, ValueError):
+            continue              # not ours, or being created right now
+        try:
+            alive = "meshray.node.main" in " ".join(psutil.Process(pid).cmdline())
+        except (psutil.Error, OSError):
+            alive = False
+        if not alive:
+            import shutil
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def env_key_for(env_vars: dict) -> str:
     if not env_vars:
         return DEFAULT_ENV_KEY
@@ -97,8 +129,11 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
             ResourceSet.from_dict(config.resources),
             instances={"GPU": list(config.gpu_ids)} if config.gpu_ids else None)
         store_root = f"/dev/shm/meshray-{config.node_id.hex()[:12]}"
+        sweep_stale_stores("/dev/shm")
         self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
                                  config.object_store_memory)
+        with open(os.path.join(store_root, OWNER_FILE), "w") as handle:
+            handle.write(str(os.getpid()))
         self.store_dir = store_root
         self.objects = ObjectDirectory(is_local=self._owns)
         self.queue = TaskQueue()

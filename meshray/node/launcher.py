@@ -64,11 +64,26 @@ class NodeProcess:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL the daemon (a crash, for fault tests)."""
+        """SIGKILL the daemon (a crash, for fault tests), then clear what it left.
+
+        A SIGKILLed daemon cannot clean up after itself; its workers die with
+        it (PR_SET_PDEATHSIG), and we, who started it, remove its shared
+        memory, registry record and session dir.
+        """
         if self.alive():
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
         self._close_parent_fd()
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        from meshray.node import registry
+        if self.info.get("store_dir"):
+            shutil.rmtree(self.info["store_dir"], ignore_errors=True)
+        if self.info.get("node_id"):
+            registry.remove_record(self.info["node_id"])
+        if self.owns_session_dir:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the daemon to stop, wait for it, and make sure it is gone."""
@@ -81,8 +96,7 @@ class NodeProcess:
                 self.process.send_signal(signal.SIGKILL)
                 self.process.wait()
         self._close_parent_fd()
-        if self.owns_session_dir:
-            shutil.rmtree(self.session_dir, ignore_errors=True)
+        self.remove_leftovers()
 
     def _close_parent_fd(self) -> None:
         if self.parent_fd is not None:

@@ -136,7 +136,7 @@ async def _run(args) -> int:
         "local_address": daemon.local_address, "etcd": ",".join(endpoints),
         "session_dir": args.session_dir, "cli": bool(args.cli),
         "embedded_etcd": bool(etcd), "etcd_pid": etcd.pid if etcd else None,
-        "started_at": time.time(),
+        "started_at": time.time(), "store_dir": daemon.store_dir,
     }
     registry.write_record(node_id.hex(), record)
     if args.ready_fd >= 0:

@@ -192,3 +192,26 @@ def test_cli_start_status_stop(tmp_path):
     assert "stopped meshray node" in stopped.stdout
     assert not os.path.exists(os.path.join(tmp_path, "nodes")) or not os.listdir(
         os.path.join(tmp_path, "nodes"))
+
+
+def test_killed_node_leftovers_are_removed_and_stale_stores_swept(tmp_path):
+    from meshray.node.daemon import OWNER_FILE, sweep_stale_stores
+    from meshray.testing import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        node = cluster.add_node(num_cpus=1)
+        store = node._process.info["store_dir"]
+        session = node._process.session_dir
+        assert os.path.isdir(store) and os.path.isdir(session)
+        cluster.remove_node(node, allow_graceful=False)
+        assert not os.path.exists(store) and not os.path.exists(session)
+    finally:
+        cluster.shutdown()
+    # A store dir whose owner died without cleaning up is swept by the next daemon.
+    stale = tmp_path / "meshray-deadbeef0000"
+    stale.mkdir()
+    (stale / OWNER_FILE).write_text("999999999")
+    foreign = tmp_path / "meshray-notours"
+    foreign.mkdir()
+    sweep_stale_stores(str(tmp_path))
+    assert not stale.exists() and foreign.exists()
