@@ -2,10 +2,8 @@
 
 Each checker quotes the promise it checks, reads only the history and what
 the run observed afterwards (never the harness's own beliefs), and returns a
-verdict: ``pass``, ``fail`` (with every violation listed), ``skip`` (with
-the reason), or ``known-issues`` when the only violations are meshray bugs
-already reported and listed in KNOWN_ISSUES -- still shown, but not allowed
-to hide a new failure.
+verdict: ``pass``, ``fail`` (with every violation listed) or ``skip`` (with
+the reason).
 """
 from __future__ import annotations
 
@@ -13,26 +11,17 @@ import collections
 import json
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Verdict", "Checker", "CHECKERS", "KNOWN_ISSUES", "run_checkers",
-           "bundle_demands", "group_of"]
-
-# Violations caused by meshray bugs that are already reported (docs/chaos.md
-# has the reproductions). Keyed by a tag the checkers attach.
-KNOWN_ISSUES = {
-    "shm-of-killed-node": "a SIGKILLed node daemon's /dev/shm/meshray-<node> directory (and "
-                          "the objects in it) is never removed by anyone",
-}
+__all__ = ["Verdict", "Checker", "CHECKERS", "run_checkers", "bundle_demands", "group_of"]
 
 
 @dataclass
 class Verdict:
     checker: str
     guarantee: str
-    status: str                   # pass | fail | skip | known-issues
+    status: str                   # pass | fail | skip
     summary: str
     details: dict = field(default_factory=dict)
     violations: list = field(default_factory=list)
-    known_issues: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -45,14 +34,13 @@ class Checker:
     def check(self, run) -> Verdict:
         raise NotImplementedError
 
-    def verdict(self, summary: str, details: dict | None = None, violations=(), known=(),
+    def verdict(self, summary: str, details: dict | None = None, violations=(),
                 skip: str | None = None) -> Verdict:
         if skip:
             return Verdict(self.name, self.guarantee, "skip", skip, details or {})
-        violations, known = list(violations), list(known)
-        status = "fail" if violations else ("known-issues" if known else "pass")
-        return Verdict(self.name, self.guarantee, status, summary, details or {},
-                       violations, known)
+        violations = list(violations)
+        return Verdict(self.name, self.guarantee, "fail" if violations else "pass", summary,
+                       details or {}, violations)
 
 
 def _error_counts(ops) -> dict:
@@ -151,32 +139,10 @@ class ActorDelivery(Checker):
 
 
 def bundle_demands(record) -> list[dict]:
-    """The resource dicts inside one ``alloc/<node>`` record.
-
-    The record's layout belongs to the placement-group component; this reads
-    any JSON in which each bundle's demand is a flat {resource: amount}
-    object (at any depth, e.g. {"<pg>:<i>": {"resources": {"CPU": 1}}}), so
-    the checker does not break when that layout gains fields.
-    """
-    found = []
-
-    def is_demand(obj) -> bool:
-        return (isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj)
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                        for v in obj.values()))
-
-    def walk(obj):
-        if is_demand(obj):
-            found.append(obj)
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, list):
-            for value in obj:
-                walk(value)
-
-    walk(record)
-    return found
+    """The resource demand of each bundle in one ``alloc/<node>`` record,
+    read with the placement-group component's own parser."""
+    from meshray.placement.records import AllocRecord
+    return [dict(bundle.resources) for bundle in AllocRecord.from_dict(record).bundles]
 
 
 class PlacementGroupOvercommit(Checker):
@@ -195,12 +161,14 @@ class PlacementGroupOvercommit(Checker):
         revisions, peak_bundles, unparsed = self._replay(data["recorder"], violations)
         held_violations, peak = self._observed_holds(run, data)
         violations += held_violations
+        capacity = data["capacity_per_node"] * len(run.victim_slots)
         details = {"alloc_revisions_replayed": revisions, "peak_reserved_bundles": peak_bundles,
                    "unparseable_records": unparsed, "watch_resets": data["recorder"].resets,
                    "peak_held_by_drivers": peak,
-                   "capacity": data["capacity_per_node"] * len(run.victim_slots)}
-        summary = (f"{revisions} alloc revisions replayed, peak {peak_bundles} bundles reserved "
-                   f"in etcd, peak {peak} held by drivers")
+                   "capacity": capacity}
+        summary = (f"{revisions} alloc revisions replayed, peak {peak_bundles} of {capacity} "
+                   f"bundles reserved in etcd, " + (f"peak {peak} held by drivers" if peak is not None
+                                                   else "driver holds not judged (node faults)"))
         return self.verdict(summary, details, violations)
 
     @staticmethod
@@ -228,13 +196,13 @@ class PlacementGroupOvercommit(Checker):
                 try:
                     family, (node,) = keys.parse(key)
                     record = keyspace.decode_json(value)
-                except ValueError:
+                    demands = bundle_demands(record) if family == "alloc" else []
+                except (ValueError, KeyError, TypeError):
                     unparsed.add(key)
                     continue
                 if family == "nodes":
                     totals[node] = record.get("Resources", {})
                 elif family == "alloc":
-                    demands = bundle_demands(record)
                     reserved += len(demands)
                     for demand in demands:
                         used[node].update(demand)
@@ -260,7 +228,7 @@ class PlacementGroupOvercommit(Checker):
         node was lost, which legitimately moves bundles behind the drivers' backs."""
         node_faults = {"kill-node", "pause-node", "partition-node"}
         if node_faults & set(run.nemeses):
-            return [], 0
+            return [], None
         capacity = data["capacity_per_node"] * len(run.victim_slots)
         holds = {}
         for invoke, done in run.history.pairs(f="create"):
@@ -324,12 +292,12 @@ class NoOrphans(Checker):
                       f"shutdown" for p in obs["processes"]]
         violations += [f"{path} left by a node that was stopped gracefully"
                        for path in obs["shm_graceful"]]
-        known = [{"issue": "shm-of-killed-node", "text": f"{path} left by a SIGKILLed node"}
-                 for path in obs["shm_killed"]]
+        violations += [f"{path} left by a node that was SIGKILLed (its launcher must clear it)"
+                       for path in obs["shm_killed"]]
         summary = (f"{obs['processes_seen']} processes seen, {len(obs['processes'])} left; "
                    f"{len(obs['shm_graceful']) + len(obs['shm_killed'])} shm dirs left "
                    f"({len(obs['shm_killed'])} of killed nodes)")
-        return self.verdict(summary, {k: v for k, v in obs.items()}, violations, known)
+        return self.verdict(summary, dict(obs), violations)
 
 
 class Recovery(Checker):

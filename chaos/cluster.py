@@ -207,20 +207,37 @@ class _ClusterBase:
 
     # ------------------------------------------------------------ driver
     def connect(self, namespace: str | None = None):
+        """Attach this process as the driver, on the stable node.
+
+        The driver finds its node through the node registry, so the
+        environment points it there for the duration of the connection
+        (and gets its old values back on disconnect: a test process that
+        runs chaos must not find other tests' clusters changed under it).
+        """
         import meshray
-        if self.run_dir:
-            os.environ["MESHRAY_RUN_DIR"] = self.run_dir
-        stable = self.nodes.get(STABLE_SLOT)
-        if stable is not None:
-            os.environ["MESHRAY_PREFERRED_NODE"] = stable.node_id
+        wanted = {"MESHRAY_RUN_DIR": self.run_dir or None,
+                  "MESHRAY_PREFERRED_NODE": self.nodes[STABLE_SLOT].node_id
+                  if STABLE_SLOT in self.nodes else None}
+        self._saved_env = {key: os.environ.get(key) for key in wanted}
+        for key, value in wanted.items():
+            if value is not None:
+                os.environ[key] = value
         meshray.init(address=self.address, namespace=namespace, _token=self.token,
                      log_to_driver=False)
         return meshray
 
     def disconnect(self) -> None:
         import meshray
-        if meshray.is_initialized():
-            meshray.shutdown()
+        try:
+            if meshray.is_initialized():
+                meshray.shutdown()
+        finally:
+            for key, value in getattr(self, "_saved_env", {}).items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            self._saved_env = {}
 
     # ------------------------------------------------------------ faults (overridden)
     def kill_node(self, slot: int) -> ChaosNode:
@@ -273,7 +290,7 @@ class LocalCluster(_ClusterBase):
 
     def __init__(self, nodes: int = 4, *, mode: str = "loopback", etcd_members: int = 1,
                  lease_ttl: float = 2.0, num_cpus: float = 2, victim_capacity: float = 100,
-                 pg_capacity: float = 2, failpoints: bool = False, seed: int = 0,
+                 pg_capacity: float = 1, failpoints: bool = False, seed: int = 0,
                  base_dir: str | None = None):
         super().__init__()
         if nodes < 2:

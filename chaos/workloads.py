@@ -52,6 +52,7 @@ class RunContext:
     skipped: dict = field(default_factory=dict)  # workload/nemesis name -> reason
     nemeses: list = field(default_factory=list)  # names in this run
     op_timeout: float = 90.0
+    probe: object = None                         # the health check's remote function
 
     def option(self, workload: str, key: str, default):
         raw = self.options.get(f"{workload}.{key}")

@@ -379,9 +379,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
         try:
             payload = json.loads(msg.payload) if msg.payload else {}
             asker = getattr(self, "_ask_" + msg.method, None)
-            if msg.method in self._LOCAL_QUESTIONS:
-                result = self._answer(msg.method, payload)
-            elif asker is not None:
+            if asker is not None:
                 result = await asker(conn, payload)
             else:
                 # Cluster questions may wait on etcd: never on the event loop.
@@ -719,11 +717,6 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
             "Resources": self.resources.total.to_dict(),
             "Labels": dict(self.config.labels),
         }
-
-    _LOCAL_QUESTIONS = ()
-
-    def _answer(self, method: str, payload: dict):
-        raise ValueError(f"unknown request method {method!r}")
 
     def _answer_cluster(self, method: str, local_available: dict):
         """Cluster-wide questions, answered from the etcd view (off the loop)."""
