@@ -8,7 +8,6 @@ the reason).
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["Verdict", "Checker", "CHECKERS", "run_checkers", "bundle_demands", "group_of"]
@@ -261,7 +260,8 @@ class NoLeakedResources(Checker):
         obs = run.observations.get("resources")
         if not obs:
             return self.verdict("", skip="no resource observation (run aborted early)")
-        violations = []
+        violations = [f"node {node[:12]} should be live but is not registered (its resources "
+                      f"cannot be judged)" for node in obs.get("missing", [])]
         for node, view in sorted(obs["nodes"].items()):
             total, available = view["total"], view["available"]
             if available is None:
@@ -375,6 +375,3 @@ def run_checkers(run, names: list[str] | None = None) -> list[Verdict]:
                                violations=[f"checker crashed: {exc!r}"]))
     return out
 
-
-def dumps(verdicts: list[Verdict]) -> str:
-    return json.dumps([v.to_json() for v in verdicts], indent=2, default=str)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import os
 import shutil
 import signal
@@ -225,7 +226,7 @@ def _settle_resources(cluster, deadline_s: float) -> dict:
             view = cluster.availability()
         except Exception:  # noqa: BLE001 - etcd may still be electing
             view = {}
-        settled = bool(view) and all(
+        settled = cluster.expected_node_ids() <= set(view) and all(
             v["available"] is not None and all(
                 abs(v["available"].get(k, 0.0) - amount) <= 1e-6
                 for k, amount in v["total"].items()) for v in view.values())
@@ -236,7 +237,8 @@ def _settle_resources(cluster, deadline_s: float) -> dict:
     for node, v in view.items():
         v["slot"] = slots.get(node)
     return {"settled": settled, "waited_s": round(time.monotonic() - start, 2),
-            "deadline_s": deadline_s, "nodes": view}
+            "deadline_s": deadline_s, "nodes": view,
+            "missing": sorted(cluster.expected_node_ids() - set(view))}
 
 
 def _orphans(cluster, grace_s: float = 5.0) -> dict:
@@ -521,6 +523,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--history", help="write the JSON-lines history here")
     run.add_argument("--keep-dir", action="store_true", help="keep node logs and work files")
     run.add_argument("--dry-run", action="store_true", help="print the schedule and exit")
+    run.add_argument("--verbose", action="store_true",
+                     help="show meshray's own warnings (watch resumes, retries) in this process")
     pg = sub.add_parser("_pg-driver", help=argparse.SUPPRESS)
     for flag in ("--address", "--token", "--out", "--stop-file"):
         pg.add_argument(flag, required=flag != "--token")
@@ -570,6 +574,10 @@ def main(argv=None) -> int:
     if args.command == "_pg-driver":
         from chaos.workloads import pg_driver_main
         return pg_driver_main(args)
+    # Under faults meshray's client logs a warning per retry; the run's own
+    # output is what matters here, the daemons keep their logs in their dirs.
+    logging.basicConfig(level=logging.WARNING if args.verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
     if args.dry_run:
         from chaos.nemeses import format_schedule, make_schedule

@@ -27,7 +27,6 @@ Network modes:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -319,6 +318,11 @@ class LocalCluster(_ClusterBase):
         self._etcd_proxies: dict[int, list] = {}
         self._rng = random.Random(seed)
         self._proxy_net = f"127.{self._rng.randrange(100, 250)}.{self._rng.randrange(0, 250)}"
+        # etcd members ask Linux to kill them when the *thread* that started them
+        # exits (PR_SET_PDEATHSIG), so restarts must come from a thread that
+        # lives as long as the cluster -- not from the nemesis thread.
+        from concurrent.futures import ThreadPoolExecutor
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chaos-launcher")
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "LocalCluster":
@@ -333,8 +337,8 @@ class LocalCluster(_ClusterBase):
             elif self.mode == "proxy":
                 from chaos.proxy import ProxyHub
                 self._hub = ProxyHub()
-            self.etcd = EtcdCluster(os.path.join(self.base_dir, "etcd"), size=self.etcd_members,
-                                    host=host)
+            self.etcd = self._launcher.submit(EtcdCluster, os.path.join(self.base_dir, "etcd"),
+                                              size=self.etcd_members, host=host).result()
             self.address = ",".join(self.etcd.endpoints)
             self.token = new_token()
             for slot in range(self.size):
@@ -367,8 +371,14 @@ class LocalCluster(_ClusterBase):
             env.pop("MESHRAY_FAILPOINTS", None)
         return env
 
+    def restart_etcd_member(self, index: int, timeout: float = 20.0) -> None:
+        self._launcher.submit(self.etcd.restart_member, index, timeout).result()
+
     def start_node(self, slot: int, wait: bool = True) -> ChaosNode:
-        """Start (or refill) `slot` with a fresh daemon."""
+        """Start (or refill) `slot` with a fresh daemon (from the launcher thread)."""
+        return self._launcher.submit(self._start_node, slot, wait).result()
+
+    def _start_node(self, slot: int, wait: bool) -> ChaosNode:
         from meshray.node.launcher import start_node
         old = self.nodes.get(slot)
         if old is not None and old.alive() and old.state != "killed":
@@ -499,6 +509,7 @@ class LocalCluster(_ClusterBase):
                 self._hub.close()
             if self._lab is not None:
                 self._lab.close()
+            self._launcher.shutdown(wait=False)
             if not keep_dir:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -582,6 +593,3 @@ def describe(cluster: _ClusterBase) -> dict:
                       for slot, n in sorted(cluster.nodes.items())},
             "capabilities": sorted(cluster.capabilities)}
 
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -20,8 +20,6 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 
-from chaos.cluster import STABLE_SLOT
-
 __all__ = ["Nemesis", "Fault", "NEMESES", "make_schedule", "format_schedule"]
 
 
@@ -177,9 +175,8 @@ class KillEtcdLeader(Nemesis):
         return {"member": leader, "endpoint": etcd.members[leader].endpoint}
 
     def heal(self, ctx, fault, injected):
-        etcd = ctx.cluster.etcd
-        etcd.restart_member(injected["member"], timeout=20.0)
-        return {"restarted": injected["member"], "new_leader": etcd.leader_index()}
+        ctx.cluster.restart_etcd_member(injected["member"], timeout=20.0)
+        return {"restarted": injected["member"], "new_leader": ctx.cluster.etcd.leader_index()}
 
 
 class PartitionNode(Nemesis):
@@ -301,7 +298,3 @@ def format_schedule(plan: list[Fault]) -> str:
                      f"hold {fault.hold:>4.1f}s{extra}")
     return "\n".join(lines)
 
-
-def victim_slot_count_ok(cluster, plan: list[Fault]) -> bool:
-    return all(f.target in cluster.nodes and f.target != STABLE_SLOT
-               for f in plan if NEMESES[f.nemesis].targets_slot)

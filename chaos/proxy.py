@@ -26,9 +26,8 @@ import asyncio
 import logging
 import os
 import threading
-import time
 
-__all__ = ["ProxyHub", "Proxy", "MODES", "PortMirror", "wait_port"]
+__all__ = ["ProxyHub", "Proxy", "MODES", "PortMirror"]
 
 log = logging.getLogger(__name__)
 
@@ -295,15 +294,3 @@ def _loopback_listeners() -> dict[int, int]:
             continue
     return out
 
-
-def wait_port(host: str, port: int, timeout: float = 5.0) -> bool:
-    """True once something accepts TCP connections on host:port."""
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 
-import json
 import os
 import random
 import subprocess
@@ -550,10 +549,3 @@ def pg_driver_main(args) -> int:
 WORKLOADS = {w.name: w for w in (TasksWorkload, ActorsWorkload, ObjectsWorkload,
                                  PlacementGroupWorkload)}
 
-
-def describe_options() -> dict:
-    return {name: dict(cls.option_help) for name, cls in WORKLOADS.items()}
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, default=str)

@@ -94,6 +94,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             return
         nodes, avail = self.membership.view_snapshot()
         gone = [n for n in self.view_nodes if n not in nodes and n != self.node_hex]
+        # A node that lost its lease and registered again is a member again.
+        self.known_dead.difference_update(n for n in nodes if n in self.known_dead)
         self.view_nodes, self.view_avail = nodes, avail
         for node_hex in gone:
             self._node_died(node_hex)
@@ -101,7 +103,15 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         self._schedule()
 
     def on_lease_lost(self) -> None:
-        """Our lease expired: peers consider us dead and re-run our guests' work."""
+        """Our lease expired: peers consider us dead and re-run our guests' work.
+
+        So the work we run for other nodes stops here: their tasks, and the
+        actors they created on us (restarted elsewhere or declared dead by now).
+        """
+        for entry in list(self.actors.values()):
+            if entry.owner_node and entry.state != "DEAD":
+                self._kill_actor(entry, no_restart=True,
+                                 cause=f"node {self.node_hex} lost its etcd lease")
         for task in list(self.tasks.values()):
             if isinstance(task.owner, RemoteOwner):
                 task.cancelled = True

@@ -4,8 +4,9 @@ The short runs are the CI half of chaos testing (docs/chaos.md has the long
 set and its latest results). Each one starts a real cluster, injects a few
 faults from a fixed seed and asserts the checkers' verdicts. One run plants
 bugs (no task retries, an "at-least-once" actor without retries) and must be
-caught; one pins a known meshray bug with a strict xfail, so fixing the bug
-turns this suite red until the xfail is removed.
+caught. (A pause past the lease found a real bug -- peers kept a
+re-registered node marked dead and its guest actors leaked; fixed, and the
+scenario now guards it.)
 
 The whole module is meant to stay near 2-3 minutes on 2 cores.
 """
@@ -389,10 +390,6 @@ def test_checkers_catch_planted_bugs():
     assert actors.details["amo"]["duplicated"] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="meshray bug: after a node loses its lease and comes back under the "
-                          "same id, peers keep it in known_dead: ray.kill no longer reaches the "
-                          "actors it hosts, so their workers and resources leak")
 def test_pause_node_past_its_lease_keeps_every_guarantee():
     result = _run(workloads=["actors"], nemeses=["pause-node"], nodes=2, duration=15, seed=3,
                   settle_deadline=5.0)
