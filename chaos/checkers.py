@@ -103,7 +103,14 @@ class ActorDelivery(Checker):
             pairs = run.history.pairs(process_prefix=f"{name}-", f="incr")
             ids = {invoke.op_id for invoke, _ in pairs}
             outcomes = collections.Counter(done.type if done else "pending" for _, done in pairs)
-            lost = sorted(i for i in ids if applied[i] == 0)
+            # A call the *client* stopped waiting for (its get timed out) and that had not
+            # run by the end may still have been going to: at-least-once is a promise
+            # about eventually, so such calls are unresolved, not lost. Any answer from
+            # meshray itself (ok, a failure, "unavailable") is final.
+            unresolved = {invoke.op_id for invoke, done in pairs
+                          if applied[invoke.op_id] == 0 and (
+                              done is None or (done.error or "").startswith("GetTimeoutError"))}
+            lost = sorted(i for i in ids if applied[i] == 0 and i not in unresolved)
             acked = {invoke.op_id for invoke, done in pairs if done is not None and done.type == "ok"}
             acked_lost = sorted(i for i in acked if applied[i] == 0)
             duplicated = {i: n for i, n in applied.items() if n > 1}
@@ -113,6 +120,7 @@ class ActorDelivery(Checker):
                      "invoked": len(ids), **{k: outcomes.get(k, 0) for k in
                                              ("ok", "fail", "info", "pending")},
                      "applied": sum(applied.values()), "lost": len(lost),
+                     "unresolved": len(unresolved),
                      "duplicated": len(duplicated),
                      "extra_applications": sum(n - 1 for n in duplicated.values()),
                      "acknowledged_but_not_applied": len(acked_lost),
@@ -133,7 +141,8 @@ class ActorDelivery(Checker):
             if phantom:
                 violations.append(f"{name}: the actor applied {len(phantom)} ids nobody sent")
             parts.append(f"{name} ({claim}): {len(ids)} calls, {len(lost)} lost, "
-                         f"{len(duplicated)} duplicated")
+                         f"{len(duplicated)} duplicated"
+                         + (f", {len(unresolved)} unresolved (timed out)" if unresolved else ""))
         return self.verdict("; ".join(parts), details, violations)
 
 

@@ -144,11 +144,14 @@ class KillActor(Nemesis):
             return {"skipped": "no actor workload running"}
         names = sorted(pids)
         name = names[fault.target % len(names)]
+        host = next((node for node in ctx.cluster.live_nodes()
+                     if pids[name] in node.descendants()), None)
         try:
             os.kill(pids[name], signal.SIGKILL)
         except ProcessLookupError:
             return {"skipped": f"actor {name} pid {pids[name]} already gone"}
-        return {"actor": name, "pid": pids[name]}
+        return {"actor": name, "pid": pids[name], "slot": host.slot if host else None,
+                "node_id": host.node_id if host else None}
 
 
 class KillEtcdLeader(Nemesis):

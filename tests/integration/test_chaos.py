@@ -219,11 +219,14 @@ def test_actor_checker_counts_losses_and_duplicates_against_the_promise():
                 "applied": ["alo-1", "alo-2", "alo-2", "alo-3"]},            # alo-4 lost
         "amo": {"claim": "at-most-once", "max_task_retries": 0,
                 "applied": ["amo-1", "amo-2", "amo-3", "amo-3", "amo-4"]}}}  # amo-3 twice
+    # The client gave up on alo-5 (its get timed out): unresolved, not proof of a loss.
+    history.invoke("alo-0", "incr", {"id": "alo-5"}, op_id="alo-5").info("GetTimeoutError: 90s")
     verdict = checkers.CHECKERS["actor-delivery"].check(_Run(history, data))
     assert verdict.status == "fail"
     assert verdict.details["alo"]["lost"] == 1 and verdict.details["alo"]["duplicated"] == 1
+    assert verdict.details["alo"]["unresolved"] == 1
     assert verdict.details["amo"]["duplicated"] == 1 and verdict.details["amo"]["lost"] == 0
-    assert any("alo: 1 of 4 calls never ran" in v for v in verdict.violations)
+    assert any("alo: 1 of 5 calls never ran" in v for v in verdict.violations)
     assert any("amo: 1 calls ran more than once" in v for v in verdict.violations)
     # A duplicate under at-least-once and a loss under at-most-once are both allowed.
     assert not any(v.startswith("alo: 1 calls ran more") for v in verdict.violations)
@@ -336,7 +339,7 @@ def test_process_kills_keep_every_guarantee():
                   duration=24, seed=4, options={"actors.slot": "1"})
     injected = [f for f in result.faults if "inject_time" in f]
     assert [(f["nemesis"], f["injected"].get("slot")) for f in injected] == [
-        ("kill-node", 2), ("kill-actor", None), ("kill-actor", None)], _explain(result)
+        ("kill-node", 2), ("kill-actor", 1), ("kill-actor", 1)], _explain(result)
     verdicts = _verdicts(result)
     assert result.ok, _explain(result)
     assert verdicts["task-results"].details["correct"] > 0
@@ -391,9 +394,11 @@ def test_checkers_catch_planted_bugs():
 
 
 def test_pause_node_past_its_lease_keeps_every_guarantee():
+    # A call caught by the restart waits 60 s today (bug 1 in docs/chaos.md); the short
+    # op timeout lets the run end instead, and the checker counts it as unresolved.
     result = _run(workloads=["actors"], nemeses=["pause-node"], nodes=2, duration=15, seed=3,
-                  settle_deadline=5.0)
+                  settle_deadline=5.0, op_timeout=20.0)
     if [f["nemesis"] for f in result.faults if "inject_time" in f] != ["pause-node"]:
-        raise RuntimeError("the seed no longer yields one pause: fix the scenario, not the xfail")
+        raise RuntimeError("the seed no longer yields one pause: fix the scenario")
     assert _verdicts(result)["no-leaked-resources"].status == "pass", _explain(result)
     assert result.ok, _explain(result)
