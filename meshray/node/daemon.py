@@ -654,7 +654,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
         if task.cancelled:
             error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
             self._finish(task, [error_value(oid, error) for oid in task.return_ids])
-        elif task.retries_left != 0 and task.owner.conn_id in self.conns:
+        elif task.retries_left != 0 and self._owner_present(task.owner):
             task.retries_left -= 1
             task.spec.attempt += 1
             log.info("worker %d died running %s; retrying (%s retries left)",
@@ -667,6 +667,12 @@ class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
                 f"{task.spec.name} (id {task.task_id.hex()}) died unexpectedly; "
                 f"no retries left (max_retries={task.spec.max_retries}).")
             self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+
+    def _owner_present(self, owner) -> bool:
+        """Whether a retry's result would still reach the task's owner."""
+        if isinstance(owner, RemoteOwner):
+            return owner.node_hex not in self.known_dead
+        return owner.conn_id in self.conns
 
     def _job_ended(self, driver: Connection) -> None:
         """A driver left: drop its queued work and stop workers running it."""

@@ -1,0 +1,63 @@
+"""Failure handling the chaos harness found wanting, one regression per bug.
+
+Each test is the reduced repro of a bug recorded in docs/chaos.md ("meshray
+bugs found by these runs"), run against real daemons, workers and etcd. Lease
+TTL is 2 s (meshray.testing.Cluster), so "past its lease" means > 2 s.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+
+from meshray.testing import Cluster
+from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tests.conftest import wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    yield cluster
+    cluster.shutdown()
+
+
+def node_of():
+    import meshray
+    return meshray.get_runtime_context().get_node_id()
+
+
+def freeze(node, sig) -> None:
+    """SIGSTOP/SIGCONT a node daemon and its workers, as a paused machine would be."""
+    daemon = psutil.Process(node.pid)
+    for proc in [daemon] + daemon.children(recursive=True):
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_spilled_task_is_retried_when_its_worker_dies(cluster, tmp_path):
+    """Bug 2: retries applied only to tasks whose owner was a local driver."""
+    far = cluster.add_node(num_cpus=1, resources={"far": 1})
+    ray = cluster.connect()
+
+    @ray.remote(max_retries=5, resources={"far": 1})
+    def slow(directory):
+        open(os.path.join(directory, str(os.getpid())), "w").close()
+        time.sleep(1.0)
+        return node_of()
+
+    ref = slow.remote(str(tmp_path))
+    first_pid = int(wait_for(lambda: os.listdir(tmp_path), message="task started on far")[0])
+    os.kill(first_pid, signal.SIGKILL)
+    assert ray.get(ref, timeout=60) == far.node_id
+    assert len(os.listdir(tmp_path)) == 2   # the first attempt and its retry
