@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -55,7 +56,6 @@ class ActorConnection:
         self._dead: BaseException | None = None
         self._closed = False
         self._sequence = 0
-        self._known_restarts = -1
         self._channel = None
 
     @property
@@ -89,13 +89,18 @@ class ActorConnection:
 
     # ------------------------------------------------------------ thread
     def _run(self) -> None:
+        fruitless = 0
         while not self._closed:
+            if fruitless:
+                # The address we were given failed at once (its worker died
+                # and the node has not noticed yet, or the network blipped):
+                # back off a little before asking again.
+                time.sleep(min(0.02 * 2 ** fruitless, 1.0))
             try:
-                # After a broken stream, wait for the node to see a new
-                # incarnation (or the death) rather than redial the old one.
+                # The node answers once the actor is ALIVE with a live worker
+                # (or DEAD), so a restart is waited for, not raced.
                 info = self._core.request("actor_info", {
                     "actor_id": self.actor_id.hex(), "wait": True,
-                    "after_restarts": self._known_restarts,
                     "timeout": RESOLVE_TIMEOUT_S}, timeout=RESOLVE_TIMEOUT_S + 10)
             except Exception as exc:  # noqa: BLE001 - the node is unreachable
                 if self._closed:
@@ -114,10 +119,11 @@ class ActorConnection:
                 return
             if state != "ALIVE":
                 continue
-            self._serve(info)
+            fruitless = 0 if self._serve(info) else min(fruitless + 1, 6)
 
-    def _serve(self, info: dict) -> None:
-        restarts = int(info.get("num_restarts", 0))
+    def _serve(self, info: dict) -> bool:
+        """Stream calls to the incarnation `info` names; True if any answer came back."""
+        answered = False
         replies_queue: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
             lost = [call for call in self._pending.values() if call.sent]
@@ -132,7 +138,6 @@ class ActorConnection:
                         self.actor_id.hex()))
                 elif call.retries_left > 0:
                     call.retries_left -= 1
-            self._known_restarts = restarts
             for call in self._pending.values():
                 call.sent = True
                 replies_queue.put(call.spec)
@@ -143,6 +148,7 @@ class ActorConnection:
         stub = pb_grpc.ActorServiceStub(self._channel)
         try:
             for batch in stub.Call(self._outgoing(replies_queue)):
+                answered = True
                 for result in batch.results:
                     with self._lock:
                         call = self._pending.pop(result.task_id, None)
@@ -156,6 +162,7 @@ class ActorConnection:
                     self._queue = None
             replies_queue.put(None)
             self._channel.close()
+        return answered
 
     def _pick_address(self, info: dict) -> str:
         addresses = (info.get("address") or "").split(",")

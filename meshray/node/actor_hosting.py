@@ -191,17 +191,18 @@ class ActorHosting:
 
     # ------------------------------------------------------------ questions
     async def _ask_actor_info(self, conn, payload: dict) -> dict:
-        """The actor's record; with wait, once it is ALIVE (past a known incarnation) or DEAD.
+        """The actor's record; with wait, once it is DEAD or ALIVE with a live worker.
 
         The node hosting the actor answers for it; the node that created it
         answers while it is being placed or restarted after its host died.
+        Incarnation counts are not compared: a restart elsewhere starts a new
+        host entry, so only "is what you would dial alive" is well defined.
         """
         actor_id = bytes.fromhex(payload["actor_id"])
         entry = self.actors.get(actor_id)
         timeout = float(payload.get("timeout", ACTOR_WAIT_S))
         if entry is None:
             return await self._remote_actor_info(actor_id, payload, timeout)
-        after = int(payload.get("after_restarts", -1))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -217,9 +218,9 @@ class ActorHosting:
                     raise
                 entry.num_restarts = max(entry.num_restarts, int(record.get("num_restarts", 0)))
                 return record
-            if payload.get("wait") and not entry.settled(after) and remaining > 0:
-                await entry.wait_settled(remaining, after)
-                if entry.settled(after) and loop.time() < deadline:
+            if payload.get("wait") and not entry.settled() and remaining > 0:
+                await entry.wait_settled(remaining)
+                if entry.settled() and loop.time() < deadline:
                     continue
             return entry.record(self.node_id.hex())
 

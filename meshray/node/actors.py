@@ -92,26 +92,35 @@ class ActorEntry:
                 waiter.set_result(None)
         self.waiters.clear()
 
-    def settled(self, after_restarts: int = -1) -> bool:
-        """ALIVE or DEAD, and (if asked) past the incarnation the caller knew."""
+    def settled(self) -> bool:
+        """DEAD, or ALIVE in an incarnation whose worker still runs: an answer to act on.
+
+        A caller whose stream broke asks until this holds. A worker that died
+        but whose death this node has not processed yet is not settled, so the
+        caller is not sent back to the address that just failed.
+        """
         if self.state == DEAD:
             return True
-        return self.state == ALIVE and self.num_restarts > after_restarts
+        if self.state != ALIVE:
+            return False
+        worker = self.worker
+        return worker is None or worker.process.poll() is None
 
-    async def wait_settled(self, timeout: float, after_restarts: int = -1) -> None:
+    async def wait_settled(self, timeout: float) -> None:
         """Wait until settled() holds or the timeout passes."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not self.settled(after_restarts):
+        while not self.settled():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
             waiter = loop.create_future()
             self.waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
+                # Bounded, so a worker death seen only by poll() is noticed.
+                await asyncio.wait_for(waiter, min(remaining, 0.2))
             except asyncio.TimeoutError:
-                return
+                continue
 
 
 def transition(entry: ActorEntry, event: str, detail: str = "") -> str:

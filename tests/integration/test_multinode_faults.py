@@ -61,3 +61,54 @@ def test_spilled_task_is_retried_when_its_worker_dies(cluster, tmp_path):
     os.kill(first_pid, signal.SIGKILL)
     assert ray.get(ref, timeout=60) == far.node_id
     assert len(os.listdir(tmp_path)) == 2   # the first attempt and its retry
+
+
+def test_actor_caller_reaches_restarted_actor_promptly_after_node_death(cluster):
+    """Bug 1: after the stream broke, callers waited the 60 s resolve timeout."""
+    first = cluster.add_node(num_cpus=1, resources={"v": 1})
+    second = cluster.add_node(num_cpus=1, resources={"v": 1})
+    ray = cluster.connect()
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1, resources={"v": 1}, num_cpus=0)
+    class Where:
+        def node(self):
+            return node_of()
+
+    actor = Where.remote()
+    home = ray.get(actor.node.remote(), timeout=30)
+    victim, survivor = (first, second) if home == first.node_id else (second, first)
+    cluster.remove_node(victim, allow_graceful=False)
+    # Well under the 60 s resolve timeout: the lease (2 s) plus a restart.
+    assert ray.get(actor.node.remote(), timeout=25) == survivor.node_id
+
+
+def test_actor_caller_recovers_promptly_when_only_the_stream_broke(cluster):
+    """Bug 1, second case: the actor lives on, no new incarnation ever comes.
+
+    The host's actor workers drop a fifth of incoming call messages (a
+    failpoint that ends the stream, as a network blip would); every call must
+    still complete against the same incarnation, long before the 60 s resolve
+    timeout the callers used to wait.
+    """
+    cluster.add_node(num_cpus=1, resources={"v": 1},
+                     env={"MESHRAY_FAILPOINTS": "actor.call=drop(0.2)"})
+    ray = cluster.connect()
+
+    @ray.remote(max_task_retries=-1, resources={"v": 1}, num_cpus=0)
+    class Counter:
+        def __init__(self):
+            self.calls = 0
+
+        def incr(self):
+            self.calls += 1
+            return os.getpid()
+
+        def count(self):
+            return self.calls
+
+    counter = Counter.remote()
+    pids = set()
+    for _ in range(20):   # one at a time, so every drop strands exactly one call
+        pids.add(ray.get(counter.incr.remote(), timeout=20))
+    assert len(pids) == 1                      # never restarted
+    assert ray.get(counter.count.remote(), timeout=20) >= 20
