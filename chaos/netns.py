@@ -15,7 +15,14 @@ links created here is touched.
 Processes are started inside a namespace without a wrapper command: a thread
 enters the namespace with setns(2) (which moves only the calling thread) and
 forks from there, so the child -- a meshray node daemon started by the
-ordinary launcher -- is born inside it and keeps its own pid.
+ordinary launcher -- is born inside it and keeps its own pid. `run_in` uses a
+throwaway thread; `executor(slot)` keeps one alive until `close()`, for
+children that die with the thread that forked them (etcd members set
+PR_SET_PDEATHSIG, which Linux ties to the forking thread).
+
+Slots are any short names or numbers (the chaos harness numbers its nodes;
+scripts/local_topology.py also gives etcd members namespaces of their own);
+interface names must stay within Linux's 15 characters, so keep them short.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import secrets
 import shutil
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["NetnsLab", "netns_available", "NetnsError"]
 
@@ -80,7 +88,8 @@ class NetnsLab:
         hosts = self.subnet.hosts()
         self.bridge_ip = str(next(hosts))
         self._free_ips = list(hosts)
-        self.slots: dict[int, dict] = {}
+        self.slots: dict[int | str, dict] = {}
+        self._executors: dict[int | str, ThreadPoolExecutor] = {}
         self._closed = False
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
@@ -99,11 +108,13 @@ class NetnsLab:
                 return candidate
         raise NetnsError("no free 10.213.x.0/24 subnet for the chaos bridge")
 
-    def add_slot(self, slot: int) -> str:
+    def add_slot(self, slot: int | str) -> str:
         """Create namespace + veth for `slot` (idempotent); returns its address."""
         if slot in self.slots:
             return self.slots[slot]["ip"]
         ns, veth = f"mr{self.tag}n{slot}", f"mr{self.tag}v{slot}"
+        if len(veth) > 15:
+            raise NetnsError(f"slot name {slot!r} too long: {veth!r} exceeds 15 characters")
         address = str(self._free_ips.pop(0))
         self.slots[slot] = {"ns": ns, "veth": veth, "ip": address}
         _ip("netns", "add", ns)
@@ -120,22 +131,26 @@ class NetnsLab:
     def address(self, slot: int) -> str:
         return self.slots[slot]["ip"]
 
-    def run_in(self, slot: int, fn, *args, **kwargs):
+    def _enter(self, slot) -> None:
+        """Move the calling thread (only it) into slot's namespace."""
+        ns_path = f"/var/run/netns/{self.namespace(slot)}"
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(ns_path, os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetnsError(f"setns({ns_path}) failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+    def run_in(self, slot, fn, *args, **kwargs):
         """Call fn in a thread that has entered slot's namespace; children it
         forks are born there."""
-        ns_path = f"/var/run/netns/{self.namespace(slot)}"
         box: dict = {}
 
         def body():
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(ns_path, os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise NetnsError(f"setns({ns_path}) failed: {os.strerror(err)}")
-                finally:
-                    os.close(fd)
+                self._enter(slot)
                 box["result"] = fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box["error"] = exc
@@ -146,6 +161,20 @@ class NetnsLab:
         if "error" in box:
             raise box["error"]
         return box["result"]
+
+    def executor(self, slot) -> ThreadPoolExecutor:
+        """A one-thread executor living in slot's namespace until `close()`.
+
+        For children that must outlive the call that started them but die
+        with the thread that forked them (PR_SET_PDEATHSIG): `run_in`'s
+        thread ends when fn returns, and such a child would die with it.
+        """
+        if slot not in self._executors:
+            self.namespace(slot)     # KeyError now, not a broken pool later
+            self._executors[slot] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"netns-{slot}",
+                initializer=self._enter, initargs=(slot,))
+        return self._executors[slot]
 
     def partition(self, slot: int) -> None:
         _ip("link", "set", self.slots[slot]["veth"], "down")
@@ -159,6 +188,8 @@ class NetnsLab:
         if self._closed:
             return
         self._closed = True
+        for pool in self._executors.values():
+            pool.shutdown(wait=True)
         for info in self.slots.values():
             _ip("link", "del", info["veth"], check=False)
             _ip("netns", "del", info["ns"], check=False)
