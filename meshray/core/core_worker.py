@@ -7,6 +7,7 @@ batches, so many `.remote()` calls in a row cost few gRPC messages.
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import itertools
 import json
@@ -492,9 +493,11 @@ class CoreWorker:
                 mapped = layout.read_object(path)
             except FileNotFoundError:
                 # Spilled to disk, or on another node: ask ours to make it local.
-                path = self.request("restore", {"object_id": object_id.hex(),
-                                                "location": location}, timeout=600)["path"]
-                mapped = layout.read_object(path)
+                reply = self.request("restore", {"object_id": object_id.hex(),
+                                                 "location": location}, timeout=600)
+                if "error_value" in reply:   # lost for good: the node says why
+                    raise serialization.deserialize_inline(base64.b64decode(reply["error_value"]))
+                mapped = layout.read_object(reply["path"])
             with self._lock:
                 if object_id in self._local_refs:
                     self._mapped[object_id] = mapped

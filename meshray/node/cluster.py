@@ -18,23 +18,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 
 from meshray import exceptions
 from meshray.core import ids
 from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
-from meshray.object_store import layout
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler import policy
 from meshray.scheduler.resources import ResourceSet
 
-__all__ = ["ClusterDuties", "RemoteOwner", "PULL_CHUNK_BYTES"]
+__all__ = ["ClusterDuties", "RemoteOwner"]
 
 log = logging.getLogger(__name__)
 
-PULL_CHUNK_BYTES = 4 * 1024 * 1024
 REPLACE_INTERVAL_S = 0.02
 # A peer also accepts offers it can't start at once while its own backlog is
 # short (per CPU), so a busy cluster keeps every node fed between view updates.
@@ -54,6 +51,11 @@ class RemoteOwner:
 
     def send(self, event) -> None:  # notices for a remote owner are dropped
         return None
+
+
+def value_is_copy(value) -> bool:
+    """A store value whose bytes live on some node (not an error, not inline)."""
+    return value is not None and value.in_store
 
 
 def holder_node(holder) -> str | None:
@@ -567,81 +569,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if self.membership is not None:
             self.membership.note_location(object_id, present)
 
-    async def _ask_restore(self, conn, payload: dict) -> dict:
-        """Make an object's bytes local (restore from disk, or pull from a peer)."""
-        object_id = bytes.fromhex(payload["object_id"])
-        if self.store.contains(object_id):
-            return {"path": self.store.ensure_in_memory(object_id)}
-        pending = self.pulls.get(object_id)
-        if pending is None:
-            pending = self.pulls[object_id] = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().create_task(
-                self._pull(object_id, payload.get("location") or "", pending))
-        return {"path": await pending}
-
-    async def _pull(self, object_id: bytes, location: str, done: asyncio.Future) -> None:
-        try:
-            candidates = [location] if location and location != self.node_hex else []
-            if self.membership is not None:
-                others = await asyncio.get_running_loop().run_in_executor(
-                    None, self.membership.locations, object_id)
-                candidates += [n for n in others if n not in candidates and n != self.node_hex]
-            last_error = None
-            for node_hex in candidates:
-                link = self._link(node_hex)
-                if link is None:
-                    continue
-                try:
-                    path = await self._pull_from(link, object_id)
-                    self._note_location(object_id, True)
-                    done.set_result(path)
-                    return
-                except Exception as exc:  # noqa: BLE001 - try the next copy
-                    last_error = exc
-                    log.warning("pulling %s from %s failed: %s", object_id.hex(), node_hex, exc)
-            raise exceptions.ObjectLostError(
-                object_id.hex(), call_site=f"no reachable copy (tried {candidates}): {last_error}")
-        except BaseException as exc:  # noqa: BLE001 - every waiter gets the error
-            if not done.done():
-                done.set_exception(exc)
-        finally:
-            self.pulls.pop(object_id, None)
-
-    async def _pull_from(self, link: PeerLink, object_id: bytes) -> str:
-        """Stream the object in chunks straight into our store (never held twice)."""
-        writer = None
-        path = ""
-        try:
-            async for chunk in link.stub.PullObject(
-                    pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES),
-                    timeout=600):
-                if writer is None:
-                    path = self.store.reserve(object_id, chunk.total_size)
-                    writer = layout.ChunkWriter(path, chunk.total_size)
-                writer.write(chunk.offset, chunk.data)
-            if writer is None:
-                raise exceptions.ObjectLostError(object_id.hex(), call_site="empty transfer")
-            size = writer.finish()
-            self.store.seal(object_id, size)
-            return path
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            self.store.abort(object_id) if hasattr(self.store, "abort") else None
-            raise
-
-    async def PullObject(self, request: pb.PullRequest, context):
-        object_id = request.object_id
-        if not self.store.contains(object_id):
-            await context.abort(5, f"object {object_id.hex()} is not on node {self.node_hex}")
-        path = self.store.ensure_in_memory(object_id)
-        chunk_size = int(request.chunk_size or PULL_CHUNK_BYTES)
-        total = os.path.getsize(path)
-        offset = 0
-        for chunk in layout.copy_file_chunks(path, chunk_size):
-            yield pb.ObjectChunk(offset=offset, data=bytes(chunk), total_size=total)
-            offset += len(chunk)
-
     # ------------------------------------------------------------ node death
     def _node_died(self, node_hex: str) -> None:
         if node_hex in self.known_dead:
@@ -708,6 +635,11 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 self._use_copy(object_id, alive[0])
             elif self.is_local_object(object_id):
                 self._object_copy_lost(object_id, node_hex)
+            elif self._node_for_prefix(object_id) is not None and value_is_copy(
+                    self.objects.get(object_id)):
+                # Its owner lives and rebuilds it; a reader that needs the
+                # bytes asks the owner for the new copy (transfer.py).
+                continue
             else:
                 from meshray.node.daemon import error_value
                 error = exceptions.OwnerDiedError(

@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import pickle
-import signal
-import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
@@ -26,9 +24,10 @@ from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.env_setup import EnvSetup, parse_task_env
-from meshray.node.placement_groups import PlacementDuties, pg_strategy
+from meshray.node.placement_groups import PlacementDuties
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
+from meshray.node.transfer import ObjectTransfer
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
 from meshray.object_store.store import ObjectStore
 from meshray.rpc import make_aio_server
@@ -120,7 +119,7 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
     return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
-class NodeDaemon(ActorHosting, ClusterDuties, EnvSetup, PlacementDuties,
+class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
                  pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config

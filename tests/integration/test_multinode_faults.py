@@ -112,3 +112,62 @@ def test_actor_caller_recovers_promptly_when_only_the_stream_broke(cluster):
         pids.add(ray.get(counter.incr.remote(), timeout=20))
     assert len(pids) == 1                      # never restarted
     assert ray.get(counter.count.remote(), timeout=20) >= 20
+
+
+def test_failed_pulls_are_retried_while_the_holder_lives(cluster, tmp_path):
+    """Bug 4: one failed PullObject made the reader report the object lost."""
+    failpoints = tmp_path / "failpoints"
+    failpoints.write_text("peer.pull=drop(1)")   # every pull from the holder fails
+    holder = cluster.add_node(num_cpus=1, env={"MESHRAY_FAILPOINTS_FILE": str(failpoints)})
+    reader = cluster.add_node(num_cpus=1)
+    ray = cluster.connect()
+    made = tmp_path / "made"
+
+    @ray.remote(max_retries=3)
+    def make(path):
+        with open(path, "a") as log:
+            log.write("x")
+        return np.ones(1_000_000)
+
+    @ray.remote(max_retries=0)
+    def total(array):
+        return float(array.sum())
+
+    ref = make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        holder.node_id, soft=False)).remote(str(made))
+    ray.wait([ref], timeout=30)
+    out = total.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        reader.node_id, soft=False)).remote(ref)
+    # Pulls keep failing until the fault is lifted; the reader keeps trying.
+    wait_for(lambda: "pulling" in read_log(reader), timeout=20, message="a pull failed")
+    failpoints.write_text("")
+    assert ray.get(out, timeout=60) == 1_000_000.0
+    assert made.read_text() == "x"    # pulled, not rebuilt: the holder was alive
+
+
+def read_log(node) -> str:
+    path = os.path.join(node._process.session_dir, "node.log")
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def test_reader_gets_a_rebuilt_copy_when_the_holder_dies(cluster, tmp_path):
+    """A holder that dies: the owner re-runs the producer and the reader pulls that copy."""
+    holder = cluster.add_node(num_cpus=1, resources={"h": 1})
+    reader = cluster.add_node(num_cpus=1, resources={"r": 1})
+    cluster.add_node(num_cpus=1, resources={"h": 1})
+    ray = cluster.connect()
+
+    @ray.remote(max_retries=3, resources={"h": 1})
+    def make():
+        return np.full(1_000_000, 2.0)
+
+    @ray.remote(max_retries=0, resources={"r": 1})
+    def total(array):
+        return float(array.sum())
+
+    ref = make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        holder.node_id, soft=True)).remote()
+    ray.wait([ref], timeout=30)
+    cluster.remove_node(holder, allow_graceful=False)
+    assert ray.get(total.remote(ref), timeout=60) == 2_000_000.0
+    assert reader.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
