@@ -1097,6 +1097,11 @@ class LeaseKeeper:
     def lost(self) -> bool:
         return self._lost.is_set()
 
+    @property
+    def expires_at(self) -> float:
+        """CLOCK_MONOTONIC time until which the lease is certainly valid (0 once lost)."""
+        return 0.0 if self._lost.is_set() else self._expires_at
+
     def _declare_lost(self, why: str) -> None:
         if self._lost.is_set():
             return

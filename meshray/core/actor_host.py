@@ -22,9 +22,12 @@ import sys
 import threading
 import time
 
+import grpc
+
 from meshray import exceptions
 from meshray.core import state as state_mod
 from meshray.core.options import resolve_max_concurrency
+from meshray.node.fence import LeaseFence
 from meshray.rpc import make_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -38,10 +41,14 @@ TERMINATE_METHOD = "__ray_terminate__"
 READY_METHOD = "__ray_ready__"
 
 
+_FENCED = object()   # sentinel: the node's lease lapsed; end the stream
+
+
 class ActorHost(pb_grpc.ActorServiceServicer):
     def __init__(self, executor, creation_spec, cls):
         self.executor = executor
         self.core = executor.core
+        self._fence = LeaseFence.from_env()
         self.spec = creation_spec
         self.cls = cls
         self.options = json.loads(creation_spec.actor_options or b"{}")
@@ -104,6 +111,11 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 result = replies.get()
                 if result is None:
                     return
+                if result is _FENCED:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, (
+                        f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so it "
+                        "may have been restarted elsewhere; calls are refused until the node "
+                        "is a member again"))
                 results = [result]
                 while len(results) < _BATCH:
                     try:
@@ -121,6 +133,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
     def _read_calls(self, request_iterator, replies: queue.SimpleQueue) -> None:
         try:
             for batch in request_iterator:
+                if self._fence is not None and not self._fence.valid():
+                    # Never run calls as an incarnation the cluster has given up on.
+                    replies.put(_FENCED)
+                    return
                 for spec in batch.calls:
                     self._dispatch(spec, replies.put)
         except Exception as exc:  # noqa: BLE001 - the caller went away

@@ -317,7 +317,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             self.functions.setdefault(spec.function_id, msg.function_pickled)
         if spec.task_id in self.tasks:
             verdict.accepted = True   # a re-sent offer we already took
-        elif not self.membership or not self.membership._registered.is_set():
+        elif not self.membership or not self.membership._registered.is_set() \
+                or not self.fence.valid():
             verdict.reason = "node is not a registered member right now"
         else:
             request = ResourceSet.from_dict(dict(spec.resources))
@@ -445,7 +446,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 asker = getattr(self, "_ask_" + msg.method)
                 result = await asker(RemoteOwner(from_hex), payload)
                 reply = pb.Reply(request_id=msg.request_id, payload=json.dumps(result).encode())
-            except Exception as exc:  # noqa: BLE001 - reported to the asking node
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - always answered
                 reply = pb.Reply(request_id=msg.request_id, error=f"{type(exc).__name__}: {exc}")
             self._send_peer(from_hex, pb.PeerEvent(reply=reply))
         asyncio.get_running_loop().create_task(answer())

@@ -23,6 +23,7 @@ from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
+from meshray.node.fence import LeaseFence
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.objects import ObjectDirectory
@@ -160,6 +161,8 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self.fence = LeaseFence.create(
+            os.path.join(self.config.session_dir, f"lease-{self.node_id.hex()[:8]}.fence"))
         unix_path = os.path.join(self.config.session_dir, f"node-{self.node_id.hex()[:8]}.sock")
         self.server, bound = make_aio_server(
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
@@ -170,7 +173,8 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         self.local_address = bound[1]
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
                                session_dir=self.config.session_dir, on_output=self._worker_output,
-                               node_host=self.config.host, advertise_host=self._advertised_host())
+                               node_host=self.config.host, advertise_host=self._advertised_host(),
+                               fence_path=self.fence.path)
         self.pool.on_forget = lambda worker: worker.resolved_env.release(self.env_cache)
         count = self.config.prestart_workers
         if count is None:
@@ -206,6 +210,11 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         if self.server is not None:
             await self.server.stop(grace=0.5)
         self.store.destroy()
+        self.fence.close()
+        try:
+            os.unlink(self.fence.path)
+        except OSError:
+            pass
 
     # ------------------------------------------------------------ rpc
     async def GetNodeInfo(self, request, context):
@@ -387,7 +396,7 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
                     None, self._answer_cluster, msg.method, local)
             conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
                                                     payload=json.dumps(result).encode())))
-        except Exception as exc:  # noqa: BLE001 - reported to the caller
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - always answered
             conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
                                                     error=f"{type(exc).__name__}: {exc}")))
 
@@ -550,6 +559,11 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
         self._release(task)
+        entry = task.actor
+        if entry is not None and entry.state != actor_states.DEAD and entry.worker is None:
+            # A (re)start that can never happen: the actor is dead, and says why
+            # (a restart has no return value to carry the error).
+            self._set_actor_state(entry, "init_failed", f"{type(error).__name__}: {error}")
         self._finish(task, [error_value(oid, error) for oid in task.return_ids])
 
     def _cancel(self, task: TaskRecord, force: bool, recursive: bool) -> None:

@@ -230,12 +230,19 @@ class Membership:
         self.coordinator.put(self.keys.avail(self._daemon.node_id),
                              keyspace.encode_json(self._published), lease=lease_id)
         self.lease_generation += 1
+        self._extend_fence()
         self._registered.set()
         self._view_changed()
         log.info("registered node %s with lease %x", self._daemon.node_id.hex(), lease_id)
 
+    def _extend_fence(self) -> None:
+        fence = getattr(self._daemon, "fence", None)
+        if fence is not None:
+            fence.set(self._lease.expires_at)
+
     def _publish_until_lost(self) -> None:
         while not self._stop.wait(PUBLISH_INTERVAL_S):
+            self._extend_fence()
             if self._lease_lost.is_set():
                 self._registered.clear()
                 if self._loop is not None:

@@ -38,6 +38,8 @@ PULL_CHUNK_BYTES = 4 * 1024 * 1024
 # is seen dead (and the object rebuilt) before this gives up.
 PULL_DEADLINE_S = 60.0
 REBUILD_WAIT_S = 120.0
+# A transfer that receives nothing for this long is abandoned and retried.
+PULL_STALL_S = 15.0
 
 
 class _PullFailed(Exception):
@@ -128,7 +130,7 @@ class ObjectTransfer:
                 if node_hex not in tried:
                     tried.append(node_hex)
                 try:
-                    path = await self._pull_from(link, object_id)
+                    path = await self._pull_from(link, object_id, node_hex)
                 except grpc.aio.AioRpcError as exc:
                     missing += exc.code() == grpc.StatusCode.NOT_FOUND
                     last_error[0] = exc.details() or exc.code().name
@@ -156,14 +158,38 @@ class ObjectTransfer:
                 object_id.hex(), call_site=f"no copy could be pulled within {PULL_DEADLINE_S:.0f}s "
                 f"(tried {tried}): {last_error[0]}") from None
 
-    async def _pull_from(self, link, object_id: bytes) -> str:
-        """Stream the object in chunks straight into our store (never held twice)."""
+    async def _pull_from(self, link, object_id: bytes, node_hex: str) -> str:
+        """Stream the object in chunks straight into our store (never held twice).
+
+        Abandoned when its holder is declared dead mid-transfer, or sends
+        nothing for PULL_STALL_S (a paused process keeps its sockets open).
+        """
         writer = None
         path = ""
+        call = link.stub.PullObject(
+            pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES), timeout=600)
+        chunks = call.__aiter__()
+        loop = asyncio.get_running_loop()
         try:
-            async for chunk in link.stub.PullObject(
-                    pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES),
-                    timeout=600):
+            while True:
+                waiting = loop.create_task(chunks.__anext__())
+                stalled_at = loop.time() + PULL_STALL_S
+                while not waiting.done():
+                    await asyncio.wait({waiting}, timeout=0.25)
+                    if waiting.done():
+                        break
+                    if node_hex in self.known_dead or loop.time() > stalled_at:
+                        waiting.cancel()
+                        call.cancel()
+                        why = "died" if node_hex in self.known_dead else "stalled"
+                        raise ConnectionError(f"holder {node_hex} {why} mid-transfer")
+                try:
+                    chunk = waiting.result()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    # The call, not this coroutine: its link was closed under it.
+                    raise ConnectionError(f"link to {node_hex} closed mid-transfer") from None
                 if writer is None:
                     path = self.store.reserve(object_id, chunk.total_size)
                     writer = layout.ChunkWriter(path, chunk.total_size)

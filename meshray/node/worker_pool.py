@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from meshray.node.fence import FENCE_ENV
+
 __all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER"]
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,9 @@ class WorkerPool:
     """Tracks worker processes; the daemon decides when to start or stop one."""
 
     def __init__(self, *, daemon_address: str, token: str | None, session_dir: str,
-                 on_output, node_host: str = "127.0.0.1", advertise_host: str = "127.0.0.1"):
+                 on_output, node_host: str = "127.0.0.1", advertise_host: str = "127.0.0.1",
+                 fence_path: str = ""):
+        self._fence_path = fence_path
         self._node_host = node_host
         self._advertise_host = advertise_host
         self._daemon_address = daemon_address
@@ -75,6 +79,8 @@ class WorkerPool:
         env["MESHRAY_ADVERTISE_HOST"] = self._advertise_host  # and are dialled here
         if self._token:
             env["MESHRAY_TOKEN"] = self._token
+        if self._fence_path:
+            env[FENCE_ENV] = self._fence_path   # actors refuse calls once it lapses
         process = subprocess.Popen(
             [python or sys.executable, "-m", "meshray.core.worker_main"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -171,3 +171,81 @@ def test_reader_gets_a_rebuilt_copy_when_the_holder_dies(cluster, tmp_path):
     cluster.remove_node(holder, allow_graceful=False)
     assert ray.get(total.remote(ref), timeout=60) == 2_000_000.0
     assert reader.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def pause_past_lease(ray, node) -> None:
+    """Stop a node until the cluster declares it dead, then let it run again."""
+    freeze(node, signal.SIGSTOP)
+    try:
+        wait_for(lambda: node.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},
+                 timeout=30, message="the paused node's lease expires")
+    finally:
+        freeze(node, signal.SIGCONT)
+
+
+def test_task_whose_argument_sat_on_a_paused_node_is_rebuilt(cluster):
+    """Bug 5: the reader's pull to a paused holder hung; the owner's rebuild was never used."""
+    victim = cluster.add_node(num_cpus=1)
+    other = cluster.add_node(num_cpus=1)
+    ray = cluster.connect()
+
+    @ray.remote(max_retries=3)
+    def produce():
+        return np.full(1_000_000, 3.0)
+
+    @ray.remote(max_retries=3)
+    def consume(array):
+        return float(array.sum())
+
+    array = produce.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        victim.node_id, soft=True)).remote()
+    ray.wait([array], timeout=30)
+    freeze(victim, signal.SIGSTOP)
+    try:
+        out = consume.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            other.node_id, soft=False)).remote(array)
+        wait_for(lambda: victim.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},
+                 timeout=30, message="the paused node's lease expires")
+    finally:
+        freeze(victim, signal.SIGCONT)
+    assert ray.get(out, timeout=60) == 3_000_000.0
+
+
+def test_actor_on_a_node_back_from_a_lapsed_lease_runs_as_one_incarnation(cluster):
+    """Bug 6 and fencing: after the pause, calls reach a new incarnation, never the old one."""
+    victim = cluster.add_node(num_cpus=1, resources={"v": 5})
+    ray = cluster.connect()
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0, resources={"v": 1})
+    class Pid:
+        def pid(self):
+            return os.getpid()
+
+    actor = Pid.remote()
+    old_pid = ray.get(actor.pid.remote(), timeout=30)
+    pause_past_lease(ray, victim)
+    # The first call after the resume may race the node noticing its lapsed
+    # lease; the old worker must refuse it (fence), not answer it.
+    new_pid = ray.get(actor.pid.remote(), timeout=60)
+    assert new_pid != old_pid
+    wait_for(lambda: not psutil.pid_exists(old_pid) or
+             psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
+             message="the old incarnation's worker is stopped")
+
+
+def test_actor_pinned_to_a_node_that_lapsed_dies_with_the_reason(cluster):
+    """Hard affinity to a node the cluster declared dead: ActorDiedError naming why, no hang."""
+    victim = cluster.add_node(num_cpus=1, resources={"v": 5})
+    ray = cluster.connect()
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0, resources={"v": 1})
+    class Pid:
+        def pid(self):
+            return os.getpid()
+
+    actor = Pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        victim.node_id, soft=False)).remote()
+    ray.get(actor.pid.remote(), timeout=30)
+    pause_past_lease(ray, victim)
+    with pytest.raises(ray.exceptions.ActorDiedError, match="ActorUnschedulableError"):
+        ray.get(actor.pid.remote(), timeout=60)
