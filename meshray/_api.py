@@ -5,6 +5,7 @@ import atexit
 import inspect
 import logging
 import os
+import sys
 import threading
 
 from meshray import exceptions
@@ -201,6 +202,9 @@ def shutdown() -> None:
         _state.local_node = None
         _state.mode = None
         if core is not None:
+            placement_groups = sys.modules.get("meshray.util.placement_group")
+            if placement_groups is not None:
+                placement_groups._flush()  # requests sent without waiting for the reply
             core.close()
         if node is not None:
             node.stop()

@@ -257,6 +257,19 @@ class CoreWorker:
             raise exceptions.RaySystemError(f"node failed to answer {method!r}: {reply.error}")
         return json.loads(reply.payload)
 
+    def request_async(self, method: str, payload: dict | None = None
+                      ) -> concurrent.futures.Future:
+        """Send a request without waiting; the future gets the node's pb.Reply.
+
+        Requests reach the node in the order they were sent, whether or not
+        the sender waited for the earlier ones (used by placement groups)."""
+        request_id = next(self._request_ids)
+        future = concurrent.futures.Future()
+        self._requests[request_id] = future
+        self._send(pb.ClientEvent(request=pb.Request(
+            request_id=request_id, method=method, payload=json.dumps(payload or {}).encode())))
+        return future
+
     def close(self) -> None:
         if self._closed:
             return

@@ -47,8 +47,14 @@ class Membership:
         self._locations: dict[bytes, bool] = {}   # object id -> present here (unpublished)
         self._pgs_view = None
         self._alloc_view = None
-        self._placer_wakeup = threading.Event()
         self._locations_lock = threading.Lock()
+        from meshray.node.pg_placer import GroupPlacer, GroupView
+        node_hex = daemon.node_id.hex()
+        self.pg_view = GroupView(self.keys, node_hex)
+        self.placer = GroupPlacer(node_hex=node_hex, view=self.pg_view, keys=self.keys,
+                                  coordinator=lambda: self.coordinator,
+                                  live_nodes=self._live_node_ids,
+                                  ready=self._registered.wait, lease_ttl_s=self._ttl)
 
     # ------------------------------------------------------------ lifecycle
     def start(self, loop=None) -> None:
@@ -56,6 +62,7 @@ class Membership:
         self._thread.start()
 
     def _view_changed(self, _changes=None) -> None:
+        self.placer.poke()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
@@ -63,8 +70,18 @@ class Membership:
             except RuntimeError:
                 pass  # the loop is shutting down
 
-    def _pg_changed(self, _changes=None) -> None:
-        self._placer_wakeup.set()
+    def _pgs_changed(self, changes) -> None:
+        self.pg_view.apply_pg_changes(changes)
+        self._pg_changed()
+
+    def _alloc_changed(self, changes) -> None:
+        self.pg_view.apply_alloc_changes(changes)
+        if self._alloc_view is not None:
+            self.pg_view.note_alloc_revision(self._alloc_view.revision)
+        self._pg_changed()
+
+    def _pg_changed(self) -> None:
+        self.placer.poke()
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
@@ -73,53 +90,23 @@ class Membership:
                 pass
 
     def poke_placer(self) -> None:
-        self._placer_wakeup.set()
+        self.placer.poke()
 
     def pg_snapshot(self):
-        """(group records by id hex, this node's AllocRecord or None)."""
-        from meshray.placement.records import AllocRecord, PlacementGroupRecord
-        records = {}
-        if self._pgs_view is not None:
-            for key, value in self._values(self._pgs_view).items():
-                try:
-                    record = PlacementGroupRecord.from_dict(value)
-                except (ValueError, TypeError, KeyError):
-                    continue
-                records[record.pg_id] = record
-        own = None
-        if self._alloc_view is not None:
-            for _key, value in self._values(self._alloc_view).items():
-                own = AllocRecord.from_dict(value)
-        return records, own
+        """(group records by id hex: a live read-only mapping, this node's
+        AllocRecord or None), parsed once per change by the GroupView."""
+        return self.pg_view.records, self.pg_view.own_alloc
 
-    def _place_groups(self) -> None:
-        """Place waiting groups (ours to place first; all of them now and then).
-
-        Every node runs this; the reservation transactions make concurrent
-        placers safe, `responsible_for` keeps them from all doing the same work.
-        """
-        from meshray.placement import reservation
-        last_full = last_sweep = 0.0
-        me = self._daemon.node_id.hex()
-        while not self._stop.is_set():
-            self._placer_wakeup.wait(1.0)
-            self._placer_wakeup.clear()
-            if self._stop.is_set() or not self._registered.is_set():
-                continue
-            if self._pgs_view is None or not self._pgs_view.snapshot():
-                continue
-            now = time.monotonic()
+    def _live_node_ids(self) -> list[str]:
+        if self._nodes_view is None:
+            return []
+        out = []
+        for key in self._nodes_view.snapshot():
             try:
-                full = now - last_full > 5.0
-                reservation.try_place_pending(self.coordinator, keys=self.keys,
-                                              responsible_for=None if full else me)
-                if full:
-                    last_full = now
-                if now - last_sweep > 4 * self._ttl:
-                    reservation.sweep_orphans(self.coordinator, keys=self.keys)
-                    last_sweep = now
-            except Exception as exc:  # noqa: BLE001 - retried on the next wakeup
-                log.warning("placing placement groups failed: %s", exc)
+                out.append(self.keys.parse_node(key))
+            except ValueError:
+                continue
+        return out
 
     def note_location(self, object_id: bytes, present: bool) -> None:
         """Record that this node gained/lost a copy; published in the next batch."""
@@ -156,6 +143,7 @@ class Membership:
 
     def stop(self) -> None:
         self._stop.set()
+        self.placer.stop()
         self._thread.join(10)
         for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
             if view is not None:
@@ -196,14 +184,15 @@ class Membership:
         self._avail_view = PrefixMirror(self.coordinator, self.keys.avail_prefix(),
                                         on_change=self._view_changed)
         self._pgs_view = PrefixMirror(self.coordinator, self.keys.pgs_prefix(),
-                                      on_change=self._pg_changed)
+                                      on_change=self._pgs_changed)
         self._alloc_view = PrefixMirror(self.coordinator, self.keys.alloc(self._daemon.node_id),
-                                        on_change=self._pg_changed)
+                                        on_change=self._alloc_changed)
         self._nodes_view.start(timeout=10.0)
         self._avail_view.start(timeout=10.0)
         self._pgs_view.start(timeout=10.0)
         self._alloc_view.start(timeout=10.0)
-        threading.Thread(target=self._place_groups, name="meshray-pg-placer", daemon=True).start()
+        self.pg_view.note_alloc_revision(self._alloc_view.revision)
+        self.placer.start()
         while not self._stop.is_set():
             try:
                 self._register()

@@ -144,7 +144,8 @@ class PlacementDuties:
         now = time.monotonic()
         for task in list(self.pg_waiting):
             record = self.pg_records.get(task.pg_hex)
-            missing_too_long = record is None and now - task.pg_since > MISSING_GROUP_GRACE_S
+            missing_too_long = (record is None and now - task.pg_since > MISSING_GROUP_GRACE_S
+                                and not self.membership.placer.creating(task.pg_hex))
             if (record is not None and record.state == "REMOVED") or missing_too_long:
                 self.pg_waiting.remove(task)
                 self._fail(task, self._group_removed_error(task))
@@ -183,7 +184,8 @@ class PlacementDuties:
         if not task.pg_since:
             task.pg_since = time.monotonic()
         record = self.pg_records.get(task.pg_hex)
-        if record is None or record.state != "REMOVED":
+        removing = self.membership is not None and self.membership.placer.removing(task.pg_hex)
+        if (record is None or record.state != "REMOVED") and not removing:
             target = self._bundle_target(task, record) if record is not None else None
             if target is None:
                 self.pg_waiting.append(task)
@@ -265,25 +267,69 @@ class PlacementDuties:
         pool.tasks.discard(task)
 
     # ------------------------------------------------------------ requests
+    # Creations and removals go to the node's GroupPlacer, which commits what
+    # has queued up in a few batched transactions, in submission order. The
+    # part of each handler before its first await runs in the order the
+    # requests arrived (asyncio starts tasks FIFO), so a client's requests
+    # are queued in the order it sent them; reads wait behind a barrier for
+    # everything queued before them, so every client reads its own writes
+    # even when it did not wait for the replies (the public API does not, for
+    # unnamed creations and for removals).
+    def _pg_placer(self):
+        if self.membership is None:
+            raise ConnectionError("this node is not connected to etcd")
+        return self.membership.placer
+
     async def _pg_request(self, conn, method: str, payload: dict) -> dict:
         from meshray.placement import reservation
+        barrier = self._pg_placer().barrier()
+        await asyncio.wrap_future(barrier)
         coordinator = await self._coordinator()
         if coordinator is None:
             raise ConnectionError("this node is not connected to etcd")
         job = conn.job_id.hex() if getattr(conn, "job_id", b"") else None
         namespace = getattr(conn, "namespace", None) or None
-        reply = await asyncio.get_running_loop().run_in_executor(
+        return await asyncio.get_running_loop().run_in_executor(
             None, lambda: reservation.handle_request(
                 coordinator, method, payload, node_id=self.node_hex, keys=self.membership.keys,
                 job_id=job, namespace=namespace))
-        self.membership.poke_placer()
-        return reply
+
+    @staticmethod
+    async def _pg_outcome(future) -> object:
+        from meshray.coordination.client import CoordinationError
+        try:
+            return await asyncio.wrap_future(future)
+        except CoordinationError:
+            raise  # some are ValueErrors too, but not the caller's mistake
+        except ValueError as exc:
+            return {"error": {"type": "ValueError", "message": str(exc)}}
 
     async def _ask_pg_create(self, conn, payload):
-        return await self._pg_request(conn, "pg_create", payload)
+        from meshray.placement import reservation
+        placer = self._pg_placer()
+        job = conn.job_id.hex() if getattr(conn, "job_id", b"") else None
+        namespace = getattr(conn, "namespace", None) or None
+        try:
+            request = reservation.parse_create_request(payload, node_id=self.node_hex,
+                                                       job_id=job, namespace=namespace)
+        except ValueError as exc:
+            return {"error": {"type": "ValueError", "message": str(exc)}}
+        outcome = await self._pg_outcome(placer.submit("create", request))
+        if isinstance(outcome, dict):
+            return outcome
+        return {"record": outcome.to_dict() if outcome is not None else None}
 
     async def _ask_pg_remove(self, conn, payload):
-        return await self._pg_request(conn, "pg_remove", payload)
+        from meshray.coordination.keyspace import id_hex
+        placer = self._pg_placer()
+        try:
+            pg_hex = id_hex(str(payload.get("pg_id", "")), "pg_id")
+        except ValueError as exc:
+            return {"error": {"type": "ValueError", "message": str(exc)}}
+        outcome = await self._pg_outcome(placer.submit("remove", pg_hex))
+        if isinstance(outcome, dict):
+            return outcome
+        return {"removed": bool(outcome)}
 
     async def _ask_pg_get(self, conn, payload):
         return await self._pg_request(conn, "pg_get", payload)
@@ -295,16 +341,16 @@ class PlacementDuties:
         return await self._pg_request(conn, "pg_table", payload)
 
     def _remove_job_groups(self, job_id: bytes) -> None:
-        async def remove():
-            from meshray.placement import reservation
-            coordinator = await self._coordinator()
-            if coordinator is None:
-                return
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: reservation.remove_job_groups(
-                        coordinator, job_id.hex(), keys=self.membership.keys))
-            except Exception as exc:  # noqa: BLE001 - the orphan sweep catches up later
-                log.warning("could not remove the placement groups of job %s: %s",
-                            job_id.hex(), exc)
-        asyncio.get_running_loop().create_task(remove())
+        """The job's driver left: remove its non-detached groups, after
+        everything it asked for (queued in the same placer) is done."""
+        if self.membership is None:
+            return
+        job_hex = job_id.hex()
+
+        def report(future) -> None:
+            if future.exception() is not None:
+                # The orphan sweep catches up later.
+                log.warning("could not remove the placement groups of job %s: %s", job_hex,
+                            future.exception())
+
+        self.membership.placer.submit("job_ended", job_hex).add_done_callback(report)

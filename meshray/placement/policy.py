@@ -44,6 +44,7 @@ __all__ = [
     "Placed",
     "Infeasible",
     "place_bundles",
+    "BatchPlacer",
     "validate_request_fits_bundle",
     "responsible_node",
 ]
@@ -381,6 +382,49 @@ def place_bundles(bundles: Sequence[Union[ResourceSet, Mapping[str, float]]], st
                               "could hold the remaining bundles")
     return Infeasible("not enough unreserved resources right now; waiting for other placement "
                       "groups to be removed or for nodes to join")
+
+
+class BatchPlacer:
+    """Decide many groups one after another against shared capacities.
+
+    The node daemon reserves a burst of new groups in a few transactions
+    instead of one each; within a transaction, every group must see the
+    bundles of the groups decided before it. Each ``place`` call is
+    ``place_bundles`` on the current capacities, and a Placed decision is
+    charged to them at once: its bundles count as reserved (and, when the
+    node published availability, as no longer available) for every later
+    call. Infeasible decisions charge nothing. Pure, like the rest of this
+    module; the caller commits the result in one transaction that pins
+    every node it writes, so a wrong view only costs a retry.
+    """
+
+    def __init__(self, nodes: Iterable[NodeCapacity], *, use_availability: bool = True):
+        self._nodes: Dict[str, NodeCapacity] = {n.node_id: n for n in nodes}
+        self.use_availability = use_availability
+
+    @property
+    def nodes(self) -> List[NodeCapacity]:
+        """The capacities as the decisions so far left them, by node id."""
+        return [self._nodes[n] for n in sorted(self._nodes)]
+
+    def place(self, bundles: Sequence[Union[ResourceSet, Mapping[str, float]]], strategy: str,
+              *, max_nodes: int = MAX_NODES_PER_TXN) -> Decision:
+        sets = [b if isinstance(b, ResourceSet) else ResourceSet(b) for b in bundles]
+        decision = place_bundles(sets, strategy, self._nodes.values(), max_nodes=max_nodes,
+                                 use_availability=self.use_availability)
+        if decision.ok:
+            for index, node_id in decision.assignment.items():
+                self._charge(node_id, sets[index])
+        return decision
+
+    def _charge(self, node_id: str, bundle: ResourceSet) -> None:
+        node = self._nodes[node_id]
+        available = node.available
+        if available is not None:
+            available = ResourceSet.from_units(_clamped_sub(available.as_units(),
+                                                            bundle.as_units()))
+        self._nodes[node_id] = NodeCapacity(node.node_id, node.total, node.reserved + bundle,
+                                            available, node.labels)
 
 
 # --------------------------------------------------------------------------

@@ -76,6 +76,13 @@ __all__ = [
     "remove_job_groups",
     "sweep_orphans",
     "collect_garbage",
+    "CreateRequest",
+    "parse_create_request",
+    "plan_create_chunk",
+    "create_placement_groups",
+    "TombstoneLeases",
+    "plan_remove_chunk",
+    "remove_placement_groups",
     "handle_request",
     "REQUEST_METHODS",
 ]
@@ -491,6 +498,7 @@ def reschedule(coordinator, pg_id: Any, live_nodes: Optional[Iterable[str]] = No
 def try_place_pending(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
                       live_nodes: Optional[Iterable[str]] = None, use_availability: bool = True,
                       responsible_for: Optional[str] = None,
+                      candidates: Optional[Iterable[str]] = None,
                       timeout_s: float = 5.0) -> List[PlaceResult]:
     """Place every group that waits: PENDING, RESCHEDULING, or CREATED with a
     bundle on a dead node. Oldest first, but a big group that does not fit
@@ -506,14 +514,22 @@ def try_place_pending(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
     view change costs one transaction per group instead of one per node and
     group. Daemons that use it must also call without it now and then (a few
     seconds), which covers a responsible node that is slow or just died.
+
+    ``candidates`` (group ids, oldest first, e.g. what the daemon's view of
+    ``pgs/`` says needs placing) skips listing every group record, and with
+    it the garbage collection; each candidate's record is still read from
+    etcd and left alone when it needs nothing.
     """
     hint = set(live_nodes) if live_nodes is not None else None
     deadline = time.monotonic() + timeout_s
     snap = read_snapshot(coordinator, keys)
-    records = list_records(coordinator, keys)  # after the allocs: see collect_garbage
-    if _collect_garbage(coordinator, keys, snap, records):
-        snap = read_snapshot(coordinator, keys)
-    todo = groups_needing_placement(records, snap.nodes.keys(), snap.alloc_records())
+    if candidates is not None:
+        todo = list(dict.fromkeys(ks.id_hex(c, "pg_id") for c in candidates))
+    else:
+        records = list_records(coordinator, keys)  # after the allocs: see collect_garbage
+        if _collect_garbage(coordinator, keys, snap, records):
+            snap = read_snapshot(coordinator, keys)
+        todo = groups_needing_placement(records, snap.nodes.keys(), snap.alloc_records())
     if responsible_for is not None:
         me = ks.id_hex(responsible_for, "responsible_for")
         todo = [g for g in todo if policy.responsible_node(g, snap.nodes) == me]
@@ -641,14 +657,15 @@ def remove_job_groups(coordinator, job_id: Any, *, keys: ks.Keyspace = ks.DEFAUL
                       tombstone_ttl_s: Optional[int] = DEFAULT_TOMBSTONE_TTL_S) -> List[str]:
     """Remove the job's non-detached groups (the job ended). Returns their ids."""
     job_hex = ks.id_hex(job_id, "job_id")
-    removed = []
-    for record in list_records(coordinator, keys):
-        if record.job_id == job_hex and not record.detached and record.state != REMOVED:
-            if remove_placement_group(coordinator, record.pg_id, keys=keys,
-                                      tombstone_ttl_s=tombstone_ttl_s,
-                                      reason=f"job {job_hex} ended"):
-                removed.append(record.pg_id)
-    return removed
+    ids = [record.pg_id for record in list_records(coordinator, keys)
+           if record.job_id == job_hex and not record.detached and record.state != REMOVED]
+    outcomes = remove_placement_groups(coordinator, ids, keys=keys,
+                                       tombstone_ttl_s=tombstone_ttl_s,
+                                       reason=f"job {job_hex} ended")
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    return [pg for pg, outcome in zip(ids, outcomes) if outcome is True]
 
 
 def sweep_orphans(coordinator, *, keys: ks.Keyspace = ks.DEFAULT,
@@ -718,6 +735,483 @@ def collect_garbage(coordinator, *, keys: ks.Keyspace = ks.DEFAULT) -> int:
 
 
 # --------------------------------------------------------------------------
+# Batches: many requests, few transactions (what the node daemon's placer runs)
+#
+# A burst of creations or removals from one daemon is committed in as few
+# transactions as etcd's op limit allows, instead of two or three per group.
+# Each batch transaction keeps every guarantee of the single-group ones,
+# because it is the single-group transaction repeated over several groups
+# with the per-node parts merged: it compares every node record and alloc
+# record it writes at the revision its decisions were made on, and writes
+# every group record together with all of that group's alloc entries. A
+# failed compare writes nothing; the batch is re-decided on a fresh view, and
+# after a few failures (or when a compare failed that is not about capacity:
+# a taken name, an id already used) the groups fall back to the single-group
+# path, which attributes the failure to the right group.
+
+_BATCH_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """One validated ``pg_create``: what `create_placement_groups` takes."""
+
+    pg_id: str
+    spec: PlacementGroupSpec
+    namespace: str = ""
+    job_id: str = ""
+    creator_node: str = ""
+
+    def record(self, now: float) -> PlacementGroupRecord:
+        """The group as it is first written (PENDING, nothing placed)."""
+        return PlacementGroupRecord(
+            pg_id=self.pg_id, bundles=tuple(dict(b) for b in self.spec.bundles),
+            strategy=self.spec.strategy, name=self.spec.name, namespace=self.namespace,
+            lifetime=self.spec.lifetime, job_id=self.job_id, creator_node=self.creator_node,
+            state=PENDING, created_at=now)
+
+
+def parse_create_request(payload: Mapping[str, Any], *, node_id: str,
+                         job_id: Optional[str] = None, namespace: Optional[str] = None,
+                         creator_node: Optional[str] = None) -> CreateRequest:
+    """Check a ``pg_create`` payload (ValueError on a caller mistake).
+
+    ``job_id``/``namespace``, when given, override the payload's: the daemon
+    knows which job a connection belongs to. ``creator_node`` defaults to
+    ``node_id``, the daemon that accepted the request.
+    """
+    spec = validate_placement_group_args(
+        payload.get("bundles"), payload.get("strategy"), payload.get("name", ""),
+        payload.get("lifetime"))
+    ns = namespace if namespace is not None else payload.get("namespace", "")
+    job = job_id if job_id is not None else payload.get("job_id", "")
+    if not isinstance(ns, str) or not isinstance(job, str):
+        raise ValueError("pg_create: namespace and job_id must be strings")
+    pg_hex = ks.id_hex(str(payload.get("pg_id", "")), "pg_id")
+    return CreateRequest(pg_hex, spec, ns, job.lower(),
+                         ks.id_hex(creator_node or node_id, "creator_node"))
+
+
+@dataclass
+class CreateChunk:
+    """One creation transaction, decided on a snapshot (`plan_create_chunk`).
+
+    ``records`` are the groups as written (CREATED with their placement, or
+    PENDING with the reason they wait), in the order they were taken;
+    ``allocs`` the new value of every alloc record written; ``pinned`` the
+    (node record, alloc record) mod revisions the decisions relied on.
+    """
+
+    records: List[PlacementGroupRecord] = field(default_factory=list)
+    compares: list = field(default_factory=list)
+    ops: list = field(default_factory=list)
+    allocs: Dict[str, AllocRecord] = field(default_factory=dict)
+    pinned: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+
+
+def plan_create_chunk(snap: Snapshot, records: Sequence[PlacementGroupRecord],
+                      keys: ks.Keyspace = ks.DEFAULT, *, use_availability: bool = True,
+                      budget: int = MAX_TXN_OPS) -> CreateChunk:
+    """Decide where the first groups of ``records`` go and build the one
+    transaction that creates them. Pure: no I/O.
+
+    Takes groups from the front while the transaction stays within
+    ``budget`` compares + ops (always at least one group). Per group: the
+    record must be missing and is put (2), its name likewise (2 more); per
+    node receiving bundles: its node record and alloc record are compared
+    and the alloc is put (3). Groups are decided in order on shared
+    capacities (policy.BatchPlacer), so later ones see earlier ones'
+    bundles; a group that does not fit is written PENDING with its reason.
+    """
+    candidates = [n for n in sorted(snap.nodes) if n not in snap.bad_allocs]
+    allocs = snap.alloc_records()
+    placer = policy.BatchPlacer(
+        [policy.NodeCapacity(n, snap.nodes[n].total,
+                             allocs[n].reserved() if n in allocs else ResourceSet(),
+                             snap.avail.get(n), snap.nodes[n].labels) for n in candidates],
+        use_availability=use_availability)
+    chunk = CreateChunk()
+    additions: Dict[str, List[BundleAlloc]] = {}
+    used = 0
+    for record in records:
+        base = 4 if record.name else 2
+        worst = base + 3 * min(len(record.bundles), MAX_NODES_PER_TXN)
+        if chunk.records and used + worst > budget:
+            break
+        decision = placer.place(record.bundles, record.strategy)
+        if decision.ok:
+            placement = list(record.placement)
+            for index, node_id in sorted(decision.assignment.items()):
+                placement[index] = node_id
+                if node_id not in additions:
+                    additions[node_id] = []
+                    used += 3
+                additions[node_id].append(
+                    BundleAlloc(record.pg_id, index, dict(record.bundles[index])))
+            final = record.with_(state=CREATED, placement=tuple(placement), reason="",
+                                 infeasible_ever=False)
+        else:
+            final = record.with_(state=PENDING, reason=decision.reason,
+                                 infeasible_ever=decision.ever)
+        used += base
+        chunk.records.append(final)
+        pg_key = keys.pg(final.pg_id)
+        chunk.compares.append(KeyMissing(pg_key))
+        chunk.ops.append(Put(pg_key, _encode(final)))
+        if final.name:
+            name_key = keys.pg_name(final.namespace, final.name)
+            chunk.compares.append(KeyMissing(name_key))
+            chunk.ops.append(Put(name_key, final.pg_id))
+    for node_id in sorted(additions):
+        node = snap.nodes[node_id]
+        alloc, alloc_rev = snap.alloc(node_id)
+        base_alloc = AllocRecord(node_id, node.lease or 0, alloc.bundles if alloc else ())
+        new_alloc = base_alloc.with_bundles(additions[node_id])
+        chunk.allocs[node_id] = new_alloc
+        chunk.pinned[node_id] = (node.mod_revision, alloc_rev)
+        chunk.compares.append(ModRevisionEquals(keys.node(node_id), node.mod_revision))
+        chunk.compares.append(ModRevisionEquals(keys.alloc(node_id), alloc_rev))
+        chunk.ops.append(_alloc_write(keys, node_id, new_alloc, node.lease))
+    return chunk
+
+
+def _pins_moved(pinned: Mapping[str, Tuple[int, int]], snap: Snapshot) -> bool:
+    for node_id, (node_rev, alloc_rev) in pinned.items():
+        node = snap.nodes.get(node_id)
+        if node is None or node.mod_revision != node_rev or snap.alloc(node_id)[1] != alloc_rev:
+            return True
+    return False
+
+
+def create_placement_groups(coordinator, requests: Sequence[CreateRequest], *,
+                            keys: ks.Keyspace = ks.DEFAULT, use_availability: bool = True,
+                            timeout_s: float = _DEFAULT_PLACE_TIMEOUT_S) -> List[Any]:
+    """Create and place many groups in as few transactions as fit.
+
+    Returns, per request in order, the group's record as committed
+    (CREATED, or PENDING with the reason it waits) or the exception for it:
+    PlacementGroupNameTaken / ValueError for a caller mistake,
+    CoordinationError when etcd failed. Same guarantees as
+    create_placement_group followed by try_place, for every group: names
+    unique per namespace, an id retried with the same definition is
+    idempotent, reservation all-or-nothing and never over-committing.
+    Within one call an id given twice counts as a retry, and a name given
+    twice goes to the first request that asks for it.
+    """
+    out: List[Any] = [None] * len(requests)
+    now = time.time()
+    todo: List[Tuple[int, CreateRequest, PlacementGroupRecord]] = []
+    first_of_id: Dict[str, int] = {}
+    claimed: Dict[Tuple[str, str], str] = {}
+    repeats: List[Tuple[int, int, PlacementGroupRecord]] = []
+    for pos, request in enumerate(requests):
+        record = request.record(now)
+        if record.pg_id in first_of_id:
+            repeats.append((pos, first_of_id[record.pg_id], record))
+            continue
+        if record.name:
+            holder = claimed.get((record.namespace, record.name))
+            if holder is not None:
+                out[pos] = _name_taken(record.name, record.namespace, holder)
+                continue
+            claimed[(record.namespace, record.name)] = record.pg_id
+        first_of_id[record.pg_id] = pos
+        todo.append((pos, request, record))
+
+    deadline = time.monotonic() + timeout_s
+    slow: List[Tuple[int, CreateRequest, PlacementGroupRecord]] = []
+    snap: Optional[Snapshot] = None
+    failures = 0
+    while todo:
+        try:
+            if snap is None:
+                snap = read_snapshot(coordinator, keys)
+            chunk = plan_create_chunk(snap, [r for _p, _q, r in todo], keys,
+                                      use_availability=use_availability)
+            taken = len(chunk.records)
+            unknown = False
+            try:
+                result = coordinator.txn(chunk.compares, chunk.ops)
+                committed = result.succeeded
+            except CoordinationUnavailable as exc:
+                if not exc.outcome_unknown:
+                    raise
+                committed, unknown = False, True
+            except LeaseNotFoundError:
+                # A node record names a lease it is not attached to; nothing
+                # was written. Like a lost race: the next view decides.
+                committed = False
+            if committed:
+                for (pos, _q, _r), final in zip(todo[:taken], chunk.records):
+                    out[pos] = final
+                for node_id, alloc in chunk.allocs.items():
+                    snap.allocs[node_id] = (alloc, result.revision)
+                if chunk.allocs:
+                    log.debug("placement: created %d groups in one transaction", taken)
+                todo = todo[taken:]
+                failures = 0
+                continue
+            failures += 1
+            fresh = read_snapshot(coordinator, keys)
+            if (unknown or not _pins_moved(chunk.pinned, fresh) or failures >= _BATCH_ATTEMPTS
+                    or time.monotonic() >= deadline):
+                # Not (only) a capacity race: a name or id compare failed, or
+                # the outcome is unknown. The single-group path sorts it out.
+                slow.extend(todo[:taken])
+                todo = todo[taken:]
+                failures = 0
+            else:
+                time.sleep(_backoff(failures))
+            snap = fresh
+        except CoordinationError as exc:
+            for pos, _q, _r in todo:
+                out[pos] = exc
+            todo = []
+    for pos, request, _record in slow:
+        try:
+            create_placement_group(coordinator, request.spec, pg_id=request.pg_id,
+                                   namespace=request.namespace, job_id=request.job_id,
+                                   creator_node=request.creator_node, keys=keys,
+                                   place_timeout_s=max(0.5, deadline - time.monotonic()))
+            record, _rev = get_record(coordinator, request.pg_id, keys)
+            out[pos] = record
+        except (ValueError, CoordinationError) as exc:
+            out[pos] = exc
+    for pos, first, record in repeats:
+        earlier = out[first]
+        if isinstance(earlier, PlacementGroupRecord) and not _same_request(earlier, record):
+            out[pos] = ValueError(f"placement group id {record.pg_id} already exists with a "
+                                  f"different definition")
+        else:
+            out[pos] = earlier
+    return out
+
+
+def _name_taken(name: str, namespace: str, holder: str) -> PlacementGroupNameTaken:
+    return PlacementGroupNameTaken(
+        f"Failed to create placement group: the name {name!r} is already used by placement "
+        f"group {holder} in namespace {namespace!r}. Names are unique per namespace until the "
+        f"group is removed.")
+
+
+class TombstoneLeases:
+    """The lease REMOVED tombstones are put on, shared by a burst of removals.
+
+    Granting a lease is a raft write of its own; one lease per ``renew_s``
+    instead of one per removal keeps batch removal at one write. The lease
+    is granted for ``ttl_s + renew_s`` seconds, so every tombstone on it
+    lives at least ``ttl_s`` (``renew_s=0``: one lease for the object's
+    whole life). Not thread-safe: one per placer thread.
+    """
+
+    def __init__(self, ttl_s: int = DEFAULT_TOMBSTONE_TTL_S, renew_s: float = 60.0):
+        self.ttl_s = int(ttl_s)
+        self.renew_s = renew_s
+        self._lease: Optional[int] = None
+        self._granted_at = 0.0
+
+    def get(self, coordinator) -> int:
+        now = time.monotonic()
+        if self._lease is None or (self.renew_s and now - self._granted_at > self.renew_s):
+            self._lease = coordinator.grant_lease(self.ttl_s + int(self.renew_s))
+            self._granted_at = now
+        return self._lease
+
+    def forget(self) -> None:
+        """The lease is gone (LeaseNotFound): grant a new one next time."""
+        self._lease = None
+
+
+@dataclass
+class RemoveChunk:
+    """One removal transaction (`plan_remove_chunk`)."""
+
+    pg_ids: List[str] = field(default_factory=list)
+    compares: list = field(default_factory=list)
+    ops: list = field(default_factory=list)
+    allocs: Dict[str, Optional[AllocRecord]] = field(default_factory=dict)
+
+
+def plan_remove_chunk(groups: Sequence[Tuple[PlacementGroupRecord, int, bool]],
+                      allocs: Mapping[str, Tuple[Optional[AllocRecord], int]],
+                      keys: ks.Keyspace = ks.DEFAULT, *, tombstone_lease: Optional[int] = None,
+                      delete_records: bool = False, reason: str = "removed",
+                      budget: int = MAX_TXN_OPS) -> RemoveChunk:
+    """Build the transaction that removes the first of ``groups``. Pure.
+
+    ``groups``: (record, its mod revision, whether it holds its name claim).
+    ``allocs``: node -> (alloc record or None, mod revision) for every node
+    the groups are placed on. Per group: compare the record, put the
+    tombstone (or delete it with ``delete_records``), and when it holds its
+    name compare and delete the claim; per node touched: compare the alloc
+    and rewrite it without every entry of the chunk's groups (delete it
+    when empty). Takes groups while the transaction stays within
+    ``budget`` (at least one: a caller with a group too wide for one
+    transaction uses remove_placement_group, which removes in two steps).
+    """
+    chunk = RemoveChunk()
+    current: Dict[str, Optional[AllocRecord]] = {}
+    used = 0
+    for record, rev, holds_name in groups:
+        nodes = sorted({n for n in record.placement if n is not None})
+        touched = [n for n in nodes if n not in current
+                   and allocs.get(n, (None, 0))[0] is not None
+                   and any(b.pg_id == record.pg_id for b in allocs[n][0].bundles)]
+        cost = (4 if holds_name else 2) + 2 * len(touched)
+        if chunk.pg_ids and used + cost > budget:
+            break
+        used += cost
+        chunk.pg_ids.append(record.pg_id)
+        pg_key = keys.pg(record.pg_id)
+        chunk.compares.append(ModRevisionEquals(pg_key, rev))
+        if delete_records:
+            chunk.ops.append(Delete(pg_key))
+        else:
+            tomb = record.with_(state=REMOVED, placement=(None,) * len(record.bundles),
+                                reason=reason, infeasible_ever=False)
+            chunk.ops.append(Put(pg_key, _encode(tomb), lease=tombstone_lease))
+        if holds_name:
+            name_key = keys.pg_name(record.namespace, record.name)
+            chunk.compares.append(ValueEquals(name_key, record.pg_id))
+            chunk.ops.append(Delete(name_key))
+        for node_id in touched:
+            current[node_id] = allocs[node_id][0]
+        for node_id in nodes:
+            if node_id in current and current[node_id] is not None:
+                current[node_id] = current[node_id].without_pg(record.pg_id)
+    for node_id in sorted(current):
+        new = current[node_id]
+        old, alloc_rev = allocs[node_id]
+        chunk.allocs[node_id] = new if new.bundles else None
+        chunk.compares.append(ModRevisionEquals(keys.alloc(node_id), alloc_rev))
+        chunk.ops.append(_alloc_write(keys, node_id, new, old.lease))
+    return chunk
+
+
+def remove_placement_groups(coordinator, pg_ids: Sequence[Any], *,
+                            keys: ks.Keyspace = ks.DEFAULT,
+                            tombstone_ttl_s: Optional[int] = DEFAULT_TOMBSTONE_TTL_S,
+                            leases: Optional[TombstoneLeases] = None,
+                            known: Optional[Callable[[str], Any]] = None,
+                            reason: str = "removed", timeout_s: float = 10.0) -> List[Any]:
+    """Remove many groups in as few transactions as fit.
+
+    Returns, per id in order, True (this call removed it), False (already
+    removed or unknown), or the exception for it. Same guarantees as
+    remove_placement_group for each group. ``known(pg_hex)`` may return a
+    (record, mod revision) the caller already has (the daemon's mirror):
+    it saves a read per group, and a stale one only fails a compare, after
+    which the group is read from etcd. ``leases`` shares tombstone leases
+    across calls (TombstoneLeases); without it one lease is granted per call.
+    """
+    out: List[Any] = [None] * len(pg_ids)
+    order: List[str] = []
+    positions: Dict[str, int] = {}
+    for pos, pg_id in enumerate(pg_ids):
+        try:
+            pg_hex = ks.id_hex(pg_id, "pg_id")
+        except (ValueError, TypeError) as exc:
+            out[pos] = exc if isinstance(exc, ValueError) else ValueError(str(exc))
+            continue
+        if pg_hex in positions:
+            out[pos] = False  # the first mention removes it
+            continue
+        positions[pg_hex] = pos
+        order.append(pg_hex)
+    if leases is None and tombstone_ttl_s:
+        leases = TombstoneLeases(int(tombstone_ttl_s), renew_s=0)
+    deadline = time.monotonic() + timeout_s
+    hinted = set()
+    slow: List[str] = []
+    failures = 0
+    todo = list(order)
+
+    def finish(pg_hex: str, value: Any) -> None:
+        out[positions[pg_hex]] = value
+
+    while todo:
+        try:
+            groups = []
+            for pg_hex in todo:
+                entry = known(pg_hex) if (known is not None and pg_hex not in hinted) else None
+                if entry is not None and entry[0] is not None and entry[0].state != REMOVED:
+                    record, rev = entry
+                    hinted.add(pg_hex)
+                else:
+                    record, rev = get_record(coordinator, pg_hex, keys)
+                if record is None or record.state == REMOVED:
+                    finish(pg_hex, False)
+                    continue
+                holds_name = False
+                if record.name:
+                    holder, _ = coordinator.get(keys.pg_name(record.namespace, record.name))
+                    holds_name = holder is not None and holder.decode() == pg_hex
+                groups.append((record, rev, holds_name))
+            if not groups:
+                break
+            wide = [g for g in groups if 4 + 2 * len({n for n in g[0].placement if n}) >
+                    MAX_TXN_OPS]
+            for record, _rev, _h in wide:
+                slow.append(record.pg_id)
+            groups = [g for g in groups if g not in wide]
+            nodes = sorted({n for g in groups for n in g[0].placement if n is not None})
+            allocs: Dict[str, Tuple[Optional[AllocRecord], int]] = {}
+            for node_id in nodes:
+                raw, alloc_rev = coordinator.get(keys.alloc(node_id))
+                allocs[node_id] = ((AllocRecord.from_dict(ks.decode_json(raw)), alloc_rev)
+                                   if raw is not None else (None, 0))
+            todo = [g[0].pg_id for g in groups]
+            while groups:
+                lease = leases.get(coordinator) if leases is not None else None
+                chunk = plan_remove_chunk(groups, allocs, keys, tombstone_lease=lease,
+                                          delete_records=not tombstone_ttl_s, reason=reason)
+                taken = len(chunk.pg_ids)
+                unknown = False
+                try:
+                    result = coordinator.txn(chunk.compares, chunk.ops)
+                    committed = result.succeeded
+                except CoordinationUnavailable as exc:
+                    if not exc.outcome_unknown:
+                        raise
+                    committed, unknown = False, True
+                except LeaseNotFoundError:
+                    if leases is not None:
+                        leases.forget()
+                    committed = False
+                if not committed:
+                    break
+                for pg_hex in chunk.pg_ids:
+                    finish(pg_hex, True)
+                    log.debug("placement group %s removed (%s)", pg_hex, reason)
+                for node_id, new in chunk.allocs.items():
+                    allocs[node_id] = (new, result.revision) if new is not None else (None, 0)
+                groups = groups[taken:]
+                todo = todo[taken:]
+                failures = 0
+            if not groups:
+                break
+            failures += 1
+            if unknown or failures >= _BATCH_ATTEMPTS or time.monotonic() >= deadline:
+                slow.extend(todo)
+                break
+            hinted.update(todo)  # re-read them from etcd: the hint was stale
+            time.sleep(_backoff(failures))
+        except CoordinationError as exc:
+            for pg_hex in todo:
+                finish(pg_hex, exc)
+            todo = []
+    for pg_hex in slow:
+        try:
+            removed = remove_placement_group(coordinator, pg_hex, keys=keys,
+                                             tombstone_ttl_s=tombstone_ttl_s, reason=reason,
+                                             timeout_s=max(1.0, deadline - time.monotonic()))
+            finish(pg_hex, removed)
+        except CoordinationError as exc:
+            finish(pg_hex, exc)
+    return out
+
+
+# --------------------------------------------------------------------------
 # Requests from drivers and workers (answered by the node daemon)
 
 REQUEST_METHODS = ("pg_create", "pg_remove", "pg_get", "pg_get_by_name", "pg_table")
@@ -747,19 +1241,12 @@ def handle_request(coordinator, method: str, payload: Mapping[str, Any], *, node
         raise ValueError(f"unknown placement group request {method!r}")
     try:
         if method == "pg_create":
-            spec = validate_placement_group_args(
-                payload.get("bundles"), payload.get("strategy"), payload.get("name", ""),
-                payload.get("lifetime"))
-            ns = namespace if namespace is not None else payload.get("namespace", "")
-            job = job_id if job_id is not None else payload.get("job_id", "")
-            if not isinstance(ns, str) or not isinstance(job, str):
-                raise ValueError("pg_create: namespace and job_id must be strings")
-            result = create_placement_group(
-                coordinator, spec, pg_id=str(payload.get("pg_id", "")), namespace=ns,
-                job_id=job.lower(), keys=keys,
-                creator_node=ks.id_hex(creator_node or node_id, "creator_node"))
-            record, _ = get_record(coordinator, result.pg_id, keys)
-            return {"record": record.to_dict() if record else None}
+            request = parse_create_request(payload, node_id=node_id, job_id=job_id,
+                                           namespace=namespace, creator_node=creator_node)
+            (outcome,) = create_placement_groups(coordinator, [request], keys=keys)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return {"record": outcome.to_dict() if outcome else None}
         if method == "pg_remove":
             removed = remove_placement_group(coordinator, str(payload.get("pg_id", "")),
                                              keys=keys)

@@ -8,12 +8,22 @@ Programs written for Ray use these names unchanged::
 
 This module never touches etcd. Every argument is checked here, before any
 I/O, and the work is asked of the local node daemon through
-``core.request("pg_*", payload)`` (JSON in, JSON out); the daemon answers
-with `meshray.placement.reservation.handle_request`, which runs the etcd
-transactions. docs/placement-groups.md lists the requests and their replies.
+``core.request("pg_*", payload)`` (JSON in, JSON out); the daemon's
+placement-group worker runs the etcd transactions, batching what queues up.
+docs/placement-groups.md lists the requests and their replies.
+
+As in Ray, creating an unnamed group and removing a group do not wait for
+etcd: the request is sent and the call returns (the node receives requests
+in the order they are sent, and answers reads only after the writes queued
+before them, so a later read sees them). ``wait()``/``ready()`` observe the
+creation. A named creation waits, so that a taken name raises here.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import logging
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -41,9 +51,12 @@ __all__ = [
     "validate_request_fits_bundle",
 ]
 
+log = logging.getLogger(__name__)
+
 _REQUEST_TIMEOUT_S = 30.0
 _WAIT_POLL_MIN_S = 0.01
 _WAIT_POLL_MAX_S = 0.2
+_FLUSH_TIMEOUT_S = 5.0
 
 
 # --------------------------------------------------------------------------
@@ -63,7 +76,10 @@ def _request(method: str, payload: Dict[str, Any], timeout: float = _REQUEST_TIM
     request, because a failed request surfaces as RaySystemError and Ray
     programs expect ValueError.
     """
-    reply = _core().request(method, payload, timeout=timeout)
+    return _checked(method, _core().request(method, payload, timeout=timeout))
+
+
+def _checked(method: str, reply):
     error = reply.get("error") if isinstance(reply, dict) else None
     if error:
         message = error.get("message") or f"{method} failed"
@@ -72,6 +88,62 @@ def _request(method: str, payload: Dict[str, Any], timeout: float = _REQUEST_TIM
         from meshray.exceptions import RaySystemError
         raise RaySystemError(f"{method}: {message}")
     return reply
+
+
+# Requests sent without waiting for their replies, so that shutdown() can
+# let them reach the node before it disconnects.
+_in_flight: set = set()
+_in_flight_lock = threading.Lock()
+
+
+def _send(method: str, payload: Dict[str, Any]) -> concurrent.futures.Future:
+    """Send a request and return at once; the future gets the checked reply.
+
+    Falls back to a synchronous request when the core cannot send
+    asynchronously (the future is then already done)."""
+    core = _core()
+    result: concurrent.futures.Future = concurrent.futures.Future()
+    send = getattr(core, "request_async", None)
+    if send is None:
+        try:
+            result.set_result(_request(method, payload))
+        except Exception as exc:  # noqa: BLE001 - handed to whoever looks
+            result.set_exception(exc)
+        return result
+
+    def done(raw: concurrent.futures.Future) -> None:
+        with _in_flight_lock:
+            _in_flight.discard(result)
+        try:
+            reply = raw.result()
+            if reply.error:
+                from meshray.exceptions import RaySystemError
+                raise RaySystemError(f"node failed to answer {method!r}: {reply.error}")
+            result.set_result(_checked(method, json.loads(reply.payload)))
+        except Exception as exc:  # noqa: BLE001 - handed to whoever looks
+            result.set_exception(exc)
+
+    with _in_flight_lock:
+        _in_flight.add(result)
+    send(method, payload).add_done_callback(done)
+    return result
+
+
+def _flush(timeout: float = _FLUSH_TIMEOUT_S) -> None:
+    """Wait (bounded) until every request sent without waiting is answered.
+    meshray.shutdown() calls this before it disconnects."""
+    with _in_flight_lock:
+        pending = list(_in_flight)
+    if pending:
+        concurrent.futures.wait(pending, timeout)
+
+
+def _log_failure(what: str):
+    def report(future: concurrent.futures.Future) -> None:
+        exc = future.exception()
+        if exc is not None:
+            log.warning("%s failed: %s", what, exc)
+    return report
 
 
 def _record_of(pg_id: PlacementGroupID) -> Optional[PlacementGroupRecord]:
@@ -130,6 +202,9 @@ class PlacementGroup:
             raise TypeError(f"PlacementGroup needs a PlacementGroupID, got {type(id).__name__}")
         self.id = id
         self.bundle_cache = [dict(b) for b in bundle_cache] if bundle_cache else None
+        # The reply to this handle's own creation request (not pickled): the
+        # first wait() takes its answer from it instead of asking the node.
+        self._creation: Optional[concurrent.futures.Future] = None
 
     @property
     def is_empty(self) -> bool:
@@ -155,6 +230,18 @@ class PlacementGroup:
         if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)):
             raise ValueError(f"wait() timeout_seconds must be a number, got {timeout_seconds!r}")
         deadline = time.monotonic() + max(0.0, float(timeout_seconds))
+        creation = self._creation
+        if creation is not None:
+            # Answered once the node committed the creation, with the group
+            # as committed: CREATED right away in the common case.
+            try:
+                reply = creation.result(max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                return False
+            self._creation = None
+            record = reply.get("record") if isinstance(reply, dict) else None
+            if record and record.get("state") == CREATED:
+                return True
         interval = _WAIT_POLL_MIN_S
         while True:
             remaining = deadline - time.monotonic()
@@ -252,20 +339,33 @@ def placement_group(bundles: List[Dict[str, float]], strategy: str = "PACK", nam
     pg_id = PlacementGroupID.from_random()
     payload = spec.to_payload()
     payload.update({"pg_id": pg_id.hex(), "namespace": namespace, "job_id": job_hex})
-    _request("pg_create", payload)
-    return PlacementGroup(pg_id, list(spec.bundles))
+    if spec.name:
+        # Wait: a name another live group holds must raise here, as in Ray.
+        creation: concurrent.futures.Future = concurrent.futures.Future()
+        creation.set_result(_request("pg_create", payload))
+    else:
+        creation = _send("pg_create", payload)
+        creation.add_done_callback(_log_failure(f"creating placement group {pg_id.hex()}"))
+    group = PlacementGroup(pg_id, list(spec.bundles))
+    group._creation = creation
+    return group
 
 
 def remove_placement_group(placement_group: PlacementGroup) -> None:
-    """Remove the group and free its reservations. Tasks and actors still
-    using it fail (TaskPlacementGroupRemoved / ActorPlacementGroupRemoved).
-    Removing a group twice is harmless."""
+    """Asynchronously remove the group and free its reservations (as in Ray:
+    the call returns once the request is sent; reads made afterwards see the
+    group removed). Tasks and actors still using it fail
+    (TaskPlacementGroupRemoved / ActorPlacementGroupRemoved). Removing a
+    group twice is harmless."""
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"remove_placement_group() expects a PlacementGroup, got "
                         f"{type(placement_group).__name__}")
     if placement_group.is_empty:
         raise ValueError("remove_placement_group() cannot remove the empty placement group")
-    _request("pg_remove", {"pg_id": placement_group.id.hex()})
+    placement_group._creation = None
+    pg_hex = placement_group.id.hex()
+    _send("pg_remove", {"pg_id": pg_hex}).add_done_callback(
+        _log_failure(f"removing placement group {pg_hex}"))
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:

@@ -126,6 +126,8 @@ def test_removed_group_fails_queued_and_running_work_fast(ray, tmp_path):
     member = Member.options(scheduling_strategy=Strategy(pg2, 0)).remote()
     assert ray.get(member.ping.remote(), timeout=30) == "pong"
     api.remove_placement_group(pg2)
+    # Removal is asynchronous, as in Ray; a read returns once it is committed.
+    assert api.placement_group_table(pg2)["state"] == "REMOVED"
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(member.ping.remote(), timeout=30)
 

@@ -65,3 +65,39 @@ def test_group_placed_when_capacity_appears():
         assert pg.wait(timeout_seconds=60)
     finally:
         cluster.shutdown()
+
+
+_EXITING_DRIVER = """
+import sys
+import meshray
+from meshray.util.placement_group import placement_group, remove_placement_group
+meshray.init(address=sys.argv[1], _token=sys.argv[2] or None, namespace="exiting")
+doomed = placement_group([{"CPU": 0.01}], lifetime="detached")
+for i in range(20):
+    placement_group([{"CPU": 0.01}], lifetime="detached")
+remove_placement_group(doomed)
+print(doomed.id.hex())
+# No wait(), no shutdown(): the creations and the removal were sent without
+# waiting for their replies, and must still take effect.
+"""
+
+
+def test_requests_sent_without_waiting_survive_the_driver_exiting(tmp_path):
+    import subprocess
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        script = tmp_path / "driver.py"
+        script.write_text(_EXITING_DRIVER)
+        done = subprocess.run([sys.executable, str(script), cluster.address, cluster.token or ""],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-3000:]
+        doomed = done.stdout.strip().splitlines()[-1]
+        cluster.connect()
+        api, _ = _pg_api()
+        table = api.placement_group_table()
+        detached = {pg: t for pg, t in table.items() if t["namespace"] == "exiting"}
+        assert len(detached) == 21
+        assert detached[doomed]["state"] == "REMOVED"
+        assert sum(t["state"] == "CREATED" for t in detached.values()) == 20
+    finally:
+        cluster.shutdown()

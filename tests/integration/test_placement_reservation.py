@@ -313,6 +313,102 @@ def test_job_end_and_orphan_sweep(coord, keys):
     assert_consistent(coord, keys)
 
 
+# --------------------------------------------------------------------------
+# Batches (what a daemon's placer runs)
+
+
+def req(bundles, strategy="PACK", name="", pg_id=None, namespace=""):
+    return rsv.CreateRequest(pg_id or new_id(), spec(bundles, strategy, name), namespace)
+
+
+def test_batch_create_names_repeats_and_capacity(coord, keys):
+    FakeNode(coord, keys, 0, {"CPU": 4})
+    held = rsv.create_placement_groups(coord, [req([{"CPU": 0.5}], name="y")], keys=keys)[0]
+    assert held.state == CREATED
+    a = req([{"CPU": 1}], name="x")
+    batch = [a, req([{"CPU": 2}]), req([{"CPU": 2}]), a, req([{"CPU": 0.1}], name="x"),
+             req([{"CPU": 0.1}], name="x", namespace="other")]
+    out = rsv.create_placement_groups(coord, batch, keys=keys)
+    assert [o.state for o in out[:4]] == [CREATED, CREATED, PENDING, CREATED]
+    assert out[3] == out[0]                       # the same id twice: one group
+    assert "not enough unreserved" in out[2].reason and not out[2].infeasible_ever
+    assert isinstance(out[4], rsv.PlacementGroupNameTaken)
+    assert out[5].state == CREATED                # names are per namespace
+    # A name held from an earlier call fails the fast path's compare: the
+    # single-group fallback blames the right request, the rest still land.
+    clash = req([{"CPU": 0.1}], name="y")
+    bystander = req([{"CPU": 0.1}])
+    out2 = rsv.create_placement_groups(coord, [clash, bystander], keys=keys)
+    assert isinstance(out2[0], rsv.PlacementGroupNameTaken) and "already used" in str(out2[0])
+    assert out2[1].state == CREATED
+    # Retrying a landed request is idempotent; a different definition is not.
+    again = rsv.create_placement_groups(coord, [a, req([{"CPU": 3}], pg_id=a.pg_id)],
+                                        keys=keys)
+    assert again[0].pg_id == a.pg_id and again[0].state == CREATED
+    assert isinstance(again[1], ValueError) and "different definition" in str(again[1])
+    assert_consistent(coord, keys)
+    assert alloc_of(coord, keys, node_id(0)).reserved() == ResourceSet({"CPU": 3.7})
+
+
+def test_batch_chunks_many_groups_and_removes_them(coord, keys):
+    FakeNode(coord, keys, 0, {"CPU": 2, "custom": 100})
+    FakeNode(coord, keys, 1, {"CPU": 2})
+    requests = [req([{"custom": 0.001}]) for _ in range(150)] + \
+        [req([{"CPU": 1}, {"CPU": 1}], "STRICT_SPREAD", name=f"s{i}") for i in range(2)]
+    started = time.monotonic()
+    out = rsv.create_placement_groups(coord, requests, keys=keys)
+    print("150 + 2 groups created in", round(time.monotonic() - started, 3), "s")
+    assert all(o.state == CREATED for o in out)
+    assert len(alloc_of(coord, keys, node_id(0)).bundles) == 152
+    assert len(alloc_of(coord, keys, node_id(1)).bundles) == 2
+    assert_consistent(coord, keys)
+    # Stale hints (an old revision) only cost a re-read.
+    hints = {o.pg_id: (o, 1) for o in out[:10]}
+    ids = [o.pg_id for o in out] + [out[0].pg_id, new_id()]
+    removed = rsv.remove_placement_groups(coord, ids, keys=keys, known=hints.get)
+    assert removed == [True] * len(out) + [False, False]
+    assert alloc_of(coord, keys, node_id(0)) is None and alloc_of(coord, keys, node_id(1)) is None
+    assert {r.state for r in rsv.list_records(coord, keys)} == {REMOVED}
+    assert coord.get(keys.pg_name("", "s0"))[0] is None
+    assert rsv.create_placement_groups(coord, [req([{"CPU": 1}], name="s0")],
+                                       keys=keys)[0].state == CREATED
+    assert_consistent(coord, keys)
+
+
+def test_batch_removal_shares_one_tombstone_lease(coord, keys):
+    FakeNode(coord, keys, 0, {"CPU": 4})
+    out = rsv.create_placement_groups(coord, [req([{"CPU": 1}]) for _ in range(3)], keys=keys)
+    leases = rsv.TombstoneLeases(ttl_s=600, renew_s=60)
+    assert rsv.remove_placement_groups(coord, [out[0].pg_id], keys=keys, leases=leases) == [True]
+    first = leases.get(coord)
+    assert rsv.remove_placement_groups(coord, [o.pg_id for o in out[1:]], keys=keys,
+                                       leases=leases) == [True, True]
+    assert leases.get(coord) == first and coord.lease_ttl(first) > 600
+    coord.revoke_lease(first)   # the tombstones vanish with it: a missing record means removed
+    assert rsv.list_records(coord, keys) == []
+    # A lease that is gone is replaced on the next removal.
+    more = rsv.create_placement_groups(coord, [req([{"CPU": 1}])], keys=keys)
+    assert rsv.remove_placement_groups(coord, [more[0].pg_id], keys=keys,
+                                       leases=leases) == [True]
+    assert leases.get(coord) != first
+    assert record_of(coord, keys, more[0].pg_id).state == REMOVED
+
+
+def test_try_place_pending_on_candidates_only(coord, keys):
+    FakeNode(coord, keys, 0, {"CPU": 1})
+    big, other = rsv.create_placement_groups(coord, [req([{"CPU": 2}]), req([{"CPU": 2}])],
+                                             keys=keys)
+    assert big.state == other.state == PENDING and big.infeasible_ever
+    FakeNode(coord, keys, 1, {"CPU": 4})
+    assert rsv.try_place_pending(coord, keys=keys, candidates=[]) == []
+    placed = rsv.try_place_pending(coord, keys=keys, candidates=[big.pg_id, big.pg_id.upper()])
+    assert [(r.pg_id, r.state) for r in placed] == [(big.pg_id, CREATED)]
+    assert record_of(coord, keys, other.pg_id).state == PENDING   # not a candidate
+    again = rsv.try_place_pending(coord, keys=keys, candidates=[big.pg_id])
+    assert again[0].state == CREATED and not again[0].changed     # nothing left to do
+    assert_consistent(coord, keys)
+
+
 def test_garbage_of_interrupted_removal_is_collected(coord, keys):
     n0 = FakeNode(coord, keys, 0, {"CPU": 4})
     ghost = AllocRecord(n0.id, n0.lease, (BundleAlloc(new_id(), 0, {"CPU": 3}),))
@@ -533,29 +629,45 @@ _CREATOR = textwrap.dedent("""
     from meshray.placement import reservation as rsv
     from meshray.placement.records import PlacementGroupID, validate_placement_group_args
 
-    endpoint, cluster, seed, threads, groups, start_at = sys.argv[1:7]
+    endpoint, cluster, seed, threads, groups, start_at, mode = sys.argv[1:8]
     keys = Keyspace(cluster)
     out, lock = [], threading.Lock()
 
+    def request(rng):
+        strategy = rng.choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+        bundles = [{"CPU": rng.choice([0.5, 1, 2, 3])} for _ in range(rng.randint(1, 3))]
+        pg = PlacementGroupID.from_random().hex()
+        return rsv.CreateRequest(pg, validate_placement_group_args(bundles, strategy))
+
     def creator(n):
         rng = random.Random(f"{seed}-{n}")
+        # "mixed": odd threads create and remove in batches, as a daemon's
+        # placer does; even threads one group at a time.
+        batched = mode == "mixed" and n % 2 == 1
         with Coordinator([endpoint], timeout=10.0) as coord:
             # Every process and thread starts at the same instant: maximum
             # contention on the same alloc records.
             time.sleep(max(0.0, float(start_at) - time.time()))
+            if batched:
+                requests = [request(rng) for _ in range(int(groups))]
+                outcomes = rsv.create_placement_groups(coord, requests, keys=keys,
+                                                       timeout_s=10.0)
+                victims = [r.pg_id for r, o in zip(requests, outcomes)
+                           if o.state == "CREATED" and rng.random() < 0.35]
+                assert all(rsv.remove_placement_groups(coord, victims, keys=keys))
+                with lock:
+                    out.extend([r.pg_id, o.state, r.pg_id in victims, 0]
+                               for r, o in zip(requests, outcomes))
+                return
             for _ in range(int(groups)):
-                strategy = rng.choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-                bundles = [{"CPU": rng.choice([0.5, 1, 2, 3])}
-                           for _ in range(rng.randint(1, 3))]
-                pg = PlacementGroupID.from_random().hex()
-                spec = validate_placement_group_args(bundles, strategy)
-                result = rsv.create_placement_group(coord, spec, pg_id=pg, keys=keys,
-                                                    place_timeout_s=10.0)
+                req = request(rng)
+                result = rsv.create_placement_group(coord, req.spec, pg_id=req.pg_id,
+                                                    keys=keys, place_timeout_s=10.0)
                 removed = result.created and rng.random() < 0.35
                 if removed:
-                    rsv.remove_placement_group(coord, pg, keys=keys)
+                    rsv.remove_placement_group(coord, req.pg_id, keys=keys)
                 with lock:
-                    out.append([pg, result.state, removed, result.attempts])
+                    out.append([req.pg_id, result.state, removed, result.attempts])
 
     workers = [threading.Thread(target=creator, args=(i,)) for i in range(int(threads))]
     for w in workers:
@@ -581,7 +693,8 @@ def _collect_history(etcd, prefix, until_revision):
     return events
 
 
-def test_race_never_overcommits_at_any_revision(etcd, coord, keys, tmp_path):
+@pytest.mark.parametrize("mode", ["single", "mixed"])
+def test_race_never_overcommits_at_any_revision(etcd, coord, keys, tmp_path, mode):
     totals = {node_id(i): ResourceSet({"CPU": 4}) for i in range(4)}
     for i in range(4):
         FakeNode(coord, keys, i, {"CPU": 4})
@@ -590,7 +703,8 @@ def test_race_never_overcommits_at_any_revision(etcd, coord, keys, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start_at = time.time() + 2.0
     procs = [subprocess.Popen([sys.executable, str(script), etcd.endpoint, keys.cluster,
-                               str(seed), "3", "5", str(start_at)], stdout=subprocess.PIPE,
+                               str(seed), "3", "5", str(start_at), mode],
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
              for seed in range(3)]
     # Placers in this process race the creators and removers.
