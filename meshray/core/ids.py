@@ -8,6 +8,7 @@ per-process "put task" id with a counter.
 from __future__ import annotations
 
 import os
+import random
 import struct
 
 __all__ = [
@@ -53,9 +54,17 @@ def index_of(object_id: bytes) -> int:
     return _INDEX.unpack(object_id[TASK_ID_LEN:OBJECT_ID_LEN])[0]
 
 
+# Task ids are made per submission: a generator seeded from the OS once per
+# process (and again in a forked child) avoids a getrandom syscall per task.
+_task_rng = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _task_rng.seed(os.urandom(32)))
+_TASK_RANDOM_BITS = (TASK_ID_LEN - NODE_PREFIX_LEN) * 8
+
+
 def new_task_id(node_id: bytes) -> bytes:
     """A task id owned by `node_id`: its prefix, then 80 random bits."""
-    return node_id[:NODE_PREFIX_LEN] + os.urandom(TASK_ID_LEN - NODE_PREFIX_LEN)
+    return node_id[:NODE_PREFIX_LEN] + _task_rng.getrandbits(_TASK_RANDOM_BITS).to_bytes(
+        TASK_ID_LEN - NODE_PREFIX_LEN, "big")
 
 
 def owner_prefix(object_or_task_id: bytes) -> bytes:
