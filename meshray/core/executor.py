@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import queue
-import socket
 import sys
 import threading
 
@@ -72,6 +71,11 @@ class TaskExecutor:
     def cancel(self, task_id: bytes) -> None:
         thread_ident = self._running.get(task_id)
         if thread_ident is None:
+            # Not started: it may be queued here behind the running task
+            # (pipelined); it is answered as cancelled when its turn comes.
+            if len(self._cancelled) > 10_000:
+                self._cancelled.clear()
+            self._cancelled.add(task_id)
             return
         self._cancelled.add(task_id)
         if thread_ident == threading.main_thread().ident:
@@ -157,6 +161,12 @@ class TaskExecutor:
         state_mod.state.gpu_ids = list(msg.assigned_gpu_ids)
         if spec.actor_creation:
             self._create_actor(msg)
+            return
+        if spec.task_id in self._cancelled:
+            self._cancelled.discard(spec.task_id)
+            result = pb.TaskResult(task_id=spec.task_id)
+            self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
+            self.core.send_task_result(result)
             return
 
         def body():

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
@@ -26,6 +27,7 @@ from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.fence import LeaseFence
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.placement_groups import PlacementDuties
+from meshray.node import pipelining
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
@@ -137,6 +139,7 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         self.store_dir = store_root
         self.objects = ObjectDirectory(is_local=self._owns)
         self.queue = TaskQueue()
+        self.runtime_stats = pipelining.RuntimeStats()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.waiting_on: dict[bytes, list[TaskRecord]] = {}
         self.functions: dict[bytes, bytes] = {}
@@ -419,8 +422,15 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         if task.actor is not None:
             self._actor_created(task, worker, result)
             return
-        self._release(task)
-        self._worker_free(worker)
+        if worker.current_task is task:
+            self.runtime_stats.observe(task.spec.function_id,
+                                       time.monotonic() - task.started_at)
+        elif task in worker.pipeline:
+            # The task it followed was dropped here without its result.
+            worker.pipeline.remove(task)
+        if not self._promote_follower(worker, task):
+            self._release(task)
+            self._worker_free(worker)
         if (result.failed and result.retryable_error and not task.cancelled
                 and task.retries_left != 0):
             task.retries_left -= 1
@@ -437,13 +447,21 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         """Dispatch queued tasks while resources and workers allow."""
         if self.bundles:
             self._take_bundles()
+        waiting = False
         for _key, tasks in self.queue.heads():
             while tasks:
                 task = tasks[0]
                 if not self._try_acquire(task):
+                    waiting = True
                     break
                 tasks.popleft()
                 self._start(task)
+        if waiting:
+            # Out of room: short tasks may still queue behind running ones.
+            for worker in self.pool.by_id.values():
+                if worker.current_task is not None and worker.actor is None \
+                        and len(worker.pipeline) < pipelining.PIPELINE_DEPTH - 1:
+                    self._top_up_pipeline(worker)
 
     def _start(self, task: TaskRecord) -> None:
         """Hand a task whose resources are acquired to a worker (starting one if needed)."""
@@ -501,11 +519,31 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
 
     def _dispatch(self, task: TaskRecord, worker: WorkerProcess) -> None:
         task.state, task.worker = "running", worker
+        task.started_at = time.monotonic()
         worker.current_task = task
         if task.actor is not None:
             worker.dedicated = True
             worker.actor = task.actor
             task.actor.worker, task.actor.pid = worker, worker.pid
+        self._send_execute(task, worker)
+        self._top_up_pipeline(worker)
+
+    def _top_up_pipeline(self, worker: WorkerProcess) -> None:
+        """Queue short tasks of the running one's class on its worker (pipelining.py)."""
+        leader = worker.current_task
+        if leader is None or not pipelining.can_lead(leader, self.runtime_stats):
+            return
+        while len(worker.pipeline) < pipelining.PIPELINE_DEPTH - 1:
+            follower = self.queue.pop_matching_head(
+                leader.sched_class,
+                lambda t: pipelining.can_follow(leader, t, self.runtime_stats))
+            if follower is None:
+                return
+            follower.state, follower.worker = "running", worker
+            worker.pipeline.append(follower)
+            self._send_execute(follower, worker)
+
+    def _send_execute(self, task: TaskRecord, worker: WorkerProcess) -> None:
         spec = task.spec
         execute = pb.ExecuteTask(spec=spec)
         if spec.function_id not in worker.functions_sent:
@@ -518,6 +556,22 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
                 execute.args.append(self._exportable(self.objects.get(object_id)))
         execute.assigned_gpu_ids.extend(task.gpu_ids)
         worker.conn.send(pb.ServerEvent(execute=execute))
+
+    def _promote_follower(self, worker: WorkerProcess, done: TaskRecord) -> bool:
+        """The worker moved on to its next pipelined task: it inherits `done`'s resources."""
+        if not worker.pipeline:
+            return False
+        follower = worker.pipeline.popleft()
+        if done.acquired and not done.cpu_lent and done.allocation is None:
+            follower.acquired, done.acquired = True, False
+        else:
+            self._release(done)
+            follower.acquired = self.resources.try_acquire(follower.hold)
+        done.worker = None
+        worker.current_task = follower
+        follower.started_at = time.monotonic()
+        self._top_up_pipeline(worker)
+        return True
 
     def _release(self, task: TaskRecord) -> None:
         if task.acquired and task.bundle is not None:
@@ -536,7 +590,10 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
                 self.resources.release(task.hold - lent)
             task.acquired = task.cpu_lent = False
         if task.worker is not None:
-            task.worker.current_task = None
+            if task.worker.current_task is task:
+                task.worker.current_task = None
+            elif task in task.worker.pipeline:
+                task.worker.pipeline.remove(task)
             task.worker = None
 
     def _finish(self, task: TaskRecord, values: list) -> None:
@@ -658,6 +715,19 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         if worker.actor is not None:
             self._actor_worker_died(worker)
             return
+        if worker.pipeline:
+            log.info("worker %d died with %d pipelined task(s) queued; placing them again",
+                     worker.pid, len(worker.pipeline))
+        while worker.pipeline:
+            # Sent to run after the current task; never reported: place again
+            # (only tasks with a retry budget are ever pipelined).
+            follower = worker.pipeline.popleft()
+            follower.worker = None
+            if follower.cancelled:
+                self._fail(follower, follower.pg_error
+                           or exceptions.TaskCancelledError(follower.task_id.hex()))
+            else:
+                self._enqueue(follower)
         task = worker.current_task
         if task is None:
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 __all__ = ["TaskRecord", "TaskQueue"]
 
@@ -50,6 +51,7 @@ class TaskRecord:
     bundle_gpu_ids: list = field(default_factory=list)
     pg_error: object = None           # set when its group was removed while it ran
     pg_dropped: bool = False          # killed because its bundle left this node
+    started_at: float = 0.0           # when its worker began it (monotonic), for run-time stats
 
     def __post_init__(self):
         if self.hold is None:
@@ -65,7 +67,7 @@ class TaskRecord:
     def task_id(self) -> bytes:
         return self.spec.task_id
 
-    @property
+    @cached_property
     def sched_class(self) -> tuple:
         return (self.env_key, tuple(sorted(self.spec.resources.items())))
 
@@ -94,6 +96,15 @@ class TaskQueue:
                 del self._classes[key]
                 continue
             yield key, tasks
+
+    def pop_matching_head(self, sched_class: tuple, accept):
+        """The head of a class if accept(head) holds, removed from the queue; else None."""
+        tasks = self._classes.get(sched_class)
+        while tasks and tasks[0].cancelled:
+            tasks.popleft()
+        if tasks and accept(tasks[0]):
+            return tasks.popleft()
+        return None
 
     def has_class(self, sched_class: tuple) -> bool:
         """Are tasks of this class already waiting (so a newcomer must queue behind)?"""

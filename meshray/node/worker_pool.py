@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from meshray.node.fence import FENCE_ENV
@@ -35,6 +36,7 @@ class WorkerProcess:
     started_at: float = field(default_factory=time.monotonic)
     conn: object = None              # the daemon's Connection once it says hello
     current_task: object = None      # TaskRecord it runs
+    pipeline: deque = field(default_factory=deque)   # short tasks sent to run next
     functions_sent: set = field(default_factory=set)
     idle_since: float = 0.0
     dedicated: bool = False          # hosts an actor: never returns to the pool
