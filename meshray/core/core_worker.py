@@ -32,6 +32,18 @@ __all__ = ["CoreWorker", "ArgPlaceholder"]
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 2000
+_MAX_REF_BATCH = 5000
+
+
+class _RefBatch:
+    """Reference changes not yet sent, in one RefUpdate (see _queue_ref_change)."""
+
+    __slots__ = ("add", "remove", "removed")
+
+    def __init__(self):
+        self.add: list = []
+        self.remove: list = []
+        self.removed: set = set()
 _NO_ARGS_BLOB = serialization.serialize(([], {})).inband
 CONNECT_TIMEOUT_S = 15.0
 
@@ -78,6 +90,9 @@ class CoreWorker:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         # Re-entrant: ObjectRef.__del__ may run (via GC) while this thread holds it.
         self._lock = threading.RLock()
+        # Innermost lock: the open batch of ref changes and the outbox order.
+        self._ref_lock = threading.Lock()
+        self._ref_batch: _RefBatch | None = None
         self._changed = threading.Condition(self._lock)
         self._values: dict[bytes, pb.ObjectValue] = {}
         # Store objects this process has mapped, so every get of one object
@@ -135,14 +150,44 @@ class CoreWorker:
 
     # ------------------------------------------------------------ transport
     def _send(self, event: pb.ClientEvent) -> None:
-        self._outbox.put(event)
+        with self._ref_lock:
+            self._ref_batch = None      # ref changes after this event go after it
+            self._outbox.put(event)
+
+    def _queue_ref_change(self, object_id: bytes, added: bool) -> None:
+        """Coalesce reference changes into one RefUpdate per run between other events.
+
+        Within a batch the node applies adds before removes, so an add may
+        join an open batch (it only moves earlier) but a re-add of an id the
+        batch removes starts a new one; removes never move before an event
+        sent earlier (that event may be what still needs the object).
+        """
+        with self._ref_lock:
+            batch = self._ref_batch
+            if batch is None or len(batch.add) + len(batch.remove) >= _MAX_REF_BATCH or (
+                    added and object_id in batch.removed):
+                batch = self._ref_batch = _RefBatch()
+                self._outbox.put(batch)
+            if added:
+                batch.add.append(object_id)
+            else:
+                batch.remove.append(object_id)
+                batch.removed.add(object_id)
+
+    def _as_event(self, item) -> pb.ClientEvent:
+        if isinstance(item, _RefBatch):
+            with self._ref_lock:
+                if self._ref_batch is item:
+                    self._ref_batch = None      # closed: nothing joins it any more
+            return pb.ClientEvent(refs=pb.RefUpdate(add=item.add, remove=item.remove))
+        return item
 
     def _outgoing(self):
         while True:
             event = self._outbox.get()
             if event is None:
                 return
-            events = [event]
+            events = [self._as_event(event)]
             done = False
             while len(events) < _MAX_BATCH:
                 try:
@@ -152,7 +197,7 @@ class CoreWorker:
                 if event is None:
                     done = True
                     break
-                events.append(event)
+                events.append(self._as_event(event))
             yield pb.ClientBatch(events=events)
             if done:
                 return
@@ -293,8 +338,8 @@ class CoreWorker:
             if object_id in self._node_knows:
                 self._node_knows.discard(object_id)
                 silent = True
-        if count == 0 and not silent:
-            self._send(pb.ClientEvent(refs=pb.RefUpdate(add=[object_id])))
+            if count == 0 and not silent:
+                self._queue_ref_change(object_id, True)
 
     def remove_local_ref(self, object_id: bytes) -> None:
         with self._lock:
@@ -310,8 +355,8 @@ class CoreWorker:
                 self._local_only.discard(object_id)
                 self._register_on_arrival.discard(object_id)
                 return
-        if not self._closed:
-            self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
+            if not self._closed:
+                self._queue_ref_change(object_id, False)
 
     # ------------------------------------------------------------ actor results
     def mark_node_knows(self, object_ids) -> None:
