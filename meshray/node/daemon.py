@@ -28,6 +28,7 @@ from meshray.node.fence import LeaseFence
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node import pipelining
+from meshray.node.liveness import PeerLiveness
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
@@ -186,6 +187,8 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
             self.pool.start(ids.new_id(), DEFAULT_ENV_KEY, {})
         asyncio.get_running_loop().create_task(self._reap_loop())
         asyncio.get_running_loop().create_task(self._replace_loop())
+        liveness = PeerLiveness(self, self._revoke_dead_peer)
+        asyncio.get_running_loop().create_task(liveness.run(self._stopping))
 
     def _advertised_host(self) -> str:
         if self.config.advertise_host:
@@ -203,6 +206,11 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def _revoke_dead_peer(self, node_hex: str, lease_id: int) -> None:
+        """End a dead peer's membership now (liveness.py proved its process gone)."""
+        if self.membership is not None:
+            self.membership.coordinator.revoke_lease(lease_id, timeout=3.0)
 
     async def stop(self) -> None:
         for conn in list(self.conns.values()):

@@ -39,6 +39,10 @@ class PeerLink:
         self._closed = False
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
 
+    def channel_state(self):
+        """The connection's state, without triggering a connect (liveness.py polls it)."""
+        return self._channel.get_state(try_to_connect=False)
+
     def send(self, event: pb.PeerEvent) -> None:
         if self._closed:
             return
