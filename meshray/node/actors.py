@@ -101,8 +101,8 @@ class ActorEntry:
         """
         if self.state == DEAD:
             return True
-        if self.state != ALIVE:
-            return False
+        if self.state != ALIVE or self.killed or self.exiting:
+            return False            # a kill or exit is under way: wait for its outcome
         worker = self.worker
         return worker is None or worker.process.poll() is None
 
