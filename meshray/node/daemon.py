@@ -135,6 +135,7 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
         sweep_stale_stores("/dev/shm")
         self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
                                  config.object_store_memory)
+        self.store.mapped = self._store_file_mapped
         with open(os.path.join(store_root, OWNER_FILE), "w") as handle:
             handle.write(str(os.getpid()))
         self.store_dir = store_root
@@ -206,6 +207,22 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
 
     def request_stop(self) -> None:
         self._stopping.set()
+
+    def _store_file_mapped(self, path: str) -> bool:
+        """Does any process of this node map `path`? (Only then may the store reuse it.)"""
+        pids = {os.getpid()} | {conn.pid for conn in self.conns.values() if conn.pid}
+        if self.pool is not None:
+            pids |= {worker.pid for worker in self.pool.by_id.values()}
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/maps") as maps:
+                    if path in maps.read():
+                        return True
+            except FileNotFoundError:
+                continue                  # exited: maps nothing
+            except OSError:
+                return True               # cannot tell: assume it does
+        return False
 
     def _revoke_dead_peer(self, node_hex: str, lease_id: int) -> None:
         """End a dead peer's membership now (liveness.py proved its process gone)."""

@@ -46,6 +46,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
+from meshray.object_store.recycle import RECYCLE_MIN_BYTES, RECYCLED_SUFFIX
+
 __all__ = [
     "ALIGNMENT",
     "FORMAT_VERSION",
@@ -238,7 +240,16 @@ def write_object(path: str, inband, buffers: Sequence[BufferLike]) -> int:
     views = [_as_bytes_view(b) for b in buffers]
     layout = ObjectLayout.plan(len(inband_view), [len(v) for v in views])
     tmp = _partial_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    if layout.total_size >= RECYCLE_MIN_BYTES:
+        try:
+            # The store may have left a freed file's resident pages here for
+            # us (recycle.py): overwriting them skips the kernel's zero-fill.
+            os.rename(path + RECYCLED_SUFFIX, tmp)
+            flags &= ~(os.O_CREAT | os.O_EXCL)
+        except FileNotFoundError:
+            pass
+    fd = os.open(tmp, flags, 0o600)
     try:
         try:
             os.ftruncate(fd, layout.total_size)

@@ -28,6 +28,7 @@ from typing import Optional
 
 from meshray.object_store.eviction import SpillCandidate, choose_spill_victims
 from meshray.object_store.layout import read_object_layout
+from meshray.object_store.recycle import RECYCLED_SUFFIX, RecyclePool
 
 try:
     from meshray.exceptions import ObjectStoreFullError
@@ -215,6 +216,11 @@ class ObjectStore:
         self._spilling = 0  # part of _used whose disk copy is in flight
         self._spilled = 0  # bytes whose only copy is on disk
         self._closed = False
+        # Freed large files kept for reuse (recycle.py); off until the owner
+        # says how to tell that nobody maps a file any more.
+        self._recycle = RecyclePool(os.path.join(self.shm_dir, ".recycle"),
+                                    max_bytes=self._capacity // 2)
+        self.mapped = None   # callable(path) -> bool: does any local process map it?
 
     # ---------------------------------------------------------------- paths
 
@@ -250,6 +256,7 @@ class ObjectStore:
                     f"object {_hex(oid)} is already in the store ({entry.state}, "
                     f"{entry.size} bytes)"
                 )
+            self._used -= self._recycle.take(size, self.path_for(oid) + RECYCLED_SUFFIX)
             victims = self._make_room_locked(oid, size)
             entry = _Entry(oid, size, _RESERVED, self._tick())
             self._entries[oid] = entry
@@ -489,9 +496,28 @@ class ObjectStore:
             if entry.state == _RESERVED:
                 entry.doomed = True
                 return True
+            in_memory = entry.state == _SEALED
             doomed = self._remove_entry_locked(entry)
+        if in_memory and self._recyclable(doomed, entry.size):
+            return True
         _unlink_quietly(doomed)
         return True
+
+    def _recyclable(self, path: str, size: int) -> bool:
+        """Keep a freed file's pages for the next large put, if nobody maps it."""
+        mapped = self.mapped
+        if mapped is None or not self._recycle.wants(size):
+            return False
+        try:
+            if mapped(path):
+                return False
+        except OSError:
+            return False
+        with self._cond:
+            if self._closed or not self._recycle.offer(path, size):
+                return False
+            self._used += size
+            return True
 
     def abort(self, object_id: bytes) -> bool:
         """Drop an unsealed reservation at once, with any file already written.
@@ -638,6 +664,12 @@ class ObjectStore:
                 f"store's whole capacity of {self._capacity} bytes"
             )
         need = size - (self._capacity - (self._used - self._spilling))
+        if need > 0 and self._recycle.total:
+            freed, paths = self._recycle.evict(need)
+            self._used -= freed
+            need -= freed
+            for path in paths:
+                _unlink_quietly(path)
         if need <= 0:
             return []
         candidates = [
@@ -722,6 +754,8 @@ class ObjectStore:
             os.rename(path, doomed)
         except FileNotFoundError:
             pass
+        if entry.size >= self._recycle.min_bytes:
+            _unlink_quietly(path + RECYCLED_SUFFIX)   # given to a creator that never wrote
         self._cond.notify_all()
         return doomed
 
