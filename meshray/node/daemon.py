@@ -25,6 +25,7 @@ from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.fence import LeaseFence
+from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node import pipelining
@@ -37,7 +38,7 @@ from meshray.object_store.store import ObjectStore
 from meshray.rpc import make_aio_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from meshray.scheduler.resources import Allocation, NodeResources, ResourceSet
+from meshray.scheduler.resources import NodeResources, ResourceSet
 
 __all__ = ["NodeConfig", "NodeDaemon"]
 
@@ -123,7 +124,7 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
     return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
-class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
+class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
                  pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
@@ -463,163 +464,6 @@ class NodeDaemon(ActorHosting, ObjectTransfer, ClusterDuties, EnvSetup, Placemen
             self._enqueue(task)
             return
         self._finish(task, list(result.returns))
-
-    # ------------------------------------------------------------ scheduling
-    def _enqueue(self, task: TaskRecord) -> None:
-        self._place_or_queue(task)
-
-    def _schedule(self) -> None:
-        """Dispatch queued tasks while resources and workers allow."""
-        if self.bundles:
-            self._take_bundles()
-        waiting = False
-        for _key, tasks in self.queue.heads():
-            while tasks:
-                task = tasks[0]
-                if not self._try_acquire(task):
-                    waiting = True
-                    break
-                tasks.popleft()
-                self._start(task)
-        if waiting:
-            # Out of room: short tasks may still queue behind running ones.
-            for worker in self.pool.by_id.values():
-                if worker.current_task is not None and worker.actor is None \
-                        and len(worker.pipeline) < pipelining.PIPELINE_DEPTH - 1:
-                    self._top_up_pipeline(worker)
-
-    def _start(self, task: TaskRecord) -> None:
-        """Hand a task whose resources are acquired to a worker (starting one if needed)."""
-        task.acquired = True
-        worker = self.pool.pop_idle(task.worker_key)
-        if worker is None:
-            task.state = "assigned"
-            self.awaiting_worker.append(task)
-            self._ensure_workers(task)
-        else:
-            self._dispatch(task, worker)
-
-    def _try_acquire(self, task: TaskRecord) -> bool:
-        if task.bundle is not None:
-            return self._try_acquire_bundle(task)
-        # An actor must fit its placement request but only holds `hold`.
-        if task.hold is not task.request and not self.resources.can_fit(task.request):
-            return False
-        if self.config.gpu_ids and task.hold.get("GPU"):
-            allocation = self.resources.allocate(task.hold)
-            if allocation is None:
-                return False
-            task.allocation = allocation
-            self._assign_devices(task, allocation.instances.get("GPU", ()))
-            return True
-        return self.resources.try_acquire(task.hold)
-
-    def _assign_devices(self, task: TaskRecord, gpu_ids) -> None:
-        """Pin the task's worker to its GPUs; such workers serve only that assignment."""
-        from meshray.accelerators.nvidia import visible_devices_env
-        task.gpu_ids = [str(i) for i in gpu_ids]
-        extra = visible_devices_env(gpu_ids)
-        if extra:
-            task.worker_env = {**task.env_vars, **extra}
-            task.worker_key = f"{task.env_key}|gpu:{','.join(task.gpu_ids)}"
-
-    def _ensure_workers(self, task: TaskRecord) -> None:
-        key = task.worker_key
-        wanted = sum(1 for t in self.awaiting_worker if t.worker_key == key)
-        missing = wanted - self.pool.starting.get(key, 0)
-        if missing > 0:
-            self._start_workers_for(task, missing)
-
-    @staticmethod
-    def _new_worker_id() -> bytes:
-        return ids.new_id()
-
-    def _worker_free(self, worker: WorkerProcess) -> None:
-        for index, task in enumerate(self.awaiting_worker):
-            if task.worker_key == worker.env_key:
-                del self.awaiting_worker[index]
-                self._dispatch(task, worker)
-                return
-        self.pool.push_idle(worker)
-
-    def _dispatch(self, task: TaskRecord, worker: WorkerProcess) -> None:
-        task.state, task.worker = "running", worker
-        task.started_at = time.monotonic()
-        worker.current_task = task
-        if task.actor is not None:
-            worker.dedicated = True
-            worker.actor = task.actor
-            task.actor.worker, task.actor.pid = worker, worker.pid
-        self._send_execute(task, worker)
-        self._top_up_pipeline(worker)
-
-    def _top_up_pipeline(self, worker: WorkerProcess) -> None:
-        """Queue short tasks of the running one's class on its worker (pipelining.py)."""
-        leader = worker.current_task
-        if leader is None or not pipelining.can_lead(leader, self.runtime_stats):
-            return
-        while len(worker.pipeline) < pipelining.PIPELINE_DEPTH - 1:
-            follower = self.queue.pop_matching_head(
-                leader.sched_class,
-                lambda t: pipelining.can_follow(leader, t, self.runtime_stats))
-            if follower is None:
-                return
-            follower.state, follower.worker = "running", worker
-            worker.pipeline.append(follower)
-            self._send_execute(follower, worker)
-
-    def _send_execute(self, task: TaskRecord, worker: WorkerProcess) -> None:
-        spec = task.spec
-        execute = pb.ExecuteTask(spec=spec)
-        if spec.function_id not in worker.functions_sent:
-            execute.function_pickled = self.functions.get(spec.function_id, b"")
-            worker.functions_sent.add(spec.function_id)
-        if task.remote_args is not None:
-            execute.args.extend(task.remote_args)
-        else:
-            for object_id in spec.arg_ref_ids:
-                execute.args.append(self._exportable(self.objects.get(object_id)))
-        execute.assigned_gpu_ids.extend(task.gpu_ids)
-        worker.conn.send(pb.ServerEvent(execute=execute))
-
-    def _promote_follower(self, worker: WorkerProcess, done: TaskRecord) -> bool:
-        """The worker moved on to its next pipelined task: it inherits `done`'s resources."""
-        if not worker.pipeline:
-            return False
-        follower = worker.pipeline.popleft()
-        if done.acquired and not done.cpu_lent and done.allocation is None:
-            follower.acquired, done.acquired = True, False
-        else:
-            self._release(done)
-            follower.acquired = self.resources.try_acquire(follower.hold)
-        done.worker = None
-        worker.current_task = follower
-        follower.started_at = time.monotonic()
-        self._top_up_pipeline(worker)
-        return True
-
-    def _release(self, task: TaskRecord) -> None:
-        if task.acquired and task.bundle is not None:
-            self._release_bundle(task)
-            task.acquired = False
-        if task.acquired:
-            lent = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)}) \
-                if task.cpu_lent else ResourceSet()
-            if task.allocation is not None:
-                allocation = task.allocation
-                if task.cpu_lent:
-                    allocation = Allocation(allocation.resources - lent, allocation.instances)
-                self.resources.release(allocation)
-                task.allocation = None
-            else:
-                self.resources.release(task.hold - lent)
-            task.acquired = task.cpu_lent = False
-        if task.worker is not None:
-            if task.worker.current_task is task:
-                task.worker.current_task = None
-            elif task in task.worker.pipeline:
-                task.worker.pipeline.remove(task)
-            task.worker = None
 
     def _finish(self, task: TaskRecord, values: list) -> None:
         task.state = "done"
