@@ -14,14 +14,14 @@ import json
 import cloudpickle
 
 from meshray import exceptions
-from meshray.core import ids, options as opts, state as state_mod
+from meshray.core import arg_files, ids, options as opts, state as state_mod
 from meshray.core.object_ref import ObjectRef
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ActorClass", "ActorHandle", "ActorMethod", "method", "exit_actor"]
 
 _METHOD_OPTIONS_ATTR = "__meshray_method_options__"
-ACTOR_ARG_INLINE_LIMIT = 8 * 1024 * 1024
+ACTOR_ARG_INLINE_LIMIT = arg_files.MAX_IMAGE_BYTES
 
 
 def method(*args, **kwargs):
@@ -261,25 +261,30 @@ class ActorMethod:
                 f"{connection.num_pending} pending calls, its max_pending_calls="
                 f"{handle._max_pending_calls}.")
         label = f"{handle._class_name}.{self._name}"
-        # Arguments cross the direct stream once either way: up to a few MiB
-        # they travel inline rather than through the object store.
-        args_blob, arg_refs, contained, keepalive = core.build_args(
-            args, kwargs, label, inline_limit=ACTOR_ARG_INLINE_LIMIT)
+        # Arguments go straight to the actor, never through the node: small
+        # ones as a pickle, large ones as an image the actor maps zero-copy
+        # (a file in the node's shared memory when the actor is on this
+        # node), very large ones (> ACTOR_ARG_INLINE_LIMIT) via the store.
+        call_args = arg_files.build_call_args(core, args, kwargs, label,
+                                              same_node=connection.same_node is True)
+        contained = call_args.contained
+        keepalive = call_args.keepalive
         keepalive.extend(ObjectRef(object_id) for object_id in contained)
         parent = state_mod.current_spec()
         task_id = core.new_task_id()
         spec = pb.TaskSpec(
             task_id=task_id, job_id=parent.job_id if parent is not None else core.job_id,
-            name=self._overrides.get("name") or label, args_blob=args_blob,
-            arg_ref_ids=arg_refs, contained_ids=contained, num_returns=num_returns,
+            name=self._overrides.get("name") or label, args_blob=call_args.blob,
+            arg_ref_ids=call_args.arg_refs, contained_ids=contained, num_returns=num_returns,
             owner_id=core.worker_id, actor_id=handle._actor_id, method_name=self._name,
             concurrency_group=self._overrides.get(
                 "concurrency_group", self._meta.get("concurrency_group") or ""),
-            parent_task_id=parent.task_id if parent is not None else b"")
+            parent_task_id=parent.task_id if parent is not None else b"",
+            args_image=call_args.image, args_file=call_args.file)
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         core.mark_local_only(return_ids)
         refs = [ObjectRef(object_id) for object_id in return_ids]
-        connection.submit(spec, return_ids, keepalive, retries)
+        connection.submit(spec, return_ids, keepalive, retries, arg_file=call_args.file)
         if num_returns == 0:
             return None
         return refs[0] if num_returns == 1 else refs

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from meshray import exceptions
+from meshray.core import arg_files
 from meshray.rpc import make_channel
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -40,6 +41,8 @@ class PendingCall:
     retries_left: int
     sent: bool = False
     extra: dict = field(default_factory=dict)
+    arg_file: str = ""        # this call's argument file (arg_files), released when it is over
+    resent: bool = False      # sent more than once: an earlier recipient may still map arg_file
 
 
 class ActorConnection:
@@ -57,19 +60,24 @@ class ActorConnection:
         self._closed = False
         self._sequence = 0
         self._channel = None
+        # Whether the current incarnation lives on this node (None: not
+        # located yet); large arguments use files only for a local actor.
+        self.same_node: bool | None = None
 
     @property
     def num_pending(self) -> int:
         return len(self._pending)
 
-    def submit(self, spec, return_ids: list, keepalive: list, max_task_retries: int) -> None:
+    def submit(self, spec, return_ids: list, keepalive: list, max_task_retries: int,
+               arg_file: str = "") -> None:
         with self._lock:
             if self._dead is not None:
+                self._release(arg_file)
                 self._core.fail_locally(return_ids, self._dead)
                 return
             self._sequence += 1
             spec.sequence = self._sequence
-            call = PendingCall(spec, return_ids, keepalive, max_task_retries)
+            call = PendingCall(spec, return_ids, keepalive, max_task_retries, arg_file=arg_file)
             self._pending[spec.task_id] = call
             if self._queue is not None:
                 call.sent = True
@@ -84,8 +92,23 @@ class ActorConnection:
         with self._lock:
             if self._queue is not None:
                 self._queue.put(None)
+            files = [call.arg_file for call in self._pending.values() if call.arg_file]
         if self._channel is not None:
             self._channel.close()
+        # This process will not hear the answers any more: its argument files
+        # are of no further use (an actor that already mapped one keeps it).
+        for name in files:
+            self._release(name)
+        if self._core.store_dir:
+            arg_files.drop_pool(self._core.store_dir, self._core.worker_id)
+
+    def _release(self, name: str, reusable: bool = False) -> None:
+        if name:
+            try:
+                arg_files.release(self._core.store_dir, self._core.worker_id, name,
+                                  reusable=reusable)
+            except OSError as exc:  # never fail a call over cleanup
+                log.debug("could not remove argument file %s: %s", name, exc)
 
     # ------------------------------------------------------------ thread
     def _run(self) -> None:
@@ -125,13 +148,16 @@ class ActorConnection:
         """Stream calls to the incarnation `info` names; True if any answer came back."""
         answered = False
         replies_queue: queue.SimpleQueue = queue.SimpleQueue()
+        same_node = info.get("node_id") == self._core.node_id.hex()
         with self._lock:
+            self.same_node = same_node
             lost = [call for call in self._pending.values() if call.sent]
             for call in lost:
                 # Sent to an earlier incarnation (or a broken stream) and never
                 # answered: it may have run. Retry only if the caller allowed it.
                 if call.retries_left == 0:
                     self._pending.pop(call.spec.task_id)
+                    self._release(call.arg_file)
                     self._core.fail_locally(call.return_ids, exceptions.ActorUnavailableError(
                         "the actor's connection was lost (it died or restarted) while this "
                         "call was in flight; max_task_retries=0 means it is not retried",
@@ -139,6 +165,10 @@ class ActorConnection:
                 elif call.retries_left > 0:
                     call.retries_left -= 1
             for call in self._pending.values():
+                if call.sent:
+                    call.resent = True
+                if call.arg_file and not same_node:
+                    self._inline_arg_file(call)
                 call.sent = True
                 replies_queue.put(call.spec)
             self._queue = replies_queue
@@ -154,6 +184,9 @@ class ActorConnection:
                         call = self._pending.pop(result.task_id, None)
                     if call is not None:
                         self._core.deliver_actor_result(result)
+                        if call.arg_file:
+                            self._release(call.arg_file,
+                                          reusable=result.args_released and not call.resent)
         except Exception as exc:  # noqa: BLE001 - stream broke: find out why
             log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
         finally:
@@ -163,6 +196,20 @@ class ActorConnection:
             replies_queue.put(None)
             self._channel.close()
         return answered
+
+    def _inline_arg_file(self, call: PendingCall) -> None:
+        """The actor now lives on another node: send the argument image inline."""
+        try:
+            call.spec.args_blob = arg_files.read_file_bytes(self._core.store_dir, call.arg_file)
+        except OSError as exc:
+            # Only this process removes its files; the node sweeps them only
+            # once we are gone. Left as is, the actor reports the call failed.
+            log.warning("argument file %s of a call to actor %s is unreadable: %s",
+                        call.arg_file, self.actor_id.hex(), exc)
+            return
+        call.spec.args_file = ""
+        self._release(call.arg_file)
+        call.arg_file = ""
 
     def _pick_address(self, info: dict) -> str:
         addresses = (info.get("address") or "").split(",")
@@ -179,7 +226,8 @@ class ActorConnection:
             if spec is None:
                 return
             batch = [spec]
-            size = len(spec.args_blob)
+            # (ByteSize, not len(args_blob): reading a bytes field copies it.)
+            size = spec.ByteSize()
             # Cap batches by bytes too, so large arguments pipeline instead of
             # forming one huge message the actor can only start on when whole.
             while len(batch) < _BATCH and size < _BATCH_BYTES:
@@ -191,7 +239,7 @@ class ActorConnection:
                     yield pb.ActorCallBatch(calls=batch)
                     return
                 batch.append(spec)
-                size += len(spec.args_blob)
+                size += spec.ByteSize()
             yield pb.ActorCallBatch(calls=batch)
 
     def _fail_everything(self, error: BaseException, *, final: bool) -> None:
@@ -201,4 +249,5 @@ class ActorConnection:
             if final:
                 self._dead = error
         for call in calls:
+            self._release(call.arg_file)
             self._core.fail_locally(call.return_ids, error)

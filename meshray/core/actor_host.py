@@ -21,11 +21,13 @@ import queue
 import sys
 import threading
 import time
+import weakref
 
 import grpc
 
 from meshray import exceptions
-from meshray.core import state as state_mod
+from meshray.core import arg_files, state as state_mod
+from meshray.core.core_worker import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
 from meshray.node.fence import LeaseFence
 from meshray.rpc import make_server
@@ -67,6 +69,13 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._streams: list[queue.SimpleQueue] = []
         self._exiting = False
         self._exit_reason = ""
+        # Argument files mapped when their call arrived (task id -> image or
+        # the error mapping raised), taken when the call runs.
+        self._arg_images: dict = {}
+        # Argument file name -> weak refs to this process's mappings of it:
+        # a reply says the caller may reuse the file only once all are gone.
+        self._arg_maps: dict = {}
+        self._arg_maps_lock = threading.Lock()
 
     # ------------------------------------------------------------ setup
     def construct(self, args, kwargs) -> None:
@@ -154,6 +163,14 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         if self._exiting:
             reply(self._refuse(spec))
             return
+        if spec.args_file:
+            # Map now, off the thread that runs calls, and while the caller
+            # surely still holds the file (it removes it only once answered,
+            # or the node does once the caller is gone).
+            try:
+                self._arg_images[spec.task_id] = self._map_arg_file(spec.args_file)
+            except Exception as exc:  # noqa: BLE001 - reported when the call runs
+                self._arg_images[spec.task_id] = exc
         if self._inline or spec.method_name == TERMINATE_METHOD:
             # In order on the main thread (terminate waits behind queued calls).
             self.executor.enqueue_call(spec, reply)
@@ -170,9 +187,54 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             return lambda: None
         return getattr(self.instance, name)
 
+    def _map_arg_file(self, name: str) -> tuple:
+        image = arg_files.map_file(self.core.store_dir, name)
+        try:
+            ref = weakref.ref(image[0].obj)   # the mapping: every view keeps it alive
+        except TypeError:
+            ref = lambda: True   # noqa: E731 - cannot tell when it goes: never "released"
+        with self._arg_maps_lock:
+            self._arg_maps.setdefault(name, []).append(ref)
+        return image
+
+    def _arg_file_released(self, name: str) -> bool:
+        """True if nothing in this process maps the argument file any more."""
+        with self._arg_maps_lock:
+            refs = self._arg_maps.get(name)
+            if refs is None:
+                return False
+            refs[:] = [ref for ref in refs if ref() is not None]
+            if refs:
+                return False
+            del self._arg_maps[name]
+            return True
+
+    def resolve_args(self, spec, values: list):
+        """Rebuild a call's (args, kwargs): a plain pickle, or an image (inline or a file)."""
+        if not spec.args_image:
+            return self.executor.resolve_args(spec, values)
+        if spec.args_file:
+            image = self._arg_images.pop(spec.task_id, None)
+            if image is None:   # e.g. a resent call that arrived twice
+                image = self._map_arg_file(spec.args_file)
+            elif isinstance(image, BaseException):
+                raise exceptions.RaySystemError(
+                    f"could not read the arguments of {spec.name} from the caller's argument "
+                    f"file {spec.args_file!r}: {image}")
+        else:
+            image = arg_files.unpack_inline(spec.args_blob)
+        args, kwargs = arg_files.load(image)
+        del image
+
+        def fill(item):
+            return values[item.index] if isinstance(item, ArgPlaceholder) else item
+
+        return [fill(a) for a in args], {k: fill(v) for k, v in kwargs.items()}
+
     def run_call(self, spec, reply) -> None:
         """Run one call synchronously (main thread or a pool thread)."""
         if self._exiting:
+            self._arg_images.pop(spec.task_id, None)
             reply(self._refuse(spec))
             return
         if spec.method_name == TERMINATE_METHOD:
@@ -181,13 +243,21 @@ class ActorHost(pb_grpc.ActorServiceServicer):
 
         def body():
             values = self.executor.fetch_arg_values(spec)
-            args, kwargs = self.executor.resolve_args(spec, values)
+            args, kwargs = self.resolve_args(spec, values)
             return self._method(spec)(*args, **kwargs)
 
-        self._guarded(spec, body, reply)
+        try:
+            self._guarded(spec, body, reply)
+        finally:
+            if spec.args_file:
+                self._arg_images.pop(spec.task_id, None)   # failed before its args were read
 
-    def _deliver(self, reply):
+    def _deliver(self, reply, spec=None):
         def deliver(result: pb.TaskResult) -> None:
+            if spec is not None and spec.args_file:
+                # The call's arguments are gone unless it kept one (stored it,
+                # returned it): then the caller must not overwrite the file.
+                result.args_released = self._arg_file_released(spec.args_file)
             # Values the node must track (stored, or holding refs) are held
             # for us by the node until the caller registers them.
             for value in result.returns:
@@ -201,7 +271,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
     def _guarded(self, spec, body, reply) -> None:
         from meshray.core.executor import ActorExitRequested
         try:
-            self.executor.run(spec, body, self._deliver(reply))
+            self.executor.run(spec, body, self._deliver(reply, spec))
         except ActorExitRequested:
             reply(self._exit_now(spec, "exit_actor() was called"))
 
@@ -212,8 +282,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             try:
                 values = await loop.run_in_executor(None, self.executor.fetch_arg_values, spec)
                 method = self._method(spec)
-                args, kwargs = self.executor.resolve_args(spec, values)
+                args, kwargs = self.resolve_args(spec, values)
             except Exception as exc:  # noqa: BLE001 - reported as the call's result
+                if spec.args_file:
+                    self._arg_images.pop(spec.task_id, None)
                 failure = exc
 
                 def body():

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
-from meshray.core import ids
+from meshray.core import arg_files, ids
 from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
@@ -567,6 +567,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         conn.closed = True
         self.conns.pop(conn.conn_id, None)
         self._apply(self.objects.drop_connection(conn.conn_id))
+        if conn.pid:
+            # Actor-call argument files this process can no longer release.
+            arg_files.sweep_process(self.store_dir, conn.pid, conn.worker_id)
         for entry in list(self.actors.values()):
             if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
                 self._kill_actor(entry, no_restart=True, cause=(
