@@ -1,4 +1,5 @@
-"""meshray's etcd client: the only module that talks to etcd over the wire.
+"""meshray's etcd client: with its sibling modules (listed below), the only
+code that talks to etcd over the wire.
 
 Everything above this layer (node daemon, actor directory, placement groups)
 uses :class:`Coordinator` and the small value types defined here, never a
@@ -20,6 +21,18 @@ Guarantees:
 * Watches deliver events in revision order, resume after a broken stream from
   the last revision seen + 1, and after compaction re-list at one revision and
   continue from there — they never skip an event.
+
+The pieces live in sibling modules, all re-exported here so
+``from meshray.coordination.client import X`` keeps working:
+
+* :mod:`.errors` — the :class:`CoordinationError` hierarchy and the mapping
+  from gRPC failures onto it;
+* :mod:`.txn` — transaction compares/ops (:class:`KeyMissing`,
+  :class:`Put`, ...), :class:`TxnResult` and :data:`MAX_TXN_OPS`;
+* :mod:`.watch` — :class:`WatchHandle` and the :class:`KeyValue` /
+  :class:`Event` value types;
+* :mod:`.leases` — :class:`LeaseKeeper`;
+* :mod:`.wire` — encoding, endpoint and channel plumbing (private).
 """
 
 from __future__ import annotations
@@ -29,13 +42,50 @@ import random
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 import tenacity
 from pyetcd import etcdrpc
-from pyetcd.etcdrpc import kv_pb2
+
+from .errors import (
+    AuthError,
+    CompactedError,
+    CoordinationError,
+    CoordinationUnavailable,
+    InvalidRequestError,
+    LeaseNotFoundError,
+    QuotaExceededError,
+    RequestTooLargeError,
+    TxnTooLargeError,
+    _is_transient,
+    _map_error,
+    _never_applied,
+    _Transient,
+)
+from .leases import LeaseKeeper
+from .txn import (
+    MAX_TXN_OPS,
+    Delete,
+    Get,
+    KeyMissing,
+    ModRevisionEquals,
+    Put,
+    TxnResult,
+    ValueEquals,
+)
+from .watch import Event, KeyValue, WatchHandle
+from .wire import (
+    _backoff,
+    _Endpoint,
+    _kb,
+    _ks,
+    _lease_id,
+    _parse_endpoint,
+    _prefix_end,
+    _read_file,
+    _vb,
+)
 
 __all__ = [
     "MAX_TXN_OPS",
@@ -64,326 +114,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_TXN_OPS = 128
-"""etcd's default ``--max-txn-ops``. meshray counts compares and both branches
-together, which is stricter than etcd (it limits each list separately) and so
-stays valid if a server is configured a little lower."""
-
-_DEFAULT_PORT = 2379
 _PAGE_SIZE = 2000
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    # Detect a dead peer under a quiet watch; etcd accepts pings >= 5 s apart
-    # while a stream is open and rejects them when none is.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 0),
-    ("grpc.http2.max_pings_without_data", 0),
-    # Reconnect to a restarted member within ~1 s, not grpc's default 120 s.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-]
-
-
-# --------------------------------------------------------------------------
-# Errors
-
-
-class CoordinationError(Exception):
-    """Base of every error this module raises."""
-
-
-class CoordinationUnavailable(CoordinationError, ConnectionError):
-    """etcd could not be reached, had no leader, or did not answer in time.
-
-    ``outcome_unknown`` is True when a state-changing request may or may not
-    have been applied; the caller must re-read before acting on either
-    assumption.
-    """
-
-    def __init__(self, message: str, *, outcome_unknown: bool = False):
-        super().__init__(message)
-        self.outcome_unknown = outcome_unknown
-
-
-class InvalidRequestError(CoordinationError, ValueError):
-    """etcd rejected the request as malformed (e.g. a key put twice in one
-    transaction branch)."""
-
-
-class RequestTooLargeError(InvalidRequestError):
-    """A request exceeded etcd's size limit (``--max-request-bytes``, 1.5 MiB
-    by default). meshray values belong well below 64 KiB; big data goes
-    through the object store."""
-
-
-class TxnTooLargeError(InvalidRequestError):
-    """A transaction has more than :data:`MAX_TXN_OPS` compares plus ops."""
-
-
-class QuotaExceededError(CoordinationError):
-    """etcd's backend is full (NOSPACE alarm); writes fail until an operator
-    compacts, defragments and disarms the alarm."""
-
-
-class LeaseNotFoundError(CoordinationError):
-    """The lease expired or was revoked."""
-
-
-class CompactedError(CoordinationError):
-    """The requested revision has been compacted away."""
-
-    def __init__(self, message: str, compact_revision: int = 0):
-        super().__init__(message)
-        self.compact_revision = compact_revision
-
-
-class AuthError(CoordinationError, PermissionError):
-    """Authentication failed or the user lacks permission for the key."""
-
-
-# --------------------------------------------------------------------------
-# Value types
-
-
-class KeyValue(NamedTuple):
-    key: str
-    value: bytes
-    mod_revision: int
-
-
-@dataclass(frozen=True)
-class Event:
-    """One change under a watched prefix. ``value`` is None for deletes;
-    ``mod_revision`` is the revision of the change itself."""
-
-    kind: str  # "put" | "delete"
-    key: str
-    value: bytes | None
-    mod_revision: int
-
-
-@dataclass(frozen=True)
-class KeyMissing:
-    key: str | bytes
-
-
-@dataclass(frozen=True)
-class ModRevisionEquals:
-    """True when ``key``'s last modification is ``revision`` (0: missing)."""
-
-    key: str | bytes
-    revision: int
-
-
-@dataclass(frozen=True)
-class ValueEquals:
-    """True when ``key`` exists and holds exactly ``value``."""
-
-    key: str | bytes
-    value: bytes | str
-
-
-@dataclass(frozen=True)
-class Put:
-    key: str | bytes
-    value: bytes | str
-    lease: int | None = None
-
-
-@dataclass(frozen=True)
-class Delete:
-    key: str | bytes
-
-
-@dataclass(frozen=True)
-class Get:
-    key: str | bytes
-
-
-@dataclass(frozen=True)
-class TxnResult:
-    """Outcome of :meth:`Coordinator.txn`.
-
-    ``responses`` has one entry per op of the branch that ran: ``None`` for
-    Put, the number of deleted keys for Delete, ``(value | None,
-    mod_revision)`` for Get. ``revision`` is the store revision after the
-    transaction.
-    """
-
-    succeeded: bool
-    responses: list[Any] = field(default_factory=list)
-    revision: int = 0
-
-
-_Compare = (KeyMissing, ModRevisionEquals, ValueEquals)
-_Op = (Put, Delete, Get)
-
-
-# --------------------------------------------------------------------------
-# Helpers
-
-
-def _kb(key: str | bytes, what: str = "key") -> bytes:
-    if isinstance(key, str):
-        return key.encode("utf-8", "surrogateescape")
-    if isinstance(key, (bytes, bytearray, memoryview)):
-        return bytes(key)
-    raise TypeError(f"{what} must be str or bytes, got {type(key).__name__}")
-
-
-def _ks(key: bytes) -> str:
-    return key.decode("utf-8", "surrogateescape")
-
-
-def _vb(value: bytes | str, what: str = "value") -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    raise TypeError(f"{what} must be bytes or str, got "
-                    f"{type(value).__name__}")
-
-
-def _lease_id(lease: int | None) -> int:
-    if lease is None:
-        return 0
-    if isinstance(lease, bool) or not isinstance(lease, int):
-        raise TypeError(f"lease must be an int lease id or None, got "
-                        f"{type(lease).__name__}")
-    return lease
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """Smallest key greater than every key that starts with ``prefix``."""
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        return b"\0"  # etcd: "all keys >= key"
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
-
-
-def _parse_endpoint(text: str) -> tuple[str, bool]:
-    """``host:port`` / ``http://`` / ``https://`` / ``etcd://`` -> (netloc,
-    secure)."""
-    raw = text.strip()
-    secure = False
-    for scheme, is_secure in (("https://", True), ("http://", False),
-                              ("etcds://", True), ("etcd://", False)):
-        if raw.lower().startswith(scheme):
-            raw, secure = raw[len(scheme):], is_secure
-            break
-    raw = raw.rstrip("/")
-    if not raw or "/" in raw:
-        raise ValueError(f"etcd endpoint must look like HOST:PORT, "
-                         f"http://HOST:PORT or etcd://HOST:PORT; got {text!r}")
-    if raw.startswith("["):  # IPv6 literal
-        if "]:" not in raw:
-            raw = f"{raw}:{_DEFAULT_PORT}"
-    elif ":" not in raw:
-        raw = f"{raw}:{_DEFAULT_PORT}"
-    port = raw.rsplit(":", 1)[1]
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"etcd endpoint {text!r} has an invalid port "
-                         f"{port!r}")
-    return raw, secure
-
-
-def _read_file(path: str | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read {what} {path!r}: {exc}") from exc
-
-
-_NOT_SENT_MARKERS = (
-    "failed to connect", "connection refused", "no leader", "not capable",
-    "unhealthy cluster", "too many requests", "dns resolution failed",
-    "name resolution", "channel closed",
-)
-
-
-def _is_transient(code: grpc.StatusCode, details: str) -> bool:
-    if code in (grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.DEADLINE_EXCEEDED):
-        return True
-    return (code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            and "too many requests" in details)
-
-
-def _never_applied(code: grpc.StatusCode, details: str) -> bool:
-    """True only when the error proves etcd did not apply the request."""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return False
-    low = details.lower()
-    return any(marker in low for marker in _NOT_SENT_MARKERS)
-
-
-def _map_error(code: grpc.StatusCode, details: str, what: str,
-               where: str) -> CoordinationError:
-    low = details.lower()
-    prefix = f"etcd {what} at {where} failed"
-    if "request is too large" in low or "larger than max" in low:
-        return RequestTooLargeError(
-            f"{prefix}: request too large ({details}). etcd limits requests "
-            f"to --max-request-bytes (1.5 MiB by default); keep meshray "
-            f"values small and send data through the object store.")
-    if "too many operations in txn" in low:
-        return TxnTooLargeError(
-            f"{prefix}: the server's --max-txn-ops is lower than this "
-            f"transaction ({details}); split it.")
-    if "database space exceeded" in low or "nospace" in low:
-        return QuotaExceededError(
-            f"{prefix}: etcd storage quota exceeded ({details}). An operator "
-            f"must compact, defragment and `etcdctl alarm disarm`, or raise "
-            f"--quota-backend-bytes.")
-    if code == grpc.StatusCode.NOT_FOUND and "lease" in low:
-        return LeaseNotFoundError(f"{prefix}: {details}")
-    if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in low:
-        return CompactedError(f"{prefix}: {details}")
-    if code in (grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.PERMISSION_DENIED) or "authentication" in low \
-            or "user name is empty" in low:
-        return AuthError(f"{prefix}: {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequestError(f"{prefix}: {details}")
-    if _is_transient(code, details):
-        return CoordinationUnavailable(f"{prefix}: {code.name}: {details}")
-    return CoordinationError(f"{prefix}: {code.name}: {details}")
-
-
-class _Transient(Exception):
-    """Internal: one attempt failed in a way worth retrying elsewhere."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, where: str):
-        super().__init__(f"{code.name}: {details} ({where})")
-        self.code, self.details, self.where = code, details, where
-
-
-def _backoff(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
-    """Full-jitter exponential backoff for the long-running loops (watch,
-    lease keeper), matching what tenacity does for single calls."""
-    return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
-
-
-class _Endpoint:
-    __slots__ = ("address", "channel", "kv", "lease", "watch", "maint", "auth")
-
-    def __init__(self, address: str, creds: grpc.ChannelCredentials | None):
-        self.address = address
-        if creds is None:
-            self.channel = grpc.insecure_channel(address, _CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.secure_channel(address, creds,
-                                               _CHANNEL_OPTIONS)
-        self.kv = etcdrpc.KVStub(self.channel)
-        self.lease = etcdrpc.LeaseStub(self.channel)
-        self.watch = etcdrpc.WatchStub(self.channel)
-        self.maint = etcdrpc.MaintenanceStub(self.channel)
-        self.auth = etcdrpc.AuthStub(self.channel)
 
 
 # --------------------------------------------------------------------------
@@ -873,297 +604,3 @@ class Coordinator:
 
     def __repr__(self) -> str:
         return f"Coordinator({self.endpoints!r})"
-
-
-# --------------------------------------------------------------------------
-# Watches
-
-
-class WatchHandle:
-    """A running prefix watch. Created by :meth:`Coordinator.watch_prefix`."""
-
-    def __init__(self, coordinator: Coordinator, prefix: bytes,
-                 start_revision: int, on_events, on_reset):
-        self._coord = coordinator
-        self._prefix = prefix
-        self._next_rev = start_revision
-        self._on_events = on_events
-        self._on_reset = on_reset
-        self._stopped = threading.Event()
-        self._established = threading.Event()
-        self._lock = threading.Lock()
-        self._call = None
-        self._needs_reset = False
-        self._failures = 0
-        self.error: CoordinationError | None = None
-        self._thread = threading.Thread(
-            target=self._run, daemon=True,
-            name=f"meshray-watch-{_ks(prefix)[-40:]}")
-
-    def _start(self) -> None:
-        self._thread.start()
-
-    @property
-    def revision(self) -> int:
-        """The last revision fully delivered (events or reset)."""
-        return self._next_rev - 1
-
-    @property
-    def active(self) -> bool:
-        return self._thread.is_alive() and not self._stopped.is_set()
-
-    def wait_established(self, timeout: float) -> bool:
-        """True once etcd has confirmed the watch stream (mainly for tests
-        and startup ordering; events are never lost before this)."""
-        return self._established.wait(timeout)
-
-    def cancel(self, timeout: float = 5.0) -> None:
-        self._stopped.set()
-        with self._lock:
-            call = self._call
-        if call is not None:
-            call.cancel()
-        if threading.current_thread() is not self._thread and \
-                self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # -- internals ------------------------------------------------------
-
-    def _deliver(self, raw_events) -> None:
-        batch = []
-        for ev in raw_events:
-            kv = ev.kv
-            if ev.type == kv_pb2.Event.DELETE:
-                batch.append(Event("delete", _ks(kv.key), None,
-                                   kv.mod_revision))
-            else:
-                batch.append(Event("put", _ks(kv.key), kv.value,
-                                   kv.mod_revision))
-        try:
-            self._on_events(batch)
-        except Exception:
-            log.exception("watch %r: on_events callback failed",
-                          _ks(self._prefix))
-        self._next_rev = batch[-1].mod_revision + 1
-
-    def _reset(self) -> bool:
-        """Re-list after compaction; False if etcd was unavailable."""
-        if self._on_reset is None:
-            self.error = CompactedError(
-                f"watch on {_ks(self._prefix)!r} fell behind compaction at "
-                f"revision {self._next_rev} and has no on_reset to re-sync; "
-                f"stopping")
-            log.error("%s", self.error)
-            self._stopped.set()
-            return True
-        try:
-            items, revision = self._coord.get_prefix(self._prefix)
-        except CoordinationUnavailable as exc:
-            log.warning("watch %r: re-list after compaction failed: %s",
-                        _ks(self._prefix), exc)
-            return False
-        try:
-            self._on_reset(items, revision)
-        except Exception:
-            log.exception("watch %r: on_reset callback failed",
-                          _ks(self._prefix))
-        self._next_rev = revision + 1
-        self._needs_reset = False
-        return True
-
-    def _stream_once(self, ep: _Endpoint) -> None:
-        create = etcdrpc.WatchCreateRequest(
-            key=self._prefix, range_end=_prefix_end(self._prefix),
-            start_revision=self._next_rev)
-        done = threading.Event()
-
-        def requests():
-            yield etcdrpc.WatchRequest(create_request=create)
-            done.wait()  # keep the stream open until we drop it
-
-        call = ep.watch.Watch(requests(),
-                              metadata=self._coord._metadata(
-                                  require_leader=True))
-        with self._lock:
-            self._call = call
-        try:
-            if self._stopped.is_set():
-                return
-            for resp in call:
-                if self._stopped.is_set():
-                    return
-                if resp.compact_revision:
-                    log.info("watch %r: revision %d compacted (compact "
-                             "revision %d); re-listing", _ks(self._prefix),
-                             self._next_rev, resp.compact_revision)
-                    self._needs_reset = True
-                    return
-                if resp.created:
-                    if resp.canceled:
-                        raise CoordinationError(
-                            f"etcd refused watch on {_ks(self._prefix)!r}: "
-                            f"{resp.cancel_reason}")
-                    self._established.set()
-                    self._failures = 0
-                    continue
-                if resp.canceled:
-                    log.warning("watch %r canceled by %s: %s; resuming",
-                                _ks(self._prefix), ep.address,
-                                resp.cancel_reason)
-                    self._coord._failover(ep)
-                    return
-                if resp.events:
-                    self._deliver(resp.events)
-        finally:
-            done.set()
-            call.cancel()
-            with self._lock:
-                self._call = None
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            if self._needs_reset:
-                if self._reset():
-                    self._failures = 0
-                    continue
-            else:
-                try:
-                    ep = self._coord._endpoint()
-                except CoordinationError:
-                    return  # coordinator closed
-                try:
-                    self._stream_once(ep)
-                    if self._needs_reset:
-                        continue
-                except grpc.RpcError as exc:
-                    if self._stopped.is_set():
-                        return
-                    code = exc.code()
-                    if code == grpc.StatusCode.UNAUTHENTICATED and \
-                            self._coord._user is not None:
-                        try:
-                            self._coord._authenticate(ep, self._coord.timeout)
-                        except grpc.RpcError:
-                            pass
-                    log.warning("watch %r on %s broke (%s: %s); resuming at "
-                                "revision %d", _ks(self._prefix), ep.address,
-                                code.name if code else "?", exc.details(),
-                                self._next_rev)
-                    self._coord._failover(ep)
-                except CoordinationError as exc:
-                    self.error = exc
-                    log.error("%s", exc)
-                    return
-            self._failures += 1
-            self._stopped.wait(_backoff(self._failures, 0.05, 2.0))
-
-
-# --------------------------------------------------------------------------
-# Leases
-
-
-class LeaseKeeper:
-    """Hold a lease alive from a daemon thread; report its loss exactly once.
-
-    A node's membership is its lease (DESIGN.md §2): when the keeper can no
-    longer vouch for the lease — etcd says it is gone, or no refresh has
-    succeeded for a whole TTL so it must be assumed expired — it calls
-    ``on_lost(lease_id)`` once and stops. The owner then stops acting as a
-    member and registers again under a new lease.
-    """
-
-    def __init__(self, coordinator: Coordinator, ttl: int,
-                 on_lost: Callable[[int], None] | None = None):
-        self._coord = coordinator
-        granted_at = time.monotonic()
-        self.lease_id, self.ttl = coordinator._grant(ttl, None)
-        self._on_lost = on_lost
-        # Conservative: the server's clock started before our request left.
-        self._expires_at = granted_at + self.ttl
-        self._stopped = threading.Event()
-        self._lost = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, daemon=True,
-            name=f"meshray-lease-{self.lease_id:x}")
-        coordinator._keepers.add(self)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """True while the lease is believed valid and kept."""
-        return not (self._lost.is_set() or self._stopped.is_set())
-
-    @property
-    def lost(self) -> bool:
-        return self._lost.is_set()
-
-    @property
-    def expires_at(self) -> float:
-        """CLOCK_MONOTONIC time until which the lease is certainly valid (0 once lost)."""
-        return 0.0 if self._lost.is_set() else self._expires_at
-
-    def _declare_lost(self, why: str) -> None:
-        if self._lost.is_set():
-            return
-        self._lost.set()
-        log.warning("lease %x lost: %s", self.lease_id, why)
-        if self._on_lost is not None:
-            try:
-                self._on_lost(self.lease_id)
-            except Exception:
-                log.exception("lease %x: on_lost callback failed",
-                              self.lease_id)
-
-    def _run(self) -> None:
-        interval = max(self.ttl / 3.0, 0.1)
-        wait_s = interval
-        failures = 0
-        while not self._stopped.wait(wait_s):
-            sent = time.monotonic()
-            budget = max(0.2, min(interval, self._expires_at - sent))
-            try:
-                ttl = self._coord.refresh_lease(self.lease_id, timeout=budget)
-            except CoordinationError as exc:
-                if self._stopped.is_set():
-                    return
-                failures += 1
-                now = time.monotonic()
-                if now >= self._expires_at:
-                    self._declare_lost(f"no successful refresh for a whole "
-                                       f"TTL ({self.ttl}s); last error: {exc}")
-                    return
-                wait_s = min(_backoff(failures, 0.1, interval),
-                             max(0.0, self._expires_at - now))
-                log.warning("lease %x refresh failed (%s); retrying in "
-                            "%.2fs, expires in %.1fs", self.lease_id, exc,
-                            wait_s, self._expires_at - now)
-                continue
-            if self._stopped.is_set():
-                return
-            if ttl <= 0:
-                self._declare_lost("etcd reports it expired or revoked")
-                return
-            failures = 0
-            self._expires_at = sent + ttl
-            wait_s = min(interval, ttl / 3.0)
-
-    def stop(self, revoke: bool = True, timeout: float | None = None) -> None:
-        """Stop refreshing; with ``revoke`` also revoke the lease now so its
-        keys disappear immediately instead of after the TTL."""
-        self._stopped.set()
-        if threading.current_thread() is not self._thread and \
-                self._thread.is_alive():
-            self._thread.join(timeout if timeout is not None
-                              else self._coord.timeout)
-        if revoke and not self._lost.is_set() and not self._coord._closed:
-            try:
-                self._coord.revoke_lease(self.lease_id, timeout=timeout)
-            except CoordinationError as exc:
-                log.warning("lease %x: revoke failed (%s); it will expire in "
-                            "at most %ss", self.lease_id, exc, self.ttl)
-
-    def __enter__(self) -> "LeaseKeeper":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
