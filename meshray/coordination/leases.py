@@ -36,11 +36,20 @@ class LeaseKeeper:
     succeeded for a whole TTL so it must be assumed expired — it calls
     ``on_lost(lease_id)`` once and stops. The owner then stops acting as a
     member and registers again under a new lease.
+
+    With ``lapse_is_loss=False`` a whole TTL without a successful refresh is
+    only a *lapse*: ``expires_at`` stays in the past (a fence built on it
+    holds) but the keeper keeps trying, and declares the lease lost only when
+    etcd answers that it is gone. A leader election or a short partition can
+    outlast a TTL while etcd keeps (or revives) the lease; a node that acted
+    as if it had lost it would stop work its peers never retried.
     """
 
     def __init__(self, coordinator: Coordinator, ttl: int,
-                 on_lost: Callable[[int], None] | None = None):
+                 on_lost: Callable[[int], None] | None = None, *,
+                 lapse_is_loss: bool = True):
         self._coord = coordinator
+        self._lapse_is_loss = lapse_is_loss
         granted_at = time.monotonic()
         self.lease_id, self.ttl = coordinator._grant(ttl, None)
         self._on_lost = on_lost
@@ -86,7 +95,8 @@ class LeaseKeeper:
         failures = 0
         while not self._stopped.wait(wait_s):
             sent = time.monotonic()
-            budget = max(0.2, min(interval, self._expires_at - sent))
+            budget = max(0.2, min(interval, self._expires_at - sent)) \
+                if sent < self._expires_at else interval   # lapsed: no deadline to beat
             try:
                 ttl = self._coord.refresh_lease(self.lease_id, timeout=budget)
             except CoordinationError as exc:
@@ -95,9 +105,15 @@ class LeaseKeeper:
                 failures += 1
                 now = time.monotonic()
                 if now >= self._expires_at:
-                    self._declare_lost(f"no successful refresh for a whole "
-                                       f"TTL ({self.ttl}s); last error: {exc}")
-                    return
+                    if self._lapse_is_loss:
+                        self._declare_lost(f"no successful refresh for a whole "
+                                           f"TTL ({self.ttl}s); last error: {exc}")
+                        return
+                    wait_s = _backoff(failures, 0.1, interval)   # lapsed: keep asking
+                    if failures == 1 or failures % 20 == 0:
+                        log.warning("lease %x lapsed locally (no refresh for a TTL: %s); "
+                                    "still trying, it may be alive in etcd", self.lease_id, exc)
+                    continue
                 wait_s = min(_backoff(failures, 0.1, interval),
                              max(0.0, self._expires_at - now))
                 log.warning("lease %x refresh failed (%s); retrying in "

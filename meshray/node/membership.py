@@ -122,8 +122,13 @@ class Membership:
         node = self._daemon.node_id
         ops = [Put(self.keys.objloc(oid, node), b"1", lease=self._lease.lease_id) if present
                else Delete(self.keys.objloc(oid, node)) for oid, present in pending.items()]
-        for start in range(0, len(ops), 100):
-            self.coordinator.txn([], ops[start:start + 100])
+        try:
+            for start in range(0, len(ops), 100):
+                self.coordinator.txn([], ops[start:start + 100])
+        except Exception:
+            with self._locations_lock:     # not published: try again next round
+                self._locations = {**pending, **self._locations}
+            raise
 
     def locations(self, object_id: bytes) -> list[str]:
         """Nodes (hex) that registered a copy of `object_id` in etcd."""
@@ -193,19 +198,43 @@ class Membership:
         self._alloc_view.start(timeout=10.0)
         self.pg_view.note_alloc_revision(self._alloc_view.revision)
         self.placer.start()
+        registrations = 0
         while not self._stop.is_set():
             try:
                 self._register()
-                self._publish_until_lost()
             except Exception as exc:  # noqa: BLE001 - keep trying to be a member
-                log.warning("membership error: %s; re-registering", exc)
+                log.warning("cannot register in etcd (%s); retrying", exc)
+                if self._lease is not None:
+                    self._lease.stop(revoke=False)
                 self._stop.wait(1.0)
+                continue
+            registrations += 1
+            if registrations > 1:
+                self._republish_store()
+            self._publish_until_lost()
+            if self._stop.is_set():
+                return
+            # Gone for sure (etcd says so): peers saw this node die and
+            # re-ran its work; stop acting for the old membership, then rejoin.
+            self._lease.stop(revoke=False)
+            self._registered.clear()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._daemon.on_lease_lost)
+            log.warning("node %s lost its etcd lease; stopped acting as a member until "
+                        "re-registered", self._daemon.node_id.hex())
+
+    def _republish_store(self) -> None:
+        """Copies registered under the old lease vanished with it: register them again."""
+        store = getattr(self._daemon, "store", None)
+        for object_id in (store.object_ids() if store is not None else ()):
+            self.note_location(object_id, True)
 
     def _register(self) -> None:
         from meshray.coordination.client import LeaseKeeper
 
         lost = threading.Event()
-        self._lease = LeaseKeeper(self.coordinator, max(1, int(round(self._ttl))), on_lost=lambda _id: lost.set())
+        self._lease = LeaseKeeper(self.coordinator, max(1, int(round(self._ttl))),
+                                  on_lost=lambda _id: lost.set(), lapse_is_loss=False)
         self._lease_lost = lost
         lease_id = self._lease.lease_id
         record = self._daemon.local_node_record()
@@ -230,21 +259,33 @@ class Membership:
             fence.set(self._lease.expires_at)
 
     def _publish_until_lost(self) -> None:
+        """Publish until etcd says the lease is gone (or we stop).
+
+        An etcd that cannot be reached is not a lost lease: the keeper keeps
+        trying, the fence lapses meanwhile (workers refuse calls), and the
+        node carries on as the same member if the lease turns out alive.
+        """
+        failing_since = None
         while not self._stop.wait(PUBLISH_INTERVAL_S):
             self._extend_fence()
             if self._lease_lost.is_set():
-                self._registered.clear()
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._daemon.on_lease_lost)
-                log.warning("node %s lost its etcd lease; stopped acting as a member until "
-                            "re-registered", self._daemon.node_id.hex())
                 return
-            self._publish_locations()
-            current = self._daemon.resources.available.to_dict()
-            if current != self._published:
-                self.coordinator.put(self.keys.avail(self._daemon.node_id),
-                                     keyspace.encode_json(current), lease=self._lease.lease_id)
-                self._published = current
+            try:
+                self._publish_locations()
+                current = self._daemon.resources.available.to_dict()
+                if current != self._published:
+                    self.coordinator.put(self.keys.avail(self._daemon.node_id),
+                                         keyspace.encode_json(current),
+                                         lease=self._lease.lease_id)
+                    self._published = current
+                failing_since = None
+            except Exception as exc:  # noqa: BLE001 - etcd trouble, judged below
+                if "lease not found" in str(exc):
+                    return                 # etcd itself says the lease is gone
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("publishing to etcd failed (%s); keeping lease %x and "
+                                "retrying", exc, self._lease.lease_id)
 
     # ------------------------------------------------------------ view
     def _wait_view(self) -> None:
