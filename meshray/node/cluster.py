@@ -3,7 +3,11 @@
 - Placement: a task that should not run here (policy.decide) is offered to a
   peer (SpillTask); a peer whose real availability differs refuses, and the
   next candidate gets it. Infeasible work waits and is re-placed when the
-  cluster view changes.
+  cluster view changes. Peers' room comes from the etcd view or, fresher,
+  from the load each peer attaches to its batches (scheduler/peer_load.py);
+  a batch that shows room gets queued work offered at once. A peer also
+  queues a few offers behind its busy workers (its backlog), so it starts the
+  next task the moment one finishes, without waiting for a round trip.
 - Results of a task that ran here for another node go back to that node; the
   values stay in this node's store and the owner frees them (FreeObjects).
 - Objects: the node whose id prefixes an object id owns its directory entry.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 from meshray import exceptions
 from meshray.core import ids
@@ -25,7 +30,7 @@ from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from meshray.scheduler import policy
+from meshray.scheduler import peer_load, policy
 from meshray.scheduler.resources import ResourceSet
 
 __all__ = ["ClusterDuties", "RemoteOwner"]
@@ -80,10 +85,13 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         self.known_dead: set[str] = set()
         self.spread_counter = 0
         self.pulls: dict[bytes, asyncio.Future] = {}
+        self.copies_sent: dict[bytes, set] = {}     # object id -> nodes that pulled it from us
         self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
         self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
         self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
-        self.offered: dict[str, dict] = {}          # node -> resources of unanswered spills
+        self.offered: dict[str, dict] = {}          # node -> {task id: request}, unanswered
+        self.peer_loads: dict[str, tuple] = {}      # node -> (pb.NodeLoad, monotonic receipt)
+        self.avail_changed_at: dict[str, float] = {}  # node -> when its etcd value last changed
         self.prefix = self.node_id[:ids.NODE_PREFIX_LEN]
         self.node_hex = self.node_id.hex()
 
@@ -98,6 +106,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         gone = [n for n in self.view_nodes if n not in nodes and n != self.node_hex]
         # A node that lost its lease and registered again is a member again.
         self.known_dead.difference_update(n for n in nodes if n in self.known_dead)
+        now = time.monotonic()
+        for node_hex, value in avail.items():
+            if self.view_avail.get(node_hex) != value:
+                self.avail_changed_at[node_hex] = now
         self.view_nodes, self.view_avail = nodes, avail
         for node_hex in gone:
             self._node_died(node_hex)
@@ -122,18 +134,29 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 else:
                     self._drop_task(task)
 
-    def _node_views(self) -> dict:
+    def _node_views(self, backlog_for: dict | None = None) -> dict:
+        """The cluster as policy.decide sees it: each peer's newest reported
+        room, less our unanswered offers (the same room is never counted
+        twice). With `backlog_for` (a request), a peer that would queue it
+        behind its busy workers shows room for it (peer_load.with_backlog)."""
+        now = time.monotonic()
         views = {}
         for node_hex, record in self.view_nodes.items():
             if node_hex == self.node_hex:
                 continue
-            available = dict(self.view_avail.get(node_hex, {}))
-            for name, amount in self.offered.get(node_hex, {}).items():
-                # Offers not yet answered: don't count the same room twice.
-                available[name] = max(0.0, available.get(name, 0.0) - amount)
+            load, load_at = self.peer_loads.get(node_hex, (None, None))
+            available = peer_load.newest_available(
+                self.view_avail.get(node_hex, {}), self.avail_changed_at.get(node_hex),
+                None if load is None else load.available, load_at, now)
+            offers = self.offered.get(node_hex, {})
+            room = peer_load.peer_room(available, peer_load.total_of(offers.values()))
+            total = record.get("Resources", {})
+            if backlog_for is not None and load is not None:
+                room = peer_load.with_backlog(room, total, backlog_for, peer_load.backlog_left(
+                    load.backlog_room, len(offers)))
             views[node_hex] = policy.NodeView(
-                node_hex, ResourceSet.from_dict(record.get("Resources", {})),
-                ResourceSet.from_dict(available), True, record.get("Labels", {}))
+                node_hex, ResourceSet.from_dict(total), ResourceSet.from_dict(room), True,
+                record.get("Labels", {}))
         views[self.node_hex] = policy.NodeView(
             self.node_hex, self.resources.total, self.resources.available, True,
             dict(self.config.labels))
@@ -153,7 +176,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if record is None or not record.get("Address"):
                 return None
             link = self.links[node_hex] = PeerLink(self.node_id, node_hex, record["Address"],
-                                                   self.config.token)
+                                                   self.config.token, load=self._load_report)
         return link
 
     def _send_peer(self, node_hex: str, event: pb.PeerEvent) -> bool:
@@ -178,7 +201,16 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             task.request, strategy, self._arg_bytes_by_node(spec),
             excluded_nodes=frozenset(task.refused_by))
         self.spread_counter += 1
-        return policy.decide(request, self._node_views(), self.node_hex, self.spread_counter)
+        decision = policy.decide(request, self._node_views(), self.node_hex, self.spread_counter)
+        if (decision.kind == "wait" and strategy == "DEFAULT" and task.actor is None
+                and task.bundle is None and self.peer_loads):
+            # Nobody can start it now: a peer that would queue it takes it,
+            # so it starts there the moment a worker frees up.
+            queued = policy.decide(request, self._node_views(task.request.to_dict()),
+                                   self.node_hex, self.spread_counter)
+            if queued.kind == "spill":
+                return queued
+        return decision
 
     def _args_elsewhere(self, spec) -> bool:
         for object_id in spec.arg_ref_ids:
@@ -240,6 +272,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if not task.cancelled:
                 task.refused_by.clear()
                 self._place_or_queue(task)
+        self._offer_queued()
+
+    def _offer_queued(self) -> None:
+        """Offer queued tasks that cannot run here now to peers with room."""
         if len(self.view_nodes) <= 1:
             return
         for _key, tasks in list(self.queue.heads()):
@@ -278,9 +314,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 event.args.append(self._exportable(value))
             task.state, task.remote_node = "spilled", node_hex
             task.spill_candidates = candidates
-            offer = self.offered.setdefault(node_hex, {})
-            for name, amount in task.request.to_dict().items():
-                offer[name] = offer.get(name, 0.0) + amount
+            self.offered.setdefault(node_hex, {})[spec.task_id] = task.request.to_dict()
             link.send(pb.PeerEvent(spill=event))
             return
         task.refused_by.clear()
@@ -298,6 +332,9 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     # ------------------------------------------------------------ peer rpc
     async def Deliver(self, request: pb.PeerBatch, context):
         from_hex = request.from_node.hex()
+        has_load = request.HasField("load")
+        if has_load:
+            self.peer_loads[from_hex] = (request.load, time.monotonic())
         for event in request.events:
             kind = event.WhichOneof("kind")
             try:
@@ -305,8 +342,22 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             except Exception:  # noqa: BLE001 - one bad event never takes the node down
                 log.exception("failed to handle peer event %s from %s", kind, from_hex)
         self._flush_borrows()
+        if has_load and len(self.queue):
+            # The freshest word on the sender (a result, a verdict): offer
+            # it queued work now rather than at the next re-placement tick.
+            self._offer_queued()
         self._schedule()
         return pb.PeerAck()
+
+    def _load_report(self) -> pb.NodeLoad:
+        """Our load, attached to every batch we send a peer (peers.py)."""
+        return pb.NodeLoad(available=self.resources.available.to_dict(),
+                           backlog_room=self._backlog_room())
+
+    def _backlog_room(self) -> int:
+        """How many more offers we would queue behind busy workers."""
+        limit = max(1, int(self.resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
+        return max(0, limit - len(self.queue))
 
     def _peer_spill(self, origin: str, msg: pb.SpillTask) -> None:
         from meshray.node.actors import ActorEntry
@@ -344,8 +395,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     task.actor = entry
                 # Accept only what we can start now: resources are taken at
                 # once, so concurrent offers cannot both be accepted.
-                backlog_room = task.bundle is None and len(self.queue) < max(
-                    1, int(self.resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
+                backlog_room = task.bundle is None and self._backlog_room() > 0
                 started = self._try_acquire(task)
                 if started or (backlog_room and task.actor is None
                                and self.resources.is_feasible(request)):
@@ -364,13 +414,11 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         self._send_peer(origin, pb.PeerEvent(verdict=verdict))
 
     def _peer_verdict(self, from_hex: str, msg: pb.SpillVerdict) -> None:
+        # Answered, whatever became of the task meanwhile (cancelled, say).
+        self.offered.get(from_hex, {}).pop(msg.task_id, None)
         task = self.tasks.get(msg.task_id)
         if task is None or task.state != "spilled" or task.remote_node != from_hex:
             return
-        offer = self.offered.get(from_hex)
-        if offer is not None:
-            for name, amount in task.request.to_dict().items():
-                offer[name] = max(0.0, offer.get(name, 0.0) - amount)
         if msg.accepted:
             return
         log.debug("node %s refused %s: %s", from_hex, task.spec.name, msg.reason)
@@ -437,7 +485,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     def _peer_free(self, from_hex: str, msg: pb.FreeObjects) -> None:
         for object_id in msg.object_ids:
-            self._apply(self.objects.remove_holder(object_id, f"node:{from_hex}"))
+            if object_id in self.objects:
+                self._apply(self.objects.remove_holder(object_id, f"node:{from_hex}"))
+            else:   # the node we pulled it from freed it (transfer.py)
+                self._copy_source_freed(object_id)
 
     def _peer_request(self, from_hex: str, msg: pb.Request) -> None:
         async def answer():
@@ -554,10 +605,13 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if not location or location == self.node_hex:
                 self.store.delete(value.object_id)
                 self._note_location(value.object_id, False)
+                self._copies_freed(value.object_id)
             else:
                 if self.store.contains(value.object_id):   # a pulled copy
                     self.store.delete(value.object_id)
                     self._note_location(value.object_id, False)
+                if self.is_local_object(value.object_id):
+                    self._copies_freed(value.object_id)
                 self._send_peer(location, pb.PeerEvent(free=pb.FreeObjects(
                     object_ids=[value.object_id])))
         node = self.value_from.pop(value.object_id, None)
@@ -576,6 +630,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             return
         self.known_dead.add(node_hex)
         log.warning("node %s died (its etcd lease is gone)", node_hex)
+        for per_node in (self.offered, self.peer_loads, self.avail_changed_at):
+            per_node.pop(node_hex, None)
         link = self.links.pop(node_hex, None)
         if link is not None:
             asyncio.get_running_loop().create_task(link.close())

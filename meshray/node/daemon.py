@@ -174,6 +174,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
         pb_grpc.add_NodeServiceServicer_to_server(self, self.server)
         pb_grpc.add_NodePeerServicer_to_server(self, self.server)
+        self._start_transfers(self.server)   # transfer.py: chunk encoding, pulled copies
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         self.local_address = bound[1]

@@ -2,9 +2,11 @@
 
 Each peer gets one PeerLink: events for it are queued and sent as batches by
 a single task, one Deliver call in flight at a time, so the peer sees them in
-the order they were queued. A link whose calls fail keeps its events and
-retries with backoff until the peer is declared dead (its etcd lease is gone),
-at which point the daemon drops the link and handles the node's death.
+the order they were queued. Every batch also carries this node's load as of
+its sending (free resources, backlog room), which the peer uses to offer us
+spilled work. A link whose calls fail keeps its events and retries with
+backoff until the peer is declared dead (its etcd lease is gone), at which
+point the daemon drops the link and handles the node's death.
 """
 from __future__ import annotations
 
@@ -27,12 +29,19 @@ _MAX_BATCH = 1000
 
 
 class PeerLink:
-    def __init__(self, local_node_id: bytes, node_hex: str, address: str, token: str | None):
+    def __init__(self, local_node_id: bytes, node_hex: str, address: str, token: str | None,
+                 load=None):
         self.node_hex = node_hex
         self.address = address
         self._local_node_id = local_node_id
+        self._load = load    # callable -> pb.NodeLoad: ours, attached to every batch
         self._channel = make_aio_channel(address, token=token)
         self.stub = pb_grpc.NodePeerStub(self._channel)
+        # PullObject with its replies left as bytes: transfer.decode_chunk
+        # reads them without copying the chunk's data into a message object.
+        self.pull_chunks = self._channel.unary_stream(
+            "/meshray.NodePeer/PullObject",
+            request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None)
         self._queue: list[pb.PeerEvent] = []
         self.functions_sent: set[bytes] = set()   # function bytes this peer already has
         self._wakeup = asyncio.Event()
@@ -56,10 +65,14 @@ class PeerLink:
             self._wakeup.clear()
             while self._queue and not self._closed:
                 batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                message = pb.PeerBatch(from_node=self._local_node_id, events=batch)
+                if self._load is not None:
+                    try:
+                        message.load.CopyFrom(self._load())   # as of now, not when queued
+                    except Exception:  # noqa: BLE001 - the events matter more than the load
+                        log.exception("could not attach this node's load for %s", self.node_hex)
                 try:
-                    await self.stub.Deliver(pb.PeerBatch(from_node=self._local_node_id,
-                                                         events=batch),
-                                            timeout=PEER_CALL_TIMEOUT_S)
+                    await self.stub.Deliver(message, timeout=PEER_CALL_TIMEOUT_S)
                     delay = 0.05
                 except grpc.aio.AioRpcError as exc:
                     if self._closed:

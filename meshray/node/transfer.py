@@ -12,12 +12,27 @@ apart, because they need opposite answers:
   from lineage (or answers with ObjectReconstructionFailedError / an
   ObjectLostError value when it cannot), and the reader pulls the new copy.
 
+The data path copies as little as Python gRPC allows (about 1 GiB/s here):
+the holder encodes each chunk around its store file's bytes by hand (no
+protobuf object), the reader writes a view of each received message with
+a writer thread (at most PULL_WRITES_IN_FLIGHT chunks in flight, so an
+object is never held twice), into a recycled file's resident pages when the
+store has one, and the daemon's malloc keeps chunk-sized blocks instead of
+faulting in fresh pages for every chunk (_tune_allocator).
+
+A pulled copy is a cache: the store drops it (never spills it) when room is
+needed, and the holder remembers who pulled from it, so once the object is
+freed (by its owner, or the primary's holder after the owner let go) every
+copy is deleted and its pages go to the next large object.
+
 Mixed into NodeDaemon.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import concurrent.futures
 import logging
 import os
 
@@ -28,7 +43,8 @@ from meshray import exceptions
 from meshray.object_store import layout
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["ObjectTransfer", "PULL_CHUNK_BYTES", "PULL_DEADLINE_S", "REBUILD_WAIT_S"]
+__all__ = ["ObjectTransfer", "PULL_CHUNK_BYTES", "PULL_DEADLINE_S", "PULL_METHOD",
+           "REBUILD_WAIT_S", "decode_chunk", "encode_chunk"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +56,84 @@ PULL_DEADLINE_S = 60.0
 REBUILD_WAIT_S = 120.0
 # A transfer that receives nothing for this long is abandoned and retried.
 PULL_STALL_S = 15.0
+PULL_METHOD = "/meshray.NodePeer/PullObject"
+PULLER_METADATA_KEY = "meshray-puller"   # the pulling node's id (hex), on PullObject calls
+# Chunks received but still being written to the store file, per transfer.
+PULL_WRITES_IN_FLIGHT = 2
+_writers = None
+
+
+def _chunk_writers() -> concurrent.futures.ThreadPoolExecutor:
+    global _writers
+    if _writers is None:
+        _writers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="meshray-pull")
+    return _writers
+
+
+# ------------------------------------------------------------ chunk wire format
+# PullObject's replies are ObjectChunk messages, but neither side builds a
+# protobuf object for them: each would copy the chunk's bytes twice more. The
+# holder encodes a chunk around the file's bytes with one copy (encode_chunk),
+# the reader takes the data as a view into the received message
+# (decode_chunk). The bytes on the wire are a valid ObjectChunk, and
+# decode_chunk reads any valid ObjectChunk (fields in any order).
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_chunk(offset: int, data, total_size: int) -> bytes:
+    """The wire bytes of ObjectChunk(offset, data, total_size); copies `data` once."""
+    head = b"".join((b"\x08", _varint(offset), b"\x18", _varint(total_size),
+                     b"\x12", _varint(len(data))))
+    return b"".join((head, data))
+
+
+def decode_chunk(message) -> tuple:
+    """(offset, data, total_size) of an ObjectChunk's wire bytes; data is a view."""
+    view = memoryview(message)
+    fields = {1: 0, 2: view[0:0], 3: 0}
+    pos, end = 0, len(view)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ValueError("truncated or overlong varint in an ObjectChunk")
+            byte = view[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    while pos < end:
+        key = varint()
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value = varint()
+        elif wire_type == 2:
+            length = varint()
+            if pos + length > end:
+                raise ValueError("an ObjectChunk field runs past the message's end")
+            value = view[pos:pos + length]
+            pos += length
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+            continue
+        else:
+            raise ValueError(f"unexpected wire type {wire_type} in an ObjectChunk")
+        if number in fields and (wire_type == 2) == (number == 2):
+            fields[number] = value
+    if pos != end:
+        raise ValueError("an ObjectChunk's last field runs past the message's end")
+    return fields[1], fields[2], fields[3]
 
 
 class _PullFailed(Exception):
@@ -166,8 +260,10 @@ class ObjectTransfer:
         """
         writer = None
         path = ""
-        call = link.stub.PullObject(
-            pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES), timeout=600)
+        writes: collections.deque = collections.deque()
+        call = link.pull_chunks(
+            pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES), timeout=600,
+            metadata=((PULLER_METADATA_KEY, self.node_hex),))
         chunks = call.__aiter__()
         loop = asyncio.get_running_loop()
         try:
@@ -184,27 +280,75 @@ class ObjectTransfer:
                         why = "died" if node_hex in self.known_dead else "stalled"
                         raise ConnectionError(f"holder {node_hex} {why} mid-transfer")
                 try:
-                    chunk = waiting.result()
+                    message = waiting.result()
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
                     # The call, not this coroutine: its link was closed under it.
                     raise ConnectionError(f"link to {node_hex} closed mid-transfer") from None
+                try:
+                    offset, data, total_size = decode_chunk(message)
+                except ValueError as exc:   # another holder may send it whole
+                    raise ConnectionError(f"bad chunk from {node_hex}: {exc}") from None
                 if writer is None:
-                    path = self.store.reserve(object_id, chunk.total_size)
-                    writer = layout.ChunkWriter(path, chunk.total_size)
-                writer.write(chunk.offset, chunk.data)
+                    path = self._reserve_for_pull(object_id, total_size)
+                    writer = layout.ChunkWriter(path, total_size)
+                # Written by a thread while the next chunk arrives; a few in
+                # flight at most, so the data is never buffered beyond that.
+                writes.append(loop.run_in_executor(_chunk_writers(), writer.write, offset, data))
+                if len(writes) >= PULL_WRITES_IN_FLIGHT:
+                    await writes.popleft()
             if writer is None:
                 raise exceptions.ObjectLostError(object_id.hex(), call_site="empty transfer")
+            while writes:
+                await writes.popleft()
             size = writer.finish()
             self.store.seal(object_id, size)
+            if hasattr(self.store, "mark_copy"):
+                self.store.mark_copy(object_id)   # dropped, not spilled, when room is short
             return path
         except BaseException:
+            # A write still running would use the descriptor abort() closes.
+            for pending in writes:
+                try:
+                    await asyncio.shield(pending)
+                except BaseException:  # noqa: BLE001 - the transfer failed anyway
+                    pass
             if writer is not None:
                 writer.abort()
             if hasattr(self.store, "abort"):
                 self.store.abort(object_id)
             raise
+
+    def _reserve_for_pull(self, object_id: bytes, size: int) -> str:
+        if hasattr(self.store, "mark_copy"):
+            # ChunkWriter takes a recycled file left at the path (resident pages).
+            return self.store.reserve(object_id, size, recycled=True)
+        return self.store.reserve(object_id, size)
+
+    # ------------------------------------------------------------ copies
+    def _copy_dropped(self, object_id: bytes) -> None:
+        """The store dropped a pulled copy for room (any thread, store lock held)."""
+        self._note_location(object_id, False)
+
+    def _copies_freed(self, object_id: bytes) -> None:
+        """The object was freed for good: nodes that pulled it from us drop their copies.
+
+        Called where the free is global (by the owner, or by the holder of
+        the primary copy once the owner let go), never for a borrower's local
+        release, so a copy goes only when nothing anywhere can ask for it.
+        """
+        for node_hex in self.copies_sent.pop(object_id, ()):
+            self._send_peer(node_hex, pb.PeerEvent(free=pb.FreeObjects(object_ids=[object_id])))
+
+    def _copy_source_freed(self, object_id: bytes) -> None:
+        """A node we pulled from says the object is freed: drop our copy, and
+        tell the nodes that pulled it from us. Deleting lets the store reuse
+        the pages (recycle.py) for the next large object."""
+        if object_id not in self.pulls and self.store.contains(object_id):
+            self.store.delete(object_id)
+            self._note_location(object_id, False)
+        self._copies_freed(object_id)
 
     async def _rebuilt_value(self, object_id: bytes, lost: list) -> pb.ObjectValue:
         """The object's value once its owner has replaced the lost copies."""
@@ -263,7 +407,41 @@ class ObjectTransfer:
                 pass
 
     # ------------------------------------------------------------ holder side
+    def _start_transfers(self, server) -> None:
+        """Set this node up for transfers; call after the generated NodePeer
+        registration and before the server starts.
+
+        PullObject is then served with hand-encoded chunks: the handler
+        replaces the generated one under the same method name, so the token
+        check and the peer.pull failpoints apply as before. A pulled copy the
+        store drops for room is no longer listed as located here.
+        """
+        _tune_allocator()
+        handler = grpc.unary_stream_rpc_method_handler(
+            self._serve_pull, request_deserializer=pb.PullRequest.FromString,
+            response_serializer=None)
+        try:
+            server.add_registered_method_handlers("meshray.NodePeer", {"PullObject": handler})
+        except Exception as exc:  # noqa: BLE001 - the generated handler still serves pulls
+            log.warning("serving PullObject with protobuf messages (%s)", exc)
+        if hasattr(self.store, "on_copy_dropped"):
+            self.store.on_copy_dropped = self._copy_dropped
+
+    async def _serve_pull(self, request: pb.PullRequest, context):
+        async for chunk in self._pull_chunks(request, context, encode_chunk):
+            yield chunk
+
     async def PullObject(self, request: pb.PullRequest, context):
+        """The generated handler's version (protobuf messages): used only when
+        _start_transfers was not called."""
+        async for chunk in self._pull_chunks(request, context, lambda offset, data, total:
+                                             pb.ObjectChunk(offset=offset, data=bytes(data),
+                                                            total_size=total)):
+            yield chunk
+
+    async def _pull_chunks(self, request: pb.PullRequest, context, make_chunk):
+        """The object's chunks; a reader that got them all is remembered, so
+        its copy is dropped when the object is freed (_copies_freed)."""
         object_id = request.object_id
         if not self.store.contains(object_id):
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -273,5 +451,42 @@ class ObjectTransfer:
         total = os.path.getsize(path)
         offset = 0
         for chunk in layout.copy_file_chunks(path, chunk_size):
-            yield pb.ObjectChunk(offset=offset, data=bytes(chunk), total_size=total)
+            yield make_chunk(offset, chunk, total)
             offset += len(chunk)
+        puller = dict(context.invocation_metadata() or ()).get(PULLER_METADATA_KEY)
+        if puller and puller != self.node_hex:
+            self.copies_sent.setdefault(object_id, set()).add(puller)
+
+
+_tuned = False
+
+
+def _tune_allocator() -> None:
+    """Keep the daemon's malloc from returning chunk-sized blocks to the kernel.
+
+    Every chunk passes through a few multi-MiB buffers (the encoded message,
+    gRPC's slices, the received bytes). With glibc's adaptive defaults such a
+    block is often trimmed or unmapped when freed and the next one faults in
+    fresh zeroed pages, which cost more than copying the chunk. Fixed
+    thresholds above the chunk size keep those pages for reuse; the cost is
+    that up to _TRIM_THRESHOLD of freed memory may stay with the process.
+    """
+    global _tuned
+    if _tuned:
+        return
+    _tuned = True
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 4 * PULL_CHUNK_BYTES
+_TRIM_THRESHOLD = 16 * PULL_CHUNK_BYTES

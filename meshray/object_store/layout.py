@@ -545,6 +545,12 @@ class ChunkWriter:
     before the file becomes visible at ``path``; until then it lives under a
     temporary name, so readers never map a half-received object.  Chunks may
     be written from several threads, and re-sending a chunk is harmless.
+
+    Like ``write_object``, a large object takes the freed file the store may
+    have left at ``path + RECYCLED_SUFFIX`` (recycle.py), so the chunks land
+    in resident pages instead of fresh ones the kernel must zero first. Its
+    old bytes are never visible: ``finish`` refuses a file with any range not
+    written by this transfer.
     """
 
     def __init__(self, path: str, total_size: int):
@@ -558,9 +564,19 @@ class ChunkWriter:
         self._lock = threading.Lock()
         self._starts: list = []  # disjoint, sorted [start, end) ranges received
         self._ends: list = []
-        self._fd = os.open(
-            self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
-        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        if total_size >= RECYCLE_MIN_BYTES:
+            try:
+                os.rename(path + RECYCLED_SUFFIX, self._tmp)
+                flags &= ~(os.O_CREAT | os.O_EXCL)
+            except FileNotFoundError:
+                pass
+        self._fd = None
+        try:
+            self._fd = os.open(self._tmp, flags, 0o600)
+        except BaseException:
+            _unlink_quietly(self._tmp)
+            raise
         try:
             os.ftruncate(self._fd, total_size)
         except BaseException:

@@ -23,6 +23,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import uuid
 from typing import Optional
 
@@ -53,6 +54,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY_FRACTION = 0.30
+# A pulled copy dropped for room rewrites in place only if nobody asked for it
+# this recently (a reader handed its path may be about to map it).
+COPY_REUSE_IDLE_S = 1.0
 _MAX_ID_BYTES = 127  # hex name must fit a 255-byte file name
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -161,7 +165,8 @@ def default_capacity(shm_root: Optional[str] = None) -> int:
 
 
 class _Entry:
-    __slots__ = ("object_id", "size", "state", "last_access", "pins", "doomed")
+    __slots__ = ("object_id", "size", "state", "last_access", "pins", "doomed", "copy",
+                 "read_at")
 
     def __init__(self, object_id: bytes, size: int, state: str, last_access: int):
         self.object_id = object_id
@@ -170,6 +175,8 @@ class _Entry:
         self.last_access = last_access
         self.pins = 0
         self.doomed = False  # deleted before sealing; removed when sealed
+        self.copy = False    # pulled from another node: dropped, not spilled (mark_copy)
+        self.read_at = 0.0   # time.monotonic() of the last read (ensure_in_memory / touch)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -221,6 +228,7 @@ class ObjectStore:
         self._recycle = RecyclePool(os.path.join(self.shm_dir, ".recycle"),
                                     max_bytes=self._capacity // 2)
         self.mapped = None   # callable(path) -> bool: does any local process map it?
+        self.on_copy_dropped = None   # callable(object_id): a copy was dropped for room
 
     # ---------------------------------------------------------------- paths
 
@@ -258,9 +266,18 @@ class ObjectStore:
                     f"object {_hex(oid)} is already in the store ({entry.state}, "
                     f"{entry.size} bytes)"
                 )
+            reuse = None
             if recycled:
-                self._used -= self._recycle.take(size, self.path_for(oid) + RECYCLED_SUFFIX)
-            victims = self._make_room_locked(oid, size)
+                reuse = self.path_for(oid) + RECYCLED_SUFFIX
+                taken = self._recycle.take(size, reuse)
+                self._used -= taken
+                reuse = None if taken else reuse
+            try:
+                victims = self._make_room_locked(oid, size, reuse)
+            except BaseException:
+                if recycled:   # a file handed out for this reservation goes with it
+                    _unlink_quietly(self.path_for(oid) + RECYCLED_SUFFIX)
+                raise
             entry = _Entry(oid, size, _RESERVED, self._tick())
             self._entries[oid] = entry
             self._used += size
@@ -401,6 +418,7 @@ class ObjectStore:
                 )
             if entry.state == _SEALED:
                 entry.last_access = self._tick()
+                entry.read_at = time.monotonic()
                 entry.pins += bool(pin)
                 return self.path_for(oid)
             victims = self._make_room_locked(oid, entry.size)
@@ -438,9 +456,24 @@ class ObjectStore:
                 entry.state = _SEALED
                 self._spilled -= entry.size
                 entry.last_access = self._tick()
+                entry.read_at = time.monotonic()
                 entry.pins += bool(pin)
             self._cond.notify_all()
         return self.path_for(oid)
+
+    def mark_copy(self, object_id: bytes) -> None:
+        """Say that a sealed object is a copy pulled from another node.
+
+        When room is needed, unpinned copies are dropped (least recently used
+        first, before anything is spilled): their holder still has the bytes,
+        so writing them to disk would be wasted work. ``on_copy_dropped`` is
+        told each id dropped so.
+        """
+        oid = _check_id(object_id)
+        with self._cond:
+            entry = self._entries.get(oid)
+            if entry is not None:
+                entry.copy = True
 
     def touch(self, object_id: bytes) -> None:
         """Record a read that did not go through ``ensure_in_memory``."""
@@ -450,6 +483,7 @@ class ObjectStore:
             if entry is None:
                 raise UnknownObjectError(f"object {_hex(oid)} is not in this store")
             entry.last_access = self._tick()
+            entry.read_at = time.monotonic()
 
     def pin(self, object_id: bytes) -> None:
         """Keep an in-memory object from being spilled (counted; pair with ``unpin``)."""
@@ -655,11 +689,13 @@ class ObjectStore:
                 return entry
             self._cond.wait()
 
-    def _make_room_locked(self, oid: bytes, size: int) -> list:
+    def _make_room_locked(self, oid: bytes, size: int, reuse: Optional[str] = None) -> list:
         """Choose and mark spill victims so ``size`` more bytes fit; lock held.
 
         Bytes whose spill is already in flight count as free, so concurrent
         requests don't pick extra victims for room that is about to appear.
+        A pulled copy dropped for room may be moved to ``reuse`` (a recycled
+        file for the new object) instead of being deleted.
         """
         if size > self._capacity:
             raise ObjectStoreFullError(
@@ -673,6 +709,8 @@ class ObjectStore:
             need -= freed
             for path in paths:
                 _unlink_quietly(path)
+        if need > 0:
+            need -= self._drop_copies_locked(need, size, reuse)
         if need <= 0:
             return []
         candidates = [
@@ -694,6 +732,47 @@ class ObjectStore:
             victim.state = _SPILLING
             self._spilling += victim.size
         return victims
+
+    def _drop_copies_locked(self, need: int, size: int, reuse: Optional[str]) -> int:
+        """Drop unpinned pulled copies, least recently used first; returns bytes freed.
+
+        With ``reuse``, the first dropped file that fits ``size`` (as the
+        recycle pool would), that no process maps and that nobody asked for
+        in the last COPY_REUSE_IDLE_S (a reader given its path may not have
+        mapped it yet) becomes the new object's recycled file, so its
+        resident pages are written over instead of freed and allocated again.
+        """
+        copies = sorted((e for e in self._entries.values()
+                         if e.copy and e.state == _SEALED and not e.pins and e.size),
+                        key=lambda e: e.last_access)
+        freed = 0
+        for entry in copies:
+            if freed >= need:
+                break
+            freed += entry.size
+            doomed = self._remove_entry_locked(entry)
+            if (reuse is not None and self._recycle.min_bytes <= size <= entry.size <= 2 * size
+                    and time.monotonic() - entry.read_at >= COPY_REUSE_IDLE_S
+                    and self._unmapped(doomed)):
+                try:
+                    os.rename(doomed, reuse)
+                    reuse = None
+                except OSError:
+                    _unlink_quietly(doomed)
+            else:
+                _unlink_quietly(doomed)
+            if self.on_copy_dropped is not None:
+                self.on_copy_dropped(entry.object_id)
+        return freed
+
+    def _unmapped(self, path: str) -> bool:
+        mapped = self.mapped
+        if mapped is None:
+            return False
+        try:
+            return not mapped(path)
+        except OSError:
+            return False
 
     def _spill_entries(self, victims: list) -> None:
         """Copy victims to disk and drop them from shared memory; lock not held.

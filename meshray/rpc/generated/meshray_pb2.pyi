@@ -464,12 +464,29 @@ class PeerEvent(_message.Message):
     def __init__(self, spill: _Optional[_Union[SpillTask, _Mapping]] = ..., verdict: _Optional[_Union[SpillVerdict, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., free: _Optional[_Union[FreeObjects, _Mapping]] = ..., cancel_remote: _Optional[_Union[CancelTask, _Mapping]] = ..., container_freed: _Optional[_Union[ContainerFreed, _Mapping]] = ...) -> None: ...
 
 class PeerBatch(_message.Message):
-    __slots__ = ("from_node", "events")
+    __slots__ = ("from_node", "events", "load")
     FROM_NODE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     from_node: bytes
     events: _containers.RepeatedCompositeFieldContainer[PeerEvent]
-    def __init__(self, from_node: _Optional[bytes] = ..., events: _Optional[_Iterable[_Union[PeerEvent, _Mapping]]] = ...) -> None: ...
+    load: NodeLoad
+    def __init__(self, from_node: _Optional[bytes] = ..., events: _Optional[_Iterable[_Union[PeerEvent, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+
+class NodeLoad(_message.Message):
+    __slots__ = ("available", "backlog_room")
+    class AvailableEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_ROOM_FIELD_NUMBER: _ClassVar[int]
+    available: _containers.ScalarMap[str, float]
+    backlog_room: int
+    def __init__(self, available: _Optional[_Mapping[str, float]] = ..., backlog_room: _Optional[int] = ...) -> None: ...
 
 class PeerAck(_message.Message):
     __slots__ = ()

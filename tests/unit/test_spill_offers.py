@@ -1,0 +1,129 @@
+"""Spill offers driven by the load peers attach to their batches (node/cluster.py).
+
+A stand-in daemon (ClusterDuties with in-memory links) checks who gets
+queued work: a batch showing room gets work offered at once, a peer's
+backlog is used only when no peer can start the task, unanswered offers are
+never counted twice, and an answered offer stops counting even if its task
+was cancelled meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from meshray.node.cluster import ClusterDuties
+from meshray.node.objects import ObjectDirectory
+from meshray.node.tasks import TaskQueue, TaskRecord
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.scheduler.resources import NodeResources, ResourceSet
+
+HEAD, A, B = "aa" * 14, "bb" * 14, "cc" * 14
+
+
+class _Link:
+    def __init__(self):
+        self.functions_sent = set()
+        self.sent = []
+
+    def send(self, event):
+        self.sent.append(event)
+
+
+class _Config:
+    labels: dict = {}
+
+
+class _Daemon(ClusterDuties):
+    def __init__(self, peers_free: dict):
+        self.node_id = bytes.fromhex(HEAD)
+        self._init_cluster()
+        self.config = _Config()
+        self.membership = None
+        self.resources = NodeResources({"CPU": 1.0})
+        self.resources.try_acquire(ResourceSet.from_dict({"CPU": 1.0}))   # busy here
+        self.queue = TaskQueue()
+        self.objects = ObjectDirectory()
+        self.functions = {}
+        self.tasks = {}
+        self.infeasible = []
+        self.view_nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
+                           for n in (HEAD, A, B)}
+        self.view_avail = {HEAD: {"CPU": 0.0}, **peers_free}
+        self.avail_changed_at = {n: time.monotonic() - 5 for n in self.view_avail}
+        self.links = {A: _Link(), B: _Link()}
+
+    def _flush_borrows(self):
+        pass
+
+    def _schedule(self):
+        pass
+
+    def offers_to(self, node_hex):
+        return [e.spill.spec.task_id for e in self.links[node_hex].sent if e.HasField("spill")]
+
+    def queue_tasks(self, count):
+        tasks = []
+        for i in range(count):
+            spec = pb.TaskSpec(task_id=bytes([i + 1]) * 4, name=f"t{i}", resources={"CPU": 1.0},
+                               scheduling_strategy="DEFAULT")
+            task = TaskRecord(spec=spec, owner=None, return_ids=[],
+                              request=ResourceSet.from_dict({"CPU": 1.0}), env_key="", env_vars={})
+            self.tasks[spec.task_id] = task
+            self.queue.push(task)
+            tasks.append(task)
+        return tasks
+
+
+def _deliver(daemon, from_hex, *, free, backlog, events=()):
+    batch = pb.PeerBatch(from_node=bytes.fromhex(from_hex), events=list(events),
+                         load=pb.NodeLoad(available={"CPU": free}, backlog_room=backlog))
+    asyncio.run(daemon.Deliver(batch, None))
+
+
+def test_a_batch_showing_room_gets_queued_work_offered_at_once():
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})   # etcd: everyone busy
+    daemon.queue_tasks(3)
+    daemon._offer_queued()
+    assert daemon.offers_to(A) == daemon.offers_to(B) == []
+    _deliver(daemon, A, free=1.0, backlog=0)        # a result came back: A has room
+    assert len(daemon.offers_to(A)) == 1
+    assert daemon.offers_to(B) == []
+    assert len(daemon.queue) == 2
+
+
+def test_unanswered_offers_are_not_counted_twice():
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})
+    daemon.queue_tasks(3)
+    _deliver(daemon, A, free=1.0, backlog=0)
+    _deliver(daemon, A, free=1.0, backlog=0)        # still one CPU: the offer is in flight
+    assert len(daemon.offers_to(A)) == 1
+
+
+def test_backlog_only_when_no_peer_can_start_the_task():
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 1.0}})
+    daemon.queue_tasks(4)
+    _deliver(daemon, A, free=0.0, backlog=2)
+    # B (free per etcd) gets the first; then A queues two, as many as it said.
+    assert len(daemon.offers_to(B)) == 1
+    assert len(daemon.offers_to(A)) == 2
+    assert len(daemon.queue) == 1
+
+
+def test_an_answered_offer_stops_counting_even_for_a_cancelled_task():
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})
+    (task,) = daemon.queue_tasks(1)
+    _deliver(daemon, A, free=1.0, backlog=0)
+    assert daemon.offers_to(A) == [task.task_id]
+    del daemon.tasks[task.task_id]                 # cancelled while the offer was out
+    verdict = pb.PeerEvent(verdict=pb.SpillVerdict(task_id=task.task_id, accepted=True))
+    _deliver(daemon, A, free=0.0, backlog=0, events=[verdict])
+    assert daemon.offered.get(A) == {}
+
+
+def test_an_old_load_yields_to_a_newer_etcd_value():
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})
+    daemon.peer_loads[A] = (pb.NodeLoad(available={"CPU": 1.0}), time.monotonic() - 10)
+    daemon.avail_changed_at[A] = time.monotonic() - 1    # etcd changed since: busy
+    daemon.queue_tasks(1)
+    daemon._offer_queued()
+    assert daemon.offers_to(A) == []
