@@ -101,23 +101,11 @@ def build_call_args(core, args: tuple, kwargs: dict, name: str, *, same_node: bo
     ``core.build_args`` makes them.  ``same_node`` says the actor is known to
     live on this node (so a file in the node's store directory reaches it).
     """
-    from meshray.core.core_worker import ArgPlaceholder
-    from meshray.core.object_ref import ObjectRef
+    from meshray.core.core_worker import substitute_refs
 
     if not args and not kwargs:
         return CallArgs(*core.build_args(args, kwargs, name))
-    arg_refs: list = []
-    keepalive: list = []
-
-    def substitute(value):
-        if isinstance(value, ObjectRef):
-            arg_refs.append(value.binary())
-            keepalive.append(value)
-            return ArgPlaceholder(len(arg_refs) - 1)
-        return value
-
-    new_args = [substitute(a) for a in args]
-    new_kwargs = {k: substitute(v) for k, v in kwargs.items()}
+    new_args, new_kwargs, arg_refs, keepalive = substitute_refs(args, kwargs)
     try:
         serialized = serialization.serialize((new_args, new_kwargs),
                                              what=f"the arguments of {name}",

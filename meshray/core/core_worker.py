@@ -35,6 +35,26 @@ _MAX_BATCH = 2000
 _MAX_REF_BATCH = 5000
 
 
+def substitute_refs(args: tuple, kwargs: dict):
+    """Top-level ObjectRefs become placeholders the receiver resolves.
+
+    Returns (args, kwargs, ref ids in placeholder order, the refs themselves
+    to keep alive until the call is queued).
+    """
+    arg_refs: list[bytes] = []
+    keepalive: list = []
+
+    def substitute(value):
+        if isinstance(value, ObjectRef):
+            arg_refs.append(value.binary())
+            keepalive.append(value)
+            return ArgPlaceholder(len(arg_refs) - 1)
+        return value
+
+    return ([substitute(a) for a in args], {k: substitute(v) for k, v in kwargs.items()},
+            arg_refs, keepalive)
+
+
 class _RefBatch:
     """Reference changes not yet sent, in one RefUpdate (see _queue_ref_change)."""
 
@@ -647,18 +667,7 @@ class CoreWorker:
         """
         if not args and not kwargs:
             return _NO_ARGS_BLOB, [], [], []
-        arg_refs: list[bytes] = []
-        keepalive = []
-
-        def substitute(value):
-            if isinstance(value, ObjectRef):
-                arg_refs.append(value.binary())
-                keepalive.append(value)
-                return ArgPlaceholder(len(arg_refs) - 1)
-            return value
-
-        new_args = [substitute(a) for a in args]
-        new_kwargs = {k: substitute(v) for k, v in kwargs.items()}
+        new_args, new_kwargs, arg_refs, keepalive = substitute_refs(args, kwargs)
         try:
             serialized = serialization.serialize((new_args, new_kwargs),
                                                  what=f"the arguments of {name}",
