@@ -331,6 +331,16 @@ class EmbeddedEtcd:
         if self._proc is None:
             raise RuntimeError("etcd was never launched")
         code = self._proc.poll()
+        if code is not None and "epoll_wait error" in self.log_tail() \
+                and getattr(self, "_fork_relaunches", 0) < 2:
+            # The forked child aborted before exec in grpc's fork handler
+            # (grpc/grpc#43055, threads + preexec_fn): etcd never ran; relaunch.
+            self._fork_relaunches = getattr(self, "_fork_relaunches", 0) + 1
+            log.warning("etcd %s child aborted before exec (grpc fork bug); relaunching",
+                        self.name)
+            self._proc = None
+            self.launch()
+            return False
         if code is not None:
             raise RuntimeError(
                 f"etcd {self.name} exited with code {code} during startup "
