@@ -16,6 +16,8 @@ same user (and root).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -26,6 +28,7 @@ from typing import Mapping
 
 __all__ = [
     "ETCD_ENV",
+    "derive_key",
     "MIN_TOKEN_LENGTH",
     "TOKEN_ENV",
     "TOKEN_FILE_ENV",
@@ -68,6 +71,23 @@ _MANAGED_SECRET_DIRS = ("/run/secrets/", "/var/run/secrets/")
 def generate_token() -> str:
     """A fresh cluster token: 256 random bits, URL-safe, no padding or spaces."""
     return secrets.token_urlsafe(32)
+
+
+def derive_key(token: str, purpose: str) -> bytes:
+    """A 256-bit key for one `purpose`, derived from the cluster token.
+
+    Every secret a member needs (the keys that prove membership on a call,
+    the key that signs etcd records, the embedded etcd's password) is
+    derived from the one token, each under its own label, so a value made
+    for one purpose is useless for another (a call proof cannot be replayed
+    as a record signature) and learning a derived value reveals nothing of
+    the token. HMAC-SHA256 with the token as key is a standard key
+    derivation for a high-entropy secret (HKDF's expand step with one block).
+    """
+    validate_token(token)
+    if not purpose or not isinstance(purpose, str):
+        raise ValueError(f"purpose={purpose!r} must be a non-empty string naming the key's use")
+    return hmac.new(token.encode("ascii"), b"meshray/v1/" + purpose.encode(), hashlib.sha256).digest()
 
 
 def validate_token(token, source: str = "token") -> str:
