@@ -16,8 +16,6 @@ same user (and root).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -84,10 +82,12 @@ def derive_key(token: str, purpose: str) -> bytes:
     the token. HMAC-SHA256 with the token as key is a standard key
     derivation for a high-entropy secret (HKDF's expand step with one block).
     """
+    from meshray.rpc.auth import derive_key as derive
+
     validate_token(token)
     if not purpose or not isinstance(purpose, str):
         raise ValueError(f"purpose={purpose!r} must be a non-empty string naming the key's use")
-    return hmac.new(token.encode("ascii"), b"meshray/v1/" + purpose.encode(), hashlib.sha256).digest()
+    return derive(token, purpose)
 
 
 def validate_token(token, source: str = "token") -> str:

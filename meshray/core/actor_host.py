@@ -30,7 +30,7 @@ from meshray.core import arg_files, state as state_mod
 from meshray.core.core_worker import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
 from meshray.node.fence import LeaseFence
-from meshray.rpc import make_server
+from meshray.rpc import accept_targets, make_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
@@ -105,8 +105,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
         self._server.start()
         advertise = os.environ.get("MESHRAY_ADVERTISE_HOST") or host
-        return ",".join(a if a.startswith("unix:") else f"{advertise}:{a.rsplit(':', 1)[1]}"
-                        for a in bound)
+        addresses = [a if a.startswith("unix:") else f"{advertise}:{a.rsplit(':', 1)[1]}"
+                     for a in bound]
+        accept_targets(self._server, addresses)   # callers dial what we advertise
+        return ",".join(addresses)
 
     # ------------------------------------------------------------ stream
     def Call(self, request_iterator, context):

@@ -35,7 +35,7 @@ from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
 from meshray.object_store.store import ObjectStore
-from meshray.rpc import make_aio_server
+from meshray.rpc import accept_targets, make_aio_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler.resources import NodeResources, ResourceSet
@@ -177,6 +177,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._start_transfers(self.server)   # transfer.py: chunk encoding, pulled copies
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
+        accept_targets(self.server, [self.address])   # peers dial what we advertise
         self.local_address = bound[1]
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
                                session_dir=self.config.session_dir, on_output=self._worker_output,

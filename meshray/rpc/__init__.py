@@ -1,6 +1,6 @@
 """gRPC plumbing: the one factory for channels and servers, and generated code."""
 from meshray.rpc.factory import (
-    TOKEN_METADATA_KEY,
+    accept_targets,
     is_loopback_host,
     make_aio_channel,
     make_aio_server,
@@ -10,7 +10,7 @@ from meshray.rpc.factory import (
 )
 
 __all__ = [
-    "TOKEN_METADATA_KEY",
+    "accept_targets",
     "is_loopback_host",
     "make_aio_channel",
     "make_aio_server",

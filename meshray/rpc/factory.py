@@ -1,18 +1,13 @@
 """The single seam through which every gRPC channel and server is built.
 
 Keeping construction in one place means deadlines, keepalive, message limits,
-TLS and the cluster-token check cannot be forgotten by one caller: a server
-built here rejects a call without the right token before any handler (and so
-any unpickling) runs, and a channel built here sends the token on every call.
-
-Why the check sits where it does: meshray messages carry pickles, and
-unpickling runs code. The token is compared on the call's *metadata*, which
-gRPC hands to server interceptors before it has read a single request
-message; a rejected call is answered by a handler that never reads its
-request stream, so neither protobuf decoding nor pickle ever sees bytes from
-a caller who has not proved membership. The check is generic -- it does not
-know service or method names -- so a service added later is covered the
-moment it is registered on a server from this module.
+TLS and the membership check cannot be forgotten by one caller: a server
+built here refuses a call without a valid membership proof before any
+handler (and so any unpickling) runs and proves itself to every caller it
+admits; a channel built here proves membership on every call, never sends
+the cluster secret itself, and reads no answer from a server that has not
+proved membership (see :mod:`meshray.rpc.auth` for the exchange and
+:mod:`meshray.rpc.gate` for where it is enforced).
 
 TLS is optional and configured per call (``tls=TlsConfig``) or, by default,
 from the MESHRAY_TLS_* environment so that worker processes inherit what
@@ -21,8 +16,6 @@ their node daemon was started with (see :mod:`meshray.rpc.tls`).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import inspect
 import ipaddress
 import logging
@@ -36,16 +29,18 @@ import time
 import grpc
 import grpc.aio
 
+from meshray.rpc.auth import ProofChecker
+from meshray.rpc.gate import AioGate, SyncGate, SyncProofs, aio_proofs
 from meshray.rpc.tls import TLS_FROM_ENV, TlsConfig, resolve_tls
 
 __all__ = [
     "FAILPOINTS_ENV",
     "FAILPOINTS_FILE_ENV",
     "FAILPOINT_METHODS",
-    "TOKEN_METADATA_KEY",
     "MAX_MESSAGE_BYTES",
     "TLS_FROM_ENV",
     "TlsConfig",
+    "accept_targets",
     "is_loopback_host",
     "make_aio_channel",
     "make_aio_server",
@@ -57,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOKEN_METADATA_KEY = "meshray-token"
 # Large values travel through the object store, not messages; this bound only
 # has to admit inline values (<= 100 KiB each) batched together.
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -75,7 +69,6 @@ _SERVER_OPTIONS = _COMMON_OPTIONS + [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
-_DENIED_DETAILS = "missing or wrong meshray cluster token"
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -120,126 +113,6 @@ def _check_token(token) -> str | None:
                          "(it travels as gRPC metadata); generate one with "
                          "meshray.security.generate_token()")
     return token
-
-
-def _digest(value: bytes) -> bytes:
-    # Comparing fixed-size digests keeps the comparison constant-time even in
-    # the token's length, which compare_digest alone would reveal.
-    return hashlib.sha256(value).digest()
-
-
-def _sent_token(handler_call_details) -> bytes | None:
-    for key, value in handler_call_details.invocation_metadata or ():
-        if key == TOKEN_METADATA_KEY:
-            return value.encode() if isinstance(value, str) else bytes(value)
-    return None
-
-
-class _RejectionLog:
-    """Log rejected calls without letting a flood of them flood the log.
-
-    Every rejection is worth knowing about (it is either a misconfigured
-    peer or a probe), but a scanner can send thousands a second; after
-    `burst` lines in a window the rest are counted and summarised.
-    """
-
-    def __init__(self, burst: int = 20, window_s: float = 10.0):
-        self._burst, self._window = burst, window_s
-        self._lock = threading.Lock()
-        self._window_start = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def record(self, method: str, peer: str, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window_start >= self._window:
-                if self._suppressed:
-                    log.warning("%d more unauthenticated gRPC calls were rejected in the "
-                                "last %.0fs (not logged individually)",
-                                self._suppressed, self._window)
-                self._window_start, self._logged, self._suppressed = now, 0, 0
-            if self._logged >= self._burst:
-                self._suppressed += 1
-                return
-            self._logged += 1
-        log.warning("rejected unauthenticated gRPC call to %s from %s: %s", method, peer, reason)
-
-
-class _Gate:
-    """The token rule shared by the asyncio and the thread-pool servers."""
-
-    def __init__(self, token: str):
-        self._expected = _digest(token.encode())
-        self.rejections = _RejectionLog()
-
-    def check(self, handler_call_details) -> str | None:
-        """None when the call may proceed, else why it may not."""
-        sent = _sent_token(handler_call_details)
-        if sent is None:
-            return "no token in the call metadata"
-        if hmac.compare_digest(_digest(sent), self._expected):
-            return None
-        return "wrong token"
-
-
-def _deny_handler(real_handler, behavior):
-    """A handler that aborts the call without reading its request.
-
-    The request side is always streaming, whatever the real method is: a
-    unary-request handler makes gRPC read (and hand over) the request
-    message before the behaviour runs, which is work -- and payload
-    handling -- an unauthenticated caller must not get. Streaming requests
-    leave the message unread. The response side copies the real method's
-    shape so the framework's bookkeeping matches the caller's expectation;
-    for an unknown method the stream shape fits any caller (the status is
-    the same on the wire).
-    """
-    if real_handler is not None and not real_handler.response_streaming:
-        return grpc.stream_unary_rpc_method_handler(behavior)
-    return grpc.stream_stream_rpc_method_handler(behavior)
-
-
-class _TokenCheck(grpc.aio.ServerInterceptor):
-    """Reject asyncio-server calls whose metadata lacks the cluster token."""
-
-    def __init__(self, token: str):
-        self._gate = _Gate(token)
-
-    async def intercept_service(self, continuation, handler_call_details):
-        reason = self._gate.check(handler_call_details)
-        real = await continuation(handler_call_details)
-        if reason is None:
-            return real
-        method = handler_call_details.method
-        rejections = self._gate.rejections
-
-        async def deny(_request_iterator, context):
-            rejections.record(method, context.peer(), reason)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED_DETAILS)
-
-        return _deny_handler(real, deny)
-
-
-class _SyncTokenCheck(grpc.ServerInterceptor):
-    """The thread-pool-server twin of _TokenCheck (same rule, same moment)."""
-
-    def __init__(self, token: str):
-        self._gate = _Gate(token)
-
-    def intercept_service(self, continuation, handler_call_details):
-        reason = self._gate.check(handler_call_details)
-        real = continuation(handler_call_details)
-        if reason is None:
-            return real
-        method = handler_call_details.method
-        rejections = self._gate.rejections
-
-        def deny(_request_iterator, context):
-            rejections.record(method, context.peer(), reason)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED_DETAILS)
-
-        return _deny_handler(real, deny)
 
 
 # ---------------------------------------------------------------- failpoints
@@ -631,11 +504,12 @@ def make_aio_server(bind: list[str], *, token: str | None,
     token = _check_token(token)
     _check_binds(bind, token, allow_insecure_remote)
     tls = resolve_tls(tls)
-    interceptors = [_TokenCheck(token)] if token else []
+    checker = ProofChecker(token) if token else None
+    interceptors = [AioGate(checker)] if checker else []
     if _failpoints_wanted():     # chaos testing only; see "failpoints" above
         interceptors.append(_AioFailpoints(_Failpoints()))
     server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-    return server, _bind_all(server, bind, tls)
+    return server, _bound(server, checker, _bind_all(server, bind, tls))
 
 
 def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
@@ -650,94 +524,37 @@ def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
     token = _check_token(token)
     _check_binds(bind, token, allow_insecure_remote)
     tls = resolve_tls(tls)
-    interceptors = [_SyncTokenCheck(token)] if token else []
+    checker = ProofChecker(token) if token else None
+    interceptors = [SyncGate(checker)] if checker else []
     if _failpoints_wanted():     # chaos testing only; see "failpoints" above
         interceptors.append(_SyncFailpoints(_Failpoints()))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="meshray-rpc"),
                          interceptors=interceptors, options=_SERVER_OPTIONS)
-    return server, _bind_all(server, bind, tls)
+    return server, _bound(server, checker, _bind_all(server, bind, tls))
+
+
+def _bound(server, checker: ProofChecker | None, bound: list[str]) -> list[str]:
+    server._meshray_proofs = checker
+    if checker is not None:
+        checker.accept_targets(bound)
+    return bound
+
+
+def accept_targets(server, addresses) -> None:
+    """Tell `server` the addresses it is dialled at besides those it bound.
+
+    A proof names the address its caller dialled, and a server refuses
+    proofs made for another address (an impostor there could otherwise relay
+    them). A node that binds 0.0.0.0 or sits behind an address it advertises
+    must list that advertised address here before publishing it.
+    """
+    checker = getattr(server, "_meshray_proofs", None)
+    if checker is not None:
+        checker.accept_targets(addresses)
 
 
 # ------------------------------------------------------------------ channels
-class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
-                     grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
-    """Attach the cluster token to every outgoing call (blocking API)."""
-
-    def __init__(self, token: str):
-        self._pair = (TOKEN_METADATA_KEY, token)
-
-    def _details(self, details):
-        metadata = [item for item in (details.metadata or ()) if item[0] != TOKEN_METADATA_KEY]
-        metadata.append(self._pair)
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(
-            details.method, details.timeout, metadata, details.credentials,
-            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(self._details(details), request_iterator)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
-        self.method = method
-        self.timeout = timeout
-        self.metadata = metadata
-        self.credentials = credentials
-        self.wait_for_ready = wait_for_ready
-        self.compression = compression
-
-
-def _with_token_aio(details, token: str):
-    metadata = grpc.aio.Metadata(*[item for item in (details.metadata or ())
-                                   if item[0] != TOKEN_METADATA_KEY])
-    metadata.add(TOKEN_METADATA_KEY, token)
-    return details._replace(metadata=metadata)
-
-
-# grpc.aio files an interceptor under the first arity it implements only, so
-# the asyncio channel needs one small class per call shape.
-class _AioTokenUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_token_aio(details, self._token), request)
-
-
-class _AioTokenUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_token_aio(details, self._token), request)
-
-
-class _AioTokenStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_token_aio(details, self._token), request_iterator)
-
-
-class _AioTokenStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str):
-        self._token = token
-
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_token_aio(details, self._token), request_iterator)
-
-
 def _channel_security(target: str, tls) -> TlsConfig | None:
     """The TLS config a channel to `target` uses (None: plaintext)."""
     if not isinstance(target, str) or not target:
@@ -762,7 +579,7 @@ def make_channel(target: str, *, token: str | None,
         channel = grpc.secure_channel(target, tls.channel_credentials(),
                                       options=_COMMON_OPTIONS + tls.channel_options())
     if token:
-        channel = grpc.intercept_channel(channel, _TokenMetadata(token))
+        channel = grpc.intercept_channel(channel, SyncProofs(token, target, channel))
     return channel
 
 
@@ -775,12 +592,14 @@ def make_aio_channel(target: str, *, token: str | None,
     """
     token = _check_token(token)
     tls = _channel_security(target, tls)
-    interceptors = ([_AioTokenUnaryUnary(token), _AioTokenUnaryStream(token),
-                     _AioTokenStreamUnary(token), _AioTokenStreamStream(token)]
-                    if token else None)
+    state, interceptors = aio_proofs(token, target) if token else (None, None)
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=_COMMON_OPTIONS,
-                                         interceptors=interceptors)
-    return grpc.aio.secure_channel(target, tls.channel_credentials(),
-                                   options=_COMMON_OPTIONS + tls.channel_options(),
-                                   interceptors=interceptors)
+        channel = grpc.aio.insecure_channel(target, options=_COMMON_OPTIONS,
+                                            interceptors=interceptors)
+    else:
+        channel = grpc.aio.secure_channel(target, tls.channel_credentials(),
+                                          options=_COMMON_OPTIONS + tls.channel_options(),
+                                          interceptors=interceptors)
+    if state is not None:
+        state.channel = channel
+    return channel

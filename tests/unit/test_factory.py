@@ -1,4 +1,4 @@
-"""The rpc factory's token gate, bind rule and TLS configuration, in-process.
+"""The rpc factory's membership gate, bind rule and TLS configuration, in-process.
 
 The gate is checked against a throw-away service with all four call shapes
 on both server flavours, because meshray's own services will grow methods
@@ -14,9 +14,9 @@ import threading
 import grpc
 import pytest
 
-from meshray.rpc import factory
+from meshray.rpc import gate
+from meshray.rpc.auth import AUTH_METADATA_KEY
 from meshray.rpc.factory import (
-    TOKEN_METADATA_KEY,
     is_loopback_host,
     make_aio_channel,
     make_aio_server,
@@ -167,7 +167,7 @@ def test_no_token_rejected_before_deserializing(served, shape, caplog):
                 _call(channel, shape)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (rec.deserialized, rec.handled) == (0, 0)
-    assert any(f"/{SERVICE}/{shape}" in r.getMessage() and "no token" in r.getMessage()
+    assert any(f"/{SERVICE}/{shape}" in r.getMessage() and "no membership proof" in r.getMessage()
                for r in caplog.records)
 
 
@@ -191,15 +191,16 @@ def test_right_token_passes(served, shape):
     assert rec.handled == 1 and rec.deserialized >= 1
 
 
-def test_token_metadata_cannot_be_doubled(served):
-    """A caller-supplied token entry is replaced, not followed, by the channel's."""
+def test_proof_metadata_cannot_be_doubled(served):
+    """A caller-supplied proof entry is replaced, not followed, by the channel's;
+    and the secret itself sent as metadata (the old bearer token) proves nothing."""
     address, rec = served
     with make_channel(address, token=TOKEN, tls=None) as channel:
-        assert _call(channel, "UnaryUnary", metadata=[(TOKEN_METADATA_KEY, "forged")]) == b"ok:x"
+        assert _call(channel, "UnaryUnary", metadata=[(AUTH_METADATA_KEY, "forged")]) == b"ok:x"
     with grpc.insecure_channel(address) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            _call(channel, "UnaryUnary", metadata=[(TOKEN_METADATA_KEY, "forged"),
-                                                   (TOKEN_METADATA_KEY, TOKEN)])
+            _call(channel, "UnaryUnary", metadata=[(AUTH_METADATA_KEY, "forged"),
+                                                   ("meshray-token", TOKEN)])
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -215,7 +216,7 @@ def test_unknown_method_does_not_leak_existence(served):
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_aio_channel_sends_token_for_every_shape(served):
+def test_aio_channel_proves_membership_for_every_shape(served):
     address, _rec = served
 
     async def run():
@@ -255,7 +256,7 @@ def test_unix_socket_listener_is_gated_too(tmp_path):
 
 
 def test_rejection_log_is_rate_limited(caplog):
-    rejections = factory._RejectionLog(burst=3, window_s=3600)
+    rejections = gate.RejectionLog(burst=3, window_s=3600)
     with caplog.at_level(logging.WARNING, logger="meshray.rpc.factory"):
         for i in range(10):
             rejections.record(f"/svc/M{i}", "ipv4:1.2.3.4:5", "wrong token")
