@@ -131,7 +131,7 @@ class _ClusterBase:
             from meshray import security
             from meshray.coordination.client import Coordinator
             self._coordinator = Coordinator(self.address.split(","), timeout=5.0,
-                                            **security.etcd_client_options())
+                                            **security.etcd_client_options(token=self.token))
         return self._coordinator
 
     def registered(self) -> dict[str, dict]:

@@ -216,13 +216,19 @@ def join_hint(etcd: str, token_path: str) -> str:
 def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = None,
                         cert_key: str | None = None, user: str | None = None,
                         password: str | None = None, password_file: str | None = None,
-                        environ: Mapping[str, str] | None = None) -> dict:
+                        environ: Mapping[str, str] | None = None,
+                        token: str | None = None) -> dict:
     """Keyword arguments for ``Coordinator(endpoints, **options)``.
 
     Explicit values (CLI flags) win over MESHRAY_ETCD_* variables. Pairs that
     only work together (certificate and key; user and password) are checked
     here so the error names the flags and variables, not the client's
     parameters. Empty result = plaintext, anonymous etcd.
+
+    With the cluster `token`, the options also carry the key that seals and
+    checks every record (``record_key``, see
+    :mod:`meshray.coordination.seal`): a member refuses records that no
+    member wrote. It is not an etcd credential and never leaves the process.
     """
     env = os.environ if environ is None else environ
     options = {}
@@ -262,6 +268,8 @@ def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = N
         if name in options and not os.path.isfile(options[name]):
             raise ValueError(f"etcd {name.replace('_', ' ')} file {options[name]!r} "
                              f"({ETCD_ENV[name]}) does not exist")
+    if token:
+        options["record_key"] = derive_key(token, "records")
     return options
 
 
@@ -272,6 +280,8 @@ def etcd_options_to_env(options: Mapping[str, str]) -> dict[str, str]:
     """
     env = {}
     for name, value in options.items():
+        if name == "record_key":   # derived from the token, which children get separately
+            continue
         if name not in ETCD_ENV:
             raise ValueError(f"unknown etcd option {name!r}; expected one of {sorted(ETCD_ENV)}")
         env[ETCD_ENV[name]] = (os.path.abspath(value) if name in ("ca_cert", "cert_cert",

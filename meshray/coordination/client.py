@@ -64,6 +64,7 @@ from .errors import (
     _Transient,
 )
 from .leases import LeaseKeeper
+from .seal import RecordSeal
 from .txn import (
     MAX_TXN_OPS,
     Delete,
@@ -132,7 +133,7 @@ class Coordinator:
     def __init__(self, endpoints: Sequence[str] | str, timeout: float = 5.0,
                  ca_cert: str | None = None, cert_key: str | None = None,
                  cert_cert: str | None = None, user: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, record_key: bytes | None = None):
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e.strip()]
         endpoints = list(endpoints)
@@ -156,6 +157,9 @@ class Coordinator:
                 private_key=_read_file(cert_key, "cert_key"),
                 certificate_chain=_read_file(cert_cert, "cert_cert"))
         self._timeout = float(timeout)
+        # Values are sealed on the way in and checked on the way out (seal.py);
+        # without a key (a tokenless loopback cluster) they pass unchanged.
+        self.seal = RecordSeal(record_key) if record_key is not None else None
         self._user, self._password = user, password
         self._token: str | None = None
         self._lock = threading.Lock()
@@ -321,7 +325,7 @@ class Coordinator:
         if not resp.kvs:
             return None, 0
         kv = resp.kvs[0]
-        return kv.value, kv.mod_revision
+        return self._open(kv.key, kv.value), kv.mod_revision
 
     def get_prefix(self, prefix: str | bytes, *,
                    timeout: float | None = None
@@ -350,8 +354,10 @@ class Coordinator:
                         timeout)
                     if revision == 0:
                         revision = resp.header.revision
-                    items.extend(KeyValue(_ks(kv.key), kv.value,
-                                          kv.mod_revision) for kv in resp.kvs)
+                    for kv in resp.kvs:
+                        value = self._open(kv.key, kv.value)
+                        if value is not None:
+                            items.append(KeyValue(_ks(kv.key), value, kv.mod_revision))
                     if not resp.more or not resp.kvs:
                         return items, revision
                     key = resp.kvs[-1].key + b"\0"
@@ -364,7 +370,7 @@ class Coordinator:
     def put(self, key: str | bytes, value: bytes | str,
             lease: int | None = None, *, timeout: float | None = None) -> int:
         """Write ``key``; returns the store revision of the write."""
-        req = etcdrpc.PutRequest(key=_kb(key), value=_vb(value),
+        req = etcdrpc.PutRequest(key=_kb(key), value=self._sealed(key, value),
                                  lease=_lease_id(lease))
         resp = self._invoke(
             "put", lambda ep, t, md: ep.kv.Put(req, timeout=t, metadata=md),
@@ -401,10 +407,18 @@ class Coordinator:
         return self.txn([KeyMissing(key)], [Put(key, value, lease)],
                         timeout=timeout).succeeded
 
+    # -- record seals ---------------------------------------------------
+
+    def _sealed(self, key, value) -> bytes:
+        value = _vb(value)
+        return value if self.seal is None else self.seal.seal(_kb(key), value)
+
+    def _open(self, key, raw: bytes) -> bytes | None:
+        return raw if self.seal is None else self.seal.open(_kb(key), raw)
+
     # -- transactions ---------------------------------------------------
 
-    @staticmethod
-    def _compare_msg(c) -> etcdrpc.Compare:
+    def _compare_msg(self, c) -> etcdrpc.Compare:
         if isinstance(c, KeyMissing):
             return etcdrpc.Compare(key=_kb(c.key),
                                    target=etcdrpc.Compare.CREATE,
@@ -421,15 +435,14 @@ class Coordinator:
             return etcdrpc.Compare(key=_kb(c.key),
                                    target=etcdrpc.Compare.VALUE,
                                    result=etcdrpc.Compare.EQUAL,
-                                   value=_vb(c.value))
+                                   value=self._sealed(c.key, c.value))
         raise TypeError(f"compares must be KeyMissing, ModRevisionEquals or "
                         f"ValueEquals; got {type(c).__name__}")
 
-    @staticmethod
-    def _op_msg(op) -> etcdrpc.RequestOp:
+    def _op_msg(self, op) -> etcdrpc.RequestOp:
         if isinstance(op, Put):
             return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(
-                key=_kb(op.key), value=_vb(op.value),
+                key=_kb(op.key), value=self._sealed(op.key, op.value),
                 lease=_lease_id(op.lease)))
         if isinstance(op, Delete):
             return etcdrpc.RequestOp(request_delete_range=
@@ -441,8 +454,7 @@ class Coordinator:
         raise TypeError(f"transaction ops must be Put, Delete or Get; got "
                         f"{type(op).__name__}")
 
-    @staticmethod
-    def _op_result(resp) -> Any:
+    def _op_result(self, resp) -> Any:
         kind = resp.WhichOneof("response")
         if kind == "response_put":
             return None
@@ -450,7 +462,8 @@ class Coordinator:
             return resp.response_delete_range.deleted
         if kind == "response_range":
             kvs = resp.response_range.kvs
-            return (kvs[0].value, kvs[0].mod_revision) if kvs else (None, 0)
+            return ((self._open(kvs[0].key, kvs[0].value), kvs[0].mod_revision) if kvs
+                    else (None, 0))
         return resp
 
     def txn(self, compares: Iterable, success: Iterable,

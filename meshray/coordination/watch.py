@@ -112,8 +112,12 @@ class WatchHandle:
                 batch.append(Event("delete", _ks(kv.key), None,
                                    kv.mod_revision))
             else:
-                batch.append(Event("put", _ks(kv.key), kv.value,
-                                   kv.mod_revision))
+                value = kv.value if self._coord.seal is None else \
+                    self._coord.seal.open(kv.key, kv.value)
+                # A value no member wrote leaves the key without a record.
+                batch.append(Event("put", _ks(kv.key), value, kv.mod_revision)
+                             if value is not None else
+                             Event("delete", _ks(kv.key), None, kv.mod_revision))
         try:
             self._on_events(batch)
         except Exception:

@@ -179,7 +179,7 @@ class Membership:
                 return None
             from meshray import security
             return Coordinator(self._endpoints, timeout=5.0,
-                               **security.etcd_client_options())
+                               **security.etcd_client_options(token=self._daemon.config.token))
 
         self.coordinator = connect()
         if self.coordinator is None:
