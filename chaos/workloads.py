@@ -85,6 +85,8 @@ class RunContext:
 def _error_kind(exc: BaseException) -> str:
     """'info' when the operation may have taken effect, 'fail' when it did not."""
     from meshray import exceptions
+    if isinstance(exc, exceptions.ActorUnavailableError) and not getattr(exc, "delivered", True):
+        return "fail"     # never reached the actor: it did not run
     if isinstance(exc, (exceptions.GetTimeoutError, exceptions.ActorUnavailableError,
                         exceptions.WorkerCrashedError, TimeoutError, ConnectionError)):
         return "info"

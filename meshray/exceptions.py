@@ -482,16 +482,21 @@ class ActorDiedError(RayActorError):
 
 
 class ActorUnavailableError(RayActorError):
-    """The actor can't be reached right now (e.g. restarting); it may come back."""
+    """The actor can't be reached right now (e.g. restarting); it may come back.
 
-    def __init__(self, error_message: str, actor_id: Any = None):
+    `delivered` (a meshray extension) is False when the call provably never
+    reached the actor, so it did not run; True when it was sent and its
+    outcome is unknown.
+    """
+
+    def __init__(self, error_message: str, actor_id: Any = None, *, delivered: bool = True):
         aid = _hex(actor_id)
-        msg = (
-            f"The actor {aid} is unavailable: {error_message}. The task may or may not "
-            f"have been executed on the actor."
-        )
+        outcome = ("The task may or may not have been executed on the actor." if delivered else
+                   "The task was not executed: it was never delivered to the actor.")
+        msg = f"The actor {aid} is unavailable: {error_message}. {outcome}"
         super().__init__(aid, msg, False, False)
         self.error_message = error_message
+        self.delivered = delivered
 
 
 class ActorAlreadyExistsError(RayError, ValueError):

@@ -7,6 +7,16 @@ elsewhere) once per incarnation; after that, calls never touch the node or
 etcd. When the stream breaks, the connection asks the node what happened:
 a restarted actor gets the unanswered calls again if they may be retried
 (max_task_retries), a dead one fails them with ActorDiedError.
+
+Errors tell what is known about each call. A call that provably never
+reached the actor -- still queued here when the stream ended, or refused by
+an actor whose node's lease fence is down (actor_host.py ends such a stream
+only after answering every call it accepted) -- did not run: it is sent
+again without using a retry, and if it must fail its error says it did not
+run. Only a call that left this process and went unanswered "may or may not
+have been executed". Failing to look the actor up (the node, or etcd behind
+it, does not answer) is not evidence of anything: the lookup is retried,
+and calls fail only after DELIVERY_TIMEOUT_S without any way to the actor.
 """
 from __future__ import annotations
 
@@ -24,13 +34,20 @@ from meshray.rpc import make_channel
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
-__all__ = ["ActorConnection"]
+__all__ = ["REFUSED_KEY", "ActorConnection", "maybe_delivered", "stream_refused"]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 2000
 _BATCH_BYTES = 2 * 1024 * 1024
 RESOLVE_TIMEOUT_S = 60.0
+# How long a call may wait while its actor cannot be reached at all (the
+# lookup fails, or every stream breaks or is refused before any answer).
+DELIVERY_TIMEOUT_S = 60.0
+# Trailing metadata of a stream the actor refused (actor_host.py): none of
+# its unanswered calls reached the actor's code.
+REFUSED_KEY = "meshray-calls-not-run"
+_NOT_DELIVERED = "This call was never delivered to the actor, so it did not run."
 
 
 @dataclass(eq=False)
@@ -39,7 +56,9 @@ class PendingCall:
     return_ids: list
     keepalive: list
     retries_left: int
+    # On the current stream, or sent on an earlier one and maybe delivered.
     sent: bool = False
+    queued_at: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)
     arg_file: str = ""        # this call's argument file (arg_files), released when it is over
     resent: bool = False      # sent more than once: an earlier recipient may still map arg_file
@@ -113,55 +132,71 @@ class ActorConnection:
     # ------------------------------------------------------------ thread
     def _run(self) -> None:
         fruitless = 0
+        unreachable_since = None   # since when no way to the actor has worked
         while not self._closed:
             if fruitless:
                 # The address we were given failed at once (its worker died
-                # and the node has not noticed yet, or the network blipped):
-                # back off a little before asking again.
+                # and the node has not noticed yet, the network blipped, or
+                # the actor refuses calls for now): back off before asking again.
                 time.sleep(min(0.02 * 2 ** fruitless, 1.0))
+            asked = time.monotonic()
             try:
                 # The node answers once the actor is ALIVE with a live worker
                 # (or DEAD), so a restart is waited for, not raced.
                 info = self._core.request("actor_info", {
                     "actor_id": self.actor_id.hex(), "wait": True,
                     "timeout": RESOLVE_TIMEOUT_S}, timeout=RESOLVE_TIMEOUT_S + 10)
-            except Exception as exc:  # noqa: BLE001 - the node is unreachable
+            except Exception as exc:  # noqa: BLE001 - the node (or etcd behind it) failed
                 if self._closed:
                     return
-                self._fail_everything(exceptions.ActorUnavailableError(
-                    f"could not look up the actor: {exc}", self.actor_id.hex()), final=False)
+                # Proves nothing about the actor: ask again until the deadline.
+                unreachable_since = unreachable_since or asked
+                self._fail_overdue(f"could not look up the actor: {exc}", unreachable_since,
+                                   now_all=getattr(self._core, "_lost", False))
+                fruitless = min(fruitless + 1, 6)
                 continue
             state = info.get("state")
             if state in ("DEAD", "UNKNOWN"):
                 cause = info.get("death_cause") or (
                     "the actor is unknown to the cluster" if state == "UNKNOWN" else "")
-                self._fail_everything(exceptions.ActorDiedError(
-                    actor_id=self.actor_id.hex(), class_name=info.get("class_name") or self.class_name,
-                    name=info.get("name") or None, node_id=info.get("node_id"),
-                    error_message=cause), final=True)
+                self._fail_dead(info, cause)
                 return
             if state != "ALIVE":
+                unreachable_since = None   # it is being restarted: that is waited for
                 continue
-            fruitless = 0 if self._serve(info) else min(fruitless + 1, 6)
+            started = time.monotonic()
+            answered, why = self._serve(info)
+            if answered:
+                fruitless, unreachable_since = 0, None
+                continue
+            fruitless = min(fruitless + 1, 6)
+            unreachable_since = unreachable_since or started
+            self._fail_overdue(why, unreachable_since)
 
-    def _serve(self, info: dict) -> bool:
-        """Stream calls to the incarnation `info` names; True if any answer came back."""
+    def _serve(self, info: dict) -> tuple[bool, str]:
+        """Stream calls to the incarnation `info` names.
+
+        Returns whether any answer came back, and why the stream ended.
+        """
         answered = False
+        why = "its stream ended"
+        refused = False
+        handed: set = set()         # task ids of calls that left this process
         replies_queue: queue.SimpleQueue = queue.SimpleQueue()
         same_node = info.get("node_id") == self._core.node_id.hex()
         with self._lock:
             self.same_node = same_node
             lost = [call for call in self._pending.values() if call.sent]
             for call in lost:
-                # Sent to an earlier incarnation (or a broken stream) and never
-                # answered: it may have run. Retry only if the caller allowed it.
+                # Sent on an earlier stream that broke, and never answered: it
+                # may have run. Retry only if the caller allowed it.
                 if call.retries_left == 0:
                     self._pending.pop(call.spec.task_id)
                     self._release(call.arg_file)
                     self._core.fail_locally(call.return_ids, exceptions.ActorUnavailableError(
-                        "the actor's connection was lost (it died or restarted) while this "
-                        "call was in flight; max_task_retries=0 means it is not retried",
-                        self.actor_id.hex()))
+                        "the connection to the actor broke after this call was sent to it "
+                        "(the actor may have died or restarted, or the network failed); "
+                        "max_task_retries=0 means it is not retried", self.actor_id.hex()))
                 elif call.retries_left > 0:
                     call.retries_left -= 1
             for call in self._pending.values():
@@ -177,7 +212,7 @@ class ActorConnection:
                                      or self._core.token)
         stub = pb_grpc.ActorServiceStub(self._channel)
         try:
-            for batch in stub.Call(self._outgoing(replies_queue)):
+            for batch in stub.Call(self._outgoing(replies_queue, handed)):
                 answered = True
                 for result in batch.results:
                     with self._lock:
@@ -189,13 +224,18 @@ class ActorConnection:
                                           reusable=result.args_released and not call.resent)
         except Exception as exc:  # noqa: BLE001 - stream broke: find out why
             log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
+            refused = stream_refused(exc)
+            why = getattr(exc, "details", lambda: None)() or str(exc) or why
         finally:
             with self._lock:
                 if self._queue is replies_queue:
                     self._queue = None
+                for call in self._pending.values():
+                    if call.sent and not maybe_delivered(call.spec.task_id in handed, refused):
+                        call.sent = False    # it never reached the actor: just send it again
             replies_queue.put(None)
             self._channel.close()
-        return answered
+        return answered, why
 
     def _inline_arg_file(self, call: PendingCall) -> None:
         """The actor now lives on another node: send the argument image inline."""
@@ -220,11 +260,14 @@ class ActorConnection:
         return next(a for a in addresses if not a.startswith("unix:"))
 
     @staticmethod
-    def _outgoing(calls: queue.SimpleQueue):
+    def _outgoing(calls: queue.SimpleQueue, handed: set):
+        """Batches for the stream; each call's task id goes into `handed`
+        before gRPC can have it, so a call not in it never left."""
         while True:
             spec = calls.get()
             if spec is None:
                 return
+            handed.add(spec.task_id)
             batch = [spec]
             # (ByteSize, not len(args_blob): reading a bytes field copies it.)
             size = spec.ByteSize()
@@ -238,16 +281,61 @@ class ActorConnection:
                 if spec is None:
                     yield pb.ActorCallBatch(calls=batch)
                     return
+                handed.add(spec.task_id)
                 batch.append(spec)
                 size += spec.ByteSize()
             yield pb.ActorCallBatch(calls=batch)
 
-    def _fail_everything(self, error: BaseException, *, final: bool) -> None:
+    def _fail_dead(self, info: dict, cause: str) -> None:
+        """The actor is dead: fail every call, saying which ones never reached it."""
+        def error(delivered: bool) -> exceptions.ActorDiedError:
+            message = cause if delivered else "\n".join(filter(None, (cause, _NOT_DELIVERED)))
+            return exceptions.ActorDiedError(
+                actor_id=self.actor_id.hex(),
+                class_name=info.get("class_name") or self.class_name,
+                name=info.get("name") or None, node_id=info.get("node_id"),
+                error_message=message)
+
         with self._lock:
             calls = list(self._pending.values())
             self._pending.clear()
-            if final:
-                self._dead = error
+            self._dead = error(False)     # later calls are never sent
         for call in calls:
             self._release(call.arg_file)
-            self._core.fail_locally(call.return_ids, error)
+            self._core.fail_locally(call.return_ids, error(call.sent))
+
+    def _fail_overdue(self, why: str, unreachable_since: float, *,
+                      now_all: bool = False) -> None:
+        """Fail the calls that have had no way to the actor for DELIVERY_TIMEOUT_S
+        (all of them with `now_all`); each error says whether the call may have run."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [call for call in self._pending.values()
+                       if now_all or now - max(call.queued_at, unreachable_since)
+                       >= DELIVERY_TIMEOUT_S]
+            for call in overdue:
+                self._pending.pop(call.spec.task_id, None)
+        for call in overdue:
+            self._release(call.arg_file)
+            self._core.fail_locally(call.return_ids, exceptions.ActorUnavailableError(
+                f"{why} (no way to the actor for {DELIVERY_TIMEOUT_S:.0f}s)"
+                if not now_all else why, self.actor_id.hex(), delivered=call.sent))
+
+
+def maybe_delivered(handed: bool, refused: bool) -> bool:
+    """Whether an unanswered call of an ended stream may have reached the actor.
+
+    Not when it never left this process, nor when the actor refused the
+    stream: it ends such a stream only after answering every call it took.
+    """
+    return handed and not refused
+
+
+def stream_refused(exc: BaseException) -> bool:
+    """True when a broken actor stream carries the actor's refusal mark."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    try:
+        pairs = trailing() if callable(trailing) else None
+    except Exception:  # noqa: BLE001 - no metadata on this error
+        pairs = None
+    return any(key == REFUSED_KEY for key, _value in pairs or ())

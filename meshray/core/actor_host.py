@@ -8,6 +8,13 @@ How a call runs depends on the actor:
   that many threads;
 - an async actor (any `async def` method): coroutines on one event loop, at
   most max_concurrency (default 1000) at a time per group.
+
+An actor created for another node refuses calls while its node's lease
+fence is down (node/fence.py): that node may have restarted it elsewhere.
+A refusal never leaves the caller guessing: the stream is ended only once
+every call read before the refusal has been answered, with trailing
+metadata (REFUSED_KEY) that tells the caller none of the unanswered calls
+ran, so it sends them again rather than failing them as maybe executed.
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ import weakref
 import grpc
 
 from meshray import exceptions
-from meshray.core import arg_files, state as state_mod
+from meshray.core import arg_files, ids, state as state_mod
+from meshray.core.actor_client import REFUSED_KEY
 from meshray.core.core_worker import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
-from meshray.node.fence import LeaseFence
+from meshray.node.fence import LeaseFence, fence_applies
 from meshray.rpc import accept_targets, make_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -43,15 +51,29 @@ TERMINATE_METHOD = "__ray_terminate__"
 READY_METHOD = "__ray_ready__"
 
 
-_FENCED = object()   # sentinel: the node's lease lapsed; end the stream
+class _Refused:
+    """Queued by the reader in place of a batch it refused: how many calls
+    it had handed on before, which the stream answers before it ends."""
+
+    def __init__(self, dispatched: int):
+        self.dispatched = dispatched
 
 
 class ActorHost(pb_grpc.ActorServiceServicer):
     def __init__(self, executor, creation_spec, cls):
         self.executor = executor
         self.core = executor.core
-        self._fence = LeaseFence.from_env()
         self.spec = creation_spec
+        self._fence = LeaseFence.from_env()
+        if self._fence is not None and not fence_applies(
+                creation_spec.task_id, self.core.node_id, ids.NODE_PREFIX_LEN):
+            # Created on this node: only this node restarts it, so no other
+            # incarnation can answer beside this one while it runs.
+            self._fence.close()
+            self._fence = None
+        # The lease it was created under: after the node re-registers, its
+        # creator has replaced it or declared it dead.
+        self._fence_lease = (self._fence.lease_id or None) if self._fence is not None else None
         self.cls = cls
         self.options = json.loads(creation_spec.actor_options or b"{}")
         self.actor_id = creation_spec.actor_id
@@ -117,16 +139,22 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         reader = threading.Thread(target=self._read_calls, args=(request_iterator, replies),
                                   name="meshray-actor-calls", daemon=True)
         reader.start()
+        answered = 0
+        refused: _Refused | None = None
         try:
             while True:
+                if refused is not None and answered >= refused.dispatched:
+                    context.set_trailing_metadata(((REFUSED_KEY, "1"),))
+                    context.abort(grpc.StatusCode.UNAVAILABLE, (
+                        f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so "
+                        "its creator may have restarted it elsewhere; calls are refused (not "
+                        "run) until the node is a member again"))
                 result = replies.get()
                 if result is None:
                     return
-                if result is _FENCED:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, (
-                        f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so it "
-                        "may have been restarted elsewhere; calls are refused until the node "
-                        "is a member again"))
+                if isinstance(result, _Refused):
+                    refused = result
+                    continue
                 results = [result]
                 while len(results) < _BATCH:
                     try:
@@ -136,19 +164,25 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                     if result is None:
                         yield pb.ActorReplyBatch(results=results)
                         return
+                    if isinstance(result, _Refused):
+                        refused = result
+                        break
                     results.append(result)
+                answered += len(results)
                 yield pb.ActorReplyBatch(results=results)
         finally:
             self._streams.remove(replies)
 
     def _read_calls(self, request_iterator, replies: queue.SimpleQueue) -> None:
+        dispatched = 0
         try:
             for batch in request_iterator:
-                if self._fence is not None and not self._fence.valid():
-                    # Never run calls as an incarnation the cluster has given up on.
-                    replies.put(_FENCED)
+                if self._fence is not None and not self._fence.valid(self._fence_lease):
+                    # Never run calls as an incarnation the cluster may have given up on.
+                    replies.put(_Refused(dispatched))
                     return
                 for spec in batch.calls:
+                    dispatched += 1
                     self._dispatch(spec, replies.put)
         except Exception as exc:  # noqa: BLE001 - the caller went away
             log.debug("actor call stream ended: %s", exc)

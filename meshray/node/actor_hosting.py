@@ -225,11 +225,28 @@ class ActorHosting:
             return entry.record(self.node_id.hex())
 
     async def _remote_actor_info(self, actor_id: bytes, payload: dict, timeout: float) -> dict:
-        """An actor neither hosted nor created here: etcd says where; ask that node."""
+        """An actor neither hosted nor created here: etcd says where; ask that node.
+
+        A failed etcd read says nothing about the actor (etcd may be stalled
+        or electing a leader): it is retried until the caller's deadline.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        failures = 0
         while True:
-            record = await self._etcd_call(self._read_actor_record, actor_id)
+            try:
+                record = await self._etcd_call(self._read_actor_record, actor_id)
+            except Exception as exc:  # noqa: BLE001 - etcd trouble, not the actor's fate
+                failures += 1
+                if loop.time() >= deadline:
+                    raise ConnectionError(f"could not read the record of actor {actor_id.hex()} "
+                                          f"from etcd within {timeout:.0f}s: {exc}") from exc
+                if failures == 1:
+                    log.warning("reading the record of actor %s from etcd failed (%s); "
+                                "retrying", actor_id.hex(), exc)
+                await asyncio.sleep(min(0.1 * 2 ** failures, 1.0, max(0.0, deadline - loop.time())))
+                continue
+            failures = 0
             node = record.get("node_id", "")
             if record.get("state") in ("DEAD", "UNKNOWN"):
                 return record

@@ -256,14 +256,15 @@ class Membership:
     def _extend_fence(self) -> None:
         fence = getattr(self._daemon, "fence", None)
         if fence is not None:
-            fence.set(self._lease.expires_at)
+            fence.set(self._lease.expires_at, self._lease.lease_id)
 
     def _publish_until_lost(self) -> None:
         """Publish until etcd says the lease is gone (or we stop).
 
         An etcd that cannot be reached is not a lost lease: the keeper keeps
-        trying, the fence lapses meanwhile (workers refuse calls), and the
-        node carries on as the same member if the lease turns out alive.
+        trying, the fence lapses meanwhile (actors a peer could replace
+        refuse calls: node/fence.py), and the node carries on as the same
+        member if the lease turns out alive.
         """
         failing_since = None
         while not self._stop.wait(PUBLISH_INTERVAL_S):

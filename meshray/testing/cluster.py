@@ -88,6 +88,12 @@ class Cluster:
     def token(self) -> str:
         return self._token
 
+    @property
+    def etcd_pid(self) -> int | None:
+        """The pid of the etcd member this Cluster runs (None for external
+        etcd): fault tests freeze it with SIGSTOP."""
+        return self._etcd.pid if self._etcd is not None else None
+
     def connect(self, namespace: str | None = None, **init_args):
         import meshray
         meshray.init(address=self.address, namespace=namespace, _token=self._token, **init_args)

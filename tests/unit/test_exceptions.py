@@ -198,6 +198,7 @@ ALL_INSTANCES = [
     E.ActorDiedError(actor_id="a1", class_name="C", name="n", namespace="ns", pid=3, ip="h",
                      node_id="n1", error_message="killed", never_started=True),
     E.ActorUnavailableError("restarting", b"\xaa"),
+    E.ActorUnavailableError("refused", b"\xaa", delivered=False),
     E.ActorAlreadyExistsError("svc", "ns", actor_id="a9"),
     E.RaySystemError("daemon gone", "tb"),
     E.UserCodeException("u"),
