@@ -555,6 +555,13 @@ class CoreWorker:
         """Turn an ObjectValue into the Python value (raising stored errors)."""
         if value.in_store:
             result = self._read_store(value.object_id, value.location)
+        elif value.is_error:
+            try:
+                result = serialization.deserialize_inline(value.inline_data)
+            except Exception as exc:  # noqa: BLE001 - say what failed, not an unpickling trace
+                raise exceptions.RaySystemError(
+                    f"the error stored for object {value.object_id.hex()} could not be "
+                    f"deserialized here: {type(exc).__name__}: {exc}") from exc
         else:
             result = serialization.deserialize_inline(value.inline_data)
         if value.is_error:

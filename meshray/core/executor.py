@@ -269,8 +269,8 @@ class TaskExecutor:
     def _send_item(self, spec, index: int, serialized, error=None) -> None:
         object_id = ids.object_id_for(spec.task_id, index)
         if error is not None:
-            value = pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error),
-                                   is_error=True)
+            value = pb.ObjectValue(object_id=object_id,
+                                   inline_data=serialization.serialize_error(error), is_error=True)
         else:
             value = self.core.store_value(object_id, serialized, local=False)
         self.core.send_task_result(pb.TaskResult(task_id=spec.task_id, returns=[value],
@@ -304,14 +304,20 @@ class TaskExecutor:
             return False
         if not spec.retry_exception_types:
             return True
-        return isinstance(exc, pickle.loads(spec.retry_exception_types))
+        try:
+            types = pickle.loads(spec.retry_exception_types)
+        except Exception as error:  # noqa: BLE001 - never lose the task's own error over this
+            log.warning("could not load retry_exceptions of %s (%s: %s); not retrying",
+                        spec.name, type(error).__name__, error)
+            return False
+        return isinstance(exc, types)
 
     @staticmethod
     def fail(result: pb.TaskResult, spec, error: BaseException, retryable: bool = False) -> None:
         del result.returns[:]
         result.failed = True
         result.retryable_error = retryable
-        blob = pickle.dumps(error)
+        blob = serialization.serialize_error(error)
         outputs = 1 if spec.num_returns < 0 else max(spec.num_returns, 0)
         for index in range(outputs):
             result.returns.append(pb.ObjectValue(object_id=return_id(spec, index),

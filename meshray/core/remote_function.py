@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import pickle
 
 import cloudpickle
 
@@ -135,7 +134,8 @@ class RemoteFunction:
         if retry:
             spec.retry_exceptions = True
             if not isinstance(retry, bool):
-                spec.retry_exception_types = pickle.dumps(tuple(retry))
+                # By value: classes from the driver's __main__ must load in a worker.
+                spec.retry_exception_types = cloudpickle.dumps(tuple(retry))
         placement, _held = opts.resource_request(options, for_actor=False)
         build_task_spec_fields(spec, options, placement)
         if streaming:

@@ -1,0 +1,137 @@
+"""Regression tests for defects found by hostile use of the public API.
+
+Each test drives real etcd, a real node daemon and real workers; the ones
+about the driver's `__main__` or process lifetimes run a driver script in a
+fresh interpreter so `__main__` and the process tree are really the driver's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, run_driver, wait_for
+
+
+def _last_json(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------ user exceptions
+_MAIN_EXCEPTION_DRIVER = """
+import json, os, sys
+import meshray as ray
+
+class MainError(Exception):
+    '''Defined in the driver's __main__: a worker can only get it by value.'''
+
+class RefusesPickling(Exception):
+    def __reduce__(self):
+        raise RuntimeError("this exception refuses to be pickled")
+
+runs = sys.argv[1]
+ray.init(num_cpus=1)
+
+@ray.remote(max_retries=3)
+def failing():
+    with open(runs, "a") as handle:
+        handle.write("x")
+    raise MainError("custom failure 17")
+
+@ray.remote(max_retries=1, retry_exceptions=[MainError])
+def retried():
+    with open(runs + ".retried", "a") as handle:
+        handle.write("x")
+    raise MainError("retried failure 19")
+
+@ray.remote
+def unpicklable():
+    raise RefusesPickling("cannot travel 23")
+
+@ray.remote
+def still_works():
+    return os.getpid()
+
+@ray.remote
+class Holder:
+    def __init__(self, fail):
+        if fail == "main":
+            raise MainError("constructor failure 31")
+        if fail == "unpicklable":
+            raise RefusesPickling("constructor cannot travel 37")
+    def boom(self):
+        raise MainError("method failure 41")
+    def pid(self):
+        return os.getpid()
+
+out = {}
+
+def outcome(call):
+    try:
+        call()
+    except Exception as error:
+        return {"types": [t.__name__ for t in type(error).__mro__],
+                "is_main_error": isinstance(error, MainError), "text": str(error)}
+    return {"types": []}
+
+out["task"] = outcome(lambda: ray.get(failing.remote(), timeout=60))
+out["runs"] = open(runs).read()
+out["retried"] = outcome(lambda: ray.get(retried.remote(), timeout=60))
+out["retried_runs"] = open(runs + ".retried").read()
+out["unpicklable"] = outcome(lambda: ray.get(unpicklable.remote(), timeout=60))
+holder = Holder.remote(None)
+pid = ray.get(holder.pid.remote(), timeout=60)
+out["method"] = outcome(lambda: ray.get(holder.boom.remote(), timeout=60))
+out["actor_alive_after"] = ray.get(holder.pid.remote(), timeout=60) == pid
+out["ctor"] = outcome(lambda: ray.get(Holder.remote("main").pid.remote(), timeout=60))
+out["ctor_unpicklable"] = outcome(
+    lambda: ray.get(Holder.remote("unpicklable").pid.remote(), timeout=60))
+out["after"] = isinstance(ray.get(still_works.remote(), timeout=60), int)
+ray.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_exceptions_from_driver_main_travel_by_value(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(_MAIN_EXCEPTION_DRIVER)
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, str(script), str(runs)], capture_output=True,
+                            text=True, timeout=240, cwd=REPO)
+    out = _last_json(result)
+    # The task's own exception reaches the driver, catchable as its class, and
+    # the body ran once: packaging the error neither crashed nor retried it.
+    task = out["task"]
+    assert task["is_main_error"], out
+    assert "RayTaskError" in task["types"] and "custom failure 17" in task["text"]
+    assert "WorkerCrashedError" not in task["types"]
+    assert out["runs"] == "x"
+    # retry_exceptions naming a class from __main__ is honoured: one retry.
+    assert out["retried"]["is_main_error"] and out["retried_runs"] == "xx", out
+    # Same for an actor method; the actor survives its method's error.
+    assert out["method"]["is_main_error"] and "method failure 41" in out["method"]["text"]
+    assert out["actor_alive_after"] is True
+    # A constructor's error kills the actor with that error as the reason,
+    # not as "the actor's worker process died".
+    ctor = out["ctor"]
+    assert "ActorDiedError" in ctor["types"], ctor
+    assert "MainError" in ctor["text"] and "constructor failure 31" in ctor["text"]
+    assert "worker process died" not in ctor["text"]
+    # An exception that cannot be pickled at all arrives as a RayTaskError
+    # naming its type, text and where it was raised.
+    bad = out["unpicklable"]
+    assert "RayTaskError" in bad["types"], bad
+    assert "RefusesPickling" in bad["text"] and "cannot travel 23" in bad["text"]
+    assert "in unpicklable" in bad["text"]
+    bad_ctor = out["ctor_unpicklable"]
+    assert "ActorDiedError" in bad_ctor["types"], bad_ctor
+    assert "constructor cannot travel 37" in bad_ctor["text"]
+    assert "worker process died" not in bad_ctor["text"]
+    assert out["after"] is True
