@@ -159,6 +159,9 @@ class TaskExecutor:
     def _execute(self, msg: pb.ExecuteTask) -> None:
         spec = msg.spec
         state_mod.state.gpu_ids = list(msg.assigned_gpu_ids)
+        # A worker runs in the namespace of the job whose task it runs; an
+        # actor's worker keeps its creator's job namespace for every call.
+        state_mod.state.namespace = spec.namespace
         if spec.actor_creation:
             self._create_actor(msg)
             return

@@ -129,7 +129,8 @@ class RemoteFunction:
             args_blob=args_blob, arg_ref_ids=arg_refs, contained_ids=contained,
             num_returns=-1 if streaming else int(num_returns),
             max_retries=int(options.get("max_retries", 3)), owner_id=core.worker_id,
-            parent_task_id=parent.task_id if parent is not None else b"")
+            parent_task_id=parent.task_id if parent is not None else b"",
+            namespace=state_mod.state.namespace)
         retry = options.get("retry_exceptions", False)
         if retry:
             spec.retry_exceptions = True

@@ -19,6 +19,18 @@ import pytest
 from tests.conftest import REPO, run_driver, wait_for
 
 
+NAMESPACE = "hostile-ns"
+
+
+@pytest.fixture(scope="module")
+def ray():
+    """A private 2-CPU cluster whose driver runs in a named namespace."""
+    import meshray
+    meshray.init(num_cpus=2, namespace=NAMESPACE)
+    yield meshray
+    meshray.shutdown()
+
+
 def _last_json(result: subprocess.CompletedProcess) -> dict:
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -135,3 +147,39 @@ def test_exceptions_from_driver_main_travel_by_value(tmp_path):
     assert "constructor cannot travel 37" in bad_ctor["text"]
     assert "worker process died" not in bad_ctor["text"]
     assert out["after"] is True
+
+
+# ------------------------------------------------------------ namespaces
+def test_tasks_and_actors_run_in_the_jobs_namespace(ray):
+    @ray.remote
+    class Registry:
+        def where(self):
+            return ray.get_runtime_context().namespace
+
+        def finds(self, name):
+            return ray.get_actor(name)._actor_id.hex() == self_id()
+
+    def self_id():
+        return ray.get_runtime_context().get_actor_id()
+
+    registry = Registry.options(name="hostile-registry").remote()
+    assert ray.get(registry.where.remote(), timeout=60) == NAMESPACE
+
+    @ray.remote
+    def look_up():
+        handle = ray.get_actor("hostile-registry")
+        return ray.get_runtime_context().namespace, ray.get(handle.where.remote())
+
+    @ray.remote
+    def nested():
+        return ray.get(look_up.remote())
+
+    assert ray.get(look_up.remote(), timeout=60) == (NAMESPACE, NAMESPACE)
+    assert ray.get(nested.remote(), timeout=60) == (NAMESPACE, NAMESPACE)
+    assert ray.get(registry.finds.remote("hostile-registry"), timeout=60) is True
+    # An actor named into another namespace still runs in its job's namespace.
+    elsewhere = Registry.options(name="hostile-other", namespace="elsewhere").remote()
+    assert ray.get(elsewhere.where.remote(), timeout=60) == NAMESPACE
+    assert ray.get_actor("hostile-other", namespace="elsewhere") is not None
+    ray.kill(elsewhere)
+    ray.kill(registry)
