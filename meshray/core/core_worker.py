@@ -523,6 +523,7 @@ class CoreWorker:
                     break
                 waiter.event.wait(1.0 if remaining is None else min(remaining, 1.0))
         finally:
+            # No return in here: it would swallow a KeyboardInterrupt (a cancel).
             self._set_blocked(False)
             with self._lock:
                 for oid in missing:
@@ -531,7 +532,8 @@ class CoreWorker:
                         waiting.remove(waiter)
                         if not waiting:
                             del self._waiters[oid]
-                return sum(1 for oid in unique if oid in self._values)
+        with self._lock:
+            return sum(1 for oid in unique if oid in self._values)
 
     def _set_blocked(self, blocked: bool) -> None:
         if self.role != "worker" or not self.current_task_id:

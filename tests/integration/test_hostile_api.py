@@ -183,3 +183,53 @@ def test_tasks_and_actors_run_in_the_jobs_namespace(ray):
     assert ray.get_actor("hostile-other", namespace="elsewhere") is not None
     ray.kill(elsewhere)
     ray.kill(registry)
+
+
+# ------------------------------------------------------------ cancel
+def test_cancel_interrupts_a_blocking_sleep_and_keeps_the_worker(ray, tmp_path):
+    started = tmp_path / "started"
+
+    @ray.remote(max_retries=0)
+    def sleeper(path):
+        with open(path, "w") as handle:
+            handle.write(str(os.getpid()))
+        time.sleep(60)
+        return "finished"
+
+    @ray.remote
+    def pid():
+        return os.getpid()
+
+    ref = sleeper.remote(str(started))
+    wait_for(lambda: started.exists() and started.read_text(), timeout=60, message="task started")
+    worker_pid = int(started.read_text())
+    ray.cancel(ref)
+    # Interrupted at once, not when the 60 s sleep would have ended.
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=15)
+    # Not killed: the same worker process is alive and runs the next tasks.
+    assert psutil.pid_exists(worker_pid)
+    assert psutil.Process(worker_pid).status() != psutil.STATUS_ZOMBIE
+    assert all(isinstance(p, int) for p in ray.get([pid.remote() for _ in range(4)], timeout=60))
+    assert psutil.pid_exists(worker_pid)
+
+
+def test_cancel_interrupts_a_task_blocked_in_get(ray, tmp_path):
+    started = tmp_path / "started"
+
+    @ray.remote(num_cpus=0)
+    def forever():
+        time.sleep(600)
+
+    @ray.remote(max_retries=0)
+    def waiter(path, inner):
+        open(path, "w").write("1")
+        return ray.get(inner[0])
+
+    inner = forever.remote()
+    ref = waiter.remote(str(started), [inner])
+    wait_for(started.exists, timeout=60, message="task started")
+    ray.cancel(ref)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=15)
+    ray.cancel(inner, force=True)
