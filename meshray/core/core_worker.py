@@ -302,7 +302,9 @@ class CoreWorker:
             print(f"{line.prefix} {line.text}", file=stream, flush=True)
 
     def _on_notice(self, msg: pb.Notice) -> None:
-        log.warning("%s", msg.text)
+        # Printed, not also logged: with logging unconfigured, Python's
+        # last-resort handler prints warnings to stderr too, so the user saw
+        # every notice twice.
         print(f"(meshray) {msg.text}", file=sys.stderr, flush=True)
 
     def request(self, method: str, payload: dict | None = None, timeout: float = 30.0):

@@ -233,3 +233,65 @@ def test_cancel_interrupts_a_task_blocked_in_get(ray, tmp_path):
     with pytest.raises(ray.exceptions.TaskCancelledError):
         ray.get(ref, timeout=15)
     ray.cancel(inner, force=True)
+
+
+# ------------------------------------------------------------ infeasible work
+_INFEASIBLE_DRIVER = """
+import io, sys, time
+import meshray as ray
+
+class Tee(io.TextIOBase):
+    '''Forwards to the real stderr and keeps a copy, so we know when notices came.'''
+    def __init__(self, real):
+        self.real, self.seen = real, []
+    def write(self, text):
+        self.seen.append(text)
+        return self.real.write(text)
+    def flush(self):
+        self.real.flush()
+
+tee = sys.stderr = Tee(sys.stderr)
+ray.init(num_cpus=1)
+
+@ray.remote(num_cpus=64)
+def huge_task():
+    return 1
+
+@ray.remote(num_cpus=32)
+class HugeActor:
+    def ping(self):
+        return 1
+
+@ray.remote
+def small():
+    return 2
+
+task_ref = huge_task.remote()
+actor = HugeActor.remote()
+call_ref = actor.ping.remote()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    text = "".join(tee.seen)
+    if "huge_task" in text and "HugeActor" in text:
+        break
+    time.sleep(0.05)
+assert ray.get(small.remote(), timeout=60) == 2
+# An observation window in which a repeated notice would show up.
+ready, _ = ray.wait([task_ref, call_ref], num_returns=1, timeout=1.0)
+assert ready == []
+print("DONE", file=sys.__stdout__, flush=True)
+"""
+
+
+def test_infeasible_task_and_actor_each_warn_exactly_once():
+    result = run_driver(_INFEASIBLE_DRIVER, timeout=120)
+    assert result.returncode == 0 and "DONE" in result.stdout, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    task_lines = [line for line in lines if "huge_task" in line]
+    actor_lines = [line for line in lines if "HugeActor" in line]
+    assert len(task_lines) == 1, result.stderr
+    assert len(actor_lines) == 1, result.stderr
+    assert "The task" in task_lines[0] and "cannot be scheduled right now" in task_lines[0]
+    assert "'CPU': 64.0" in task_lines[0]
+    assert "The actor HugeActor" in actor_lines[0]
+    assert "cannot be scheduled right now" in actor_lines[0] and "'CPU': 32.0" in actor_lines[0]
