@@ -295,3 +295,65 @@ def test_infeasible_task_and_actor_each_warn_exactly_once():
     assert "'CPU': 64.0" in task_lines[0]
     assert "The actor HugeActor" in actor_lines[0]
     assert "cannot be scheduled right now" in actor_lines[0] and "'CPU': 32.0" in actor_lines[0]
+
+
+# ------------------------------------------------------------ bad numbers
+def test_nan_inf_and_negative_numbers_fail_in_the_caller(ray):
+    nan, inf = float("nan"), float("inf")
+
+    @ray.remote
+    def one():
+        return 1
+
+    ref = one.remote()
+    for bad in (nan, -1):
+        with pytest.raises(ValueError, match=r"get\(\) argument timeout=.*>= 0"):
+            ray.get(ref, timeout=bad)
+        with pytest.raises(ValueError, match=r"wait\(\) argument timeout=.*>= 0"):
+            ray.wait([ref], timeout=bad)
+    with pytest.raises(ValueError, match="num_returns"):
+        ray.wait([ref], num_returns=nan)
+    assert ray.get(ref, timeout=inf) == 1      # inf: wait as long as it takes
+    assert ray.wait([ref], timeout=inf)[0] == [ref]
+    for option in ("num_cpus", "num_gpus", "memory"):
+        with pytest.raises(ValueError, match=option):
+            one.options(**{option: nan})
+    with pytest.raises(ValueError, match="must be finite"):
+        one.options(resources={"custom": inf})
+    with pytest.raises(ValueError, match="num_returns"):
+        one.options(num_returns=nan)
+    from meshray.util.placement_group import placement_group, remove_placement_group
+    group = placement_group([{"CPU": 1}])
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        group.wait(nan)
+    assert group.wait(inf) is True
+    remove_placement_group(group)
+    # Checked before "already initialised", and nothing changes.
+    with pytest.raises(ValueError, match=r"init\(\) argument num_cpus=nan"):
+        ray.init(num_cpus=nan, ignore_reinit_error=True)
+    assert ray.get(one.remote(), timeout=60) == 1
+
+
+def test_bad_init_numbers_fail_before_any_process_starts():
+    code = """
+import json, psutil, meshray as ray
+out = []
+for kwargs in ({"num_cpus": float("nan")}, {"num_gpus": float("inf")},
+               {"object_store_memory": float("nan")}, {"object_store_memory": 1.5},
+               {"resources": {"ssd": float("nan")}}, {"resources": {"ssd": -2}}):
+    try:
+        ray.init(**kwargs)
+        out.append("accepted")
+    except ValueError as error:
+        out.append(str(error))
+print(json.dumps({"errors": out, "children": len(psutil.Process().children(recursive=True)),
+                  "initialized": ray.is_initialized()}))
+"""
+    out = _last_json(run_driver(code))
+    assert out["children"] == 0 and out["initialized"] is False, out
+    errors = out["errors"]
+    assert "num_cpus=nan" in errors[0] and "finite number >= 0" in errors[0]
+    assert "num_gpus=inf" in errors[1]
+    assert "object_store_memory=nan" in errors[2] and "object_store_memory=1.5" in errors[3]
+    assert "resources['ssd'] must be finite" in errors[4]
+    assert "resources['ssd'] cannot be negative" in errors[5]
