@@ -357,3 +357,23 @@ print(json.dumps({"errors": out, "children": len(psutil.Process().children(recur
     assert "object_store_memory=nan" in errors[2] and "object_store_memory=1.5" in errors[3]
     assert "resources['ssd'] must be finite" in errors[4]
     assert "resources['ssd'] cannot be negative" in errors[5]
+
+
+# ------------------------------------------------------------ worker crashes
+def test_worker_crashed_error_reports_the_exit_code_or_signal(ray):
+    @ray.remote(max_retries=0)
+    def killed():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @ray.remote(max_retries=0)
+    def exits():
+        os._exit(7)
+
+    with pytest.raises(ray.exceptions.WorkerCrashedError) as info:
+        ray.get(killed.remote(), timeout=60)
+    assert "killed by signal 9 (SIGKILL)" in str(info.value)
+    assert "exit code None" not in str(info.value)
+    with pytest.raises(ray.exceptions.WorkerCrashedError) as info:
+        ray.get(exits.remote(), timeout=60)
+    assert "exited with code 7" in str(info.value)
+    assert info.value.task_id and info.value.worker_id

@@ -58,3 +58,4 @@ def test_custom_resources_name_the_bad_entry():
         validation.check_resources("init()", {"CPU": 1})
     with pytest.raises(TypeError, match="must be a dict"):
         validation.check_resources("init()", [("ssd", 1)])
+
