@@ -377,3 +377,39 @@ def test_worker_crashed_error_reports_the_exit_code_or_signal(ray):
         ray.get(exits.remote(), timeout=60)
     assert "exited with code 7" in str(info.value)
     assert info.value.task_id and info.value.worker_id
+
+
+# ------------------------------------------------------------ leftovers
+def test_sigkilled_daemon_store_is_removed_while_the_driver_lives():
+    code = """
+import json, os, signal, sys, time, meshray as ray
+ray.init(num_cpus=1)
+@ray.remote
+def f():
+    return 1
+ray.get(f.remote())
+from meshray.core.state import state
+node = state.local_node
+print(json.dumps({"daemon": node.pid, "store": state.core.store_dir,
+                  "session": state.core.session_dir}), flush=True)
+sys.stdin.readline()     # the test kills the daemon, then lets us go
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert os.path.isdir(info["store"])
+        os.kill(info["daemon"], signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(info["store"]), timeout=20,
+                 message="the killed daemon's shared-memory store removed")
+        wait_for(lambda: not os.path.exists(info["session"]), timeout=20,
+                 message="the killed daemon's session dir removed")
+        assert proc.poll() is None          # the driver is still running
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
