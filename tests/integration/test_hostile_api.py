@@ -223,7 +223,8 @@ def test_cancel_interrupts_a_task_blocked_in_get(ray, tmp_path):
 
     @ray.remote(max_retries=0)
     def waiter(path, inner):
-        open(path, "w").write("1")
+        with open(path, "w") as handle:
+            handle.write("1")
         return ray.get(inner[0])
 
     inner = forever.remote()
