@@ -9,7 +9,7 @@ import sys
 import threading
 
 from meshray import exceptions
-from meshray.core import ids, state as state_mod
+from meshray.core import ids, state as state_mod, validation
 from meshray.core.core_worker import CoreWorker
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.core.remote_function import RemoteFunction
@@ -33,13 +33,6 @@ _INIT_KEYWORDS = {
 
 def is_initialized() -> bool:
     return _state.core is not None
-
-
-def _check_number(name, value, *, allow_none=True, minimum=0.0):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise ValueError(f"init() argument {name}={value!r} must be a number >= {minimum}")
 
 
 def _resolve_address(address: str | None) -> str | None:
@@ -96,22 +89,18 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
     unknown = set(kwargs) - _INIT_KEYWORDS
     if unknown:
         raise ValueError(f"Unknown keyword argument(s) for init(): {sorted(unknown)}")
+    # Numbers first: a bad one is an error even when init() would do nothing.
+    validation.check_quantity("init()", "num_cpus", num_cpus)
+    validation.check_quantity("init()", "num_gpus", num_gpus)
+    object_store_memory = validation.check_byte_count("init()", "object_store_memory",
+                                                      object_store_memory)
+    validation.check_resources("init()", resources)
     with _state.lock:
         if _state.core is not None:
             if ignore_reinit_error:
                 return _context_info()
             raise RuntimeError("Maybe you called meshray.init twice by accident? This error "
                                "can be suppressed by passing in 'ignore_reinit_error=True'.")
-        _check_number("num_cpus", num_cpus)
-        _check_number("num_gpus", num_gpus)
-        _check_number("object_store_memory", object_store_memory)
-        if resources is not None:
-            if not isinstance(resources, dict):
-                raise ValueError(f"init() argument resources={resources!r} must be a dict")
-            for key in ("CPU", "GPU"):
-                if key in resources:
-                    raise ValueError(f"Use the 'num_{key.lower()}s' argument instead of "
-                                     f"resources={{'{key}': ...}}")
         if runtime_env is not None and not isinstance(runtime_env, dict):
             raise ValueError(f"init() argument runtime_env={runtime_env!r} must be a dict")
         from meshray.runtime_env import validate_runtime_env
@@ -256,9 +245,7 @@ def _as_ref_list(object_refs, what: str):
 
 def get(object_refs, *, timeout: float | None = None):
     """Wait for and return the value(s) of ObjectRef(s)."""
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout < 0):
-        raise ValueError(f"get() argument timeout={timeout!r} must be a number >= 0 or None")
+    timeout = validation.check_timeout("get()", timeout)
     refs, single = _as_ref_list(object_refs, "get()")
     values = _ensure_core().get(refs, timeout)
     return values[0] if single else values
@@ -284,9 +271,7 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
     if num_returns > len(refs):
         raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
                          f"of objects provided ({len(refs)}).")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout < 0):
-        raise ValueError(f"wait() argument timeout={timeout!r} must be a number >= 0 or None")
+    timeout = validation.check_timeout("wait()", timeout)
     if not isinstance(fetch_local, bool):
         raise ValueError(f"wait() argument fetch_local={fetch_local!r} must be a bool")
     return _ensure_core().wait(refs, num_returns, timeout)

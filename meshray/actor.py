@@ -148,7 +148,8 @@ class ActorClass:
             arg_ref_ids=arg_refs, contained_ids=contained, num_returns=1, max_retries=0,
             owner_id=core.worker_id, actor_id=actor_id, actor_creation=True,
             actor_options=json.dumps(actor_options).encode(),
-            parent_task_id=parent.task_id if parent is not None else b"")
+            parent_task_id=parent.task_id if parent is not None else b"",
+            namespace=state_mod.state.namespace)   # the job's, whatever the actor's name's
         from meshray.core.remote_function import build_task_spec_fields
         build_task_spec_fields(spec, options, placement)
         for resource, amount in held.items():

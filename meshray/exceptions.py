@@ -199,9 +199,13 @@ def _serializable_cause(cause: Any) -> Any:
         _pickler.dumps(_portable(cause))
         return cause
     except Exception as e:  # noqa: BLE001 - any pickling failure means "can't ship it"
+        try:
+            text = str(cause)
+        except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
+            text = "<str() failed>"
         msg = (
-            f"The original cause of the RayTaskError ({type(cause)}) isn't serializable: "
-            f"{e}. Overwriting the cause to a RayError."
+            f"The original cause of the RayTaskError ({type(cause)}: {text}) isn't "
+            f"serializable: {e}. Overwriting the cause to a RayError."
         )
         logger.warning(msg)
         return RayError(msg)

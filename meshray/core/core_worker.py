@@ -302,7 +302,9 @@ class CoreWorker:
             print(f"{line.prefix} {line.text}", file=stream, flush=True)
 
     def _on_notice(self, msg: pb.Notice) -> None:
-        log.warning("%s", msg.text)
+        # Printed, not also logged: with logging unconfigured, Python's
+        # last-resort handler prints warnings to stderr too, so the user saw
+        # every notice twice.
         print(f"(meshray) {msg.text}", file=sys.stderr, flush=True)
 
     def request(self, method: str, payload: dict | None = None, timeout: float = 30.0):
@@ -523,6 +525,7 @@ class CoreWorker:
                     break
                 waiter.event.wait(1.0 if remaining is None else min(remaining, 1.0))
         finally:
+            # No return in here: it would swallow a KeyboardInterrupt (a cancel).
             self._set_blocked(False)
             with self._lock:
                 for oid in missing:
@@ -531,7 +534,8 @@ class CoreWorker:
                         waiting.remove(waiter)
                         if not waiting:
                             del self._waiters[oid]
-                return sum(1 for oid in unique if oid in self._values)
+        with self._lock:
+            return sum(1 for oid in unique if oid in self._values)
 
     def _set_blocked(self, blocked: bool) -> None:
         if self.role != "worker" or not self.current_task_id:
@@ -555,6 +559,13 @@ class CoreWorker:
         """Turn an ObjectValue into the Python value (raising stored errors)."""
         if value.in_store:
             result = self._read_store(value.object_id, value.location)
+        elif value.is_error:
+            try:
+                result = serialization.deserialize_inline(value.inline_data)
+            except Exception as exc:  # noqa: BLE001 - say what failed, not an unpickling trace
+                raise exceptions.RaySystemError(
+                    f"the error stored for object {value.object_id.hex()} could not be "
+                    f"deserialized here: {type(exc).__name__}: {exc}") from exc
         else:
             result = serialization.deserialize_inline(value.inline_data)
         if value.is_error:

@@ -3,16 +3,20 @@
 Work arrives on other threads (the session stream's reader, actor call
 streams) and, unless an actor asked for concurrency, runs on the main thread
 one item at a time, so a non-forced cancel can interrupt it with
-KeyboardInterrupt (interrupt_main only reaches the main thread).
+KeyboardInterrupt. The cancel sends SIGINT to the main thread itself: a real
+signal wakes a blocking sleep, wait or lock acquire (a simulated one, as
+_thread.interrupt_main gives, is only seen at the next bytecode). The
+handler raises only while the cancelled task's code runs, so a signal that
+lands after the task finished, or between tasks, does nothing.
 """
 from __future__ import annotations
 
-import _thread
 import inspect
 import logging
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 
@@ -50,6 +54,11 @@ class TaskExecutor:
         self._functions: dict[bytes, object] = {}
         self._running: dict[bytes, int] = {}   # task id -> thread ident
         self._cancelled: set[bytes] = set()
+        # The task whose own code runs on the main thread now (None between
+        # tasks, or while its outputs are packaged), and whether a cancel of
+        # it still has to raise KeyboardInterrupt there.
+        self._interruptible: bytes | None = None
+        self._interrupt_pending = False
         self.core = None
         self.actor_host = None
         self._announced = None
@@ -79,9 +88,19 @@ class TaskExecutor:
             return
         self._cancelled.add(task_id)
         if thread_ident == threading.main_thread().ident:
-            _thread.interrupt_main()
+            self._interrupt_pending = True
+            signal.pthread_kill(thread_ident, signal.SIGINT)
+
+    def _on_sigint(self, _signum, _frame) -> None:
+        """Raise KeyboardInterrupt in the cancelled task, once per cancel; else ignore."""
+        task_id = self._interruptible
+        if task_id is not None and self._interrupt_pending and task_id in self._cancelled:
+            self._interrupt_pending = False
+            raise KeyboardInterrupt
 
     def run_forever(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_sigint)
         while True:
             kind, item = self._inbox.get()
             try:
@@ -159,6 +178,9 @@ class TaskExecutor:
     def _execute(self, msg: pb.ExecuteTask) -> None:
         spec = msg.spec
         state_mod.state.gpu_ids = list(msg.assigned_gpu_ids)
+        # A worker runs in the namespace of the job whose task it runs; an
+        # actor's worker keeps its creator's job namespace for every call.
+        state_mod.state.namespace = spec.namespace
         if spec.actor_creation:
             self._create_actor(msg)
             return
@@ -188,28 +210,47 @@ class TaskExecutor:
         self._running[spec.task_id] = threading.get_ident()
         self._announce(spec)
         streaming = spec.num_returns < 0
+        on_main = threading.current_thread() is threading.main_thread()
         result = pb.TaskResult(task_id=spec.task_id)
         try:
             try:
-                output = body()
-                if inspect.iscoroutine(output):
-                    raise TypeError(f"{spec.name} returned a coroutine outside an async actor")
-                outputs = [self._stream(spec, output)] if streaming else self._split_returns(spec, output)
+                if on_main:
+                    self._interruptible = spec.task_id
+                try:
+                    if on_main and spec.task_id in self._cancelled:
+                        # Cancelled while it was being set up: its signal may
+                        # have come before it was interruptible.
+                        self._interrupt_pending = False
+                        raise KeyboardInterrupt
+                    output = body()
+                    if inspect.iscoroutine(output):
+                        raise TypeError(f"{spec.name} returned a coroutine outside an async actor")
+                    outputs = ([self._stream(spec, output)] if streaming
+                               else self._split_returns(spec, output))
+                finally:
+                    if on_main:
+                        self._interruptible = None
                 for index, value in enumerate(outputs):
                     serialized = serialization.serialize(
                         value, what=f"return value {index} of {spec.name}")
                     result.returns.append(core.store_value(return_id(spec, index), serialized,
                                                            local=False))
-            except KeyboardInterrupt:
-                if spec.task_id not in self._cancelled:
-                    raise
-                self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
+            except KeyboardInterrupt as exc:
+                if spec.task_id in self._cancelled:
+                    self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
+                else:   # raised by the task's own code: its error, never a lost result
+                    self.fail(result, spec, self.wrap(spec, exc))
             except _DependencyFailed as failure:
                 self.fail(result, spec, failure.error)
             except ActorExitRequested:
                 raise
             except Exception as exc:  # noqa: BLE001 - the user's error becomes the result
-                self.fail(result, spec, self.wrap(spec, exc), retryable=self._retryable(spec, exc))
+                if spec.task_id in self._cancelled:
+                    # Whatever the interrupted code raised on its way out.
+                    self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
+                else:
+                    self.fail(result, spec, self.wrap(spec, exc),
+                              retryable=self._retryable(spec, exc))
             sys.stdout.flush()
             sys.stderr.flush()
             deliver(result)
@@ -269,8 +310,8 @@ class TaskExecutor:
     def _send_item(self, spec, index: int, serialized, error=None) -> None:
         object_id = ids.object_id_for(spec.task_id, index)
         if error is not None:
-            value = pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error),
-                                   is_error=True)
+            value = pb.ObjectValue(object_id=object_id,
+                                   inline_data=serialization.serialize_error(error), is_error=True)
         else:
             value = self.core.store_value(object_id, serialized, local=False)
         self.core.send_task_result(pb.TaskResult(task_id=spec.task_id, returns=[value],
@@ -304,14 +345,20 @@ class TaskExecutor:
             return False
         if not spec.retry_exception_types:
             return True
-        return isinstance(exc, pickle.loads(spec.retry_exception_types))
+        try:
+            types = pickle.loads(spec.retry_exception_types)
+        except Exception as error:  # noqa: BLE001 - never lose the task's own error over this
+            log.warning("could not load retry_exceptions of %s (%s: %s); not retrying",
+                        spec.name, type(error).__name__, error)
+            return False
+        return isinstance(exc, types)
 
     @staticmethod
     def fail(result: pb.TaskResult, spec, error: BaseException, retryable: bool = False) -> None:
         del result.returns[:]
         result.failed = True
         result.retryable_error = retryable
-        blob = pickle.dumps(error)
+        blob = serialization.serialize_error(error)
         outputs = 1 if spec.num_returns < 0 else max(spec.num_returns, 0)
         for index in range(outputs):
             result.returns.append(pb.ObjectValue(object_id=return_id(spec, index),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import pickle
 
 import cloudpickle
 
@@ -130,12 +129,14 @@ class RemoteFunction:
             args_blob=args_blob, arg_ref_ids=arg_refs, contained_ids=contained,
             num_returns=-1 if streaming else int(num_returns),
             max_retries=int(options.get("max_retries", 3)), owner_id=core.worker_id,
-            parent_task_id=parent.task_id if parent is not None else b"")
+            parent_task_id=parent.task_id if parent is not None else b"",
+            namespace=state_mod.state.namespace)
         retry = options.get("retry_exceptions", False)
         if retry:
             spec.retry_exceptions = True
             if not isinstance(retry, bool):
-                spec.retry_exception_types = pickle.dumps(tuple(retry))
+                # By value: classes from the driver's __main__ must load in a worker.
+                spec.retry_exception_types = cloudpickle.dumps(tuple(retry))
         placement, _held = opts.resource_request(options, for_actor=False)
         build_task_spec_fields(spec, options, placement)
         if streaming:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import cloudpickle
 
+from meshray import exceptions
+
 __all__ = [
     "INLINE_THRESHOLD",
     "SerializedValue",
@@ -21,6 +23,7 @@ __all__ = [
     "deserialize_inline",
     "deserialize_buffers",
     "record_contained_ref",
+    "serialize_error",
 ]
 
 # Values at or below this many bytes travel inline with messages; larger ones
@@ -93,3 +96,46 @@ def deserialize_inline(data: bytes):
 def deserialize_buffers(inband, buffers):
     """Unpickle against out-of-band buffers (zero-copy when they are mapped)."""
     return pickle.loads(inband, buffers=buffers)
+
+
+def serialize_error(error: BaseException) -> bytes:
+    """The wire form of a task's error; never raises.
+
+    By value (cloudpickle): an exception class defined in the driver's
+    `__main__` (or inside a function) exists in a worker only as the copy
+    cloudpickle rebuilt, so plain pickle, which looks classes up by name,
+    cannot pickle it there. The blob is loaded once on this side too, so an
+    error the receiver could not rebuild (a `__reduce__` or `__setstate__`
+    that raises) is caught here instead of failing the caller's `get`. Such
+    an error is replaced by a RayTaskError that keeps its type name, text
+    and traceback.
+    """
+    try:
+        blob = cloudpickle.dumps(error, protocol=5)
+        pickle.loads(blob)
+        return blob
+    except Exception as exc:  # noqa: BLE001 - any failure: send a stand-in instead
+        return cloudpickle.dumps(_error_stand_in(error, exc), protocol=5)
+
+
+def _text_of(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the error
+        return "<str() failed>"
+
+
+def _error_stand_in(error: BaseException, problem: BaseException) -> exceptions.RayError:
+    """A picklable error that says what `error` was and why it could not travel."""
+    if isinstance(error, exceptions.RayTaskError):
+        cause = error.cause
+        what = f"{type(cause).__module__}.{type(cause).__qualname__}: {_text_of(cause)}"
+        return exceptions.RayTaskError(
+            error.function_name, error.traceback_str,
+            exceptions.RayError(f"{what} (the exception could not be serialized to send it "
+                                f"back: {type(problem).__name__}: {_text_of(problem)})"),
+            proctitle=error.proctitle, pid=error.pid, ip=error.ip, actor_repr=error.actor_repr,
+            actor_id=error.actor_id, task_id=error.task_id, node_id=error.node_id)
+    return exceptions.RaySystemError(
+        f"{type(error).__module__}.{type(error).__qualname__}: {_text_of(error)} (could not "
+        f"be serialized: {type(problem).__name__}: {_text_of(problem)})")

@@ -28,6 +28,7 @@ from meshray import exceptions
 from meshray.core import ids
 from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
+from meshray.node.tasks import infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler import peer_load, policy
@@ -260,10 +261,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if task.infeasible_reported:
             return
         task.infeasible_reported = True
-        task.owner.send(pb.ServerEvent(notice=pb.Notice(text=(
-            f"Task {task.spec.name} (id {task.task_id.hex()}) needs "
-            f"{task.request.to_dict()} but no node in the cluster has that much in total; "
-            f"it stays pending until a node that fits joins. {reason}"))))
+        task.owner.send(pb.ServerEvent(notice=pb.Notice(text=infeasible_notice(task, reason))))
 
     def _replace_waiting(self) -> None:
         """Re-place infeasible tasks, and queued ones that a peer could run now."""

@@ -33,7 +33,7 @@ from meshray.node.liveness import PeerLiveness
 from meshray.node.objects import ObjectDirectory
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
-from meshray.node.worker_pool import WorkerPool, WorkerProcess
+from meshray.node.worker_pool import WorkerPool, WorkerProcess, describe_exit, wait_for_exit
 from meshray.object_store.store import ObjectStore
 from meshray.rpc import accept_targets, make_aio_server
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -45,6 +45,9 @@ __all__ = ["NodeConfig", "NodeDaemon"]
 log = logging.getLogger(__name__)
 
 DEFAULT_ENV_KEY = "default"
+# How long a task whose worker died waits for the worker's exit status (its
+# stream closes a moment before the status exists) before reporting it.
+WORKER_EXIT_WAIT_S = 2.0
 
 
 @dataclass
@@ -156,6 +159,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.membership = None            # set by the process entry point
         self.actors: dict[bytes, ActorEntry] = {}
         self.infeasible: list[TaskRecord] = []
+        self._crash_reports: set = set()     # _report_crash tasks, held until they finish
         self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
         self._init_cluster()
@@ -586,7 +590,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self.pool.forget(worker)
-        self.pool.kill(worker)
+        task = worker.current_task
+        if not self._reports_crash(worker, task):
+            # Killed now: it must not run on beside a retry. A task that fails
+            # for good instead waits for its worker's real exit status.
+            self.pool.kill(worker)
         if worker.actor is not None:
             self._actor_worker_died(worker)
             return
@@ -619,12 +627,30 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                      worker.pid, task.spec.name, task.retries_left)
             self._enqueue(task)
         else:
-            code = worker.process.poll()
+            task.state = "crashed"     # no longer running; finished once the status is in
+            report = asyncio.get_running_loop().create_task(self._report_crash(task, worker))
+            self._crash_reports.add(report)
+            report.add_done_callback(self._crash_reports.discard)
+
+    def _reports_crash(self, worker: WorkerProcess, task) -> bool:
+        """Whether losing `worker` fails `task` with WorkerCrashedError (mirrors _worker_lost)."""
+        return (worker.actor is None and task is not None and not task.pg_dropped
+                and not task.cancelled
+                and not (task.retries_left != 0 and self._owner_present(task.owner)))
+
+    async def _report_crash(self, task: TaskRecord, worker: WorkerProcess) -> None:
+        code = await wait_for_exit(worker.process, WORKER_EXIT_WAIT_S)
+        if code is None:
+            self.pool.kill(worker)
+        if task.cancelled:
+            error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
+        else:
             error = exceptions.WorkerCrashedError(
-                f"The worker (pid {worker.pid}, exit code {code}) running task "
-                f"{task.spec.name} (id {task.task_id.hex()}) died unexpectedly; "
-                f"no retries left (max_retries={task.spec.max_retries}).")
-            self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+                f"The worker (pid {worker.pid}) running task {task.spec.name} died: "
+                f"{describe_exit(code)}; no retries left (max_retries="
+                f"{task.spec.max_retries}).",
+                task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
+        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
 
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""

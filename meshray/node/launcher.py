@@ -4,6 +4,10 @@ Used by `meshray.init()` (embedded default), `meshray start` and the
 testing Cluster. A daemon started with a parent pipe exits when the pipe
 closes -- that is, when this process ends for any reason, SIGKILL included --
 and takes its workers, shared memory, embedded etcd and session dir with it.
+The other way round, a daemon that dies without cleaning up (SIGKILL, OOM
+killer) cannot remove its shared memory itself, and /dev/shm is not freed by
+the kernel when its creator dies; so the process that started it watches it
+and removes what it left, while that process lives on.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -97,6 +102,14 @@ class NodeProcess:
         self._close_parent_fd()
         self.remove_leftovers()
 
+    def watch(self) -> None:
+        """Remove the daemon's leftovers as soon as it exits, however it exits."""
+        def run() -> None:
+            self.process.wait()
+            self.remove_leftovers()
+
+        threading.Thread(target=run, name=f"meshray-watch-node-{self.pid}", daemon=True).start()
+
     def _close_parent_fd(self) -> None:
         if self.parent_fd is not None:
             try:
@@ -170,6 +183,7 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
         raise
     finally:
         os.close(ready_r)
+    handle.watch()
     return handle
 
 

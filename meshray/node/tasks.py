@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
-__all__ = ["TaskRecord", "TaskQueue"]
+__all__ = ["TaskRecord", "TaskQueue", "infeasible_notice"]
 
 
 @dataclass(eq=False)
@@ -123,3 +123,16 @@ class TaskQueue:
     def __iter__(self):
         for tasks in self._classes.values():
             yield from tasks
+
+
+def infeasible_notice(task, reason: str) -> str:
+    """What the owner is told, once, about work no node in the cluster can ever fit."""
+    if task.actor is not None:
+        what = (f"The actor {task.actor.options.get('class_name') or task.spec.name} "
+                f"(actor id {task.actor.actor_id.hex()})")
+    else:
+        what = f"The task {task.spec.name} (id {task.task_id.hex()})"
+    return (f"{what} cannot be scheduled right now. It requires {task.request.to_dict()} for "
+            f"placement, however the cluster currently cannot provide the requested resources. "
+            f"{reason + ' ' if reason else ''}It stays pending until a node that can fit it "
+            f"joins the cluster; otherwise reduce what it requests.")

@@ -19,13 +19,41 @@ from dataclasses import dataclass, field
 
 from meshray.node.fence import FENCE_ENV
 
-__all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER"]
+__all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER", "describe_exit", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
 
 # A worker writes this marker (then job id hex and task name) on stdout and
 # stderr before running each task, so the daemon knows whose output follows.
 CONTEXT_MARKER = "\x1emeshray-ctx\x1f"
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, from Popen's returncode (negative: the signal)."""
+    if returncode is None:
+        return "its connection closed but it did not exit, so the node killed it"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-returncode} ({name})"
+    return f"exited with code {returncode}"
+
+
+async def wait_for_exit(process: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit status once it has one, or None after `timeout` seconds.
+
+    A worker's session stream closes while it is still exiting (sockets close
+    before the exit status exists), so the status is worth a short wait.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = 0.005
+    while process.poll() is None and loop.time() < deadline:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return process.poll()
 
 
 @dataclass

@@ -229,7 +229,12 @@ class PlacementGroup:
         even for a group that can never be placed."""
         if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)):
             raise ValueError(f"wait() timeout_seconds must be a number, got {timeout_seconds!r}")
-        deadline = time.monotonic() + max(0.0, float(timeout_seconds))
+        if timeout_seconds != timeout_seconds:
+            raise ValueError(f"wait() timeout_seconds must be a number of seconds, got "
+                             f"{timeout_seconds!r}")
+        # inf waits "forever": as long as a thread wait can be told to.
+        seconds = min(max(0.0, float(timeout_seconds)), threading.TIMEOUT_MAX / 2)
+        deadline = time.monotonic() + seconds
         creation = self._creation
         if creation is not None:
             # Answered once the node committed the creation, with the group

@@ -277,3 +277,35 @@ def test_ray_task_error_positional_signature_like_ray():
     err = RayTaskError("f", "tb", ValueError("v"), "title", 42, "1.1.1.1", "A()", "aa")
     assert (err.proctitle, err.pid, err.ip, err.actor_repr, err.actor_id) == ("title", 42, "1.1.1.1", "A()", "aa")
     assert err.args[:2] == ("f", "tb")
+
+
+def _refuse_to_load():
+    raise RuntimeError("cannot be rebuilt here")
+
+
+class FailsOnLoad(Exception):
+    """Pickles fine, but rebuilding it raises: the receiver could not get it."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
+
+
+def test_serialize_error_replaces_an_error_the_receiver_cannot_rebuild():
+    from meshray.core.serialization import serialize_error
+    err = raise_and_wrap(FailsOnLoad("payload 7"), name="loader")
+    back = pickle.loads(serialize_error(err))
+    assert type(back) is RayTaskError
+    assert back.function_name == "loader"
+    assert "FailsOnLoad" in str(back.cause) and "payload 7" in str(back.cause)
+    assert "cannot be rebuilt here" in str(back.cause)
+    assert "FailsOnLoad: payload 7" in back.traceback_str
+
+
+def test_serialize_error_keeps_locally_defined_classes_by_value():
+    from meshray.core.serialization import serialize_error
+
+    class Local(Exception):
+        pass
+
+    back = pickle.loads(serialize_error(raise_and_wrap(Local("here"))))
+    assert type(back.cause).__name__ == "Local" and str(back.cause) == "here"
