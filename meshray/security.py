@@ -28,7 +28,9 @@ from typing import Mapping
 
 __all__ = [
     "ETCD_ENV",
+    "ETCD_ROOT_USER",
     "derive_key",
+    "etcd_password",
     "MIN_TOKEN_LENGTH",
     "TOKEN_ENV",
     "TOKEN_FILE_ENV",
@@ -62,6 +64,9 @@ ETCD_ENV = {
     "password": "MESHRAY_ETCD_PASSWORD",
 }
 ETCD_PASSWORD_FILE_ENV = "MESHRAY_ETCD_PASSWORD_FILE"
+ETCD_ROOT_USER = "root"
+"""The etcd user a cluster member logs in as when it derives its etcd
+credentials from the cluster token (the embedded etcd has only this user)."""
 _SESSION_TLS_FILE = "tls.json"
 # Mount points whose modes the operator does not control (docker/compose
 # and Kubernetes secrets are 0444 by default); no point warning about them.
@@ -213,16 +218,32 @@ def join_hint(etcd: str, token_path: str) -> str:
 
 
 # ---------------------------------------------------------------------- etcd
+def etcd_password(token: str) -> str:
+    """The etcd password of a cluster whose token is `token`.
+
+    Derived rather than stored, so every holder of the token -- nodes joining
+    with ``--address``, drivers, the CLI -- logs in to the cluster's etcd with
+    no further secret to distribute, and the password is worthless for
+    anything but etcd. Hex keeps it printable and shell-safe (no leading '-'
+    for etcdctl to mistake for a flag).
+    """
+    return derive_key(token, "etcd-password").hex()
+
+
 def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = None,
                         cert_key: str | None = None, user: str | None = None,
                         password: str | None = None, password_file: str | None = None,
+                        token: str | None = None,
                         environ: Mapping[str, str] | None = None) -> dict:
     """Keyword arguments for ``Coordinator(endpoints, **options)``.
 
     Explicit values (CLI flags) win over MESHRAY_ETCD_* variables. Pairs that
     only work together (certificate and key; user and password) are checked
     here so the error names the flags and variables, not the client's
-    parameters. Empty result = plaintext, anonymous etcd.
+    parameters. Given the cluster `token` and no explicit password, the
+    credentials are derived from it (user ``root`` unless a user is named,
+    password :func:`etcd_password`); an etcd without auth ignores them.
+    Empty result = plaintext, anonymous etcd.
     """
     env = os.environ if environ is None else environ
     options = {}
@@ -249,6 +270,9 @@ def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = N
             raise ValueError(f"etcd password file {password_file!r} cannot be read: "
                              f"{exc.strerror}") from None
         _warn_if_exposed(password_file, "etcd password file")
+    if token and "password" not in options:
+        options.setdefault("user", ETCD_ROOT_USER)
+        options["password"] = etcd_password(token)
     if ("cert_cert" in options) != ("cert_key" in options):
         raise ValueError("etcd client certificate and key go together: give both "
                          "--etcd-cert/MESHRAY_ETCD_CERT and --etcd-key/MESHRAY_ETCD_KEY, "
@@ -265,13 +289,19 @@ def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = N
     return options
 
 
-def etcd_options_to_env(options: Mapping[str, str]) -> dict[str, str]:
+def etcd_options_to_env(options: Mapping[str, str], token: str | None = None) -> dict[str, str]:
     """The environment that makes a child's etcd_client_options() return `options`.
 
-    File paths are made absolute, since the child may run elsewhere.
+    File paths are made absolute, since the child may run elsewhere. A
+    password derived from `token` is left out (with the default user): the
+    child derives it from the token it gets anyway, and a secret in the
+    environment is inherited by every process the child starts.
     """
     env = {}
+    derived = token is not None and options.get("password") == etcd_password(token)
     for name, value in options.items():
+        if derived and (name == "password" or (name == "user" and value == ETCD_ROOT_USER)):
+            continue
         if name not in ETCD_ENV:
             raise ValueError(f"unknown etcd option {name!r}; expected one of {sorted(ETCD_ENV)}")
         env[ETCD_ENV[name]] = (os.path.abspath(value) if name in ("ca_cert", "cert_cert",
