@@ -16,6 +16,7 @@ from meshray.coordination.supervisor import restart_delay
 from meshray.node.membership import retry_delay
 
 TOKEN = "t" * 16 + "-cluster-token"
+RECORD_KEY = security.derive_key(TOKEN, "records")   # seals records; not an etcd credential
 OTHER = "o" * 16 + "-cluster-token"
 
 
@@ -32,17 +33,18 @@ def test_etcd_password_is_derived_printable_and_per_cluster():
 
 def test_token_gives_root_and_the_derived_password():
     options = security.etcd_client_options(token=TOKEN, environ={})
-    assert options == {"user": "root", "password": security.etcd_password(TOKEN)}
+    assert options == {"user": "root", "password": security.etcd_password(TOKEN),
+                       "record_key": RECORD_KEY}
     assert security.etcd_client_options(environ={}) == {}
 
 
 def test_explicit_credentials_win_over_the_token(tmp_path):
     explicit = security.etcd_client_options(user="ops", password="secret", token=TOKEN,
                                             environ={})
-    assert explicit == {"user": "ops", "password": "secret"}
+    assert explicit == {"user": "ops", "password": "secret", "record_key": RECORD_KEY}
     from_env = security.etcd_client_options(
         token=TOKEN, environ={"MESHRAY_ETCD_USER": "ops", "MESHRAY_ETCD_PASSWORD": "pw"})
-    assert from_env == {"user": "ops", "password": "pw"}
+    assert from_env == {"user": "ops", "password": "pw", "record_key": RECORD_KEY}
     password_file = tmp_path / "pw"
     security.write_private_file(password_file, "from-file\n")
     assert security.etcd_client_options(user="ops", password_file=str(password_file),
@@ -52,7 +54,8 @@ def test_explicit_credentials_win_over_the_token(tmp_path):
 def test_a_named_user_without_password_gets_the_derived_password():
     options = security.etcd_client_options(token=TOKEN,
                                            environ={"MESHRAY_ETCD_USER": "meshray"})
-    assert options == {"user": "meshray", "password": security.etcd_password(TOKEN)}
+    assert options == {"user": "meshray", "password": security.etcd_password(TOKEN),
+                       "record_key": RECORD_KEY}
 
 
 def test_a_password_without_user_is_still_an_error_with_a_token():
