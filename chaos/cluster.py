@@ -1,12 +1,11 @@
 """The cluster a chaos run attacks: one it builds here, or one that already runs.
 
-A run needs more control than `meshray.testing.Cluster` offers -- a
-3-member etcd it can kill members of, nodes it can pause, partition or fence
-behind proxies, node slots it can refill after a kill, failpoint files per
-node -- so this module starts daemons with meshray's own launcher
-(`meshray.node.launcher.start_node`) and keeps the bookkeeping the nemeses
-and checkers need: which pid is which node, every process it ever saw (for
-the orphan check), and each node's shared-memory directory.
+Etcd, daemons, namespaces and the plain faults (kill, pause, restart a
+member) come from meshray's cluster engine (`meshray.testing.engine`); this
+module adds what only a chaos run needs: node *slots* with generations, the
+proxy network mode, failpoint files per node, and the bookkeeping the
+nemeses and checkers rely on -- which pid is which node, every process it
+ever saw (for the orphan check), and each node's shared-memory directory.
 
 Slot 0 is the *stable* node: the driver attaches to it, so it is never a
 victim (a driver whose node dies dies with it, which tests the driver rather
@@ -30,12 +29,12 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import signal
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
+
+from meshray.testing.engine import ClusterEngine, EtcdView, pause_tree, process_tree, resume_pids
 
 __all__ = ["ChaosNode", "LocalCluster", "ExternalCluster", "STABLE_SLOT", "VICTIM_RESOURCE",
            "REPO_ROOT", "shm_dir_of"]
@@ -80,11 +79,7 @@ class ChaosNode:
         return self.process.alive()
 
     def descendants(self) -> list[int]:
-        import psutil
-        try:
-            return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
-        except psutil.Error:
-            return []
+        return process_tree(self.pid)
 
     def workers(self) -> list[int]:
         """Pids of this daemon's worker processes (direct children running worker_main)."""
@@ -118,7 +113,7 @@ class _ClusterBase:
         self.nodes: dict[int, ChaosNode] = {}
         self.retired: list[ChaosNode] = []          # killed or replaced generations
         self.seen_pids: dict[int, dict] = {}         # pid -> {create_time, kind, slot}
-        self._coordinator = None
+        self._etcd_view = None
         self._tracker_stop = threading.Event()
         self._tracker = None
         self.run_dir = ""
@@ -126,37 +121,24 @@ class _ClusterBase:
         self.token = None
 
     # ------------------------------------------------------------ etcd view
+    def _view(self) -> EtcdView:
+        if self._etcd_view is None:
+            self._etcd_view = EtcdView(self.address, self.token)
+        return self._etcd_view
+
     def coordinator(self):
-        if self._coordinator is None:
-            from meshray import security
-            from meshray.coordination.client import Coordinator
-            self._coordinator = Coordinator(self.address.split(","), timeout=5.0,
-                                            **security.etcd_client_options(token=self.token))
-        return self._coordinator
+        return self._view().coordinator()
 
     def registered(self) -> dict[str, dict]:
         """Node records in etcd now, keyed by node id (live leases only)."""
-        from meshray.coordination import keyspace
-        keys = keyspace.Keyspace()
-        items, _rev = self.coordinator().get_prefix(keys.nodes_prefix(), timeout=5.0)
-        return {keys.parse_node(item.key): keyspace.decode_json(item.value) for item in items}
+        return self._view().registered()
 
     def availability(self) -> dict[str, dict]:
         """{node id: {"total": {...}, "available": {...}}} for registered nodes."""
-        from meshray.coordination import keyspace
-        keys = keyspace.Keyspace()
-        nodes = self.registered()
-        items, _rev = self.coordinator().get_prefix(keys.avail_prefix(), timeout=5.0)
-        avail = {keys.parse_avail(item.key): keyspace.decode_json(item.value) for item in items}
-        return {node: {"total": record.get("Resources", {}), "available": avail.get(node)}
-                for node, record in nodes.items()}
+        return self._view().availability()
 
     def etcd_health(self) -> tuple[bool, str]:
-        try:
-            self.coordinator().get("health-probe", timeout=3.0)
-            return True, "etcd answers"
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return False, f"etcd does not answer: {exc}"
+        return self._view().etcd_health()
 
     # ------------------------------------------------------------ nodes
     def live_nodes(self) -> list[ChaosNode]:
@@ -247,39 +229,29 @@ class _ClusterBase:
 
     def pause_node(self, slot: int) -> ChaosNode:
         """SIGSTOP the daemon and all its workers: a frozen machine, not a dead one."""
-        import psutil
         node = self.nodes[slot]
-        pids = node.descendants() + [node.pid]
-        for pid in pids:
-            try:
-                psutil.Process(pid).send_signal(signal.SIGSTOP)
-                node.stopped_pids.append(pid)
-            except psutil.Error:
-                pass
+        node.stopped_pids.extend(self._freeze(node))
         node.state = "paused"
         return node
 
     def resume_node(self, slot: int) -> ChaosNode:
-        import psutil
         node = self.nodes[slot]
-        for pid in reversed(node.stopped_pids):
-            try:
-                psutil.Process(pid).send_signal(signal.SIGCONT)
-            except psutil.Error:
-                pass
+        self._thaw(node)
         node.stopped_pids.clear()
         if node.state == "paused":
             node.state = "up"
         return node
 
+    def _freeze(self, node: ChaosNode) -> list[int]:
+        return pause_tree(node.pid)
+
+    def _thaw(self, node: ChaosNode) -> None:
+        resume_pids(node.stopped_pids)
+
     def close(self) -> None:
         self.stop_tracking()
-        if self._coordinator is not None:
-            try:
-                self._coordinator.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self._coordinator = None
+        if self._etcd_view is not None:
+            self._etcd_view.close_view()
 
 
 class LocalCluster(_ClusterBase):
@@ -308,43 +280,37 @@ class LocalCluster(_ClusterBase):
             {"kill-node", "restart-node", "pause-node", "workers", "failpoints" if failpoints else "",
              "etcd-members" if etcd_members >= 3 else "",
              "partition" if mode in ("proxy", "netns") else ""} - {""})
-        self.base_dir = base_dir or tempfile.mkdtemp(prefix="chaos-")
+        self.engine = ClusterEngine(
+            etcd_members=etcd_members, network="netns" if mode == "netns" else "loopback",
+            lease_ttl=lease_ttl, object_store_memory=128 * 1024 * 1024,
+            base_dir=base_dir or tempfile.mkdtemp(prefix="chaos-"))
+        self._etcd_view = self.engine
+        self.base_dir = self.engine.base_dir
         self.run_dir = os.path.join(self.base_dir, "run")
         self.failpoint_dir = os.path.join(self.base_dir, "failpoints")
         os.makedirs(self.failpoint_dir, exist_ok=True)
         self._generations: dict[int, int] = {}
-        self._lab = None
         self._hub = None
         self._etcd_proxies: dict[int, list] = {}
         self._rng = random.Random(seed)
         self._proxy_net = f"127.{self._rng.randrange(100, 250)}.{self._rng.randrange(0, 250)}"
-        # etcd members ask Linux to kill them when the *thread* that started them
-        # exits (PR_SET_PDEATHSIG), so restarts must come from a thread that
-        # lives as long as the cluster -- not from the nemesis thread.
-        from concurrent.futures import ThreadPoolExecutor
-        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chaos-launcher")
+
+    @property
+    def etcd(self):
+        """The etcd members (`EtcdCluster` interface): nemeses find the leader here."""
+        return self.engine.etcd
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "LocalCluster":
-        from meshray import security
-        from meshray.coordination.embedded import EtcdCluster
-        from meshray.node.launcher import new_token
         try:
-            # The token first: etcd runs with auth on, its root password
-            # derived from the token, like a node's embedded etcd.
-            self.token = new_token()
-            host = "127.0.0.1"
-            if self.mode == "netns":
-                from chaos.netns import NetnsLab
-                self._lab = NetnsLab()
-                host = self._lab.bridge_ip
-            elif self.mode == "proxy":
+            self.engine.start()
+            # The engine makes the token first: etcd runs with auth on, its
+            # root password derived from the token, like a node's embedded etcd.
+            self.token = self.engine.token
+            self.address = self.engine.address
+            if self.mode == "proxy":
                 from chaos.proxy import ProxyHub
                 self._hub = ProxyHub()
-            self.etcd = self._launcher.submit(
-                EtcdCluster, os.path.join(self.base_dir, "etcd"), size=self.etcd_members,
-                host=host, auth_password=security.etcd_password(self.token)).result()
-            self.address = ",".join(self.etcd.endpoints)
             for slot in range(self.size):
                 self.start_node(slot, wait=False)
             self.wait_for_nodes()
@@ -376,14 +342,10 @@ class LocalCluster(_ClusterBase):
         return env
 
     def restart_etcd_member(self, index: int, timeout: float = 20.0) -> None:
-        self._launcher.submit(self.etcd.restart_member, index, timeout).result()
+        self.engine.restart_etcd_member(index, timeout)
 
     def start_node(self, slot: int, wait: bool = True) -> ChaosNode:
-        """Start (or refill) `slot` with a fresh daemon (from the launcher thread)."""
-        return self._launcher.submit(self._start_node, slot, wait).result()
-
-    def _start_node(self, slot: int, wait: bool) -> ChaosNode:
-        from meshray.node.launcher import start_node
+        """Start (or refill) `slot` with a fresh daemon."""
         old = self.nodes.get(slot)
         if old is not None and old.alive() and old.state != "killed":
             raise RuntimeError(f"slot {slot} still has a live node {old!r}")
@@ -393,22 +355,19 @@ class LocalCluster(_ClusterBase):
         self._generations[slot] = generation
         session = os.path.join(self.base_dir, f"s{slot}g{generation}")
         os.makedirs(session, exist_ok=True)
-        kwargs = dict(etcd=self.address, num_cpus=self.num_cpus,
-                      resources=self.slot_resources(slot), object_store_memory=128 * 1024 * 1024,
-                      token=self.token, lease_ttl=self.lease_ttl, env=self._node_env(slot),
-                      session_dir=session, labels={"chaos-slot": str(slot)})
+        kwargs = dict(num_cpus=self.num_cpus, resources=self.slot_resources(slot),
+                      env=self._node_env(slot), session_dir=session,
+                      labels={"chaos-slot": str(slot)})
         mirror = None
-        if self.mode == "netns":
-            address = self._lab.add_slot(slot)
-            process = self._lab.run_in(slot, start_node, host=address, **kwargs)
-        elif self.mode == "proxy" and slot != STABLE_SLOT:
+        if self.mode == "proxy" and slot != STABLE_SLOT:
             advertise = f"{self._proxy_net}.{10 + slot}"
-            kwargs["etcd"] = ",".join(self._etcd_proxy_endpoints(slot, advertise))
-            process = start_node(host="127.0.0.1", advertise_host=advertise, **kwargs)
+            process = self.engine.start_node(
+                slot, host="127.0.0.1", advertise_host=advertise,
+                etcd=",".join(self._etcd_proxy_endpoints(slot, advertise)), **kwargs)
             from chaos.proxy import PortMirror
             mirror = PortMirror(self._hub, process.pid, advertise, f"slot-{slot}").start()
         else:
-            process = start_node(**kwargs)
+            process = self.engine.start_node(slot, **kwargs)
         node = ChaosNode(slot, generation, process, mirror=mirror)
         self.nodes[slot] = node
         if wait:
@@ -426,35 +385,29 @@ class LocalCluster(_ClusterBase):
         return [p.address for p in self._etcd_proxies[slot]]
 
     def wait_for_nodes(self, timeout: float = 30.0) -> None:
-        wanted = self.expected_node_ids()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                registered = set(self.registered())
-            except Exception:  # noqa: BLE001 - etcd may be electing
-                registered = set()
-            if wanted <= registered:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nodes did not register within {timeout}s: want "
-                                   f"{sorted(wanted)}, etcd has {sorted(registered)}")
-            time.sleep(0.05)
+        self.engine.wait_for_nodes(self.expected_node_ids(), exact=False, timeout=timeout)
 
     # ------------------------------------------------------------ faults
     def kill_node(self, slot: int) -> ChaosNode:
         node = self.nodes[slot]
         self._track_once()           # know its workers before they vanish
-        node.process.kill()
+        self.engine.kill_node(node.process)
         node.state = "killed"
         if node.mirror is not None:
             node.mirror.stop()
         return node
 
+    def _freeze(self, node: ChaosNode) -> list[int]:
+        return self.engine.pause_node(node.process)
+
+    def _thaw(self, node: ChaosNode) -> None:
+        self.engine.resume_node(node.process)
+
     def partition(self, slot: int) -> None:
         if slot == STABLE_SLOT:
             raise ValueError("the stable node (slot 0) carries the driver; it is never partitioned")
         if self.mode == "netns":
-            self._lab.partition(slot)
+            self.engine.partition(slot)
         elif self.mode == "proxy":
             self._hub.set_mode(f"slot-{slot}", "blackhole")
         else:
@@ -463,7 +416,7 @@ class LocalCluster(_ClusterBase):
 
     def heal_partition(self, slot: int) -> None:
         if self.mode == "netns":
-            self._lab.heal(slot)
+            self.engine.heal(slot)
         elif self.mode == "proxy":
             self._hub.set_mode(f"slot-{slot}", "pass")
         if self.nodes[slot].state == "partitioned":
@@ -488,37 +441,29 @@ class LocalCluster(_ClusterBase):
             if node.state == "partitioned":
                 self.heal_partition(node.slot)
         self._track_once()
-        for node in list(self.nodes.values()):
-            if node.state != "killed":
-                try:
-                    node.process.stop(timeout=10.0)
-                except Exception:  # noqa: BLE001 - fall back to SIGKILL
-                    node.process.kill()
-                node.state = "stopped"
-            if node.mirror is not None:
-                node.mirror.stop()
+        try:
+            self.engine.stop_nodes()
+        finally:
+            for node in list(self.nodes.values()):
+                if node.state != "killed":
+                    node.state = "stopped"
+                if node.mirror is not None:
+                    node.mirror.stop()
 
     def close(self, keep_dir: bool = False) -> None:
         """Stop everything started here (by pid), remove namespaces and links."""
-        super().close()
+        self.stop_tracking()
         try:
             self.stop_nodes()
         finally:
-            if self.etcd is not None:
-                try:
-                    self.etcd.stop()
-                except Exception:  # noqa: BLE001
-                    log.exception("stopping etcd failed")
-            if self._hub is not None:
-                self._hub.close()
-            if self._lab is not None:
-                self._lab.close()
-            self._launcher.shutdown(wait=False)
-            if not keep_dir:
-                shutil.rmtree(self.base_dir, ignore_errors=True)
+            try:
+                self.engine.close(keep_dir=keep_dir)
+            finally:
+                if self._hub is not None:
+                    self._hub.close()
 
     def etcd_pids(self) -> list[int]:
-        return [m.pid for m in self.etcd.members if m.pid] if self.etcd else []
+        return self.engine.etcd_pids()
 
 
 class ExternalCluster(_ClusterBase):

@@ -1,4 +1,9 @@
-"""Test helpers: a multi-node cluster of real daemons on this machine."""
-from meshray.testing.cluster import Cluster, ClusterNode
+"""Test helpers: a multi-node cluster of real daemons on this machine.
 
-__all__ = ["Cluster", "ClusterNode"]
+`Cluster` has Ray's `ray.cluster_utils.Cluster` interface; `ClusterEngine`
+is what it (and the chaos runner, and the topology script) is built on.
+"""
+from meshray.testing.cluster import Cluster, ClusterNode
+from meshray.testing.engine import ClusterEngine
+
+__all__ = ["Cluster", "ClusterEngine", "ClusterNode"]

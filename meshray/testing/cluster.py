@@ -5,13 +5,14 @@ unchanged. Unlike Ray's, no node is special: etcd runs as its own process
 owned by the Cluster object, so any node -- the first one included -- can be
 killed and the others carry on. That etcd runs with auth on, like a node's
 embedded one: members log in with credentials derived from the cluster token.
+
+The processes, faults and etcd view come from `meshray.testing.engine`; this
+module only adds Ray's names on top. `engine` is there for what Ray's class
+has no name for: a 3-member etcd whose leader a test kills, namespaces.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import time
+from meshray.testing.engine import ClusterEngine
 
 __all__ = ["Cluster", "ClusterNode"]
 
@@ -21,8 +22,9 @@ DEFAULT_TEST_LEASE_TTL_S = 2.0
 class ClusterNode:
     """A node daemon process started by a Cluster."""
 
-    def __init__(self, process, args: dict):
+    def __init__(self, process, args: dict, engine: ClusterEngine | None = None):
         self._process = process
+        self._engine = engine
         self.node_args = args
 
     @property
@@ -48,6 +50,13 @@ class ClusterNode:
     def stop(self) -> None:
         self._process.stop()
 
+    def pause(self) -> None:
+        """SIGSTOP the daemon and its workers (a frozen machine)."""
+        self._engine.pause_node(self._process)
+
+    def resume(self) -> None:
+        self._engine.resume_node(self._process)
+
     def __repr__(self):
         return f"ClusterNode({self.node_id}, pid={self.pid})"
 
@@ -55,27 +64,16 @@ class ClusterNode:
 class Cluster:
     def __init__(self, initialize_head: bool = False, connect: bool = False,
                  head_node_args: dict | None = None, shutdown_at_exit: bool = True,
-                 *, lease_ttl: float = DEFAULT_TEST_LEASE_TTL_S, etcd_endpoints: str | None = None):
-        from meshray import security
-        from meshray.coordination.embedded import EmbeddedEtcd
-        from meshray.node.launcher import new_token
-
-        self._dir = tempfile.mkdtemp(prefix="meshray-cluster-")
-        self._lease_ttl = lease_ttl
-        self._token = new_token()
+                 *, lease_ttl: float = DEFAULT_TEST_LEASE_TTL_S, etcd_endpoints: str | None = None,
+                 etcd_members: int = 1, network: str = "loopback"):
+        self.engine = ClusterEngine(etcd_members=etcd_members, network=network,
+                                    etcd_endpoints=etcd_endpoints, lease_ttl=lease_ttl,
+                                    dir_prefix="meshray-cluster-")
         self._nodes: list[ClusterNode] = []
         self._removed: list[ClusterNode] = []
-        self._etcd = None
-        self._coordinator = None
-        if etcd_endpoints is None:
-            self._etcd = EmbeddedEtcd(os.path.join(self._dir, "etcd"), private_peer=True,
-                                      auth_user=security.ETCD_ROOT_USER,
-                                      auth_password=security.etcd_password(self._token))
-            self._etcd.start()
-            etcd_endpoints = self._etcd.endpoint
-        self._endpoints = etcd_endpoints
         self.head_node = None
         self.connected = False
+        self.engine.start()
         if shutdown_at_exit:
             import atexit
             atexit.register(self.shutdown)
@@ -87,21 +85,27 @@ class Cluster:
     @property
     def address(self) -> str:
         """The etcd endpoint(s): what `meshray.init(address=...)` takes."""
-        return self._endpoints
+        return self.engine.address
 
     @property
     def token(self) -> str:
-        return self._token
+        return self.engine.token
 
     @property
     def etcd_pid(self) -> int | None:
-        """The pid of the etcd member this Cluster runs (None for external
-        etcd): fault tests freeze it with SIGSTOP."""
-        return self._etcd.pid if self._etcd is not None else None
+        """The pid of the (first) etcd member this Cluster runs (None for
+        external etcd): fault tests freeze it with SIGSTOP."""
+        pids = self.engine.etcd_pids()
+        return pids[0] if pids else None
+
+    @property
+    def worker_nodes(self) -> set[ClusterNode]:
+        """Every live node but the head, as in Ray."""
+        return {node for node in self._nodes if node is not self.head_node}
 
     def connect(self, namespace: str | None = None, **init_args):
         import meshray
-        meshray.init(address=self.address, namespace=namespace, _token=self._token, **init_args)
+        meshray.init(address=self.address, namespace=namespace, _token=self.token, **init_args)
         self.connected = True
         return meshray
 
@@ -109,16 +113,16 @@ class Cluster:
                  resources: dict | None = None, labels: dict | None = None,
                  object_store_memory: int | None = None, env: dict | None = None,
                  **ignored) -> ClusterNode:
-        from meshray.node.launcher import start_node
+        import os
         args = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources,
                 "labels": labels, "object_store_memory": object_store_memory}
         child_env = dict(os.environ)
         child_env.update(env or {})
-        process = start_node(
-            etcd=self._endpoints, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
-            labels=labels, object_store_memory=object_store_memory or 256 * 1024 * 1024,
-            token=self._token, lease_ttl=self._lease_ttl, env=child_env)
-        node = ClusterNode(process, args)
+        process = self.engine.start_node(
+            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, labels=labels,
+            object_store_memory=object_store_memory or self.engine.object_store_memory,
+            env=child_env)
+        node = ClusterNode(process, args, self.engine)
         self._nodes.append(node)
         if wait:
             self.wait_for_nodes()
@@ -127,9 +131,9 @@ class Cluster:
     def remove_node(self, node: ClusterNode, allow_graceful: bool = True) -> None:
         """Stop a node: gracefully (SIGTERM) or as a crash (SIGKILL)."""
         if allow_graceful:
-            node.stop()
+            self.engine.stop_node(node._process)
         else:
-            node.kill()
+            self.engine.kill_node(node._process)
         if node in self._nodes:
             self._nodes.remove(node)
             self._removed.append(node)
@@ -142,45 +146,19 @@ class Cluster:
     def coordinator(self):
         """An etcd client of this cluster's store, logged in with the
         credentials the token gives (closed by shutdown())."""
-        if self._coordinator is None:
-            from meshray import security
-            from meshray.coordination.client import Coordinator
-            self._coordinator = Coordinator(
-                self._endpoints.split(","), timeout=5.0,
-                **security.etcd_client_options(token=self._token))
-        return self._coordinator
+        return self.engine.coordinator()
 
     def _registered(self) -> set[str]:
-        from meshray.coordination import keyspace
-        keys = keyspace.Keyspace()
-        items, _rev = self.coordinator().get_prefix(keys.nodes_prefix())
-        return {keys.parse_node(item[0]) for item in items}
+        return self.engine.node_ids()
 
     def wait_for_nodes(self, timeout: float = 30.0) -> None:
         """Block until etcd shows exactly the live nodes (removed ones gone)."""
-        wanted = {node.node_id for node in self._nodes}
-        deadline = time.monotonic() + timeout
-        while True:
-            registered = self._registered()
-            if registered == wanted:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for nodes: want {sorted(wanted)}, "
-                                   f"etcd has {sorted(registered)}")
-            time.sleep(0.05)
+        self.engine.wait_for_nodes({node.node_id for node in self._nodes}, timeout=timeout)
 
     def shutdown(self) -> None:
         if self.connected:
             import meshray
             meshray.shutdown()
             self.connected = False
-        for node in self._nodes:
-            node.stop()
         self._nodes.clear()
-        if self._coordinator is not None:
-            self._coordinator.close()
-            self._coordinator = None
-        if self._etcd is not None:
-            self._etcd.stop()
-            self._etcd = None
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.engine.close()

@@ -26,7 +26,7 @@ import pytest
 from chaos import checkers, cli
 from chaos.history import History, Op
 from chaos.nemeses import NEMESES, format_schedule, make_schedule
-from chaos.netns import netns_available
+from meshray.testing.netns import netns_available
 from chaos.proxy import ProxyHub
 from chaos.workloads import WORKLOADS
 from meshray.rpc import factory

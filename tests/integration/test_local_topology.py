@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from chaos.netns import netns_available
+from meshray.testing.netns import netns_available
 from tests.conftest import REPO
 
 MARKER_ENV = "MESHRAY_TOPOLOGY_TEST"

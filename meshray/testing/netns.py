@@ -21,7 +21,7 @@ children that die with the thread that forked them (etcd members set
 PR_SET_PDEATHSIG, which Linux ties to the forking thread).
 
 Slots are any short names or numbers (the chaos harness numbers its nodes;
-scripts/local_topology.py also gives etcd members namespaces of their own);
+the topology script also gives etcd members namespaces of their own);
 interface names must stay within Linux's 15 characters, so keep them short.
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ class NetnsLab:
             candidate = ipaddress.ip_network(f"10.213.{third}.0/24")
             if not any(candidate.overlaps(net) for net in used):
                 return candidate
-        raise NetnsError("no free 10.213.x.0/24 subnet for the chaos bridge")
+        raise NetnsError("no free 10.213.x.0/24 subnet for the lab's bridge")
 
     def add_slot(self, slot: int | str) -> str:
         """Create namespace + veth for `slot` (idempotent); returns its address."""
@@ -155,7 +155,7 @@ class NetnsLab:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box["error"] = exc
 
-        thread = threading.Thread(target=body, name=f"chaos-netns-{slot}", daemon=True)
+        thread = threading.Thread(target=body, name=f"netns-{slot}", daemon=True)
         thread.start()
         thread.join()
         if "error" in box:
