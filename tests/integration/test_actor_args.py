@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from meshray.core import arg_files
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_driver, wait_for
+from tests.helpers import run_driver, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +386,7 @@ os.kill(os.getpid(), 9)
     import sys
 
     import psutil
-    from tests.conftest import REPO
+    from tests.helpers import REPO
     env = dict(os.environ)
     started = subprocess.run([sys.executable, "-m", "meshray.cli.main", "start", "--num-cpus", "2"],
                              capture_output=True, text=True, cwd=REPO, timeout=60, env=env)

@@ -25,7 +25,7 @@ from meshray import security
 from meshray.coordination.client import AuthError, Coordinator, LeaseKeeper, Put
 from meshray.coordination.embedded import EmbeddedEtcd, _http_json, find_etcd_binary, free_port
 from meshray.coordination.keyspace import Keyspace
-from tests.conftest import REPO, wait_for
+from tests.helpers import REPO, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

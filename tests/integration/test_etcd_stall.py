@@ -20,7 +20,7 @@ import pytest
 from meshray.core import actor_client
 from meshray.node.fence import LeaseFence
 from meshray.testing import Cluster
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -23,7 +23,7 @@ from meshray.coordination.client import AuthError, Coordinator
 from meshray.coordination.embedded import EmbeddedEtcd, _death_signal_prefix, free_port
 from meshray.coordination.supervisor import EtcdSupervisor
 from meshray.node import registry
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -22,7 +22,7 @@ import pytest
 from meshray import security
 from meshray.coordination import keyspace
 from meshray.coordination.client import Coordinator
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 TOKEN = security.generate_token()
 FAKE_NODE = "f" * 56

@@ -110,7 +110,7 @@ def test_bad_gpu_requests(ray):
 
 
 def test_noset_env_leaves_cuda_visible_devices_alone():
-    from tests.conftest import run_driver
+    from tests.helpers import run_driver
     code = """
 import os, meshray as ray
 ray.init(num_cpus=1)

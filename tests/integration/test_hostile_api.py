@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO, run_driver, wait_for
+from tests.helpers import REPO, run_driver, wait_for
 
 
 NAMESPACE = "hostile-ns"

@@ -13,7 +13,7 @@ import uuid
 
 from meshray.coordination.client import Coordinator, LeaseKeeper
 from meshray.coordination.embedded import EtcdCluster
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 def test_a_lapsed_lease_that_etcd_kept_is_kept(tmp_path):

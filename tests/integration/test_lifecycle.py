@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO, run_driver, wait_for
+from tests.helpers import REPO, run_driver, wait_for
 
 
 def _meshray_children(pid: int) -> list[psutil.Process]:

@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 from meshray.testing.netns import netns_available
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MARKER_ENV = "MESHRAY_TOPOLOGY_TEST"
 

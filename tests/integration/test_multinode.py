@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from meshray.testing import Cluster
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 # Workers do not have this test module on their path: ship its functions by value.

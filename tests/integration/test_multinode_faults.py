@@ -18,7 +18,7 @@ import pytest
 
 from meshray.testing import Cluster
 from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

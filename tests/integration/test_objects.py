@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import cloudpickle
 import pytest
 
 from meshray.testing import Cluster
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -10,7 +10,7 @@ import time
 import cloudpickle
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

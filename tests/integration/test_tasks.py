@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 def test_task_returns_value(ray):
