@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import pytest
 
+DEFAULT_INIT_ARGS = {"num_cpus": 2, "object_store_memory": 512 * 1024 * 1024}
+
 
 @pytest.fixture(scope="module")
-def ray():
-    """meshray initialised with a private 2-CPU cluster for one test module."""
+def ray(request):
+    """meshray initialised with a private cluster for one test module.
+
+    2 CPUs and a 512 MiB store, unless the module says otherwise with
+    ``pytestmark = pytest.mark.meshray_init(**init_args)`` (the marker's
+    arguments replace the defaults): one fixture rather than a copy per file.
+    """
     import meshray
-    meshray.init(num_cpus=2, object_store_memory=512 * 1024 * 1024)
+    marker = request.node.get_closest_marker("meshray_init")
+    meshray.init(**(dict(marker.kwargs) if marker is not None else DEFAULT_INIT_ARGS))
     yield meshray
     meshray.shutdown()

@@ -23,12 +23,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 MIB = 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def ray():
-    import meshray
-    meshray.init(num_cpus=2)
-    yield meshray
-    meshray.shutdown()
+pytestmark = pytest.mark.meshray_init(num_cpus=2)
 
 
 def _core():

@@ -12,12 +12,7 @@ import pytest
 from tests.helpers import run_driver, wait_for
 
 
-@pytest.fixture(scope="module")
-def ray():
-    import meshray
-    meshray.init(num_cpus=4, resources={"slot": 2})
-    yield meshray
-    meshray.shutdown()
+pytestmark = pytest.mark.meshray_init(num_cpus=4, resources={"slot": 2})
 
 
 def test_actor_keeps_state_and_orders_calls(ray):

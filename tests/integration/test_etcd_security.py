@@ -27,9 +27,10 @@ from meshray.coordination.embedded import EmbeddedEtcd, _http_json, find_etcd_bi
 from meshray.coordination.keyspace import Keyspace
 from tests.helpers import REPO, wait_for
 
-pytestmark = pytest.mark.timeout(120)
-
 TOKEN = security.generate_token()
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.meshray_init(num_cpus=1, _token=TOKEN, log_to_driver=False)]
 WRONG = security.generate_token()
 KEYS = Keyspace()
 
@@ -59,20 +60,9 @@ def _client(endpoint: str, token: str = TOKEN) -> Coordinator:
                                                                              environ={}))
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    import meshray
-    from meshray.core import state as state_mod
-
-    meshray.init(num_cpus=1, _token=TOKEN, log_to_driver=False)
-    node = state_mod.state.local_node
-    yield meshray, node
-    meshray.shutdown()
-
-
 # ------------------------------------------------- the embedded etcd of init()
-def test_embedded_etcd_refuses_reads_and_writes_without_credentials(cluster):
-    _ray, node = cluster
+def test_embedded_etcd_refuses_reads_and_writes_without_credentials(local_node):
+    node = local_node
     endpoint = node.info["etcd"]
     own_record = KEYS.node(bytes.fromhex(node.node_id))
     planted = "/meshray/v1/actors/planted"
@@ -124,9 +114,9 @@ def test_embedded_etcd_refuses_reads_and_writes_without_credentials(cluster):
     assert allowed.returncode == 0 and own_record in allowed.stdout
 
 
-def test_embedded_etcd_has_no_tcp_peer_port(cluster):
+def test_embedded_etcd_has_no_tcp_peer_port(local_node):
     """Raft on a TCP port would let any local user talk past auth."""
-    _ray, node = cluster
+    node = local_node
     port = int(node.info["etcd"].rsplit(":", 1)[1])
     etcd = psutil.Process(node.info["etcd_pid"])
     listening = {c.laddr.port for c in etcd.net_connections(kind="tcp")
@@ -134,9 +124,9 @@ def test_embedded_etcd_has_no_tcp_peer_port(cluster):
     assert listening == {port}
 
 
-def test_init_with_the_wrong_token_is_refused_by_etcd(cluster):
+def test_init_with_the_wrong_token_is_refused_by_etcd(local_node):
     import meshray
-    _ray, node = cluster
+    node = local_node
     from meshray import _api
     with pytest.raises(ConnectionError, match="authentication failed"):
         _api._check_etcd_reachable(node.info["etcd"], WRONG)

@@ -28,7 +28,8 @@ TOKEN = security.generate_token()
 FAKE_NODE = "f" * 56
 FAKE_ACTOR = "e" * 32
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.meshray_init(num_cpus=1, _token=TOKEN, log_to_driver=False)]
 
 
 class Impostor(grpc.GenericRpcHandler):
@@ -55,16 +56,6 @@ def impostor():
     server.stop(0)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    import meshray
-    from meshray.core import state as state_mod
-
-    meshray.init(num_cpus=1, _token=TOKEN, log_to_driver=False)
-    yield meshray, state_mod.state.local_node
-    meshray.shutdown()
-
-
 def _attacker(node) -> Coordinator:
     """etcd access without the cluster secret (whatever etcd itself demands)."""
     options = security.etcd_client_options(token=TOKEN)
@@ -83,8 +74,8 @@ def _assert_secret_never_sent(handler: Impostor) -> None:
             assert TOKEN not in str(value)
 
 
-def test_forged_node_record_is_refused_and_gets_no_work(cluster, impostor):
-    meshray, node = cluster
+def test_forged_node_record_is_refused_and_gets_no_work(ray, local_node, impostor):
+    meshray, node = ray, local_node
     address, handler = impostor
     keys = keyspace.Keyspace()
     attacker = _attacker(node)
@@ -118,8 +109,8 @@ def test_forged_node_record_is_refused_and_gets_no_work(cluster, impostor):
         member.close()
 
 
-def test_forged_named_actor_record_is_not_dialled(cluster, impostor):
-    meshray, node = cluster
+def test_forged_named_actor_record_is_not_dialled(ray, local_node, impostor):
+    meshray, node = ray, local_node
     address, handler = impostor
     keys = keyspace.Keyspace()
     attacker = _attacker(node)

@@ -28,16 +28,9 @@ def _smi_gpus():
 
 
 SMI = _smi_gpus()
-pytestmark = pytest.mark.skipif(not SMI or os.environ.get("MESHRAY_FAKE_GPUS"),
-                                reason="needs a real NVIDIA GPU")
-
-
-@pytest.fixture(scope="module")
-def ray():
-    import meshray
-    meshray.init(num_cpus=2)
-    yield meshray
-    meshray.shutdown()
+pytestmark = [pytest.mark.skipif(not SMI or os.environ.get("MESHRAY_FAKE_GPUS"),
+                                 reason="needs a real NVIDIA GPU"),
+              pytest.mark.meshray_init(num_cpus=2)]
 
 
 def test_detection_matches_nvidia_smi(ray):

@@ -22,13 +22,8 @@ from tests.helpers import REPO, run_driver, wait_for
 NAMESPACE = "hostile-ns"
 
 
-@pytest.fixture(scope="module")
-def ray():
-    """A private 2-CPU cluster whose driver runs in a named namespace."""
-    import meshray
-    meshray.init(num_cpus=2, namespace=NAMESPACE)
-    yield meshray
-    meshray.shutdown()
+# The `ray` fixture: a private 2-CPU cluster whose driver runs in a named namespace.
+pytestmark = pytest.mark.meshray_init(num_cpus=2, namespace=NAMESPACE)
 
 
 def _last_json(result: subprocess.CompletedProcess) -> dict:

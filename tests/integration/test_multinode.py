@@ -15,19 +15,11 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from meshray.testing import Cluster
 from tests.helpers import wait_for
 
 
 # Workers do not have this test module on their path: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture
-def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    yield cluster
-    cluster.shutdown()
 
 
 def node_of():
@@ -242,29 +234,25 @@ def test_put_object_on_dead_node_cannot_be_rebuilt(cluster):
         ray.get(inner, timeout=60)
 
 
-def test_first_node_is_not_special():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+def test_first_node_is_not_special(cluster):
+    second = cluster.add_node(num_cpus=1)
+    third = cluster.add_node(num_cpus=1)
+    # The driver attaches to the *second* node, then the first one dies.
+    import meshray
+    os.environ["MESHRAY_PREFERRED_NODE"] = second.node_id
     try:
-        second = cluster.add_node(num_cpus=1)
-        third = cluster.add_node(num_cpus=1)
-        # The driver attaches to the *second* node, then the first one dies.
-        import meshray
-        os.environ["MESHRAY_PREFERRED_NODE"] = second.node_id
-        try:
-            ray = cluster.connect()
-        finally:
-            del os.environ["MESHRAY_PREFERRED_NODE"]
-        assert ray.get_runtime_context().get_node_id() == second.node_id
-        cluster.remove_node(cluster.head_node, allow_graceful=False)
-
-        @ray.remote
-        def where(delay):
-            time.sleep(delay)
-            return node_of()
-
-        assert set(ray.get([where.remote(0.5) for _ in range(4)], timeout=90)) == {
-            second.node_id, third.node_id}
-        assert meshray.cluster_resources()["CPU"] == 2.0 or wait_for(
-            lambda: meshray.cluster_resources()["CPU"] == 2.0, timeout=30)
+        ray = cluster.connect()
     finally:
-        cluster.shutdown()
+        del os.environ["MESHRAY_PREFERRED_NODE"]
+    assert ray.get_runtime_context().get_node_id() == second.node_id
+    cluster.remove_node(cluster.head_node, allow_graceful=False)
+
+    @ray.remote
+    def where(delay):
+        time.sleep(delay)
+        return node_of()
+
+    assert set(ray.get([where.remote(0.5) for _ in range(4)], timeout=90)) == {
+        second.node_id, third.node_id}
+    assert meshray.cluster_resources()["CPU"] == 2.0 or wait_for(
+        lambda: meshray.cluster_resources()["CPU"] == 2.0, timeout=30)

@@ -16,18 +16,10 @@ import numpy as np
 import psutil
 import pytest
 
-from meshray.testing import Cluster
 from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture
-def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    yield cluster
-    cluster.shutdown()
 
 
 def node_of():
@@ -251,30 +243,27 @@ def test_actor_pinned_to_a_node_that_lapsed_dies_with_the_reason(cluster):
         ray.get(actor.pid.remote(), timeout=60)
 
 
-def test_a_killed_node_is_seen_dead_long_before_its_lease_expires(tmp_path):
+@pytest.mark.cluster_args(head_node_args={"num_cpus": 0}, lease_ttl=60)
+def test_a_killed_node_is_seen_dead_long_before_its_lease_expires(tmp_path, cluster):
     """A daemon whose port refuses connections is gone: a peer revokes its lease."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, lease_ttl=60)
-    try:
-        victim = cluster.add_node(num_cpus=1)
-        ray = cluster.connect()
+    victim = cluster.add_node(num_cpus=1)
+    ray = cluster.connect()
 
-        @ray.remote(num_cpus=1, max_retries=2)
-        def mark(directory):
-            path = os.path.join(directory, "started")
-            if os.path.exists(path):
-                return "retried"
-            open(path, "w").close()
-            time.sleep(120)
-            return "first attempt"
+    @ray.remote(num_cpus=1, max_retries=2)
+    def mark(directory):
+        path = os.path.join(directory, "started")
+        if os.path.exists(path):
+            return "retried"
+        open(path, "w").close()
+        time.sleep(120)
+        return "first attempt"
 
-        ref = mark.remote(str(tmp_path))
-        wait_for(lambda: os.listdir(tmp_path), message="the task started on the victim")
-        spare = cluster.add_node(num_cpus=1)
-        cluster.remove_node(victim, allow_graceful=False)
-        # The lease is 60 s: only the refusal evidence can end it within 20 s.
-        wait_for(lambda: victim.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},
-                 timeout=20, message="the killed node leaves the view")
-        assert ray.get(ref, timeout=30) == "retried"
-        assert spare.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    finally:
-        cluster.shutdown()
+    ref = mark.remote(str(tmp_path))
+    wait_for(lambda: os.listdir(tmp_path), message="the task started on the victim")
+    spare = cluster.add_node(num_cpus=1)
+    cluster.remove_node(victim, allow_graceful=False)
+    # The lease is 60 s: only the refusal evidence can end it within 20 s.
+    wait_for(lambda: victim.node_id not in {n["NodeID"] for n in ray.nodes() if n["Alive"]},
+             timeout=20, message="the killed node leaves the view")
+    assert ray.get(ref, timeout=30) == "retried"
+    assert spare.node_id in {n["NodeID"] for n in ray.nodes() if n["Alive"]}

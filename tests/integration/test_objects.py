@@ -10,12 +10,7 @@ import pytest
 from tests.helpers import wait_for
 
 
-@pytest.fixture(scope="module")
-def ray():
-    import meshray
-    meshray.init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
-    yield meshray
-    meshray.shutdown()
+pytestmark = pytest.mark.meshray_init(num_cpus=2, object_store_memory=64 * 1024 * 1024)
 
 
 def _store_dir(ray):

@@ -29,6 +29,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a probe as another uid"),
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv"),
     pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs a system python3"),
+    pytest.mark.meshray_init(num_cpus=1, _token=TOKEN, log_to_driver=False),
 ]
 
 PROBE = r'''
@@ -79,21 +80,15 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    import meshray
-    from meshray.core import state as state_mod
-
-    meshray.init(num_cpus=1, _token=TOKEN, log_to_driver=False)
-    node = state_mod.state.local_node
-
-    @meshray.remote
+def stored_object(ray):
+    """An object in the node's store, so there is a file a probe could read."""
+    @ray.remote
     def make_object():
         return b"x" * (2 << 20)     # large enough to live in the store as a file
 
     ref = make_object.remote()
-    meshray.get(ref)
-    yield meshray, node, ref
-    meshray.shutdown()
+    ray.get(ref)
+    return ref
 
 
 def _probe(config: dict) -> dict:
@@ -105,8 +100,8 @@ def _probe(config: dict) -> dict:
     return json.loads(result.stdout)
 
 
-def test_another_local_user_gets_nothing(cluster):
-    _meshray, node, _ref = cluster
+def test_another_local_user_gets_nothing(local_node, stored_object):
+    node = local_node
     unix_socket = node.local_address[len("unix:"):]
     token_file = os.path.join(node.session_dir, "token")
     assert os.path.exists(token_file) and os.path.exists(unix_socket)

@@ -15,17 +15,9 @@ import time
 import cloudpickle
 import pytest
 
-from meshray.testing import Cluster
 from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-@pytest.fixture
-def cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    yield cluster
-    cluster.shutdown()
 
 
 def node_log(cluster) -> str:

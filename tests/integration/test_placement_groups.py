@@ -15,12 +15,7 @@ from tests.helpers import wait_for
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module")
-def ray():
-    import meshray
-    meshray.init(num_cpus=4, resources={"slot": 2})
-    yield meshray
-    meshray.shutdown()
+pytestmark = pytest.mark.meshray_init(num_cpus=4, resources={"slot": 2})
 
 
 def _pg_api():

@@ -7,7 +7,6 @@ import sys
 
 import cloudpickle
 
-from meshray.testing import Cluster
 from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -19,52 +18,44 @@ def _pg_api():
     return api, PlacementGroupSchedulingStrategy
 
 
-def test_strict_spread_across_nodes_and_rescheduling_after_node_death():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        ray = cluster.connect()
-        api, Strategy = _pg_api()
-        pg = api.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
-        assert pg.wait(30)
-        placed = api.placement_group_table(pg)["bundles_to_node_id"]
-        assert len(set(placed.values())) == 2
+def test_strict_spread_across_nodes_and_rescheduling_after_node_death(cluster):
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray = cluster.connect()
+    api, Strategy = _pg_api()
+    pg = api.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD")
+    assert pg.wait(30)
+    placed = api.placement_group_table(pg)["bundles_to_node_id"]
+    assert len(set(placed.values())) == 2
 
-        @ray.remote(num_cpus=1)
-        def where():
-            return ray.get_runtime_context().get_node_id()
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id()
 
-        assert ray.get(where.options(scheduling_strategy=Strategy(pg, 1)).remote(),
-                       timeout=30) == placed[1]
-        victim_id = next(n for n in placed.values() if n != cluster.head_node.node_id)
-        victim = next(n for n in nodes if n.node_id == victim_id)
-        cluster.remove_node(victim, allow_graceful=False)
+    assert ray.get(where.options(scheduling_strategy=Strategy(pg, 1)).remote(),
+                   timeout=30) == placed[1]
+    victim_id = next(n for n in placed.values() if n != cluster.head_node.node_id)
+    victim = next(n for n in nodes if n.node_id == victim_id)
+    cluster.remove_node(victim, allow_graceful=False)
 
-        def replaced():
-            table = api.placement_group_table(pg)
-            return (table["state"] == "CREATED" and victim_id not in
-                    table["bundles_to_node_id"].values())
-        wait_for(replaced, timeout=60, message="bundle re-reserved on a live node")
-        again = api.placement_group_table(pg)["bundles_to_node_id"]
-        assert len(set(again.values())) == 2
-        index = next(i for i, n in again.items() if n != placed.get(i))
-        assert ray.get(where.options(scheduling_strategy=Strategy(pg, index)).remote(),
-                       timeout=60) == again[index]
-    finally:
-        cluster.shutdown()
+    def replaced():
+        table = api.placement_group_table(pg)
+        return (table["state"] == "CREATED" and victim_id not in
+                table["bundles_to_node_id"].values())
+    wait_for(replaced, timeout=60, message="bundle re-reserved on a live node")
+    again = api.placement_group_table(pg)["bundles_to_node_id"]
+    assert len(set(again.values())) == 2
+    index = next(i for i, n in again.items() if n != placed.get(i))
+    assert ray.get(where.options(scheduling_strategy=Strategy(pg, index)).remote(),
+                   timeout=60) == again[index]
 
 
-def test_group_placed_when_capacity_appears():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        ray = cluster.connect()
-        api, _ = _pg_api()
-        pg = api.placement_group([{"CPU": 2}])
-        assert pg.wait(timeout_seconds=1) is False
-        cluster.add_node(num_cpus=2)
-        assert pg.wait(timeout_seconds=60)
-    finally:
-        cluster.shutdown()
+def test_group_placed_when_capacity_appears(cluster):
+    ray = cluster.connect()
+    api, _ = _pg_api()
+    pg = api.placement_group([{"CPU": 2}])
+    assert pg.wait(timeout_seconds=1) is False
+    cluster.add_node(num_cpus=2)
+    assert pg.wait(timeout_seconds=60)
 
 
 _EXITING_DRIVER = """
@@ -82,22 +73,18 @@ print(doomed.id.hex())
 """
 
 
-def test_requests_sent_without_waiting_survive_the_driver_exiting(tmp_path):
+def test_requests_sent_without_waiting_survive_the_driver_exiting(tmp_path, cluster):
     import subprocess
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        script = tmp_path / "driver.py"
-        script.write_text(_EXITING_DRIVER)
-        done = subprocess.run([sys.executable, str(script), cluster.address, cluster.token or ""],
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr[-3000:]
-        doomed = done.stdout.strip().splitlines()[-1]
-        cluster.connect()
-        api, _ = _pg_api()
-        table = api.placement_group_table()
-        detached = {pg: t for pg, t in table.items() if t["namespace"] == "exiting"}
-        assert len(detached) == 21
-        assert detached[doomed]["state"] == "REMOVED"
-        assert sum(t["state"] == "CREATED" for t in detached.values()) == 20
-    finally:
-        cluster.shutdown()
+    script = tmp_path / "driver.py"
+    script.write_text(_EXITING_DRIVER)
+    done = subprocess.run([sys.executable, str(script), cluster.address, cluster.token or ""],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doomed = done.stdout.strip().splitlines()[-1]
+    cluster.connect()
+    api, _ = _pg_api()
+    table = api.placement_group_table()
+    detached = {pg: t for pg, t in table.items() if t["namespace"] == "exiting"}
+    assert len(detached) == 21
+    assert detached[doomed]["state"] == "REMOVED"
+    assert sum(t["state"] == "CREATED" for t in detached.values()) == 20

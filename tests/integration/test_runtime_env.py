@@ -9,12 +9,7 @@ import textwrap
 import pytest
 
 
-@pytest.fixture(scope="module")
-def ray():
-    import meshray
-    meshray.init(num_cpus=2)
-    yield meshray
-    meshray.shutdown()
+pytestmark = pytest.mark.meshray_init(num_cpus=2)
 
 
 def _make_wheel(tmp_path, name: str, version: str = "1.0") -> str:

@@ -31,7 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOKEN = security.generate_token()
 WRONG = security.generate_token()
 
-pytestmark = pytest.mark.timeout(120)
+# The `ray` fixture: a private cluster whose token these tests know.
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.meshray_init(num_cpus=2, _token=TOKEN, log_to_driver=False)]
 
 
 class MakesFile:
@@ -64,22 +66,9 @@ def certs(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A private cluster whose token this test knows, and the driver's API."""
-    import meshray
-    from meshray.core import state as state_mod
-
-    meshray.init(num_cpus=2, _token=TOKEN, log_to_driver=False)
-    node = state_mod.state.local_node
-    yield meshray, node
-    meshray.shutdown()
-
-
 # ------------------------------------------------------------ the token gate
-def test_payload_is_live_when_authenticated(cluster, tmp_path):
+def test_payload_is_live_when_authenticated(ray, tmp_path):
     """Control: the same payload, sent with the token, is unpickled by a worker."""
-    ray, _node = cluster
     control = tmp_path / "control-marker"
     pickle.loads(evil(tmp_path / "local-marker")).close()
     assert (tmp_path / "local-marker").exists()
@@ -127,8 +116,8 @@ def _read(path) -> str:
 @pytest.mark.parametrize("which", ["tcp", "unix"])
 @pytest.mark.parametrize("metadata", [None, [("meshray-token", WRONG)]],
                          ids=["no-token", "wrong-token"])
-def test_daemon_rejects_unauthenticated_connect(cluster, tmp_path, which, metadata):
-    _ray, node = cluster
+def test_daemon_rejects_unauthenticated_connect(local_node, tmp_path, which, metadata):
+    node = local_node
     marker = tmp_path / "marker"
     address = node.address if which == "tcp" else node.local_address
     with grpc.insecure_channel(address) as channel:
@@ -151,16 +140,15 @@ def test_daemon_rejects_unauthenticated_connect(cluster, tmp_path, which, metada
     assert reason in text
 
 
-def test_daemon_accepts_the_token(cluster):
+def test_daemon_accepts_the_token(local_node):
     """Control for the raw-channel tests: the same channel kind with the token works."""
-    _ray, node = cluster
+    node = local_node
     with make_channel(node.address, token=TOKEN, tls=None) as channel:
         reply = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=10)
     assert reply.node_id.hex() == node.node_id
 
 
-def test_actor_rejects_unauthenticated_call(cluster, tmp_path):
-    ray, _node = cluster
+def test_actor_rejects_unauthenticated_call(ray, tmp_path):
     from meshray.core import state as state_mod
 
     @ray.remote

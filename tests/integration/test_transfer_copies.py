@@ -10,7 +10,6 @@ import time
 import cloudpickle
 import pytest
 
-from meshray.testing import Cluster
 from tests.helpers import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -18,12 +17,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 SIZE = 24 * 1024 * 1024
 
 
-@pytest.fixture
-def cluster():
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 1, "resources": {"src": 1}})
-    yield cluster
-    cluster.shutdown()
+# The `cluster` fixture's head node holds the objects the others pull.
+pytestmark = pytest.mark.cluster_args(head_node_args={"num_cpus": 1, "resources": {"src": 1}})
 
 
 def _store_has(node, object_hex: str) -> bool:
