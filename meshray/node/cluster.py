@@ -28,6 +28,7 @@ from meshray import exceptions
 from meshray.core import ids
 from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
+from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node.tasks import infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -232,7 +233,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def _place_or_queue(self, task) -> None:
         """Queue here, spill, or hold as infeasible, per the placement decision."""
         if isinstance(task.owner, RemoteOwner):
-            self.queue.push(task)          # spilled to us: we accepted it, it runs here
+            self.queue.push(task, "accepted from a peer")   # spilled to us: it runs here
             return
         if task.bundle is None and pg_strategy(task.spec) is not None:
             self._route_to_group(task)
@@ -243,7 +244,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 and self._try_acquire(task):
             self._start(task)           # it fits here now: no queueing at all
         elif kind in ("run_local", "wait", "placement_group"):
-            self.queue.push(task)
+            self.queue.push(task, f"placed here ({kind})")
         elif kind == "spill":
             self._spill(task, list(decision.candidates))
         elif kind == "unschedulable":
@@ -254,7 +255,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 f"{decision.reason}"))
         else:  # infeasible
             self._report_infeasible(task, getattr(decision, "reason", ""))
-            task.state = "infeasible"
+            move(task, TaskState.INFEASIBLE, "fits no node in the view")
             self.infeasible.append(task)
 
     def _report_infeasible(self, task, reason: str) -> None:
@@ -269,6 +270,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         for task in waiting:
             if not task.cancelled:
                 task.refused_by.clear()
+                move(task, TaskState.WAITING, "placed again: the cluster view changed")
                 self._place_or_queue(task)
         self._offer_queued()
 
@@ -310,13 +312,14 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             for object_id in spec.arg_ref_ids:
                 value = self.objects.get(object_id)
                 event.args.append(self._exportable(value))
-            task.state, task.remote_node = "spilled", node_hex
+            move(task, TaskState.SPILLED, f"offered to node {node_hex}")
+            task.remote_node = node_hex
             task.spill_candidates = candidates
             self.offered.setdefault(node_hex, {})[spec.task_id] = task.request.to_dict()
             link.send(pb.PeerEvent(spill=event))
             return
         task.refused_by.clear()
-        self.queue.push(task)
+        self.queue.push(task, "no candidate peer reachable")
 
     def _exportable(self, value):
         """A copy of `value` that says where its store bytes live."""
@@ -405,7 +408,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     if started:
                         self._start(task)
                     else:
-                        self.queue.push(task)
+                        self.queue.push(task, "accepted from a peer for the backlog")
                 else:
                     verdict.reason = (f"not enough free resources here "
                                       f"({self.resources.available.to_dict()})")
@@ -427,7 +430,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             # Everyone was busy: wait here; _replace_waiting offers it again
             # as the view shows room somewhere.
             task.refused_by.clear()
-            self.queue.push(task)
+            self.queue.push(task, "every candidate peer refused it")
 
     def _peer_result(self, from_hex: str, result: pb.TaskResult) -> None:
         task = self.tasks.get(result.task_id)
@@ -455,7 +458,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             entry.wake()
         if any(v.in_store for v in result.returns):
             self.lineage[task.task_id] = task
-        task.state = "done"
         self._finish(task, list(result.returns))
 
     def _peer_subscribe(self, from_hex: str, msg: pb.Subscribe) -> None:
@@ -715,6 +717,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             self._apply(self.objects.set_value(object_id, value))
 
     def _drop_task(self, task) -> None:
+        move(task, TaskState.DONE, "dropped: its owner's node died")
         self.queue.remove(task)
         if task in self.awaiting_worker:
             self.awaiting_worker.remove(task)
@@ -727,10 +730,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             return
         if task.cancelled:
             self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
-        elif task.retries_left != 0:
-            task.retries_left -= 1
-            task.spec.attempt += 1
-            task.state = "waiting"
+        elif take_retry(task):
+            move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
             task.refused_by = {node_hex}
             log.info("retrying %s: its node %s died", task.spec.name, node_hex)
             self._place_or_queue(task)
@@ -760,12 +761,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         lost = self.objects.forget_value(object_id)
         if lost is None:
             return
-        if task is not None and task.retries_left != 0 and task.actor is None:
+        if task is not None and task.actor is None and take_retry(task):
             # Lineage: run the producing task again; its other outputs are rebuilt too.
             del self.lineage[task.task_id]
-            task.retries_left -= 1
-            task.spec.attempt += 1
-            task.state = "waiting"
+            move(task, TaskState.WAITING, f"re-run from lineage: a copy on node {node_hex} was lost")
             task.refused_by = {node_hex}
             for other in task.return_ids:
                 if other != object_id:

@@ -21,19 +21,25 @@ from dataclasses import dataclass, field
 from meshray import exceptions
 from meshray.core import arg_files, ids
 from meshray.node import actors as actor_states
+from meshray.node import pipelining
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
-from meshray.node.fence import LeaseFence
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
-from meshray.node.placement_groups import PlacementDuties
-from meshray.node import pipelining
+from meshray.node.fence import LeaseFence
 from meshray.node.liveness import PeerLiveness
 from meshray.node.objects import ObjectDirectory
+from meshray.node.placement_groups import PlacementDuties
+from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
-from meshray.node.worker_pool import WorkerPool, WorkerProcess, describe_exit, wait_for_exit
+from meshray.node.worker_pool import (
+    WorkerPool,
+    WorkerProcess,
+    describe_exit,
+    wait_for_exit,
+)
 from meshray.object_store.store import ObjectStore
 from meshray.rpc import accept_targets, make_aio_server
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -464,16 +470,15 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if not self._promote_follower(worker, task):
             self._release(task)
             self._worker_free(worker)
-        if (result.failed and result.retryable_error and not task.cancelled
-                and task.retries_left != 0):
-            task.retries_left -= 1
-            task.spec.attempt += 1
+        if result.failed and result.retryable_error and not task.cancelled and take_retry(task):
+            move(task, TaskState.WAITING, "retry: the task raised a retryable error")
             self._enqueue(task)
             return
         self._finish(task, list(result.returns))
 
     def _finish(self, task: TaskRecord, values: list) -> None:
-        task.state = "done"
+        move(task, TaskState.DONE, "finished with an error" if any(
+            v.is_error for v in values) else "finished")
         self.tasks.pop(task.task_id, None)
         for value in values:
             self._seal_if_stored(value)
@@ -610,6 +615,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 self._fail(follower, follower.pg_error
                            or exceptions.TaskCancelledError(follower.task_id.hex()))
             else:
+                move(follower, TaskState.WAITING, "placed again: its worker died before it ran")
                 self._enqueue(follower)
         task = worker.current_task
         if task is None:
@@ -620,14 +626,14 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if task.cancelled:
             error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
             self._finish(task, [error_value(oid, error) for oid in task.return_ids])
-        elif task.retries_left != 0 and self._owner_present(task.owner):
-            task.retries_left -= 1
-            task.spec.attempt += 1
+        elif self._owner_present(task.owner) and take_retry(task):
+            move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
             self._enqueue(task)
         else:
-            task.state = "crashed"     # no longer running; finished once the status is in
+            # No longer running; finished once the exit status is in.
+            move(task, TaskState.CRASHED, f"worker {worker.pid} died; no retries left")
             report = asyncio.get_running_loop().create_task(self._report_crash(task, worker))
             self._crash_reports.add(report)
             report.add_done_callback(self._crash_reports.discard)

@@ -22,6 +22,7 @@ import time
 import cloudpickle
 
 from meshray import exceptions
+from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.scheduler.resources import ResourceSet, UnitInstanceAllocator
 
 __all__ = ["PlacementDuties", "BundlePool"]
@@ -165,9 +166,8 @@ class PlacementDuties:
         record = self.pg_records.get(task.pg_hex)
         if record is None or record.state == "REMOVED":
             self._finish_failed(task, self._group_removed_error(task))
-        elif task.retries_left != 0:
-            task.retries_left -= 1
-            task.spec.attempt += 1
+        elif take_retry(task):
+            move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
             self._enqueue(task)
         else:
             self._finish_failed(task, exceptions.WorkerCrashedError(
@@ -189,12 +189,12 @@ class PlacementDuties:
             target = self._bundle_target(task, record) if record is not None else None
             if target is None:
                 self.pg_waiting.append(task)
-                task.state = "waiting_group"
+                move(task, TaskState.WAITING_GROUP, f"no bundle reserved yet in group {task.pg_hex}")
                 return
             node, index = target
             if node == self.node_hex:
                 task.bundle = (task.pg_hex, index)
-                self.queue.push(task)
+                self.queue.push(task, f"its bundle {index} of group {task.pg_hex} is here")
             else:
                 self._spill(task, [node])
             return
@@ -223,6 +223,7 @@ class PlacementDuties:
         waiting, self.pg_waiting = self.pg_waiting, []
         for task in waiting:
             if not task.cancelled:
+                move(task, TaskState.WAITING, "routed again: the group view changed")
                 self._route_to_group(task)
 
     def _bind_bundle(self, task) -> bool:

@@ -11,6 +11,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from meshray.node.task_lifecycle import TaskState, move, new_story
+
 __all__ = ["TaskRecord", "TaskQueue", "infeasible_notice"]
 
 
@@ -23,7 +25,8 @@ class TaskRecord:
     env_key: str
     env_vars: dict
     pending_deps: set = field(default_factory=set)
-    state: str = "waiting"            # waiting -> queued -> assigned -> running -> done
+    state: TaskState = TaskState.WAITING   # written only by task_lifecycle.move
+    story: deque = field(default_factory=new_story)   # its last moves, for errors
     worker: object = None
     acquired: bool = False
     cpu_lent: bool = False            # CPU handed back while blocked in get()
@@ -78,13 +81,9 @@ class TaskQueue:
     def __init__(self):
         self._classes: "OrderedDict[tuple, deque]" = OrderedDict()
 
-    def push(self, task: TaskRecord) -> None:
-        task.state = "queued"
+    def push(self, task: TaskRecord, cause: str) -> None:
+        move(task, TaskState.QUEUED, cause)
         self._classes.setdefault(task.sched_class, deque()).append(task)
-
-    def push_front(self, task: TaskRecord) -> None:
-        task.state = "queued"
-        self._classes.setdefault(task.sched_class, deque()).appendleft(task)
 
     def heads(self):
         """Yield (class, deque) pairs whose deque is non-empty."""

@@ -69,7 +69,7 @@ class _Daemon(ClusterDuties):
             task = TaskRecord(spec=spec, owner=None, return_ids=[],
                               request=ResourceSet.from_dict({"CPU": 1.0}), env_key="", env_vars={})
             self.tasks[spec.task_id] = task
-            self.queue.push(task)
+            self.queue.push(task, "test: queued here")
             tasks.append(task)
         return tasks
 
