@@ -338,14 +338,23 @@ def save_session_tls(session_dir: str | os.PathLike, tls) -> str | None:
 
 def load_session_tls(session_dir: str | os.PathLike):
     """The TlsConfig saved by save_session_tls, or None when the node runs plaintext."""
+    from meshray.private_files import read_file_in_private_dir
     from meshray.rpc.tls import TlsConfig
 
-    path = os.path.join(os.fspath(session_dir), _SESSION_TLS_FILE)
+    session_dir = os.fspath(session_dir)
+    path = os.path.join(session_dir, _SESSION_TLS_FILE)
     try:
-        with open(path) as handle:
-            env = json.load(handle)
+        # Checked like every file a driver takes from a session dir: settings
+        # planted by another user could point it at their CA.
+        env = json.loads(read_file_in_private_dir(session_dir, _SESSION_TLS_FILE,
+                                                  what="node TLS settings"))
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise
     except (OSError, ValueError) as exc:
         raise ValueError(f"node TLS settings {path!r} are unreadable: {exc}") from None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise ValueError(f"node TLS settings {path!r} are not a JSON object of strings")
     return TlsConfig.from_env(env)
