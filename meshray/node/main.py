@@ -92,7 +92,8 @@ async def _run(args) -> int:
     # record written there at the end of startup is what `meshray stop` and
     # init(address="auto") act on.
     registry.run_dir()
-    token = security.resolve_token()          # MESHRAY_TOKEN / MESHRAY_TOKEN_FILE
+    token = security.process_token()          # the launcher's pipe, else MESHRAY_TOKEN(_FILE)
+    security.forget_token_environment()       # nothing we start (etcd, workers) inherits it
     node_id = bytes.fromhex(args.node_id) if args.node_id else ids.new_id()
     from meshray.rpc.tls import TlsConfig
     tls = TlsConfig.from_env()                # fail fast on bad MESHRAY_TLS_*
