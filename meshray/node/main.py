@@ -228,6 +228,10 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         filename=os.path.join(args.session_dir, "node.log"),
     )
+    from meshray.rpc.limits import raise_nofile_limit
+    before, after = raise_nofile_limit()      # workers inherit the raised limit
+    if after != before:
+        log.info("raised the open-file limit from %d to %d", before, after)
     return asyncio.run(_run(args))
 
 
