@@ -4,8 +4,7 @@ The cluster runs in a driver subprocess whose open-file limit is 1024 (soft
 and hard, inherited by its daemon and workers), so a bounded flood -- a few
 thousand loopback sockets from this test process that connect and never send
 a byte -- is more than the daemon or an actor could hold without limits
-(measured before the limits existed: every descriptor gone, a new actor never
-answered). The flood comes from other loopback addresses (127.0.0.2,
+(without them every descriptor goes, and a new actor never answers). The flood comes from other loopback addresses (127.0.0.2,
 127.0.0.3) so the per-peer cap can be told apart from the per-listener one:
 an authenticated client from 127.0.0.1 must still get a connection.
 """
