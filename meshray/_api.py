@@ -48,9 +48,13 @@ def _resolve_address(address: str | None) -> str | None:
 
 
 def _find_local_node(etcd: str | None):
-    """A running node on this machine (joined to `etcd`, or any when None)."""
+    """(record, refused): a running node on this machine (joined to `etcd`, or any
+    when None) or None, and why other records were not trusted."""
     from meshray.node import registry
-    records = registry.read_records()
+    scan = registry.scan_records()      # UnsafePathError if the run dir is not ours
+    for message in scan.refused:
+        log.warning("ignoring %s", message)
+    records = scan.records
     if etcd is not None:
         wanted = set(etcd.split(","))
         records = [r for r in records if wanted & set(r.get("etcd", "").split(","))]
@@ -59,7 +63,7 @@ def _find_local_node(etcd: str | None):
     preferred = os.environ.get("MESHRAY_PREFERRED_NODE", "")
     records.sort(key=lambda r: (r.get("node_id") != preferred, not r.get("cli"),
                                 r.get("started_at", 0), r.get("node_id")))
-    return records[0] if records else None
+    return (records[0] if records else None), scan.refused
 
 
 def _check_etcd_reachable(endpoints: str, token: str | None = None,
@@ -126,18 +130,20 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
             daemon_address = node.local_address
         else:
             if target == "auto":
-                record = _find_local_node(None)
+                record, refused = _find_local_node(None)
                 if record is None:
                     raise ConnectionError(
                         "Could not find any running meshray instance on this machine. "
-                        "Start one with `meshray start`, or call init() without an address.")
+                        "Start one with `meshray start`, or call init() without an address."
+                        + _set_aside(refused))
             else:
-                _check_etcd_reachable(target, token or _read_token(_find_local_node(target)))
-                record = _find_local_node(target)
+                record, refused = _find_local_node(target)
+                _check_etcd_reachable(target, token or _read_token(record))
                 if record is None:
                     raise ConnectionError(
                         f"No meshray node on this machine is joined to etcd at {target}; "
-                        f"run `meshray start --address {target}` here first.")
+                        f"run `meshray start --address {target}` here first."
+                        + _set_aside(refused))
             token = token or _read_token(record)
             _inherit_node_tls(record)
             daemon_address = record["local_address"]
@@ -156,14 +162,27 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
         return _context_info()
 
 
+def _set_aside(refused: list) -> str:
+    return (" Node records that were not trusted, and so not used: " + "; ".join(refused)
+            if refused else "")
+
+
 def _read_token(record: dict | None) -> str | None:
     from meshray import security
+    from meshray.private_files import read_file_in_private_dir
     if record is None:
         return None
-    path = os.path.join(record.get("session_dir", ""), "token")
-    if not os.path.exists(path):
+    session_dir = record["session_dir"]
+    try:
+        data = read_file_in_private_dir(session_dir, "token", what="token file")
+    except FileNotFoundError:
         return None
-    return security.read_token_file(path)
+    try:
+        return security.validate_token(data.decode("ascii").strip(),
+                                       f"token file {os.path.join(session_dir, 'token')!r}")
+    except UnicodeDecodeError:
+        raise ValueError(f"token file {os.path.join(session_dir, 'token')!r} is not "
+                         "ASCII text") from None
 
 
 def _inherit_node_tls(record: dict) -> None:

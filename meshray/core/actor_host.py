@@ -122,7 +122,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         unix_path = os.path.join(session, f"actor-{self.actor_id.hex()[:12]}-{os.getpid()}.sock")
         host = os.environ.get("MESHRAY_NODE_HOST", "127.0.0.1")
         self._server, bound = make_server([f"{host}:0", f"unix:{unix_path}"],
-                                          token=os.environ.get("MESHRAY_TOKEN") or None,
+                                          token=self.core.token,
                                           max_workers=256)
         pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
         self._server.start()

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from meshray import security
 from meshray.node.fence import FENCE_ENV
 
 __all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER", "describe_exit", "wait_for_exit"]
@@ -99,23 +100,30 @@ class WorkerPool:
 
     def start(self, worker_id: bytes, env_key: str, extra_env: dict[str, str], *,
               python: str | None = None, cwd: str | None = None) -> WorkerProcess:
-        env = dict(os.environ)
-        env.update(extra_env)
+        # No token in a worker's environment (task code and every process it
+        # starts would inherit it): it arrives on a pipe the worker reads once.
+        env = security.environment_without_token({**os.environ, **extra_env})
         env["MESHRAY_DAEMON_ADDRESS"] = self._daemon_address
         env["MESHRAY_WORKER_ID"] = worker_id.hex()
         env["MESHRAY_SESSION_DIR"] = self._session_dir
         env["PYTHONUNBUFFERED"] = "1"
         env["MESHRAY_NODE_HOST"] = self._node_host            # actor servers bind here
         env["MESHRAY_ADVERTISE_HOST"] = self._advertise_host  # and are dialled here
-        if self._token:
-            env["MESHRAY_TOKEN"] = self._token
         if self._fence_path:
             env[FENCE_ENV] = self._fence_path   # actors refuse calls once it lapses
-        process = subprocess.Popen(
-            [python or sys.executable, "-m", "meshray.core.worker_main"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, close_fds=True, cwd=cwd,
-        )
+        token_fd = security.token_pipe(self._token) if self._token else None
+        if token_fd is not None:
+            env[security.TOKEN_FD_ENV] = str(token_fd)
+        try:
+            process = subprocess.Popen(
+                [python or sys.executable, "-m", "meshray.core.worker_main"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, close_fds=True, cwd=cwd,
+                pass_fds=() if token_fd is None else (token_fd,),
+            )
+        finally:
+            if token_fd is not None:
+                os.close(token_fd)
         worker = WorkerProcess(worker_id, env_key, process)
         self.by_id[worker_id] = worker
         self.starting[env_key] = self.starting.get(env_key, 0) + 1
