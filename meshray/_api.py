@@ -9,7 +9,8 @@ import sys
 import threading
 
 from meshray import exceptions
-from meshray.core import ids, state as state_mod, validation
+from meshray.common import ids
+from meshray.core import state as state_mod, validation
 from meshray.core.core_worker import CoreWorker
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.core.remote_function import RemoteFunction

@@ -14,7 +14,8 @@ import json
 import cloudpickle
 
 from meshray import exceptions
-from meshray.core import arg_files, ids, options as opts, state as state_mod
+from meshray.common import ids
+from meshray.core import arg_files, options as opts, state as state_mod
 from meshray.core.object_ref import ObjectRef
 from meshray.rpc.generated import meshray_pb2 as pb
 

@@ -10,7 +10,7 @@ How a call runs depends on the actor:
   most max_concurrency (default 1000) at a time per group.
 
 An actor created for another node refuses calls while its node's lease
-fence is down (node/fence.py): that node may have restarted it elsewhere.
+fence is down (common/fence.py): that node may have restarted it elsewhere.
 A refusal never leaves the caller guessing: the stream is ended only once
 every call read before the refusal has been answered, with trailing
 metadata (REFUSED_KEY) that tells the caller none of the unanswered calls
@@ -33,11 +33,12 @@ import weakref
 import grpc
 
 from meshray import exceptions
-from meshray.core import arg_files, ids, state as state_mod
+from meshray.common import ids
+from meshray.common.fence import LeaseFence, fence_applies
+from meshray.core import arg_files, state as state_mod
 from meshray.core.actor_client import REFUSED_KEY
 from meshray.core.core_worker import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
-from meshray.node.fence import LeaseFence, fence_applies
 from meshray.rpc import accept_targets, make_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc

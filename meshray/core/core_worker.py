@@ -20,7 +20,8 @@ import threading
 import time
 
 from meshray import exceptions
-from meshray.core import ids, object_ref, serialization
+from meshray.common import ids
+from meshray.core import object_ref, serialization
 from meshray.core.object_ref import ObjectRef
 from meshray.object_store import layout
 from meshray.rpc import make_channel

@@ -21,9 +21,10 @@ import sys
 import threading
 
 from meshray import exceptions
-from meshray.core import ids, serialization, state as state_mod
+from meshray.common import ids
+from meshray.common.worker_output import context_line
+from meshray.core import serialization, state as state_mod
 from meshray.core.core_worker import ArgPlaceholder
-from meshray.node.worker_pool import CONTEXT_MARKER
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["TaskExecutor", "ActorExitRequested"]
@@ -169,7 +170,7 @@ class TaskExecutor:
         self._announced = context
         sys.stdout.flush()
         sys.stderr.flush()
-        marker = f"{CONTEXT_MARKER}{spec.job_id.hex()} {spec.name}\n"
+        marker = context_line(spec.job_id.hex(), spec.name)
         sys.stdout.write(marker)
         sys.stdout.flush()
         sys.stderr.write(marker)

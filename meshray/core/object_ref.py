@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
-from meshray.core import ids, serialization
+from meshray.common import ids
+from meshray.core import serialization
 
 __all__ = ["ObjectRef", "ObjectRefGenerator"]
 

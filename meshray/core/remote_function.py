@@ -7,7 +7,8 @@ import inspect
 
 import cloudpickle
 
-from meshray.core import ids, options as opts, state as state_mod
+from meshray.common import ids
+from meshray.core import options as opts, state as state_mod
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.rpc.generated import meshray_pb2 as pb
 

@@ -25,7 +25,7 @@ import logging
 import time
 
 from meshray import exceptions
-from meshray.core import ids
+from meshray.common import ids
 from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
 from meshray.node.tasks import infeasible_notice

@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
-from meshray.core import arg_files, ids
+from meshray.common import arg_dir, ids
+from meshray.common.fence import LeaseFence
 from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
-from meshray.node.fence import LeaseFence
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.placement_groups import PlacementDuties
@@ -575,7 +575,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._apply(self.objects.drop_connection(conn.conn_id))
         if conn.pid:
             # Actor-call argument files this process can no longer release.
-            arg_files.sweep_process(self.store_dir, conn.pid, conn.worker_id)
+            arg_dir.sweep_process(self.store_dir, conn.pid, conn.worker_id)
         for entry in list(self.actors.values()):
             if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
                 self._kill_actor(entry, no_restart=True, cause=(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from meshray.core import ids
+from meshray.common import ids
 from meshray.node import pipelining
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler.resources import Allocation, ResourceSet

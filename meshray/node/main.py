@@ -78,7 +78,7 @@ def node_resources(args, gpus) -> dict:
 
 async def _run(args) -> int:
     from meshray.accelerators.nvidia import detect_gpus
-    from meshray.core import ids
+    from meshray.common import ids
     from meshray.node import registry
     from meshray.node.daemon import NodeConfig, NodeDaemon
     from meshray.node.membership import Membership

@@ -17,15 +17,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshray.node.fence import FENCE_ENV
+from meshray.common.fence import FENCE_ENV
+from meshray.common.worker_output import parse_context_line
 
-__all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER", "describe_exit", "wait_for_exit"]
+__all__ = ["WorkerProcess", "WorkerPool", "describe_exit", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
-
-# A worker writes this marker (then job id hex and task name) on stdout and
-# stderr before running each task, so the daemon knows whose output follows.
-CONTEXT_MARKER = "\x1emeshray-ctx\x1f"
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -141,9 +138,9 @@ class WorkerPool:
         stream._meshray_partial = rest
         for raw in lines:
             line = raw.decode(errors="replace")
-            if line.startswith(CONTEXT_MARKER):
-                job_hex, _, name = line[len(CONTEXT_MARKER):].partition(" ")
-                worker.job_hex, worker.task_name = job_hex, name
+            context = parse_context_line(line)
+            if context is not None:
+                worker.job_hex, worker.task_name = context
                 continue
             self._on_output(worker, line, is_err)
 
