@@ -16,6 +16,7 @@ import cloudpickle
 from meshray import exceptions
 from meshray.common import ids
 from meshray.core import arg_files, options as opts, state as state_mod
+from meshray.core.actor_host import ActorExitRequested
 from meshray.core.object_ref import ObjectRef
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -45,7 +46,6 @@ def exit_actor():
     The actor is marked DEAD (it is not restarted); the call that invoked
     exit_actor, and every later call, get ActorDiedError.
     """
-    from meshray.core.executor import ActorExitRequested
     if not state_mod.state.actor_id:
         raise TypeError("exit_actor() called outside an actor")
     raise ActorExitRequested()

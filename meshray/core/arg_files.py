@@ -41,6 +41,7 @@ import time
 
 from meshray.common.arg_dir import args_dir, check_name, file_prefix, unlink
 from meshray.core import serialization
+from meshray.core.object_ref import substitute_refs
 from meshray.object_store import layout
 
 __all__ = [
@@ -94,8 +95,6 @@ def build_call_args(core, args: tuple, kwargs: dict, name: str, *, same_node: bo
     ``core.build_args`` makes them.  ``same_node`` says the actor is known to
     live on this node (so a file in the node's store directory reaches it).
     """
-    from meshray.core.core_worker import substitute_refs
-
     if not args and not kwargs:
         return CallArgs(*core.build_args(args, kwargs, name))
     new_args, new_kwargs, arg_refs, keepalive = substitute_refs(args, kwargs)

@@ -24,16 +24,13 @@ from meshray import exceptions
 from meshray.common import ids
 from meshray.common.worker_output import context_line
 from meshray.core import serialization, state as state_mod
-from meshray.core.core_worker import ArgPlaceholder
+from meshray.core.actor_host import ActorExitRequested, ActorHost
+from meshray.core.object_ref import ArgPlaceholder
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["TaskExecutor", "ActorExitRequested"]
+__all__ = ["TaskExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-class ActorExitRequested(BaseException):
-    """Raised by exit_actor(): unwinds the method, then the actor exits."""
 
 
 class _DependencyFailed(Exception):
@@ -264,7 +261,6 @@ class TaskExecutor:
 
     # ------------------------------------------------------------ actors
     def _create_actor(self, msg: pb.ExecuteTask) -> pb.TaskResult:
-        from meshray.core.actor_host import ActorHost
         spec = msg.spec
         address = []
 
