@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node import pipelining
 from meshray.node.liveness import PeerLiveness
-from meshray.node.objects import ObjectDirectory
+from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
 from meshray.node.worker_pool import WorkerPool, WorkerProcess, describe_exit, wait_for_exit
@@ -121,10 +120,6 @@ def env_key_for(env_vars: dict) -> str:
         return DEFAULT_ENV_KEY
     blob = json.dumps(env_vars, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
-    return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
 class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
