@@ -326,9 +326,13 @@ class LocalCluster(_ClusterBase):
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "LocalCluster":
+        from meshray import security
         from meshray.coordination.embedded import EtcdCluster
         from meshray.node.launcher import new_token
         try:
+            # The token first: etcd runs with auth on, its root password
+            # derived from the token, like a node's embedded etcd.
+            self.token = new_token()
             host = "127.0.0.1"
             if self.mode == "netns":
                 from chaos.netns import NetnsLab
@@ -337,10 +341,10 @@ class LocalCluster(_ClusterBase):
             elif self.mode == "proxy":
                 from chaos.proxy import ProxyHub
                 self._hub = ProxyHub()
-            self.etcd = self._launcher.submit(EtcdCluster, os.path.join(self.base_dir, "etcd"),
-                                              size=self.etcd_members, host=host).result()
+            self.etcd = self._launcher.submit(
+                EtcdCluster, os.path.join(self.base_dir, "etcd"), size=self.etcd_members,
+                host=host, auth_password=security.etcd_password(self.token)).result()
             self.address = ",".join(self.etcd.endpoints)
-            self.token = new_token()
             for slot in range(self.size):
                 self.start_node(slot, wait=False)
             self.wait_for_nodes()

@@ -63,12 +63,15 @@ def _find_local_node(etcd: str | None):
     return records[0] if records else None
 
 
-def _check_etcd_reachable(endpoints: str, timeout: float = 5.0) -> None:
+def _check_etcd_reachable(endpoints: str, token: str | None = None,
+                          timeout: float = 5.0) -> None:
+    """Prove etcd answers (and, with the cluster token, that the credentials
+    derived from it are accepted) before looking for a node joined to it."""
     from meshray.coordination.client import Coordinator
     try:
         from meshray import security
         coordinator = Coordinator(endpoints.split(","), timeout=timeout,
-                                  **security.etcd_client_options())
+                                  **security.etcd_client_options(token=token))
     except ConnectionError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -130,7 +133,7 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
                         "Could not find any running meshray instance on this machine. "
                         "Start one with `meshray start`, or call init() without an address.")
             else:
-                _check_etcd_reachable(target)
+                _check_etcd_reachable(target, token or _read_token(_find_local_node(target)))
                 record = _find_local_node(target)
                 if record is None:
                     raise ConnectionError(
@@ -154,8 +157,10 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
         return _context_info()
 
 
-def _read_token(record: dict) -> str | None:
+def _read_token(record: dict | None) -> str | None:
     from meshray import security
+    if record is None:
+        return None
     path = os.path.join(record.get("session_dir", ""), "token")
     if not os.path.exists(path):
         return None

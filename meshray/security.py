@@ -26,7 +26,9 @@ from typing import Mapping
 
 __all__ = [
     "ETCD_ENV",
+    "ETCD_ROOT_USER",
     "derive_key",
+    "etcd_password",
     "MIN_TOKEN_LENGTH",
     "TOKEN_ENV",
     "TOKEN_FILE_ENV",
@@ -60,6 +62,9 @@ ETCD_ENV = {
     "password": "MESHRAY_ETCD_PASSWORD",
 }
 ETCD_PASSWORD_FILE_ENV = "MESHRAY_ETCD_PASSWORD_FILE"
+ETCD_ROOT_USER = "root"
+"""The etcd user a cluster member logs in as when it derives its etcd
+credentials from the cluster token (the embedded etcd has only this user)."""
 _SESSION_TLS_FILE = "tls.json"
 # Mount points whose modes the operator does not control (docker/compose
 # and Kubernetes secrets are 0444 by default); no point warning about them.
@@ -213,17 +218,32 @@ def join_hint(etcd: str, token_path: str) -> str:
 
 
 # ---------------------------------------------------------------------- etcd
+def etcd_password(token: str) -> str:
+    """The etcd password of a cluster whose token is `token`.
+
+    Derived rather than stored, so every holder of the token -- nodes joining
+    with ``--address``, drivers, the CLI -- logs in to the cluster's etcd with
+    no further secret to distribute, and the password is worthless for
+    anything but etcd. Hex keeps it printable and shell-safe (no leading '-'
+    for etcdctl to mistake for a flag).
+    """
+    return derive_key(token, "etcd-password").hex()
+
+
 def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = None,
                         cert_key: str | None = None, user: str | None = None,
                         password: str | None = None, password_file: str | None = None,
-                        environ: Mapping[str, str] | None = None,
-                        token: str | None = None) -> dict:
+                        token: str | None = None,
+                        environ: Mapping[str, str] | None = None) -> dict:
     """Keyword arguments for ``Coordinator(endpoints, **options)``.
 
     Explicit values (CLI flags) win over MESHRAY_ETCD_* variables. Pairs that
     only work together (certificate and key; user and password) are checked
     here so the error names the flags and variables, not the client's
-    parameters. Empty result = plaintext, anonymous etcd.
+    parameters. Given the cluster `token` and no explicit password, the
+    credentials are derived from it (user ``root`` unless a user is named,
+    password :func:`etcd_password`); an etcd without auth ignores them.
+    Empty result = plaintext, anonymous etcd.
 
     With the cluster `token`, the options also carry the key that seals and
     checks every record (``record_key``, see
@@ -255,6 +275,9 @@ def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = N
             raise ValueError(f"etcd password file {password_file!r} cannot be read: "
                              f"{exc.strerror}") from None
         _warn_if_exposed(password_file, "etcd password file")
+    if token and "password" not in options:
+        options.setdefault("user", ETCD_ROOT_USER)
+        options["password"] = etcd_password(token)
     if ("cert_cert" in options) != ("cert_key" in options):
         raise ValueError("etcd client certificate and key go together: give both "
                          "--etcd-cert/MESHRAY_ETCD_CERT and --etcd-key/MESHRAY_ETCD_KEY, "
@@ -273,14 +296,20 @@ def etcd_client_options(*, ca_cert: str | None = None, cert_cert: str | None = N
     return options
 
 
-def etcd_options_to_env(options: Mapping[str, str]) -> dict[str, str]:
+def etcd_options_to_env(options: Mapping[str, str], token: str | None = None) -> dict[str, str]:
     """The environment that makes a child's etcd_client_options() return `options`.
 
-    File paths are made absolute, since the child may run elsewhere.
+    File paths are made absolute, since the child may run elsewhere. A
+    password derived from `token` is left out (with the default user): the
+    child derives it from the token it gets anyway, and a secret in the
+    environment is inherited by every process the child starts.
     """
     env = {}
+    derived = token is not None and options.get("password") == etcd_password(token)
     for name, value in options.items():
         if name == "record_key":   # derived from the token, which children get separately
+            continue
+        if derived and (name == "password" or (name == "user" and value == ETCD_ROOT_USER)):
             continue
         if name not in ETCD_ENV:
             raise ValueError(f"unknown etcd option {name!r}; expected one of {sorted(ETCD_ENV)}")

@@ -88,21 +88,24 @@ class Topology:
     """3 etcd members and `nodes` node daemons, in namespaces or on loopback."""
 
     def __init__(self, base: str, netns: bool):
+        from meshray import security
         from meshray.node.launcher import new_token
         self.base = base
         self.lab = None
         self.etcd = None
         self.nodes: list = []
         self.token = new_token()
+        # etcd runs with auth on; everyone holding the token derives the login.
+        password = security.etcd_password(self.token)
         if netns:
             from chaos.netns import NetnsLab
             self.lab = NetnsLab()
             print(f"netns lab: tag {self.lab.tag}, bridge {self.lab.bridge} "
                   f"({self.lab.subnet})", flush=True)
             self.etcd = NetnsEtcdCluster(os.path.join(base, "etcd"), self.lab,
-                                         ["e0", "e1", "e2"])
+                                         ["e0", "e1", "e2"], auth_password=password)
         else:
-            self.etcd = EtcdCluster(os.path.join(base, "etcd"), size=3)
+            self.etcd = EtcdCluster(os.path.join(base, "etcd"), size=3, auth_password=password)
         self.endpoints = ",".join(self.etcd.endpoints)
 
     def add_node(self, index: int):
@@ -119,11 +122,13 @@ class Topology:
 
     def wait_registered(self, want: set[str], timeout: float = 30.0) -> None:
         """Block until etcd lists exactly the node ids in `want`."""
+        from meshray import security
         from meshray.coordination import keyspace
         from meshray.coordination.client import Coordinator
         keys = keyspace.Keyspace()
         deadline = time.monotonic() + timeout
-        coordinator = Coordinator(self.endpoints.split(","), timeout=5.0)
+        coordinator = Coordinator(self.endpoints.split(","), timeout=5.0,
+                                  **security.etcd_client_options(token=self.token))
         try:
             while True:
                 items, _rev = coordinator.get_prefix(keys.nodes_prefix())

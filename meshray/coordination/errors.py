@@ -90,6 +90,26 @@ _NOT_SENT_MARKERS = (
 )
 
 
+# What etcd answers a request whose auth token it no longer knows (simple
+# tokens live in memory: a restarted member, or one idle past
+# --auth-token-ttl), that carries none while auth is on, or that predates a
+# change to users and roles. Each is cured by logging in again.
+_STALE_TOKEN_MARKERS = ("invalid auth token", "user name is empty",
+                        "revision of auth store is old")
+
+
+def _token_stale(details: str) -> bool:
+    """True when logging in again may make the refused request succeed."""
+    low = details.lower()
+    return any(marker in low for marker in _STALE_TOKEN_MARKERS)
+
+
+def _auth_not_enabled(details: str) -> bool:
+    """etcd's answer to a login when auth is off: credentials are not
+    needed, and etcd's own client carries on without a token."""
+    return "authentication is not enabled" in details.lower()
+
+
 def _is_transient(code: grpc.StatusCode, details: str) -> bool:
     if code in (grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.DEADLINE_EXCEEDED):

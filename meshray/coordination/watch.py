@@ -18,7 +18,13 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
-from .errors import CompactedError, CoordinationError, CoordinationUnavailable
+from .errors import (
+    CompactedError,
+    CoordinationError,
+    CoordinationUnavailable,
+    _is_transient,
+    _token_stale,
+)
 from .wire import _backoff, _Endpoint, _ks, _prefix_end
 
 if TYPE_CHECKING:
@@ -70,6 +76,9 @@ class WatchHandle:
         self._call = None
         self._needs_reset = False
         self._failures = 0
+        # The token this watch logged in for after etcd refused it; refused
+        # again with that very token, the refusal is real (RBAC), not stale.
+        self._fresh_token: str | None = None
         self.error: CoordinationError | None = None
         self._thread = threading.Thread(
             target=self._run, daemon=True,
@@ -160,6 +169,7 @@ class WatchHandle:
             yield etcdrpc.WatchRequest(create_request=create)
             done.wait()  # keep the stream open until we drop it
 
+        token = self._coord._token
         call = ep.watch.Watch(requests(),
                               metadata=self._coord._metadata(
                                   require_leader=True))
@@ -179,11 +189,14 @@ class WatchHandle:
                     return
                 if resp.created:
                     if resp.canceled:
+                        if self._login_again(ep, token, resp.cancel_reason):
+                            return      # resume with the new token
                         raise CoordinationError(
                             f"etcd refused watch on {_ks(self._prefix)!r}: "
                             f"{resp.cancel_reason}")
                     self._established.set()
                     self._failures = 0
+                    self._fresh_token = None
                     continue
                 if resp.canceled:
                     log.warning("watch %r canceled by %s: %s; resuming",
@@ -198,6 +211,34 @@ class WatchHandle:
             call.cancel()
             with self._lock:
                 self._call = None
+
+    def _login_again(self, ep: _Endpoint, token: str | None,
+                     reason: str) -> bool:
+        """After etcd refused to create the watch: True if logging in again
+        may help (and was done or is worth retrying), False if the refusal
+        stands.
+
+        etcd checks a watch's permission once, with the token the stream
+        was opened with, and answers a stale token (etcd restarted, or auth
+        came on after we connected) with a plain "permission denied".
+        """
+        coord = self._coord
+        if coord._user is None or "permission denied" not in reason.lower() \
+                or (token is not None and token == self._fresh_token):
+            return False
+        log.info("watch %r: etcd refused the stream (%s); logging in again",
+                 _ks(self._prefix), reason)
+        try:
+            coord._refresh_token(ep, token, coord.timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if not (_is_transient(code, details) or _token_stale(details)):
+                return False
+            log.warning("watch %r: logging in again failed (%s); retrying",
+                        _ks(self._prefix), details)
+            return True
+        self._fresh_token = coord._token
+        return True
 
     def _run(self) -> None:
         while not self._stopped.is_set():
@@ -218,10 +259,12 @@ class WatchHandle:
                     if self._stopped.is_set():
                         return
                     code = exc.code()
-                    if code == grpc.StatusCode.UNAUTHENTICATED and \
-                            self._coord._user is not None:
+                    if self._coord._user is not None and (
+                            code == grpc.StatusCode.UNAUTHENTICATED
+                            or _token_stale(exc.details() or "")):
                         try:
-                            self._coord._authenticate(ep, self._coord.timeout)
+                            self._coord._refresh_token(ep, self._coord._token,
+                                                       self._coord.timeout)
                         except grpc.RpcError:
                             pass
                     log.warning("watch %r on %s broke (%s: %s); resuming at "

@@ -164,7 +164,7 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
         child_env.update(tls.to_env())
     if etcd_options:
         from meshray.security import etcd_options_to_env
-        child_env.update(etcd_options_to_env(etcd_options))
+        child_env.update(etcd_options_to_env(etcd_options, token=token))
     # The daemon logs to its session dir; its own stdout/stderr must not hold
     # the caller's pipes open (a detached `meshray start` would never "finish").
     with open(os.path.join(session_dir, "node.stderr"), "ab") as stderr_file:

@@ -2,8 +2,9 @@
 
 Started by `meshray.init()` (then it watches a pipe from its driver and exits
 with it, even when the driver is SIGKILLed) or by `meshray start`. With
---embedded-etcd it also runs the cluster's etcd member as its own child, and
-takes it down on exit.
+--embedded-etcd it also runs the cluster's etcd member as its own child --
+with etcd auth on when there is a cluster token, restarted if it dies --
+and takes it down on exit.
 """
 from __future__ import annotations
 
@@ -86,13 +87,16 @@ async def _run(args) -> int:
     loop = asyncio.get_running_loop()
     os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
     node_id = bytes.fromhex(args.node_id) if args.node_id else ids.new_id()
-    etcd = None
+    from meshray import security
+    from meshray.rpc.tls import TlsConfig
+    token = security.resolve_token()          # MESHRAY_TOKEN / MESHRAY_TOKEN_FILE
+    tls = TlsConfig.from_env()                # fail fast on bad MESHRAY_TLS_*
+    supervisor = etcd_started = None
     endpoints = [e for e in args.etcd.split(",") if e]
     if args.embedded_etcd:
-        from meshray.coordination.embedded import EmbeddedEtcd
-        etcd = EmbeddedEtcd(os.path.join(args.session_dir, "etcd"), host="127.0.0.1")
-        etcd.launch()
-        endpoints = [etcd.endpoint]
+        # etcd starts while the daemon does; its endpoint is filled in below.
+        supervisor = _embedded_etcd(args.session_dir, token)
+        etcd_started = loop.run_in_executor(None, supervisor.start)
     if not args.cli and "MESHRAY_RUNTIME_ENV_CACHE_DIR" not in os.environ:
         # A private cluster (init() with no address) keeps its environments
         # in its session dir, so they go away with it; `meshray start` nodes
@@ -111,10 +115,6 @@ async def _run(args) -> int:
         gpu_ids = gpu_ids[:int(total_gpus)] if total_gpus <= len(gpu_ids) else list(range(int(total_gpus)))
     if total_gpus != int(total_gpus):
         gpu_ids = []
-    from meshray import security
-    from meshray.rpc.tls import TlsConfig
-    token = security.resolve_token()          # MESHRAY_TOKEN / MESHRAY_TOKEN_FILE
-    tls = TlsConfig.from_env()                # fail fast on bad MESHRAY_TLS_*
     config = NodeConfig(
         session_dir=args.session_dir, node_id=node_id, resources=resources,
         object_store_memory=int(resources["object_store_memory"]), host=args.host,
@@ -123,8 +123,22 @@ async def _run(args) -> int:
         etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
         gpu_ids=gpu_ids)
     daemon = NodeDaemon(config)
-    await daemon.start()
-    membership = Membership(daemon, endpoints, ttl=args.lease_ttl, etcd_process=etcd)
+    try:
+        await daemon.start()
+    finally:
+        if etcd_started is not None:
+            await asyncio.wait([etcd_started])
+    if etcd_started is not None:
+        try:
+            etcd_started.result()    # a member that cannot start at all fails the node
+        except BaseException:
+            await daemon.stop()
+            raise
+        endpoints.append(supervisor.etcd.endpoint)
+    # The embedded etcd has exactly one login, whatever MESHRAY_ETCD_* say.
+    own_login = (security.etcd_client_options(token=token, environ={})
+                 if supervisor is not None else None)
+    membership = Membership(daemon, endpoints, ttl=args.lease_ttl, etcd_options=own_login)
     daemon.membership = membership
     membership.start(loop)
 
@@ -135,10 +149,16 @@ async def _run(args) -> int:
         "node_id": node_id.hex(), "pid": os.getpid(), "address": daemon.address,
         "local_address": daemon.local_address, "etcd": ",".join(endpoints),
         "session_dir": args.session_dir, "cli": bool(args.cli),
-        "embedded_etcd": bool(etcd), "etcd_pid": etcd.pid if etcd else None,
+        "embedded_etcd": supervisor is not None,
+        "etcd_pid": supervisor.etcd.pid if supervisor else None,
         "started_at": time.time(), "store_dir": daemon.store_dir,
     }
     registry.write_record(node_id.hex(), record)
+    if supervisor is not None:
+        def etcd_restarted(pid: int) -> None:
+            record["etcd_pid"] = pid
+            registry.write_record(node_id.hex(), record)
+        supervisor.on_restart = etcd_restarted
     if args.ready_fd >= 0:
         os.write(args.ready_fd, (json.dumps(record) + "\n").encode())
         os.close(args.ready_fd)
@@ -162,12 +182,31 @@ async def _run(args) -> int:
         log.info("node %s stopping", node_id.hex())
         await daemon.stop()
         await loop.run_in_executor(None, membership.stop)
-        if etcd is not None:
-            etcd.stop()
+        if supervisor is not None:
+            await loop.run_in_executor(None, supervisor.stop)
         registry.remove_record(node_id.hex())
         if args.owns_session_dir:
             shutil.rmtree(args.session_dir, ignore_errors=True)
     return 0
+
+
+def _embedded_etcd(session_dir: str, token: str | None):
+    """This node's etcd member, to run under supervision (auth on with a token).
+
+    A member that cannot start at all fails the node's startup with etcd's
+    own error; once it has run, a death is the supervisor's to repair.
+    """
+    from meshray import security
+    from meshray.coordination.embedded import EmbeddedEtcd
+    from meshray.coordination.supervisor import EtcdSupervisor
+    if token is None:
+        log.warning("no cluster token: the embedded etcd runs without authentication, "
+                    "open to every local user")
+    etcd = EmbeddedEtcd(os.path.join(session_dir, "etcd"), host="127.0.0.1",
+                        auth_user=security.ETCD_ROOT_USER,
+                        auth_password=security.etcd_password(token) if token else None,
+                        private_peer=True)
+    return EtcdSupervisor(etcd)
 
 
 def main(argv=None) -> int:

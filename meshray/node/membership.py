@@ -4,6 +4,11 @@ Runs on its own thread so the daemon's event loop never waits on etcd. The
 node record and availability live under the node's lease and vanish when the
 node dies. Availability is published by sampling, at most every
 PUBLISH_INTERVAL_S and only when it changed: tasks never touch etcd.
+
+The thread must outlive any etcd outage: a node whose membership thread died
+would run on without a lease, invisible to its peers, for good. So etcd
+being down at startup is waited out, and any error in the loop is logged
+with its traceback and the loop carries on after a backoff.
 """
 from __future__ import annotations
 
@@ -13,26 +18,34 @@ import socket
 import threading
 import time
 
-import tenacity
-
 from meshray.coordination import keyspace
 
-__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S"]
+__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_S = 5.0
 PUBLISH_INTERVAL_S = 0.1
 VIEW_WAIT_S = 15.0
+VIEW_START_TIMEOUT_S = 10.0
+
+
+def retry_delay(failures: int, *, base: float = 0.2, cap: float = 5.0) -> float:
+    """Seconds before the membership loop's next try after ``failures``
+    (>= 1) failures in a row: exponential, capped so a node rejoins within
+    seconds of etcd coming back."""
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, got {failures!r}")
+    return min(cap, base * (2 ** min(failures - 1, 16)))
 
 
 class Membership:
     def __init__(self, daemon, endpoints: list[str], *, ttl: float | None = None,
-                 etcd_process=None, keys: keyspace.Keyspace | None = None):
+                 keys: keyspace.Keyspace | None = None, etcd_options: dict | None = None):
         self._daemon = daemon
         self._endpoints = endpoints
+        self._etcd_options = etcd_options    # None: from the environment and the token
         self._ttl = ttl or float(os.environ.get("MESHRAY_LEASE_TTL", DEFAULT_LEASE_TTL_S))
-        self._etcd_process = etcd_process
         self.keys = keys or keyspace.Keyspace()
         self.coordinator = None
         self._lease = None
@@ -43,6 +56,9 @@ class Membership:
         self._seen_nodes: dict[str, dict] = {}
         self._thread = threading.Thread(target=self._run, name="meshray-membership", daemon=True)
         self.lease_generation = 0
+        self.loop_failures = 0            # errors the loop survived (for tests and status)
+        self._registrations = 0
+        self._placer_started = False
         self._loop = None                 # the daemon's event loop, for view callbacks
         self._locations: dict[bytes, bool] = {}   # object id -> present here (unpublished)
         self._pgs_view = None
@@ -162,43 +178,71 @@ class Membership:
             self.coordinator.close()
 
     def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._serve()
+                return
+            except Exception:  # noqa: BLE001 - logged with traceback, then carried on
+                failures += 1
+                self.loop_failures += 1
+                delay = retry_delay(failures)
+                log.exception("membership of node %s failed (failure %d in a row); "
+                              "carrying on in %.1fs", self._daemon.node_id.hex(), failures, delay)
+                self._stop.wait(delay)
+
+    def _connect(self):
+        """A Coordinator, once etcd answers (None if stopped first)."""
+        from meshray import security
         from meshray.coordination.client import Coordinator
+        options = self._etcd_options
+        if options is None:
+            options = security.etcd_client_options(
+                token=getattr(self._daemon.config, "token", None))
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                return Coordinator(self._endpoints, timeout=5.0, **options)
+            except Exception as exc:  # noqa: BLE001 - down at startup: wait it out
+                failures += 1
+                delay = retry_delay(failures)
+                log.warning("cannot reach etcd at %s (%s); retrying in %.1fs",
+                            ",".join(self._endpoints), exc, delay)
+                self._stop.wait(delay)
+        return None
+
+    def _start_views(self) -> None:
+        """Start every view not running yet (a view whose first listing failed
+        is replaced by a fresh one)."""
         from meshray.coordination.mirror import PrefixMirror
+        specs = (("_nodes_view", self.keys.nodes_prefix(), self._view_changed),
+                 ("_avail_view", self.keys.avail_prefix(), self._view_changed),
+                 ("_pgs_view", self.keys.pgs_prefix(), self._pgs_changed),
+                 ("_alloc_view", self.keys.alloc(self._daemon.node_id), self._alloc_changed))
+        for attr, prefix, on_change in specs:
+            view = getattr(self, attr)
+            if view is not None and view.watch is not None:
+                continue
+            view = PrefixMirror(self.coordinator, prefix, on_change=on_change)
+            setattr(self, attr, view)
+            view.start(timeout=VIEW_START_TIMEOUT_S)
+            if attr == "_alloc_view":
+                self.pg_view.note_alloc_revision(view.revision)
 
-        if self._etcd_process is not None:
-            self._etcd_process.wait_ready(30.0)
+    def _serve(self) -> None:
+        """Connect, start the views, then stay registered until stopped.
 
-        @tenacity.retry(wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0),
-                        stop=tenacity.stop_when_event_set(self._stop) if hasattr(
-                            tenacity, "stop_when_event_set") else tenacity.stop_never,
-                        before_sleep=lambda rs: log.warning(
-                            "cannot reach etcd at %s (%s); retrying",
-                            ",".join(self._endpoints), rs.outcome.exception()))
-        def connect():
-            if self._stop.is_set():
-                return None
-            from meshray import security
-            return Coordinator(self._endpoints, timeout=5.0,
-                               **security.etcd_client_options(token=self._daemon.config.token))
-
-        self.coordinator = connect()
+        Re-entrant: after an error `_run` calls it again and it resumes from
+        what is already in place.
+        """
         if self.coordinator is None:
-            return
-        self._nodes_view = PrefixMirror(self.coordinator, self.keys.nodes_prefix(),
-                                        on_change=self._view_changed)
-        self._avail_view = PrefixMirror(self.coordinator, self.keys.avail_prefix(),
-                                        on_change=self._view_changed)
-        self._pgs_view = PrefixMirror(self.coordinator, self.keys.pgs_prefix(),
-                                      on_change=self._pgs_changed)
-        self._alloc_view = PrefixMirror(self.coordinator, self.keys.alloc(self._daemon.node_id),
-                                        on_change=self._alloc_changed)
-        self._nodes_view.start(timeout=10.0)
-        self._avail_view.start(timeout=10.0)
-        self._pgs_view.start(timeout=10.0)
-        self._alloc_view.start(timeout=10.0)
-        self.pg_view.note_alloc_revision(self._alloc_view.revision)
-        self.placer.start()
-        registrations = 0
+            self.coordinator = self._connect()
+            if self.coordinator is None:
+                return
+        self._start_views()
+        if not self._placer_started:
+            self.placer.start()
+            self._placer_started = True
         while not self._stop.is_set():
             try:
                 self._register()
@@ -208,8 +252,8 @@ class Membership:
                     self._lease.stop(revoke=False)
                 self._stop.wait(1.0)
                 continue
-            registrations += 1
-            if registrations > 1:
+            self._registrations += 1
+            if self._registrations > 1:
                 self._republish_store()
             self._publish_until_lost()
             if self._stop.is_set():

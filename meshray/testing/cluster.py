@@ -3,7 +3,8 @@
 Same interface as Ray's `ray.cluster_utils.Cluster`, so tests port
 unchanged. Unlike Ray's, no node is special: etcd runs as its own process
 owned by the Cluster object, so any node -- the first one included -- can be
-killed and the others carry on.
+killed and the others carry on. That etcd runs with auth on, like a node's
+embedded one: members log in with credentials derived from the cluster token.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Cluster:
     def __init__(self, initialize_head: bool = False, connect: bool = False,
                  head_node_args: dict | None = None, shutdown_at_exit: bool = True,
                  *, lease_ttl: float = DEFAULT_TEST_LEASE_TTL_S, etcd_endpoints: str | None = None):
+        from meshray import security
         from meshray.coordination.embedded import EmbeddedEtcd
         from meshray.node.launcher import new_token
 
@@ -64,8 +66,11 @@ class Cluster:
         self._nodes: list[ClusterNode] = []
         self._removed: list[ClusterNode] = []
         self._etcd = None
+        self._coordinator = None
         if etcd_endpoints is None:
-            self._etcd = EmbeddedEtcd(os.path.join(self._dir, "etcd"))
+            self._etcd = EmbeddedEtcd(os.path.join(self._dir, "etcd"), private_peer=True,
+                                      auth_user=security.ETCD_ROOT_USER,
+                                      auth_password=security.etcd_password(self._token))
             self._etcd.start()
             etcd_endpoints = self._etcd.endpoint
         self._endpoints = etcd_endpoints
@@ -134,16 +139,22 @@ class Cluster:
     def list_all_nodes(self) -> list[ClusterNode]:
         return list(self._nodes)
 
+    def coordinator(self):
+        """An etcd client of this cluster's store, logged in with the
+        credentials the token gives (closed by shutdown())."""
+        if self._coordinator is None:
+            from meshray import security
+            from meshray.coordination.client import Coordinator
+            self._coordinator = Coordinator(
+                self._endpoints.split(","), timeout=5.0,
+                **security.etcd_client_options(token=self._token))
+        return self._coordinator
+
     def _registered(self) -> set[str]:
         from meshray.coordination import keyspace
-        from meshray.coordination.client import Coordinator
         keys = keyspace.Keyspace()
-        coordinator = Coordinator(self._endpoints.split(","), timeout=5.0)
-        try:
-            items, _rev = coordinator.get_prefix(keys.nodes_prefix())
-            return {keys.parse_node(item[0]) for item in items}
-        finally:
-            coordinator.close()
+        items, _rev = self.coordinator().get_prefix(keys.nodes_prefix())
+        return {keys.parse_node(item[0]) for item in items}
 
     def wait_for_nodes(self, timeout: float = 30.0) -> None:
         """Block until etcd shows exactly the live nodes (removed ones gone)."""
@@ -166,6 +177,9 @@ class Cluster:
         for node in self._nodes:
             node.stop()
         self._nodes.clear()
+        if self._coordinator is not None:
+            self._coordinator.close()
+            self._coordinator = None
         if self._etcd is not None:
             self._etcd.stop()
             self._etcd = None
