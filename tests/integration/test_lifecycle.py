@@ -83,7 +83,7 @@ ray.shutdown()
 """
     result = run_driver(code)
     assert result.returncode == 0, result.stderr
-    lines = [l for l in result.stdout.splitlines() if "hello from the task" in l]
+    lines = [line for line in result.stdout.splitlines() if "hello from the task" in line]
     assert lines, result.stdout
     assert lines[0].startswith("(speak pid=")
 
