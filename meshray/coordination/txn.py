@@ -84,6 +84,3 @@ class TxnResult:
     responses: list[Any] = field(default_factory=list)
     revision: int = 0
 
-
-_Compare = (KeyMissing, ModRevisionEquals, ValueEquals)
-_Op = (Put, Delete, Get)

@@ -110,7 +110,6 @@ class CoreWorker:
         self._closed = False
         self._lost = False
         self.current_task_id = b""
-        self.blocked_depth = 0
         self.store_dir = ""
         self.node_id = b""
         self.session_dir = ""

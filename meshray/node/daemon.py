@@ -530,7 +530,6 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             self._fail(task, error)
         elif task.state == "running":
             if force:
-                task.force_cancelled = True
                 self.pool.kill(task.worker)
             else:
                 task.worker.conn.send(pb.ServerEvent(kill=pb.KillTask(task_id=task.task_id)))

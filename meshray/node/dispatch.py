@@ -107,7 +107,6 @@ class TaskDispatch:
         task.started_at = time.monotonic()
         worker.current_task = task
         if task.actor is not None:
-            worker.dedicated = True
             worker.actor = task.actor
             task.actor.worker, task.actor.pid = worker, worker.pid
         self._send_execute(task, worker)

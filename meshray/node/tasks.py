@@ -28,7 +28,6 @@ class TaskRecord:
     acquired: bool = False
     cpu_lent: bool = False            # CPU handed back while blocked in get()
     cancelled: bool = False
-    force_cancelled: bool = False
     retries_left: int = 0
     infeasible_reported: bool = False
     children: set = field(default_factory=set)
@@ -81,10 +80,6 @@ class TaskQueue:
     def push(self, task: TaskRecord) -> None:
         task.state = "queued"
         self._classes.setdefault(task.sched_class, deque()).append(task)
-
-    def push_front(self, task: TaskRecord) -> None:
-        task.state = "queued"
-        self._classes.setdefault(task.sched_class, deque()).appendleft(task)
 
     def heads(self):
         """Yield (class, deque) pairs whose deque is non-empty."""

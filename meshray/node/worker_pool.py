@@ -64,7 +64,6 @@ class WorkerProcess:
     pipeline: deque = field(default_factory=deque)   # short tasks sent to run next
     functions_sent: set = field(default_factory=set)
     idle_since: float = 0.0
-    dedicated: bool = False          # hosts an actor: never returns to the pool
     actor: object = None             # its ActorEntry
     resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""
@@ -188,9 +187,6 @@ class WorkerPool:
                 os.kill(worker.pid, sig)
             except ProcessLookupError:
                 pass
-
-    def idle_count(self, env_key: str) -> int:
-        return len(self.idle.get(env_key, ()))
 
     def stop_all(self, timeout: float = 3.0) -> None:
         """Terminate every worker we started, by pid, and reap them."""
