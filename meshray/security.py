@@ -444,7 +444,7 @@ def save_session_tls(session_dir: str | os.PathLike, tls) -> str | None:
 
 def load_session_tls(session_dir: str | os.PathLike):
     """The TlsConfig saved by save_session_tls, or None when the node runs plaintext."""
-    from meshray.private_files import read_file_in_private_dir
+    from meshray.common.private_files import read_file_in_private_dir
     from meshray.rpc.tls import TlsConfig
 
     session_dir = os.fspath(session_dir)

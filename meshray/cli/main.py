@@ -72,7 +72,7 @@ def _cmd_stop(args) -> int:
     import psutil
 
     from meshray.node import registry
-    from meshray.private_files import UnsafePathError
+    from meshray.common.private_files import UnsafePathError
 
     try:
         scan = registry.scan_records()

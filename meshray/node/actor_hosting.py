@@ -14,6 +14,7 @@ import logging
 from meshray import exceptions
 from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
+from meshray.node.objects import error_value
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ActorHosting"]
@@ -135,7 +136,6 @@ class ActorHosting:
             entry.kill_cause = msg.reason
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
-        from meshray.node.daemon import error_value
         return error_value(object_id, exceptions.ActorDiedError(
             actor_id=entry.actor_id.hex(), class_name=entry.options.get("class_name"),
             name=entry.options.get("name") or None, node_id=self.node_id.hex(),

@@ -25,9 +25,10 @@ import logging
 import time
 
 from meshray import exceptions
-from meshray.core import ids
+from meshray.common import ids
 from meshray.node import actors as actor_states
 from meshray.node.peers import PeerLink
+from meshray.node.objects import error_value
 from meshray.node.placement_groups import pg_strategy
 from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node.tasks import infeasible_notice
@@ -595,7 +596,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     object_id, "its owner node is not in the cluster")))
 
     def _lost_value(self, object_id: bytes, why: str) -> pb.ObjectValue:
-        from meshray.node.daemon import error_value
         return error_value(object_id, exceptions.ObjectLostError(
             object_id.hex(), call_site=why))
 
@@ -699,7 +699,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 # bytes asks the owner for the new copy (transfer.py).
                 continue
             else:
-                from meshray.node.daemon import error_value
                 error = exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"its owner node {node_hex} died and no other "
                     "node holds a copy")
@@ -774,7 +773,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)
             self._place_or_queue(task)
             return
-        from meshray.node.daemon import error_value
         reason = ("no retries left to rebuild it" if task is not None else
                   "it cannot be rebuilt (a put object, or its lineage was released)")
         error = exceptions.ObjectReconstructionFailedError(

@@ -82,7 +82,7 @@ async def _run(args) -> int:
 
     from meshray import security
     from meshray.accelerators.nvidia import detect_gpus
-    from meshray.core import ids
+    from meshray.common import ids
     from meshray.node import registry
     from meshray.node.daemon import NodeConfig, NodeDaemon
     from meshray.node.membership import Membership
@@ -217,7 +217,7 @@ def _embedded_etcd(session_dir: str, token: str | None):
 
 
 def main(argv=None) -> int:
-    from meshray.private_files import open_private_dir
+    from meshray.common.private_files import open_private_dir
 
     args = _parse(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.session_dir, mode=0o700, exist_ok=True)

@@ -6,7 +6,7 @@ finds the nodes it started through these files -- never by process name --
 and `init(address="auto")` finds a running cluster the same way.
 
 The run directory sits in the shared temp dir, so its content is trusted
-only after the checks in :mod:`meshray.private_files` (owned by us, not
+only after the checks in :mod:`meshray.common.private_files` (owned by us, not
 writable by anyone else, no symlinks), and a record is believed only while
 its pid is still the daemon that wrote it: same uid, same start time, a
 node daemon's command line. A pid is reused once its process is gone, so a
@@ -19,14 +19,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 
-from meshray.private_files import (
+from meshray.common.private_files import (
     UnsafePathError,
     open_private_dir,
     read_private_file,
+    run_dir_path as _run_dir_path,
 )
 
 __all__ = ["RecordScan", "daemon_process", "pid_alive", "read_records", "record_problem",
@@ -40,11 +40,6 @@ DAEMON_MODULE = "meshray.node.main"
 # psutil derives start times from clock ticks since boot; one record's value
 # and a fresh reading of the same process agree far closer than this.
 _START_TIME_SLACK_S = 0.5
-
-
-def _run_dir_path() -> str:
-    return os.environ.get("MESHRAY_RUN_DIR") or os.path.join(
-        tempfile.gettempdir(), f"meshray-run-{os.getuid()}")
 
 
 def _open_nodes_dir(create: bool) -> int:

@@ -18,15 +18,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from meshray import security
-from meshray.node.fence import FENCE_ENV
+from meshray.common.fence import FENCE_ENV
+from meshray.common.worker_output import parse_context_line
 
-__all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER", "describe_exit", "wait_for_exit"]
+__all__ = ["WorkerProcess", "WorkerPool", "describe_exit", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
-
-# A worker writes this marker (then job id hex and task name) on stdout and
-# stderr before running each task, so the daemon knows whose output follows.
-CONTEXT_MARKER = "\x1emeshray-ctx\x1f"
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -68,7 +65,6 @@ class WorkerProcess:
     pipeline: deque = field(default_factory=deque)   # short tasks sent to run next
     functions_sent: set = field(default_factory=set)
     idle_since: float = 0.0
-    dedicated: bool = False          # hosts an actor: never returns to the pool
     actor: object = None             # its ActorEntry
     resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""
@@ -149,9 +145,9 @@ class WorkerPool:
         stream._meshray_partial = rest
         for raw in lines:
             line = raw.decode(errors="replace")
-            if line.startswith(CONTEXT_MARKER):
-                job_hex, _, name = line[len(CONTEXT_MARKER):].partition(" ")
-                worker.job_hex, worker.task_name = job_hex, name
+            context = parse_context_line(line)
+            if context is not None:
+                worker.job_hex, worker.task_name = context
                 continue
             self._on_output(worker, line, is_err)
 
@@ -199,9 +195,6 @@ class WorkerPool:
                 os.kill(worker.pid, sig)
             except ProcessLookupError:
                 pass
-
-    def idle_count(self, env_key: str) -> int:
-        return len(self.idle.get(env_key, ()))
 
     def stop_all(self, timeout: float = 3.0) -> None:
         """Terminate every worker we started, by pid, and reap them."""

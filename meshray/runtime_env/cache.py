@@ -58,8 +58,8 @@ def default_cache_root() -> str:
         return os.environ[CACHE_DIR_ENV]
     # Code is unpacked and run from here: the run dir is used only once it
     # has passed the ownership checks (a planted one raises).
-    from meshray.node.registry import run_dir
-    return os.path.join(run_dir(), "runtime_env")
+    from meshray.common.private_files import checked_run_dir
+    return os.path.join(checked_run_dir(), "runtime_env")
 
 
 def default_cache_bytes() -> int:

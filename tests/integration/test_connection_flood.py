@@ -131,7 +131,7 @@ def test_idle_flood_leaves_daemon_and_actors_working(driver):
         flood += _flood("127.0.0.2", info["address"], FLOOD)
         wait_for(lambda: "from 127.0.0.2 to port" in _read_text(node_log), timeout=30,
                  message="the daemon logs that it cut 127.0.0.2 down to the per-peer limit")
-        line = next(l for l in _read_text(node_log).splitlines() if "from 127.0.0.2" in l)
+        line = next(text for text in _read_text(node_log).splitlines() if "from 127.0.0.2" in text)
         assert f"at most {PER_PEER} connections (MESHRAY_MAX_CONNECTIONS_PER_PEER={PER_PEER})" \
             in line
         assert _open_fds(info["pid"]) < LIMIT

@@ -278,7 +278,7 @@ def test_stop_never_signals_a_process_the_record_does_not_describe(tmp_path, vic
 def test_session_files_of_another_user_are_refused(shared_tmp):
     """A token or TLS settings file in a session dir someone else controls is never read."""
     from meshray._api import _read_token
-    from meshray.private_files import UnsafePathError
+    from meshray.common.private_files import UnsafePathError
 
     theirs = os.path.join(shared_tmp, "their-session")
     as_other_user(f"mkdir '{theirs}' && printf '%s\\n' '{ATTACKER_TOKEN}' > '{theirs}/token' "

@@ -57,7 +57,7 @@ def test_strict_spread_across_nodes_and_rescheduling_after_node_death():
 def test_group_placed_when_capacity_appears():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
-        ray = cluster.connect()
+        cluster.connect()
         api, _ = _pg_api()
         pg = api.placement_group([{"CPU": 2}])
         assert pg.wait(timeout_seconds=1) is False

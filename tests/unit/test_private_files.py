@@ -14,7 +14,7 @@ import stat
 import pytest
 
 from meshray.node.registry import record_problem
-from meshray.private_files import (
+from meshray.common.private_files import (
     UnsafePathError,
     open_private_dir,
     ownership_problem,

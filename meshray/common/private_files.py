@@ -23,10 +23,12 @@ import stat
 
 __all__ = [
     "UnsafePathError",
+    "checked_run_dir",
     "open_private_dir",
     "ownership_problem",
     "read_private_file",
     "read_file_in_private_dir",
+    "run_dir_path",
 ]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -164,3 +166,20 @@ def read_file_in_private_dir(directory: str, name: str, *, what: str,
                                  shown=os.path.join(directory, name))
     finally:
         os.close(fd)
+
+
+def run_dir_path() -> str:
+    """Where this user's meshray run dir is (``MESHRAY_RUN_DIR`` or the shared temp dir)."""
+    import tempfile
+    return os.environ.get("MESHRAY_RUN_DIR") or os.path.join(
+        tempfile.gettempdir(), f"meshray-run-{os.getuid()}")
+
+
+def checked_run_dir() -> str:
+    """The run dir's path, created 0700 if missing; UnsafePathError if anyone else controls it."""
+    path = run_dir_path()
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    os.close(open_private_dir(path, what="meshray run dir", create=True))
+    return path
