@@ -6,13 +6,14 @@ import inspect
 import logging
 import os
 import sys
-import threading
 
-from meshray import exceptions
-from meshray.core import ids, state as state_mod, validation
+from meshray.actor import ActorClass, ActorHandle, get_actor, method
+from meshray.common import ids
+from meshray.core import state as state_mod, validation
 from meshray.core.core_worker import CoreWorker
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.core.remote_function import RemoteFunction
+from meshray.runtime_context import get_runtime_context
 
 __all__ = [
     "init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
@@ -48,9 +49,13 @@ def _resolve_address(address: str | None) -> str | None:
 
 
 def _find_local_node(etcd: str | None):
-    """A running node on this machine (joined to `etcd`, or any when None)."""
+    """(record, refused): a running node on this machine (joined to `etcd`, or any
+    when None) or None, and why other records were not trusted."""
     from meshray.node import registry
-    records = registry.read_records()
+    scan = registry.scan_records()      # UnsafePathError if the run dir is not ours
+    for message in scan.refused:
+        log.warning("ignoring %s", message)
+    records = scan.records
     if etcd is not None:
         wanted = set(etcd.split(","))
         records = [r for r in records if wanted & set(r.get("etcd", "").split(","))]
@@ -59,7 +64,7 @@ def _find_local_node(etcd: str | None):
     preferred = os.environ.get("MESHRAY_PREFERRED_NODE", "")
     records.sort(key=lambda r: (r.get("node_id") != preferred, not r.get("cli"),
                                 r.get("started_at", 0), r.get("node_id")))
-    return records[0] if records else None
+    return (records[0] if records else None), scan.refused
 
 
 def _check_etcd_reachable(endpoints: str, token: str | None = None,
@@ -126,18 +131,20 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
             daemon_address = node.local_address
         else:
             if target == "auto":
-                record = _find_local_node(None)
+                record, refused = _find_local_node(None)
                 if record is None:
                     raise ConnectionError(
                         "Could not find any running meshray instance on this machine. "
-                        "Start one with `meshray start`, or call init() without an address.")
+                        "Start one with `meshray start`, or call init() without an address."
+                        + _set_aside(refused))
             else:
-                _check_etcd_reachable(target, token or _read_token(_find_local_node(target)))
-                record = _find_local_node(target)
+                record, refused = _find_local_node(target)
+                _check_etcd_reachable(target, token or _read_token(record))
                 if record is None:
                     raise ConnectionError(
                         f"No meshray node on this machine is joined to etcd at {target}; "
-                        f"run `meshray start --address {target}` here first.")
+                        f"run `meshray start --address {target}` here first."
+                        + _set_aside(refused))
             token = token or _read_token(record)
             _inherit_node_tls(record)
             daemon_address = record["local_address"]
@@ -156,14 +163,27 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
         return _context_info()
 
 
+def _set_aside(refused: list) -> str:
+    return (" Node records that were not trusted, and so not used: " + "; ".join(refused)
+            if refused else "")
+
+
 def _read_token(record: dict | None) -> str | None:
     from meshray import security
+    from meshray.common.private_files import read_file_in_private_dir
     if record is None:
         return None
-    path = os.path.join(record.get("session_dir", ""), "token")
-    if not os.path.exists(path):
+    session_dir = record["session_dir"]
+    try:
+        data = read_file_in_private_dir(session_dir, "token", what="token file")
+    except FileNotFoundError:
         return None
-    return security.read_token_file(path)
+    try:
+        return security.validate_token(data.decode("ascii").strip(),
+                                       f"token file {os.path.join(session_dir, 'token')!r}")
+    except UnicodeDecodeError:
+        raise ValueError(f"token file {os.path.join(session_dir, 'token')!r} is not "
+                         "ASCII text") from None
 
 
 def _inherit_node_tls(record: dict) -> None:
@@ -205,14 +225,8 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
-
-
-def _ensure_core() -> CoreWorker:
-    core = _state.core
-    if core is None:
-        init()
-        core = _state.core
-    return core
+# The first call that needs a cluster connects as a bare init() would (Ray's rule).
+_state.auto_init = init
 
 
 def remote(*args, **kwargs):
@@ -227,7 +241,6 @@ def remote(*args, **kwargs):
 
 def _make_remote(target, options: dict):
     if inspect.isclass(target):
-        from meshray.actor import ActorClass
         return ActorClass(target, options)
     if not callable(target):
         raise TypeError(f"@meshray.remote must decorate a function or class, got {target!r}")
@@ -252,13 +265,13 @@ def get(object_refs, *, timeout: float | None = None):
     """Wait for and return the value(s) of ObjectRef(s)."""
     timeout = validation.check_timeout("get()", timeout)
     refs, single = _as_ref_list(object_refs, "get()")
-    values = _ensure_core().get(refs, timeout)
+    values = state_mod.ensure_core().get(refs, timeout)
     return values[0] if single else values
 
 
 def put(value, *, _owner=None) -> ObjectRef:
     """Store a value in the object store and return its ObjectRef."""
-    return _ensure_core().put(value)
+    return state_mod.ensure_core().put(value)
 
 
 def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
@@ -279,62 +292,41 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
     timeout = validation.check_timeout("wait()", timeout)
     if not isinstance(fetch_local, bool):
         raise ValueError(f"wait() argument fetch_local={fetch_local!r} must be a bool")
-    return _ensure_core().wait(refs, num_returns, timeout)
+    return state_mod.ensure_core().wait(refs, num_returns, timeout)
 
 
 def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:
     """Cancel the task that produces `object_ref`."""
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expected an ObjectRef, got {type(object_ref).__name__}")
-    _ensure_core().cancel(object_ref, force, recursive)
+    state_mod.ensure_core().cancel(object_ref, force, recursive)
 
 
 def cluster_resources() -> dict:
-    return _ensure_core().request("cluster_resources")
+    return state_mod.ensure_core().request("cluster_resources")
 
 
 def available_resources() -> dict:
-    return _ensure_core().request("available_resources")
+    return state_mod.ensure_core().request("available_resources")
 
 
 def nodes() -> list:
-    return _ensure_core().request("nodes")
+    return state_mod.ensure_core().request("nodes")
 
 
 def get_gpu_ids() -> list:
     """GPU ids assigned to the current task or actor (empty in a driver)."""
-    from meshray.runtime_context import get_runtime_context
     return [int(i) if str(i).isdigit() else i
             for i in get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 
 def kill(actor, *, no_restart: bool = True) -> None:
     """Kill an actor now (running and queued calls fail with ActorDiedError)."""
-    from meshray.actor import ActorHandle
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() expected an actor handle, got {type(actor).__name__}")
     if not isinstance(no_restart, bool):
         raise ValueError(f"kill() argument no_restart={no_restart!r} must be a bool")
-    _ensure_core().request("kill_actor", {"actor_id": actor._actor_id.hex(),
+    state_mod.ensure_core().request("kill_actor", {"actor_id": actor._actor_id.hex(),
                                           "no_restart": no_restart})
 
 
-def get_actor(name: str, namespace: str | None = None):
-    """The handle of the live named actor `name` in `namespace` (default: the job's)."""
-    from meshray.actor import ActorHandle
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"get_actor() argument name={name!r} must be a non-empty string")
-    core = _ensure_core()
-    namespace = _state.namespace if namespace is None else namespace
-    record = core.request("get_named_actor", {"name": name, "namespace": namespace})
-    if record.get("state") in ("UNKNOWN", "DEAD"):
-        raise ValueError(f"Failed to look up actor with name '{name}'. This could because "
-                         f"1. You are trying to look up a named actor you didn't create. "
-                         f"2. The named actor died. 3. You did not use a namespace matching "
-                         f"the namespace of the actor (namespace {namespace!r}).")
-    return ActorHandle._from_record(record)
-
-
-def method(*args, **kwargs):
-    from meshray.actor import method as _method
-    return _method(*args, **kwargs)

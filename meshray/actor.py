@@ -14,11 +14,13 @@ import json
 import cloudpickle
 
 from meshray import exceptions
-from meshray.core import arg_files, ids, options as opts, state as state_mod
+from meshray.common import ids
+from meshray.core import arg_files, options as opts, state as state_mod
+from meshray.core.actor_host import ActorExitRequested
 from meshray.core.object_ref import ObjectRef
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["ActorClass", "ActorHandle", "ActorMethod", "method", "exit_actor"]
+__all__ = ["ActorClass", "ActorHandle", "ActorMethod", "method", "exit_actor", "get_actor"]
 
 _METHOD_OPTIONS_ATTR = "__meshray_method_options__"
 ACTOR_ARG_INLINE_LIMIT = arg_files.MAX_IMAGE_BYTES
@@ -44,7 +46,6 @@ def exit_actor():
     The actor is marked DEAD (it is not restarted); the call that invoked
     exit_actor, and every later call, get ActorDiedError.
     """
-    from meshray.core.executor import ActorExitRequested
     if not state_mod.state.actor_id:
         raise TypeError("exit_actor() called outside an actor")
     raise ActorExitRequested()
@@ -112,8 +113,7 @@ class ActorClass:
             self._class_id = hashlib.sha256(self._pickled).digest()[:16]
 
     def _remote(self, args, kwargs, options):
-        from meshray._api import _ensure_core, get_actor
-        core = _ensure_core()
+        core = state_mod.ensure_core()
         self._pickle()
         name = options.get("name") or ""
         namespace = options.get("namespace")
@@ -244,8 +244,7 @@ class ActorMethod:
                            {**self._overrides, **method_options})
 
     def remote(self, *args, **kwargs):
-        from meshray._api import _ensure_core
-        core = _ensure_core()
+        core = state_mod.ensure_core()
         handle = self._handle
         num_returns = self._overrides.get("num_returns", self._meta.get("num_returns", 1))
         if num_returns in ("streaming", "dynamic"):
@@ -289,3 +288,18 @@ class ActorMethod:
         if num_returns == 0:
             return None
         return refs[0] if num_returns == 1 else refs
+
+
+def get_actor(name: str, namespace: str | None = None):
+    """The handle of the live named actor `name` in `namespace` (default: the job's)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"get_actor() argument name={name!r} must be a non-empty string")
+    core = state_mod.ensure_core()
+    namespace = state_mod.state.namespace if namespace is None else namespace
+    record = core.request("get_named_actor", {"name": name, "namespace": namespace})
+    if record.get("state") in ("UNKNOWN", "DEAD"):
+        raise ValueError(f"Failed to look up actor with name '{name}'. This could because "
+                         f"1. You are trying to look up a named actor you didn't create. "
+                         f"2. The named actor died. 3. You did not use a namespace matching "
+                         f"the namespace of the actor (namespace {namespace!r}).")
+    return ActorHandle._from_record(record)

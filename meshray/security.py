@@ -22,6 +22,8 @@ import os
 import secrets
 import stat
 import tempfile
+import threading
+import time
 from typing import Mapping
 
 __all__ = [
@@ -31,15 +33,20 @@ __all__ = [
     "etcd_password",
     "MIN_TOKEN_LENGTH",
     "TOKEN_ENV",
+    "TOKEN_FD_ENV",
     "TOKEN_FILE_ENV",
+    "environment_without_token",
     "etcd_client_options",
     "etcd_options_to_env",
+    "forget_token_environment",
     "generate_token",
     "join_hint",
     "load_session_tls",
+    "process_token",
     "read_token_file",
     "resolve_token",
     "save_session_tls",
+    "token_pipe",
     "validate_token",
     "write_private_file",
     "write_token_file",
@@ -217,6 +224,105 @@ def join_hint(etcd: str, token_path: str) -> str:
             f"meshray start --address {etcd} ...")
 
 
+# ------------------------------------------------- the token inside a process
+TOKEN_FD_ENV = "MESHRAY_TOKEN_FD"
+_TOKEN_VARIABLES = (TOKEN_ENV, TOKEN_FILE_ENV, TOKEN_FD_ENV)
+_HANDOVER_LIMIT = 4096
+_HANDOVER_TIMEOUT_S = 10.0
+_process_token_lock = threading.Lock()
+_process_token: list = []          # [token or None] once known
+
+
+def environment_without_token(environ: Mapping[str, str]) -> dict:
+    """A copy of `environ` for a child process, with every way to the token removed.
+
+    Workers run user code, and an environment is the most widely copied
+    thing a process has: every subprocess that code starts inherits it, and
+    it ends up in crash reports and ``env`` dumps. meshray children get the
+    token through token_pipe() instead.
+    """
+    return {key: value for key, value in environ.items() if key not in _TOKEN_VARIABLES}
+
+
+def token_pipe(token: str) -> int:
+    """The read end of a pipe that holds `token` and nothing else will be written to.
+
+    Pass it to one child (``pass_fds`` plus ``MESHRAY_TOKEN_FD=<fd>`` in its
+    environment), then close it here. The write end is closed before this
+    returns, so the child reads the token and then end-of-file; the token
+    fits the pipe buffer, so writing never waits for the child.
+    """
+    data = validate_token(token).encode("ascii")
+    if len(data) > _HANDOVER_LIMIT:
+        raise ValueError(f"token is {len(data)} bytes long; at most {_HANDOVER_LIMIT} can be "
+                         "handed to a child process")
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
+def _read_handover(value: str) -> str:
+    import select
+
+    if not value.isdigit():
+        raise ValueError(f"{TOKEN_FD_ENV}={value!r} must be a file descriptor number")
+    fd = int(value)
+    try:
+        deadline = time.monotonic() + _HANDOVER_TIMEOUT_S
+        data = b""
+        while len(data) <= _HANDOVER_LIMIT:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError(f"no cluster token arrived on {TOKEN_FD_ENV}={fd} within "
+                                   f"{_HANDOVER_TIMEOUT_S:.0f}s")
+            chunk = os.read(fd, _HANDOVER_LIMIT + 1)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise ValueError(f"cannot read the cluster token from {TOKEN_FD_ENV}={fd}: "
+                         f"{exc.strerror}") from None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        token = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"the token handed over on {TOKEN_FD_ENV} is not ASCII") from None
+    return validate_token(token, f"token handed over on {TOKEN_FD_ENV}")
+
+
+def process_token() -> str | None:
+    """The cluster token of this process, or None when it runs without one.
+
+    A process meshray starts (a node daemon, a worker) finds it on the pipe
+    named by MESHRAY_TOKEN_FD, reads it once and closes the pipe; otherwise
+    it comes from MESHRAY_TOKEN / MESHRAY_TOKEN_FILE as for any command. The
+    answer is kept, so every later caller in the process gets the same token
+    without the pipe, or the variable, still being around.
+    """
+    with _process_token_lock:
+        if not _process_token:
+            handover = os.environ.pop(TOKEN_FD_ENV, None)
+            _process_token.append(_read_handover(handover) if handover is not None
+                                  else resolve_token())
+        return _process_token[0]
+
+
+def forget_token_environment() -> None:
+    """Drop the token variables from this process's environment (children inherit it)."""
+    for name in _TOKEN_VARIABLES:
+        os.environ.pop(name, None)
+
+
 # ---------------------------------------------------------------------- etcd
 def etcd_password(token: str) -> str:
     """The etcd password of a cluster whose token is `token`.
@@ -338,14 +444,23 @@ def save_session_tls(session_dir: str | os.PathLike, tls) -> str | None:
 
 def load_session_tls(session_dir: str | os.PathLike):
     """The TlsConfig saved by save_session_tls, or None when the node runs plaintext."""
+    from meshray.common.private_files import read_file_in_private_dir
     from meshray.rpc.tls import TlsConfig
 
-    path = os.path.join(os.fspath(session_dir), _SESSION_TLS_FILE)
+    session_dir = os.fspath(session_dir)
+    path = os.path.join(session_dir, _SESSION_TLS_FILE)
     try:
-        with open(path) as handle:
-            env = json.load(handle)
+        # Checked like every file a driver takes from a session dir: settings
+        # planted by another user could point it at their CA.
+        env = json.loads(read_file_in_private_dir(session_dir, _SESSION_TLS_FILE,
+                                                  what="node TLS settings"))
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise
     except (OSError, ValueError) as exc:
         raise ValueError(f"node TLS settings {path!r} are unreadable: {exc}") from None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in env.items()):
+        raise ValueError(f"node TLS settings {path!r} are not a JSON object of strings")
     return TlsConfig.from_env(env)

@@ -63,24 +63,73 @@ def _cmd_start(args) -> int:
 
 
 def _cmd_stop(args) -> int:
-    from meshray.node import registry
+    """Stop the daemons `meshray start` left running, by their verified records.
 
-    records = [r for r in registry.read_records() if r.get("cli")]
-    if not records:
+    A pid is signalled only while it is still the daemon its record names
+    (see registry.daemon_process); anything else in the run dir is reported
+    and left alone, and the exit status says so.
+    """
+    import psutil
+
+    from meshray.node import registry
+    from meshray.common.private_files import UnsafePathError
+
+    try:
+        scan = registry.scan_records()
+    except UnsafePathError as exc:
+        print(f"meshray stop: {exc}", file=sys.stderr)
+        return 1
+    for message in scan.stale:
+        print(f"removed stale record: {message}")
+    for message in scan.refused:
+        print(f"meshray stop: skipped {message}", file=sys.stderr)
+    targets = []
+    for record in scan.records:
+        if not record.get("cli"):
+            continue
+        process, why = registry.daemon_process(record)
+        if process is None:
+            print(f"meshray stop: skipped node {record['node_id']}: {why}", file=sys.stderr)
+            continue
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+        targets.append((record, process))
+    if not targets and not scan.refused:
         print("no meshray nodes started by `meshray start` are running on this machine")
-        return 0
-    for record in records:
-        os.kill(int(record["pid"]), signal.SIGTERM)
     deadline = time.monotonic() + args.grace_period
-    for record in records:
-        pid = int(record["pid"])
-        while registry.pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if registry.pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    failed = bool(scan.refused)
+    for record, process in targets:
+        if not _exited(process, deadline):
+            try:
+                process.send_signal(signal.SIGKILL)   # psutil re-checks it is the same process
+            except psutil.NoSuchProcess:
+                pass
+            if not _exited(process, time.monotonic() + 10):
+                print(f"meshray stop: node {record['node_id']} (pid {process.pid}) did not exit "
+                      "after SIGKILL", file=sys.stderr)
+                failed = True
+                continue
         registry.remove_record(record["node_id"])
-        print(f"stopped meshray node {record['node_id']} (pid {pid})")
-    return 0
+        print(f"stopped meshray node {record['node_id']} (pid {process.pid})")
+    return 1 if failed else 0
+
+
+def _exited(process, deadline: float) -> bool:
+    """Wait until `process` is gone (or a zombie: exited, not yet reaped by its parent)."""
+    import psutil
+
+    while True:
+        try:
+            # is_running() compares start times: a reused pid counts as gone.
+            if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _connect(address):

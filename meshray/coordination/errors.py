@@ -1,9 +1,8 @@
 """The coordination layer's errors, and how gRPC failures map onto them.
 
-Split out of ``client.py`` so the error types can be imported (and the gRPC
-status mapping read) without the whole Coordinator. Every error the
-coordination layer raises is a :class:`CoordinationError`; ``client.py``
-re-exports them all.
+A module of its own so the error types can be imported (and the gRPC status
+mapping read) without the whole Coordinator. Every error the coordination
+layer raises is a :class:`CoordinationError`; ``client.py`` offers them all.
 """
 
 from __future__ import annotations

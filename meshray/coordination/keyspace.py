@@ -10,7 +10,6 @@ prefix)::
 
     <root>nodes/<node_id>                  node record         (node lease)
     <root>avail/<node_id>                  resource availability (node lease)
-    <root>jobs/<job_id>                    job record
     <root>actors/<actor_id>                actor record
     <root>actor_names/<namespace>/<name>   named-actor claim
     <root>objloc/<object_id>/<node_id>     a copy of an object  (node lease)
@@ -50,7 +49,6 @@ ROOT = "/meshray/v1/"
 FAMILIES: dict[str, int] = {
     "nodes": 1,
     "avail": 1,
-    "jobs": 1,
     "actors": 1,
     "actor_names": 2,
     "objloc": 2,
@@ -176,9 +174,6 @@ class Keyspace:
     def avail_prefix(self) -> str:
         return self.prefix("avail")
 
-    def jobs_prefix(self) -> str:
-        return self.prefix("jobs")
-
     def actors_prefix(self) -> str:
         return self.prefix("actors")
 
@@ -216,9 +211,6 @@ class Keyspace:
 
     def avail(self, node_id: Any) -> str:
         return f"{self.prefix('avail')}{id_hex(node_id, 'node_id')}"
-
-    def job(self, job_id: Any) -> str:
-        return f"{self.prefix('jobs')}{id_hex(job_id, 'job_id')}"
 
     def actor(self, actor_id: Any) -> str:
         return f"{self.prefix('actors')}{id_hex(actor_id, 'actor_id')}"
@@ -290,19 +282,6 @@ class Keyspace:
         """Availability key -> node_id hex."""
         return self._parse_family(key, "avail")[0]
 
-    def parse_job(self, key: str | bytes) -> str:
-        """Job key -> job_id hex."""
-        return self._parse_family(key, "jobs")[0]
-
-    def parse_actor(self, key: str | bytes) -> str:
-        """Actor key -> actor_id hex."""
-        return self._parse_family(key, "actors")[0]
-
-    def parse_actor_name(self, key: str | bytes) -> tuple[str, str]:
-        """Actor-name key -> (namespace, name)."""
-        ns, name = self._parse_family(key, "actor_names")
-        return ns, name
-
     def parse_objloc(self, key: str | bytes) -> tuple[str, str]:
         """Object-location key -> (object_id hex, node_id hex)."""
         obj, node = self._parse_family(key, "objloc")
@@ -311,11 +290,6 @@ class Keyspace:
     def parse_pg(self, key: str | bytes) -> str:
         """Placement-group key -> pg_id hex."""
         return self._parse_family(key, "pgs")[0]
-
-    def parse_pg_name(self, key: str | bytes) -> tuple[str, str]:
-        """Placement-group name key -> (namespace, name)."""
-        ns, name = self._parse_family(key, "pg_names")
-        return ns, name
 
     def parse_alloc(self, key: str | bytes) -> str:
         """Allocation key -> node_id hex."""

@@ -1,9 +1,9 @@
 """Lease keeping: :class:`LeaseKeeper` holds a lease alive from a daemon
-thread and reports its loss exactly once (a node's membership is its lease,
-DESIGN.md §2).
+thread and reports its loss exactly once (a node's membership is its lease).
 
-Split out of ``client.py`` (which re-exports :class:`LeaseKeeper`); the
-one-shot lease calls (grant, revoke, refresh, ttl) stay on the Coordinator.
+It has a thread and a loss protocol of its own, so it lives apart from the
+Coordinator, which keeps the one-shot lease calls (grant, revoke, refresh,
+ttl) and offers :class:`LeaseKeeper` too.
 """
 
 from __future__ import annotations

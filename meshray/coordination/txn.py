@@ -1,9 +1,9 @@
 """Transaction building blocks: the compares and ops :meth:`Coordinator.txn`
 takes, the result it returns, and etcd's limit on their number.
 
-Split out of ``client.py``: callers that plan transactions (placement
-reservation, membership, actor hosting) need only these small value types.
-``client.py`` re-exports them.
+A module of its own because callers that plan transactions (placement
+reservation, membership, actor hosting) need only these small value types;
+``client.py`` offers them too.
 """
 
 from __future__ import annotations
@@ -84,6 +84,3 @@ class TxnResult:
     responses: list[Any] = field(default_factory=list)
     revision: int = 0
 
-
-_Compare = (KeyMissing, ModRevisionEquals, ValueEquals)
-_Op = (Put, Delete, Get)

@@ -3,8 +3,8 @@ prefix in revision order, resumes a broken stream from the last revision
 seen + 1, and re-lists after compaction, never skipping an event; and the
 :class:`KeyValue` / :class:`Event` value types listings and watches deliver.
 
-Split out of ``client.py`` (which re-exports these names); watches are
-started with :meth:`Coordinator.watch_prefix`.
+Watches are started with :meth:`Coordinator.watch_prefix`; ``client.py``
+offers these names too.
 """
 
 from __future__ import annotations

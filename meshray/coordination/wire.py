@@ -1,8 +1,8 @@
 """Low-level plumbing shared by the Coordinator, watches and lease keepers:
 key/value encoding, endpoint parsing, gRPC channels and backoff.
 
-Split out of ``client.py`` so :mod:`.watch` and :mod:`.leases` can use the
-same helpers without importing the Coordinator. Private to the coordination
+A module of its own so :mod:`.watch` and :mod:`.leases` can use the same
+helpers without importing the Coordinator. Private to the coordination
 package.
 """
 

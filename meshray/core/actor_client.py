@@ -21,7 +21,6 @@ and calls fail only after DELIVERY_TIMEOUT_S without any way to the actor.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -208,8 +207,7 @@ class ActorConnection:
                 replies_queue.put(call.spec)
             self._queue = replies_queue
         address = self._pick_address(info)
-        self._channel = make_channel(address, token=os.environ.get("MESHRAY_TOKEN")
-                                     or self._core.token)
+        self._channel = make_channel(address, token=self._core.token)
         stub = pb_grpc.ActorServiceStub(self._channel)
         try:
             for batch in stub.Call(self._outgoing(replies_queue, handed)):

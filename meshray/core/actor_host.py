@@ -10,7 +10,7 @@ How a call runs depends on the actor:
   most max_concurrency (default 1000) at a time per group.
 
 An actor created for another node refuses calls while its node's lease
-fence is down (node/fence.py): that node may have restarted it elsewhere.
+fence is down (common/fence.py): that node may have restarted it elsewhere.
 A refusal never leaves the caller guessing: the stream is ended only once
 every call read before the refusal has been answered, with trailing
 metadata (REFUSED_KEY) that tells the caller none of the unanswered calls
@@ -33,22 +33,30 @@ import weakref
 import grpc
 
 from meshray import exceptions
-from meshray.core import arg_files, ids, state as state_mod
+from meshray.common import ids
+from meshray.common.fence import LeaseFence, fence_applies
+from meshray.core import arg_files, state as state_mod
 from meshray.core.actor_client import REFUSED_KEY
-from meshray.core.core_worker import ArgPlaceholder
+from meshray.core.object_ref import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
-from meshray.node.fence import LeaseFence, fence_applies
 from meshray.rpc import accept_targets, make_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
-__all__ = ["ActorHost"]
+__all__ = ["ActorHost", "ActorExitRequested"]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 2000
 TERMINATE_METHOD = "__ray_terminate__"
 READY_METHOD = "__ray_ready__"
+
+
+class ActorExitRequested(BaseException):
+    """Raised by exit_actor(): unwinds the method, then the actor exits.
+
+    A BaseException, so that a method's own `except Exception` cannot swallow it.
+    """
 
 
 class _Refused:
@@ -122,7 +130,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         unix_path = os.path.join(session, f"actor-{self.actor_id.hex()[:12]}-{os.getpid()}.sock")
         host = os.environ.get("MESHRAY_NODE_HOST", "127.0.0.1")
         self._server, bound = make_server([f"{host}:0", f"unix:{unix_path}"],
-                                          token=os.environ.get("MESHRAY_TOKEN") or None,
+                                          token=self.core.token,
                                           max_workers=256)
         pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
         self._server.start()
@@ -305,7 +313,6 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         return deliver
 
     def _guarded(self, spec, body, reply) -> None:
-        from meshray.core.executor import ActorExitRequested
         try:
             self.executor.run(spec, body, self._deliver(reply, spec))
         except ActorExitRequested:

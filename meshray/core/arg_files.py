@@ -26,15 +26,12 @@ call), the caller keeps the file in a small per-process pool
 for a later call.  A file whose call was sent more than once (stream broken,
 actor restarted) is never reused: an earlier recipient might still map it.
 
-Files are named ``<pid>-<worker id>-<n>`` after the process and the core
-worker (connection to the node) that wrote them, so when a caller dies without
-cleaning up (SIGKILL) the node removes its files once that connection closes
-(``sweep_process``); ``sweep_dead`` removes the files of every process that no
-longer exists.
+Files are named after the process and the core worker (connection to the
+node) that wrote them (meshray.common.arg_dir), so when a caller dies without
+cleaning up (SIGKILL) the node removes its files once that connection closes.
 """
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
@@ -42,17 +39,17 @@ import pickle
 import threading
 import time
 
+from meshray.common.arg_dir import args_dir, check_name, file_prefix, unlink
 from meshray.core import serialization
+from meshray.core.object_ref import substitute_refs
 from meshray.object_store import layout
 
 __all__ = [
-    "ARGS_DIR",
     "FILE_THRESHOLD",
     "MAX_IMAGE_BYTES",
     "CallArgs",
     "build_call_args",
     "image_bytes",
-    "args_dir",
     "write",
     "release",
     "drop_pool",
@@ -60,13 +57,10 @@ __all__ = [
     "map_file",
     "unpack_inline",
     "load",
-    "sweep_process",
-    "sweep_dead",
 ]
 
 log = logging.getLogger(__name__)
 
-ARGS_DIR = "args"
 # Arguments whose serialized size is above this travel as an image (Ray puts
 # arguments above the same 100 KiB into shared memory).
 FILE_THRESHOLD = serialization.INLINE_THRESHOLD
@@ -101,8 +95,6 @@ def build_call_args(core, args: tuple, kwargs: dict, name: str, *, same_node: bo
     ``core.build_args`` makes them.  ``same_node`` says the actor is known to
     live on this node (so a file in the node's store directory reaches it).
     """
-    from meshray.core.core_worker import substitute_refs
-
     if not args and not kwargs:
         return CallArgs(*core.build_args(args, kwargs, name))
     new_args, new_kwargs, arg_refs, keepalive = substitute_refs(args, kwargs)
@@ -148,7 +140,7 @@ class _Writer:
     def __init__(self, store_dir: str, owner: bytes):
         self.pid = os.getpid()
         self.directory = args_dir(store_dir)
-        self.prefix = _prefix(self.pid, owner)
+        self.prefix = file_prefix(self.pid, owner)
         self.counter = itertools.count(1)
         self.lock = threading.Lock()
         self.sizes: dict = {}    # name -> size, every file of ours that exists
@@ -208,7 +200,7 @@ class _Writer:
                 name, _ = names.pop(0)
                 self.free_bytes -= size
                 self.sizes.pop(name, None)
-                _unlink(os.path.join(self.directory, name))
+                unlink(os.path.join(self.directory, name))
             if not names:
                 del self.free[size]
 
@@ -225,19 +217,11 @@ class _Writer:
             for names in free.values():
                 for name, _ in names:
                     self.sizes.pop(name, None)
-                    _unlink(os.path.join(self.directory, name))
+                    unlink(os.path.join(self.directory, name))
 
 
 _writers: dict = {}
 _writers_lock = threading.Lock()
-
-
-def args_dir(store_dir: str) -> str:
-    return os.path.join(store_dir, ARGS_DIR)
-
-
-def _prefix(pid: int, owner: bytes) -> str:
-    return f"{int(pid)}-{owner.hex()}-"
 
 
 def _writer(store_dir: str, owner: bytes, create: bool = True):
@@ -285,7 +269,7 @@ def write(store_dir: str, owner: bytes, inband, buffers) -> str:
             os.close(fd)
     except BaseException:
         writer.forget(name)
-        _unlink(path)
+        unlink(path)
         raise
     with writer.lock:
         writer.sizes[name] = size
@@ -305,7 +289,7 @@ def release(store_dir: str, owner: bytes, name: str, *, reusable: bool = False) 
         return
     if writer is not None:
         writer.forget(name)
-    _unlink(os.path.join(args_dir(store_dir), name))
+    unlink(os.path.join(args_dir(store_dir), name))
 
 
 def drop_pool(store_dir: str, owner: bytes) -> None:
@@ -315,21 +299,16 @@ def drop_pool(store_dir: str, owner: bytes) -> None:
         writer.drop_pool()
 
 
-def _check_name(name: str) -> None:
-    if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"invalid argument file name {name!r}")
-
-
 def read_file_bytes(store_dir: str, name: str) -> bytes:
     """The image in a file, as bytes (to send it inline instead)."""
-    _check_name(name)
+    check_name(name)
     with open(os.path.join(args_dir(store_dir), name), "rb") as handle:
         return handle.read()
 
 
 def map_file(store_dir: str, name: str) -> tuple:
     """Map an argument file read-only: (in-band, buffers) views, zero-copy."""
-    _check_name(name)
+    check_name(name)
     return layout.read_object(os.path.join(args_dir(store_dir), name))
 
 
@@ -342,59 +321,3 @@ def load(image: tuple):
     inband, buffers = image
     return pickle.loads(inband, buffers=buffers)
 
-
-# ------------------------------------------------------------------ sweeping
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _names(store_dir: str) -> list:
-    try:
-        return os.listdir(args_dir(store_dir))
-    except OSError:
-        return []
-
-
-def sweep_process(store_dir: str, pid: int, worker_id: bytes | None = None) -> int:
-    """Remove the argument files of process ``pid`` (of its core ``worker_id`` if given).
-
-    For the node daemon, when a driver's or worker's connection closes: that
-    core worker owned these files and can no longer release them (a process
-    that re-initialises gets a new worker id, so its new files are safe).
-    Returns how many were removed.
-    """
-    prefix = _prefix(pid, worker_id) if worker_id else f"{int(pid)}-"
-    removed = 0
-    for name in _names(store_dir):
-        if name.startswith(prefix):
-            _unlink(os.path.join(args_dir(store_dir), name))
-            removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
-
-
-def sweep_dead(store_dir: str) -> int:
-    """Remove the argument files of every process that no longer exists."""
-    removed = 0
-    alive: dict = {}
-    for name in _names(store_dir):
-        head = name.split("-", 1)[0]
-        if not head.isdigit():
-            continue
-        pid = int(head)
-        if pid not in alive:
-            alive[pid] = _pid_alive(pid)
-        if not alive[pid]:
-            _unlink(os.path.join(args_dir(store_dir), name))
-            removed += 1
-    return removed

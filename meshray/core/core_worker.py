@@ -20,39 +20,21 @@ import threading
 import time
 
 from meshray import exceptions
-from meshray.core import ids, object_ref, serialization
-from meshray.core.object_ref import ObjectRef
+from meshray.common import ids
+from meshray.core import object_ref, serialization
+from meshray.core.actor_client import ActorConnection
+from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
 from meshray.object_store import layout
 from meshray.rpc import make_channel
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
-__all__ = ["CoreWorker", "ArgPlaceholder"]
+__all__ = ["CoreWorker"]
 
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 2000
 _MAX_REF_BATCH = 5000
-
-
-def substitute_refs(args: tuple, kwargs: dict):
-    """Top-level ObjectRefs become placeholders the receiver resolves.
-
-    Returns (args, kwargs, ref ids in placeholder order, the refs themselves
-    to keep alive until the call is queued).
-    """
-    arg_refs: list[bytes] = []
-    keepalive: list = []
-
-    def substitute(value):
-        if isinstance(value, ObjectRef):
-            arg_refs.append(value.binary())
-            keepalive.append(value)
-            return ArgPlaceholder(len(arg_refs) - 1)
-        return value
-
-    return ([substitute(a) for a in args], {k: substitute(v) for k, v in kwargs.items()},
-            arg_refs, keepalive)
 
 
 class _RefBatch:
@@ -66,18 +48,6 @@ class _RefBatch:
         self.removed: set = set()
 _NO_ARGS_BLOB = serialization.serialize(([], {})).inband
 CONNECT_TIMEOUT_S = 15.0
-
-
-class ArgPlaceholder:
-    """Stands for the i-th top-level ObjectRef argument inside args_blob."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __reduce__(self):
-        return (ArgPlaceholder, (self.index,))
 
 
 class _Waiter:
@@ -140,7 +110,6 @@ class CoreWorker:
         self._closed = False
         self._lost = False
         self.current_task_id = b""
-        self.blocked_depth = 0
         self.store_dir = ""
         self.node_id = b""
         self.session_dir = ""
@@ -432,7 +401,6 @@ class CoreWorker:
             pb.ObjectValue(object_id=oid, inline_data=blob, is_error=True) for oid in object_ids]))
 
     def actor_connection(self, actor_id: bytes, *, max_task_retries: int, class_name: str):
-        from meshray.core.actor_client import ActorConnection
         with self._lock:
             connection = self._actor_connections.get(actor_id)
             if connection is None:

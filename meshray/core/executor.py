@@ -21,18 +21,16 @@ import sys
 import threading
 
 from meshray import exceptions
-from meshray.core import ids, serialization, state as state_mod
-from meshray.core.core_worker import ArgPlaceholder
-from meshray.node.worker_pool import CONTEXT_MARKER
+from meshray.common import ids
+from meshray.common.worker_output import context_line
+from meshray.core import serialization, state as state_mod
+from meshray.core.actor_host import ActorExitRequested, ActorHost
+from meshray.core.object_ref import ArgPlaceholder
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["TaskExecutor", "ActorExitRequested"]
+__all__ = ["TaskExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-class ActorExitRequested(BaseException):
-    """Raised by exit_actor(): unwinds the method, then the actor exits."""
 
 
 class _DependencyFailed(Exception):
@@ -169,7 +167,7 @@ class TaskExecutor:
         self._announced = context
         sys.stdout.flush()
         sys.stderr.flush()
-        marker = f"{CONTEXT_MARKER}{spec.job_id.hex()} {spec.name}\n"
+        marker = context_line(spec.job_id.hex(), spec.name)
         sys.stdout.write(marker)
         sys.stdout.flush()
         sys.stderr.write(marker)
@@ -263,7 +261,6 @@ class TaskExecutor:
 
     # ------------------------------------------------------------ actors
     def _create_actor(self, msg: pb.ExecuteTask) -> pb.TaskResult:
-        from meshray.core.actor_host import ActorHost
         spec = msg.spec
         address = []
 

@@ -4,16 +4,19 @@ Every live ObjectRef in a process counts as one local reference; the process's
 core worker turns the first and last local reference into "hold"/"release"
 messages to its node, which frees the value once nobody holds it. Pickling a
 ref (into task arguments or another object) records it in the containing
-value, so the container keeps it alive in between.
+value, so the container keeps it alive in between. A call's top-level ref
+arguments travel as placeholders (`substitute_refs`) that the receiver swaps
+for the values.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 
-from meshray.core import ids, serialization
+from meshray.common import ids
+from meshray.core import serialization
 
-__all__ = ["ObjectRef", "ObjectRefGenerator"]
+__all__ = ["ObjectRef", "ObjectRefGenerator", "ArgPlaceholder", "substitute_refs"]
 
 # Set by the core worker when a process connects; None in a process that has
 # not called init() (refs are then inert names).
@@ -129,3 +132,35 @@ class ObjectRefGenerator:
 
     def __repr__(self):
         return f"ObjectRefGenerator(task={self._task_id.hex()})"
+
+
+class ArgPlaceholder:
+    """Stands for the i-th top-level ObjectRef argument inside args_blob."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __reduce__(self):
+        return (ArgPlaceholder, (self.index,))
+
+
+def substitute_refs(args: tuple, kwargs: dict):
+    """Top-level ObjectRefs become placeholders the receiver resolves.
+
+    Returns (args, kwargs, ref ids in placeholder order, the refs themselves
+    to keep alive until the call is queued).
+    """
+    arg_refs: list[bytes] = []
+    keepalive: list = []
+
+    def substitute(value):
+        if isinstance(value, ObjectRef):
+            arg_refs.append(value.binary())
+            keepalive.append(value)
+            return ArgPlaceholder(len(arg_refs) - 1)
+        return value
+
+    return ([substitute(a) for a in args], {k: substitute(v) for k, v in kwargs.items()},
+            arg_refs, keepalive)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from meshray.scheduler.policy import validate_label_selector
 from meshray.scheduler.resources import RESOURCE_PRECISION, UNIT_SCALE
-from meshray.util.scheduling_strategies import (
+from meshray.scheduler.strategies import (
     NodeAffinitySchedulingStrategy,
     NodeLabelSchedulingStrategy,
     PlacementGroupSchedulingStrategy,

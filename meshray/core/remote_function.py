@@ -7,9 +7,11 @@ import inspect
 
 import cloudpickle
 
-from meshray.core import ids, options as opts, state as state_mod
+from meshray.common import ids
+from meshray.core import options as opts, state as state_mod
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.scheduler.strategies import PlacementGroupSchedulingStrategy
 
 __all__ = ["RemoteFunction", "build_task_spec_fields"]
 
@@ -22,18 +24,17 @@ def _inherited_strategy():
         return None
     strategy = cloudpickle.loads(blob)
     if getattr(strategy, "placement_group_capture_child_tasks", False):
-        from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         return PlacementGroupSchedulingStrategy(strategy.placement_group, -1, True)
     return None
 
 
 def _check_group_fits(strategy, placement: dict) -> None:
     """A request that can never fit its bundle is a ValueError now, not a hang later."""
-    from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     if not isinstance(strategy, PlacementGroupSchedulingStrategy):
         return
-    from meshray.placement.policy import validate_request_fits_bundle
-    from meshray.util.placement_group import check_placement_group_index
+    # Here, not at the top: the placement package loads the etcd client, which
+    # only programs that use placement groups need.
+    from meshray.placement.policy import check_placement_group_index, validate_request_fits_bundle
     group = strategy.placement_group
     check_placement_group_index(group, strategy.placement_group_bundle_index)
     validate_request_fits_bundle(group.bundle_specs, strategy.placement_group_bundle_index,
@@ -54,9 +55,8 @@ def build_task_spec_fields(spec: pb.TaskSpec, options: dict, placement: dict) ->
     else:
         spec.scheduling_strategy = type(strategy).__name__
         spec.strategy_blob = cloudpickle.dumps(strategy)
-    from meshray._api import _ensure_core
     from meshray.core.runtime_envs import attach_runtime_env
-    attach_runtime_env(spec, options.get("runtime_env"), _ensure_core())
+    attach_runtime_env(spec, options.get("runtime_env"), state_mod.ensure_core())
 
 
 def _check_runtime_env(options: dict) -> None:
@@ -114,8 +114,7 @@ class RemoteFunction:
         return self._pickled
 
     def _remote(self, args, kwargs, options):
-        from meshray._api import _ensure_core  # late: avoids an import cycle
-        core = _ensure_core()
+        core = state_mod.ensure_core()
         self._pickle()
         core.ensure_function(self._function_id, lambda: self._pickled, self._name)
         num_returns = options.get("num_returns", 1)

@@ -25,6 +25,7 @@ def main() -> None:
         sys.exit(1)
     logging.basicConfig(level=os.environ.get("MESHRAY_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from meshray import security
     from meshray.core import state as state_mod
     from meshray.core.core_worker import CoreWorker
     from meshray.core.executor import TaskExecutor
@@ -32,7 +33,7 @@ def main() -> None:
     executor = TaskExecutor()
     core = CoreWorker(
         daemon_address=os.environ["MESHRAY_DAEMON_ADDRESS"],
-        token=os.environ.get("MESHRAY_TOKEN") or None,
+        token=security.process_token(),     # read once from the pipe the daemon passed
         role="worker",
         worker_id=bytes.fromhex(os.environ["MESHRAY_WORKER_ID"]),
         on_execute=executor.enqueue,

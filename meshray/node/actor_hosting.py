@@ -14,6 +14,7 @@ import logging
 from meshray import exceptions
 from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
+from meshray.node.objects import error_value
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ActorHosting"]
@@ -94,7 +95,7 @@ class ActorHosting:
         self._enqueue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
-        entry.state = actor_states.transition(entry, event, detail)
+        actor_states.apply(entry, event, detail)
         if entry.state == actor_states.DEAD:
             entry.address = ""
             self._release_actor_name(entry)
@@ -111,7 +112,8 @@ class ActorHosting:
                     "actor_id": entry.actor_id.hex(), "no_restart": no_restart,
                     "cause": cause}).encode())))
             if no_restart:
-                entry.state, entry.death_cause = actor_states.DEAD, cause
+                entry.no_restart = True
+                actor_states.apply(entry, "killed", cause)
                 entry.wake()
             return
         entry.no_restart = entry.no_restart or no_restart
@@ -134,7 +136,6 @@ class ActorHosting:
             entry.kill_cause = msg.reason
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
-        from meshray.node.daemon import error_value
         return error_value(object_id, exceptions.ActorDiedError(
             actor_id=entry.actor_id.hex(), class_name=entry.options.get("class_name"),
             name=entry.options.get("name") or None, node_id=self.node_id.hex(),
@@ -285,7 +286,7 @@ class ActorHosting:
 
     async def _ask_claim_actor_name(self, conn, payload: dict) -> dict:
         """Claim (namespace, name) for an actor in one etcd transaction."""
-        from meshray.coordination.client import KeyMissing, Get, Put
+        from meshray.coordination.client import Get, KeyMissing, Put
 
         def claim(coordinator):
             key = self.membership.keys.actor_name(payload["namespace"], payload["name"])

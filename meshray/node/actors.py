@@ -7,21 +7,46 @@ State machine (one record per actor, mirrored to etcd on every change):
        +--init failed------+--killed / exited / owner died / no restarts left--> DEAD
 
 `transition()` is pure: it takes the record and an event and returns the new
-state; the daemon carries out what follows (restart the creation task, free
-resources, publish the record, wake waiters).
+state; `apply()` is the only writer of an entry's state (it checks the move
+against ACTOR_TRANSITIONS and keeps the entry's story, so an illegal move
+raises with what led there); the daemon carries out what follows (restart
+the creation task, free resources, publish the record, wake waiters).
+Whether a restart is left is decided in one place, `restarts_left()`.
 """
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["ActorEntry", "transition", "PENDING", "ALIVE", "RESTARTING", "DEAD"]
+__all__ = ["ActorEntry", "ActorState", "ACTOR_TRANSITIONS", "InvalidActorTransition", "apply",
+           "restarts_left", "transition", "PENDING", "ALIVE", "RESTARTING", "DEAD"]
 
 log = logging.getLogger(__name__)
 
-PENDING, ALIVE, RESTARTING, DEAD = "PENDING", "ALIVE", "RESTARTING", "DEAD"
+
+class ActorState(str, enum.Enum):
+    """Values are the state names callers and etcd records carry."""
+    PENDING = "PENDING"
+    ALIVE = "ALIVE"
+    RESTARTING = "RESTARTING"
+    DEAD = "DEAD"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PENDING, ALIVE, RESTARTING, DEAD = (ActorState.PENDING, ActorState.ALIVE,
+                                    ActorState.RESTARTING, ActorState.DEAD)
+ACTOR_TRANSITIONS = {
+    PENDING: frozenset({ALIVE, RESTARTING, DEAD}),   # RESTARTING: its first worker died
+    ALIVE: frozenset({ALIVE, RESTARTING, DEAD}),     # ALIVE again: a re-announced address
+    RESTARTING: frozenset({ALIVE, RESTARTING, DEAD}),
+    DEAD: frozenset({DEAD}),                         # death is final; later events are no-ops
+}
 
 
 @dataclass(eq=False)
@@ -30,7 +55,8 @@ class ActorEntry:
     spec: object                        # creation TaskSpec (re-run on restart)
     owner: object                       # Connection of the creating process
     options: dict
-    state: str = PENDING
+    state: ActorState = PENDING        # written only by apply()
+    story: deque = field(default_factory=lambda: deque(maxlen=16))
     address: str = ""
     num_restarts: int = 0
     death_cause: str = ""
@@ -123,10 +149,34 @@ class ActorEntry:
                 continue
 
 
-def transition(entry: ActorEntry, event: str, detail: str = "") -> str:
+class InvalidActorTransition(RuntimeError):
+    def __init__(self, entry: ActorEntry, new, event: str):
+        story = "\n".join(f"  {old} -> {to}: {why}" for old, to, why in entry.story) or "  (none)"
+        super().__init__(f"actor {entry.actor_id.hex()} cannot move from {entry.state} to {new} "
+                         f"on {event!r}. Its last moves:\n{story}")
+        self.actor_id = entry.actor_id
+
+
+def restarts_left(entry: ActorEntry) -> bool:
+    """May `entry` be restarted once more (max_restarts=-1: without limit)?"""
+    return entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts
+
+
+def apply(entry: ActorEntry, event: str, detail: str = "") -> ActorState:
+    """Move `entry` to its state after `event` -- the only writer of it."""
+    new = transition(entry, event, detail)
+    if new not in ACTOR_TRANSITIONS[entry.state]:
+        raise InvalidActorTransition(entry, new, event)
+    entry.story.append((entry.state, new, f"{event}: {detail}" if detail else event))
+    entry.state = new
+    return new
+
+
+def transition(entry: ActorEntry, event: str, detail: str = "") -> ActorState:
     """Next state of `entry` after `event`; also records the death cause.
 
-    Events: "created", "init_failed", "worker_died", "killed", "owner_died".
+    Events: "created", "init_failed", "worker_died", "killed", "owner_died",
+    "node_died" (the node hosting it for us died).
     """
     if entry.state == DEAD:
         return DEAD
@@ -138,16 +188,18 @@ def transition(entry: ActorEntry, event: str, detail: str = "") -> str:
     if event == "owner_died":
         entry.death_cause = detail or "the actor's owner died"
         return DEAD
-    if event in ("worker_died", "killed"):
+    if event in ("worker_died", "killed", "node_died"):
         if entry.exiting:
             entry.death_cause = detail or "the actor exited on purpose"
             return DEAD
-        restarts_left = entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts
         if event == "killed" and entry.no_restart:
             entry.death_cause = detail or "the actor was killed with meshray.kill()"
             return DEAD
-        if restarts_left:
+        if restarts_left(entry):
             return RESTARTING
+        if event == "node_died":
+            entry.death_cause = detail or "the node hosting the actor died"
+            return DEAD
         entry.death_cause = detail or (
             f"the actor's worker process died and max_restarts={entry.max_restarts} "
             "restarts are used up")

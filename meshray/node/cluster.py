@@ -25,8 +25,10 @@ import logging
 import time
 
 from meshray import exceptions
-from meshray.core import ids
+from meshray.common import ids
+from meshray.node import actors as actor_states
 from meshray.node.peers import PeerLink
+from meshray.node.objects import error_value
 from meshray.node.placement_groups import pg_strategy
 from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node.tasks import infeasible_notice
@@ -450,10 +452,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             entry.address = result.actor_address
             entry.remote_node = from_hex
             if result.failed:
-                entry.state = "DEAD"
-                entry.death_cause = result.actor_error or "the actor's __init__ failed"
+                actor_states.apply(entry, "init_failed",
+                                   result.actor_error or "the actor's __init__ failed")
             else:
-                entry.state = "ALIVE"
+                actor_states.apply(entry, "created", f"running on node {from_hex}")
                 self.remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
             entry.wake()
         if any(v.in_store for v in result.returns):
@@ -594,7 +596,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     object_id, "its owner node is not in the cluster")))
 
     def _lost_value(self, object_id: bytes, why: str) -> pb.ObjectValue:
-        from meshray.node.daemon import error_value
         return error_value(object_id, exceptions.ObjectLostError(
             object_id.hex(), call_site=why))
 
@@ -698,7 +699,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 # bytes asks the owner for the new copy (transfer.py).
                 continue
             else:
-                from meshray.node.daemon import error_value
                 error = exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"its owner node {node_hex} died and no other "
                     "node holds a copy")
@@ -741,17 +741,15 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 f"{node_hex}, which died; no retries left (max_retries={task.spec.max_retries})."))
 
     def _restart_remote_actor(self, entry, node_hex: str) -> None:
-        from meshray.node import actors as actor_states
         entry.worker = None
         entry.remote_node = ""
-        if entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts:
+        if actor_states.apply(entry, "node_died",
+                              f"the node {node_hex} hosting the actor died") \
+                == actor_states.RESTARTING:
             entry.num_restarts += 1
-            entry.state = actor_states.RESTARTING
             entry.wake()
             self._restart_actor(entry, None)
         else:
-            entry.state = actor_states.DEAD
-            entry.death_cause = f"the node {node_hex} hosting the actor died"
             entry.wake()
             self._publish_actor(entry)
             self._release_actor_name(entry)
@@ -775,7 +773,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)
             self._place_or_queue(task)
             return
-        from meshray.node.daemon import error_value
         reason = ("no retries left to rebuild it" if task is not None else
                   "it cannot be rebuilt (a put object, or its lineage was released)")
         error = exceptions.ObjectReconstructionFailedError(

@@ -14,12 +14,12 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
-from meshray.core import arg_files, ids
+from meshray.common import arg_dir, ids
+from meshray.common.fence import LeaseFence
 from meshray.node import actors as actor_states
 from meshray.node import pipelining
 from meshray.node.actor_hosting import ActorHosting
@@ -27,9 +27,8 @@ from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
-from meshray.node.fence import LeaseFence
 from meshray.node.liveness import PeerLiveness
-from meshray.node.objects import ObjectDirectory
+from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node.tasks import TaskQueue, TaskRecord
@@ -127,10 +126,6 @@ def env_key_for(env_vars: dict) -> str:
         return DEFAULT_ENV_KEY
     blob = json.dumps(env_vars, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
-    return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
 
 
 class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
@@ -540,7 +535,6 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             self._fail(task, error)
         elif task.state == "running":
             if force:
-                task.force_cancelled = True
                 self.pool.kill(task.worker)
             else:
                 task.worker.conn.send(pb.ServerEvent(kill=pb.KillTask(task_id=task.task_id)))
@@ -580,7 +574,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._apply(self.objects.drop_connection(conn.conn_id))
         if conn.pid:
             # Actor-call argument files this process can no longer release.
-            arg_files.sweep_process(self.store_dir, conn.pid, conn.worker_id)
+            arg_dir.sweep_process(self.store_dir, conn.pid, conn.worker_id)
         for entry in list(self.actors.values()):
             if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
                 self._kill_actor(entry, no_restart=True, cause=(

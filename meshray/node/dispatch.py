@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from meshray.core import ids
+from meshray.common import ids
 from meshray.node import pipelining
 from meshray.node.task_lifecycle import TaskState, move
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -109,7 +109,6 @@ class TaskDispatch:
         task.started_at = time.monotonic()
         worker.current_task = task
         if task.actor is not None:
-            worker.dedicated = True
             worker.actor = task.actor
             task.actor.worker, task.actor.pid = worker, worker.pid
         self._send_execute(task, worker)

@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import pickle
 import sys
 import time
@@ -92,7 +93,7 @@ class EnvSetup:
                                                     base_python=sys.executable)))
             log.info("runtime env %s ready in %.3fs", key, time.monotonic() - started)
             for resolved in resolved_list:
-                spec = launch_spec(resolved, sys.executable, base_environ=None)
+                spec = launch_spec(resolved, sys.executable, base_environ=os.environ)
                 extra = {**task.worker_env, **spec.env}
                 worker = self.pool.start(self._new_worker_id(), key, extra, python=spec.python,
                                          cwd=spec.cwd)

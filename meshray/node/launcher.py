@@ -128,8 +128,13 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                env: dict | None = None, prestart_workers: int | None = None,
                tls=None, etcd_options: dict | None = None,
                advertise_host: str = "") -> NodeProcess:
+    from meshray import security
+
     if not embedded_etcd and not etcd:
         raise ValueError("start_node needs etcd endpoints or embedded_etcd=True")
+    source_env = os.environ if env is None else env
+    if not token:
+        token = security.resolve_token(environ=source_env)
     owns = session_dir is None
     session_dir = session_dir or tempfile.mkdtemp(prefix="meshray-")
     ready_r, ready_w = os.pipe()
@@ -157,9 +162,9 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
         parent_r, parent_w = os.pipe()
         pass_fds.append(parent_r)
         args += ["--parent-fd", str(parent_r)]
-    child_env = dict(os.environ if env is None else env)
-    if token:
-        child_env["MESHRAY_TOKEN"] = token
+    # The daemon gets the token on a pipe, not in its environment, which its
+    # workers, etcd and runtime-env installers would otherwise inherit.
+    child_env = security.environment_without_token(source_env)
     if tls is not None:      # a meshray.rpc.tls.TlsConfig; workers inherit it too
         child_env.update(tls.to_env())
     if etcd_options:
@@ -167,10 +172,18 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
         child_env.update(etcd_options_to_env(etcd_options, token=token))
     # The daemon logs to its session dir; its own stdout/stderr must not hold
     # the caller's pipes open (a detached `meshray start` would never "finish").
-    with open(os.path.join(session_dir, "node.stderr"), "ab") as stderr_file:
-        process = subprocess.Popen(args, pass_fds=pass_fds, env=child_env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=stderr_file, start_new_session=True)
+    token_fd = security.token_pipe(token) if token else None
+    if token_fd is not None:
+        pass_fds.append(token_fd)
+        child_env[security.TOKEN_FD_ENV] = str(token_fd)
+    try:
+        with open(os.path.join(session_dir, "node.stderr"), "ab") as stderr_file:
+            process = subprocess.Popen(args, pass_fds=pass_fds, env=child_env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=stderr_file, start_new_session=True)
+    finally:
+        if token_fd is not None:
+            os.close(token_fd)
     os.close(ready_w)
     if tie_to_parent:
         os.close(parent_r)

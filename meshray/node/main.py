@@ -78,18 +78,24 @@ def node_resources(args, gpus) -> dict:
 
 
 async def _run(args) -> int:
+    import psutil
+
+    from meshray import security
     from meshray.accelerators.nvidia import detect_gpus
-    from meshray.core import ids
+    from meshray.common import ids
     from meshray.node import registry
     from meshray.node.daemon import NodeConfig, NodeDaemon
     from meshray.node.membership import Membership
 
     loop = asyncio.get_running_loop()
-    os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
+    # Refuse a run dir someone else controls before starting anything; the
+    # record written there at the end of startup is what `meshray stop` and
+    # init(address="auto") act on.
+    registry.run_dir()
+    token = security.process_token()          # the launcher's pipe, else MESHRAY_TOKEN(_FILE)
+    security.forget_token_environment()       # nothing we start (etcd, workers) inherits it
     node_id = bytes.fromhex(args.node_id) if args.node_id else ids.new_id()
-    from meshray import security
     from meshray.rpc.tls import TlsConfig
-    token = security.resolve_token()          # MESHRAY_TOKEN / MESHRAY_TOKEN_FILE
     tls = TlsConfig.from_env()                # fail fast on bad MESHRAY_TLS_*
     supervisor = etcd_started = None
     endpoints = [e for e in args.etcd.split(",") if e]
@@ -152,6 +158,7 @@ async def _run(args) -> int:
         "embedded_etcd": supervisor is not None,
         "etcd_pid": supervisor.etcd.pid if supervisor else None,
         "started_at": time.time(), "store_dir": daemon.store_dir,
+        "create_time": psutil.Process().create_time(),
     }
     registry.write_record(node_id.hex(), record)
     if supervisor is not None:
@@ -210,13 +217,21 @@ def _embedded_etcd(session_dir: str, token: str | None):
 
 
 def main(argv=None) -> int:
+    from meshray.common.private_files import open_private_dir
+
     args = _parse(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.session_dir, mode=0o700, exist_ok=True)
+    # The token, TLS settings, sockets and logs go here: it must be ours alone.
+    os.close(open_private_dir(args.session_dir, what="session dir"))
     logging.basicConfig(
         level=os.environ.get("MESHRAY_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         filename=os.path.join(args.session_dir, "node.log"),
     )
+    from meshray.rpc.limits import raise_nofile_limit
+    before, after = raise_nofile_limit()      # workers inherit the raised limit
+    if after != before:
+        log.info("raised the open-file limit from %d to %d", before, after)
     return asyncio.run(_run(args))
 
 

@@ -307,7 +307,7 @@ class Membership:
 
         An etcd that cannot be reached is not a lost lease: the keeper keeps
         trying, the fence lapses meanwhile (actors a peer could replace
-        refuse calls: node/fence.py), and the node carries on as the same
+        refuse calls: common/fence.py), and the node carries on as the same
         member if the lease turns out alive.
         """
         failing_since = None

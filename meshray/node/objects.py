@@ -12,9 +12,22 @@ An object stays alive while anything holds it:
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 
-__all__ = ["ObjectDirectory", "ObjectEntry", "Effects"]
+from meshray.rpc.generated import meshray_pb2 as pb
+
+__all__ = ["ObjectDirectory", "ObjectEntry", "Effects", "error_value", "error_of"]
+
+
+def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
+    """The value of an object whose task failed: reading it raises `error`."""
+    return pb.ObjectValue(object_id=object_id, inline_data=pickle.dumps(error), is_error=True)
+
+
+def error_of(value: pb.ObjectValue) -> BaseException:
+    """The exception an error value (``is_error``) holds."""
+    return pickle.loads(value.inline_data)
 
 
 @dataclass

@@ -31,7 +31,6 @@ class TaskRecord:
     acquired: bool = False
     cpu_lent: bool = False            # CPU handed back while blocked in get()
     cancelled: bool = False
-    force_cancelled: bool = False
     retries_left: int = 0
     infeasible_reported: bool = False
     children: set = field(default_factory=set)

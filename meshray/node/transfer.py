@@ -40,6 +40,7 @@ import grpc
 import tenacity
 
 from meshray import exceptions
+from meshray.node.objects import error_of, error_value
 from meshray.object_store import layout
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -167,7 +168,6 @@ class ObjectTransfer:
         try:
             return {"path": await asyncio.shield(pending)}
         except exceptions.RayError as exc:
-            from meshray.node.daemon import error_value
             return {"error_value": base64.b64encode(
                 error_value(object_id, exc).inline_data).decode()}
 
@@ -179,8 +179,7 @@ class ObjectTransfer:
             except _NoLiveCopy as gone:
                 value = await self._rebuilt_value(object_id, gone.tried)
                 if value.is_error:
-                    from meshray.core import serialization
-                    raise serialization.deserialize_inline(value.inline_data)
+                    raise error_of(value)
                 if self.store.contains(object_id):
                     path = self.store.ensure_in_memory(object_id)
                 else:

@@ -17,15 +17,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from meshray.node.fence import FENCE_ENV
+from meshray import security
+from meshray.common.fence import FENCE_ENV
+from meshray.common.worker_output import parse_context_line
 
-__all__ = ["WorkerProcess", "WorkerPool", "CONTEXT_MARKER", "describe_exit", "wait_for_exit"]
+__all__ = ["WorkerProcess", "WorkerPool", "describe_exit", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
-
-# A worker writes this marker (then job id hex and task name) on stdout and
-# stderr before running each task, so the daemon knows whose output follows.
-CONTEXT_MARKER = "\x1emeshray-ctx\x1f"
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -67,7 +65,6 @@ class WorkerProcess:
     pipeline: deque = field(default_factory=deque)   # short tasks sent to run next
     functions_sent: set = field(default_factory=set)
     idle_since: float = 0.0
-    dedicated: bool = False          # hosts an actor: never returns to the pool
     actor: object = None             # its ActorEntry
     resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""
@@ -99,23 +96,30 @@ class WorkerPool:
 
     def start(self, worker_id: bytes, env_key: str, extra_env: dict[str, str], *,
               python: str | None = None, cwd: str | None = None) -> WorkerProcess:
-        env = dict(os.environ)
-        env.update(extra_env)
+        # No token in a worker's environment (task code and every process it
+        # starts would inherit it): it arrives on a pipe the worker reads once.
+        env = security.environment_without_token({**os.environ, **extra_env})
         env["MESHRAY_DAEMON_ADDRESS"] = self._daemon_address
         env["MESHRAY_WORKER_ID"] = worker_id.hex()
         env["MESHRAY_SESSION_DIR"] = self._session_dir
         env["PYTHONUNBUFFERED"] = "1"
         env["MESHRAY_NODE_HOST"] = self._node_host            # actor servers bind here
         env["MESHRAY_ADVERTISE_HOST"] = self._advertise_host  # and are dialled here
-        if self._token:
-            env["MESHRAY_TOKEN"] = self._token
         if self._fence_path:
             env[FENCE_ENV] = self._fence_path   # actors refuse calls once it lapses
-        process = subprocess.Popen(
-            [python or sys.executable, "-m", "meshray.core.worker_main"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, close_fds=True, cwd=cwd,
-        )
+        token_fd = security.token_pipe(self._token) if self._token else None
+        if token_fd is not None:
+            env[security.TOKEN_FD_ENV] = str(token_fd)
+        try:
+            process = subprocess.Popen(
+                [python or sys.executable, "-m", "meshray.core.worker_main"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, close_fds=True, cwd=cwd,
+                pass_fds=() if token_fd is None else (token_fd,),
+            )
+        finally:
+            if token_fd is not None:
+                os.close(token_fd)
         worker = WorkerProcess(worker_id, env_key, process)
         self.by_id[worker_id] = worker
         self.starting[env_key] = self.starting.get(env_key, 0) + 1
@@ -141,9 +145,9 @@ class WorkerPool:
         stream._meshray_partial = rest
         for raw in lines:
             line = raw.decode(errors="replace")
-            if line.startswith(CONTEXT_MARKER):
-                job_hex, _, name = line[len(CONTEXT_MARKER):].partition(" ")
-                worker.job_hex, worker.task_name = job_hex, name
+            context = parse_context_line(line)
+            if context is not None:
+                worker.job_hex, worker.task_name = context
                 continue
             self._on_output(worker, line, is_err)
 
@@ -191,9 +195,6 @@ class WorkerPool:
                 os.kill(worker.pid, sig)
             except ProcessLookupError:
                 pass
-
-    def idle_count(self, env_key: str) -> int:
-        return len(self.idle.get(env_key, ()))
 
     def stop_all(self, timeout: float = 3.0) -> None:
         """Terminate every worker we started, by pid, and reap them."""

@@ -2,8 +2,8 @@
 few transactions (:func:`create_placement_groups`, planned by the pure
 :func:`plan_create_chunk`), with the request checks that feed them.
 
-Split out of ``reservation.py``, which re-exports these names; its docstring
-has the transaction design.
+``reservation.py``, the module the daemon imports, offers these names and
+describes the transaction design.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 First placement and re-placement after a node loss share one path
 (:func:`try_place`, :func:`reschedule`); :func:`try_place_pending` places
 every group that waits and also frees reservations an interrupted removal
-left behind (:func:`collect_garbage`). Split out of ``reservation.py``,
-which re-exports these names; its docstring has the transaction design.
+left behind (:func:`collect_garbage`). ``reservation.py``, the module the
+daemon imports, offers these names and describes the transaction design.
 """
 from __future__ import annotations
 

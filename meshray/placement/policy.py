@@ -46,6 +46,7 @@ __all__ = [
     "place_bundles",
     "BatchPlacer",
     "validate_request_fits_bundle",
+    "check_placement_group_index",
     "responsible_node",
 ]
 
@@ -477,6 +478,22 @@ def validate_request_fits_bundle(pg_record_or_bundles: Any, bundle_index: int,
     raise ValueError(
         f"Cannot schedule the request {request.to_dict()} with the placement group: it does "
         f"not fit {where} ({shown}). Ask for less, or create the group with bigger bundles.")
+
+
+def check_placement_group_index(placement_group: Any, bundle_index: int) -> None:
+    """ValueError unless ``bundle_index`` names a bundle of the group (or is
+    -1, any bundle). ``placement_group`` is a handle (``is_empty``,
+    ``bundle_count``) or None."""
+    if placement_group is None or placement_group.is_empty:
+        if bundle_index != -1:
+            raise ValueError("If placement group is not set, the value of bundle index must "
+                             "be -1.")
+        return
+    count = placement_group.bundle_count
+    if isinstance(bundle_index, bool) or not isinstance(bundle_index, int) or \
+            not -1 <= bundle_index < count:
+        raise ValueError(f"placement group bundle index {bundle_index!r} is invalid. Valid "
+                         f"placement group indexes: 0-{count - 1} (or -1 for any)")
 
 
 def responsible_node(pg_id: str, live_node_ids: Iterable[str]) -> Optional[str]:

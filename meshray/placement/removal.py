@@ -5,8 +5,8 @@ and the sweeps that call them: a job's groups when it ends
 (:func:`remove_job_groups`) and orphans whose creator is gone
 (:func:`sweep_orphans`).
 
-Split out of ``reservation.py``, which re-exports these names; its docstring
-has the transaction design.
+``reservation.py``, the module the daemon imports, offers these names and
+describes the transaction design.
 """
 from __future__ import annotations
 

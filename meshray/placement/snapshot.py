@@ -4,9 +4,9 @@ they all share.
 Reading: the nodes, reservations and availability hints (:class:`Snapshot`)
 and the group records, read from etcd. Shared: the record and alloc
 encoders, the retry backoff and the batch retry limit used by
-:mod:`.placing`, :mod:`.creation` and :mod:`.removal`. Split out of
-``reservation.py`` (which re-exports the public names; its docstring has the
-transaction design).
+:mod:`.placing`, :mod:`.creation` and :mod:`.removal`, which all build on
+this module. ``reservation.py`` offers the public names and describes the
+transaction design.
 """
 from __future__ import annotations
 

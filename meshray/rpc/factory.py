@@ -29,6 +29,7 @@ import time
 import grpc
 import grpc.aio
 
+from meshray.rpc import limits
 from meshray.rpc.auth import ProofChecker
 from meshray.rpc.gate import AioGate, SyncGate, SyncProofs, aio_proofs
 from meshray.rpc.tls import TLS_FROM_ENV, TlsConfig, resolve_tls
@@ -508,8 +509,9 @@ def make_aio_server(bind: list[str], *, token: str | None,
     interceptors = [AioGate(checker)] if checker else []
     if _failpoints_wanted():     # chaos testing only; see "failpoints" above
         interceptors.append(_AioFailpoints(_Failpoints()))
-    server = grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
-    return server, _bound(server, checker, _bind_all(server, bind, tls))
+    server = grpc.aio.server(interceptors=interceptors,
+                             options=_SERVER_OPTIONS + limits.server_options())
+    return server, limits.watch(_bound(server, checker, _bind_all(server, bind, tls)))
 
 
 def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
@@ -530,8 +532,9 @@ def make_server(bind: list[str], *, token: str | None, max_workers: int = 64,
         interceptors.append(_SyncFailpoints(_Failpoints()))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="meshray-rpc"),
-                         interceptors=interceptors, options=_SERVER_OPTIONS)
-    return server, _bound(server, checker, _bind_all(server, bind, tls))
+                         interceptors=interceptors,
+                         options=_SERVER_OPTIONS + limits.server_options())
+    return server, limits.watch(_bound(server, checker, _bind_all(server, bind, tls)))
 
 
 def _bound(server, checker: ProofChecker | None, bound: list[str]) -> list[str]:

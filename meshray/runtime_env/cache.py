@@ -56,8 +56,10 @@ def default_cache_root() -> str:
     """Per machine and user, outside any session dir: envs outlive one cluster session."""
     if os.environ.get(CACHE_DIR_ENV):
         return os.environ[CACHE_DIR_ENV]
-    run_dir = os.environ.get("MESHRAY_RUN_DIR") or f"/tmp/meshray-run-{os.getuid()}"
-    return os.path.join(run_dir, "runtime_env")
+    # Code is unpacked and run from here: the run dir is used only once it
+    # has passed the ownership checks (a planted one raises).
+    from meshray.common.private_files import checked_run_dir
+    return os.path.join(checked_run_dir(), "runtime_env")
 
 
 def default_cache_bytes() -> int:

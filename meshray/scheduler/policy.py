@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from meshray.scheduler.resources import UNIT_SCALE, ResourceSet
-from meshray.util.scheduling_strategies import (
+from meshray.scheduler.strategies import (
     NodeAffinitySchedulingStrategy,
     NodeLabelSchedulingStrategy,
     PlacementGroupSchedulingStrategy,

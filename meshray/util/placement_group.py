@@ -28,7 +28,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from meshray.core import state as state_mod
-from meshray.placement.policy import validate_request_fits_bundle
+from meshray.placement.policy import check_placement_group_index, validate_request_fits_bundle
 from meshray.placement.records import (
     CREATED,
     REMOVED,
@@ -37,7 +37,7 @@ from meshray.placement.records import (
     table_entry,
     validate_placement_group_args,
 )
-from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from meshray.scheduler.strategies import PlacementGroupSchedulingStrategy
 
 __all__ = [
     "PlacementGroup",
@@ -64,8 +64,7 @@ _FLUSH_TIMEOUT_S = 5.0
 
 
 def _core():
-    from meshray._api import _ensure_core  # late: meshray imports this module's package
-    return _ensure_core()
+    return state_mod.ensure_core()
 
 
 def _request(method: str, payload: Dict[str, Any], timeout: float = _REQUEST_TIMEOUT_S):
@@ -428,19 +427,3 @@ def get_current_placement_group() -> Optional[PlacementGroup]:
     if not isinstance(pg, PlacementGroup) or pg.is_empty:
         return None
     return pg
-
-
-def check_placement_group_index(placement_group: Optional[PlacementGroup],
-                                bundle_index: int) -> None:
-    """ValueError unless ``bundle_index`` names a bundle of the group (or is
-    -1, any bundle)."""
-    if placement_group is None or placement_group.is_empty:
-        if bundle_index != -1:
-            raise ValueError("If placement group is not set, the value of bundle index must "
-                             "be -1.")
-        return
-    count = placement_group.bundle_count
-    if isinstance(bundle_index, bool) or not isinstance(bundle_index, int) or \
-            not -1 <= bundle_index < count:
-        raise ValueError(f"placement group bundle index {bundle_index!r} is invalid. Valid "
-                         f"placement group indexes: 0-{count - 1} (or -1 for any)")

@@ -15,6 +15,7 @@ import cloudpickle
 import numpy as np
 import pytest
 
+from meshray.common import arg_dir
 from meshray.core import arg_files
 from tests.helpers import wait_for
 
@@ -33,7 +34,7 @@ def _core():
 
 def _files(prefix: str = "") -> list:
     try:
-        names = os.listdir(arg_files.args_dir(_core().store_dir))
+        names = os.listdir(arg_dir.args_dir(_core().store_dir))
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.startswith(prefix))
@@ -139,7 +140,7 @@ def test_no_arg_files_left_behind(ray, inspector):
     ray.get([inspector.describe.remote(array) for _ in range(40)])
     # Every file of a finished call is gone or pooled for reuse by this process.
     assert set(_files()) == _pooled()
-    assert sum(os.path.getsize(os.path.join(arg_files.args_dir(_core().store_dir), n))
+    assert sum(os.path.getsize(os.path.join(arg_dir.args_dir(_core().store_dir), n))
                for n in _files()) <= arg_files.POOL_BYTES
     # An argument the actor keeps: its file is removed (never overwritten)
     # and the actor's copy stays intact while this process writes new files.

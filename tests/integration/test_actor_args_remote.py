@@ -8,7 +8,7 @@ import sys
 import cloudpickle
 import numpy as np
 
-from meshray.core import arg_files
+from meshray.common import arg_dir
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -44,5 +44,5 @@ def test_large_args_to_an_actor_on_another_node(cluster):
                        for a in arrays]
     # Nothing was written to this node's shared memory for them.
     from meshray.core.state import state
-    args = arg_files.args_dir(state.core.store_dir)
+    args = arg_dir.args_dir(state.core.store_dir)
     assert not os.path.isdir(args) or os.listdir(args) == []

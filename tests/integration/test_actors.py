@@ -399,9 +399,9 @@ os.kill(os.getpid(), 9)
         listing = subprocess.run([sys.executable, "-m", "meshray.cli.main", "list", "actors"],
                                  capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
         assert listing.returncode == 0, listing.stderr
-        survivor_line = next(l for l in listing.stdout.splitlines() if "life/survivor" in l)
+        survivor_line = next(line for line in listing.stdout.splitlines() if "life/survivor" in line)
         assert "DEAD" in survivor_line and "meshray.kill()" in survivor_line
-        assert any("DEAD" in l and "owner" in l for l in listing.stdout.splitlines())
+        assert any("DEAD" in line and "owner" in line for line in listing.stdout.splitlines())
     finally:
         subprocess.run([sys.executable, "-m", "meshray.cli.main", "stop"], capture_output=True,
                        cwd=REPO, timeout=60, env=env)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from meshray.core import actor_client
-from meshray.node.fence import LeaseFence
+from meshray.common.fence import LeaseFence
 from meshray.testing import Cluster
 from tests.helpers import wait_for
 

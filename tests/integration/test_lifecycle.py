@@ -83,9 +83,40 @@ ray.shutdown()
 """
     result = run_driver(code)
     assert result.returncode == 0, result.stderr
-    lines = [l for l in result.stdout.splitlines() if "hello from the task" in l]
+    lines = [line for line in result.stdout.splitlines() if "hello from the task" in line]
     assert lines, result.stdout
     assert lines[0].startswith("(speak pid=")
+
+
+def test_first_use_without_init_starts_a_cluster():
+    # Tasks, actors and placement groups each connect on first use (Ray's
+    # rule) through the hook the public API registers with core.state.
+    code = """
+import meshray as ray
+from meshray.util.placement_group import placement_group
+
+@ray.remote
+def add_one(x):
+    return x + 1
+
+@ray.remote
+class Seven:
+    def value(self):
+        return 7
+
+assert not ray.is_initialized()
+print("task", ray.get(add_one.remote(1)))
+ray.shutdown()
+assert not ray.is_initialized()
+print("actor", ray.get(Seven.remote().value.remote()))
+ray.shutdown()
+assert not ray.is_initialized()
+print("group", placement_group([{"CPU": 1}]).wait(60))
+ray.shutdown()
+"""
+    result = run_driver(code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["task", "2", "actor", "7", "group", "True"], result.stdout
 
 
 def test_log_to_driver_false_silences_workers():

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import importlib
-
-import os
 import sys
 import time
 

@@ -50,7 +50,7 @@ def test_strict_spread_across_nodes_and_rescheduling_after_node_death(cluster):
 
 
 def test_group_placed_when_capacity_appears(cluster):
-    ray = cluster.connect()
+    cluster.connect()
     api, _ = _pg_api()
     pg = api.placement_group([{"CPU": 2}])
     assert pg.wait(timeout_seconds=1) is False

@@ -1,15 +1,14 @@
-"""Argument files for large actor-call arguments (meshray/core/arg_files.py)."""
+"""Argument files for large actor-call arguments (meshray/core/arg_files.py, meshray/common/arg_dir.py)."""
 from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 
+from meshray.common import arg_dir
 from meshray.core import arg_files
 from meshray.object_store import layout
 
@@ -29,7 +28,7 @@ def store(tmp_path, monkeypatch):
 
 
 def _names(store):
-    return sorted(os.listdir(arg_files.args_dir(store)))
+    return sorted(os.listdir(arg_dir.args_dir(store)))
 
 
 def test_write_map_and_release(store):
@@ -84,23 +83,12 @@ def test_drop_pool(store):
 def test_sweep_process_by_worker(store):
     mine = arg_files.write(store, OWNER, *_image(b"a" * 1000))
     other = arg_files.write(store, b"\xff" * 16, *_image(b"b" * 1000))
-    assert arg_files.sweep_process(store, os.getpid(), OWNER) == 1
+    assert arg_dir.sweep_process(store, os.getpid(), OWNER) == 1
     assert _names(store) == [other]
-    assert arg_files.sweep_process(store, os.getpid()) == 1
+    assert arg_dir.sweep_process(store, os.getpid()) == 1
     assert _names(store) == []
     assert mine
-    assert arg_files.sweep_process(str(os.path.join(store, "missing")), 1) == 0
-
-
-def test_sweep_dead(store):
-    os.makedirs(arg_files.args_dir(store), exist_ok=True)
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    dead = os.path.join(arg_files.args_dir(store), f"{child.pid}-{OWNER.hex()}-1")
-    open(dead, "wb").close()
-    alive = arg_files.write(store, OWNER, *_image(b"c" * 1000))
-    assert arg_files.sweep_dead(store) == 1
-    assert _names(store) == [alive]
+    assert arg_dir.sweep_process(str(os.path.join(store, "missing")), 1) == 0
 
 
 def test_map_rejects_names_outside_the_directory(store):
@@ -127,7 +115,7 @@ def test_connection_sends_a_file_inline_when_the_actor_moved(store):
     core = types.SimpleNamespace(store_dir=store, worker_id=OWNER)
     connection = ActorConnection(core, b"a" * 16)
     name = arg_files.write(store, OWNER, *_image(((np.ones(70_000),), {})))
-    with open(os.path.join(arg_files.args_dir(store), name), "rb") as handle:
+    with open(os.path.join(arg_dir.args_dir(store), name), "rb") as handle:
         image = handle.read()
     spec = pb.TaskSpec(task_id=b"t", args_image=True, args_file=name)
     call = PendingCall(spec, [], [], 0, arg_file=name)

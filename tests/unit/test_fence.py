@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 
-from meshray.node.fence import FENCE_ENV, LeaseFence, fence_applies
+from meshray.common.fence import FENCE_ENV, LeaseFence, fence_applies
 
 
 def test_a_new_fence_is_open_until_the_first_registration(tmp_path):

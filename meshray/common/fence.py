@@ -1,6 +1,6 @@
 """The node's lease deadline, shared with its workers through one mapped page.
 
-A node is a member only while its etcd lease lives (DESIGN.md §2). A node
+A node is a member only while its etcd lease lives. A node
 that was paused or cut off past its lease has been declared dead: its peers
 retried its tasks and restarted its actors elsewhere. When it resumes, its
 own lease keeper needs a round trip to etcd to learn that -- and meanwhile
