@@ -22,7 +22,7 @@ import pytest
 from meshray.rpc.factory import make_channel
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from tests.conftest import REPO, wait_for
+from tests.helpers import REPO, wait_for
 
 FLOOD = 3000
 LIMIT = 1024

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from meshray import security
-from tests.conftest import REPO, run_driver, wait_for
+from tests.helpers import REPO, run_driver, wait_for
 
 OTHER_UID = 65534
 ME = os.getuid()
