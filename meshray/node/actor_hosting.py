@@ -95,7 +95,7 @@ class ActorHosting:
         self._enqueue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
-        actor_states.apply(entry, event, detail)
+        self._apply_actor(entry, event, detail)
         if entry.state == actor_states.DEAD:
             entry.address = ""
             self._release_actor_name(entry)
@@ -113,7 +113,7 @@ class ActorHosting:
                     "cause": cause}).encode())))
             if no_restart:
                 entry.no_restart = True
-                actor_states.apply(entry, "killed", cause)
+                self._apply_actor(entry, "killed", cause)
                 entry.wake()
             return
         entry.no_restart = entry.no_restart or no_restart

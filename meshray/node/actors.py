@@ -162,12 +162,16 @@ def restarts_left(entry: ActorEntry) -> bool:
     return entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts
 
 
-def apply(entry: ActorEntry, event: str, detail: str = "") -> ActorState:
-    """Move `entry` to its state after `event` -- the only writer of it."""
+def apply(entry: ActorEntry, event: str, detail: str = "", log=None) -> ActorState:
+    """Move `entry` to its state after `event` -- the only writer of it
+    (recorded in the node's event `log` too, when given)."""
     new = transition(entry, event, detail)
     if new not in ACTOR_TRANSITIONS[entry.state]:
         raise InvalidActorTransition(entry, new, event)
-    entry.story.append((entry.state, new, f"{event}: {detail}" if detail else event))
+    cause = f"{event}: {detail}" if detail else event
+    entry.story.append((entry.state, new, cause))
+    if log is not None:
+        log.record("actor", entry.actor_id, entry.state, new, cause)
     entry.state = new
     return new
 

@@ -77,11 +77,12 @@ class TaskRecord:
 class TaskQueue:
     """Queued tasks, FIFO within each scheduling class."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         self._classes: "OrderedDict[tuple, deque]" = OrderedDict()
+        self._log = log          # the node's event log: queueing is a recorded move
 
     def push(self, task: TaskRecord, cause: str) -> None:
-        move(task, TaskState.QUEUED, cause)
+        move(task, TaskState.QUEUED, cause, self._log)
         self._classes.setdefault(task.sched_class, deque()).append(task)
 
     def heads(self):
