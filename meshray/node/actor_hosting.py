@@ -78,16 +78,12 @@ class ActorHosting:
 
     def _restart_actor(self, entry: ActorEntry, old_task) -> None:
         from meshray.node.tasks import TaskRecord
-        from meshray.scheduler.resources import ResourceSet
 
         spec = pb.TaskSpec()
         spec.CopyFrom(entry.spec)
         spec.attempt += 1
-        task = TaskRecord(spec=spec, owner=entry.owner, return_ids=[],
-                          request=ResourceSet.from_dict(dict(spec.resources)),
-                          env_key=self._env_key(spec),
-                          env_vars=dict(spec.env_vars), retries_left=0,
-                          hold=ResourceSet.from_dict(dict(spec.held_resources)), actor=entry)
+        task = TaskRecord.from_spec(spec, entry.owner, self._env_key(spec), return_ids=[],
+                                    actor=entry)
         if entry.bundle_task is not None:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None

@@ -73,6 +73,11 @@ class ActorEntry:
     owner_node: str = ""                # set when the actor was created for another node
     remote_node: str = ""               # set on the creating node when it runs elsewhere
 
+    @classmethod
+    def from_spec(cls, spec, owner) -> "ActorEntry":
+        """The one way a node makes an actor entry: from its creation task's spec."""
+        return cls(spec.actor_id, spec, owner, json.loads(spec.actor_options or b"{}"))
+
     @property
     def hold(self):
         from meshray.scheduler.resources import ResourceSet

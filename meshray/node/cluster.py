@@ -380,20 +380,15 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 verdict.reason = "function bytes were not shipped"
             else:
                 owner = RemoteOwner(origin)
-                env_vars = dict(spec.env_vars)
-                task = TaskRecord(spec=spec, owner=owner, return_ids=self._return_ids(spec),
-                                  request=request, env_key=self._env_key(spec),
-                                  env_vars=env_vars, retries_left=spec.max_retries)
+                task = TaskRecord.from_spec(spec, owner, self._env_key(spec),
+                                            return_ids=self._return_ids(spec))
                 task.remote_args = list(msg.args)
                 if not self._bind_bundle(task):
                     verdict.reason = "its placement-group bundle is not reserved on this node"
                     self._send_peer(origin, pb.PeerEvent(verdict=verdict))
                     return
                 if spec.actor_creation:
-                    task.hold = ResourceSet.from_dict(dict(spec.held_resources))
-                    task.retries_left = 0
-                    entry = ActorEntry(spec.actor_id, spec, owner,
-                                       json.loads(spec.actor_options or b"{}"))
+                    entry = ActorEntry.from_spec(spec, owner)
                     entry.owner_node = origin
                     task.actor = entry
                 # Accept only what we can start now: resources are taken at

@@ -328,16 +328,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
     def _on_submit(self, conn: Connection, msg: pb.SubmitTask) -> None:
         spec = msg.spec
         return_ids = self._return_ids(spec)
-        env_vars = dict(spec.env_vars)
-        task = TaskRecord(spec=spec, owner=conn, return_ids=return_ids,
-                          request=ResourceSet.from_dict(dict(spec.resources)),
-                          env_key=self._env_key(spec), env_vars=env_vars,
-                          retries_left=spec.max_retries)
+        task = TaskRecord.from_spec(spec, conn, self._env_key(spec), return_ids=return_ids)
         if spec.actor_creation:
-            task.hold = ResourceSet.from_dict(dict(spec.held_resources))
-            task.retries_left = 0
-            entry = ActorEntry(spec.actor_id, spec, conn, json.loads(spec.actor_options or b"{}"))
-            task.actor = entry
+            entry = task.actor = ActorEntry.from_spec(spec, conn)
             self.actors[spec.actor_id] = entry
             self._publish_actor(entry)
         self.tasks[spec.task_id] = task
