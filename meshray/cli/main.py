@@ -182,6 +182,29 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_dump_events(args) -> int:
+    """Write the event log of the node this command attaches to, as JSON lines."""
+    if args.last is not None and args.last < 0:
+        print(f"meshray debug dump-events: --last={args.last} must be >= 0", file=sys.stderr)
+        return 2
+    meshray = _connect(args.address)
+    try:
+        from meshray.core.state import state
+        dump = state.core.request("dump_events", {} if args.last is None else {"last": args.last})
+    finally:
+        meshray.shutdown()
+    lines = [json.dumps(event, sort_keys=True) for event in dump["events"]]
+    text = "\n".join(lines) + ("\n" if lines else "")
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
+    print(f"node {dump['node_id']}: {len(lines)} event(s) written "
+          f"({dump['recorded']} recorded, the last {dump['capacity']} kept)", file=sys.stderr)
+    return 0
+
+
 def _cmd_etcd_credentials(args) -> int:
     """Print the etcd login a cluster's members derive from its token, so an
     operator can create that user in an etcd they run themselves."""
@@ -254,6 +277,15 @@ def main(argv=None) -> int:
     listing.add_argument("--address")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=_cmd_list)
+
+    debug = commands.add_parser("debug", help="debugging aids").add_subparsers(
+        dest="debug_command", required=True)
+    dump = debug.add_parser("dump-events", help="write a node's recent lifecycle events "
+                            "(JSON lines: time, kind, id, from, to, cause)")
+    dump.add_argument("--address", help="cluster to attach to (default: auto)")
+    dump.add_argument("--last", type=int, help="only the last N events")
+    dump.add_argument("--output", "-o", help="file to write (default: stdout)")
+    dump.set_defaults(func=_cmd_dump_events)
 
     credentials = commands.add_parser(
         "etcd-credentials",

@@ -78,16 +78,12 @@ class ActorHosting:
 
     def _restart_actor(self, entry: ActorEntry, old_task) -> None:
         from meshray.node.tasks import TaskRecord
-        from meshray.scheduler.resources import ResourceSet
 
         spec = pb.TaskSpec()
         spec.CopyFrom(entry.spec)
         spec.attempt += 1
-        task = TaskRecord(spec=spec, owner=entry.owner, return_ids=[],
-                          request=ResourceSet.from_dict(dict(spec.resources)),
-                          env_key=self._env_key(spec),
-                          env_vars=dict(spec.env_vars), retries_left=0,
-                          hold=ResourceSet.from_dict(dict(spec.held_resources)), actor=entry)
+        task = TaskRecord.from_spec(spec, entry.owner, self._env_key(spec), return_ids=[],
+                                    actor=entry)
         if entry.bundle_task is not None:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None
@@ -95,7 +91,7 @@ class ActorHosting:
         self._enqueue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
-        actor_states.apply(entry, event, detail)
+        self._apply_actor(entry, event, detail)
         if entry.state == actor_states.DEAD:
             entry.address = ""
             self._release_actor_name(entry)
@@ -113,7 +109,7 @@ class ActorHosting:
                     "cause": cause}).encode())))
             if no_restart:
                 entry.no_restart = True
-                actor_states.apply(entry, "killed", cause)
+                self._apply_actor(entry, "killed", cause)
                 entry.wake()
             return
         entry.no_restart = entry.no_restart or no_restart

@@ -73,6 +73,11 @@ class ActorEntry:
     owner_node: str = ""                # set when the actor was created for another node
     remote_node: str = ""               # set on the creating node when it runs elsewhere
 
+    @classmethod
+    def from_spec(cls, spec, owner) -> "ActorEntry":
+        """The one way a node makes an actor entry: from its creation task's spec."""
+        return cls(spec.actor_id, spec, owner, json.loads(spec.actor_options or b"{}"))
+
     @property
     def hold(self):
         from meshray.scheduler.resources import ResourceSet
@@ -162,12 +167,16 @@ def restarts_left(entry: ActorEntry) -> bool:
     return entry.max_restarts == -1 or entry.num_restarts < entry.max_restarts
 
 
-def apply(entry: ActorEntry, event: str, detail: str = "") -> ActorState:
-    """Move `entry` to its state after `event` -- the only writer of it."""
+def apply(entry: ActorEntry, event: str, detail: str = "", log=None) -> ActorState:
+    """Move `entry` to its state after `event` -- the only writer of it
+    (recorded in the node's event `log` too, when given)."""
     new = transition(entry, event, detail)
     if new not in ACTOR_TRANSITIONS[entry.state]:
         raise InvalidActorTransition(entry, new, event)
-    entry.story.append((entry.state, new, f"{event}: {detail}" if detail else event))
+    cause = f"{event}: {detail}" if detail else event
+    entry.story.append((entry.state, new, cause))
+    if log is not None:
+        log.record("actor", entry.actor_id, entry.state, new, cause)
     entry.state = new
     return new
 

@@ -30,7 +30,7 @@ from meshray.node import actors as actor_states
 from meshray.node.peers import PeerLink
 from meshray.node.objects import error_value
 from meshray.node.placement_groups import pg_strategy
-from meshray.node.task_lifecycle import TaskState, move, take_retry
+from meshray.node.task_lifecycle import TaskState, take_retry
 from meshray.node.tasks import infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -257,7 +257,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 f"{decision.reason}"))
         else:  # infeasible
             self._report_infeasible(task, getattr(decision, "reason", ""))
-            move(task, TaskState.INFEASIBLE, "fits no node in the view")
+            self._move(task, TaskState.INFEASIBLE, "fits no node in the view")
             self.infeasible.append(task)
 
     def _report_infeasible(self, task, reason: str) -> None:
@@ -272,7 +272,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         for task in waiting:
             if not task.cancelled:
                 task.refused_by.clear()
-                move(task, TaskState.WAITING, "placed again: the cluster view changed")
+                self._move(task, TaskState.WAITING, "placed again: the cluster view changed")
                 self._place_or_queue(task)
         self._offer_queued()
 
@@ -314,7 +314,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             for object_id in spec.arg_ref_ids:
                 value = self.objects.get(object_id)
                 event.args.append(self._exportable(value))
-            move(task, TaskState.SPILLED, f"offered to node {node_hex}")
+            self._move(task, TaskState.SPILLED, f"offered to node {node_hex}")
             task.remote_node = node_hex
             task.spill_candidates = candidates
             self.offered.setdefault(node_hex, {})[spec.task_id] = task.request.to_dict()
@@ -380,20 +380,15 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 verdict.reason = "function bytes were not shipped"
             else:
                 owner = RemoteOwner(origin)
-                env_vars = dict(spec.env_vars)
-                task = TaskRecord(spec=spec, owner=owner, return_ids=self._return_ids(spec),
-                                  request=request, env_key=self._env_key(spec),
-                                  env_vars=env_vars, retries_left=spec.max_retries)
+                task = TaskRecord.from_spec(spec, owner, self._env_key(spec),
+                                            return_ids=self._return_ids(spec))
                 task.remote_args = list(msg.args)
                 if not self._bind_bundle(task):
                     verdict.reason = "its placement-group bundle is not reserved on this node"
                     self._send_peer(origin, pb.PeerEvent(verdict=verdict))
                     return
                 if spec.actor_creation:
-                    task.hold = ResourceSet.from_dict(dict(spec.held_resources))
-                    task.retries_left = 0
-                    entry = ActorEntry(spec.actor_id, spec, owner,
-                                       json.loads(spec.actor_options or b"{}"))
+                    entry = ActorEntry.from_spec(spec, owner)
                     entry.owner_node = origin
                     task.actor = entry
                 # Accept only what we can start now: resources are taken at
@@ -452,10 +447,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             entry.address = result.actor_address
             entry.remote_node = from_hex
             if result.failed:
-                actor_states.apply(entry, "init_failed",
+                self._apply_actor(entry, "init_failed",
                                    result.actor_error or "the actor's __init__ failed")
             else:
-                actor_states.apply(entry, "created", f"running on node {from_hex}")
+                self._apply_actor(entry, "created", f"running on node {from_hex}")
                 self.remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
             entry.wake()
         if any(v.in_store for v in result.returns):
@@ -717,7 +712,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             self._apply(self.objects.set_value(object_id, value))
 
     def _drop_task(self, task) -> None:
-        move(task, TaskState.DONE, "dropped: its owner's node died")
+        self._move(task, TaskState.DONE, "dropped: its owner's node died")
         self.queue.remove(task)
         if task in self.awaiting_worker:
             self.awaiting_worker.remove(task)
@@ -731,7 +726,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if task.cancelled:
             self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
         elif take_retry(task):
-            move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
+            self._move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
             task.refused_by = {node_hex}
             log.info("retrying %s: its node %s died", task.spec.name, node_hex)
             self._place_or_queue(task)
@@ -743,7 +738,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def _restart_remote_actor(self, entry, node_hex: str) -> None:
         entry.worker = None
         entry.remote_node = ""
-        if actor_states.apply(entry, "node_died",
+        if self._apply_actor(entry, "node_died",
                               f"the node {node_hex} hosting the actor died") \
                 == actor_states.RESTARTING:
             entry.num_restarts += 1
@@ -762,7 +757,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if task is not None and task.actor is None and take_retry(task):
             # Lineage: run the producing task again; its other outputs are rebuilt too.
             del self.lineage[task.task_id]
-            move(task, TaskState.WAITING, f"re-run from lineage: a copy on node {node_hex} was lost")
+            self._move(task, TaskState.WAITING, f"re-run from lineage: a copy on node {node_hex} was lost")
             task.refused_by = {node_hex}
             for other in task.return_ids:
                 if other != object_id:

@@ -27,6 +27,7 @@ from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
+from meshray.node.event_log import EventLog
 from meshray.node.liveness import PeerLiveness
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
@@ -145,7 +146,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             handle.write(str(os.getpid()))
         self.store_dir = store_root
         self.objects = ObjectDirectory(is_local=self._owns)
-        self.queue = TaskQueue()
+        self.events = EventLog()
+        self.queue = TaskQueue(self.events)
         self.runtime_stats = pipelining.RuntimeStats()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.waiting_on: dict[bytes, list[TaskRecord]] = {}
@@ -326,16 +328,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
     def _on_submit(self, conn: Connection, msg: pb.SubmitTask) -> None:
         spec = msg.spec
         return_ids = self._return_ids(spec)
-        env_vars = dict(spec.env_vars)
-        task = TaskRecord(spec=spec, owner=conn, return_ids=return_ids,
-                          request=ResourceSet.from_dict(dict(spec.resources)),
-                          env_key=self._env_key(spec), env_vars=env_vars,
-                          retries_left=spec.max_retries)
+        task = TaskRecord.from_spec(spec, conn, self._env_key(spec), return_ids=return_ids)
         if spec.actor_creation:
-            task.hold = ResourceSet.from_dict(dict(spec.held_resources))
-            task.retries_left = 0
-            entry = ActorEntry(spec.actor_id, spec, conn, json.loads(spec.actor_options or b"{}"))
-            task.actor = entry
+            entry = task.actor = ActorEntry.from_spec(spec, conn)
             self.actors[spec.actor_id] = entry
             self._publish_actor(entry)
         self.tasks[spec.task_id] = task
@@ -466,13 +461,29 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             self._release(task)
             self._worker_free(worker)
         if result.failed and result.retryable_error and not task.cancelled and take_retry(task):
-            move(task, TaskState.WAITING, "retry: the task raised a retryable error")
+            self._move(task, TaskState.WAITING, "retry: the task raised a retryable error")
             self._enqueue(task)
             return
         self._finish(task, list(result.returns))
 
+    # ------------------------------------------------------------ lifecycles
+    def _move(self, task: TaskRecord, new: TaskState, cause: str) -> None:
+        """Every task move on this node: checked by the table, kept in the event log."""
+        move(task, new, cause, self.events)
+
+    def _apply_actor(self, entry: ActorEntry, event: str, detail: str = ""):
+        return actor_states.apply(entry, event, detail, self.events)
+
+    async def _ask_dump_events(self, conn, payload: dict) -> dict:
+        """The node's event log (the last `last` entries, all when absent)."""
+        last = payload.get("last")
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise ValueError(f"last={last!r} must be a whole number >= 0")
+        return {"node_id": self.node_id.hex(), "capacity": self.events.capacity,
+                "recorded": self.events.recorded, "events": self.events.tail(last)}
+
     def _finish(self, task: TaskRecord, values: list) -> None:
-        move(task, TaskState.DONE, "finished with an error" if any(
+        self._move(task, TaskState.DONE, "finished with an error" if any(
             v.is_error for v in values) else "finished")
         self.tasks.pop(task.task_id, None)
         for value in values:
@@ -609,7 +620,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 self._fail(follower, follower.pg_error
                            or exceptions.TaskCancelledError(follower.task_id.hex()))
             else:
-                move(follower, TaskState.WAITING, "placed again: its worker died before it ran")
+                self._move(follower, TaskState.WAITING, "placed again: its worker died before it ran")
                 self._enqueue(follower)
         task = worker.current_task
         if task is None:
@@ -621,13 +632,13 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
             self._finish(task, [error_value(oid, error) for oid in task.return_ids])
         elif self._owner_present(task.owner) and take_retry(task):
-            move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
+            self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
             self._enqueue(task)
         else:
             # No longer running; finished once the exit status is in.
-            move(task, TaskState.CRASHED, f"worker {worker.pid} died; no retries left")
+            self._move(task, TaskState.CRASHED, f"worker {worker.pid} died; no retries left")
             report = asyncio.get_running_loop().create_task(self._report_crash(task, worker))
             self._crash_reports.add(report)
             report.add_done_callback(self._crash_reports.discard)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from meshray.common import ids
 from meshray.node import pipelining
-from meshray.node.task_lifecycle import TaskState, move
+from meshray.node.task_lifecycle import TaskState
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler.resources import Allocation, ResourceSet
 
@@ -54,7 +54,7 @@ class TaskDispatch:
         task.acquired = True
         worker = self.pool.pop_idle(task.worker_key)
         if worker is None:
-            move(task, TaskState.ASSIGNED, "resources taken; waiting for a worker")
+            self._move(task, TaskState.ASSIGNED, "resources taken; waiting for a worker")
             self.awaiting_worker.append(task)
             self._ensure_workers(task)
         else:
@@ -104,7 +104,7 @@ class TaskDispatch:
         self.pool.push_idle(worker)
 
     def _dispatch(self, task: TaskRecord, worker: WorkerProcess) -> None:
-        move(task, TaskState.RUNNING, f"sent to worker {worker.pid}")
+        self._move(task, TaskState.RUNNING, f"sent to worker {worker.pid}")
         task.worker = worker
         task.started_at = time.monotonic()
         worker.current_task = task
@@ -125,7 +125,7 @@ class TaskDispatch:
                 lambda t: pipelining.can_follow(leader, t, self.runtime_stats))
             if follower is None:
                 return
-            move(follower, TaskState.RUNNING, f"pipelined behind a task on worker {worker.pid}")
+            self._move(follower, TaskState.RUNNING, f"pipelined behind a task on worker {worker.pid}")
             follower.worker = worker
             worker.pipeline.append(follower)
             self._send_execute(follower, worker)

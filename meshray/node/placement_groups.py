@@ -22,7 +22,7 @@ import time
 import cloudpickle
 
 from meshray import exceptions
-from meshray.node.task_lifecycle import TaskState, move, take_retry
+from meshray.node.task_lifecycle import TaskState, take_retry
 from meshray.scheduler.resources import ResourceSet, UnitInstanceAllocator
 
 __all__ = ["PlacementDuties", "BundlePool"]
@@ -167,7 +167,7 @@ class PlacementDuties:
         if record is None or record.state == "REMOVED":
             self._finish_failed(task, self._group_removed_error(task))
         elif take_retry(task):
-            move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
+            self._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
             self._enqueue(task)
         else:
             self._finish_failed(task, exceptions.WorkerCrashedError(
@@ -189,7 +189,7 @@ class PlacementDuties:
             target = self._bundle_target(task, record) if record is not None else None
             if target is None:
                 self.pg_waiting.append(task)
-                move(task, TaskState.WAITING_GROUP, f"no bundle reserved yet in group {task.pg_hex}")
+                self._move(task, TaskState.WAITING_GROUP, f"no bundle reserved yet in group {task.pg_hex}")
                 return
             node, index = target
             if node == self.node_hex:
@@ -223,7 +223,7 @@ class PlacementDuties:
         waiting, self.pg_waiting = self.pg_waiting, []
         for task in waiting:
             if not task.cancelled:
-                move(task, TaskState.WAITING, "routed again: the group view changed")
+                self._move(task, TaskState.WAITING, "routed again: the group view changed")
                 self._route_to_group(task)
 
     def _bind_bundle(self, task) -> bool:

@@ -79,16 +79,18 @@ STORY_LENGTH = 16
 
 
 class InvalidTaskTransition(RuntimeError):
-    """A move the lifecycle table does not allow: a bug, told with its story."""
+    """A move the lifecycle table does not allow: a bug, told with its story
+    (and the tail of the node's event log when the move came with one)."""
 
-    def __init__(self, task, new: TaskState, cause: str):
+    def __init__(self, task, new: TaskState, cause: str, log=None):
         story = "\n".join(f"  {old} -> {to}: {why}" for old, to, why in task.story) or "  (none)"
         name = getattr(task.spec, "name", "?")
         super().__init__(
             f"task {name} (id {task.task_id.hex()}) cannot move from {task.state} to {new} "
             f"({cause}); allowed from {task.state}: "
             f"{', '.join(sorted(str(s) for s in TRANSITIONS[task.state])) or 'nothing'}.\n"
-            f"Its last moves:\n{story}")
+            f"Its last moves:\n{story}"
+            + (f"\nThe node's last events:\n{log.format_tail()}" if log is not None else ""))
         self.task_id = task.task_id
         self.old, self.new = task.state, new
 
@@ -97,13 +99,19 @@ def new_story() -> deque:
     return deque(maxlen=STORY_LENGTH)
 
 
-def move(task, new: TaskState, cause: str) -> None:
-    """Set `task.state` to `new` -- the only place that does -- or raise."""
+def move(task, new: TaskState, cause: str, log=None) -> None:
+    """Set `task.state` to `new` -- the only place that does -- or raise.
+
+    `log` is the node's :class:`~meshray.node.event_log.EventLog`, which
+    records the move too.
+    """
     old = task.state
     if new not in TRANSITIONS[old]:
-        raise InvalidTaskTransition(task, new, cause)
+        raise InvalidTaskTransition(task, new, cause, log)
     task.story.append((old, new, cause))
     task.state = new
+    if log is not None:
+        log.record("task", task.task_id, old, new, cause)
 
 
 def take_retry(task) -> bool:

@@ -65,6 +65,23 @@ class TaskRecord:
             self.packages = env.pop("_packages", {}) or {}
             self.runtime_env = env
 
+    @classmethod
+    def from_spec(cls, spec, owner, env_key: str, *, return_ids: list,
+                  actor=None) -> "TaskRecord":
+        """The one way a node makes a task record (submitted here, spilled to
+        us, or an actor's creation run again): what it asks for, holds and may
+        retry all come from its spec. An actor's creation task holds the
+        actor's resources and is never retried (the actor restarts instead)."""
+        from meshray.scheduler.resources import ResourceSet
+
+        task = cls(spec=spec, owner=owner, return_ids=return_ids,
+                   request=ResourceSet.from_dict(dict(spec.resources)), env_key=env_key,
+                   env_vars=dict(spec.env_vars), retries_left=spec.max_retries, actor=actor)
+        if spec.actor_creation:
+            task.hold = ResourceSet.from_dict(dict(spec.held_resources))
+            task.retries_left = 0
+        return task
+
     @property
     def task_id(self) -> bytes:
         return self.spec.task_id
@@ -77,11 +94,12 @@ class TaskRecord:
 class TaskQueue:
     """Queued tasks, FIFO within each scheduling class."""
 
-    def __init__(self):
+    def __init__(self, log=None):
         self._classes: "OrderedDict[tuple, deque]" = OrderedDict()
+        self._log = log          # the node's event log: queueing is a recorded move
 
     def push(self, task: TaskRecord, cause: str) -> None:
-        move(task, TaskState.QUEUED, cause)
+        move(task, TaskState.QUEUED, cause, self._log)
         self._classes.setdefault(task.sched_class, deque()).append(task)
 
     def heads(self):

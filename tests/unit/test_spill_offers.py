@@ -13,6 +13,7 @@ import time
 
 from meshray.node.cluster import ClusterDuties
 from meshray.node.objects import ObjectDirectory
+from meshray.node.task_lifecycle import move
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler.resources import NodeResources, ResourceSet
@@ -54,6 +55,9 @@ class _Daemon(ClusterDuties):
 
     def _flush_borrows(self):
         pass
+
+    def _move(self, task, new, cause):
+        move(task, new, cause)
 
     def _schedule(self):
         pass

@@ -1,0 +1,67 @@
+"""A node's bounded log of the lifecycle moves it made, with wall-clock times.
+
+Every task and actor move on a node goes through one writer
+(:func:`meshray.node.task_lifecycle.move`, :func:`meshray.node.actors.apply`);
+each also lands here, so a node can say what it did lately without a
+debugger: ``meshray debug dump-events`` writes it, and an illegal move's error
+carries its tail. It is also the raw material for task events in an
+observability API.
+
+Bounded (a ring of ``capacity`` entries, 10,000 by default or
+``MESHRAY_EVENT_LOG_SIZE``) so a busy node's memory does not grow with its
+history; at ~150 bytes an entry the default costs about 1.5 MB. Times are
+read when an entry is recorded: the log is the shell around the lifecycle
+tables, which themselves read no clock.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+
+__all__ = ["EventLog", "DEFAULT_CAPACITY"]
+
+DEFAULT_CAPACITY = 10_000
+
+
+def _capacity_from_env() -> int:
+    raw = os.environ.get("MESHRAY_EVENT_LOG_SIZE")
+    if raw is None:
+        return DEFAULT_CAPACITY
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ValueError(f"MESHRAY_EVENT_LOG_SIZE={raw!r} must be a positive whole number "
+                         "of entries")
+    return value
+
+
+class EventLog:
+    def __init__(self, capacity: int | None = None, clock=time.time):
+        self._entries: deque = deque(maxlen=capacity or _capacity_from_env())
+        self._clock = clock
+        self.recorded = 0          # ever, including entries the ring has dropped
+
+    @property
+    def capacity(self) -> int:
+        return self._entries.maxlen
+
+    def record(self, kind: str, ident: bytes, old, new, cause: str) -> None:
+        self._entries.append((self._clock(), kind, ident, str(old), str(new), cause))
+        self.recorded += 1
+
+    def tail(self, count: int | None = None) -> list[dict]:
+        """The last `count` entries (all when None), oldest first, as plain dicts."""
+        entries = list(self._entries)
+        if count is not None:
+            entries = entries[-count:] if count > 0 else []
+        return [{"time": when, "kind": kind, "id": ident.hex(), "from": old, "to": new,
+                 "cause": cause} for when, kind, ident, old, new, cause in entries]
+
+    def format_tail(self, count: int = 20) -> str:
+        lines = [f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"
+                 f".{int(e['time'] * 1000) % 1000:03d} {e['kind']} {e['id'][:16]} "
+                 f"{e['from']} -> {e['to']}: {e['cause']}" for e in self.tail(count)]
+        return "\n".join(lines) or "  (empty)"
