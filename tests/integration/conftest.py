@@ -1,4 +1,5 @@
-"""Fixtures the integration tests share: a multi-node cluster, the driver's node."""
+"""Fixtures the integration tests share: a multi-node cluster, a bare etcd, the
+driver's node."""
 from __future__ import annotations
 
 import pytest
@@ -16,6 +17,23 @@ def cluster(request):
     cluster = Cluster(**{**DEFAULT_CLUSTER_ARGS, **(marker.kwargs if marker else {})})
     yield cluster
     cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def etcd(request, tmp_path_factory):
+    """A lone etcd member without auth, for one module's client-level tests.
+    ``pytest.mark.etcd_args(**kwargs)`` on the module adds `EmbeddedEtcd`
+    arguments."""
+    from meshray.coordination.embedded import EmbeddedEtcd
+    marker = request.node.get_closest_marker("etcd_args")
+    server = EmbeddedEtcd(tmp_path_factory.mktemp("etcd") / "single", unsafe_no_fsync=True,
+                          **(marker.kwargs if marker else {}))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.is_running()
 
 
 @pytest.fixture(scope="module")

@@ -46,18 +46,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = EmbeddedEtcd(tmp_path_factory.mktemp("etcd") / "single",
-                          unsafe_no_fsync=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert not server.is_running()
-
-
-@pytest.fixture(scope="module")
 def coord(etcd):
     c = Coordinator([etcd.endpoint], timeout=5.0)
     try:

@@ -134,16 +134,6 @@ def test_forged_named_actor_record_is_not_dialled(ray, local_node, impostor):
 
 
 # ------------------------------------------------ the seal at the Coordinator
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    from meshray.coordination.embedded import EmbeddedEtcd
-
-    server = EmbeddedEtcd(tmp_path_factory.mktemp("etcd") / "single", unsafe_no_fsync=True)
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_sealed_values_round_trip_and_forgeries_read_as_absent(etcd):
     from meshray.coordination.client import Put, ValueEquals
 

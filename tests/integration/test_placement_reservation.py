@@ -23,7 +23,6 @@ from collections import Counter
 import pytest
 
 from meshray.coordination.client import Coordinator
-from meshray.coordination.embedded import EmbeddedEtcd
 from meshray.coordination.keyspace import Keyspace, decode_json, encode_json
 from meshray.placement import reservation as rsv
 from meshray.placement.records import (
@@ -40,21 +39,10 @@ from meshray.placement.records import (
 from meshray.scheduler.resources import ResourceSet
 pg_api = importlib.import_module("meshray.util.placement_group")
 
-pytestmark = pytest.mark.timeout(60)
+# No auto-compaction in the `etcd` fixture: the race test replays history from revision 1.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.etcd_args(auto_compaction_retention=0)]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    # No auto-compaction: the race test replays history from revision 1.
-    server = EmbeddedEtcd(tmp_path_factory.mktemp("pg-etcd"), unsafe_no_fsync=True,
-                          auto_compaction_retention=0)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
