@@ -365,7 +365,7 @@ def test_runtime_context_actor_id(ray):
     assert ray.get_runtime_context().get_actor_id() is None
 
 
-def test_actor_dies_with_driver_detached_survives():
+def test_actor_dies_with_driver_detached_survives(tmp_path):
     code = """
 import os, meshray as ray
 ray.init(address="auto")
@@ -383,6 +383,8 @@ os.kill(os.getpid(), 9)
     import psutil
     from tests.helpers import REPO
     env = dict(os.environ)
+    # A run dir of its own: `meshray stop` below stops every node recorded there.
+    env["MESHRAY_RUN_DIR"] = str(tmp_path / "run")
     started = subprocess.run([sys.executable, "-m", "meshray.cli.main", "start", "--num-cpus", "2"],
                              capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
     assert started.returncode == 0, started.stderr
