@@ -18,6 +18,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import grpc
+
 from meshray import exceptions
 from meshray.core import arg_files
 from meshray.rpc import make_channel
@@ -176,6 +178,7 @@ class ActorConnection:
         self._channel = make_channel(address, token=os.environ.get("MESHRAY_TOKEN")
                                      or self._core.token)
         stub = pb_grpc.ActorServiceStub(self._channel)
+        refused = None
         try:
             for batch in stub.Call(self._outgoing(replies_queue)):
                 answered = True
@@ -187,6 +190,10 @@ class ActorConnection:
                         if call.arg_file:
                             self._release(call.arg_file,
                                           reusable=result.args_released and not call.resent)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                refused = exc.details()
+            log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
         except Exception as exc:  # noqa: BLE001 - stream broke: find out why
             log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
         finally:
@@ -195,7 +202,25 @@ class ActorConnection:
                     self._queue = None
             replies_queue.put(None)
             self._channel.close()
+        if refused is not None:
+            # Sent again, a malformed call would be refused again: fail what
+            # the stream carried instead of retrying it.
+            log.error("actor %s refused a call from this process as malformed: %s",
+                      self.actor_id.hex(), refused)
+            self._fail_sent(exceptions.RaySystemError(
+                f"actor {self.actor_id.hex()} refused a call as malformed: {refused}"))
+            return True
         return answered
+
+    def _fail_sent(self, error: BaseException) -> None:
+        """Fail the calls sent and not answered (those the refused stream carried)."""
+        with self._lock:
+            calls = [call for call in self._pending.values() if call.sent]
+            for call in calls:
+                self._pending.pop(call.spec.task_id, None)
+        for call in calls:
+            self._release(call.arg_file)
+            self._core.fail_locally(call.return_ids, error)
 
     def _inline_arg_file(self, call: PendingCall) -> None:
         """The actor now lives on another node: send the argument image inline."""

@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -26,11 +27,11 @@ import weakref
 import grpc
 
 from meshray import exceptions
-from meshray.core import arg_files, state as state_mod
+from meshray.core import arg_files, call_rules, state as state_mod
 from meshray.core.core_worker import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
 from meshray.node.fence import LeaseFence
-from meshray.rpc import make_server
+from meshray.rpc import make_server, strict
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
@@ -44,6 +45,10 @@ READY_METHOD = "__ray_ready__"
 
 
 _FENCED = object()   # sentinel: the node's lease lapsed; end the stream
+
+
+class _MalformedArgs(strict.Malformed):
+    """A call whose arguments are not what any caller sends (see load_args)."""
 
 
 class ActorHost(pb_grpc.ActorServiceServicer):
@@ -102,7 +107,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._server, bound = make_server([f"{host}:0", f"unix:{unix_path}"],
                                           token=os.environ.get("MESHRAY_TOKEN") or None,
                                           max_workers=256)
-        pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
+        methods = frozenset(self.options.get("methods") or ()) | {READY_METHOD, TERMINATE_METHOD}
+        # A malformed call batch is answered INVALID_ARGUMENT and never dispatched.
+        strict.add_service(self._server, self, "meshray.ActorService", checks={
+            "Call": lambda batch: call_rules.check_actor_call_batch(batch, self.actor_id, methods)})
         self._server.start()
         advertise = os.environ.get("MESHRAY_ADVERTISE_HOST") or host
         return ",".join(a if a.startswith("unix:") else f"{advertise}:{a.rsplit(':', 1)[1]}"
@@ -120,24 +128,32 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 result = replies.get()
                 if result is None:
                     return
-                if result is _FENCED:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, (
-                        f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so it "
-                        "may have been restarted elsewhere; calls are refused until the node "
-                        "is a member again"))
+                if not isinstance(result, pb.TaskResult):
+                    self._end_stream(result, context)
                 results = [result]
                 while len(results) < _BATCH:
                     try:
                         result = replies.get_nowait()
                     except queue.Empty:
                         break
-                    if result is None:
+                    if not isinstance(result, pb.TaskResult):
                         yield pb.ActorReplyBatch(results=results)
-                        return
+                        if result is None:
+                            return
+                        self._end_stream(result, context)
                     results.append(result)
                 yield pb.ActorReplyBatch(results=results)
         finally:
             self._streams.remove(replies)
+
+    def _end_stream(self, item, context) -> None:
+        """End the stream for a fence lapse or a malformed call (strict.py answers that)."""
+        if isinstance(item, strict.Malformed):
+            raise item
+        context.abort(grpc.StatusCode.UNAVAILABLE, (
+            f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so it "
+            "may have been restarted elsewhere; calls are refused until the node "
+            "is a member again"))
 
     def _read_calls(self, request_iterator, replies: queue.SimpleQueue) -> None:
         try:
@@ -148,7 +164,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                     return
                 for spec in batch.calls:
                     self._dispatch(spec, replies.put)
-        except Exception as exc:  # noqa: BLE001 - the caller went away
+        except Exception as exc:  # noqa: BLE001 - the caller went away, or sent garbage
             log.debug("actor call stream ended: %s", exc)
         replies.put(None)
 
@@ -209,11 +225,18 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             del self._arg_maps[name]
             return True
 
-    def resolve_args(self, spec, values: list):
-        """Rebuild a call's (args, kwargs): a plain pickle, or an image (inline or a file)."""
+    def load_args(self, spec):
+        """The call's (args, kwargs) as sent, with placeholders for ref arguments.
+
+        Bytes that are not a pickle, or a pickle of anything but an (args,
+        kwargs) pair, make the call malformed (_MalformedArgs: its stream is
+        answered INVALID_ARGUMENT); an error raised while rebuilding the
+        caller's objects is the call's own error, as for a task.
+        """
+        what = f"calls[].args_blob of call {spec.task_id.hex()} ({spec.method_name})"
         if not spec.args_image:
-            return self.executor.resolve_args(spec, values)
-        if spec.args_file:
+            inband, buffers = spec.args_blob, ()
+        elif spec.args_file:
             image = self._arg_images.pop(spec.task_id, None)
             if image is None:   # e.g. a resent call that arrived twice
                 image = self._map_arg_file(spec.args_file)
@@ -221,10 +244,25 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 raise exceptions.RaySystemError(
                     f"could not read the arguments of {spec.name} from the caller's argument "
                     f"file {spec.args_file!r}: {image}")
+            inband, buffers = image
         else:
-            image = arg_files.unpack_inline(spec.args_blob)
-        args, kwargs = arg_files.load(image)
-        del image
+            try:
+                inband, buffers = arg_files.unpack_inline(spec.args_blob)
+            except ValueError as exc:
+                raise _MalformedArgs(f"{what}: not an object image ({exc})") from None
+        try:
+            loaded = pickle.loads(inband, buffers=buffers)
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise _MalformedArgs(f"{what}: not a pickle ({type(exc).__name__}: {exc})") from None
+        if not (isinstance(loaded, tuple) and len(loaded) == 2
+                and isinstance(loaded[0], (list, tuple)) and isinstance(loaded[1], dict)):
+            raise _MalformedArgs(f"{what}: expected a pickled (args, kwargs) pair, got a "
+                                 f"{type(loaded).__name__}")
+        return loaded
+
+    def resolve_args(self, spec, values: list):
+        """Rebuild a call's (args, kwargs): a plain pickle, or an image (inline or a file)."""
+        args, kwargs = self.load_args(spec)
 
         def fill(item):
             return values[item.index] if isinstance(item, ArgPlaceholder) else item
@@ -274,6 +312,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self.executor.run(spec, body, self._deliver(reply, spec))
         except ActorExitRequested:
             reply(self._exit_now(spec, "exit_actor() was called"))
+        except _MalformedArgs as exc:
+            reply(exc)   # Call ends the caller's stream with INVALID_ARGUMENT
 
     async def _run_async(self, spec, reply) -> None:
         semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]

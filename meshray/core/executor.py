@@ -20,6 +20,7 @@ from meshray import exceptions
 from meshray.core import ids, serialization, state as state_mod
 from meshray.core.core_worker import ArgPlaceholder
 from meshray.node.worker_pool import CONTEXT_MARKER
+from meshray.rpc.strict import Malformed
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["TaskExecutor", "ActorExitRequested"]
@@ -206,8 +207,8 @@ class TaskExecutor:
                 self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
             except _DependencyFailed as failure:
                 self.fail(result, spec, failure.error)
-            except ActorExitRequested:
-                raise
+            except (ActorExitRequested, Malformed):
+                raise   # the actor ends the call's stream instead (actor_host)
             except Exception as exc:  # noqa: BLE001 - the user's error becomes the result
                 self.fail(result, spec, self.wrap(spec, exc), retryable=self._retryable(spec, exc))
             sys.stdout.flush()

@@ -31,11 +31,12 @@ from meshray.node.placement_groups import PlacementDuties
 from meshray.node import pipelining
 from meshray.node.liveness import PeerLiveness
 from meshray.node.objects import ObjectDirectory
+from meshray.node import request_rules
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
 from meshray.object_store.store import ObjectStore
-from meshray.rpc import make_aio_server
+from meshray.rpc import make_aio_server, strict
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler.resources import NodeResources, ResourceSet
@@ -75,6 +76,7 @@ class Connection:
     log_to_driver: bool = True
     worker: WorkerProcess | None = None
     closed: bool = False
+    malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT
 
     def send(self, event: pb.ServerEvent) -> None:
         if not self.closed:
@@ -172,9 +174,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         unix_path = os.path.join(self.config.session_dir, f"node-{self.node_id.hex()[:8]}.sock")
         self.server, bound = make_aio_server(
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
-        pb_grpc.add_NodeServiceServicer_to_server(self, self.server)
-        pb_grpc.add_NodePeerServicer_to_server(self, self.server)
-        self._start_transfers(self.server)   # transfer.py: chunk encoding, pulled copies
+        self._serve(self.server)
+        self._start_transfers()   # transfer.py: pulled copies, allocator
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         self.local_address = bound[1]
@@ -192,6 +193,23 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         asyncio.get_running_loop().create_task(self._replace_loop())
         liveness = PeerLiveness(self, self._revoke_dead_peer)
         asyncio.get_running_loop().create_task(liveness.run(self._stopping))
+
+    def _serve(self, server) -> None:
+        """Register both services; a malformed request never reaches a handler
+        (rpc/strict.py answers it INVALID_ARGUMENT, node/request_rules.py says
+        what is malformed)."""
+        questions = frozenset(name[len("_ask_"):] for name in dir(type(self))
+                              if name.startswith("_ask_"))
+        local = questions | request_rules.CLUSTER_QUESTIONS
+        refused = strict.MalformedLog()
+        strict.add_service(server, self, "meshray.NodeService", malformed_log=refused, checks={
+            "Connect": lambda batch: request_rules.check_client_batch(batch, local)})
+        # PullObject yields chunks encoded by hand (transfer.encode_chunk).
+        strict.add_service(server, self, "meshray.NodePeer", malformed_log=refused,
+                           raw_responses=("PullObject",), checks={
+                               "Deliver": lambda batch: request_rules.check_peer_batch(
+                                   batch, questions),
+                               "PullObject": request_rules.check_pull_request})
 
     def _advertised_host(self) -> str:
         if self.config.advertise_host:
@@ -271,6 +289,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 yield pb.ServerBatch(events=events)
                 if conn.closed:
                     break
+            if conn.malformed is not None:
+                raise conn.malformed
         finally:
             reader.cancel()
             self._disconnected(conn)
@@ -281,6 +301,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 for event in batch.events:
                     try:
                         self._handle(conn, event)
+                    except strict.Malformed:
+                        raise
                     except Exception:  # noqa: BLE001 - one bad message never takes the node down
                         log.exception("failed to handle %s from connection %d",
                                       event.WhichOneof("kind"), conn.conn_id)
@@ -288,6 +310,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 self._schedule()
         except asyncio.CancelledError:
             raise
+        except strict.Malformed as exc:
+            conn.malformed = exc      # Connect ends the session with INVALID_ARGUMENT
         except Exception as exc:  # noqa: BLE001
             log.debug("connection %d read ended: %s", conn.conn_id, exc)
         conn.outbox.put_nowait(None)
@@ -302,11 +326,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         conn.job_id, conn.namespace, conn.log_to_driver = hello.job_id, hello.namespace, hello.log_to_driver
         if hello.role == "worker":
             worker = self.pool.by_id.get(hello.worker_id)
-            if worker is None:
-                log.warning("unknown worker %s said hello; closing", hello.worker_id.hex())
-                conn.send(pb.ServerEvent(notice=pb.Notice(text="unknown worker")))
-                conn.outbox.put_nowait(None)
-                return
+            if worker is None or worker.conn is not None:
+                raise strict.Malformed(
+                    f"hello.worker_id={hello.worker_id.hex()}: expected the id of a worker "
+                    "this node started and that has not connected yet")
             worker.conn, conn.worker = conn, worker
             self.pool.connected(worker)
             self._worker_free(worker)
