@@ -305,7 +305,15 @@ class TaskExecutor:
             return False
         if not spec.retry_exception_types:
             return True
-        return isinstance(exc, pickle.loads(spec.retry_exception_types))
+        try:
+            return isinstance(exc, pickle.loads(spec.retry_exception_types))
+        except Exception as problem:  # noqa: BLE001 - the task fails without a retry instead
+            # Raised here it would escape the handler packaging the task's
+            # error and end this worker's loop.
+            log.warning("task %s: retry_exception_types is not a pickled tuple of exception "
+                        "classes (%s: %s); not retrying", spec.name, type(problem).__name__,
+                        problem)
+            return False
 
     @staticmethod
     def fail(result: pb.TaskResult, spec, error: BaseException, retryable: bool = False) -> None:
