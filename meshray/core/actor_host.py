@@ -47,6 +47,39 @@ READY_METHOD = "__ray_ready__"
 _FENCED = object()   # sentinel: the node's lease lapsed; end the stream
 
 
+class _CallStream:
+    """The replies of one Call stream, and when it may end.
+
+    A caller that half-closes its side still gets the answers to the calls it
+    sent: the stream ends once every call it carried has been answered.
+    """
+
+    def __init__(self):
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._unanswered = 0
+        self._input_ended = False
+
+    def started(self) -> None:
+        with self._lock:
+            self._unanswered += 1
+
+    def reply(self, item) -> None:
+        self.replies.put(item)
+        with self._lock:
+            self._unanswered -= 1
+            last = self._input_ended and self._unanswered == 0
+        if last:
+            self.replies.put(None)
+
+    def input_ended(self) -> None:
+        with self._lock:
+            self._input_ended = True
+            last = self._unanswered == 0
+        if last:
+            self.replies.put(None)
+
+
 class _MalformedArgs(strict.Malformed):
     """A call whose arguments are not what any caller sends (see load_args)."""
 
@@ -118,9 +151,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
 
     # ------------------------------------------------------------ stream
     def Call(self, request_iterator, context):
-        replies: queue.SimpleQueue = queue.SimpleQueue()
+        stream = _CallStream()
+        replies = stream.replies
         self._streams.append(replies)
-        reader = threading.Thread(target=self._read_calls, args=(request_iterator, replies),
+        reader = threading.Thread(target=self._read_calls, args=(request_iterator, stream),
                                   name="meshray-actor-calls", daemon=True)
         reader.start()
         try:
@@ -155,18 +189,21 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             "may have been restarted elsewhere; calls are refused until the node "
             "is a member again"))
 
-    def _read_calls(self, request_iterator, replies: queue.SimpleQueue) -> None:
+    def _read_calls(self, request_iterator, stream: "_CallStream") -> None:
         try:
             for batch in request_iterator:
                 if self._fence is not None and not self._fence.valid():
                     # Never run calls as an incarnation the cluster has given up on.
-                    replies.put(_FENCED)
+                    stream.replies.put(_FENCED)
                     return
                 for spec in batch.calls:
-                    self._dispatch(spec, replies.put)
+                    stream.started()
+                    self._dispatch(spec, stream.reply)
         except Exception as exc:  # noqa: BLE001 - the caller went away, or sent garbage
             log.debug("actor call stream ended: %s", exc)
-        replies.put(None)
+            stream.replies.put(None)
+            return
+        stream.input_ended()
 
     def _refuse(self, spec) -> pb.TaskResult:
         result = pb.TaskResult(task_id=spec.task_id)
