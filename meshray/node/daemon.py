@@ -77,6 +77,7 @@ class Connection:
     worker: WorkerProcess | None = None
     closed: bool = False
     malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT
+    reserved: set = field(default_factory=set)  # store reservations it has not sealed yet
 
     def send(self, event: pb.ServerEvent) -> None:
         if not self.closed:
@@ -379,6 +380,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _on_put(self, conn: Connection, msg: pb.PutObject) -> None:
         value = msg.value
+        conn.reserved.discard(value.object_id)
         self._seal_if_stored(value)
         if value.in_store and value.location not in ("", self.node_hex) and not msg.handoff:
             # An actor on another node holds this return for us until we claim it.
@@ -396,6 +398,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(
                 request_id=msg.request_id, error=str(exc))))
             return
+        conn.reserved.add(msg.object_id)
         conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(request_id=msg.request_id, path=path)))
 
     def _on_subscribe(self, conn: Connection, msg: pb.Subscribe) -> None:
@@ -455,6 +458,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                                                     error=f"{type(exc).__name__}: {exc}")))
 
     def _on_task_result(self, conn: Connection, result: pb.TaskResult) -> None:
+        for value in result.returns:
+            conn.reserved.discard(value.object_id)
         worker = conn.worker
         task = self.tasks.get(result.task_id)
         if task is None or worker is None or task.worker is not worker:
@@ -591,6 +596,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         conn.closed = True
         self.conns.pop(conn.conn_id, None)
         self._apply(self.objects.drop_connection(conn.conn_id))
+        self._abort_reservations(conn)
         if conn.pid:
             # Actor-call argument files this process can no longer release.
             arg_files.sweep_process(self.store_dir, conn.pid, conn.worker_id)
@@ -605,6 +611,15 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         elif conn.role == "driver":
             self._job_ended(conn)
         self._schedule()
+
+    def _abort_reservations(self, conn: Connection) -> None:
+        """Give back the room a process reserved and never sealed: nothing else will."""
+        for object_id in conn.reserved:
+            try:
+                self.store.abort(object_id)
+            except Exception:  # noqa: BLE001 - sealed meanwhile (a result on its way), or gone
+                continue
+        conn.reserved.clear()
 
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self.pool.forget(worker)
@@ -703,6 +718,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             "Resources": self.resources.total.to_dict(),
             "Labels": dict(self.config.labels),
         }
+
+    async def _ask_store_stats(self, conn, payload: dict) -> dict:
+        """This node's object store counters: capacity, bytes used, reservations..."""
+        return self.store.stats()
 
     def _answer_cluster(self, method: str, local_available: dict):
         """Cluster-wide questions, answered from the etcd view (off the loop)."""
