@@ -14,6 +14,7 @@ import logging
 from meshray import exceptions
 from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
+from meshray.rpc import strict
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ActorHosting"]
@@ -129,9 +130,15 @@ class ActorHosting:
 
     def _on_actor_exiting(self, conn, msg: pb.ActorExiting) -> None:
         entry = self.actors.get(msg.actor_id)
-        if entry is not None:
-            entry.exiting = True
-            entry.kill_cause = msg.reason
+        if entry is None:
+            return
+        if conn.worker is None or conn.worker.actor is not entry:
+            # Else any process could turn an actor's later crash into an intended exit.
+            raise strict.Malformed(
+                f"actor_exiting.actor_id={msg.actor_id.hex()}: only the worker hosting an "
+                "actor may say that it exits")
+        entry.exiting = True
+        entry.kill_cause = msg.reason
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
         from meshray.node.daemon import error_value
