@@ -32,6 +32,7 @@ from meshray.core.core_worker import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
 from meshray.node.fence import LeaseFence
 from meshray.rpc import make_server, strict
+from meshray.rpc.rules import pickle_problem
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
@@ -287,6 +288,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 inband, buffers = arg_files.unpack_inline(spec.args_blob)
             except ValueError as exc:
                 raise _MalformedArgs(f"{what}: not an object image ({exc})") from None
+        problem = pickle_problem(inband)
+        if problem is not None:
+            raise _MalformedArgs(f"{what}: expected {problem}")
         try:
             loaded = pickle.loads(inband, buffers=buffers)
         except (pickle.UnpicklingError, EOFError) as exc:

@@ -26,7 +26,8 @@ from meshray.rpc.strict import Malformed
 
 __all__ = [
     "FUNCTION_ID_LEN", "JOB_ID_LEN", "MAX_NUM_RETURNS", "NODE_ID_LEN", "WORKER_ID_LEN",
-    "check_common_spec", "check_id", "check_ids", "check_int_at_least", "check_json",
+    "check_common_spec", "check_env_vars", "check_id", "check_ids", "check_int_at_least",
+    "check_json", "check_retry_types",
     "check_node_hex", "check_object_ids", "check_object_value", "check_pickle",
     "check_runtime_env", "check_task_result", "fail", "pickle_problem",
 ]
@@ -53,23 +54,41 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def fail(path: str, value, expected: str):
-    raise Malformed(f"{path}={_show(value)}: expected {expected}")
+def render(where: tuple, name: str = "") -> str:
+    """A field's path from its parts: ("events", 2, "submit"), "spec" -> events[2].submit.spec.
+
+    Checks pass these tuples around and build the text only for a refusal:
+    on the hot path (every task, every actor call) formatting would cost more
+    than the checks themselves.
+    """
+    text = ""
+    for part in (*where, name) if name else where:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part:
+            text += f".{part}" if text else part
+    return text
 
 
-def check_id(value: bytes, length: int, path: str, what: str, optional: bool = False) -> None:
-    if len(value) != length and not (optional and not value):
-        fail(path, value, f"{'empty or ' if optional else ''}a {length}-byte {what}")
+def fail(where: tuple, name: str, value, expected: str):
+    raise Malformed(f"{render(where, name)}={_show(value)}: expected {expected}")
 
 
-def check_ids(values, length: int, path: str, what: str) -> None:
+def check_id(value: bytes, length: int, where: tuple, name: str, what: str,
+             optional: bool = False) -> None:
+    if len(value) != length and (value or not optional):
+        fail(where, name, value, f"{'empty or ' if optional else ''}a {length}-byte {what}")
+
+
+def check_ids(values, length: int, where: tuple, name: str, what: str) -> None:
     for index, value in enumerate(values):
         if len(value) != length:
-            fail(f"{path}[{index}]", value, f"a {length}-byte {what}")
+            fail((*where, name), index, value, f"a {length}-byte {what}")
 
 
-def check_object_ids(values, path: str) -> None:
-    check_ids(values, ids.OBJECT_ID_LEN, path, "object id")
+def check_object_ids(values, where: tuple, name: str) -> None:
+    if values:
+        check_ids(values, ids.OBJECT_ID_LEN, where, name, "object id")
 
 
 def pickle_problem(blob) -> str | None:
@@ -89,37 +108,37 @@ def pickle_problem(blob) -> str | None:
     return None
 
 
-def check_pickle(blob, path: str, optional: bool = True) -> None:
+def check_pickle(blob, where: tuple, name: str, optional: bool = True) -> None:
     if not blob and optional:
         return
     problem = pickle_problem(blob)
     if problem is not None:
-        fail(path, blob, problem)
+        fail(where, name, blob, problem)
 
 
-def check_json(text, path: str, *, want_object: bool = True):
+def check_json(text, where: tuple, name: str, *, want_object: bool = True):
     """The decoded JSON `text` (an object unless want_object=False)."""
     try:
         value = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        fail(path, text, f"JSON ({exc})")
+        fail(where, name, text, f"JSON ({exc})")
     if want_object and not isinstance(value, dict):
-        fail(path, text, "a JSON object")
+        fail(where, name, text, "a JSON object")
     return value
 
 
-def check_int_at_least(value, minimum: int, path: str) -> None:
+def check_int_at_least(value, minimum: int, where: tuple, name: str) -> None:
     if value < minimum:
-        fail(path, value, f"an integer >= {minimum}")
+        fail(where, name, value, f"an integer >= {minimum}")
 
 
-def check_node_hex(text: str, path: str, optional: bool = True) -> None:
+def check_node_hex(text: str, where: tuple, name: str, optional: bool = True) -> None:
     if (text or not optional) and not _HEX_NODE.fullmatch(text):
-        fail(path, text, f"{'empty or ' if optional else ''}a node id "
+        fail(where, name, text, f"{'empty or ' if optional else ''}a node id "
              f"({2 * NODE_ID_LEN} lower-case hex digits)")
 
 
-def _address_list(text: str, path: str) -> None:
+def _address_list(text: str, where: tuple, name: str) -> None:
     """Comma-separated "host:port" / "unix:/path" addresses (an actor's)."""
     from meshray.rpc.factory import split_host_port
     for part in text.split(","):
@@ -128,71 +147,79 @@ def _address_list(text: str, path: str) -> None:
         try:
             split_host_port(part)
         except ValueError:
-            fail(path, text, "comma-separated HOST:PORT or unix:PATH addresses")
+            fail(where, name, text, "comma-separated HOST:PORT or unix:PATH addresses")
 
 
 # ------------------------------------------------------------------ values
-def check_object_value(value, path: str) -> None:
-    check_id(value.object_id, ids.OBJECT_ID_LEN, f"{path}.object_id", "object id")
+def check_object_value(value, where: tuple) -> None:
+    check_id(value.object_id, ids.OBJECT_ID_LEN, where, "object_id", "object id")
     if value.in_store:
-        if value.inline_data:
-            fail(f"{path}.inline_data", value.inline_data,
+        inline = value.inline_data
+        if inline:
+            fail(where, "inline_data", inline,
                  "no inline bytes for a value in the store (in_store=true)")
-        check_node_hex(value.location, f"{path}.location")
+        check_node_hex(value.location, where, "location")
     else:
         if value.location:
-            fail(f"{path}.location", value.location, "no location for an inline value")
-        check_pickle(value.inline_data, f"{path}.inline_data", optional=not value.is_error)
-    check_object_ids(value.contained_ids, f"{path}.contained_ids")
+            fail(where, "location", value.location, "no location for an inline value")
+        check_pickle(value.inline_data, where, "inline_data", optional=not value.is_error)
+    check_object_ids(value.contained_ids, where, "contained_ids")
 
 
-def check_task_result(result, path: str) -> None:
-    check_id(result.task_id, ids.TASK_ID_LEN, f"{path}.task_id", "task id")
-    for index, value in enumerate(result.returns):
-        check_object_value(value, f"{path}.returns[{index}]")
+def check_task_result(result, where: tuple) -> None:
+    check_id(result.task_id, ids.TASK_ID_LEN, where, "task_id", "task id")
+    returns = result.returns
+    for index, value in enumerate(returns):
+        check_object_value(value, (*where, "returns", index))
     if result.stream_item_id:
-        check_id(result.stream_item_id, ids.OBJECT_ID_LEN, f"{path}.stream_item_id",
-                 "object id")
-        if len(result.returns) != 1:
-            fail(f"{path}.returns", f"{len(result.returns)} values",
+        check_id(result.stream_item_id, ids.OBJECT_ID_LEN, where, "stream_item_id", "object id")
+        if len(returns) != 1:
+            fail(where, "returns", f"{len(returns)} values",
                  "exactly one value with a stream_item_id")
     if result.actor_address:
-        _address_list(result.actor_address, f"{path}.actor_address")
+        _address_list(result.actor_address, where, "actor_address")
 
 
 # ------------------------------------------------------------------ task specs
-def _env_vars(env_vars, path: str) -> None:
+def check_env_vars(env_vars, where: tuple) -> None:
     for key, value in env_vars.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
-            fail(f"{path}[{key!r}]", value,
+            fail((*where, "env_vars"), repr(key), value,
                  "environment variables named without '=' or NUL, valued without NUL")
 
 
-def check_runtime_env(text: str, path: str) -> None:
-    env = check_json(text, path)
+def check_runtime_env(text: str, where: tuple, name: str) -> None:
+    env = check_json(text, where, name)
     packages = env.get("_packages", {})
     if not isinstance(packages, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in packages.items()):
-        fail(f"{path}._packages", packages, "a map of package URI to object id (hex)")
+        fail((*where, name), "_packages", packages, "a map of package URI to object id (hex)")
 
 
-def check_common_spec(spec, path: str) -> None:
-    """Rules every TaskSpec follows, whether a node or an actor reads it."""
-    check_id(spec.task_id, ids.TASK_ID_LEN, f"{path}.task_id", "task id")
-    check_id(spec.job_id, JOB_ID_LEN, f"{path}.job_id", "job id", optional=True)
-    check_object_ids(spec.arg_ref_ids, f"{path}.arg_ref_ids")
-    check_object_ids(spec.contained_ids, f"{path}.contained_ids")
-    check_id(spec.owner_id, WORKER_ID_LEN, f"{path}.owner_id", "worker id", optional=True)
-    check_id(spec.parent_task_id, ids.TASK_ID_LEN, f"{path}.parent_task_id", "task id",
-             optional=True)
-    check_int_at_least(spec.attempt, 0, f"{path}.attempt")
-    check_int_at_least(spec.max_retries, -1, f"{path}.max_retries")
+def check_retry_types(spec, where: tuple) -> None:
     if spec.retry_exception_types:
         if not spec.retry_exceptions:
-            fail(f"{path}.retry_exception_types", spec.retry_exception_types,
+            fail(where, "retry_exception_types", spec.retry_exception_types,
                  "none without retry_exceptions=true")
-        check_pickle(spec.retry_exception_types, f"{path}.retry_exception_types")
-    if spec.env_vars:
-        _env_vars(spec.env_vars, f"{path}.env_vars")
-    if spec.runtime_env_json:
-        check_runtime_env(spec.runtime_env_json, f"{path}.runtime_env_json")
+        check_pickle(spec.retry_exception_types, where, "retry_exception_types")
+
+
+def check_common_spec(spec, where: tuple) -> None:
+    """Rules every TaskSpec follows, whether a node or an actor reads it.
+
+    Written for speed (every task and actor call passes here): each field is
+    read once, and containers are only walked when they are not empty.
+    """
+    task_id = spec.task_id
+    if len(task_id) != ids.TASK_ID_LEN:
+        fail(where, "task_id", task_id, f"a {ids.TASK_ID_LEN}-byte task id")
+    job_id = spec.job_id
+    if job_id and len(job_id) != JOB_ID_LEN:
+        fail(where, "job_id", job_id, f"empty or a {JOB_ID_LEN}-byte job id")
+    check_object_ids(spec.arg_ref_ids, where, "arg_ref_ids")
+    check_object_ids(spec.contained_ids, where, "contained_ids")
+    parent = spec.parent_task_id
+    if parent and len(parent) != ids.TASK_ID_LEN:
+        fail(where, "parent_task_id", parent, f"empty or a {ids.TASK_ID_LEN}-byte task id")
+    if spec.retry_exception_types:
+        check_retry_types(spec, where)

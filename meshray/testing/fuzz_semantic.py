@@ -313,10 +313,10 @@ def _bad_actor_call(rng: random.Random, ctx: fc.Context, spec: pb.TaskSpec) -> s
         spec.arg_ref_ids.append(fc._other_length(rng, 20))
         return "arg_ref_ids"
     if pick == 12:
-        spec.attempt = rng.choice([-1, -2 ** 31])
-        return "attempt"
-    spec.env_vars["A=B"] = "c"
-    return "env_vars"
+        spec.parent_task_id = _nonempty_other(rng, 16)
+        return "parent_task_id"
+    spec.contained_ids.append(fc._other_length(rng, 20))
+    return "contained_ids"
 
 
 def semantic_case(request_class, rng: random.Random, ctx: fc.Context):

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import pickle
+import types
 
 import pytest
 
@@ -204,14 +205,30 @@ def _call(**fields) -> pb.ActorCallBatch:
 @pytest.mark.parametrize("fields, named", [
     ({"actor_id": NODE}, "actor_id"), ({"method_name": "nope"}, "method_name"),
     ({"num_returns": -1}, "num_returns"), ({"actor_creation": True}, "actor_creation"),
-    ({"args_blob": b"junk"}, "args_blob"),
-    ({"args_image": True, "args_blob": b"MSHRAYOB" + b"\0" * 60}, "args_blob"),
     ({"args_image": True, "args_blob": b"", "args_file": "../../x"}, "args_file"),
+    ({"args_file": "name"}, "args_file"),
 ])
 def test_actor_calls(fields, named):
     check = lambda b: call_rules.check_actor_call_batch(b, ACTOR, {"echo"})  # noqa: E731
     check(_call())
     assert named in _refusal(check, _call(**fields))
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"args_blob": b"junk"}, "protocol 2 to 5 header"),
+    ({"args_blob": pickle.dumps(42)}, "(args, kwargs) pair, got a int"),
+    ({"args_blob": pickle.dumps(((1,), [1]))}, "(args, kwargs) pair, got a tuple"),
+    ({"args_blob": b"\x80\x05\xff."}, "UnpicklingError"),
+    ({"args_image": True, "args_blob": b"MSHRAYOB" + b"\0" * 60}, "not an object image"),
+])
+def test_actor_call_arguments_are_checked_when_loaded(fields, why):
+    """Argument bytes are read (and copied) only when the call runs: checked there."""
+    from meshray.core.actor_host import ActorHost
+    host = types.SimpleNamespace(_arg_images={})
+    assert ActorHost.load_args(host, _call().calls[0]) == ((1,), {})
+    with pytest.raises(strict.Malformed) as info:
+        ActorHost.load_args(host, _call(**fields).calls[0])
+    assert "args_blob" in str(info.value) and why in str(info.value)
 
 
 # ------------------------------------------------------------------ the API agrees
