@@ -58,7 +58,7 @@ def _external(args, seed: int):
     from meshray.testing.fuzz_local import ask_node
 
     token = security.resolve_token(args.token, args.token_file)
-    with make_channel(args.address, token=token, tls=None) as channel:
+    with make_channel(args.address, token=token) as channel:
         info = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=20)
     actor_id = bytes.fromhex(args.actor_id) if args.actor_id else b""
     targets = [Target("node", [args.address], fc.Context(node_id=info.node_id), info.pid)]

@@ -328,7 +328,7 @@ class WireFuzzer:
 
     def channel(self, address: str):
         if address not in self._channels:
-            self._channels[address] = make_channel(address, token=self.token, tls=None)
+            self._channels[address] = make_channel(address, token=self.token)
         return self._channels[address]
 
     def close(self) -> None:

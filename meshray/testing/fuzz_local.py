@@ -73,7 +73,7 @@ def ask_node(address: str, token: str | None, method: str, payload: dict | None 
         yield pb.ClientBatch(events=events)
         answered.wait(timeout)    # keep the session open until the reply is read
 
-    channel = make_channel(address, token=token, tls=None)
+    channel = make_channel(address, token=token)
     try:
         call = channel.stream_stream("/meshray.NodeService/Connect",
                                      request_serializer=pb.ClientBatch.SerializeToString,
@@ -132,7 +132,7 @@ def _fuzz_cluster(meshray, token, seed, cases, seconds, first, deadline_s, settl
     actor = meshray.remote(FuzzTarget).remote()
     actor_pid = meshray.get(actor.pid.remote(), timeout=60)
     record = core.request("actor_info", {"actor_id": actor._actor_id.hex()})
-    with make_channel(node.address, token=token, tls=None) as channel:
+    with make_channel(node.address, token=token) as channel:
         info = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=20)
     log_path = os.path.join(info.session_dir, "node.log")
     targets = [

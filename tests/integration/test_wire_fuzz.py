@@ -33,9 +33,9 @@ def test_seeded_wire_fuzz_of_node_and_actor():
     assert report.ok, summary
     # Not a vacuous pass: both servers were reached with every kind of case,
     # garbage was refused, valid requests were accepted, and refusals logged.
-    assert report.checks["served"] == {
-        "node": ["meshray.NodePeer", "meshray.NodeService"],
-        "actor": ["meshray.ActorService"]}, summary
+    served = report.checks["served"]
+    assert {"meshray.NodePeer", "meshray.NodeService"} <= set(served["node"]), summary
+    assert "meshray.ActorService" in served["actor"], summary
     assert set(report.by_kind) == set(fc.KINDS), summary
     assert report.by_expect[fc.INVALID] >= 200, summary
     assert report.answers["template"]["OK"] >= 20, summary

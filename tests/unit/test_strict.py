@@ -156,3 +156,49 @@ def test_unknown_checks_are_a_programming_error():
         strict.add_service(server, SyncServicer(), "meshray.NodeService",
                            checks={"NoSuchMethod": _refuse_bad_roles})
     server.stop(0)
+
+
+def test_peer_link_drops_only_the_refused_events(caplog):
+    """A batch refused as malformed would be refused for ever: the link sends
+    its events one by one, in order, and drops only the ones refused."""
+    from meshray.node.peers import PeerLink
+
+    received = []
+
+    class Peer:
+        async def Deliver(self, batch, context):
+            received.extend(event.refs.add[0] for event in batch.events)
+            return pb.PeerAck()
+
+        async def PullObject(self, request, context):
+            yield b""
+
+    def refuse_removals(batch) -> None:
+        for index, event in enumerate(batch.events):
+            if event.refs.remove:
+                raise strict.Malformed(f"events[{index}].refs.remove: refused by this test")
+
+    async def scenario():
+        server, bound = make_aio_server(["127.0.0.1:0"], token=TOKEN, tls=None)
+        strict.add_service(server, Peer(), "meshray.NodePeer",
+                           checks={"Deliver": refuse_removals}, raw_responses=("PullObject",))
+        await server.start()
+        link = PeerLink(b"n" * 16, "ab" * 16, bound[0], TOKEN)
+        try:
+            for number in range(5):
+                refs = pb.RefUpdate(add=[bytes([number]) * 20])
+                if number == 2:
+                    refs.remove.append(b"r" * 20)
+                link.send(pb.PeerEvent(refs=refs))
+            for _ in range(200):
+                if len(received) == 4:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await link.close()
+            await server.stop(0)
+
+    with caplog.at_level("ERROR", logger="meshray.node.peers"):
+        asyncio.run(scenario())
+    assert received == [bytes([n]) * 20 for n in (0, 1, 3, 4)]
+    assert any("refused a refs event" in r.getMessage() for r in caplog.records)
