@@ -299,16 +299,18 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
     async def _read_client(self, conn: Connection, request_iterator) -> None:
         try:
             async for batch in request_iterator:
-                for event in batch.events:
-                    try:
-                        self._handle(conn, event)
-                    except strict.Malformed:
-                        raise
-                    except Exception:  # noqa: BLE001 - one bad message never takes the node down
-                        log.exception("failed to handle %s from connection %d",
-                                      event.WhichOneof("kind"), conn.conn_id)
-                self._flush_borrows()
-                self._schedule()
+                try:
+                    for event in batch.events:
+                        try:
+                            self._handle(conn, event)
+                        except strict.Malformed:
+                            raise
+                        except Exception:  # noqa: BLE001 - one bad event never takes the node down
+                            log.exception("failed to handle %s from connection %d",
+                                          event.WhichOneof("kind"), conn.conn_id)
+                finally:   # what the batch did before a refusal still takes effect
+                    self._flush_borrows()
+                    self._schedule()
         except asyncio.CancelledError:
             raise
         except strict.Malformed as exc:

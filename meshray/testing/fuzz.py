@@ -12,8 +12,9 @@ truncated and mutated valid messages, fields with the wrong wire type,
 unknown fields, huge length prefixes, valid messages with one field made
 wrong (ids, counts, unknown "enum" strings, JSON, pickles that are no
 pickle or the wrong pickle), unary calls with zero or two messages, unknown
-methods, and random well-typed messages (fuzz_cases.py, fuzz_semantic.py
-say what each must be answered with). Every call has a deadline.
+methods, valid templates (controls) and templates with one field set at
+random, and random well-typed messages (fuzz_cases.py, fuzz_semantic.py say
+what each must be answered with). Every call has a deadline.
 
 fuzz_local.run_local starts a private cluster and an actor, fuzzes both, and
 checks what must hold afterwards (see there).
