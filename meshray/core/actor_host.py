@@ -29,6 +29,7 @@ import grpc
 from meshray import exceptions
 from meshray.core import arg_files, call_rules, state as state_mod
 from meshray.core.core_worker import ArgPlaceholder
+from meshray.core.executor import MalformedArguments
 from meshray.core.options import resolve_max_concurrency
 from meshray.node.fence import LeaseFence
 from meshray.rpc import make_server, strict
@@ -79,10 +80,6 @@ class _CallStream:
             last = self._unanswered == 0
         if last:
             self.replies.put(None)
-
-
-class _MalformedArgs(strict.Malformed):
-    """A call whose arguments are not what any caller sends (see load_args)."""
 
 
 class ActorHost(pb_grpc.ActorServiceServicer):
@@ -267,7 +264,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         """The call's (args, kwargs) as sent, with placeholders for ref arguments.
 
         Bytes that are not a pickle, or a pickle of anything but an (args,
-        kwargs) pair, make the call malformed (_MalformedArgs: its stream is
+        kwargs) pair, make the call malformed (MalformedArguments: its stream is
         answered INVALID_ARGUMENT); an error raised while rebuilding the
         caller's objects is the call's own error, as for a task.
         """
@@ -287,18 +284,19 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             try:
                 inband, buffers = arg_files.unpack_inline(spec.args_blob)
             except ValueError as exc:
-                raise _MalformedArgs(f"{what}: not an object image ({exc})") from None
+                raise MalformedArguments(f"{what}: not an object image ({exc})") from None
         problem = pickle_problem(inband)
         if problem is not None:
-            raise _MalformedArgs(f"{what}: expected {problem}")
+            raise MalformedArguments(f"{what}: expected {problem}")
         try:
             loaded = pickle.loads(inband, buffers=buffers)
         except (pickle.UnpicklingError, EOFError) as exc:
-            raise _MalformedArgs(f"{what}: not a pickle ({type(exc).__name__}: {exc})") from None
+            raise MalformedArguments(
+                f"{what}: not a pickle ({type(exc).__name__}: {exc})") from None
         if not (isinstance(loaded, tuple) and len(loaded) == 2
                 and isinstance(loaded[0], (list, tuple)) and isinstance(loaded[1], dict)):
-            raise _MalformedArgs(f"{what}: expected a pickled (args, kwargs) pair, got a "
-                                 f"{type(loaded).__name__}")
+            raise MalformedArguments(f"{what}: expected a pickled (args, kwargs) pair, "
+                                     f"got a {type(loaded).__name__}")
         return loaded
 
     def resolve_args(self, spec, values: list):
@@ -353,7 +351,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self.executor.run(spec, body, self._deliver(reply, spec))
         except ActorExitRequested:
             reply(self._exit_now(spec, "exit_actor() was called"))
-        except _MalformedArgs as exc:
+        except MalformedArguments as exc:
             reply(exc)   # Call ends the caller's stream with INVALID_ARGUMENT
 
     async def _run_async(self, spec, reply) -> None:

@@ -23,13 +23,21 @@ from meshray.node.worker_pool import CONTEXT_MARKER
 from meshray.rpc.strict import Malformed
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["TaskExecutor", "ActorExitRequested"]
+__all__ = ["TaskExecutor", "ActorExitRequested", "MalformedArguments"]
 
 log = logging.getLogger(__name__)
 
 
 class ActorExitRequested(BaseException):
     """Raised by exit_actor(): unwinds the method, then the actor exits."""
+
+
+class MalformedArguments(Malformed):
+    """An actor call whose argument bytes no caller sends (ActorHost.load_args).
+
+    TaskExecutor.run lets it through instead of making it the call's error:
+    the actor ends the caller's stream with INVALID_ARGUMENT.
+    """
 
 
 class _DependencyFailed(Exception):
@@ -207,8 +215,8 @@ class TaskExecutor:
                 self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
             except _DependencyFailed as failure:
                 self.fail(result, spec, failure.error)
-            except (ActorExitRequested, Malformed):
-                raise   # the actor ends the call's stream instead (actor_host)
+            except (ActorExitRequested, MalformedArguments):
+                raise   # the actor exits, or ends the call's stream (actor_host)
             except Exception as exc:  # noqa: BLE001 - the user's error becomes the result
                 self.fail(result, spec, self.wrap(spec, exc), retryable=self._retryable(spec, exc))
             sys.stdout.flush()
