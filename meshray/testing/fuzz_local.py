@@ -50,14 +50,16 @@ def _square(x):
 
 
 def process_figures(pid: int) -> dict | None:
-    """Open fds, threads and child processes of `pid` (None when it is gone)."""
+    """Open fds, threads, child processes and memory of `pid` (None when it is gone)."""
     import psutil
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return None
+        # rss is shown, not judged: freed Python memory rarely goes back to the OS.
         return {"fds": process.num_fds(), "threads": process.num_threads(),
-                "children": len(process.children())}
+                "children": len(process.children()),
+                "rss_mib": round(process.memory_info().rss / 2 ** 20, 1)}
     except psutil.Error:
         return None
 
