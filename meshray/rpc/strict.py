@@ -142,6 +142,9 @@ class _Method:
     check: Callable | None
     unary_request: bool
     unary_response: bool
+    # What a refused unary-response call returns alongside its status: the
+    # thread-pool server serializes whatever is returned, and None fails that.
+    refused_response: object = None
 
     def accept(self, data):
         message = decode(self.request_class, data)
@@ -186,11 +189,13 @@ def add_service(server, servicer, service: str, *, checks: dict | None = None,
     is_aio = isinstance(server, grpc.aio.Server)
     handlers = {}
     for method in descriptor.methods:
+        raw = method.name in raw_responses
+        response_class = getattr(pb, method.output_type.name)
         spec = _Method(f"/{service}/{method.name}",
                        getattr(pb, method.input_type.name), checks.get(method.name),
-                       not method.client_streaming, not method.server_streaming)
-        serializer = (None if method.name in raw_responses
-                      else getattr(pb, method.output_type.name).SerializeToString)
+                       not method.client_streaming, not method.server_streaming,
+                       b"" if raw else response_class())
+        serializer = None if raw else response_class.SerializeToString
         behavior = getattr(servicer, method.name)
         build = _aio_behavior if is_aio else _sync_behavior
         wrapped = build(spec, behavior, report)
@@ -246,7 +251,7 @@ def _aio_behavior(spec: _Method, behavior, report: MalformedLog):
                 return await result if inspect.isawaitable(result) else result
             except Malformed as exc:
                 _refuse(report, spec, context, exc)
-                return None
+                return spec.refused_response
         return unary_unary
 
     if spec.unary_request:
@@ -273,7 +278,7 @@ def _aio_behavior(spec: _Method, behavior, report: MalformedLog):
                     raise
             if problem.error is not None:
                 _refuse(report, spec, context, problem.error)
-                return None
+                return spec.refused_response
             return result
         return stream_unary
 
@@ -319,7 +324,7 @@ def _sync_behavior(spec: _Method, behavior, report: MalformedLog):
                 return behavior(one(request_iterator), context)
             except Malformed as exc:
                 _refuse(report, spec, context, exc)
-                return None
+                return spec.refused_response
         return unary_unary
 
     if spec.unary_request:
@@ -344,7 +349,7 @@ def _sync_behavior(spec: _Method, behavior, report: MalformedLog):
                     raise
             if problem.error is not None:
                 _refuse(report, spec, context, problem.error)
-                return None
+                return spec.refused_response
             return result
         return stream_unary
 

@@ -111,12 +111,14 @@ def test_valid_calls_work_through_generated_stubs(served):
 
 
 @pytest.mark.parametrize("count", [0, 2])
-def test_unary_method_needs_exactly_one_message(served, count):
+def test_unary_method_needs_exactly_one_message(served, count, caplog):
     address, servicer = served
     code, details = _raw(address, INFO, [b""] * count)
     assert code == "INVALID_ARGUMENT", details
     assert "exactly one meshray.NodeInfoRequest" in details
     assert servicer.seen == []
+    # The refusal is the only thing logged (no serializer error on the side).
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 def test_undecodable_message_is_refused_before_the_servicer(served):
