@@ -4,6 +4,7 @@
     python -m chaos run --workload tasks,actors --nemesis kill-node,pause-node \\
         --nodes 4 --duration 120 --seed 7 [--netns] [--report out.json]
     python -m chaos run --address 127.0.0.1:2379 --workload tasks --nemesis kill-worker
+    python -m chaos fuzz-wire --seed 7 --duration 60     (see chaos/fuzz_wire.py)
 
 A run: print the fault schedule (drawn from the seed alone), start the
 cluster, start the workloads, inject the faults one at a time (health check
@@ -525,6 +526,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the schedule and exit")
     run.add_argument("--verbose", action="store_true",
                      help="show meshray's own warnings (watch resumes, retries) in this process")
+    from chaos.fuzz_wire import add_parser as add_fuzz_wire
+    add_fuzz_wire(sub)
     pg = sub.add_parser("_pg-driver", help=argparse.SUPPRESS)
     for flag in ("--address", "--token", "--out", "--stop-file"):
         pg.add_argument(flag, required=flag != "--token")
@@ -571,6 +574,9 @@ def main(argv=None) -> int:
     if args.command == "list":
         print(list_everything())
         return 0
+    if args.command == "fuzz-wire":
+        from chaos.fuzz_wire import main as fuzz_wire_main
+        return fuzz_wire_main(args)
     if args.command == "_pg-driver":
         from chaos.workloads import pg_driver_main
         return pg_driver_main(args)

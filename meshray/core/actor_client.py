@@ -27,6 +27,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import grpc
+
 from meshray import exceptions
 from meshray.core import arg_files
 from meshray.rpc import make_channel
@@ -209,6 +211,7 @@ class ActorConnection:
         address = self._pick_address(info)
         self._channel = make_channel(address, token=self._core.token)
         stub = pb_grpc.ActorServiceStub(self._channel)
+        malformed = None
         try:
             for batch in stub.Call(self._outgoing(replies_queue, handed)):
                 answered = True
@@ -222,6 +225,8 @@ class ActorConnection:
                                           reusable=result.args_released and not call.resent)
         except Exception as exc:  # noqa: BLE001 - stream broke: find out why
             log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
+            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                malformed = exc.details()
             refused = stream_refused(exc)
             why = getattr(exc, "details", lambda: None)() or str(exc) or why
         finally:
@@ -233,7 +238,25 @@ class ActorConnection:
                         call.sent = False    # it never reached the actor: just send it again
             replies_queue.put(None)
             self._channel.close()
+        if malformed is not None:
+            # Sent again, a malformed call would be refused again: fail what
+            # the stream carried instead of retrying it.
+            log.error("actor %s refused a call from this process as malformed: %s",
+                      self.actor_id.hex(), malformed)
+            self._fail_sent(exceptions.RaySystemError(
+                f"actor {self.actor_id.hex()} refused a call as malformed: {malformed}"))
+            return True, why
         return answered, why
+
+    def _fail_sent(self, error: BaseException) -> None:
+        """Fail the calls sent and not answered (those the refused stream carried)."""
+        with self._lock:
+            calls = [call for call in self._pending.values() if call.sent]
+            for call in calls:
+                self._pending.pop(call.spec.task_id, None)
+        for call in calls:
+            self._release(call.arg_file)
+            self._core.fail_locally(call.return_ids, error)
 
     def _inline_arg_file(self, call: PendingCall) -> None:
         """The actor now lives on another node: send the argument image inline."""

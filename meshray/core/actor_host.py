@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -35,21 +36,30 @@ import grpc
 from meshray import exceptions
 from meshray.common import ids
 from meshray.common.fence import LeaseFence, fence_applies
-from meshray.core import arg_files, state as state_mod
+from meshray.core import arg_files, call_rules, state as state_mod
 from meshray.core.actor_client import REFUSED_KEY
 from meshray.core.object_ref import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
-from meshray.rpc import accept_targets, make_server
+from meshray.rpc import accept_targets, make_server, strict
+from meshray.rpc.rules import pickle_problem
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
-__all__ = ["ActorHost", "ActorExitRequested"]
+__all__ = ["ActorHost", "ActorExitRequested", "MalformedArguments"]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 2000
 TERMINATE_METHOD = "__ray_terminate__"
 READY_METHOD = "__ray_ready__"
+
+
+class MalformedArguments(strict.Malformed):
+    """An actor call whose argument bytes no caller sends (ActorHost.load_args).
+
+    TaskExecutor.run lets it through instead of making it the call's error:
+    the actor ends the caller's stream with INVALID_ARGUMENT.
+    """
 
 
 class ActorExitRequested(BaseException):
@@ -65,6 +75,39 @@ class _Refused:
 
     def __init__(self, dispatched: int):
         self.dispatched = dispatched
+
+
+class _CallStream:
+    """The replies of one Call stream, and when it may end.
+
+    A caller that half-closes its side still gets the answers to the calls it
+    sent: the stream ends once every call it carried has been answered.
+    """
+
+    def __init__(self):
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._unanswered = 0
+        self._input_ended = False
+
+    def started(self) -> None:
+        with self._lock:
+            self._unanswered += 1
+
+    def reply(self, item) -> None:
+        self.replies.put(item)
+        with self._lock:
+            self._unanswered -= 1
+            last = self._input_ended and self._unanswered == 0
+        if last:
+            self.replies.put(None)
+
+    def input_ended(self) -> None:
+        with self._lock:
+            self._input_ended = True
+            last = self._unanswered == 0
+        if last:
+            self.replies.put(None)
 
 
 class ActorHost(pb_grpc.ActorServiceServicer):
@@ -132,7 +175,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._server, bound = make_server([f"{host}:0", f"unix:{unix_path}"],
                                           token=self.core.token,
                                           max_workers=256)
-        pb_grpc.add_ActorServiceServicer_to_server(self, self._server)
+        methods = frozenset(self.options.get("methods") or ()) | {READY_METHOD, TERMINATE_METHOD}
+        # A malformed call batch is answered INVALID_ARGUMENT and never dispatched.
+        strict.add_service(self._server, self, "meshray.ActorService", checks={
+            "Call": lambda batch: call_rules.check_actor_call_batch(batch, self.actor_id, methods)})
         self._server.start()
         advertise = os.environ.get("MESHRAY_ADVERTISE_HOST") or host
         addresses = [a if a.startswith("unix:") else f"{advertise}:{a.rsplit(':', 1)[1]}"
@@ -142,9 +188,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
 
     # ------------------------------------------------------------ stream
     def Call(self, request_iterator, context):
-        replies: queue.SimpleQueue = queue.SimpleQueue()
+        stream = _CallStream()
+        replies = stream.replies
         self._streams.append(replies)
-        reader = threading.Thread(target=self._read_calls, args=(request_iterator, replies),
+        reader = threading.Thread(target=self._read_calls, args=(request_iterator, stream),
                                   name="meshray-actor-calls", daemon=True)
         reader.start()
         answered = 0
@@ -163,38 +210,45 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 if isinstance(result, _Refused):
                     refused = result
                     continue
+                if isinstance(result, strict.Malformed):
+                    raise result           # strict.py answers INVALID_ARGUMENT
                 results = [result]
                 while len(results) < _BATCH:
                     try:
                         result = replies.get_nowait()
                     except queue.Empty:
                         break
-                    if result is None:
-                        yield pb.ActorReplyBatch(results=results)
-                        return
                     if isinstance(result, _Refused):
                         refused = result
                         break
+                    if not isinstance(result, pb.TaskResult):     # the end, or malformed
+                        yield pb.ActorReplyBatch(results=results)
+                        if result is None:
+                            return
+                        raise result           # strict.py answers INVALID_ARGUMENT
                     results.append(result)
                 answered += len(results)
                 yield pb.ActorReplyBatch(results=results)
         finally:
             self._streams.remove(replies)
 
-    def _read_calls(self, request_iterator, replies: queue.SimpleQueue) -> None:
+    def _read_calls(self, request_iterator, stream: "_CallStream") -> None:
         dispatched = 0
         try:
             for batch in request_iterator:
                 if self._fence is not None and not self._fence.valid(self._fence_lease):
                     # Never run calls as an incarnation the cluster may have given up on.
-                    replies.put(_Refused(dispatched))
+                    stream.replies.put(_Refused(dispatched))
                     return
                 for spec in batch.calls:
                     dispatched += 1
-                    self._dispatch(spec, replies.put)
-        except Exception as exc:  # noqa: BLE001 - the caller went away
+                    stream.started()
+                    self._dispatch(spec, stream.reply)
+        except Exception as exc:  # noqa: BLE001 - the caller went away, or sent garbage
             log.debug("actor call stream ended: %s", exc)
-        replies.put(None)
+            stream.replies.put(None)
+            return
+        stream.input_ended()
 
     def _refuse(self, spec) -> pb.TaskResult:
         result = pb.TaskResult(task_id=spec.task_id)
@@ -253,11 +307,18 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             del self._arg_maps[name]
             return True
 
-    def resolve_args(self, spec, values: list):
-        """Rebuild a call's (args, kwargs): a plain pickle, or an image (inline or a file)."""
+    def load_args(self, spec):
+        """The call's (args, kwargs) as sent, with placeholders for ref arguments.
+
+        Bytes that are not a pickle, or a pickle of anything but an (args,
+        kwargs) pair, make the call malformed (MalformedArguments: its stream is
+        answered INVALID_ARGUMENT); an error raised while rebuilding the
+        caller's objects is the call's own error, as for a task.
+        """
+        what = f"calls[].args_blob of call {spec.task_id.hex()} ({spec.method_name})"
         if not spec.args_image:
-            return self.executor.resolve_args(spec, values)
-        if spec.args_file:
+            inband, buffers = spec.args_blob, ()
+        elif spec.args_file:
             image = self._arg_images.pop(spec.task_id, None)
             if image is None:   # e.g. a resent call that arrived twice
                 image = self._map_arg_file(spec.args_file)
@@ -265,10 +326,29 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 raise exceptions.RaySystemError(
                     f"could not read the arguments of {spec.name} from the caller's argument "
                     f"file {spec.args_file!r}: {image}")
+            inband, buffers = image
         else:
-            image = arg_files.unpack_inline(spec.args_blob)
-        args, kwargs = arg_files.load(image)
-        del image
+            try:
+                inband, buffers = arg_files.unpack_inline(spec.args_blob)
+            except ValueError as exc:
+                raise MalformedArguments(f"{what}: not an object image ({exc})") from None
+        problem = pickle_problem(inband)
+        if problem is not None:
+            raise MalformedArguments(f"{what}: expected {problem}")
+        try:
+            loaded = pickle.loads(inband, buffers=buffers)
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise MalformedArguments(
+                f"{what}: not a pickle ({type(exc).__name__}: {exc})") from None
+        if not (isinstance(loaded, tuple) and len(loaded) == 2
+                and isinstance(loaded[0], (list, tuple)) and isinstance(loaded[1], dict)):
+            raise MalformedArguments(f"{what}: expected a pickled (args, kwargs) pair, "
+                                     f"got a {type(loaded).__name__}")
+        return loaded
+
+    def resolve_args(self, spec, values: list):
+        """Rebuild a call's (args, kwargs): a plain pickle, or an image (inline or a file)."""
+        args, kwargs = self.load_args(spec)
 
         def fill(item):
             return values[item.index] if isinstance(item, ArgPlaceholder) else item
@@ -317,6 +397,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self.executor.run(spec, body, self._deliver(reply, spec))
         except ActorExitRequested:
             reply(self._exit_now(spec, "exit_actor() was called"))
+        except MalformedArguments as exc:
+            reply(exc)   # Call ends the caller's stream with INVALID_ARGUMENT
 
     async def _run_async(self, spec, reply) -> None:
         semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]

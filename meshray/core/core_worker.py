@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+import grpc
+
 from meshray import exceptions
 from meshray.common import ids
 from meshray.core import object_ref, serialization
@@ -201,7 +203,10 @@ class CoreWorker:
                     except Exception:  # noqa: BLE001 - keep reading
                         log.exception("failed to handle %s from the node", kind)
         except Exception as exc:  # noqa: BLE001 - stream ended
-            if not self._closed:
+            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # This process sent something malformed: a bug worth seeing.
+                log.error("the node refused this process's session: %s", exc.details())
+            elif not self._closed:
                 log.debug("session stream ended: %s", exc)
         finally:
             with self._lock:

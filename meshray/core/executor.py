@@ -24,7 +24,7 @@ from meshray import exceptions
 from meshray.common import ids
 from meshray.common.worker_output import context_line
 from meshray.core import serialization, state as state_mod
-from meshray.core.actor_host import ActorExitRequested, ActorHost
+from meshray.core.actor_host import ActorExitRequested, ActorHost, MalformedArguments
 from meshray.core.object_ref import ArgPlaceholder
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -240,8 +240,8 @@ class TaskExecutor:
                     self.fail(result, spec, self.wrap(spec, exc))
             except _DependencyFailed as failure:
                 self.fail(result, spec, failure.error)
-            except ActorExitRequested:
-                raise
+            except (ActorExitRequested, MalformedArguments):
+                raise   # the actor exits, or ends the call's stream (actor_host)
             except Exception as exc:  # noqa: BLE001 - the user's error becomes the result
                 if spec.task_id in self._cancelled:
                     # Whatever the interrupted code raised on its way out.
@@ -343,12 +343,14 @@ class TaskExecutor:
         if not spec.retry_exception_types:
             return True
         try:
-            types = pickle.loads(spec.retry_exception_types)
-        except Exception as error:  # noqa: BLE001 - never lose the task's own error over this
-            log.warning("could not load retry_exceptions of %s (%s: %s); not retrying",
-                        spec.name, type(error).__name__, error)
+            return isinstance(exc, pickle.loads(spec.retry_exception_types))
+        except Exception as problem:  # noqa: BLE001 - the task fails without a retry instead
+            # Raised here it would escape the handler packaging the task's
+            # error and end this worker's loop.
+            log.warning("task %s: retry_exception_types is not a pickled tuple of exception "
+                        "classes (%s: %s); not retrying", spec.name, type(problem).__name__,
+                        problem)
             return False
-        return isinstance(exc, types)
 
     @staticmethod
     def fail(result: pb.TaskResult, spec, error: BaseException, retryable: bool = False) -> None:

@@ -197,14 +197,15 @@ _POSITIVE = _count_check(1, "None or an integer >= 1")
 
 
 def _num_returns_check(keyword: str, value: Any) -> Optional[str]:
+    from meshray.rpc.rules import MAX_NUM_RETURNS   # the bound nodes and actors enforce
     if isinstance(value, str):
         if value in ("streaming", "dynamic"):
             return None
-    elif value >= 0:
+    elif 0 <= value <= MAX_NUM_RETURNS:
         return None
     return (
-        f"The keyword '{keyword}' only accepts None, a non-negative integer, 'streaming' "
-        f"(for generators) or 'dynamic', got {value!r}."
+        f"The keyword '{keyword}' only accepts None, an integer from 0 to {MAX_NUM_RETURNS}, "
+        f"'streaming' (for generators) or 'dynamic', got {value!r}."
     )
 
 

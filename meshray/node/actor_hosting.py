@@ -15,6 +15,7 @@ from meshray import exceptions
 from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
 from meshray.node.objects import error_value
+from meshray.rpc import strict
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ActorHosting"]
@@ -127,9 +128,15 @@ class ActorHosting:
 
     def _on_actor_exiting(self, conn, msg: pb.ActorExiting) -> None:
         entry = self.actors.get(msg.actor_id)
-        if entry is not None:
-            entry.exiting = True
-            entry.kill_cause = msg.reason
+        if entry is None:
+            return
+        if conn.worker is None or conn.worker.actor is not entry:
+            # Else any process could turn an actor's later crash into an intended exit.
+            raise strict.Malformed(
+                f"actor_exiting.actor_id={msg.actor_id.hex()}: only the worker hosting an "
+                "actor may say that it exits")
+        entry.exiting = True
+        entry.kill_cause = msg.reason
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
         return error_value(object_id, exceptions.ActorDiedError(

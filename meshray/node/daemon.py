@@ -29,6 +29,7 @@ from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.liveness import PeerLiveness
+from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.task_lifecycle import TaskState, move, take_retry
@@ -41,7 +42,7 @@ from meshray.node.worker_pool import (
     wait_for_exit,
 )
 from meshray.object_store.store import ObjectStore
-from meshray.rpc import accept_targets, make_aio_server
+from meshray.rpc import accept_targets, make_aio_server, strict
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler.resources import NodeResources, ResourceSet
@@ -84,6 +85,8 @@ class Connection:
     log_to_driver: bool = True
     worker: WorkerProcess | None = None
     closed: bool = False
+    malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT
+    reserved: set = field(default_factory=set)  # store reservations it has not sealed yet
 
     def send(self, event: pb.ServerEvent) -> None:
         if not self.closed:
@@ -179,9 +182,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         unix_path = os.path.join(self.config.session_dir, f"node-{self.node_id.hex()[:8]}.sock")
         self.server, bound = make_aio_server(
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
-        pb_grpc.add_NodeServiceServicer_to_server(self, self.server)
-        pb_grpc.add_NodePeerServicer_to_server(self, self.server)
-        self._start_transfers(self.server)   # transfer.py: chunk encoding, pulled copies
+        self._serve(self.server)
+        self._start_transfers()   # transfer.py: pulled copies, allocator
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
@@ -200,6 +202,23 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         asyncio.get_running_loop().create_task(self._replace_loop())
         liveness = PeerLiveness(self, self._revoke_dead_peer)
         asyncio.get_running_loop().create_task(liveness.run(self._stopping))
+
+    def _serve(self, server) -> None:
+        """Register both services; a malformed request never reaches a handler
+        (rpc/strict.py answers it INVALID_ARGUMENT, node/request_rules.py says
+        what is malformed)."""
+        questions = frozenset(name[len("_ask_"):] for name in dir(type(self))
+                              if name.startswith("_ask_"))
+        local = questions | request_rules.CLUSTER_QUESTIONS
+        refused = strict.MalformedLog()
+        strict.add_service(server, self, "meshray.NodeService", malformed_log=refused, checks={
+            "Connect": lambda batch: request_rules.check_client_batch(batch, local)})
+        # PullObject yields chunks encoded by hand (transfer.encode_chunk).
+        strict.add_service(server, self, "meshray.NodePeer", malformed_log=refused,
+                           raw_responses=("PullObject",), checks={
+                               "Deliver": lambda batch: request_rules.check_peer_batch(
+                                   batch, questions),
+                               "PullObject": request_rules.check_pull_request})
 
     def _advertised_host(self) -> str:
         if self.config.advertise_host:
@@ -279,6 +298,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 yield pb.ServerBatch(events=events)
                 if conn.closed:
                     break
+            if conn.malformed is not None:
+                raise conn.malformed
         finally:
             reader.cancel()
             self._disconnected(conn)
@@ -286,16 +307,22 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
     async def _read_client(self, conn: Connection, request_iterator) -> None:
         try:
             async for batch in request_iterator:
-                for event in batch.events:
-                    try:
-                        self._handle(conn, event)
-                    except Exception:  # noqa: BLE001 - one bad message never takes the node down
-                        log.exception("failed to handle %s from connection %d",
-                                      event.WhichOneof("kind"), conn.conn_id)
-                self._flush_borrows()
-                self._schedule()
+                try:
+                    for event in batch.events:
+                        try:
+                            self._handle(conn, event)
+                        except strict.Malformed:
+                            raise
+                        except Exception:  # noqa: BLE001 - one bad event never takes the node down
+                            log.exception("failed to handle %s from connection %d",
+                                          event.WhichOneof("kind"), conn.conn_id)
+                finally:   # what the batch did before a refusal still takes effect
+                    self._flush_borrows()
+                    self._schedule()
         except asyncio.CancelledError:
             raise
+        except strict.Malformed as exc:
+            conn.malformed = exc      # Connect ends the session with INVALID_ARGUMENT
         except Exception as exc:  # noqa: BLE001
             log.debug("connection %d read ended: %s", conn.conn_id, exc)
         conn.outbox.put_nowait(None)
@@ -310,11 +337,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         conn.job_id, conn.namespace, conn.log_to_driver = hello.job_id, hello.namespace, hello.log_to_driver
         if hello.role == "worker":
             worker = self.pool.by_id.get(hello.worker_id)
-            if worker is None:
-                log.warning("unknown worker %s said hello; closing", hello.worker_id.hex())
-                conn.send(pb.ServerEvent(notice=pb.Notice(text="unknown worker")))
-                conn.outbox.put_nowait(None)
-                return
+            if worker is None or worker.conn is not None:
+                raise strict.Malformed(
+                    f"hello.worker_id={hello.worker_id.hex()}: expected the id of a worker "
+                    "this node started and that has not connected yet")
             worker.conn, conn.worker = conn, worker
             self.pool.connected(worker)
             self._worker_free(worker)
@@ -357,6 +383,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _on_put(self, conn: Connection, msg: pb.PutObject) -> None:
         value = msg.value
+        conn.reserved.discard(value.object_id)
         self._seal_if_stored(value)
         if value.in_store and value.location not in ("", self.node_hex) and not msg.handoff:
             # An actor on another node holds this return for us until we claim it.
@@ -374,6 +401,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(
                 request_id=msg.request_id, error=str(exc))))
             return
+        conn.reserved.add(msg.object_id)
         conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(request_id=msg.request_id, path=path)))
 
     def _on_subscribe(self, conn: Connection, msg: pb.Subscribe) -> None:
@@ -433,6 +461,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                                                     error=f"{type(exc).__name__}: {exc}")))
 
     def _on_task_result(self, conn: Connection, result: pb.TaskResult) -> None:
+        for value in result.returns:
+            conn.reserved.discard(value.object_id)
         worker = conn.worker
         task = self.tasks.get(result.task_id)
         if task is None or worker is None or task.worker is not worker:
@@ -583,6 +613,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         conn.closed = True
         self.conns.pop(conn.conn_id, None)
         self._apply(self.objects.drop_connection(conn.conn_id))
+        self._abort_reservations(conn)
         if conn.pid:
             # Actor-call argument files this process can no longer release.
             arg_dir.sweep_process(self.store_dir, conn.pid, conn.worker_id)
@@ -597,6 +628,15 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         elif conn.role == "driver":
             self._job_ended(conn)
         self._schedule()
+
+    def _abort_reservations(self, conn: Connection) -> None:
+        """Give back the room a process reserved and never sealed: nothing else will."""
+        for object_id in conn.reserved:
+            try:
+                self.store.abort(object_id)
+            except Exception:  # noqa: BLE001 - sealed meanwhile (a result on its way), or gone
+                continue
+        conn.reserved.clear()
 
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self.pool.forget(worker)
@@ -718,6 +758,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             "Resources": self.resources.total.to_dict(),
             "Labels": dict(self.config.labels),
         }
+
+    async def _ask_store_stats(self, conn, payload: dict) -> dict:
+        """This node's object store counters: capacity, bytes used, reservations..."""
+        return self.store.stats()
 
     def _answer_cluster(self, method: str, local_available: dict):
         """Cluster-wide questions, answered from the etcd view (off the loop)."""

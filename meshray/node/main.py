@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -23,11 +24,21 @@ __all__ = ["main"]
 log = logging.getLogger("meshray.node")
 
 
+def _node_id(text: str) -> str:
+    """Peers refuse batches from a node id of any other length (rpc/rules.py)."""
+    from meshray.rpc.rules import NODE_ID_LEN
+    if text and not re.fullmatch(r"[0-9a-f]{%d}" % (2 * NODE_ID_LEN), text):
+        raise argparse.ArgumentTypeError(
+            f"--node-id={text!r}: expected {2 * NODE_ID_LEN} lower-case hex digits")
+    return text
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="meshray-node")
     parser.add_argument("--session-dir", required=True)
     parser.add_argument("--owns-session-dir", action="store_true")
-    parser.add_argument("--node-id", default="")
+    parser.add_argument("--node-id", default="", type=_node_id,
+                        help="32 hex digits (default: a random id)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--advertise-host", default="",

@@ -6,7 +6,9 @@ the order they were queued. Every batch also carries this node's load as of
 its sending (free resources, backlog room), which the peer uses to offer us
 spilled work. A link whose calls fail keeps its events and retries with
 backoff until the peer is declared dead (its etcd lease is gone), at which
-point the daemon drops the link and handles the node's death.
+point the daemon drops the link and handles the node's death. A batch the
+peer refuses as malformed is not retried as is (it would be refused for
+ever): its events go one by one and only the refused ones are dropped.
 """
 from __future__ import annotations
 
@@ -65,23 +67,48 @@ class PeerLink:
             self._wakeup.clear()
             while self._queue and not self._closed:
                 batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-                message = pb.PeerBatch(from_node=self._local_node_id, events=batch)
-                if self._load is not None:
-                    try:
-                        message.load.CopyFrom(self._load())   # as of now, not when queued
-                    except Exception:  # noqa: BLE001 - the events matter more than the load
-                        log.exception("could not attach this node's load for %s", self.node_hex)
                 try:
-                    await self.stub.Deliver(message, timeout=PEER_CALL_TIMEOUT_S)
+                    await self._deliver(batch)
                     delay = 0.05
                 except grpc.aio.AioRpcError as exc:
                     if self._closed:
                         return
+                    self._queue[:0] = batch
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and \
+                            await self._deliver_singly(len(batch)):
+                        continue
                     log.warning("delivery to node %s at %s failed (%s); retrying",
                                 self.node_hex, self.address, exc.code().name)
-                    self._queue[:0] = batch
                     await asyncio.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 2.0)
+
+    async def _deliver(self, events: list) -> None:
+        message = pb.PeerBatch(from_node=self._local_node_id, events=events)
+        if self._load is not None:
+            try:
+                message.load.CopyFrom(self._load())   # as of now, not when queued
+            except Exception:  # noqa: BLE001 - the events matter more than the load
+                log.exception("could not attach this node's load for %s", self.node_hex)
+        await self.stub.Deliver(message, timeout=PEER_CALL_TIMEOUT_S)
+
+    async def _deliver_singly(self, count: int) -> bool:
+        """The peer refused a batch as malformed (a bug here; it would refuse it
+        again): send its `count` events one by one, dropping (and logging) only
+        those refused, so one bad event cannot wedge the link. False when a
+        transient failure interrupts it (the rest stay queued, in order)."""
+        for _ in range(count):
+            if self._closed or not self._queue:
+                return True
+            event = self._queue[0]
+            try:
+                await self._deliver([event])
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    return False
+                log.error("node %s refused a %s event from this node as malformed; it is "
+                          "dropped: %s", self.node_hex, event.WhichOneof("kind"), exc.details())
+            del self._queue[0]
+        return True
 
     async def close(self) -> None:
         self._closed = True

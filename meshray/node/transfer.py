@@ -406,36 +406,20 @@ class ObjectTransfer:
                 pass
 
     # ------------------------------------------------------------ holder side
-    def _start_transfers(self, server) -> None:
-        """Set this node up for transfers; call after the generated NodePeer
-        registration and before the server starts.
+    def _start_transfers(self) -> None:
+        """Set this node up for transfers; call before the server starts.
 
-        PullObject is then served with hand-encoded chunks: the handler
-        replaces the generated one under the same method name, so the token
-        check and the peer.pull failpoints apply as before. A pulled copy the
-        store drops for room is no longer listed as located here.
+        PullObject itself is registered with the node's other methods
+        (daemon._serve), answering with chunks encoded by hand. A pulled copy
+        the store drops for room is no longer listed as located here.
         """
         _tune_allocator()
-        handler = grpc.unary_stream_rpc_method_handler(
-            self._serve_pull, request_deserializer=pb.PullRequest.FromString,
-            response_serializer=None)
-        try:
-            server.add_registered_method_handlers("meshray.NodePeer", {"PullObject": handler})
-        except Exception as exc:  # noqa: BLE001 - the generated handler still serves pulls
-            log.warning("serving PullObject with protobuf messages (%s)", exc)
         if hasattr(self.store, "on_copy_dropped"):
             self.store.on_copy_dropped = self._copy_dropped
 
-    async def _serve_pull(self, request: pb.PullRequest, context):
-        async for chunk in self._pull_chunks(request, context, encode_chunk):
-            yield chunk
-
     async def PullObject(self, request: pb.PullRequest, context):
-        """The generated handler's version (protobuf messages): used only when
-        _start_transfers was not called."""
-        async for chunk in self._pull_chunks(request, context, lambda offset, data, total:
-                                             pb.ObjectChunk(offset=offset, data=bytes(data),
-                                                            total_size=total)):
+        """The object's chunks as ObjectChunk wire bytes (encode_chunk)."""
+        async for chunk in self._pull_chunks(request, context, encode_chunk):
             yield chunk
 
     async def _pull_chunks(self, request: pb.PullRequest, context, make_chunk):
