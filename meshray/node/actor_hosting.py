@@ -154,20 +154,44 @@ class ActorHosting:
         return membership.coordinator if registered else None
 
     def _publish_actor(self, entry: ActorEntry) -> None:
-        record = entry.encode(self.node_id.hex())
+        """Queue `entry`'s record for etcd; records reach etcd in the order
+        their states were reached.
 
-        async def publish():
+        Each state change used to be written by its own task through the
+        thread pool, so two writes could land in either order: an actor's
+        ALIVE record overwritten by its older PENDING one, which left callers
+        on other nodes waiting for an actor that was already serving. Now one
+        writer per node takes the records in order, and only the latest
+        record of an actor waits in the queue (an older one is never written
+        after a newer one). The creator's first record (PENDING, no restart
+        yet) is written only if the key is absent: the node that hosts the
+        actor may already have published that it is ALIVE.
+        """
+        record = entry.encode(self.node_id.hex())
+        first = entry.state == actor_states.PENDING and entry.num_restarts == 0
+        self._actor_records.pop(entry.actor_id, None)        # keep queue order = change order
+        self._actor_records[entry.actor_id] = (record, first)
+        if self._actor_publisher is None or self._actor_publisher.done():
+            self._actor_publisher = asyncio.get_running_loop().create_task(
+                self._publish_actor_records())
+
+    async def _publish_actor_records(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._actor_records:
             coordinator = await self._coordinator()
             if coordinator is None:
+                self._actor_records.clear()     # not a member: nothing to publish into
                 return
-            key = self.membership.keys.actor(entry.actor_id)
+            actor_id, (record, first) = next(iter(self._actor_records.items()))
+            del self._actor_records[actor_id]   # a newer record arriving now is written next
+            key = self.membership.keys.actor(actor_id)
             try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, coordinator.put, key, record)
+                if first:
+                    await loop.run_in_executor(None, coordinator.put_if_absent, key, record)
+                else:
+                    await loop.run_in_executor(None, coordinator.put, key, record)
             except Exception as exc:  # noqa: BLE001 - the local table stays authoritative
-                log.warning("could not publish actor %s: %s", entry.actor_id.hex(), exc)
-
-        asyncio.get_running_loop().create_task(publish())
+                log.warning("could not publish actor %s: %s", actor_id.hex(), exc)
 
     def _release_actor_name(self, entry: ActorEntry) -> None:
         name = entry.options.get("name")

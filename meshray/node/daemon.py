@@ -164,6 +164,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.local_address = ""
         self.membership = None            # set by the process entry point
         self.actors: dict[bytes, ActorEntry] = {}
+        self._actor_records: dict = {}       # actor id -> (record, first): queued for etcd
+        self._actor_publisher = None         # the task writing them, in order
         self.infeasible: list[TaskRecord] = []
         self._crash_reports: set = set()     # _report_crash tasks, held until they finish
         self.peer_requests: dict[int, asyncio.Future] = {}

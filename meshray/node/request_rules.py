@@ -38,6 +38,7 @@ from meshray.rpc.rules import (
     fail,
 )
 from meshray.rpc.strict import Malformed
+from meshray.scheduler import strategies
 from meshray.scheduler.resources import RESOURCE_PRECISION, to_units
 
 __all__ = ["BUILTIN_STRATEGIES", "CLUSTER_QUESTIONS", "MAX_PULL_CHUNK", "MIN_PULL_CHUNK",
@@ -50,7 +51,6 @@ ROLES = ("driver", "worker")
 BUILTIN_STRATEGIES = ("", "DEFAULT", "SPREAD")
 STRATEGY_CLASSES = ("PlacementGroupSchedulingStrategy", "NodeAffinitySchedulingStrategy",
                     "NodeLabelSchedulingStrategy")
-_STRATEGY_MODULE = "meshray.util.scheduling_strategies"
 # Request methods the node answers from the etcd view rather than an _ask_ handler.
 CLUSTER_QUESTIONS = frozenset({"available_resources", "cluster_resources", "nodes",
                                "node_usage"})
@@ -92,9 +92,7 @@ def _strategy(spec, where: tuple) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure to load is the sender's
         fail(where, "strategy_blob", blob,
              f"a pickled {name} (loading it failed: {type(exc).__name__}: {exc})")
-    # By name, not isinstance: this module sits below the layer that defines them.
-    if not any(cls.__name__ == name and cls.__module__ == _STRATEGY_MODULE
-               for cls in type(strategy).__mro__):
+    if not isinstance(strategy, getattr(strategies, name)):
         fail(where, "strategy_blob", blob, f"a pickled {name}, got a {type(strategy).__name__}")
 
 

@@ -165,3 +165,36 @@ def test_sealed_values_round_trip_and_forgeries_read_as_absent(etcd):
         outsider.delete_prefix("/seal/")
         member.close()
         outsider.close()
+
+
+def test_actor_records_reach_etcd_in_the_order_of_their_states(ray, local_node):
+    """Each state change of an actor used to be written by its own thread-pool
+    task, so a PENDING record could land after ALIVE and stay: callers on
+    other nodes then waited for an actor that was serving. Every record must
+    end up saying what the node knows."""
+    meshray, node = ray, local_node
+    keys = keyspace.Keyspace()
+
+    @meshray.remote(num_cpus=0)
+    class Echo:
+        def ping(self):
+            return "pong"
+
+    actors = [Echo.remote() for _ in range(30)]
+    assert meshray.get([a.ping.remote() for a in actors], timeout=60) == ["pong"] * 30
+    member = Coordinator(node.etcd.split(","), timeout=5.0,
+                         **security.etcd_client_options(token=TOKEN))
+    try:
+        def states():
+            found = {}
+            for actor in actors:
+                value, _rev = member.get(keys.actor(actor._actor_id.hex()))
+                found[actor._actor_id.hex()] = keyspace.decode_json(value)["state"] if value else None
+            return found
+
+        wait_for(lambda: set(states().values()) == {"ALIVE"}, timeout=20,
+                 message="every live actor's record in etcd says ALIVE")
+    finally:
+        member.close()
+        for actor in actors:
+            meshray.kill(actor)
