@@ -21,7 +21,6 @@ import asyncio
 import inspect
 import logging
 import threading
-import time
 
 import grpc
 import grpc.aio
@@ -35,6 +34,7 @@ from meshray.rpc.auth import (
     MembershipError,
     ProofChecker,
 )
+from meshray.rpc.burst_log import BurstLog
 
 log = logging.getLogger("meshray.rpc.factory")
 
@@ -44,35 +44,11 @@ HELLO_TIMEOUT_S = 10.0
 _OWN_KEYS = (AUTH_METADATA_KEY, TARGET_METADATA_KEY, "meshray-token")
 
 
-class RejectionLog:
-    """Log rejected calls without letting a flood of them flood the log.
-
-    Every rejection is worth knowing about (it is either a misconfigured
-    peer or a probe), but a scanner can send thousands a second; after
-    `burst` lines in a window the rest are counted and summarised.
-    """
-
-    def __init__(self, burst: int = 20, window_s: float = 10.0):
-        self._burst, self._window = burst, window_s
-        self._lock = threading.Lock()
-        self._window_start = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def record(self, method: str, peer: str, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window_start >= self._window:
-                if self._suppressed:
-                    log.warning("%d more unauthenticated gRPC calls were rejected in the "
-                                "last %.0fs (not logged individually)",
-                                self._suppressed, self._window)
-                self._window_start, self._logged, self._suppressed = now, 0, 0
-            if self._logged >= self._burst:
-                self._suppressed += 1
-                return
-            self._logged += 1
-        log.warning("rejected unauthenticated gRPC call to %s from %s: %s", method, peer, reason)
+def RejectionLog(burst: int = 20, window_s: float = 10.0) -> BurstLog:
+    """The log of calls refused for want of a valid membership proof."""
+    return BurstLog(log, "rejected unauthenticated gRPC call to %s from %s: %s",
+                    "%d more unauthenticated gRPC calls were rejected in the last %.0fs "
+                    "(not logged individually)", burst=burst, window_s=window_s)
 
 
 # ------------------------------------------------------------------ servers

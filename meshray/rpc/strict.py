@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +37,7 @@ import grpc.aio
 from google.protobuf import message as protobuf_message
 from google.protobuf import unknown_fields
 
+from meshray.rpc.burst_log import BurstLog
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["Malformed", "MalformedLog", "add_service", "decode"]
@@ -105,34 +104,11 @@ def _first_unknown(message, path: str):
     return None
 
 
-class MalformedLog:
-    """Log malformed requests without letting a flood of them flood the log.
-
-    Each is worth a line (a buggy peer, or someone probing), but a loop can
-    send thousands a second: after `burst` lines in a window the rest are
-    counted and reported as one line when the next window opens.
-    """
-
-    def __init__(self, burst: int = 20, window_s: float = 10.0):
-        self._burst, self._window = burst, window_s
-        self._lock = threading.Lock()
-        self._window_start = 0.0
-        self._logged = 0
-        self._suppressed = 0
-
-    def record(self, method: str, peer: str, problem: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window_start >= self._window:
-                if self._suppressed:
-                    log.warning("%d more malformed requests were refused in the last %.0fs "
-                                "(not logged individually)", self._suppressed, self._window)
-                self._window_start, self._logged, self._suppressed = now, 0, 0
-            if self._logged >= self._burst:
-                self._suppressed += 1
-                return
-            self._logged += 1
-        log.warning("refused a malformed request to %s from %s: %s", method, peer, problem)
+def MalformedLog(burst: int = 20, window_s: float = 10.0) -> BurstLog:
+    """The log of malformed requests refused."""
+    return BurstLog(log, "refused a malformed request to %s from %s: %s",
+                    "%d more malformed requests were refused in the last %.0fs "
+                    "(not logged individually)", burst=burst, window_s=window_s)
 
 
 @dataclass
@@ -173,7 +149,7 @@ class _Problem:
 
 
 def add_service(server, servicer, service: str, *, checks: dict | None = None,
-                raw_responses=(), malformed_log: MalformedLog | None = None) -> None:
+                raw_responses=(), malformed_log: BurstLog | None = None) -> None:
     """Serve `service` ("meshray.NodeService") from `servicer` with strict requests.
 
     `checks` maps a method name to a function that raises Malformed for a
@@ -209,7 +185,7 @@ def add_service(server, servicer, service: str, *, checks: dict | None = None,
     server.add_registered_method_handlers(service, handlers)
 
 
-def _refuse(report: MalformedLog, spec: _Method, context, error: Malformed) -> None:
+def _refuse(report: BurstLog, spec: _Method, context, error: Malformed) -> None:
     """Log the refusal and set the call's status; the wrapper then returns.
 
     The status is set rather than raised with context.abort: grpc.aio keeps
@@ -223,7 +199,7 @@ def _refuse(report: MalformedLog, spec: _Method, context, error: Malformed) -> N
 
 
 # ------------------------------------------------------------------ asyncio
-def _aio_behavior(spec: _Method, behavior, report: MalformedLog):
+def _aio_behavior(spec: _Method, behavior, report: BurstLog):
     async def one(request_iterator):
         first = _MISSING
         async for data in request_iterator:
@@ -298,7 +274,7 @@ def _aio_behavior(spec: _Method, behavior, report: MalformedLog):
 
 
 # ------------------------------------------------------------------ thread pool
-def _sync_behavior(spec: _Method, behavior, report: MalformedLog):
+def _sync_behavior(spec: _Method, behavior, report: BurstLog):
     def one(request_iterator):
         first = _MISSING
         for data in request_iterator:
