@@ -52,8 +52,8 @@ def RejectionLog(burst: int = 20, window_s: float = 10.0) -> BurstLog:
 
 
 # ------------------------------------------------------------------ servers
-def _deny_handler(real_handler, behavior):
-    """A handler that aborts the call without reading its request.
+def _deny_handler(real_handler, aio: bool, record):
+    """A handler that refuses the call without reading its request.
 
     The request side is always streaming, whatever the real method is: a
     unary-request handler makes gRPC read (and hand over) the request
@@ -61,11 +61,36 @@ def _deny_handler(real_handler, behavior):
     handling -- an unauthenticated caller must not get. The response side
     copies the real method's shape so the framework's bookkeeping matches
     the caller's expectation; for an unknown method the stream shape fits
-    any caller (the status is the same on the wire).
+    any caller (the status is the same on the wire). The status is set, not
+    raised with context.abort: grpc.aio keeps memory behind for every aborted
+    call, and a flood of strangers must not grow the server.
     """
-    if real_handler is not None and not real_handler.response_streaming:
-        return grpc.stream_unary_rpc_method_handler(behavior)
-    return grpc.stream_stream_rpc_method_handler(behavior)
+    unary = real_handler is not None and not real_handler.response_streaming
+
+    def refuse(context):
+        record(context.peer())
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(DENIED_DETAILS)
+
+    if aio and unary:
+        async def deny_unary(_requests, context):
+            refuse(context)
+            return b""
+        return grpc.stream_unary_rpc_method_handler(deny_unary)
+    if aio:
+        async def deny_stream(_requests, context):
+            refuse(context)
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if unary:
+        def deny_unary_sync(_requests, context):
+            refuse(context)
+            return b""
+        return grpc.stream_unary_rpc_method_handler(deny_unary_sync)
+
+    def deny_stream_sync(_requests, context):
+        refuse(context)
+        return iter(())
+    return grpc.stream_stream_rpc_method_handler(deny_stream_sync)
 
 
 def _handler_like(handler, behavior):
@@ -149,12 +174,7 @@ class AioGate(grpc.aio.ServerInterceptor):
                 return _hello_handler(True, proof)
             return _aio_proving(real, proof) if real is not None else None
         rejections = self.rejections
-
-        async def deny(_request_iterator, context):
-            rejections.record(method, context.peer(), reason)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED_DETAILS)
-
-        return _deny_handler(real, deny)
+        return _deny_handler(real, True, lambda peer: rejections.record(method, peer, reason))
 
 
 class SyncGate(grpc.ServerInterceptor):
@@ -173,12 +193,7 @@ class SyncGate(grpc.ServerInterceptor):
                 return _hello_handler(False, proof)
             return _sync_proving(real, proof) if real is not None else None
         rejections = self.rejections
-
-        def deny(_request_iterator, context):
-            rejections.record(method, context.peer(), reason)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED_DETAILS)
-
-        return _deny_handler(real, deny)
+        return _deny_handler(real, False, lambda peer: rejections.record(method, peer, reason))
 
 
 # ----------------------------------------------------------------- channels

@@ -385,3 +385,35 @@ def test_warns_about_readable_private_key(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="meshray.rpc.tls"):
         TlsConfig(str(cert), str(key))
     assert any("readable by group/others" in r.getMessage() for r in caplog.records)
+
+
+def test_a_flood_of_strangers_does_not_grow_the_server():
+    """10,000 calls without a membership proof leave the server's memory
+    where it was: a refusal keeps nothing per call (measured here: ~0.2 MB
+    for 10,000 with the status set, ~0.5 MB with context.abort)."""
+    import psutil
+
+    holder = AioServerThread(["127.0.0.1:0"], token=TOKEN, tls=None)
+    try:
+        with grpc.insecure_channel(holder.bound[0]) as channel:
+            call = channel.stream_stream(f"/{SERVICE}/StreamStream")
+
+            def refuse(count: int) -> None:
+                for _ in range(count):
+                    with pytest.raises(grpc.RpcError) as info:
+                        list(call(iter([b"x"]), timeout=5))
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+            logger = logging.getLogger("meshray.rpc.factory")
+            level, logger.level = logger.level, logging.ERROR   # 6,000 warnings are not the point
+            try:
+                refuse(1000)      # warm up gRPC's own pools first
+                before = psutil.Process().memory_info().rss
+                refuse(10000)
+                grown = psutil.Process().memory_info().rss - before
+            finally:
+                logger.setLevel(level)
+    finally:
+        holder.close()
+    assert grown < 2 * 1024 * 1024, f"10,000 refused calls grew the process by {grown} bytes"
+    assert holder.recorder.deserialized == 0 and holder.recorder.handled == 0
