@@ -73,7 +73,21 @@ TARGET_METADATA_KEY = "meshray-target"
 PROOF_METADATA_KEY = "meshray-proof"
 HELLO_METHOD = "/meshray.Auth/Hello"
 _VERSION = "v1"
-MAX_SKEW_S = float(os.environ.get("MESHRAY_AUTH_MAX_SKEW_S", "300"))
+
+
+def _max_skew_from_env() -> float:
+    raw = os.environ.get("MESHRAY_AUTH_MAX_SKEW_S", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 86400.0:
+        raise ValueError(f"MESHRAY_AUTH_MAX_SKEW_S={raw!r} must be a number of seconds "
+                         "between 1 and 86400 (default 300)")
+    return value
+
+
+MAX_SKEW_S = _max_skew_from_env()
 """How far a caller's clock may be from the server's. Calls are also bound to
 a nonce remembered for this long, so a larger window costs memory only."""
 _MAX_REMEMBERED_NONCES = 1_000_000

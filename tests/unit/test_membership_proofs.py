@@ -195,3 +195,13 @@ def test_advertised_address_is_accepted_once_registered(member):
     accept_targets(server, [advertised])
     auth, target, _ = CallSigner(SECRET, advertised).sign(METHOD)
     assert _raw_call(address, [auth, target]) == b"echo:x"
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "soon", "nan", "1e9"])
+def test_a_bad_clock_skew_setting_is_a_clear_error(monkeypatch, raw):
+    from meshray.rpc import auth
+    monkeypatch.setenv("MESHRAY_AUTH_MAX_SKEW_S", raw)
+    with pytest.raises(ValueError, match="MESHRAY_AUTH_MAX_SKEW_S"):
+        auth._max_skew_from_env()
+    monkeypatch.setenv("MESHRAY_AUTH_MAX_SKEW_S", "60")
+    assert auth._max_skew_from_env() == 60.0
