@@ -49,7 +49,9 @@ class EventLog:
         return self._entries.maxlen
 
     def record(self, kind: str, ident: bytes, old, new, cause: str) -> None:
-        self._entries.append((self._clock(), kind, ident, str(old), str(new), cause))
+        # States are kept as given and named only when read: recording runs for
+        # every move on a node's hot path, reading almost never.
+        self._entries.append((self._clock(), kind, ident, old, new, cause))
         self.recorded += 1
 
     def tail(self, count: int | None = None) -> list[dict]:
@@ -57,8 +59,8 @@ class EventLog:
         entries = list(self._entries)
         if count is not None:
             entries = entries[-count:] if count > 0 else []
-        return [{"time": when, "kind": kind, "id": ident.hex(), "from": old, "to": new,
-                 "cause": cause} for when, kind, ident, old, new, cause in entries]
+        return [{"time": when, "kind": kind, "id": ident.hex(), "from": str(old),
+                 "to": str(new), "cause": cause} for when, kind, ident, old, new, cause in entries]
 
     def format_tail(self, count: int = 20) -> str:
         lines = [f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from meshray.node.task_lifecycle import TaskState, move, new_story
+from meshray.scheduler.resources import ResourceSet
 
 __all__ = ["TaskRecord", "TaskQueue", "infeasible_notice"]
 
@@ -72,8 +73,6 @@ class TaskRecord:
         us, or an actor's creation run again): what it asks for, holds and may
         retry all come from its spec. An actor's creation task holds the
         actor's resources and is never retried (the actor restarts instead)."""
-        from meshray.scheduler.resources import ResourceSet
-
         task = cls(spec=spec, owner=owner, return_ids=return_ids,
                    request=ResourceSet.from_dict(dict(spec.resources)), env_key=env_key,
                    env_vars=dict(spec.env_vars), retries_left=spec.max_retries, actor=actor)
