@@ -28,6 +28,7 @@ from meshray.core.actor_client import ActorConnection
 from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
 from meshray.object_store import layout
 from meshray.rpc import make_channel
+from meshray.rpc.dispatch import dispatch_table
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
@@ -77,8 +78,12 @@ class CoreWorker:
         self.worker_id = worker_id or ids.new_id()
         self.job_id = job_id
         self.namespace = namespace
-        self._on_execute = on_execute
-        self._on_kill = on_kill
+        self._execute_callback = on_execute
+        self._kill_callback = on_kill
+        self._handlers = dispatch_table(pb.ServerEvent, {
+            "welcome": self._on_welcome, "ready": self._on_ready, "execute": self._on_execute,
+            "kill": self._on_kill, "reserve_reply": self._on_answer, "reply": self._on_answer,
+            "logs": self._on_logs, "notice": self._on_notice})
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         # Re-entrant: ObjectRef.__del__ may run (via GC) while this thread holds it.
         self._lock = threading.RLock()
@@ -199,7 +204,7 @@ class CoreWorker:
                 for event in batch.events:
                     kind = event.WhichOneof("kind")
                     try:
-                        getattr(self, "_on_" + kind)(getattr(event, kind))
+                        self._handlers[kind](getattr(event, kind))
                     except Exception:  # noqa: BLE001 - keep reading
                         log.exception("failed to handle %s from the node", kind)
         except Exception as exc:  # noqa: BLE001 - stream ended
@@ -220,8 +225,8 @@ class CoreWorker:
             for future in list(self._requests.values()):
                 if not future.done():
                     future.set_exception(ConnectionError("node daemon connection lost"))
-            if self._lost and self._on_kill is not None:
-                self._on_kill(None)
+            if self._lost and self._kill_callback is not None:
+                self._kill_callback(None)
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         self._welcome.set_result(welcome)
@@ -254,18 +259,15 @@ class CoreWorker:
             self._resolve_future(future, object_id)
 
     def _on_execute(self, msg: pb.ExecuteTask) -> None:
-        self._on_execute(msg)
+        if self._execute_callback is not None:
+            self._execute_callback(msg)
 
     def _on_kill(self, msg: pb.KillTask) -> None:
-        if self._on_kill is not None:
-            self._on_kill(msg)
+        if self._kill_callback is not None:
+            self._kill_callback(msg)
 
-    def _on_reserve_reply(self, msg: pb.ReserveReply) -> None:
-        future = self._requests.pop(msg.request_id, None)
-        if future is not None:
-            future.set_result(msg)
-
-    def _on_reply(self, msg: pb.Reply) -> None:
+    def _on_answer(self, msg) -> None:
+        """A ReserveReply or Reply: the answer to one of our numbered requests."""
         future = self._requests.pop(msg.request_id, None)
         if future is not None:
             future.set_result(msg)

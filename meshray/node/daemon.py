@@ -29,9 +29,11 @@ from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.liveness import PeerLiveness
+from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
+from meshray.node.routes import Routes, answer
 from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
@@ -41,7 +43,6 @@ from meshray.node.worker_pool import (
     describe_exit,
     wait_for_exit,
 )
-from meshray.object_store.store import ObjectStore
 from meshray.rpc import accept_targets, make_aio_server, strict
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -93,38 +94,6 @@ class Connection:
             self.outbox.put_nowait(event)
 
 
-OWNER_FILE = ".owner-pid"
-
-
-def sweep_stale_stores(root: str) -> None:
-    """Remove store dirs of daemons that died without cleaning up (SIGKILL, crash).
-
-    Each daemon writes its pid into its store dir; a dir whose pid is gone
-    (or now belongs to a process that is not a meshray daemon) is stale.
-    """
-    import psutil
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith("meshray-"):
-            continue
-        path = os.path.join(root, name)
-        try:
-            with open(os.path.join(path, OWNER_FILE)) as handle:
-                pid = int(handle.read().strip() or 0)
-        except (OSError, ValueError):
-            continue              # not ours, or being created right now
-        try:
-            alive = "meshray.node.main" in " ".join(psutil.Process(pid).cmdline())
-        except (psutil.Error, OSError):
-            alive = False
-        if not alive:
-            import shutil
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def env_key_for(env_vars: dict) -> str:
     if not env_vars:
         return DEFAULT_ENV_KEY
@@ -140,14 +109,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.resources = NodeResources(
             ResourceSet.from_dict(config.resources),
             instances={"GPU": list(config.gpu_ids)} if config.gpu_ids else None)
-        store_root = f"/dev/shm/meshray-{config.node_id.hex()[:12]}"
-        sweep_stale_stores("/dev/shm")
-        self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
-                                 config.object_store_memory)
+        self.store = open_node_store(config.node_id, config.session_dir,
+                                     config.object_store_memory)
         self.store.mapped = self._store_file_mapped
-        with open(os.path.join(store_root, OWNER_FILE), "w") as handle:
-            handle.write(str(os.getpid()))
-        self.store_dir = store_root
+        self.store_dir = self.store.shm_dir
         self.objects = ObjectDirectory(is_local=self._owns)
         self.events = EventLog()
         self.queue = TaskQueue(self.events)
@@ -173,6 +138,48 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._init_cluster()
         self._init_env_setup()
         self._init_pg()
+        self.routes = self._build_routes()
+
+    def _build_routes(self) -> Routes:
+        """Which handler takes which message (routes.py says why a table)."""
+        cluster_questions = {method: self._cluster_asker(method)
+                             for method in request_rules.CLUSTER_QUESTIONS}
+        return Routes.build(
+            client={
+                "hello": self._on_hello, "register_function": self._on_register_function,
+                "submit": self._on_submit, "put": self._on_put, "reserve": self._on_reserve,
+                "subscribe": self._on_subscribe, "refs": self._on_refs,
+                "task_result": self._on_task_result, "cancel": self._on_cancel,
+                "blocked": self._on_blocked, "request": self._on_request,
+                "actor_exiting": self._on_actor_exiting,
+            },
+            peer={
+                "spill": self._peer_spill, "verdict": self._peer_verdict,
+                "result": self._peer_result, "subscribe": self._peer_subscribe,
+                "ready": self._peer_ready, "refs": self._peer_refs,
+                "request": self._peer_request, "reply": self._peer_reply,
+                "free": self._peer_free, "cancel_remote": self._peer_cancel_remote,
+                "container_freed": self._peer_container_freed,
+            },
+            questions={
+                "dump_events": self._ask_dump_events, "store_stats": self._ask_store_stats,
+                "restore": self._ask_restore, "rebuild_object": self._ask_rebuild_object,
+                "pg_create": self._ask_pg_create, "pg_remove": self._ask_pg_remove,
+                "pg_get": self._ask_pg_get, "pg_get_by_name": self._ask_pg_get_by_name,
+                "pg_table": self._ask_pg_table, "actor_info": self._ask_actor_info,
+                "kill_actor": self._ask_kill_actor, "claim_actor_name": self._ask_claim_actor_name,
+                "get_named_actor": self._ask_get_named_actor, "list_actors": self._ask_list_actors,
+                **cluster_questions,
+            },
+            local_only=frozenset(cluster_questions))
+
+    def _cluster_asker(self, method: str):
+        async def ask(conn, payload: dict):
+            # Cluster questions may wait on etcd: never on the event loop.
+            local = self.resources.available.to_dict()
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self._answer_cluster, method, local)
+        return ask
 
     def _owns(self, object_id: bytes) -> bool:
         return object_id[:ids.NODE_PREFIX_LEN] == self.node_id[:ids.NODE_PREFIX_LEN]
@@ -209,9 +216,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         """Register both services; a malformed request never reaches a handler
         (rpc/strict.py answers it INVALID_ARGUMENT, node/request_rules.py says
         what is malformed)."""
-        questions = frozenset(name[len("_ask_"):] for name in dir(type(self))
-                              if name.startswith("_ask_"))
-        local = questions | request_rules.CLUSTER_QUESTIONS
+        local, questions = frozenset(self.routes.questions), self.routes.peer_questions
         refused = strict.MalformedLog()
         strict.add_service(server, self, "meshray.NodeService", malformed_log=refused, checks={
             "Connect": lambda batch: request_rules.check_client_batch(batch, local)})
@@ -331,7 +336,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _handle(self, conn: Connection, event: pb.ClientEvent) -> None:
         kind = event.WhichOneof("kind")
-        getattr(self, "_on_" + kind)(conn, getattr(event, kind))
+        self.routes.client[kind](conn, getattr(event, kind))
 
     # ------------------------------------------------------------ handlers
     def _on_hello(self, conn: Connection, hello: pb.Hello) -> None:
@@ -446,21 +451,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         asyncio.get_running_loop().create_task(self._answer_request(conn, msg))
 
     async def _answer_request(self, conn: Connection, msg: pb.Request) -> None:
-        try:
-            payload = json.loads(msg.payload) if msg.payload else {}
-            asker = getattr(self, "_ask_" + msg.method, None)
-            if asker is not None:
-                result = await asker(conn, payload)
-            else:
-                # Cluster questions may wait on etcd: never on the event loop.
-                local = self.resources.available.to_dict()
-                result = await asyncio.get_running_loop().run_in_executor(
-                    None, self._answer_cluster, msg.method, local)
-            conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
-                                                    payload=json.dumps(result).encode())))
-        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - always answered
-            conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
-                                                    error=f"{type(exc).__name__}: {exc}")))
+        conn.send(pb.ServerEvent(reply=await answer(self.routes, conn, msg)))
 
     def _on_task_result(self, conn: Connection, result: pb.TaskResult) -> None:
         for value in result.returns:
