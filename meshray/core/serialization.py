@@ -5,11 +5,17 @@ their buffers (numpy arrays, bytes-likes) out of band so the object store can
 lay them out in shared memory and readers can map them without a copy. While
 a value is pickled, every ObjectRef inside it is recorded: the node must keep
 those objects alive for as long as the containing object lives.
+
+Custom serializers (``register_reducer``) are per process, as in Ray: they
+change how this process pickles instances of a class. The deserializer
+travels inside the pickle, so a reader needs no registration of its own.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import threading
+from collections import ChainMap
 from dataclasses import dataclass, field
 
 import cloudpickle
@@ -24,6 +30,9 @@ __all__ = [
     "deserialize_buffers",
     "record_contained_ref",
     "serialize_error",
+    "register_reducer",
+    "unregister_reducer",
+    "dumps",
 ]
 
 # Values at or below this many bytes travel inline with messages; larger ones
@@ -32,6 +41,55 @@ INLINE_THRESHOLD = 100 * 1024
 
 _context = threading.local()
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+# class -> reducer(obj) -> (rebuild, args). Read through the pickler's
+# dispatch table, so a registration applies to every later serialize().
+_custom_reducers: dict = {}
+
+
+class _CustomPickler(cloudpickle.CloudPickler):
+    # The C pickler reads dispatch_table once, at construction: it has to be
+    # a class attribute, and a live view of the registry.
+    dispatch_table = ChainMap(_custom_reducers, cloudpickle.CloudPickler.dispatch_table)
+
+
+def _rebuild_custom(deserializer, serialized):
+    return deserializer(serialized)
+
+
+def register_reducer(cls: type, serializer, deserializer) -> None:
+    """Pickle instances of `cls` in this process as ``deserializer(serializer(obj))``.
+
+    Only this process's pickling changes; a worker that returns such values
+    registers the class itself.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"register_serializer() argument cls={cls!r} must be a class")
+    if cls in _PLAIN_TYPES:
+        raise ValueError(f"register_serializer() argument cls={cls.__name__} is a built-in "
+                         "type pickle writes directly; it cannot have a custom serializer")
+    for label, function in (("serializer", serializer), ("deserializer", deserializer)):
+        if not callable(function):
+            raise TypeError(f"register_serializer() argument {label}={function!r} "
+                            "must be callable")
+
+    def reduce(obj):
+        return _rebuild_custom, (deserializer, serializer(obj))
+
+    _custom_reducers[cls] = reduce
+
+
+def unregister_reducer(cls: type) -> None:
+    """Forget `cls`'s custom serializer; nothing happens when it has none."""
+    _custom_reducers.pop(cls, None)
+
+
+def dumps(value, **kwargs) -> bytes:
+    """cloudpickle at protocol 5, with this process's custom serializers."""
+    if not _custom_reducers:
+        return cloudpickle.dumps(value, protocol=5, **kwargs)
+    out = io.BytesIO()
+    _CustomPickler(out, protocol=5, **kwargs).dump(value)
+    return out.getvalue()
 
 
 @dataclass
@@ -75,14 +133,14 @@ def serialize(value, *, what: str = "value", inline_limit: int = INLINE_THRESHOL
     buffers: list = []
     try:
         try:
-            inband = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+            inband = dumps(value, buffer_callback=buffers.append)
         except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's TypeError
             raise TypeError(
                 f"could not serialize {what} of type {type(value).__name__}: {exc}") from exc
         if buffers and len(inband) + sum(memoryview(b).nbytes for b in buffers) <= inline_limit:
             # Small: one in-band blob is cheaper to ship than separate buffers.
             ids.clear()
-            inband = cloudpickle.dumps(value, protocol=5)
+            inband = dumps(value)
             buffers = []
     finally:
         _context.ids = previous
