@@ -35,6 +35,8 @@ from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.routes import Routes, answer
 from meshray.node.task_lifecycle import TaskState, move, take_retry
+from meshray.node import state_records
+from meshray.node.task_events import TaskEvents
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
 from meshray.node.worker_pool import (
@@ -114,7 +116,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.store.mapped = self._store_file_mapped
         self.store_dir = self.store.shm_dir
         self.objects = ObjectDirectory(is_local=self._owns)
-        self.events = EventLog()
+        self.task_events = TaskEvents(config.node_id.hex(), os.path.join(
+            config.session_dir, "task_events", config.node_id.hex()[:12]))
+        self.events = EventLog(task_sink=self.task_events)
         self.queue = TaskQueue(self.events)
         self.runtime_stats = pipelining.RuntimeStats()
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -138,6 +142,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._init_cluster()
         self._init_env_setup()
         self._init_pg()
+        self.state = state_records.state_service_for(self)
         self.routes = self._build_routes()
 
     def _build_routes(self) -> Routes:
@@ -169,9 +174,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "pg_table": self._ask_pg_table, "actor_info": self._ask_actor_info,
                 "kill_actor": self._ask_kill_actor, "claim_actor_name": self._ask_claim_actor_name,
                 "get_named_actor": self._ask_get_named_actor, "list_actors": self._ask_list_actors,
+                "state_local": self.state.ask_local, "state_query": self.state.ask_cluster,
                 **cluster_questions,
             },
-            local_only=frozenset(cluster_questions))
+            local_only=frozenset(cluster_questions) | {"state_query"})
 
     def _cluster_asker(self, method: str):
         async def ask(conn, payload: dict):
@@ -274,6 +280,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if self.server is not None:
             await self.server.stop(grace=0.5)
         self.store.destroy()
+        self.task_events.close()
         self.fence.close()
         try:
             os.unlink(self.fence.path)
@@ -379,6 +386,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             if not self.objects.is_ready(object_id):
                 task.pending_deps.add(object_id)
                 self.waiting_on.setdefault(object_id, []).append(task)
+        self.task_events.submitted(task, bool(task.pending_deps))
         if not task.pending_deps:
             self._enqueue(task)
 
@@ -505,9 +513,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         return {"node_id": self.node_id.hex(), "capacity": self.events.capacity,
                 "recorded": self.events.recorded, "events": self.events.tail(last)}
 
-    def _finish(self, task: TaskRecord, values: list) -> None:
-        self._move(task, TaskState.DONE, "finished with an error" if any(
-            v.is_error for v in values) else "finished")
+    def _finish(self, task: TaskRecord, values: list, error: BaseException | None = None) -> None:
+        """`task` is done: `values` are its returns (`error`: the failure the node decided)."""
+        failed = any(v.is_error for v in values)
+        self._move(task, TaskState.DONE, "finished with an error" if failed else "finished")
+        self.task_events.finished(task, failed, error)
         self.tasks.pop(task.task_id, None)
         for value in values:
             self._seal_if_stored(value)
@@ -522,7 +532,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _finish_failed(self, task: TaskRecord, error: BaseException) -> None:
         """Fail a task whose resources are already released."""
-        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+        self._finish(task, [error_value(oid, error) for oid in task.return_ids], error)
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
         self._release(task)
@@ -531,7 +541,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             # A (re)start that can never happen: the actor is dead, and says why
             # (a restart has no return value to carry the error).
             self._set_actor_state(entry, "init_failed", f"{type(error).__name__}: {error}")
-        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+        self._finish_failed(task, error)
 
     def _cancel(self, task: TaskRecord, force: bool, recursive: bool) -> None:
         if recursive:
@@ -662,8 +672,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if self._group_task_lost(task):
             return
         if task.cancelled:
-            error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
-            self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+            self._finish_failed(task, task.pg_error
+                                or exceptions.TaskCancelledError(task.task_id.hex()))
         elif self._owner_present(task.owner) and take_retry(task):
             self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
@@ -694,7 +704,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 f"{describe_exit(code)}; no retries left (max_retries="
                 f"{task.spec.max_retries}).",
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
-        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+        self._finish_failed(task, error)
 
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""
