@@ -159,17 +159,25 @@ def merge_pages(pages: dict, query: Query, missing: dict | None = None) -> dict:
             "nodes": sorted(pages), "missing": dict(missing or {})}
 
 
-def summarize(records, filters=()) -> dict:
-    """Per function or class name: its type and a count per state."""
+# What a summary groups by, and which column it counts, per resource.
+_SUMMARY = {"tasks": ("func_or_class_name", "state"), "actors": ("class_name", "state"),
+            "objects": ("call_site", "task_status")}
+
+
+def summarize(records, query: Query) -> dict:
+    """Per function or class name (tasks, actors) or call site (objects): a count per state."""
+    if query.resource not in _SUMMARY:
+        _fail("resource", query.resource, f"one of {', '.join(_SUMMARY)} for a summary")
+    group, state = _SUMMARY[query.resource]
     counts: dict = {}
     for record in records:
-        if filters and not matches(record, filters):
+        if query.filters and not matches(record, query.filters):
             continue
-        key = record.get("func_or_class_name") or record.get("class_name") or "?"
+        key = str(record.get(group) or "?")
         entry = counts.get(key)
         if entry is None:
             entry = counts[key] = {"type": record.get("type", ""), "state_counts": Counter()}
-        entry["state_counts"][record.get("state", "NIL")] += 1
+        entry["state_counts"][record.get(state) or "NIL"] += 1
     return {name: {"type": e["type"], "state_counts": dict(e["state_counts"])}
             for name, e in counts.items()}
 

@@ -64,7 +64,7 @@ class StateService:
                              "asked (state_query), not node by node")
         records = self._sources[query.resource]()
         if payload.get("summary"):
-            return {"summary": queries.summarize(records, query.filters)}
+            return {"summary": queries.summarize(records, query)}
         page = queries.local_page(records, query)
         page["dropped"] = self._dropped(query.resource)
         return page
@@ -78,7 +78,7 @@ class StateService:
             started = time.monotonic()
             records = await asyncio.wait_for(self._cluster_sources[query.resource](), timeout)
             if payload.get("summary"):
-                return {"summary": queries.summarize(records, query.filters),
+                return {"summary": queries.summarize(records, query),
                         "nodes": [self.node_hex], "missing": {},
                         "elapsed_s": time.monotonic() - started}
             merged = queries.merge_pages({self.node_hex: queries.local_page(records, query)},
