@@ -310,13 +310,15 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
         raise ValueError("Wait requires a list of unique object refs.")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError(f"wait() argument num_returns={num_returns!r} must be an int >= 0")
-    if num_returns > len(refs):
-        raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
-                         f"of objects provided ({len(refs)}).")
     timeout = validation.check_timeout("wait()", timeout)
     if not isinstance(fetch_local, bool):
         raise ValueError(f"wait() argument fetch_local={fetch_local!r} must be a bool")
-    return state_mod.ensure_core().wait(refs, num_returns, timeout)
+    if not refs:
+        return [], []       # as Ray: nothing to wait for, whatever num_returns says
+    if num_returns > len(refs):
+        raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
+                         f"of objects provided ({len(refs)}).")
+    return state_mod.ensure_core().wait(refs, num_returns, timeout, fetch_local)
 
 
 def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:

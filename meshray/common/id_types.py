@@ -15,7 +15,7 @@ from meshray.common import ids
 
 __all__ = [
     "BaseID", "UniqueID", "JobID", "NodeID", "WorkerID", "TaskID", "ActorID", "FunctionID",
-    "ActorClassID", "ClusterID",
+    "ActorClassID", "ClusterID", "PlacementGroupID",
 ]
 
 
@@ -125,3 +125,14 @@ class ActorClassID(BaseID):
 
 class ClusterID(BaseID):
     pass
+
+
+class PlacementGroupID(BaseID):
+    """A placement group's id: random, and the key of all of the group's records."""
+
+    @classmethod
+    def from_hex(cls, hex_id) -> "PlacementGroupID":
+        try:
+            return super().from_hex(hex_id)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a placement group id: {hex_id!r} ({exc})") from None

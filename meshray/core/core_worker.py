@@ -565,18 +565,38 @@ class CoreWorker:
                     self._mapped[object_id] = mapped
         return serialization.deserialize_buffers(*mapped)
 
-    def wait(self, refs: list, num_returns: int, timeout: float | None):
+    def wait(self, refs: list, num_returns: int, timeout: float | None,
+             fetch_local: bool = True):
+        """(ready, not_ready): ready once the value exists; with fetch_local, once it
+        is also in this node's store (remote copies are pulled here meanwhile)."""
         object_ids = [ref.binary() for ref in refs]
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_values(object_ids, num_returns, deadline)
-        ready, not_ready = [], []
+        ready = []
         with self._lock:
             for ref in refs:
                 if ref.binary() in self._values and len(ready) < num_returns:
                     ready.append(ref)
-                else:
-                    not_ready.append(ref)
-        return ready, not_ready
+        if fetch_local and ready:
+            ready = self._fetched_locally(ready, deadline)
+        chosen = {id(ref) for ref in ready}
+        return ready, [ref for ref in refs if id(ref) not in chosen]
+
+    def _fetched_locally(self, refs: list, deadline: float | None) -> list:
+        """Those of `refs` whose values are here by the deadline (pulling the others)."""
+        pulls = {}
+        with self._lock:
+            values = {ref.binary(): self._values.get(ref.binary()) for ref in refs}
+        for object_id, value in values.items():
+            if (value is not None and value.in_store and object_id not in self._mapped
+                    and not os.path.exists(os.path.join(self.store_dir, object_id.hex()))):
+                pulls[object_id] = self.request_async("restore", {
+                    "object_id": object_id.hex(), "location": value.location})
+        if not pulls:
+            return refs
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        concurrent.futures.wait(list(pulls.values()), remaining)
+        return [ref for ref in refs if ref.binary() not in pulls or pulls[ref.binary()].done()]
 
     def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
         future = concurrent.futures.Future()
@@ -619,6 +639,18 @@ class CoreWorker:
                 self._changed.wait(1.0)
             object_id = stream.items[wanted]
         return ObjectRef(object_id)
+
+    def stream_status(self, task_id: bytes, index: int) -> str:
+        """Item `index` of a stream: "ready", "pending", "finished" (no such item) or "closed"."""
+        with self._lock:
+            stream = self._streams.get(task_id)
+            if stream is None:
+                return "closed"
+            if index + 1 in stream.items:
+                return "ready"
+            if stream.total is not None and index >= stream.total:
+                return "finished"
+            return "pending"
 
     def close_stream(self, task_id: bytes) -> None:
         with self._lock:
