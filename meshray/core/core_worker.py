@@ -68,6 +68,17 @@ class _Stream:
         self.total: int | None = None
 
 
+def _session_refused(exc: BaseException | None) -> ConnectionError:
+    """Why the node ended the session before welcoming us: credentials, or anything else."""
+    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return exceptions.AuthenticationError(
+            f"the node daemon refused this process's credentials ({code.name}: {details}); "
+            "check the cluster token (init(_token=...), MESHRAY_TOKEN or MESHRAY_TOKEN_FILE)")
+    return ConnectionError("node daemon closed the session")
+
+
 class CoreWorker:
     def __init__(self, *, daemon_address: str, token: str | None, role: str,
                  worker_id: bytes | None = None, job_id: bytes = b"", namespace: str = "",
@@ -194,6 +205,7 @@ class CoreWorker:
                 return
 
     def _read_loop(self) -> None:
+        ended = None
         try:
             for batch in self._responses:
                 for event in batch.events:
@@ -203,6 +215,7 @@ class CoreWorker:
                     except Exception:  # noqa: BLE001 - keep reading
                         log.exception("failed to handle %s from the node", kind)
         except Exception as exc:  # noqa: BLE001 - stream ended
+            ended = exc
             if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # This process sent something malformed: a bug worth seeing.
                 log.error("the node refused this process's session: %s", exc.details())
@@ -216,7 +229,7 @@ class CoreWorker:
                     for waiter in waiters:
                         waiter.event.set()
             if not self._welcome.done():
-                self._welcome.set_exception(ConnectionError("node daemon closed the session"))
+                self._welcome.set_exception(_session_refused(ended))
             for future in list(self._requests.values()):
                 if not future.done():
                     future.set_exception(ConnectionError("node daemon connection lost"))
@@ -536,7 +549,7 @@ class CoreWorker:
             try:
                 result = serialization.deserialize_inline(value.inline_data)
             except Exception as exc:  # noqa: BLE001 - say what failed, not an unpickling trace
-                raise exceptions.RaySystemError(
+                raise exceptions.UnserializableException(
                     f"the error stored for object {value.object_id.hex()} could not be "
                     f"deserialized here: {type(exc).__name__}: {exc}") from exc
         else:
