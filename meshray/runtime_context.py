@@ -22,9 +22,9 @@ __all__ = ["RuntimeContext", "get_runtime_context"]
 log = logging.getLogger(__name__)
 
 
-def _deprecated(old: str, new: str) -> None:
+def _deprecated(old: str, new: str, stacklevel: int = 3) -> None:
     warnings.warn(f"RuntimeContext.{old} is deprecated; use {new} instead",
-                  DeprecationWarning, stacklevel=3)
+                  DeprecationWarning, stacklevel=stacklevel)
 
 
 def _strategy_of(blob: bytes):
@@ -55,6 +55,10 @@ class RuntimeContext:
                   member, state_mod.state.mode or "process that has not called init()")
         return False
 
+    def _running_spec(self, member: str):
+        """The running task's spec; None in a driver or between tasks."""
+        return state_mod.current_spec() if self._in_worker(member) else None
+
     @staticmethod
     def _actor_spec():
         return state_mod.state.actor_spec if state_mod.state.actor_id else None
@@ -80,9 +84,7 @@ class RuntimeContext:
 
     def get_task_id(self) -> str | None:
         """The running task's id in hex; None in a driver or between tasks."""
-        if not self._in_worker("get_task_id()"):
-            return None
-        spec = state_mod.current_spec()
+        spec = self._running_spec("get_task_id()")
         return spec.task_id.hex() if spec is not None else None
 
     def get_actor_id(self) -> str | None:
@@ -103,9 +105,7 @@ class RuntimeContext:
     # ------------------------------------------------------------ names
     def get_task_name(self) -> str | None:
         """The task's name: `options(name=...)`, else its function's (or `Class.method`)."""
-        if not self._in_worker("get_task_name()"):
-            return None
-        spec = state_mod.current_spec()
+        spec = self._running_spec("get_task_name()")
         if spec is None:
             return None
         module, qualname = state_mod.state.function_names.get(spec.function_id, ("", ""))
@@ -115,9 +115,7 @@ class RuntimeContext:
 
     def get_task_function_name(self) -> str | None:
         """`module.function` of the running task, or `module.Class.method` in an actor."""
-        if not self._in_worker("get_task_function_name()"):
-            return None
-        spec = state_mod.current_spec()
+        spec = self._running_spec("get_task_function_name()")
         if spec is None:
             return None
         if spec.actor_id:
@@ -240,29 +238,30 @@ class RuntimeContext:
         return ""
 
     # ------------------------------------------------------------ deprecated
+    def _legacy_id(self, member: str, cls, getter, *, worker_only: bool = False):
+        """A deprecated `*_id` property: Ray's id object for what `get_<member>()` says."""
+        _deprecated(member, f"get_{member}()", stacklevel=4)
+        if worker_only:
+            self._require_worker(member)
+        value = getter()
+        return cls.from_hex(value) if value else None
+
     @property
     def job_id(self) -> id_types.JobID:
-        _deprecated("job_id", "get_job_id()")
-        return id_types.JobID.from_hex(self.get_job_id())
+        return self._legacy_id("job_id", id_types.JobID, self.get_job_id)
 
     @property
     def node_id(self) -> id_types.NodeID:
-        _deprecated("node_id", "get_node_id()")
-        return id_types.NodeID.from_hex(self.get_node_id())
+        return self._legacy_id("node_id", id_types.NodeID, self.get_node_id)
 
     @property
     def task_id(self) -> id_types.TaskID | None:
-        _deprecated("task_id", "get_task_id()")
-        self._require_worker("task_id")
-        task = self.get_task_id()
-        return id_types.TaskID.from_hex(task) if task else None
+        return self._legacy_id("task_id", id_types.TaskID, self.get_task_id, worker_only=True)
 
     @property
     def actor_id(self) -> id_types.ActorID | None:
-        _deprecated("actor_id", "get_actor_id()")
-        self._require_worker("actor_id")
-        actor = self.get_actor_id()
-        return id_types.ActorID.from_hex(actor) if actor else None
+        return self._legacy_id("actor_id", id_types.ActorID, self.get_actor_id,
+                               worker_only=True)
 
     @property
     def current_placement_group_id(self):

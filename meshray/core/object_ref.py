@@ -43,7 +43,7 @@ class ObjectRef:
             tracker.add_local_ref(object_id)
 
     def __del__(self):
-        tracker = self._tracker
+        tracker = getattr(self, "_tracker", None)    # unset if __init__ refused the id
         if tracker is not None:
             try:
                 tracker.remove_local_ref(self._id)
@@ -64,8 +64,10 @@ class ObjectRef:
         try:
             raw = bytes.fromhex(hex_id)
         except (TypeError, ValueError):
+            raw = b""
+        if len(raw) != ids.OBJECT_ID_LEN:
             raise ValueError(f"ObjectRef.from_hex() expected {2 * ids.OBJECT_ID_LEN} hex "
-                             f"digits, got {hex_id!r}") from None
+                             f"digits, got {hex_id!r}")
         return cls(raw)
 
     @classmethod
