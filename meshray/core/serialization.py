@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+import traceback
 from collections import ChainMap
 from dataclasses import dataclass, field
 
@@ -184,16 +185,21 @@ def _text_of(error: BaseException) -> str:
 
 
 def _error_stand_in(error: BaseException, problem: BaseException) -> exceptions.RayError:
-    """A picklable error that says what `error` was and why it could not travel."""
+    """A picklable error that says what `error` was and why it could not travel.
+
+    Ray's UnserializableException carries the text: as the cause inside the
+    task error (whose traceback is kept), or alone for any other error."""
     if isinstance(error, exceptions.RayTaskError):
         cause = error.cause
         what = f"{type(cause).__module__}.{type(cause).__qualname__}: {_text_of(cause)}"
         return exceptions.RayTaskError(
             error.function_name, error.traceback_str,
-            exceptions.RayError(f"{what} (the exception could not be serialized to send it "
-                                f"back: {type(problem).__name__}: {_text_of(problem)})"),
+            exceptions.UnserializableException(
+                f"{what} (the exception could not be serialized to send it back: "
+                f"{type(problem).__name__}: {_text_of(problem)})"),
             proctitle=error.proctitle, pid=error.pid, ip=error.ip, actor_repr=error.actor_repr,
             actor_id=error.actor_id, task_id=error.task_id, node_id=error.node_id)
-    return exceptions.RaySystemError(
-        f"{type(error).__module__}.{type(error).__qualname__}: {_text_of(error)} (could not "
-        f"be serialized: {type(problem).__name__}: {_text_of(problem)})")
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return exceptions.UnserializableException(
+        f"{trace.rstrip()}\n(it could not be serialized: {type(problem).__name__}: "
+        f"{_text_of(problem)})")
