@@ -31,7 +31,7 @@ class ProcessState:
     actor_spec: object = None           # the TaskSpec that created the actor this worker hosts
     actor_class_path: str = ""          # "module.Class" of that actor
     function_names: dict = field(default_factory=dict)  # function id -> (module, qualname)
-    auto_init: object = None            # () -> None: meshray.init() with defaults (set by meshray._api)
+    auto_init: object = None            # meshray.init itself (set by meshray._api)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
