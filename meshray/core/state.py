@@ -61,5 +61,28 @@ def current_spec():
     return _current_spec.get()
 
 
+def current_placement_group():
+    """The placement group the running task or actor was scheduled into, or None
+    (always None in a driver). The runtime context and ``ray.util`` both ask."""
+    spec = current_spec()
+    blob = getattr(spec, "strategy_blob", b"") if spec is not None else b""
+    if not blob:
+        # An actor's method calls carry no strategy; the daemon may leave the
+        # actor's creation strategy here for them.
+        blob = getattr(state, "actor_strategy_blob", b"") or b""
+    if not blob:
+        return None
+    import cloudpickle
+
+    from meshray.scheduler.strategies import PlacementGroupSchedulingStrategy
+    strategy = cloudpickle.loads(blob)
+    if not isinstance(strategy, PlacementGroupSchedulingStrategy):
+        return None
+    group = strategy.placement_group
+    if group is None or getattr(group, "is_empty", True):
+        return None
+    return group
+
+
 def set_current_spec(spec) -> None:
     _current_spec.set(spec)
