@@ -35,6 +35,7 @@ from meshray.common.id_types import (
 )
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.runtime_context import get_runtime_context
+from meshray.util.state.timeline import timeline
 
 # Ray's names for the same classes.
 ObjectID = ObjectRef
@@ -73,5 +74,6 @@ __all__ = [
     "put",
     "remote",
     "shutdown",
+    "timeline",
     "wait",
 ]

@@ -3,11 +3,13 @@
 Subcommand names, filters (``--filter "state=RUNNING"``, ``!=`` too) and
 output formats (``--format default|table|json|yaml``) follow ``ray list`` /
 ``ray get`` / ``ray summary``; plural resource names with dashes
-(``placement-groups``) as Ray spells them.
+(``placement-groups``) as Ray spells them. `meshray timeline` writes the
+tasks as a Chrome trace, as `ray timeline`.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -137,6 +139,23 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _cmd_timeline(args) -> int:
+    import tempfile
+    import time
+
+    from meshray.util.state.timeline import timeline
+    path = args.output or os.path.join(
+        tempfile.gettempdir(), f"meshray-timeline-{time.strftime('%Y-%m-%d_%H-%M-%S')}.json")
+    meshray = _connect(args.address)
+    try:
+        timeline(path)
+    finally:
+        meshray.shutdown()
+    print(f"Trace file written to {path}; open it in https://ui.perfetto.dev or "
+          "chrome://tracing")
+    return 0
+
+
 def _common(parser, *, formats=("default", "table", "json", "yaml")) -> None:
     parser.add_argument("--address", help="cluster to attach to (default: auto)")
     parser.add_argument("--format", choices=formats, default="default")
@@ -166,3 +185,8 @@ def add_parsers(commands) -> None:
     summary.add_argument("resource", choices=SUMMARIES)
     _common(summary)
     summary.set_defaults(func=_cmd_summary)
+
+    trace = commands.add_parser("timeline", help="write the cluster's tasks as a Chrome trace")
+    trace.add_argument("--address", help="cluster to attach to (default: auto)")
+    trace.add_argument("--output", "-o", help="file to write (default: a temp file)")
+    trace.set_defaults(func=_cmd_timeline)

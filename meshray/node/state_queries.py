@@ -53,7 +53,8 @@ CLUSTER_RESOURCES = frozenset({"actors", "nodes", "placement_groups"})
 PREDICATES = ("=", "!=")
 # Fields left out of a listing unless detail=True (as in Ray).
 _DETAIL_ONLY = {"tasks": ("events", "required_resources", "error_message", "creation_time_ms",
-                          "start_time_ms", "end_time_ms", "parent_task_id", "spilled_to")}
+                          "start_time_ms", "end_time_ms", "parent_task_id", "spilled_to",
+                          "spilled_from")}
 
 
 @dataclass(frozen=True)

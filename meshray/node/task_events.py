@@ -134,6 +134,8 @@ class TaskEvents:
                 "required_resources": dict(spec.resources),
                 "placement_group_id": None, "creation_time_ms": now, "start_time_ms": None,
                 "end_time_ms": None, "events": [(state, now)], "spilled_to": None,
+                # Spilled here by another node (its RemoteOwner stands for it).
+                "spilled_from": getattr(task.owner, "node_hex", None),
             }
         self._live[spec.task_id] = record
 

@@ -189,3 +189,25 @@ def test_cli_list_get_and_summary(cluster):
     assert summary.returncode == 0 and "FINISHED: 2" in summary.stdout
     bad = cli("list", "tasks", "--filter", "state~FAILED")
     assert bad.returncode == 2 and "expected KEY=VALUE or KEY!=VALUE" in bad.stderr
+
+
+def test_timeline_is_trace_event_json_with_a_slice_per_task(cluster, tmp_path):
+    cluster.add_node(num_cpus=1)
+    ray = cluster.connect()
+    _refs, ran_on = _spread_work(ray, 3)
+    path = tmp_path / "trace.json"
+    assert ray.timeline(str(path)) is None
+    events = json.loads(path.read_text())
+    slices = [e for e in events if e["ph"] == "X"]
+    assert sorted(e["name"] for e in slices) == ["broken"] + ["square"] * 6
+    for event in slices:
+        assert {"cat", "name", "pid", "tid", "ts", "dur", "args"} <= set(event)
+        assert isinstance(event["ts"], int) and event["dur"] >= 0
+        assert event["pid"].startswith("Node ") and event["tid"].startswith("worker ")
+    assert {e["pid"] for e in slices} == {f"Node {n[:12]}" for n in ran_on}
+    assert [e["cname"] for e in slices if e["name"] == "broken"] == ["bad"]
+    # Tasks that went to the second node show where they came from.
+    spills = [e for e in events if e["cat"] == "spill"]
+    elsewhere = sum(count for node, count in ran_on.items() if node != cluster.head_node.node_id)
+    assert len(spills) == elsewhere
+    assert len(ray.timeline()) == len(events)     # without a file: the events themselves
