@@ -38,6 +38,7 @@ from meshray.common import ids
 from meshray.common.fence import LeaseFence, fence_applies
 from meshray.core import arg_files, call_rules, state as state_mod
 from meshray.core.actor_client import REFUSED_KEY
+from meshray.core.actor_task_events import ActorTaskRecorder
 from meshray.core.object_ref import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
 from meshray.rpc import accept_targets, make_server, strict
@@ -149,6 +150,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         # a reply says the caller may reuse the file only once all are gone.
         self._arg_maps: dict = {}
         self._arg_maps_lock = threading.Lock()
+        # Its method calls, reported to the node for the state API.
+        self._task_events = ActorTaskRecorder(self.options.get("class_name") or cls.__name__,
+                                              self.core.send_actor_task_events)
 
     # ------------------------------------------------------------ setup
     def construct(self, args, kwargs) -> None:
@@ -224,12 +228,16 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                         refused = result
                         break
                     if not isinstance(result, pb.TaskResult):     # the end, or malformed
+                        for done in results:
+                            self._task_events.answered(done)
                         yield pb.ActorReplyBatch(results=results)
                         if result is None:
                             return
                         raise result           # strict.py answers INVALID_ARGUMENT
                     results.append(result)
                 answered += len(results)
+                for done in results:
+                    self._task_events.answered(done)
                 yield pb.ActorReplyBatch(results=results)
         finally:
             self._streams.remove(replies)
@@ -245,6 +253,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 for spec in batch.calls:
                     dispatched += 1
                     stream.started()
+                    if not spec.method_name.startswith("__ray_"):
+                        self._task_events.received(spec)
                     self._dispatch(spec, stream.reply)
         except Exception as exc:  # noqa: BLE001 - the caller went away, or sent garbage
             log.debug("actor call stream ended: %s", exc)

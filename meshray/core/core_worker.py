@@ -753,5 +753,8 @@ class CoreWorker:
     def send_actor_exiting(self, actor_id: bytes, reason: str) -> None:
         self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(actor_id=actor_id, reason=reason)))
 
+    def send_actor_task_events(self, report: pb.ActorTaskEvents) -> None:
+        self._send(pb.ClientEvent(task_events=report))
+
     def outbox_empty(self) -> bool:
         return self._outbox.empty()

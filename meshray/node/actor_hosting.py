@@ -52,6 +52,7 @@ class ActorHosting:
     def _actor_worker_died(self, worker) -> None:
         entry: ActorEntry = worker.actor
         worker.actor = None
+        self.task_events.worker_gone(worker.worker_id)
         task = worker.current_task
         if task is not None and task.actor is entry:
             # Died inside __init__ (e.g. os._exit): counts as a failed start.
@@ -139,6 +140,13 @@ class ActorHosting:
                 "actor may say that it exits")
         entry.exiting = True
         entry.kill_cause = msg.reason
+
+    def _on_task_events(self, conn, msg: pb.ActorTaskEvents) -> None:
+        worker = conn.worker
+        if worker is None or worker.actor is None:
+            raise strict.Malformed("task_events: only the worker hosting an actor reports "
+                                   "its method calls")
+        self.task_events.actor_calls(worker.worker_id, worker.pid, worker.actor.actor_id, msg)
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
         return error_value(object_id, exceptions.ActorDiedError(

@@ -156,7 +156,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "subscribe": self._on_subscribe, "refs": self._on_refs,
                 "task_result": self._on_task_result, "cancel": self._on_cancel,
                 "blocked": self._on_blocked, "request": self._on_request,
-                "actor_exiting": self._on_actor_exiting,
+                "actor_exiting": self._on_actor_exiting, "task_events": self._on_task_events,
             },
             peer={
                 "spill": self._peer_spill, "verdict": self._peer_verdict,

@@ -198,7 +198,35 @@ def _client_event(event, index: int, questions) -> None:
         _request(msg, where, questions)
     elif kind == "actor_exiting":
         check_id(msg.actor_id, ids.TASK_ID_LEN, where, "actor_id", "actor id")
+    elif kind == "task_events":
+        _actor_task_events(msg, where)
     # blocked: one bool, always well-formed
+
+
+MAX_ACTOR_TASK_EVENTS = 20_000
+MAX_TASK_NAME = 1024
+
+
+def _actor_task_events(msg, where: tuple) -> None:
+    for field in ("finished", "running"):
+        events = getattr(msg, field)
+        if len(events) > MAX_ACTOR_TASK_EVENTS:
+            fail(where, field, f"{len(events)} events", f"at most {MAX_ACTOR_TASK_EVENTS}")
+        for index, event in enumerate(events):
+            at = (*where, field, index)
+            check_id(event.task_id, ids.TASK_ID_LEN, at, "task_id", "task id")
+            if event.parent_task_id:
+                check_id(event.parent_task_id, ids.TASK_ID_LEN, at, "parent_task_id", "task id")
+            if event.job_id and len(event.job_id) != JOB_ID_LEN:
+                fail(at, "job_id", event.job_id, f"empty or a {JOB_ID_LEN}-byte job id")
+            if len(event.name) > MAX_TASK_NAME:
+                fail(at, "name", event.name[:40] + "...", f"at most {MAX_TASK_NAME} characters")
+            if event.attempt < 0:
+                fail(at, "attempt", event.attempt, "an integer >= 0")
+            for name in ("received", "finished"):
+                value = getattr(event, name)
+                if not (math.isfinite(value) and value >= 0):
+                    fail(at, name, value, "seconds since the epoch (finite, >= 0)")
 
 
 def check_client_batch(batch, questions) -> None:

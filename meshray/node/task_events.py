@@ -95,6 +95,7 @@ class TaskEvents:
         self.node_hex = node_hex
         self._clock = clock
         self._live: dict[bytes, dict] = {}
+        self._actor_running: dict[bytes, list] = {}   # worker id -> its actor's running calls
         self._finished: "OrderedDict[bytes, dict]" = OrderedDict()
         self.memory_limit = int(memory_limit or _positive_env("MESHRAY_TASK_EVENTS_MEMORY", 20_000))
         self.disk_limit = int(disk_limit or _positive_env("MESHRAY_TASK_EVENTS_DISK_BYTES",
@@ -185,6 +186,43 @@ class TaskEvents:
         while len(self._finished) > self.memory_limit:
             self._spill(self._finished.popitem(last=False)[1])
 
+    def actor_calls(self, worker_id: bytes, pid: int, actor_id: bytes, report) -> None:
+        """An actor's report of its method calls (core/actor_task_events.py)."""
+        common = {"actor_id": actor_id.hex(), "node_id": self.node_hex,
+                  "worker_id": worker_id.hex(), "worker_pid": pid}
+        self._actor_running[worker_id] = [
+            self._actor_call(event, common) for event in report.running]
+        for event in report.finished:
+            record = self._actor_call(event, common)
+            self._finished.pop(event.task_id, None)
+            self._finished[event.task_id] = record
+        while len(self._finished) > self.memory_limit:
+            self._spill(self._finished.popitem(last=False)[1])
+
+    @staticmethod
+    def _actor_call(event, common: dict) -> dict:
+        received = _ms(event.received)
+        if event.finished:
+            state = "FAILED" if event.failed else "FINISHED"
+            end = _ms(event.finished)
+            events = [("RUNNING", received), (state, end)]
+        else:
+            state, end, events = "RUNNING", None, [("RUNNING", received)]
+        return {
+            "task_id": event.task_id.hex(), "attempt_number": event.attempt, "name": event.name,
+            "state": state, "job_id": event.job_id.hex(), "type": "ACTOR_TASK",
+            "func_or_class_name": event.name, "parent_task_id": event.parent_task_id.hex(),
+            "error_type": "TASK_EXECUTION_EXCEPTION" if event.failed else None,
+            "error_message": None, "language": "PYTHON", "required_resources": {},
+            "placement_group_id": None, "creation_time_ms": received,
+            "start_time_ms": received, "end_time_ms": end, "events": events,
+            "spilled_to": None, "spilled_from": None, **common,
+        }
+
+    def worker_gone(self, worker_id: bytes) -> None:
+        """Its actor's running calls end with it (its callers get the error)."""
+        self._actor_running.pop(worker_id, None)
+
     # ------------------------------------------------------------ disk
     def _spill(self, record: dict) -> None:
         if self._spill_dir is None:
@@ -254,6 +292,8 @@ class TaskEvents:
             except OSError:
                 continue
         yield from list(self._finished.values())
+        for running in list(self._actor_running.values()):
+            yield from running
         for record in list(self._live.values()):
             if not record["spilled_to"]:
                 yield record

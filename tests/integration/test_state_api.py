@@ -211,3 +211,53 @@ def test_timeline_is_trace_event_json_with_a_slice_per_task(cluster, tmp_path):
     elsewhere = sum(count for node, count in ran_on.items() if node != cluster.head_node.node_id)
     assert len(spills) == elsewhere
     assert len(ray.timeline()) == len(events)     # without a file: the events themselves
+
+
+def test_actor_method_calls_are_tasks_too(cluster):
+    from meshray.util import state
+    from tests.helpers import wait_for
+    ray = cluster.connect()
+
+    @ray.remote
+    class Worker:
+        def work(self, x):
+            return x + 1
+
+        def fail(self):
+            raise RuntimeError("no")
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self):
+            import threading
+            self.event = threading.Event()
+
+        def wait(self):
+            return self.event.wait(60)
+
+        def open(self):
+            self.event.set()
+
+    worker = Worker.remote()
+    assert ray.get([worker.work.remote(i) for i in range(5)]) == [1, 2, 3, 4, 5]
+    with pytest.raises(RuntimeError):
+        ray.get(worker.fail.remote())
+    gate = Gate.options(max_concurrency=2).remote()
+    waiting = gate.wait.remote()
+
+    def calls(name):
+        return state.list_tasks(filters=[("type", "=", "ACTOR_TASK"), ("name", "=", name)])
+
+    running = wait_for(lambda: calls("Gate.wait"), message="the running call is listed")
+    assert running[0].state == "RUNNING" and running[0].task_id == waiting.task_id().hex()
+    ray.get(gate.open.remote())
+    assert ray.get(waiting) is True
+    wait_for(lambda: [t.state for t in calls("Gate.wait")] == ["FINISHED"],
+             message="the finished call replaces the running one")
+    done = wait_for(lambda: len(calls("Worker.work")) == 5 and calls("Worker.work"))
+    assert {t.state for t in done} == {"FINISHED"}
+    (failed,) = calls("Worker.fail")
+    assert failed.state == "FAILED" and failed.error_type == "TASK_EXECUTION_EXCEPTION"
+    summary = state.summarize_tasks()["cluster"]
+    assert summary["summary"]["Worker.work"]["state_counts"] == {"FINISHED": 5}
+    assert summary["total_actor_tasks"] >= 7

@@ -24,7 +24,7 @@ def _task(i: int, **spec):
         task_id=i.to_bytes(4, "big") * 4, spec=pb.TaskSpec(
             task_id=i.to_bytes(4, "big") * 4, name=f"f{i % 3}", job_id=b"\x01" * 4,
             resources={"CPU": 1.0}, **spec),
-        pending_deps=set(), remote_node="", pg_hex="")
+        pending_deps=set(), remote_node="", pg_hex="", owner=None)
 
 
 def _run(events: TaskEvents, task, clock, failed=False, error=None):

@@ -246,7 +246,7 @@ class Request(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ClientEvent(_message.Message):
-    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request", "actor_exiting")
+    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request", "actor_exiting", "task_events")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REGISTER_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,7 @@ class ClientEvent(_message.Message):
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     ACTOR_EXITING_FIELD_NUMBER: _ClassVar[int]
+    TASK_EVENTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     register_function: RegisterFunction
     submit: SubmitTask
@@ -271,7 +272,36 @@ class ClientEvent(_message.Message):
     blocked: WorkerBlocked
     request: Request
     actor_exiting: ActorExiting
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ...) -> None: ...
+    task_events: ActorTaskEvents
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ..., task_events: _Optional[_Union[ActorTaskEvents, _Mapping]] = ...) -> None: ...
+
+class ActorTaskEvent(_message.Message):
+    __slots__ = ("task_id", "name", "job_id", "attempt", "received", "finished", "failed", "parent_task_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: bytes
+    name: str
+    job_id: bytes
+    attempt: int
+    received: float
+    finished: float
+    failed: bool
+    parent_task_id: bytes
+    def __init__(self, task_id: _Optional[bytes] = ..., name: _Optional[str] = ..., job_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., received: _Optional[float] = ..., finished: _Optional[float] = ..., failed: _Optional[bool] = ..., parent_task_id: _Optional[bytes] = ...) -> None: ...
+
+class ActorTaskEvents(_message.Message):
+    __slots__ = ("finished", "running")
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    finished: _containers.RepeatedCompositeFieldContainer[ActorTaskEvent]
+    running: _containers.RepeatedCompositeFieldContainer[ActorTaskEvent]
+    def __init__(self, finished: _Optional[_Iterable[_Union[ActorTaskEvent, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[ActorTaskEvent, _Mapping]]] = ...) -> None: ...
 
 class ClientBatch(_message.Message):
     __slots__ = ("events",)
