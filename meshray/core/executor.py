@@ -11,6 +11,7 @@ lands after the task finished, or between tasks, does nothing.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -75,6 +76,10 @@ class TaskExecutor:
             os._exit(1)
         self.cancel(msg.task_id)
 
+    def is_running(self, task_id: bytes) -> bool:
+        """Whether the task or actor call `task_id` has started here and not finished."""
+        return task_id in self._running
+
     def cancel(self, task_id: bytes) -> None:
         thread_ident = self._running.get(task_id)
         if thread_ident is None:
@@ -110,6 +115,14 @@ class TaskExecutor:
             except KeyboardInterrupt:
                 # A cancel that landed between items: nothing to interrupt.
                 continue
+            except SystemExit as exc:
+                # A task (or an actor's __init__) called sys.exit(): the worker
+                # exits now, as the task asked, and the node handles its death
+                # as any other. Returning instead would leave the process
+                # hanging on its non-daemon threads, answering nothing.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.code if isinstance(exc.code, int) and 0 <= exc.code < 256 else 1)
 
     # ------------------------------------------------------------ tasks
     def _load_function(self, msg: pb.ExecuteTask):
@@ -233,11 +246,11 @@ class TaskExecutor:
                         value, what=f"return value {index} of {spec.name}")
                     result.returns.append(core.store_value(return_id(spec, index), serialized,
                                                            local=False))
-            except KeyboardInterrupt as exc:
-                if spec.task_id in self._cancelled:
-                    self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
-                else:   # raised by the task's own code: its error, never a lost result
-                    self.fail(result, spec, self.wrap(spec, exc))
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                # A cancel's interrupt, an async call's cancelled coroutine, or
+                # (as in Ray) a KeyboardInterrupt the task's own code raised:
+                # each makes the task cancelled, never a lost result.
+                self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
             except _DependencyFailed as failure:
                 self.fail(result, spec, failure.error)
             except (ActorExitRequested, MalformedArguments):
