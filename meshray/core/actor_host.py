@@ -71,10 +71,11 @@ class ActorExitRequested(BaseException):
 
 class _Refused:
     """Queued by the reader in place of a batch it refused: how many calls
-    it had handed on before, which the stream answers before it ends."""
+    it had handed on before, which the stream answers before it ends, and why."""
 
-    def __init__(self, dispatched: int):
+    def __init__(self, dispatched: int, why: str):
         self.dispatched = dispatched
+        self.why = why
 
 
 class _CallStream:
@@ -142,6 +143,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._streams: list[queue.SimpleQueue] = []
         self._exiting = False
         self._exit_reason = ""
+        self._exit_restartable = False
         # Calls the caller cancelled before they started (answered
         # TaskCancelledError when their turn comes), and the asyncio tasks of
         # an async actor's calls, which a cancel cancels.
@@ -205,10 +207,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             while True:
                 if refused is not None and answered >= refused.dispatched:
                     context.set_trailing_metadata(((REFUSED_KEY, "1"),))
-                    context.abort(grpc.StatusCode.UNAVAILABLE, (
-                        f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so "
-                        "its creator may have restarted it elsewhere; calls are refused (not "
-                        "run) until the node is a member again"))
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"actor {self.actor_id.hex()}: {refused.why}")
                 result = replies.get()
                 if result is None:
                     return
@@ -243,7 +243,16 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             for batch in request_iterator:
                 if self._fence is not None and not self._fence.valid(self._fence_lease):
                     # Never run calls as an incarnation the cluster may have given up on.
-                    stream.replies.put(_Refused(dispatched))
+                    stream.replies.put(_Refused(dispatched, (
+                        "its node's etcd lease has lapsed, so its creator may have restarted "
+                        "it elsewhere; calls are refused (not run) until the node is a member "
+                        "again")))
+                    return
+                if self._exiting and self._exit_restartable:
+                    # Not run here: the caller sends them to the restarted actor.
+                    stream.replies.put(_Refused(dispatched, (
+                        f"it is exiting to be restarted ({self._exit_reason}); calls sent "
+                        "from now on are refused (not run)")))
                     return
                 for spec in batch.calls:
                     dispatched += 1
@@ -504,6 +513,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         if max_restarts allows. Either way every call not yet run is answered
         ActorDiedError with `reason`, rather than left to a broken stream.
         """
+        self._exit_restartable = restartable
         self._exiting = True
         self._exit_reason = reason
         self.core.send_actor_exiting(self.actor_id, reason, restartable)
