@@ -22,14 +22,40 @@ from meshray._api import (
     shutdown,
     wait,
 )
+from meshray.common.id_types import (
+    ActorClassID,
+    ActorID,
+    FunctionID,
+    JobID,
+    NodeID,
+    PlacementGroupID,
+    TaskID,
+    UniqueID,
+    WorkerID,
+)
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.runtime_context import get_runtime_context
+
+# Ray's names for the same classes.
+ObjectID = ObjectRef
+DynamicObjectRefGenerator = ObjectRefGenerator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActorClassID",
+    "ActorID",
+    "DynamicObjectRefGenerator",
+    "FunctionID",
+    "JobID",
+    "NodeID",
+    "ObjectID",
     "ObjectRef",
     "ObjectRefGenerator",
+    "PlacementGroupID",
+    "TaskID",
+    "UniqueID",
+    "WorkerID",
     "actor",
     "available_resources",
     "cancel",

@@ -9,7 +9,7 @@ import sys
 
 from meshray.actor import ActorClass, ActorHandle, get_actor, method
 from meshray.common import ids
-from meshray.core import state as state_mod, validation
+from meshray.core import init_args, state as state_mod, validation
 from meshray.core.core_worker import CoreWorker
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.core.remote_function import RemoteFunction
@@ -23,13 +23,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _state = state_mod.state
-_INIT_KEYWORDS = {
-    "address", "num_cpus", "num_gpus", "resources", "labels", "namespace", "runtime_env",
-    "object_store_memory", "log_to_driver", "ignore_reinit_error", "logging_level",
-    "include_dashboard", "configure_logging", "_node_ip_address", "_temp_dir",
-    "_system_config", "dashboard_host", "dashboard_port", "local_mode", "job_config",
-    "_token", "_lease_ttl",
-}
 
 
 def is_initialized() -> bool:
@@ -84,19 +77,33 @@ def _check_etcd_reachable(endpoints: str, token: str | None = None,
 
 
 def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=None,
-         labels=None, namespace: str | None = None, runtime_env: dict | None = None,
-         object_store_memory: int | None = None, log_to_driver: bool = True,
-         ignore_reinit_error: bool = False, **kwargs):
+         labels=None, object_store_memory: int | None = None, local_mode: bool = False,
+         ignore_reinit_error: bool = False, include_dashboard: bool | None = None,
+         dashboard_host: str = "127.0.0.1", dashboard_port: int | None = None,
+         job_config=None, configure_logging: bool = True, logging_level=None,
+         logging_format: str | None = None, logging_config=None,
+         log_to_driver: bool | None = None, namespace: str | None = None,
+         runtime_env: dict | None = None, enable_resource_isolation: bool = False,
+         system_reserved_cpu: float | None = None, system_reserved_memory: int | None = None,
+         **kwargs):
     """Connect this process to a meshray cluster, starting one if needed.
 
     With no address (and no MESHRAY_ADDRESS) a private cluster starts here: an
     etcd member and a node daemon as child processes, on free loopback ports,
     in a temp dir -- all gone again after shutdown() or when this process
-    exits, however it exits.
+    exits, however it exits. Takes every argument Ray's init() takes; those
+    with no effect here warn once (core/init_args.py).
     """
-    unknown = set(kwargs) - _INIT_KEYWORDS
-    if unknown:
-        raise ValueError(f"Unknown keyword argument(s) for init(): {sorted(unknown)}")
+    init_args.check_unknown(kwargs)
+    init_args.warn_ignored({
+        "local_mode": local_mode, "include_dashboard": include_dashboard,
+        "dashboard_host": dashboard_host, "dashboard_port": dashboard_port,
+        "job_config": job_config, "logging_config": logging_config,
+        "enable_resource_isolation": enable_resource_isolation,
+        "system_reserved_cpu": system_reserved_cpu,
+        "system_reserved_memory": system_reserved_memory, **kwargs})
+    init_args.configure_logging(configure_logging, logging_level, logging_format)
+    log_to_driver = True if log_to_driver is None else log_to_driver
     # Numbers first: a bad one is an error even when init() would do nothing.
     validation.check_quantity("init()", "num_cpus", num_cpus)
     validation.check_quantity("init()", "num_gpus", num_gpus)
@@ -118,6 +125,11 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
 
         from meshray.node import launcher
         target = _resolve_address(address)
+        if target is not None:
+            _check_join_arguments(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
+                                  object_store_memory=object_store_memory,
+                                  _system_config=kwargs.get("_system_config"),
+                                  _node_name=kwargs.get("_node_name"))
         from meshray import security
         token = (security.validate_token(kwargs["_token"], "init(_token=...)")
                  if kwargs.get("_token") else security.resolve_token())
@@ -129,6 +141,7 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
                 labels=labels, object_store_memory=object_store_memory, token=token,
                 lease_ttl=kwargs.get("_lease_ttl"))
             daemon_address = node.local_address
+            cluster_address = node.etcd
         else:
             if target == "auto":
                 record, refused = _find_local_node(None)
@@ -148,6 +161,7 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
             token = token or _read_token(record)
             _inherit_node_tls(record)
             daemon_address = record["local_address"]
+            cluster_address = record.get("etcd", "") if target == "auto" else target
         job_id = ids.new_job_id()
         try:
             core = CoreWorker(daemon_address=daemon_address, token=token, role="driver",
@@ -160,7 +174,17 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
         _state.namespace = namespace or f"anonymous-{job_id.hex()}"
         _state.job_runtime_env = runtime_env or {}
         _state.local_node = node
+        _state.cluster_address = cluster_address
         return _context_info()
+
+
+def _check_join_arguments(**given) -> None:
+    """Ray's rule: what sizes a new cluster is an error when joining an existing one."""
+    for name, value in given.items():
+        if value is not None and value != {}:
+            raise ValueError(f"When connecting to an existing cluster, {name} must not be "
+                             f"provided (got {name}={value!r}); it sizes a cluster that init() "
+                             f"starts, and the nodes of this one were sized by meshray start.")
 
 
 def _set_aside(refused: list) -> str:
@@ -286,13 +310,15 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
         raise ValueError("Wait requires a list of unique object refs.")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError(f"wait() argument num_returns={num_returns!r} must be an int >= 0")
-    if num_returns > len(refs):
-        raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
-                         f"of objects provided ({len(refs)}).")
     timeout = validation.check_timeout("wait()", timeout)
     if not isinstance(fetch_local, bool):
         raise ValueError(f"wait() argument fetch_local={fetch_local!r} must be a bool")
-    return state_mod.ensure_core().wait(refs, num_returns, timeout)
+    if not refs:
+        return [], []       # as Ray: nothing to wait for, whatever num_returns says
+    if num_returns > len(refs):
+        raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
+                         f"of objects provided ({len(refs)}).")
+    return state_mod.ensure_core().wait(refs, num_returns, timeout, fetch_local)
 
 
 def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:

@@ -47,6 +47,7 @@ __all__ = [
     "ActorPlacementGroupRemoved", "PendingCallsLimitExceeded", "TaskUnschedulableError",
     "ActorUnschedulableError", "PlacementGroupSchedulingError", "ObjectRefStreamEndOfStreamError",
     "OufOfBandObjectRefSerializationException", "RayChannelError", "RayChannelTimeoutError",
+    "RayCgraphCapacityExceeded", "UnserializableException", "AuthenticationError",
     "RAY_EXCEPTION_TYPES",
 ]
 
@@ -787,6 +788,35 @@ class RayChannelTimeoutError(RayChannelError, TimeoutError):
     """A compiled-graph channel operation timed out (parity with Ray)."""
 
 
+class RayCgraphCapacityExceeded(RaySystemError):
+    """A compiled graph's buffers are full (parity with Ray; meshray has no compiled graphs)."""
+
+
+class UnserializableException(RayError):
+    """An error could not travel (pickled or unpickled): its text and traceback stand in."""
+
+    def __init__(self, original_stack_trace: str):
+        self.original_stack_trace = original_stack_trace
+        super().__init__(original_stack_trace)
+
+    def __str__(self) -> str:
+        return ("The exception raised could not be rebuilt here; its text and traceback as "
+                f"captured where it was raised:\n{self.original_stack_trace}")
+
+
+class AuthenticationError(RayError, ConnectionError):
+    """A peer refused this process's credentials (a missing or wrong cluster token).
+
+    Also a ConnectionError, which meshray raised for this before."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 RAY_EXCEPTION_TYPES = [
     PlasmaObjectNotAvailable, RayError, RayTaskError, WorkerCrashedError, RayActorError,
     ObjectStoreFullError, ObjectLostError, ObjectFetchTimedOutError,
@@ -796,4 +826,5 @@ RAY_EXCEPTION_TYPES = [
     AsyncioActorExit, RuntimeEnvSetupError, TaskPlacementGroupRemoved, ActorPlacementGroupRemoved,
     PendingCallsLimitExceeded, LocalRayletDiedError, TaskUnschedulableError, ActorDiedError,
     ActorUnschedulableError, ActorUnavailableError, RayChannelError, RayChannelTimeoutError,
+    RayCgraphCapacityExceeded, UnserializableException, AuthenticationError,
 ]

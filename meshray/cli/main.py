@@ -163,25 +163,6 @@ def _cmd_status(args) -> int:
     return 0
 
 
-def _cmd_list(args) -> int:
-    meshray = _connect(args.address)
-    try:
-        from meshray.core.state import state
-        actors = state.core.request("list_actors")
-        if args.json:
-            print(json.dumps(actors, indent=2))
-            return 0
-        print(f"{'actor':<34} {'class':<20} {'state':<11} {'name':<16} {'node':<34} death cause")
-        for actor in sorted(actors, key=lambda a: (a.get("state") != "ALIVE", a["actor_id"])):
-            name = (f"{actor.get('namespace')}/{actor['name']}" if actor.get("name") else "")
-            print(f"{actor['actor_id']:<34} {actor.get('class_name', ''):<20} "
-                  f"{actor.get('state', ''):<11} {name:<16} {actor.get('node_id', ''):<34} "
-                  f"{actor.get('death_cause', '')}")
-    finally:
-        meshray.shutdown()
-    return 0
-
-
 def _cmd_dump_events(args) -> int:
     """Write the event log of the node this command attaches to, as JSON lines."""
     if args.last is not None and args.last < 0:
@@ -272,11 +253,8 @@ def main(argv=None) -> int:
     status.add_argument("--address")
     status.set_defaults(func=_cmd_status)
 
-    listing = commands.add_parser("list", help="list cluster state (actors)")
-    listing.add_argument("what", choices=["actors"])
-    listing.add_argument("--address")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_cmd_list)
+    from meshray.cli import state as state_cli
+    state_cli.add_parsers(commands)
 
     debug = commands.add_parser("debug", help="debugging aids").add_subparsers(
         dest="debug_command", required=True)
@@ -306,7 +284,10 @@ def main(argv=None) -> int:
     microbenchmark.add_parser(commands)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:       # a bad filter, id or option value: say which, no trace
+        parser.exit(2, f"meshray: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -162,6 +162,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         state_mod.state.actor_id = self.actor_id
         state_mod.state.actor_reconstructed = self.spec.attempt > 0
         state_mod.state.actor_strategy_blob = self.spec.strategy_blob
+        state_mod.state.actor_spec = self.spec
+        state_mod.state.actor_class_path = f"{self.cls.__module__}.{self.cls.__qualname__}"
         if self.is_async:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._loop.run_forever, name="meshray-actor-loop",
@@ -461,6 +463,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             return _raiser(exc)
         if not inspect.iscoroutinefunction(method):
             return lambda: method(*args, **kwargs)
+        # This asyncio task's own context: the coroutine sees its call's spec.
+        state_mod.set_current_spec(spec)
         try:
             output = await method(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - packaged by _guarded (a cancel included)

@@ -28,6 +28,7 @@ from meshray.core.actor_client import ActorConnection
 from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
 from meshray.object_store import layout
 from meshray.rpc import make_channel
+from meshray.rpc.dispatch import dispatch_table
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
@@ -68,6 +69,17 @@ class _Stream:
         self.total: int | None = None
 
 
+def _session_refused(exc: BaseException | None) -> ConnectionError:
+    """Why the node ended the session before welcoming us: credentials, or anything else."""
+    code = exc.code() if isinstance(exc, grpc.RpcError) else None
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return exceptions.AuthenticationError(
+            f"the node daemon refused this process's credentials ({code.name}: {details}); "
+            "check the cluster token (init(_token=...), MESHRAY_TOKEN or MESHRAY_TOKEN_FILE)")
+    return ConnectionError("node daemon closed the session")
+
+
 class CoreWorker:
     def __init__(self, *, daemon_address: str, token: str | None, role: str,
                  worker_id: bytes | None = None, job_id: bytes = b"", namespace: str = "",
@@ -77,8 +89,12 @@ class CoreWorker:
         self.worker_id = worker_id or ids.new_id()
         self.job_id = job_id
         self.namespace = namespace
-        self._on_execute = on_execute
-        self._on_kill = on_kill
+        self._execute_callback = on_execute
+        self._kill_callback = on_kill
+        self._handlers = dispatch_table(pb.ServerEvent, {
+            "welcome": self._on_welcome, "ready": self._on_ready, "execute": self._on_execute,
+            "kill": self._on_kill, "reserve_reply": self._on_answer, "reply": self._on_answer,
+            "logs": self._on_logs, "notice": self._on_notice})
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         # Re-entrant: ObjectRef.__del__ may run (via GC) while this thread holds it.
         self._lock = threading.RLock()
@@ -194,15 +210,17 @@ class CoreWorker:
                 return
 
     def _read_loop(self) -> None:
+        ended = None
         try:
             for batch in self._responses:
                 for event in batch.events:
                     kind = event.WhichOneof("kind")
                     try:
-                        getattr(self, "_on_" + kind)(getattr(event, kind))
+                        self._handlers[kind](getattr(event, kind))
                     except Exception:  # noqa: BLE001 - keep reading
                         log.exception("failed to handle %s from the node", kind)
         except Exception as exc:  # noqa: BLE001 - stream ended
+            ended = exc
             if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 # This process sent something malformed: a bug worth seeing.
                 log.error("the node refused this process's session: %s", exc.details())
@@ -216,12 +234,12 @@ class CoreWorker:
                     for waiter in waiters:
                         waiter.event.set()
             if not self._welcome.done():
-                self._welcome.set_exception(ConnectionError("node daemon closed the session"))
+                self._welcome.set_exception(_session_refused(ended))
             for future in list(self._requests.values()):
                 if not future.done():
                     future.set_exception(ConnectionError("node daemon connection lost"))
-            if self._lost and self._on_kill is not None:
-                self._on_kill(None)
+            if self._lost and self._kill_callback is not None:
+                self._kill_callback(None)
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         self._welcome.set_result(welcome)
@@ -254,18 +272,15 @@ class CoreWorker:
             self._resolve_future(future, object_id)
 
     def _on_execute(self, msg: pb.ExecuteTask) -> None:
-        self._on_execute(msg)
+        if self._execute_callback is not None:
+            self._execute_callback(msg)
 
     def _on_kill(self, msg: pb.KillTask) -> None:
-        if self._on_kill is not None:
-            self._on_kill(msg)
+        if self._kill_callback is not None:
+            self._kill_callback(msg)
 
-    def _on_reserve_reply(self, msg: pb.ReserveReply) -> None:
-        future = self._requests.pop(msg.request_id, None)
-        if future is not None:
-            future.set_result(msg)
-
-    def _on_reply(self, msg: pb.Reply) -> None:
+    def _on_answer(self, msg) -> None:
+        """A ReserveReply or Reply: the answer to one of our numbered requests."""
         future = self._requests.pop(msg.request_id, None)
         if future is not None:
             future.set_result(msg)
@@ -536,7 +551,7 @@ class CoreWorker:
             try:
                 result = serialization.deserialize_inline(value.inline_data)
             except Exception as exc:  # noqa: BLE001 - say what failed, not an unpickling trace
-                raise exceptions.RaySystemError(
+                raise exceptions.UnserializableException(
                     f"the error stored for object {value.object_id.hex()} could not be "
                     f"deserialized here: {type(exc).__name__}: {exc}") from exc
         else:
@@ -565,18 +580,38 @@ class CoreWorker:
                     self._mapped[object_id] = mapped
         return serialization.deserialize_buffers(*mapped)
 
-    def wait(self, refs: list, num_returns: int, timeout: float | None):
+    def wait(self, refs: list, num_returns: int, timeout: float | None,
+             fetch_local: bool = True):
+        """(ready, not_ready): ready once the value exists; with fetch_local, once it
+        is also in this node's store (remote copies are pulled here meanwhile)."""
         object_ids = [ref.binary() for ref in refs]
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait_values(object_ids, num_returns, deadline)
-        ready, not_ready = [], []
+        ready = []
         with self._lock:
             for ref in refs:
                 if ref.binary() in self._values and len(ready) < num_returns:
                     ready.append(ref)
-                else:
-                    not_ready.append(ref)
-        return ready, not_ready
+        if fetch_local and ready:
+            ready = self._fetched_locally(ready, deadline)
+        chosen = {id(ref) for ref in ready}
+        return ready, [ref for ref in refs if id(ref) not in chosen]
+
+    def _fetched_locally(self, refs: list, deadline: float | None) -> list:
+        """Those of `refs` whose values are here by the deadline (pulling the others)."""
+        pulls = {}
+        with self._lock:
+            values = {ref.binary(): self._values.get(ref.binary()) for ref in refs}
+        for object_id, value in values.items():
+            if (value is not None and value.in_store and object_id not in self._mapped
+                    and not os.path.exists(os.path.join(self.store_dir, object_id.hex()))):
+                pulls[object_id] = self.request_async("restore", {
+                    "object_id": object_id.hex(), "location": value.location})
+        if not pulls:
+            return refs
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        concurrent.futures.wait(list(pulls.values()), remaining)
+        return [ref for ref in refs if ref.binary() not in pulls or pulls[ref.binary()].done()]
 
     def future_for(self, ref: ObjectRef) -> concurrent.futures.Future:
         future = concurrent.futures.Future()
@@ -619,6 +654,18 @@ class CoreWorker:
                 self._changed.wait(1.0)
             object_id = stream.items[wanted]
         return ObjectRef(object_id)
+
+    def stream_status(self, task_id: bytes, index: int) -> str:
+        """Item `index` of a stream: "ready", "pending", "finished" (no such item) or "closed"."""
+        with self._lock:
+            stream = self._streams.get(task_id)
+            if stream is None:
+                return "closed"
+            if index + 1 in stream.items:
+                return "ready"
+            if stream.total is not None and index >= stream.total:
+                return "finished"
+            return "pending"
 
     def close_stream(self, task_id: bytes) -> None:
         with self._lock:

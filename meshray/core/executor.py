@@ -144,6 +144,9 @@ class TaskExecutor:
                 f"{self.core.node_id.hex()}). Install it there, or ship it with "
                 f"runtime_env={{'py_modules': [...]}}.") from exc
         self._functions[msg.spec.function_id] = function
+        state_mod.state.function_names[msg.spec.function_id] = (
+            getattr(function, "__module__", None) or "",
+            getattr(function, "__qualname__", None) or msg.spec.name)
         return function
 
     def resolve_args(self, spec, values: list):

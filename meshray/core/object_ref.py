@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 
-from meshray.common import ids
+from meshray.common import id_types, ids
 from meshray.core import serialization
 
 __all__ = ["ObjectRef", "ObjectRefGenerator", "ArgPlaceholder", "substitute_refs"]
+
+_NIL = b"\xff" * ids.OBJECT_ID_LEN
 
 # Set by the core worker when a process connects; None in a process that has
 # not called init() (refs are then inert names).
@@ -41,7 +43,7 @@ class ObjectRef:
             tracker.add_local_ref(object_id)
 
     def __del__(self):
-        tracker = self._tracker
+        tracker = getattr(self, "_tracker", None)    # unset if __init__ refused the id
         if tracker is not None:
             try:
                 tracker.remove_local_ref(self._id)
@@ -52,17 +54,42 @@ class ObjectRef:
         serialization.record_contained_ref(self._id)
         return (ObjectRef, (self._id,))
 
+    @classmethod
+    def from_binary(cls, object_id: bytes) -> "ObjectRef":
+        return cls(bytes(object_id))
+
+    @classmethod
+    def from_hex(cls, hex_id: str) -> "ObjectRef":
+        """The ref named by `hex()` output (a borrowed reference, as in Ray)."""
+        try:
+            raw = bytes.fromhex(hex_id)
+        except (TypeError, ValueError):
+            raw = b""
+        if len(raw) != ids.OBJECT_ID_LEN:
+            raise ValueError(f"ObjectRef.from_hex() expected {2 * ids.OBJECT_ID_LEN} hex "
+                             f"digits, got {hex_id!r}")
+        return cls(raw)
+
+    @classmethod
+    def nil(cls) -> "ObjectRef":
+        return cls(_NIL)
+
+    @classmethod
+    def size(cls) -> int:
+        return ids.OBJECT_ID_LEN
+
     def binary(self) -> bytes:
         return self._id
 
     def hex(self) -> str:
         return self._id.hex()
 
-    def task_id(self) -> bytes:
-        return ids.task_id_of(self._id)
+    def task_id(self) -> id_types.TaskID:
+        """The id of the task that produces this object (for a put: the process's put task)."""
+        return id_types.TaskID(ids.task_id_of(self._id))
 
     def is_nil(self) -> bool:
-        return not any(self._id)
+        return self._id == _NIL
 
     def __eq__(self, other):
         return isinstance(other, ObjectRef) and other._id == self._id
@@ -80,8 +107,12 @@ class ObjectRef:
             raise RuntimeError("meshray is not initialized; call meshray.init() first")
         return tracker.future_for(self)
 
+    def as_future(self) -> asyncio.Future:
+        """An asyncio future of the value, on the running (or current) event loop."""
+        return asyncio.wrap_future(self.future())
+
     def __await__(self):
-        return asyncio.wrap_future(self.future()).__await__()
+        return self.as_future().__await__()
 
 
 class ObjectRefGenerator:
@@ -95,13 +126,33 @@ class ObjectRefGenerator:
         self._task_id = task_id
         self._tracker = tracker
         self._next_index = 0
+        self._closed = False
         # Keeps the stream's bookkeeping alive while this generator exists.
         self._handle = tracker.open_stream(task_id)
 
     def __iter__(self):
         return self
 
+    def next_ready(self) -> bool:
+        """True if `next()` would return at once with a ref whose value is ready."""
+        return not self._closed and self._status() == "ready"
+
+    def is_finished(self) -> bool:
+        """True once the task has finished and every item it yielded has been taken."""
+        return self._closed or self._status() in ("finished", "closed")
+
+    def _status(self) -> str:
+        return self._tracker.stream_status(self._task_id, self._next_index)
+
+    def close(self) -> None:
+        """Stop iterating: items not taken yet are released; the task runs on."""
+        if not self._closed:
+            self._closed = True
+            self._tracker.close_stream(self._task_id)
+
     def __next__(self) -> ObjectRef:
+        if self._closed:
+            raise StopIteration
         ref = self._tracker.next_stream_item(self._task_id, self._next_index, timeout=None)
         if ref is None:
             raise StopIteration
@@ -112,6 +163,8 @@ class ObjectRefGenerator:
         return self
 
     async def __anext__(self) -> ObjectRef:
+        if self._closed:
+            raise StopAsyncIteration
         loop = asyncio.get_running_loop()
         ref = await loop.run_in_executor(
             None, self._tracker.next_stream_item, self._task_id, self._next_index, None)

@@ -17,7 +17,8 @@ import traceback
 
 from meshray.core import state as state_mod
 
-__all__ = ["effective_runtime_env", "attach_runtime_env", "run_setup_hook"]
+__all__ = ["effective_runtime_env", "attach_runtime_env", "current_runtime_env_json",
+           "run_setup_hook"]
 
 _lock = threading.Lock()
 _uploads: dict[str, tuple[dict, dict]] = {}   # validated env json -> (uploaded env, uri->oid)
@@ -53,12 +54,22 @@ def _upload(env: dict | None, core) -> dict | None:
     return uploaded
 
 
+def current_runtime_env_json() -> str:
+    """The env the running task carries; an actor's method calls carry none: its creation's."""
+    parent = state_mod.current_spec()
+    env = parent.runtime_env_json if parent is not None else ""
+    actor_spec = state_mod.state.actor_spec
+    if not env and actor_spec is not None:
+        env = actor_spec.runtime_env_json
+    return env
+
+
 def effective_runtime_env(options_env: dict | None, core) -> dict:
     """Parent (or job) env merged with this call's env: env_vars by key, the rest replaced."""
     from meshray.runtime_env import merge_runtime_envs, validate_runtime_env
-    parent = state_mod.current_spec()
-    if parent is not None and parent.runtime_env_json:
-        base = json.loads(parent.runtime_env_json)
+    inherited = current_runtime_env_json()
+    if inherited:
+        base = json.loads(inherited)
     else:
         base = _upload(state_mod.state.job_runtime_env or None, core) or {}
     if not options_env:

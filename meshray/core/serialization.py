@@ -5,11 +5,18 @@ their buffers (numpy arrays, bytes-likes) out of band so the object store can
 lay them out in shared memory and readers can map them without a copy. While
 a value is pickled, every ObjectRef inside it is recorded: the node must keep
 those objects alive for as long as the containing object lives.
+
+Custom serializers (``register_reducer``) are per process, as in Ray: they
+change how this process pickles instances of a class. The deserializer
+travels inside the pickle, so a reader needs no registration of its own.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import threading
+import traceback
+from collections import ChainMap
 from dataclasses import dataclass, field
 
 import cloudpickle
@@ -24,6 +31,9 @@ __all__ = [
     "deserialize_buffers",
     "record_contained_ref",
     "serialize_error",
+    "register_reducer",
+    "unregister_reducer",
+    "dumps",
 ]
 
 # Values at or below this many bytes travel inline with messages; larger ones
@@ -32,6 +42,55 @@ INLINE_THRESHOLD = 100 * 1024
 
 _context = threading.local()
 _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
+# class -> reducer(obj) -> (rebuild, args). Read through the pickler's
+# dispatch table, so a registration applies to every later serialize().
+_custom_reducers: dict = {}
+
+
+class _CustomPickler(cloudpickle.CloudPickler):
+    # The C pickler reads dispatch_table once, at construction: it has to be
+    # a class attribute, and a live view of the registry.
+    dispatch_table = ChainMap(_custom_reducers, cloudpickle.CloudPickler.dispatch_table)
+
+
+def _rebuild_custom(deserializer, serialized):
+    return deserializer(serialized)
+
+
+def register_reducer(cls: type, serializer, deserializer) -> None:
+    """Pickle instances of `cls` in this process as ``deserializer(serializer(obj))``.
+
+    Only this process's pickling changes; a worker that returns such values
+    registers the class itself.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"register_serializer() argument cls={cls!r} must be a class")
+    if cls in _PLAIN_TYPES:
+        raise ValueError(f"register_serializer() argument cls={cls.__name__} is a built-in "
+                         "type pickle writes directly; it cannot have a custom serializer")
+    for label, function in (("serializer", serializer), ("deserializer", deserializer)):
+        if not callable(function):
+            raise TypeError(f"register_serializer() argument {label}={function!r} "
+                            "must be callable")
+
+    def reduce(obj):
+        return _rebuild_custom, (deserializer, serializer(obj))
+
+    _custom_reducers[cls] = reduce
+
+
+def unregister_reducer(cls: type) -> None:
+    """Forget `cls`'s custom serializer; nothing happens when it has none."""
+    _custom_reducers.pop(cls, None)
+
+
+def dumps(value, **kwargs) -> bytes:
+    """cloudpickle at protocol 5, with this process's custom serializers."""
+    if not _custom_reducers:
+        return cloudpickle.dumps(value, protocol=5, **kwargs)
+    out = io.BytesIO()
+    _CustomPickler(out, protocol=5, **kwargs).dump(value)
+    return out.getvalue()
 
 
 @dataclass
@@ -75,14 +134,14 @@ def serialize(value, *, what: str = "value", inline_limit: int = INLINE_THRESHOL
     buffers: list = []
     try:
         try:
-            inband = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+            inband = dumps(value, buffer_callback=buffers.append)
         except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's TypeError
             raise TypeError(
                 f"could not serialize {what} of type {type(value).__name__}: {exc}") from exc
         if buffers and len(inband) + sum(memoryview(b).nbytes for b in buffers) <= inline_limit:
             # Small: one in-band blob is cheaper to ship than separate buffers.
             ids.clear()
-            inband = cloudpickle.dumps(value, protocol=5)
+            inband = dumps(value)
             buffers = []
     finally:
         _context.ids = previous
@@ -126,16 +185,21 @@ def _text_of(error: BaseException) -> str:
 
 
 def _error_stand_in(error: BaseException, problem: BaseException) -> exceptions.RayError:
-    """A picklable error that says what `error` was and why it could not travel."""
+    """A picklable error that says what `error` was and why it could not travel.
+
+    Ray's UnserializableException carries the text: as the cause inside the
+    task error (whose traceback is kept), or alone for any other error."""
     if isinstance(error, exceptions.RayTaskError):
         cause = error.cause
         what = f"{type(cause).__module__}.{type(cause).__qualname__}: {_text_of(cause)}"
         return exceptions.RayTaskError(
             error.function_name, error.traceback_str,
-            exceptions.RayError(f"{what} (the exception could not be serialized to send it "
-                                f"back: {type(problem).__name__}: {_text_of(problem)})"),
+            exceptions.UnserializableException(
+                f"{what} (the exception could not be serialized to send it back: "
+                f"{type(problem).__name__}: {_text_of(problem)})"),
             proctitle=error.proctitle, pid=error.pid, ip=error.ip, actor_repr=error.actor_repr,
             actor_id=error.actor_id, task_id=error.task_id, node_id=error.node_id)
-    return exceptions.RaySystemError(
-        f"{type(error).__module__}.{type(error).__qualname__}: {_text_of(error)} (could not "
-        f"be serialized: {type(problem).__name__}: {_text_of(problem)})")
+    trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return exceptions.UnserializableException(
+        f"{trace.rstrip()}\n(it could not be serialized: {type(problem).__name__}: "
+        f"{_text_of(problem)})")

@@ -1,11 +1,14 @@
 """Process-wide state: which core worker this process uses, and for what.
 
 A driver and a worker both run one CoreWorker; the public API reads it from
-here. The currently running task's spec is thread-local so threaded actors
-(several methods at once) each see their own.
+here. The currently running task's spec is a context variable: each thread
+has its own (threaded actors run several methods at once), and so does each
+asyncio task (an async actor's coroutines interleave on one thread, and each
+must see its own call).
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 from dataclasses import dataclass, field
 
@@ -20,16 +23,21 @@ class ProcessState:
     namespace: str = ""
     job_runtime_env: dict = field(default_factory=dict)
     local_node: object = None           # handle on a node this driver started
+    cluster_address: str = ""           # a driver's etcd endpoints: what init(address=) takes
     actor_id: bytes = b""               # set in a worker that hosts an actor
     actor_reconstructed: bool = False   # this actor instance is a restart
     gpu_ids: list = field(default_factory=list)   # devices of the running task / actor
     actor_strategy_blob: bytes = b""    # an actor's creation strategy (its placement group)
+    actor_spec: object = None           # the TaskSpec that created the actor this worker hosts
+    actor_class_path: str = ""          # "module.Class" of that actor
+    function_names: dict = field(default_factory=dict)  # function id -> (module, qualname)
     auto_init: object = None            # () -> None: meshray.init() with defaults (set by meshray._api)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 state = ProcessState()
-_task_local = threading.local()
+_current_spec: contextvars.ContextVar = contextvars.ContextVar("meshray_current_spec",
+                                                               default=None)
 
 
 def ensure_core():
@@ -49,9 +57,9 @@ def ensure_core():
 
 
 def current_spec():
-    """The TaskSpec this thread is executing, or None outside a task."""
-    return getattr(_task_local, "spec", None)
+    """The TaskSpec this thread (or asyncio task) is executing, or None outside a task."""
+    return _current_spec.get()
 
 
 def set_current_spec(spec) -> None:
-    _task_local.spec = spec
+    _current_spec.set(spec)

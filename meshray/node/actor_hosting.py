@@ -75,7 +75,8 @@ class ActorHosting:
             entry.kill_cause = ""
             self._restart_actor(entry, task)
         elif task is not None and task.actor is entry and task.state != "done":
-            self._finish(task, [self._actor_error_value(oid, entry) for oid in task.return_ids])
+            values = [self._actor_error_value(oid, entry) for oid in task.return_ids]
+            self._finish(task, values, exceptions.ActorDiedError(error_message=entry.death_cause))
 
     def _restart_actor(self, entry: ActorEntry, old_task) -> None:
         from meshray.node.tasks import TaskRecord
@@ -89,6 +90,7 @@ class ActorHosting:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None
         self.tasks[spec.task_id] = task
+        self.task_events.submitted(task, False)
         self._enqueue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:

@@ -30,6 +30,7 @@ from meshray.node import actors as actor_states
 from meshray.node.peers import PeerLink
 from meshray.node.objects import error_value
 from meshray.node.placement_groups import pg_strategy
+from meshray.node.routes import answer
 from meshray.node.task_lifecycle import TaskState, take_retry
 from meshray.node.tasks import infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -341,7 +342,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         for event in request.events:
             kind = event.WhichOneof("kind")
             try:
-                getattr(self, "_peer_" + kind)(from_hex, getattr(event, kind))
+                self.routes.peer[kind](from_hex, getattr(event, kind))
             except Exception:  # noqa: BLE001 - one bad event never takes the node down
                 log.exception("failed to handle peer event %s from %s", kind, from_hex)
         self._flush_borrows()
@@ -402,6 +403,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                         self.actors[spec.actor_id] = task.actor
                         self._publish_actor(task.actor)
                     self.tasks[spec.task_id] = task
+                    self.task_events.submitted(task, False)
                     if started:
                         self._start(task)
                     else:
@@ -488,16 +490,10 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 self._copy_source_freed(object_id)
 
     def _peer_request(self, from_hex: str, msg: pb.Request) -> None:
-        async def answer():
-            try:
-                payload = json.loads(msg.payload) if msg.payload else {}
-                asker = getattr(self, "_ask_" + msg.method)
-                result = await asker(RemoteOwner(from_hex), payload)
-                reply = pb.Reply(request_id=msg.request_id, payload=json.dumps(result).encode())
-            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - always answered
-                reply = pb.Reply(request_id=msg.request_id, error=f"{type(exc).__name__}: {exc}")
-            self._send_peer(from_hex, pb.PeerEvent(reply=reply))
-        asyncio.get_running_loop().create_task(answer())
+        async def reply():
+            self._send_peer(from_hex, pb.PeerEvent(reply=await answer(
+                self.routes, RemoteOwner(from_hex), msg, from_peer=True)))
+        asyncio.get_running_loop().create_task(reply())
 
     def _peer_container_freed(self, from_hex: str, msg: pb.ContainerFreed) -> None:
         holder = container_holder(from_hex, msg.container_id)
@@ -763,6 +759,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 if other != object_id:
                     self.objects.forget_value(other)
             self.tasks[task.task_id] = task
+            self.task_events.submitted(task, False)
             self.objects.pin(task.spec.arg_ref_ids)
             self.objects.pin(task.spec.contained_ids)
             log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)

@@ -29,10 +29,14 @@ from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.liveness import PeerLiveness
+from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
+from meshray.node.routes import Routes, answer
 from meshray.node.task_lifecycle import TaskState, move, take_retry
+from meshray.node import state_records
+from meshray.node.task_events import TaskEvents
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.node.transfer import ObjectTransfer
 from meshray.node.worker_pool import (
@@ -41,7 +45,6 @@ from meshray.node.worker_pool import (
     describe_exit,
     wait_for_exit,
 )
-from meshray.object_store.store import ObjectStore
 from meshray.rpc import accept_targets, make_aio_server, strict
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -93,38 +96,6 @@ class Connection:
             self.outbox.put_nowait(event)
 
 
-OWNER_FILE = ".owner-pid"
-
-
-def sweep_stale_stores(root: str) -> None:
-    """Remove store dirs of daemons that died without cleaning up (SIGKILL, crash).
-
-    Each daemon writes its pid into its store dir; a dir whose pid is gone
-    (or now belongs to a process that is not a meshray daemon) is stale.
-    """
-    import psutil
-    try:
-        names = os.listdir(root)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith("meshray-"):
-            continue
-        path = os.path.join(root, name)
-        try:
-            with open(os.path.join(path, OWNER_FILE)) as handle:
-                pid = int(handle.read().strip() or 0)
-        except (OSError, ValueError):
-            continue              # not ours, or being created right now
-        try:
-            alive = "meshray.node.main" in " ".join(psutil.Process(pid).cmdline())
-        except (psutil.Error, OSError):
-            alive = False
-        if not alive:
-            import shutil
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def env_key_for(env_vars: dict) -> str:
     if not env_vars:
         return DEFAULT_ENV_KEY
@@ -140,16 +111,14 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.resources = NodeResources(
             ResourceSet.from_dict(config.resources),
             instances={"GPU": list(config.gpu_ids)} if config.gpu_ids else None)
-        store_root = f"/dev/shm/meshray-{config.node_id.hex()[:12]}"
-        sweep_stale_stores("/dev/shm")
-        self.store = ObjectStore(store_root, os.path.join(config.session_dir, "spill"),
-                                 config.object_store_memory)
+        self.store = open_node_store(config.node_id, config.session_dir,
+                                     config.object_store_memory)
         self.store.mapped = self._store_file_mapped
-        with open(os.path.join(store_root, OWNER_FILE), "w") as handle:
-            handle.write(str(os.getpid()))
-        self.store_dir = store_root
+        self.store_dir = self.store.shm_dir
         self.objects = ObjectDirectory(is_local=self._owns)
-        self.events = EventLog()
+        self.task_events = TaskEvents(config.node_id.hex(), os.path.join(
+            config.session_dir, "task_events", config.node_id.hex()[:12]))
+        self.events = EventLog(task_sink=self.task_events)
         self.queue = TaskQueue(self.events)
         self.runtime_stats = pipelining.RuntimeStats()
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -173,6 +142,50 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._init_cluster()
         self._init_env_setup()
         self._init_pg()
+        self.state = state_records.state_service_for(self)
+        self.routes = self._build_routes()
+
+    def _build_routes(self) -> Routes:
+        """Which handler takes which message (routes.py says why a table)."""
+        cluster_questions = {method: self._cluster_asker(method)
+                             for method in request_rules.CLUSTER_QUESTIONS}
+        return Routes.build(
+            client={
+                "hello": self._on_hello, "register_function": self._on_register_function,
+                "submit": self._on_submit, "put": self._on_put, "reserve": self._on_reserve,
+                "subscribe": self._on_subscribe, "refs": self._on_refs,
+                "task_result": self._on_task_result, "cancel": self._on_cancel,
+                "blocked": self._on_blocked, "request": self._on_request,
+                "actor_exiting": self._on_actor_exiting,
+            },
+            peer={
+                "spill": self._peer_spill, "verdict": self._peer_verdict,
+                "result": self._peer_result, "subscribe": self._peer_subscribe,
+                "ready": self._peer_ready, "refs": self._peer_refs,
+                "request": self._peer_request, "reply": self._peer_reply,
+                "free": self._peer_free, "cancel_remote": self._peer_cancel_remote,
+                "container_freed": self._peer_container_freed,
+            },
+            questions={
+                "dump_events": self._ask_dump_events, "store_stats": self._ask_store_stats,
+                "restore": self._ask_restore, "rebuild_object": self._ask_rebuild_object,
+                "pg_create": self._ask_pg_create, "pg_remove": self._ask_pg_remove,
+                "pg_get": self._ask_pg_get, "pg_get_by_name": self._ask_pg_get_by_name,
+                "pg_table": self._ask_pg_table, "actor_info": self._ask_actor_info,
+                "kill_actor": self._ask_kill_actor, "claim_actor_name": self._ask_claim_actor_name,
+                "get_named_actor": self._ask_get_named_actor, "list_actors": self._ask_list_actors,
+                "state_local": self.state.ask_local, "state_query": self.state.ask_cluster,
+                **cluster_questions,
+            },
+            local_only=frozenset(cluster_questions) | {"state_query"})
+
+    def _cluster_asker(self, method: str):
+        async def ask(conn, payload: dict):
+            # Cluster questions may wait on etcd: never on the event loop.
+            local = self.resources.available.to_dict()
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self._answer_cluster, method, local)
+        return ask
 
     def _owns(self, object_id: bytes) -> bool:
         return object_id[:ids.NODE_PREFIX_LEN] == self.node_id[:ids.NODE_PREFIX_LEN]
@@ -209,9 +222,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         """Register both services; a malformed request never reaches a handler
         (rpc/strict.py answers it INVALID_ARGUMENT, node/request_rules.py says
         what is malformed)."""
-        questions = frozenset(name[len("_ask_"):] for name in dir(type(self))
-                              if name.startswith("_ask_"))
-        local = questions | request_rules.CLUSTER_QUESTIONS
+        local, questions = frozenset(self.routes.questions), self.routes.peer_questions
         refused = strict.MalformedLog()
         strict.add_service(server, self, "meshray.NodeService", malformed_log=refused, checks={
             "Connect": lambda batch: request_rules.check_client_batch(batch, local)})
@@ -269,6 +280,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if self.server is not None:
             await self.server.stop(grace=0.5)
         self.store.destroy()
+        self.task_events.close()
         self.fence.close()
         try:
             os.unlink(self.fence.path)
@@ -331,7 +343,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _handle(self, conn: Connection, event: pb.ClientEvent) -> None:
         kind = event.WhichOneof("kind")
-        getattr(self, "_on_" + kind)(conn, getattr(event, kind))
+        self.routes.client[kind](conn, getattr(event, kind))
 
     # ------------------------------------------------------------ handlers
     def _on_hello(self, conn: Connection, hello: pb.Hello) -> None:
@@ -374,6 +386,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             if not self.objects.is_ready(object_id):
                 task.pending_deps.add(object_id)
                 self.waiting_on.setdefault(object_id, []).append(task)
+        self.task_events.submitted(task, bool(task.pending_deps))
         if not task.pending_deps:
             self._enqueue(task)
 
@@ -446,21 +459,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         asyncio.get_running_loop().create_task(self._answer_request(conn, msg))
 
     async def _answer_request(self, conn: Connection, msg: pb.Request) -> None:
-        try:
-            payload = json.loads(msg.payload) if msg.payload else {}
-            asker = getattr(self, "_ask_" + msg.method, None)
-            if asker is not None:
-                result = await asker(conn, payload)
-            else:
-                # Cluster questions may wait on etcd: never on the event loop.
-                local = self.resources.available.to_dict()
-                result = await asyncio.get_running_loop().run_in_executor(
-                    None, self._answer_cluster, msg.method, local)
-            conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
-                                                    payload=json.dumps(result).encode())))
-        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - always answered
-            conn.send(pb.ServerEvent(reply=pb.Reply(request_id=msg.request_id,
-                                                    error=f"{type(exc).__name__}: {exc}")))
+        conn.send(pb.ServerEvent(reply=await answer(self.routes, conn, msg)))
 
     def _on_task_result(self, conn: Connection, result: pb.TaskResult) -> None:
         for value in result.returns:
@@ -514,9 +513,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         return {"node_id": self.node_id.hex(), "capacity": self.events.capacity,
                 "recorded": self.events.recorded, "events": self.events.tail(last)}
 
-    def _finish(self, task: TaskRecord, values: list) -> None:
-        self._move(task, TaskState.DONE, "finished with an error" if any(
-            v.is_error for v in values) else "finished")
+    def _finish(self, task: TaskRecord, values: list, error: BaseException | None = None) -> None:
+        """`task` is done: `values` are its returns (`error`: the failure the node decided)."""
+        failed = any(v.is_error for v in values)
+        self._move(task, TaskState.DONE, "finished with an error" if failed else "finished")
+        self.task_events.finished(task, failed, error)
         self.tasks.pop(task.task_id, None)
         for value in values:
             self._seal_if_stored(value)
@@ -531,7 +532,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _finish_failed(self, task: TaskRecord, error: BaseException) -> None:
         """Fail a task whose resources are already released."""
-        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+        self._finish(task, [error_value(oid, error) for oid in task.return_ids], error)
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
         self._release(task)
@@ -540,7 +541,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             # A (re)start that can never happen: the actor is dead, and says why
             # (a restart has no return value to carry the error).
             self._set_actor_state(entry, "init_failed", f"{type(error).__name__}: {error}")
-        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+        self._finish_failed(task, error)
 
     def _cancel(self, task: TaskRecord, force: bool, recursive: bool) -> None:
         if recursive:
@@ -671,8 +672,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if self._group_task_lost(task):
             return
         if task.cancelled:
-            error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
-            self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+            self._finish_failed(task, task.pg_error
+                                or exceptions.TaskCancelledError(task.task_id.hex()))
         elif self._owner_present(task.owner) and take_retry(task):
             self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
@@ -703,7 +704,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 f"{describe_exit(code)}; no retries left (max_retries="
                 f"{task.spec.max_retries}).",
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
-        self._finish(task, [error_value(oid, error) for oid in task.return_ids])
+        self._finish_failed(task, error)
 
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""

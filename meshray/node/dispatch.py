@@ -108,6 +108,7 @@ class TaskDispatch:
         task.worker = worker
         task.started_at = time.monotonic()
         worker.current_task = task
+        self.task_events.started(task, worker.worker_id, worker.pid)
         if task.actor is not None:
             worker.actor = task.actor
             task.actor.worker, task.actor.pid = worker, worker.pid
@@ -157,6 +158,7 @@ class TaskDispatch:
         done.worker = None
         worker.current_task = follower
         follower.started_at = time.monotonic()
+        self.task_events.started(follower, worker.worker_id, worker.pid)
         self._top_up_pipeline(worker)
         return True
 

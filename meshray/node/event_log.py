@@ -39,10 +39,12 @@ def _capacity_from_env() -> int:
 
 
 class EventLog:
-    def __init__(self, capacity: int | None = None, clock=time.time):
+    def __init__(self, capacity: int | None = None, clock=time.time, task_sink=None):
         self._entries: deque = deque(maxlen=capacity or _capacity_from_env())
         self._clock = clock
         self.recorded = 0          # ever, including entries the ring has dropped
+        # Told of every task move with the task itself (node/task_events.py).
+        self.task_sink = task_sink
 
     @property
     def capacity(self) -> int:
@@ -53,6 +55,11 @@ class EventLog:
         # every move on a node's hot path, reading almost never.
         self._entries.append((self._clock(), kind, ident, old, new, cause))
         self.recorded += 1
+
+    def task_moved(self, task, old, new, cause: str) -> None:
+        self.record("task", task.task_id, old, new, cause)
+        if self.task_sink is not None:
+            self.task_sink.moved(task, new, cause)
 
     def tail(self, count: int | None = None) -> list[dict]:
         """The last `count` entries (all when None), oldest first, as plain dicts."""

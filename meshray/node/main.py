@@ -63,7 +63,7 @@ def node_resources(args, gpus) -> dict:
     """Total resources this node offers, with Ray's names and defaults."""
     import psutil
 
-    from meshray.object_store.store import default_capacity
+    from meshray.object_store.shm_dirs import default_capacity
 
     custom = json.loads(args.resources)
     if not isinstance(custom, dict):

@@ -111,7 +111,7 @@ def move(task, new: TaskState, cause: str, log=None) -> None:
     task.story.append((old, new, cause))
     task.state = new
     if log is not None:
-        log.record("task", task.task_id, old, new, cause)
+        log.task_moved(task, old, new, cause)
 
 
 def take_retry(task) -> bool:

@@ -2,7 +2,8 @@
 
 ``layout`` is the file format that every process uses to write and map
 objects; ``store`` is the node daemon's capacity and spilling bookkeeping;
-``eviction`` is the pure spill policy.
+``eviction`` is the pure spill policy; ``shm_dirs`` makes the private
+directories and picks the default capacity.
 """
 
 from meshray.object_store.eviction import SpillCandidate, choose_spill_victims
@@ -21,16 +22,17 @@ from meshray.object_store.layout import (
     write_object,
     write_object_into,
 )
-from meshray.object_store.store import (
+from meshray.object_store.shm_dirs import (
     DEFAULT_CAPACITY_FRACTION,
+    default_capacity,
+    make_private_dir,
+)
+from meshray.object_store.store import (
     ObjectExistsError,
     ObjectStateError,
     ObjectStore,
     ObjectStoreFullError,
     UnknownObjectError,
-    create_node_shm_dir,
-    default_capacity,
-    make_private_dir,
 )
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
     "UnknownObjectError",
     "choose_spill_victims",
     "copy_file_chunks",
-    "create_node_shm_dir",
     "default_capacity",
     "make_private_dir",
     "object_size",

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-import stat
-import tempfile
 import threading
 import time
 import uuid
@@ -30,35 +27,24 @@ from typing import Optional
 from meshray.object_store.eviction import SpillCandidate, choose_spill_victims
 from meshray.object_store.layout import read_object_layout
 from meshray.object_store.recycle import RECYCLED_SUFFIX, RecyclePool
+from meshray.object_store.shm_dirs import make_private_dir
 
-try:
-    from meshray.exceptions import ObjectStoreFullError
-except ImportError:  # meshray.exceptions not written yet
-
-    class ObjectStoreFullError(Exception):
-        """The store cannot make room for an object, even by spilling."""
-
+from meshray.exceptions import ObjectStoreFullError
 
 __all__ = [
-    "DEFAULT_CAPACITY_FRACTION",
     "ObjectExistsError",
     "ObjectStateError",
     "ObjectStore",
     "ObjectStoreFullError",
     "UnknownObjectError",
-    "create_node_shm_dir",
-    "default_capacity",
-    "make_private_dir",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CAPACITY_FRACTION = 0.30
 # A pulled copy dropped for room rewrites in place only if nobody asked for it
 # this recently (a reader handed its path may be about to map it).
 COPY_REUSE_IDLE_S = 1.0
 _MAX_ID_BYTES = 127  # hex name must fit a 255-byte file name
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Entry states.  RESERVED: the creator is writing the file.  SEALED: readable
 # in shared memory.  SPILLING / RESTORING: a disk copy is in flight.
@@ -100,68 +86,6 @@ def _check_id(object_id) -> bytes:
             f"object id must be 1..{_MAX_ID_BYTES} bytes, got {len(oid)} bytes"
         )
     return oid
-
-
-def make_private_dir(path: str) -> str:
-    """Create (or re-use) a directory only this user can enter.
-
-    Object files hold pickled data that workers unpickle, so another local
-    user must not be able to plant or read them; an existing path is accepted
-    only if it is a real directory we own.
-    """
-    path = os.path.abspath(path)
-    try:
-        os.makedirs(path, mode=0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise PermissionError(
-            f"{path} is owned by uid {st.st_uid}, not by this user ({os.geteuid()})"
-        )
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
-
-def _shm_root() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def create_node_shm_dir(session_id: str, node_id: str, root: Optional[str] = None) -> str:
-    """Create ``<root>/meshray-<session>-<node>`` with mode 0700 and return it.
-
-    One directory per node daemon keeps several daemons on one machine (as in
-    the multi-node test cluster) from ever sharing object files.
-    """
-    for label, value in (("session_id", session_id), ("node_id", node_id)):
-        if not isinstance(value, str) or not _NAME_RE.match(value):
-            raise ValueError(
-                f"{label} must be non-empty and use only letters, digits, '_', '.', "
-                f"'-'; got {value!r}"
-            )
-    return make_private_dir(
-        os.path.join(root or _shm_root(), f"meshray-{session_id}-{node_id}")
-    )
-
-
-def default_capacity(shm_root: Optional[str] = None) -> int:
-    """30 % of physical RAM, but never more than the shared-memory mount can hold.
-
-    tmpfs pages count as memory; the cap leaves the rest for the processes
-    that compute on the objects, and the mount's free space bounds what we
-    could write before ENOSPC anyway.
-    """
-    import psutil  # deferred: workers import this package but never call this
-
-    capacity = int(psutil.virtual_memory().total * DEFAULT_CAPACITY_FRACTION)
-    try:
-        capacity = min(capacity, shutil.disk_usage(shm_root or _shm_root()).free)
-    except OSError:
-        pass
-    return capacity
 
 
 class _Entry:

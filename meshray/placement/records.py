@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from meshray.common.id_types import PlacementGroupID
 from meshray.coordination.client import MAX_TXN_OPS
 from meshray.scheduler.resources import ResourceSet, to_units
 
@@ -91,62 +91,8 @@ RESERVED_RESOURCE_NAMES = ("bundle",)
 # Ids
 
 
-class PlacementGroupID:
-    """A placement group's id, with the methods Ray programs call on it.
-
-    Random 16 bytes, the width of meshray's other ids; the group's records
-    are keyed by its hex, so the id alone is enough to find everything.
-    """
-
-    SIZE = 16
-    __slots__ = ("_bytes",)
-
-    def __init__(self, id_bytes: bytes):
-        if isinstance(id_bytes, (bytearray, memoryview)):
-            id_bytes = bytes(id_bytes)
-        if not isinstance(id_bytes, bytes):
-            raise TypeError(f"PlacementGroupID needs bytes, got {type(id_bytes).__name__}")
-        if not id_bytes:
-            raise ValueError("PlacementGroupID cannot be empty")
-        self._bytes = id_bytes
-
-    @classmethod
-    def from_random(cls) -> "PlacementGroupID":
-        return cls(os.urandom(cls.SIZE))
-
-    @classmethod
-    def from_hex(cls, text: str) -> "PlacementGroupID":
-        try:
-            return cls(bytes.fromhex(text))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"not a placement group id: {text!r}") from exc
-
-    @classmethod
-    def nil(cls) -> "PlacementGroupID":
-        return cls(b"\xff" * cls.SIZE)
-
-    def is_nil(self) -> bool:
-        return self._bytes == b"\xff" * len(self._bytes)
-
-    def binary(self) -> bytes:
-        return self._bytes
-
-    def hex(self) -> str:
-        return self._bytes.hex()
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PlacementGroupID):
-            return NotImplemented
-        return self._bytes == other._bytes
-
-    def __hash__(self) -> int:
-        return hash(("PlacementGroupID", self._bytes))
-
-    def __reduce__(self):
-        return (PlacementGroupID, (self._bytes,))
-
-    def __repr__(self) -> str:
-        return f"PlacementGroupID({self.hex()})"
+# PlacementGroupID lives with meshray's other id classes (common/id_types.py);
+# imported here for the records and the API that use it.
 
 
 # --------------------------------------------------------------------------

@@ -11,10 +11,13 @@ unchanged, so any process may re-validate what it receives.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
 import types
 from typing import Any, Mapping
+
+from meshray.exceptions import RuntimeEnvSetupError
 
 __all__ = [
     "validate_runtime_env", "merge_runtime_envs", "runtime_env_config", "parse_size",
@@ -242,8 +245,11 @@ def _validate_pip_packages(packages: Any) -> list[str]:
             if os.path.exists(path):
                 req = path
             elif req.lower().endswith(_ARCHIVE_SUFFIXES) or req.startswith((".", "/", "~")):
-                raise ValueError(f"runtime_env['pip'] entry {req!r} looks like a local path but "
-                                 f"does not exist (resolved to {path})")
+                # Ray finds this when it installs the env; it is the same failure found sooner.
+                error = RuntimeEnvSetupError(
+                    f"runtime_env['pip'] entry {req!r} looks like a local path but does not "
+                    f"exist (resolved to {path}), so pip cannot install it")
+                raise error from FileNotFoundError(errno.ENOENT, "No such file", path)
         out.append(req)
     return out
 

@@ -30,7 +30,6 @@ from meshray.object_store import (
     ObjectStoreFullError,
     UnknownObjectError,
     copy_file_chunks,
-    create_node_shm_dir,
     default_capacity,
     make_private_dir,
     object_size,
@@ -688,14 +687,11 @@ def test_concurrent_clients_keep_contents_and_counters_consistent(make_store):
 
 
 def test_node_directory_is_private(tmp_shm):
-    path = create_node_shm_dir("sess1", "node-a", root=tmp_shm)
-    assert path == os.path.join(tmp_shm, "meshray-sess1-node-a")
+    path = make_private_dir(os.path.join(tmp_shm, "meshray-node-a"))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
     os.chmod(path, 0o755)
-    assert create_node_shm_dir("sess1", "node-a", root=tmp_shm) == path
+    assert make_private_dir(path) == path
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
-    with pytest.raises(ValueError, match="node_id"):
-        create_node_shm_dir("sess1", "../evil", root=tmp_shm)
     link = os.path.join(tmp_shm, "link")
     os.symlink(path, link)
     with pytest.raises(FileExistsError, match="not a directory"):

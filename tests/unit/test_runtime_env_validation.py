@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+from meshray.exceptions import RuntimeEnvSetupError
 from meshray.runtime_env import (
     CONFIG_DEFAULTS, merge_runtime_envs, runtime_env_config, validate_runtime_env,
 )
@@ -145,8 +146,10 @@ def test_pip_local_paths(tmp_path, monkeypatch):
     (tmp_path / "a-1.0-py3-none-any.whl").write_bytes(b"x")
     env = validate_runtime_env({"pip": ["a-1.0-py3-none-any.whl"]})
     assert env["pip"]["packages"] == [str(tmp_path / "a-1.0-py3-none-any.whl")]
-    with pytest.raises(ValueError, match="looks like a local path but does not exist"):
+    with pytest.raises(RuntimeEnvSetupError,
+                       match="looks like a local path but does not exist") as info:
         validate_runtime_env({"pip": ["./missing-1.0-py3-none-any.whl"]})
+    assert isinstance(info.value.__cause__, FileNotFoundError)   # the cause travels with it
 
 
 def test_config_defaults_and_checks():

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 from meshray.node.cluster import ClusterDuties
 from meshray.node.objects import ObjectDirectory
 from meshray.node.task_lifecycle import move
 from meshray.node.tasks import TaskQueue, TaskRecord
+from meshray.rpc.dispatch import dispatch_table, event_kinds
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler.resources import NodeResources, ResourceSet
 
@@ -52,6 +54,8 @@ class _Daemon(ClusterDuties):
         self.view_avail = {HEAD: {"CPU": 0.0}, **peers_free}
         self.avail_changed_at = {n: time.monotonic() - 5 for n in self.view_avail}
         self.links = {A: _Link(), B: _Link()}
+        self.routes = SimpleNamespace(peer=dispatch_table(pb.PeerEvent, {
+            kind: getattr(self, "_peer_" + kind) for kind in event_kinds(pb.PeerEvent)}))
 
     def _flush_borrows(self):
         pass

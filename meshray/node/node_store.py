@@ -1,0 +1,53 @@
+"""The node's object store directory: made at start, swept when its daemon died.
+
+Each daemon writes its pid into its store directory; a directory whose pid is
+gone (or now belongs to a process that is not a meshray daemon) was left by a
+daemon that died without cleaning up (SIGKILL, crash), and the next daemon to
+start on the machine removes it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from meshray.object_store.store import ObjectStore
+
+__all__ = ["OWNER_FILE", "open_node_store", "sweep_stale_stores"]
+
+SHM_ROOT = "/dev/shm"
+
+OWNER_FILE = ".owner-pid"
+
+
+def sweep_stale_stores(root: str) -> None:
+    """Remove the store dirs under `root` whose daemon is gone (module docstring)."""
+    import psutil
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith("meshray-"):
+            continue
+        path = os.path.join(root, name)
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as handle:
+                pid = int(handle.read().strip() or 0)
+        except (OSError, ValueError):
+            continue              # not ours, or being created right now
+        try:
+            alive = "meshray.node.main" in " ".join(psutil.Process(pid).cmdline())
+        except (psutil.Error, OSError):
+            alive = False
+        if not alive:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def open_node_store(node_id: bytes, session_dir: str, capacity: int) -> ObjectStore:
+    """This node's store, in a fresh private directory marked with our pid."""
+    root = os.path.join(SHM_ROOT, f"meshray-{node_id.hex()[:12]}")
+    sweep_stale_stores(SHM_ROOT)
+    store = ObjectStore(root, os.path.join(session_dir, "spill"), capacity)
+    with open(os.path.join(root, OWNER_FILE), "w") as handle:
+        handle.write(str(os.getpid()))
+    return store
