@@ -99,8 +99,7 @@ class RuntimeContext:
 
     @staticmethod
     def _placement_group():
-        from meshray.util.placement_group import get_current_placement_group
-        return get_current_placement_group()
+        return state_mod.current_placement_group()
 
     # ------------------------------------------------------------ names
     def get_task_name(self) -> str | None:
@@ -266,9 +265,8 @@ class RuntimeContext:
     @property
     def current_placement_group_id(self):
         _deprecated("current_placement_group_id", "get_placement_group_id()")
-        from meshray.util.placement_group import PlacementGroupID
         group = self._placement_group()
-        return group.id if group is not None else PlacementGroupID.nil()
+        return group.id if group is not None else id_types.PlacementGroupID.nil()
 
     @staticmethod
     def _require_worker(member: str) -> None:

@@ -31,7 +31,7 @@ class ProcessState:
     actor_spec: object = None           # the TaskSpec that created the actor this worker hosts
     actor_class_path: str = ""          # "module.Class" of that actor
     function_names: dict = field(default_factory=dict)  # function id -> (module, qualname)
-    auto_init: object = None            # () -> None: meshray.init() with defaults (set by meshray._api)
+    auto_init: object = None            # meshray.init itself (set by meshray._api)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -59,6 +59,29 @@ def ensure_core():
 def current_spec():
     """The TaskSpec this thread (or asyncio task) is executing, or None outside a task."""
     return _current_spec.get()
+
+
+def current_placement_group():
+    """The placement group the running task or actor was scheduled into, or None
+    (always None in a driver). The runtime context and ``ray.util`` both ask."""
+    spec = current_spec()
+    blob = getattr(spec, "strategy_blob", b"") if spec is not None else b""
+    if not blob:
+        # An actor's method calls carry no strategy; the daemon may leave the
+        # actor's creation strategy here for them.
+        blob = getattr(state, "actor_strategy_blob", b"") or b""
+    if not blob:
+        return None
+    import cloudpickle
+
+    from meshray.scheduler.strategies import PlacementGroupSchedulingStrategy
+    strategy = cloudpickle.loads(blob)
+    if not isinstance(strategy, PlacementGroupSchedulingStrategy):
+        return None
+    group = strategy.placement_group
+    if group is None or getattr(group, "is_empty", True):
+        return None
+    return group
 
 
 def set_current_spec(spec) -> None:

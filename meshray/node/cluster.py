@@ -315,8 +315,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             for object_id in spec.arg_ref_ids:
                 value = self.objects.get(object_id)
                 event.args.append(self._exportable(value))
+            task.remote_node = node_hex          # before the move: its record says where
             self._move(task, TaskState.SPILLED, f"offered to node {node_hex}")
-            task.remote_node = node_hex
             task.spill_candidates = candidates
             self.offered.setdefault(node_hex, {})[spec.task_id] = task.request.to_dict()
             link.send(pb.PeerEvent(spill=event))

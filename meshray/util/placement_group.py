@@ -411,19 +411,5 @@ def placement_group_table(placement_group: Optional[PlacementGroup] = None) -> d
 def get_current_placement_group() -> Optional[PlacementGroup]:
     """The group the running task or actor was scheduled into, else None
     (always None in a driver)."""
-    spec = state_mod.current_spec()
-    blob = getattr(spec, "strategy_blob", b"") if spec is not None else b""
-    if not blob:
-        # An actor's method calls carry no strategy; the daemon may leave the
-        # actor's creation strategy here for them.
-        blob = getattr(state_mod.state, "actor_strategy_blob", b"") or b""
-    if not blob:
-        return None
-    import cloudpickle
-    strategy = cloudpickle.loads(blob)
-    if not isinstance(strategy, PlacementGroupSchedulingStrategy):
-        return None
-    pg = strategy.placement_group
-    if not isinstance(pg, PlacementGroup) or pg.is_empty:
-        return None
-    return pg
+    group = state_mod.current_placement_group()
+    return group if isinstance(group, PlacementGroup) else None

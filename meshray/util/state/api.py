@@ -45,9 +45,9 @@ Filters = Optional[List[Tuple[str, str, object]]]
 
 
 def _core(address: Optional[str]):
-    if state_mod.state.core is None and address is not None:
-        from meshray._api import init
-        init(address=address)
+    if state_mod.state.core is None and address is not None \
+            and state_mod.state.auto_init is not None:
+        state_mod.state.auto_init(address=address)      # meshray.init, registered by the API
     return state_mod.ensure_core()
 
 
