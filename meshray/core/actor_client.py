@@ -63,6 +63,7 @@ class PendingCall:
     extra: dict = field(default_factory=dict)
     arg_file: str = ""        # this call's argument file (arg_files), released when it is over
     resent: bool = False      # sent more than once: an earlier recipient may still map arg_file
+    cancelled: bool = False   # meshray.cancel asked for it: never sent again
 
 
 class ActorConnection:
@@ -106,6 +107,28 @@ class ActorConnection:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=f"meshray-actor-{self.actor_id.hex()[:8]}")
                 self._thread.start()
+
+    def has_call(self, task_id: bytes) -> bool:
+        """Whether the call `task_id` was submitted here and is not answered yet."""
+        return task_id in self._pending
+
+    def cancel(self, task_id: bytes) -> None:
+        """Cancel a call: one not sent yet fails here with TaskCancelledError;
+        a sent one is cancelled by its actor (ActorHost.cancel_call), which
+        answers it."""
+        with self._lock:
+            call = self._pending.get(task_id)
+            if call is None or call.cancelled:
+                return
+            call.cancelled = True
+            if call.sent and self._queue is not None:
+                self._queue.put(_Cancel(task_id))
+                return
+            if call.sent:
+                return      # its stream broke: it fails below when the actor is found again
+            del self._pending[task_id]
+        self._release(call.arg_file)
+        self._core.fail_locally(call.return_ids, exceptions.TaskCancelledError(task_id.hex()))
 
     def close(self) -> None:
         self._closed = True
@@ -188,6 +211,13 @@ class ActorConnection:
         with self._lock:
             self.same_node = same_node
             lost = [call for call in self._pending.values() if call.sent]
+            for call in [call for call in self._pending.values() if call.cancelled]:
+                # Cancelled, and the stream that carried the cancel is gone.
+                self._pending.pop(call.spec.task_id)
+                self._release(call.arg_file)
+                self._core.fail_locally(call.return_ids,
+                                        exceptions.TaskCancelledError(call.spec.task_id.hex()))
+            lost = [call for call in lost if not call.cancelled]
             for call in lost:
                 # Sent on an earlier stream that broke, and never answered: it
                 # may have run. Retry only if the caller allowed it.
@@ -288,24 +318,27 @@ class ActorConnection:
             spec = calls.get()
             if spec is None:
                 return
-            handed.add(spec.task_id)
-            batch = [spec]
-            # (ByteSize, not len(args_blob): reading a bytes field copies it.)
-            size = spec.ByteSize()
-            # Cap batches by bytes too, so large arguments pipeline instead of
-            # forming one huge message the actor can only start on when whole.
-            while len(batch) < _BATCH and size < _BATCH_BYTES:
+            batch, cancels, size = [], [], 0
+            while True:
+                if isinstance(spec, _Cancel):
+                    cancels.append(spec.task_id)
+                else:
+                    handed.add(spec.task_id)
+                    batch.append(spec)
+                    # (ByteSize, not len(args_blob): reading a bytes field copies it.)
+                    size += spec.ByteSize()
+                # Cap batches by bytes too, so large arguments pipeline instead of
+                # forming one huge message the actor can only start on when whole.
+                if len(batch) >= _BATCH or size >= _BATCH_BYTES:
+                    break
                 try:
                     spec = calls.get_nowait()
                 except queue.Empty:
                     break
                 if spec is None:
-                    yield pb.ActorCallBatch(calls=batch)
+                    yield pb.ActorCallBatch(calls=batch, cancel_task_ids=cancels)
                     return
-                handed.add(spec.task_id)
-                batch.append(spec)
-                size += spec.ByteSize()
-            yield pb.ActorCallBatch(calls=batch)
+            yield pb.ActorCallBatch(calls=batch, cancel_task_ids=cancels)
 
     def _fail_dead(self, info: dict, cause: str) -> None:
         """The actor is dead: fail every call, saying which ones never reached it."""
@@ -341,6 +374,12 @@ class ActorConnection:
             self._core.fail_locally(call.return_ids, exceptions.ActorUnavailableError(
                 f"{why} (no way to the actor for {DELIVERY_TIMEOUT_S:.0f}s)"
                 if not now_all else why, self.actor_id.hex(), delivered=call.sent))
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    """Queued for the stream behind the calls: cancel the call `task_id`."""
+    task_id: bytes
 
 
 def maybe_delivered(handed: bool, refused: bool) -> bool:

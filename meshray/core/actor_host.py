@@ -72,10 +72,11 @@ class ActorExitRequested(BaseException):
 
 class _Refused:
     """Queued by the reader in place of a batch it refused: how many calls
-    it had handed on before, which the stream answers before it ends."""
+    it had handed on before, which the stream answers before it ends, and why."""
 
-    def __init__(self, dispatched: int):
+    def __init__(self, dispatched: int, why: str):
         self.dispatched = dispatched
+        self.why = why
 
 
 class _CallStream:
@@ -143,6 +144,12 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._streams: list[queue.SimpleQueue] = []
         self._exiting = False
         self._exit_reason = ""
+        self._exit_restartable = False
+        # Calls the caller cancelled before they started (answered
+        # TaskCancelledError when their turn comes), and the asyncio tasks of
+        # an async actor's calls, which a cancel cancels.
+        self._cancelled_calls: set[bytes] = set()
+        self._async_calls: dict[bytes, asyncio.Task] = {}
         # Argument files mapped when their call arrived (task id -> image or
         # the error mapping raised), taken when the call runs.
         self._arg_images: dict = {}
@@ -206,10 +213,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             while True:
                 if refused is not None and answered >= refused.dispatched:
                     context.set_trailing_metadata(((REFUSED_KEY, "1"),))
-                    context.abort(grpc.StatusCode.UNAVAILABLE, (
-                        f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so "
-                        "its creator may have restarted it elsewhere; calls are refused (not "
-                        "run) until the node is a member again"))
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"actor {self.actor_id.hex()}: {refused.why}")
                 result = replies.get()
                 if result is None:
                     return
@@ -248,7 +253,16 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             for batch in request_iterator:
                 if self._fence is not None and not self._fence.valid(self._fence_lease):
                     # Never run calls as an incarnation the cluster may have given up on.
-                    stream.replies.put(_Refused(dispatched))
+                    stream.replies.put(_Refused(dispatched, (
+                        "its node's etcd lease has lapsed, so its creator may have restarted "
+                        "it elsewhere; calls are refused (not run) until the node is a member "
+                        "again")))
+                    return
+                if self._exiting and self._exit_restartable:
+                    # Not run here: the caller sends them to the restarted actor.
+                    stream.replies.put(_Refused(dispatched, (
+                        f"it is exiting to be restarted ({self._exit_reason}); calls sent "
+                        "from now on are refused (not run)")))
                     return
                 for spec in batch.calls:
                     dispatched += 1
@@ -256,6 +270,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                     if not spec.method_name.startswith("__ray_"):
                         self._task_events.received(spec)
                     self._dispatch(spec, stream.reply)
+                for task_id in batch.cancel_task_ids:
+                    self.cancel_call(task_id)
         except Exception as exc:  # noqa: BLE001 - the caller went away, or sent garbage
             log.debug("actor call stream ended: %s", exc)
             stream.replies.put(None)
@@ -376,6 +392,11 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         if spec.method_name == TERMINATE_METHOD:
             reply(self._terminate(spec))
             return
+        if spec.task_id in self._cancelled_calls:
+            self._cancelled_calls.discard(spec.task_id)
+            self._arg_images.pop(spec.task_id, None)
+            reply(self._cancelled(spec))
+            return
 
         def body():
             values = self.executor.fetch_arg_values(spec)
@@ -409,61 +430,115 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self.executor.run(spec, body, self._deliver(reply, spec))
         except ActorExitRequested:
             reply(self._exit_now(spec, "exit_actor() was called"))
+        except SystemExit as exc:
+            code, restartable = exit_status(exc)
+            reply(self._exit_now(spec, f"the actor's method {spec.name} called sys.exit(): the "
+                                       f"worker exits with code {exc.code!r}",
+                                 restartable=restartable, code=code))
         except MalformedArguments as exc:
             reply(exc)   # Call ends the caller's stream with INVALID_ARGUMENT
 
     async def _run_async(self, spec, reply) -> None:
-        semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]
-        async with semaphore:
-            loop = asyncio.get_running_loop()
-            try:
-                values = await loop.run_in_executor(None, self.executor.fetch_arg_values, spec)
-                method = self._method(spec)
-                args, kwargs = self.resolve_args(spec, values)
-            except Exception as exc:  # noqa: BLE001 - reported as the call's result
-                if spec.args_file:
-                    self._arg_images.pop(spec.task_id, None)
-                failure = exc
-
-                def body():
-                    raise failure
+        """Run one call of an async actor as its own asyncio task (cancel_call cancels it)."""
+        task = asyncio.current_task()
+        self._async_calls[spec.task_id] = task
+        if spec.task_id in self._cancelled_calls:
+            task.cancel()     # cancelled before it got here: it ends at its first await
+        try:
+            semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]
+            async with semaphore:
+                body = await self._prepare_async(spec)
                 self._guarded(spec, body, reply)
                 return
-            if inspect.iscoroutinefunction(method):
-                # This asyncio task's own context: the coroutine sees its call's spec.
-                state_mod.set_current_spec(spec)
-                try:
-                    output = await method(*args, **kwargs)
-                    error = None
-                except BaseException as exc:  # noqa: BLE001 - packaged below
-                    output, error = None, exc
+        except asyncio.CancelledError:
+            # Cancelled while it waited for its turn or for its arguments.
+            if spec.args_file:
+                self._arg_images.pop(spec.task_id, None)
+            reply(self._cancelled(spec))
+        finally:
+            self._async_calls.pop(spec.task_id, None)
+            self._cancelled_calls.discard(spec.task_id)
 
-                def body():
-                    if error is not None:
-                        raise error
-                    return output
-            else:
-                def body():
-                    return method(*args, **kwargs)
-            self._guarded(spec, body, reply)
+    async def _prepare_async(self, spec):
+        """What `_guarded` runs for an async call: the awaited outcome of a
+        coroutine method, or a plain method to call."""
+        loop = asyncio.get_running_loop()
+        try:
+            values = await loop.run_in_executor(None, self.executor.fetch_arg_values, spec)
+            method = self._method(spec)
+            args, kwargs = self.resolve_args(spec, values)
+        except Exception as exc:  # noqa: BLE001 - reported as the call's result
+            if spec.args_file:
+                self._arg_images.pop(spec.task_id, None)
+            return _raiser(exc)
+        if not inspect.iscoroutinefunction(method):
+            return lambda: method(*args, **kwargs)
+        # This asyncio task's own context: the coroutine sees its call's spec.
+        state_mod.set_current_spec(spec)
+        try:
+            output = await method(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - packaged by _guarded (a cancel included)
+            return _raiser(exc)
+        return lambda: output
+
+    # ------------------------------------------------------------ cancels
+    def cancel_call(self, task_id: bytes) -> None:
+        """The caller cancelled this call (meshray.cancel on its ref).
+
+        As in Ray: a call that has not started is answered TaskCancelledError
+        and never runs; a running call of an async actor has its asyncio task
+        cancelled (the coroutine sees CancelledError at its await); a running
+        call of a plain or threaded actor is not interrupted (actors have
+        state), it finishes and its result stands.
+        """
+        task = self._async_calls.get(task_id)
+        if task is not None:
+            self._loop.call_soon_threadsafe(task.cancel)
+            return
+        if self.executor.is_running(task_id):
+            return
+        if len(self._cancelled_calls) > 10_000:
+            self._cancelled_calls.clear()   # ids of calls that had already finished
+        self._cancelled_calls.add(task_id)
+        if self.is_async:
+            # Its task may have started in between: cancel it once it exists.
+            self._loop.call_soon_threadsafe(self._cancel_async, task_id)
+
+    def _cancel_async(self, task_id: bytes) -> None:
+        task = self._async_calls.get(task_id)
+        if task is not None:
+            task.cancel()
+
+    def _cancelled(self, spec) -> pb.TaskResult:
+        result = pb.TaskResult(task_id=spec.task_id)
+        self.executor.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
+        return result
 
     # ------------------------------------------------------------ exits
     def _terminate(self, spec) -> pb.TaskResult:
         return self._exit_now(spec, "the actor was terminated with __ray_terminate__")
 
-    def _exit_now(self, spec, reason: str) -> pb.TaskResult:
-        """Tell the node this exit is intended, answer the call, then exit."""
+    def _exit_now(self, spec, reason: str, *, restartable: bool = False,
+                  code: int = 0) -> pb.TaskResult:
+        """Tell the node why the actor exits, answer the call, then exit.
+
+        An intended exit (exit_actor(), sys.exit(0), __ray_terminate__) is
+        never restarted; a restartable one is restarted as a crash would be
+        if max_restarts allows. Either way every call not yet run is answered
+        ActorDiedError with `reason`, rather than left to a broken stream.
+        """
+        self._exit_restartable = restartable
         self._exiting = True
         self._exit_reason = reason
-        self.core.send_actor_exiting(self.actor_id, reason)
+        self.core.send_actor_exiting(self.actor_id, reason, restartable)
         result = pb.TaskResult(task_id=spec.task_id)
         self.executor.fail(result, spec, exceptions.ActorDiedError(
             actor_id=self.actor_id.hex(), class_name=self.options.get("class_name"),
             error_message=reason))
-        threading.Thread(target=self._exit_soon, daemon=True).start()
+        threading.Thread(target=self._exit_soon, args=(code,), daemon=True).start()
         return result
 
-    def _exit_soon(self) -> None:
+    def _exit_soon(self, code: int = 0) -> None:
         # Let the reply and the node message leave before the process ends.
         deadline = time.monotonic() + 2.0
         time.sleep(0.02)
@@ -473,4 +548,24 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         time.sleep(0.1)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+
+
+def exit_status(exc: SystemExit) -> tuple[int, bool]:
+    """(process exit code, restartable) for a SystemExit out of an actor method.
+
+    As in Ray, only code 0 is an intended exit; sys.exit() (code None), a
+    non-zero code or a message is a failure, restarted if max_restarts allows.
+    """
+    code = exc.code
+    if code == 0:
+        return 0, False
+    if isinstance(code, int) and not isinstance(code, bool) and 0 < code < 256:
+        return code, True
+    return 1, True
+
+
+def _raiser(error: BaseException):
+    def body():
+        raise error
+    return body

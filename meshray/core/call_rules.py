@@ -10,11 +10,13 @@ but an (args, kwargs) pair end the call's stream with INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
+from meshray.common import ids
 from meshray.rpc.rules import (
     MAX_NUM_RETURNS,
     WORKER_ID_LEN,
     check_common_spec,
     check_id,
+    check_ids,
     fail,
 )
 
@@ -52,3 +54,5 @@ def check_actor_call_batch(batch, actor_id: bytes, methods) -> None:
     check_id(batch.caller_id, WORKER_ID_LEN, (), "caller_id", "worker id", optional=True)
     for index, spec in enumerate(batch.calls):
         check_actor_call(spec, ("calls", index), actor_id, methods)
+    if batch.cancel_task_ids:
+        check_ids(batch.cancel_task_ids, ids.TASK_ID_LEN, (), "cancel_task_ids", "task id")

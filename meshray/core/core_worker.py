@@ -741,6 +741,20 @@ class CoreWorker:
         del keepalive  # refs may now drop: the queued submission pins them
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        task_id = ids.task_id_of(ref.binary())
+        with self._lock:
+            connections = list(self._actor_connections.values())
+        for connection in connections:
+            # An actor call goes straight to its actor, so only this process
+            # (its caller) can cancel it; the node never saw it.
+            if connection.has_call(task_id):
+                if force:
+                    raise ValueError(
+                        f"cancel(force=True) is not supported for actor tasks (the ref "
+                        f"{ref.hex()} is a call to actor {connection.actor_id.hex()}); use "
+                        "meshray.kill(actor) to end the actor, or force=False to cancel the call")
+                connection.cancel(task_id)
+                return
         self._send(pb.ClientEvent(cancel=pb.CancelTask(
             object_id=ref.binary(), force=force, recursive=recursive)))
 
@@ -750,8 +764,9 @@ class CoreWorker:
     def send_handoff(self, value: pb.ObjectValue) -> None:
         self._send(pb.ClientEvent(put=pb.PutObject(value=value, handoff=True)))
 
-    def send_actor_exiting(self, actor_id: bytes, reason: str) -> None:
-        self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(actor_id=actor_id, reason=reason)))
+    def send_actor_exiting(self, actor_id: bytes, reason: str, restartable: bool = False) -> None:
+        self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(
+            actor_id=actor_id, reason=reason, restartable=restartable)))
 
     def send_actor_task_events(self, report: pb.ActorTaskEvents) -> None:
         self._send(pb.ClientEvent(task_events=report))

@@ -11,7 +11,9 @@ lands after the task finished, or between tasks, does nothing.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -23,7 +25,7 @@ import threading
 from meshray import exceptions
 from meshray.common import ids
 from meshray.common.worker_output import context_line
-from meshray.core import serialization, state as state_mod
+from meshray.core import runtime_envs, serialization, state as state_mod
 from meshray.core.actor_host import ActorExitRequested, ActorHost, MalformedArguments
 from meshray.core.object_ref import ArgPlaceholder
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -60,6 +62,8 @@ class TaskExecutor:
         self.core = None
         self.actor_host = None
         self._announced = None
+        # Outcome of each worker_process_setup_hook run here (hook -> error or None).
+        self._setup_hooks: dict[str, BaseException | None] = {}
 
     # ------------------------------------------------------------ inputs
     def enqueue(self, msg: pb.ExecuteTask) -> None:
@@ -74,6 +78,10 @@ class TaskExecutor:
             # The node daemon is gone; nothing we compute can be delivered.
             os._exit(1)
         self.cancel(msg.task_id)
+
+    def is_running(self, task_id: bytes) -> bool:
+        """Whether the task or actor call `task_id` has started here and not finished."""
+        return task_id in self._running
 
     def cancel(self, task_id: bytes) -> None:
         thread_ident = self._running.get(task_id)
@@ -110,6 +118,14 @@ class TaskExecutor:
             except KeyboardInterrupt:
                 # A cancel that landed between items: nothing to interrupt.
                 continue
+            except SystemExit as exc:
+                # A task (or an actor's __init__) called sys.exit(): the worker
+                # exits now, as the task asked, and the node handles its death
+                # as any other. Returning instead would leave the process
+                # hanging on its non-daemon threads, answering nothing.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(exc.code if isinstance(exc.code, int) and 0 <= exc.code < 256 else 1)
 
     # ------------------------------------------------------------ tasks
     def _load_function(self, msg: pb.ExecuteTask):
@@ -182,6 +198,14 @@ class TaskExecutor:
         # A worker runs in the namespace of the job whose task it runs; an
         # actor's worker keeps its creator's job namespace for every call.
         state_mod.state.namespace = spec.namespace
+        hook_error = self._run_setup_hook(spec)
+        if hook_error is not None:
+            result = pb.TaskResult(task_id=spec.task_id)
+            self.fail(result, spec, hook_error)
+            if spec.actor_creation:
+                result.actor_error = str(hook_error)
+            self.core.send_task_result(result)
+            return
         if spec.actor_creation:
             self._create_actor(msg)
             return
@@ -198,6 +222,26 @@ class TaskExecutor:
             return function(*args, **kwargs)
 
         self.run(spec, body, self.core.send_task_result)
+
+    def _run_setup_hook(self, spec) -> BaseException | None:
+        """Run the env's worker_process_setup_hook once in this process, before
+        its first task; its error (if it failed) fails every task here.
+
+        A worker serves one runtime env (its pool is keyed by the env, hook
+        included), so the first task's hook is the worker's hook.
+        """
+        if not spec.runtime_env_json or "worker_process_setup_hook" not in spec.runtime_env_json:
+            return None
+        hook = json.loads(spec.runtime_env_json).get("worker_process_setup_hook")
+        if not hook:
+            return None
+        if hook not in self._setup_hooks:
+            try:
+                runtime_envs.run_setup_hook(hook)
+                self._setup_hooks[hook] = None
+            except exceptions.RuntimeEnvSetupError as error:
+                self._setup_hooks[hook] = error
+        return self._setup_hooks[hook]
 
     def run(self, spec, body, deliver) -> pb.TaskResult:
         """Run `body()` as the task `spec`, package its outputs or error, deliver them.
@@ -236,11 +280,11 @@ class TaskExecutor:
                         value, what=f"return value {index} of {spec.name}")
                     result.returns.append(core.store_value(return_id(spec, index), serialized,
                                                            local=False))
-            except KeyboardInterrupt as exc:
-                if spec.task_id in self._cancelled:
-                    self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
-                else:   # raised by the task's own code: its error, never a lost result
-                    self.fail(result, spec, self.wrap(spec, exc))
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                # A cancel's interrupt, an async call's cancelled coroutine, or
+                # (as in Ray) a KeyboardInterrupt the task's own code raised:
+                # each makes the task cancelled, never a lost result.
+                self.fail(result, spec, exceptions.TaskCancelledError(spec.task_id.hex()))
             except _DependencyFailed as failure:
                 self.fail(result, spec, failure.error)
             except (ActorExitRequested, MalformedArguments):

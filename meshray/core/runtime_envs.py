@@ -8,12 +8,17 @@ package through the object store -- never through etcd.
 """
 from __future__ import annotations
 
+import base64
+import importlib
 import json
+import pickle
 import threading
+import traceback
 
 from meshray.core import state as state_mod
 
-__all__ = ["effective_runtime_env", "attach_runtime_env", "current_runtime_env_json"]
+__all__ = ["effective_runtime_env", "attach_runtime_env", "current_runtime_env_json",
+           "run_setup_hook"]
 
 _lock = threading.Lock()
 _uploads: dict[str, tuple[dict, dict]] = {}   # validated env json -> (uploaded env, uri->oid)
@@ -86,3 +91,29 @@ def attach_runtime_env(spec, options_env: dict | None, core) -> None:
     spec.env_vars.update({str(k): str(v) for k, v in env_vars.items()})
     if set(env) - {"env_vars", "config"} or env_vars:
         spec.runtime_env_json = json.dumps(env, sort_keys=True)
+
+
+def run_setup_hook(hook: str) -> None:
+    """Run a validated `worker_process_setup_hook` (a pickled callable or a
+    "module.function" name) in this worker; raise RuntimeEnvSetupError if it
+    cannot be loaded or raises, with its traceback."""
+    from meshray.exceptions import RuntimeEnvSetupError
+    from meshray.runtime_env.validation import HOOK_PICKLE_PREFIX
+    try:
+        if hook.startswith(HOOK_PICKLE_PREFIX):
+            function = pickle.loads(base64.b64decode(hook[len(HOOK_PICKLE_PREFIX):]))
+        else:
+            module_name, _, attribute = hook.rpartition(".")
+            function = getattr(importlib.import_module(module_name), attribute)
+        function()
+    except Exception as exc:  # noqa: BLE001 - any failure of the hook fails the worker's tasks
+        what = hook if not hook.startswith(HOOK_PICKLE_PREFIX) else "(a callable)"
+        raise RuntimeEnvSetupError(
+            f"Failed to execute the setup hook method runtime_env['worker_process_setup_hook']"
+            f"={what} in worker pid {_pid()}: {type(exc).__name__}: {exc}\n"
+            f"{traceback.format_exc()}") from None
+
+
+def _pid() -> int:
+    import os
+    return os.getpid()

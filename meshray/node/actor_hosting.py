@@ -138,7 +138,8 @@ class ActorHosting:
             raise strict.Malformed(
                 f"actor_exiting.actor_id={msg.actor_id.hex()}: only the worker hosting an "
                 "actor may say that it exits")
-        entry.exiting = True
+        # A restartable exit (sys.exit(1)) is a death like a crash, with its cause.
+        entry.exiting = not msg.restartable
         entry.kill_cause = msg.reason
 
     def _on_task_events(self, conn, msg: pb.ActorTaskEvents) -> None:

@@ -23,11 +23,12 @@ __all__ = [
     "validate_runtime_env", "merge_runtime_envs", "runtime_env_config", "parse_size",
     "max_package_bytes", "is_package_uri", "looks_like_local_path",
     "SUPPORTED_FIELDS", "UNSUPPORTED_FIELDS", "RAY_FIELDS", "CONFIG_DEFAULTS",
-    "PACKAGE_URI_SCHEME", "DEFAULT_MAX_PACKAGE_BYTES", "MAX_SIZE_ENV",
+    "PACKAGE_URI_SCHEME", "DEFAULT_MAX_PACKAGE_BYTES", "MAX_SIZE_ENV", "HOOK_PICKLE_PREFIX",
 ]
 
 PACKAGE_URI_SCHEME = "meshray-pkg://"
-SUPPORTED_FIELDS = frozenset({"env_vars", "config", "working_dir", "py_modules", "pip", "excludes"})
+SUPPORTED_FIELDS = frozenset({"env_vars", "config", "working_dir", "py_modules", "pip", "excludes",
+                              "worker_process_setup_hook"})
 # Ray's fields that meshray recognises but cannot honour, each with the advice
 # we give instead; anything outside RAY_FIELDS is treated as a typo.
 _UNSUPPORTED_ADVICE = {
@@ -42,7 +43,6 @@ _UNSUPPORTED_ADVICE = {
     "_nsight": "profile the worker process directly",
     "rocprof_sys": "profile the worker process directly",
     "_rocprof_sys": "profile the worker process directly",
-    "worker_process_setup_hook": "run the setup code at the top of your task or actor",
     "_inherit": "children inherit their parent's runtime_env automatically",
     "_ray_release": "not meaningful outside Ray",
     "_ray_commit": "not meaningful outside Ray",
@@ -61,6 +61,10 @@ DEFAULT_MAX_PACKAGE_BYTES = 100 * 1024 * 1024
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2,
                "mib": 1024 ** 2, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3,
                "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
+# A callable setup hook travels pickled, as this prefix and base64 text (the
+# env is JSON); any other string names an importable "module.function".
+HOOK_PICKLE_PREFIX = "meshray-hook-pickle:"
+_HOOK_NAME_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 _ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 _URI_RE = re.compile(r"^meshray-pkg://[0-9a-f]{64}(\.zip|\.whl|/[^/\0]+)$")
 
@@ -273,6 +277,31 @@ def _validate_pip(value: Any) -> dict:
     return {"packages": _validate_pip_packages(value), "pip_check": False}
 
 
+def _validate_setup_hook(value: Any) -> str:
+    """A callable (pickled now, so an unpicklable one fails at the call site)
+    or the dotted name of an importable function, as Ray accepts."""
+    if isinstance(value, str):
+        if value.startswith(HOOK_PICKLE_PREFIX) or _HOOK_NAME_RE.match(value):
+            return value
+        raise ValueError(f"runtime_env['worker_process_setup_hook']={value!r} must be a callable "
+                         f"or the dotted name of an importable function such as 'mypkg.setup'")
+    if not callable(value):
+        raise TypeError(f"runtime_env['worker_process_setup_hook'] must be a callable or a "
+                        f"'module.function' string, got {type(value).__name__} {value!r}")
+    import base64
+
+    import cloudpickle
+
+    from meshray.exceptions import RuntimeEnvSetupError
+    try:
+        blob = cloudpickle.dumps(value)
+    except Exception as exc:  # noqa: BLE001 - any pickling failure: say which field
+        raise RuntimeEnvSetupError(
+            f"Failed to export the setup function runtime_env['worker_process_setup_hook']="
+            f"{value!r}: it cannot be pickled ({type(exc).__name__}: {exc})") from exc
+    return HOOK_PICKLE_PREFIX + base64.b64encode(blob).decode("ascii")
+
+
 def _validate_config(value: Any) -> dict:
     if not isinstance(value, dict):
         raise TypeError(f"runtime_env['config'] must be a dict, got {value!r}")
@@ -335,6 +364,9 @@ def validate_runtime_env(runtime_env: dict | None) -> dict | None:
         out["pip"] = _validate_pip(runtime_env["pip"])
     if runtime_env.get("config") is not None:
         out["config"] = _validate_config(runtime_env["config"])
+    if runtime_env.get("worker_process_setup_hook") is not None:
+        out["worker_process_setup_hook"] = _validate_setup_hook(
+            runtime_env["worker_process_setup_hook"])
     return out
 
 

@@ -108,12 +108,14 @@ class TaskSpec(_message.Message):
     def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ..., actor_id: _Optional[bytes] = ..., actor_creation: _Optional[bool] = ..., method_name: _Optional[str] = ..., sequence: _Optional[int] = ..., concurrency_group: _Optional[str] = ..., actor_options: _Optional[bytes] = ..., held_resources: _Optional[_Mapping[str, float]] = ..., args_image: _Optional[bool] = ..., args_file: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ActorCallBatch(_message.Message):
-    __slots__ = ("calls", "caller_id")
+    __slots__ = ("calls", "caller_id", "cancel_task_ids")
     CALLS_FIELD_NUMBER: _ClassVar[int]
     CALLER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     calls: _containers.RepeatedCompositeFieldContainer[TaskSpec]
     caller_id: bytes
-    def __init__(self, calls: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., caller_id: _Optional[bytes] = ...) -> None: ...
+    cancel_task_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, calls: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., caller_id: _Optional[bytes] = ..., cancel_task_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ActorReplyBatch(_message.Message):
     __slots__ = ("results",)
@@ -228,12 +230,14 @@ class WorkerBlocked(_message.Message):
     def __init__(self, blocked: _Optional[bool] = ...) -> None: ...
 
 class ActorExiting(_message.Message):
-    __slots__ = ("actor_id", "reason")
+    __slots__ = ("actor_id", "reason", "restartable")
     ACTOR_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RESTARTABLE_FIELD_NUMBER: _ClassVar[int]
     actor_id: bytes
     reason: str
-    def __init__(self, actor_id: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+    restartable: bool
+    def __init__(self, actor_id: _Optional[bytes] = ..., reason: _Optional[str] = ..., restartable: _Optional[bool] = ...) -> None: ...
 
 class Request(_message.Message):
     __slots__ = ("request_id", "method", "payload")
