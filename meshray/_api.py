@@ -120,6 +120,9 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
             raise ValueError(f"init() argument runtime_env={runtime_env!r} must be a dict")
         from meshray.runtime_env import validate_runtime_env
         runtime_env = validate_runtime_env(runtime_env)
+        from meshray.core import ray_alias
+        if ray_alias.installed():   # `meshray run`: the job's workers resolve `ray` too
+            runtime_env = ray_alias.with_alias_env(runtime_env)
         if namespace is not None and not isinstance(namespace, str):
             raise ValueError(f"init() argument namespace={namespace!r} must be a string")
 

@@ -1,4 +1,4 @@
-"""`meshray start | stop | status | list actors | etcd-credentials | microbenchmark`."""
+"""`meshray start | stop | status | list actors | run | etcd-credentials | microbenchmark`."""
 from __future__ import annotations
 
 import argparse
@@ -186,6 +186,11 @@ def _cmd_dump_events(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from meshray.run import run_script
+    return run_script(args.script, args.args)
+
+
 def _cmd_etcd_credentials(args) -> int:
     """Print the etcd login a cluster's members derive from its token, so an
     operator can create that user in an etcd they run themselves."""
@@ -264,6 +269,16 @@ def main(argv=None) -> int:
     dump.add_argument("--last", type=int, help="only the last N events")
     dump.add_argument("--output", "-o", help="file to write (default: stdout)")
     dump.set_defaults(func=_cmd_dump_events)
+
+    run = commands.add_parser(
+        "run", help="run an unmodified Ray Core script: `import ray` gives meshray",
+        description="Run SCRIPT with ARGS as `python SCRIPT ARGS` would, with `import ray` "
+                    "(and ray.util, ray.exceptions, ...) resolving to meshray in the script "
+                    "and in the workers of its jobs. Ray libraries meshray does not provide "
+                    "(ray.data, ray.tune, ...) fail to import with an error naming them.")
+    run.add_argument("script", help="path of the Python script")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
+    run.set_defaults(func=_cmd_run)
 
     credentials = commands.add_parser(
         "etcd-credentials",

@@ -26,10 +26,12 @@ def main() -> None:
     logging.basicConfig(level=os.environ.get("MESHRAY_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from meshray import security
-    from meshray.core import state as state_mod
+    from meshray.core import ray_alias, state as state_mod
     from meshray.core.core_worker import CoreWorker
     from meshray.core.executor import TaskExecutor
 
+    if os.environ.get(ray_alias.ENV_VAR) == "1":
+        ray_alias.install()    # a job started by `meshray run`: its code may `import ray`
     executor = TaskExecutor()
     core = CoreWorker(
         daemon_address=os.environ["MESHRAY_DAEMON_ADDRESS"],

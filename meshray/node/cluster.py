@@ -202,6 +202,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if (strategy == "DEFAULT" and self.resources.can_fit(task.request)
                 and not self._args_elsewhere(spec)):
             return policy.RunLocal()
+        task.only_elsewhere = not policy.may_run_on(strategy, self.node_hex, self.config.labels)
         request = policy.SchedulingRequest(
             task.request, strategy, self._arg_bytes_by_node(spec),
             excluded_nodes=frozenset(task.refused_by))
@@ -251,15 +252,17 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         elif kind == "spill":
             self._spill(task, list(decision.candidates))
         elif kind == "unschedulable":
-            error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
-                         else exceptions.TaskUnschedulableError)
-            self._fail(task, error_cls(
-                f"{task.spec.name} (id {task.task_id.hex()}) cannot be scheduled: "
-                f"{decision.reason}"))
+            self._fail_unschedulable(task, decision.reason)
         else:  # infeasible
             self._report_infeasible(task, getattr(decision, "reason", ""))
             self._move(task, TaskState.INFEASIBLE, "fits no node in the view")
             self.infeasible.append(task)
+
+    def _fail_unschedulable(self, task, reason: str) -> None:
+        error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
+                     else exceptions.TaskUnschedulableError)
+        self._fail(task, error_cls(
+            f"{task.spec.name} (id {task.task_id.hex()}) cannot be scheduled: {reason}"))
 
     def _report_infeasible(self, task, reason: str) -> None:
         if task.infeasible_reported:
@@ -279,6 +282,16 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     def _offer_queued(self) -> None:
         """Offer queued tasks that cannot run here now to peers with room."""
+        for task in self.queue.held():
+            # Only a peer may run it: offer it to one with room, fail it once
+            # none ever can (its node died), else keep it held.
+            decision = self._placement(task)
+            if decision.kind in ("spill", "unschedulable"):
+                self.queue.remove(task)
+                if decision.kind == "spill":
+                    self._spill(task, list(decision.candidates))
+                else:
+                    self._fail_unschedulable(task, decision.reason)
         if len(self.view_nodes) <= 1:
             return
         for _key, tasks in list(self.queue.heads()):

@@ -44,6 +44,7 @@ class TaskRecord:
     remote_node: str = ""             # spilled: the node running it for us
     spill_candidates: list = field(default_factory=list)
     refused_by: set = field(default_factory=set)
+    only_elsewhere: bool = False      # its hard constraints exclude this node (policy.may_run_on)
     remote_args: list | None = None   # spilled to us: argument values sent by the origin
     runtime_env: dict = field(default_factory=dict)   # without the package map
     packages: dict = field(default_factory=dict)      # package uri -> object id hex
@@ -95,11 +96,22 @@ class TaskQueue:
 
     def __init__(self, log=None):
         self._classes: "OrderedDict[tuple, deque]" = OrderedDict()
+        self._held: list = []    # only_elsewhere tasks: offered to peers, never started here
         self._log = log          # the node's event log: queueing is a recorded move
 
     def push(self, task: TaskRecord, cause: str) -> None:
+        """Queue `task`; one that may only run on other nodes is held apart,
+        where nothing starts it here (see `held`)."""
         move(task, TaskState.QUEUED, cause, self._log)
+        if task.only_elsewhere:
+            self._held.append(task)
+            return
         self._classes.setdefault(task.sched_class, deque()).append(task)
+
+    def held(self) -> list:
+        """Queued tasks waiting for another node to have room, oldest first."""
+        self._held = [t for t in self._held if not t.cancelled]
+        return list(self._held)
 
     def heads(self):
         """Yield (class, deque) pairs whose deque is non-empty."""
@@ -126,6 +138,9 @@ class TaskQueue:
         return bool(self._classes.get(sched_class))
 
     def remove(self, task: TaskRecord) -> bool:
+        if task in self._held:
+            self._held.remove(task)
+            return True
         tasks = self._classes.get(task.sched_class)
         if tasks and task in tasks:
             tasks.remove(task)
@@ -133,11 +148,12 @@ class TaskQueue:
         return False
 
     def __len__(self) -> int:
-        return sum(len(t) for t in self._classes.values())
+        return sum(len(t) for t in self._classes.values()) + len(self._held)
 
     def __iter__(self):
         for tasks in self._classes.values():
             yield from tasks
+        yield from list(self._held)
 
 
 def infeasible_notice(task, reason: str) -> str:

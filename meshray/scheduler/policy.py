@@ -14,7 +14,11 @@ How the daemon uses a decision:
   if all refuse, call `decide` again with those peers in
   `SchedulingRequest.excluded_nodes` (they count as busy, not as gone).
 * `Wait` - some alive node could run it but none has room now: queue it
-  and decide again when resources are freed or the view changes.
+  and decide again when resources are freed or the view changes. Only the
+  nodes in `feasible_nodes` may ever run it: when `may_run_on` says the
+  local node is not one of them (hard node affinity to a peer, hard labels
+  it lacks), the task must wait without being started here when local
+  resources free up.
 * `Infeasible` - no alive node could ever fit it: queue it, tell the driver
   once, retry when a node joins.
 * `Unschedulable` - hard node affinity to a node that is dead, unknown or
@@ -55,6 +59,7 @@ __all__ = [
     "utilization",
     "validate_label_selector",
     "label_selector_matches",
+    "may_run_on",
 ]
 
 DEFAULT = "DEFAULT"
@@ -193,6 +198,20 @@ def _selector_ok(compiled, labels: Mapping[str, str]) -> bool:
 def label_selector_matches(labels: Mapping[str, str], selector: Optional[Mapping[str, str]]) -> bool:
     compiled = _compile_selector(selector)
     return True if compiled is None else _selector_ok(compiled, labels)
+
+
+def may_run_on(strategy: object, node_id: str, labels: Mapping[str, str]) -> bool:
+    """Whether the strategy's hard constraints ever allow the node, whatever its load.
+
+    A daemon queues waiting work in one local queue that starts whatever fits
+    when resources free; work that may run only on other nodes must wait
+    apart from it, or a busy target would make a hard constraint soft.
+    """
+    if isinstance(strategy, NodeAffinitySchedulingStrategy):
+        return strategy.soft or strategy.node_id == node_id
+    if isinstance(strategy, NodeLabelSchedulingStrategy) and strategy.hard:
+        return strategy.matches_hard(labels)
+    return True
 
 
 # ---------------------------------------------------------------- helpers

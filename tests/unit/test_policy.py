@@ -14,6 +14,7 @@ from meshray.scheduler.policy import (
     Wait,
     decide,
     label_selector_matches,
+    may_run_on,
     pick_spill_candidates,
     utilization,
     validate_label_selector,
@@ -207,6 +208,18 @@ def test_hard_affinity_paths():
     assert isinstance(d, Unschedulable) and "nope" in d.reason
     d = decide(hard("small"), nodes, "a")
     assert isinstance(d, Unschedulable) and "never fit" in d.reason
+
+
+def test_may_run_on_names_the_nodes_hard_constraints_allow():
+    # A hard pin to "b" waiting on a busy "b" must never be started on "a".
+    assert not may_run_on(NodeAffinitySchedulingStrategy("b", soft=False), "a", {})
+    assert may_run_on(NodeAffinitySchedulingStrategy("b", soft=False), "b", {})
+    assert may_run_on(NodeAffinitySchedulingStrategy("b", soft=True), "a", {})
+    gpu_only = NodeLabelSchedulingStrategy({"gpu": Exists()})
+    assert not may_run_on(gpu_only, "a", {})
+    assert may_run_on(gpu_only, "a", {"gpu": "a100"})
+    assert may_run_on(NodeLabelSchedulingStrategy(None, soft={"gpu": Exists()}), "a", {})
+    assert may_run_on("DEFAULT", "a", {}) and may_run_on("SPREAD", "a", {})
 
 
 def test_soft_affinity_paths():
