@@ -29,11 +29,11 @@ def compute_gradient(weights, worker_index: int):
 if __name__ == "__main__":
     ray.init(num_cpus=2)
     server = ParameterServer.remote(3)
-    history = [server.get_weights.remote()]
+    weights = server.get_weights.remote()
     for _ in range(5):
-        gradients = [compute_gradient.remote(history[-1], i) for i in range(4)]
-        history.append(server.apply.remote(*gradients))   # next round's weights, by reference
-    ray.get(history[-1])
+        gradients = [compute_gradient.remote(weights, i) for i in range(4)]
+        weights = server.apply.remote(*gradients)   # next round's weights, by reference
+    ray.get(weights)
     final = ray.get(server.get_weights.remote())
     print("parameter_server:", [round(w, 6) for w in final])
     ray.shutdown()

@@ -363,8 +363,12 @@ class CoreWorker:
             self._mapped.pop(object_id, None)
             self._subscribed.discard(object_id)
             if object_id in self._local_only:
+                # An actor call's result the node has not heard of. If a ref to
+                # it left this process (a task argument), _register_on_arrival
+                # still holds it: the value is registered when it arrives and
+                # released for us at once (deliver_actor_result), so the task
+                # that needs it gets it.
                 self._local_only.discard(object_id)
-                self._register_on_arrival.discard(object_id)
                 return
             if not self._closed:
                 self._queue_ref_change(object_id, False)
