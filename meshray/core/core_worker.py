@@ -753,5 +753,9 @@ class CoreWorker:
     def send_actor_exiting(self, actor_id: bytes, reason: str) -> None:
         self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(actor_id=actor_id, reason=reason)))
 
+    def send_metrics(self, updates: list) -> None:
+        """User metric updates (meshray.util.metrics batches them) for our node to export."""
+        self._send(pb.ClientEvent(metrics=pb.MetricsReport(updates=updates)))
+
     def outbox_empty(self) -> bool:
         return self._outbox.empty()
