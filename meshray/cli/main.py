@@ -1,4 +1,4 @@
-"""`meshray start | stop | status | list actors | etcd-credentials | microbenchmark`."""
+"""`meshray start | stop | status | list actors | etcd-credentials | microbenchmark | metrics`."""
 from __future__ import annotations
 
 import argparse
@@ -287,6 +287,9 @@ def main(argv=None) -> int:
 
     from meshray.cli import microbenchmark
     microbenchmark.add_parser(commands)
+
+    from meshray.cli import metrics as metrics_cli
+    metrics_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     try:

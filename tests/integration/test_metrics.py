@@ -143,6 +143,14 @@ def test_user_metrics_recorded_in_tasks_and_actors_reach_their_node(ray, endpoin
     assert labels["Component"] == "core_worker" and labels["NodeId"]
 
 
+def test_sd_file_lists_what_the_sd_endpoint_lists(ray, endpoint, tmp_path):
+    from meshray.cli.metrics import write_sd_file
+    path = tmp_path / "targets.json"
+    assert write_sd_file(str(path), ray.nodes()) == 1
+    assert json.loads(path.read_text()) == json.loads(_get(endpoint, "/sd"))
+    assert [t for group in json.loads(path.read_text()) for t in group["targets"]] == [endpoint]
+
+
 def test_unknown_path_is_404(endpoint):
     with pytest.raises(urllib.error.HTTPError) as info:
         _get(endpoint, "/nothing")
