@@ -205,3 +205,18 @@ def test_sd_targets_use_the_advertised_host_and_skip_nodes_without_a_port():
     assert groups == [{"targets": ["10.0.0.1:9100"],
                        "labels": {"__meta_meshray_node_id": "n1",
                                   "__meta_meshray_node_address": "10.0.0.1"}}]
+
+
+def test_the_dashboard_queries_only_metrics_a_node_exports():
+    import json
+    import re
+
+    from tests.helpers import REPO
+    with open(f"{REPO}/deploy/grafana/meshray-dashboard.json") as handle:
+        dashboard = json.load(handle)
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\b(?:ray|meshray)_[a-z_]+", expr)}
+    exported = {sample.name for family in node_families(SNAPSHOT, BASE)
+                for sample in family.samples}
+    exported |= {f"meshray_etcd_request_duration_seconds_{s}" for s in ("bucket", "sum", "count")}
+    assert used and used <= exported, used - exported
