@@ -8,9 +8,7 @@ half of it. With --interval the file is rewritten until interrupted.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 
 __all__ = ["add_parser", "write_sd_file"]
@@ -19,21 +17,11 @@ __all__ = ["add_parser", "write_sd_file"]
 def write_sd_file(path: str, nodes: list) -> int:
     """Write file_sd JSON for the alive `nodes`; returns how many targets it lists."""
     from meshray.node.metrics import sd_targets
+    from meshray.security import write_private_file
 
     groups = sd_targets({node["NodeID"]: node for node in nodes if node.get("Alive")})
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".meshray-sd-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(groups, handle, indent=1)
-        os.chmod(tmp, 0o644)          # Prometheus may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # Public (0644): Prometheus may run as another user; it holds no secret.
+    write_private_file(path, json.dumps(groups, indent=1), mode=0o644)
     return len(groups)
 
 

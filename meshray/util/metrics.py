@@ -130,6 +130,15 @@ def flush(core=None) -> None:
 _flush = flush     # the name meshray.shutdown() calls
 
 
+def _bounded(value, kind: type, limit: int, what: str):
+    """`value` if it is a `kind` of at most `limit` items (else TypeError / ValueError)."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{what} must be a {kind.__name__}, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ValueError(f"{what} has {len(value)} items; at most {limit} are allowed")
+    return value
+
+
 class Metric:
     """What Counter, Gauge and Histogram share: name, description, tags."""
 
@@ -140,19 +149,9 @@ class Metric:
         problem = metric_name_problem(name)
         if problem is not None:
             raise ValueError(f"metric name={name!r} is not valid: expected {problem}")
-        if not isinstance(description, str):
-            raise TypeError(f"description of metric {name!r} must be a str, "
-                            f"got {type(description).__name__}")
-        if len(description) > MAX_DESCRIPTION_LEN:
-            raise ValueError(f"description of metric {name!r} is {len(description)} "
-                             f"characters; at most {MAX_DESCRIPTION_LEN} are kept")
-        tag_keys = tuple() if tag_keys is None else tag_keys
-        if not isinstance(tag_keys, tuple):
-            raise TypeError(f"tag_keys of metric {name!r} must be a tuple, "
-                            f"got {type(tag_keys).__name__}")
-        if len(tag_keys) > MAX_TAG_KEYS:
-            raise ValueError(f"metric {name!r} has {len(tag_keys)} tag_keys; at most "
-                             f"{MAX_TAG_KEYS} are allowed")
+        _bounded(description, str, MAX_DESCRIPTION_LEN, f"description of metric {name!r}")
+        tag_keys = _bounded(tuple() if tag_keys is None else tag_keys, tuple, MAX_TAG_KEYS,
+                            f"tag_keys of metric {name!r}")
         for key in tag_keys:
             if not isinstance(key, str):
                 raise TypeError(f"tag keys of metric {name!r} must be str, got {key!r}")
