@@ -246,6 +246,9 @@ def shutdown() -> None:
             placement_groups = sys.modules.get("meshray.util.placement_group")
             if placement_groups is not None:
                 placement_groups._flush()  # requests sent without waiting for the reply
+            metrics = sys.modules.get("meshray.util.metrics")
+            if metrics is not None:
+                metrics._flush(core)       # what was recorded since the last report
             core.close()
         if node is not None:
             node.stop()

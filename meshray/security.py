@@ -182,8 +182,8 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike | None
     return None
 
 
-def write_private_file(path: str | os.PathLike, data: str | bytes) -> str:
-    """Write `data` to `path` readable by its owner only, atomically.
+def write_private_file(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o600) -> str:
+    """Write `data` to `path` readable by its owner only (or `mode`), atomically.
 
     The content goes to a fresh mkstemp file (created 0600 whatever the
     umask, so the secret is never briefly world-readable) that then replaces
@@ -198,7 +198,7 @@ def write_private_file(path: str | os.PathLike, data: str | bytes) -> str:
             handle.write(data.encode() if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,4 +1,5 @@
-"""`meshray start | stop | status | list actors | run | etcd-credentials | microbenchmark`."""
+"""`meshray start | stop | status | list | get | summary | timeline | run | metrics |
+etcd-credentials | microbenchmark`."""
 from __future__ import annotations
 
 import argparse
@@ -42,12 +43,14 @@ def _cmd_start(args) -> int:
         resources=resources, labels=json.loads(args.labels) if args.labels else None,
         object_store_memory=args.object_store_memory, host=args.host, port=args.port,
         token=token, session_dir=None, tie_to_parent=False, cli=True,
-        lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host)
+        lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host,
+        metrics_export_port=args.metrics_export_port)
     node.owns_session_dir = False  # the daemon removes its own session dir on exit
     token_path = os.path.join(node.session_dir, "token")
     print(f"meshray node {node.node_id} started (pid {node.pid})")
     print(f"  node address : {node.address}")
     print(f"  etcd         : {node.etcd}")
+    print(f"  metrics      : http://{args.host}:{node.info.get('metrics_export_port')}/metrics")
     if embedded:
         print(f"  cluster token: written to {token_path} (mode 0600)")
         print(security.join_hint(node.etcd, token_path))
@@ -247,6 +250,9 @@ def main(argv=None) -> int:
     start.add_argument("--etcd-password-file", help="file holding the etcd password "
                        "(or MESHRAY_ETCD_PASSWORD[_FILE])")
     start.add_argument("--lease-ttl", type=float)
+    start.add_argument("--metrics-export-port", type=int, default=None,
+                       help="port of the node's Prometheus endpoint, on --host (default: a "
+                            "free port; meshray.nodes() shows it as MetricsExportPort)")
     start.add_argument("--block", action="store_true", help="stay in the foreground")
     start.set_defaults(func=_cmd_start)
 
@@ -297,6 +303,9 @@ def main(argv=None) -> int:
 
     from meshray.cli import microbenchmark
     microbenchmark.add_parser(commands)
+
+    from meshray.cli import metrics as metrics_cli
+    metrics_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     try:

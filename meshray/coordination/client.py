@@ -179,6 +179,8 @@ class Coordinator:
         self._current = random.randrange(len(self._eps))
         self._watches: weakref.WeakSet[WatchHandle] = weakref.WeakSet()
         self._keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
+        # callable(what, seconds) told of every answered request (node metrics).
+        self.on_round_trip: Callable[[str, float], None] | None = None
         try:
             self._connect()
         except BaseException:
@@ -308,7 +310,11 @@ class Coordinator:
                 per_try = remaining
             token = self._token
             try:
-                return fn(ep, max(0.05, per_try), self._metadata())
+                started = time.monotonic()
+                result = fn(ep, max(0.05, per_try), self._metadata())
+                if self.on_round_trip is not None:
+                    self.on_round_trip(what, time.monotonic() - started)
+                return result
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 if (self._user is not None and logins < _MAX_LOGINS_PER_CALL

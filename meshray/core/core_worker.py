@@ -775,5 +775,9 @@ class CoreWorker:
     def send_actor_task_events(self, report: pb.ActorTaskEvents) -> None:
         self._send(pb.ClientEvent(task_events=report))
 
+    def send_metrics(self, updates: list) -> None:
+        """User metric updates (meshray.util.metrics batches them) for our node to export."""
+        self._send(pb.ClientEvent(metrics=pb.MetricsReport(updates=updates)))
+
     def outbox_empty(self) -> bool:
         return self._outbox.empty()

@@ -29,6 +29,7 @@ from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.liveness import PeerLiveness
+from meshray.node.metrics import NodeMetrics
 from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
@@ -74,6 +75,7 @@ class NodeConfig:
     labels: dict = field(default_factory=dict)
     prestart_workers: int | None = None
     gpu_ids: list = field(default_factory=list)   # device ids behind the GPU resource
+    metrics_export_port: int = 0      # Prometheus endpoint (0: a free port)
 
 
 @dataclass(eq=False)
@@ -119,6 +121,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.task_events = TaskEvents(config.node_id.hex(), os.path.join(
             config.session_dir, "task_events", config.node_id.hex()[:12]))
         self.events = EventLog(task_sink=self.task_events)
+        self.metrics = NodeMetrics(self, config.metrics_export_port)   # node/metrics.py
+        self.task_events.on_end = self.metrics.task_ended
         self.queue = TaskQueue(self.events)
         self.runtime_stats = pipelining.RuntimeStats()
         self.tasks: dict[bytes, TaskRecord] = {}
@@ -157,6 +161,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "task_result": self._on_task_result, "cancel": self._on_cancel,
                 "blocked": self._on_blocked, "request": self._on_request,
                 "actor_exiting": self._on_actor_exiting, "task_events": self._on_task_events,
+                "metrics": self.metrics.on_report,
             },
             peer={
                 "spill": self._peer_spill, "verdict": self._peer_verdict,
@@ -202,6 +207,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
+        self.metrics.start(asyncio.get_running_loop())
         self.local_address = bound[1]
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
                                session_dir=self.config.session_dir, on_output=self._worker_output,
@@ -279,6 +285,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             await asyncio.get_running_loop().run_in_executor(None, self.pool.stop_all)
         if self.server is not None:
             await self.server.stop(grace=0.5)
+        await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
         self.store.destroy()
         self.task_events.close()
         self.fence.close()
@@ -760,6 +767,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             "NodeManagerPort": int(self.address.rsplit(":", 1)[1]) if self.address else 0,
             "Resources": self.resources.total.to_dict(),
             "Labels": dict(self.config.labels),
+            "MetricsExportPort": self.metrics.port,
         }
 
     async def _ask_store_stats(self, conn, payload: dict) -> dict:

@@ -33,6 +33,17 @@ def _node_id(text: str) -> str:
     return text
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"--metrics-export-port={text!r}: expected a port number 0..65535 (0: a free port)")
+    return port
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="meshray-node")
     parser.add_argument("--session-dir", required=True)
@@ -55,6 +66,8 @@ def _parse(argv):
     parser.add_argument("--parent-fd", type=int, default=-1)
     parser.add_argument("--lease-ttl", type=float, default=None)
     parser.add_argument("--prestart-workers", type=int, default=None)
+    parser.add_argument("--metrics-export-port", type=_port, default=0,
+                        help="port of the Prometheus endpoint on --host (default: a free port)")
     parser.add_argument("--cli", action="store_true", help="started by `meshray start`")
     return parser.parse_args(argv)
 
@@ -138,7 +151,7 @@ async def _run(args) -> int:
         advertise_host=args.advertise_host,
         port=args.port, token=token,
         etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
-        gpu_ids=gpu_ids)
+        gpu_ids=gpu_ids, metrics_export_port=args.metrics_export_port)
     daemon = NodeDaemon(config)
     try:
         await daemon.start()
@@ -169,6 +182,7 @@ async def _run(args) -> int:
         "embedded_etcd": supervisor is not None,
         "etcd_pid": supervisor.etcd.pid if supervisor else None,
         "started_at": time.time(), "store_dir": daemon.store_dir,
+        "metrics_export_port": daemon.metrics.port,
         "create_time": psutil.Process().create_time(),
     }
     registry.write_record(node_id.hex(), record)

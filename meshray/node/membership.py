@@ -105,6 +105,11 @@ class Membership:
             except RuntimeError:
                 pass
 
+    @property
+    def registered(self) -> bool:
+        """Whether this node holds its lease and its record is published."""
+        return self._registered.is_set()
+
     def poke_placer(self) -> None:
         self.placer.poke()
 
@@ -202,7 +207,11 @@ class Membership:
         failures = 0
         while not self._stop.is_set():
             try:
-                return Coordinator(self._endpoints, timeout=5.0, **options)
+                coordinator = Coordinator(self._endpoints, timeout=5.0, **options)
+                metrics = getattr(self._daemon, "metrics", None)
+                if metrics is not None:
+                    coordinator.on_round_trip = metrics.etcd_round_trip
+                return coordinator
             except Exception as exc:  # noqa: BLE001 - down at startup: wait it out
                 failures += 1
                 delay = retry_delay(failures)

@@ -18,7 +18,7 @@ import math
 
 import cloudpickle
 
-from meshray.common import ids
+from meshray.common import ids, metric_rules
 from meshray.rpc.rules import (
     FUNCTION_ID_LEN,
     JOB_ID_LEN,
@@ -157,6 +157,52 @@ def check_task_spec(spec, where: tuple) -> None:
              "no actor_id, actor_options or held_resources unless actor_creation=true")
 
 
+MAX_METRIC_UPDATES = 10_000
+
+
+def _metrics_report(msg, where: tuple) -> None:
+    """User metric updates: the rules meshray.util.metrics enforces (common/metric_rules.py)."""
+    if len(msg.updates) > MAX_METRIC_UPDATES:
+        fail(where, "updates", f"{len(msg.updates)} updates", f"at most {MAX_METRIC_UPDATES}")
+    for index, update in enumerate(msg.updates):
+        at = (*where, "updates", index)
+        problem = metric_rules.metric_name_problem(update.name)
+        if problem is not None:
+            fail(at, "name", update.name, problem)
+        if update.kind not in metric_rules.KINDS:
+            fail(at, "kind", update.kind, " or ".join(repr(k) for k in metric_rules.KINDS))
+        if len(update.description) > metric_rules.MAX_DESCRIPTION_LEN:
+            fail(at, "description", update.description,
+                 f"at most {metric_rules.MAX_DESCRIPTION_LEN} characters")
+        keys = list(update.tag_keys)
+        if len(keys) > metric_rules.MAX_TAG_KEYS or len(set(keys)) != len(keys):
+            fail(at, "tag_keys", keys, f"at most {metric_rules.MAX_TAG_KEYS} distinct keys")
+        for key in keys:
+            problem = metric_rules.tag_key_problem(key)
+            if problem is not None:
+                fail((*at, "tag_keys"), repr(key), key, problem)
+        if len(update.tag_values) != len(keys):
+            fail(at, "tag_values", f"{len(update.tag_values)} values",
+                 f"one per tag key ({len(keys)})")
+        for value in update.tag_values:
+            if len(value) > metric_rules.MAX_TAG_VALUE_LEN:
+                fail(at, "tag_values", value,
+                     f"values of at most {metric_rules.MAX_TAG_VALUE_LEN} characters")
+        if update.kind == "histogram":
+            problem = metric_rules.boundaries_problem(list(update.boundaries))
+            if problem is not None:
+                fail(at, "boundaries", list(update.boundaries), problem)
+            if len(update.bucket_counts) != len(update.boundaries) + 1:
+                fail(at, "bucket_counts", f"{len(update.bucket_counts)} counts",
+                     f"one per bucket, +Inf included ({len(update.boundaries) + 1})")
+            if not math.isfinite(update.sum):
+                fail(at, "sum", update.sum, "a finite number")
+        elif not math.isfinite(update.value) or (update.kind == "counter"
+                                                   and update.value < 0):
+            fail(at, "value", update.value,
+                 "a finite number" + (" >= 0" if update.kind == "counter" else ""))
+
+
 def _request(msg, where: tuple, questions) -> None:
     if msg.method not in questions:
         fail(where, "method", msg.method, f"one of {', '.join(sorted(questions))}")
@@ -200,6 +246,8 @@ def _client_event(event, index: int, questions) -> None:
         check_id(msg.actor_id, ids.TASK_ID_LEN, where, "actor_id", "actor id")
     elif kind == "task_events":
         _actor_task_events(msg, where)
+    elif kind == "metrics":
+        _metrics_report(msg, where)
     # blocked: one bool, always well-formed
 
 

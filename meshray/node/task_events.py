@@ -108,6 +108,7 @@ class TaskEvents:
         self._next_segment = 0
         self.dropped = 0              # tasks removed for good (disk cap or age)
         self.spilled = 0              # tasks written to disk
+        self.on_end = None            # callable(record): a final state (node metrics)
 
     # ------------------------------------------------------------ recording
     def submitted(self, task, node_state_pending_args: bool) -> None:
@@ -182,6 +183,8 @@ class TaskEvents:
             if error is not None:
                 record["error_message"] = str(error)[:2000]
         record["events"].append((state, now))
+        if self.on_end is not None:
+            self.on_end(record)
         self._finished[task.task_id] = record
         while len(self._finished) > self.memory_limit:
             self._spill(self._finished.popitem(last=False)[1])
@@ -297,6 +300,12 @@ class TaskEvents:
         for record in list(self._live.values()):
             if not record["spilled_to"]:
                 yield record
+
+    def live_states(self):
+        """(state, name, attempt) of each task not finished yet that this node answers for."""
+        for record in self._live.values():
+            if not record["spilled_to"]:
+                yield record["state"], record["name"], record["attempt_number"]
 
     def stats(self) -> dict:
         return {"live": len(self._live), "finished_in_memory": len(self._finished),

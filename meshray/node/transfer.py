@@ -289,6 +289,7 @@ class ObjectTransfer:
                     offset, data, total_size = decode_chunk(message)
                 except ValueError as exc:   # another holder may send it whole
                     raise ConnectionError(f"bad chunk from {node_hex}: {exc}") from None
+                self.metrics.bytes_received += len(data)
                 if writer is None:
                     path = self._reserve_for_pull(object_id, total_size)
                     writer = layout.ChunkWriter(path, total_size)
@@ -436,6 +437,7 @@ class ObjectTransfer:
         for chunk in layout.copy_file_chunks(path, chunk_size):
             yield make_chunk(offset, chunk, total)
             offset += len(chunk)
+            self.metrics.bytes_sent += len(chunk)
         puller = dict(context.invocation_metadata() or ()).get(PULLER_METADATA_KEY)
         if puller and puller != self.node_hex:
             self.copies_sent.setdefault(object_id, set()).add(puller)

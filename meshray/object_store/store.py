@@ -146,6 +146,9 @@ class ObjectStore:
         self._used = 0  # bytes in shared memory, including reservations
         self._spilling = 0  # part of _used whose disk copy is in flight
         self._spilled = 0  # bytes whose only copy is on disk
+        # Ever, for metrics: [objects, bytes] spilled to and restored from disk.
+        self._spills = [0, 0]
+        self._restores = [0, 0]
         self._closed = False
         # Freed large files kept for reuse (recycle.py); off until the owner
         # says how to tell that nobody maps a file any more.
@@ -379,6 +382,8 @@ class ObjectStore:
             if self._entries.get(oid) is entry:
                 entry.state = _SEALED
                 self._spilled -= entry.size
+                self._restores[0] += 1
+                self._restores[1] += entry.size
                 entry.last_access = self._tick()
                 entry.read_at = time.monotonic()
                 entry.pins += bool(pin)
@@ -580,6 +585,8 @@ class ObjectStore:
                 "num_in_memory": sum(s in _IN_MEMORY for s in states),
                 "num_spilled": sum(s in (_SPILLED, _RESTORING) for s in states),
                 "num_pinned": sum(e.pins > 0 for e in self._entries.values()),
+                "spill_count": self._spills[0], "spill_bytes_total": self._spills[1],
+                "restore_count": self._restores[0], "restore_bytes_total": self._restores[1],
             }
 
     def __repr__(self) -> str:
@@ -731,6 +738,8 @@ class ObjectStore:
                     victim.state = _SPILLED
                     self._used -= victim.size
                     self._spilled += victim.size
+                    self._spills[0] += 1
+                    self._spills[1] += victim.size
                 elif outcome == "lost":
                     del self._entries[oid]
                     self._used -= victim.size

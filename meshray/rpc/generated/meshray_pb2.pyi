@@ -239,6 +239,34 @@ class ActorExiting(_message.Message):
     restartable: bool
     def __init__(self, actor_id: _Optional[bytes] = ..., reason: _Optional[str] = ..., restartable: _Optional[bool] = ...) -> None: ...
 
+class MetricUpdate(_message.Message):
+    __slots__ = ("name", "kind", "description", "tag_keys", "tag_values", "value", "boundaries", "bucket_counts", "sum")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    TAG_KEYS_FIELD_NUMBER: _ClassVar[int]
+    TAG_VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    description: str
+    tag_keys: _containers.RepeatedScalarFieldContainer[str]
+    tag_values: _containers.RepeatedScalarFieldContainer[str]
+    value: float
+    boundaries: _containers.RepeatedScalarFieldContainer[float]
+    bucket_counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., tag_keys: _Optional[_Iterable[str]] = ..., tag_values: _Optional[_Iterable[str]] = ..., value: _Optional[float] = ..., boundaries: _Optional[_Iterable[float]] = ..., bucket_counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
+
+class MetricsReport(_message.Message):
+    __slots__ = ("updates",)
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    updates: _containers.RepeatedCompositeFieldContainer[MetricUpdate]
+    def __init__(self, updates: _Optional[_Iterable[_Union[MetricUpdate, _Mapping]]] = ...) -> None: ...
+
 class Request(_message.Message):
     __slots__ = ("request_id", "method", "payload")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -250,7 +278,7 @@ class Request(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., method: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ClientEvent(_message.Message):
-    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request", "actor_exiting", "task_events")
+    __slots__ = ("hello", "register_function", "submit", "put", "reserve", "subscribe", "refs", "task_result", "cancel", "blocked", "request", "actor_exiting", "task_events", "metrics")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     REGISTER_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +292,7 @@ class ClientEvent(_message.Message):
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     ACTOR_EXITING_FIELD_NUMBER: _ClassVar[int]
     TASK_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     register_function: RegisterFunction
     submit: SubmitTask
@@ -277,7 +306,8 @@ class ClientEvent(_message.Message):
     request: Request
     actor_exiting: ActorExiting
     task_events: ActorTaskEvents
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ..., task_events: _Optional[_Union[ActorTaskEvents, _Mapping]] = ...) -> None: ...
+    metrics: MetricsReport
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ..., task_events: _Optional[_Union[ActorTaskEvents, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ...) -> None: ...
 
 class ActorTaskEvent(_message.Message):
     __slots__ = ("task_id", "name", "job_id", "attempt", "received", "finished", "failed", "parent_task_id")
