@@ -1,4 +1,4 @@
-"""`meshray start | stop | status | list actors | etcd-credentials | microbenchmark`."""
+"""`meshray start | stop | status | list actors | logs | etcd-credentials | microbenchmark`."""
 from __future__ import annotations
 
 import argparse
@@ -302,8 +302,9 @@ def main(argv=None) -> int:
                              help="print just the password (for scripts)")
     credentials.set_defaults(func=_cmd_etcd_credentials)
 
-    from meshray.cli import microbenchmark
+    from meshray.cli import logs, microbenchmark
     microbenchmark.add_parser(commands)
+    logs.add_parser(commands)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -36,9 +36,10 @@ class LogStreaming:
             self.job_origins.pop(next(iter(self.job_origins)))
 
     def _worker_output(self, worker, line: str, is_err: bool) -> None:
-        # An actor's lines are named by its class, as Ray names them.
+        # Named as Ray names them: an actor's lines by its class, a task's by its
+        # function (a task's default name is "module.qualname").
         name = (worker.actor.options.get("class_name") if worker.actor is not None else None) \
-            or worker.task_name or "worker"
+            or (worker.task_name or "worker").rsplit(".", 1)[-1]
         job_hex = worker.job_hex
         log_line = pb.LogLine(prefix=f"({name} pid={worker.pid})", text=line, is_err=is_err)
         if self._deliver_logs(job_hex, [log_line]) or not job_hex:

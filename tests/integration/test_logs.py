@@ -1,0 +1,201 @@
+"""Worker log files and the log API on real nodes: written, streamed, rotated,
+kept after the worker exits, and read from a node that does not hold them."""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+
+import cloudpickle
+import pytest
+
+from tests.helpers import run_driver, wait_for
+
+# Workers do not have this test module on their path: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _session_dir(node) -> str:
+    return node._process.session_dir
+
+
+def _text(**kwargs) -> str:
+    from meshray.util.state.logs import get_log
+    return "".join(get_log(**kwargs))
+
+
+def test_task_output_lands_in_its_worker_files_and_the_driver_sees_it_prefixed():
+    code = """
+import os, sys, meshray
+from meshray.core.state import state
+from meshray.util.state.logs import get_log, list_logs
+from tests.helpers import wait_for
+meshray.init(num_cpus=1)
+
+@meshray.remote
+def chatty():
+    print("to stdout from chatty")
+    print("to stderr from chatty", file=sys.stderr)
+    return os.getpid()
+
+pid = meshray.get(chatty.remote())
+wait_for(lambda: "to stdout from chatty" in "".join(get_log(pid=pid)))
+wait_for(lambda: "to stderr from chatty" in "".join(get_log(pid=pid, suffix="err")))
+logs = os.path.join(state.local_node.session_dir, "logs")
+names = [n for n in os.listdir(logs) if n.endswith(f"-{pid}.out")]
+mode = oct(os.stat(logs).st_mode & 0o777), oct(os.stat(os.path.join(logs, names[0])).st_mode & 0o777)
+print("FILES", names, list_logs()["worker_out"], mode, flush=True)
+meshray.shutdown()
+"""
+    result = run_driver(code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pid = result.stdout.split("FILES")[0].split("pid=")[1].split(")")[0]
+    assert f"(chatty pid={pid}) to stdout from chatty" in result.stdout
+    assert f"(chatty pid={pid}) to stderr from chatty" in result.stderr
+    files_line = result.stdout.split("FILES", 1)[1]
+    assert f"-ffffffff-{pid}.out" in files_line and "('0o700', '0o600')" in files_line
+
+
+@pytest.mark.cluster_args(initialize_head=True, head_node_args={"num_cpus": 1})
+def test_get_log_by_task_and_actor_from_a_node_that_does_not_hold_them(cluster, capfd):
+    far = cluster.add_node(num_cpus=1, resources={"far": 1})
+    ray = cluster.connect()
+
+    @ray.remote(resources={"far": 0.5})
+    def remote_print():
+        print("task line on the far node", flush=True)
+        return ray.get_runtime_context().get_task_id(), os.getpid()
+
+    @ray.remote(resources={"far": 0.5})
+    class Speaker:
+        def say(self, text):
+            print(text, flush=True)
+            return os.getpid()
+
+    task_id, task_pid = ray.get(remote_print.remote(), timeout=60)
+    speaker = Speaker.remote()
+    actor_pid = ray.get(speaker.say.remote("actor line on the far node"), timeout=60)
+    # The driver (on the head node) still sees both lines, named as Ray names them.
+    seen = []
+
+    def printed(text: str) -> bool:
+        seen.append(capfd.readouterr().out)
+        return text in "".join(seen)
+
+    wait_for(lambda: printed("actor line on the far node") and printed("task line"),
+             message="both lines reached the driver")
+    assert f"(remote_print pid={task_pid}, ip=127.0.0.1) task line on the far node" \
+        in "".join(seen)
+    assert f"(Speaker pid={actor_pid}, ip=127.0.0.1) actor line on the far node" \
+        in "".join(seen)
+
+    # The driver's node (the head) holds neither file: it finds the node that does.
+    wait_for(lambda: "task line on the far node" in _text(task_id=task_id))
+    wait_for(lambda: "actor line on the far node" in _text(actor_id=speaker._actor_id.hex()))
+    from meshray.util.state.logs import list_logs
+    far_files = list_logs(node_id=far.node_id)["worker_out"]
+    assert any(name.endswith(f"-{task_pid}.out") for name in far_files)
+    head_files = list_logs().get("worker_out", [])
+    assert not any(name.endswith(f"-{task_pid}.out") for name in head_files)
+
+    # The files stay after the worker exits.
+    ray.kill(speaker)
+    import psutil
+    wait_for(lambda: not psutil.pid_exists(actor_pid) or
+             psutil.Process(actor_pid).status() == psutil.STATUS_ZOMBIE,
+             message="the actor's worker exited")
+    assert "actor line on the far node" in _text(node_id=far.node_id, pid=actor_pid)
+
+
+@pytest.mark.cluster_args(initialize_head=True, head_node_args={"num_cpus": 1})
+def test_follow_yields_lines_as_they_are_written(cluster):
+    far = cluster.add_node(num_cpus=1, resources={"far": 1})
+    ray = cluster.connect()
+
+    @ray.remote(resources={"far": 1})
+    class Speaker:
+        def say(self, text):
+            print(text, flush=True)
+            return os.getpid()
+
+    speaker = Speaker.remote()
+    pid = ray.get(speaker.say.remote("first line"), timeout=60)
+    from meshray.util.state.logs import get_log
+    lines: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def follow():
+        for line in get_log(node_id=far.node_id, pid=pid, follow=True, _interval=0.1):
+            lines.put(line)
+            if stop.is_set():
+                return
+
+    threading.Thread(target=follow, daemon=True).start()
+
+    def expect(text: str) -> None:
+        while True:
+            line = lines.get(timeout=30)   # fails the test when nothing comes
+            if line == text + "\n":
+                return
+
+    expect("first line")
+    ray.get(speaker.say.remote("written later"), timeout=60)
+    expect("written later")
+    stop.set()
+    ray.get(speaker.say.remote("unblocks the follower"), timeout=60)
+
+
+@pytest.mark.cluster_args(initialize_head=True, head_node_args={"num_cpus": 1})
+def test_rotation_at_a_small_cap_keeps_at_most_the_backups_asked_for(cluster):
+    env = {**os.environ, "MESHRAY_LOG_ROTATION_MAX_BYTES": "2000",
+           "RAY_ROTATION_BACKUP_COUNT": "2"}
+    far = cluster.add_node(num_cpus=1, resources={"far": 1}, env=env)
+    ray = cluster.connect()
+
+    @ray.remote(resources={"far": 1})
+    def loud():
+        for index in range(400):
+            print(f"line {index:05d} " + "x" * 40)
+        return os.getpid()
+
+    pid = ray.get(loud.remote(), timeout=60)
+    logs = os.path.join(_session_dir(far), "logs")
+
+    def files():
+        return sorted(n for n in os.listdir(logs) if f"-{pid}.out" in n)
+
+    wait_for(lambda: any("line 00399" in line for line in _lines(far, pid)),
+             message="the last line was written")
+    names = files()
+    assert [n.rsplit(".out", 1)[1] for n in names] == ["", ".1", ".2"]
+    assert all(os.path.getsize(os.path.join(logs, n)) <= 2000 for n in names)
+    from meshray.util.state.logs import list_logs
+    listed = list_logs(node_id=far.node_id, glob_filter=f"*-{pid}.out*")["worker_out"]
+    assert sorted(listed) == names
+
+
+def _lines(node, pid):
+    return _text(node_id=node.node_id, pid=pid).splitlines()
+
+
+@pytest.mark.cluster_args(initialize_head=True, head_node_args={"num_cpus": 1})
+def test_a_path_outside_the_logs_dir_is_refused_with_value_error(cluster):
+    far = cluster.add_node(num_cpus=1)
+    ray = cluster.connect()
+    from meshray import exceptions
+    from meshray.core.state import state
+    from meshray.util.state.logs import get_log
+    outside = os.path.join(_session_dir(far), "outside.txt")
+    with open(outside, "w") as handle:
+        handle.write("not a log")
+    os.symlink(outside, os.path.join(_session_dir(far), "logs", "planted.out"))
+    for name in ("../outside.txt", "..", "logs/../../etc/passwd", "/etc/passwd"):
+        with pytest.raises(ValueError, match="filename="):
+            list(get_log(node_id=far.node_id, filename=name))
+        # The node refuses it too, when asked directly (not through the API's checks).
+        with pytest.raises(exceptions.RaySystemError, match="ValueError: filename="):
+            state.core.request("get_log", {"node_id": far.node_id, "filename": name})
+    with pytest.raises(ValueError, match="planted.out"):
+        list(get_log(node_id=far.node_id, filename="planted.out"))
+    del ray
