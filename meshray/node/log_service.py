@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from meshray.node import log_files
+from meshray.node.state_service import DEFAULT_TIMEOUT_S
+from meshray.node.state_service import _timeout   # the state API's timeout rule, shared
 
 __all__ = ["LogService", "GetRequest", "check_get_request", "check_list_request",
            "DEFAULT_TIMEOUT_S"]
 
-DEFAULT_TIMEOUT_S = 30.0
-MAX_TIMEOUT_S = 600.0
 _HEX = re.compile(r"[0-9a-f]{2,128}")
 _SUFFIXES = ("out", "err")
 
@@ -58,15 +58,6 @@ def _int_field(payload: dict, name: str, default, minimum: int):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected a whole number >= {minimum}")
     return value
-
-
-def _timeout(payload: dict) -> float:
-    value = payload.get("timeout", DEFAULT_TIMEOUT_S)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 < value <= MAX_TIMEOUT_S:
-        raise ValueError(f"timeout={value!r}: expected seconds, more than 0 and at most "
-                         f"{MAX_TIMEOUT_S:.0f}")
-    return float(value)
 
 
 def check_list_request(payload: dict) -> dict:

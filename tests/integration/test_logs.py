@@ -199,3 +199,56 @@ def test_a_path_outside_the_logs_dir_is_refused_with_value_error(cluster):
     with pytest.raises(ValueError, match="planted.out"):
         list(get_log(node_id=far.node_id, filename="planted.out"))
     del ray
+
+
+CLI_DRIVER = """
+import os, meshray
+meshray.init(address="auto")
+
+@meshray.remote
+def shout():
+    print("line for the cli")
+    return meshray.get_runtime_context().get_task_id(), os.getpid()
+
+task_id, pid = meshray.get(shout.remote())
+print("TASK", task_id, pid)
+"""
+
+
+def test_cli_lists_prints_and_refuses(tmp_path):
+    import subprocess
+
+    from meshray import security
+    from tests.helpers import REPO
+    env = {k: v for k, v in os.environ.items()
+           if k not in (security.TOKEN_ENV, security.TOKEN_FILE_ENV)}
+    env["MESHRAY_RUN_DIR"] = str(tmp_path / "run")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cli = [sys.executable, "-m", "meshray.cli.main"]
+
+    def run(*args, **kwargs):
+        return subprocess.run(list(args), capture_output=True, text=True, env=env,
+                              timeout=90, cwd=REPO, **kwargs)
+
+    started = run(*cli, "start", "--num-cpus", "1")
+    try:
+        assert started.returncode == 0, started.stderr
+        driver = run(sys.executable, "-c", CLI_DRIVER)
+        assert driver.returncode == 0, driver.stderr
+        _, task_id, pid = next(line.split() for line in driver.stdout.splitlines()
+                               if line.startswith("TASK"))
+        listing = run(*cli, "logs")
+        assert listing.returncode == 0, listing.stderr
+        assert "worker_out:" in listing.stdout and f"-{pid}.out" in listing.stdout
+        by_pid = run(*cli, "logs", "worker", "--pid", pid)
+        assert by_pid.returncode == 0 and "line for the cli" in by_pid.stdout, by_pid.stderr
+        by_task = run(*cli, "logs", "task", "--id", task_id, "--tail", "1")
+        assert by_task.stdout == "line for the cli\n", by_task.stderr
+        one_file = run(*cli, "logs", f"*-{pid}.out")      # one match: printed
+        assert "line for the cli" in one_file.stdout, one_file.stderr
+        missing_id = run(*cli, "logs", "actor")
+        assert missing_id.returncode == 2 and "needs --id" in missing_id.stderr
+        hostile = run(*cli, "logs", "worker", "--pid", "1", "--node-id", "zz")
+        assert hostile.returncode == 2 and "node_id='zz'" in hostile.stderr
+    finally:
+        run(*cli, "stop")
