@@ -131,7 +131,8 @@ def test_follow_yields_lines_as_they_are_written(cluster):
             if stop.is_set():
                 return
 
-    threading.Thread(target=follow, daemon=True).start()
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
 
     def expect(text: str) -> None:
         while True:
@@ -144,6 +145,8 @@ def test_follow_yields_lines_as_they_are_written(cluster):
     expect("written later")
     stop.set()
     ray.get(speaker.say.remote("unblocks the follower"), timeout=60)
+    follower.join(timeout=30)
+    assert not follower.is_alive()
 
 
 @pytest.mark.cluster_args(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -252,3 +255,21 @@ def test_cli_lists_prints_and_refuses(tmp_path):
         assert hostile.returncode == 2 and "node_id='zz'" in hostile.stderr
     finally:
         run(*cli, "stop")
+
+
+@pytest.mark.cluster_args(initialize_head=True, head_node_args={"num_cpus": 1})
+def test_runtime_env_setup_output_is_kept_in_a_per_job_file(cluster, tmp_path):
+    (tmp_path / "data.txt").write_text("packaged")
+    ray = cluster.connect()
+
+    @ray.remote(runtime_env={"working_dir": str(tmp_path)})
+    def read_packaged():
+        with open("data.txt") as handle:
+            return handle.read()
+
+    assert ray.get(read_packaged.remote(), timeout=120) == "packaged"
+    name = f"runtime_env_setup-{ray.get_runtime_context().get_job_id()}.log"
+    from meshray.util.state.logs import list_logs
+    wait_for(lambda: name in list_logs().get("runtime_env", []),
+             message="the setup log is listed")
+    assert "runtime_env: fetching" in _text(filename=name)
