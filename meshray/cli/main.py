@@ -1,4 +1,4 @@
-"""`meshray start | stop | status | list | get | summary | timeline | run | metrics |
+"""`meshray start | stop | status | list | get | summary | timeline | logs | run | metrics |
 etcd-credentials | microbenchmark`."""
 from __future__ import annotations
 
@@ -301,8 +301,9 @@ def main(argv=None) -> int:
                              help="print just the password (for scripts)")
     credentials.set_defaults(func=_cmd_etcd_credentials)
 
-    from meshray.cli import microbenchmark
+    from meshray.cli import logs, microbenchmark
     microbenchmark.add_parser(commands)
+    logs.add_parser(commands)
 
     from meshray.cli import metrics as metrics_cli
     metrics_cli.add_parser(commands)

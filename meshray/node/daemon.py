@@ -30,6 +30,9 @@ from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.liveness import PeerLiveness
 from meshray.node.metrics import NodeMetrics
+from meshray.node.log_files import LOGS_DIR, LogWriter
+from meshray.node.log_service import log_service_for
+from meshray.node.log_stream import LogStreaming
 from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
@@ -106,7 +109,7 @@ def env_key_for(env_vars: dict) -> str:
 
 
 class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
-                 pb_grpc.NodeServiceServicer):
+                 LogStreaming, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -146,7 +149,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._init_cluster()
         self._init_env_setup()
         self._init_pg()
+        self._init_log_streaming()
         self.state = state_records.state_service_for(self)
+        self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
+        self.logs = log_service_for(self)
         self.routes = self._build_routes()
 
     def _build_routes(self) -> Routes:
@@ -169,7 +175,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "ready": self._peer_ready, "refs": self._peer_refs,
                 "request": self._peer_request, "reply": self._peer_reply,
                 "free": self._peer_free, "cancel_remote": self._peer_cancel_remote,
-                "container_freed": self._peer_container_freed,
+                "container_freed": self._peer_container_freed, "logs": self._peer_logs,
             },
             questions={
                 "dump_events": self._ask_dump_events, "store_stats": self._ask_store_stats,
@@ -180,6 +186,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "kill_actor": self._ask_kill_actor, "claim_actor_name": self._ask_claim_actor_name,
                 "get_named_actor": self._ask_get_named_actor, "list_actors": self._ask_list_actors,
                 "state_local": self.state.ask_local, "state_query": self.state.ask_cluster,
+                "list_logs": self.logs.ask_list, "get_log": self.logs.ask_get,
                 **cluster_questions,
             },
             local_only=frozenset(cluster_questions) | {"state_query"})
@@ -212,7 +219,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
                                session_dir=self.config.session_dir, on_output=self._worker_output,
                                node_host=self.config.host, advertise_host=self._advertised_host(),
-                               fence_path=self.fence.path)
+                               fence_path=self.fence.path, log_writer=self.log_writer)
         self.pool.on_forget = lambda worker: worker.resolved_env.release(self.env_cache)
         count = self.config.prestart_workers
         if count is None:
@@ -220,6 +227,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         for _ in range(count):
             self.pool.start(ids.new_id(), DEFAULT_ENV_KEY, {})
         asyncio.get_running_loop().create_task(self._reap_loop())
+        asyncio.get_running_loop().create_task(self.log_writer.run(self._stopping))
         asyncio.get_running_loop().create_task(self._replace_loop())
         liveness = PeerLiveness(self, self._revoke_dead_peer)
         asyncio.get_running_loop().create_task(liveness.run(self._stopping))
@@ -283,6 +291,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             conn.outbox.put_nowait(None)
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.stop_all)
+        await self.log_writer.aclose()
+        self.logs.close()
         if self.server is not None:
             await self.server.stop(grace=0.5)
         await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
@@ -748,15 +758,6 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                         if task.worker_key == worker.env_key:
                             self._ensure_workers(task)
                             break
-
-    # ------------------------------------------------------------ logs
-    def _worker_output(self, worker: WorkerProcess, line: str, is_err: bool) -> None:
-        name = worker.task_name or "worker"
-        log_line = pb.LogLine(prefix=f"({name} pid={worker.pid})", text=line, is_err=is_err)
-        for conn in self.conns.values():
-            if conn.role == "driver" and conn.log_to_driver and (
-                    not worker.job_hex or conn.job_id.hex() == worker.job_hex):
-                conn.send(pb.ServerEvent(logs=pb.LogBatch(lines=[log_line])))
 
     # ------------------------------------------------------------ questions
     def local_node_record(self) -> dict:

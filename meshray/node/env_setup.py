@@ -4,7 +4,8 @@ A worker for an environment with packages or pip requirements is started
 only after the environment exists on this node: its packages are fetched
 through the object store (never etcd) and unpacked into the node's cache,
 its virtualenv is created once and reused. Setup runs off the event loop;
-its progress and pip's output go to the drivers of the job; a failure fails
+its progress and pip's output go to the drivers of the job and to
+``logs/runtime_env_setup-<job id>.log``; a failure fails
 every task waiting for that environment with RuntimeEnvSetupError.
 """
 from __future__ import annotations
@@ -110,6 +111,7 @@ class EnvSetup:
             self._schedule()
 
     def _env_log(self, job_hex: str, line: str) -> None:
+        self.log_writer.append(f"runtime_env_setup-{job_hex}.log", (line + "\n").encode())
         log_line = pb.LogLine(prefix="(runtime_env)", text=line, is_err=True)
         for conn in self.conns.values():
             if conn.role == "driver" and conn.job_id.hex() == job_hex and conn.log_to_driver:

@@ -318,6 +318,8 @@ def _peer_event(event, index: int, questions) -> None:
     elif kind == "container_freed":
         check_id(msg.container_id, ids.OBJECT_ID_LEN, where, "container_id", "object id")
         check_object_ids(msg.contained_ids, where, "contained_ids")
+    elif kind == "logs":
+        check_id(msg.job_id, JOB_ID_LEN, where, "job_id", "job id")
 
 
 def check_peer_batch(batch, questions) -> None:

@@ -3,7 +3,8 @@
 Workers are pooled by environment key (a hash of their runtime environment
 and device assignment): a task only ever runs in a worker started for its own
 environment. A worker's stdout/stderr come back through pipes so the daemon
-can forward lines to the driver that owns the running task.
+can forward lines to the driver that owns the running task, and write them to
+the worker's log files (node/log_files.py) -- kept after the worker exits.
 """
 from __future__ import annotations
 
@@ -20,10 +21,15 @@ from dataclasses import dataclass, field
 from meshray import security
 from meshray.common.fence import FENCE_ENV
 from meshray.common.worker_output import parse_context_line
+from meshray.node.log_files import section_header, worker_log_name
 
 __all__ = ["WorkerProcess", "WorkerPool", "describe_exit", "wait_for_exit"]
 
 log = logging.getLogger(__name__)
+
+# A line longer than this without a newline (a progress bar redrawn with \r)
+# is passed on in pieces rather than held in memory until the newline.
+MAX_PARTIAL_LINE = 64 << 10
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -69,6 +75,7 @@ class WorkerProcess:
     resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""
     task_name: str = ""
+    log_names: tuple = ()            # its (stdout, stderr) log file names
 
     @property
     def pid(self) -> int:
@@ -80,8 +87,9 @@ class WorkerPool:
 
     def __init__(self, *, daemon_address: str, token: str | None, session_dir: str,
                  on_output, node_host: str = "127.0.0.1", advertise_host: str = "127.0.0.1",
-                 fence_path: str = ""):
+                 fence_path: str = "", log_writer=None):
         self._fence_path = fence_path
+        self._log_writer = log_writer        # node/log_files.LogWriter, or None: no files
         self._node_host = node_host
         self._advertise_host = advertise_host
         self._daemon_address = daemon_address
@@ -121,6 +129,11 @@ class WorkerPool:
             if token_fd is not None:
                 os.close(token_fd)
         worker = WorkerProcess(worker_id, env_key, process)
+        if self._log_writer is not None:
+            worker.log_names = tuple(worker_log_name(worker_id.hex(), process.pid, suffix)
+                                     for suffix in ("out", "err"))
+            for name in worker.log_names:
+                self._log_writer.append(name, b"")    # the files exist from the start
         self.by_id[worker_id] = worker
         self.starting[env_key] = self.starting.get(env_key, 0) + 1
         loop = asyncio.get_running_loop()
@@ -129,27 +142,53 @@ class WorkerPool:
             loop.add_reader(stream.fileno(), self._read_output, worker, stream, is_err)
         return worker
 
-    def _read_output(self, worker: WorkerProcess, stream, is_err: bool) -> None:
+    def _read_output(self, worker: WorkerProcess, stream, is_err: bool) -> bool:
+        """Take what the pipe holds now; False once there is nothing (more) to read."""
         try:
             data = stream.read()
         except (BlockingIOError, ValueError):
-            return
+            return False
+        if data is None:
+            return False
         if not data:
-            try:
-                asyncio.get_running_loop().remove_reader(stream.fileno())
-            except (ValueError, OSError):
-                pass
-            return
+            self._stream_ended(worker, stream, is_err)
+            return False
         buffered = getattr(stream, "_meshray_partial", b"") + data
         *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_PARTIAL_LINE:
+            lines.append(rest)
+            rest = b""
         stream._meshray_partial = rest
+        self._emit(worker, lines, is_err)
+        return True
+
+    def _emit(self, worker: WorkerProcess, lines: list, is_err: bool) -> None:
+        """Complete lines of output: to the worker's log file and to the drivers."""
+        to_file = []
         for raw in lines:
             line = raw.decode(errors="replace")
             context = parse_context_line(line)
             if context is not None:
                 worker.job_hex, worker.task_name = context
+                to_file.append(section_header(*context))
                 continue
+            to_file.append(raw + b"\n")
             self._on_output(worker, line, is_err)
+        if self._log_writer is not None and worker.log_names and to_file:
+            self._log_writer.append(worker.log_names[is_err], b"".join(to_file))
+
+    def _stream_ended(self, worker: WorkerProcess, stream, is_err: bool) -> None:
+        """The pipe closed (or the worker is forgotten): pass on the last partial line."""
+        try:
+            asyncio.get_running_loop().remove_reader(stream.fileno())
+        except (ValueError, OSError):
+            pass
+        rest = getattr(stream, "_meshray_partial", b"")
+        stream._meshray_partial = b""
+        if rest:
+            self._emit(worker, [rest], is_err)
+        if self._log_writer is not None and worker.log_names:
+            self._log_writer.finish(worker.log_names[is_err])
 
     def connected(self, worker: WorkerProcess) -> None:
         self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
@@ -182,12 +221,13 @@ class WorkerPool:
             workers.remove(worker)
         if worker.conn is None:
             self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
-        loop = asyncio.get_running_loop()
-        for stream in (worker.process.stdout, worker.process.stderr):
-            try:
-                loop.remove_reader(stream.fileno())
-            except (ValueError, OSError):
-                pass
+        # What the worker wrote before it went is in the pipes: keep it, then
+        # stop reading (a child it left behind may hold the pipes open forever).
+        for stream, is_err in ((worker.process.stdout, False), (worker.process.stderr, True)):
+            for _ in range(64):
+                if not self._read_output(worker, stream, is_err):
+                    break
+            self._stream_ended(worker, stream, is_err)
 
     def kill(self, worker: WorkerProcess, sig: int = signal.SIGKILL) -> None:
         if worker.process.poll() is None:

@@ -394,10 +394,12 @@ class KillTask(_message.Message):
     def __init__(self, task_id: _Optional[bytes] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class LogBatch(_message.Message):
-    __slots__ = ("lines",)
+    __slots__ = ("lines", "job_id")
     LINES_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedCompositeFieldContainer[LogLine]
-    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ...) -> None: ...
+    job_id: bytes
+    def __init__(self, lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ..., job_id: _Optional[bytes] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("prefix", "text", "is_err")
@@ -504,7 +506,7 @@ class ContainerFreed(_message.Message):
     def __init__(self, container_id: _Optional[bytes] = ..., contained_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PeerEvent(_message.Message):
-    __slots__ = ("spill", "verdict", "result", "subscribe", "ready", "refs", "request", "reply", "free", "cancel_remote", "container_freed")
+    __slots__ = ("spill", "verdict", "result", "subscribe", "ready", "refs", "request", "reply", "free", "cancel_remote", "container_freed", "logs")
     SPILL_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -516,6 +518,7 @@ class PeerEvent(_message.Message):
     FREE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REMOTE_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FREED_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
     spill: SpillTask
     verdict: SpillVerdict
     result: TaskResult
@@ -527,7 +530,8 @@ class PeerEvent(_message.Message):
     free: FreeObjects
     cancel_remote: CancelTask
     container_freed: ContainerFreed
-    def __init__(self, spill: _Optional[_Union[SpillTask, _Mapping]] = ..., verdict: _Optional[_Union[SpillVerdict, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., free: _Optional[_Union[FreeObjects, _Mapping]] = ..., cancel_remote: _Optional[_Union[CancelTask, _Mapping]] = ..., container_freed: _Optional[_Union[ContainerFreed, _Mapping]] = ...) -> None: ...
+    logs: LogBatch
+    def __init__(self, spill: _Optional[_Union[SpillTask, _Mapping]] = ..., verdict: _Optional[_Union[SpillVerdict, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., free: _Optional[_Union[FreeObjects, _Mapping]] = ..., cancel_remote: _Optional[_Union[CancelTask, _Mapping]] = ..., container_freed: _Optional[_Union[ContainerFreed, _Mapping]] = ..., logs: _Optional[_Union[LogBatch, _Mapping]] = ...) -> None: ...
 
 class PeerBatch(_message.Message):
     __slots__ = ("from_node", "events", "load")

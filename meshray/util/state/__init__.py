@@ -22,6 +22,7 @@ from meshray.util.state.api import (
     summarize_objects,
     summarize_tasks,
 )
+from meshray.util.state.logs import get_log, list_logs
 from meshray.util.state.common import (
     ActorState,
     JobState,
@@ -37,7 +38,7 @@ __all__ = [
     "ActorState", "JobState", "NodeState", "ObjectState", "PlacementGroupState",
     "RayStateApiException", "TaskState", "WorkerState",
     "get_actor", "get_job", "get_node", "get_objects", "get_placement_group", "get_task",
-    "get_worker", "list_actors", "list_jobs", "list_nodes", "list_objects",
+    "get_log", "get_worker", "list_actors", "list_logs", "list_jobs", "list_nodes", "list_objects",
     "list_placement_groups", "list_tasks", "list_workers", "summarize_actors",
     "summarize_objects", "summarize_tasks",
 ]
