@@ -394,7 +394,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 verdict.reason = "function bytes were not shipped"
             else:
                 owner = RemoteOwner(origin)
-                self.note_job_origin(spec.job_id.hex(), origin)   # its output goes there
+                self.log_streams.note_job_origin(spec.job_id.hex(), origin)   # its output goes there
                 task = TaskRecord.from_spec(spec, owner, self._env_key(spec),
                                             return_ids=self._return_ids(spec))
                 task.remote_args = list(msg.args)

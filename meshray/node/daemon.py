@@ -32,7 +32,7 @@ from meshray.node.liveness import PeerLiveness
 from meshray.node.metrics import NodeMetrics
 from meshray.node.log_files import LOGS_DIR, LogWriter
 from meshray.node.log_service import log_service_for
-from meshray.node.log_stream import LogStreaming
+from meshray.node.log_stream import LogStreams
 from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
@@ -109,7 +109,7 @@ def env_key_for(env_vars: dict) -> str:
 
 
 class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
-                 LogStreaming, pb_grpc.NodeServiceServicer):
+                 pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -149,7 +149,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._init_cluster()
         self._init_env_setup()
         self._init_pg()
-        self._init_log_streaming()
+        self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
+                                      self._advertised_host)
         self.state = state_records.state_service_for(self)
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
         self.logs = log_service_for(self)
@@ -175,7 +176,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "ready": self._peer_ready, "refs": self._peer_refs,
                 "request": self._peer_request, "reply": self._peer_reply,
                 "free": self._peer_free, "cancel_remote": self._peer_cancel_remote,
-                "container_freed": self._peer_container_freed, "logs": self._peer_logs,
+                "container_freed": self._peer_container_freed,
+                "logs": self.log_streams.on_peer_logs,
             },
             questions={
                 "dump_events": self._ask_dump_events, "store_stats": self._ask_store_stats,
@@ -217,7 +219,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.metrics.start(asyncio.get_running_loop())
         self.local_address = bound[1]
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
-                               session_dir=self.config.session_dir, on_output=self._worker_output,
+                               session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
                                node_host=self.config.host, advertise_host=self._advertised_host(),
                                fence_path=self.fence.path, log_writer=self.log_writer)
         self.pool.on_forget = lambda worker: worker.resolved_env.release(self.env_cache)

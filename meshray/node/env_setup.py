@@ -112,10 +112,8 @@ class EnvSetup:
 
     def _env_log(self, job_hex: str, line: str) -> None:
         self.log_writer.append(f"runtime_env_setup-{job_hex}.log", (line + "\n").encode())
-        log_line = pb.LogLine(prefix="(runtime_env)", text=line, is_err=True)
-        for conn in self.conns.values():
-            if conn.role == "driver" and conn.job_id.hex() == job_hex and conn.log_to_driver:
-                conn.send(pb.ServerEvent(logs=pb.LogBatch(lines=[log_line])))
+        self.log_streams.deliver(job_hex, [pb.LogLine(prefix="(runtime_env)", text=line,
+                                                      is_err=True)])
 
     async def _object_bytes(self, object_id: bytes) -> bytes:
         """The bytes held by a put(bytes) object, wherever it lives."""

@@ -15,16 +15,21 @@ import asyncio
 
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["LogStreaming", "MAX_JOB_ORIGINS"]
+__all__ = ["LogStreams", "MAX_JOB_ORIGINS"]
 
 # Jobs remembered as coming from a peer (oldest forgotten first).
 MAX_JOB_ORIGINS = 10_000
 
 
-class LogStreaming:
-    """Mixed into NodeDaemon."""
+class LogStreams:
+    """Composed into the daemon with what it reads: its session connections, a
+    way to send a peer an event, and the host it advertises."""
 
-    def _init_log_streaming(self) -> None:
+    def __init__(self, node_hex: str, conns: dict, send_peer, host):
+        self.node_hex = node_hex
+        self.conns = conns                          # the daemon's: conn id -> Connection
+        self._send_peer = send_peer                 # callable(node hex, pb.PeerEvent)
+        self._host = host                           # callable() -> advertised host
         self.job_origins: dict[str, str] = {}      # job hex -> node that spilled its tasks here
         self._outgoing_logs: dict[tuple, list] = {}  # (node hex, job hex) -> lines to send
         self._log_ip = ""
@@ -35,20 +40,20 @@ class LogStreaming:
         while len(self.job_origins) > MAX_JOB_ORIGINS:
             self.job_origins.pop(next(iter(self.job_origins)))
 
-    def _worker_output(self, worker, line: str, is_err: bool) -> None:
+    def worker_output(self, worker, line: str, is_err: bool) -> None:
         # Named as Ray names them: an actor's lines by its class, a task's by its
         # function (a task's default name is "module.qualname").
         name = (worker.actor.options.get("class_name") if worker.actor is not None else None) \
             or (worker.task_name or "worker").rsplit(".", 1)[-1]
         job_hex = worker.job_hex
         log_line = pb.LogLine(prefix=f"({name} pid={worker.pid})", text=line, is_err=is_err)
-        if self._deliver_logs(job_hex, [log_line]) or not job_hex:
+        if self.deliver(job_hex, [log_line]) or not job_hex:
             return
         origin = self.job_origins.get(job_hex)
         if origin is None or origin == self.node_hex:
             return
         if not self._log_ip:
-            self._log_ip = self._advertised_host()
+            self._log_ip = self._host()
         key = (origin, job_hex)
         if not self._outgoing_logs:
             asyncio.get_running_loop().call_soon(self._send_logs)
@@ -61,7 +66,7 @@ class LogStreaming:
             self._send_peer(node_hex, pb.PeerEvent(logs=pb.LogBatch(
                 lines=lines, job_id=bytes.fromhex(job_hex))))
 
-    def _deliver_logs(self, job_hex: str, lines: list) -> bool:
+    def deliver(self, job_hex: str, lines: list) -> bool:
         """Lines to this node's drivers of `job_hex` (all drivers when it is unknown).
 
         True when a driver of the job is connected here (even one that asked
@@ -76,7 +81,7 @@ class LogStreaming:
                 conn.send(pb.ServerEvent(logs=pb.LogBatch(lines=lines)))
         return found
 
-    def _peer_logs(self, origin: str, msg: pb.LogBatch) -> None:
+    def on_peer_logs(self, origin: str, msg: pb.LogBatch) -> None:
         """A peer's worker output for a job whose driver may be connected here."""
         if msg.job_id:
-            self._deliver_logs(msg.job_id.hex(), list(msg.lines))
+            self.deliver(msg.job_id.hex(), list(msg.lines))
