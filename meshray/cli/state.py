@@ -4,7 +4,8 @@ Subcommand names, filters (``--filter "state=RUNNING"``, ``!=`` too) and
 output formats (``--format default|table|json|yaml``) follow ``ray list`` /
 ``ray get`` / ``ray summary``; plural resource names with dashes
 (``placement-groups``) as Ray spells them. `meshray timeline` writes the
-tasks as a Chrome trace, as `ray timeline`.
+tasks as a Chrome trace, as `ray timeline`; `meshray memory` lists the objects
+every node tracks, as `ray memory`.
 """
 from __future__ import annotations
 
@@ -156,6 +157,59 @@ def _cmd_timeline(args) -> int:
     return 0
 
 
+_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+def _all_objects(timeout: int) -> tuple:
+    from meshray.util.state.api import query_state
+    items, cursor, missing = [], "", {}
+    while True:
+        page = query_state("objects", limit=10_000, timeout=timeout, cursor=cursor,
+                           raise_on_missing_output=False)
+        items += [dict(item) for item in page["items"]]
+        missing.update(page.get("missing") or {})
+        cursor = page.get("next_cursor") or ""
+        if not cursor:
+            return items, missing
+
+
+def _cmd_memory(args) -> int:
+    """Objects the nodes track, grouped by node or by reference type, as `ray memory`."""
+    meshray = _connect(args.address)
+    try:
+        objects, missing = _all_objects(args.timeout)
+    finally:
+        meshray.shutdown()
+    unit = _UNITS[args.units]
+    key = {"OBJECT_SIZE": lambda o: -(o.get("object_size") or 0),
+           "REFERENCE_TYPE": lambda o: o.get("reference_type") or "",
+           "PID": lambda o: o.get("pid") or 0}[args.sort_by]
+    groups: dict = {}
+    for obj in objects:
+        group = obj.get("node_id") if args.group_by == "NODE_ADDRESS" else obj.get("reference_type")
+        groups.setdefault(group or "?", []).append(obj)
+    total = sum(o.get("object_size") or 0 for o in objects)
+    if not args.stats_only:
+        for group, members in sorted(groups.items()):
+            size = sum(o.get("object_size") or 0 for o in members)
+            print(f"--- {args.group_by.lower()} {group}: {len(members)} objects, "
+                  f"{size / unit:.2f} {args.units} ---")
+            rows = [{"object_id": o["object_id"],
+                     "size": f"{(o.get('object_size') or 0) / unit:.2f} {args.units}",
+                     "reference_type": o.get("reference_type"), "type": o.get("type"),
+                     "pid": o.get("pid"), "in_store": o.get("in_store")}
+                    for o in sorted(members, key=key)[:args.num_entries]]
+            _print_table(rows, ("object_id", "size", "reference_type", "type", "pid",
+                                "in_store"), sys.stdout)
+            print()
+    print(f"Aggregate: {len(objects)} objects, {total / unit:.2f} {args.units} "
+          f"({sum(1 for o in objects if o.get('in_store'))} in shared memory) on "
+          f"{len({o.get('node_id') for o in objects})} node(s)")
+    for node, why in sorted(missing.items()):
+        print(f"(meshray) node {node} did not answer: {why}", file=sys.stderr)
+    return 0
+
+
 def _common(parser, *, formats=("default", "table", "json", "yaml")) -> None:
     parser.add_argument("--address", help="cluster to attach to (default: auto)")
     parser.add_argument("--format", choices=formats, default="default")
@@ -185,6 +239,19 @@ def add_parsers(commands) -> None:
     summary.add_argument("resource", choices=SUMMARIES)
     _common(summary)
     summary.set_defaults(func=_cmd_summary)
+
+    memory = commands.add_parser("memory", help="objects every node tracks, as `ray memory`")
+    memory.add_argument("--address", help="cluster to attach to (default: auto)")
+    memory.add_argument("--group-by", choices=("NODE_ADDRESS", "REFERENCE_TYPE"),
+                        default="NODE_ADDRESS")
+    memory.add_argument("--sort-by", choices=("OBJECT_SIZE", "REFERENCE_TYPE", "PID"),
+                        default="OBJECT_SIZE")
+    memory.add_argument("--units", choices=tuple(_UNITS), default="B")
+    memory.add_argument("--num-entries", type=int, default=1000,
+                        help="at most this many objects per group")
+    memory.add_argument("--stats-only", action="store_true", help="only the totals")
+    memory.add_argument("--timeout", type=int, default=30)
+    memory.set_defaults(func=_cmd_memory)
 
     trace = commands.add_parser("timeline", help="write the cluster's tasks as a Chrome trace")
     trace.add_argument("--address", help="cluster to attach to (default: auto)")

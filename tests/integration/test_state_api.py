@@ -261,3 +261,17 @@ def test_actor_method_calls_are_tasks_too(cluster):
     summary = state.summarize_tasks()["cluster"]
     assert summary["summary"]["Worker.work"]["state_counts"] == {"FINISHED": 5}
     assert summary["total_actor_tasks"] >= 7
+
+
+def test_cli_memory_lists_objects_per_node(cluster):
+    ray = cluster.connect()
+    kept = ray.put(b"m" * 300_000)
+    env = {**os.environ, "MESHRAY_TOKEN": cluster.token}
+    out = subprocess.run([sys.executable, "-m", "meshray.cli.main", "memory", "--address",
+                          cluster.address, "--units", "KB"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"--- node_address {cluster.head_node.node_id}:" in out.stdout
+    line = next(line for line in out.stdout.splitlines() if kept.hex() in line)
+    assert "KB" in line and "True" in line               # its size, in shared memory
+    assert "Aggregate:" in out.stdout.splitlines()[-1]
