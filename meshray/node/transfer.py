@@ -160,16 +160,41 @@ class ObjectTransfer:
         object_id = bytes.fromhex(payload["object_id"])
         if self.store.contains(object_id):
             return {"path": self.store.ensure_in_memory(object_id)}
-        pending = self.pulls.get(object_id)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = self.pulls[object_id] = loop.create_future()
-            loop.create_task(self._fetch(object_id, payload.get("location") or "", pending))
+        pending = self._pull(object_id, payload.get("location") or "")
         try:
             return {"path": await asyncio.shield(pending)}
         except exceptions.RayError as exc:
             return {"error_value": base64.b64encode(
                 error_value(object_id, exc).inline_data).decode()}
+
+    def _pull(self, object_id: bytes, location: str) -> asyncio.Future:
+        """The pull of `object_id` under way, started now if none is."""
+        pending = self.pulls.get(object_id)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = self.pulls[object_id] = loop.create_future()
+            loop.create_task(self._fetch(object_id, location, pending))
+            # Nobody may await a prefetch: its failure is read by the reader who
+            # asks for the object, not reported as never retrieved.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return pending
+
+    def _prefetch_args(self, task) -> None:
+        """Start pulling the task's arguments that live on other nodes.
+
+        Called when the task gets its resources here, so the copies travel
+        while its worker is found or started rather than after the worker
+        fails to open them (it then joins the pull under way).
+        """
+        args = task.remote_args if task.remote_args is not None else [
+            self.objects.get(object_id) for object_id in task.spec.arg_ref_ids]
+        for value in args:
+            if value is None or not value.in_store or value.is_error:
+                continue
+            location = value.location
+            if location in ("", self.node_hex) or self.store.contains(value.object_id):
+                continue
+            self._pull(value.object_id, location)
 
     async def _fetch(self, object_id: bytes, location: str, done: asyncio.Future) -> None:
         """Pull a copy; when none is left, have the owner rebuild it and pull that."""
