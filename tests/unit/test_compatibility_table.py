@@ -102,7 +102,7 @@ def test_table_rows_are_well_formed_and_unique():
     assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
     bad = [(name, status) for name, status, _ in ROWS if status not in STATUSES]
     assert not bad, f"status must be one of {STATUSES}: {bad}"
-    # A row that differs or is missing says how or why.
+    # A row that differs says how.
     unexplained = [name for name, status, notes in ROWS
                    if status == "differs" and not notes]
     assert not unexplained
