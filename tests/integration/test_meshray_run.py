@@ -49,6 +49,10 @@ def write(tmp_path, name: str, code: str) -> str:
     ("generator.py", "generator: [0, 1, 4, 9, 16, 25]"),
     ("pipeline.py", "pipeline: [6, 12, 18, 24, 30] {'double': 5, 'triple': 5}"),
     ("placement_group.py", "placement_group: [0, 1, 2, 3] nodes 1"),
+    ("actor_pool.py", "actor_pool: 16 376 [1, 4, 7, 10]"),
+    ("queue_pipeline.py", "queue_pipeline: 10 285 [0, 1, 4, 9]"),
+    ("multiprocessing_pool.py", "multiprocessing_pool: 1229 [168, 135, 127] [2, 3, 4] 9"),
+    ("wait_as_finished.py", "wait_as_finished: 8 280 [0, 10, 20]"),
 ])
 def test_pattern_program_prints_its_result(name, expected):
     out = meshray_run(os.path.join(PATTERNS, name), cli=True)
