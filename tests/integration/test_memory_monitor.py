@@ -77,3 +77,18 @@ def test_a_retriable_task_killed_for_memory_is_retried(cluster, tmp_path):
     assert result == "retried"
     assert os.path.exists(marker)
     assert "memory monitor: The task" in node_log(cluster)
+
+
+def test_an_actor_killed_for_memory_dies_with_the_cause(cluster):
+    ray = cluster.connect()
+
+    @ray.remote(max_restarts=0)
+    class Hoarder:
+        def hoard(self):
+            return hog()
+
+    hoarder = Hoarder.remote()
+    with pytest.raises(exceptions.RayActorError) as info:
+        ray.get(hoarder.hoard.remote(), timeout=120)
+    assert "ran low on memory" in str(info.value) and "actor Hoarder" in str(info.value)
+    assert ray.get(ray.remote(lambda: "ok").remote(), timeout=60) == "ok"
