@@ -561,10 +561,20 @@ class OutOfDiskError(RayError):
 
 
 class OutOfMemoryError(RayError):
-    """The node ran low on memory and killed the task's worker to recover."""
+    """The node ran low on memory and killed the task's worker to recover.
 
-    def __init__(self, message: str, *, task_id: Any = None, node_id: Any = None):
+    Beyond Ray: the figures the node decided on are attributes too (bytes;
+    None when unknown), so a program can log or act on them.
+    """
+
+    def __init__(self, message: str, *, task_id: Any = None, node_id: Any = None,
+                 worker_id: Any = None, memory_used: Optional[int] = None,
+                 memory_limit: Optional[int] = None, threshold: Optional[float] = None,
+                 rss: Optional[int] = None):
         self.message, self.task_id, self.node_id = message, _hex(task_id), _hex(node_id)
+        self.worker_id = _hex(worker_id)
+        self.memory_used, self.memory_limit, self.threshold = memory_used, memory_limit, threshold
+        self.rss = rss
         super().__init__(message)
 
     def __str__(self) -> str:

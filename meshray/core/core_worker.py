@@ -23,7 +23,7 @@ import grpc
 
 from meshray import exceptions
 from meshray.common import ids
-from meshray.core import object_ref, serialization
+from meshray.core import object_ref, progress_bars, serialization
 from meshray.core.actor_client import ActorConnection
 from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
 from meshray.object_store import layout
@@ -286,9 +286,7 @@ class CoreWorker:
             future.set_result(msg)
 
     def _on_logs(self, msg: pb.LogBatch) -> None:
-        for line in msg.lines:
-            stream = sys.stderr if line.is_err else sys.stdout
-            print(f"{line.prefix} {line.text}", file=stream, flush=True)
+        progress_bars.PRINTER.show_logs(msg.lines)    # remote progress bars drawn, not printed
 
     def _on_notice(self, msg: pb.Notice) -> None:
         # Printed, not also logged: with logging unconfigured, Python's

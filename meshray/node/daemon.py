@@ -33,6 +33,7 @@ from meshray.node.metrics import NodeMetrics
 from meshray.node.log_files import LOGS_DIR, LogWriter
 from meshray.node.log_service import log_service_for
 from meshray.node.log_stream import LogStreams
+from meshray.node.memory_monitor import MemoryMonitor
 from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
@@ -155,6 +156,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
         self.logs = log_service_for(self)
         self.routes = self._build_routes()
+        self.memory_monitor = MemoryMonitor(self)     # node/memory_monitor.py
 
     def _build_routes(self) -> Routes:
         """Which handler takes which message (routes.py says why a table)."""
@@ -231,6 +233,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         asyncio.get_running_loop().create_task(self._reap_loop())
         asyncio.get_running_loop().create_task(self.log_writer.run(self._stopping))
         asyncio.get_running_loop().create_task(self._replace_loop())
+        asyncio.get_running_loop().create_task(self.memory_monitor.run(self._stopping))
         liveness = PeerLiveness(self, self._revoke_dead_peer)
         asyncio.get_running_loop().create_task(liveness.run(self._stopping))
 
@@ -718,7 +721,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if task.cancelled:
             error = task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
         else:
-            error = exceptions.WorkerCrashedError(
+            error = worker.kill_error or exceptions.WorkerCrashedError(
                 f"The worker (pid {worker.pid}) running task {task.spec.name} died: "
                 f"{describe_exit(code)}; no retries left (max_retries="
                 f"{task.spec.max_retries}).",

@@ -76,6 +76,7 @@ class WorkerProcess:
     job_hex: str = ""
     task_name: str = ""
     log_names: tuple = ()            # its (stdout, stderr) log file names
+    kill_error: object = None        # what its task fails with when the node killed it on purpose
 
     @property
     def pid(self) -> int:

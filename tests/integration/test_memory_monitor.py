@@ -1,0 +1,94 @@
+"""The node's memory monitor kills a task that eats memory, and only it.
+
+The node gets the test-only limit (MESHRAY_TEST_NODE_MEMORY_LIMIT: its
+workers' summed RSS against a made-up ceiling), so the kill happens at the
+same point on any host, however busy.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from meshray import exceptions
+
+LIMIT = 1536 << 20
+THRESHOLD = 0.9
+NODE_ENV = {"MESHRAY_TEST_NODE_MEMORY_LIMIT": str(LIMIT),
+            "RAY_memory_usage_threshold": str(THRESHOLD),
+            "RAY_memory_monitor_refresh_ms": "50"}
+pytestmark = pytest.mark.cluster_args(
+    initialize_head=True, head_node_args={"num_cpus": 2, "env": NODE_ENV})
+STEPS = 80           # 80 x 50 MB: well past the limit if nothing stops it
+
+
+def node_log(cluster) -> str:
+    with open(os.path.join(cluster.head_node._process.session_dir, "node.log")) as handle:
+        return handle.read()
+
+
+def hog(marker: str = "") -> str:
+    """Allocate 50 MB at a time (written, so it is resident) until killed; with
+    `marker`, only the first attempt does (the retry finds the file)."""
+    import time
+    if marker and os.path.exists(marker):
+        return "retried"
+    if marker:
+        open(marker, "w").close()
+    held = []
+    for _ in range(STEPS):
+        held.append(b"x" * (50 << 20))
+        time.sleep(0.02)
+    return "never killed"
+
+
+def test_a_task_over_the_limit_fails_with_the_figures_and_the_rest_survives(cluster):
+    ray = cluster.connect()
+
+    @ray.remote
+    class Keeper:
+        def ping(self):
+            return os.getpid()
+
+    keeper = Keeper.remote()
+    keeper_pid = ray.get(keeper.ping.remote(), timeout=60)
+    with pytest.raises(exceptions.OutOfMemoryError) as info:
+        ray.get(ray.remote(max_retries=0)(hog).remote(), timeout=120)
+    error = info.value
+    text = str(error)
+    node_hex = cluster.head_node.node_id
+    assert "task " in text and "hog" in text and node_hex in text
+    assert f"threshold {THRESHOLD}" in text and "RSS" in text and "test limit" in text
+    assert error.node_id == node_hex and error.task_id
+    assert error.memory_limit == LIMIT and error.threshold == THRESHOLD
+    assert error.memory_used > THRESHOLD * LIMIT and error.rss > 0
+    # The actor (killed last) and the node live on; new work runs.
+    assert ray.get(keeper.ping.remote(), timeout=60) == keeper_pid
+    assert ray.get(ray.remote(lambda: "ok").remote(), timeout=60) == "ok"
+    assert cluster.head_node.alive()
+    log = node_log(cluster)
+    assert "WARNING meshray.node.memory_monitor: memory monitor: The task" in log and "hog" in log
+
+
+def test_a_retriable_task_killed_for_memory_is_retried(cluster, tmp_path):
+    ray = cluster.connect()
+    marker = str(tmp_path / "first-attempt")
+    result = ray.get(ray.remote(max_retries=1)(hog).remote(marker), timeout=120)
+    assert result == "retried"
+    assert os.path.exists(marker)
+    assert "memory monitor: The task" in node_log(cluster)
+
+
+def test_an_actor_killed_for_memory_dies_with_the_cause(cluster):
+    ray = cluster.connect()
+
+    @ray.remote(max_restarts=0)
+    class Hoarder:
+        def hoard(self):
+            return hog()
+
+    hoarder = Hoarder.remote()
+    with pytest.raises(exceptions.RayActorError) as info:
+        ray.get(hoarder.hoard.remote(), timeout=120)
+    assert "ran low on memory" in str(info.value) and "actor Hoarder" in str(info.value)
+    assert ray.get(ray.remote(lambda: "ok").remote(), timeout=60) == "ok"
