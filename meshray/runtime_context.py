@@ -232,6 +232,16 @@ class RuntimeContext:
         """The name of this node's session directory."""
         return os.path.basename(self._core("get_session_name()").session_dir.rstrip("/"))
 
+    def get_temp_dir(self) -> str:
+        """This node's session directory (meshray's temp dir for the node)."""
+        return self._core("get_temp_dir()").session_dir
+
+    def is_canceled(self) -> bool:
+        """Whether the running task (or actor call) has been cancelled."""
+        self._require_worker("is_canceled()")
+        spec = state_mod.current_spec()
+        return spec is not None and spec.task_id in state_mod.state.cancelled
+
     def get_dashboard_url(self) -> str:
         """Always "": meshray runs no dashboard."""
         return ""

@@ -54,6 +54,7 @@ class TaskExecutor:
         self._functions: dict[bytes, object] = {}
         self._running: dict[bytes, int] = {}   # task id -> thread ident
         self._cancelled: set[bytes] = set()
+        state_mod.state.cancelled = self._cancelled     # read by RuntimeContext.is_canceled
         # The task whose own code runs on the main thread now (None between
         # tasks, or while its outputs are packaged), and whether a cancel of
         # it still has to raise KeyboardInterrupt there.

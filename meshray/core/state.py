@@ -32,6 +32,7 @@ class ProcessState:
     actor_class_path: str = ""          # "module.Class" of that actor
     function_names: dict = field(default_factory=dict)  # function id -> (module, qualname)
     auto_init: object = None            # meshray.init itself (set by meshray._api)
+    cancelled: set = field(default_factory=set)   # task ids cancelled in this worker (executor)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 

@@ -177,3 +177,38 @@ def test_placement_group_task_and_capture(ray):
             assert child_group == (group.id.hex() if capture else None)
     finally:
         remove_placement_group(group)
+
+
+def test_is_canceled_inside_a_cancelled_task_and_the_temp_dir(ray, tmp_path):
+    import os
+
+    from tests.helpers import wait_for
+    context = ray.get_runtime_context()
+    assert os.path.isdir(context.get_temp_dir())
+    with pytest.raises(AssertionError, match="is_canceled"):     # as Ray: worker only
+        context.is_canceled()
+    started, seen = tmp_path / "started", tmp_path / "seen"
+
+    @ray.remote(max_retries=0)
+    def loop(started_path, seen_path):
+        import time
+
+        import meshray
+        open(started_path, "w").close()
+        before = meshray.get_runtime_context().is_canceled()
+        try:
+            while True:
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            after = meshray.get_runtime_context().is_canceled()
+            with open(seen_path, "w") as handle:
+                handle.write(f"{before} {after}")
+            raise
+
+    ref = loop.remote(str(started), str(seen))
+    wait_for(started.exists, message="the task started")
+    ray.cancel(ref)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=30)
+    wait_for(seen.exists, message="the task saw its cancel")
+    assert seen.read_text() == "False True"
