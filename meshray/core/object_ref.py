@@ -130,10 +130,16 @@ class ObjectRefGenerator:
         self._next_index = 0
         self._closed = False
         # Keeps the stream's bookkeeping alive while this generator exists.
-        # `direct`: an actor call's stream, whose end reaches this process
-        # only while a ref to it is held here.
+        # `direct`: an actor call's stream, which never passes the node.
         self._handle = tracker.open_stream(task_id, direct=direct)
-        self._end = ObjectRef(ids.object_id_for(task_id, 0)) if direct else None
+        # The stream's end (its return, index 0) is held while the generator
+        # lives: its arrival ends the stream, so a ref to it taken and dropped
+        # meanwhile (completed(), cancel) must not release it. A task's
+        # submission already made this process its holder.
+        end_id = ids.object_id_for(task_id, 0)
+        if not direct:
+            tracker.mark_node_knows((end_id,))
+        self._end = ObjectRef(end_id)
 
     def __iter__(self):
         return self
@@ -180,7 +186,7 @@ class ObjectRefGenerator:
 
     def completed(self) -> ObjectRef:
         """A ref that resolves once the generator task has finished."""
-        return ObjectRef(ids.object_id_for(self._task_id, 0))
+        return self._end
 
     def __del__(self):
         try:

@@ -337,3 +337,20 @@ def test_dynamic_returns_of_an_actor_method(ray, is_async):
     dynamic = ray.get(ref, timeout=CALL_TIMEOUT_S)
     assert isinstance(dynamic, ray.DynamicObjectRefGenerator)
     assert ray.get(list(dynamic), timeout=CALL_TIMEOUT_S) == [0, 1, 2]
+
+
+def test_cancel_a_task_generator_mid_stream(ray):
+    @ray.remote
+    def ticks():
+        i = 0
+        while True:
+            yield i
+            i += 1
+            time.sleep(0.02)
+
+    generator = ticks.remote()
+    assert ray.get(_next_within(ray, generator)) == 0
+    ray.cancel(generator)
+    values, error = _drain_until_error(ray, generator)
+    assert isinstance(error, ray.exceptions.TaskCancelledError)
+    assert values == list(range(1, len(values) + 1))
