@@ -37,33 +37,30 @@ def gate_class(ray):
     return Gate
 
 
+def _gated_items(ray):
+    """A new sync generator method: 1, 2, then 3 once the gate opens."""
+    def items(self, gate):
+        yield 1
+        yield 2
+        ray.get(gate.passed.remote("third"))
+        yield 3
+    return items
+
+
 def _producers(ray):
     """A producer class per actor kind; `items(gate)` yields 1, 2, then 3 once the gate opens."""
 
     @ray.remote
     class Plain:
-        def items(self, gate):
-            yield 1
-            yield 2
-            ray.get(gate.passed.remote("third"))
-            yield 3
+        items = _gated_items(ray)
 
     @ray.remote(max_concurrency=2)
     class Threaded:
-        def items(self, gate):
-            yield 1
-            yield 2
-            ray.get(gate.passed.remote("third"))
-            yield 3
+        items = _gated_items(ray)
 
     @ray.remote(concurrency_groups={"io": 2})
     class Grouped:
-        @ray.method(concurrency_group="io")
-        def items(self, gate):
-            yield 1
-            yield 2
-            ray.get(gate.passed.remote("third"))
-            yield 3
+        items = ray.method(concurrency_group="io")(_gated_items(ray))
 
     @ray.remote
     class Async:
