@@ -33,13 +33,12 @@ from meshray.common.id_types import (
     UniqueID,
     WorkerID,
 )
-from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
+from meshray.core.object_ref import DynamicObjectRefGenerator, ObjectRef, ObjectRefGenerator
 from meshray.runtime_context import get_runtime_context
 from meshray.util.state.timeline import timeline
 
 # Ray's names for the same classes.
 ObjectID = ObjectRef
-DynamicObjectRefGenerator = ObjectRefGenerator
 
 __version__ = "0.1.0"
 

@@ -306,12 +306,20 @@ def put(value, *, _owner=None) -> ObjectRef:
 
 def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
          fetch_local: bool = True):
-    """Return (ready, not_ready) once num_returns refs are ready or timeout passes."""
+    """Return (ready, not_ready) once num_returns refs are ready or timeout passes.
+
+    The list may hold ObjectRefGenerators too: one is ready when `next()` on
+    it would return at once (its next item is ready, or it has no more).
+    """
     if isinstance(object_refs, ObjectRef):
         raise TypeError("wait() expected a list of ObjectRef, got a single ObjectRef")
     if not isinstance(object_refs, (list, tuple)):
         raise TypeError(f"wait() expected a list of ObjectRef, got {type(object_refs).__name__}")
-    refs, _ = _as_ref_list(list(object_refs), "wait()")
+    generators = [item for item in object_refs if isinstance(item, ObjectRefGenerator)]
+    refs, _ = _as_ref_list([item for item in object_refs
+                            if not isinstance(item, ObjectRefGenerator)], "wait()")
+    if generators:
+        refs = list(object_refs)
     if len(set(refs)) != len(refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
@@ -324,13 +332,18 @@ def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
     if num_returns > len(refs):
         raise ValueError(f"num_returns ({num_returns}) cannot be greater than the number "
                          f"of objects provided ({len(refs)}).")
+    if generators:
+        return state_mod.ensure_core().wait_generators(refs, num_returns, timeout, fetch_local)
     return state_mod.ensure_core().wait(refs, num_returns, timeout, fetch_local)
 
 
 def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that produces `object_ref`."""
+    """Cancel the task that produces `object_ref` (an ObjectRef or ObjectRefGenerator)."""
+    if isinstance(object_ref, ObjectRefGenerator):
+        object_ref = object_ref.completed()
     if not isinstance(object_ref, ObjectRef):
-        raise TypeError(f"cancel() expected an ObjectRef, got {type(object_ref).__name__}")
+        raise TypeError(f"cancel() expected an ObjectRef or ObjectRefGenerator, got "
+                        f"{type(object_ref).__name__}")
     state_mod.ensure_core().cancel(object_ref, force, recursive)
 
 

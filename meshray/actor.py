@@ -17,7 +17,7 @@ from meshray import exceptions
 from meshray.common import ids
 from meshray.core import arg_files, options as opts, state as state_mod
 from meshray.core.actor_host import ActorExitRequested
-from meshray.core.object_ref import ObjectRef
+from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ActorClass", "ActorHandle", "ActorMethod", "method", "exit_actor", "get_actor"]
@@ -60,7 +60,10 @@ def _method_table(cls) -> tuple[dict, bool]:
         options = dict(getattr(member, _METHOD_OPTIONS_ATTR, {}))
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
-        num_returns = options.get("num_returns", 1)
+        # As in Ray, a generator method streams unless told otherwise.
+        num_returns = opts.resolve_num_returns(
+            options.get("num_returns"),
+            inspect.isgeneratorfunction(member) or inspect.isasyncgenfunction(member))
         table[name] = {"num_returns": num_returns,
                        "concurrency_group": options.get("concurrency_group") or "",
                        "max_task_retries": options.get("max_task_retries"),
@@ -247,9 +250,11 @@ class ActorMethod:
         core = state_mod.ensure_core()
         handle = self._handle
         num_returns = self._overrides.get("num_returns", self._meta.get("num_returns", 1))
-        if num_returns in ("streaming", "dynamic"):
-            raise ValueError("num_returns='streaming' is not supported for actor methods yet")
-        num_returns = int(num_returns if num_returns is not None else 1)
+        streaming, dynamic = num_returns == "streaming", num_returns == "dynamic"
+        # On the wire a stream has num_returns -1 (its one return id, index 0,
+        # is its end); a dynamic call has one return, the generator of refs.
+        num_returns = -1 if streaming else 1 if dynamic else int(
+            num_returns if num_returns is not None else 1)
         retries = self._overrides.get("max_task_retries", self._meta.get("max_task_retries"))
         if retries is None:
             retries = handle._max_task_retries
@@ -280,7 +285,13 @@ class ActorMethod:
             concurrency_group=self._overrides.get(
                 "concurrency_group", self._meta.get("concurrency_group") or ""),
             parent_task_id=parent.task_id if parent is not None else b"",
-            args_image=call_args.image, args_file=call_args.file)
+            args_image=call_args.image, args_file=call_args.file, dynamic_returns=dynamic)
+        if streaming:
+            end_id = ids.object_id_for(task_id, 0)
+            core.mark_local_only([end_id])
+            generator = ObjectRefGenerator(task_id, core, direct=True)
+            connection.submit(spec, [end_id], keepalive, retries, arg_file=call_args.file)
+            return generator
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(num_returns)]
         core.mark_local_only(return_ids)
         refs = [ObjectRef(object_id) for object_id in return_ids]

@@ -246,6 +246,10 @@ class ActorConnection:
             for batch in stub.Call(self._outgoing(replies_queue, handed)):
                 answered = True
                 for result in batch.results:
+                    if result.stream_item_id:
+                        # One item of a generator call: the call goes on.
+                        self._core.deliver_stream_item(result)
+                        continue
                     with self._lock:
                         call = self._pending.pop(result.task_id, None)
                     if call is not None:

@@ -98,6 +98,8 @@ class _CallStream:
 
     def reply(self, item) -> None:
         self.replies.put(item)
+        if is_stream_item(item):
+            return          # one of a generator call's items: the call is not answered yet
         with self._lock:
             self._unanswered -= 1
             last = self._input_ended and self._unanswered == 0
@@ -233,19 +235,23 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                         refused = result
                         break
                     if not isinstance(result, pb.TaskResult):     # the end, or malformed
-                        for done in results:
-                            self._task_events.answered(done)
+                        self._answered(results)
                         yield pb.ActorReplyBatch(results=results)
                         if result is None:
                             return
                         raise result           # strict.py answers INVALID_ARGUMENT
                     results.append(result)
-                answered += len(results)
-                for done in results:
-                    self._task_events.answered(done)
+                answered += self._answered(results)
                 yield pb.ActorReplyBatch(results=results)
         finally:
             self._streams.remove(replies)
+
+    def _answered(self, results: list) -> int:
+        """Record the calls `results` answer (not mere stream items); how many."""
+        answers = [result for result in results if not is_stream_item(result)]
+        for done in answers:
+            self._task_events.answered(done)
+        return len(answers)
 
     def _read_calls(self, request_iterator, stream: "_CallStream") -> None:
         dispatched = 0
@@ -427,7 +433,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
 
     def _guarded(self, spec, body, reply) -> None:
         try:
-            self.executor.run(spec, body, self._deliver(reply, spec))
+            self.executor.run(spec, body, self._deliver(reply, spec),
+                              send_item=self._deliver(reply))
         except ActorExitRequested:
             reply(self._exit_now(spec, "exit_actor() was called"))
         except SystemExit as exc:
@@ -447,7 +454,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         try:
             semaphore = self._semaphores.get(spec.concurrency_group) or self._semaphores[""]
             async with semaphore:
-                body = await self._prepare_async(spec)
+                body = await self._prepare_async(spec, reply)
                 self._guarded(spec, body, reply)
                 return
         except asyncio.CancelledError:
@@ -459,7 +466,33 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self._async_calls.pop(spec.task_id, None)
             self._cancelled_calls.discard(spec.task_id)
 
-    async def _prepare_async(self, spec):
+    async def _stream_async(self, spec, generator, reply):
+        """Send an async generator's items as it yields them (on this loop);
+        what `_guarded` then runs gives the call's outcome."""
+        state_mod.set_current_spec(spec)
+        if spec.num_returns >= 0:
+            # num_returns=N or "dynamic": the values are stored once all exist.
+            items = []
+            try:
+                async for item in generator:
+                    items.append(item)
+            except Exception as exc:  # noqa: BLE001 - raised where a sync generator's would be
+                error = exc
+                return lambda: _raising_after(items, error)
+            except BaseException as exc:  # noqa: BLE001 - a cancel or exit: packaged by _guarded
+                return _raiser(exc)
+            return lambda: iter(items)
+        sink = self.executor.item_sink(spec, self._deliver(reply))
+        try:
+            async for item in generator:
+                sink.send(item)
+        except (asyncio.CancelledError, ActorExitRequested, SystemExit) as exc:
+            return _raiser(exc)
+        except Exception as exc:  # noqa: BLE001 - the error is the stream's last item
+            sink.fail(self.executor.wrap(spec, exc))
+        return lambda: sink
+
+    async def _prepare_async(self, spec, reply):
         """What `_guarded` runs for an async call: the awaited outcome of a
         coroutine method, or a plain method to call."""
         loop = asyncio.get_running_loop()
@@ -471,6 +504,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             if spec.args_file:
                 self._arg_images.pop(spec.task_id, None)
             return _raiser(exc)
+        if inspect.isasyncgenfunction(method):
+            return await self._stream_async(spec, method(*args, **kwargs), reply)
         if not inspect.iscoroutinefunction(method):
             return lambda: method(*args, **kwargs)
         # This asyncio task's own context: the coroutine sees its call's spec.
@@ -496,6 +531,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self._loop.call_soon_threadsafe(task.cancel)
             return
         if self.executor.is_running(task_id):
+            # A running generator call stops at its next yield; any other
+            # runs to its end (its result stands).
+            self.executor.stop_stream(task_id)
             return
         if len(self._cancelled_calls) > 10_000:
             self._cancelled_calls.clear()   # ids of calls that had already finished
@@ -569,3 +607,14 @@ def _raiser(error: BaseException):
     def body():
         raise error
     return body
+
+
+def _raising_after(items: list, error: BaseException):
+    """A generator giving `items`, then raising `error` (an async generator that failed)."""
+    yield from items
+    raise error
+
+
+def is_stream_item(reply) -> bool:
+    """Whether a reply is one item of a generator call rather than its answer."""
+    return isinstance(reply, pb.TaskResult) and bool(reply.stream_item_id)

@@ -2,7 +2,8 @@
 
 Pure checks, run by rpc/strict.py on each decoded batch before any call in
 it is dispatched. Beyond the shared rules (rpc/rules.py): the call is for
-this actor, names one of its methods, declares a return count in range, and
+this actor, names one of its methods, declares a return count in range (-1:
+a generator streaming its items back), and
 names an argument file (if any) inside the node store's args/ directory.
 Its argument bytes are checked when the call runs (ActorHost.load_args): an
 image that does not parse, bytes that are no pickle, or a pickle of anything
@@ -37,8 +38,8 @@ def check_actor_call(spec, where: tuple, actor_id: bytes, methods) -> None:
     if spec.method_name not in methods:
         fail(where, "method_name", spec.method_name, "a method of this actor")
     num_returns = spec.num_returns
-    if not 0 <= num_returns <= MAX_NUM_RETURNS:
-        fail(where, "num_returns", num_returns, f"0..{MAX_NUM_RETURNS}")
+    if not -1 <= num_returns <= MAX_NUM_RETURNS:
+        fail(where, "num_returns", num_returns, f"-1 (streaming) or 0..{MAX_NUM_RETURNS}")
     if spec.actor_creation:
         fail(where, "actor_creation", True, "false in an actor call")
     name = spec.args_file

@@ -26,6 +26,7 @@ from meshray.common import ids
 from meshray.core import object_ref, progress_bars, serialization
 from meshray.core.actor_client import ActorConnection
 from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
+from meshray.core.streams import StreamsMixin
 from meshray.object_store import layout
 from meshray.rpc import make_channel
 from meshray.rpc.dispatch import dispatch_table
@@ -61,14 +62,6 @@ class _Waiter:
         self.event = threading.Event()
 
 
-class _Stream:
-    __slots__ = ("items", "total")
-
-    def __init__(self):
-        self.items: dict[int, bytes] = {}
-        self.total: int | None = None
-
-
 def _session_refused(exc: BaseException | None) -> ConnectionError:
     """Why the node ended the session before welcoming us: credentials, or anything else."""
     code = exc.code() if isinstance(exc, grpc.RpcError) else None
@@ -80,7 +73,7 @@ def _session_refused(exc: BaseException | None) -> ConnectionError:
     return ConnectionError("node daemon closed the session")
 
 
-class CoreWorker:
+class CoreWorker(StreamsMixin):
     def __init__(self, *, daemon_address: str, token: str | None, role: str,
                  worker_id: bytes | None = None, job_id: bytes = b"", namespace: str = "",
                  log_to_driver: bool = True, on_execute=None, on_kill=None):
@@ -110,7 +103,7 @@ class CoreWorker:
         self._waiters: dict[bytes, list] = {}    # object id -> gets/waits counting down
         self._local_refs: dict[bytes, int] = {}
         self._futures: dict[bytes, list] = {}
-        self._streams: dict[bytes, _Stream] = {}
+        self._streams: dict = {}      # task id -> its stream (streams.py)
         self._requests: dict[int, concurrent.futures.Future] = {}
         self._request_ids = itertools.count(1)
         self._functions_sent: set[bytes] = set()
@@ -253,14 +246,7 @@ class CoreWorker:
             task_id = ids.task_id_of(object_id)
             stream = self._streams.get(task_id)
             if stream is not None:
-                index = ids.index_of(object_id)
-                if index == 0:
-                    if not value.is_error:
-                        stream.total = pickle.loads(value.inline_data)
-                    else:
-                        stream.total = len(stream.items)
-                else:
-                    stream.items[index] = object_id
+                self._stream_arrived(stream, value)
             futures = self._futures.pop(object_id, ())
             for waiter in self._waiters.pop(object_id, ()):
                 waiter.needed -= 1
@@ -498,6 +484,10 @@ class CoreWorker:
         in total rather than a rescan of all N on every arrival.
         """
         self._subscribe(object_ids)
+        return self._await_ids(object_ids, num_needed, deadline)
+
+    def _await_ids(self, object_ids, num_needed: int, deadline: float | None) -> int:
+        """_wait_values for ids already on their way here (subscribed, or direct)."""
         unique = set(object_ids)
         with self._lock:
             missing = [oid for oid in unique if oid not in self._values]
@@ -636,48 +626,6 @@ class CoreWorker:
             future.set_result(self.materialize(value))
         except BaseException as exc:  # noqa: BLE001 - delivered through the future
             future.set_exception(exc)
-
-    # ------------------------------------------------------------ streams
-    def open_stream(self, task_id: bytes):
-        with self._lock:
-            self._streams.setdefault(task_id, _Stream())
-        self._subscribe([ids.object_id_for(task_id, 0)])
-        return task_id
-
-    def next_stream_item(self, task_id: bytes, index: int, timeout: float | None):
-        wanted = index + 1
-        with self._lock:
-            stream = self._streams[task_id]
-            while wanted not in stream.items:
-                if stream.total is not None and index >= stream.total:
-                    return None
-                if self._lost:
-                    raise exceptions.RaySystemError("lost the connection to the node daemon")
-                self._changed.wait(1.0)
-            object_id = stream.items[wanted]
-        return ObjectRef(object_id)
-
-    def stream_status(self, task_id: bytes, index: int) -> str:
-        """Item `index` of a stream: "ready", "pending", "finished" (no such item) or "closed"."""
-        with self._lock:
-            stream = self._streams.get(task_id)
-            if stream is None:
-                return "closed"
-            if index + 1 in stream.items:
-                return "ready"
-            if stream.total is not None and index >= stream.total:
-                return "finished"
-            return "pending"
-
-    def close_stream(self, task_id: bytes) -> None:
-        with self._lock:
-            stream = self._streams.pop(task_id, None)
-        if stream is None or self._closed:
-            return
-        # Items never handed out are released here; handed-out refs release themselves.
-        unclaimed = [oid for oid in stream.items.values() if oid not in self._local_refs]
-        if unclaimed:
-            self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=unclaimed)))
 
     # ------------------------------------------------------------ tasks
     def new_task_id(self) -> bytes:

@@ -27,7 +27,7 @@ from meshray.common import ids
 from meshray.common.worker_output import context_line
 from meshray.core import runtime_envs, serialization, state as state_mod
 from meshray.core.actor_host import ActorExitRequested, ActorHost, MalformedArguments
-from meshray.core.object_ref import ArgPlaceholder
+from meshray.core.object_ref import ArgPlaceholder, DynamicObjectRefGenerator
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["TaskExecutor"]
@@ -55,6 +55,8 @@ class TaskExecutor:
         self._running: dict[bytes, int] = {}   # task id -> thread ident
         self._cancelled: set[bytes] = set()
         state_mod.state.cancelled = self._cancelled     # read by RuntimeContext.is_canceled
+        # Running generator calls: a cancel stops them at their next yield.
+        self._streaming: set[bytes] = set()
         # The task whose own code runs on the main thread now (None between
         # tasks, or while its outputs are packaged), and whether a cancel of
         # it still has to raise KeyboardInterrupt there.
@@ -83,6 +85,14 @@ class TaskExecutor:
     def is_running(self, task_id: bytes) -> bool:
         """Whether the task or actor call `task_id` has started here and not finished."""
         return task_id in self._running
+
+    def stop_stream(self, task_id: bytes) -> bool:
+        """Stop the running generator call `task_id` at its next yield (it is
+        then answered TaskCancelledError); False if no such call runs here."""
+        if task_id not in self._streaming:
+            return False
+        self._cancelled.add(task_id)
+        return True
 
     def cancel(self, task_id: bytes) -> None:
         thread_ident = self._running.get(task_id)
@@ -244,11 +254,13 @@ class TaskExecutor:
                 self._setup_hooks[hook] = error
         return self._setup_hooks[hook]
 
-    def run(self, spec, body, deliver) -> pb.TaskResult:
+    def run(self, spec, body, deliver, send_item=None) -> pb.TaskResult:
         """Run `body()` as the task `spec`, package its outputs or error, deliver them.
 
         `deliver` is called while the outputs are still referenced here, so
         refs nested in them are handed on before this frame lets them go.
+        A generator's items go to `send_item` as they are yielded (default:
+        the node, for a task; an actor call sends them on its call stream).
         """
         core = self.core
         core.current_task_id = spec.task_id
@@ -256,6 +268,8 @@ class TaskExecutor:
         self._running[spec.task_id] = threading.get_ident()
         self._announce(spec)
         streaming = spec.num_returns < 0
+        if streaming:
+            self._streaming.add(spec.task_id)
         on_main = threading.current_thread() is threading.main_thread()
         result = pb.TaskResult(task_id=spec.task_id)
         try:
@@ -271,8 +285,12 @@ class TaskExecutor:
                     output = body()
                     if inspect.iscoroutine(output):
                         raise TypeError(f"{spec.name} returned a coroutine outside an async actor")
-                    outputs = ([self._stream(spec, output)] if streaming
-                               else self._split_returns(spec, output))
+                    if streaming:
+                        outputs = [self._stream(spec, output, send_item)]
+                    else:
+                        if spec.dynamic_returns:
+                            output = self._dynamic(spec, output)
+                        outputs = self._split_returns(spec, output)
                 finally:
                     if on_main:
                         self._interruptible = None
@@ -303,6 +321,7 @@ class TaskExecutor:
             return result
         finally:
             self._running.pop(spec.task_id, None)
+            self._streaming.discard(spec.task_id)
             self._cancelled.discard(spec.task_id)
             core.current_task_id = b""
             state_mod.set_current_spec(None)
@@ -334,33 +353,48 @@ class TaskExecutor:
         return result
 
     # ------------------------------------------------------------ outputs
-    def _stream(self, spec, generator) -> int:
+    def item_sink(self, spec, send_item=None) -> "ItemSink":
+        """Where the items of the generator call `spec` go, numbered as they are sent."""
+        return ItemSink(self, spec, send_item or self.core.send_task_result)
+
+    def _stream(self, spec, generator, send_item=None) -> int:
         """Send each yielded item as soon as it exists; return how many."""
+        if isinstance(generator, ItemSink):
+            return generator.count      # an async generator, streamed as it ran
         if not inspect.isgenerator(generator) and not hasattr(generator, "__iter__"):
             raise TypeError(f"{spec.name} has num_returns='streaming' but returned "
                             f"{type(generator).__name__}, not a generator")
-        count = 0
+        sink = self.item_sink(spec, send_item)
         try:
             for item in generator:
-                count += 1
-                self._send_item(spec, count, serialization.serialize(
-                    item, what=f"item {count - 1} yielded by {spec.name}"))
+                sink.send(item)
+                if spec.task_id in self._cancelled:
+                    # Cancelled: stop at this yield (the generator's finally
+                    # blocks run) and answer the call TaskCancelledError.
+                    getattr(generator, "close", lambda: None)()
+                    raise KeyboardInterrupt
         except (KeyboardInterrupt, ActorExitRequested):
             raise
         except Exception as exc:  # noqa: BLE001 - the error is the stream's last item
-            count += 1
-            self._send_item(spec, count, None, error=self.wrap(spec, exc))
-        return count
+            sink.fail(self.wrap(spec, exc))
+        return sink.count
 
-    def _send_item(self, spec, index: int, serialized, error=None) -> None:
-        object_id = ids.object_id_for(spec.task_id, index)
-        if error is not None:
-            value = pb.ObjectValue(object_id=object_id,
-                                   inline_data=serialization.serialize_error(error), is_error=True)
-        else:
-            value = self.core.store_value(object_id, serialized, local=False)
-        self.core.send_task_result(pb.TaskResult(task_id=spec.task_id, returns=[value],
-                                                 stream_item_id=object_id, stream_index=index))
+    def _dynamic(self, spec, generator) -> DynamicObjectRefGenerator:
+        """num_returns="dynamic": store each yielded value, return refs to them all."""
+        try:
+            iterator = iter(generator)
+        except TypeError:
+            raise TypeError(f"{spec.name} has num_returns='dynamic' but returned "
+                            f"{type(generator).__name__}, not a generator") from None
+        refs = []
+        try:
+            for item in iterator:
+                refs.append(self.core.put(item))
+        except (KeyboardInterrupt, ActorExitRequested):
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in Ray, the error is the last ref
+            refs.append(self.core.put_error(self.wrap(spec, exc)))
+        return DynamicObjectRefGenerator(refs)
 
     @staticmethod
     def _split_returns(spec, output) -> list:
@@ -410,3 +444,32 @@ class TaskExecutor:
         for index in range(outputs):
             result.returns.append(pb.ObjectValue(object_id=return_id(spec, index),
                                                  inline_data=blob, is_error=True))
+
+
+class ItemSink:
+    """Sends the items of one generator call, numbered from 1 in order."""
+
+    def __init__(self, executor: TaskExecutor, spec, send_item):
+        self._executor = executor
+        self._spec = spec
+        self._send_item = send_item
+        self.count = 0
+
+    def send(self, item) -> None:
+        serialized = serialization.serialize(
+            item, what=f"item {self.count} yielded by {self._spec.name}")
+        self.count += 1
+        self._send(self._executor.core.store_value(self._item_id(), serialized, local=False))
+
+    def fail(self, error: BaseException) -> None:
+        """The generator raised: its error is the stream's last item."""
+        self.count += 1
+        self._send(pb.ObjectValue(object_id=self._item_id(), is_error=True,
+                                  inline_data=serialization.serialize_error(error)))
+
+    def _item_id(self) -> bytes:
+        return ids.object_id_for(self._spec.task_id, self.count)
+
+    def _send(self, value: pb.ObjectValue) -> None:
+        self._send_item(pb.TaskResult(task_id=self._spec.task_id, returns=[value],
+                                      stream_item_id=value.object_id, stream_index=self.count))

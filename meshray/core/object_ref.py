@@ -16,7 +16,8 @@ import concurrent.futures
 from meshray.common import id_types, ids
 from meshray.core import serialization
 
-__all__ = ["ObjectRef", "ObjectRefGenerator", "ArgPlaceholder", "substitute_refs"]
+__all__ = ["ObjectRef", "ObjectRefGenerator", "DynamicObjectRefGenerator", "ArgPlaceholder",
+           "substitute_refs"]
 
 _NIL = b"\xff" * ids.OBJECT_ID_LEN
 
@@ -116,19 +117,29 @@ class ObjectRef:
 
 
 class ObjectRefGenerator:
-    """The ObjectRefs a streaming generator task yields, as they are produced.
+    """The ObjectRefs a streaming generator task or actor call yields, as they are produced.
 
-    Iterating blocks until the next item exists; when the task raised midway,
-    the item after the last good one is a ref whose `get` raises the error.
+    Iterating blocks until the next item exists; when the task raised midway
+    (or failed as a whole: cancelled, its actor or worker died), the item
+    after the last good one is a ref whose `get` raises the error.
     """
 
-    def __init__(self, task_id: bytes, tracker):
+    def __init__(self, task_id: bytes, tracker, *, direct: bool = False):
         self._task_id = task_id
         self._tracker = tracker
         self._next_index = 0
         self._closed = False
         # Keeps the stream's bookkeeping alive while this generator exists.
-        self._handle = tracker.open_stream(task_id)
+        # `direct`: an actor call's stream, which never passes the node.
+        self._handle = tracker.open_stream(task_id, direct=direct)
+        # The stream's end (its return, index 0) is held while the generator
+        # lives: its arrival ends the stream, so a ref to it taken and dropped
+        # meanwhile (completed(), cancel) must not release it. A task's
+        # submission already made this process its holder.
+        end_id = ids.object_id_for(task_id, 0)
+        if not direct:
+            tracker.mark_node_knows((end_id,))
+        self._end = ObjectRef(end_id)
 
     def __iter__(self):
         return self
@@ -175,7 +186,7 @@ class ObjectRefGenerator:
 
     def completed(self) -> ObjectRef:
         """A ref that resolves once the generator task has finished."""
-        return ObjectRef(ids.object_id_for(self._task_id, 0))
+        return self._end
 
     def __del__(self):
         try:
@@ -185,6 +196,26 @@ class ObjectRefGenerator:
 
     def __repr__(self):
         return f"ObjectRefGenerator(task={self._task_id.hex()})"
+
+
+class DynamicObjectRefGenerator:
+    """The one return of a `num_returns="dynamic"` call: a ref to each value it yielded.
+
+    Every value exists by the time this object does; if the function raised
+    midway, the last ref holds that error. Picklable, like any refs.
+    """
+
+    def __init__(self, refs):
+        self._refs = list(refs)
+
+    def __iter__(self):
+        return iter(self._refs)
+
+    def __len__(self):
+        return len(self._refs)
+
+    def __repr__(self):
+        return f"DynamicObjectRefGenerator({len(self._refs)} refs)"
 
 
 class ArgPlaceholder:

@@ -118,7 +118,8 @@ class RemoteFunction:
         self._pickle()
         core.ensure_function(self._function_id, lambda: self._pickled, self._name)
         num_returns = options.get("num_returns", 1)
-        streaming = num_returns in ("streaming", "dynamic")
+        streaming = num_returns == "streaming"
+        dynamic = num_returns == "dynamic"
         task_id = core.new_task_id()
         args_blob, arg_refs, contained, keepalive = core.build_args(args, kwargs, self._name)
         parent = state_mod.current_spec()
@@ -126,7 +127,8 @@ class RemoteFunction:
             task_id=task_id, job_id=parent.job_id if parent is not None else core.job_id,
             function_id=self._function_id, name=options.get("name") or self._name,
             args_blob=args_blob, arg_ref_ids=arg_refs, contained_ids=contained,
-            num_returns=-1 if streaming else int(num_returns),
+            num_returns=-1 if streaming else 1 if dynamic else int(num_returns),
+            dynamic_returns=dynamic,
             max_retries=int(options.get("max_retries", 3)), owner_id=core.worker_id,
             parent_task_id=parent.task_id if parent is not None else b"",
             namespace=state_mod.state.namespace)

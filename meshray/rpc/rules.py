@@ -223,3 +223,5 @@ def check_common_spec(spec, where: tuple) -> None:
         fail(where, "parent_task_id", parent, f"empty or a {ids.TASK_ID_LEN}-byte task id")
     if spec.retry_exception_types:
         check_retry_types(spec, where)
+    if spec.dynamic_returns and spec.num_returns != 1:
+        fail(where, "num_returns", spec.num_returns, "1 with dynamic_returns")

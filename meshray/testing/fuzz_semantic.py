@@ -278,7 +278,7 @@ def _bad_actor_call(rng: random.Random, ctx: fc.Context, spec: pb.TaskSpec) -> s
         spec.method_name = rng.choice(["no_such_method", "", "__init__", "__class__", "_private"])
         return "method_name"
     if pick == 2:
-        spec.num_returns = rng.choice([-1, -2 ** 31, rules.MAX_NUM_RETURNS + 1])
+        spec.num_returns = rng.choice([-2, -2 ** 31, rules.MAX_NUM_RETURNS + 1])
         return "num_returns"
     if pick == 3:
         spec.actor_creation = True

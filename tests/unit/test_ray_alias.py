@@ -12,7 +12,7 @@ def test_ray_names_map_to_meshray_modules():
         "meshray.util.scheduling_strategies"
     assert finder.find_spec("ray.remote_function").loader.target == "meshray.core.remote_function"
     assert finder.find_spec("ray.util").submodule_search_locations is not None
-    assert finder.find_spec("ray.exceptions").submodule_search_locations is None
+    assert finder.find_spec("ray.runtime_context").submodule_search_locations is None
     assert finder.find_spec("numpy") is None and finder.find_spec("meshray.util") is None
 
 

@@ -55,7 +55,8 @@ class _Daemon(ClusterDuties):
         self.avail_changed_at = {n: time.monotonic() - 5 for n in self.view_avail}
         self.links = {A: _Link(), B: _Link()}
         self.routes = SimpleNamespace(peer=dispatch_table(pb.PeerEvent, {
-            kind: getattr(self, "_peer_" + kind) for kind in event_kinds(pb.PeerEvent)}))
+            kind: getattr(self, "_peer_" + kind, lambda *event: None)
+            for kind in event_kinds(pb.PeerEvent)}))
 
     def _flush_borrows(self):
         pass

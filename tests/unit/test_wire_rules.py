@@ -119,6 +119,7 @@ def test_valid_submission_passes():
     ({"job_id": b"abc"}, "job_id"),
     ({"num_returns": rules.MAX_NUM_RETURNS + 1}, "num_returns"),
     ({"num_returns": -2}, "num_returns"),
+    ({"num_returns": -1, "dynamic_returns": True}, "num_returns"),
     ({"resources": {"CPU": -1.0}}, "resources"),
     ({"resources": {"CPU": math.nan}}, "resources"),
     ({"max_retries": -5}, "max_retries"),
@@ -204,7 +205,8 @@ def _call(**fields) -> pb.ActorCallBatch:
 
 @pytest.mark.parametrize("fields, named", [
     ({"actor_id": NODE}, "actor_id"), ({"method_name": "nope"}, "method_name"),
-    ({"num_returns": -1}, "num_returns"), ({"actor_creation": True}, "actor_creation"),
+    ({"num_returns": -2}, "num_returns"), ({"actor_creation": True}, "actor_creation"),
+    ({"num_returns": 2, "dynamic_returns": True}, "num_returns"),
     ({"args_image": True, "args_blob": b"", "args_file": "../../x"}, "args_file"),
     ({"args_file": "name"}, "args_file"),
 ])
@@ -246,3 +248,9 @@ def test_malformed_log_is_rate_limited(caplog):
     lines = [r for r in caplog.records if "refused a malformed request" in r.getMessage()]
     assert len(lines) == 3
     assert "/meshray.NodeService/Connect" in lines[0].getMessage()
+
+
+def test_a_generator_call_streams_with_num_returns_minus_one():
+    """An actor call whose method is a generator streams its items: num_returns -1."""
+    call_rules.check_actor_call_batch(_call(num_returns=-1), ACTOR, {"echo"})
+    call_rules.check_actor_call_batch(_call(dynamic_returns=True), ACTOR, {"echo"})

@@ -25,7 +25,7 @@ class ObjectValue(_message.Message):
     def __init__(self, object_id: _Optional[bytes] = ..., inline_data: _Optional[bytes] = ..., in_store: _Optional[bool] = ..., size: _Optional[int] = ..., is_error: _Optional[bool] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., location: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "job_id", "function_id", "name", "args_blob", "arg_ref_ids", "contained_ids", "num_returns", "resources", "max_retries", "retry_exceptions", "retry_exception_types", "scheduling_strategy", "strategy_blob", "env_vars", "owner_id", "parent_task_id", "attempt", "runtime_env_json", "actor_id", "actor_creation", "method_name", "sequence", "concurrency_group", "actor_options", "held_resources", "args_image", "args_file", "namespace")
+    __slots__ = ("task_id", "job_id", "function_id", "name", "args_blob", "arg_ref_ids", "contained_ids", "num_returns", "resources", "max_retries", "retry_exceptions", "retry_exception_types", "scheduling_strategy", "strategy_blob", "env_vars", "owner_id", "parent_task_id", "attempt", "runtime_env_json", "actor_id", "actor_creation", "method_name", "sequence", "concurrency_group", "actor_options", "held_resources", "args_image", "args_file", "namespace", "dynamic_returns")
     class ResourcesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class TaskSpec(_message.Message):
     ARGS_IMAGE_FIELD_NUMBER: _ClassVar[int]
     ARGS_FILE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_RETURNS_FIELD_NUMBER: _ClassVar[int]
     task_id: bytes
     job_id: bytes
     function_id: bytes
@@ -105,7 +106,8 @@ class TaskSpec(_message.Message):
     args_image: bool
     args_file: str
     namespace: str
-    def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ..., actor_id: _Optional[bytes] = ..., actor_creation: _Optional[bool] = ..., method_name: _Optional[str] = ..., sequence: _Optional[int] = ..., concurrency_group: _Optional[str] = ..., actor_options: _Optional[bytes] = ..., held_resources: _Optional[_Mapping[str, float]] = ..., args_image: _Optional[bool] = ..., args_file: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
+    dynamic_returns: bool
+    def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ..., actor_id: _Optional[bytes] = ..., actor_creation: _Optional[bool] = ..., method_name: _Optional[str] = ..., sequence: _Optional[int] = ..., concurrency_group: _Optional[str] = ..., actor_options: _Optional[bytes] = ..., held_resources: _Optional[_Mapping[str, float]] = ..., args_image: _Optional[bool] = ..., args_file: _Optional[str] = ..., namespace: _Optional[str] = ..., dynamic_returns: _Optional[bool] = ...) -> None: ...
 
 class ActorCallBatch(_message.Message):
     __slots__ = ("calls", "caller_id", "cancel_task_ids")
