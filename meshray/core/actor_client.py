@@ -45,6 +45,11 @@ RESOLVE_TIMEOUT_S = 60.0
 # How long a call may wait while its actor cannot be reached at all (the
 # lookup fails, or every stream breaks or is refused before any answer).
 DELIVERY_TIMEOUT_S = 60.0
+# A stream broke with calls out, and the node still names the same address:
+# the worker may have just died (its connections close a moment before the
+# node can see it exited). Ask again for this long before concluding the
+# actor lives and the calls out were lost in the network.
+SAME_ADDRESS_GRACE_S = 2.0
 # Trailing metadata of a stream the actor refused (actor_host.py): none of
 # its unanswered calls reached the actor's code.
 REFUSED_KEY = "meshray-calls-not-run"
@@ -157,6 +162,7 @@ class ActorConnection:
     def _run(self) -> None:
         fruitless = 0
         unreachable_since = None   # since when no way to the actor has worked
+        broken = None              # (address, when) of a stream that broke with calls out
         while not self._closed:
             if fruitless:
                 # The address we were given failed at once (its worker died
@@ -188,8 +194,17 @@ class ActorConnection:
             if state != "ALIVE":
                 unreachable_since = None   # it is being restarted: that is waited for
                 continue
+            if broken is not None and info.get("address") == broken[0] \
+                    and time.monotonic() - broken[1] < SAME_ADDRESS_GRACE_S:
+                fruitless = min(fruitless + 1, 6)
+                continue
+            broken = None
             started = time.monotonic()
             answered, why = self._serve(info)
+            with self._lock:
+                calls_out = any(call.sent for call in self._pending.values())
+            if calls_out:
+                broken = (info.get("address"), time.monotonic())
             if answered:
                 fruitless, unreachable_since = 0, None
                 continue
