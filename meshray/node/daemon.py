@@ -750,6 +750,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         for task in list(self.tasks.values()):
             if task.spec.job_id != driver.job_id:
                 continue
+            if task.actor is not None and task.actor.detached:
+                continue              # a detached actor outlives its creator, __init__ too
             if task.state == "running" and task.worker is not None:
                 task.cancelled = True
                 self.pool.kill(task.worker)
