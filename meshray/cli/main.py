@@ -44,13 +44,15 @@ def _cmd_start(args) -> int:
         object_store_memory=args.object_store_memory, host=args.host, port=args.port,
         token=token, session_dir=None, tie_to_parent=False, cli=True,
         lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host,
-        metrics_export_port=args.metrics_export_port)
+        metrics_export_port=args.metrics_export_port, dashboard_port=args.dashboard_port)
     node.owns_session_dir = False  # the daemon removes its own session dir on exit
     token_path = os.path.join(node.session_dir, "token")
     print(f"meshray node {node.node_id} started (pid {node.pid})")
     print(f"  node address : {node.address}")
     print(f"  etcd         : {node.etcd}")
     print(f"  metrics      : http://{args.host}:{node.info.get('metrics_export_port')}/metrics")
+    print(f"  jobs API     : {node.info.get('dashboard_scheme', 'http')}://{args.host}:"
+          f"{node.info.get('dashboard_port')}")
     if embedded:
         print(f"  cluster token: written to {token_path} (mode 0600)")
         print(security.join_hint(node.etcd, token_path))
@@ -156,6 +158,9 @@ def _cmd_status(args) -> int:
             print(f"{node['NodeID']:<34} {'alive' if node['Alive'] else 'DEAD':<6} "
                   f"{node.get('Address', node.get('NodeManagerAddress', '')):<22} "
                   + ", ".join(parts))
+            if node["Alive"] and node.get("DashboardPort"):
+                host = node.get("Address", node.get("NodeManagerAddress", "")).rsplit(":", 1)[0]
+                print(f"{'':<34} jobs API: {host}:{node['DashboardPort']}")
             labels = node.get("Labels") or {}
             if labels:
                 print(f"{'':<34} labels: {labels}")
@@ -253,6 +258,9 @@ def main(argv=None) -> int:
     start.add_argument("--metrics-export-port", type=int, default=None,
                        help="port of the node's Prometheus endpoint, on --host (default: a "
                             "free port; meshray.nodes() shows it as MetricsExportPort)")
+    start.add_argument("--dashboard-port", type=int, default=None,
+                       help="port of the node's HTTP API (jobs), on --host (default: 8265, or "
+                            "a free port when taken; meshray status shows it)")
     start.add_argument("--block", action="store_true", help="stay in the foreground")
     start.set_defaults(func=_cmd_start)
 
@@ -307,6 +315,9 @@ def main(argv=None) -> int:
 
     from meshray.cli import metrics as metrics_cli
     metrics_cli.add_parser(commands)
+
+    from meshray.cli import jobs as jobs_cli
+    jobs_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     try:

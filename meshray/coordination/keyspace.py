@@ -16,6 +16,7 @@ prefix)::
     <root>pgs/<pg_id>                      placement group record
     <root>pg_names/<namespace>/<name>      named placement-group claim
     <root>alloc/<node_id>                  placement-group allocations on a node
+    <root>jobs/<submission_id>             job record (submitted through the job API)
 
 Ids appear as lowercase hex. Namespaces and names are percent-encoded so any
 string (including ``/``, spaces, unicode, the empty string) round-trips and can
@@ -55,6 +56,7 @@ FAMILIES: dict[str, int] = {
     "pgs": 1,
     "pg_names": 2,
     "alloc": 1,
+    "jobs": 1,
 }
 
 _HEX_RE = re.compile(r"^(?:[0-9a-f]{2})+$")
@@ -198,6 +200,9 @@ class Keyspace:
     def alloc_prefix(self) -> str:
         return self.prefix("alloc")
 
+    def jobs_prefix(self) -> str:
+        return self.prefix("jobs")
+
     def _names_prefix(self, family: str, namespace: str | None) -> str:
         base = self.prefix(family)
         if namespace is None:
@@ -231,6 +236,12 @@ class Keyspace:
     def alloc(self, node_id: Any) -> str:
         return f"{self.prefix('alloc')}{id_hex(node_id, 'node_id')}"
 
+    def job(self, submission_id: str) -> str:
+        """A job's record; the submission id is free-form, so escaped."""
+        if not submission_id:
+            raise ValueError("submission_id must be a non-empty string")
+        return f"{self.prefix('jobs')}{escape_segment(submission_id, 'submission_id')}"
+
     # -- parsers --------------------------------------------------------
 
     def parse(self, key: str | bytes) -> ParsedKey:
@@ -259,6 +270,8 @@ class Keyspace:
         if family in ("actor_names", "pg_names"):
             decoded = (unescape_segment(parts[0], "namespace"),
                        unescape_segment(parts[1], "name"))
+        elif family == "jobs":
+            decoded = (unescape_segment(parts[0], "submission_id"),)
         else:
             for part in parts:
                 if not _HEX_RE.match(part):
@@ -294,6 +307,10 @@ class Keyspace:
     def parse_alloc(self, key: str | bytes) -> str:
         """Allocation key -> node_id hex."""
         return self._parse_family(key, "alloc")[0]
+
+    def parse_job(self, key: str | bytes) -> str:
+        """Job key -> submission id."""
+        return self._parse_family(key, "jobs")[0]
 
 
 DEFAULT = Keyspace()

@@ -28,6 +28,8 @@ from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
+from meshray.node.http_api import HttpApi
+from meshray.node.job_api import JobApi
 from meshray.node.liveness import PeerLiveness
 from meshray.node.metrics import NodeMetrics
 from meshray.node.log_files import LOGS_DIR, LogWriter
@@ -80,6 +82,7 @@ class NodeConfig:
     prestart_workers: int | None = None
     gpu_ids: list = field(default_factory=list)   # device ids behind the GPU resource
     metrics_export_port: int = 0      # Prometheus endpoint (0: a free port)
+    dashboard_port: int | None = None  # HTTP API (None: 8265, or a free port when taken)
 
 
 @dataclass(eq=False)
@@ -155,6 +158,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.state = state_records.state_service_for(self)
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
         self.logs = log_service_for(self)
+        self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
+        self.jobs = JobApi(self)                              # node/job_api.py
+        self.http.add_routes(self.jobs.routes())
         self.routes = self._build_routes()
         self.memory_monitor = MemoryMonitor(self)     # node/memory_monitor.py
 
@@ -191,9 +197,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 "get_named_actor": self._ask_get_named_actor, "list_actors": self._ask_list_actors,
                 "state_local": self.state.ask_local, "state_query": self.state.ask_cluster,
                 "list_logs": self.logs.ask_list, "get_log": self.logs.ask_get,
-                **cluster_questions,
+                **self.jobs.questions(), **cluster_questions,
             },
-            local_only=frozenset(cluster_questions) | {"state_query"})
+            local_only=frozenset(cluster_questions) | {"state_query"} | set(self.jobs.questions()))
 
     def _cluster_asker(self, method: str):
         async def ask(conn, payload: dict):
@@ -219,6 +225,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
         self.metrics.start(asyncio.get_running_loop())
+        self.http.start(asyncio.get_running_loop())
+        self.jobs.start(self.http)
         self.local_address = bound[1]
         self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
                                session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
@@ -301,6 +309,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if self.server is not None:
             await self.server.stop(grace=0.5)
         await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
+        self.jobs.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.http.stop)
         self.store.destroy()
         self.task_events.close()
         self.fence.close()
@@ -740,6 +750,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         for task in list(self.tasks.values()):
             if task.spec.job_id != driver.job_id:
                 continue
+            if task.actor is not None and task.actor.detached:
+                continue              # a detached actor outlives its creator, __init__ too
             if task.state == "running" and task.worker is not None:
                 task.cancelled = True
                 self.pool.kill(task.worker)
@@ -774,6 +786,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             "Resources": self.resources.total.to_dict(),
             "Labels": dict(self.config.labels),
             "MetricsExportPort": self.metrics.port,
+            "DashboardPort": self.http.port,
         }
 
     async def _ask_store_stats(self, conn, payload: dict) -> dict:

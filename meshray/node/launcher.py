@@ -127,7 +127,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                tie_to_parent: bool = True, cli: bool = False, lease_ttl: float | None = None,
                env: dict | None = None, prestart_workers: int | None = None,
                tls=None, etcd_options: dict | None = None,
-               advertise_host: str = "", metrics_export_port: int | None = None) -> NodeProcess:
+               advertise_host: str = "", metrics_export_port: int | None = None,
+               dashboard_port: int | None = None) -> NodeProcess:
     from meshray import security
 
     if not embedded_etcd and not etcd:
@@ -151,7 +152,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
     for flag, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus),
                         ("--object-store-memory", object_store_memory),
                         ("--lease-ttl", lease_ttl), ("--prestart-workers", prestart_workers),
-                        ("--metrics-export-port", metrics_export_port)):
+                        ("--metrics-export-port", metrics_export_port),
+                        ("--dashboard-port", dashboard_port)):
         if value is not None:
             args += [flag, str(value)]
     if cli:

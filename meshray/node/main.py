@@ -33,14 +33,14 @@ def _node_id(text: str) -> str:
     return text
 
 
-def _port(text: str) -> int:
+def _port(text: str, flag: str = "--metrics-export-port") -> int:
     try:
         port = int(text)
     except ValueError:
         port = -1
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(
-            f"--metrics-export-port={text!r}: expected a port number 0..65535 (0: a free port)")
+            f"{flag}={text!r}: expected a port number 0..65535 (0: a free port)")
     return port
 
 
@@ -68,6 +68,9 @@ def _parse(argv):
     parser.add_argument("--prestart-workers", type=int, default=None)
     parser.add_argument("--metrics-export-port", type=_port, default=0,
                         help="port of the Prometheus endpoint on --host (default: a free port)")
+    parser.add_argument("--dashboard-port", type=lambda text: _port(text, "--dashboard-port"),
+                        default=None, help="port of the HTTP API (jobs) on --host (default: "
+                                           "8265, or a free port when taken)")
     parser.add_argument("--cli", action="store_true", help="started by `meshray start`")
     return parser.parse_args(argv)
 
@@ -151,7 +154,8 @@ async def _run(args) -> int:
         advertise_host=args.advertise_host,
         port=args.port, token=token,
         etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
-        gpu_ids=gpu_ids, metrics_export_port=args.metrics_export_port)
+        gpu_ids=gpu_ids, metrics_export_port=args.metrics_export_port,
+        dashboard_port=args.dashboard_port)
     daemon = NodeDaemon(config)
     try:
         await daemon.start()
@@ -183,6 +187,7 @@ async def _run(args) -> int:
         "etcd_pid": supervisor.etcd.pid if supervisor else None,
         "started_at": time.time(), "store_dir": daemon.store_dir,
         "metrics_export_port": daemon.metrics.port,
+        "dashboard_port": daemon.http.port, "dashboard_scheme": daemon.http.scheme,
         "create_time": psutil.Process().create_time(),
     }
     registry.write_record(node_id.hex(), record)
