@@ -40,7 +40,7 @@ from meshray.node.node_store import open_node_store
 from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
-from meshray.node.routes import Routes, answer
+from meshray.node.routes import answer, node_routes
 from meshray.node.task_lifecycle import TaskState, move, take_retry
 from meshray.node import state_records
 from meshray.node.task_events import TaskEvents
@@ -161,45 +161,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
         self.jobs = JobApi(self)                              # node/job_api.py
         self.http.add_routes(self.jobs.routes())
-        self.routes = self._build_routes()
+        self.routes = node_routes(self)
         self.memory_monitor = MemoryMonitor(self)     # node/memory_monitor.py
-
-    def _build_routes(self) -> Routes:
-        """Which handler takes which message (routes.py says why a table)."""
-        cluster_questions = {method: self._cluster_asker(method)
-                             for method in request_rules.CLUSTER_QUESTIONS}
-        return Routes.build(
-            client={
-                "hello": self._on_hello, "register_function": self._on_register_function,
-                "submit": self._on_submit, "put": self._on_put, "reserve": self._on_reserve,
-                "subscribe": self._on_subscribe, "refs": self._on_refs,
-                "task_result": self._on_task_result, "cancel": self._on_cancel,
-                "blocked": self._on_blocked, "request": self._on_request,
-                "actor_exiting": self._on_actor_exiting, "task_events": self._on_task_events,
-                "metrics": self.metrics.on_report,
-            },
-            peer={
-                "spill": self._peer_spill, "verdict": self._peer_verdict,
-                "result": self._peer_result, "subscribe": self._peer_subscribe,
-                "ready": self._peer_ready, "refs": self._peer_refs,
-                "request": self._peer_request, "reply": self._peer_reply,
-                "free": self._peer_free, "cancel_remote": self._peer_cancel_remote,
-                "container_freed": self._peer_container_freed,
-                "logs": self.log_streams.on_peer_logs,
-            },
-            questions={
-                "dump_events": self._ask_dump_events, "store_stats": self._ask_store_stats,
-                "restore": self._ask_restore, "rebuild_object": self._ask_rebuild_object,
-                "pg_create": self._ask_pg_create, "pg_remove": self._ask_pg_remove,
-                "pg_get": self._ask_pg_get, "pg_get_by_name": self._ask_pg_get_by_name,
-                "pg_table": self._ask_pg_table, "actor_info": self._ask_actor_info,
-                "kill_actor": self._ask_kill_actor, "claim_actor_name": self._ask_claim_actor_name,
-                "get_named_actor": self._ask_get_named_actor, "list_actors": self._ask_list_actors,
-                "state_local": self.state.ask_local, "state_query": self.state.ask_cluster,
-                "list_logs": self.logs.ask_list, "get_log": self.logs.ask_get,
-                **self.jobs.questions(), **cluster_questions,
-            },
-            local_only=frozenset(cluster_questions) | {"state_query"} | set(self.jobs.questions()))
 
     def _cluster_asker(self, method: str):
         async def ask(conn, payload: dict):

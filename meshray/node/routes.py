@@ -24,10 +24,11 @@ import json
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping
 
+from meshray.node import request_rules
 from meshray.rpc.dispatch import dispatch_table
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["Routes", "answer"]
+__all__ = ["Routes", "answer", "node_routes"]
 
 Handler = Callable[..., None]
 Asker = Callable[..., Awaitable[object]]
@@ -66,3 +67,41 @@ async def answer(routes: Routes, conn, msg: pb.Request, *, from_peer: bool = Fal
         return pb.Reply(request_id=msg.request_id, payload=json.dumps(result).encode())
     except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - always answered
         return pb.Reply(request_id=msg.request_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def node_routes(node) -> Routes:
+    """The daemon's tables: every message kind and question, and who takes it."""
+    cluster_questions = {method: node._cluster_asker(method)
+                         for method in request_rules.CLUSTER_QUESTIONS}
+    return Routes.build(
+        client={
+            "hello": node._on_hello, "register_function": node._on_register_function,
+            "submit": node._on_submit, "put": node._on_put, "reserve": node._on_reserve,
+            "subscribe": node._on_subscribe, "refs": node._on_refs,
+            "task_result": node._on_task_result, "cancel": node._on_cancel,
+            "blocked": node._on_blocked, "request": node._on_request,
+            "actor_exiting": node._on_actor_exiting, "task_events": node._on_task_events,
+            "metrics": node.metrics.on_report,
+        },
+        peer={
+            "spill": node._peer_spill, "verdict": node._peer_verdict,
+            "result": node._peer_result, "subscribe": node._peer_subscribe,
+            "ready": node._peer_ready, "refs": node._peer_refs,
+            "request": node._peer_request, "reply": node._peer_reply,
+            "free": node._peer_free, "cancel_remote": node._peer_cancel_remote,
+            "container_freed": node._peer_container_freed,
+            "logs": node.log_streams.on_peer_logs,
+        },
+        questions={
+            "dump_events": node._ask_dump_events, "store_stats": node._ask_store_stats,
+            "restore": node._ask_restore, "rebuild_object": node._ask_rebuild_object,
+            "pg_create": node._ask_pg_create, "pg_remove": node._ask_pg_remove,
+            "pg_get": node._ask_pg_get, "pg_get_by_name": node._ask_pg_get_by_name,
+            "pg_table": node._ask_pg_table, "actor_info": node._ask_actor_info,
+            "kill_actor": node._ask_kill_actor, "claim_actor_name": node._ask_claim_actor_name,
+            "get_named_actor": node._ask_get_named_actor, "list_actors": node._ask_list_actors,
+            "state_local": node.state.ask_local, "state_query": node.state.ask_cluster,
+            "list_logs": node.logs.ask_list, "get_log": node.logs.ask_get,
+            **node.jobs.questions(), **cluster_questions,
+        },
+        local_only=frozenset(cluster_questions) | {"state_query"} | set(node.jobs.questions()))
