@@ -53,6 +53,8 @@ def write(tmp_path, name: str, code: str) -> str:
     ("queue_pipeline.py", "queue_pipeline: 10 285 [0, 1, 4, 9]"),
     ("multiprocessing_pool.py", "multiprocessing_pool: 1229 [168, 135, 127] [2, 3, 4] 9"),
     ("wait_as_finished.py", "wait_as_finished: 8 280 [0, 10, 20]"),
+    ("actor_stream.py", "actor_stream: 6 9198 exited 2"),
+    ("progress_bars.py", "progress_bars: [20, 21, 22]"),
 ])
 def test_pattern_program_prints_its_result(name, expected):
     out = meshray_run(os.path.join(PATTERNS, name), cli=True)
