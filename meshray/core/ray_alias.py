@@ -38,7 +38,8 @@ _RENAMED = {
 }
 
 # Top-level `ray.<name>` modules meshray mirrors under `meshray.<name>`.
-_MIRRORED = frozenset({"actor", "exceptions", "runtime_context", "util", "experimental"})
+_MIRRORED = frozenset({"actor", "exceptions", "runtime_context", "util", "experimental",
+                       "job_submission"})
 
 # Ray's libraries and services beyond Ray Core, named for the refusal.
 _LIBRARIES = {
@@ -48,7 +49,6 @@ _LIBRARIES = {
     "dag": "Ray DAGs",
     "dashboard": "the Ray dashboard",
     "data": "Ray Data",
-    "job_submission": "Ray Jobs",
     "llm": "Ray LLM",
     "rllib": "RLlib",
     "serve": "Ray Serve",
