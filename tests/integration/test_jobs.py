@@ -111,6 +111,13 @@ def test_stop_a_pending_job_and_a_running_one(cluster, tmp_path):
     assert info.status.value == "STOPPED"
     assert info.driver_exit_code == -15               # SIGTERM to its process group
     assert client.stop_job(running) is False          # already over
+    # A node that could run the stopped job joins: a job needing the same
+    # resource runs there, and the stopped one still never does.
+    cluster.add_node(num_cpus=1, resources={"no_node_has_this": 1})
+    later = client.submit_job(entrypoint="echo later",
+                              entrypoint_resources={"no_node_has_this": 1})
+    assert wait_status(client, later, {"SUCCEEDED", "FAILED"}).status.value == "SUCCEEDED"
+    assert client.get_job_status(pending).value == "STOPPED"
     assert not never.exists()
 
 

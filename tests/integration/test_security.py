@@ -298,6 +298,37 @@ def test_grpc_tls_from_environment_aio(certs, monkeypatch):
     assert asyncio.run(run()) == [b"e"]
 
 
+def _check_https_api(node, certs):
+    """The node's HTTP API (jobs, dashboard) speaks HTTPS with the node's
+    certificate, wants a client certificate, and still wants the token."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    assert node.info["dashboard_scheme"] == "https"
+    url = f"https://127.0.0.1:{node.info['dashboard_port']}/api/version"
+    context = ssl.create_default_context(cafile=certs["ca"])
+    context.check_hostname = False          # the test certificate names "meshray"
+    context.load_cert_chain(certs["node"], certs["node-key"])
+
+    def get(token, ctx):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=ctx) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert get(TOKEN, context) == 200
+    assert get(None, context) == 401 and get(WRONG, context) == 401
+    without_client_cert = ssl.create_default_context(cafile=certs["ca"])
+    without_client_cert.check_hostname = False
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        get(TOKEN, without_client_cert)
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(url.replace("https://", "http://"), timeout=10)
+
+
 def test_daemon_serves_tls_from_inherited_environment(certs, tmp_path):
     """A daemon started with MESHRAY_TLS_* serves TLS on TCP; the token still counts."""
     from meshray.node import launcher
@@ -322,6 +353,7 @@ def test_daemon_serves_tls_from_inherited_environment(certs, tmp_path):
             with pytest.raises(grpc.RpcError) as info:
                 pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        _check_https_api(node, certs)
     finally:
         node.stop()
 
