@@ -167,34 +167,21 @@ def get_task(id, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
     return items[0] if items else None
 
 
-def get_actor(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
-              _explain: bool = False):
-    items = _get("actors", "actor_id", id, address, timeout)
-    return items[0] if items else None
-
-
-def get_node(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
-             _explain: bool = False):
-    items = _get("nodes", "node_id", id, address, timeout)
-    return items[0] if items else None
-
-
-def get_worker(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
+def _make_get(resource: str, column: str, what: str):
+    def get_fn(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
                _explain: bool = False):
-    items = _get("workers", "worker_id", id, address, timeout)
-    return items[0] if items else None
+        items = _get(resource, column, id, address, timeout)
+        return items[0] if items else None
+    get_fn.__name__ = get_fn.__qualname__ = f"get_{what}"
+    get_fn.__doc__ = f"The {what.replace('_', ' ')} with this id (hex), or None."
+    return get_fn
 
 
-def get_placement_group(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
-                        _explain: bool = False):
-    items = _get("placement_groups", "placement_group_id", id, address, timeout)
-    return items[0] if items else None
-
-
-def get_job(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
-            _explain: bool = False):
-    items = _get("jobs", "job_id", id, address, timeout)
-    return items[0] if items else None
+get_actor = _make_get("actors", "actor_id", "actor")
+get_node = _make_get("nodes", "node_id", "node")
+get_worker = _make_get("workers", "worker_id", "worker")
+get_placement_group = _make_get("placement_groups", "placement_group_id", "placement_group")
+get_job = _make_get("jobs", "job_id", "job")
 
 
 def get_objects(id: str, address: Optional[str] = None, timeout: int = DEFAULT_TIMEOUT,
