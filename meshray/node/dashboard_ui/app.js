@@ -234,7 +234,7 @@ async function viewJob(state, first) {
   document.getElementById("job-info").replaceChildren(table("job-table", ["Field", "Value"],
     ["entrypoint", "message", "driver_exit_code", "driver_node_id", "start_time", "end_time"]
       .map((k) => el("tr", {}, el("td", {}, k), el("td", {class: "mono"},
-        k.endsWith("_time") ? fmtTime(job[k]) : (job[k] ?? "")))))));
+        k.endsWith("_time") ? fmtTime(job[k]) : (job[k] ?? ""))))));
 }
 
 async function followLogs(id, token) {
