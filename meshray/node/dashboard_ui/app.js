@@ -37,7 +37,11 @@ function svgEl(tag, attrs) {
   return node;
 }
 
-function short(id) { return id ? String(id).slice(0, 12) : ""; }
+// Ids begin with their node's prefix: show both ends so rows differ.
+function short(id) {
+  const text = id ? String(id) : "";
+  return text.length > 16 ? `${text.slice(0, 6)}…${text.slice(-6)}` : text;
+}
 function fmtTime(ms) { return ms ? new Date(ms).toLocaleString() : ""; }
 function fmtBytes(n) {
   if (n === null || n === undefined) return "";
