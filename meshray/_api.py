@@ -13,7 +13,7 @@ from meshray.core import init_args, state as state_mod, validation
 from meshray.core.core_worker import CoreWorker
 from meshray.core.object_ref import ObjectRef, ObjectRefGenerator
 from meshray.core.remote_function import RemoteFunction
-from meshray.runtime_context import get_runtime_context
+from meshray.runtime_context import dashboard_url_of, get_runtime_context
 
 __all__ = [
     "init", "shutdown", "is_initialized", "remote", "get", "put", "wait", "cancel",
@@ -229,10 +229,19 @@ def _inherit_node_tls(record: dict) -> None:
         os.environ.update(tls.to_env())
 
 
-def _context_info() -> dict:
+class InitContext(dict):
+    """What init() returns: a dict, with Ray's RayContext attribute ``dashboard_url``."""
+
+    @property
+    def dashboard_url(self) -> str:
+        return self["dashboard_url"]
+
+
+def _context_info() -> InitContext:
     core = _state.core
-    return {"node_id": core.node_id.hex(), "session_dir": core.session_dir,
-            "address": core.node_address, "job_id": _state.job_id.hex()}
+    return InitContext(node_id=core.node_id.hex(), session_dir=core.session_dir,
+                       address=core.node_address, job_id=_state.job_id.hex(),
+                       dashboard_url=dashboard_url_of(core))
 
 
 def shutdown() -> None:

@@ -243,8 +243,8 @@ class RuntimeContext:
         return spec is not None and spec.task_id in state_mod.state.cancelled
 
     def get_dashboard_url(self) -> str:
-        """Always "": meshray runs no dashboard."""
-        return ""
+        """``host:port`` of the dashboard on this process's node (as Ray: no scheme)."""
+        return dashboard_url_of(self._core("get_dashboard_url()"))
 
     # ------------------------------------------------------------ deprecated
     def _legacy_id(self, member: str, cls, getter, *, worker_only: bool = False):
@@ -310,3 +310,24 @@ def get_runtime_context() -> RuntimeContext:
         if _context is None:
             _context = RuntimeContext()
         return _context
+
+
+def dashboard_url_of(core) -> str:
+    """``host:port`` of the dashboard of the node `core` is connected to.
+
+    Every node serves one (on its --dashboard-port); the node's etcd record
+    says where. Asked once per connection: a node's port does not change.
+    "" when the record does not show it (yet).
+    """
+    cached = getattr(core, "_dashboard_url", None)
+    if cached:
+        return cached
+    url = ""
+    for node in core.request("nodes"):
+        if node.get("NodeID") == core.node_id.hex() and node.get("DashboardPort"):
+            address = str(node.get("Address") or node.get("NodeManagerAddress") or "")
+            host = address.rsplit(":", 1)[0] if ":" in address else address
+            url = f"{host}:{node['DashboardPort']}"
+    if url:
+        core._dashboard_url = url
+    return url

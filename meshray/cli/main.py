@@ -51,8 +51,8 @@ def _cmd_start(args) -> int:
     print(f"  node address : {node.address}")
     print(f"  etcd         : {node.etcd}")
     print(f"  metrics      : http://{args.host}:{node.info.get('metrics_export_port')}/metrics")
-    print(f"  jobs API     : {node.info.get('dashboard_scheme', 'http')}://{args.host}:"
-          f"{node.info.get('dashboard_port')}")
+    print(f"  dashboard    : {node.info.get('dashboard_scheme', 'http')}://{args.host}:"
+          f"{node.info.get('dashboard_port')}/ (log in with the cluster token; also the jobs API)")
     if embedded:
         print(f"  cluster token: written to {token_path} (mode 0600)")
         print(security.join_hint(node.etcd, token_path))
@@ -160,7 +160,7 @@ def _cmd_status(args) -> int:
                   + ", ".join(parts))
             if node["Alive"] and node.get("DashboardPort"):
                 host = node.get("Address", node.get("NodeManagerAddress", "")).rsplit(":", 1)[0]
-                print(f"{'':<34} jobs API: {host}:{node['DashboardPort']}")
+                print(f"{'':<34} dashboard and jobs API: http://{host}:{node['DashboardPort']}/")
             labels = node.get("Labels") or {}
             if labels:
                 print(f"{'':<34} labels: {labels}")

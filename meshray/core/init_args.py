@@ -28,9 +28,9 @@ MESHRAY_ARGUMENTS = frozenset({"_token", "_lease_ttl"})
 # for something (is not Ray's default: None, False, {} or the one below).
 _NO_EFFECT = {
     "local_mode": "tasks always run in worker processes (Ray deprecates local mode too)",
-    "include_dashboard": "meshray runs no dashboard",
-    "dashboard_host": "meshray runs no dashboard",
-    "dashboard_port": "meshray runs no dashboard",
+    "include_dashboard": "every node serves its dashboard on its own --dashboard-port",
+    "dashboard_host": "every node serves its dashboard on its own --dashboard-port",
+    "dashboard_port": "every node serves its dashboard on its own --dashboard-port",
     "job_config": "meshray has no JobConfig; pass runtime_env= and namespace= to init()",
     "logging_config": "worker logging is not configured by the driver; "
                       "set MESHRAY_LOG_LEVEL for node daemons and workers",

@@ -28,6 +28,7 @@ from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
+from meshray.node.dashboard import Dashboard
 from meshray.node.http_api import HttpApi
 from meshray.node.job_api import JobApi
 from meshray.node.liveness import PeerLiveness
@@ -160,7 +161,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.logs = log_service_for(self)
         self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
         self.jobs = JobApi(self)                              # node/job_api.py
-        self.http.add_routes(self.jobs.routes())
+        self.http.add_routes(self.jobs.routes() + Dashboard(self).routes())  # node/dashboard.py
         self.routes = node_routes(self)
         self.memory_monitor = MemoryMonitor(self)     # node/memory_monitor.py
 

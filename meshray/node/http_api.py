@@ -1,4 +1,4 @@
-"""The node's HTTP server: Ray's REST API (jobs today, the dashboard later).
+"""The node's HTTP server: Ray's REST API (jobs) and the dashboard.
 
 One per node daemon, on the node's host (loopback unless told otherwise) and
 the port of ``--dashboard-port`` (Ray's 8265 by default, a free port when that
@@ -16,13 +16,15 @@ Every request must prove it holds the cluster token, one of two ways:
   make the browser send the cookie, never read the CSRF token.
 
 A request with neither is answered 401 before any handler runs. A node
-without a cluster token serves nothing but 401: there is nothing to check a
-caller against. With TLS configured for the node (MESHRAY_TLS_*), the server
-speaks HTTPS with the node's certificate (and demands client certificates
+without a cluster token serves nothing but the page's files and 401: there
+is nothing to check a caller against. With TLS configured for the node
+(MESHRAY_TLS_*), the server speaks HTTPS with the node's certificate (and demands client certificates
 when ``client_auth`` is on). The token is never logged.
 
 Routes are a table of (method, path pattern, handler); a handler takes a
-``Request`` and returns ``(status, JSON-able)``.
+``Request`` and returns ``(status, JSON-able)``, or ``(status, Asset)`` for a
+file of the dashboard's page. Only ``public`` routes (the page's own files,
+which hold no cluster data) are answered before the token check.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["DEFAULT_DASHBOARD_PORT", "HttpApi", "HttpError", "Request", "Route",
+__all__ = ["Asset", "DEFAULT_DASHBOARD_PORT", "HttpApi", "HttpError", "Request", "Route",
            "check_bearer", "SESSION_COOKIE", "CSRF_HEADER"]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ MAX_SESSIONS = 10_000
 REQUEST_TIMEOUT_S = 30.0
 LOOP_TIMEOUT_S = 30.0
 _SAFE_METHODS = frozenset({"GET", "HEAD"})
+# The page may load only its own files and talk only to the node that served
+# it: no inline script, no other origin, no framing (clickjacking).
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
 class HttpError(Exception):
@@ -88,10 +94,18 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Asset:
+    """A response body sent as is (a file of the dashboard's page), not as JSON."""
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Route:
     method: str
     pattern: str                       # a regex matched against the whole path
     handler: Callable[[Request], tuple]
+    public: bool = False               # answered without the token (static page files)
 
     def match(self, method: str, path: str):
         if method != self.method:
@@ -290,6 +304,9 @@ class HttpApi:
         """(status, body, extra headers) for one request."""
         if request.method == "POST" and request.path == "/login":
             return self.login(request)
+        for route in self.routes:
+            if route.public and route.match(request.method, request.path):
+                return self._answer(route, request)
         refused = self.authorize(request.method, request.headers)
         if refused is not None:
             return (403 if refused.startswith("CSRF") else 401), {"error": refused}, []
@@ -305,13 +322,17 @@ class HttpApi:
                 if re.fullmatch(route.pattern, request.path):
                     allowed.append(route.method)
                 continue
-            request.params = found.groupdict()
-            answer = route.handler(request)
-            return answer[0], answer[1], list(answer[2]) if len(answer) > 2 else []
+            return self._answer(route, request)
         if allowed:
             return 405, {"error": f"{request.method} {request.path}: method not allowed "
                                   f"(allowed: {', '.join(sorted(set(allowed)))})"}, []
         return 404, {"error": f"no such endpoint: {request.path}"}, []
+
+    @staticmethod
+    def _answer(route: Route, request: Request) -> tuple:
+        request.params = route.match(request.method, request.path).groupdict()
+        answer = route.handler(request)
+        return answer[0], answer[1], list(answer[2]) if len(answer) > 2 else []
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -348,9 +369,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, payload, extra)
 
     def _send(self, status: int, payload, extra) -> None:
-        data = json.dumps(payload).encode()
+        if isinstance(payload, Asset):
+            data, content_type = payload.data, payload.content_type
+            extra = [*extra, ("Content-Security-Policy", PAGE_POLICY),
+                     ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")]
+        else:
+            data, content_type = json.dumps(payload).encode(), "application/json"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")

@@ -42,7 +42,8 @@ def test_driver(ray):
     assert c.runtime_env == {} and c.get_runtime_env_string() == "{}"
     assert c.get_node_labels()["zone"] == "blue"
     assert c.gcs_address == state_mod.state.local_node.etcd   # what init(address=) takes
-    assert c.get_dashboard_url() == ""
+    port = next(n["DashboardPort"] for n in ray.nodes() if n["NodeID"] == c.get_node_id())
+    assert c.get_dashboard_url() == f"127.0.0.1:{port}"       # Ray's form: host:port
     assert c.get_accelerator_ids() == {"GPU": []}
     with pytest.raises(AssertionError, match="get_assigned_resources"):
         c.get_assigned_resources()
