@@ -105,7 +105,7 @@ class ActorHosting:
     def _kill_actor(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
         if entry.state == actor_states.DEAD:
             return
-        if entry.remote_node and entry.remote_node not in self.known_dead and entry.worker is None:
+        if entry.remote_node and entry.remote_node not in self.view.known_dead and entry.worker is None:
             # Hosted elsewhere: its host kills it; we only stop restarting it.
             self._send_peer(entry.remote_node, pb.PeerEvent(request=pb.Request(
                 request_id=0, method="kill_actor", payload=json.dumps({
@@ -247,12 +247,12 @@ class ActorHosting:
         while True:
             remaining = max(0.0, deadline - loop.time())
             host = entry.remote_node
-            if host and host not in self.known_dead and entry.state == actor_states.ALIVE:
+            if host and host not in self.view.known_dead and entry.state == actor_states.ALIVE:
                 try:
                     record = await self.ask_peer(host, "actor_info",
                                                  {**payload, "timeout": remaining}, remaining + 10)
                 except (ConnectionError, asyncio.TimeoutError):
-                    if host in self.known_dead and loop.time() < deadline:
+                    if host in self.view.known_dead and loop.time() < deadline:
                         continue   # its host died while we asked: we restart it
                     raise
                 entry.num_restarts = max(entry.num_restarts, int(record.get("num_restarts", 0)))
@@ -293,7 +293,7 @@ class ActorHosting:
                 entry = self.actors.get(actor_id)
                 if entry is not None:
                     return entry.record(self.node_id.hex())
-            elif node in self.view_nodes and record.get("state") == "ALIVE":
+            elif node in self.view.nodes and record.get("state") == "ALIVE":
                 return await self.ask_peer(node, "actor_info", payload, timeout + 10)
             if not payload.get("wait") or loop.time() >= deadline:
                 return record
@@ -309,12 +309,12 @@ class ActorHosting:
     async def _ask_kill_actor(self, conn, payload: dict) -> dict:
         actor_id = bytes.fromhex(payload["actor_id"])
         entry = self.actors.get(actor_id)
-        if entry is not None and entry.remote_node and entry.remote_node not in self.known_dead:
+        if entry is not None and entry.remote_node and entry.remote_node not in self.view.known_dead:
             return await self.ask_peer(entry.remote_node, "kill_actor", payload)
         if entry is None:
             record = await self._etcd_call(self._read_actor_record, actor_id)
             node = record.get("node_id", "")
-            if node and node != self.node_id.hex() and node in self.view_nodes:
+            if node and node != self.node_id.hex() and node in self.view.nodes:
                 return await self.ask_peer(node, "kill_actor", payload)
             raise ValueError(f"actor {payload['actor_id']} is not known to this node "
                              f"(its record says state {record.get('state')}, node {node or '?'})")

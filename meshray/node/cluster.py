@@ -27,6 +27,7 @@ import time
 from meshray import exceptions
 from meshray.common import ids
 from meshray.node import actors as actor_states
+from meshray.node.cluster_view import ClusterView
 from meshray.node.peers import PeerLink
 from meshray.node.objects import error_value
 from meshray.node.placement_groups import pg_strategy
@@ -35,7 +36,7 @@ from meshray.node.task_lifecycle import TaskState, take_retry
 from meshray.node.tasks import infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from meshray.scheduler import peer_load, policy
+from meshray.scheduler import policy
 from meshray.scheduler.resources import ResourceSet
 
 __all__ = ["ClusterDuties", "RemoteOwner"]
@@ -85,18 +86,12 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     def _init_cluster(self) -> None:
         self.links: dict[str, PeerLink] = {}
-        self.view_nodes: dict[str, dict] = {}
-        self.view_avail: dict[str, dict] = {}
-        self.known_dead: set[str] = set()
-        self.spread_counter = 0
+        self.view = ClusterView(self.node_id.hex())     # peers, their room, offers out
         self.pulls: dict[bytes, asyncio.Future] = {}
         self.copies_sent: dict[bytes, set] = {}     # object id -> nodes that pulled it from us
         self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
         self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
         self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
-        self.offered: dict[str, dict] = {}          # node -> {task id: request}, unanswered
-        self.peer_loads: dict[str, tuple] = {}      # node -> (pb.NodeLoad, monotonic receipt)
-        self.avail_changed_at: dict[str, float] = {}  # node -> when its etcd value last changed
         self.prefix = self.node_id[:ids.NODE_PREFIX_LEN]
         self.node_hex = self.node_id.hex()
 
@@ -108,14 +103,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if self.membership is None:
             return
         nodes, avail = self.membership.view_snapshot()
-        gone = [n for n in self.view_nodes if n not in nodes and n != self.node_hex]
-        # A node that lost its lease and registered again is a member again.
-        self.known_dead.difference_update(n for n in nodes if n in self.known_dead)
-        now = time.monotonic()
-        for node_hex, value in avail.items():
-            if self.view_avail.get(node_hex) != value:
-                self.avail_changed_at[node_hex] = now
-        self.view_nodes, self.view_avail = nodes, avail
+        gone = self.view.update(nodes, avail, time.monotonic())
         for node_hex in gone:
             self._node_died(node_hex)
         self._replace_waiting()
@@ -140,44 +128,15 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     self._drop_task(task)
 
     def _node_views(self, backlog_for: dict | None = None) -> dict:
-        """The cluster as policy.decide sees it: each peer's newest reported
-        room, less our unanswered offers (the same room is never counted
-        twice). With `backlog_for` (a request), a peer that would queue it
-        behind its busy workers shows room for it (peer_load.with_backlog)."""
-        now = time.monotonic()
-        views = {}
-        for node_hex, record in self.view_nodes.items():
-            if node_hex == self.node_hex:
-                continue
-            load, load_at = self.peer_loads.get(node_hex, (None, None))
-            available = peer_load.newest_available(
-                self.view_avail.get(node_hex, {}), self.avail_changed_at.get(node_hex),
-                None if load is None else load.available, load_at, now)
-            offers = self.offered.get(node_hex, {})
-            room = peer_load.peer_room(available, peer_load.total_of(offers.values()))
-            total = record.get("Resources", {})
-            if backlog_for is not None and load is not None:
-                room = peer_load.with_backlog(room, total, backlog_for, peer_load.backlog_left(
-                    load.backlog_room, len(offers)))
-            views[node_hex] = policy.NodeView(
-                node_hex, ResourceSet.from_dict(total), ResourceSet.from_dict(room), True,
-                record.get("Labels", {}))
-        views[self.node_hex] = policy.NodeView(
-            self.node_hex, self.resources.total, self.resources.available, True,
-            dict(self.config.labels))
-        return views
-
-    def _node_for_prefix(self, object_id: bytes) -> str | None:
-        prefix = object_id[:ids.NODE_PREFIX_LEN].hex()
-        for node_hex in self.view_nodes:
-            if node_hex.startswith(prefix):
-                return node_hex
-        return None
+        """The views policy.decide sees (cluster_view.py), this node's own live."""
+        local = policy.NodeView(self.node_hex, self.resources.total, self.resources.available,
+                                True, dict(self.config.labels))
+        return self.view.node_views(local, time.monotonic(), backlog_for)
 
     def _link(self, node_hex: str) -> PeerLink | None:
         link = self.links.get(node_hex)
         if link is None:
-            record = self.view_nodes.get(node_hex)
+            record = self.view.nodes.get(node_hex)
             if record is None or not record.get("Address"):
                 return None
             link = self.links[node_hex] = PeerLink(self.node_id, node_hex, record["Address"],
@@ -206,14 +165,14 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         request = policy.SchedulingRequest(
             task.request, strategy, self._arg_bytes_by_node(spec),
             excluded_nodes=frozenset(task.refused_by))
-        self.spread_counter += 1
-        decision = policy.decide(request, self._node_views(), self.node_hex, self.spread_counter)
+        spread = self.view.next_spread()
+        decision = policy.decide(request, self._node_views(), self.node_hex, spread)
         if (decision.kind == "wait" and strategy == "DEFAULT" and task.actor is None
-                and task.bundle is None and self.peer_loads):
+                and task.bundle is None and self.view.loads):
             # Nobody can start it now: a peer that would queue it takes it,
             # so it starts there the moment a worker frees up.
             queued = policy.decide(request, self._node_views(task.request.to_dict()),
-                                   self.node_hex, self.spread_counter)
+                                   self.node_hex, spread)
             if queued.kind == "spill":
                 return queued
         return decision
@@ -292,7 +251,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                     self._spill(task, list(decision.candidates))
                 else:
                     self._fail_unschedulable(task, decision.reason)
-        if len(self.view_nodes) <= 1:
+        if len(self.view.nodes) <= 1:
             return
         for _key, tasks in list(self.queue.heads()):
             # Offer queued work to peers with room, head first, until none has
@@ -310,7 +269,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     async def _replace_loop(self) -> None:
         while not self._stopping.is_set():
             await asyncio.sleep(REPLACE_INTERVAL_S)
-            if len(self.queue) and len(self.view_nodes) > 1:
+            if len(self.queue) and len(self.view.nodes) > 1:
                 self._replace_waiting()
                 self._schedule()
 
@@ -331,7 +290,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             task.remote_node = node_hex          # before the move: its record says where
             self._move(task, TaskState.SPILLED, f"offered to node {node_hex}")
             task.spill_candidates = candidates
-            self.offered.setdefault(node_hex, {})[spec.task_id] = task.request.to_dict()
+            self.view.offer(node_hex, spec.task_id, task.request.to_dict())
             link.send(pb.PeerEvent(spill=event))
             return
         task.refused_by.clear()
@@ -351,7 +310,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         from_hex = request.from_node.hex()
         has_load = request.HasField("load")
         if has_load:
-            self.peer_loads[from_hex] = (request.load, time.monotonic())
+            self.view.note_load(from_hex, request.load, time.monotonic())
         for event in request.events:
             kind = event.WhichOneof("kind")
             try:
@@ -429,7 +388,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     def _peer_verdict(self, from_hex: str, msg: pb.SpillVerdict) -> None:
         # Answered, whatever became of the task meanwhile (cancelled, say).
-        self.offered.get(from_hex, {}).pop(msg.task_id, None)
+        self.view.answered(from_hex, msg.task_id)
         task = self.tasks.get(msg.task_id)
         if task is None or task.state != "spilled" or task.remote_node != from_hex:
             return
@@ -583,17 +542,17 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             log.debug("borrow %d, unborrow %d, fetch %d", len(borrows), len(unborrows), len(fetches))
         by_node: dict[str, pb.RefUpdate] = {}
         for object_id in borrows:
-            node = self._node_for_prefix(object_id)
+            node = self.view.node_for_prefix(object_id)
             if node is not None:
                 by_node.setdefault(node, pb.RefUpdate()).add.append(object_id)
         for object_id in unborrows:
-            node = self._node_for_prefix(object_id)
+            node = self.view.node_for_prefix(object_id)
             if node is not None:
                 by_node.setdefault(node, pb.RefUpdate()).remove.append(object_id)
         for node, update in by_node.items():
             self._send_peer(node, pb.PeerEvent(refs=update))
         for object_id in fetches:
-            node = self._node_for_prefix(object_id)
+            node = self.view.node_for_prefix(object_id)
             if node is not None:
                 self._send_peer(node, pb.PeerEvent(subscribe=pb.Subscribe(object_ids=[object_id])))
             else:
@@ -632,12 +591,9 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     # ------------------------------------------------------------ node death
     def _node_died(self, node_hex: str) -> None:
-        if node_hex in self.known_dead:
+        if not self.view.died(node_hex):
             return
-        self.known_dead.add(node_hex)
         log.warning("node %s died (its etcd lease is gone)", node_hex)
-        for per_node in (self.offered, self.peer_loads, self.avail_changed_at):
-            per_node.pop(node_hex, None)
         link = self.links.pop(node_hex, None)
         if link is not None:
             asyncio.get_running_loop().create_task(link.close())
@@ -675,7 +631,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             value = entry.value
             if value is not None and value.in_store and value.location == node_hex:
                 stranded.append(object_id)
-            elif value is None and self._node_for_prefix(object_id) is None \
+            elif value is None and self.view.node_for_prefix(object_id) is None \
                     and not self.is_local_object(object_id):
                 stranded.append(object_id)     # waiting on an owner that is gone
         if stranded:
@@ -693,12 +649,12 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                         None, self.membership.locations, object_id)
                 except Exception as exc:  # noqa: BLE001 - treat as no copy
                     log.warning("could not list copies of %s: %s", object_id.hex(), exc)
-            alive = [n for n in copies if n in self.view_nodes and n != node_hex]
+            alive = [n for n in copies if n in self.view.nodes and n != node_hex]
             if alive:
                 self._use_copy(object_id, alive[0])
             elif self.is_local_object(object_id):
                 self._object_copy_lost(object_id, node_hex)
-            elif self._node_for_prefix(object_id) is not None and value_is_copy(
+            elif self.view.node_for_prefix(object_id) is not None and value_is_copy(
                     self.objects.get(object_id)):
                 # Its owner lives and rebuilds it; a reader that needs the
                 # bytes asks the owner for the new copy (transfer.py).

@@ -705,7 +705,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""
         if isinstance(owner, RemoteOwner):
-            return owner.node_hex not in self.known_dead
+            return owner.node_hex not in self.view.known_dead
         return owner.conn_id in self.conns
 
     def _job_ended(self, driver: Connection) -> None:

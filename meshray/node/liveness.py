@@ -75,8 +75,8 @@ class PeerLiveness:
 
     async def _probe(self, node_hex: str, address: str) -> None:
         try:
-            record = self._daemon.view_nodes.get(node_hex)
-            if record is None or node_hex in self._daemon.known_dead:
+            record = self._daemon.view.nodes.get(node_hex)
+            if record is None or node_hex in self._daemon.view.known_dead:
                 return
             if not await probe_refused(address):
                 return

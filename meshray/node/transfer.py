@@ -224,8 +224,8 @@ class ObjectTransfer:
     def _live_copies(self, object_id: bytes, hint: str, listed: list) -> list:
         candidates = [hint] if hint else []
         candidates += [n for n in listed if n not in candidates]
-        return [n for n in candidates if n != self.node_hex and n not in self.known_dead
-                and (self.membership is None or n in self.view_nodes)]
+        return [n for n in candidates if n != self.node_hex and n not in self.view.known_dead
+                and (self.membership is None or n in self.view.nodes)]
 
     async def _pull_any(self, object_id: bytes, hint: str) -> str:
         """Pull from any live copy, retrying transient failures with backoff."""
@@ -298,10 +298,10 @@ class ObjectTransfer:
                     await asyncio.wait({waiting}, timeout=0.25)
                     if waiting.done():
                         break
-                    if node_hex in self.known_dead or loop.time() > stalled_at:
+                    if node_hex in self.view.known_dead or loop.time() > stalled_at:
                         waiting.cancel()
                         call.cancel()
-                        why = "died" if node_hex in self.known_dead else "stalled"
+                        why = "died" if node_hex in self.view.known_dead else "stalled"
                         raise ConnectionError(f"holder {node_hex} {why} mid-transfer")
                 try:
                     message = waiting.result()
@@ -380,8 +380,8 @@ class ObjectTransfer:
         if self.is_local_object(object_id):
             value = await self._rebuild_object(object_id, lost)
         else:
-            owner = self._node_for_prefix(object_id)
-            if owner is None or owner in self.known_dead:
+            owner = self.view.node_for_prefix(object_id)
+            if owner is None or owner in self.view.known_dead:
                 raise exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"no live node holds a copy (tried {lost}) and "
                     "its owner node, which could rebuild it, is not in the cluster")
@@ -409,7 +409,7 @@ class ObjectTransfer:
                 if not value.in_store or where not in lost or (
                         where == self.node_hex and self.store.contains(object_id)):
                     return self._exportable(value)
-                if where not in self.known_dead:
+                if where not in self.view.known_dead:
                     # Its holder lives on but cannot serve it: the copy is lost.
                     log.warning("object %s is missing on its holder %s; rebuilding",
                                 object_id.hex(), where)

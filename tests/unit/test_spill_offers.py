@@ -49,10 +49,10 @@ class _Daemon(ClusterDuties):
         self.functions = {}
         self.tasks = {}
         self.infeasible = []
-        self.view_nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
+        self.view.nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
                            for n in (HEAD, A, B)}
-        self.view_avail = {HEAD: {"CPU": 0.0}, **peers_free}
-        self.avail_changed_at = {n: time.monotonic() - 5 for n in self.view_avail}
+        self.view.avail = {HEAD: {"CPU": 0.0}, **peers_free}
+        self.view.avail_changed_at = {n: time.monotonic() - 5 for n in self.view.avail}
         self.links = {A: _Link(), B: _Link()}
         self.routes = SimpleNamespace(peer=dispatch_table(pb.PeerEvent, {
             kind: getattr(self, "_peer_" + kind, lambda *event: None)
@@ -126,13 +126,13 @@ def test_an_answered_offer_stops_counting_even_for_a_cancelled_task():
     del daemon.tasks[task.task_id]                 # cancelled while the offer was out
     verdict = pb.PeerEvent(verdict=pb.SpillVerdict(task_id=task.task_id, accepted=True))
     _deliver(daemon, A, free=0.0, backlog=0, events=[verdict])
-    assert daemon.offered.get(A) == {}
+    assert daemon.view.offered.get(A) == {}
 
 
 def test_an_old_load_yields_to_a_newer_etcd_value():
     daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})
-    daemon.peer_loads[A] = (pb.NodeLoad(available={"CPU": 1.0}), time.monotonic() - 10)
-    daemon.avail_changed_at[A] = time.monotonic() - 1    # etcd changed since: busy
+    daemon.view.loads[A] = (pb.NodeLoad(available={"CPU": 1.0}), time.monotonic() - 10)
+    daemon.view.avail_changed_at[A] = time.monotonic() - 1    # etcd changed since: busy
     daemon.queue_tasks(1)
     daemon._offer_queued()
     assert daemon.offers_to(A) == []

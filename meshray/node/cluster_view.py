@@ -1,0 +1,109 @@
+"""This node's picture of its peers: who is a member, how much room each has,
+which offers are still out, and who is known dead.
+
+One object holds it so one writer changes it: the daemon feeds it what
+arrives (the etcd view, the load a peer attaches to its batches, offers sent
+and answered, deaths) and asks it for the views the placement policy
+decides on. It does no I/O and reads no clock: times come in with the
+events, so it is tested with plain values (tests/unit/test_cluster_view.py).
+
+Where a peer's room comes from (scheduler/peer_load.py): the newer of its
+etcd availability and the load on its last batch, less the offers still
+unanswered there, so the same room is never offered twice.
+"""
+from __future__ import annotations
+
+from meshray.common import ids
+from meshray.scheduler import peer_load, policy
+from meshray.scheduler.resources import ResourceSet
+
+__all__ = ["ClusterView"]
+
+
+class ClusterView:
+    def __init__(self, node_hex: str):
+        self.node_hex = node_hex
+        self.nodes: dict[str, dict] = {}            # node -> its etcd record (members only)
+        self.avail: dict[str, dict] = {}            # node -> its etcd availability
+        self.avail_changed_at: dict[str, float] = {}  # node -> when that last changed
+        self.loads: dict[str, tuple] = {}           # node -> (pb.NodeLoad, when received)
+        self.offered: dict[str, dict] = {}          # node -> {task id: request}, unanswered
+        self.known_dead: set[str] = set()
+        self.spread_counter = 0
+
+    # ------------------------------------------------------------ events
+    def update(self, nodes: dict, avail: dict, now: float) -> list:
+        """A new etcd view; returns the peers that left it (to be handled as dead)."""
+        gone = [n for n in self.nodes if n not in nodes and n != self.node_hex]
+        # A node that lost its lease and registered again is a member again.
+        self.known_dead.difference_update([n for n in nodes if n in self.known_dead])
+        for node_hex, value in avail.items():
+            if self.avail.get(node_hex) != value:
+                self.avail_changed_at[node_hex] = now
+        self.nodes, self.avail = nodes, avail
+        return gone
+
+    def note_load(self, node_hex: str, load, now: float) -> None:
+        """The load a peer attached to a batch it sent us."""
+        self.loads[node_hex] = (load, now)
+
+    def offer(self, node_hex: str, task_id: bytes, request: dict) -> None:
+        self.offered.setdefault(node_hex, {})[task_id] = request
+
+    def answered(self, node_hex: str, task_id: bytes) -> None:
+        """A verdict came back: the offer no longer holds room there."""
+        self.offered.get(node_hex, {}).pop(task_id, None)
+
+    def died(self, node_hex: str) -> bool:
+        """`node_hex` is dead; False when that was known already."""
+        if node_hex in self.known_dead:
+            return False
+        self.known_dead.add(node_hex)
+        for per_node in (self.offered, self.loads, self.avail_changed_at):
+            per_node.pop(node_hex, None)
+        return True
+
+    def next_spread(self) -> int:
+        self.spread_counter += 1
+        return self.spread_counter
+
+    # ------------------------------------------------------------ questions
+    def is_alive_member(self, node_hex: str) -> bool:
+        return node_hex in self.nodes and node_hex not in self.known_dead
+
+    def live_members(self) -> list:
+        return [n for n in self.nodes if n not in self.known_dead]
+
+    def node_views(self, local: policy.NodeView, now: float,
+                   backlog_for: dict | None = None) -> dict:
+        """The cluster as policy.decide sees it: each peer's newest reported
+        room, less our unanswered offers. With `backlog_for` (a request), a
+        peer that would queue it behind its busy workers shows room for it
+        (peer_load.with_backlog)."""
+        views = {}
+        for node_hex, record in self.nodes.items():
+            if node_hex == self.node_hex:
+                continue
+            load, load_at = self.loads.get(node_hex, (None, None))
+            available = peer_load.newest_available(
+                self.avail.get(node_hex, {}), self.avail_changed_at.get(node_hex),
+                None if load is None else load.available, load_at, now)
+            offers = self.offered.get(node_hex, {})
+            room = peer_load.peer_room(available, peer_load.total_of(offers.values()))
+            total = record.get("Resources", {})
+            if backlog_for is not None and load is not None:
+                room = peer_load.with_backlog(room, total, backlog_for, peer_load.backlog_left(
+                    load.backlog_room, len(offers)))
+            views[node_hex] = policy.NodeView(
+                node_hex, ResourceSet.from_dict(total), ResourceSet.from_dict(room), True,
+                record.get("Labels", {}))
+        views[self.node_hex] = local
+        return views
+
+    def node_for_prefix(self, object_id: bytes) -> str | None:
+        """The member whose id prefixes `object_id` (its owner), if in the view."""
+        prefix = object_id[:ids.NODE_PREFIX_LEN].hex()
+        for node_hex in self.nodes:
+            if node_hex.startswith(prefix):
+                return node_hex
+        return None

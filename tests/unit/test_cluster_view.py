@@ -1,0 +1,96 @@
+"""This node's picture of its peers (node/cluster_view.py), fed plain values."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from meshray.node.cluster_view import ClusterView
+from meshray.scheduler import policy
+from meshray.scheduler.resources import ResourceSet
+
+ME, A, B = "aa" * 14, "bb" * 14, "cc" * 14
+
+
+def _record(cpus=2.0, labels=None):
+    return {"Resources": {"CPU": cpus}, "Labels": labels or {}, "Address": "x"}
+
+
+def _local(free=0.0):
+    return policy.NodeView(ME, ResourceSet.from_dict({"CPU": 2.0}),
+                           ResourceSet.from_dict({"CPU": free}), True, {})
+
+
+def _view():
+    view = ClusterView(ME)
+    view.update({ME: _record(), A: _record(), B: _record(labels={"zone": "b"})},
+                {ME: {"CPU": 0.0}, A: {"CPU": 2.0}, B: {"CPU": 0.0}}, now=10.0)
+    return view
+
+
+def _room(view, node, now=20.0, backlog_for=None):
+    return view.node_views(_local(), now, backlog_for)[node].available.to_dict().get("CPU", 0.0)
+
+
+def test_room_is_the_etcd_value_less_the_offers_out():
+    view = _view()
+    assert _room(view, A) == 2.0
+    view.offer(A, b"t1", {"CPU": 1.0})
+    assert _room(view, A) == 1.0
+    view.offer(A, b"t2", {"CPU": 1.0})
+    view.offer(A, b"t3", {"CPU": 1.0})
+    assert _room(view, A) == 0.0                     # never negative
+    view.answered(A, b"t1")
+    view.answered(A, b"t2")
+    view.answered(A, b"unknown")                     # an answer for a forgotten offer
+    assert _room(view, A) == 1.0
+
+
+def test_a_batch_load_newer_than_the_etcd_value_wins_and_an_older_one_does_not():
+    view = _view()
+    view.note_load(B, SimpleNamespace(available={"CPU": 2.0}, backlog_room=0), now=15.0)
+    assert _room(view, B) == 2.0                     # received after etcd last changed
+    view.update(view.nodes, {**view.avail, B: {"CPU": 1.0}}, now=16.0)
+    assert _room(view, B, now=30.0) == 1.0           # etcd changed since: it is newer
+
+
+def test_backlog_shows_room_only_when_asked_for_a_request():
+    view = _view()
+    view.note_load(B, SimpleNamespace(available={"CPU": 0.0}, backlog_room=1), now=15.0)
+    assert _room(view, B) == 0.0
+    assert _room(view, B, backlog_for={"CPU": 1.0}) >= 1.0
+    view.offer(B, b"t1", {"CPU": 1.0})               # the one backlog place is taken
+    assert _room(view, B, backlog_for={"CPU": 1.0}) == 0.0
+
+
+def test_the_local_view_is_ours_and_labels_come_from_the_records():
+    views = _view().node_views(_local(free=1.5), 20.0)
+    assert views[ME].available.to_dict() == {"CPU": 1.5}
+    assert views[B].labels == {"zone": "b"}
+
+
+def test_a_death_is_news_once_and_forgets_the_peers_offers_and_load():
+    view = _view()
+    view.offer(A, b"t1", {"CPU": 1.0})
+    view.note_load(A, SimpleNamespace(available={"CPU": 2.0}, backlog_room=0), now=15.0)
+    assert view.died(A) is True and view.died(A) is False
+    assert A not in view.offered and A not in view.loads and not view.is_alive_member(A)
+    assert view.live_members() == [ME, B]
+
+
+def test_nodes_that_leave_the_view_are_reported_and_a_returning_one_is_alive_again():
+    view = _view()
+    gone = view.update({ME: _record(), B: _record()}, {}, now=11.0)
+    assert gone == [A]
+    view.died(A)
+    view.update({ME: _record(), A: _record(), B: _record()}, {}, now=12.0)
+    assert view.is_alive_member(A)
+
+
+def test_the_owner_of_an_object_is_the_member_its_id_starts_with():
+    view = _view()
+    assert view.node_for_prefix(bytes.fromhex(A)[:6] + b"rest") == A
+    assert view.node_for_prefix(b"\x99" * 10) is None
+
+
+def test_spread_counts_up():
+    view = _view()
+    assert [view.next_spread() for _ in range(3)] == [1, 2, 3]
