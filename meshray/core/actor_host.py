@@ -151,6 +151,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         # TaskCancelledError when their turn comes), and the asyncio tasks of
         # an async actor's calls, which a cancel cancels.
         self._cancelled_calls: set[bytes] = set()
+        # Sync calls dispatched and not started (task id -> (spec, reply)): a
+        # cancel answers them at once (dict pops are atomic across threads).
+        self._waiting: dict[bytes, tuple] = {}
         self._async_calls: dict[bytes, asyncio.Task] = {}
         # Argument files mapped when their call arrived (task id -> image or
         # the error mapping raised), taken when the call runs.
@@ -305,11 +308,13 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                 self._arg_images[spec.task_id] = exc
         if self._inline or spec.method_name == TERMINATE_METHOD:
             # In order on the main thread (terminate waits behind queued calls).
+            self._waiting[spec.task_id] = (spec, reply)
             self.executor.enqueue_call(spec, reply)
         elif self.is_async:
             asyncio.run_coroutine_threadsafe(self._run_async(spec, reply), self._loop)
         else:
             pool = self._pools.get(spec.concurrency_group) or self._pools[""]
+            self._waiting[spec.task_id] = (spec, reply)
             pool.submit(self.run_call, spec, reply)
 
     # ------------------------------------------------------------ running
@@ -391,6 +396,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
 
     def run_call(self, spec, reply) -> None:
         """Run one call synchronously (main thread or a pool thread)."""
+        if self._waiting.pop(spec.task_id, None) is None:
+            return        # cancelled while it waited: answered already (cancel_call)
         if self._exiting:
             self._arg_images.pop(spec.task_id, None)
             reply(self._refuse(spec))
@@ -529,6 +536,13 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         task = self._async_calls.get(task_id)
         if task is not None:
             self._loop.call_soon_threadsafe(task.cancel)
+            return
+        waiting = self._waiting.pop(task_id, None)
+        if waiting is not None:
+            # Queued behind other calls: answered now, skipped when its turn comes.
+            spec, reply = waiting
+            self._arg_images.pop(task_id, None)
+            reply(self._cancelled(spec))
             return
         if self.executor.is_running(task_id):
             # A running generator call stops at its next yield; any other

@@ -88,6 +88,9 @@ def test_cancel_on_plain_actor_skips_queued_call_and_lets_running_one_finish(ray
     wait_for(lambda: os.path.exists(started), timeout=CALL_TIMEOUT_S)
     ray.cancel(queued)
     ray.cancel(running)        # not interrupted: actors keep state
+    # A queued call is answered as soon as its cancel reaches the actor,
+    # while the running one still holds the actor.
+    assert ray.wait([queued], timeout=CALL_TIMEOUT_S)[0] == [queued]
     open(gate, "w").close()
     assert ray.get(running, timeout=CALL_TIMEOUT_S) == "running"
     with pytest.raises(ray.exceptions.TaskCancelledError):
