@@ -1,5 +1,5 @@
 """`meshray start | stop | status | list | get | summary | timeline | logs | run | metrics |
-etcd-credentials | microbenchmark`."""
+etcd-credentials | microbenchmark | chaos`."""
 from __future__ import annotations
 
 import argparse
@@ -240,7 +240,21 @@ def _cmd_etcd_credentials(args) -> int:
     return 0
 
 
+def _cmd_chaos(chaos_argv: list[str]) -> int:
+    """`meshray chaos ...`: the chaos harness's own command line, installed with meshray."""
+    try:
+        from chaos.cli import main as chaos_main
+    except ImportError as exc:
+        print(f"meshray chaos: the chaos harness is not importable ({exc}); it ships in the "
+              "meshray package as the top-level `chaos` package", file=sys.stderr)
+        return 2
+    return chaos_main(chaos_argv, prog="meshray chaos")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chaos"]:       # everything after `chaos` is the harness's to parse
+        return _cmd_chaos(argv[1:])
     parser = argparse.ArgumentParser(prog="meshray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -340,6 +354,14 @@ def main(argv=None) -> int:
 
     from meshray.cli import jobs as jobs_cli
     jobs_cli.add_parser(commands)
+
+    chaos = commands.add_parser(
+        "chaos", help="run workloads under injected faults and check the outcome",
+        description="`meshray chaos list` shows the nemeses, workloads and checkers; "
+                    "`meshray chaos run ...` attacks a local cluster it starts, or an existing "
+                    "one with --address (see `meshray chaos run --help`).")
+    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
+    chaos.set_defaults(func=lambda args: _cmd_chaos(args.chaos_args))
 
     args = parser.parse_args(argv)
     try:
