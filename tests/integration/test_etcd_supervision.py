@@ -20,7 +20,8 @@ import pytest
 from meshray import security
 from meshray.coordination import supervisor as supervisor_mod
 from meshray.coordination.client import AuthError, Coordinator
-from meshray.coordination.embedded import EmbeddedEtcd, _death_signal_prefix, free_port
+from meshray.common.death_signal import death_signal_prefix
+from meshray.coordination.embedded import EmbeddedEtcd, free_port
 from meshray.coordination.supervisor import EtcdSupervisor
 from meshray.node import registry
 from tests.helpers import wait_for
@@ -166,8 +167,8 @@ def _bind(sock: socket.socket, port: int) -> bool:
 
 
 def test_a_member_dies_with_the_thread_that_started_it(tmp_path):
-    if not _death_signal_prefix():
-        pytest.skip("no setpriv with --pdeathsig here")
+    if not death_signal_prefix():
+        pytest.skip("no death signal off Linux")
     etcd = EmbeddedEtcd(tmp_path / "e", private_peer=True, unsafe_no_fsync=True)
     starter = threading.Thread(target=etcd.start)
     starter.start()

@@ -4,11 +4,14 @@ how a member is spawned (no Python in the child)."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import sys
 
 import pytest
 
 from meshray import security
+from meshray.common import death_signal
 from meshray.coordination import embedded
 from meshray.coordination.errors import _auth_not_enabled, _token_stale
 from meshray.coordination.etcd_auth import EtcdAuthError, enable_root_auth, login_outcome
@@ -220,31 +223,33 @@ def test_member_is_spawned_through_setpriv_without_preexec(tmp_path, monkeypatch
         def poll(self):
             return None
 
-    embedded._death_signal_prefix.cache_clear()
-    monkeypatch.setattr(embedded.shutil, "which",
+    death_signal._setpriv_prefix.cache_clear()
+    monkeypatch.setattr(death_signal.shutil, "which",
                         lambda name: "/usr/bin/setpriv" if name == "setpriv" else None)
-    monkeypatch.setattr(embedded.subprocess, "run",
+    monkeypatch.setattr(death_signal.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 0, "--pdeathsig <sig>", ""))
     monkeypatch.setattr(embedded.subprocess, "Popen", FakePopen)
     try:
         member = embedded.EmbeddedEtcd(tmp_path / "m", etcd_bin="/bin/etcd-test")
         member.launch()
     finally:
-        embedded._death_signal_prefix.cache_clear()
+        death_signal._setpriv_prefix.cache_clear()
     assert seen["argv"][:5] == ["/usr/bin/setpriv", "--pdeathsig", "KILL", "--", "/bin/etcd-test"]
     assert seen["kwargs"].get("preexec_fn") is None
     assert seen["kwargs"]["start_new_session"] is True
 
 
-def test_without_setpriv_members_have_no_death_signal(monkeypatch, caplog):
-    embedded._death_signal_prefix.cache_clear()
-    monkeypatch.setattr(embedded.shutil, "which", lambda name: None)
+def test_without_setpriv_a_python_wrapper_sets_the_death_signal(monkeypatch, caplog):
+    death_signal._setpriv_prefix.cache_clear()
+    monkeypatch.setattr(death_signal.shutil, "which", lambda name: None)
     try:
-        with caplog.at_level(logging.DEBUG, logger="meshray.coordination.embedded"):
-            assert embedded._death_signal_prefix() == ()
+        with caplog.at_level(logging.DEBUG, logger="meshray.common.death_signal"):
+            prefix = death_signal.death_signal_prefix()
     finally:
-        embedded._death_signal_prefix.cache_clear()
+        death_signal._setpriv_prefix.cache_clear()
     assert "setpriv not found" in caplog.text
+    assert prefix == (sys.executable, "-I", "-S", "-c", death_signal.PYTHON_EXEC_WRAPPER,
+                      str(os.getpid()))
 
 
 def test_private_member_arguments(tmp_path):
