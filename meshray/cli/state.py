@@ -96,6 +96,9 @@ def _cmd_list(args) -> int:
         notes.append(f"node {node} did not answer: {why}")
     if answer.get("dropped"):
         notes.append(f"{answer['dropped']} older records were removed by retention")
+    if answer.get("counted"):
+        notes.append(f"{answer['counted']} actor calls were counted, not listed (rate above "
+                     "MESHRAY_ACTOR_TASK_EVENTS_PER_S); `meshray summary tasks` includes them")
     for note in notes:
         print(f"(meshray) {note}", file=sys.stderr)
     return 0

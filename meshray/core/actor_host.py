@@ -252,8 +252,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
     def _answered(self, results: list) -> int:
         """Record the calls `results` answer (not mere stream items); how many."""
         answers = [result for result in results if not is_stream_item(result)]
-        for done in answers:
-            self._task_events.answered(done)
+        self._task_events.answered(answers)
         return len(answers)
 
     def _read_calls(self, request_iterator, stream: "_CallStream") -> None:
@@ -273,11 +272,10 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                         f"it is exiting to be restarted ({self._exit_reason}); calls sent "
                         "from now on are refused (not run)")))
                     return
+                self._task_events.received(batch.calls)
                 for spec in batch.calls:
                     dispatched += 1
                     stream.started()
-                    if not spec.method_name.startswith("__ray_"):
-                        self._task_events.received(spec)
                     self._dispatch(spec, stream.reply)
                 for task_id in batch.cancel_task_ids:
                     self.cancel_call(task_id)

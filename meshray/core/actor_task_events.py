@@ -1,17 +1,28 @@
 """The method calls an actor runs, reported to its node for the state API.
 
 Callers send method calls straight to the actor's process, so its node
-never sees them; the actor reports them instead. Each call costs a dict
-insert when it arrives and a list append when it is answered; a report
-goes to the node at most once a second (and at once past a few thousand
-calls), with the calls finished since the last report and the ones running
-now. A call's start is when the actor received it (time queued behind
-earlier calls included).
+never sees them; the actor reports them instead. On a call's path this costs
+a dict insert when it arrives and a deque append when it is answered (no
+lock, no message built); a thread turns them into one columnar report at
+most once a second (at once past a few thousand calls), with the calls
+finished since the last report and those running now. A call's start is
+when the actor received it (time queued behind earlier calls included).
+
+Each call is reported on its own up to MESHRAY_ACTOR_TASK_EVENTS_PER_S a
+second (default 1,000); past that rate, calls are counted per method and
+outcome instead: summaries stay exact, listings say how many were counted
+rather than listed, and an actor serving tens of thousands of calls a second
+does not spend its node's CPU on recording them one by one.
+
+Only what the node accepts goes out (node/request_rules.py): a report it
+refused would end this worker's session.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections import deque
 
 from meshray.common.ids import TASK_ID_LEN
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -20,9 +31,12 @@ from meshray.rpc.rules import JOB_ID_LEN
 __all__ = ["ActorTaskRecorder"]
 
 FLUSH_INTERVAL_S = 1.0
-FLUSH_AT = 5000
+FLUSH_AT = 5000          # calls per report at most (the node's limit is higher)
 MAX_RUNNING_REPORTED = 1000
 MAX_NAME = 1024
+DEFAULT_PER_S = 1000
+_NO_JOB = bytes(JOB_ID_LEN)
+_NO_TASK = bytes(TASK_ID_LEN)
 
 
 class ActorTaskRecorder:
@@ -30,58 +44,92 @@ class ActorTaskRecorder:
         self._class_name = class_name
         self._send = send                  # callable(pb.ActorTaskEvents)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._running: dict[bytes, pb.ActorTaskEvent] = {}
-        self._finished: list = []
-        self._dirty = False
+        # task id -> (method, job id, parent task id, attempt, received)
+        self._running: dict[bytes, tuple] = {}
+        self._done: deque = deque()              # (task id, that tuple, finished, failed)
+        self._reported_running = False
+        self._per_s = _per_second()
+        self._last_flush = clock()
         self._wake = threading.Event()
         self._closed = False
         threading.Thread(target=self._flush_loop, name="meshray-actor-task-events",
                          daemon=True).start()
 
-    def received(self, spec) -> None:
-        if len(spec.task_id) != TASK_ID_LEN:
-            return     # refused as malformed before it runs; nothing to report
-        # Only what the node accepts (node/request_rules.py): a report it
-        # refused would end this worker's session.
-        event = pb.ActorTaskEvent(
-            task_id=spec.task_id,
-            name=f"{self._class_name}.{spec.method_name}"[:MAX_NAME],
-            job_id=spec.job_id if len(spec.job_id) == JOB_ID_LEN else b"",
-            attempt=max(0, spec.attempt), received=self._clock(),
-            parent_task_id=spec.parent_task_id if len(spec.parent_task_id) == TASK_ID_LEN
-            else b"")
-        with self._lock:
-            self._running[spec.task_id] = event
-            self._dirty = True
+    def received(self, calls) -> None:
+        """A batch of calls arrived (meshray's own `__ray_*` calls are not tasks)."""
+        now = self._clock()
+        running = self._running
+        for spec in calls:
+            method = spec.method_name
+            if not method.startswith("__ray_"):
+                # Fields, not the spec: holding a second of calls' specs (and
+                # their argument bytes) costs more than copying four fields.
+                running[spec.task_id] = (method, spec.job_id, spec.parent_task_id,
+                                         spec.attempt, now)
 
-    def answered(self, result: pb.TaskResult) -> None:
-        with self._lock:
-            event = self._running.pop(result.task_id, None)
-            if event is None:
-                return
-            event.finished = self._clock()
-            event.failed = result.failed
-            self._finished.append(event)
-            full = len(self._finished) >= FLUSH_AT
-        if full:
-            self._wake.set()
+    def answered(self, results) -> None:
+        """A batch of calls was answered."""
+        now = self._clock()
+        pop, append = self._running.pop, self._done.append
+        for result in results:
+            task_id = result.task_id
+            entry = pop(task_id, None)
+            if entry is not None:
+                append((task_id, entry, now, result.failed))
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._dirty and not self._finished:
-                return
-            finished, self._finished = self._finished, []
-            running = list(self._running.values())[:MAX_RUNNING_REPORTED]
-            self._dirty = bool(self._running)
-        # Reports stay under the node's per-message limit (request_rules.py).
-        chunks = [finished[i:i + FLUSH_AT] for i in range(0, len(finished), FLUSH_AT)] or [[]]
+        now = self._clock()
+        budget = min(FLUSH_AT, max(1, int(self._per_s * max(0.0, now - self._last_flush))))
+        self._last_flush = now
+        finished, counted = [], {}
+        while self._done:
+            call = self._done.popleft()
+            if len(finished) < budget:
+                finished.append(call)
+            else:                  # past the rate: counted, not itemized
+                key = (call[1][0], call[3])
+                counted[key] = counted.get(key, 0) + 1
+        running = list(self._running.items())[:MAX_RUNNING_REPORTED]
+        if not finished and not counted and not running and not self._reported_running:
+            return
+        self._reported_running = bool(running)
+        calls = finished + [(task_id, entry, 0.0, False) for task_id, entry in running]
         try:
-            for index, chunk in enumerate(chunks):
-                last = index == len(chunks) - 1
-                self._send(pb.ActorTaskEvents(finished=chunk, running=running if last else ()))
+            self._send(self._report(calls, counted))
         except Exception:  # noqa: BLE001 - the session is gone: nothing to report to
             pass
+
+    def _report(self, calls: list, counted: dict) -> pb.ActorTaskEvents:
+        names: dict = {}
+        report = pb.ActorTaskEvents()
+        task_ids, job_ids, parents = [], [], []
+        name_index, attempts, received, finished, failed = [], [], [], [], []
+        for task_id, (method, job, parent, attempt, at), done_at, did_fail in calls:
+            task_ids.append(task_id)
+            job_ids.append(job if len(job) == JOB_ID_LEN else _NO_JOB)
+            parents.append(parent if len(parent) == TASK_ID_LEN else _NO_TASK)
+            index = names.get(method)
+            if index is None:
+                index = names[method] = len(names)
+            name_index.append(index)
+            attempts.append(max(0, attempt))
+            received.append(at)
+            finished.append(done_at)
+            failed.append(did_fail)
+        for method, _failed in counted:
+            names.setdefault(method, len(names))
+        report.task_ids = b"".join(task_ids)   # call_rules: every id is TASK_ID_LEN bytes
+        report.job_ids = b"".join(job_ids)
+        report.parent_task_ids = b"".join(parents)
+        report.names.extend(f"{self._class_name}.{method}"[:MAX_NAME] for method in names)
+        report.name_index.extend(name_index)
+        report.attempts.extend(attempts)
+        report.received.extend(received)
+        report.finished.extend(finished)
+        report.failed.extend(failed)
+        report.counted_finished.extend(counted.get((m, False), 0) for m in names)
+        report.counted_failed.extend(counted.get((m, True), 0) for m in names)
+        return report
 
     def _flush_loop(self) -> None:
         while not self._closed:
@@ -92,3 +140,17 @@ class ActorTaskRecorder:
     def close(self) -> None:
         self._closed = True
         self._wake.set()
+
+
+def _per_second() -> int:
+    raw = os.environ.get("MESHRAY_ACTOR_TASK_EVENTS_PER_S")
+    if raw is None:
+        return DEFAULT_PER_S
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ValueError(f"MESHRAY_ACTOR_TASK_EVENTS_PER_S={raw!r} must be a whole number >= 1 "
+                         "(calls itemized per second per actor)")
+    return value

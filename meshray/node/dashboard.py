@@ -44,7 +44,9 @@ _LIST_LIMITS = {"tasks": 1000, "actors": 1000, "placement_groups": 1000, "object
 # The gauges a sample reads from a node's /metrics, and what they become.
 _GAUGES = {"ray_node_cpu_utilization": "cpu_percent", "ray_node_mem_used": "mem_used",
            "ray_node_mem_total": "mem_total", "ray_object_store_memory": "store_bytes",
-           "meshray_object_store_capacity_bytes": "store_capacity"}
+           "meshray_object_store_capacity_bytes": "store_capacity",
+           "meshray_etcd_lease_up": "lease_up",
+           "meshray_etcd_registrations_total": "registrations"}
 
 
 def _number(value) -> float | None:

@@ -123,10 +123,9 @@ class NodeMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
     # ------------------------------------------------------------ events
-    def task_ended(self, record: dict) -> None:
+    def task_ended(self, state: str, name: str, attempt: int) -> None:
         """A task's final state was recorded here (node/task_events.py calls this)."""
-        key = (record["state"], self.names(record["name"]),
-               "1" if record["attempt_number"] else "0")
+        key = (state, self.names(name), "1" if attempt else "0")
         self._ended[key] = self._ended.get(key, 0) + 1
 
     def on_report(self, conn, msg) -> None:

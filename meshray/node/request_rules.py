@@ -253,28 +253,41 @@ def _client_event(event, index: int, questions) -> None:
 
 MAX_ACTOR_TASK_EVENTS = 20_000
 MAX_TASK_NAME = 1024
+MAX_COUNTED_NAMES = 10_000     # methods of one actor counted in one report
 
 
 def _actor_task_events(msg, where: tuple) -> None:
-    for field in ("finished", "running"):
-        events = getattr(msg, field)
-        if len(events) > MAX_ACTOR_TASK_EVENTS:
-            fail(where, field, f"{len(events)} events", f"at most {MAX_ACTOR_TASK_EVENTS}")
-        for index, event in enumerate(events):
-            at = (*where, field, index)
-            check_id(event.task_id, ids.TASK_ID_LEN, at, "task_id", "task id")
-            if event.parent_task_id:
-                check_id(event.parent_task_id, ids.TASK_ID_LEN, at, "parent_task_id", "task id")
-            if event.job_id and len(event.job_id) != JOB_ID_LEN:
-                fail(at, "job_id", event.job_id, f"empty or a {JOB_ID_LEN}-byte job id")
-            if len(event.name) > MAX_TASK_NAME:
-                fail(at, "name", event.name[:40] + "...", f"at most {MAX_TASK_NAME} characters")
-            if event.attempt < 0:
-                fail(at, "attempt", event.attempt, "an integer >= 0")
-            for name in ("received", "finished"):
-                value = getattr(event, name)
-                if not (math.isfinite(value) and value >= 0):
-                    fail(at, name, value, "seconds since the epoch (finite, >= 0)")
+    count, extra = divmod(len(msg.task_ids), ids.TASK_ID_LEN)
+    if extra or count > MAX_ACTOR_TASK_EVENTS:
+        fail(where, "task_ids", f"{len(msg.task_ids)} bytes",
+             f"a multiple of {ids.TASK_ID_LEN}, at most {MAX_ACTOR_TASK_EVENTS} ids")
+    sizes = {"job_ids": (len(msg.job_ids), count * JOB_ID_LEN),
+             "parent_task_ids": (len(msg.parent_task_ids), count * ids.TASK_ID_LEN),
+             "name_index": (len(msg.name_index), count), "attempts": (len(msg.attempts), count),
+             "received": (len(msg.received), count), "finished": (len(msg.finished), count),
+             "failed": (len(msg.failed), count)}
+    for name, (size, expected) in sizes.items():
+        if size != expected:
+            fail(where, name, f"{size} items", f"{expected}: one per call in task_ids")
+    if len(msg.names) > max(count, MAX_COUNTED_NAMES):
+        fail(where, "names", f"{len(msg.names)} names",
+             f"at most {max(count, MAX_COUNTED_NAMES)}")
+    for name in ("counted_finished", "counted_failed"):
+        if len(getattr(msg, name)) not in (0, len(msg.names)):
+            fail(where, name, f"{len(getattr(msg, name))} counts",
+                 f"none, or one per name ({len(msg.names)})")
+    for index, name in enumerate(msg.names):
+        if len(name) > MAX_TASK_NAME:
+            fail((*where, "names", index), "name", name[:40] + "...",
+                 f"at most {MAX_TASK_NAME} characters")
+    if any(i >= len(msg.names) for i in msg.name_index):
+        fail(where, "name_index", max(msg.name_index), f"an index into names (< {len(msg.names)})")
+    if any(a < 0 for a in msg.attempts):
+        fail(where, "attempts", min(msg.attempts), "integers >= 0")
+    for name in ("received", "finished"):
+        for value in getattr(msg, name):
+            if not (math.isfinite(value) and value >= 0):
+                fail(where, name, value, "seconds since the epoch (finite, >= 0)")
 
 
 def check_client_batch(batch, questions) -> None:

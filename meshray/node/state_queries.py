@@ -157,6 +157,7 @@ def merge_pages(pages: dict, query: Query, missing: dict | None = None) -> dict:
     return {"items": items, "total": sum(page["total"] for page in pages.values()),
             "next_cursor": items[-1][id_column] if more and items else "",
             "dropped": sum(page.get("dropped", 0) for page in pages.values()),
+            "counted": sum(page.get("counted", 0) for page in pages.values()),
             "nodes": sorted(pages), "missing": dict(missing or {})}
 
 

@@ -142,4 +142,7 @@ def state_service_for(node) -> StateService:
     }, cluster_sources={"actors": actors, "nodes": nodes, "placement_groups": placement_groups},
         members=lambda: [n for n in node.view.nodes if n not in node.view.known_dead],
         ask_peer=node.ask_peer,
-        dropped=lambda resource: node.task_events.dropped if resource == "tasks" else 0)
+        dropped=lambda resource: node.task_events.dropped if resource == "tasks" else 0,
+        counted=lambda resource: ((node.task_events.counted_total,
+                                   node.task_events.counted_summary())
+                                  if resource == "tasks" else (0, {})))

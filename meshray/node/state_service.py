@@ -44,13 +44,15 @@ class StateService:
     def __init__(self, node_hex: str, sources: Mapping[str, Callable[[], Iterable[dict]]], *,
                  cluster_sources: Mapping[str, Callable[[], Awaitable[list]]],
                  members: Callable[[], list], ask_peer: Callable[..., Awaitable[dict]],
-                 dropped: Callable[[str], int] = lambda resource: 0):
+                 dropped: Callable[[str], int] = lambda resource: 0,
+                 counted: Callable[[str], tuple] = lambda resource: (0, {})):
         self.node_hex = node_hex
         self._sources = dict(sources)
         self._cluster_sources = dict(cluster_sources)
         self._members = members
         self._ask_peer = ask_peer
         self._dropped = dropped
+        self._counted = counted    # resource -> (calls counted not listed, their summary)
 
     # ------------------------------------------------------------ this node
     async def ask_local(self, conn, payload: dict) -> dict:
@@ -63,10 +65,15 @@ class StateService:
             raise ValueError(f"resource={query.resource!r}: answered from etcd by the node "
                              "asked (state_query), not node by node")
         records = self._sources[query.resource]()
+        counted, counted_summary = self._counted(query.resource)
         if payload.get("summary"):
-            return {"summary": queries.summarize(records, query)}
+            summary = queries.summarize(records, query)
+            if not query.filters:      # counted calls have no fields to filter on
+                summary = queries.merge_summaries([summary, counted_summary])
+            return {"summary": summary}
         page = queries.local_page(records, query)
         page["dropped"] = self._dropped(query.resource)
+        page["counted"] = counted
         return page
 
     # ------------------------------------------------------------ the cluster

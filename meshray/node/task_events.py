@@ -38,14 +38,9 @@ __all__ = ["TaskEvents", "RAY_STATES", "error_type_of"]
 # The task states of Ray's state API, in lifecycle order.
 RAY_STATES = ("NIL", "PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER",
               "RUNNING", "FINISHED", "FAILED")
-_FROM_NODE_STATE = {
-    TaskState.QUEUED: "PENDING_NODE_ASSIGNMENT",
-    TaskState.ASSIGNED: "PENDING_NODE_ASSIGNMENT",   # resources granted, worker starting
-    TaskState.INFEASIBLE: "PENDING_NODE_ASSIGNMENT",
-    TaskState.WAITING_GROUP: "PENDING_NODE_ASSIGNMENT",
-    TaskState.SPILLED: "PENDING_NODE_ASSIGNMENT",
-    TaskState.RUNNING: "SUBMITTED_TO_WORKER",       # RUNNING once the worker takes it
-}
+_QUEUED, _RUNNING, _WAITING, _CRASHED, _DONE = (TaskState.QUEUED, TaskState.RUNNING,
+                                               TaskState.WAITING, TaskState.CRASHED,
+                                               TaskState.DONE)
 # Ray's ErrorType names for the failures a node itself decides.
 _ERROR_TYPES = {
     "WorkerCrashedError": "WORKER_DIED",
@@ -87,6 +82,23 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+def _ms_or_none(seconds):
+    return None if seconds is None else int(seconds * 1000)
+
+
+# A record is a list (cheaper than a dict on the hot path), indexed by these;
+# ids stay bytes and times seconds until a record is read (`_raw`, `_dict`).
+(TID, ATTEMPT, NAME, JOB, ACTOR, PARENT, REQUEST, KIND, STATE, WORKER, PID, ERROR_TYPE,
+ ERROR_MESSAGE, CREATED, START, END, EVENTS, SPILLED_TO, SPILLED_FROM, PG) = range(20)
+# On disk a record is a JSON array a line, of TaskEvents._raw's fields.
+RAW_FIELDS = 20
+SPILL_BATCH = 500        # finished records written to disk at a time (at most)
+
+
+def _hex_or_none(value: bytes):
+    return value.hex() if value else None
+
+
 class TaskEvents:
     """This node's task records (see the module docstring for retention)."""
 
@@ -94,156 +106,212 @@ class TaskEvents:
                  disk_limit: int | None = None, max_age_s: float | None = None, clock=time.time):
         self.node_hex = node_hex
         self._clock = clock
-        self._live: dict[bytes, dict] = {}
+        self._live: dict[bytes, list] = {}
         self._actor_running: dict[bytes, list] = {}   # worker id -> its actor's running calls
-        self._finished: "OrderedDict[bytes, dict]" = OrderedDict()
+        self._actor_common: dict[bytes, tuple] = {}   # worker id -> (actor id, pid)
+        self._finished: "OrderedDict[bytes, list]" = OrderedDict()
         self.memory_limit = int(memory_limit or _positive_env("MESHRAY_TASK_EVENTS_MEMORY", 20_000))
         self.disk_limit = int(disk_limit or _positive_env("MESHRAY_TASK_EVENTS_DISK_BYTES",
                                                           256 << 20))
         self.max_age_s = max_age_s or _positive_env("MESHRAY_TASK_EVENTS_MAX_AGE_S", 86_400.0)
         self._spill_dir = spill_dir
         self._segment = None          # open file of the current segment
-        self._segment_path = ""
-        self._segments: list = []     # [path, bytes, newest end time], oldest first
+        self._segments: list = []     # [path, bytes, newest end (ms), records], oldest first
         self._next_segment = 0
         self.dropped = 0              # tasks removed for good (disk cap or age)
+        # Actor calls past their actor's itemizing rate, counted, not listed:
+        # (actor id hex, Class.method) -> {"FINISHED": n, "FAILED": m}.
+        self.counted: dict = {}
+        self.counted_total = 0
         self.spilled = 0              # tasks written to disk
-        self.on_end = None            # callable(record): a final state (node metrics)
+        self.on_end = None            # callable(state, name, attempt): a final state (metrics)
+        self._spill_batch = max(1, min(SPILL_BATCH, self.memory_limit // 10))
 
     # ------------------------------------------------------------ recording
     def submitted(self, task, node_state_pending_args: bool) -> None:
         """A task record was made here (submitted, spilled in, re-run or restarted)."""
         spec = task.spec
-        now = _ms(self._clock())
-        if spec.actor_creation:
-            kind, name = "ACTOR_CREATION_TASK", spec.name
-        else:
-            kind, name = "NORMAL_TASK", spec.name
+        now = self._clock()
         state = "PENDING_ARGS_AVAIL" if node_state_pending_args else "PENDING_NODE_ASSIGNMENT"
-        record = self._finished.pop(spec.task_id, None)
+        task_id = spec.task_id
+        record = self._finished.pop(task_id, None)
         if record is not None:      # run again (retry, lineage, restart): a new attempt
-            record.update(attempt_number=spec.attempt, state=state, error_type=None,
-                          error_message=None, end_time_ms=None, worker_id=None, worker_pid=None)
-            record["events"].append((state, now))
+            record[ATTEMPT], record[STATE] = spec.attempt, state
+            record[ERROR_TYPE] = record[ERROR_MESSAGE] = record[END] = None
+            record[WORKER] = record[PID] = None
+            record[EVENTS].append((state, now))
         else:
-            record = {
-                "task_id": spec.task_id.hex(), "attempt_number": spec.attempt, "name": name,
-                "state": state, "job_id": spec.job_id.hex(),
-                "actor_id": spec.actor_id.hex() if spec.actor_id else None, "type": kind,
-                "func_or_class_name": name, "parent_task_id": spec.parent_task_id.hex(),
-                "node_id": self.node_hex, "worker_id": None, "worker_pid": None,
-                "error_type": None, "error_message": None, "language": "PYTHON",
-                "required_resources": dict(spec.resources),
-                "placement_group_id": None, "creation_time_ms": now, "start_time_ms": None,
-                "end_time_ms": None, "events": [(state, now)], "spilled_to": None,
-                # Spilled here by another node (its RemoteOwner stands for it).
-                "spilled_from": getattr(task.owner, "node_hex", None),
-            }
-        self._live[spec.task_id] = record
+            record = [task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
+                      spec.parent_task_id, task.sched_class[1],
+                      "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", state,
+                      None, None, None, None, now, None, None, [(state, now)], None,
+                      # Spilled here by another node (its RemoteOwner stands for it).
+                      getattr(task.owner, "node_hex", None), None]
+        self._live[task_id] = record
 
     def moved(self, task, new: TaskState, cause: str) -> None:
         """A lifecycle move (task_lifecycle.move calls this through the event log)."""
         record = self._live.get(task.task_id)
-        if record is None:
-            return
-        if new is TaskState.DONE:
-            return       # finished() says how it ended
-        if new is TaskState.WAITING:
+        if record is None or new is _DONE:
+            return       # DONE: finished() says how it ended
+        # Identity tests, most frequent first: an enum's hash is a Python call.
+        if new is _QUEUED:
+            state = "PENDING_NODE_ASSIGNMENT"
+        elif new is _RUNNING:
+            state = "SUBMITTED_TO_WORKER"      # RUNNING once the worker takes it
+        elif new is _WAITING:
             state = "PENDING_ARGS_AVAIL" if task.pending_deps else "PENDING_NODE_ASSIGNMENT"
+        elif new is _CRASHED:
+            return         # still running until its worker's exit status is in
         else:
-            state = _FROM_NODE_STATE.get(new)
-            if state is None:         # CRASHED: still running until its exit status is in
-                return
-        record["spilled_to"] = task.remote_node if new is TaskState.SPILLED else None
-        if task.pg_hex and not record["placement_group_id"]:
-            record["placement_group_id"] = task.pg_hex
-        if record["state"] != state:
-            record["state"] = state
-            record["events"].append((state, _ms(self._clock())))
+            state = "PENDING_NODE_ASSIGNMENT"  # ASSIGNED, SPILLED, INFEASIBLE, WAITING_GROUP
+        record[SPILLED_TO] = task.remote_node if new is TaskState.SPILLED else None
+        if task.pg_hex:
+            record[PG] = task.pg_hex
+        if record[STATE] != state:
+            record[STATE] = state
+            record[EVENTS].append((state, self._clock()))
 
     def started(self, task, worker_id: bytes, pid: int) -> None:
         """The worker began the task (dispatched, or promoted from its pipeline)."""
         record = self._live.get(task.task_id)
         if record is None:
             return
-        now = _ms(self._clock())
-        record.update(state="RUNNING", worker_id=worker_id.hex(), worker_pid=pid,
-                      start_time_ms=now)
-        record["events"].append(("RUNNING", now))
+        now = self._clock()
+        record[STATE], record[WORKER], record[PID], record[START] = "RUNNING", worker_id, pid, now
+        record[EVENTS].append(("RUNNING", now))
 
     def finished(self, task, failed: bool, error: BaseException | None = None) -> None:
         record = self._live.pop(task.task_id, None)
-        if record is None or record["spilled_to"]:
+        if record is None or record[SPILLED_TO]:
             return     # a peer ran it and answers for it
-        now = _ms(self._clock())
+        now = self._clock()
         state = "FAILED" if failed else "FINISHED"
-        record.update(state=state, end_time_ms=now)
+        record[STATE], record[END] = state, now
         if failed:
-            record["error_type"] = error_type_of(error)
+            record[ERROR_TYPE] = error_type_of(error)
             if error is not None:
-                record["error_message"] = str(error)[:2000]
-        record["events"].append((state, now))
+                record[ERROR_MESSAGE] = str(error)[:2000]
+        record[EVENTS].append((state, now))
         if self.on_end is not None:
-            self.on_end(record)
-        self._finished[task.task_id] = record
-        while len(self._finished) > self.memory_limit:
-            self._spill(self._finished.popitem(last=False)[1])
+            self.on_end(state, record[NAME], record[ATTEMPT])
+        self._keep(task.task_id, record)
+
+    def _keep(self, task_id: bytes, record: list) -> None:
+        self._finished[task_id] = record
+        if len(self._finished) >= self.memory_limit + self._spill_batch:
+            oldest = [self._finished.popitem(last=False)[1] for _ in range(self._spill_batch)]
+            self._spill(oldest)
 
     def actor_calls(self, worker_id: bytes, pid: int, actor_id: bytes, report) -> None:
-        """An actor's report of its method calls (core/actor_task_events.py)."""
-        common = {"actor_id": actor_id.hex(), "node_id": self.node_hex,
-                  "worker_id": worker_id.hex(), "worker_pid": pid}
-        self._actor_running[worker_id] = [
-            self._actor_call(event, common) for event in report.running]
-        for event in report.finished:
-            record = self._actor_call(event, common)
-            self._finished.pop(event.task_id, None)
-            self._finished[event.task_id] = record
-        while len(self._finished) > self.memory_limit:
-            self._spill(self._finished.popitem(last=False)[1])
+        """An actor's report of its method calls (core/actor_task_events.py; columns
+        checked by node/request_rules.py)."""
+        running = []
+        task_ids, job_ids, parents = report.task_ids, report.job_ids, report.parent_task_ids
+        names = report.names
+        for i, (index, attempt, received, finished, failed) in enumerate(zip(
+                report.name_index, report.attempts, report.received, report.finished,
+                report.failed)):
+            task_id = task_ids[16 * i:16 * i + 16]
+            parent = parents[16 * i:16 * i + 16]
+            job = job_ids[8 * i:8 * i + 8]
+            record = self._actor_call(
+                task_id, attempt, names[index], job.strip(b"\0") and job,
+                parent.strip(b"\0") and parent, received, finished, failed, worker_id, pid,
+                actor_id)
+            if finished:
+                self._finished.pop(task_id, None)
+                self._keep(task_id, record)
+            else:
+                running.append(record)
+        self._actor_running[worker_id] = running
+        if report.counted_finished or report.counted_failed:
+            actor_hex = actor_id.hex()
+            for name, done, failed in zip(names, report.counted_finished or
+                                          [0] * len(names), report.counted_failed or
+                                          [0] * len(names)):
+                if done or failed:
+                    counts = self.counted.setdefault((actor_hex, name),
+                                                     {"FINISHED": 0, "FAILED": 0})
+                    counts["FINISHED"] += done
+                    counts["FAILED"] += failed
+                    self.counted_total += done + failed
+
+    def counted_summary(self) -> dict:
+        """The counted actor calls as a task summary (state_queries.summarize's shape)."""
+        summary: dict = {}
+        for (_actor, name), counts in self.counted.items():
+            entry = summary.setdefault(name, {"type": "ACTOR_TASK", "state_counts": {}})
+            for state, number in counts.items():
+                if number:
+                    entry["state_counts"][state] = entry["state_counts"].get(state, 0) + number
+        return summary
 
     @staticmethod
-    def _actor_call(event, common: dict) -> dict:
-        received = _ms(event.received)
-        if event.finished:
-            state = "FAILED" if event.failed else "FINISHED"
-            end = _ms(event.finished)
-            events = [("RUNNING", received), (state, end)]
+    def _actor_call(task_id, attempt, name, job, parent, received, finished, failed,
+                    worker_id, pid, actor_id) -> list:
+        if finished:
+            state = "FAILED" if failed else "FINISHED"
+            end, events = finished, [("RUNNING", received), (state, finished)]
         else:
             state, end, events = "RUNNING", None, [("RUNNING", received)]
-        return {
-            "task_id": event.task_id.hex(), "attempt_number": event.attempt, "name": event.name,
-            "state": state, "job_id": event.job_id.hex(), "type": "ACTOR_TASK",
-            "func_or_class_name": event.name, "parent_task_id": event.parent_task_id.hex(),
-            "error_type": "TASK_EXECUTION_EXCEPTION" if event.failed else None,
-            "error_message": None, "language": "PYTHON", "required_resources": {},
-            "placement_group_id": None, "creation_time_ms": received,
-            "start_time_ms": received, "end_time_ms": end, "events": events,
-            "spilled_to": None, "spilled_from": None, **common,
-        }
+        return [task_id, attempt, name, job, actor_id, parent, None, "ACTOR_TASK", state,
+                worker_id, pid, "TASK_EXECUTION_EXCEPTION" if failed else None, None,
+                received, received, end, events, None, None, None]
 
     def worker_gone(self, worker_id: bytes) -> None:
         """Its actor's running calls end with it (its callers get the error)."""
         self._actor_running.pop(worker_id, None)
 
+    # ------------------------------------------------------------ reading a record
+    @staticmethod
+    def _raw(record: list) -> list:
+        """A record as JSON-able values, cheaply (what goes to disk); `_dict` formats it."""
+        return [record[TID].hex(), record[ATTEMPT], record[NAME], record[STATE],
+                record[JOB].hex(), _hex_or_none(record[ACTOR]), record[KIND],
+                record[PARENT].hex(), _hex_or_none(record[WORKER]), record[PID],
+                record[ERROR_TYPE], record[ERROR_MESSAGE], record[REQUEST], record[PG],
+                record[CREATED], record[START], record[END], record[EVENTS],
+                record[SPILLED_TO], record[SPILLED_FROM]]
+
+    def _dict(self, raw: list) -> dict:
+        """A raw record formatted with Ray's field names."""
+        (task_id, attempt, name, state, job, actor, kind, parent, worker, pid, error_type,
+         error_message, request, pg, created, start, end, events, spilled_to,
+         spilled_from) = raw
+        return {
+            "task_id": task_id, "attempt_number": attempt, "name": name, "state": state,
+            "job_id": job, "actor_id": actor, "type": kind, "func_or_class_name": name,
+            "parent_task_id": parent, "node_id": self.node_hex, "worker_id": worker,
+            "worker_pid": pid, "error_type": error_type, "error_message": error_message,
+            "language": "PYTHON", "required_resources": dict(request or ()),
+            "placement_group_id": pg, "creation_time_ms": _ms(created),
+            "start_time_ms": _ms_or_none(start), "end_time_ms": _ms_or_none(end),
+            "events": [(event_state, _ms(when)) for event_state, when in events],
+            "spilled_to": spilled_to, "spilled_from": spilled_from,
+        }
+
     # ------------------------------------------------------------ disk
-    def _spill(self, record: dict) -> None:
+    def _spill(self, records: list) -> None:
         if self._spill_dir is None:
-            self.dropped += 1
+            self.dropped += len(records)
             return
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        rows = [self._raw(record) for record in records]
+        encode = json.JSONEncoder(separators=(",", ":")).encode
+        data = "".join([encode(row) + "\n" for row in rows]).encode()
         try:
-            if self._segment is None or self._segments[-1][1] + len(line) > SEGMENT_BYTES:
+            if self._segment is None or self._segments[-1][1] + len(data) > SEGMENT_BYTES:
                 self._open_segment()
-            self._segment.write(line)
+            self._segment.write(data)
             self._segment.flush()
         except OSError:
-            self.dropped += 1
+            self.dropped += len(records)
             return
         segment = self._segments[-1]
-        segment[1] += len(line)
-        segment[2] = max(segment[2], record["end_time_ms"] or 0)
-        self.spilled += 1
+        segment[1] += len(data)
+        segment[2] = max([segment[2]] + [_ms(row[16] or 0) for row in rows])
+        segment[3] += len(rows)
+        self.spilled += len(rows)
         self._trim()
 
     def _open_segment(self) -> None:
@@ -255,11 +323,8 @@ class TaskEvents:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         self._segment = os.fdopen(fd, "ab")
         self._segments.append([path, 0, 0, 0])   # path, bytes, newest end, records
-        self._segment_path = path
 
     def _trim(self) -> None:
-        segment = self._segments[-1]
-        segment[3] += 1
         oldest_allowed = _ms(self._clock() - self.max_age_s)
         while len(self._segments) > 1 and (
                 sum(s[1] for s in self._segments) > self.disk_limit
@@ -278,10 +343,9 @@ class TaskEvents:
 
     # ------------------------------------------------------------ reading
     def records(self):
-        """Every record this node answers for: on disk (oldest first), then in memory.
-
-        A task that went to a peer is left out: the peer answers for it.
-        """
+        """Every record this node answers for, as dicts: on disk (oldest first),
+        then in memory. A task that went to a peer is left out: the peer
+        answers for it."""
         if self._segment is not None:
             self._segment.flush()
         for path, _size, _newest, _count in list(self._segments):
@@ -289,25 +353,31 @@ class TaskEvents:
                 with open(path, "rb") as handle:
                     for line in handle:
                         try:
-                            yield json.loads(line)
+                            row = json.loads(line)
                         except ValueError:
                             continue      # a line cut short by a crash
+                        if isinstance(row, list) and len(row) == RAW_FIELDS:
+                            try:
+                                yield self._dict(row)
+                            except (TypeError, ValueError):
+                                continue  # not a record this node wrote
+
             except OSError:
                 continue
-        yield from list(self._finished.values())
-        for running in list(self._actor_running.values()):
-            yield from running
-        for record in list(self._live.values()):
-            if not record["spilled_to"]:
-                yield record
+        live = [r for r in self._live.values() if not r[SPILLED_TO]]
+        for record in [*self._finished.values(), *(r for running in
+                                                   list(self._actor_running.values())
+                                                   for r in running), *live]:
+            yield self._dict(self._raw(record))
 
     def live_states(self):
         """(state, name, attempt) of each task not finished yet that this node answers for."""
-        for record in self._live.values():
-            if not record["spilled_to"]:
-                yield record["state"], record["name"], record["attempt_number"]
+        for record in list(self._live.values()):
+            if not record[SPILLED_TO]:
+                yield record[STATE], record[NAME], record[ATTEMPT]
 
     def stats(self) -> dict:
         return {"live": len(self._live), "finished_in_memory": len(self._finished),
                 "spilled": self.spilled, "dropped": self.dropped,
+                "counted": self.counted_total,
                 "disk_bytes": sum(s[1] for s in self._segments)}

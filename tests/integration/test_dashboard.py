@@ -90,6 +90,9 @@ def test_login_nodes_job_logs_actor_group_tasks_and_charts(cluster, browser, tmp
     until(browser, lambda d: texts(d, "#nodes-table td.state") == ["ALIVE"] * 3,
           "three ALIVE nodes")
     assert "zone=east" in browser.find_element(By.ID, "nodes-table").text
+    # Lease health from each node's own metrics (sampled every few seconds).
+    until(browser, lambda d: texts(d, "#nodes-table td.lease") == ["held"] * 3,
+          "every node holds its etcd lease")
     links = {e.get_attribute("href") for e in browser.find_elements(
         By.CSS_SELECTOR, "a.node-dashboard-link")}
     assert {dashboard_url(cluster, node) + "/" for node in cluster.worker_nodes} <= links

@@ -53,9 +53,12 @@ def test_parse_node_metrics_reads_known_gauges_only():
         'ray_object_store_memory{Location="SPILLED"} 50',
         "# TYPE ray_tasks gauge", 'ray_tasks{State="FINISHED",Name="f"} 3',
         'ray_tasks{State="FINISHED",Name="g"} 2', 'ray_tasks{State="RUNNING",Name="f"} 1',
+        "# TYPE meshray_etcd_lease_up gauge", "meshray_etcd_lease_up 1",
+        "# TYPE meshray_etcd_registrations counter", "meshray_etcd_registrations_total 2",
         "# TYPE something_else gauge", "something_else 9", "ray_node_mem_total NaN", ""])
     figures = parse_node_metrics(text)
     assert figures == {"cpu_percent": 12.5, "mem_used": 1024.0, "store_bytes": 150.0,
+                       "lease_up": 1.0, "registrations": 2.0,
                        "tasks": {"FINISHED": 5.0, "RUNNING": 1.0}}
 
 

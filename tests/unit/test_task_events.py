@@ -24,7 +24,8 @@ def _task(i: int, **spec):
         task_id=i.to_bytes(4, "big") * 4, spec=pb.TaskSpec(
             task_id=i.to_bytes(4, "big") * 4, name=f"f{i % 3}", job_id=b"\x01" * 4,
             resources={"CPU": 1.0}, **spec),
-        pending_deps=set(), remote_node="", pg_hex="", owner=None)
+        pending_deps=set(), remote_node="", pg_hex="", owner=None,
+        sched_class=("", (("CPU", 1.0),)))
 
 
 def _run(events: TaskEvents, task, clock, failed=False, error=None):
@@ -98,7 +99,7 @@ def test_finished_tasks_past_the_memory_limit_go_to_disk_and_still_list(tmp_path
     events = TaskEvents("n1", str(tmp_path / "ev"), memory_limit=10, clock=clock)
     for i in range(50):
         _run(events, _task(i), clock)
-    assert events.stats()["finished_in_memory"] == 10 and events.spilled == 40
+    assert events.stats()["finished_in_memory"] == 10 and events.spilled == 40   # batch of 1
     assert len({r["task_id"] for r in events.records()}) == 50
     assert events.dropped == 0
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in (tmp_path / "ev").iterdir())

@@ -184,13 +184,15 @@ async function viewNodes(state) {
   const data = await api("/api/v0/nodes");
   document.getElementById("served-by").textContent = `served by node ${short(data.this_node)}`;
   part(state, "nodes-title", () => el("h2", {id: "nodes-title"}, "Nodes"));
+  const latest = samples.length ? samples[samples.length - 1].nodes : {};
   fill(state, "nodes", table("nodes-table",
-    ["Node", "Address", "State", "Resources (total)", "Available", "Labels", "Metrics port",
-     "Dashboard"],
+    ["Node", "Address", "State", "etcd lease", "Resources (total)", "Available", "Labels",
+     "Metrics port", "Dashboard"],
     data.items.map((n) => el("tr", {"data-node-id": n.node_id},
       el("td", {class: "mono", title: n.node_id}, short(n.node_id),
          n.node_id === data.this_node ? el("span", {class: "muted"}, " (this node)") : null),
       el("td", {class: "mono"}, n.address), stateCell(n.state),
+      el("td", {class: "lease"}, leaseText(latest[n.node_id])),
       el("td", {}, fmtResources(n.resources_total)),
       el("td", {}, fmtResources(n.resources_available)),
       el("td", {class: "mono"}, Object.entries(n.labels).map(([k, v]) => `${k}=${v}`).join(" ")),
@@ -198,6 +200,14 @@ async function viewNodes(state) {
       el("td", {}, n.dashboard_url
         ? el("a", {href: n.dashboard_url, class: "node-dashboard-link"}, `:${n.dashboard_port}`)
         : "")))));
+}
+
+function leaseText(figures) {
+  // From the node's own metrics (meshray_etcd_lease_up, meshray_etcd_registrations).
+  if (!figures || figures.lease_up === undefined) return "…";
+  if (!figures.lease_up) return "not held";
+  const joins = figures.registrations || 1;
+  return joins > 1 ? `held (rejoined ${joins - 1}×)` : "held";
 }
 
 // ------------------------------------------------------------ jobs

@@ -311,33 +311,31 @@ class ClientEvent(_message.Message):
     metrics: MetricsReport
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ..., task_events: _Optional[_Union[ActorTaskEvents, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ...) -> None: ...
 
-class ActorTaskEvent(_message.Message):
-    __slots__ = ("task_id", "name", "job_id", "attempt", "received", "finished", "failed", "parent_task_id")
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+class ActorTaskEvents(_message.Message):
+    __slots__ = ("task_ids", "job_ids", "parent_task_ids", "names", "name_index", "attempts", "received", "finished", "failed", "counted_finished", "counted_failed")
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    NAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
-    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
-    task_id: bytes
-    name: str
-    job_id: bytes
-    attempt: int
-    received: float
-    finished: float
-    failed: bool
-    parent_task_id: bytes
-    def __init__(self, task_id: _Optional[bytes] = ..., name: _Optional[str] = ..., job_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., received: _Optional[float] = ..., finished: _Optional[float] = ..., failed: _Optional[bool] = ..., parent_task_id: _Optional[bytes] = ...) -> None: ...
-
-class ActorTaskEvents(_message.Message):
-    __slots__ = ("finished", "running")
-    FINISHED_FIELD_NUMBER: _ClassVar[int]
-    RUNNING_FIELD_NUMBER: _ClassVar[int]
-    finished: _containers.RepeatedCompositeFieldContainer[ActorTaskEvent]
-    running: _containers.RepeatedCompositeFieldContainer[ActorTaskEvent]
-    def __init__(self, finished: _Optional[_Iterable[_Union[ActorTaskEvent, _Mapping]]] = ..., running: _Optional[_Iterable[_Union[ActorTaskEvent, _Mapping]]] = ...) -> None: ...
+    COUNTED_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    COUNTED_FAILED_FIELD_NUMBER: _ClassVar[int]
+    task_ids: bytes
+    job_ids: bytes
+    parent_task_ids: bytes
+    names: _containers.RepeatedScalarFieldContainer[str]
+    name_index: _containers.RepeatedScalarFieldContainer[int]
+    attempts: _containers.RepeatedScalarFieldContainer[int]
+    received: _containers.RepeatedScalarFieldContainer[float]
+    finished: _containers.RepeatedScalarFieldContainer[float]
+    failed: _containers.RepeatedScalarFieldContainer[bool]
+    counted_finished: _containers.RepeatedScalarFieldContainer[int]
+    counted_failed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_ids: _Optional[bytes] = ..., job_ids: _Optional[bytes] = ..., parent_task_ids: _Optional[bytes] = ..., names: _Optional[_Iterable[str]] = ..., name_index: _Optional[_Iterable[int]] = ..., attempts: _Optional[_Iterable[int]] = ..., received: _Optional[_Iterable[float]] = ..., finished: _Optional[_Iterable[float]] = ..., failed: _Optional[_Iterable[bool]] = ..., counted_finished: _Optional[_Iterable[int]] = ..., counted_failed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClientBatch(_message.Message):
     __slots__ = ("events",)

@@ -114,6 +114,10 @@ def _list(resource: str, address, filters, limit, timeout, detail, raise_on_miss
     if answer.get("dropped"):
         warnings.warn(f"{answer['dropped']} older {resource} were removed by the nodes' "
                       "retention policy (docs/observability.md)", stacklevel=3)
+    if answer.get("counted"):
+        warnings.warn(f"{answer['counted']} actor method calls were counted, not listed one "
+                      "by one (their actors ran more than MESHRAY_ACTOR_TASK_EVENTS_PER_S calls "
+                      "a second); summarize_tasks includes them", stacklevel=3)
     if _explain:
         print(f"state query on {resource}: {len(answer['items'])} of {answer['total']} from "
               f"{len(answer.get('nodes', []))} node(s) in {answer.get('elapsed_s', 0):.3f}s")
