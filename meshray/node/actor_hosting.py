@@ -91,7 +91,6 @@ class ActorHosting:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None
         self.tasks[spec.task_id] = task
-        self.task_events.submitted(task, False)
         self._enqueue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:

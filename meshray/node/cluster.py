@@ -376,7 +376,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                         self.actors[spec.actor_id] = task.actor
                         self._publish_actor(task.actor)
                     self.tasks[spec.task_id] = task
-                    self.task_events.submitted(task, False)
                     if started:
                         self._start(task)
                     else:
@@ -729,7 +728,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 if other != object_id:
                     self.objects.forget_value(other)
             self.tasks[task.task_id] = task
-            self.task_events.submitted(task, False)
             self.objects.pin(task.spec.arg_ref_ids)
             self.objects.pin(task.spec.contained_ids)
             log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)

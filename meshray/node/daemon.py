@@ -127,8 +127,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.store_dir = self.store.shm_dir
         self.objects = ObjectDirectory(is_local=self._owns)
         self.task_events = TaskEvents(config.node_id.hex(), os.path.join(
-            config.session_dir, "task_events", config.node_id.hex()[:12]))
-        self.events = EventLog(task_sink=self.task_events)
+            config.session_dir, "task_events", config.node_id.hex()[:12]),
+            live_tasks=lambda: list(self.tasks.values()))
+        self.events = EventLog()
         self.metrics = NodeMetrics(self, config.metrics_export_port)   # node/metrics.py
         self.task_events.on_end = self.metrics.task_ended
         self.queue = TaskQueue(self.events)
@@ -382,7 +383,6 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             if not self.objects.is_ready(object_id):
                 task.pending_deps.add(object_id)
                 self.waiting_on.setdefault(object_id, []).append(task)
-        self.task_events.submitted(task, bool(task.pending_deps))
         if not task.pending_deps:
             self._enqueue(task)
 

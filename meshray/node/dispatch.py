@@ -109,7 +109,7 @@ class TaskDispatch:
         task.worker = worker
         task.started_at = time.monotonic()
         worker.current_task = task
-        self.task_events.started(task, worker.worker_id, worker.pid)
+        task.started_wall, task.ran_on = time.time(), (worker.worker_id, worker.pid)
         if task.actor is not None:
             worker.actor = task.actor
             task.actor.worker, task.actor.pid = worker, worker.pid
@@ -160,7 +160,7 @@ class TaskDispatch:
         done.worker = None
         worker.current_task = follower
         follower.started_at = time.monotonic()
-        self.task_events.started(follower, worker.worker_id, worker.pid)
+        follower.started_wall, follower.ran_on = time.time(), (worker.worker_id, worker.pid)
         self._top_up_pipeline(worker)
         return True
 

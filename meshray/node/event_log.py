@@ -39,12 +39,10 @@ def _capacity_from_env() -> int:
 
 
 class EventLog:
-    def __init__(self, capacity: int | None = None, clock=time.time, task_sink=None):
+    def __init__(self, capacity: int | None = None, clock=time.time):
         self._entries: deque = deque(maxlen=capacity or _capacity_from_env())
         self._clock = clock
         self.recorded = 0          # ever, including entries the ring has dropped
-        # Told of every task move with the task itself (node/task_events.py).
-        self.task_sink = task_sink
 
     @property
     def capacity(self) -> int:
@@ -57,9 +55,12 @@ class EventLog:
         self.recorded += 1
 
     def task_moved(self, task, old, new, cause: str) -> None:
-        self.record("task", task.task_id, old, new, cause)
-        if self.task_sink is not None:
-            self.task_sink.moved(task, new, cause)
+        """A task's move: logged here, and its time stamped on the task (its
+        task events read the stamps beside its story)."""
+        now = self._clock()
+        self._entries.append((now, "task", task.task_id, old, new, cause))
+        self.recorded += 1
+        task.stamps.append(now)
 
     def tail(self, count: int | None = None) -> list[dict]:
         """The last `count` entries (all when None), oldest first, as plain dicts."""

@@ -38,9 +38,7 @@ __all__ = ["TaskEvents", "RAY_STATES", "error_type_of"]
 # The task states of Ray's state API, in lifecycle order.
 RAY_STATES = ("NIL", "PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER",
               "RUNNING", "FINISHED", "FAILED")
-_QUEUED, _RUNNING, _WAITING, _CRASHED, _DONE = (TaskState.QUEUED, TaskState.RUNNING,
-                                               TaskState.WAITING, TaskState.CRASHED,
-                                               TaskState.DONE)
+_DONE = TaskState.DONE
 # Ray's ErrorType names for the failures a node itself decides.
 _ERROR_TYPES = {
     "WorkerCrashedError": "WORKER_DIED",
@@ -99,14 +97,70 @@ def _hex_or_none(value: bytes):
     return value.hex() if value else None
 
 
+_SPILLED = TaskState.SPILLED
+_STATE_NAMES = {TaskState.WAITING: "PENDING_NODE_ASSIGNMENT",
+                TaskState.QUEUED: "PENDING_NODE_ASSIGNMENT",
+                TaskState.ASSIGNED: "PENDING_NODE_ASSIGNMENT",
+                TaskState.INFEASIBLE: "PENDING_NODE_ASSIGNMENT",
+                TaskState.WAITING_GROUP: "PENDING_NODE_ASSIGNMENT",
+                TaskState.SPILLED: "PENDING_NODE_ASSIGNMENT",
+                TaskState.RUNNING: "SUBMITTED_TO_WORKER",   # RUNNING once its worker takes it
+                TaskState.CRASHED: "RUNNING",               # until its exit status is in
+                TaskState.DONE: "FINISHED"}
+
+
+def _ray_state(task) -> str:
+    """Ray's name for the state of a task still on this node."""
+    state = task.state
+    if state is TaskState.WAITING and task.pending_deps:
+        return "PENDING_ARGS_AVAIL"
+    if state is TaskState.RUNNING and task.started_wall is not None:
+        return "RUNNING"
+    return _STATE_NAMES[state]
+
+
+def _events(task, final: str | None, end: float | None) -> list:
+    """Ray's states the task went through, with times, from its story (the
+    moves its event log stamped) and when its worker began it."""
+    events = [("PENDING_NODE_ASSIGNMENT", task.created_at)]
+    stamps = task.stamps
+    moves = list(task.story)[-len(stamps):] if stamps else []
+    for (_old, new, _cause), when in zip(moves, stamps):
+        if new is TaskState.DONE:
+            continue
+        name = _STATE_NAMES[new]
+        if name != events[-1][0]:
+            events.append((name, when))
+    if task.started_wall is not None:
+        events.append(("RUNNING", task.started_wall))
+    if final is not None:
+        events.append((final, end))
+    return events
+
+
+def _live_record(task) -> list:
+    """A record for a task not finished yet, read off the node's TaskRecord."""
+    spec = task.spec
+    worker_id, pid = task.ran_on
+    return [spec.task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
+            spec.parent_task_id, task.sched_class[1],
+            "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", _ray_state(task),
+            worker_id, pid, None, None, task.created_at, task.started_wall, None,
+            _events(task, None, None), None, getattr(task.owner, "node_hex", None),
+            task.pg_hex or None]
+
+
 class TaskEvents:
     """This node's task records (see the module docstring for retention)."""
 
     def __init__(self, node_hex: str, spill_dir: str | None, *, memory_limit: int | None = None,
-                 disk_limit: int | None = None, max_age_s: float | None = None, clock=time.time):
+                 disk_limit: int | None = None, max_age_s: float | None = None, clock=time.time,
+                 live_tasks=lambda: ()):
         self.node_hex = node_hex
         self._clock = clock
-        self._live: dict[bytes, list] = {}
+        # The node's own task table answers for unfinished tasks: nothing is
+        # recorded twice while a task lives (callable -> its TaskRecords).
+        self._live_tasks = live_tasks
         self._actor_running: dict[bytes, list] = {}   # worker id -> its actor's running calls
         self._actor_common: dict[bytes, tuple] = {}   # worker id -> (actor id, pid)
         self._finished: "OrderedDict[bytes, list]" = OrderedDict()
@@ -128,74 +182,27 @@ class TaskEvents:
         self._spill_batch = max(1, min(SPILL_BATCH, self.memory_limit // 10))
 
     # ------------------------------------------------------------ recording
-    def submitted(self, task, node_state_pending_args: bool) -> None:
-        """A task record was made here (submitted, spilled in, re-run or restarted)."""
-        spec = task.spec
-        now = self._clock()
-        state = "PENDING_ARGS_AVAIL" if node_state_pending_args else "PENDING_NODE_ASSIGNMENT"
-        task_id = spec.task_id
-        record = self._finished.pop(task_id, None)
-        if record is not None:      # run again (retry, lineage, restart): a new attempt
-            record[ATTEMPT], record[STATE] = spec.attempt, state
-            record[ERROR_TYPE] = record[ERROR_MESSAGE] = record[END] = None
-            record[WORKER] = record[PID] = None
-            record[EVENTS].append((state, now))
-        else:
-            record = [task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
-                      spec.parent_task_id, task.sched_class[1],
-                      "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", state,
-                      None, None, None, None, now, None, None, [(state, now)], None,
-                      # Spilled here by another node (its RemoteOwner stands for it).
-                      getattr(task.owner, "node_hex", None), None]
-        self._live[task_id] = record
-
-    def moved(self, task, new: TaskState, cause: str) -> None:
-        """A lifecycle move (task_lifecycle.move calls this through the event log)."""
-        record = self._live.get(task.task_id)
-        if record is None or new is _DONE:
-            return       # DONE: finished() says how it ended
-        # Identity tests, most frequent first: an enum's hash is a Python call.
-        if new is _QUEUED:
-            state = "PENDING_NODE_ASSIGNMENT"
-        elif new is _RUNNING:
-            state = "SUBMITTED_TO_WORKER"      # RUNNING once the worker takes it
-        elif new is _WAITING:
-            state = "PENDING_ARGS_AVAIL" if task.pending_deps else "PENDING_NODE_ASSIGNMENT"
-        elif new is _CRASHED:
-            return         # still running until its worker's exit status is in
-        else:
-            state = "PENDING_NODE_ASSIGNMENT"  # ASSIGNED, SPILLED, INFEASIBLE, WAITING_GROUP
-        record[SPILLED_TO] = task.remote_node if new is TaskState.SPILLED else None
-        if task.pg_hex:
-            record[PG] = task.pg_hex
-        if record[STATE] != state:
-            record[STATE] = state
-            record[EVENTS].append((state, self._clock()))
-
-    def started(self, task, worker_id: bytes, pid: int) -> None:
-        """The worker began the task (dispatched, or promoted from its pipeline)."""
-        record = self._live.get(task.task_id)
-        if record is None:
+    def finished(self, task, failed: bool, error: BaseException | None = None) -> None:
+        """`task` finished here: keep its record (a task a peer ran is the peer's)."""
+        story = task.story
+        if story and story[-1][0] is _SPILLED:
             return
         now = self._clock()
-        record[STATE], record[WORKER], record[PID], record[START] = "RUNNING", worker_id, pid, now
-        record[EVENTS].append(("RUNNING", now))
-
-    def finished(self, task, failed: bool, error: BaseException | None = None) -> None:
-        record = self._live.pop(task.task_id, None)
-        if record is None or record[SPILLED_TO]:
-            return     # a peer ran it and answers for it
-        now = self._clock()
         state = "FAILED" if failed else "FINISHED"
-        record[STATE], record[END] = state, now
-        if failed:
-            record[ERROR_TYPE] = error_type_of(error)
-            if error is not None:
-                record[ERROR_MESSAGE] = str(error)[:2000]
-        record[EVENTS].append((state, now))
+        spec = task.spec
+        worker_id, pid = task.ran_on
+        record = [spec.task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
+                  spec.parent_task_id, task.sched_class[1],
+                  "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", state,
+                  worker_id, pid, error_type_of(error) if failed else None,
+                  str(error)[:2000] if failed and error is not None else None,
+                  task.created_at, task.started_wall, now,
+                  _events(task, state, now), None, getattr(task.owner, "node_hex", None),
+                  task.pg_hex or None]
         if self.on_end is not None:
-            self.on_end(state, record[NAME], record[ATTEMPT])
-        self._keep(task.task_id, record)
+            self.on_end(state, spec.name, spec.attempt)
+        self._finished.pop(spec.task_id, None)     # run again from lineage: the new run
+        self._keep(spec.task_id, record)
 
     def _keep(self, task_id: bytes, record: list) -> None:
         self._finished[task_id] = record
@@ -364,7 +371,8 @@ class TaskEvents:
 
             except OSError:
                 continue
-        live = [r for r in self._live.values() if not r[SPILLED_TO]]
+        live = [_live_record(task) for task in self._live_tasks()
+                if task.state is not _SPILLED]
         for record in [*self._finished.values(), *(r for running in
                                                    list(self._actor_running.values())
                                                    for r in running), *live]:
@@ -372,12 +380,13 @@ class TaskEvents:
 
     def live_states(self):
         """(state, name, attempt) of each task not finished yet that this node answers for."""
-        for record in list(self._live.values()):
-            if not record[SPILLED_TO]:
-                yield record[STATE], record[NAME], record[ATTEMPT]
+        for task in self._live_tasks():
+            if task.state is not _SPILLED and task.state is not _DONE:
+                yield _ray_state(task), task.spec.name, task.spec.attempt
 
     def stats(self) -> dict:
-        return {"live": len(self._live), "finished_in_memory": len(self._finished),
+        return {"live": sum(1 for _ in self._live_tasks()),
+                "finished_in_memory": len(self._finished),
                 "spilled": self.spilled, "dropped": self.dropped,
                 "counted": self.counted_total,
                 "disk_bytes": sum(s[1] for s in self._segments)}

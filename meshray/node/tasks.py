@@ -7,6 +7,7 @@ identical tasks costs O(classes) per dispatch rather than O(tasks).
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -56,6 +57,11 @@ class TaskRecord:
     pg_error: object = None           # set when its group was removed while it ran
     pg_dropped: bool = False          # killed because its bundle left this node
     started_at: float = 0.0           # when its worker began it (monotonic), for run-time stats
+    # For its task events (node/task_events.py reads these, nothing else):
+    created_at: float = 0.0           # when this node made the record (wall clock)
+    started_wall: float | None = None  # when its worker began it (wall clock)
+    ran_on: tuple = (None, None)      # (worker id, pid) that ran it
+    stamps: deque = field(default_factory=new_story)   # when each move in `story` was made
 
     def __post_init__(self):
         if self.hold is None:
@@ -76,7 +82,8 @@ class TaskRecord:
         actor's resources and is never retried (the actor restarts instead)."""
         task = cls(spec=spec, owner=owner, return_ids=return_ids,
                    request=ResourceSet.from_dict(dict(spec.resources)), env_key=env_key,
-                   env_vars=dict(spec.env_vars), retries_left=spec.max_retries, actor=actor)
+                   env_vars=dict(spec.env_vars), retries_left=spec.max_retries, actor=actor,
+                   created_at=time.time())
         if spec.actor_creation:
             task.hold = ResourceSet.from_dict(dict(spec.held_resources))
             task.retries_left = 0
