@@ -88,8 +88,7 @@ def _ms_or_none(seconds):
 # ids stay bytes and times seconds until a record is read (`_raw`, `_dict`).
 (TID, ATTEMPT, NAME, JOB, ACTOR, PARENT, REQUEST, KIND, STATE, WORKER, PID, ERROR_TYPE,
  ERROR_MESSAGE, CREATED, START, END, EVENTS, SPILLED_TO, SPILLED_FROM, PG) = range(20)
-# On disk a record is a JSON array a line, of TaskEvents._raw's fields.
-RAW_FIELDS = 20
+# On disk: a batch of records a line, one JSON object of columns (TaskEvents._spill).
 SPILL_BATCH = 500        # finished records written to disk at a time (at most)
 
 
@@ -300,12 +299,26 @@ class TaskEvents:
 
     # ------------------------------------------------------------ disk
     def _spill(self, records: list) -> None:
+        """Write finished records to disk, a batch a line, column by column (one
+        JSON object: cheap to write, read back by `_batch_rows`)."""
         if self._spill_dir is None:
             self.dropped += len(records)
             return
-        rows = [self._raw(record) for record in records]
-        encode = json.JSONEncoder(separators=(",", ":")).encode
-        data = "".join([encode(row) + "\n" for row in rows]).encode()
+        cols = list(zip(*records))
+        ends = [end for end in cols[END] if end]
+        batch = {
+            "n": len(records), "ids": b"".join(cols[TID]).hex(),
+            "jobs": b"".join([job.ljust(8, b"\0") for job in cols[JOB]]).hex(),
+            "actors": b"".join([(a or b"").ljust(16, b"\0") for a in cols[ACTOR]]).hex(),
+            "parents": b"".join([(p or b"").ljust(16, b"\0") for p in cols[PARENT]]).hex(),
+            "workers": b"".join([(w or b"").ljust(16, b"\0") for w in cols[WORKER]]).hex(),
+            "attempt": cols[ATTEMPT], "name": cols[NAME], "request": cols[REQUEST],
+            "kind": cols[KIND], "state": cols[STATE], "pid": cols[PID],
+            "error_type": cols[ERROR_TYPE], "error_message": cols[ERROR_MESSAGE],
+            "created": cols[CREATED], "start": cols[START], "end": cols[END],
+            "spilled_from": cols[SPILLED_FROM], "pg": cols[PG],
+        }
+        data = (json.dumps(batch, separators=(",", ":")) + "\n").encode()
         try:
             if self._segment is None or self._segments[-1][1] + len(data) > SEGMENT_BYTES:
                 self._open_segment()
@@ -316,10 +329,34 @@ class TaskEvents:
             return
         segment = self._segments[-1]
         segment[1] += len(data)
-        segment[2] = max([segment[2]] + [_ms(row[16] or 0) for row in rows])
-        segment[3] += len(rows)
-        self.spilled += len(rows)
+        segment[2] = max(segment[2], _ms(max(ends)) if ends else 0)
+        segment[3] += len(records)
+        self.spilled += len(records)
         self._trim()
+
+    @staticmethod
+    def _batch_rows(batch: dict):
+        """The raw records (`_raw`'s shape) of one spilled batch."""
+        ids, jobs = batch["ids"], batch["jobs"]
+        actors, parents, workers = batch["actors"], batch["parents"], batch["workers"]
+
+        def field(text: str, i: int, width: int):
+            value = text[2 * width * i:2 * width * (i + 1)]
+            return None if value.strip("0") == "" else value
+
+        for i in range(int(batch["n"])):
+            created, start, end, state = (batch["created"][i], batch["start"][i],
+                                          batch["end"][i], batch["state"][i])
+            # On disk a record keeps its main times only: created, began, ended.
+            events = [("PENDING_NODE_ASSIGNMENT", created)]
+            if start is not None:
+                events.append(("RUNNING", start))
+            events.append((state, end))
+            yield [ids[32 * i:32 * i + 32], batch["attempt"][i], batch["name"][i], state,
+                   field(jobs, i, 8) or "", field(actors, i, 16), batch["kind"][i],
+                   field(parents, i, 16) or "", field(workers, i, 16), batch["pid"][i],
+                   batch["error_type"][i], batch["error_message"][i], batch["request"][i],
+                   batch["pg"][i], created, start, end, events, None, batch["spilled_from"][i]]
 
     def _open_segment(self) -> None:
         if self._segment is not None:
@@ -360,10 +397,10 @@ class TaskEvents:
                 with open(path, "rb") as handle:
                     for line in handle:
                         try:
-                            row = json.loads(line)
-                        except ValueError:
-                            continue      # a line cut short by a crash
-                        if isinstance(row, list) and len(row) == RAW_FIELDS:
+                            rows = list(self._batch_rows(json.loads(line)))
+                        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                            continue      # a line cut short by a crash, or not ours
+                        for row in rows:
                             try:
                                 yield self._dict(row)
                             except (TypeError, ValueError):

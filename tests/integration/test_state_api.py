@@ -275,3 +275,29 @@ def test_cli_memory_lists_objects_per_node(cluster):
     line = next(line for line in out.stdout.splitlines() if kept.hex() in line)
     assert "KB" in line and "True" in line               # its size, in shared memory
     assert "Aggregate:" in out.stdout.splitlines()[-1]
+
+
+def test_actor_calls_past_the_rate_are_counted_and_summaries_stay_exact(cluster):
+    from meshray.util import state
+    from tests.helpers import wait_for
+    ray = cluster.connect()
+
+    @ray.remote
+    class Busy:
+        def hit(self, i):
+            return i
+
+    busy = Busy.options(runtime_env={"env_vars": {"MESHRAY_ACTOR_TASK_EVENTS_PER_S": "1"}}).remote()
+    assert ray.get([busy.hit.remote(i) for i in range(300)]) == list(range(300))
+
+    def hits():
+        summary = state.summarize_tasks()["cluster"]["summary"]
+        return summary.get("Busy.hit", {}).get("state_counts", {}).get("FINISHED", 0)
+
+    wait_for(lambda: hits() == 300, message="every call in the summary")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        listed = state.list_tasks(filters=[("name", "=", "Busy.hit")], limit=1000)
+    counted = [w for w in caught if "were counted, not listed" in str(w.message)]
+    assert counted and 0 < len(listed) < 300
+    assert str(300 - len(listed)) in str(counted[0].message)
