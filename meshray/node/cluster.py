@@ -158,8 +158,11 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if spec.strategy_blob:
             import cloudpickle
             strategy = cloudpickle.loads(spec.strategy_blob)
-        if (strategy == "DEFAULT" and self.resources.can_fit(task.request)
-                and not self._args_elsewhere(spec)):
+        if strategy == "DEFAULT" and (
+                self.resources.can_fit(task.request)
+                # Alone in the view: whatever fits this node at all waits here.
+                or (len(self.view.nodes) <= 1 and self.resources.is_feasible(task.request))
+        ) and not self._args_elsewhere(spec):
             return policy.RunLocal()
         task.only_elsewhere = not policy.may_run_on(strategy, self.node_hex, self.config.labels)
         request = policy.SchedulingRequest(
