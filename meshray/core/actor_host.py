@@ -164,7 +164,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._arg_maps_lock = threading.Lock()
         # Its method calls, reported to the node for the state API.
         self._task_events = ActorTaskRecorder(self.options.get("class_name") or cls.__name__,
-                                              self.core.send_actor_task_events)
+                                              self.core.send_actor_task_events,
+                                              enabled=os.environ.get("MESHRAY_TASK_EVENTS",
+                                                                     "1") != "0")
 
     # ------------------------------------------------------------ setup
     def construct(self, args, kwargs) -> None:

@@ -40,7 +40,7 @@ _NO_TASK = bytes(TASK_ID_LEN)
 
 
 class ActorTaskRecorder:
-    def __init__(self, class_name: str, send, clock=time.time):
+    def __init__(self, class_name: str, send, clock=time.time, enabled: bool = True):
         self._class_name = class_name
         self._send = send                  # callable(pb.ActorTaskEvents)
         self._clock = clock
@@ -52,6 +52,9 @@ class ActorTaskRecorder:
         self._last_flush = clock()
         self._wake = threading.Event()
         self._closed = False
+        if not enabled:                 # MESHRAY_TASK_EVENTS=0: nothing recorded
+            self.received = self.answered = lambda batch: None
+            return
         threading.Thread(target=self._flush_loop, name="meshray-actor-task-events",
                          daemon=True).start()
 

@@ -179,12 +179,16 @@ class TaskEvents:
         self.spilled = 0              # tasks written to disk
         self.on_end = None            # callable(state, name, attempt): a final state (metrics)
         self._spill_batch = max(1, min(SPILL_BATCH, self.memory_limit // 10))
+        # MESHRAY_TASK_EVENTS=0 turns recording finished tasks off (as Ray's
+        # RAY_task_events_report_interval_ms=0): what the recording costs is
+        # measured against it; live tasks are still listed.
+        self.enabled = os.environ.get("MESHRAY_TASK_EVENTS", "1") != "0"
 
     # ------------------------------------------------------------ recording
     def finished(self, task, failed: bool, error: BaseException | None = None) -> None:
         """`task` finished here: keep its record (a task a peer ran is the peer's)."""
         story = task.story
-        if story and story[-1][0] is _SPILLED:
+        if not self.enabled or (story and story[-1][0] is _SPILLED):
             return
         now = self._clock()
         state = "FAILED" if failed else "FINISHED"
@@ -212,6 +216,8 @@ class TaskEvents:
     def actor_calls(self, worker_id: bytes, pid: int, actor_id: bytes, report) -> None:
         """An actor's report of its method calls (core/actor_task_events.py; columns
         checked by node/request_rules.py)."""
+        if not self.enabled:
+            return
         running = []
         task_ids, job_ids, parents = report.task_ids, report.job_ids, report.parent_task_ids
         names = report.names

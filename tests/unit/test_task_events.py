@@ -177,3 +177,11 @@ def test_nothing_is_recorded_twice_while_a_task_lives():
     assert len(node.records()) == 100
     del node.tasks[tasks[0].task_id]          # gone from the node without finishing
     assert len(node.records()) == 99
+
+
+def test_recording_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("MESHRAY_TASK_EVENTS", "0")
+    node = Node()
+    live = node.submit(1)
+    node.run(node.submit(2))
+    assert [r["task_id"] for r in node.records()] == [live.task_id.hex()]   # only the live one
