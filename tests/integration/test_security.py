@@ -212,7 +212,7 @@ def test_meshray_start_writes_private_token_file(tmp_path):
                          env=env, timeout=60, cwd=REPO)
     try:
         assert out.returncode == 0, out.stderr
-        line = next(text for text in out.stdout.splitlines() if "cluster token" in text)
+        line = next(text for text in out.stdout.splitlines() if "cluster token: written" in text)
         path = line.split("written to ", 1)[1].split(" (", 1)[0]
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         assert security.read_token_file(path)
