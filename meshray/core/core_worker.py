@@ -278,7 +278,8 @@ class CoreWorker(StreamsMixin):
         # Printed, not also logged: with logging unconfigured, Python's
         # last-resort handler prints warnings to stderr too, so the user saw
         # every notice twice.
-        print(f"(meshray) {msg.text}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"(meshray) {msg.text}\n")   # one write: never split by another line
+        sys.stderr.flush()
 
     def request(self, method: str, payload: dict | None = None, timeout: float = 30.0):
         """Ask the node a question answered with JSON."""

@@ -81,7 +81,7 @@ class BarPrinter:
             live = self._interactive() and self._drawn
             if live:
                 self._erase()
-            print(text, file=stream, flush=True)
+            _write_line(stream, text, flush=True)
             if live:
                 self._draw()
 
@@ -94,7 +94,7 @@ class BarPrinter:
                 self._erase()
             if state["closed"]:
                 self._open.pop(key, None)
-                print(format_bar(prefix, state), file=sys.stdout, flush=not interactive)
+                _write_line(sys.stdout, format_bar(prefix, state), flush=not interactive)
                 self.finished += 1
             else:
                 self._open[key] = (prefix, state)
@@ -113,6 +113,14 @@ class BarPrinter:
             sys.stdout.write(format_bar(prefix, state) + "\n")
         self._drawn = len(bars)
         sys.stdout.flush()
+
+
+def _write_line(stream, text: str, *, flush: bool) -> None:
+    """One write for the text and its newline: `print` writes them separately,
+    so a line printed by the driver's own thread could land between them."""
+    stream.write(text + "\n")
+    if flush:
+        stream.flush()
 
 
 PRINTER = BarPrinter()
