@@ -19,11 +19,11 @@ refused would end this worker's session.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
 
+from meshray.common.env import positive_env
 from meshray.common.ids import TASK_ID_LEN
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.rules import JOB_ID_LEN
@@ -146,14 +146,5 @@ class ActorTaskRecorder:
 
 
 def _per_second() -> int:
-    raw = os.environ.get("MESHRAY_ACTOR_TASK_EVENTS_PER_S")
-    if raw is None:
-        return DEFAULT_PER_S
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise ValueError(f"MESHRAY_ACTOR_TASK_EVENTS_PER_S={raw!r} must be a whole number >= 1 "
-                         "(calls itemized per second per actor)")
-    return value
+    return positive_env("MESHRAY_ACTOR_TASK_EVENTS_PER_S", DEFAULT_PER_S,
+                        expected="a whole number >= 1 (calls itemized per second per actor)")

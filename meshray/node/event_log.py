@@ -15,9 +15,10 @@ tables, which themselves read no clock.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
+
+from meshray.common.env import positive_env
 
 __all__ = ["EventLog", "DEFAULT_CAPACITY"]
 
@@ -25,17 +26,8 @@ DEFAULT_CAPACITY = 10_000
 
 
 def _capacity_from_env() -> int:
-    raw = os.environ.get("MESHRAY_EVENT_LOG_SIZE")
-    if raw is None:
-        return DEFAULT_CAPACITY
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise ValueError(f"MESHRAY_EVENT_LOG_SIZE={raw!r} must be a positive whole number "
-                         "of entries")
-    return value
+    return positive_env("MESHRAY_EVENT_LOG_SIZE", DEFAULT_CAPACITY,
+                        expected="a positive whole number of entries")
 
 
 class EventLog:

@@ -31,6 +31,7 @@ import os
 import time
 from collections import OrderedDict
 
+from meshray.common.env import positive_env
 from meshray.node.task_lifecycle import TaskState
 
 __all__ = ["TaskEvents", "RAY_STATES", "error_type_of"]
@@ -64,16 +65,7 @@ def error_type_of(error: BaseException | None) -> str:
 
 
 def _positive_env(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be a positive number")
-    return value
+    return positive_env(name, default, kind=float)
 
 
 def _ms(seconds: float) -> int:
