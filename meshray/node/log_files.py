@@ -145,15 +145,31 @@ class RotatingFile:
             view = view[written:]
 
     def _rotate(self) -> None:
+        """Shift the backups and start a fresh file, the name never missing.
+
+        A reader may open ``self.name`` at any moment (``get_log`` by pid or
+        task), so the current file is linked as ``.1`` and the fresh file is
+        renamed over the name: each step is one atomic directory change, and
+        between them the name still holds the old file. (Renaming the name
+        away first, as RotatingFileHandler does, leaves a window in which a
+        reader finds no such file.)
+        """
         os.close(self.fd)
+        dirs = {"src_dir_fd": self.dir_fd, "dst_dir_fd": self.dir_fd}
         for index in range(self.backup_count - 1, 0, -1):
             try:
-                os.rename(f"{self.name}.{index}", f"{self.name}.{index + 1}",
-                          src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+                os.rename(f"{self.name}.{index}", f"{self.name}.{index + 1}", **dirs)
             except FileNotFoundError:
                 pass
-        os.rename(self.name, f"{self.name}.1", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        self._open()
+        try:
+            os.unlink(f"{self.name}.1", dir_fd=self.dir_fd)   # the oldest, when only one is kept
+        except FileNotFoundError:
+            pass
+        os.link(self.name, f"{self.name}.1", follow_symlinks=False, **dirs)
+        fresh = f".{self.name}.new"                  # a dot name: never listed nor readable
+        fd = os.open(fresh, _WRITE_FLAGS | os.O_TRUNC, 0o600, dir_fd=self.dir_fd)
+        os.rename(fresh, self.name, **dirs)
+        self.fd, self.size = fd, 0
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -20,6 +20,7 @@ from tests.helpers import wait_for
 selenium = pytest.importorskip("selenium", reason="pip install selenium (the test extra)")
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -60,8 +61,15 @@ def dashboard_url(cluster, node=None) -> str:
 
 
 def until(driver, condition, message: str):
-    return WebDriverWait(driver, PAGE_TIMEOUT_S, poll_frequency=0.2).until(
+    """Wait for `condition`; an element the page re-rendered meanwhile means "not yet"."""
+    return WebDriverWait(driver, PAGE_TIMEOUT_S, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: condition(d), message=message)
+
+
+def click(driver, by, value) -> None:
+    """Click the element, found afresh if the page re-rendered it between find and click."""
+    until(driver, lambda d: d.find_element(by, value).click() or True, f"clicked {value}")
 
 
 def texts(driver, selector: str) -> list[str]:
@@ -89,13 +97,14 @@ def test_login_nodes_job_logs_actor_group_tasks_and_charts(cluster, browser, tmp
         By.CSS_SELECTOR, "#nodes-table tbody tr")} == node_ids, "all three nodes listed")
     until(browser, lambda d: texts(d, "#nodes-table td.state") == ["ALIVE"] * 3,
           "three ALIVE nodes")
-    assert "zone=east" in browser.find_element(By.ID, "nodes-table").text
+    until(browser, lambda d: "zone=east" in d.find_element(By.ID, "nodes-table").text,
+          "the east node's label")
     # Lease health from each node's own metrics (sampled every few seconds).
     until(browser, lambda d: texts(d, "#nodes-table td.lease") == ["held"] * 3,
           "every node holds its etcd lease")
-    links = {e.get_attribute("href") for e in browser.find_elements(
-        By.CSS_SELECTOR, "a.node-dashboard-link")}
-    assert {dashboard_url(cluster, node) + "/" for node in cluster.worker_nodes} <= links
+    others = {dashboard_url(cluster, node) + "/" for node in cluster.worker_nodes}
+    until(browser, lambda d: others <= {e.get_attribute("href") for e in d.find_elements(
+        By.CSS_SELECTOR, "a.node-dashboard-link")}, "a link to each other node's dashboard")
     browser.save_screenshot(os.path.join(shots, "dashboard-nodes.png"))
 
     client = JobSubmissionClient(base, token=cluster.token)
@@ -105,7 +114,7 @@ def test_login_nodes_job_logs_actor_group_tasks_and_charts(cluster, browser, tmp
           "the job in the jobs table")
     until(browser, lambda d: "SUCCEEDED" in d.find_element(
         By.CSS_SELECTOR, f'tr[data-job-id="{job_id}"] td.state').text, "the job SUCCEEDED")
-    browser.find_element(By.LINK_TEXT, job_id).click()
+    click(browser, By.LINK_TEXT, job_id)
     until(browser, lambda d: "second-line" in d.find_element(By.ID, "job-logs").text,
           "the job's logs followed in the page")
     assert "dashboard-log-line" in browser.find_element(By.ID, "job-logs").text
@@ -140,8 +149,8 @@ def test_login_nodes_job_logs_actor_group_tasks_and_charts(cluster, browser, tmp
     until(browser, lambda d: any("dash-group" in t and "CREATED" in t
                                  for t in texts(d, "#pgs-table tbody tr")),
           "the placement group, CREATED")
-    bundles = texts(browser, "#pgs-table li.bundle")
-    assert len(bundles) == 2 and all("(unplaced)" not in b for b in bundles)
+    until(browser, lambda d: len(bundles := texts(d, "#pgs-table li.bundle")) == 2
+          and all("(unplaced)" not in b for b in bundles), "both bundles placed")
 
     browser.get(f"{base}/#tasks")
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#task-summary-table tr[data-func]')
@@ -217,6 +226,6 @@ def test_wrong_token_stays_on_login_and_a_cross_site_post_is_refused(cluster, br
     browser.get(f"{base}/#job/{job_id}")
     until(browser, lambda d: d.find_element(By.ID, "job-status").text == "RUNNING",
           "the job page")
-    browser.find_element(By.ID, "stop-job").click()
+    click(browser, By.ID, "stop-job")
     until(browser, lambda d: d.find_element(By.ID, "job-status").text == "STOPPED",
           "the job STOPPED from the page")

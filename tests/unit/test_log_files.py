@@ -63,6 +63,37 @@ def test_rotation_keeps_at_most_backup_count_files_of_at_most_max_bytes(tmp_path
     assert oct(os.stat(tmp_path / "w.out").st_mode & 0o777) == "0o600"
 
 
+def test_the_current_name_is_never_missing_while_a_file_rotates(tmp_path):
+    """A reader opening the file by name mid-rotation finds a file (get_log by pid does)."""
+    import threading
+    fd = _dir_fd(tmp_path)
+    stop, misses, opened = threading.Event(), [], [0]
+
+    def read():
+        while not stop.is_set():
+            try:
+                os.close(os.open(tmp_path / "w.out", os.O_RDONLY))
+                opened[0] += 1
+            except FileNotFoundError as error:
+                misses.append(error)
+
+    reader = threading.Thread(target=read)
+    try:
+        handle = log_files.RotatingFile(fd, "w.out", max_bytes=20, backup_count=1)
+        reader.start()
+        for index in range(5000):
+            handle.write(f"line {index:04d}\n".encode())    # a rotation every 2 lines
+        handle.close()
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+        os.close(fd)
+    assert opened[0] > 0 and misses == []
+    assert sorted(os.listdir(tmp_path)) == ["w.out", "w.out.1"]
+    assert (tmp_path / "w.out").read_text() == "line 4998\nline 4999\n"
+    assert (tmp_path / "w.out.1").read_text() == "line 4996\nline 4997\n"
+
+
 def test_no_rotation_when_backup_count_is_zero(tmp_path):
     fd = _dir_fd(tmp_path)
     try:
