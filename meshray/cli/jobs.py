@@ -77,6 +77,10 @@ def _cmd_status(args) -> int:
     print(f"Status for job '{args.job_id}': {info.status.value}")
     if info.message:
         print(f"Status message: {info.message}")
+    if info.job_id:
+        driver = info.driver_info or {}
+        print(f"Driver: job id {info.job_id}, pid {driver.get('pid')} on "
+              f"{driver.get('node_ip_address')}")
     return 0
 
 
@@ -108,9 +112,10 @@ def _cmd_stop(args) -> int:
 
 def _cmd_list(args) -> int:
     jobs = _client(args).list_jobs()
-    print(f"{'submission_id':<30} {'status':<10} entrypoint")
+    print(f"{'submission_id':<30} {'status':<10} {'job_id':<10} entrypoint")
     for job in jobs:
-        print(f"{job.submission_id:<30} {job.status.value:<10} {job.entrypoint}")
+        print(f"{job.submission_id:<30} {job.status.value:<10} {job.job_id or '-':<10} "
+              f"{job.entrypoint}")
     return 0
 
 

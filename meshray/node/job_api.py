@@ -90,7 +90,8 @@ class JobApi:
 
     def questions(self) -> dict:
         """Node questions for a supervisor (local only: asked of its own node)."""
-        return {"job_get": self._ask_job_get, "job_update": self._ask_job_update}
+        return {"job_get": self._ask_job_get, "job_update": self._ask_job_update,
+                "job_driver": self._ask_job_driver}
 
     def start(self, http) -> None:
         self.http = http
@@ -290,6 +291,31 @@ class JobApi:
         record = await asyncio.get_running_loop().run_in_executor(
             None, self.store.update, submission_id, change)
         return {"record": record, "etcd": ",".join(self.daemon.config.etcd_endpoints)}
+
+    async def _ask_job_driver(self, conn, payload: dict) -> dict:
+        """The entrypoint's driver connected: record its job id and driver info.
+
+        Ray's JobDetails names the driver of a submitted job. The driver only
+        says which submission it belongs to; the job id, the pid and the
+        address are what this node knows of the connection, and only a driver
+        on the job's own supervisor node may claim it (the first one wins).
+        """
+        import asyncio
+        submission_id = payload.get("submission_id")
+        if not isinstance(submission_id, str) or not submission_id:
+            raise ValueError(f"submission_id={submission_id!r}: expected a non-empty string")
+        if conn is None or conn.role != "driver":
+            raise ValueError("job_driver: only a driver connection may name its job")
+        change = jobs.driver_change(
+            job_hex=conn.job_id.hex(), pid=conn.pid, node_ip=self.daemon._advertised_host(),
+            node_hex=self.daemon.node_id.hex())
+        try:
+            record = await asyncio.get_running_loop().run_in_executor(
+                None, self.store.update, submission_id, change)
+        except (jobs.InvalidTransition, jobs.JobNotFoundError) as exc:
+            return {"recorded": False, "reason": str(exc)}
+        conn.submission_id = submission_id
+        return {"recorded": True, "job_id": record["job_id"]}
 
     # ------------------------------------------------------------ janitor
     def _janitor(self) -> None:

@@ -217,3 +217,44 @@ def test_a_job_survives_the_loss_of_the_node_it_was_submitted_to(cluster, tmp_pa
     go.touch()
     assert wait_status(client_b, job_id, {"SUCCEEDED", "FAILED"}).status.value == "SUCCEEDED"
     assert "finished" in client_b.get_job_logs(job_id)
+
+
+def test_a_jobs_driver_is_named_in_its_details_and_the_state_api(cluster, tmp_path):
+    client = client_for(cluster)
+    go = tmp_path / "go"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import os, time\n"
+        "import meshray\n"
+        "from meshray.util.state import list_jobs\n"
+        "meshray.init()\n"
+        "print('job-id', meshray.get_runtime_context().get_job_id(), flush=True)\n"
+        "sid = os.environ['RAY_JOB_SUBMISSION_ID']\n"
+        "rows = list_jobs(filters=[('submission_id', '=', sid)])\n"
+        "print('state-rows', [(row.job_id, row.driver_pid) for row in rows], flush=True)\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.1)\n")
+    job_id = client.submit_job(entrypoint=f"exec {sys.executable} {script}")
+    info = wait_for(lambda: (lambda i: i if i.job_id else None)(client.get_job_info(job_id)),
+                    timeout=JOB_TIMEOUT_S, message="the job's driver to be recorded")
+    assert info.status.value == "RUNNING"
+    driver = info.driver_info
+    assert driver["id"] == info.job_id and driver["node_ip_address"] == "127.0.0.1"
+    listed = {job.submission_id: job for job in client.list_jobs()}
+    assert listed[job_id].job_id == info.job_id
+    assert listed[job_id].driver_info == driver
+    go.touch()
+    assert wait_status(client, job_id, {"SUCCEEDED", "FAILED"}).status.value == "SUCCEEDED"
+    logs = client.get_job_logs(job_id)
+    assert f"job-id {info.job_id}" in logs              # the driver's own get_job_id()
+    assert f"state-rows [('{info.job_id}', {int(driver['pid'])})]" in logs
+    url = api_url(cluster)
+    env = {**os.environ, "MESHRAY_TOKEN": cluster.token, "PYTHONPATH": REPO}
+    status = subprocess.run([sys.executable, "-m", "meshray.cli.main", "job", "status", job_id,
+                             "--address", url], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=REPO)
+    assert f"job id {info.job_id}, pid {driver['pid']}" in status.stdout, status.stderr
+    # An entrypoint that starts no driver leaves both empty, as in Ray.
+    plain = client.submit_job(entrypoint="echo no-driver")
+    info = wait_status(client, plain, {"SUCCEEDED", "FAILED"})
+    assert info.job_id is None and info.driver_info is None
