@@ -144,7 +144,8 @@ def add_parser(commands) -> None:
                      with_id=False)
     submit.add_argument("--submission-id", "--job-id", dest="submission_id")
     submit.add_argument("--runtime-env-json", help="runtime_env as a JSON object")
-    submit.add_argument("--working-dir", help="runtime_env working_dir (a path the node can read)")
+    submit.add_argument("--working-dir", help="runtime_env working_dir: a local directory, "
+                        "packaged and uploaded to the node (or a meshray-pkg:// URI)")
     submit.add_argument("--metadata-json", help="metadata as a JSON object of strings")
     submit.add_argument("--entrypoint-num-cpus", type=float)
     submit.add_argument("--entrypoint-num-gpus", type=float)
