@@ -73,19 +73,19 @@ class JobApi:
         self._last_package_gc = time.monotonic()
 
     # ------------------------------------------------------------ wiring
-    @property
-    def store(self) -> jobs.JobStore:
+    def _etcd_store(self, kind):
         membership = self.daemon.membership
         if membership is None:
             raise HttpError(503, "this node is not a cluster member yet")
-        return jobs.JobStore(lambda: membership.coordinator, membership.keys)
+        return kind(lambda: membership.coordinator, membership.keys)
+
+    @property
+    def store(self) -> jobs.JobStore:
+        return self._etcd_store(jobs.JobStore)
 
     @property
     def packages(self) -> packages.JobPackageStore:
-        membership = self.daemon.membership
-        if membership is None:
-            raise HttpError(503, "this node is not a cluster member yet")
-        return packages.JobPackageStore(lambda: membership.coordinator, membership.keys)
+        return self._etcd_store(packages.JobPackageStore)
 
     def routes(self) -> list:
         return [

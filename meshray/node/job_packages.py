@@ -21,15 +21,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Callable
-
 from meshray.coordination import keyspace
+from meshray.node.job_records import EtcdStore
 from meshray.runtime_env.packaging import PackageError, parse_uri, uris_in, verify_package
 from meshray.runtime_env.validation import PACKAGE_URI_SCHEME, parse_size
 
 __all__ = ["CHUNK_BYTES", "JobPackageStore", "MAX_SIZE_ENV", "MAX_TOTAL_ENV",
            "PackageTooLarge", "UNUSED_GRACE_S", "max_package_bytes", "max_total_bytes",
-           "unreferenced"]
+           "unreferenced", "uri_of"]
 
 MAX_SIZE_ENV = "MESHRAY_JOB_PACKAGE_MAX_SIZE"
 MAX_TOTAL_ENV = "MESHRAY_JOB_PACKAGES_MAX_TOTAL"
@@ -82,18 +81,8 @@ def unreferenced(packages: dict, records: list, now_ms: int, grace_s: float) -> 
     return out
 
 
-class JobPackageStore:
-    """Uploaded packages in etcd, through a Coordinator (blocking: never on the event loop)."""
-
-    def __init__(self, coordinator: Callable[[], object], keys: keyspace.Keyspace):
-        self._coordinator = coordinator
-        self.keys = keys
-
-    def _client(self):
-        coordinator = self._coordinator()
-        if coordinator is None:
-            raise ConnectionError("this node is not connected to etcd yet; try again")
-        return coordinator
+class JobPackageStore(EtcdStore):
+    """Uploaded packages (blocking: never on the event loop)."""
 
     @staticmethod
     def _name(uri: str) -> str:

@@ -26,9 +26,9 @@ from typing import Callable
 from meshray.coordination import keyspace
 
 __all__ = ["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED", "TERMINAL",
-           "JobExistsError", "JobNotFoundError", "InvalidTransition", "JobStore",
-           "apply_change", "check_submission", "driver_change", "log_file_name", "lost_supervisor_change",
-           "new_record", "new_submission_id"]
+           "EtcdStore", "JobExistsError", "JobNotFoundError", "InvalidTransition", "JobStore",
+           "apply_change", "check_submission", "driver_change", "log_file_name",
+           "lost_supervisor_change", "new_record", "new_submission_id"]
 
 PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
     "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
@@ -217,8 +217,8 @@ def lost_supervisor_change(record: dict, live_nodes) -> dict | None:
             "for_attempt": attempt}
 
 
-class JobStore:
-    """Job records in etcd, through a Coordinator (blocking: never on the event loop)."""
+class EtcdStore:
+    """Records in etcd, through a Coordinator (blocking: never on the event loop)."""
 
     def __init__(self, coordinator: Callable[[], object], keys: keyspace.Keyspace):
         self._coordinator = coordinator
@@ -229,6 +229,10 @@ class JobStore:
         if coordinator is None:
             raise ConnectionError("this node is not connected to etcd yet; try again")
         return coordinator
+
+
+class JobStore(EtcdStore):
+    """Job records."""
 
     def create(self, record: dict) -> None:
         """Create a new job record; JobExistsError when the id is taken (Ray's message)."""
