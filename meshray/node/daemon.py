@@ -96,6 +96,7 @@ class Connection:
     pid: int = 0
     namespace: str = ""
     log_to_driver: bool = True
+    submission_id: str = ""                     # a job's driver: the job it runs (job API)
     worker: WorkerProcess | None = None
     closed: bool = False
     malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT

@@ -85,12 +85,17 @@ class EnvSetup:
             def log_line(line: str) -> None:
                 loop.call_soon_threadsafe(self._env_log, job_hex, line)
 
+            def fetch(uri: str) -> bytes:
+                # A URI the task brings no object for was uploaded by a job
+                # client: it is in etcd (node/job_packages.py).
+                return blobs[uri] if uri in blobs else self.jobs.package_bytes(uri)
+
             started = time.monotonic()
             resolved_list = []
             for _ in range(max(1, count)):
                 resolved_list.append(await loop.run_in_executor(
                     None, lambda: setup_runtime_env(task.runtime_env, self.env_cache,
-                                                    fetch=blobs.__getitem__, log=log_line,
+                                                    fetch=fetch, log=log_line,
                                                     base_python=sys.executable)))
             log.info("runtime env %s ready in %.3fs", key, time.monotonic() - started)
             for resolved in resolved_list:
