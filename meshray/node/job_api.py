@@ -11,10 +11,15 @@ those resources are rather than on the node that was asked. The supervisor
 statuses with the ``job_update`` question to its own node, which writes them
 by compare-and-swap; only nodes write job records.
 
-Every node scans the records (``JANITOR_INTERVAL_S``): a RUNNING job whose
-supervisor's node has left the cluster (its lease expired, so its record left
-this node's view) on two scans in a row is marked FAILED with the cause, or
-put back to PENDING and launched again while ``max_retries`` allows. The
+Every node scans the records when its view of the members changes (looked at
+every ``JANITOR_INTERVAL_S``, without reading etcd), while a suspect is
+pending, and every ``FULL_SCAN_INTERVAL_S`` anyway: a job only loses its
+supervisor when a node leaves, so reading every job record every second on
+every node would cost etcd reads that grow with nodes times jobs for nothing.
+A RUNNING job whose supervisor's node has left the cluster (its lease
+expired, so its record left this node's view) on two scans in a row is
+marked FAILED with the cause, or put back to PENDING and launched again while
+``max_retries`` allows. The
 change is a compare-and-swap, so when several nodes notice at once exactly
 one wins, and only the winner launches the retry.
 """
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SUPERVISOR_NAMESPACE = "_meshray_jobs"
 JANITOR_INTERVAL_S = 1.0
+FULL_SCAN_INTERVAL_S = 30.0
 LAUNCH_TIMEOUT_S = 120.0
 TAIL_WAIT_S = 10.0
 MAX_LOG_BYTES = 64 << 20
@@ -370,14 +376,20 @@ class JobApi:
 
     # ------------------------------------------------------------ janitor
     def _janitor(self) -> None:
+        last_live, last_scan = None, float("-inf")
         while not self._stop.wait(JANITOR_INTERVAL_S):
             membership = self.daemon.membership
             if membership is None or not membership.registered:
                 continue
             try:
-                self._scan(membership)
-                if time.monotonic() - self._last_package_gc > PACKAGE_GC_INTERVAL_S:
-                    self._last_package_gc = time.monotonic()
+                live = set(membership.view_snapshot()[0]) | {self.daemon.node_id.hex()}
+                now = time.monotonic()
+                if live != last_live or self._suspects or \
+                        now - last_scan >= FULL_SCAN_INTERVAL_S:
+                    self._scan(live)
+                    last_live, last_scan = live, now
+                if now - self._last_package_gc > PACKAGE_GC_INTERVAL_S:
+                    self._last_package_gc = now
                     self._collect_packages()
             except Exception as exc:  # noqa: BLE001 - etcd trouble: next scan
                 log.warning("job janitor: scan failed: %s", exc)
@@ -393,8 +405,7 @@ class JobApi:
             log.info("job packages: deleting %s (no job names it)", name)
             store.delete(name)
 
-    def _scan(self, membership) -> None:
-        live = set(membership.view_snapshot()[0]) | {self.daemon.node_id.hex()}
+    def _scan(self, live: set) -> None:
         suspects = set()
         for record in self.store.list():
             if jobs.lost_supervisor_change(record, live) is None:
