@@ -110,14 +110,14 @@ def _ray_state(task) -> str:
     return _STATE_NAMES[state]
 
 
-def _events(task, final: str | None, end: float | None) -> tuple:
-    """Ray's states the task went through, with times, from its story (the
-    moves its event log stamped) and when its worker began it."""
+def _events(story, stamps, created: float, started: float | None, final: str | None,
+            end: float | None) -> tuple:
+    """Ray's states a task went through, with times: from its story (the moves
+    its event log stamped), when it was made, and when its worker began it."""
     last = "PENDING_NODE_ASSIGNMENT"
-    events = [(last, task.created_at)]
-    story, stamps = task.story, task.stamps
+    events = [(last, created)]
     if len(story) != len(stamps):          # moves made without a log carry no time
-        story = list(story)[-len(stamps):] if stamps else ()
+        story = tuple(story)[-len(stamps):] if stamps else ()
     names = _STATE_NAMES
     for (_old, new, _cause), when in zip(story, stamps):
         if new is _DONE:
@@ -126,11 +126,15 @@ def _events(task, final: str | None, end: float | None) -> tuple:
         if name != last:
             events.append((name, when))
             last = name
-    if task.started_wall is not None:
-        events.append(("RUNNING", task.started_wall))
+    if started is not None:
+        events.append(("RUNNING", started))
     if final is not None:
         events.append((final, end))
     return tuple(events)
+
+
+def _task_events(task, final: str | None, end: float | None) -> tuple:
+    return _events(task.story, task.stamps, task.created_at, task.started_wall, final, end)
 
 
 def _live_record(task) -> list:
@@ -141,8 +145,21 @@ def _live_record(task) -> list:
             spec.parent_task_id, task.sched_class[1],
             "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", _ray_state(task),
             worker_id, pid, None, None, task.created_at, task.started_wall, None,
-            _events(task, None, None), None, getattr(task.owner, "node_hex", None),
+            _task_events(task, None, None), None, getattr(task.owner, "node_hex", None),
             task.pg_hex or None]
+
+
+_UNNAMED = "unnamed"      # first item of a finished record's raw events (never a named event)
+
+
+def _named_events(record) -> tuple:
+    """A record's events: named already (live tasks, actor calls), or named now
+    from the story and stamps a finished task's record keeps."""
+    events = record[EVENTS]
+    if events and events[0] is _UNNAMED:
+        return _events(events[1], events[2], record[CREATED], record[START], record[STATE],
+                       record[END])
+    return events
 
 
 class TaskEvents:
@@ -191,15 +208,17 @@ class TaskEvents:
         spec = task.spec
         worker_id, pid = task.ran_on
         # A tuple of plain values (and tuples of them): the collector stops
-        # tracking it after one pass, so thousands kept cost no GC time.
+        # tracking it after one pass, so thousands kept cost no GC time. Its
+        # events are kept as the raw story and stamps (two C-level copies) and
+        # named only if the record is read; the disk keeps main times only.
         record = (spec.task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
                   spec.parent_task_id, task.sched_class[1],
                   "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", state,
                   worker_id, pid, error_type_of(error) if failed else None,
                   str(error)[:2000] if failed and error is not None else None,
                   task.created_at, task.started_wall, now,
-                  _events(task, state, now), None, getattr(task.owner, "node_hex", None),
-                  task.pg_hex or None)
+                  (_UNNAMED, tuple(task.story), tuple(task.stamps)), None,
+                  getattr(task.owner, "node_hex", None), task.pg_hex or None)
         if self.on_end is not None:
             self.on_end(state, spec.name, spec.attempt)
         self._finished.pop(spec.task_id, None)     # run again from lineage: the new run
@@ -281,7 +300,7 @@ class TaskEvents:
                 record[JOB].hex(), _hex_or_none(record[ACTOR]), record[KIND],
                 record[PARENT].hex(), _hex_or_none(record[WORKER]), record[PID],
                 record[ERROR_TYPE], record[ERROR_MESSAGE], record[REQUEST], record[PG],
-                record[CREATED], record[START], record[END], record[EVENTS],
+                record[CREATED], record[START], record[END], _named_events(record),
                 record[SPILLED_TO], record[SPILLED_FROM]]
 
     def _dict(self, raw: list) -> dict:
