@@ -33,6 +33,10 @@ def _cmd_start(args) -> int:
                          client_auth=args.tls_client_auth,
                          server_name=args.tls_server_name)
                if (args.tls_cert or args.tls_key or args.tls_ca) else TlsConfig.from_env())
+        from meshray.node.drain import drain_timeout
+        drain_timeout(args.drain_timeout)
+        if args.memory is not None and args.memory <= 0:
+            raise ValueError(f"--memory={args.memory}: expected a number of bytes > 0")
     except (ValueError, TypeError) as exc:
         print(f"meshray start: {exc}", file=sys.stderr)
         return 2
@@ -49,7 +53,8 @@ def _cmd_start(args) -> int:
         object_store_memory=args.object_store_memory, host=args.host, port=args.port,
         token=token, session_dir=None, tie_to_parent=False, cli=True,
         lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host,
-        metrics_export_port=args.metrics_export_port, dashboard_port=args.dashboard_port)
+        metrics_export_port=args.metrics_export_port, dashboard_port=args.dashboard_port,
+        memory=args.memory, drain_timeout=args.drain_timeout)
     node.owns_session_dir = False  # the daemon removes its own session dir on exit
     token_path = os.path.join(node.session_dir, "token")
     print(f"meshray node {node.node_id} started (pid {node.pid})")
@@ -67,7 +72,9 @@ def _cmd_start(args) -> int:
             node.process.send_signal(signum)
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
-        node.process.wait()
+        code = node.process.wait()
+        # The daemon's own status (0 after a drain); 128+N when a signal killed it.
+        return code if code >= 0 else 128 - code
     del registry
     return 0
 
@@ -288,6 +295,14 @@ def main(argv=None) -> int:
     start.add_argument("--etcd-password-file", help="file holding the etcd password "
                        "(or MESHRAY_ETCD_PASSWORD[_FILE])")
     start.add_argument("--lease-ttl", type=float)
+    start.add_argument("--memory", type=int, default=None,
+                       help="bytes of memory tasks may reserve (Ray's `memory` resource; "
+                            "default: 70%% of this machine's memory)")
+    start.add_argument("--drain-timeout", type=float, default=None,
+                       help="on SIGTERM/SIGINT the node drains: it takes no new work, hands "
+                            "queued tasks to peers and gives running ones this many seconds "
+                            "(default: MESHRAY_DRAIN_TIMEOUT_S, else 25); a second signal "
+                            "stops it at once")
     start.add_argument("--metrics-export-port", type=int, default=None,
                        help="port of the node's Prometheus endpoint, on --host (default: a "
                             "free port; meshray.nodes() shows it as MetricsExportPort)")
@@ -301,7 +316,9 @@ def main(argv=None) -> int:
     start.set_defaults(func=_cmd_start)
 
     stop = commands.add_parser("stop", help="stop the nodes `meshray start` started here")
-    stop.add_argument("--grace-period", type=float, default=10.0)
+    stop.add_argument("--grace-period", type=float, default=30.0,
+                      help="seconds a node may drain before it is killed (default 30: "
+                           "above the nodes' default 25 s drain)")
     stop.set_defaults(func=_cmd_stop)
 
     status = commands.add_parser("status", help="show nodes and resources")
