@@ -1,5 +1,5 @@
 """`meshray start | stop | status | list | get | summary | timeline | logs | run | metrics |
-etcd-credentials | microbenchmark | chaos`."""
+etcd-credentials | health-check | microbenchmark | chaos`."""
 from __future__ import annotations
 
 import argparse
@@ -239,12 +239,53 @@ def _cmd_etcd_credentials(args) -> int:
               "MESHRAY_TOKEN / MESHRAY_TOKEN_FILE)", file=sys.stderr)
         return 2
     password = security.etcd_password(token)
+    if args.enable_auth:
+        return _enable_etcd_auth(args.enable_auth, args.user, password, args.timeout)
     if args.password_only:
         print(password)
     else:
         print(f"user: {args.user}")
         print(f"password: {password}")
     return 0
+
+
+def _enable_etcd_auth(endpoints: str, user: str, password: str, timeout: float) -> int:
+    """Create `user` (role root) with the derived password on an etcd the
+    operator runs and turn auth on; idempotent, retried until `timeout`
+    while the members come up (a Kubernetes Job runs it, docs/kubernetes.md)."""
+    from meshray.coordination.etcd_auth import EtcdAuthError, enable_root_auth, gateway_request
+    members = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if not members:
+        print(f"meshray etcd-credentials: --enable-auth={endpoints!r}: expected "
+              "HOST:PORT[,HOST:PORT]", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        endpoint = members[attempt % len(members)]
+        attempt += 1
+        try:
+            request = gateway_request(endpoint, timeout=min(10.0, max(1.0, timeout)))
+            turned_on = enable_root_auth(request, user, password, endpoint)
+        except ValueError as exc:
+            print(f"meshray etcd-credentials: {exc}", file=sys.stderr)
+            return 2
+        except EtcdAuthError as exc:
+            if not exc.retryable:
+                print(f"meshray etcd-credentials: {exc}", file=sys.stderr)
+                return 1
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot reach etcd at {endpoint}: {exc}"
+        else:
+            print(f"etcd auth {'enabled' if turned_on else 'already enabled'} for user "
+                  f"{user!r} at {endpoint}")
+            return 0
+        if time.monotonic() >= deadline:
+            print(f"meshray etcd-credentials: gave up after {timeout:g}s: {error}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def _cmd_chaos(chaos_argv: list[str]) -> int:
@@ -360,6 +401,13 @@ def main(argv=None) -> int:
                              help="user name to print (default: MESHRAY_ETCD_USER or root)")
     credentials.add_argument("--password-only", action="store_true",
                              help="print just the password (for scripts)")
+    credentials.add_argument("--enable-auth", metavar="HOST:PORT[,HOST:PORT]",
+                             help="instead of printing: create the user (role root) on the "
+                                  "etcd at these endpoints (plain HTTP) and turn auth on; "
+                                  "does nothing when the login already works")
+    credentials.add_argument("--timeout", type=float, default=120.0,
+                             help="with --enable-auth: seconds to keep trying while etcd "
+                                  "comes up (default 120)")
     credentials.set_defaults(func=_cmd_etcd_credentials)
 
     from meshray.cli import logs, microbenchmark
@@ -368,6 +416,9 @@ def main(argv=None) -> int:
 
     from meshray.cli import metrics as metrics_cli
     metrics_cli.add_parser(commands)
+
+    from meshray.cli import health as health_cli
+    health_cli.add_parser(commands)
 
     from meshray.cli import jobs as jobs_cli
     jobs_cli.add_parser(commands)

@@ -18,6 +18,7 @@ import urllib.request
 import cloudpickle
 import pytest
 
+from meshray.cli.health import check as health_check
 from meshray.node.drain import DRAIN_TIMEOUT_ENV
 from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tests.helpers import wait_for
@@ -67,7 +68,9 @@ def test_sigterm_drains_running_work_hands_back_queued_and_revokes_the_lease(clu
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     running = ray.remote(num_cpus=1, max_retries=0)(_gated).remote(started, gate)
     wait_for(lambda: os.path.exists(started), timeout=60, message="the gated task started")
+    base_url = f"http://127.0.0.1:{_record(cluster, drained)['DashboardPort']}"
     assert _health(_record(cluster, drained), "/api/healthz") == (200, {"status": "success"})
+    assert health_check(base_url)[0] is True              # `meshray health-check`
     # Submitted before the drain: it can only wait for the draining node's CPU.
     queued = ray.remote(num_cpus=1, max_retries=0)(_where).remote()
 
@@ -81,6 +84,8 @@ def test_sigterm_drains_running_work_hands_back_queued_and_revokes_the_lease(clu
     assert _health(node_record, "/api/healthz") == (503, {"status": "failed",
                                                           "reason": "draining"})
     assert _health(node_record, "/api/local_raylet_healthz") == (200, {"status": "success"})
+    assert health_check(base_url) == (False, f"{base_url}/api/healthz: HTTP 503: draining")
+    assert health_check(base_url, "liveness")[0] is True
 
     other = cluster.add_node(num_cpus=1)
     # After the drain began, a task that prefers the draining node (it has
