@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _cmd_start(args) -> int:
@@ -299,10 +299,8 @@ def _cmd_chaos(chaos_argv: list[str]) -> int:
     return chaos_main(chaos_argv, prog="meshray chaos")
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["chaos"]:       # everything after `chaos` is the harness's to parse
-        return _cmd_chaos(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The `meshray` command line (tests parse the Kubernetes manifests' with it)."""
     parser = argparse.ArgumentParser(prog="meshray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -431,6 +429,14 @@ def main(argv=None) -> int:
     chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
     chaos.set_defaults(func=lambda args: _cmd_chaos(args.chaos_args))
 
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chaos"]:       # everything after `chaos` is the harness's to parse
+        return _cmd_chaos(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
