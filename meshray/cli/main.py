@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resources", default="", help='JSON, e.g. \'{"custom": 2}\'')
     start.add_argument("--labels", default="", help="JSON object of node labels")
     start.add_argument("--object-store-memory", type=int)
+    start.add_argument("--memory", type=int, default=None,
+                       help="bytes of memory tasks may reserve (Ray's `memory` resource; "
+                            "default: 70%% of this machine's memory)")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     start.add_argument("--port", type=int, default=0)
     start.add_argument("--advertise-host", default="",
@@ -334,14 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--etcd-password-file", help="file holding the etcd password "
                        "(or MESHRAY_ETCD_PASSWORD[_FILE])")
     start.add_argument("--lease-ttl", type=float)
-    start.add_argument("--memory", type=int, default=None,
-                       help="bytes of memory tasks may reserve (Ray's `memory` resource; "
-                            "default: 70%% of this machine's memory)")
-    start.add_argument("--drain-timeout", type=float, default=None,
-                       help="on SIGTERM/SIGINT the node drains: it takes no new work, hands "
-                            "queued tasks to peers and gives running ones this many seconds "
-                            "(default: MESHRAY_DRAIN_TIMEOUT_S, else 25); a second signal "
-                            "stops it at once")
+    from meshray.node.drain import DRAIN_TIMEOUT_HELP
+    start.add_argument("--drain-timeout", type=float, default=None, help=DRAIN_TIMEOUT_HELP)
     start.add_argument("--metrics-export-port", type=int, default=None,
                        help="port of the node's Prometheus endpoint, on --host (default: a "
                             "free port; meshray.nodes() shows it as MetricsExportPort)")

@@ -19,7 +19,8 @@ import http.client
 import json
 from typing import Callable
 
-__all__ = ["EtcdAuthError", "login_outcome", "enable_root_auth", "gateway_request"]
+__all__ = ["EtcdAuthError", "login_outcome", "enable_root_auth", "exchange_json",
+           "gateway_request"]
 
 ROOT_ROLE = "root"
 
@@ -115,15 +116,20 @@ def gateway_request(endpoint: str, timeout: float) -> Request:
 
     def request(path: str, body: dict) -> tuple[int, dict]:
         conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
-        try:
-            conn.request("POST", path, body=json.dumps(body).encode(),
-                         headers={"Content-Type": "application/json"})
-            answer = conn.getresponse()
-            data = answer.read()
-        finally:
-            conn.close()
-        try:
-            return answer.status, json.loads(data or b"{}")
-        except ValueError:
-            return answer.status, {}
+        return exchange_json(conn, "POST", path, json.dumps(body).encode())
     return request
+
+
+def exchange_json(conn: http.client.HTTPConnection, method: str, path: str,
+                  body: bytes | None) -> tuple[int, dict]:
+    """(status, JSON answer or {}) of one request on `conn`, which it closes."""
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        data = answer.read()
+    finally:
+        conn.close()
+    try:
+        return answer.status, json.loads(data or b"{}")
+    except ValueError:
+        return answer.status, {}

@@ -84,6 +84,13 @@ def container_holder(node_hex: str, container_id: bytes) -> str:
 class ClusterDuties(pb_grpc.NodePeerServicer):
     """Mixed into NodeDaemon."""
 
+    drain_plan = None      # a drain.DrainPlan once the node drains (node/draining.py)
+
+    @property
+    def draining(self) -> bool:
+        """Peers get no work from a draining node, and it takes none (node/drain.py)."""
+        return self.drain_plan is not None
+
     def _init_cluster(self) -> None:
         self.links: dict[str, PeerLink] = {}
         self.view = ClusterView(self.node_id.hex())     # peers, their room, offers out

@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT_S", "DRAIN_TIMEOUT_ENV", "REASON_PREEMPTION",
+__all__ = ["DEFAULT_DRAIN_TIMEOUT_S", "DRAIN_TIMEOUT_ENV", "DRAIN_TIMEOUT_HELP", "REASON_PREEMPTION",
            "REASON_IDLE_TERMINATION", "DrainPlan", "NodeLifecycle", "drain_progress",
            "drain_timeout"]
 
@@ -38,6 +38,10 @@ __all__ = ["DEFAULT_DRAIN_TIMEOUT_S", "DRAIN_TIMEOUT_ENV", "REASON_PREEMPTION",
 # node a few seconds to revoke its lease and stop its workers.
 DEFAULT_DRAIN_TIMEOUT_S = 25.0
 DRAIN_TIMEOUT_ENV = "MESHRAY_DRAIN_TIMEOUT_S"
+DRAIN_TIMEOUT_HELP = ("on SIGTERM/SIGINT the node drains: it takes no new work, hands queued "
+                      "tasks to peers and gives running ones this many seconds (default: "
+                      f"{DRAIN_TIMEOUT_ENV}, else {DEFAULT_DRAIN_TIMEOUT_S:g}); a second "
+                      "signal stops it at once")
 REASON_PREEMPTION = "DRAIN_NODE_REASON_PREEMPTION"
 REASON_IDLE_TERMINATION = "DRAIN_NODE_REASON_IDLE_TERMINATION"
 

@@ -32,13 +32,7 @@ _BUSY_STATES = frozenset({"running", "assigned"})
 
 
 class DrainDuties:
-    """Mixed into NodeDaemon."""
-
-    drain_plan: drain.DrainPlan | None = None
-
-    @property
-    def draining(self) -> bool:
-        return self.drain_plan is not None
+    """Mixed into NodeDaemon (``drain_plan`` and ``draining`` live on ClusterDuties)."""
 
     def request_drain(self, timeout_s: float, *, reason: str = drain.REASON_PREEMPTION,
                       reason_message: str = "") -> bool:

@@ -20,6 +20,7 @@ import sys
 import time
 
 from meshray.common.heap import settle_heap
+from meshray.node.drain import DRAIN_TIMEOUT_HELP
 
 __all__ = ["main"]
 
@@ -76,9 +77,7 @@ def _parse(argv):
     parser.add_argument("--memory", type=_bytes, default=None,
                         help="bytes of memory tasks may reserve (Ray's `memory` resource; "
                              "default: 70%% of this machine's memory)")
-    parser.add_argument("--drain-timeout", type=_seconds, default=None,
-                        help="seconds running tasks get to finish after SIGTERM (default: "
-                             "MESHRAY_DRAIN_TIMEOUT_S, else 25); a second signal stops at once")
+    parser.add_argument("--drain-timeout", type=_seconds, default=None, help=DRAIN_TIMEOUT_HELP)
     parser.add_argument("--cli", action="store_true", help="started by `meshray start`")
     return parser.parse_args(argv)
 

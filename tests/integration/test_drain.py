@@ -107,29 +107,28 @@ def test_sigterm_drains_running_work_hands_back_queued_and_revokes_the_lease(clu
     assert time.monotonic() - began < 60 + 10     # the drain timeout, plus the stop
 
 
-def test_drain_deadline_ends_a_task_that_does_not_finish(cluster, tmp_path):
-    drained = cluster.add_node(num_cpus=1, env={DRAIN_TIMEOUT_ENV: "5"})
+def _drain_with_a_stuck_task(cluster, tmp_path, drain_timeout: str):
+    """A node running a task that never ends, told to drain; (node, ray, task ref)."""
+    drained = cluster.add_node(num_cpus=1, env={DRAIN_TIMEOUT_ENV: drain_timeout})
     ray = cluster.connect()
     started, gate = str(tmp_path / "started"), str(tmp_path / "never")
     stuck = ray.remote(num_cpus=1, max_retries=0)(_gated).remote(started, gate)
     wait_for(lambda: os.path.exists(started), timeout=60, message="the task started")
     os.kill(drained.pid, signal.SIGTERM)
-    wait_for(lambda: (_record(cluster, drained) or {}).get("Draining"), timeout=5,
+    wait_for(lambda: (_record(cluster, drained) or {}).get("Draining"), timeout=10,
              message="the node drains")
+    return drained, ray, stuck
+
+
+def test_drain_deadline_ends_a_task_that_does_not_finish(cluster, tmp_path):
+    drained, ray, stuck = _drain_with_a_stuck_task(cluster, tmp_path, "5")
     assert _exit_code(drained, timeout=30) == 0      # 5 s drain, then the stop
     with pytest.raises((ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)):
         ray.get(stuck, timeout=60)
 
 
 def test_second_sigterm_stops_a_draining_node_at_once(cluster, tmp_path):
-    drained = cluster.add_node(num_cpus=1, env={DRAIN_TIMEOUT_ENV: "300"})
-    ray = cluster.connect()
-    started, gate = str(tmp_path / "started"), str(tmp_path / "never")
-    ray.remote(num_cpus=1, max_retries=0)(_gated).remote(started, gate)
-    wait_for(lambda: os.path.exists(started), timeout=60, message="the task started")
-    os.kill(drained.pid, signal.SIGTERM)
-    wait_for(lambda: (_record(cluster, drained) or {}).get("Draining"), timeout=20,
-             message="the node drains")
+    drained, _ray, _stuck = _drain_with_a_stuck_task(cluster, tmp_path, "300")
     os.kill(drained.pid, signal.SIGTERM)
     # Far below the 300 s drain timeout: the second signal ended the drain.
     assert _exit_code(drained, timeout=60) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import closing
 
 import pytest
 
@@ -30,18 +31,12 @@ def test_enable_auth_turns_on_the_derived_login_once(etcd, tmp_path):
     assert first.returncode == 0, first.stderr
     assert "etcd auth enabled for user 'root'" in first.stdout
 
-    member = Coordinator([etcd.endpoint], timeout=5,
-                         **security.etcd_client_options(token=TOKEN, environ={}))
-    try:
+    login = security.etcd_client_options(token=TOKEN, environ={})
+    with closing(Coordinator([etcd.endpoint], timeout=5, **login)) as member:
         member.put("/k8s-setup-probe", b"1")
-    finally:
-        member.close()
-    anonymous = Coordinator([etcd.endpoint], timeout=5)
-    try:
-        with pytest.raises(AuthError):
-            anonymous.get("/k8s-setup-probe")
-    finally:
-        anonymous.close()
+    with closing(Coordinator([etcd.endpoint], timeout=5)) as anonymous, \
+            pytest.raises(AuthError):
+        anonymous.get("/k8s-setup-probe")
 
     again = _setup(etcd.endpoint, str(token_file))
     assert again.returncode == 0 and "already enabled" in again.stdout
