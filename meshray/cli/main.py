@@ -1,5 +1,5 @@
 """`meshray start | stop | status | list | get | summary | timeline | logs | run | metrics |
-etcd-credentials | microbenchmark | chaos`."""
+etcd-credentials | health-check | microbenchmark | chaos`."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _cmd_start(args) -> int:
@@ -33,6 +33,10 @@ def _cmd_start(args) -> int:
                          client_auth=args.tls_client_auth,
                          server_name=args.tls_server_name)
                if (args.tls_cert or args.tls_key or args.tls_ca) else TlsConfig.from_env())
+        from meshray.node.drain import drain_timeout
+        drain_timeout(args.drain_timeout)
+        if args.memory is not None and args.memory <= 0:
+            raise ValueError(f"--memory={args.memory}: expected a number of bytes > 0")
     except (ValueError, TypeError) as exc:
         print(f"meshray start: {exc}", file=sys.stderr)
         return 2
@@ -49,7 +53,8 @@ def _cmd_start(args) -> int:
         object_store_memory=args.object_store_memory, host=args.host, port=args.port,
         token=token, session_dir=None, tie_to_parent=False, cli=True,
         lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host,
-        metrics_export_port=args.metrics_export_port, dashboard_port=args.dashboard_port)
+        metrics_export_port=args.metrics_export_port, dashboard_port=args.dashboard_port,
+        memory=args.memory, drain_timeout=args.drain_timeout)
     node.owns_session_dir = False  # the daemon removes its own session dir on exit
     token_path = os.path.join(node.session_dir, "token")
     print(f"meshray node {node.node_id} started (pid {node.pid})")
@@ -67,7 +72,9 @@ def _cmd_start(args) -> int:
             node.process.send_signal(signum)
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
-        node.process.wait()
+        code = node.process.wait()
+        # The daemon's own status (0 after a drain); 128+N when a signal killed it.
+        return code if code >= 0 else 128 - code
     del registry
     return 0
 
@@ -232,12 +239,53 @@ def _cmd_etcd_credentials(args) -> int:
               "MESHRAY_TOKEN / MESHRAY_TOKEN_FILE)", file=sys.stderr)
         return 2
     password = security.etcd_password(token)
+    if args.enable_auth:
+        return _enable_etcd_auth(args.enable_auth, args.user, password, args.timeout)
     if args.password_only:
         print(password)
     else:
         print(f"user: {args.user}")
         print(f"password: {password}")
     return 0
+
+
+def _enable_etcd_auth(endpoints: str, user: str, password: str, timeout: float) -> int:
+    """Create `user` (role root) with the derived password on an etcd the
+    operator runs and turn auth on; idempotent, retried until `timeout`
+    while the members come up (a Kubernetes Job runs it, docs/kubernetes.md)."""
+    from meshray.coordination.etcd_auth import EtcdAuthError, enable_root_auth, gateway_request
+    members = [e.strip() for e in endpoints.split(",") if e.strip()]
+    if not members:
+        print(f"meshray etcd-credentials: --enable-auth={endpoints!r}: expected "
+              "HOST:PORT[,HOST:PORT]", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + timeout
+    attempt = 0
+    while True:
+        endpoint = members[attempt % len(members)]
+        attempt += 1
+        try:
+            request = gateway_request(endpoint, timeout=min(10.0, max(1.0, timeout)))
+            turned_on = enable_root_auth(request, user, password, endpoint)
+        except ValueError as exc:
+            print(f"meshray etcd-credentials: {exc}", file=sys.stderr)
+            return 2
+        except EtcdAuthError as exc:
+            if not exc.retryable:
+                print(f"meshray etcd-credentials: {exc}", file=sys.stderr)
+                return 1
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot reach etcd at {endpoint}: {exc}"
+        else:
+            print(f"etcd auth {'enabled' if turned_on else 'already enabled'} for user "
+                  f"{user!r} at {endpoint}")
+            return 0
+        if time.monotonic() >= deadline:
+            print(f"meshray etcd-credentials: gave up after {timeout:g}s: {error}",
+                  file=sys.stderr)
+            return 1
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def _cmd_chaos(chaos_argv: list[str]) -> int:
@@ -251,10 +299,8 @@ def _cmd_chaos(chaos_argv: list[str]) -> int:
     return chaos_main(chaos_argv, prog="meshray chaos")
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["chaos"]:       # everything after `chaos` is the harness's to parse
-        return _cmd_chaos(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The `meshray` command line (tests parse the Kubernetes manifests' with it)."""
     parser = argparse.ArgumentParser(prog="meshray", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -265,6 +311,9 @@ def main(argv=None) -> int:
     start.add_argument("--resources", default="", help='JSON, e.g. \'{"custom": 2}\'')
     start.add_argument("--labels", default="", help="JSON object of node labels")
     start.add_argument("--object-store-memory", type=int)
+    start.add_argument("--memory", type=int, default=None,
+                       help="bytes of memory tasks may reserve (Ray's `memory` resource; "
+                            "default: 70%% of this machine's memory)")
     start.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     start.add_argument("--port", type=int, default=0)
     start.add_argument("--advertise-host", default="",
@@ -288,6 +337,8 @@ def main(argv=None) -> int:
     start.add_argument("--etcd-password-file", help="file holding the etcd password "
                        "(or MESHRAY_ETCD_PASSWORD[_FILE])")
     start.add_argument("--lease-ttl", type=float)
+    from meshray.node.drain import DRAIN_TIMEOUT_HELP
+    start.add_argument("--drain-timeout", type=float, default=None, help=DRAIN_TIMEOUT_HELP)
     start.add_argument("--metrics-export-port", type=int, default=None,
                        help="port of the node's Prometheus endpoint, on --host (default: a "
                             "free port; meshray.nodes() shows it as MetricsExportPort)")
@@ -301,7 +352,9 @@ def main(argv=None) -> int:
     start.set_defaults(func=_cmd_start)
 
     stop = commands.add_parser("stop", help="stop the nodes `meshray start` started here")
-    stop.add_argument("--grace-period", type=float, default=10.0)
+    stop.add_argument("--grace-period", type=float, default=30.0,
+                      help="seconds a node may drain before it is killed (default 30: "
+                           "above the nodes' default 25 s drain)")
     stop.set_defaults(func=_cmd_stop)
 
     status = commands.add_parser("status", help="show nodes and resources")
@@ -343,6 +396,13 @@ def main(argv=None) -> int:
                              help="user name to print (default: MESHRAY_ETCD_USER or root)")
     credentials.add_argument("--password-only", action="store_true",
                              help="print just the password (for scripts)")
+    credentials.add_argument("--enable-auth", metavar="HOST:PORT[,HOST:PORT]",
+                             help="instead of printing: create the user (role root) on the "
+                                  "etcd at these endpoints (plain HTTP) and turn auth on; "
+                                  "does nothing when the login already works")
+    credentials.add_argument("--timeout", type=float, default=120.0,
+                             help="with --enable-auth: seconds to keep trying while etcd "
+                                  "comes up (default 120)")
     credentials.set_defaults(func=_cmd_etcd_credentials)
 
     from meshray.cli import logs, microbenchmark
@@ -351,6 +411,9 @@ def main(argv=None) -> int:
 
     from meshray.cli import metrics as metrics_cli
     metrics_cli.add_parser(commands)
+
+    from meshray.cli import health as health_cli
+    health_cli.add_parser(commands)
 
     from meshray.cli import jobs as jobs_cli
     jobs_cli.add_parser(commands)
@@ -363,6 +426,14 @@ def main(argv=None) -> int:
     chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
     chaos.set_defaults(func=lambda args: _cmd_chaos(args.chaos_args))
 
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["chaos"]:       # everything after `chaos` is the harness's to parse
+        return _cmd_chaos(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -47,7 +47,7 @@ from typing import Sequence
 
 from meshray.common.death_signal import death_signal_prefix
 
-from .etcd_auth import EtcdAuthError, enable_root_auth
+from .etcd_auth import EtcdAuthError, enable_root_auth, exchange_json
 from .etcd_release import (ETCD_BIN_ENV, check_release, corrupt_check_args, etcd_version,
                            find_etcd_binary)
 
@@ -132,17 +132,7 @@ def _http_json(host: str, port: int, method: str, path: str,
                unix_path: str | None = None) -> tuple[int, dict]:
     conn = (_UnixHTTPConnection(unix_path, timeout) if unix_path
             else http.client.HTTPConnection(host, port, timeout=timeout))
-    try:
-        conn.request(method, path, body=body,
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(data or b"{}")
-    except ValueError:
-        return resp.status, {}
+    return exchange_json(conn, method, path, body)
 
 
 class EmbeddedEtcd:

@@ -15,9 +15,12 @@ fresh member is set up on, and the decisions can be tested without etcd.
 
 from __future__ import annotations
 
+import http.client
+import json
 from typing import Callable
 
-__all__ = ["EtcdAuthError", "login_outcome", "enable_root_auth"]
+__all__ = ["EtcdAuthError", "login_outcome", "enable_root_auth", "exchange_json",
+           "gateway_request"]
 
 ROOT_ROLE = "root"
 
@@ -101,3 +104,32 @@ def enable_root_auth(request: Request, user: str, password: str, where: str) -> 
         raise EtcdAuthError(f"etcd at {where} enabled auth but refuses the login it was set "
                             f"up with: HTTP {status}: {_message(body)}")
     return True
+
+
+def gateway_request(endpoint: str, timeout: float) -> Request:
+    """A ``request`` for the JSON gateway of the member at ``host:port``
+    (plain HTTP: a member that demands TLS from clients is set up with
+    etcdctl instead, docs/kubernetes.md)."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"etcd endpoint {endpoint!r}: expected HOST:PORT")
+
+    def request(path: str, body: dict) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+        return exchange_json(conn, "POST", path, json.dumps(body).encode())
+    return request
+
+
+def exchange_json(conn: http.client.HTTPConnection, method: str, path: str,
+                  body: bytes | None) -> tuple[int, dict]:
+    """(status, JSON answer or {}) of one request on `conn`, which it closes."""
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        data = answer.read()
+    finally:
+        conn.close()
+    try:
+        return answer.status, json.loads(data or b"{}")
+    except ValueError:
+        return answer.status, {}

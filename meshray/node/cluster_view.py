@@ -94,9 +94,10 @@ class ClusterView:
             if backlog_for is not None and load is not None:
                 room = peer_load.with_backlog(room, total, backlog_for, peer_load.backlog_left(
                     load.backlog_room, len(offers)))
+            # A draining peer (node/drain.py) is a member but no candidate.
             views[node_hex] = policy.NodeView(
-                node_hex, ResourceSet.from_dict(total), ResourceSet.from_dict(room), True,
-                record.get("Labels", {}))
+                node_hex, ResourceSet.from_dict(total), ResourceSet.from_dict(room),
+                not record.get("Draining"), record.get("Labels", {}))
         views[self.node_hex] = local
         return views
 

@@ -26,9 +26,11 @@ from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
+from meshray.node.draining import DrainDuties
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.dashboard import Dashboard
+from meshray.node.health import health_routes
 from meshray.node.http_api import HttpApi
 from meshray.node.job_api import JobApi
 from meshray.node.liveness import PeerLiveness
@@ -115,7 +117,7 @@ def env_key_for(env_vars: dict) -> str:
 
 
 class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
-                 pb_grpc.NodeServiceServicer):
+                 DrainDuties, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -164,6 +166,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
         self.jobs = JobApi(self)                              # node/job_api.py
         self.http.add_routes(self.jobs.routes() + Dashboard(self).routes())  # node/dashboard.py
+        self.http.add_routes(health_routes(self))            # node/health.py: public probes
         self.routes = node_routes(self)
         self.memory_monitor = MemoryMonitor(self)     # node/memory_monitor.py
 
@@ -743,7 +746,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     # ------------------------------------------------------------ questions
     def local_node_record(self) -> dict:
-        return {
+        record = {
             "NodeID": self.node_id.hex(),
             "Alive": True,
             "NodeManagerAddress": self.config.host,
@@ -753,6 +756,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             "MetricsExportPort": self.metrics.port,
             "DashboardPort": self.http.port,
         }
+        if self.drain_plan is not None:
+            record["Draining"] = self.drain_plan.record()   # peers stop offering it work
+        return record
 
     async def _ask_store_stats(self, conn, payload: dict) -> dict:
         """This node's object store counters: capacity, bytes used, reservations..."""

@@ -30,7 +30,9 @@ class TaskDispatch:
         self._place_or_queue(task)
 
     def _schedule(self) -> None:
-        """Dispatch queued tasks while resources and workers allow."""
+        """Dispatch queued tasks while resources and workers allow (none while draining)."""
+        if self.draining:
+            return
         if self.bundles:
             self._take_bundles()
         waiting = False

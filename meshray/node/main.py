@@ -20,6 +20,7 @@ import sys
 import time
 
 from meshray.common.heap import settle_heap
+from meshray.node.drain import DRAIN_TIMEOUT_HELP
 
 __all__ = ["main"]
 
@@ -73,8 +74,31 @@ def _parse(argv):
     parser.add_argument("--dashboard-port", type=lambda text: _port(text, "--dashboard-port"),
                         default=None, help="port of the HTTP API (jobs) on --host (default: "
                                            "8265, or a free port when taken)")
+    parser.add_argument("--memory", type=_bytes, default=None,
+                        help="bytes of memory tasks may reserve (Ray's `memory` resource; "
+                             "default: 70%% of this machine's memory)")
+    parser.add_argument("--drain-timeout", type=_seconds, default=None, help=DRAIN_TIMEOUT_HELP)
     parser.add_argument("--cli", action="store_true", help="started by `meshray start`")
     return parser.parse_args(argv)
+
+
+def _bytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--memory={text!r}: expected a number of bytes > 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    from meshray.node.drain import drain_timeout
+    try:
+        return drain_timeout(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--drain-timeout={text!r}: expected a finite number of seconds >= 0") from None
 
 
 def node_resources(args, gpus) -> dict:
@@ -94,7 +118,8 @@ def node_resources(args, gpus) -> dict:
     if num_gpus:
         resources["GPU"] = float(num_gpus)
     store = args.object_store_memory or default_capacity()
-    resources["memory"] = float(int(psutil.virtual_memory().total * 0.7))
+    memory = getattr(args, "memory", None)
+    resources["memory"] = float(memory if memory else int(psutil.virtual_memory().total * 0.7))
     resources["object_store_memory"] = float(store)
     resources[f"node:{args.host}"] = 1.0
     if gpus:
@@ -112,11 +137,12 @@ async def _run(args) -> int:
     from meshray import security
     from meshray.accelerators.nvidia import detect_gpus
     from meshray.common import ids
-    from meshray.node import registry
+    from meshray.node import drain, registry
     from meshray.node.daemon import NodeConfig, NodeDaemon
     from meshray.node.membership import Membership
 
     loop = asyncio.get_running_loop()
+    drain_timeout = drain.drain_timeout(args.drain_timeout)   # a bad setting fails at start
     # Refuse a run dir someone else controls before starting anything; the
     # record written there at the end of startup is what `meshray stop` and
     # init(address="auto") act on.
@@ -203,8 +229,23 @@ async def _run(args) -> int:
         os.write(args.ready_fd, (json.dumps(record) + "\n").encode())
         os.close(args.ready_fd)
 
+    # `meshray start` nodes drain on the first stop signal (node/drain.py);
+    # nodes of a private or test cluster only when a drain timeout is set.
+    drains = args.cli or args.drain_timeout is not None or bool(
+        os.environ.get(drain.DRAIN_TIMEOUT_ENV))
+    lifecycle = drain.NodeLifecycle()
+
+    def on_stop_signal(signum: int) -> None:
+        action = lifecycle.on_signal(drain=drains)
+        if action == "drain":
+            daemon.request_drain(drain_timeout, reason_message=signal.Signals(signum).name)
+        elif action == "stop":
+            if daemon.draining:
+                log.warning("second stop signal: stopping node %s now", node_id.hex())
+            daemon.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(sig, on_stop_signal, sig)
     if args.parent_fd >= 0:
         def parent_gone():
             try:

@@ -52,6 +52,7 @@ class Membership:
         self._nodes_view = None
         self._avail_view = None
         self._registered = threading.Event()
+        self._republish = threading.Event()   # the node record changed (a drain began)
         self._stop = threading.Event()
         self._seen_nodes: dict[str, dict] = {}
         self._thread = threading.Thread(target=self._run, name="meshray-membership", daemon=True)
@@ -110,6 +111,10 @@ class Membership:
         """Whether this node holds its lease and its record is published."""
         return self._registered.is_set()
 
+    def republish_record(self) -> None:
+        """Write the node record again (from the daemon) on the next publish round."""
+        self._republish.set()
+
     def poke_placer(self) -> None:
         self.placer.poke()
 
@@ -119,14 +124,18 @@ class Membership:
         return self.pg_view.records, self.pg_view.own_alloc
 
     def _live_node_ids(self) -> list[str]:
+        """Members that may take placement-group bundles (a draining node may not)."""
         if self._nodes_view is None:
             return []
         out = []
-        for key in self._nodes_view.snapshot():
+        for key, entry in self._nodes_view.snapshot().items():
             try:
-                out.append(self.keys.parse_node(key))
+                node_hex = self.keys.parse_node(key)
+                record = self._decode(entry)
             except ValueError:
                 continue
+            if not (isinstance(record, dict) and record.get("Draining")):
+                out.append(node_hex)
         return out
 
     def note_location(self, object_id: bytes, present: bool) -> None:
@@ -290,13 +299,9 @@ class Membership:
                                   on_lost=lambda _id: lost.set(), lapse_is_loss=False)
         self._lease_lost = lost
         lease_id = self._lease.lease_id
-        record = self._daemon.local_node_record()
-        record["Hostname"] = socket.gethostname()
-        record["Address"] = self._daemon.address
-        record["StartedAt"] = time.time()
-        record["LeaseID"] = lease_id   # alloc/<node> rides on the same lease
-        self.coordinator.put(self.keys.node(self._daemon.node_id), keyspace.encode_json(record),
-                             lease=lease_id)
+        self._republish.clear()
+        self._started_at = time.time()
+        self._put_record()
         self._published = self._daemon.resources.available.to_dict()
         self.coordinator.put(self.keys.avail(self._daemon.node_id),
                              keyspace.encode_json(self._published), lease=lease_id)
@@ -305,6 +310,15 @@ class Membership:
         self._registered.set()
         self._view_changed()
         log.info("registered node %s with lease %x", self._daemon.node_id.hex(), lease_id)
+
+    def _put_record(self) -> None:
+        record = self._daemon.local_node_record()
+        record["Hostname"] = socket.gethostname()
+        record["Address"] = self._daemon.address
+        record["StartedAt"] = self._started_at
+        record["LeaseID"] = self._lease.lease_id   # alloc/<node> rides on the same lease
+        self.coordinator.put(self.keys.node(self._daemon.node_id), keyspace.encode_json(record),
+                             lease=self._lease.lease_id)
 
     def _extend_fence(self) -> None:
         fence = getattr(self._daemon, "fence", None)
@@ -325,6 +339,13 @@ class Membership:
             if self._lease_lost.is_set():
                 return
             try:
+                if self._republish.is_set():
+                    self._republish.clear()
+                    try:
+                        self._put_record()
+                    except Exception:
+                        self._republish.set()     # written on a later round
+                        raise
                 self._publish_locations()
                 current = self._daemon.resources.available.to_dict()
                 if current != self._published:
@@ -354,13 +375,13 @@ class Membership:
             f"after {VIEW_WAIT_S:.0f}s")
 
     @staticmethod
-    def _values(view) -> dict:
-        snapshot = view.snapshot()
-        out = {}
-        for key, entry in snapshot.items():
-            value = entry[0] if isinstance(entry, tuple) else getattr(entry, "value", entry)
-            out[key] = keyspace.decode_json(value)
-        return out
+    def _decode(entry):
+        value = entry[0] if isinstance(entry, tuple) else getattr(entry, "value", entry)
+        return keyspace.decode_json(value)
+
+    @classmethod
+    def _values(cls, view) -> dict:
+        return {key: cls._decode(entry) for key, entry in view.snapshot().items()}
 
     def _alive_records(self) -> dict[str, dict]:
         self._wait_view()

@@ -48,11 +48,17 @@ class PeerLink:
         self.functions_sent: set[bytes] = set()   # function bytes this peer already has
         self._wakeup = asyncio.Event()
         self._closed = False
+        self._delivering = False
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
 
     def channel_state(self):
         """The connection's state, without triggering a connect (liveness.py polls it)."""
         return self._channel.get_state(try_to_connect=False)
+
+    @property
+    def pending(self) -> bool:
+        """Whether events wait to be sent or a batch is on its way (a drain waits for it)."""
+        return not self._closed and (bool(self._queue) or self._delivering)
 
     def send(self, event: pb.PeerEvent) -> None:
         if self._closed:
@@ -67,6 +73,7 @@ class PeerLink:
             self._wakeup.clear()
             while self._queue and not self._closed:
                 batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                self._delivering = True
                 try:
                     await self._deliver(batch)
                     delay = 0.05
@@ -81,6 +88,8 @@ class PeerLink:
                                 self.node_hex, self.address, exc.code().name)
                     await asyncio.sleep(delay * (1 + random.random()))
                     delay = min(delay * 2, 2.0)
+                finally:
+                    self._delivering = False
 
     async def _deliver(self, events: list) -> None:
         message = pb.PeerBatch(from_node=self._local_node_id, events=events)

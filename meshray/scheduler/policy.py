@@ -411,7 +411,7 @@ def _decide_affinity(request, nodes, local_node_id, s: NodeAffinitySchedulingStr
     if target is None:
         problem = f"node {s.node_id} is not a known member of the cluster"
     elif not target.alive:
-        problem = f"node {s.node_id} is dead"
+        problem = f"node {s.node_id} is dead or draining"
     elif not filters.ok(target):
         problem = f"node {s.node_id} does not match the label constraints"
     elif not _fits(need, target.total):
