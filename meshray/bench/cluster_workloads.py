@@ -48,19 +48,20 @@ def settled(history, quiet_s: float = SETTLE_QUIET_S,
     """Whether a process tree has stopped changing.
 
     `history` is a list of (seconds, frozenset of pids, total RSS) readings,
-    oldest first. Settled means: watched for at least `quiet_s`, and every
-    reading in the last `quiet_s` has the latest set of processes and an RSS
-    within `tolerance` of the latest. A runtime prestarts workers and they
-    import for a while after init() returns; measuring before that would
-    flatter whichever runtime starts them later.
+    oldest first. Settled means: every reading since the last one at least
+    `quiet_s` old has the latest set of processes and an RSS within
+    `tolerance` of the latest (so nothing changed for `quiet_s`). A runtime
+    prestarts workers and they import for a while after init() returns;
+    measuring before that would flatter whichever runtime starts them later.
     """
     if not history:
         return False
     now, pids, rss = history[-1]
-    if now - history[0][0] < quiet_s:
-        return False
+    old = [i for i, (when, _, _) in enumerate(history) if when <= now - quiet_s]
+    if not old:
+        return False  # not watched for quiet_s yet
     return all(other == pids and abs(size - rss) <= tolerance * rss
-               for when, other, size in history if when >= now - quiet_s)
+               for _, other, size in history[old[-1]:])
 
 
 def _parents() -> dict:
