@@ -187,14 +187,18 @@ def _emit(path: str, event: dict) -> None:
         handle.flush()
 
 
-def _probe_init(runtime: str, num_cpus: int) -> int:
-    """One fresh-process startup measurement (see workloads.init_probe)."""
+def _probe(runtime: str, name: str, num_cpus: int) -> int:
+    """One fresh-process measurement (workloads.PROBES), printed as JSON."""
     _prepare_environment(runtime)
     start = time.perf_counter()
     rt = importlib.import_module(runtime)
     import_s = time.perf_counter() - start
-    elapsed = _load_workloads().init_probe(rt, num_cpus)
-    print(json.dumps({"import_s": import_s, "init_to_first_result_s": elapsed}), flush=True)
+    probes = _load_workloads().PROBES
+    if name not in probes:
+        print(f"unknown probe {name!r}; known: {sorted(probes)}", file=sys.stderr)
+        return 2
+    result = {"import_s": import_s, **probes[name](rt, num_cpus)}
+    print(json.dumps(result), flush=True)
     return 0
 
 
@@ -209,11 +213,11 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int)
     parser.add_argument("--duration", type=float)
     parser.add_argument("--warmup", type=float)
-    parser.add_argument("--probe-init", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.probe_init:
-        return _probe_init(args.runtime, args.num_cpus)
+    if args.probe:
+        return _probe(args.runtime, args.probe, args.num_cpus)
 
     def emit(event):
         if args.events:

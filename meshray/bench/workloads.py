@@ -21,6 +21,7 @@ Constraints this module lives under, and why:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -41,6 +42,10 @@ __all__ = [
     "ROW_NAMES",
     "select",
     "init_probe",
+    "run_probe",
+    "PROBES",
+    "LOWER_IS_BETTER",
+    "WORKLOAD_MODULES",
 ]
 
 
@@ -119,7 +124,7 @@ class Sampled:
 @dataclass(frozen=True)
 class Workload:
     name: str
-    unit: str                    # "ops/s", "GB/s" or "s"
+    unit: str                    # "ops/s", "GB/s", or one of LOWER_IS_BETTER
     prepare: Callable[[Context], object]
     needs_session: bool = True   # runs inside the shared init() session
     max_runs: Optional[int] = None
@@ -127,6 +132,10 @@ class Workload:
 
 
 WORKLOADS: list[Workload] = []
+
+# Units where a smaller value is the better result (latencies, footprints);
+# every other unit is a rate. MB is 2**20 bytes, as ps and top count memory.
+LOWER_IS_BETTER = frozenset({"s", "ms", "MB"})
 
 
 def _workload(name: str, unit: str, note: str, *, needs_session: bool = True,
@@ -396,7 +405,7 @@ def _pg_latency(ctx: Context):
 
 
 # --------------------------------------------------------------------- startup
-def init_probe(rt: ModuleType, num_cpus: int) -> float:
+def init_probe(rt: ModuleType, num_cpus: int) -> dict:
     """Seconds from init() to the first task's result, in a process that has
     never initialised the runtime (the runner calls this in a fresh child)."""
     start = time.perf_counter()
@@ -409,7 +418,26 @@ def init_probe(rt: ModuleType, num_cpus: int) -> float:
     rt.get(first.remote())
     elapsed = time.perf_counter() - start
     rt.shutdown()
-    return elapsed
+    return {"init_to_first_result_s": elapsed}
+
+
+# Measurements that need a process of their own, in which the runtime was
+# never initialised: `runner.py --probe NAME` calls PROBES[NAME](rt, num_cpus)
+# and prints the dict it returns (plus the runtime's import time).
+PROBES: dict[str, Callable[[ModuleType, int], dict]] = {"init": init_probe}
+
+
+def run_probe(ctx: Context, name: str, timeout: float = 180) -> dict:
+    """Run PROBES[name] in a fresh interpreter of the runtime under test."""
+    proc = subprocess.run(
+        [ctx.python, ctx.runner_path, "--runtime", ctx.runtime, "--probe", name,
+         "--num-cpus", str(ctx.num_cpus)],
+        capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} probe failed (rc {proc.returncode}): "
+                           f"{(proc.stderr or proc.stdout)[-800:]}")
+    return json.loads(lines[-1])
 
 
 @_workload("init to first result", "s",
@@ -419,15 +447,7 @@ def _init_to_first_result(ctx: Context):
     imports: list = []
 
     def sample():
-        proc = subprocess.run(
-            [ctx.python, ctx.runner_path, "--runtime", ctx.runtime, "--probe-init",
-             "--num-cpus", str(ctx.num_cpus)],
-            capture_output=True, text=True, timeout=180)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"init probe failed (rc {proc.returncode}): "
-                               f"{(proc.stderr or proc.stdout)[-800:]}")
-        result = json.loads(lines[-1])
+        result = run_probe(ctx, "init")
         imports.append(result["import_s"])
         return result["init_to_first_result_s"]
 
@@ -543,26 +563,43 @@ def _stop_cluster(ctx: Context, cluster) -> None:
         cluster.shutdown()
 
 
+def cluster_node_ids(cluster, added) -> list:
+    """The ids of a cluster's nodes, reported so that a check can tell that
+    the row left nothing of them behind (their stores, for one)."""
+    nodes = [cluster.head_node, *added]
+    return [getattr(node, "node_id", None) for node in nodes if node is not None]
+
+
+def three_node_tasks(ctx: Context, args: tuple) -> Timed:
+    """Ten-millisecond num_cpus=1 tasks, each given `args`, over three one-CPU nodes."""
+    rt = ctx.rt
+    cluster, added = _start_cluster(ctx, {"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}])
+    try:
+        @rt.remote(num_cpus=1)
+        def ten_ms(*payload):
+            time.sleep(0.01)
+            return rt.get_runtime_context().get_node_id(), sum(a.nbytes for a in payload)
+
+        n = ctx.size(60, 12)
+        sent = sum(a.nbytes for a in args)
+        warm = rt.get([ten_ms.remote(*args) for _ in range(n)], timeout=120)
+        if any(got != sent for _, got in warm):
+            raise RuntimeError(f"tasks saw argument bytes {sorted({g for _, g in warm})}, "
+                               f"expected {sent}")
+    except BaseException:
+        _stop_cluster(ctx, cluster)
+        raise
+    return Timed(lambda: rt.get([ten_ms.remote(*args) for _ in range(n)], timeout=120),
+                 per_call=n, cleanup=lambda: _stop_cluster(ctx, cluster),
+                 details={"nodes_used_in_warmup": len({node for node, _ in warm}),
+                          "node_ids": cluster_node_ids(cluster, added)})
+
+
 @_workload("tasks spilled across 3 local nodes", "ops/s",
            "3 one-CPU nodes; 60 tasks of num_cpus=1 sleeping 10 ms each, submitted from the "
            "head; the ideal is 300/s (100/s if nothing spills)", needs_session=False)
 def _spilled_tasks(ctx: Context):
-    rt = ctx.rt
-    cluster, _ = _start_cluster(ctx, {"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}])
-    try:
-        @rt.remote(num_cpus=1)
-        def ten_ms():
-            time.sleep(0.01)
-            return rt.get_runtime_context().get_node_id()
-
-        n = ctx.size(60, 12)
-        used = set(rt.get([ten_ms.remote() for _ in range(n)], timeout=120))
-    except BaseException:
-        _stop_cluster(ctx, cluster)
-        raise
-    return Timed(lambda: rt.get([ten_ms.remote() for _ in range(n)], timeout=120), per_call=n,
-                 cleanup=lambda: _stop_cluster(ctx, cluster),
-                 details={"nodes_used_in_warmup": len(used)})
+    return three_node_tasks(ctx, ())
 
 
 @_workload("1 GiB object transfer between two nodes", "GB/s",
@@ -663,6 +700,30 @@ def _node_failure_recovery(ctx: Context):
 
     return Sampled(sample, cleanup=cleanup)
 
+
+# --------------------------------------------------------------------- more rows
+# The one list of the modules that add rows to WORKLOADS, in table order. They
+# live next to this file and obey its constraints; each imports this module
+# for its helpers: relatively inside the meshray package, and by the name
+# runner._load_workloads gives this file when it loads it by path next to Ray.
+WORKLOAD_MODULES = ("latency_workloads", "cluster_workloads")
+
+
+def _load_workload_modules() -> None:
+    if __package__:
+        for name in WORKLOAD_MODULES:
+            importlib.import_module(f"{__package__}.{name}")
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in WORKLOAD_MODULES:
+        spec = importlib.util.spec_from_file_location(f"meshray_bench_{name}",
+                                                      os.path.join(here, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+
+
+_load_workload_modules()
 
 ROW_NAMES: list[str] = [w.name for w in WORKLOADS]
 

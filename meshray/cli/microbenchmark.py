@@ -255,7 +255,7 @@ def run_runtime(runtime: str, python: str, names: list, args, on_row=None) -> di
 def _fmt(value, unit: str) -> str:
     if value is None:
         return "-"
-    if unit in ("s", "GB/s"):
+    if unit in ("s", "ms", "GB/s"):
         return f"{value:.3g}"
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
@@ -288,7 +288,8 @@ def compare(mesh_rows: list, ray_rows: list) -> list:
         if (ray is not None and mesh["status"] == "ok" and ray["status"] == "ok"
                 and ray["value"]):
             ratio = mesh["value"] / ray["value"]
-            speed = 1 / ratio if mesh["unit"] == "s" else ratio  # >1: meshray better
+            # >1: meshray better
+            speed = 1 / ratio if mesh["unit"] in workloads_mod.LOWER_IS_BETTER else ratio
             if abs(speed - 1) <= SAME_BAND:
                 better = "≈"
             else:

@@ -55,7 +55,7 @@ def _run_cli(tmp_path, *extra, timeout=50):
 
 
 def test_quick_run_reports_every_row(tmp_path):
-    proc, report = _run_cli(tmp_path)
+    proc, report = _run_cli(tmp_path, timeout=150)
     assert report is not None, proc.stdout + proc.stderr
     rows = report["runtimes"]["meshray"]["rows"]
     assert [r["name"] for r in rows] == ROW_NAMES
@@ -73,6 +73,18 @@ def test_quick_run_reports_every_row(tmp_path):
     core_rows = {"single client tasks sync", "single client put calls (Plasma Store)",
                  "single client get calls (Plasma Store)", "init to first result"}
     assert all(r["status"] == "ok" for r in rows if r["name"] in core_rows)
+    by_name = {r["name"]: r for r in rows}
+    # A fresh runtime is at least the driver, etcd, a node daemon and a worker.
+    assert by_name["idle memory of a fresh local runtime"]["details"]["processes"][0] >= 4
+    for readers in (1, 2, 4):
+        row = next(r for r in rows if r["name"].startswith(f"1 GiB object transfer, {readers} "))
+        assert [len(times) for times in row["details"]["reader_seconds"]] == [readers], row
+        assert len(set(row["details"]["node_ids"])) == readers + 1, row
+    # Every node a multi-node row started is gone, its object store included.
+    node_ids = [n for r in rows for n in r["details"].get("node_ids", [])]
+    assert node_ids and all(node_ids)
+    left = [n for n in node_ids if os.path.exists(f"/dev/shm/meshray-{n[:12]}")]
+    assert not left, f"object stores left behind by nodes {left}"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "single client tasks sync" in proc.stdout
 
