@@ -24,7 +24,7 @@ the base's package list, or the checkout, is unchanged).
 
 It installs nothing. It needs root (debootstrap; and the host must reach the
 containers' addresses, which rootless podman does not give), podman with
-runc, and debootstrap; the podman settings it needs are in its own
+runc and catatonit, and debootstrap; the podman settings it needs are in its own
 containers.conf (CONTAINERS_CONF), so the system's is left alone. Exit
 codes: 0 every check passed, 1 a check failed, 77 this machine cannot run
 it (the reason, and how to fix it, on stderr).
@@ -51,7 +51,9 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 CONTAINERFILE = os.path.join(HERE, "Containerfile")
 
 SKIP = 77
-TOOLS = {"podman": "podman", "runc": "runc", "debootstrap": "debootstrap"}
+# catatonit is podman's --init (PID 1 that reaps orphaned workers, like
+# compose's `init: true`); Debian's podman only recommends it.
+TOOLS = ("podman", "runc", "debootstrap", "catatonit")
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "python3-venv", "etcd-server", "etcd-client")
@@ -75,7 +77,7 @@ default_ulimits = []
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 """
-INSTALL_HINT = ("as root on Debian/Ubuntu: apt-get install podman runc debootstrap "
+INSTALL_HINT = ("as root on Debian/Ubuntu: apt-get install podman runc debootstrap catatonit "
                 "(no other setup: this script brings its own containers.conf)")
 
 

@@ -3,10 +3,11 @@
 and the etcd leader to `podman kill`, see the node dead, run another job, and
 leave no container, network, volume or temp file behind.
 
-Skips, saying how to get the tools, where podman, runc or debootstrap are
-missing, when not root, or when the script finds that containers cannot start
-on this machine. The first run builds the base image with debootstrap (about
-80 s here) and keeps both images as a cache. MESHRAY_PODMAN_TEST=0 skips it.
+Skips, saying how to get the tools, where podman, runc, catatonit or
+debootstrap are missing, when not root, or when the script finds that
+containers cannot start on this machine. The first run builds the base image
+with debootstrap (about 80 s here) and keeps both images as a cache.
+MESHRAY_PODMAN_TEST=0 skips it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pytest
 from tests.helpers import REPO
 
 SCRIPT = os.path.join(REPO, "deploy", "podman", "run_cluster.py")
-INSTALL = "apt-get install podman runc debootstrap"
+INSTALL = "apt-get install podman runc debootstrap catatonit"
 LABEL = "io.meshray.podman"
 
 

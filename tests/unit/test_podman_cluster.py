@@ -26,7 +26,7 @@ def script():
 def test_missing_tools_names_each_absent_command(script):
     present = {"podman"}
     missing = script.missing_tools(which=lambda tool, path: tool if tool in present else None)
-    assert missing == ["runc", "debootstrap"]
+    assert missing == ["runc", "debootstrap", "catatonit"]
     assert script.missing_tools(which=lambda tool, path: "/usr/bin/" + tool) == []
 
 
