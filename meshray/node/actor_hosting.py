@@ -286,7 +286,18 @@ class ActorHosting:
                 continue
             failures = 0
             node = record.get("node_id", "")
-            if record.get("state") in ("DEAD", "UNKNOWN"):
+            if record.get("state") == "UNKNOWN":
+                # No record yet is not "no such actor": its creator queues the
+                # first record for etcd (_publish_actor) while the handle may
+                # already be in a task on this node. The creator, named by the
+                # actor id's prefix, knows the actor from the start.
+                creator = self.view.node_for_prefix(actor_id)
+                if creator is not None and creator != self.node_id.hex():
+                    remaining = max(0.0, deadline - loop.time())
+                    return await self.ask_peer(creator, "actor_info",
+                                               {**payload, "timeout": remaining}, remaining + 10)
+                return record
+            if record.get("state") == "DEAD":
                 return record
             if node == self.node_id.hex():
                 entry = self.actors.get(actor_id)

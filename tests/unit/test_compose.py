@@ -252,5 +252,5 @@ def test_dockerignore_keeps_secrets_out_of_the_image():
         patterns = {line.strip() for line in handle if line.strip() and not line.startswith("#")}
     for required in (".git", "secrets", "certs", "**/*.pem"):
         assert required in patterns, f".dockerignore must exclude {required}"
-    for needed in ("meshray", "pyproject.toml", "README.md", "examples", "scripts"):
+    for needed in ("meshray", "chaos", "pyproject.toml", "README.md", "examples", "scripts"):
         assert needed not in patterns, f".dockerignore excludes {needed}, which the build copies"
