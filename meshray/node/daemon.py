@@ -113,7 +113,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
+class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, PlacementDuties,
                  pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
@@ -152,13 +152,16 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self._crash_reports: set = set()     # _report_crash tasks, held until they finish
         self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
+        self.object_waiters: dict[bytes, list] = {}   # object id -> futures awaiting its value
         self._init_cluster()
-        self._init_env_setup()
         self._init_pg()
         self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
                                       self._advertised_host)
         self.state = state_records.state_service_for(self)
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
+        self.envs = EnvSetup(pool=lambda: self.pool, object_bytes=self._object_bytes,
+                             log_writer=self.log_writer, log_streams=self.log_streams,
+                             setup_ended=self._env_setup_ended)
         self.logs = log_service_for(self)
         self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
         self.jobs = JobApi(self)                              # node/job_api.py
@@ -197,7 +200,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                                session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
                                node_host=self.config.host, advertise_host=self._advertised_host(),
                                fence_path=self.fence.path, log_writer=self.log_writer)
-        self.pool.on_forget = lambda worker: worker.resolved_env.release(self.env_cache)
+        self.pool.on_forget = lambda worker: worker.resolved_env.release(self.envs.cache)
         count = self.config.prestart_workers
         if count is None:
             count = int(self.config.resources.get("CPU", 0))
@@ -702,6 +705,14 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
         self._finish_failed(task, error)
 
+    def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:
+        """A runtime env's setup ended: on failure the tasks waiting for its workers fail."""
+        if error is not None:
+            for waiting in [t for t in self.awaiting_worker if t.worker_key == worker_key]:
+                self.awaiting_worker.remove(waiting)
+                self._fail(waiting, error)
+        self._schedule()
+
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""
         if isinstance(owner, RemoteOwner):
@@ -728,7 +739,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         while not self._stopping.is_set():
             await asyncio.sleep(0.2)
             self.pool.reap()
-            self._reclaim_idle_env_workers()
+            self.envs.reclaim_idle_workers()
             for worker in list(self.pool.by_id.values()):
                 if worker.process.poll() is not None and worker.conn is None:
                     log.warning("worker pid %d exited with %s before connecting",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from meshray.common import ids
 from meshray.node import pipelining
 from meshray.node.task_lifecycle import TaskState
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -90,11 +89,7 @@ class TaskDispatch:
         wanted = sum(1 for t in self.awaiting_worker if t.worker_key == key)
         missing = wanted - self.pool.starting.get(key, 0)
         if missing > 0:
-            self._start_workers_for(task, missing)
-
-    @staticmethod
-    def _new_worker_id() -> bytes:
-        return ids.new_id()
+            self.envs.start_workers_for(task, missing)
 
     def _worker_free(self, worker: WorkerProcess) -> None:
         for index, task in enumerate(self.awaiting_worker):

@@ -33,8 +33,10 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import io
 import logging
 import os
+import pickle
 
 import grpc
 import tenacity
@@ -135,6 +137,13 @@ def decode_chunk(message) -> tuple:
     if pos != end:
         raise ValueError("an ObjectChunk's last field runs past the message's end")
     return fields[1], fields[2], fields[3]
+
+
+class _BytesOnly(pickle.Unpickler):
+    """Package bytes arrive pickled; refuse anything but plain data."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"runtime_env package holds {module}.{name}, not bytes")
 
 
 class _PullFailed(Exception):
@@ -350,6 +359,37 @@ class ObjectTransfer:
             # ChunkWriter takes a recycled file left at the path (resident pages).
             return self.store.reserve(object_id, size, recycled=True)
         return self.store.reserve(object_id, size)
+
+    async def _object_bytes(self, object_id: bytes) -> bytes:
+        """The bytes held by a put(bytes) object, wherever it lives."""
+        holder = "runtime_env"
+        self.objects.add_holder(object_id, holder)
+        try:
+            value = self.objects.get(object_id)
+            if value is None:
+                future = asyncio.get_running_loop().create_future()
+                self.object_waiters.setdefault(object_id, []).append(future)
+                self._apply(self.objects.subscribe(object_id, holder))
+                self._flush_borrows()
+                value = self.objects.get(object_id) or await asyncio.wait_for(future, 120)
+            if value.is_error:
+                raise exceptions.RuntimeEnvSetupError(
+                    f"the runtime_env package object {object_id.hex()} is an error value")
+            if value.in_store:
+                reply = await self._ask_restore(None, {"object_id": object_id.hex(),
+                                                       "location": value.location})
+                inband, buffers = layout.read_object(reply["path"])
+                data = pickle.loads(inband, buffers=buffers) if not buffers else bytes(buffers[0])
+                return bytes(data)
+            return _BytesOnly(io.BytesIO(value.inline_data)).load()
+        finally:
+            self._apply(self.objects.remove_holder(object_id, holder))
+            self._flush_borrows()
+
+    def _wake_object_waiters(self, object_id: bytes) -> None:
+        for future in self.object_waiters.pop(object_id, ()):
+            if not future.done():
+                future.set_result(self.objects.get(object_id))
 
     # ------------------------------------------------------------ copies
     def _copy_dropped(self, object_id: bytes) -> None:
