@@ -202,7 +202,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             self.queue.push(task, "accepted from a peer")   # spilled to us: it runs here
             return
         if task.bundle is None and pg_strategy(task.spec) is not None:
-            self._route_to_group(task)
+            self.placement.route_to_group(task)
             return
         decision = self._placement(task)
         kind = decision.kind
@@ -360,7 +360,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 task = TaskRecord.from_spec(spec, owner, self._env_key(spec),
                                             return_ids=self._return_ids(spec))
                 task.remote_args = list(msg.args)
-                if not self._bind_bundle(task):
+                if not self.placement.bind_bundle(task):
                     verdict.reason = "its placement-group bundle is not reserved on this node"
                     self._send_peer(origin, pb.PeerEvent(verdict=verdict))
                     return

@@ -113,7 +113,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, PlacementDuties,
+class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties,
                  pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
@@ -154,7 +154,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, Plac
         self._stopping = asyncio.Event()
         self.object_waiters: dict[bytes, list] = {}   # object id -> futures awaiting its value
         self._init_cluster()
-        self._init_pg()
+        self.placement = PlacementDuties(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
                                       self._advertised_host)
         self.state = state_records.state_service_for(self)
@@ -569,8 +569,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, Plac
             self._send_peer(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
                 object_id=ids.object_id_for(task.task_id, 1), force=force, recursive=recursive)))
         elif task.state == "waiting_group":
-            if task in self.pg_waiting:
-                self.pg_waiting.remove(task)
+            self.placement.drop_waiting(task)
             self._fail(task, error)
         elif task.state == "infeasible":
             if task in self.infeasible:
@@ -668,7 +667,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, Plac
         if task is None:
             return
         self._release(task)
-        if self._group_task_lost(task):
+        if self.placement.group_task_lost(task):
             return
         if task.cancelled:
             self._finish_failed(task, task.pg_error
@@ -705,6 +704,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, Plac
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
         self._finish_failed(task, error)
 
+    def on_pg_change(self) -> None:
+        """Membership saw our alloc record or a group record change."""
+        self.placement.on_change()
+
     def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:
         """A runtime env's setup ended: on failure the tasks waiting for its workers fail."""
         if error is not None:
@@ -721,7 +724,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, Plac
 
     def _job_ended(self, driver: Connection) -> None:
         """A driver left: drop its queued work and stop workers running it."""
-        self._remove_job_groups(driver.job_id)
+        self.placement.remove_job_groups(driver.job_id)
         for task in list(self.tasks.values()):
             if task.spec.job_id != driver.job_id:
                 continue

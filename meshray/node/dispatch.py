@@ -30,8 +30,8 @@ class TaskDispatch:
 
     def _schedule(self) -> None:
         """Dispatch queued tasks while resources and workers allow."""
-        if self.bundles:
-            self._take_bundles()
+        if self.placement.bundles:
+            self.placement.take_bundles()
         waiting = False
         for _key, tasks in self.queue.heads():
             while tasks:
@@ -62,7 +62,7 @@ class TaskDispatch:
 
     def _try_acquire(self, task: TaskRecord) -> bool:
         if task.bundle is not None:
-            return self._try_acquire_bundle(task)
+            return self.placement.try_acquire_bundle(task)
         # An actor must fit its placement request but only holds `hold`.
         if task.hold is not task.request and not self.resources.can_fit(task.request):
             return False
@@ -161,7 +161,7 @@ class TaskDispatch:
 
     def _release(self, task: TaskRecord) -> None:
         if task.acquired and task.bundle is not None:
-            self._release_bundle(task)
+            self.placement.release_bundle(task)
             task.acquired = False
         if task.acquired:
             lent = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)}) \

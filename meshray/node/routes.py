@@ -95,9 +95,9 @@ def node_routes(node) -> Routes:
         questions={
             "dump_events": node._ask_dump_events, "store_stats": node._ask_store_stats,
             "restore": node._ask_restore, "rebuild_object": node._ask_rebuild_object,
-            "pg_create": node._ask_pg_create, "pg_remove": node._ask_pg_remove,
-            "pg_get": node._ask_pg_get, "pg_get_by_name": node._ask_pg_get_by_name,
-            "pg_table": node._ask_pg_table, "actor_info": node._ask_actor_info,
+            "pg_create": node.placement.ask_create, "pg_remove": node.placement.ask_remove,
+            "pg_get": node.placement.ask_get, "pg_get_by_name": node.placement.ask_get_by_name,
+            "pg_table": node.placement.ask_table, "actor_info": node._ask_actor_info,
             "kill_actor": node._ask_kill_actor, "claim_actor_name": node._ask_claim_actor_name,
             "get_named_actor": node._ask_get_named_actor, "list_actors": node._ask_list_actors,
             "state_local": node.state.ask_local, "state_query": node.state.ask_cluster,
