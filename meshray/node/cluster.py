@@ -87,8 +87,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def _init_cluster(self) -> None:
         self.links: dict[str, PeerLink] = {}
         self.view = ClusterView(self.node_id.hex())     # peers, their room, offers out
-        self.pulls: dict[bytes, asyncio.Future] = {}
-        self.copies_sent: dict[bytes, set] = {}     # object id -> nodes that pulled it from us
         self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
         self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
         self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
@@ -462,7 +460,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if object_id in self.objects:
                 self._apply(self.objects.remove_holder(object_id, f"node:{from_hex}"))
             else:   # the node we pulled it from freed it (transfer.py)
-                self._copy_source_freed(object_id)
+                self.transfer.copy_source_freed(object_id)
 
     def _peer_request(self, from_hex: str, msg: pb.Request) -> None:
         async def reply():
@@ -572,13 +570,13 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if not location or location == self.node_hex:
                 self.store.delete(value.object_id)
                 self._note_location(value.object_id, False)
-                self._copies_freed(value.object_id)
+                self.transfer.copies_freed(value.object_id)
             else:
                 if self.store.contains(value.object_id):   # a pulled copy
                     self.store.delete(value.object_id)
                     self._note_location(value.object_id, False)
                 if self.is_local_object(value.object_id):
-                    self._copies_freed(value.object_id)
+                    self.transfer.copies_freed(value.object_id)
                 self._send_peer(location, pb.PeerEvent(free=pb.FreeObjects(
                     object_ids=[value.object_id])))
         node = self.value_from.pop(value.object_id, None)

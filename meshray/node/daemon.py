@@ -113,8 +113,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties,
-                 pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -152,14 +151,14 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties,
         self._crash_reports: set = set()     # _report_crash tasks, held until they finish
         self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
-        self.object_waiters: dict[bytes, list] = {}   # object id -> futures awaiting its value
         self._init_cluster()
         self.placement = PlacementDuties(self)
+        self.transfer = ObjectTransfer(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
                                       self._advertised_host)
         self.state = state_records.state_service_for(self)
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
-        self.envs = EnvSetup(pool=lambda: self.pool, object_bytes=self._object_bytes,
+        self.envs = EnvSetup(pool=lambda: self.pool, object_bytes=self.transfer.object_bytes,
                              log_writer=self.log_writer, log_streams=self.log_streams,
                              setup_ended=self._env_setup_ended)
         self.logs = log_service_for(self)
@@ -188,7 +187,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties,
         self.server, bound = make_aio_server(
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
         self._serve(self.server)
-        self._start_transfers()   # transfer.py: pulled copies, allocator
+        self.transfer.start()   # pulled copies, allocator
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
@@ -288,6 +287,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties,
             pass
 
     # ------------------------------------------------------------ rpc
+    async def PullObject(self, request, context):
+        """A peer pulls an object's bytes from here (see ObjectTransfer.serve_pull)."""
+        async for chunk in self.transfer.serve_pull(request, context):
+            yield chunk
+
     async def GetNodeInfo(self, request, context):
         return pb.NodeInfoReply(node_id=self.node_id, address=self.address,
                                 etcd_endpoints=",".join(self.config.etcd_endpoints),
@@ -601,8 +605,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties,
         for value in effects.free:
             self._free_value(value)
         for object_id in effects.became_ready:
-            if object_id in self.object_waiters:
-                self._wake_object_waiters(object_id)
+            self.transfer.object_ready(object_id)
             for task in self.waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
                 if not task.pending_deps and task.state == "waiting":

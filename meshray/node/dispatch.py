@@ -51,7 +51,7 @@ class TaskDispatch:
     def _start(self, task: TaskRecord) -> None:
         """Hand a task whose resources are acquired to a worker (starting one if needed)."""
         task.acquired = True
-        self._prefetch_args(task)
+        self.transfer.prefetch_args(task)
         worker = self.pool.pop_idle(task.worker_key)
         if worker is None:
             self._move(task, TaskState.ASSIGNED, "resources taken; waiting for a worker")
@@ -125,7 +125,7 @@ class TaskDispatch:
             self._move(follower, TaskState.RUNNING, f"pipelined behind a task on worker {worker.pid}")
             follower.worker = worker
             worker.pipeline.append(follower)
-            self._prefetch_args(follower)
+            self.transfer.prefetch_args(follower)
             self._send_execute(follower, worker)
 
     def _send_execute(self, task: TaskRecord, worker: WorkerProcess) -> None:

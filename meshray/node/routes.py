@@ -94,7 +94,7 @@ def node_routes(node) -> Routes:
         },
         questions={
             "dump_events": node._ask_dump_events, "store_stats": node._ask_store_stats,
-            "restore": node._ask_restore, "rebuild_object": node._ask_rebuild_object,
+            "restore": node.transfer.ask_restore, "rebuild_object": node.transfer.ask_rebuild_object,
             "pg_create": node.placement.ask_create, "pg_remove": node.placement.ask_remove,
             "pg_get": node.placement.ask_get, "pg_get_by_name": node.placement.ask_get_by_name,
             "pg_table": node.placement.ask_table, "actor_info": node._ask_actor_info,
