@@ -178,7 +178,21 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
         _state.job_runtime_env = runtime_env or {}
         _state.local_node = node
         _state.cluster_address = cluster_address
+        _name_job_driver(core)
         return _context_info()
+
+
+def _name_job_driver(core) -> None:
+    """A job's entrypoint (its supervisor set the submission id) names this driver
+    in the job's record: Ray's JobDetails.job_id and driver_info. Best effort:
+    a driver runs the same whether or not its job record could be changed."""
+    submission_id = os.environ.get("MESHRAY_JOB_SUBMISSION_ID")
+    if not submission_id:
+        return
+    try:
+        core.request("job_driver", {"submission_id": submission_id}, timeout=10.0)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.debug("job %s: driver not recorded: %s", submission_id, exc)
 
 
 def _check_join_arguments(**given) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,31 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: 
     raise AssertionError(f"condition not met within {timeout}s: {message or predicate}")
 
 
+def run_python(args: list, timeout: float = 60.0, env=None) -> subprocess.CompletedProcess:
+    """Run `python *args` in a fresh interpreter and return its outcome.
+
+    Past `timeout` the process is sent SIGABRT with Python's fault handler on,
+    so the failure shows where every one of its threads was stuck (a hang
+    explains itself instead of only saying that it took too long).
+    """
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")
+    with subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            try:
+                out, err = process.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                out, err = process.communicate()
+            raise AssertionError(
+                f"python {' '.join(map(str, args))[:200]} still running after {timeout}s; "
+                f"its threads when stopped:\n{err[-12000:]}\nits stdout:\n{out[-2000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
 def run_driver(code: str, timeout: float = 60.0, env=None) -> subprocess.CompletedProcess:
     """Run a driver script in a fresh interpreter and return its outcome."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+    return run_python(["-c", code], timeout=timeout, env=env)

@@ -77,6 +77,10 @@ def _cmd_status(args) -> int:
     print(f"Status for job '{args.job_id}': {info.status.value}")
     if info.message:
         print(f"Status message: {info.message}")
+    if info.job_id:
+        driver = info.driver_info or {}
+        print(f"Driver: job id {info.job_id}, pid {driver.get('pid')} on "
+              f"{driver.get('node_ip_address')}")
     return 0
 
 
@@ -108,9 +112,10 @@ def _cmd_stop(args) -> int:
 
 def _cmd_list(args) -> int:
     jobs = _client(args).list_jobs()
-    print(f"{'submission_id':<30} {'status':<10} entrypoint")
+    print(f"{'submission_id':<30} {'status':<10} {'job_id':<10} entrypoint")
     for job in jobs:
-        print(f"{job.submission_id:<30} {job.status.value:<10} {job.entrypoint}")
+        print(f"{job.submission_id:<30} {job.status.value:<10} {job.job_id or '-':<10} "
+              f"{job.entrypoint}")
     return 0
 
 
@@ -139,7 +144,8 @@ def add_parser(commands) -> None:
                      with_id=False)
     submit.add_argument("--submission-id", "--job-id", dest="submission_id")
     submit.add_argument("--runtime-env-json", help="runtime_env as a JSON object")
-    submit.add_argument("--working-dir", help="runtime_env working_dir (a path the node can read)")
+    submit.add_argument("--working-dir", help="runtime_env working_dir: a local directory, "
+                        "packaged and uploaded to the node (or a meshray-pkg:// URI)")
     submit.add_argument("--metadata-json", help="metadata as a JSON object of strings")
     submit.add_argument("--entrypoint-num-cpus", type=float)
     submit.add_argument("--entrypoint-num-gpus", type=float)

@@ -17,6 +17,8 @@ prefix)::
     <root>pg_names/<namespace>/<name>      named placement-group claim
     <root>alloc/<node_id>                  placement-group allocations on a node
     <root>jobs/<submission_id>             job record (submitted through the job API)
+    <root>job_packages/<name>              a package uploaded by a job client (its size)
+    <root>job_package_chunks/<name>/<i>    its bytes, in chunks ``000000``, ``000001``...
 
 Ids appear as lowercase hex. Namespaces and names are percent-encoded so any
 string (including ``/``, spaces, unicode, the empty string) round-trips and can
@@ -57,7 +59,10 @@ FAMILIES: dict[str, int] = {
     "pg_names": 2,
     "alloc": 1,
     "jobs": 1,
+    "job_packages": 1,
+    "job_package_chunks": 2,
 }
+_CHUNK_RE = re.compile(r"^[0-9]{6}$")
 
 _HEX_RE = re.compile(r"^(?:[0-9a-f]{2})+$")
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -242,6 +247,23 @@ class Keyspace:
             raise ValueError("submission_id must be a non-empty string")
         return f"{self.prefix('jobs')}{escape_segment(submission_id, 'submission_id')}"
 
+    def job_packages_prefix(self) -> str:
+        return self.prefix("job_packages")
+
+    def job_package(self, name: str) -> str:
+        """An uploaded package's record; `name` is its URI without the scheme."""
+        if not name:
+            raise ValueError("package name must be a non-empty string")
+        return f"{self.prefix('job_packages')}{escape_segment(name, 'package name')}"
+
+    def job_package_chunks_prefix(self, name: str) -> str:
+        return f"{self.prefix('job_package_chunks')}{escape_segment(name, 'package name')}/"
+
+    def job_package_chunk(self, name: str, index: int) -> str:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 10 ** 6:
+            raise ValueError(f"chunk index={index!r}: expected a whole number 0..999999")
+        return f"{self.job_package_chunks_prefix(name)}{index:06d}"
+
     # -- parsers --------------------------------------------------------
 
     def parse(self, key: str | bytes) -> ParsedKey:
@@ -272,6 +294,12 @@ class Keyspace:
                        unescape_segment(parts[1], "name"))
         elif family == "jobs":
             decoded = (unescape_segment(parts[0], "submission_id"),)
+        elif family == "job_packages":
+            decoded = (unescape_segment(parts[0], "package name"),)
+        elif family == "job_package_chunks":
+            if not _CHUNK_RE.match(parts[1]):
+                raise ValueError(f"key {key!r}: chunk {parts[1]!r} is not six digits")
+            decoded = (unescape_segment(parts[0], "package name"), parts[1])
         else:
             for part in parts:
                 if not _HEX_RE.match(part):

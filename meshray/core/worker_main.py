@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 
+from meshray.common.heap import settle_heap
+
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL us if the daemon dies, so no worker is orphaned."""
@@ -44,6 +46,7 @@ def main() -> None:
     executor.core = core
     state_mod.state.core = core
     state_mod.state.mode = "worker"
+    settle_heap()
     executor.run_forever()
 
 

@@ -6,6 +6,11 @@ running on this machine (its record in the run dir names its port). The
 cluster token comes from MESHRAY_TOKEN / MESHRAY_TOKEN_FILE, else from the
 local node's session dir, as for ``meshray.init(address="auto")``, and is
 sent as ``Authorization: Bearer``.
+
+A local ``working_dir`` or ``py_modules`` directory (and a local pip file)
+in a job's runtime_env is packaged here, on the client's machine, uploaded to
+the node with ``PUT /api/packages/meshray-pkg/<name>`` (skipped when ``GET``
+finds it stored) and replaced by its URI, so the job can run on any node.
 """
 from __future__ import annotations
 
@@ -109,11 +114,13 @@ class JobSubmissionClient:
         return self._address
 
     # ------------------------------------------------------------ http
-    def _request(self, method: str, path: str, body=None, timeout: float | None = None):
-        data = None if body is None else json.dumps(body).encode()
+    def _request(self, method: str, path: str, body=None, timeout: float | None = None, *,
+                 raw: bytes | None = None):
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         headers = {"Accept": "application/json", **self._headers}
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = ("application/octet-stream" if raw is not None
+                                       else "application/json")
         request = urllib.request.Request(self._address + path, data=data, method=method,
                                          headers=headers)
         try:
@@ -137,6 +144,31 @@ class JobSubmissionClient:
             raise ValueError(f"job_id={job_id!r}: expected a submission id string")
         return quote(job_id, safe="")
 
+    def _upload_packages(self, runtime_env: dict | None) -> dict:
+        """`runtime_env` with its local paths uploaded and replaced by package URIs.
+
+        A path that is missing, too big (MESHRAY_JOB_PACKAGE_MAX_SIZE) or not
+        allowed (a remote URI) raises ValueError here, naming the field.
+        """
+        if not runtime_env:
+            return {}
+        from meshray.node.job_packages import MAX_SIZE_ENV, max_package_bytes
+        from meshray.runtime_env import upload_plan
+        env, plan = upload_plan(runtime_env, max_bytes=max_package_bytes(),
+                                limit_env=MAX_SIZE_ENV)
+        for package in plan:
+            path = "/api/packages/meshray-pkg/" + quote(package.uri[len("meshray-pkg://"):],
+                                                         safe="")
+            try:
+                self._request("GET", path)
+                continue                       # stored already (by this or another client)
+            except RuntimeError as exc:
+                if "status code 404" not in str(exc):
+                    raise
+            self._request("PUT", path, raw=package.data,
+                          timeout=self._timeout + len(package.data) / (1 << 20))
+        return env or {}
+
     # ------------------------------------------------------------ Ray's methods
     def submit_job(self, *, entrypoint: str, job_id: str | None = None,
                    runtime_env: dict | None = None, metadata: dict | None = None,
@@ -151,7 +183,7 @@ class JobSubmissionClient:
         if job_id is not None and submission_id is not None:
             raise ValueError("job_id and submission_id are the same thing; pass one")
         body = {"entrypoint": entrypoint, "submission_id": submission_id or job_id,
-                "runtime_env": runtime_env or {},
+                "runtime_env": self._upload_packages(runtime_env),
                 "metadata": {**self._default_metadata, **(metadata or {})},
                 "entrypoint_num_cpus": entrypoint_num_cpus,
                 "entrypoint_num_gpus": entrypoint_num_gpus,

@@ -96,6 +96,7 @@ class Connection:
     pid: int = 0
     namespace: str = ""
     log_to_driver: bool = True
+    submission_id: str = ""                     # a job's driver: the job it runs (job API)
     worker: WorkerProcess | None = None
     closed: bool = False
     malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT
@@ -158,12 +159,12 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
                                       self._advertised_host)
         self.state = state_records.state_service_for(self)
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
-        self.envs = EnvSetup(pool=lambda: self.pool, object_bytes=self.transfer.object_bytes,
-                             log_writer=self.log_writer, log_streams=self.log_streams,
-                             setup_ended=self._env_setup_ended)
         self.logs = log_service_for(self)
         self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
         self.jobs = JobApi(self)                              # node/job_api.py
+        self.envs = EnvSetup(pool=lambda: self.pool, object_bytes=self.transfer.object_bytes,
+                             uploaded_bytes=self.jobs.package_bytes, log_writer=self.log_writer,
+                             log_streams=self.log_streams, setup_ended=self._env_setup_ended)
         self.http.add_routes(self.jobs.routes() + Dashboard(self).routes())  # node/dashboard.py
         self.routes = node_routes(self)
         self.memory_monitor = MemoryMonitor(self)     # node/memory_monitor.py

@@ -50,6 +50,8 @@ class EnvSetup:
       the daemon serves (workers need its address);
     - `object_bytes`: an awaitable reading a package object's bytes, wherever
       in the cluster it lives;
+    - `uploaded_bytes`: reads a package a job client uploaded (kept in etcd;
+      blocking, so called off the loop);
     - `log_writer` and `log_streams`: where setup output goes (the job's log
       file and its drivers);
     - `setup_ended(worker_key, error)`: the tasks waiting for a worker belong
@@ -57,10 +59,12 @@ class EnvSetup:
     """
 
     def __init__(self, *, pool: Callable[[], object],
-                 object_bytes: Callable[[bytes], Awaitable[bytes]], log_writer, log_streams,
+                 object_bytes: Callable[[bytes], Awaitable[bytes]],
+                 uploaded_bytes: Callable[[str], bytes], log_writer, log_streams,
                  setup_ended: Callable[[str, BaseException | None], None]):
         self._pool = pool
         self._object_bytes = object_bytes
+        self._uploaded_bytes = uploaded_bytes
         self._log_writer = log_writer
         self._log_streams = log_streams
         self._setup_ended = setup_ended
@@ -100,12 +104,17 @@ class EnvSetup:
             def log_line(line: str) -> None:
                 loop.call_soon_threadsafe(self._log, job_hex, line)
 
+            def fetch(uri: str) -> bytes:
+                # A URI the task brings no object for was uploaded by a job
+                # client: it is in etcd (node/job_packages.py).
+                return blobs[uri] if uri in blobs else self._uploaded_bytes(uri)
+
             started = time.monotonic()
             resolved_list = []
             for _ in range(max(1, count)):
                 resolved_list.append(await loop.run_in_executor(
                     None, lambda: setup_runtime_env(task.runtime_env, self.cache,
-                                                    fetch=blobs.__getitem__, log=log_line,
+                                                    fetch=fetch, log=log_line,
                                                     base_python=sys.executable)))
             log.info("runtime env %s ready in %.3fs", key, time.monotonic() - started)
             for resolved in resolved_list:

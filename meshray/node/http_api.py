@@ -106,6 +106,7 @@ class Route:
     pattern: str                       # a regex matched against the whole path
     handler: Callable[[Request], tuple]
     public: bool = False               # answered without the token (static page files)
+    max_body: int = MAX_BODY_BYTES     # above MAX_BODY_BYTES only for an authorized caller
 
     def match(self, method: str, path: str):
         if method != self.method:
@@ -300,6 +301,19 @@ class HttpApi:
                   f"Max-Age={int(SESSION_TTL_S)}{secure}")
         return 200, {"csrf_token": csrf}, [("Set-Cookie", cookie)]
 
+    def body_limit(self, method: str, path: str, headers) -> tuple[int, str | None]:
+        """(most bytes of body to read, why not when refused on the headers alone).
+
+        A route may take a bigger body (a package upload), but only from a
+        caller that proved it holds the token: nobody else makes the node read
+        more than MAX_BODY_BYTES.
+        """
+        for route in self.routes:
+            if route.max_body > MAX_BODY_BYTES and route.match(method, path):
+                refused = self.authorize(method, headers)
+                return (MAX_BODY_BYTES, refused) if refused else (route.max_body, None)
+        return MAX_BODY_BYTES, None
+
     def dispatch(self, request: Request) -> tuple:
         """(status, body, extra headers) for one request."""
         if request.method == "POST" and request.path == "/login":
@@ -350,9 +364,15 @@ class _Handler(BaseHTTPRequestHandler):
             size = int(length) if length else 0
         except ValueError:
             size = -1
-        if size < 0 or size > MAX_BODY_BYTES:
+        limit, refused = self.owner.body_limit(self.command, parts.path, self.headers)
+        if refused is not None and size > limit:
+            self.close_connection = True     # the body is left unread
+            self._send(403 if refused.startswith("CSRF") else 401, {"error": refused}, [])
+            return
+        if size < 0 or size > limit:
+            self.close_connection = True
             self._send(413 if size > 0 else 400,
-                       {"error": f"Content-Length={length!r}: expected 0..{MAX_BODY_BYTES}"}, [])
+                       {"error": f"Content-Length={length!r}: expected 0..{limit}"}, [])
             return
         body = self.rfile.read(size) if size else b""
         request = Request(method=self.command, path=parts.path, query=parse_qs(parts.query),

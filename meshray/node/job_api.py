@@ -11,10 +11,15 @@ those resources are rather than on the node that was asked. The supervisor
 statuses with the ``job_update`` question to its own node, which writes them
 by compare-and-swap; only nodes write job records.
 
-Every node scans the records (``JANITOR_INTERVAL_S``): a RUNNING job whose
-supervisor's node has left the cluster (its lease expired, so its record left
-this node's view) on two scans in a row is marked FAILED with the cause, or
-put back to PENDING and launched again while ``max_retries`` allows. The
+Every node scans the records when its view of the members changes (looked at
+every ``JANITOR_INTERVAL_S``, without reading etcd), while a suspect is
+pending, and every ``FULL_SCAN_INTERVAL_S`` anyway: a job only loses its
+supervisor when a node leaves, so reading every job record every second on
+every node would cost etcd reads that grow with nodes times jobs for nothing.
+A RUNNING job whose supervisor's node has left the cluster (its lease
+expired, so its record left this node's view) on two scans in a row is
+marked FAILED with the cause, or put back to PENDING and launched again while
+``max_retries`` allows. The
 change is a compare-and-swap, so when several nodes notice at once exactly
 one wins, and only the winner launches the retry.
 """
@@ -28,8 +33,9 @@ import sys
 import threading
 import time
 
-from meshray.node import job_records as jobs
+from meshray.node import job_packages as packages, job_records as jobs
 from meshray.node.http_api import HttpError, Route
+from meshray.runtime_env.packaging import PackageError, uris_in
 
 __all__ = ["JobApi", "SUPERVISOR_NAMESPACE", "supervisor_name"]
 
@@ -37,10 +43,13 @@ log = logging.getLogger(__name__)
 
 SUPERVISOR_NAMESPACE = "_meshray_jobs"
 JANITOR_INTERVAL_S = 1.0
+FULL_SCAN_INTERVAL_S = 30.0
 LAUNCH_TIMEOUT_S = 120.0
 TAIL_WAIT_S = 10.0
 MAX_LOG_BYTES = 64 << 20
+PACKAGE_GC_INTERVAL_S = 60.0
 _ID = r"(?P<job_id>[^/]+)"
+_PACKAGE = r"/api/packages/(?P<protocol>[^/]+)/(?P<package_name>[^/]+)"
 _UPDATE_FIELDS = {"status", "message", "driver_exit_code", "error_type", "job_id"}
 _UPDATE_STATUSES = {jobs.RUNNING, jobs.SUCCEEDED, jobs.FAILED, jobs.STOPPED}
 
@@ -67,14 +76,22 @@ class JobApi:
         self._thread = None
         self._launchers: set = set()
         self._suspects: set = set()
+        self._last_package_gc = time.monotonic()
 
     # ------------------------------------------------------------ wiring
-    @property
-    def store(self) -> jobs.JobStore:
+    def _etcd_store(self, kind):
         membership = self.daemon.membership
         if membership is None:
             raise HttpError(503, "this node is not a cluster member yet")
-        return jobs.JobStore(lambda: membership.coordinator, membership.keys)
+        return kind(lambda: membership.coordinator, membership.keys)
+
+    @property
+    def store(self) -> jobs.JobStore:
+        return self._etcd_store(jobs.JobStore)
+
+    @property
+    def packages(self) -> packages.JobPackageStore:
+        return self._etcd_store(packages.JobPackageStore)
 
     def routes(self) -> list:
         return [
@@ -86,11 +103,15 @@ class JobApi:
             Route("GET", rf"/api/jobs/{_ID}/logs", self.get_logs),
             Route("GET", rf"/api/jobs/{_ID}/logs/tail", self.tail_logs),
             Route("POST", rf"/api/jobs/{_ID}/stop", self.stop_job),
+            Route("GET", _PACKAGE, self.get_package),
+            Route("PUT", _PACKAGE, self.put_package,
+                  max_body=packages.max_package_bytes() + (1 << 20)),
         ]
 
     def questions(self) -> dict:
         """Node questions for a supervisor (local only: asked of its own node)."""
-        return {"job_get": self._ask_job_get, "job_update": self._ask_job_update}
+        return {"job_get": self._ask_job_get, "job_update": self._ask_job_update,
+                "job_driver": self._ask_job_driver}
 
     def start(self, http) -> None:
         self.http = http
@@ -113,11 +134,48 @@ class JobApi:
 
     def submit(self, request) -> tuple:
         checked = jobs.check_submission(request.json())
+        store = self.packages
+        for uri in uris_in(checked["runtime_env"]):
+            if not store.exists(uri):
+                raise HttpError(400, f"runtime_env package {uri} was not uploaded to this "
+                                     "cluster: upload it with PUT /api/packages/... first "
+                                     "(JobSubmissionClient does) or give a local path")
         submission_id = checked["submission_id"] or jobs.new_submission_id()
         record = jobs.new_record(checked, submission_id=submission_id)
         self.store.create(record)
         self._launch(submission_id, 0)
         return 200, {"job_id": submission_id, "submission_id": submission_id}
+
+    @staticmethod
+    def _package_uri(request) -> str:
+        from urllib.parse import unquote
+        try:
+            return packages.uri_of(unquote(request.params["protocol"]),
+                                   unquote(request.params["package_name"]))
+        except PackageError as exc:
+            raise HttpError(400, str(exc)) from None
+
+    def get_package(self, request) -> tuple:
+        """Ray's check before an upload: 404 when the package is not stored."""
+        uri = self._package_uri(request)
+        if not self.packages.exists(uri):
+            raise HttpError(404, f"package {uri} is not stored")
+        return 200, {"uri": uri, "exists": True}
+
+    def put_package(self, request) -> tuple:
+        """Store an uploaded package (checked; see node/job_packages.py)."""
+        uri = self._package_uri(request)
+        try:
+            stored = self.packages.put(uri, request.body)
+        except packages.PackageTooLarge as exc:
+            raise HttpError(413, str(exc)) from None
+        except PackageError as exc:
+            raise HttpError(400, f"package {uri} refused: {exc}") from None
+        return 200, {"uri": uri, "stored": stored}
+
+    def package_bytes(self, uri: str) -> bytes:
+        """An uploaded package's bytes (blocking; for env setup off the loop)."""
+        return self.packages.get(uri)
 
     def list_jobs(self, request) -> tuple:
         return 200, sorted(self.store.list(), key=lambda r: r.get("start_time") or 0)
@@ -291,19 +349,63 @@ class JobApi:
             None, self.store.update, submission_id, change)
         return {"record": record, "etcd": ",".join(self.daemon.config.etcd_endpoints)}
 
+    async def _ask_job_driver(self, conn, payload: dict) -> dict:
+        """The entrypoint's driver connected: record its job id and driver info.
+
+        Ray's JobDetails names the driver of a submitted job. The driver only
+        says which submission it belongs to; the job id, the pid and the
+        address are what this node knows of the connection, and only a driver
+        on the job's own supervisor node may claim it (the first one wins).
+        """
+        import asyncio
+        submission_id = payload.get("submission_id")
+        if not isinstance(submission_id, str) or not submission_id:
+            raise ValueError(f"submission_id={submission_id!r}: expected a non-empty string")
+        if conn is None or conn.role != "driver":
+            raise ValueError("job_driver: only a driver connection may name its job")
+        change = jobs.driver_change(
+            job_hex=conn.job_id.hex(), pid=conn.pid, node_ip=self.daemon._advertised_host(),
+            node_hex=self.daemon.node_id.hex())
+        try:
+            record = await asyncio.get_running_loop().run_in_executor(
+                None, self.store.update, submission_id, change)
+        except (jobs.InvalidTransition, jobs.JobNotFoundError) as exc:
+            return {"recorded": False, "reason": str(exc)}
+        conn.submission_id = submission_id
+        return {"recorded": True, "job_id": record["job_id"]}
+
     # ------------------------------------------------------------ janitor
     def _janitor(self) -> None:
+        last_live, last_scan = None, float("-inf")
         while not self._stop.wait(JANITOR_INTERVAL_S):
             membership = self.daemon.membership
             if membership is None or not membership.registered:
                 continue
             try:
-                self._scan(membership)
+                live = set(membership.view_snapshot()[0]) | {self.daemon.node_id.hex()}
+                now = time.monotonic()
+                if live != last_live or self._suspects or \
+                        now - last_scan >= FULL_SCAN_INTERVAL_S:
+                    self._scan(live)
+                    last_live, last_scan = live, now
+                if now - self._last_package_gc > PACKAGE_GC_INTERVAL_S:
+                    self._last_package_gc = now
+                    self._collect_packages()
             except Exception as exc:  # noqa: BLE001 - etcd trouble: next scan
                 log.warning("job janitor: scan failed: %s", exc)
 
-    def _scan(self, membership) -> None:
-        live = set(membership.view_snapshot()[0]) | {self.daemon.node_id.hex()}
+    def _collect_packages(self) -> None:
+        """Delete uploaded packages that no job names any more (see job_packages)."""
+        store = self.packages
+        stored = store.sizes()
+        if not stored:
+            return
+        for name in packages.unreferenced(stored, self.store.list(), int(time.time() * 1000),
+                                          packages.UNUSED_GRACE_S):
+            log.info("job packages: deleting %s (no job names it)", name)
+            store.delete(name)
+
+    def _scan(self, live: set) -> None:
         suspects = set()
         for record in self.store.list():
             if jobs.lost_supervisor_change(record, live) is None:

@@ -26,9 +26,9 @@ from typing import Callable
 from meshray.coordination import keyspace
 
 __all__ = ["PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED", "TERMINAL",
-           "JobExistsError", "JobNotFoundError", "InvalidTransition", "JobStore",
-           "apply_change", "check_submission", "log_file_name", "lost_supervisor_change",
-           "new_record", "new_submission_id"]
+           "EtcdStore", "JobExistsError", "JobNotFoundError", "InvalidTransition", "JobStore",
+           "apply_change", "check_submission", "driver_change", "log_file_name",
+           "lost_supervisor_change", "new_record", "new_submission_id"]
 
 PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
     "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
@@ -169,6 +169,28 @@ def apply_change(record: dict, change: dict) -> dict:
     return updated
 
 
+def driver_change(*, job_hex: str, pid: int, node_ip: str, node_hex: str):
+    """The change (a function of the record) that names a job's driver.
+
+    Ray's ``job_id`` and ``driver_info`` of a submission: set once, by the
+    first driver that connects to the node running the job's supervisor while
+    the job is RUNNING; anything else raises InvalidTransition. Pure.
+    """
+    def change(record: dict) -> dict:
+        sid = record["submission_id"]
+        if record.get("status") != RUNNING:
+            raise InvalidTransition(f"job {sid} is {record.get('status')}, not RUNNING")
+        if record.get("driver_node_id") != node_hex:
+            raise InvalidTransition(f"job {sid} runs on node {record.get('driver_node_id')}, "
+                                    f"not on node {node_hex} where this driver is")
+        if record.get("job_id"):
+            raise InvalidTransition(f"job {sid} already has driver {record['job_id']}")
+        return {"job_id": job_hex, "driver_info": {"id": job_hex, "node_ip_address": node_ip,
+                                                   "pid": str(pid)},
+                "for_attempt": record.get("attempt", 0)}
+    return change
+
+
 def lost_supervisor_change(record: dict, live_nodes) -> dict | None:
     """What to do with a job whose supervisor's node is gone, or None.
 
@@ -187,6 +209,7 @@ def lost_supervisor_change(record: dict, live_nodes) -> dict | None:
                 "for_attempt": attempt}
     if attempt < record.get("max_retries", 0):
         return {"status": PENDING, "attempt": attempt + 1, "driver_node_id": None,
+                "job_id": None, "driver_info": None,
                 "message": cause + f" Retrying (attempt {attempt + 1} of "
                                    f"{record.get('max_retries', 0)}).",
                 "for_attempt": attempt}
@@ -194,8 +217,8 @@ def lost_supervisor_change(record: dict, live_nodes) -> dict | None:
             "for_attempt": attempt}
 
 
-class JobStore:
-    """Job records in etcd, through a Coordinator (blocking: never on the event loop)."""
+class EtcdStore:
+    """Records in etcd, through a Coordinator (blocking: never on the event loop)."""
 
     def __init__(self, coordinator: Callable[[], object], keys: keyspace.Keyspace):
         self._coordinator = coordinator
@@ -206,6 +229,10 @@ class JobStore:
         if coordinator is None:
             raise ConnectionError("this node is not connected to etcd yet; try again")
         return coordinator
+
+
+class JobStore(EtcdStore):
+    """Job records."""
 
     def create(self, record: dict) -> None:
         """Create a new job record; JobExistsError when the id is taken (Ray's message)."""

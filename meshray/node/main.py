@@ -19,6 +19,8 @@ import signal
 import sys
 import time
 
+from meshray.common.heap import settle_heap
+
 __all__ = ["main"]
 
 log = logging.getLogger("meshray.node")
@@ -196,6 +198,7 @@ async def _run(args) -> int:
             record["etcd_pid"] = pid
             registry.write_record(node_id.hex(), record)
         supervisor.on_restart = etcd_restarted
+    settle_heap()
     if args.ready_fd >= 0:
         os.write(args.ready_fd, (json.dumps(record) + "\n").encode())
         os.close(args.ready_fd)

@@ -41,7 +41,8 @@ RESOURCES = {
                               "exit_type", "job_id")),
     "objects": ("object_id", ("object_id", "object_size", "task_status", "reference_type",
                               "type", "pid", "ip", "node_id")),
-    "jobs": ("job_id", ("job_id", "status", "type", "driver_pid", "driver_node_id")),
+    "jobs": ("job_id", ("job_id", "status", "type", "driver_pid", "driver_node_id",
+                        "submission_id")),
     # Answered from etcd by the node asked (no fan-out needed).
     "actors": ("actor_id", ("actor_id", "class_name", "state", "job_id", "name", "node_id",
                             "pid", "ray_namespace", "is_detached", "placement_group_id")),

@@ -60,7 +60,7 @@ def job_records(conns, node_hex: str) -> list:
     """The jobs whose driver is connected to this node."""
     return [{"job_id": conn.job_id.hex(), "status": "RUNNING", "type": "DRIVER",
              "driver_pid": conn.pid, "driver_node_id": node_hex,
-             "namespace": conn.namespace}
+             "namespace": conn.namespace, "submission_id": conn.submission_id or None}
             for conn in conns if conn.role == "driver"]
 
 

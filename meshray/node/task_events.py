@@ -76,7 +76,7 @@ def _ms_or_none(seconds):
     return None if seconds is None else int(seconds * 1000)
 
 
-# A record is a list (cheaper than a dict on the hot path), indexed by these;
+# A record is a tuple (cheaper than a dict on the hot path), indexed by these;
 # ids stay bytes and times seconds until a record is read (`_raw`, `_dict`).
 (TID, ATTEMPT, NAME, JOB, ACTOR, PARENT, REQUEST, KIND, STATE, WORKER, PID, ERROR_TYPE,
  ERROR_MESSAGE, CREATED, START, END, EVENTS, SPILLED_TO, SPILLED_FROM, PG) = range(20)
@@ -110,23 +110,27 @@ def _ray_state(task) -> str:
     return _STATE_NAMES[state]
 
 
-def _events(task, final: str | None, end: float | None) -> list:
+def _events(task, final: str | None, end: float | None) -> tuple:
     """Ray's states the task went through, with times, from its story (the
     moves its event log stamped) and when its worker began it."""
-    events = [("PENDING_NODE_ASSIGNMENT", task.created_at)]
-    stamps = task.stamps
-    moves = list(task.story)[-len(stamps):] if stamps else []
-    for (_old, new, _cause), when in zip(moves, stamps):
-        if new is TaskState.DONE:
+    last = "PENDING_NODE_ASSIGNMENT"
+    events = [(last, task.created_at)]
+    story, stamps = task.story, task.stamps
+    if len(story) != len(stamps):          # moves made without a log carry no time
+        story = list(story)[-len(stamps):] if stamps else ()
+    names = _STATE_NAMES
+    for (_old, new, _cause), when in zip(story, stamps):
+        if new is _DONE:
             continue
-        name = _STATE_NAMES[new]
-        if name != events[-1][0]:
+        name = names[new]
+        if name != last:
             events.append((name, when))
+            last = name
     if task.started_wall is not None:
         events.append(("RUNNING", task.started_wall))
     if final is not None:
         events.append((final, end))
-    return events
+    return tuple(events)
 
 
 def _live_record(task) -> list:
@@ -186,14 +190,16 @@ class TaskEvents:
         state = "FAILED" if failed else "FINISHED"
         spec = task.spec
         worker_id, pid = task.ran_on
-        record = [spec.task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
+        # A tuple of plain values (and tuples of them): the collector stops
+        # tracking it after one pass, so thousands kept cost no GC time.
+        record = (spec.task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
                   spec.parent_task_id, task.sched_class[1],
                   "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", state,
                   worker_id, pid, error_type_of(error) if failed else None,
                   str(error)[:2000] if failed and error is not None else None,
                   task.created_at, task.started_wall, now,
                   _events(task, state, now), None, getattr(task.owner, "node_hex", None),
-                  task.pg_hex or None]
+                  task.pg_hex or None)
         if self.on_end is not None:
             self.on_end(state, spec.name, spec.attempt)
         self._finished.pop(spec.task_id, None)     # run again from lineage: the new run
@@ -253,15 +259,15 @@ class TaskEvents:
 
     @staticmethod
     def _actor_call(task_id, attempt, name, job, parent, received, finished, failed,
-                    worker_id, pid, actor_id) -> list:
+                    worker_id, pid, actor_id) -> tuple:
         if finished:
             state = "FAILED" if failed else "FINISHED"
-            end, events = finished, [("RUNNING", received), (state, finished)]
+            end, events = finished, (("RUNNING", received), (state, finished))
         else:
-            state, end, events = "RUNNING", None, [("RUNNING", received)]
-        return [task_id, attempt, name, job, actor_id, parent, None, "ACTOR_TASK", state,
+            state, end, events = "RUNNING", None, (("RUNNING", received),)
+        return (task_id, attempt, name, job, actor_id, parent, None, "ACTOR_TASK", state,
                 worker_id, pid, "TASK_EXECUTION_EXCEPTION" if failed else None, None,
-                received, received, end, events, None, None, None]
+                received, received, end, events, None, None, None)
 
     def worker_gone(self, worker_id: bytes) -> None:
         """Its actor's running calls end with it (its callers get the error)."""

@@ -32,19 +32,21 @@ from typing import Iterable
 
 from meshray.runtime_env.gitignore import IgnoreRule, is_ignored, parse_patterns
 from meshray.runtime_env.validation import (
-    PACKAGE_URI_SCHEME, is_package_uri, looks_like_local_path, max_package_bytes,
+    MAX_SIZE_ENV, PACKAGE_URI_SCHEME, is_package_uri, looks_like_local_path, max_package_bytes,
     validate_runtime_env,
 )
 
 __all__ = [
     "Package", "PackageError", "package_directory", "package_wheel_or_module", "package_file",
-    "upload_plan", "parse_uri", "unpack_package", "uris_in", "IGNORE_GITIGNORE_ENV",
+    "upload_plan", "parse_uri", "unpack_package", "uris_in", "verify_package",
+    "IGNORE_GITIGNORE_ENV", "MAX_MEMBERS",
 ]
 
 IGNORE_GITIGNORE_ENV = "MESHRAY_RUNTIME_ENV_IGNORE_GITIGNORE"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)        # the earliest a zip can say: same bytes every run
 _MANIFEST_HEADER = b"meshray-pkg-v1\n"
 _ALWAYS_SKIPPED = (".git",)                 # git's own store is never part of a tree's content
+MAX_MEMBERS = 200_000                       # entries in one package zip
 
 
 class PackageError(ValueError):
@@ -130,13 +132,14 @@ def _walk(root: str, excludes: Iterable[str], use_gitignore: bool) -> tuple[list
     return files, empty_dirs
 
 
-def _size_error(what: str, path: str, total: int, cap: int, files: list) -> PackageError:
+def _size_error(what: str, path: str, total: int, cap: int, files: list,
+                limit_env: str = MAX_SIZE_ENV) -> PackageError:
     biggest = sorted(files, key=lambda f: -f[2])[:3]
     listing = ", ".join(f"{rel} ({_fmt(size)})" for rel, _, size, _ in biggest)
     return PackageError(
         f"{what} {path} is {_fmt(total)}, over the {_fmt(cap)} limit for one runtime_env package"
         f" (largest: {listing}). Leave big files out with runtime_env['excludes'] or a .gitignore,"
-        f" or raise the limit with MESHRAY_RUNTIME_ENV_MAX_SIZE (e.g. 500MiB).")
+        f" or raise the limit with {limit_env} (e.g. 500MiB).")
 
 
 def _mode_bits(mode: int) -> int:
@@ -173,14 +176,15 @@ def _build_zip(entries: list[tuple[str, bytes | None, int]]) -> tuple[bytes, str
 
 
 def package_directory(path: str, excludes: Iterable[str] = (), *, prefix: str = "",
-                      max_bytes: int | None = None) -> Package:
+                      max_bytes: int | None = None, limit_env: str = MAX_SIZE_ENV) -> Package:
     """Zip a directory deterministically: same content, same URI, on any machine.
 
     `.gitignore` files in the tree and `excludes` (gitignore syntax, relative
     to `path`) leave files out; `.git` is always left out. `prefix` puts the
     tree under one top-level directory (how a py_modules package keeps its
     import name). The cap (`max_bytes`, default MESHRAY_RUNTIME_ENV_MAX_SIZE or
-    100 MiB) counts uncompressed bytes and is checked before anything is read.
+    100 MiB; `limit_env` names the setting that raises it) counts uncompressed
+    bytes and is checked before anything is read.
     """
     root = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if not os.path.isdir(root):
@@ -190,7 +194,7 @@ def package_directory(path: str, excludes: Iterable[str] = (), *, prefix: str = 
     files, empty_dirs = _walk(root, list(excludes), use_gitignore)
     total = sum(f[2] for f in files)
     if total > cap:
-        raise _size_error("directory", root, total, cap, files)
+        raise _size_error("directory", root, total, cap, files, limit_env)
     pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
     entries: list[tuple[str, bytes | None, int]] = []
     for rel, abs_path, _, mode in files:
@@ -202,25 +206,28 @@ def package_directory(path: str, excludes: Iterable[str] = (), *, prefix: str = 
     return Package(f"{PACKAGE_URI_SCHEME}{digest}.zip", data)
 
 
-def _read_capped(path: str, cap: int, what: str) -> bytes:
+def _read_capped(path: str, cap: int, what: str, limit_env: str = MAX_SIZE_ENV) -> bytes:
     size = os.path.getsize(path)
     if size > cap:
-        raise _size_error(what, path, size, cap, [(os.path.basename(path), path, size, 0)])
+        raise _size_error(what, path, size, cap, [(os.path.basename(path), path, size, 0)],
+                          limit_env)
     with open(path, "rb") as f:
         return f.read()
 
 
-def package_file(path: str, *, max_bytes: int | None = None) -> Package:
+def package_file(path: str, *, max_bytes: int | None = None,
+                 limit_env: str = MAX_SIZE_ENV) -> Package:
     """Ship one file verbatim under its own name (for pip's local wheels and sdists)."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     cap = max_package_bytes() if max_bytes is None else max_bytes
-    data = _read_capped(path, cap, "file")
+    data = _read_capped(path, cap, "file", limit_env)
     name = os.path.basename(path)
     return Package(f"{PACKAGE_URI_SCHEME}{hashlib.sha256(data).hexdigest()}/{name}", data)
 
 
 def package_wheel_or_module(path: str, excludes: Iterable[str] = (), *,
-                            max_bytes: int | None = None) -> Package:
+                            max_bytes: int | None = None,
+                            limit_env: str = MAX_SIZE_ENV) -> Package:
     """Package one `py_modules` entry so that its import name works on the node.
 
     A directory is zipped under its own name (`mypkg/` stays `import mypkg`),
@@ -230,27 +237,31 @@ def package_wheel_or_module(path: str, excludes: Iterable[str] = (), *,
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     cap = max_package_bytes() if max_bytes is None else max_bytes
     if os.path.isdir(path):
-        return package_directory(path, excludes, prefix=os.path.basename(path), max_bytes=cap)
+        return package_directory(path, excludes, prefix=os.path.basename(path), max_bytes=cap,
+                                 limit_env=limit_env)
     if path.endswith(".whl") and os.path.isfile(path):
-        data = _read_capped(path, cap, "wheel")
+        data = _read_capped(path, cap, "wheel", limit_env)
         if not zipfile.is_zipfile(io.BytesIO(data)):
             raise PackageError(f"py_modules entry {path} is not a valid wheel (not a zip file)")
         return Package(f"{PACKAGE_URI_SCHEME}{hashlib.sha256(data).hexdigest()}.whl", data)
     if path.endswith(".py") and os.path.isfile(path):
-        data = _read_capped(path, cap, "module")
+        data = _read_capped(path, cap, "module", limit_env)
         zipped, digest = _build_zip([(os.path.basename(path), data, os.stat(path).st_mode)])
         return Package(f"{PACKAGE_URI_SCHEME}{digest}.zip", zipped)
     raise PackageError(f"py_modules entry {path!r} must be a directory, a .whl file or a .py "
                        f"file, and must exist")
 
 
-def upload_plan(runtime_env: dict | None) -> tuple[dict | None, list[Package]]:
+def upload_plan(runtime_env: dict | None, *, max_bytes: int | None = None,
+                limit_env: str = MAX_SIZE_ENV) -> tuple[dict | None, list[Package]]:
     """Replace an env's local paths by package URIs; return it with the packages to store.
 
     Runs in the driver. The returned env is what tasks carry and what etcd may
     see; the packages are what the object store must hold so that nodes can
     fetch each URI they lack. `excludes` is consumed here (it only shapes the
-    packages), so it does not split worker pools.
+    packages), so it does not split worker pools. `max_bytes` and `limit_env`:
+    each package's cap and the setting that raises it (the job client uploads
+    under its own cap).
     """
     env = validate_runtime_env(runtime_env)
     if not env:
@@ -261,21 +272,34 @@ def upload_plan(runtime_env: dict | None) -> tuple[dict | None, list[Package]]:
         packages.setdefault(pkg.uri, pkg)
         return pkg.uri
 
+    caps = {"max_bytes": max_bytes, "limit_env": limit_env}
     excludes = env.pop("excludes", None) or []
     wd = env.get("working_dir")
     if wd is not None and not is_package_uri(wd):
-        env["working_dir"] = add(package_directory(wd, excludes))
+        env["working_dir"] = add(_named("working_dir", wd, package_directory, wd, excludes,
+                                        **caps))
     if "py_modules" in env:
-        env["py_modules"] = [m if is_package_uri(m) else add(package_wheel_or_module(m, excludes))
-                             for m in env["py_modules"]]
+        env["py_modules"] = [
+            m if is_package_uri(m) else
+            add(_named("py_modules", m, package_wheel_or_module, m, excludes, **caps))
+            for m in env["py_modules"]]
     if "pip" in env:
         reqs = []
         for req in env["pip"]["packages"]:
             if not is_package_uri(req) and looks_like_local_path(req) and os.path.exists(req):
-                req = add(package_directory(req) if os.path.isdir(req) else package_file(req))
+                build = package_directory if os.path.isdir(req) else package_file
+                req = add(_named("pip", req, build, req, **caps))
             reqs.append(req)
         env["pip"] = {**env["pip"], "packages": reqs}
     return env, list(packages.values())
+
+
+def _named(field: str, value, build, *args, **kwargs) -> Package:
+    """`build(*args)`, its PackageError naming the runtime_env field and value."""
+    try:
+        return build(*args, **kwargs)
+    except PackageError as exc:
+        raise PackageError(f"runtime_env[{field!r}]={value!r}: {exc}") from None
 
 
 def uris_in(runtime_env: dict | None) -> list[str]:
@@ -301,24 +325,68 @@ def _safe_target(dest: str, name: str) -> str:
     return target
 
 
-def _unzip(data: bytes, dest: str) -> str:
-    """Extract into `dest` with modes restored; return the manifest sha256 of what was written."""
+def _checked_members(zf: zipfile.ZipFile, max_bytes: int | None) -> list:
+    """A zip's members, refused when one is a link or the whole is too big.
+
+    The sizes checked are those the members declare, which are also the most
+    zipfile inflates each to, so a small zip cannot expand past the cap.
+    """
+    members = zf.infolist()
+    if len(members) > MAX_MEMBERS:
+        raise PackageError(f"package has {len(members)} entries, over the {MAX_MEMBERS} limit")
+    cap = max_package_bytes() if max_bytes is None else max_bytes
+    total = 0
+    for info in members:
+        kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+        if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise PackageError(f"package member {info.filename!r} is not a plain file or "
+                               "directory (links and devices are refused)")
+        total += info.file_size
+        if total > cap:
+            raise PackageError(f"package unpacks to over {_fmt(cap)}, the limit for one "
+                               "runtime_env package")
+    return members
+
+
+def _unzip(data: bytes, dest: str | None, max_bytes: int | None = None) -> str:
+    """Extract into `dest` with modes restored; return the manifest sha256 of what was written.
+
+    With `dest` None nothing is written: the members are checked and hashed only.
+    """
     manifest = hashlib.sha256(_MANIFEST_HEADER)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for info in zf.infolist():
-            target = _safe_target(dest, info.filename)
+        for info in _checked_members(zf, max_bytes):
+            target = _safe_target(dest or os.sep + "package", info.filename)
             if info.is_dir():
-                os.makedirs(target, exist_ok=True)
+                if dest is not None:
+                    os.makedirs(target, exist_ok=True)
                 manifest.update(_manifest_line(info.filename.rstrip("/"), None, None))
                 continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
             content = zf.read(info)
             bits = _mode_bits((info.external_attr >> 16) & 0o777)
-            with open(target, "wb") as f:
-                f.write(content)
-            os.chmod(target, bits)
+            if dest is not None:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(content)
+                os.chmod(target, bits)
             manifest.update(_manifest_line(info.filename, bits, hashlib.sha256(content).hexdigest()))
     return manifest.hexdigest()
+
+
+def verify_package(uri: str, data: bytes, *, max_bytes: int | None = None) -> None:
+    """Raise PackageError unless `data` is exactly the package `uri` names and is safe
+    to unpack: its hash, member paths (none absolute, none with ``..``), no links,
+    and its unpacked size within `max_bytes`. Writes nothing: for bytes a client sent."""
+    sha, kind, _filename = parse_uri(uri)
+    actual = hashlib.sha256(data).hexdigest()
+    if kind != "file":
+        try:
+            manifest = _unzip(data, None, max_bytes)
+        except zipfile.BadZipFile as exc:
+            raise PackageError(f"{uri} is not a valid zip: {exc}") from None
+        actual = manifest if kind == "dir" else actual
+    if actual != sha:
+        raise PackageError(f"content of {uri} does not match its hash (got {actual})")
 
 
 def unpack_package(uri: str, data: bytes, dest: str) -> str:

@@ -217,3 +217,149 @@ def test_a_job_survives_the_loss_of_the_node_it_was_submitted_to(cluster, tmp_pa
     go.touch()
     assert wait_status(client_b, job_id, {"SUCCEEDED", "FAILED"}).status.value == "SUCCEEDED"
     assert "finished" in client_b.get_job_logs(job_id)
+
+
+def test_a_jobs_driver_is_named_in_its_details_and_the_state_api(cluster, tmp_path):
+    client = client_for(cluster)
+    go = tmp_path / "go"
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import os, time\n"
+        "import meshray\n"
+        "from meshray.util.state import list_jobs\n"
+        "meshray.init()\n"
+        "print('job-id', meshray.get_runtime_context().get_job_id(), flush=True)\n"
+        "sid = os.environ['RAY_JOB_SUBMISSION_ID']\n"
+        "rows = list_jobs(filters=[('submission_id', '=', sid)])\n"
+        "print('state-rows', [(row.job_id, row.driver_pid) for row in rows], flush=True)\n"
+        f"while not os.path.exists({str(go)!r}):\n"
+        "    time.sleep(0.1)\n")
+    job_id = client.submit_job(entrypoint=f"exec {sys.executable} {script}")
+    info = wait_for(lambda: (lambda i: i if i.job_id else None)(client.get_job_info(job_id)),
+                    timeout=JOB_TIMEOUT_S, message="the job's driver to be recorded")
+    assert info.status.value == "RUNNING"
+    driver = info.driver_info
+    assert driver["id"] == info.job_id and driver["node_ip_address"] == "127.0.0.1"
+    listed = {job.submission_id: job for job in client.list_jobs()}
+    assert listed[job_id].job_id == info.job_id
+    assert listed[job_id].driver_info == driver
+    go.touch()
+    assert wait_status(client, job_id, {"SUCCEEDED", "FAILED"}).status.value == "SUCCEEDED"
+    logs = client.get_job_logs(job_id)
+    assert f"job-id {info.job_id}" in logs              # the driver's own get_job_id()
+    assert f"state-rows [('{info.job_id}', {int(driver['pid'])})]" in logs
+    url = api_url(cluster)
+    env = {**os.environ, "MESHRAY_TOKEN": cluster.token, "PYTHONPATH": REPO}
+    status = subprocess.run([sys.executable, "-m", "meshray.cli.main", "job", "status", job_id,
+                             "--address", url], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=REPO)
+    assert f"job id {info.job_id}, pid {driver['pid']}" in status.stdout, status.stderr
+    # An entrypoint that starts no driver leaves both empty, as in Ray.
+    plain = client.submit_job(entrypoint="echo no-driver")
+    info = wait_status(client, plain, {"SUCCEEDED", "FAILED"})
+    assert info.job_id is None and info.driver_info is None
+
+
+def _project(root):
+    """A client-local working_dir and py_modules dir the nodes are not told the path of."""
+    proj = root / "proj"
+    proj.mkdir()
+    (proj / "helper.py").write_text("VALUE = 'from-the-package'\n")
+    (proj / "secret.txt").write_text("left out by excludes\n")
+    lib = root / "libs" / "mylib"
+    lib.mkdir(parents=True)
+    (lib / "__init__.py").write_text("NAME = 'mylib-from-py-modules'\n")
+    return proj, lib
+
+
+def test_a_client_local_working_dir_and_py_modules_are_uploaded(cluster, tmp_path):
+    import shutil
+    cluster.add_node(num_cpus=1, resources={"job_slot": 1})    # not the node asked
+    proj, lib = _project(tmp_path)
+    go = tmp_path / "go"
+    code = ("import os, helper, mylib; print('cwd', os.getcwd()); print(helper.VALUE, "
+            "mylib.NAME, 'secret' if os.path.exists('secret.txt') else 'no-secret')")
+    client = client_for(cluster)
+    job_id = client.submit_job(
+        entrypoint=f"while [ ! -e {go} ]; do sleep 0.1; done; {sys.executable} -c \"{code}\"",
+        runtime_env={"working_dir": str(proj), "py_modules": [str(lib)],
+                     "excludes": ["secret.txt"]},
+        entrypoint_resources={"job_slot": 1})
+    shutil.rmtree(tmp_path / "proj")          # the nodes can only have it from the upload
+    shutil.rmtree(tmp_path / "libs")
+    go.touch()
+    info = wait_status(client, job_id, {"SUCCEEDED", "FAILED"})
+    logs = client.get_job_logs(job_id)
+    assert info.status.value == "SUCCEEDED", logs
+    assert "from-the-package mylib-from-py-modules no-secret" in logs
+    cwd = logs.split("cwd ", 1)[1].split()[0]
+    assert not cwd.startswith(str(tmp_path))
+    uri = info.runtime_env["working_dir"]
+    assert uri.startswith("meshray-pkg://") and uri[len("meshray-pkg://"):] in cwd
+    assert info.runtime_env["py_modules"][0].startswith("meshray-pkg://")
+    assert info.driver_node_id != cluster.head_node.node_id
+
+
+def test_the_cli_uploads_its_working_dir(cluster, tmp_path):
+    proj, _lib = _project(tmp_path)
+    env = {**os.environ, "MESHRAY_TOKEN": cluster.token, "PYTHONPATH": REPO}
+    done = subprocess.run(
+        [sys.executable, "-m", "meshray.cli.main", "job", "submit", "--address",
+         api_url(cluster), "--working-dir", str(proj), "--", "python", "-c",
+         "'import helper; print(helper.VALUE)'"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "from-the-package" in done.stdout and "succeeded" in done.stdout
+
+
+def test_package_uploads_are_authenticated_and_checked(cluster, tmp_path):
+    from meshray.runtime_env import package_directory
+    proj, _lib = _project(tmp_path)
+    package = package_directory(proj)
+    url = api_url(cluster) + "/api/packages/meshray-pkg/" + package.uri[len("meshray-pkg://"):]
+    bearer = {"Authorization": f"Bearer {cluster.token}"}
+
+    def put(data, headers):
+        request = urllib.request.Request(url, data=data, method="PUT", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    assert put(package.data, {})[0] == 401
+    assert put(package.data, {"Authorization": "Bearer " + "x" * 43})[0] == 401
+    assert http("GET", url, headers=bearer)[0] == 404         # nothing was stored
+    status, answer = put(package.data[:-10] + b"x" * 10, bearer)
+    assert status == 400 and "refused" in answer["error"]
+    forged = tmp_path / "forged.zip"
+    import zipfile
+    with zipfile.ZipFile(forged, "w") as zf:
+        zf.writestr("../escape.py", "print('escaped')\n")
+    status, answer = put(forged.read_bytes(), bearer)
+    assert status == 400 and "unsafe path" in answer["error"]
+    # A job naming a package that was never uploaded is refused at submission.
+    status, answer, _ = http("POST", api_url(cluster) + "/api/jobs/", headers=bearer,
+                             body={"entrypoint": "true",
+                                   "runtime_env": {"working_dir": package.uri}})
+    assert status == 400 and "not uploaded" in answer["error"]
+    assert put(package.data, bearer) == (200, {"uri": package.uri, "stored": True})
+    assert http("GET", url, headers=bearer)[0] == 200
+
+
+def test_a_too_big_working_dir_is_refused_on_the_client(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHRAY_JOB_PACKAGE_MAX_SIZE", "1MiB")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "data.bin").write_bytes(os.urandom(2 << 20))
+    client = client_for(cluster)
+    before = len(client.list_jobs())
+    with pytest.raises(ValueError, match="working_dir") as raised:
+        client.submit_job(entrypoint="true", runtime_env={"working_dir": str(big)})
+    assert "MESHRAY_JOB_PACKAGE_MAX_SIZE" in str(raised.value)
+    assert "data.bin" in str(raised.value)
+    with pytest.raises(ValueError, match="working_dir.*does not exist"):
+        client.submit_job(entrypoint="true", runtime_env={"working_dir": str(tmp_path / "no")})
+    with pytest.raises(ValueError, match="remote URIs"):
+        client.submit_job(entrypoint="true", runtime_env={"working_dir": "s3://bucket/x.zip"})
+    assert len(client.list_jobs()) == before

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from collections import Counter
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import run_python
 
 pytestmark = pytest.mark.cluster_args(lease_ttl=10.0, head_node_args={"num_cpus": 1})
 
@@ -172,11 +170,10 @@ def test_cli_list_get_and_summary(cluster):
     env = {**os.environ, "MESHRAY_TOKEN": cluster.token}
 
     def cli(*args):
-        # A deadline above the CLI's own (its query waits at most 40 s): one
-        # run in CI took over 60 s here, cause not found yet (closing note).
-        return subprocess.run([sys.executable, "-m", "meshray.cli.main", *args,
-                               "--address", cluster.address], capture_output=True, text=True,
-                              cwd=REPO, timeout=150, env=env)
+        # A deadline above the CLI's own (its query waits at most 40 s); past
+        # it the failure shows the CLI's thread stacks.
+        return run_python(["-m", "meshray.cli.main", *args, "--address", cluster.address],
+                          timeout=90, env=env)
 
     listed = cli("list", "tasks", "--filter", "state=FAILED", "--format", "json")
     assert listed.returncode == 0, listed.stderr
@@ -269,9 +266,8 @@ def test_cli_memory_lists_objects_per_node(cluster):
     ray = cluster.connect()
     kept = ray.put(b"m" * 300_000)
     env = {**os.environ, "MESHRAY_TOKEN": cluster.token}
-    out = subprocess.run([sys.executable, "-m", "meshray.cli.main", "memory", "--address",
-                          cluster.address, "--units", "KB"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60, env=env)
+    out = run_python(["-m", "meshray.cli.main", "memory", "--address", cluster.address,
+                      "--units", "KB"], timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert f"--- node_address {cluster.head_node.node_id}:" in out.stdout
     line = next(line for line in out.stdout.splitlines() if kept.hex() in line)

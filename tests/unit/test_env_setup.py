@@ -54,8 +54,11 @@ def _envs(pool, sinks, ended, object_bytes=None):
     async def no_bytes(object_id):
         raise AssertionError("a plain environment reads no package")
 
+    def no_upload(uri):
+        raise AssertionError("these tasks name no uploaded package")
+
     return EnvSetup(pool=lambda: pool, object_bytes=object_bytes or no_bytes,
-                    log_writer=sinks, log_streams=sinks,
+                    uploaded_bytes=no_upload, log_writer=sinks, log_streams=sinks,
                     setup_ended=lambda key, error: ended.append((key, error)))
 
 

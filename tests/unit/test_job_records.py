@@ -66,3 +66,24 @@ def test_the_bearer_check_wants_the_exact_token():
     assert not check_bearer(token, token)
     assert not check_bearer(None, token)
     assert not check_bearer(f"Bearer {token}", None)
+
+
+def test_the_first_driver_on_the_supervisor_node_names_a_running_job():
+    change = jobs.driver_change(job_hex="0a0b", pid=42, node_ip="10.0.0.2", node_hex="aa")
+    running = _record(status=jobs.RUNNING, driver_node_id="aa")
+    named = jobs.apply_change(running, change(running))
+    assert named["job_id"] == "0a0b"
+    assert named["driver_info"] == {"id": "0a0b", "node_ip_address": "10.0.0.2", "pid": "42"}
+    for record, why in ((named, "already has driver"),
+                        (_record(), "not RUNNING"),
+                        (_record(status=jobs.RUNNING, driver_node_id="bb"), "node bb")):
+        with pytest.raises(jobs.InvalidTransition, match=why):
+            change(record)
+
+
+def test_a_retry_forgets_the_lost_attempts_driver():
+    record = _record(status=jobs.RUNNING, driver_node_id="aa", max_retries=1, job_id="0a0b",
+                     driver_info={"id": "0a0b"})
+    retried = jobs.apply_change(record, jobs.lost_supervisor_change(record, {"bb"}))
+    assert retried["status"] == jobs.PENDING and retried["job_id"] is None
+    assert retried["driver_info"] is None
