@@ -396,7 +396,7 @@ class ObjectTransfer:
                     f"the runtime_env package object {object_id.hex()} is an error value")
             if value.in_store:
                 reply = await self.ask_restore(None, {"object_id": object_id.hex(),
-                                                       "location": value.location})
+                                                      "location": value.location})
                 inband, buffers = layout.read_object(reply["path"])
                 data = pickle.loads(inband, buffers=buffers) if not buffers else bytes(buffers[0])
                 return bytes(data)
