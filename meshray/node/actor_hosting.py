@@ -60,7 +60,7 @@ class ActorHosting:
             task.worker = None
         elif entry.holding:
             if entry.bundle_task is not None:
-                self._release_bundle(entry.bundle_task)
+                self.placement.release_bundle(entry.bundle_task)
             elif entry.allocation is not None:
                 self.resources.release(entry.allocation)
             else:

@@ -94,8 +94,6 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def _init_cluster(self) -> None:
         self.links: dict[str, PeerLink] = {}
         self.view = ClusterView(self.node_id.hex())     # peers, their room, offers out
-        self.pulls: dict[bytes, asyncio.Future] = {}
-        self.copies_sent: dict[bytes, set] = {}     # object id -> nodes that pulled it from us
         self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
         self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
         self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
@@ -209,7 +207,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             self.queue.push(task, "accepted from a peer")   # spilled to us: it runs here
             return
         if task.bundle is None and pg_strategy(task.spec) is not None:
-            self._route_to_group(task)
+            self.placement.route_to_group(task)
             return
         decision = self._placement(task)
         kind = decision.kind
@@ -372,7 +370,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 task = TaskRecord.from_spec(spec, owner, self._env_key(spec),
                                             return_ids=self._return_ids(spec))
                 task.remote_args = list(msg.args)
-                if not self._bind_bundle(task):
+                if not self.placement.bind_bundle(task):
                     verdict.reason = "its placement-group bundle is not reserved on this node"
                     self._send_peer(origin, pb.PeerEvent(verdict=verdict))
                     return
@@ -474,7 +472,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if object_id in self.objects:
                 self._apply(self.objects.remove_holder(object_id, f"node:{from_hex}"))
             else:   # the node we pulled it from freed it (transfer.py)
-                self._copy_source_freed(object_id)
+                self.transfer.copy_source_freed(object_id)
 
     def _peer_request(self, from_hex: str, msg: pb.Request) -> None:
         async def reply():
@@ -584,13 +582,13 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if not location or location == self.node_hex:
                 self.store.delete(value.object_id)
                 self._note_location(value.object_id, False)
-                self._copies_freed(value.object_id)
+                self.transfer.copies_freed(value.object_id)
             else:
                 if self.store.contains(value.object_id):   # a pulled copy
                     self.store.delete(value.object_id)
                     self._note_location(value.object_id, False)
                 if self.is_local_object(value.object_id):
-                    self._copies_freed(value.object_id)
+                    self.transfer.copies_freed(value.object_id)
                 self._send_peer(location, pb.PeerEvent(free=pb.FreeObjects(
                     object_ids=[value.object_id])))
         node = self.value_from.pop(value.object_id, None)

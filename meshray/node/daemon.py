@@ -116,8 +116,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvSetup, PlacementDuties,
-                 DrainDuties, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, DrainDuties, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -156,8 +155,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
         self._init_cluster()
-        self._init_env_setup()
-        self._init_pg()
+        self.placement = PlacementDuties(self)
+        self.transfer = ObjectTransfer(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
                                       self._advertised_host)
         self.state = state_records.state_service_for(self)
@@ -165,6 +164,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.logs = log_service_for(self)
         self.http = HttpApi(self, config.dashboard_port)     # node/http_api.py
         self.jobs = JobApi(self)                              # node/job_api.py
+        self.envs = EnvSetup(pool=lambda: self.pool, object_bytes=self.transfer.object_bytes,
+                             uploaded_bytes=self.jobs.package_bytes, log_writer=self.log_writer,
+                             log_streams=self.log_streams, setup_ended=self._env_setup_ended)
         self.http.add_routes(self.jobs.routes() + Dashboard(self).routes())  # node/dashboard.py
         self.http.add_routes(health_routes(self))            # node/health.py: public probes
         self.routes = node_routes(self)
@@ -189,7 +191,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         self.server, bound = make_aio_server(
             [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
         self._serve(self.server)
-        self._start_transfers()   # transfer.py: pulled copies, allocator
+        self.transfer.start()   # pulled copies, allocator
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
@@ -201,7 +203,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                                session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
                                node_host=self.config.host, advertise_host=self._advertised_host(),
                                fence_path=self.fence.path, log_writer=self.log_writer)
-        self.pool.on_forget = lambda worker: worker.resolved_env.release(self.env_cache)
+        self.pool.on_forget = lambda worker: worker.resolved_env.release(self.envs.cache)
         count = self.config.prestart_workers
         if count is None:
             count = int(self.config.resources.get("CPU", 0))
@@ -289,6 +291,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             pass
 
     # ------------------------------------------------------------ rpc
+    async def PullObject(self, request, context):
+        """A peer pulls an object's bytes from here (see ObjectTransfer.serve_pull)."""
+        async for chunk in self.transfer.serve_pull(request, context):
+            yield chunk
+
     async def GetNodeInfo(self, request, context):
         return pb.NodeInfoReply(node_id=self.node_id, address=self.address,
                                 etcd_endpoints=",".join(self.config.etcd_endpoints),
@@ -570,8 +577,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
             self._send_peer(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
                 object_id=ids.object_id_for(task.task_id, 1), force=force, recursive=recursive)))
         elif task.state == "waiting_group":
-            if task in self.pg_waiting:
-                self.pg_waiting.remove(task)
+            self.placement.drop_waiting(task)
             self._fail(task, error)
         elif task.state == "infeasible":
             if task in self.infeasible:
@@ -603,8 +609,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         for value in effects.free:
             self._free_value(value)
         for object_id in effects.became_ready:
-            if object_id in self.object_waiters:
-                self._wake_object_waiters(object_id)
+            self.transfer.object_ready(object_id)
             for task in self.waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
                 if not task.pending_deps and task.state == "waiting":
@@ -669,7 +674,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         if task is None:
             return
         self._release(task)
-        if self._group_task_lost(task):
+        if self.placement.group_task_lost(task):
             return
         if task.cancelled:
             self._finish_failed(task, task.pg_error
@@ -706,6 +711,18 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
         self._finish_failed(task, error)
 
+    def on_pg_change(self) -> None:
+        """Membership saw our alloc record or a group record change."""
+        self.placement.on_change()
+
+    def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:
+        """A runtime env's setup ended: on failure the tasks waiting for its workers fail."""
+        if error is not None:
+            for waiting in [t for t in self.awaiting_worker if t.worker_key == worker_key]:
+                self.awaiting_worker.remove(waiting)
+                self._fail(waiting, error)
+        self._schedule()
+
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""
         if isinstance(owner, RemoteOwner):
@@ -714,7 +731,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
 
     def _job_ended(self, driver: Connection) -> None:
         """A driver left: drop its queued work and stop workers running it."""
-        self._remove_job_groups(driver.job_id)
+        self.placement.remove_job_groups(driver.job_id)
         for task in list(self.tasks.values()):
             if task.spec.job_id != driver.job_id:
                 continue
@@ -732,7 +749,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ObjectTransfer, ClusterDuties, EnvS
         while not self._stopping.is_set():
             await asyncio.sleep(0.2)
             self.pool.reap()
-            self._reclaim_idle_env_workers()
+            self.envs.reclaim_idle_workers()
             for worker in list(self.pool.by_id.values()):
                 if worker.process.poll() is not None and worker.conn is None:
                     log.warning("worker pid %d exited with %s before connecting",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from meshray.common import ids
 from meshray.node import pipelining
 from meshray.node.task_lifecycle import TaskState
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -33,8 +32,8 @@ class TaskDispatch:
         """Dispatch queued tasks while resources and workers allow (none while draining)."""
         if self.draining:
             return
-        if self.bundles:
-            self._take_bundles()
+        if self.placement.bundles:
+            self.placement.take_bundles()
         waiting = False
         for _key, tasks in self.queue.heads():
             while tasks:
@@ -54,7 +53,7 @@ class TaskDispatch:
     def _start(self, task: TaskRecord) -> None:
         """Hand a task whose resources are acquired to a worker (starting one if needed)."""
         task.acquired = True
-        self._prefetch_args(task)
+        self.transfer.prefetch_args(task)
         worker = self.pool.pop_idle(task.worker_key)
         if worker is None:
             self._move(task, TaskState.ASSIGNED, "resources taken; waiting for a worker")
@@ -65,7 +64,7 @@ class TaskDispatch:
 
     def _try_acquire(self, task: TaskRecord) -> bool:
         if task.bundle is not None:
-            return self._try_acquire_bundle(task)
+            return self.placement.try_acquire_bundle(task)
         # An actor must fit its placement request but only holds `hold`.
         if task.hold is not task.request and not self.resources.can_fit(task.request):
             return False
@@ -92,11 +91,7 @@ class TaskDispatch:
         wanted = sum(1 for t in self.awaiting_worker if t.worker_key == key)
         missing = wanted - self.pool.starting.get(key, 0)
         if missing > 0:
-            self._start_workers_for(task, missing)
-
-    @staticmethod
-    def _new_worker_id() -> bytes:
-        return ids.new_id()
+            self.envs.start_workers_for(task, missing)
 
     def _worker_free(self, worker: WorkerProcess) -> None:
         for index, task in enumerate(self.awaiting_worker):
@@ -132,7 +127,7 @@ class TaskDispatch:
             self._move(follower, TaskState.RUNNING, f"pipelined behind a task on worker {worker.pid}")
             follower.worker = worker
             worker.pipeline.append(follower)
-            self._prefetch_args(follower)
+            self.transfer.prefetch_args(follower)
             self._send_execute(follower, worker)
 
     def _send_execute(self, task: TaskRecord, worker: WorkerProcess) -> None:
@@ -168,7 +163,7 @@ class TaskDispatch:
 
     def _release(self, task: TaskRecord) -> None:
         if task.acquired and task.bundle is not None:
-            self._release_bundle(task)
+            self.placement.release_bundle(task)
             task.acquired = False
         if task.acquired:
             lent = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)}) \

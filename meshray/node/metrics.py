@@ -154,7 +154,7 @@ class NodeMetrics:
             actors[key] = actors.get(key, 0) + 1
         groups: dict = {}
         node_hex = daemon.node_id.hex()
-        for record in list(daemon.pg_records.values()):
+        for record in list(daemon.placement.records.values()):
             if getattr(record, "creator_node", "") == node_hex:
                 groups[record.state] = groups.get(record.state, 0) + 1
         workers: dict = {"task": 0, "actor": 0}

@@ -1,4 +1,4 @@
-"""The node daemon's placement-group duties, as a mixin of NodeDaemon.
+"""A node's placement-group duties.
 
 Reservation itself is etcd's job (meshray.placement.reservation: one
 transaction per group, compared against every involved node's allocation
@@ -64,20 +64,31 @@ def pg_strategy(spec):
 
 
 class PlacementDuties:
-    """Mixed into NodeDaemon."""
+    """The bundle pools reserved on this node, and the group work it routes.
 
-    def _init_pg(self) -> None:
-        self.pg_records: dict[str, object] = {}
+    It owns the group records as last read from etcd (`records`), the
+    bundle pools listed in this node's allocation record (`bundles`) and the
+    work waiting for its bundle to be placed (`waiting`). It is given the
+    node because carrying out what etcd says moves tasks through the
+    lifecycle the daemon owns (fail, cancel, finish, move, enqueue, spill,
+    schedule, kill an actor, pin a task's GPUs), takes bundles out of the
+    node's resources, and asks the node's membership (its group snapshot,
+    placer and keyspace), all of which change as the node runs.
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self.records: dict[str, object] = {}
         self.bundles: dict[tuple, BundlePool] = {}
-        self.pg_waiting: list = []
+        self.waiting: list = []
 
     # ------------------------------------------------------------ etcd view
-    def on_pg_change(self) -> None:
-        """Our alloc record or some group record changed."""
-        if self.membership is None:
+    def on_change(self) -> None:
+        """Our alloc record or some group record changed: follow what etcd says."""
+        if self._node.membership is None:
             return
-        records, own_alloc = self.membership.pg_snapshot()
-        self.pg_records = records
+        records, own_alloc = self._node.membership.pg_snapshot()
+        self.records = records
         wanted = {}
         if own_alloc is not None:
             for bundle in own_alloc.bundles:
@@ -87,49 +98,49 @@ class PlacementDuties:
         for key, resources in wanted.items():
             if key not in self.bundles:
                 self.bundles[key] = BundlePool(key[0], key[1], resources)
-        self._take_bundles()
+        self.take_bundles()
         self._fail_removed_group_work()
         self._route_waiting()
-        self._schedule()
+        self._node._schedule()
 
-    def _take_bundles(self) -> None:
+    def take_bundles(self) -> None:
         """Move reserved bundles out of the general pool (as soon as it has room)."""
         for pool in self.bundles.values():
             if pool.acquired_from_node:
                 continue
-            if self.config.gpu_ids and pool.total.get("GPU"):
-                allocation = self.resources.allocate(pool.total)
+            if self._node.config.gpu_ids and pool.total.get("GPU"):
+                allocation = self._node.resources.allocate(pool.total)
                 if allocation is None:
                     continue
                 pool.allocation = allocation
                 pool.gpus = UnitInstanceAllocator(list(allocation.instances.get("GPU", ())), "GPU")
-            elif not self.resources.try_acquire(pool.total):
+            elif not self._node.resources.try_acquire(pool.total):
                 continue
             pool.acquired_from_node = True
 
     def _drop_bundle(self, pool: BundlePool) -> None:
         """The bundle left our alloc record: its work stops, its resources return."""
-        record = self.pg_records.get(pool.pg_hex)
+        record = self.records.get(pool.pg_hex)
         removed = record is None or record.state == "REMOVED"
         for task in list(pool.tasks):
             self._stop_group_task(task, removed)
         if pool.acquired_from_node:
-            self.resources.release(pool.allocation if pool.allocation is not None else pool.total)
+            self._node.resources.release(pool.allocation if pool.allocation is not None else pool.total)
             pool.acquired_from_node = False
 
     def _stop_group_task(self, task, removed: bool) -> None:
         error = self._group_removed_error(task) if removed else None
         if task.actor is not None:
-            self._kill_actor(task.actor, no_restart=removed, cause=(
+            self._node._kill_actor(task.actor, no_restart=removed, cause=(
                 "its placement group was removed" if removed else "its bundle moved"))
             return
         if task.worker is not None and task.state == "running":
             # Whether the group was removed or the bundle moved is decided when
             # the worker is gone (our view of the group may lag the alloc change).
             task.pg_dropped = True
-            self.pool.kill(task.worker)
+            self._node.pool.kill(task.worker)
         elif error is not None:
-            self._cancel(task, force=False, recursive=False)
+            self._node._cancel(task, force=False, recursive=False)
 
     def _group_removed_error(self, task):
         group = task.pg_hex or "?"
@@ -143,62 +154,62 @@ class PlacementDuties:
 
     def _fail_removed_group_work(self) -> None:
         now = time.monotonic()
-        for task in list(self.pg_waiting):
-            record = self.pg_records.get(task.pg_hex)
+        for task in list(self.waiting):
+            record = self.records.get(task.pg_hex)
             missing_too_long = (record is None and now - task.pg_since > MISSING_GROUP_GRACE_S
-                                and not self.membership.placer.creating(task.pg_hex))
+                                and not self._node.membership.placer.creating(task.pg_hex))
             if (record is not None and record.state == "REMOVED") or missing_too_long:
-                self.pg_waiting.remove(task)
-                self._fail(task, self._group_removed_error(task))
-        for task in list(self.queue):
+                self.waiting.remove(task)
+                self._node._fail(task, self._group_removed_error(task))
+        for task in list(self._node.queue):
             if task.pg_hex:
-                record = self.pg_records.get(task.pg_hex)
+                record = self.records.get(task.pg_hex)
                 if record is not None and record.state == "REMOVED":
-                    self.queue.remove(task)
-                    self._fail(task, self._group_removed_error(task))
+                    self._node.queue.remove(task)
+                    self._node._fail(task, self._group_removed_error(task))
 
-    def _group_task_lost(self, task) -> bool:
+    def group_task_lost(self, task) -> bool:
         """A group task's worker was killed because its bundle left: fail or re-route."""
         if not task.pg_dropped:
             return False
         task.pg_dropped = False
         task.bundle = None
-        record = self.pg_records.get(task.pg_hex)
+        record = self.records.get(task.pg_hex)
         if record is None or record.state == "REMOVED":
-            self._finish_failed(task, self._group_removed_error(task))
+            self._node._finish_failed(task, self._group_removed_error(task))
         elif take_retry(task):
-            self._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
-            self._enqueue(task)
+            self._node._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
+            self._node._enqueue(task)
         else:
-            self._finish_failed(task, exceptions.WorkerCrashedError(
+            self._node._finish_failed(task, exceptions.WorkerCrashedError(
                 f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
                 "bundle and has no retries left"))
         return True
 
     # ------------------------------------------------------------ routing
-    def _route_to_group(self, task) -> None:
+    def route_to_group(self, task) -> None:
         """Send group work to the node with its bundle, or hold it until placed."""
         strategy = pg_strategy(task.spec)
         task.pg_hex = strategy.placement_group.id.hex()
         task.pg_index = int(strategy.placement_group_bundle_index)
         if not task.pg_since:
             task.pg_since = time.monotonic()
-        record = self.pg_records.get(task.pg_hex)
-        removing = self.membership is not None and self.membership.placer.removing(task.pg_hex)
+        record = self.records.get(task.pg_hex)
+        removing = self._node.membership is not None and self._node.membership.placer.removing(task.pg_hex)
         if (record is None or record.state != "REMOVED") and not removing:
             target = self._bundle_target(task, record) if record is not None else None
             if target is None:
-                self.pg_waiting.append(task)
-                self._move(task, TaskState.WAITING_GROUP, f"no bundle reserved yet in group {task.pg_hex}")
+                self.waiting.append(task)
+                self._node._move(task, TaskState.WAITING_GROUP, f"no bundle reserved yet in group {task.pg_hex}")
                 return
             node, index = target
-            if node == self.node_hex:
+            if node == self._node.node_hex:
                 task.bundle = (task.pg_hex, index)
-                self.queue.push(task, f"its bundle {index} of group {task.pg_hex} is here")
+                self._node.queue.push(task, f"its bundle {index} of group {task.pg_hex} is here")
             else:
-                self._spill(task, [node])
+                self._node._spill(task, [node])
             return
-        self._fail(task, self._group_removed_error(task))
+        self._node._fail(task, self._group_removed_error(task))
 
     def _bundle_target(self, task, record):
         placement = list(record.placement)
@@ -212,21 +223,21 @@ class PlacementDuties:
             return None
         for node, index in choices:   # prefer a local bundle with room
             pool = self.bundles.get((task.pg_hex, index))
-            if node == self.node_hex and pool is not None and pool.fits(task.hold):
+            if node == self._node.node_hex and pool is not None and pool.fits(task.hold):
                 return node, index
         for node, index in choices:
-            if node == self.node_hex:
+            if node == self._node.node_hex:
                 return node, index
         return choices[0]
 
     def _route_waiting(self) -> None:
-        waiting, self.pg_waiting = self.pg_waiting, []
+        waiting, self.waiting = self.waiting, []
         for task in waiting:
             if not task.cancelled:
-                self._move(task, TaskState.WAITING, "routed again: the group view changed")
-                self._route_to_group(task)
+                self._node._move(task, TaskState.WAITING, "routed again: the group view changed")
+                self.route_to_group(task)
 
-    def _bind_bundle(self, task) -> bool:
+    def bind_bundle(self, task) -> bool:
         """A spilled-in group task: run it only if its bundle is reserved here."""
         strategy = pg_strategy(task.spec)
         if strategy is None:
@@ -243,7 +254,7 @@ class PlacementDuties:
         return False
 
     # ------------------------------------------------------------ accounting
-    def _try_acquire_bundle(self, task) -> bool:
+    def try_acquire_bundle(self, task) -> bool:
         pool = self.bundles.get(task.bundle)
         if pool is None or not pool.fits(task.hold):
             return False
@@ -252,12 +263,12 @@ class PlacementDuties:
             if ids is None:
                 return False
             task.bundle_gpu_ids = ids
-            self._assign_devices(task, ids)
+            self._node._assign_devices(task, ids)
         pool.take(task.hold)
         pool.tasks.add(task)
         return True
 
-    def _release_bundle(self, task) -> None:
+    def release_bundle(self, task) -> None:
         pool = self.bundles.get(task.bundle)
         if pool is None:
             return
@@ -277,22 +288,22 @@ class PlacementDuties:
     # even when it did not wait for the replies (the public API does not, for
     # unnamed creations and for removals).
     def _pg_placer(self):
-        if self.membership is None:
+        if self._node.membership is None:
             raise ConnectionError("this node is not connected to etcd")
-        return self.membership.placer
+        return self._node.membership.placer
 
     async def _pg_request(self, conn, method: str, payload: dict) -> dict:
         from meshray.placement import reservation
         barrier = self._pg_placer().barrier()
         await asyncio.wrap_future(barrier)
-        coordinator = await self._coordinator()
+        coordinator = await self._node._coordinator()
         if coordinator is None:
             raise ConnectionError("this node is not connected to etcd")
         job = conn.job_id.hex() if getattr(conn, "job_id", b"") else None
         namespace = getattr(conn, "namespace", None) or None
         return await asyncio.get_running_loop().run_in_executor(
             None, lambda: reservation.handle_request(
-                coordinator, method, payload, node_id=self.node_hex, keys=self.membership.keys,
+                coordinator, method, payload, node_id=self._node.node_hex, keys=self._node.membership.keys,
                 job_id=job, namespace=namespace))
 
     @staticmethod
@@ -305,13 +316,13 @@ class PlacementDuties:
         except ValueError as exc:
             return {"error": {"type": "ValueError", "message": str(exc)}}
 
-    async def _ask_pg_create(self, conn, payload):
+    async def ask_create(self, conn, payload):
         from meshray.placement import reservation
         placer = self._pg_placer()
         job = conn.job_id.hex() if getattr(conn, "job_id", b"") else None
         namespace = getattr(conn, "namespace", None) or None
         try:
-            request = reservation.parse_create_request(payload, node_id=self.node_hex,
+            request = reservation.parse_create_request(payload, node_id=self._node.node_hex,
                                                        job_id=job, namespace=namespace)
         except ValueError as exc:
             return {"error": {"type": "ValueError", "message": str(exc)}}
@@ -320,7 +331,7 @@ class PlacementDuties:
             return outcome
         return {"record": outcome.to_dict() if outcome is not None else None}
 
-    async def _ask_pg_remove(self, conn, payload):
+    async def ask_remove(self, conn, payload):
         from meshray.coordination.keyspace import id_hex
         placer = self._pg_placer()
         try:
@@ -332,19 +343,24 @@ class PlacementDuties:
             return outcome
         return {"removed": bool(outcome)}
 
-    async def _ask_pg_get(self, conn, payload):
+    async def ask_get(self, conn, payload):
         return await self._pg_request(conn, "pg_get", payload)
 
-    async def _ask_pg_get_by_name(self, conn, payload):
+    async def ask_get_by_name(self, conn, payload):
         return await self._pg_request(conn, "pg_get_by_name", payload)
 
-    async def _ask_pg_table(self, conn, payload):
+    async def ask_table(self, conn, payload):
         return await self._pg_request(conn, "pg_table", payload)
 
-    def _remove_job_groups(self, job_id: bytes) -> None:
+    def drop_waiting(self, task) -> None:
+        """`task` no longer waits for its bundle (it was cancelled)."""
+        if task in self.waiting:
+            self.waiting.remove(task)
+
+    def remove_job_groups(self, job_id: bytes) -> None:
         """The job's driver left: remove its non-detached groups, after
         everything it asked for (queued in the same placer) is done."""
-        if self.membership is None:
+        if self._node.membership is None:
             return
         job_hex = job_id.hex()
 
@@ -354,4 +370,4 @@ class PlacementDuties:
                 log.warning("could not remove the placement groups of job %s: %s", job_hex,
                             future.exception())
 
-        self.membership.placer.submit("job_ended", job_hex).add_done_callback(report)
+        self._node.membership.placer.submit("job_ended", job_hex).add_done_callback(report)

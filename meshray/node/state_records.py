@@ -127,7 +127,7 @@ def state_service_for(node) -> StateService:
     async def placement_groups() -> list:
         from meshray.placement.records import PlacementGroupRecord
         from meshray.placement.records import table_entry
-        reply = await node._ask_pg_table(None, {})
+        reply = await node.placement.ask_table(None, {})
         return placement_group_records(
             table_entry(PlacementGroupRecord.from_dict(data)) for data in reply.get("records", []))
 

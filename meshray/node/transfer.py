@@ -24,8 +24,6 @@ A pulled copy is a cache: the store drops it (never spills it) when room is
 needed, and the holder remembers who pulled from it, so once the object is
 freed (by its owner, or the primary's holder after the owner let go) every
 copy is deleted and its pages go to the next large object.
-
-Mixed into NodeDaemon.
 """
 from __future__ import annotations
 
@@ -33,8 +31,10 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import io
 import logging
 import os
+import pickle
 
 import grpc
 import tenacity
@@ -137,6 +137,13 @@ def decode_chunk(message) -> tuple:
     return fields[1], fields[2], fields[3]
 
 
+class _BytesOnly(pickle.Unpickler):
+    """Package bytes arrive pickled; refuse anything but plain data."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"runtime_env package holds {module}.{name}, not bytes")
+
+
 class _PullFailed(Exception):
     """Every live copy failed this round, for reasons that may pass."""
 
@@ -148,18 +155,39 @@ class _NoLiveCopy(Exception):
 
 
 class ObjectTransfer:
-    """Mixed into NodeDaemon: pulls, the PullObject server, and rebuilds."""
+    """A node's object transfers: pulls, the PullObject server, and rebuilds.
+
+    It owns the pulls under way (one per object, joined by every reader),
+    the nodes that pulled each object from here, and the futures waiting for
+    an object's value (`object_ready` wakes them). It keeps the node's
+    store, object directory, cluster view and metrics, which live as long
+    as the node, and the node itself for what changes as it runs or belongs
+    to the node's peer duties: its membership (where copies are listed),
+    its peer links and questions, applying a directory change's effects,
+    and rebuilding a lost copy from lineage.
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self._store = node.store
+        self._objects = node.objects
+        self._view = node.view
+        self._node_hex = node.node_hex
+        self._metrics = node.metrics
+        self._pulls: dict[bytes, asyncio.Future] = {}
+        self._copies_sent: dict[bytes, set] = {}     # object id -> nodes that pulled it from us
+        self._waiters: dict[bytes, list] = {}        # object id -> futures awaiting its value
 
     # ------------------------------------------------------------ reader side
-    async def _ask_restore(self, conn, payload: dict) -> dict:
+    async def ask_restore(self, conn, payload: dict) -> dict:
         """Make an object's bytes local (restore from disk, or pull from a peer).
 
         Answers {"path"}, or {"error_value"} (a serialized exception, such as
         ObjectReconstructionFailedError) when the object cannot be had.
         """
         object_id = bytes.fromhex(payload["object_id"])
-        if self.store.contains(object_id):
-            return {"path": self.store.ensure_in_memory(object_id)}
+        if self._store.contains(object_id):
+            return {"path": self._store.ensure_in_memory(object_id)}
         pending = self._pull(object_id, payload.get("location") or "")
         try:
             return {"path": await asyncio.shield(pending)}
@@ -169,17 +197,17 @@ class ObjectTransfer:
 
     def _pull(self, object_id: bytes, location: str) -> asyncio.Future:
         """The pull of `object_id` under way, started now if none is."""
-        pending = self.pulls.get(object_id)
+        pending = self._pulls.get(object_id)
         if pending is None:
             loop = asyncio.get_running_loop()
-            pending = self.pulls[object_id] = loop.create_future()
+            pending = self._pulls[object_id] = loop.create_future()
             loop.create_task(self._fetch(object_id, location, pending))
             # Nobody may await a prefetch: its failure is read by the reader who
             # asks for the object, not reported as never retrieved.
             pending.add_done_callback(lambda f: f.cancelled() or f.exception())
         return pending
 
-    def _prefetch_args(self, task) -> None:
+    def prefetch_args(self, task) -> None:
         """Start pulling the task's arguments that live on other nodes.
 
         Called when the task gets its resources here, so the copies travel
@@ -187,12 +215,12 @@ class ObjectTransfer:
         fails to open them (it then joins the pull under way).
         """
         args = task.remote_args if task.remote_args is not None else [
-            self.objects.get(object_id) for object_id in task.spec.arg_ref_ids]
+            self._objects.get(object_id) for object_id in task.spec.arg_ref_ids]
         for value in args:
             if value is None or not value.in_store or value.is_error:
                 continue
             location = value.location
-            if location in ("", self.node_hex) or self.store.contains(value.object_id):
+            if location in ("", self._node_hex) or self._store.contains(value.object_id):
                 continue
             self._pull(value.object_id, location)
 
@@ -205,8 +233,8 @@ class ObjectTransfer:
                 value = await self._rebuilt_value(object_id, gone.tried)
                 if value.is_error:
                     raise error_of(value)
-                if self.store.contains(object_id):
-                    path = self.store.ensure_in_memory(object_id)
+                if self._store.contains(object_id):
+                    path = self._store.ensure_in_memory(object_id)
                 else:
                     path = await self._pull_any(object_id, value.location)
             if not done.done():
@@ -219,13 +247,13 @@ class ObjectTransfer:
             if not done.done():
                 done.set_exception(exc)
         finally:
-            self.pulls.pop(object_id, None)
+            self._pulls.pop(object_id, None)
 
     def _live_copies(self, object_id: bytes, hint: str, listed: list) -> list:
         candidates = [hint] if hint else []
         candidates += [n for n in listed if n not in candidates]
-        return [n for n in candidates if n != self.node_hex and n not in self.view.known_dead
-                and (self.membership is None or n in self.view.nodes)]
+        return [n for n in candidates if n != self._node_hex and n not in self._view.known_dead
+                and (self._node.membership is None or n in self._view.nodes)]
 
     async def _pull_any(self, object_id: bytes, hint: str) -> str:
         """Pull from any live copy, retrying transient failures with backoff."""
@@ -234,15 +262,15 @@ class ObjectTransfer:
 
         async def one_round() -> str:
             listed = []
-            if self.membership is not None:
+            if self._node.membership is not None:
                 listed = await asyncio.get_running_loop().run_in_executor(
-                    None, self.membership.locations, object_id)
+                    None, self._node.membership.locations, object_id)
             candidates = self._live_copies(object_id, hint, listed)
             if not candidates:
                 raise _NoLiveCopy(tried or ([hint] if hint else []))
             missing = 0
             for node_hex in candidates:
-                link = self._link(node_hex)
+                link = self._node._link(node_hex)
                 if link is None:
                     continue
                 if node_hex not in tried:
@@ -259,7 +287,7 @@ class ObjectTransfer:
                     last_error[0] = repr(exc)
                     log.warning("pulling %s from %s failed: %r", object_id.hex(), node_hex, exc)
                     continue
-                self._note_location(object_id, True)
+                self._node._note_location(object_id, True)
                 return path
             if missing == len(candidates):
                 raise _NoLiveCopy(candidates)   # holders alive, but none has it
@@ -287,7 +315,7 @@ class ObjectTransfer:
         writes: collections.deque = collections.deque()
         call = link.pull_chunks(
             pb.PullRequest(object_id=object_id, chunk_size=PULL_CHUNK_BYTES), timeout=600,
-            metadata=((PULLER_METADATA_KEY, self.node_hex),))
+            metadata=((PULLER_METADATA_KEY, self._node_hex),))
         chunks = call.__aiter__()
         loop = asyncio.get_running_loop()
         try:
@@ -298,10 +326,10 @@ class ObjectTransfer:
                     await asyncio.wait({waiting}, timeout=0.25)
                     if waiting.done():
                         break
-                    if node_hex in self.view.known_dead or loop.time() > stalled_at:
+                    if node_hex in self._view.known_dead or loop.time() > stalled_at:
                         waiting.cancel()
                         call.cancel()
-                        why = "died" if node_hex in self.view.known_dead else "stalled"
+                        why = "died" if node_hex in self._view.known_dead else "stalled"
                         raise ConnectionError(f"holder {node_hex} {why} mid-transfer")
                 try:
                     message = waiting.result()
@@ -314,7 +342,7 @@ class ObjectTransfer:
                     offset, data, total_size = decode_chunk(message)
                 except ValueError as exc:   # another holder may send it whole
                     raise ConnectionError(f"bad chunk from {node_hex}: {exc}") from None
-                self.metrics.bytes_received += len(data)
+                self._metrics.bytes_received += len(data)
                 if writer is None:
                     path = self._reserve_for_pull(object_id, total_size)
                     writer = layout.ChunkWriter(path, total_size)
@@ -328,9 +356,9 @@ class ObjectTransfer:
             while writes:
                 await writes.popleft()
             size = writer.finish()
-            self.store.seal(object_id, size)
-            if hasattr(self.store, "mark_copy"):
-                self.store.mark_copy(object_id)   # dropped, not spilled, when room is short
+            self._store.seal(object_id, size)
+            if hasattr(self._store, "mark_copy"):
+                self._store.mark_copy(object_id)   # dropped, not spilled, when room is short
             return path
         except BaseException:
             # A write still running would use the descriptor abort() closes.
@@ -341,59 +369,91 @@ class ObjectTransfer:
                     pass
             if writer is not None:
                 writer.abort()
-            if hasattr(self.store, "abort"):
-                self.store.abort(object_id)
+            if hasattr(self._store, "abort"):
+                self._store.abort(object_id)
             raise
 
     def _reserve_for_pull(self, object_id: bytes, size: int) -> str:
-        if hasattr(self.store, "mark_copy"):
+        if hasattr(self._store, "mark_copy"):
             # ChunkWriter takes a recycled file left at the path (resident pages).
-            return self.store.reserve(object_id, size, recycled=True)
-        return self.store.reserve(object_id, size)
+            return self._store.reserve(object_id, size, recycled=True)
+        return self._store.reserve(object_id, size)
+
+    async def object_bytes(self, object_id: bytes) -> bytes:
+        """The bytes held by a put(bytes) object, wherever it lives."""
+        holder = "runtime_env"
+        self._objects.add_holder(object_id, holder)
+        try:
+            value = self._objects.get(object_id)
+            if value is None:
+                future = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(object_id, []).append(future)
+                self._node._apply(self._objects.subscribe(object_id, holder))
+                self._node._flush_borrows()
+                value = self._objects.get(object_id) or await asyncio.wait_for(future, 120)
+            if value.is_error:
+                raise exceptions.RuntimeEnvSetupError(
+                    f"the runtime_env package object {object_id.hex()} is an error value")
+            if value.in_store:
+                reply = await self.ask_restore(None, {"object_id": object_id.hex(),
+                                                      "location": value.location})
+                inband, buffers = layout.read_object(reply["path"])
+                data = pickle.loads(inband, buffers=buffers) if not buffers else bytes(buffers[0])
+                return bytes(data)
+            return _BytesOnly(io.BytesIO(value.inline_data)).load()
+        finally:
+            self._node._apply(self._objects.remove_holder(object_id, holder))
+            self._node._flush_borrows()
+
+    def object_ready(self, object_id: bytes) -> None:
+        """`object_id` has its value now: wake whoever here awaits it."""
+        for future in self._waiters.pop(object_id, ()):
+            if not future.done():
+                future.set_result(self._objects.get(object_id))
 
     # ------------------------------------------------------------ copies
     def _copy_dropped(self, object_id: bytes) -> None:
         """The store dropped a pulled copy for room (any thread, store lock held)."""
-        self._note_location(object_id, False)
+        self._node._note_location(object_id, False)
 
-    def _copies_freed(self, object_id: bytes) -> None:
+    def copies_freed(self, object_id: bytes) -> None:
         """The object was freed for good: nodes that pulled it from us drop their copies.
 
         Called where the free is global (by the owner, or by the holder of
         the primary copy once the owner let go), never for a borrower's local
         release, so a copy goes only when nothing anywhere can ask for it.
         """
-        for node_hex in self.copies_sent.pop(object_id, ()):
-            self._send_peer(node_hex, pb.PeerEvent(free=pb.FreeObjects(object_ids=[object_id])))
+        for node_hex in self._copies_sent.pop(object_id, ()):
+            self._node._send_peer(node_hex, pb.PeerEvent(free=pb.FreeObjects(object_ids=[object_id])))
 
-    def _copy_source_freed(self, object_id: bytes) -> None:
+    def copy_source_freed(self, object_id: bytes) -> None:
         """A node we pulled from says the object is freed: drop our copy, and
         tell the nodes that pulled it from us. Deleting lets the store reuse
         the pages (recycle.py) for the next large object."""
-        if object_id not in self.pulls and self.store.contains(object_id):
-            self.store.delete(object_id)
-            self._note_location(object_id, False)
-        self._copies_freed(object_id)
+        if object_id not in self._pulls and self._store.contains(object_id):
+            self._store.delete(object_id)
+            self._node._note_location(object_id, False)
+        self.copies_freed(object_id)
 
     async def _rebuilt_value(self, object_id: bytes, lost: list) -> pb.ObjectValue:
         """The object's value once its owner has replaced the lost copies."""
-        if self.is_local_object(object_id):
+        if self._node.is_local_object(object_id):
             value = await self._rebuild_object(object_id, lost)
         else:
-            owner = self.view.node_for_prefix(object_id)
-            if owner is None or owner in self.view.known_dead:
+            owner = self._view.node_for_prefix(object_id)
+            if owner is None or owner in self._view.known_dead:
                 raise exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"no live node holds a copy (tried {lost}) and "
                     "its owner node, which could rebuild it, is not in the cluster")
-            reply = await self.ask_peer(owner, "rebuild_object", {
+            reply = await self._node.ask_peer(owner, "rebuild_object", {
                 "object_id": object_id.hex(), "lost": lost}, REBUILD_WAIT_S + 10)
             value = pb.ObjectValue.FromString(base64.b64decode(reply["value"]))
-        if self.objects.get(object_id) is not None:
-            self.objects.replace_value(object_id, value)
+        if self._objects.get(object_id) is not None:
+            self._objects.replace_value(object_id, value)
         return value
 
     # ------------------------------------------------------------ owner side
-    async def _ask_rebuild_object(self, conn, payload: dict) -> dict:
+    async def ask_rebuild_object(self, conn, payload: dict) -> dict:
         value = await self._rebuild_object(bytes.fromhex(payload["object_id"]),
                                            list(payload.get("lost", ())))
         return {"value": base64.b64encode(value.SerializeToString()).decode()}
@@ -403,20 +463,20 @@ class ObjectTransfer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + REBUILD_WAIT_S
         while True:
-            value = self.objects.get(object_id)
+            value = self._objects.get(object_id)
             if value is not None:
-                where = value.location or self.node_hex
+                where = value.location or self._node_hex
                 if not value.in_store or where not in lost or (
-                        where == self.node_hex and self.store.contains(object_id)):
-                    return self._exportable(value)
-                if where not in self.view.known_dead:
+                        where == self._node_hex and self._store.contains(object_id)):
+                    return self._node._exportable(value)
+                if where not in self._view.known_dead:
                     # Its holder lives on but cannot serve it: the copy is lost.
                     log.warning("object %s is missing on its holder %s; rebuilding",
                                 object_id.hex(), where)
-                    self._object_copy_lost(object_id, where)
+                    self._node._object_copy_lost(object_id, where)
                     continue
                 # Its holder died: the node-death handling rebuilds it.
-            elif object_id not in self.objects:
+            elif object_id not in self._objects:
                 raise exceptions.ObjectLostError(
                     object_id.hex(), call_site="its owner no longer tracks it (it was freed)")
             remaining = deadline - loop.time()
@@ -425,47 +485,47 @@ class ObjectTransfer:
                     object_id.hex(), call_site=f"it was not rebuilt within {REBUILD_WAIT_S:.0f}s "
                     f"after its copies on {lost} were lost")
             future = loop.create_future()
-            self.object_waiters.setdefault(object_id, []).append(future)
+            self._waiters.setdefault(object_id, []).append(future)
             try:
                 await asyncio.wait_for(future, min(remaining, 0.5))
             except asyncio.TimeoutError:
                 pass
 
     # ------------------------------------------------------------ holder side
-    def _start_transfers(self) -> None:
+    def start(self) -> None:
         """Set this node up for transfers; call before the server starts.
 
-        PullObject itself is registered with the node's other methods
-        (daemon._serve), answering with chunks encoded by hand. A pulled copy
+        The node's PullObject answers with serve_pull, registered with the
+        node's other methods (daemon._serve). A pulled copy
         the store drops for room is no longer listed as located here.
         """
         _tune_allocator()
-        if hasattr(self.store, "on_copy_dropped"):
-            self.store.on_copy_dropped = self._copy_dropped
+        if hasattr(self._store, "on_copy_dropped"):
+            self._store.on_copy_dropped = self._copy_dropped
 
-    async def PullObject(self, request: pb.PullRequest, context):
-        """The object's chunks as ObjectChunk wire bytes (encode_chunk)."""
+    async def serve_pull(self, request: pb.PullRequest, context):
+        """PullObject: the object's chunks as ObjectChunk wire bytes (encode_chunk)."""
         async for chunk in self._pull_chunks(request, context, encode_chunk):
             yield chunk
 
     async def _pull_chunks(self, request: pb.PullRequest, context, make_chunk):
         """The object's chunks; a reader that got them all is remembered, so
-        its copy is dropped when the object is freed (_copies_freed)."""
+        its copy is dropped when the object is freed (copies_freed)."""
         object_id = request.object_id
-        if not self.store.contains(object_id):
+        if not self._store.contains(object_id):
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"object {object_id.hex()} is not on node {self.node_hex}")
-        path = self.store.ensure_in_memory(object_id)
+                                f"object {object_id.hex()} is not on node {self._node_hex}")
+        path = self._store.ensure_in_memory(object_id)
         chunk_size = int(request.chunk_size or PULL_CHUNK_BYTES)
         total = os.path.getsize(path)
         offset = 0
         for chunk in layout.copy_file_chunks(path, chunk_size):
             yield make_chunk(offset, chunk, total)
             offset += len(chunk)
-            self.metrics.bytes_sent += len(chunk)
+            self._metrics.bytes_sent += len(chunk)
         puller = dict(context.invocation_metadata() or ()).get(PULLER_METADATA_KEY)
-        if puller and puller != self.node_hex:
-            self.copies_sent.setdefault(object_id, set()).add(puller)
+        if puller and puller != self._node_hex:
+            self._copies_sent.setdefault(object_id, set()).add(puller)
 
 
 _tuned = False
