@@ -144,14 +144,38 @@ class KillActor(Nemesis):
             return {"skipped": "no actor workload running"}
         names = sorted(pids)
         name = names[fault.target % len(names)]
+        busy = _applying_calls(ActorsWorkload.log_path(ctx, name))
         host = next((node for node in ctx.cluster.live_nodes()
                      if pids[name] in node.descendants()), None)
         try:
             os.kill(pids[name], signal.SIGKILL)
         except ProcessLookupError:
             return {"skipped": f"actor {name} pid {pids[name]} already gone"}
-        return {"actor": name, "pid": pids[name], "slot": host.slot if host else None,
-                "node_id": host.node_id if host else None}
+        return {"actor": name, "pid": pids[name], "busy": busy,
+                "slot": host.slot if host else None, "node_id": host.node_id if host else None}
+
+
+BUSY_WAIT_S = 5.0
+
+
+def _applying_calls(log_path: str | None, wait_s: float = BUSY_WAIT_S) -> bool:
+    """Whether the counter is applying calls now: its call log grows within
+    `wait_s`. A kill aims at a busy actor where it can (so calls in flight are
+    caught, as a crash mid-work would), and says whether it did."""
+    if not log_path:
+        return False
+    def size():
+        try:
+            return os.path.getsize(log_path)
+        except OSError:
+            return -1
+    start = size()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        if size() != start:
+            return True
+    return False
 
 
 class KillEtcdLeader(Nemesis):

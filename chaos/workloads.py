@@ -312,6 +312,11 @@ class ActorsWorkload(Workload):
                 pass
 
     @staticmethod
+    def log_path(ctx: RunContext, name: str) -> str | None:
+        """Where counter `name` writes each call it applies."""
+        return ctx.data.get("actors", {}).get(name, {}).get("log")
+
+    @staticmethod
     def actor_pids(ctx: RunContext) -> dict[str, int]:
         """Live pids of the counters, as they wrote them on (re)start."""
         out = {}

@@ -378,6 +378,7 @@ def test_checkers_catch_planted_bugs():
                            "actors.window": "8", "actors.work": "0.03", "actors.pause": "0"})
     kills = [f.get("injected", {}) for f in result.faults if "inject_time" in f]
     assert kills[0].get("actor") == "alo", _explain(result)     # seed 2 aims at alo first
+    assert kills[0].get("busy"), _explain(result)               # while it applies calls
     assert kills[1].get("busy"), _explain(result)               # then at a running task
     verdicts = _verdicts(result)
     assert not result.ok
