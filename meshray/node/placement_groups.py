@@ -248,7 +248,7 @@ class PlacementDuties:
                 [k for k in self.bundles if k[0] == task.pg_hex])
         for key in keys:
             pool = self.bundles.get(key)
-            if pool is not None and pool.total.fits_in(pool.total) and task.hold.fits_in(pool.total):
+            if pool is not None and task.hold.fits_in(pool.total):   # it may queue for room
                 task.bundle = key
                 return True
         return False
