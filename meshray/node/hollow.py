@@ -143,11 +143,14 @@ class HollowNode(NodeDaemon):
         self.deaths.setdefault(node_hex, time.time())
         super()._node_died(node_hex)
 
-    async def crash(self) -> None:
+    async def crash(self, close_port: bool = True) -> None:
         """Stop as a killed process would, but leave the process running:
-        the lease is no longer kept alive (nothing revoked), the port closes,
-        and the node's own loops end."""
+        the lease is no longer kept alive (nothing revoked) and the node's
+        own loops end. With `close_port` its port closes too, so a peer
+        that probes it is refused and revokes the lease at once
+        (node/liveness.py); without, only the lease's expiry tells (a frozen
+        or unreachable machine)."""
         self._stopping.set()
         await asyncio.get_running_loop().run_in_executor(None, self.membership.abandon)
-        if self.server is not None:
+        if close_port and self.server is not None:
             await self.server.stop(0)

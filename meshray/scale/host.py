@@ -11,8 +11,9 @@ scale-test` (meshray/scale/scale_test.py). The first line out is
 reply line:
 
 - ``{"op": "status"}``: per node: registered, peers in its view, watch events
-- ``{"op": "crash", "ids": [...]}``: those nodes go silent as if killed
-  (node/hollow.py `crash`); the reply has each one's wall-clock kill time
+- ``{"op": "crash", "ids": [...], "close_port": bool}``: those nodes go
+  silent as if killed (node/hollow.py `crash`); the reply has each one's
+  wall-clock kill time
 - ``{"op": "deaths"}``: per live node, when it saw each peer die
 - ``{"op": "stop"}``: stop every node, reply, exit (also on end of input)
 """
@@ -135,7 +136,7 @@ class Host:
                 if node.node_hex in wanted and node.node_hex not in self.crashed:
                     killed[node.node_hex] = time.time()
                     self.crashed.add(node.node_hex)
-                    await node.crash()
+                    await node.crash(close_port=bool(command.get("close_port", True)))
             return {"killed": killed}
         if op == "deaths":
             return {"deaths": {node.node_hex: dict(node.deaths) for node in self.nodes

@@ -12,8 +12,10 @@ real workers) and ceil(N/K) host processes of K hollow nodes each
 - ``tasks``: a real driver on the real node submits many tiny tasks that
   spill onto hollow nodes; every result is checked (``many_tasks_per_s``),
   and etcd writes are counted meanwhile (``etcd_writes_per_s_busy``);
-- ``detect``: one hollow node, then 10% of them, are crashed; each surviving
-  hollow node notes when its view dropped each; latency = seen - killed.
+- ``detect``: one hollow node, then 10% of them, are killed (--kill-mode:
+  their keepalives stop; with ``crash`` their ports close too); each
+  surviving hollow node notes when its view dropped each; latency = seen -
+  killed, one observation per (observer, killed node).
 
 etcd writes are etcd's own counter ``etcd_server_proposals_committed_total``
 (every raft proposal the member applied: puts, deletes, transactions, lease
@@ -43,6 +45,7 @@ RESULT_KEYS = ("nodes", "real_nodes", "nodes_joined", "join_s", "etcd_writes_per
                "many_tasks_per_s", "many_tasks_checked", "many_actors_per_s", "many_pgs_per_s",
                "spill_decision_p99_ms")
 WRITE_COUNTER = "etcd_server_proposals_committed_total"
+KILL_MODES = ("freeze", "crash")
 DRIVER = r"""
 import collections, json, sys, time
 import meshray
@@ -206,7 +209,8 @@ class ScaleRun:
         self.real = []
         self.base_dir = tempfile.mkdtemp(prefix="meshray-scale-")
         self.result: dict = {key: None for key in RESULT_KEYS}
-        self.result.update(nodes=args.nodes, real_nodes=args.real_nodes)
+        self.result.update(nodes=args.nodes, real_nodes=args.real_nodes,
+                           lease_ttl_s=args.lease_ttl or 5.0, kill_mode=args.kill_mode)
         self.rng = random.Random(args.seed)
 
     @property
@@ -306,7 +310,8 @@ class ScaleRun:
         for host in self.hosts:
             mine = [node for node in victims if node in host.nodes]
             if mine:
-                killed.update(host.ask({"op": "crash", "ids": mine})["killed"])
+                killed.update(host.ask({"op": "crash", "ids": mine,
+                                        "close_port": self.args.kill_mode == "crash"})["killed"])
         deadline = time.monotonic() + (self.args.lease_ttl or 5.0) + self.args.detect_grace
         while True:
             deaths = {}
@@ -350,14 +355,19 @@ def _rounded(value):
     return None if value is None else round(value, 3)
 
 
-def run(args) -> dict:
-    """Build the cluster, run the scenarios asked for, tear everything down."""
+def run(args, on_start=None) -> dict:
+    """Build the cluster, run the scenarios asked for, tear everything down.
+
+    `on_start(scale_run)`, when given, is called once the ScaleRun exists
+    (a test checks afterwards that it left nothing behind)."""
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         raise ValueError(f"--scenarios={args.scenarios!r}: unknown {unknown}; "
                          f"expected a comma-separated subset of {','.join(SCENARIOS)}")
     scale = ScaleRun(args)
+    if on_start is not None:
+        on_start(scale)
     try:
         scale.start()
         scale.join()
@@ -415,6 +425,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--task-timeout", type=float, default=600.0)
     parser.add_argument("--detect-grace", type=float, default=10.0,
                         help="seconds past the lease TTL to wait for every observer")
+    parser.add_argument("--kill-mode", choices=KILL_MODES, default="freeze",
+                        help="freeze (default): a killed node's keepalives stop and its port "
+                             "stays open, so only its lease's expiry tells; crash: its port "
+                             "closes too, and a peer linked to it revokes the lease at once")
     parser.add_argument("--seed", type=int, default=0, help="picks the nodes killed")
     parser.add_argument("--address", default=None,
                         help="etcd endpoints to use instead of starting one (token from "
