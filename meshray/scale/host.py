@@ -41,41 +41,34 @@ class HostConfig(argparse.Namespace):
     pass
 
 
-def _positive(kind, flag: str):
+def _number(kind, flag: str, *, zero_ok: bool = False):
+    """An argparse type: a `kind` number > 0 (>= 0 with `zero_ok`), or an error naming `flag`."""
     def parse(text: str):
         try:
             value = kind(text)
+            fine = value >= 0 if zero_ok else value > 0
         except ValueError:
-            value = -1
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag}={text!r}: expected a number > 0")
+            fine = False
+        if not fine:
+            raise argparse.ArgumentTypeError(
+                f"{flag}={text!r}: expected a number {'>=' if zero_ok else '>'} 0")
         return value
     return parse
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"--task-s={text!r}: expected seconds >= 0")
-    return value
-
-
 def parse_args(argv) -> HostConfig:
     parser = argparse.ArgumentParser(prog="python -m meshray.scale.host")
-    parser.add_argument("--nodes", type=_positive(int, "--nodes"), required=True,
+    parser.add_argument("--nodes", type=_number(int, "--nodes"), required=True,
                         help="hollow nodes to run in this process")
     parser.add_argument("--address", required=True, help="comma-separated etcd endpoints")
     parser.add_argument("--base-dir", required=True,
                         help="directory for the nodes' session dirs (made if missing)")
-    parser.add_argument("--lease-ttl", type=_positive(float, "--lease-ttl"), default=None)
-    parser.add_argument("--cpus", type=_positive(float, "--cpus"), default=DEFAULT_CPUS,
+    parser.add_argument("--lease-ttl", type=_number(float, "--lease-ttl"), default=None)
+    parser.add_argument("--cpus", type=_number(float, "--cpus"), default=DEFAULT_CPUS,
                         help=f"CPUs each node offers (default {DEFAULT_CPUS:g})")
-    parser.add_argument("--task-s", type=_non_negative, default=0.0,
+    parser.add_argument("--task-s", type=_number(float, "--task-s", zero_ok=True), default=0.0,
                         help="seconds a simulated task runs (default 0)")
-    parser.add_argument("--object-store-memory", type=_positive(int, "--object-store-memory"),
+    parser.add_argument("--object-store-memory", type=_number(int, "--object-store-memory"),
                         default=DEFAULT_STORE_BYTES)
     parser.add_argument("--host", default="127.0.0.1")
     return parser.parse_args(argv, namespace=HostConfig())

@@ -24,6 +24,7 @@ measured are null, never estimated.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -185,11 +186,9 @@ class HostProcess:
             except Exception:  # noqa: BLE001 - fall back to a kill
                 self.process.kill()
                 self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        self.process.stdout.close()
 
 
 def etcd_counter(endpoint: str, name: str = WRITE_COUNTER) -> float:
