@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meshray.cli import jobs as jobs_cli
     jobs_cli.add_parser(commands)
 
+    from meshray.scale import scale_test
+    scale_test.add_parser(commands)
+
     chaos = commands.add_parser(
         "chaos", help="run workloads under injected faults and check the outcome",
         description="`meshray chaos list` shows the nemeses, workloads and checkers; "

@@ -68,6 +68,9 @@ DEFAULT_ENV_KEY = "default"
 # How long a task whose worker died waits for the worker's exit status (its
 # stream closes a moment before the status exists) before reporting it.
 WORKER_EXIT_WAIT_S = 2.0
+# Per-node services beside the node's duties: the HTTP API, the Prometheus
+# endpoint, the memory monitor and the worker log files.
+EXTRAS = ("http", "metrics", "memory_monitor", "log_files")
 
 
 @dataclass
@@ -86,6 +89,7 @@ class NodeConfig:
     gpu_ids: list = field(default_factory=list)   # device ids behind the GPU resource
     metrics_export_port: int = 0      # Prometheus endpoint (0: a free port)
     dashboard_port: int | None = None  # HTTP API (None: 8265, or a free port when taken)
+    extras: frozenset = frozenset(EXTRAS)  # per-node services to run (a simulation drops them)
 
 
 @dataclass(eq=False)
@@ -195,14 +199,18 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, DrainDuties, pb_grpc
         await self.server.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
-        self.metrics.start(asyncio.get_running_loop())
-        self.http.start(asyncio.get_running_loop())
-        self.jobs.start(self.http)
+        extras = self.config.extras
+        if "metrics" in extras:
+            self.metrics.start(asyncio.get_running_loop())
+        if "http" in extras:
+            self.http.start(asyncio.get_running_loop())
+            self.jobs.start(self.http)
         self.local_address = bound[1]
-        self.pool = WorkerPool(daemon_address=self.local_address, token=self.config.token,
-                               session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
-                               node_host=self.config.host, advertise_host=self._advertised_host(),
-                               fence_path=self.fence.path, log_writer=self.log_writer)
+        self.pool = self._make_pool(
+            daemon_address=self.local_address, token=self.config.token,
+            session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
+            node_host=self.config.host, advertise_host=self._advertised_host(),
+            fence_path=self.fence.path, log_writer=self.log_writer if "log_files" in extras else None)
         self.pool.on_forget = lambda worker: worker.resolved_env.release(self.envs.cache)
         count = self.config.prestart_workers
         if count is None:
@@ -210,11 +218,17 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, DrainDuties, pb_grpc
         for _ in range(count):
             self.pool.start(ids.new_id(), DEFAULT_ENV_KEY, {})
         asyncio.get_running_loop().create_task(self._reap_loop())
-        asyncio.get_running_loop().create_task(self.log_writer.run(self._stopping))
+        if "log_files" in extras:
+            asyncio.get_running_loop().create_task(self.log_writer.run(self._stopping))
         asyncio.get_running_loop().create_task(self._replace_loop())
-        asyncio.get_running_loop().create_task(self.memory_monitor.run(self._stopping))
+        if "memory_monitor" in extras:
+            asyncio.get_running_loop().create_task(self.memory_monitor.run(self._stopping))
         liveness = PeerLiveness(self, self._revoke_dead_peer)
         asyncio.get_running_loop().create_task(liveness.run(self._stopping))
+
+    def _make_pool(self, **options) -> WorkerPool:
+        """Where tasks run: worker processes (a hollow node simulates them: node/hollow.py)."""
+        return WorkerPool(**options)
 
     def _serve(self, server) -> None:
         """Register both services; a malformed request never reaches a handler

@@ -65,6 +65,8 @@ class Membership:
         self._pgs_view = None
         self._alloc_view = None
         self._locations_lock = threading.Lock()
+        self.watch_events = 0             # changes delivered by this node's watches (scale tests)
+        self._events_lock = threading.Lock()
         from meshray.node.pg_placer import GroupPlacer, GroupView
         node_hex = daemon.node_id.hex()
         self.pg_view = GroupView(self.keys, node_hex)
@@ -78,7 +80,13 @@ class Membership:
         self._loop = loop
         self._thread.start()
 
-    def _view_changed(self, _changes=None) -> None:
+    def _count(self, changes) -> None:
+        with self._events_lock:
+            self.watch_events += len(changes)
+
+    def _view_changed(self, changes=None) -> None:
+        if changes is not None:
+            self._count(changes)
         self.placer.poke()
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -88,10 +96,12 @@ class Membership:
                 pass  # the loop is shutting down
 
     def _pgs_changed(self, changes) -> None:
+        self._count(changes)
         self.pg_view.apply_pg_changes(changes)
         self._pg_changed()
 
     def _alloc_changed(self, changes) -> None:
+        self._count(changes)
         self.pg_view.apply_alloc_changes(changes)
         if self._alloc_view is not None:
             self.pg_view.note_alloc_revision(self._alloc_view.revision)
@@ -190,6 +200,18 @@ class Membership:
                 pass
         if self.coordinator is not None:
             self.coordinator.close()
+
+    def abandon(self) -> None:
+        """Go silent as a crashed process would: keepalives and watches end,
+        nothing is revoked or written, so peers learn of it only from etcd
+        (the lease expiring) or a refused connection (node/liveness.py)."""
+        self._stop.set()
+        if self._lease is not None:
+            self._lease.stop(revoke=False, timeout=0)
+        self.placer.stop()
+        for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
+            if view is not None:
+                view.stop()
 
     def _run(self) -> None:
         failures = 0

@@ -17,6 +17,8 @@ __all__ = ["OWNER_FILE", "open_node_store", "sweep_stale_stores"]
 SHM_ROOT = "/dev/shm"
 
 OWNER_FILE = ".owner-pid"
+# Processes that run node daemons (a hollow-node host runs many: meshray/scale/).
+DAEMON_MODULES = ("meshray.node.main", "meshray.scale.host")
 
 
 def sweep_stale_stores(root: str) -> None:
@@ -36,7 +38,8 @@ def sweep_stale_stores(root: str) -> None:
         except (OSError, ValueError):
             continue              # not ours, or being created right now
         try:
-            alive = "meshray.node.main" in " ".join(psutil.Process(pid).cmdline())
+            command = " ".join(psutil.Process(pid).cmdline())
+            alive = any(module in command for module in DAEMON_MODULES)
         except (psutil.Error, OSError):
             alive = False
         if not alive:

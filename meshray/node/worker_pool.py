@@ -222,8 +222,11 @@ class WorkerPool:
             workers.remove(worker)
         if worker.conn is None:
             self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
-        # What the worker wrote before it went is in the pipes: keep it, then
-        # stop reading (a child it left behind may hold the pipes open forever).
+        self._drain_output(worker)
+
+    def _drain_output(self, worker: WorkerProcess) -> None:
+        """What the worker wrote before it went is in the pipes: keep it, then
+        stop reading (a child it left behind may hold the pipes open forever)."""
         for stream, is_err in ((worker.process.stdout, False), (worker.process.stderr, True)):
             for _ in range(64):
                 if not self._read_output(worker, stream, is_err):

@@ -1,0 +1,1 @@
+"""Scale testing: many hollow nodes per process (`host`) and `meshray scale-test`."""

@@ -1,0 +1,455 @@
+"""`meshray scale-test`: a cluster of real and hollow nodes, measured.
+
+It starts an etcd member (as the test harness does: auth on, a fresh token)
+or joins one given with --address, real node daemons (`--real-nodes`, with
+real workers) and ceil(N/K) host processes of K hollow nodes each
+(meshray/scale/host.py), then runs the scenarios in order:
+
+- ``join``: until every hollow node is registered and sees every node
+  (``join_s`` counts from the first host's start);
+- ``idle``: etcd writes per second and watch events per node per second
+  while nothing happens;
+- ``tasks``: a real driver on the real node submits many tiny tasks that
+  spill onto hollow nodes; every result is checked (``many_tasks_per_s``),
+  and etcd writes are counted meanwhile (``etcd_writes_per_s_busy``);
+- ``detect``: one hollow node, then 10% of them, are killed (--kill-mode:
+  their keepalives stop; with ``crash`` their ports close too); each
+  surviving hollow node notes when its view dropped each; latency = seen -
+  killed, one observation per (observer, killed node).
+
+etcd writes are etcd's own counter ``etcd_server_proposals_committed_total``
+(every raft proposal the member applied: puts, deletes, transactions, lease
+grants and revokes; keepalives are not proposals). Results no scenario
+measured are null, never estimated.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+__all__ = ["add_parser", "run", "percentile", "detection_latencies", "render_table",
+           "SCENARIOS", "RESULT_KEYS", "check_tasks"]
+
+SCENARIOS = ("join", "idle", "tasks", "detect")
+RESULT_KEYS = ("nodes", "real_nodes", "nodes_joined", "join_s", "etcd_writes_per_s_idle",
+               "etcd_writes_per_s_busy", "watch_events_per_node_per_s", "detect_p50_s",
+               "detect_p99_s", "detect_10pct_p50_s", "detect_10pct_p99_s", "detect_missed",
+               "many_tasks_per_s", "many_tasks_checked", "many_actors_per_s", "many_pgs_per_s",
+               "spill_decision_p99_ms")
+WRITE_COUNTER = "etcd_server_proposals_committed_total"
+KILL_MODES = ("freeze", "crash")
+DRIVER = r"""
+import collections, json, sys, time
+import meshray
+cfg = json.loads(sys.argv[1])
+meshray.init(address=cfg["address"])
+
+@meshray.remote(num_cpus=1)
+def tiny(i):
+    return ("real", i)
+
+start = time.monotonic()
+refs = [tiny.remote(i) for i in range(cfg["tasks"])]
+values = meshray.get(refs, timeout=cfg["timeout"])
+elapsed = time.monotonic() - start
+print(json.dumps({"elapsed_s": elapsed, "values": values}))
+"""
+
+
+# ------------------------------------------------------------------ pure parts
+def percentile(values: list, q: float) -> float | None:
+    """The q-th percentile (0..100, nearest rank) of `values`; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def detection_latencies(killed: dict, deaths: dict) -> tuple[list, int]:
+    """Seconds from each kill to each surviving observer seeing it, and how
+    many (observer, killed node) pairs never saw it.
+
+    `killed`: node -> kill time; `deaths`: observer -> {node: time seen}.
+    Observers that were themselves killed are not asked.
+    """
+    latencies, missed = [], 0
+    for observer, seen in deaths.items():
+        if observer in killed:
+            continue
+        for node, at in killed.items():
+            if node in seen:
+                latencies.append(max(0.0, seen[node] - at))
+            else:
+                missed += 1
+    return latencies, missed
+
+
+def check_tasks(values: list, hollow_ids: set) -> tuple[int, list, dict]:
+    """(correct results, the first wrong ones, tasks run per node id or "real").
+
+    A task run by a real worker returns ("real", its index); one run by a
+    hollow node returns that node's fixed value (node/hollow.py).
+    """
+    good, bad, by_node = 0, [], {}
+    for index, value in enumerate(values):
+        value = tuple(value) if isinstance(value, (list, tuple)) else value
+        if value == ("real", index):
+            where = "real"
+        elif isinstance(value, tuple) and len(value) == 2 and value[0] == "hollow" \
+                and value[1] in hollow_ids:
+            where = value[1]
+        else:
+            if len(bad) < 5:
+                bad.append((index, value))
+            continue
+        good += 1
+        by_node[where] = by_node.get(where, 0) + 1
+    return good, bad, by_node
+
+
+def render_table(result: dict) -> str:
+    rows = [(key, result.get(key)) for key in RESULT_KEYS]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  -----"]
+    for key, value in rows:
+        shown = "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else value)
+        lines.append(f"{key.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the run
+class HostProcess:
+    """One `meshray.scale.host` child and its JSON-line conversation."""
+
+    def __init__(self, args, index: int, count: int, address: str, token: str, base_dir: str):
+        from meshray import security
+        env = dict(os.environ)
+        for name in ("MESHRAY_TOKEN", "MESHRAY_TOKEN_FILE"):
+            env.pop(name, None)
+        fd = security.token_pipe(token)
+        env[security.TOKEN_FD_ENV] = str(fd)
+        command = [sys.executable, "-m", "meshray.scale.host", "--nodes", str(count),
+                   "--address", address, "--base-dir", os.path.join(base_dir, f"host{index}"),
+                   "--cpus", str(args.cpus), "--task-s", str(args.task_s)]
+        if args.lease_ttl:
+            command += ["--lease-ttl", str(args.lease_ttl)]
+        try:
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            env=env, pass_fds=(fd,), text=True)
+        finally:
+            os.close(fd)
+        self.nodes: list[str] = []
+
+    def wait_ready(self, timeout: float) -> None:
+        line = self._read(timeout)
+        self.nodes = list(line["nodes"])
+
+    def _read(self, timeout: float) -> dict:
+        import select
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.process.stdout], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if ready:
+                line = self.process.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"hollow host pid {self.process.pid} exited "
+                                       f"(status {self.process.poll()})")
+                reply = json.loads(line)
+                if "error" in reply:
+                    raise RuntimeError(f"hollow host pid {self.process.pid}: {reply['error']}")
+                return reply
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"hollow host pid {self.process.pid} did not answer "
+                                   f"within {timeout:.0f}s")
+
+    def ask(self, command: dict, timeout: float = 60.0) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read(timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        if self.process.poll() is None:
+            try:
+                self.ask({"op": "stop"}, timeout)
+                self.process.wait(timeout)
+            except Exception:  # noqa: BLE001 - fall back to a kill
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        self.process.stdout.close()
+
+
+def etcd_counter(endpoint: str, name: str = WRITE_COUNTER) -> float:
+    """A counter from the etcd member's own /metrics page (plain HTTP)."""
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=5.0) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"etcd at {endpoint} has no metric {name!r}")
+
+
+class ScaleRun:
+    def __init__(self, args):
+        self.args = args
+        self.engine = None
+        self.hosts: list[HostProcess] = []
+        self.real = []
+        self.base_dir = tempfile.mkdtemp(prefix="meshray-scale-")
+        self.result: dict = {key: None for key in RESULT_KEYS}
+        self.result.update(nodes=args.nodes, real_nodes=args.real_nodes,
+                           lease_ttl_s=args.lease_ttl or 5.0, kill_mode=args.kill_mode)
+        self.rng = random.Random(args.seed)
+
+    @property
+    def hollow_ids(self) -> list[str]:
+        return [node for host in self.hosts for node in host.nodes]
+
+    def _say(self, text: str) -> None:
+        if not self.args.quiet:
+            print(f"[scale-test {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    def start(self) -> None:
+        from meshray.testing.engine import ClusterEngine
+        args = self.args
+        self.engine = ClusterEngine(etcd_endpoints=args.address, lease_ttl=args.lease_ttl or 5.0,
+                                    token=os.environ.get("MESHRAY_TOKEN") if args.address else None,
+                                    dir_prefix="meshray-scale-etcd-").start()
+        for _ in range(args.real_nodes):
+            self.real.append(self.engine.start_node(num_cpus=args.real_cpus))
+        self._say(f"etcd at {self.engine.address}; {len(self.real)} real node(s) up")
+
+    def join(self) -> None:
+        args = self.args
+        per_host = args.nodes_per_host
+        count = math.ceil(args.nodes / per_host)
+        started = time.monotonic()
+        for index in range(count):
+            size = min(per_host, args.nodes - index * per_host)
+            self.hosts.append(HostProcess(args, index, size, self.engine.address,
+                                          self.engine.token, self.base_dir))
+        for host in self.hosts:
+            host.wait_ready(args.join_timeout)
+        want = args.nodes + args.real_nodes
+        deadline = started + args.join_timeout
+        while True:
+            statuses = [host.ask({"op": "status"}) for host in self.hosts]
+            nodes = [node for status in statuses for node in status["nodes"]]
+            joined = sum(1 for node in nodes if node["registered"])
+            seeing = sum(1 for node in nodes if node["view"] >= want)
+            self.result["nodes_joined"] = joined
+            if joined == args.nodes and seeing == args.nodes:
+                self.result["join_s"] = round(time.monotonic() - started, 3)
+                break
+            if time.monotonic() > deadline:
+                self._say(f"join timed out: {joined}/{args.nodes} registered, "
+                          f"{seeing} see all {want} nodes")
+                break
+            time.sleep(0.5)
+        self._say(f"joined: {self.result['nodes_joined']}/{args.nodes} in "
+                  f"{self.result['join_s']}s")
+
+    def _watch_events(self) -> int:
+        return sum(node["watch_events"] for host in self.hosts
+                   for node in host.ask({"op": "status"})["nodes"] if not node["crashed"])
+
+    def idle(self) -> None:
+        endpoint = self.engine.address.split(",")[0]
+        window = self.args.idle_s
+        writes, events = etcd_counter(endpoint), self._watch_events()
+        started = time.monotonic()
+        time.sleep(window)
+        elapsed = time.monotonic() - started
+        writes, events = etcd_counter(endpoint) - writes, self._watch_events() - events
+        self.result["etcd_writes_per_s_idle"] = round(writes / elapsed, 3)
+        self.result["watch_events_per_node_per_s"] = round(events / elapsed / self.args.nodes, 4)
+        self._say(f"idle {elapsed:.1f}s: {writes:.0f} etcd writes, {events} watch events")
+
+    def tasks(self) -> None:
+        args = self.args
+        endpoint = self.engine.address.split(",")[0]
+        env = dict(os.environ, MESHRAY_TOKEN=self.engine.token)
+        config = {"address": self.engine.address, "tasks": args.tasks, "timeout": args.task_timeout}
+        writes = etcd_counter(endpoint)
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(config)], env=env,
+                              capture_output=True, text=True, timeout=args.task_timeout + 60)
+        elapsed = time.monotonic() - started
+        writes = etcd_counter(endpoint) - writes
+        if done.returncode != 0:
+            raise RuntimeError(f"the task driver failed (status {done.returncode}): "
+                               f"{done.stderr[-2000:]}")
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        good, bad, by_node = check_tasks(report["values"], set(self.hollow_ids))
+        if bad or good != args.tasks:
+            raise RuntimeError(f"{args.tasks - good} of {args.tasks} task results are wrong, "
+                               f"e.g. {bad}")
+        self.result["many_tasks_per_s"] = round(args.tasks / report["elapsed_s"], 1)
+        self.result["many_tasks_checked"] = good
+        self.result["etcd_writes_per_s_busy"] = round(writes / elapsed, 3)
+        self.result["tasks_by_node"] = {"real": by_node.get("real", 0),
+                                        "hollow_nodes_used": len(by_node) - ("real" in by_node),
+                                        "hollow_tasks": good - by_node.get("real", 0)}
+        self._say(f"{good} task results correct in {report['elapsed_s']:.1f}s; "
+                  f"{self.result['tasks_by_node']}")
+
+    def _kill_and_watch(self, victims: list[str]) -> tuple[list, int]:
+        killed = {}
+        for host in self.hosts:
+            mine = [node for node in victims if node in host.nodes]
+            if mine:
+                killed.update(host.ask({"op": "crash", "ids": mine,
+                                        "close_port": self.args.kill_mode == "crash"})["killed"])
+        deadline = time.monotonic() + (self.args.lease_ttl or 5.0) + self.args.detect_grace
+        while True:
+            deaths = {}
+            for host in self.hosts:
+                deaths.update(host.ask({"op": "deaths"})["deaths"])
+            latencies, missed = detection_latencies(killed, deaths)
+            if not missed or time.monotonic() > deadline:
+                return latencies, missed
+            time.sleep(0.2)
+
+    def detect(self) -> None:
+        alive = list(self.hollow_ids)
+        one = [self.rng.choice(alive)]
+        latencies, missed = self._kill_and_watch(one)
+        self.result["detect_p50_s"] = _rounded(percentile(latencies, 50))
+        self.result["detect_p99_s"] = _rounded(percentile(latencies, 99))
+        rest = [node for node in alive if node not in one]
+        many = self.rng.sample(rest, max(1, len(alive) // 10))
+        latencies_10, missed_10 = self._kill_and_watch(many)
+        self.result["detect_10pct_p50_s"] = _rounded(percentile(latencies_10, 50))
+        self.result["detect_10pct_p99_s"] = _rounded(percentile(latencies_10, 99))
+        self.result["detect_missed"] = missed + missed_10
+        self.result["detect_observations"] = len(latencies) + len(latencies_10)
+        self._say(f"detection: 1 kill p99 {self.result['detect_p99_s']}s, {len(many)} kills "
+                  f"p99 {self.result['detect_10pct_p99_s']}s, {missed + missed_10} missed")
+
+    def close(self) -> None:
+        for host in self.hosts:
+            try:
+                host.close()
+            except Exception as exc:  # noqa: BLE001 - close the rest
+                self._say(f"closing host pid {host.process.pid}: {exc}")
+        try:
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _rounded(value):
+    return None if value is None else round(value, 3)
+
+
+def run(args, on_start=None) -> dict:
+    """Build the cluster, run the scenarios asked for, tear everything down.
+
+    `on_start(scale_run)`, when given, is called once the ScaleRun exists
+    (a test checks afterwards that it left nothing behind)."""
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise ValueError(f"--scenarios={args.scenarios!r}: unknown {unknown}; "
+                         f"expected a comma-separated subset of {','.join(SCENARIOS)}")
+    scale = ScaleRun(args)
+    if on_start is not None:
+        on_start(scale)
+    try:
+        scale.start()
+        scale.join()
+        if scale.result["join_s"] is None:
+            # Reported, not raised: how far the join got is the measurement.
+            scale.result["error"] = (f"only {scale.result['nodes_joined']} of {args.nodes} "
+                                     f"hollow nodes joined within {args.join_timeout}s")
+            return scale.result
+        for name in ("idle", "tasks", "detect"):
+            if name in scenarios:
+                getattr(scale, name)()
+        scale.result["host_cpu_s"] = round(sum(
+            host.ask({"op": "status"})["cpu_s"] for host in scale.hosts), 1)
+        return scale.result
+    finally:
+        scale.close()
+
+
+def _count(flag: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise ValueError(f"{flag}={text!r}: expected a whole number >= {minimum}")
+        return value
+    return parse
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "scale-test", help="measure a cluster of real and hollow (simulated) nodes",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=_count("--nodes"), default=100,
+                        help="hollow nodes (default 100)")
+    parser.add_argument("--real-nodes", type=_count("--real-nodes"), default=1,
+                        help="real node daemons; the task driver runs on the first (default 1)")
+    parser.add_argument("--real-cpus", type=float, default=1.0,
+                        help="CPUs of each real node (default 1: most tasks spill)")
+    parser.add_argument("--nodes-per-host", type=_count("--nodes-per-host"), default=50,
+                        help="hollow nodes per host process (default 50)")
+    parser.add_argument("--cpus", type=float, default=64.0,
+                        help="CPUs of each hollow node (default 64)")
+    parser.add_argument("--task-s", type=float, default=0.0,
+                        help="seconds a simulated task runs (default 0)")
+    parser.add_argument("--lease-ttl", type=float, default=None,
+                        help="node lease TTL in seconds (default: the node default, 5)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated, from {','.join(SCENARIOS)} (default all; "
+                             "join always runs)")
+    parser.add_argument("--tasks", type=_count("--tasks"), default=10_000,
+                        help="tasks the driver submits (default 10000)")
+    parser.add_argument("--idle-s", type=float, default=10.0,
+                        help="seconds the idle measurement lasts (default 10)")
+    parser.add_argument("--join-timeout", type=float, default=300.0)
+    parser.add_argument("--task-timeout", type=float, default=600.0)
+    parser.add_argument("--detect-grace", type=float, default=10.0,
+                        help="seconds past the lease TTL to wait for every observer")
+    parser.add_argument("--kill-mode", choices=KILL_MODES, default="freeze",
+                        help="freeze (default): a killed node's keepalives stop and its port "
+                             "stays open, so only its lease's expiry tells; crash: its port "
+                             "closes too, and a peer linked to it revokes the lease at once")
+    parser.add_argument("--seed", type=int, default=0, help="picks the nodes killed")
+    parser.add_argument("--address", default=None,
+                        help="etcd endpoints to use instead of starting one (token from "
+                             "MESHRAY_TOKEN)")
+    parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    import signal
+    # A SIGTERM (a `timeout` wrapper, say) still tears the cluster down.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    result = run(args)
+    print(render_table(result))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(result, out, indent=2, sort_keys=True)
+            out.write("\n")
+    if "error" in result:
+        print(f"meshray scale-test: {result['error']}", file=sys.stderr)
+        return 1
+    return 0

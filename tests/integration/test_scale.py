@@ -1,0 +1,59 @@
+"""A CI-sized `meshray scale-test`: 60 hollow nodes in 3 host processes beside
+one real node, on one etcd member. Correctness only (never speed): every
+node joins and sees every other, every task result is right and some ran
+on hollow nodes, every killed node is seen dead by every surviving peer,
+and nothing is left behind."""
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+HOLLOW = 60
+PER_HOST = 20
+TASKS = 3000
+
+
+def _args(*extra):
+    from meshray.cli.main import build_parser
+    return build_parser().parse_args([
+        "scale-test", "--nodes", str(HOLLOW), "--nodes-per-host", str(PER_HOST),
+        "--lease-ttl", "2", "--tasks", str(TASKS), "--idle-s", "3",
+        "--join-timeout", "60", "--task-timeout", "60", "--quiet", *extra])
+
+
+@pytest.mark.timeout(120)
+def test_hollow_cluster_runs_work_and_sees_every_death():
+    from meshray.scale import scale_test
+
+    runs = []
+    result = scale_test.run(_args(), on_start=runs.append)
+    scale = runs[0]
+
+    assert result["nodes_joined"] == HOLLOW and result["join_s"] is not None
+    assert result["many_tasks_checked"] == TASKS
+    used = result["tasks_by_node"]
+    assert used["hollow_tasks"] > 0 and used["hollow_nodes_used"] >= 2, used
+    # One kill seen by the 59 others; then 10% (6) seen by the 53 left.
+    assert result["detect_missed"] == 0
+    assert result["detect_observations"] == (HOLLOW - 1) + (HOLLOW - 7) * 6
+    assert result["detect_p99_s"] is not None and result["detect_10pct_p99_s"] is not None
+    for key in ("many_actors_per_s", "many_pgs_per_s", "spill_decision_p99_ms"):
+        assert result[key] is None      # not measured: null, never made up
+
+    # Nothing left behind: host processes exited cleanly, their dirs and
+    # every hollow node's store dir are gone, etcd and the real node too.
+    assert [host.process.returncode for host in scale.hosts] == [0] * len(scale.hosts)
+    assert not os.path.exists(scale.base_dir)
+    hollow = scale.hollow_ids
+    assert len(hollow) == HOLLOW
+    assert not [n for n in hollow if os.path.exists(f"/dev/shm/meshray-{n[:12]}")]
+    for pid in [node.pid for node in scale.real] + scale.engine.etcd_pids():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_unknown_scenario_is_refused_with_its_name():
+    from meshray.scale import scale_test
+    with pytest.raises(ValueError, match="--scenarios='join,bogus'.*bogus"):
+        scale_test.run(_args("--scenarios", "join,bogus"))

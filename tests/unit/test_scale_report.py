@@ -1,0 +1,54 @@
+"""The pure parts of `meshray scale-test`: percentiles, detection latencies,
+task-result checks, the table, and the host's argument errors."""
+from __future__ import annotations
+
+import pytest
+
+from meshray.scale import scale_test
+from meshray.scale.host import parse_args
+
+
+def test_percentile_is_nearest_rank_and_none_when_empty():
+    assert scale_test.percentile([], 99) is None
+    values = [float(i) for i in range(1, 101)]
+    assert scale_test.percentile(values, 50) == 50.0
+    assert scale_test.percentile(values, 99) == 99.0
+    assert scale_test.percentile([3.0, 1.0, 2.0], 100) == 3.0
+
+
+def test_detection_latencies_count_every_observer_and_every_miss():
+    killed = {"k1": 100.0, "k2": 100.5}
+    deaths = {
+        "a": {"k1": 101.0, "k2": 102.5},
+        "b": {"k1": 103.0},                 # never saw k2
+        "k2": {"k1": 100.2},                # killed itself: not an observer
+    }
+    latencies, missed = scale_test.detection_latencies(killed, deaths)
+    assert sorted(latencies) == [1.0, 2.0, 3.0]
+    assert missed == 1
+
+
+def test_check_tasks_accepts_real_and_hollow_results_only():
+    hollow = {"n1", "n2"}
+    values = [["real", 0], ["hollow", "n1"], ("hollow", "n2"), ["real", 7], ["hollow", "zz"]]
+    good, bad, by_node = scale_test.check_tasks(values, hollow)
+    assert good == 3
+    assert bad == [(3, ("real", 7)), (4, ("hollow", "zz"))]
+    assert by_node == {"real": 1, "n1": 1, "n2": 1}
+
+
+def test_table_shows_unmeasured_results_as_dashes():
+    result = {key: None for key in scale_test.RESULT_KEYS}
+    result.update(nodes=100, join_s=12.3456)
+    table = scale_test.render_table(result)
+    assert "join_s" in table and "12.346" in table
+    line = next(row for row in table.splitlines() if row.startswith("many_actors_per_s"))
+    assert line.split()[-1] == "-"
+
+
+@pytest.mark.parametrize("flag,value", [("--nodes", "0"), ("--cpus", "-1"), ("--task-s", "x")])
+def test_host_refuses_bad_numbers_naming_the_flag(flag, value, capsys):
+    argv = ["--nodes", "2", "--address", "127.0.0.1:1", "--base-dir", "/nonexistent"]
+    with pytest.raises(SystemExit):
+        parse_args(argv + [flag, value])
+    assert f"{flag}={value!r}" in capsys.readouterr().err
