@@ -84,13 +84,6 @@ def container_holder(node_hex: str, container_id: bytes) -> str:
 class ClusterDuties(pb_grpc.NodePeerServicer):
     """Mixed into NodeDaemon."""
 
-    drain_plan = None      # a drain.DrainPlan once the node drains (node/draining.py)
-
-    @property
-    def draining(self) -> bool:
-        """Peers get no work from a draining node, and it takes none (node/drain.py)."""
-        return self.drain_plan is not None
-
     def _init_cluster(self) -> None:
         self.links: dict[str, PeerLink] = {}
         self.view = ClusterView(self.node_id.hex())     # peers, their room, offers out
@@ -135,7 +128,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def _node_views(self, backlog_for: dict | None = None) -> dict:
         """The views policy.decide sees (cluster_view.py), this node's own live."""
         local = policy.NodeView(self.node_hex, self.resources.total, self.resources.available,
-                                not self.draining, dict(self.config.labels))
+                                not self.drain.draining, dict(self.config.labels))
         return self.view.node_views(local, time.monotonic(), backlog_for)
 
     def _link(self, node_hex: str) -> PeerLink | None:
@@ -163,7 +156,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if spec.strategy_blob:
             import cloudpickle
             strategy = cloudpickle.loads(spec.strategy_blob)
-        if strategy == "DEFAULT" and not self.draining and (
+        if strategy == "DEFAULT" and not self.drain.draining and (
                 self.resources.can_fit(task.request)
                 # Alone in the view: whatever fits this node at all waits here.
                 or (len(self.view.nodes) <= 1 and self.resources.is_feasible(task.request))
@@ -267,7 +260,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             while tasks:
                 task = tasks[0]
                 if isinstance(task.owner, RemoteOwner) or (
-                        self.resources.can_fit(task.request) and not self.draining):
+                        self.resources.can_fit(task.request) and not self.drain.draining):
                     break
                 decision = self._placement(task)
                 if decision.kind != "spill":
@@ -341,7 +334,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     def _backlog_room(self) -> int:
         """How many more offers we would queue behind busy workers."""
-        if self.draining:
+        if self.drain.draining:
             return 0
         limit = max(1, int(self.resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
         return max(0, limit - len(self.queue))
@@ -358,7 +351,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         elif not self.membership or not self.membership._registered.is_set() \
                 or not self.fence.valid():
             verdict.reason = "node is not a registered member right now"
-        elif self.draining:
+        elif self.drain.draining:
             verdict.reason = "node is draining"
         else:
             request = ResourceSet.from_dict(dict(spec.resources))

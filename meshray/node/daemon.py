@@ -26,7 +26,7 @@ from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
-from meshray.node.draining import DrainDuties
+from meshray.node.draining import Drain
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
 from meshray.node.dashboard import Dashboard
@@ -120,7 +120,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, DrainDuties, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -159,6 +159,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, DrainDuties, pb_grpc
         self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
         self._init_cluster()
+        self.drain = Drain(self)
         self.placement = PlacementDuties(self)
         self.transfer = ObjectTransfer(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
@@ -787,8 +788,8 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, DrainDuties, pb_grpc
             "MetricsExportPort": self.metrics.port,
             "DashboardPort": self.http.port,
         }
-        if self.drain_plan is not None:
-            record["Draining"] = self.drain_plan.record()   # peers stop offering it work
+        if self.drain.plan is not None:
+            record["Draining"] = self.drain.plan.record()   # peers stop offering it work
         return record
 
     async def _ask_store_stats(self, conn, payload: dict) -> dict:

@@ -30,7 +30,7 @@ class TaskDispatch:
 
     def _schedule(self) -> None:
         """Dispatch queued tasks while resources and workers allow (none while draining)."""
-        if self.draining:
+        if self.drain.draining:
             return
         if self.placement.bundles:
             self.placement.take_bundles()

@@ -23,7 +23,7 @@ DRAIN_NODE_REASON_* values), a ``reason_message`` and a
 ``deadline_timestamp_ms``. A second SIGTERM or SIGINT during a drain stops
 the node at once. The pure parts -- the signal state machine, the drain's
 progress and the timeout setting -- are here so tests exercise them with
-plain values (tests/unit/test_drain.py); node/daemon.py does the acting.
+plain values (tests/unit/test_drain.py); node/draining.py does the acting.
 """
 from __future__ import annotations
 

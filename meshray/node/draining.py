@@ -1,13 +1,13 @@
-"""Draining the node before it exits, as a mixin of NodeDaemon.
+"""Draining the node before it exits: the part of the daemon that carries it out.
 
 The decisions (what a signal means, when a drain is over) are in
 node/drain.py; this module acts on them: it marks the node draining (its
 etcd record, its placement view, its answers to spill offers), hands queued
-work back, waits for running tasks and then asks the daemon to stop. The
-seams it uses elsewhere: ClusterDuties._peer_spill refuses offers while
-``draining``; TaskDispatch._schedule starts nothing new; the local node is
-no candidate in ``_node_views``; peers skip a node whose record carries
-``Draining`` (cluster_view.py).
+work back, waits for running tasks and then asks the daemon to stop. Others
+only ask it whether the node drains (``draining``): the peer duties refuse
+offers and report no backlog room, dispatch starts nothing new, placement
+treats the local node as no candidate, readiness fails; peers skip a node
+whose record carries ``Draining`` (cluster_view.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from meshray.node.cluster import RemoteOwner
 from meshray.node.task_lifecycle import TaskState
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["DrainDuties"]
+__all__ = ["Drain"]
 
 log = logging.getLogger(__name__)
 
@@ -31,28 +31,57 @@ FLUSH_TIMEOUT_S = 3.0
 _BUSY_STATES = frozenset({"running", "assigned"})
 
 
-class DrainDuties:
-    """Mixed into NodeDaemon (``drain_plan`` and ``draining`` live on ClusterDuties)."""
+class Drain:
+    """The node's drain: its plan once one starts, and the loop that ends it.
 
-    def request_drain(self, timeout_s: float, *, reason: str = drain.REASON_PREEMPTION,
-                      reason_message: str = "") -> bool:
+    It owns `plan` (a drain.DrainPlan, None while the node serves), so one
+    object says whether the node drains. It is given the node because a
+    drain hands tasks back through the lifecycle the node owns (move,
+    release, the peer links, re-placing a local driver's work), reads its
+    tables and membership as they are at that moment, and ends by asking
+    the node to stop.
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self.plan: drain.DrainPlan | None = None
+        self.lifecycle = drain.NodeLifecycle()
+
+    def on_stop_signal(self, name: str, *, may_drain: bool, timeout_s: float) -> None:
+        """SIGTERM/SIGINT `name` arrived: drain, stop now, or ignore it (NodeLifecycle)."""
+        action = self.lifecycle.on_signal(drain=may_drain)
+        if action == "drain":
+            self.request(timeout_s, reason_message=name)
+        elif action == "stop":
+            if self.draining:
+                log.warning("second stop signal: stopping node %s now", self._node.node_hex)
+            self._node.request_stop()
+
+    @property
+    def draining(self) -> bool:
+        """Peers get no work from a draining node, and it takes none (node/drain.py)."""
+        return self.plan is not None
+
+    def request(self, timeout_s: float, *, reason: str = drain.REASON_PREEMPTION,
+                reason_message: str = "") -> bool:
         """Start draining (see node/drain.py); False when a drain already runs."""
-        if self.drain_plan is not None or self._stopping.is_set():
+        node = self._node
+        if self.plan is not None or node._stopping.is_set():
             return False
-        self.drain_plan = drain.DrainPlan.start(reason, reason_message, timeout_s,
-                                                now=time.monotonic(), wall_now=time.time())
+        self.plan = drain.DrainPlan.start(reason, reason_message, timeout_s,
+                                          now=time.monotonic(), wall_now=time.time())
         log.warning("node %s draining (%s: %s); running tasks get %.1fs to finish",
-                    self.node_hex, reason, reason_message or "-", timeout_s)
-        if self.membership is not None:
-            self.membership.republish_record()
+                    node.node_hex, reason, reason_message or "-", timeout_s)
+        if node.membership is not None:
+            node.membership.republish_record()
         self._hand_back_queued()
-        asyncio.get_running_loop().create_task(self._drain_loop())
+        asyncio.get_running_loop().create_task(self._loop())
         return True
 
-    def _drain_counts(self) -> tuple[int, int]:
+    def _counts(self) -> tuple[int, int]:
         """(tasks executing here, tasks still queued here), actors' own work aside."""
         running = queued = 0
-        for task in self.tasks.values():
+        for task in self._node.tasks.values():
             if task.actor is not None:
                 continue
             if task.state in _BUSY_STATES:
@@ -68,39 +97,41 @@ class DrainDuties:
         verdict for a task it had spilled here as "place it again". A local
         driver's task is offered to peers (this node is no candidate now).
         """
+        node = self._node
         handed = 0
-        for task in list(self.queue):
+        for task in list(node.queue):
             if task.actor is not None or task.state != "queued":
                 continue
             if isinstance(task.owner, RemoteOwner):
-                self.queue.remove(task)
-                self._move(task, TaskState.DONE, "handed back: this node is draining")
-                self._release(task)
-                self.tasks.pop(task.task_id, None)
-                self._send_peer(task.owner.node_hex, pb.PeerEvent(verdict=pb.SpillVerdict(
+                node.queue.remove(task)
+                node._move(task, TaskState.DONE, "handed back: this node is draining")
+                node._release(task)
+                node.tasks.pop(task.task_id, None)
+                node._send_peer(task.owner.node_hex, pb.PeerEvent(verdict=pb.SpillVerdict(
                     task_id=task.task_id, accepted=False, reason="node is draining")))
                 handed += 1
         if handed:
             log.info("node %s handed %d queued task(s) back to their owners",
-                     self.node_hex, handed)
-        self._replace_waiting()      # local drivers' queued tasks go to peers
+                     node.node_hex, handed)
+        node._replace_waiting()      # local drivers' queued tasks go to peers
 
     def _links_idle(self) -> bool:
-        return not any(link.pending for link in self.links.values())
+        return not any(link.pending for link in self._node.links.values())
 
-    async def _drain_loop(self) -> None:
-        plan = self.drain_plan
-        while not self._stopping.is_set():
-            running, queued = self._drain_counts()
+    async def _loop(self) -> None:
+        node, plan = self._node, self.plan
+        while not node._stopping.is_set():
+            running, queued = self._counts()
             done, why = drain.drain_progress(time.monotonic(), plan.deadline, running, queued)
             if done:
-                log.warning("node %s drained: %s", self.node_hex, why)
+                log.warning("node %s drained: %s", node.node_hex, why)
                 break
             if queued:
                 self._hand_back_queued()
             await asyncio.sleep(DRAIN_POLL_S)
         flush_until = time.monotonic() + FLUSH_TIMEOUT_S
         while not self._links_idle() and time.monotonic() < flush_until \
-                and not self._stopping.is_set():
+                and not node._stopping.is_set():
             await asyncio.sleep(0.02)
-        self.request_stop()
+        if self.lifecycle.drained() == "stop":
+            node.request_stop()

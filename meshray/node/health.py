@@ -76,7 +76,7 @@ class _Health:
     def ready(self, request) -> tuple:
         registered, lease_valid = self._lease()
         return _answer(*readiness(loop_ok=self._loop_ok(), registered=registered,
-                                  lease_valid=lease_valid, draining=self.daemon.draining))
+                                  lease_valid=lease_valid, draining=self.daemon.drain.draining))
 
 
 def health_routes(daemon) -> list:

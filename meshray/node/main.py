@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -233,19 +234,9 @@ async def _run(args) -> int:
     # nodes of a private or test cluster only when a drain timeout is set.
     drains = args.cli or args.drain_timeout is not None or bool(
         os.environ.get(drain.DRAIN_TIMEOUT_ENV))
-    lifecycle = drain.NodeLifecycle()
-
-    def on_stop_signal(signum: int) -> None:
-        action = lifecycle.on_signal(drain=drains)
-        if action == "drain":
-            daemon.request_drain(drain_timeout, reason_message=signal.Signals(signum).name)
-        elif action == "stop":
-            if daemon.draining:
-                log.warning("second stop signal: stopping node %s now", node_id.hex())
-            daemon.request_stop()
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop_signal, sig)
+        loop.add_signal_handler(sig, functools.partial(
+            daemon.drain.on_stop_signal, sig.name, may_drain=drains, timeout_s=drain_timeout))
     if args.parent_fd >= 0:
         def parent_gone():
             try:

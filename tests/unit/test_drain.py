@@ -119,7 +119,8 @@ def health_api():
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     fence = SimpleNamespace(valid=lambda: True)
-    daemon = SimpleNamespace(config=SimpleNamespace(token="t" * 40), draining=False,
+    daemon = SimpleNamespace(config=SimpleNamespace(token="t" * 40),
+                             drain=SimpleNamespace(draining=False),
                              membership=SimpleNamespace(registered=True), fence=fence)
     api = daemon.http = HttpApi(daemon)
     api._loop = loop
@@ -140,7 +141,7 @@ def test_health_routes_answer_without_the_token_and_say_nothing_more(health_api)
     api, daemon = health_api
     for path in ("/api/healthz", "/api/local_raylet_healthz", "/api/gcs_healthz"):
         assert _get(api, path) == (200, {"status": "success"})
-    daemon.draining = True
+    daemon.drain.draining = True
     assert _get(api, "/api/healthz") == (503, {"status": "failed", "reason": "draining"})
     assert _get(api, "/api/local_raylet_healthz") == (200, {"status": "success"})
     daemon.membership.registered = False

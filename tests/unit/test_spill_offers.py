@@ -40,6 +40,7 @@ class _Daemon(ClusterDuties):
     def __init__(self, peers_free: dict):
         self.node_id = bytes.fromhex(HEAD)
         self._init_cluster()
+        self.drain = SimpleNamespace(draining=False)
         self.config = _Config()
         self.membership = None
         self.resources = NodeResources({"CPU": 1.0})
