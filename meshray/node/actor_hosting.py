@@ -32,7 +32,7 @@ class ActorHosting:
     def _actor_created(self, task, worker, result: pb.TaskResult) -> None:
         entry: ActorEntry = task.actor
         if result.failed:
-            self._release(task)
+            self.dispatch.release(task)
             worker.actor = None
             self.pool.kill(worker)
             self._set_actor_state(entry, "init_failed", result.actor_error)
@@ -56,7 +56,7 @@ class ActorHosting:
         task = worker.current_task
         if task is not None and task.actor is entry:
             # Died inside __init__ (e.g. os._exit): counts as a failed start.
-            self._release(task)
+            self.dispatch.release(task)
             task.worker = None
         elif entry.holding:
             if entry.bundle_task is not None:
@@ -91,7 +91,7 @@ class ActorHosting:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None
         self.tasks[spec.task_id] = task
-        self._enqueue(task)
+        self._place_or_queue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
         self._apply_actor(entry, event, detail)

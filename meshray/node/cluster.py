@@ -105,7 +105,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         for node_hex in gone:
             self._node_died(node_hex)
         self._replace_waiting()
-        self._schedule()
+        self.dispatch.schedule()
 
     def on_lease_lost(self) -> None:
         """Our lease expired: peers consider us dead and re-run our guests' work.
@@ -205,8 +205,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         decision = self._placement(task)
         kind = decision.kind
         if kind == "run_local" and not self.queue.has_class(task.sched_class) \
-                and self._try_acquire(task):
-            self._start(task)           # it fits here now: no queueing at all
+                and self.dispatch.try_acquire(task):
+            self.dispatch.start(task)           # it fits here now: no queueing at all
         elif kind in ("run_local", "wait", "placement_group"):
             self.queue.push(task, f"placed here ({kind})")
         elif kind == "spill":
@@ -273,7 +273,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             await asyncio.sleep(REPLACE_INTERVAL_S)
             if len(self.queue) and len(self.view.nodes) > 1:
                 self._replace_waiting()
-                self._schedule()
+                self.dispatch.schedule()
 
     def _spill(self, task, candidates: list) -> None:
         while candidates:
@@ -324,7 +324,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             # The freshest word on the sender (a result, a verdict): offer
             # it queued work now rather than at the next re-placement tick.
             self._offer_queued()
-        self._schedule()
+        self.dispatch.schedule()
         return pb.PeerAck()
 
     def _load_report(self) -> pb.NodeLoad:
@@ -374,7 +374,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 # Accept only what we can start now: resources are taken at
                 # once, so concurrent offers cannot both be accepted.
                 backlog_room = task.bundle is None and self._backlog_room() > 0
-                started = self._try_acquire(task)
+                started = self.dispatch.try_acquire(task)
                 if started or (backlog_room and task.actor is None
                                and self.resources.is_feasible(request)):
                     verdict.accepted = True
@@ -383,7 +383,7 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                         self._publish_actor(task.actor)
                     self.tasks[spec.task_id] = task
                     if started:
-                        self._start(task)
+                        self.dispatch.start(task)
                     else:
                         self.queue.push(task, "accepted from a peer for the backlog")
                 else:
@@ -685,9 +685,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def _drop_task(self, task) -> None:
         self._move(task, TaskState.DONE, "dropped: its owner's node died")
         self.queue.remove(task)
-        if task in self.awaiting_worker:
-            self.awaiting_worker.remove(task)
-        self._release(task)
+        self.dispatch.drop_awaiting(task)
+        self.dispatch.release(task)
         self.tasks.pop(task.task_id, None)
 
     def _remote_task_lost(self, task, node_hex: str) -> None:

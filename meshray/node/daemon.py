@@ -14,14 +14,12 @@ import itertools
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
 from meshray.common import arg_dir, ids
 from meshray.common.fence import LeaseFence
 from meshray.node import actors as actor_states
-from meshray.node import pipelining
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
@@ -120,7 +118,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -139,13 +137,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
         self.metrics = NodeMetrics(self, config.metrics_export_port)   # node/metrics.py
         self.task_events.on_end = self.metrics.task_ended
         self.queue = TaskQueue(self.events)
-        self.runtime_stats = pipelining.RuntimeStats()
         self.tasks: dict[bytes, TaskRecord] = {}
         self.waiting_on: dict[bytes, list[TaskRecord]] = {}
         self.functions: dict[bytes, bytes] = {}
         self.conns: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
-        self.awaiting_worker: list[TaskRecord] = []
         self.pool: WorkerPool | None = None
         self.server = None
         self.address = ""
@@ -160,6 +156,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
         self._stopping = asyncio.Event()
         self._init_cluster()
         self.drain = Drain(self)
+        self.dispatch = TaskDispatch(self)
         self.placement = PlacementDuties(self)
         self.transfer = ObjectTransfer(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
@@ -355,7 +352,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
                                           event.WhichOneof("kind"), conn.conn_id)
                 finally:   # what the batch did before a refusal still takes effect
                     self._flush_borrows()
-                    self._schedule()
+                    self.dispatch.schedule()
         except asyncio.CancelledError:
             raise
         except strict.Malformed as exc:
@@ -380,7 +377,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
                     "this node started and that has not connected yet")
             worker.conn, conn.worker = conn, worker
             self.pool.connected(worker)
-            self._worker_free(worker)
+            self.dispatch.worker_free(worker)
         conn.send(pb.ServerEvent(welcome=pb.Welcome(
             node_id=self.node_id, store_dir=self.store_dir,
             session_dir=self.config.session_dir, node_address=self.address, job_id=conn.job_id)))
@@ -410,7 +407,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
                 task.pending_deps.add(object_id)
                 self.waiting_on.setdefault(object_id, []).append(task)
         if not task.pending_deps:
-            self._enqueue(task)
+            self._place_or_queue(task)
 
     @staticmethod
     def _return_ids(spec) -> list:
@@ -504,18 +501,10 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
         if task.actor is not None:
             self._actor_created(task, worker, result)
             return
-        if worker.current_task is task:
-            self.runtime_stats.observe(task.spec.function_id,
-                                       time.monotonic() - task.started_at)
-        elif task in worker.pipeline:
-            # The task it followed was dropped here without its result.
-            worker.pipeline.remove(task)
-        if not self._promote_follower(worker, task):
-            self._release(task)
-            self._worker_free(worker)
+        self.dispatch.task_returned(worker, task)
         if result.failed and result.retryable_error and not task.cancelled and take_retry(task):
             self._move(task, TaskState.WAITING, "retry: the task raised a retryable error")
-            self._enqueue(task)
+            self._place_or_queue(task)
             return
         self._finish(task, list(result.returns))
 
@@ -557,7 +546,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
         self._finish(task, [error_value(oid, error) for oid in task.return_ids], error)
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
-        self._release(task)
+        self.dispatch.release(task)
         entry = task.actor
         if entry is not None and entry.state != actor_states.DEAD and entry.worker is None:
             # A (re)start that can never happen: the actor is dead, and says why
@@ -585,8 +574,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
             self.queue.remove(task)
             self._fail(task, error)
         elif task.state == "assigned":
-            if task in self.awaiting_worker:
-                self.awaiting_worker.remove(task)
+            self.dispatch.drop_awaiting(task)
             self._fail(task, error)
         elif task.state == "spilled":
             self._send_peer(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
@@ -628,7 +616,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
             for task in self.waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
                 if not task.pending_deps and task.state == "waiting":
-                    self._enqueue(task)
+                    self._place_or_queue(task)
 
     # ------------------------------------------------------------ failures
     def _disconnected(self, conn: Connection) -> None:
@@ -650,7 +638,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
             self._worker_lost(worker)
         elif conn.role == "driver":
             self._job_ended(conn)
-        self._schedule()
+        self.dispatch.schedule()
 
     def _abort_reservations(self, conn: Connection) -> None:
         """Give back the room a process reserved and never sealed: nothing else will."""
@@ -684,11 +672,11 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
                            or exceptions.TaskCancelledError(follower.task_id.hex()))
             else:
                 self._move(follower, TaskState.WAITING, "placed again: its worker died before it ran")
-                self._enqueue(follower)
+                self._place_or_queue(follower)
         task = worker.current_task
         if task is None:
             return
-        self._release(task)
+        self.dispatch.release(task)
         if self.placement.group_task_lost(task):
             return
         if task.cancelled:
@@ -698,7 +686,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
             self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
-            self._enqueue(task)
+            self._place_or_queue(task)
         else:
             # No longer running; finished once the exit status is in.
             self._move(task, TaskState.CRASHED, f"worker {worker.pid} died; no retries left")
@@ -733,10 +721,9 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
     def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:
         """A runtime env's setup ended: on failure the tasks waiting for its workers fail."""
         if error is not None:
-            for waiting in [t for t in self.awaiting_worker if t.worker_key == worker_key]:
-                self.awaiting_worker.remove(waiting)
+            for waiting in self.dispatch.take_awaiting(worker_key):
                 self._fail(waiting, error)
-        self._schedule()
+        self.dispatch.schedule()
 
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""
@@ -771,10 +758,7 @@ class NodeDaemon(ActorHosting, TaskDispatch, ClusterDuties, pb_grpc.NodeServiceS
                                 worker.pid, worker.process.returncode)
                     self.pool.forget(worker)
                     # Tasks waiting on a worker for this env get a new start.
-                    for task in self.awaiting_worker:
-                        if task.worker_key == worker.env_key:
-                            self._ensure_workers(task)
-                            break
+                    self.dispatch.worker_start_failed(worker.env_key)
 
     # ------------------------------------------------------------ questions
     def local_node_record(self) -> dict:

@@ -105,7 +105,7 @@ class Drain:
             if isinstance(task.owner, RemoteOwner):
                 node.queue.remove(task)
                 node._move(task, TaskState.DONE, "handed back: this node is draining")
-                node._release(task)
+                node.dispatch.release(task)
                 node.tasks.pop(task.task_id, None)
                 node._send_peer(task.owner.node_hex, pb.PeerEvent(verdict=pb.SpillVerdict(
                     task_id=task.task_id, accepted=False, reason="node is draining")))

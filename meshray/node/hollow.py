@@ -101,7 +101,7 @@ class HollowPool(WorkerPool):
         daemon = self._daemon
         daemon._handle(conn, event)
         daemon._flush_borrows()
-        daemon._schedule()
+        daemon.dispatch.schedule()
 
     def _result_of(self, spec: pb.TaskSpec) -> pb.TaskResult:
         result = pb.TaskResult(task_id=spec.task_id)

@@ -101,7 +101,7 @@ class PlacementDuties:
         self.take_bundles()
         self._fail_removed_group_work()
         self._route_waiting()
-        self._node._schedule()
+        self._node.dispatch.schedule()
 
     def take_bundles(self) -> None:
         """Move reserved bundles out of the general pool (as soon as it has room)."""
@@ -179,7 +179,7 @@ class PlacementDuties:
             self._node._finish_failed(task, self._group_removed_error(task))
         elif take_retry(task):
             self._node._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
-            self._node._enqueue(task)
+            self._node._place_or_queue(task)
         else:
             self._node._finish_failed(task, exceptions.WorkerCrashedError(
                 f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
@@ -263,7 +263,7 @@ class PlacementDuties:
             if ids is None:
                 return False
             task.bundle_gpu_ids = ids
-            self._node._assign_devices(task, ids)
+            self._node.dispatch.assign_devices(task, ids)
         pool.take(task.hold)
         pool.tasks.add(task)
         return True

@@ -35,9 +35,7 @@ class _Node:
         self.tasks, self.links = {}, {}
         self.queue = TaskQueue()
         self.released, self.sent, self.replaced = [], [], 0
-
-    def _release(self, task):
-        self.released.append(task)
+        self.dispatch = SimpleNamespace(release=self.released.append)
 
     def _republish(self):
         self.republished += 1

@@ -35,6 +35,7 @@ class _Node:
         self.membership = SimpleNamespace(placer=placer,
                                           pg_snapshot=lambda: (self.records, self.alloc))
         self.failed, self.moves, self.schedules = [], [], 0
+        self.dispatch = SimpleNamespace(schedule=self._schedule)
 
     def _fail(self, task, error):
         self.failed.append((task, error))

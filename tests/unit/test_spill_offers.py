@@ -41,6 +41,7 @@ class _Daemon(ClusterDuties):
         self.node_id = bytes.fromhex(HEAD)
         self._init_cluster()
         self.drain = SimpleNamespace(draining=False)
+        self.dispatch = SimpleNamespace(schedule=lambda: None)
         self.config = _Config()
         self.membership = None
         self.resources = NodeResources({"CPU": 1.0})
@@ -64,9 +65,6 @@ class _Daemon(ClusterDuties):
 
     def _move(self, task, new, cause):
         move(task, new, cause)
-
-    def _schedule(self):
-        pass
 
     def offers_to(self, node_hex):
         return [e.spill.spec.task_id for e in self.links[node_hex].sent if e.HasField("spill")]
