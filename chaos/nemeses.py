@@ -145,6 +145,9 @@ class KillActor(Nemesis):
         names = sorted(pids)
         name = names[fault.target % len(names)]
         busy = _applying_calls(ActorsWorkload.log_path(ctx, name))
+        pids = ActorsWorkload.actor_pids(ctx)      # it may have restarted meanwhile
+        if name not in pids:
+            return {"skipped": f"actor {name} has no pid on record"}
         host = next((node for node in ctx.cluster.live_nodes()
                      if pids[name] in node.descendants()), None)
         try:
