@@ -1,0 +1,66 @@
+"""The decoded membership view (node/member_records.py), fed mirror changes."""
+from __future__ import annotations
+
+import threading
+
+from meshray.coordination import keyspace
+from meshray.coordination.mirror import Change, Entry
+from meshray.node.member_records import DecodedRecords
+
+KEYS = keyspace.Keyspace()
+A, B = "aa" * 16, "bb" * 16
+
+
+def _put(node_hex, value, rev=1, old=None):
+    raw = value if isinstance(value, bytes) else keyspace.encode_json(value)
+    return Change(KEYS.node(bytes.fromhex(node_hex)), old, Entry(raw, rev))
+
+
+def _delete(node_hex):
+    return Change(KEYS.node(bytes.fromhex(node_hex)), Entry(b"{}", 1), None)
+
+
+def test_each_change_is_decoded_once_and_unchanged_records_keep_their_identity():
+    records = DecodedRecords(KEYS.parse_node)
+    records.apply([_put(A, {"Address": "a"}), _put(B, {"Address": "b"})])
+    first = records.snapshot()
+    assert first == {A: {"Address": "a"}, B: {"Address": "b"}}
+    records.apply([_put(B, {"Address": "b2"}, rev=2)])
+    second = records.snapshot()
+    assert second[A] is first[A]                  # not decoded again
+    assert second[B] == {"Address": "b2"}
+    records.apply([_delete(A)])
+    assert set(records.snapshot()) == {B}
+
+
+def test_changed_ids_are_handed_out_once():
+    records = DecodedRecords(KEYS.parse_node)
+    records.apply([_put(A, {}), _put(B, {})])
+    assert records.take_changed() == {A, B}
+    assert records.take_changed() == set()
+    records.apply([_delete(A)])
+    assert records.take_changed() == {A}
+    records.reset()
+    assert records.snapshot() == {} and records.take_changed() == {B}
+
+
+def test_values_that_are_not_json_objects_and_foreign_keys_are_left_out():
+    records = DecodedRecords(KEYS.parse_node)
+    records.apply([_put(A, b"\xff not json"), _put(B, [1, 2]),
+                   Change("/somewhere/else", None, Entry(b"{}", 1))])
+    assert records.snapshot() == {}
+    # A bad value replacing a good one removes the node from the view.
+    records.apply([_put(A, {"ok": 1}, rev=2)])
+    records.apply([_put(A, b"garbage", rev=3)])
+    assert records.get(A) is None
+
+
+def test_wait_for_returns_when_the_node_appears_or_times_out():
+    records = DecodedRecords(KEYS.parse_node)
+    assert records.wait_for(A, 0.01) is False
+    timer = threading.Timer(0.05, records.apply, args=([_put(A, {})],))
+    timer.start()
+    try:
+        assert records.wait_for(A, 10.0) is True
+    finally:
+        timer.join()
