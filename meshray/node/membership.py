@@ -245,6 +245,7 @@ class Membership:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()                  # the publish loop may be asleep on it
         self.placer.stop()
         self._thread.join(10)
         for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
@@ -263,6 +264,7 @@ class Membership:
         nothing is revoked or written, so peers learn of it only from etcd
         (the lease expiring) or a refused connection (node/liveness.py)."""
         self._stop.set()
+        self._wake.set()
         if self._lease is not None:
             self._lease.stop(revoke=False, timeout=0)
         self.placer.stop()
