@@ -1,4 +1,5 @@
-"""The decoded membership view (node/member_records.py), fed mirror changes."""
+"""The decoded membership view (node/member_records.py), fed mirror changes,
+and the membership publisher woken by the ledger."""
 from __future__ import annotations
 
 import threading
@@ -64,3 +65,23 @@ def test_wait_for_returns_when_the_node_appears_or_times_out():
         assert records.wait_for(A, 10.0) is True
     finally:
         timer.join()
+
+
+def test_a_ledger_change_wakes_the_membership_publisher():
+    from types import SimpleNamespace
+
+    from meshray.node.membership import Membership
+    from meshray.scheduler.resources import NodeResources
+
+    daemon = SimpleNamespace(node_id=b"\x01" * 16, resources=NodeResources({"CPU": 2.0}),
+                             config=SimpleNamespace(token=None))
+    membership = Membership(daemon, ["127.0.0.1:1"])
+    membership._thread = threading.Thread(target=lambda: None)   # no etcd here
+    membership.start()
+    membership._thread.join()
+    assert not membership._wake.is_set()
+    assert daemon.resources.try_acquire({"CPU": 1.0})
+    assert membership._wake.is_set()
+    membership._wake.clear()
+    daemon.resources.release({"CPU": 1.0})
+    assert membership._wake.is_set()
