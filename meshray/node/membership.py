@@ -29,7 +29,8 @@ import time
 from meshray.coordination import keyspace
 from meshray.node.member_records import DecodedRecords
 
-__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay"]
+__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay",
+           "availability_worth_publishing"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,11 @@ PUBLISH_INTERVAL_S = 0.1
 # Longest sleep of the publish loop with nothing to publish: the fence must
 # move on well within a lease TTL (the keeper refreshes every TTL/3).
 FENCE_INTERVAL_S = 1.0
+# A change of less than this share of a resource's total is published once
+# EXACT_AFTER_S passed since the last write, on the next round (at most
+# FENCE_INTERVAL_S later): see availability_worth_publishing.
+SIGNIFICANT_SHARE = 0.1
+EXACT_AFTER_S = 1.0
 VIEW_WAIT_S = 15.0
 VIEW_START_TIMEOUT_S = 10.0
 
@@ -49,6 +55,29 @@ def retry_delay(failures: int, *, base: float = 0.2, cap: float = 5.0) -> float:
     if failures < 1:
         raise ValueError(f"failures must be >= 1, got {failures!r}")
     return min(cap, base * (2 ** min(failures - 1, 16)))
+
+
+def availability_worth_publishing(published: dict, current: dict, total: dict,
+                                  share: float = SIGNIFICANT_SHARE) -> bool:
+    """Whether `current` availability differs enough from `published` to be
+    written now rather than within EXACT_AFTER_S.
+
+    Every write is delivered to every member, so a node whose availability
+    jitters by a task or two (a big node running tiny tasks) must not write
+    on every jitter: peers learn the exact room from the load on our batches
+    (scheduler/peer_load.py) and from a refused offer. What peers must learn
+    at once is room appearing or vanishing (a resource going to or from
+    zero), or a change of at least `share` of the resource's total.
+    """
+    for name in set(published) | set(current):
+        before, now = published.get(name, 0.0), current.get(name, 0.0)
+        if before == now:
+            continue
+        if (before <= 0) != (now <= 0):
+            return True
+        if abs(now - before) >= share * total.get(name, 0.0):
+            return True
+    return False
 
 
 class Membership:
@@ -171,6 +200,10 @@ class Membership:
     def registered(self) -> bool:
         """Whether this node holds its lease and its record is published."""
         return self._registered.is_set()
+
+    def wait_registered(self, timeout: float) -> bool:
+        """Block until `registered` or `timeout` seconds pass."""
+        return self._registered.wait(timeout)
 
     def republish_record(self) -> None:
         """Write the node record again (from the daemon) on the next publish round."""
@@ -390,6 +423,7 @@ class Membership:
         self._started_at = time.time()
         self._put_record()
         self._published = self._daemon.resources.available.to_dict()
+        self._published_at = time.monotonic()
         self.coordinator.put(self.keys.avail(self._daemon.node_id),
                              keyspace.encode_json(self._published), lease=lease_id)
         self.lease_generation += 1
@@ -443,11 +477,16 @@ class Membership:
                         raise
                 self._publish_locations()
                 current = self._daemon.resources.available.to_dict()
-                if current != self._published:
+                if current != self._published and (
+                        time.monotonic() - self._published_at >= EXACT_AFTER_S
+                        or availability_worth_publishing(
+                            self._published, current,
+                            self._daemon.resources.total.to_dict())):
                     self.coordinator.put(self.keys.avail(self._daemon.node_id),
                                          keyspace.encode_json(current),
                                          lease=self._lease.lease_id)
                     self._published = current
+                    self._published_at = time.monotonic()
                 failing_since = None
             except Exception as exc:  # noqa: BLE001 - etcd trouble, judged below
                 if "lease not found" in str(exc):

@@ -42,6 +42,13 @@ MEMORY_BYTES = 64 << 30     # the `memory` resource each hollow node offers
 # grpc is its main thread, and a finished call notifies its waiter anyway, so
 # a longer slice costs nothing but those wakeups.
 GRPC_WAIT_SLICE_S = 2.0
+# Nodes of one host registering at once. Every registration is a change that
+# each member's watches deliver, so a host that registers all its nodes at
+# once starves its own lease keepers and leases lapse (nodes flap); a short
+# window spreads the same work out. A node that does not register within
+# JOIN_WAIT_S does not hold the others up any longer.
+JOIN_WINDOW = 4
+JOIN_WAIT_S = 30.0
 
 
 class HostConfig(argparse.Namespace):
@@ -112,9 +119,18 @@ class Host:
                 prestart_workers=0, extras=frozenset())
             node = HollowNode(config, task_s=args.task_s)
             self.nodes.append(node)
+            if len(self.nodes) > JOIN_WINDOW:
+                await self._registered(self.nodes[-1 - JOIN_WINDOW])
             await node.start()
             node.membership = Membership(node, endpoints, ttl=args.lease_ttl)
             node.membership.start(loop)
+
+    @staticmethod
+    async def _registered(node) -> None:
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, node.membership.wait_registered, JOIN_WAIT_S):
+            log.warning("hollow node %s did not register within %.0fs; starting the next "
+                        "ones anyway", node.node_hex, JOIN_WAIT_S)
 
     # ------------------------------------------------------------ commands
     async def handle(self, command: dict) -> dict:

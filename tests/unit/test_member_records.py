@@ -85,3 +85,16 @@ def test_a_ledger_change_wakes_the_membership_publisher():
     membership._wake.clear()
     daemon.resources.release({"CPU": 1.0})
     assert membership._wake.is_set()
+
+
+def test_availability_is_worth_publishing_at_once_only_when_room_appears_vanishes_or_moves_a_lot():
+    from meshray.node.membership import availability_worth_publishing as worth
+
+    total = {"CPU": 64.0, "GPU": 1.0}
+    assert not worth({"CPU": 64.0}, {"CPU": 63.0}, total)          # one task of 64 CPUs
+    assert not worth({"CPU": 60.0}, {"CPU": 63.0}, total)
+    assert worth({"CPU": 64.0}, {"CPU": 57.0}, total)              # >= 10% of the total
+    assert worth({"CPU": 1.0}, {}, total)                          # room vanished (0 is left out)
+    assert worth({}, {"CPU": 1.0}, total)                          # room appeared
+    assert worth({"CPU": 64.0, "GPU": 1.0}, {"CPU": 64.0}, total)  # the GPU was taken
+    assert not worth({"CPU": 8.0}, {"CPU": 8.0}, total)
