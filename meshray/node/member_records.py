@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Callable, Iterable
 
 from meshray.coordination import keyspace
@@ -91,14 +90,8 @@ class DecodedRecords:
 
     def wait_for(self, node_hex: str, timeout: float) -> bool:
         """Block until `node_hex` has a value or `timeout` seconds pass."""
-        deadline = time.monotonic() + timeout
         with self._lock:
-            while node_hex not in self._by_node:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._lock.wait(remaining)
-            return True
+            return self._lock.wait_for(lambda: node_hex in self._by_node, timeout)
 
     def take_changed(self) -> set[str]:
         """Node ids whose value changed (or vanished) since the last call."""
