@@ -27,7 +27,7 @@ import time
 from meshray import exceptions
 from meshray.common import ids
 from meshray.node import actors as actor_states
-from meshray.node.cluster_view import ClusterView
+from meshray.node.cluster_view import SPILL_SAMPLE, ClusterView
 from meshray.node.peers import PeerLink
 from meshray.node.objects import error_value
 from meshray.node.placement_groups import pg_strategy
@@ -100,8 +100,8 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
     def on_view_change(self) -> None:
         if self.membership is None:
             return
-        nodes, avail = self.membership.view_snapshot()
-        gone = self.view.update(nodes, avail, time.monotonic())
+        nodes, avail, changed_nodes, changed_avail = self.membership.view_update()
+        gone = self.view.update(nodes, avail, time.monotonic(), changed_nodes, changed_avail)
         for node_hex in gone:
             self._node_died(node_hex)
         self._replace_waiting()
@@ -125,11 +125,23 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 else:
                     self._drop_task(task)
 
-    def _node_views(self, backlog_for: dict | None = None) -> dict:
+    def _node_views(self, backlog_for: dict | None = None, only=None) -> dict:
         """The views policy.decide sees (cluster_view.py), this node's own live."""
         local = policy.NodeView(self.node_hex, self.resources.total, self.resources.available,
                                 not self.drain.draining, dict(self.config.labels))
-        return self.view.node_views(local, time.monotonic(), backlog_for)
+        return self.view.node_views(local, time.monotonic(), backlog_for, only)
+
+    def _decide(self, request, spread: int, backlog_for: dict | None = None):
+        """policy.decide, on a few sampled peers first for DEFAULT work
+        (cluster_view.py says why); the whole view when they have no room."""
+        if request.strategy == "DEFAULT":
+            sample = self.view.sample_peers(SPILL_SAMPLE, request.arg_bytes_by_node)
+            if sample is not None:
+                decision = policy.decide(request, self._node_views(backlog_for, sample),
+                                         self.node_hex, spread)
+                if decision.kind in ("spill", "run_local"):
+                    return decision
+        return policy.decide(request, self._node_views(backlog_for), self.node_hex, spread)
 
     def _link(self, node_hex: str) -> PeerLink | None:
         link = self.links.get(node_hex)
@@ -167,13 +179,12 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             task.request, strategy, self._arg_bytes_by_node(spec),
             excluded_nodes=frozenset(task.refused_by))
         spread = self.view.next_spread()
-        decision = policy.decide(request, self._node_views(), self.node_hex, spread)
+        decision = self._decide(request, spread)
         if (decision.kind == "wait" and strategy == "DEFAULT" and task.actor is None
                 and task.bundle is None and self.view.loads):
             # Nobody can start it now: a peer that would queue it takes it,
             # so it starts there the moment a worker frees up.
-            queued = policy.decide(request, self._node_views(task.request.to_dict()),
-                                   self.node_hex, spread)
+            queued = self._decide(request, spread, task.request.to_dict())
             if queued.kind == "spill":
                 return queued
         return decision

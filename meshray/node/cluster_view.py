@@ -10,19 +10,35 @@ events, so it is tested with plain values (tests/unit/test_cluster_view.py).
 Where a peer's room comes from (scheduler/peer_load.py): the newer of its
 etcd availability and the load on its last batch, less the offers still
 unanswered there, so the same room is never offered twice.
+
+Deciding over every member costs O(N) per task (a NodeView per peer, then a
+scan), which at a thousand members is tens of milliseconds a task. So a
+DEFAULT decision looks first at a few peers picked at random (`sample_peers`,
+the "power of k choices" of Sparrow-style schedulers) and only falls back to
+the whole view when none of them has room: per-task cost is independent of N
+while the cluster has room somewhere, and a task is declared infeasible or
+left waiting only on the whole view.
 """
 from __future__ import annotations
+
+import random
 
 from meshray.common import ids
 from meshray.scheduler import peer_load, policy
 from meshray.scheduler.resources import ResourceSet
 
-__all__ = ["ClusterView"]
+__all__ = ["ClusterView", "SPILL_SAMPLE"]
+
+# Peers examined per sampled decision: enough that one with room is almost
+# always among them when a fair share of the cluster has room.
+SPILL_SAMPLE = 8
 
 
 class ClusterView:
-    def __init__(self, node_hex: str):
+    def __init__(self, node_hex: str, rng: random.Random | None = None):
         self.node_hex = node_hex
+        self._rng = rng or random.Random()
+        self._peer_ids: list[str] = []              # members but us, for sampling
         self.nodes: dict[str, dict] = {}            # node -> its etcd record (members only)
         self.avail: dict[str, dict] = {}            # node -> its etcd availability
         self.avail_changed_at: dict[str, float] = {}  # node -> when that last changed
@@ -32,14 +48,28 @@ class ClusterView:
         self.spread_counter = 0
 
     # ------------------------------------------------------------ events
-    def update(self, nodes: dict, avail: dict, now: float) -> list:
-        """A new etcd view; returns the peers that left it (to be handled as dead)."""
-        gone = [n for n in self.nodes if n not in nodes and n != self.node_hex]
+    def update(self, nodes: dict, avail: dict, now: float,
+               changed_nodes=None, changed_avail=None) -> list:
+        """A new etcd view; returns the peers that left it (to be handled as dead).
+
+        With `changed_nodes` / `changed_avail` (the ids whose record /
+        availability changed since the last update, as the membership tracks
+        them) only those are examined, so an update costs O(changes), not
+        O(members): it runs at every node for every change anywhere.
+        """
+        node_ids = self.nodes if changed_nodes is None else changed_nodes
+        gone = [n for n in node_ids
+                if n in self.nodes and n not in nodes and n != self.node_hex]
         # A node that lost its lease and registered again is a member again.
-        self.known_dead.difference_update([n for n in nodes if n in self.known_dead])
-        for node_hex, value in avail.items():
-            if self.avail.get(node_hex) != value:
+        back = nodes if changed_nodes is None else changed_nodes
+        self.known_dead.difference_update([n for n in back if n in nodes and n in self.known_dead])
+        avail_ids = avail if changed_avail is None else changed_avail
+        for node_hex in avail_ids:
+            value = avail.get(node_hex)
+            if value is not None and self.avail.get(node_hex) != value:
                 self.avail_changed_at[node_hex] = now
+        if changed_nodes is None or changed_nodes:
+            self._peer_ids = [n for n in nodes if n != self.node_hex]
         self.nodes, self.avail = nodes, avail
         return gone
 
@@ -74,15 +104,30 @@ class ClusterView:
     def live_members(self) -> list:
         return [n for n in self.nodes if n not in self.known_dead]
 
+    def sample_peers(self, k: int, include=()) -> list | None:
+        """`k` peers picked at random, plus those of `include` that are
+        members (e.g. the nodes holding a task's arguments, so locality is
+        still seen); None when there are no more than `k` peers (look at
+        them all)."""
+        peers = self._peer_ids
+        if len(peers) <= k:
+            return None
+        picked = self._rng.sample(peers, k)
+        picked.extend(n for n in include
+                      if n in self.nodes and n != self.node_hex and n not in picked)
+        return picked
+
     def node_views(self, local: policy.NodeView, now: float,
-                   backlog_for: dict | None = None) -> dict:
+                   backlog_for: dict | None = None, only=None) -> dict:
         """The cluster as policy.decide sees it: each peer's newest reported
         room, less our unanswered offers. With `backlog_for` (a request), a
         peer that would queue it behind its busy workers shows room for it
-        (peer_load.with_backlog)."""
+        (peer_load.with_backlog). With `only` (node ids), just those peers."""
         views = {}
-        for node_hex, record in self.nodes.items():
-            if node_hex == self.node_hex:
+        nodes = self.nodes
+        for node_hex in (nodes if only is None else only):
+            record = nodes.get(node_hex)
+            if record is None or node_hex == self.node_hex:
                 continue
             load, load_at = self.loads.get(node_hex, (None, None))
             available = peer_load.newest_available(

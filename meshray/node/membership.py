@@ -2,8 +2,16 @@
 
 Runs on its own thread so the daemon's event loop never waits on etcd. The
 node record and availability live under the node's lease and vanish when the
-node dies. Availability is published by sampling, at most every
-PUBLISH_INTERVAL_S and only when it changed: tasks never touch etcd.
+node dies. Availability is published when the daemon's ledger changed
+(it pokes this thread), at most every PUBLISH_INTERVAL_S and only when the
+value differs from what was published: tasks never touch etcd. With nothing
+to publish the thread wakes only every FENCE_INTERVAL_S, to carry the lease
+keeper's deadline into the fence, so an idle node costs next to nothing.
+
+The view of the members is decoded once per change (node/member_records.py)
+and the daemon is called once per burst of changes, not once per change:
+both are paid at every node for every change anywhere, so they bound how
+many nodes a cluster (or one machine of hollow nodes) can have.
 
 The thread must outlive any etcd outage: a node whose membership thread died
 would run on without a lease, invisible to its peers, for good. So etcd
@@ -19,13 +27,23 @@ import threading
 import time
 
 from meshray.coordination import keyspace
+from meshray.node.member_records import DecodedRecords
 
-__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay"]
+__all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay",
+           "availability_worth_publishing"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_S = 5.0
 PUBLISH_INTERVAL_S = 0.1
+# Longest sleep of the publish loop with nothing to publish: the fence must
+# move on well within a lease TTL (the keeper refreshes every TTL/3).
+FENCE_INTERVAL_S = 1.0
+# A change of less than this share of a resource's total is published once
+# EXACT_AFTER_S passed since the last write, on the next round (at most
+# FENCE_INTERVAL_S later): see availability_worth_publishing.
+SIGNIFICANT_SHARE = 0.1
+EXACT_AFTER_S = 1.0
 VIEW_WAIT_S = 15.0
 VIEW_START_TIMEOUT_S = 10.0
 
@@ -37,6 +55,29 @@ def retry_delay(failures: int, *, base: float = 0.2, cap: float = 5.0) -> float:
     if failures < 1:
         raise ValueError(f"failures must be >= 1, got {failures!r}")
     return min(cap, base * (2 ** min(failures - 1, 16)))
+
+
+def availability_worth_publishing(published: dict, current: dict, total: dict,
+                                  share: float = SIGNIFICANT_SHARE) -> bool:
+    """Whether `current` availability differs enough from `published` to be
+    written now rather than within EXACT_AFTER_S.
+
+    Every write is delivered to every member, so a node whose availability
+    jitters by a task or two (a big node running tiny tasks) must not write
+    on every jitter: peers learn the exact room from the load on our batches
+    (scheduler/peer_load.py) and from a refused offer. What peers must learn
+    at once is room appearing or vanishing (a resource going to or from
+    zero), or a change of at least `share` of the resource's total.
+    """
+    for name in set(published) | set(current):
+        before, now = published.get(name, 0.0), current.get(name, 0.0)
+        if before == now:
+            continue
+        if (before <= 0) != (now <= 0):
+            return True
+        if abs(now - before) >= share * total.get(name, 0.0):
+            return True
+    return False
 
 
 class Membership:
@@ -55,6 +96,11 @@ class Membership:
         self._republish = threading.Event()   # the node record changed (a drain began)
         self._stop = threading.Event()
         self._seen_nodes: dict[str, dict] = {}
+        self._records = DecodedRecords(self.keys.parse_node)    # node id hex -> record
+        self._avails = DecodedRecords(self.keys.parse_avail)    # node id hex -> availability
+        self._live_cache: tuple[int, list] = (-1, [])           # (records version, live ids)
+        self._wake = threading.Event()    # something to publish (availability, locations)
+        self._view_call_pending = False   # a daemon.on_view_change is already scheduled
         self._thread = threading.Thread(target=self._run, name="meshray-membership", daemon=True)
         self.lease_generation = 0
         self.loop_failures = 0            # errors the loop survived (for tests and status)
@@ -78,22 +124,56 @@ class Membership:
     # ------------------------------------------------------------ lifecycle
     def start(self, loop=None) -> None:
         self._loop = loop
+        resources = getattr(self._daemon, "resources", None)
+        if resources is not None:
+            resources.on_change = self.poke
         self._thread.start()
 
     def _count(self, changes) -> None:
         with self._events_lock:
             self.watch_events += len(changes)
 
-    def _view_changed(self, changes=None) -> None:
-        if changes is not None:
-            self._count(changes)
+    def _nodes_changed(self, changes) -> None:
+        self._count(changes)
+        self._records.apply(changes)
+        for change in changes:
+            if change.new is None:
+                continue
+            try:
+                node_hex = self.keys.parse_node(change.key)
+            except ValueError:
+                continue
+            record = self._records.get(node_hex)
+            if record is not None:
+                self._seen_nodes[node_hex] = record   # so status can list it once dead
+        self._view_changed()
+
+    def _avails_changed(self, changes) -> None:
+        self._count(changes)
+        self._avails.apply(changes)
+        self._view_changed()
+
+    def _view_changed(self) -> None:
         self.placer.poke()
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self._daemon.on_view_change)
-            except RuntimeError:
-                pass  # the loop is shutting down
+        if loop is None or loop.is_closed() or self._view_call_pending:
+            return      # the call already scheduled reads the view after this change
+        self._view_call_pending = True
+        try:
+            loop.call_soon_threadsafe(self._deliver_view_change)
+        except RuntimeError:
+            self._view_call_pending = False   # the loop is shutting down
+
+    def _deliver_view_change(self) -> None:
+        """On the daemon's loop: one call for all changes since the last one.
+        The flag drops before the daemon reads the view, so a change applied
+        meanwhile schedules another call rather than being missed."""
+        self._view_call_pending = False
+        self._daemon.on_view_change()
+
+    def poke(self) -> None:
+        """Something may need publishing (the node's availability changed)."""
+        self._wake.set()
 
     def _pgs_changed(self, changes) -> None:
         self._count(changes)
@@ -121,9 +201,14 @@ class Membership:
         """Whether this node holds its lease and its record is published."""
         return self._registered.is_set()
 
+    def wait_registered(self, timeout: float) -> bool:
+        """Block until `registered` or `timeout` seconds pass."""
+        return self._registered.wait(timeout)
+
     def republish_record(self) -> None:
         """Write the node record again (from the daemon) on the next publish round."""
         self._republish.set()
+        self._wake.set()
 
     def poke_placer(self) -> None:
         self.placer.poke()
@@ -134,24 +219,23 @@ class Membership:
         return self.pg_view.records, self.pg_view.own_alloc
 
     def _live_node_ids(self) -> list[str]:
-        """Members that may take placement-group bundles (a draining node may not)."""
-        if self._nodes_view is None:
-            return []
-        out = []
-        for key, entry in self._nodes_view.snapshot().items():
-            try:
-                node_hex = self.keys.parse_node(key)
-                record = self._decode(entry)
-            except ValueError:
-                continue
-            if not (isinstance(record, dict) and record.get("Draining")):
-                out.append(node_hex)
-        return out
+        """Members that may take placement-group bundles (a draining node may not).
+
+        Asked by the group placer at every view change, availability ones
+        included, so it is recomputed only when a node record changed."""
+        version = self._records.version
+        cached_version, live = self._live_cache
+        if cached_version != version:
+            live = [node_hex for node_hex, record in self._records.snapshot().items()
+                    if not record.get("Draining")]
+            self._live_cache = (version, live)
+        return list(live)
 
     def note_location(self, object_id: bytes, present: bool) -> None:
         """Record that this node gained/lost a copy; published in the next batch."""
         with self._locations_lock:
             self._locations[object_id] = present
+        self._wake.set()
 
     def _publish_locations(self) -> None:
         from meshray.coordination.client import Delete, Put
@@ -178,16 +262,23 @@ class Membership:
         return [self.keys.parse_objloc(item[0])[1] for item in items]
 
     def view_snapshot(self) -> tuple[dict, dict]:
-        """(node records, availabilities) of live nodes, keyed by node id hex."""
-        if self._nodes_view is None or self._avail_view is None:
-            return {}, {}
-        nodes = {self.keys.parse_node(k): v for k, v in self._values(self._nodes_view).items()}
-        avail = {self.keys.parse_avail(k): v for k, v in self._values(self._avail_view).items()}
-        self._seen_nodes.update(nodes)   # remembered so status can list dead nodes
-        return nodes, avail
+        """(node records, availabilities) of live nodes, keyed by node id hex.
+
+        The inner dicts are shared with the view (decoded once per change):
+        callers must not mutate them."""
+        return self._records.snapshot(), self._avails.snapshot()
+
+    def view_update(self) -> tuple[dict, dict, set, set]:
+        """`view_snapshot` plus the node ids whose record / availability
+        changed since the last call: for the daemon's ClusterView only."""
+        changed_nodes = self._records.take_changed()
+        changed_avail = self._avails.take_changed()
+        nodes, avail = self.view_snapshot()
+        return nodes, avail, changed_nodes, changed_avail
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()                  # the publish loop may be asleep on it
         self.placer.stop()
         self._thread.join(10)
         for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
@@ -206,6 +297,7 @@ class Membership:
         nothing is revoked or written, so peers learn of it only from etcd
         (the lease expiring) or a refused connection (node/liveness.py)."""
         self._stop.set()
+        self._wake.set()
         if self._lease is not None:
             self._lease.stop(revoke=False, timeout=0)
         self.placer.stop()
@@ -255,14 +347,19 @@ class Membership:
         """Start every view not running yet (a view whose first listing failed
         is replaced by a fresh one)."""
         from meshray.coordination.mirror import PrefixMirror
-        specs = (("_nodes_view", self.keys.nodes_prefix(), self._view_changed),
-                 ("_avail_view", self.keys.avail_prefix(), self._view_changed),
+        specs = (("_nodes_view", self.keys.nodes_prefix(), self._nodes_changed),
+                 ("_avail_view", self.keys.avail_prefix(), self._avails_changed),
                  ("_pgs_view", self.keys.pgs_prefix(), self._pgs_changed),
                  ("_alloc_view", self.keys.alloc(self._daemon.node_id), self._alloc_changed))
         for attr, prefix, on_change in specs:
             view = getattr(self, attr)
             if view is not None and view.watch is not None:
                 continue
+            if view is not None:          # the fresh mirror lists everything again
+                view.stop()
+                decoded = {"_nodes_view": self._records, "_avail_view": self._avails}.get(attr)
+                if decoded is not None:
+                    decoded.reset()
             view = PrefixMirror(self.coordinator, prefix, on_change=on_change)
             setattr(self, attr, view)
             view.start(timeout=VIEW_START_TIMEOUT_S)
@@ -318,13 +415,15 @@ class Membership:
 
         lost = threading.Event()
         self._lease = LeaseKeeper(self.coordinator, max(1, int(round(self._ttl))),
-                                  on_lost=lambda _id: lost.set(), lapse_is_loss=False)
+                                  on_lost=lambda _id: (lost.set(), self._wake.set()),
+                                  lapse_is_loss=False)
         self._lease_lost = lost
         lease_id = self._lease.lease_id
         self._republish.clear()
         self._started_at = time.time()
         self._put_record()
         self._published = self._daemon.resources.available.to_dict()
+        self._published_at = time.monotonic()
         self.coordinator.put(self.keys.avail(self._daemon.node_id),
                              keyspace.encode_json(self._published), lease=lease_id)
         self.lease_generation += 1
@@ -356,7 +455,15 @@ class Membership:
         member if the lease turns out alive.
         """
         failing_since = None
-        while not self._stop.wait(PUBLISH_INTERVAL_S):
+        while not self._stop.is_set():
+            # Sleep until poked (or the fence is due), then publish; the
+            # second wait spaces rounds PUBLISH_INTERVAL_S apart so a burst of
+            # ledger changes becomes one write. Failing rounds retry on the
+            # fence interval (the wake was spent).
+            self._wake.wait(FENCE_INTERVAL_S)
+            if self._stop.wait(PUBLISH_INTERVAL_S):
+                return
+            self._wake.clear()
             self._extend_fence()
             if self._lease_lost.is_set():
                 return
@@ -370,11 +477,16 @@ class Membership:
                         raise
                 self._publish_locations()
                 current = self._daemon.resources.available.to_dict()
-                if current != self._published:
+                if current != self._published and (
+                        time.monotonic() - self._published_at >= EXACT_AFTER_S
+                        or availability_worth_publishing(
+                            self._published, current,
+                            self._daemon.resources.total.to_dict())):
                     self.coordinator.put(self.keys.avail(self._daemon.node_id),
                                          keyspace.encode_json(current),
                                          lease=self._lease.lease_id)
                     self._published = current
+                    self._published_at = time.monotonic()
                 failing_since = None
             except Exception as exc:  # noqa: BLE001 - etcd trouble, judged below
                 if "lease not found" in str(exc):
@@ -388,29 +500,16 @@ class Membership:
     def _wait_view(self) -> None:
         """Wait until we are registered and our own record is in our view."""
         deadline = time.monotonic() + VIEW_WAIT_S
-        own_key = self.keys.node(self._daemon.node_id)
-        if self._registered.wait(VIEW_WAIT_S) and self._nodes_view.wait_for(
-                lambda view: own_key in view, max(0.0, deadline - time.monotonic())):
+        if self._registered.wait(VIEW_WAIT_S) and self._records.wait_for(
+                self._daemon.node_id.hex(), max(0.0, deadline - time.monotonic())):
             return
         raise ConnectionError(
             f"node is not registered in etcd at {','.join(self._endpoints)} "
             f"after {VIEW_WAIT_S:.0f}s")
 
-    @staticmethod
-    def _decode(entry):
-        value = entry[0] if isinstance(entry, tuple) else getattr(entry, "value", entry)
-        return keyspace.decode_json(value)
-
-    @classmethod
-    def _values(cls, view) -> dict:
-        return {key: cls._decode(entry) for key, entry in view.snapshot().items()}
-
     def _alive_records(self) -> dict[str, dict]:
         self._wait_view()
-        records = {}
-        for key, record in self._values(self._nodes_view).items():
-            records[self.keys.parse_node(key)] = record
-        return records
+        return self._records.snapshot()
 
     def nodes(self) -> list[dict]:
         alive = self._alive_records()
@@ -432,7 +531,7 @@ class Membership:
 
     def available_resources(self, local_available: dict) -> dict:
         alive = self._alive_records()
-        avail = {self.keys.parse_avail(k): v for k, v in self._values(self._avail_view).items()}
+        avail = self._avails.snapshot()
         avail[self._daemon.node_id.hex()] = local_available
         totals: dict[str, float] = {}
         for node_hex in alive:

@@ -35,6 +35,20 @@ log = logging.getLogger("meshray.scale.host")
 DEFAULT_CPUS = 64.0
 DEFAULT_STORE_BYTES = 8 << 20
 MEMORY_BYTES = 64 << 30     # the `memory` resource each hollow node offers
+# grpc's blocking waits (a watch stream's next event, a unary call) wake every
+# 0.1 s so that a main thread can take signals. A host has ~4 such waiting
+# threads per node -- 2,000 wakeups a second for 50 nodes, each taking the
+# GIL -- where a real machine has a dozen. No thread of a host that waits in
+# grpc is its main thread, and a finished call notifies its waiter anyway, so
+# a longer slice costs nothing but those wakeups.
+GRPC_WAIT_SLICE_S = 2.0
+# Nodes of one host registering at once. Every registration is a change that
+# each member's watches deliver, so a host that registers all its nodes at
+# once starves its own lease keepers and leases lapse (nodes flap); a short
+# window spreads the same work out. A node that does not register within
+# JOIN_WAIT_S does not hold the others up any longer.
+JOIN_WINDOW = 4
+JOIN_WAIT_S = 30.0
 
 
 class HostConfig(argparse.Namespace):
@@ -105,9 +119,18 @@ class Host:
                 prestart_workers=0, extras=frozenset())
             node = HollowNode(config, task_s=args.task_s)
             self.nodes.append(node)
+            if len(self.nodes) > JOIN_WINDOW:
+                await self._registered(self.nodes[-1 - JOIN_WINDOW])
             await node.start()
             node.membership = Membership(node, endpoints, ttl=args.lease_ttl)
             node.membership.start(loop)
+
+    @staticmethod
+    async def _registered(node) -> None:
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, node.membership.wait_registered, JOIN_WAIT_S):
+            log.warning("hollow node %s did not register within %.0fs; starting the next "
+                        "ones anyway", node.node_hex, JOIN_WAIT_S)
 
     # ------------------------------------------------------------ commands
     async def handle(self, command: dict) -> dict:
@@ -193,10 +216,21 @@ def _reply(replies, obj: dict) -> None:
     replies.flush()
 
 
+def _lengthen_grpc_wait_slice(seconds: float = GRPC_WAIT_SLICE_S) -> bool:
+    """Set grpc's wait slice (a private module constant, hence checked)."""
+    from grpc import _common
+    if not isinstance(getattr(_common, "MAXIMUM_WAIT_TIMEOUT", None), (int, float)):
+        log.warning("grpc has no MAXIMUM_WAIT_TIMEOUT; its threads keep waking every 0.1 s")
+        return False
+    _common.MAXIMUM_WAIT_TIMEOUT = seconds
+    return True
+
+
 def main(argv=None) -> int:
     from meshray.rpc.limits import raise_nofile_limit
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _lengthen_grpc_wait_slice()
     os.makedirs(args.base_dir, mode=0o700, exist_ok=True)
     logging.basicConfig(level=os.environ.get("MESHRAY_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -6,8 +6,9 @@ placement policy (policy.py) stays unaware of where its view comes from.
 A node learns how busy a peer is in two ways:
 
 - the etcd view: every node publishes its free resources when they change,
-  at most every PUBLISH_INTERVAL_S, so a value lags by up to that much plus
-  the watch delay;
+  at most every PUBLISH_INTERVAL_S (a change too small to matter waits up
+  to about a second: membership.availability_worth_publishing), so a value
+  lags by up to that much plus the watch delay;
 - the load a peer attaches to every batch of peer events it sends us
   (PeerBatch.load): its free resources, and how many more offers it would
   queue behind its busy workers, as of the moment it sent the batch. Such a

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from types import MappingProxyType
-from typing import Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Hashable, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "UNIT_SCALE",
@@ -425,6 +425,9 @@ class NodeResources:
         self._total = _as_resource_set(total)
         self._avail: Dict[str, int] = dict(self._total.as_units())
         self._avail_cache: Optional[ResourceSet] = self._total
+        # Called after every change to `available` (the node's membership
+        # publishes on it instead of polling); must be cheap and not raise.
+        self.on_change: Optional[Callable[[], None]] = None
         self._allocators: Dict[str, UnitInstanceAllocator] = {}
         for name, ids in (instances or {}).items():
             ids = list(ids)
@@ -489,6 +492,8 @@ class NodeResources:
         for name, u in req.as_units().items():
             a[name] -= u
         self._avail_cache = None
+        if self.on_change is not None:
+            self.on_change()
 
     def allocate(self, request: Union[ResourceSet, Mapping[str, object]]) -> Optional[Allocation]:
         """Take `request` including device assignment; None if it can't fit now."""
@@ -547,6 +552,8 @@ class NodeResources:
         for name, u in req.as_units().items():
             a[name] = a.get(name, 0) + u
         self._avail_cache = None
+        if self.on_change is not None:
+            self.on_change()
 
     def __repr__(self) -> str:
         return f"NodeResources(total={self._total!r}, available={self.available!r})"

@@ -1,6 +1,7 @@
 """This node's picture of its peers (node/cluster_view.py), fed plain values."""
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 
 from meshray.node.cluster_view import ClusterView
@@ -94,3 +95,41 @@ def test_the_owner_of_an_object_is_the_member_its_id_starts_with():
 def test_spread_counts_up():
     view = _view()
     assert [view.next_spread() for _ in range(3)] == [1, 2, 3]
+
+
+def test_an_incremental_update_examines_only_the_changed_ids():
+    view = _view()
+    nodes = {ME: _record(), B: view.nodes[B]}     # A left; B's record unchanged
+    avail = {ME: {"CPU": 0.0}, B: {"CPU": 2.0}}
+    # Told only about A: A is reported gone, B's new availability is not noticed.
+    assert view.update(nodes, avail, now=11.0, changed_nodes={A}, changed_avail={A}) == [A]
+    assert view.avail_changed_at[B] == 10.0
+    # Told about B's availability: its change time moves on.
+    view.update(nodes, {**avail, B: {"CPU": 1.0}}, now=12.0, changed_nodes=set(),
+                changed_avail={B})
+    assert view.avail_changed_at[B] == 12.0
+
+
+def test_an_incremental_update_brings_back_only_a_reregistered_dead_node():
+    view = _view()
+    view.died(A)
+    view.died(B)
+    # Both still have records; only A's changed (it registered again).
+    view.update(dict(view.nodes), dict(view.avail), now=11.0, changed_nodes={A}, changed_avail=set())
+    assert view.is_alive_member(A)
+    assert not view.is_alive_member(B)
+
+
+def test_sampled_peers_are_k_members_plus_the_included_ones_or_none_when_few():
+    view = _view()
+    assert view.sample_peers(2) is None                 # two peers: look at all
+    many = {ME: _record(), **{f"{i:02x}" * 16: _record() for i in range(20)}}
+    view = ClusterView(ME, rng=random.Random(7))
+    view.update(many, {}, now=1.0)
+    picked = view.sample_peers(4, include=["05" * 16, "zz", ME])
+    assert len(picked) in (4, 5) and len(set(picked)) == len(picked)
+    assert "05" * 16 in picked and ME not in picked and "zz" not in picked
+    assert set(picked) <= set(many)
+    # node_views limited to the sample holds just those peers and us.
+    views = view.node_views(_local(), 2.0, only=picked)
+    assert set(views) == set(picked) | {ME}

@@ -52,3 +52,14 @@ def test_host_refuses_bad_numbers_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv + [flag, value])
     assert f"{flag}={value!r}" in capsys.readouterr().err
+
+
+def test_a_host_lengthens_grpcs_wait_slice(monkeypatch):
+    from grpc import _common
+
+    from meshray.scale import host
+    monkeypatch.setattr(_common, "MAXIMUM_WAIT_TIMEOUT", 0.1)
+    assert host._lengthen_grpc_wait_slice(1.5) is True
+    assert _common.MAXIMUM_WAIT_TIMEOUT == 1.5
+    monkeypatch.delattr(_common, "MAXIMUM_WAIT_TIMEOUT")
+    assert host._lengthen_grpc_wait_slice(1.5) is False

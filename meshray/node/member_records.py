@@ -1,0 +1,100 @@
+"""The decoded contents of one membership prefix (node records or availabilities).
+
+A prefix mirror (coordination/mirror.py) holds raw JSON bytes. Decoding all
+of them whenever anything changed cost O(N) per change at each of N nodes,
+which is what capped a machine of hollow nodes at about a hundred. Here each
+changed key is decoded once, on the watch thread that delivered it, and
+readers get the decoded dicts by reference (shallow copies of the mapping):
+a record that did not change is the same object as before, so consumers can
+also compare by identity.
+
+Values come from etcd, so they are untrusted: a key that does not parse as
+the family's key, or a value that is not a JSON object, is left out of the
+view (as if absent) and logged once per change.
+
+`take_changed` hands out the node ids whose value changed since it was last
+called, so the one consumer that keeps derived state (the daemon's
+ClusterView) can update it incrementally; it is no concern of other readers.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Iterable
+
+from meshray.coordination import keyspace
+
+__all__ = ["DecodedRecords"]
+
+log = logging.getLogger(__name__)
+
+
+class DecodedRecords:
+    """node id hex -> decoded dict, kept current from mirror changes."""
+
+    def __init__(self, parse_key: Callable[[str], str]):
+        self._parse_key = parse_key
+        self._lock = threading.Condition()
+        self._by_node: dict[str, dict] = {}
+        self._changed: set[str] = set()
+        self.version = 0          # bumped per applied batch (derived caches key on it)
+
+    def apply(self, changes: Iterable) -> None:
+        """Apply mirror changes (objects with .key and .new: an Entry or None)."""
+        with self._lock:
+            for change in changes:
+                try:
+                    node_hex = self._parse_key(change.key)
+                except ValueError:
+                    continue
+                value = None
+                if change.new is not None:
+                    value = self._decode(change.key, change.new.value)
+                if value is None:
+                    self._by_node.pop(node_hex, None)
+                else:
+                    self._by_node[node_hex] = value
+                self._changed.add(node_hex)
+            self.version += 1
+            self._lock.notify_all()
+
+    def reset(self) -> None:
+        """Forget everything (the mirror behind it is being replaced); every
+        node known so far counts as changed."""
+        with self._lock:
+            self._changed.update(self._by_node)
+            self._by_node.clear()
+            self.version += 1
+
+    @staticmethod
+    def _decode(key: str, raw: bytes) -> dict | None:
+        try:
+            value = keyspace.decode_json(raw)
+        except ValueError as exc:      # JSONDecodeError and UnicodeDecodeError
+            log.warning("ignoring %s: its value is not JSON (%s)", key, exc)
+            return None
+        if not isinstance(value, dict):
+            log.warning("ignoring %s: expected a JSON object, got %s", key,
+                        type(value).__name__)
+            return None
+        return value
+
+    def snapshot(self) -> dict[str, dict]:
+        """node id hex -> decoded value; the dicts are shared: do not mutate them."""
+        with self._lock:
+            return dict(self._by_node)
+
+    def get(self, node_hex: str) -> dict | None:
+        with self._lock:
+            return self._by_node.get(node_hex)
+
+    def wait_for(self, node_hex: str, timeout: float) -> bool:
+        """Block until `node_hex` has a value or `timeout` seconds pass."""
+        with self._lock:
+            return self._lock.wait_for(lambda: node_hex in self._by_node, timeout)
+
+    def take_changed(self) -> set[str]:
+        """Node ids whose value changed (or vanished) since the last call."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
