@@ -24,6 +24,7 @@ import importlib
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -469,7 +470,7 @@ class PlacementGroupWorkload(Workload):
 
     def _run_drivers(self, ctx: RunContext, process: str) -> None:
         drivers = ctx.option(self.name, "drivers", 3)
-        env = dict(os.environ)
+        env = dict(os.environ, PYTHONFAULTHANDLER="1")
         env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [
             p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         for i in range(drivers):
@@ -488,8 +489,14 @@ class PlacementGroupWorkload(Workload):
             try:
                 proc.wait(ctx.op_timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                # Stuck past the run: its fault handler writes every thread's
+                # stack to its stderr file (kept in the run's data) first.
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def finish(self, ctx: RunContext) -> None:
         self.recorder.stop()
@@ -497,6 +504,17 @@ class PlacementGroupWorkload(Workload):
             if os.path.exists(out):
                 ctx.history.extend(load_history(out).ops())
         ctx.data[self.name]["driver_exit_codes"] = [p.returncode for p in self.procs]
+        ctx.data[self.name]["driver_stderr"] = [_tail(out + ".stderr") for out in self.outputs]
+
+
+def _tail(path: str, size: int = 4000) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def pg_driver_main(args) -> int:
@@ -506,9 +524,24 @@ def pg_driver_main(args) -> int:
         print("meshray.util.placement_group is not available", file=sys.stderr)
         return 2
     import meshray
-    meshray.init(address=args.address, _token=args.token or None, log_to_driver=False)
     history = History(args.out)
     process = f"pg-driver-{args.index}"
+    # A driver may start while a fault is on (the etcd leader killed, a node
+    # paused): joining is retried until the run ends, each failure recorded,
+    # as a real driver's supervisor would restart it.
+    while True:
+        join = history.invoke(process, "join", {"address": args.address})
+        try:
+            meshray.init(address=args.address, _token=args.token or None, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - recorded, then tried again
+            join.fail(exc)
+            if os.path.exists(args.stop_file):
+                history.close()
+                return 1
+            time.sleep(0.5)
+            continue
+        join.ok()
+        break
     rng = random.Random(f"{args.seed}:pg:{args.index}")
     table = getattr(module, "placement_group_table", None)
     try:

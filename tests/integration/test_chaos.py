@@ -356,7 +356,10 @@ def test_etcd_leader_loss_and_rpc_delays_keep_every_guarantee_with_placement_gro
     assert result.cluster["etcd_members"] == 3
     assert result.ok, _explain(result)
     pgs = _verdicts(result)["pg-no-overcommit"]
-    assert pgs.details["alloc_revisions_replayed"] > 0, _explain(result)
+    drivers = result.data.get("placement-groups", {})
+    assert pgs.details["alloc_revisions_replayed"] > 0, _explain(result) + (
+        f"\npg drivers' exit codes {drivers.get('driver_exit_codes')}; their stderr:\n"
+        + "\n---\n".join(drivers.get("driver_stderr") or []))
     assert pgs.details["peak_held_by_drivers"] is not None
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from meshray import security
+from tests.helpers import run_python
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,14 +50,13 @@ def test_dump_events_writes_task_and_actor_moves(tmp_path):
                              env=env, timeout=60, cwd=REPO)
     try:
         assert started.returncode == 0, started.stderr
-        driver = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True,
-                                env=env, timeout=90, cwd=REPO)
+        driver = run_python(["-c", DRIVER], timeout=90, env=env)
         assert driver.returncode == 0, driver.stderr
         actor_id = next(line.split()[1] for line in driver.stdout.splitlines()
                         if line.startswith("ACTOR"))
         out = tmp_path / "events.jsonl"
-        dumped = subprocess.run(cli + ["debug", "dump-events", "--output", str(out)],
-                                capture_output=True, text=True, env=env, timeout=60, cwd=REPO)
+        dumped = run_python(["-m", "meshray.cli.main", "debug", "dump-events", "--output",
+                             str(out)], timeout=60, env=env)
         assert dumped.returncode == 0, dumped.stderr
         events = [json.loads(line) for line in out.read_text().splitlines()]
         assert "event(s) written" in dumped.stderr
@@ -67,13 +67,13 @@ def test_dump_events_writes_task_and_actor_moves(tmp_path):
         actor = [(e["from"], e["to"]) for e in events
                  if e["kind"] == "actor" and e["id"] == actor_id]
         assert actor[0] == ("PENDING", "ALIVE") and actor[-1][1] == "DEAD", actor
-        last = subprocess.run(cli + ["debug", "dump-events", "--last", "2"], capture_output=True,
-                              text=True, env=env, timeout=60, cwd=REPO)
+        last = run_python(["-m", "meshray.cli.main", "debug", "dump-events", "--last", "2"],
+                          timeout=60, env=env)
         assert last.returncode == 0, last.stderr
         # Attaching a driver moves no task or actor, so the log has not changed.
         assert [json.loads(line) for line in last.stdout.splitlines()] == events[-2:]
-        bad = subprocess.run(cli + ["debug", "dump-events", "--last", "-1"], capture_output=True,
-                             text=True, env=env, timeout=60, cwd=REPO)
+        bad = run_python(["-m", "meshray.cli.main", "debug", "dump-events", "--last", "-1"],
+                         timeout=60, env=env)
         assert bad.returncode == 2 and "--last=-1 must be >= 0" in bad.stderr
     finally:
         subprocess.run(cli + ["stop"], capture_output=True, env=env, timeout=60, cwd=REPO)
