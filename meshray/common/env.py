@@ -6,9 +6,12 @@ import os
 __all__ = ["positive_env"]
 
 
-def positive_env(name: str, default, *, kind=int, expected: str = "a positive number"):
-    """`name`'s value as `kind` (> 0), `default` when unset; ValueError otherwise."""
-    raw = os.environ.get(name)
+def positive_env(name: str, default, *, kind=int, expected: str = "a positive number",
+                 environ=None):
+    """`name`'s value as `kind` (> 0), `default` when unset; ValueError otherwise.
+
+    `environ` is the mapping to read (default: this process's environment)."""
+    raw = (os.environ if environ is None else environ).get(name)
     if raw is None:
         return default
     try:

@@ -38,6 +38,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from meshray.common.env import positive_env
+
 __all__ = [
     "ConnectionLimits",
     "ENV_MAX_CONNECTIONS",
@@ -75,16 +77,10 @@ class ConnectionLimits:
 
 
 def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
-    raw = environ.get(name)
-    if raw in (None, ""):
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be a positive integer (a number of connections)")
-    return value
+    if environ.get(name) == "":
+        return None                      # set but empty: the default, as unset
+    return positive_env(name, None, environ=environ,
+                        expected="a positive integer (a number of connections)")
 
 
 def limits_for(nofile_soft: int, environ: Mapping[str, str]) -> ConnectionLimits:
