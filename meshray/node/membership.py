@@ -172,8 +172,12 @@ class Membership:
         self._daemon.on_view_change()
 
     def poke(self) -> None:
-        """Something may need publishing (the node's availability changed)."""
-        self._wake.set()
+        """Something may need publishing (the node's availability changed).
+
+        Called on every acquire and release: when a wake is already pending,
+        setting it again would only take the event's lock for nothing."""
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _pgs_changed(self, changes) -> None:
         self._count(changes)
