@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from chaos.cluster import PG_RESOURCE, REPO_ROOT, VICTIM_RESOURCE
 from chaos.history import History, load_history
+from meshray.common.file_tail import read_tail
 
 __all__ = ["RunContext", "Workload", "WORKLOADS", "node_probe", "TasksWorkload", "ActorsWorkload",
            "ObjectsWorkload", "PlacementGroupWorkload", "pg_api", "pg_driver_main"]
@@ -504,17 +505,8 @@ class PlacementGroupWorkload(Workload):
             if os.path.exists(out):
                 ctx.history.extend(load_history(out).ops())
         ctx.data[self.name]["driver_exit_codes"] = [p.returncode for p in self.procs]
-        ctx.data[self.name]["driver_stderr"] = [_tail(out + ".stderr") for out in self.outputs]
-
-
-def _tail(path: str, size: int = 4000) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - size))
-            return handle.read().decode(errors="replace")
-    except OSError:
-        return ""
+        ctx.data[self.name]["driver_stderr"] = [read_tail(out + ".stderr", 4000)
+                                                for out in self.outputs]
 
 
 def pg_driver_main(args) -> int:

@@ -29,6 +29,7 @@ import threading
 import time
 
 from meshray.common.death_signal import death_signal_prefix
+from meshray.common.file_tail import read_tail
 
 __all__ = ["JobSupervisor", "STOP_GRACE_S", "entrypoint_env"]
 
@@ -159,11 +160,4 @@ class JobSupervisor:
 
 
 def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - LOG_TAIL_CHARS * 4))
-            return handle.read().decode("utf-8", "replace")[-LOG_TAIL_CHARS:]
-    except OSError:
-        return ""
+    return read_tail(path, LOG_TAIL_CHARS * 4)[-LOG_TAIL_CHARS:]
