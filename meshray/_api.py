@@ -327,22 +327,22 @@ def put(value, *, _owner=None) -> ObjectRef:
     return state_mod.ensure_core().put(value)
 
 
-def wait(object_refs, *, num_returns: int = 1, timeout: float | None = None,
+def wait(ray_waitables, *, num_returns: int = 1, timeout: float | None = None,
          fetch_local: bool = True):
     """Return (ready, not_ready) once num_returns refs are ready or timeout passes.
 
     The list may hold ObjectRefGenerators too: one is ready when `next()` on
     it would return at once (its next item is ready, or it has no more).
     """
-    if isinstance(object_refs, ObjectRef):
+    if isinstance(ray_waitables, ObjectRef):
         raise TypeError("wait() expected a list of ObjectRef, got a single ObjectRef")
-    if not isinstance(object_refs, (list, tuple)):
-        raise TypeError(f"wait() expected a list of ObjectRef, got {type(object_refs).__name__}")
-    generators = [item for item in object_refs if isinstance(item, ObjectRefGenerator)]
-    refs, _ = _as_ref_list([item for item in object_refs
+    if not isinstance(ray_waitables, (list, tuple)):
+        raise TypeError(f"wait() expected a list of ObjectRef, got {type(ray_waitables).__name__}")
+    generators = [item for item in ray_waitables if isinstance(item, ObjectRefGenerator)]
+    refs, _ = _as_ref_list([item for item in ray_waitables
                             if not isinstance(item, ObjectRefGenerator)], "wait()")
     if generators:
-        refs = list(object_refs)
+        refs = list(ray_waitables)
     if len(set(refs)) != len(refs):
         raise ValueError("Wait requires a list of unique object refs.")
     if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:

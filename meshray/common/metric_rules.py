@@ -30,7 +30,8 @@ MAX_BOUNDARIES = 64
 RESERVED_NAMES = frozenset({
     "tasks", "actors", "placement_groups", "resources", "object_store_memory",
     "object_store_available_memory", "object_store_num_local_objects", "node_cpu_utilization",
-    "node_cpu_count", "node_mem_used", "node_mem_available", "node_mem_total"})
+    "node_cpu_count", "node_mem_used", "node_mem_available", "node_mem_total",
+    "memory_manager_worker_eviction"})
 RESERVED_TAG_KEYS = frozenset({"SessionName", "NodeAddress", "NodeId", "Version", "Component",
                                "le", "quantile", "instance", "job"})
 

@@ -175,6 +175,10 @@ class MemoryMonitor:
         self._victim = None               # the worker last killed, until it has exited
         self._quiet_until = 0.0
         self.kills = 0
+        # For the node's metrics: kills by (Type, Name), as Ray's
+        # ray_memory_manager_worker_eviction_total, and the last sample.
+        self.evictions: dict = {}
+        self.last_fraction: float | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         if self.settings.refresh_ms <= 0:
@@ -192,6 +196,16 @@ class MemoryMonitor:
             except Exception:  # noqa: BLE001 - a monitoring hiccup never takes the node down
                 log.exception("memory monitor check failed")
 
+    def metrics_snapshot(self, names) -> dict:
+        """For the scrape thread: kills by (Type, capped Name), the last usage, the threshold."""
+        evictions: dict = {}
+        for (kind, name), count in list(self.evictions.items()):
+            key = (kind, names(name))
+            evictions[key] = evictions.get(key, 0) + count
+        return {"evictions": evictions, "usage_fraction": self.last_fraction,
+                "threshold": self.settings.threshold,
+                "enabled": self.settings.refresh_ms > 0}
+
     def sample(self) -> MemoryReading | None:
         readings = [read_host(), read_cgroup()]
         if self.settings.test_limit:
@@ -208,6 +222,8 @@ class MemoryMonitor:
                 return                     # still exiting: its memory is not free yet
             self._victim = None
         usage = self.sample()
+        if usage is not None:
+            self.last_fraction = usage.fraction
         if not over_threshold(usage, self.settings.threshold):
             return
         workers = {}
@@ -249,11 +265,11 @@ class MemoryMonitor:
         rss = process_rss(worker.pid)
         entry = worker.actor
         if entry is not None:
-            what = f"actor {entry.options.get('class_name') or entry.actor_id.hex()}"
-            task_id = b""
+            name = entry.options.get("class_name") or entry.actor_id.hex()
+            kind, what, task_id = "Actor", f"actor {name}", b""
         else:
-            what = f"task {worker.current_task.spec.name}"
-            task_id = worker.current_task.task_id
+            name = worker.current_task.spec.name
+            kind, what, task_id = "Task", f"task {name}", worker.current_task.task_id
         reason = ("it was the newest retriable work of the owner with the most running tasks"
                   if victim.retriable else "no retriable task or actor was left to kill")
         message = (
@@ -276,5 +292,7 @@ class MemoryMonitor:
                     text=f"{message} The task will be retried.")))
         log.warning("memory monitor: %s", message)
         self.kills += 1
+        key = (kind, name)
+        self.evictions[key] = self.evictions.get(key, 0) + 1
         self._victim = worker
         daemon.pool.kill(worker)

@@ -109,6 +109,21 @@ def _resource_families(out: _Families, loop: dict) -> None:
               ("Name", "State"), samples)
 
 
+def _memory_monitor_families(out: _Families, monitor: dict | None) -> None:
+    if monitor is None:
+        return
+    out.counter("ray_memory_manager_worker_eviction", "Workers the node's memory monitor "
+                "killed, by what they ran (Task or Actor) and its name.", ("Type", "Name"),
+                monitor["evictions"])
+    if monitor["usage_fraction"] is not None:
+        out.gauge("meshray_memory_monitor_usage_fraction", "The node's memory usage as a "
+                  "fraction of its tightest limit (host, cgroup), at the last sample.",
+                  value=monitor["usage_fraction"])
+    out.gauge("meshray_memory_monitor_threshold", "Usage fraction past which the memory "
+              "monitor kills a worker (0 when the monitor is off).",
+              value=monitor["threshold"] if monitor["enabled"] else 0.0)
+
+
 def _store_families(out: _Families, store: dict) -> None:
     out.gauge("ray_object_store_memory", "Object store bytes by where they are: shared "
               "memory (MMAP_SHM) or spilled to disk (SPILLED).", ("Location",),
@@ -169,6 +184,7 @@ def node_families(snap: dict, base: dict) -> list:
     if loop is not None:
         _task_families(out, loop)
         _resource_families(out, loop)
+        _memory_monitor_families(out, loop.get("memory_monitor"))
     _store_families(out, snap["store"])
     _cluster_families(out, snap)
     _host_families(out, snap["host"])

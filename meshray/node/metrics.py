@@ -163,6 +163,7 @@ class NodeMetrics:
                 workers["actor" if worker.actor is not None else "task"] += 1
         return {"tasks_live": live, "tasks_ended": dict(self._ended), "actors": actors,
                 "placement_groups": groups, "workers": workers,
+                "memory_monitor": daemon.memory_monitor.metrics_snapshot(self.names),
                 "resources_total": daemon.resources.total.to_dict(),
                 "resources_available": daemon.resources.available.to_dict()}
 

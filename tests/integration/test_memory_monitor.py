@@ -42,6 +42,21 @@ def hog(marker: str = "") -> str:
     return "never killed"
 
 
+def eviction_count(ray, kind: str, name: str) -> float:
+    """The node's ray_memory_manager_worker_eviction_total for (kind, name), scraped."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    (record,) = [node for node in ray.nodes() if node["Alive"]]
+    endpoint = f"{record['Address'].rsplit(':', 1)[0]}:{record['MetricsExportPort']}"
+    with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "ray_memory_manager_worker_eviction_total"
+               and sample.labels.get("Type") == kind and sample.labels.get("Name") == name)
+
+
 def test_a_task_over_the_limit_fails_with_the_figures_and_the_rest_survives(cluster):
     ray = cluster.connect()
 
@@ -68,6 +83,7 @@ def test_a_task_over_the_limit_fails_with_the_figures_and_the_rest_survives(clus
     assert cluster.head_node.alive()
     log = node_log(cluster)
     assert "WARNING meshray.node.memory_monitor: memory monitor: The task" in log and "hog" in log
+    assert eviction_count(ray, "Task", f"{__name__}.hog") >= 1
 
 
 def test_a_retriable_task_killed_for_memory_is_retried(cluster, tmp_path):

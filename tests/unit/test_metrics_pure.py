@@ -162,7 +162,9 @@ SNAPSHOT = {
     "loop": {"tasks_live": {("RUNNING", "f", "0"): 2}, "tasks_ended": {("FINISHED", "f", "0"): 3},
              "actors": {("ALIVE", "A"): 1}, "placement_groups": {"CREATED": 1},
              "workers": {"task": 2, "actor": 1},
-             "resources_total": {"CPU": 4.0}, "resources_available": {"CPU": 1.5}},
+             "resources_total": {"CPU": 4.0}, "resources_available": {"CPU": 1.5},
+             "memory_monitor": {"evictions": {("Task", "hog"): 2}, "usage_fraction": 0.5,
+                                "threshold": 0.95, "enabled": True}},
     "store": {"capacity": 100, "used_bytes": 40, "spilled_bytes": 7, "num_objects": 3,
               "spill_count": 1, "spill_bytes_total": 7, "restore_count": 0,
               "restore_bytes_total": 0},
@@ -191,6 +193,9 @@ def test_node_families_carry_the_base_labels_and_reserve_their_ray_names():
     assert at("ray_resources", Name="CPU", State="USED") == 2.5
     assert at("ray_object_store_memory", Location="SPILLED") == 7
     assert at("ray_node_cpu_utilization") == 12.5
+    assert at("ray_memory_manager_worker_eviction_total", Type="Task", Name="hog") == 2
+    assert at("meshray_memory_monitor_usage_fraction") == 0.5
+    assert at("meshray_memory_monitor_threshold") == 0.95
 
 
 def test_a_loop_that_did_not_answer_leaves_its_families_out():
