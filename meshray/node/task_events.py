@@ -27,6 +27,7 @@ Retention (``docs/observability.md``):
 from __future__ import annotations
 
 import json
+import operator
 import os
 import time
 from collections import OrderedDict
@@ -98,6 +99,10 @@ _STATE_NAMES = {TaskState.WAITING: "PENDING_NODE_ASSIGNMENT",
                 TaskState.RUNNING: "SUBMITTED_TO_WORKER",   # RUNNING once its worker takes it
                 TaskState.CRASHED: "RUNNING",               # until its exit status is in
                 TaskState.DONE: "FINISHED"}
+# What a move to each state adds to a task's events (the final state is added
+# with its end time instead).
+_MOVE_NAMES = {**_STATE_NAMES, TaskState.DONE: None}
+_NEW_STATE = operator.itemgetter(1)
 
 
 def _ray_state(task) -> str:
@@ -110,20 +115,17 @@ def _ray_state(task) -> str:
     return _STATE_NAMES[state]
 
 
-def _events(story, stamps, created: float, started: float | None, final: str | None,
+def _events(moves, stamps, created: float, started: float | None, final: str | None,
             end: float | None) -> tuple:
-    """Ray's states a task went through, with times: from its story (the moves
-    its event log stamped), when it was made, and when its worker began it."""
+    """Ray's states a task went through, with times: from the Ray names of its
+    moves (`_move_names`, stamped by the event log), when it was made, and when
+    its worker began it."""
     last = "PENDING_NODE_ASSIGNMENT"
     events = [(last, created)]
-    if len(story) != len(stamps):          # moves made without a log carry no time
-        story = tuple(story)[-len(stamps):] if stamps else ()
-    names = _STATE_NAMES
-    for (_old, new, _cause), when in zip(story, stamps):
-        if new is _DONE:
-            continue
-        name = names[new]
-        if name != last:
+    if len(moves) != len(stamps):          # moves made without a log carry no time
+        moves = tuple(moves)[-len(stamps):] if stamps else ()
+    for name, when in zip(moves, stamps):
+        if name is not None and name != last:
             events.append((name, when))
             last = name
     if started is not None:
@@ -133,8 +135,19 @@ def _events(story, stamps, created: float, started: float | None, final: str | N
     return tuple(events)
 
 
+def _move_names(story) -> tuple:
+    """The Ray state name each move of `story` led to (None for the final move).
+
+    Plain strings, not TaskState members: a finished record built of plain
+    values is one the garbage collector stops tracking after one pass, so the
+    tens of thousands a node keeps cost its full collections nothing (enum
+    members would keep every record tracked and walked).
+    """
+    return tuple(map(_MOVE_NAMES.__getitem__, map(_NEW_STATE, story)))
+
+
 def _task_events(task, final: str | None, end: float | None) -> tuple:
-    return _events(task.story, task.stamps, task.created_at, task.started_wall, final, end)
+    return _events(_move_names(task.story), task.stamps, task.created_at, task.started_wall, final, end)
 
 
 def _live_record(task) -> list:
@@ -209,15 +222,16 @@ class TaskEvents:
         worker_id, pid = task.ran_on
         # A tuple of plain values (and tuples of them): the collector stops
         # tracking it after one pass, so thousands kept cost no GC time. Its
-        # events are kept as the raw story and stamps (two C-level copies) and
-        # named only if the record is read; the disk keeps main times only.
+        # events are kept as the moves' Ray names and their stamps (C-level
+        # copies) and assembled only if the record is read; the disk keeps
+        # main times only.
         record = (spec.task_id, spec.attempt, spec.name, spec.job_id, spec.actor_id,
                   spec.parent_task_id, task.sched_class[1],
                   "ACTOR_CREATION_TASK" if spec.actor_creation else "NORMAL_TASK", state,
                   worker_id, pid, error_type_of(error) if failed else None,
                   str(error)[:2000] if failed and error is not None else None,
                   task.created_at, task.started_wall, now,
-                  (_UNNAMED, tuple(task.story), tuple(task.stamps)), None,
+                  (_UNNAMED, _move_names(story), tuple(task.stamps)), None,
                   getattr(task.owner, "node_hex", None), task.pg_hex or None)
         if self.on_end is not None:
             self.on_end(state, spec.name, spec.attempt)
