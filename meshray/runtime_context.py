@@ -237,8 +237,19 @@ class RuntimeContext:
         return self._core("get_temp_dir()").session_dir
 
     def is_canceled(self) -> bool:
-        """Whether the running task (or actor call) has been cancelled."""
-        self._require_worker("is_canceled()")
+        """Whether the running task (or actor call) has been cancelled.
+
+        As in Ray, a RuntimeError in a driver and in an async actor (whose
+        calls are cancelled by cancelling their coroutine instead).
+        """
+        if state_mod.state.mode != "worker":
+            raise RuntimeError("RuntimeContext.is_canceled() is only available in a task or "
+                               f"a sync actor; this process is a "
+                               f"{state_mod.state.mode or 'non-meshray process'}")
+        if state_mod.state.actor_id and self._actor_options().get("is_async"):
+            raise RuntimeError("RuntimeContext.is_canceled() is not available in an async "
+                               "actor: a cancelled call's coroutine gets "
+                               "asyncio.CancelledError instead")
         spec = state_mod.current_spec()
         return spec is not None and spec.task_id in state_mod.state.cancelled
 

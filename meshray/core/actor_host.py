@@ -531,7 +531,8 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         and never runs; a running call of an async actor has its asyncio task
         cancelled (the coroutine sees CancelledError at its await); a running
         call of a plain or threaded actor is not interrupted (actors have
-        state), it finishes and its result stands.
+        state): it is flagged, so `get_runtime_context().is_canceled()` says
+        True inside it, and unless it ends early its result stands.
         """
         task = self._async_calls.get(task_id)
         if task is not None:
@@ -544,10 +545,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
             self._arg_images.pop(task_id, None)
             reply(self._cancelled(spec))
             return
-        if self.executor.is_running(task_id):
+        if self.executor.flag_cancelled(task_id):
             # A running generator call stops at its next yield; any other
-            # runs to its end (its result stands).
-            self.executor.stop_stream(task_id)
+            # runs to its end (its result stands) and sees is_canceled().
             return
         if len(self._cancelled_calls) > 10_000:
             self._cancelled_calls.clear()   # ids of calls that had already finished

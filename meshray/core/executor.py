@@ -86,10 +86,12 @@ class TaskExecutor:
         """Whether the task or actor call `task_id` has started here and not finished."""
         return task_id in self._running
 
-    def stop_stream(self, task_id: bytes) -> bool:
-        """Stop the running generator call `task_id` at its next yield (it is
-        then answered TaskCancelledError); False if no such call runs here."""
-        if task_id not in self._streaming:
+    def flag_cancelled(self, task_id: bytes) -> bool:
+        """Mark the running call `task_id` cancelled without interrupting it:
+        `RuntimeContext.is_canceled()` then says True inside it (a plain or
+        threaded actor's call is never interrupted, as in Ray); a generator
+        call also stops at its next yield. False if no such call runs here."""
+        if task_id not in self._running:
             return False
         self._cancelled.add(task_id)
         return True

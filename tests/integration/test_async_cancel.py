@@ -106,3 +106,49 @@ def test_force_cancel_of_actor_call_is_refused(ray):
     ray.cancel(ref)
     with pytest.raises(ray.exceptions.TaskCancelledError):
         ray.get(ref, timeout=CALL_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 4], ids=["plain", "threaded"])
+def test_running_call_of_a_sync_actor_sees_is_canceled(ray, tmp_path, max_concurrency):
+    """Ray's graceful cancel: the call is not interrupted, but is_canceled()
+    turns True inside it, so the method can stop itself."""
+    @ray.remote(max_concurrency=max_concurrency)
+    class Poller:
+        def poll(self, started):
+            import meshray
+            context = meshray.get_runtime_context()
+            before = context.is_canceled()
+            open(started, "w").close()
+            deadline = time.monotonic() + CALL_TIMEOUT_S
+            while not context.is_canceled() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return (before, context.is_canceled())
+
+        def later(self):
+            import meshray
+            return meshray.get_runtime_context().is_canceled()
+
+    started = str(tmp_path / "started")
+    poller = Poller.remote()
+    ref = poller.poll.remote(started)
+    wait_for(lambda: os.path.exists(started), timeout=CALL_TIMEOUT_S)
+    ray.cancel(ref)
+    assert ray.get(ref, timeout=CALL_TIMEOUT_S) == (False, True)   # it ended itself
+    # The flag belongs to that call only.
+    assert ray.get(poller.later.remote(), timeout=CALL_TIMEOUT_S) is False
+
+
+def test_is_canceled_is_a_runtime_error_in_an_async_actor_and_a_driver(ray):
+    @ray.remote
+    class Async:
+        async def ask(self):
+            import meshray
+            try:
+                meshray.get_runtime_context().is_canceled()
+            except RuntimeError as error:
+                return str(error)
+            return "no error"
+
+    assert "async actor" in ray.get(Async.remote().ask.remote(), timeout=CALL_TIMEOUT_S)
+    with pytest.raises(RuntimeError, match="is_canceled"):
+        ray.get_runtime_context().is_canceled()
