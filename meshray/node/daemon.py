@@ -42,7 +42,7 @@ from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.routes import answer, node_routes
-from meshray.node.task_lifecycle import TaskState, move, take_retry
+from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
 from meshray.node import state_records
 from meshray.node.task_events import TaskEvents
 from meshray.node.tasks import TaskQueue, TaskRecord
@@ -682,7 +682,13 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         if task.cancelled:
             self._finish_failed(task, task.pg_error
                                 or exceptions.TaskCancelledError(task.task_id.hex()))
-        elif self._owner_present(task.owner) and take_retry(task):
+        elif worker.oom_retry_in is not None and self._owner_present(task.owner):
+            take_memory_retry(task)
+            delay = worker.oom_retry_in
+            self._move(task, TaskState.WAITING,
+                       f"retry in {delay:g} s: the memory monitor killed worker {worker.pid}")
+            asyncio.get_running_loop().call_later(delay, self._place_after_backoff, task)
+        elif worker.kill_error is None and self._owner_present(task.owner) and take_retry(task):
             self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
@@ -694,11 +700,21 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             self._crash_reports.add(report)
             report.add_done_callback(self._crash_reports.discard)
 
+    def _place_after_backoff(self, task: TaskRecord) -> None:
+        """A memory-killed task's retry delay is over: place it (unless it ended meanwhile)."""
+        if self.tasks.get(task.task_id) is not task or task.state != TaskState.WAITING:
+            return
+        self._place_or_queue(task)
+
     def _reports_crash(self, worker: WorkerProcess, task) -> bool:
-        """Whether losing `worker` fails `task` with WorkerCrashedError (mirrors _worker_lost)."""
-        return (worker.actor is None and task is not None and not task.pg_dropped
-                and not task.cancelled
-                and not (task.retries_left != 0 and self._owner_present(task.owner)))
+        """Whether losing `worker` fails `task` (WorkerCrashedError, or the error it was
+        killed with) rather than retrying it (mirrors _worker_lost)."""
+        if worker.actor is not None or task is None or task.pg_dropped or task.cancelled:
+            return False
+        if worker.kill_error is not None:
+            return True
+        retries = worker.oom_retry_in is not None or task.retries_left != 0
+        return not (retries and self._owner_present(task.owner))
 
     async def _report_crash(self, task: TaskRecord, worker: WorkerProcess) -> None:
         code = await wait_for_exit(worker.process, WORKER_EXIT_WAIT_S)

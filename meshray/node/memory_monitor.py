@@ -8,11 +8,12 @@ policy picks (node/memory_policy.py). It kills one worker at a time and waits
 for that one to be gone before it chooses again: memory is freed only when
 the process has exited.
 
-A killed task fails with OutOfMemoryError naming the figures, or is retried
-when it has retries left (each memory kill spends one, as any worker death);
-a killed actor restarts if it has restarts left, its death cause naming the
-figures. The error is put on the worker before the kill, so the daemon's
-usual worker-death path (`_worker_lost`) reports it instead of a crash.
+A killed task is retried by Ray's rules (node/memory_policy.py: apart from
+its max_retries, after a doubling delay, never an owner's last task) or fails
+with OutOfMemoryError naming the figures; a killed actor restarts if it has
+restarts left, its death cause naming the figures. The verdict is put on the
+worker before the kill (`oom_retry_in`, or the error), so the daemon's usual
+worker-death path (`_worker_lost`) carries it out instead of reporting a crash.
 
 Settings come from the node's environment, Ray's names or MESHRAY_ ones
 (which win): see `MemorySettings.from_env`.
@@ -34,6 +35,8 @@ from meshray.node.memory_policy import (
     MemoryReading,
     choose_victim,
     effective_usage,
+    oom_retry_allowed,
+    oom_retry_delay,
     over_threshold,
 )
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 THRESHOLD_ENV = ("MESHRAY_memory_usage_threshold", "RAY_memory_usage_threshold")
 REFRESH_ENV = ("MESHRAY_memory_monitor_refresh_ms", "RAY_memory_monitor_refresh_ms")
+OOM_RETRIES_ENV = ("MESHRAY_task_oom_retries", "RAY_task_oom_retries")
+OOM_DELAY_ENV = ("MESHRAY_task_oom_retry_delay_base_ms", "RAY_task_oom_retry_delay_base_ms")
 # Test-only: pretend the node's workers live in a cgroup of this many bytes,
 # whose usage is the sum of their RSS (so tests can trigger a kill on any host).
 TEST_LIMIT_ENV = "MESHRAY_TEST_NODE_MEMORY_LIMIT"
@@ -79,11 +84,20 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _retry_count(raw: str) -> int:
+    value = int(raw)
+    if value < -1:
+        raise ValueError(raw)
+    return value
+
+
 @dataclass(frozen=True)
 class MemorySettings:
     threshold: float = 0.95      # fraction of the limit past which a worker is killed
     refresh_ms: int = 250        # sampling interval; 0 disables the monitor
     test_limit: int = 0          # TEST_LIMIT_ENV (0: unset)
+    oom_retries: int = -1        # retries of a task killed for memory (-1: no limit)
+    oom_retry_delay_base_ms: int = 1000   # the first such retry's delay; doubles, capped at 60 s
 
     @classmethod
     def from_env(cls, environ=None) -> "MemorySettings":
@@ -94,9 +108,16 @@ class MemorySettings:
                              "a whole number of milliseconds >= 0 (0 disables)")
         test_limit = _env_value(environ, (TEST_LIMIT_ENV,), _non_negative_int,
                                 "a whole number of bytes >= 0")
+        retries = _env_value(environ, OOM_RETRIES_ENV, _retry_count,
+                             "a whole number >= -1 (-1: retry without limit)")
+        delay = _env_value(environ, OOM_DELAY_ENV, _non_negative_int,
+                           "a whole number of milliseconds >= 0")
         return cls(threshold=cls.threshold if threshold is None else threshold,
                    refresh_ms=cls.refresh_ms if refresh is None else refresh,
-                   test_limit=test_limit or 0)
+                   test_limit=test_limit or 0,
+                   oom_retries=cls.oom_retries if retries is None else retries,
+                   oom_retry_delay_base_ms=cls.oom_retry_delay_base_ms if delay is None
+                   else delay)
 
 
 def _read_int(path: str) -> int | None:
@@ -257,8 +278,10 @@ class MemoryMonitor:
         task = worker.current_task
         if task is None or task.state != "running" or task.cancelled:
             return None
-        return Candidate(worker.worker_id, task.spec.owner_id, task.started_at,
-                         not self.daemon._reports_crash(worker, task))
+        retriable = (oom_retry_allowed(task.spec.max_retries, task.oom_kills,
+                                       self.settings.oom_retries)
+                     and self.daemon._owner_present(task.owner) and not task.pg_dropped)
+        return Candidate(worker.worker_id, task.spec.owner_id, task.started_at, retriable)
 
     def _kill(self, worker, victim: Candidate, usage: MemoryReading) -> None:
         daemon = self.daemon
@@ -270,8 +293,15 @@ class MemoryMonitor:
         else:
             name = worker.current_task.spec.name
             kind, what, task_id = "Task", f"task {name}", worker.current_task.task_id
-        reason = ("it was the newest retriable work of the owner with the most running tasks"
-                  if victim.retriable else "no retriable task or actor was left to kill")
+        if victim.retriable:
+            reason = "it was the newest retriable work of the owner with the most running tasks"
+        elif entry is None and not victim.is_actor and oom_retry_allowed(
+                worker.current_task.spec.max_retries, worker.current_task.oom_kills,
+                self.settings.oom_retries):
+            reason = ("it was its owner's last task running here, and each owner keeps one "
+                      "task making progress: killing that one ends it for good")
+        else:
+            reason = "no retriable task or actor was left to kill"
         message = (
             f"The {what} (worker pid {worker.pid}, RSS {_gb(rss)}) was killed because node "
             f"{daemon.node_id.hex()} ({daemon.address}) ran low on memory: {_gb(usage.used)} / "
@@ -288,8 +318,14 @@ class MemoryMonitor:
                 memory_used=usage.used, memory_limit=usage.limit,
                 threshold=self.settings.threshold, rss=rss)
             if victim.retriable:       # otherwise the error itself tells the owner
-                worker.current_task.owner.send(pb.ServerEvent(notice=pb.Notice(
-                    text=f"{message} The task will be retried.")))
+                task = worker.current_task
+                task.oom_kills += 1
+                worker.oom_retry_in = oom_retry_delay(
+                    task.oom_kills, self.settings.oom_retry_delay_base_ms / 1000.0)
+                task.owner.send(pb.ServerEvent(notice=pb.Notice(
+                    text=f"{message} The task will be retried in {worker.oom_retry_in:g} s "
+                         f"(memory kill {task.oom_kills}; RAY_task_oom_retries="
+                         f"{self.settings.oom_retries}).")))
         log.warning("memory monitor: %s", message)
         self.kills += 1
         key = (kind, name)

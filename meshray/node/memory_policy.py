@@ -19,14 +19,24 @@ costs least goes first.
    one filling the node, and its other tasks keep it making progress.
    Equal groups: the one whose newest task started last.
 4. Within the group, the newest task: it has the least progress to lose.
+
+Retries (Ray's rules): a task killed for memory is retried apart from its
+`max_retries` budget (a task with `max_retries=0` is not retried), up to
+`task_oom_retries` times (-1: without limit), each retry after a doubling
+delay capped at a minute, so a node that stays full is not thrashed. What
+keeps that from looping forever: the last running task of an owner on the
+node is never killed as retriable -- its kill fails it with the figures --
+so every owner keeps one task making progress.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["MemoryReading", "effective_usage", "over_threshold", "Candidate",
-           "choose_victim", "kill_order"]
+           "choose_victim", "kill_order", "oom_retry_allowed", "oom_retry_delay"]
+
+OOM_RETRY_DELAY_CAP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -66,21 +76,49 @@ class Candidate:
     is_actor: bool = False
 
 
+def oom_retry_allowed(max_retries: int, oom_kills: int, oom_retries: int) -> bool:
+    """Whether a task killed for memory `oom_kills` times before may be retried
+    once more: not with `max_retries=0`; else up to `oom_retries` (-1: always)."""
+    return max_retries != 0 and (oom_retries < 0 or oom_kills < oom_retries)
+
+
+def oom_retry_delay(oom_kills: int, base_s: float) -> float:
+    """How long the retry after the `oom_kills`-th kill (1, 2, ...) waits: doubling from `base_s`."""
+    return min(OOM_RETRY_DELAY_CAP_S, base_s * (2 ** max(0, min(oom_kills - 1, 16))))
+
+
 def choose_victim(usage: MemoryReading | None, threshold: float,
                   candidates) -> Candidate | None:
-    """The worker to kill now, or None (under the threshold, or nothing runs)."""
+    """The worker to kill now, or None (under the threshold, or nothing runs).
+
+    The victim's `retriable` says whether its kill is retried: an owner's last
+    running task is not (see the module docstring).
+    """
     if not over_threshold(usage, threshold):
         return None
-    return _next_victim(list(candidates))
+    return _next_victim(_keep_one_per_owner(candidates))
+
+
+def _keep_one_per_owner(candidates) -> list[Candidate]:
+    """Candidates with an owner's only running task marked not retriable."""
+    candidates = list(candidates)
+    tasks_of: dict[bytes, int] = defaultdict(int)
+    for candidate in candidates:
+        if not candidate.is_actor:
+            tasks_of[candidate.owner] += 1
+    return [replace(candidate, retriable=False)
+            if not candidate.is_actor and candidate.retriable and tasks_of[candidate.owner] == 1
+            else candidate for candidate in candidates]
 
 
 def kill_order(candidates) -> list[Candidate]:
-    """Every candidate in the order successive kills would take them."""
+    """Every candidate in the order successive kills would take them (each
+    kill judged among those still running)."""
     left, order = list(candidates), []
     while left:
-        victim = _next_victim(left)
+        victim = _next_victim(_keep_one_per_owner(left))
         order.append(victim)
-        left.remove(victim)
+        left = [c for c in left if c.worker_id != victim.worker_id]
     return order
 
 

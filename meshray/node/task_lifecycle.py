@@ -34,7 +34,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-__all__ = ["TaskState", "TRANSITIONS", "InvalidTaskTransition", "move", "take_retry", "new_story"]
+__all__ = ["TaskState", "TRANSITIONS", "InvalidTaskTransition", "move", "take_retry",
+           "take_memory_retry", "new_story"]
 
 
 class TaskState(str, enum.Enum):
@@ -126,3 +127,10 @@ def take_retry(task) -> bool:
         task.retries_left -= 1
     task.spec.attempt += 1
     return True
+
+
+def take_memory_retry(task) -> None:
+    """Run `task` again after the memory monitor killed it: a new attempt that
+    spends none of its `max_retries` (the monitor's own limit, `task_oom_retries`,
+    was checked when it chose to retry it, as Ray does)."""
+    task.spec.attempt += 1

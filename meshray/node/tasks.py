@@ -56,6 +56,7 @@ class TaskRecord:
     bundle_gpu_ids: list = field(default_factory=list)
     pg_error: object = None           # set when its group was removed while it ran
     pg_dropped: bool = False          # killed because its bundle left this node
+    oom_kills: int = 0                # times the memory monitor killed it (retries apart from max_retries)
     started_at: float = 0.0           # when its worker began it (monotonic), for run-time stats
     # For its task events (node/task_events.py reads these, nothing else):
     created_at: float = 0.0           # when this node made the record (wall clock)

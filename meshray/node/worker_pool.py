@@ -77,6 +77,7 @@ class WorkerProcess:
     task_name: str = ""
     log_names: tuple = ()            # its (stdout, stderr) log file names
     kill_error: object = None        # what its task fails with when the node killed it on purpose
+    oom_retry_in: float | None = None  # killed for memory: its task is retried after this delay
 
     @property
     def pid(self) -> int:

@@ -27,14 +27,16 @@ def node_log(cluster) -> str:
         return handle.read()
 
 
-def hog(marker: str = "") -> str:
+def hog(marker: str = "", hogging_attempts: int = 1) -> str:
     """Allocate 50 MB at a time (written, so it is resident) until killed; with
-    `marker`, only the first attempt does (the retry finds the file)."""
+    `marker`, only the first `hogging_attempts` attempts do (each adds a line)."""
     import time
-    if marker and os.path.exists(marker):
-        return "retried"
     if marker:
-        open(marker, "w").close()
+        done = open(marker).read().count("\n") if os.path.exists(marker) else 0
+        if done >= hogging_attempts:
+            return f"retried after {done}"
+        with open(marker, "a") as handle:
+            handle.write("attempt\n")
     held = []
     for _ in range(STEPS):
         held.append(b"x" * (50 << 20))
@@ -86,13 +88,40 @@ def test_a_task_over_the_limit_fails_with_the_figures_and_the_rest_survives(clus
     assert eviction_count(ray, "Task", f"{__name__}.hog") >= 1
 
 
-def test_a_retriable_task_killed_for_memory_is_retried(cluster, tmp_path):
+def sleeper(started: str, gate: str) -> str:
+    """Small and long-running: a task of the same owner that must survive the kill."""
+    import time
+    open(started, "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "slept"
+
+
+def test_a_retriable_task_killed_for_memory_is_retried_and_its_sibling_runs_on(cluster, tmp_path):
+    """Ray's rules: the owner's newest task is killed and retried apart from
+    its max_retries (here 1, yet killed twice), after a doubling delay; the
+    owner's other running task is untouched."""
+    from tests.helpers import wait_for
+    ray = cluster.connect()
+    marker, started, gate = (str(tmp_path / name) for name in ("first-attempt", "started", "gate"))
+    calm = ray.remote(max_retries=0)(sleeper).remote(started, gate)
+    wait_for(lambda: os.path.exists(started), timeout=60, message="the sibling task started")
+    result = ray.get(ray.remote(max_retries=1)(hog).remote(marker, 2), timeout=120)
+    assert result == "retried after 2"
+    open(gate, "w").close()
+    assert ray.get(calm, timeout=60) == "slept"
+    log = node_log(cluster)
+    assert "memory monitor: The task" in log and "hog" in log
+
+
+def test_an_owners_last_task_is_not_retried_whatever_its_max_retries(cluster, tmp_path):
+    """Every owner keeps one task making progress: its only task, killed for
+    memory, fails with the figures instead of being retried forever."""
     ray = cluster.connect()
     marker = str(tmp_path / "first-attempt")
-    result = ray.get(ray.remote(max_retries=1)(hog).remote(marker), timeout=120)
-    assert result == "retried"
-    assert os.path.exists(marker)
-    assert "memory monitor: The task" in node_log(cluster)
+    with pytest.raises(exceptions.OutOfMemoryError, match="last task running here"):
+        ray.get(ray.remote(max_retries=3)(hog).remote(marker), timeout=120)
 
 
 def test_an_actor_killed_for_memory_dies_with_the_cause(cluster):

@@ -10,6 +10,8 @@ from meshray.node.memory_policy import (
     choose_victim,
     effective_usage,
     kill_order,
+    oom_retry_allowed,
+    oom_retry_delay,
     over_threshold,
 )
 
@@ -69,14 +71,34 @@ def test_the_owner_with_the_most_tasks_pays_first():
 
 def test_retriable_tasks_go_before_tasks_a_kill_would_fail():
     running = [task("final1", "A", 9.0, retriable=False), task("final2", "A", 8.0, retriable=False),
-               task("retry", "B", 1.0)]
-    assert names(kill_order(running)) == ["retry", "final1", "final2"]
+               task("retry", "B", 1.0), task("retry2", "B", 0.9)]
+    # retry2, left alone as B's last task, is no longer retriable.
+    assert names(kill_order(running)) == ["retry", "final1", "final2", "retry2"]
 
 
 def test_actors_go_last_restartable_first():
     running = [actor("stateful", "A", 9.0), actor("restartable", "A", 1.0, restartable=True),
-               task("final", "A", 0.5, retriable=False), task("retry", "B", 0.1)]
-    assert names(kill_order(running)) == ["retry", "final", "restartable", "stateful"]
+               task("final", "A", 0.5, retriable=False), task("retry", "B", 0.1),
+               task("retry2", "B", 0.05)]
+    assert names(kill_order(running)) == ["retry", "final", "retry2", "restartable", "stateful"]
+
+
+def test_an_owners_last_running_task_is_killed_without_a_retry():
+    """Every owner keeps one task making progress: its last one fails instead."""
+    only = choose_victim(FULL, 0.95, [task("only", "A", 1.0)])
+    assert only.worker_id == b"only" and only.retriable is False
+    pair = choose_victim(FULL, 0.95, [task("old", "A", 1.0), task("new", "A", 2.0)])
+    assert pair.worker_id == b"new" and pair.retriable is True
+    # Actors are judged by their restarts alone.
+    assert choose_victim(FULL, 0.95, [actor("x", "A", 1.0, restartable=True)]).retriable
+
+
+def test_oom_retries_are_apart_from_max_retries_and_back_off():
+    assert oom_retry_allowed(max_retries=3, oom_kills=100, oom_retries=-1)
+    assert not oom_retry_allowed(max_retries=0, oom_kills=0, oom_retries=-1)
+    assert oom_retry_allowed(max_retries=-1, oom_kills=1, oom_retries=2)
+    assert not oom_retry_allowed(max_retries=-1, oom_kills=2, oom_retries=2)
+    assert [oom_retry_delay(kills, 1.0) for kills in (1, 2, 3, 7, 50)] == [1.0, 2.0, 4.0, 60.0, 60.0]
 
 
 def test_settings_read_rays_names_and_meshray_names_win():
@@ -85,6 +107,10 @@ def test_settings_read_rays_names_and_meshray_names_win():
                                         "RAY_memory_monitor_refresh_ms": "0",
                                         "MESHRAY_memory_usage_threshold": "0.7"})
     assert (settings.threshold, settings.refresh_ms) == (0.7, 0)
+    assert (settings.oom_retries, settings.oom_retry_delay_base_ms) == (-1, 1000)
+    settings = MemorySettings.from_env({"RAY_task_oom_retries": "3",
+                                        "RAY_task_oom_retry_delay_base_ms": "10"})
+    assert (settings.oom_retries, settings.oom_retry_delay_base_ms) == (3, 10)
 
 
 @pytest.mark.parametrize("env, named", [
@@ -92,6 +118,9 @@ def test_settings_read_rays_names_and_meshray_names_win():
     ({"RAY_memory_usage_threshold": "lots"}, "RAY_memory_usage_threshold='lots'"),
     ({"RAY_memory_monitor_refresh_ms": "-1"}, "RAY_memory_monitor_refresh_ms='-1'"),
     ({"MESHRAY_TEST_NODE_MEMORY_LIMIT": "1GB"}, "MESHRAY_TEST_NODE_MEMORY_LIMIT='1GB'"),
+    ({"RAY_task_oom_retries": "-2"}, "RAY_task_oom_retries='-2'"),
+    ({"MESHRAY_task_oom_retry_delay_base_ms": "soon"},
+     "MESHRAY_task_oom_retry_delay_base_ms='soon'"),
 ])
 def test_bad_settings_name_the_variable_and_value(env, named):
     with pytest.raises(ValueError, match="expected") as info:
