@@ -55,11 +55,19 @@ def write(tmp_path, name: str, code: str) -> str:
     ("wait_as_finished.py", "wait_as_finished: 8 280 [0, 10, 20]"),
     ("actor_stream.py", "actor_stream: 6 9198 exited 2"),
     ("progress_bars.py", "progress_bars: [20, 21, 22]"),
+    ("async_service.py",
+     "async_service: STREAMS ARRIVE AS THEY COME cancelled 1 3 [8, 9] 39999800000 died restarted"),
 ])
 def test_pattern_program_prints_its_result(name, expected):
     out = meshray_run(os.path.join(PATTERNS, name), cli=True)
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout.splitlines(), out.stdout
+    if name == "progress_bars.py":
+        # Each remote bar is drawn by the driver, once, at its final state.
+        for part, total in (("part-0", 20), ("part-1", 21), ("part-2", 22)):
+            drawn = [line for line in out.stdout.splitlines()
+                     if f"{part}: 100%" in line and f"{total}/{total}" in line]
+            assert len(drawn) == 1, out.stdout
 
 
 def test_argv_name_and_exit_status_are_those_of_python(tmp_path):
