@@ -91,8 +91,8 @@ def test_keyboard_interrupt_in_a_method_is_that_calls_cancellation(ray, kind):
     assert ray.get(actor.pid.remote(), timeout=CALL_TIMEOUT_S) == pid   # still the same actor
 
 
-@pytest.mark.parametrize("kind", ["plain", "async"])
-@pytest.mark.parametrize("how", ["sys_exit_code", "os_exit"])
+@pytest.mark.parametrize("kind", ["plain", "threaded", "async"])
+@pytest.mark.parametrize("how", ["sys_exit_code", "raise_system_exit", "os_exit"])
 def test_unintended_exit_restarts_when_max_restarts_allows(ray, kind, how):
     actor = _actor(ray, kind, max_restarts=1)
     first = ray.get(actor.pid.remote(), timeout=CALL_TIMEOUT_S)
