@@ -152,3 +152,31 @@ def test_is_canceled_is_a_runtime_error_in_an_async_actor_and_a_driver(ray):
     assert "async actor" in ray.get(Async.remote().ask.remote(), timeout=CALL_TIMEOUT_S)
     with pytest.raises(RuntimeError, match="is_canceled"):
         ray.get_runtime_context().is_canceled()
+
+
+def test_cancel_running_call_of_a_plain_async_actor(ray):
+    """The same without concurrency groups: the actor's default group."""
+    @ray.remote
+    class Plain:
+        def __init__(self):
+            self.events = []
+
+        async def nap(self):
+            self.events.append("started")
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                self.events.append("saw CancelledError")
+                raise
+            return "finished"
+
+        async def log(self):
+            return list(self.events)
+
+    actor = Plain.remote()
+    ref = actor.nap.remote()
+    wait_for(lambda: "started" in ray.get(actor.log.remote()), timeout=CALL_TIMEOUT_S)
+    ray.cancel(ref)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=CALL_TIMEOUT_S)
+    assert ray.get(actor.log.remote(), timeout=CALL_TIMEOUT_S) == ["started", "saw CancelledError"]
