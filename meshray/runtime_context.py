@@ -15,6 +15,7 @@ import threading
 import warnings
 
 from meshray.common import id_types
+from meshray.core import ray_alias
 from meshray.core import state as state_mod
 
 __all__ = ["RuntimeContext", "get_runtime_context"]
@@ -207,6 +208,14 @@ class RuntimeContext:
         else:
             env = dict(state_mod.state.job_runtime_env or {})
         env.pop("_packages", None)   # where package bytes live: not part of the env
+        env_vars = env.get("env_vars")
+        if isinstance(env_vars, dict) and ray_alias.ENV_VAR in env_vars:
+            # `meshray run`'s own marker for the job's workers, not the user's.
+            env_vars = {k: v for k, v in env_vars.items() if k != ray_alias.ENV_VAR}
+            if env_vars:
+                env["env_vars"] = env_vars
+            else:
+                del env["env_vars"]
         return json.dumps(env, sort_keys=True)
 
     @property

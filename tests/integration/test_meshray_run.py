@@ -151,6 +151,30 @@ def test_task_importing_ray_in_the_worker_gets_meshray_even_with_a_ray_installed
     ]
 
 
+def test_the_runtime_env_a_script_sees_is_its_own(tmp_path):
+    """`meshray run` tells the job's workers to alias `ray` without that
+    showing in the runtime env the program reads."""
+    script = write(tmp_path, "env.py", """
+        import json
+        import ray
+
+        @ray.remote
+        def env():
+            return ray.get_runtime_context().runtime_env
+
+        ray.init(num_cpus=1, runtime_env={"env_vars": {"A": "1"}})
+        print(json.dumps(ray.get(env.remote()), sort_keys=True))
+        print(json.dumps(ray.get_runtime_context().runtime_env, sort_keys=True))
+        ray.shutdown()
+        ray.init(num_cpus=1)
+        print(json.dumps(ray.get(env.remote()), sort_keys=True))
+        ray.shutdown()
+    """)
+    out = meshray_run(script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ['{"env_vars": {"A": "1"}}'] * 2 + ["{}"]
+
+
 def test_script_that_is_not_a_file_is_refused(tmp_path):
     out = meshray_run(str(tmp_path / "missing.py"))
     assert out.returncode == 2
