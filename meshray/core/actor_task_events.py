@@ -1,18 +1,21 @@
 """The method calls an actor runs, reported to its node for the state API.
 
 Callers send method calls straight to the actor's process, so its node
-never sees them; the actor reports them instead. On a call's path this costs
-a dict insert when it arrives and a deque append when it is answered (no
-lock, no message built); a thread turns them into one columnar report at
-most once a second (at once past a few thousand calls), with the calls
-finished since the last report and those running now. A call's start is
-when the actor received it (time queued behind earlier calls included).
+never sees them; the actor reports them instead. A thread turns what was
+recorded into one columnar report once a second, with the calls finished
+since the last report and those running now. A call's start is when the
+actor received it (time queued behind earlier calls included).
 
-Each call is reported on its own up to MESHRAY_ACTOR_TASK_EVENTS_PER_S a
-second (default 1,000); past that rate, calls are counted per method and
-outcome instead: summaries stay exact, listings say how many were counted
-rather than listed, and an actor serving tens of thousands of calls a second
-does not spend its node's CPU on recording them one by one.
+Each call is itemized up to MESHRAY_ACTOR_TASK_EVENTS_PER_S a second
+(default 1,000, a token bucket holding at most one second's worth); past
+that rate, calls are counted per method and outcome instead: summaries stay
+exact, listings say how many were counted rather than listed. Which way a
+call goes is decided when it arrives, so a counted call costs its serving
+thread one dict insert then and one dict update when it is answered -- no
+tuple, no queue, nothing for the report thread to walk -- and an actor
+serving tens of thousands of calls a second spends next to nothing on
+recording them. An itemized call costs a dict insert and a deque append
+(no lock, no message built).
 
 Only what the node accepts goes out (node/request_rules.py): a report it
 refused would end this worker's session.
@@ -40,58 +43,81 @@ _NO_TASK = bytes(TASK_ID_LEN)
 
 
 class ActorTaskRecorder:
-    def __init__(self, class_name: str, send, clock=time.time, enabled: bool = True):
+    def __init__(self, class_name: str, send, clock=time.time, enabled: bool = True,
+                 per_second: int | None = None, thread: bool = True):
         self._class_name = class_name
         self._send = send                  # callable(pb.ActorTaskEvents)
         self._clock = clock
-        # task id -> (method, job id, parent task id, attempt, received)
+        # Itemized: task id -> (method, job id, parent task id, attempt, received)
         self._running: dict[bytes, tuple] = {}
         self._done: deque = deque()              # (task id, that tuple, finished, failed)
+        # Counted: task id -> method while it runs; (method, failed) -> calls answered.
+        self._counting: dict[bytes, str] = {}
+        self._counted: dict[tuple, int] = {}
+        self._lock = threading.Lock()
         self._reported_running = False
-        self._per_s = _per_second()
-        self._last_flush = clock()
+        self._per_s = per_second or _per_second()
+        self._tokens = float(self._per_s)       # calls that may be itemized now
+        self._refilled = clock()
         self._wake = threading.Event()
         self._closed = False
         if not enabled:                 # MESHRAY_TASK_EVENTS=0: nothing recorded
             self.received = self.answered = lambda batch: None
             return
-        threading.Thread(target=self._flush_loop, name="meshray-actor-task-events",
-                         daemon=True).start()
+        if thread:
+            threading.Thread(target=self._flush_loop, name="meshray-actor-task-events",
+                             daemon=True).start()
 
     def received(self, calls) -> None:
         """A batch of calls arrived (meshray's own `__ray_*` calls are not tasks)."""
         now = self._clock()
-        running = self._running
+        tokens = min(float(self._per_s), self._tokens + (now - self._refilled) * self._per_s)
+        self._refilled = now
+        running, counting = self._running, self._counting
         for spec in calls:
             method = spec.method_name
-            if not method.startswith("__ray_"):
+            if method.startswith("__ray_"):
+                continue
+            if tokens >= 1.0:
+                tokens -= 1.0
                 # Fields, not the spec: holding a second of calls' specs (and
                 # their argument bytes) costs more than copying four fields.
                 running[spec.task_id] = (method, spec.job_id, spec.parent_task_id,
                                          spec.attempt, now)
+            else:                          # past the rate: counted, not itemized
+                counting[spec.task_id] = method
+        self._tokens = tokens
 
     def answered(self, results) -> None:
         """A batch of calls was answered."""
         now = self._clock()
-        pop, append = self._running.pop, self._done.append
+        pop, append, uncount = self._running.pop, self._done.append, self._counting.pop
+        batch: dict = {}
         for result in results:
             task_id = result.task_id
             entry = pop(task_id, None)
             if entry is not None:
                 append((task_id, entry, now, result.failed))
+                continue
+            method = uncount(task_id, None)
+            if method is not None:
+                key = (method, result.failed)
+                batch[key] = batch.get(key, 0) + 1
+        if batch:
+            # Serving threads and the report thread meet here: one lock per batch.
+            with self._lock:
+                counted = self._counted
+                for key, number in batch.items():
+                    counted[key] = counted.get(key, 0) + number
 
     def flush(self) -> None:
-        now = self._clock()
-        budget = min(FLUSH_AT, max(1, int(self._per_s * max(0.0, now - self._last_flush))))
-        self._last_flush = now
-        finished, counted = [], {}
-        while self._done:
-            call = self._done.popleft()
-            if len(finished) < budget:
-                finished.append(call)
-            else:                  # past the rate: counted, not itemized
-                key = (call[1][0], call[3])
-                counted[key] = counted.get(key, 0) + 1
+        finished = []
+        while self._done and len(finished) < FLUSH_AT:
+            finished.append(self._done.popleft())
+        if self._done:
+            self._wake.set()               # more than one report's worth: next one soon
+        with self._lock:
+            counted, self._counted = self._counted, {}
         running = list(self._running.items())[:MAX_RUNNING_REPORTED]
         if not finished and not counted and not running and not self._reported_running:
             return
