@@ -360,13 +360,14 @@ def wait(ray_waitables, *, num_returns: int = 1, timeout: float | None = None,
     return state_mod.ensure_core().wait(refs, num_returns, timeout, fetch_local)
 
 
-def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that produces `object_ref` (an ObjectRef or ObjectRefGenerator)."""
+def cancel(ray_waitable, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that produces `ray_waitable` (an ObjectRef or ObjectRefGenerator)."""
+    object_ref = ray_waitable
     if isinstance(object_ref, ObjectRefGenerator):
         object_ref = object_ref.completed()
     if not isinstance(object_ref, ObjectRef):
-        raise TypeError(f"cancel() expected an ObjectRef or ObjectRefGenerator, got "
-                        f"{type(object_ref).__name__}")
+        raise TypeError(f"cancel() argument ray_waitable must be an ObjectRef or "
+                        f"ObjectRefGenerator, got {type(object_ref).__name__}")
     state_mod.ensure_core().cancel(object_ref, force, recursive)
 
 
