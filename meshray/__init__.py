@@ -76,3 +76,14 @@ __all__ = [
     "timeline",
     "wait",
 ]
+
+
+def __getattr__(name: str):
+    # Ray imports its libraries on first attribute access (`ray.data.range`);
+    # meshray has none of them, and says so by name rather than with a bare
+    # AttributeError.
+    from meshray.core.ray_alias import missing_library
+    error = missing_library(name)
+    if error is not None:
+        raise error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}", name=name)

@@ -95,13 +95,14 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
     with no effect here warn once (core/init_args.py).
     """
     init_args.check_unknown(kwargs)
+    target = _resolve_address(address)
     init_args.warn_ignored({
         "local_mode": local_mode, "include_dashboard": include_dashboard,
         "dashboard_host": dashboard_host, "dashboard_port": dashboard_port,
         "job_config": job_config, "logging_config": logging_config,
         "enable_resource_isolation": enable_resource_isolation,
         "system_reserved_cpu": system_reserved_cpu,
-        "system_reserved_memory": system_reserved_memory, **kwargs})
+        "system_reserved_memory": system_reserved_memory, **kwargs}, joining=target is not None)
     init_args.configure_logging(configure_logging, logging_level, logging_format)
     log_to_driver = True if log_to_driver is None else log_to_driver
     # Numbers first: a bad one is an error even when init() would do nothing.
@@ -110,6 +111,7 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
     object_store_memory = validation.check_byte_count("init()", "object_store_memory",
                                                       object_store_memory)
     validation.check_resources("init()", resources)
+    init_args.check_metrics_port(kwargs.get("_metrics_export_port"))
     with _state.lock:
         if _state.core is not None:
             if ignore_reinit_error:
@@ -127,7 +129,6 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
             raise ValueError(f"init() argument namespace={namespace!r} must be a string")
 
         from meshray.node import launcher
-        target = _resolve_address(address)
         if target is not None:
             _check_join_arguments(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                                   object_store_memory=object_store_memory,
@@ -142,7 +143,8 @@ def init(address: str | None = None, *, num_cpus=None, num_gpus=None, resources=
             node = launcher.start_node(
                 embedded_etcd=True, num_cpus=num_cpus, num_gpus=num_gpus, resources=resources,
                 labels=labels, object_store_memory=object_store_memory, token=token,
-                lease_ttl=kwargs.get("_lease_ttl"))
+                lease_ttl=kwargs.get("_lease_ttl"), include_dashboard=include_dashboard is not False,
+                metrics_export_port=kwargs.get("_metrics_export_port"))
             daemon_address = node.local_address
             cluster_address = node.etcd
         else:
@@ -360,13 +362,14 @@ def wait(ray_waitables, *, num_returns: int = 1, timeout: float | None = None,
     return state_mod.ensure_core().wait(refs, num_returns, timeout, fetch_local)
 
 
-def cancel(object_ref, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that produces `object_ref` (an ObjectRef or ObjectRefGenerator)."""
+def cancel(ray_waitable, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that produces `ray_waitable` (an ObjectRef or ObjectRefGenerator)."""
+    object_ref = ray_waitable
     if isinstance(object_ref, ObjectRefGenerator):
         object_ref = object_ref.completed()
     if not isinstance(object_ref, ObjectRef):
-        raise TypeError(f"cancel() expected an ObjectRef or ObjectRefGenerator, got "
-                        f"{type(object_ref).__name__}")
+        raise TypeError(f"cancel() argument ray_waitable must be an ObjectRef or "
+                        f"ObjectRefGenerator, got {type(object_ref).__name__}")
     state_mod.ensure_core().cancel(object_ref, force, recursive)
 
 

@@ -2,8 +2,11 @@
 
 Every argument Ray's `init` accepts is accepted here, so a Ray program's
 call runs unchanged; one that would silently do nothing instead warns once
-per process, naming itself. A name Ray does not accept is a TypeError, as
-Python raises for any function. docs/compatibility.md has the table.
+per process, naming itself. Some only shape the node `init()` starts
+(`include_dashboard=False`, `_metrics_export_port`): honoured there, they warn
+when joining a cluster, whose nodes were set up by `meshray start`. A name
+Ray does not accept is a TypeError, as Python raises for any function.
+docs/compatibility.md has the table.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import logging
 import threading
 import warnings
 
-__all__ = ["HIDDEN_ARGUMENTS", "MESHRAY_ARGUMENTS", "check_unknown", "ignored_arguments",
-           "warn_ignored", "configure_logging"]
+__all__ = ["HIDDEN_ARGUMENTS", "MESHRAY_ARGUMENTS", "check_unknown", "check_metrics_port",
+           "ignored_arguments", "warn_ignored", "configure_logging"]
 
 # Ray's keyword-only arguments that it reads from **kwargs (its "hidden" ones).
 HIDDEN_ARGUMENTS = frozenset({
@@ -28,7 +31,6 @@ MESHRAY_ARGUMENTS = frozenset({"_token", "_lease_ttl"})
 # for something (is not Ray's default: None, False, {} or the one below).
 _NO_EFFECT = {
     "local_mode": "tasks always run in worker processes (Ray deprecates local mode too)",
-    "include_dashboard": "every node serves its dashboard on its own --dashboard-port",
     "dashboard_host": "every node serves its dashboard on its own --dashboard-port",
     "dashboard_port": "every node serves its dashboard on its own --dashboard-port",
     "job_config": "meshray has no JobConfig; pass runtime_env= and namespace= to init()",
@@ -47,10 +49,17 @@ _NO_EFFECT = {
     "_redis_username": "meshray has no Redis; the cluster token authenticates",
     "_redis_password": "meshray has no Redis; the cluster token authenticates",
     "_temp_dir": "node session dirs live under MESHRAY_RUN_DIR",
-    "_metrics_export_port": "meshray exports no Prometheus metrics",
     "_system_config": "there is no RayConfig; meshray reads MESHRAY_* environment variables",
     "_tracing_startup_hook": "meshray has no tracing hook",
     "_node_name": "node names are their ids",
+}
+# Honoured for the node init() starts; no effect on a cluster it joins.
+_NO_EFFECT_WHEN_JOINING = {
+    "include_dashboard": "the nodes of a cluster being joined serve their dashboard as "
+                         "`meshray start` set them up",
+    "_metrics_export_port": "the nodes of a cluster being joined serve Prometheus metrics "
+                            "(/metrics) on the port `meshray start --metrics-export-port` gave "
+                            "them",
 }
 _RAY_DEFAULTS = {"dashboard_host": "127.0.0.1"}   # besides None, False and {}
 
@@ -71,22 +80,33 @@ def check_unknown(kwargs: dict) -> None:
                            "(ray:// addresses), which meshray does not have; drop the argument")
 
 
-def ignored_arguments(given: dict) -> list[tuple[str, str]]:
-    """(name, why) for each given argument that asks for something meshray does not do."""
-    out = []
-    for name, value in given.items():
-        why = _NO_EFFECT.get(name)
-        if why is None:
-            continue
-        if value is None or value is False or value == {} or value == _RAY_DEFAULTS.get(name):
-            continue
-        out.append((name, why))
-    return out
+def check_metrics_port(value) -> None:
+    """`_metrics_export_port` must be a port number (0: a free one), or None."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"init() argument _metrics_export_port={value!r} must be a port "
+                         f"number 0..65535 (0: a free port) or None")
 
 
-def warn_ignored(given: dict) -> None:
+def _asks_for_something(name: str, value) -> bool:
+    if name == "include_dashboard":
+        return value is False       # True or None: the nodes serve one either way
+    return not (value is None or value is False or value == {}
+                or value == _RAY_DEFAULTS.get(name))
+
+
+def ignored_arguments(given: dict, joining: bool = False) -> list[tuple[str, str]]:
+    """(name, why) for each given argument that asks for something meshray does not do
+    (`joining`: init() joins a cluster rather than starting its own node)."""
+    reasons = {**_NO_EFFECT, **(_NO_EFFECT_WHEN_JOINING if joining else {})}
+    return [(name, reasons[name]) for name, value in given.items()
+            if name in reasons and _asks_for_something(name, value)]
+
+
+def warn_ignored(given: dict, joining: bool = False) -> None:
     """One UserWarning per argument per process that has no effect here."""
-    for name, why in ignored_arguments(given):
+    for name, why in ignored_arguments(given, joining):
         with _warned_lock:
             if name in _warned:
                 continue

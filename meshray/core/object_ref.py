@@ -98,6 +98,21 @@ class ObjectRef:
     def __hash__(self):
         return hash(self._id)
 
+    # Ordered by id, so `sorted(refs)` and refs in sorted containers work; the
+    # order is that of `hex()` (ids are all the same width). It says nothing
+    # about when the objects were made.
+    def __lt__(self, other):
+        return self._id < other._id if isinstance(other, ObjectRef) else NotImplemented
+
+    def __le__(self, other):
+        return self._id <= other._id if isinstance(other, ObjectRef) else NotImplemented
+
+    def __gt__(self, other):
+        return self._id > other._id if isinstance(other, ObjectRef) else NotImplemented
+
+    def __ge__(self, other):
+        return self._id >= other._id if isinstance(other, ObjectRef) else NotImplemented
+
     def __repr__(self):
         return f"ObjectRef({self._id.hex()})"
 

@@ -16,7 +16,10 @@ of the job, and worker_main installs the finder when it sees it.
 
 A Ray library meshray does not provide (`ray.data`, `ray.tune`, ...) is
 refused with a `ModuleNotFoundError` that names it, at `import ray.data` and
-at `from ray import data` alike.
+at `from ray import data` alike. Ray also loads those libraries on attribute
+access (`ray.data.range(3)` after a bare `import ray`); there meshray raises
+`MissingRayLibraryError`, an AttributeError (so `hasattr(ray, "data")` stays
+False) with the same words, with or without the alias installed.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import importlib.util
 import sys
 import threading
 
-__all__ = ["ENV_VAR", "RayAliasFinder", "install", "installed", "with_alias_env"]
+__all__ = ["ENV_VAR", "MissingRayLibraryError", "RayAliasFinder", "install", "installed",
+           "missing_library", "with_alias_env"]
 
 ENV_VAR = "MESHRAY_RAY_ALIAS"
 
@@ -60,14 +64,33 @@ _LIBRARIES = {
 _lock = threading.Lock()
 
 
+class MissingRayLibraryError(AttributeError):
+    """`ray.<library>` for a Ray library meshray does not provide.
+
+    An AttributeError, as any missing attribute is, so `hasattr` and
+    `getattr(ray, name, default)` answer as for a name that is not there.
+    """
+
+
+def _what_is_missing(top: str) -> str:
+    what = _LIBRARIES.get(top)
+    if what is None:
+        return "meshray does not provide this part of Ray"
+    return f"meshray does not provide {what} (ray.{top}); it runs Ray Core programs only"
+
+
+def missing_library(name: str) -> MissingRayLibraryError | None:
+    """The error for attribute `name` of the top-level module, or None when it is
+    not one of Ray's libraries (a plain AttributeError is then right)."""
+    if name not in _LIBRARIES:
+        return None
+    return MissingRayLibraryError(f"module 'meshray' has no attribute {name!r}: "
+                                  f"{_what_is_missing(name)}", name=name)
+
+
 def _refusal(ray_name: str) -> ModuleNotFoundError:
     top = ray_name.split(".")[1] if "." in ray_name else ray_name
-    what = _LIBRARIES.get(top)
-    if what is not None:
-        text = (f"No module named {ray_name!r}: meshray does not provide {what} "
-                f"(ray.{top}); it runs Ray Core programs only")
-    else:
-        text = f"No module named {ray_name!r}: meshray does not provide this part of Ray"
+    text = f"No module named {ray_name!r}: {_what_is_missing(top)}"
     # name= is the Ray name even when the lookup came as meshray.<library>
     # (`from ray import data`): the import system then reports this error
     # instead of a bare "cannot import name".

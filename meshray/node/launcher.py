@@ -129,7 +129,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                tls=None, etcd_options: dict | None = None,
                advertise_host: str = "", metrics_export_port: int | None = None,
                dashboard_port: int | None = None, memory: int | None = None,
-               drain_timeout: float | None = None) -> NodeProcess:
+               drain_timeout: float | None = None,
+               include_dashboard: bool = True) -> NodeProcess:
     from meshray import security
 
     if not embedded_etcd and not etcd:
@@ -160,6 +161,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
             args += [flag, str(value)]
     if cli:
         args.append("--cli")
+    if not include_dashboard:
+        args.append("--no-dashboard")
     if advertise_host:
         args += ["--advertise-host", advertise_host]
     parent_w = None

@@ -75,6 +75,9 @@ def _parse(argv):
     parser.add_argument("--dashboard-port", type=lambda text: _port(text, "--dashboard-port"),
                         default=None, help="port of the HTTP API (jobs) on --host (default: "
                                            "8265, or a free port when taken)")
+    parser.add_argument("--no-dashboard", action="store_true",
+                        help="serve no HTTP API (no dashboard, no jobs API): init("
+                             "include_dashboard=False) for the node it starts")
     parser.add_argument("--memory", type=_bytes, default=None,
                         help="bytes of memory tasks may reserve (Ray's `memory` resource; "
                              "default: 70%% of this machine's memory)")
@@ -139,7 +142,7 @@ async def _run(args) -> int:
     from meshray.accelerators.nvidia import detect_gpus
     from meshray.common import ids
     from meshray.node import drain, registry
-    from meshray.node.daemon import NodeConfig, NodeDaemon
+    from meshray.node.daemon import EXTRAS, NodeConfig, NodeDaemon
     from meshray.node.membership import Membership
 
     loop = asyncio.get_running_loop()
@@ -184,7 +187,8 @@ async def _run(args) -> int:
         port=args.port, token=token,
         etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
         gpu_ids=gpu_ids, metrics_export_port=args.metrics_export_port,
-        dashboard_port=args.dashboard_port)
+        dashboard_port=args.dashboard_port,
+        extras=frozenset(EXTRAS) - ({"http"} if args.no_dashboard else set()))
     daemon = NodeDaemon(config)
     try:
         await daemon.start()

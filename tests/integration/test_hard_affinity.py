@@ -1,7 +1,8 @@
-"""Hard node affinity never runs a task anywhere but its node, however busy.
+"""Hard node affinity never runs a task or actor anywhere but its node, however busy.
 
-A driver's node with free CPUs must not take tasks pinned to a small peer
-just because the peer is busy when they arrive: they wait for the peer.
+A driver's node with free CPUs must not take tasks or actors pinned to a
+small peer just because the peer is busy when they arrive: they wait for the
+peer.
 """
 from __future__ import annotations
 
@@ -35,6 +36,33 @@ def test_flood_of_hard_pinned_tasks_waits_for_the_small_node(cluster):
     assert ray.get(refs, timeout=90) == [small.node_id] * 6
     # The driver's roomy node still runs unpinned work of the same shape meanwhile.
     assert ray.get(where.remote(0.0), timeout=60) in {cluster.head_node.node_id, small.node_id}
+
+
+class _Placed:
+    def node(self) -> str:
+        import meshray
+        return meshray.get_runtime_context().get_node_id()
+
+
+@pytest.mark.cluster_args(head_node_args={"num_cpus": 4})
+def test_hard_pinned_actor_waits_for_its_full_node_and_never_lands_elsewhere(cluster):
+    small = cluster.add_node(num_cpus=1)
+    ray = cluster.connect()
+    from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    pinned = ray.remote(num_cpus=1)(_Placed).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(small.node_id, soft=False))
+    first = pinned.remote()
+    assert ray.get(first.node.remote(), timeout=90) == small.node_id
+    # The small node's one CPU is held; the head has four free. The second
+    # actor must not start there: its call stays unanswered...
+    second = pinned.remote()
+    waiting = second.node.remote()
+    ready, _ = ray.wait([waiting], timeout=3)
+    assert not ready, f"a hard-pinned actor started while its node was full: {ray.get(ready)}"
+    # ...until the small node has room again, and then it runs there.
+    ray.kill(first)
+    assert ray.get(waiting, timeout=90) == small.node_id
 
 
 @pytest.mark.cluster_args(head_node_args={"num_cpus": 2})

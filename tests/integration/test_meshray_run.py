@@ -179,3 +179,17 @@ def test_script_that_is_not_a_file_is_refused(tmp_path):
     out = meshray_run(str(tmp_path / "missing.py"))
     assert out.returncode == 2
     assert "missing.py" in out.stderr and "is not a file" in out.stderr
+
+
+def test_attribute_access_to_a_library_meshray_lacks_names_it(tmp_path):
+    # Ray loads ray.data on first attribute access, with no import of its own.
+    script = write(tmp_path, "attr.py", """
+        import ray
+        print(hasattr(ray, "data"), hasattr(ray, "train"))
+        ray.data.range(3)
+    """)
+    out = meshray_run(script)
+    assert out.returncode == 1
+    assert out.stdout.splitlines() == ["False False"]
+    assert ("MissingRayLibraryError: module 'meshray' has no attribute 'data': meshray does "
+            "not provide Ray Data (ray.data)") in out.stderr, out.stderr

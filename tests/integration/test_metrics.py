@@ -197,3 +197,30 @@ def test_metrics_export_port_is_the_one_asked_for(tmp_path):
         assert total(scrape(f"127.0.0.1:{port}"), "ray_node_cpu_count") > 0
     finally:
         node.stop()
+
+
+def test_init_gives_its_node_the_metrics_port_and_leaves_out_the_dashboard():
+    # init(_metrics_export_port=..., include_dashboard=False) for the node it
+    # starts: both honoured, neither warns.
+    import socket
+
+    from tests.helpers import run_driver
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = run_driver(
+        "import json, urllib.request, warnings\n"
+        "warnings.simplefilter('error', UserWarning)\n"
+        "import meshray\n"
+        "from meshray.core import state\n"
+        f"context = meshray.init(num_cpus=1, include_dashboard=False, _metrics_export_port={port})\n"
+        "(record,) = meshray.nodes()\n"
+        f"text = urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=10).read()\n"
+        "print(json.dumps([record['MetricsExportPort'], record.get('DashboardPort'),\n"
+        "                  state.state.local_node.info['dashboard_port'], context.dashboard_url,\n"
+        "                  b'ray_node_cpu_count' in text]))\n"
+        "meshray.shutdown()\n",
+        timeout=120, env={k: v for k, v in os.environ.items()
+                          if k not in ("MESHRAY_ADDRESS", "RAY_ADDRESS")})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [port, 0, 0, "", True]

@@ -13,7 +13,8 @@ from meshray.core import state as state_mod
 from meshray.util.placement_group import placement_group, remove_placement_group
 from meshray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-pytestmark = pytest.mark.meshray_init(num_cpus=3, labels={"zone": "blue"},
+# One GPU (a device id, no hardware needed) for the accelerator-id questions.
+pytestmark = pytest.mark.meshray_init(num_cpus=3, num_gpus=1, labels={"zone": "blue"},
                                       object_store_memory=256 * 1024 * 1024)
 
 
@@ -213,3 +214,36 @@ def test_is_canceled_inside_a_cancelled_task_and_the_temp_dir(ray, tmp_path):
         ray.get(ref, timeout=30)
     wait_for(seen.exists, message="the task saw its cancel")
     assert seen.read_text() == "False True"
+
+
+def _session_and_resource_ids(ray):
+    c = ray.get_runtime_context()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resource_ids = c.get_resource_ids()
+    return (c.get_session_name(), resource_ids, c.get_accelerator_ids(),
+            [(w.category.__name__, str(w.message)) for w in caught])
+
+
+def test_session_name_and_resource_ids_in_driver_task_and_actor(ray):
+    import os
+
+    @ray.remote(num_gpus=1)
+    def task():
+        return _session_and_resource_ids(ray)
+
+    @ray.remote(num_gpus=1)
+    class Holder:
+        def ask(self):
+            return _session_and_resource_ids(ray)
+
+    session_dir = state_mod.state.core.session_dir
+    deprecated = [("DeprecationWarning", "RuntimeContext.get_resource_ids() is deprecated; "
+                                         "use get_accelerator_ids() instead")]
+    session, ids, accelerator_ids, warned = _session_and_resource_ids(ray)
+    assert session == os.path.basename(session_dir.rstrip("/")) and session
+    assert ids == accelerator_ids == {"GPU": []} and warned == deprecated
+    for answer in (ray.get(task.remote(), timeout=60),
+                   ray.get(Holder.remote().ask.remote(), timeout=60)):
+        # One node: the same session everywhere; the GPU the work holds, by id.
+        assert answer == (session, {"GPU": ["0"]}, {"GPU": ["0"]}, deprecated)

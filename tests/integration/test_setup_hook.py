@@ -92,3 +92,48 @@ def test_bad_hooks_are_refused_where_declared(ray):
         ray.remote(runtime_env={"worker_process_setup_hook": 42})(task)
     with pytest.raises(ValueError, match="dotted name"):
         ray.remote(runtime_env={"worker_process_setup_hook": "not a name"})(task)
+
+
+JOB_LEVEL_DRIVER = """
+import os
+
+import meshray
+
+
+def hook():
+    os.environ["MESHRAY_TEST_JOB_HOOK"] = f"ran in {os.getpid()}"
+
+
+meshray.init(num_cpus=2, runtime_env={"worker_process_setup_hook": hook})
+
+
+@meshray.remote
+def probe():
+    return os.getpid(), os.environ.get("MESHRAY_TEST_JOB_HOOK"), os.environ.get("EXTRA")
+
+
+@meshray.remote
+class Probe:
+    def probe(self):
+        return os.getpid(), os.environ.get("MESHRAY_TEST_JOB_HOOK"), os.environ.get("EXTRA")
+
+
+answers = meshray.get([probe.remote() for _ in range(4)], timeout=120)
+answers.append(meshray.get(Probe.remote().probe.remote(), timeout=120))
+# A task's own runtime_env is merged over the job's: the hook still applies.
+answers.append(meshray.get(
+    probe.options(runtime_env={"env_vars": {"EXTRA": "1"}}).remote(), timeout=120))
+for pid, hooked, _extra in answers:
+    assert hooked == f"ran in {pid}", (pid, hooked)
+assert answers[-1][2] == "1"
+print("hooked", len(answers))
+meshray.shutdown()
+"""
+
+
+def test_job_level_hook_from_init_runs_in_the_jobs_task_and_actor_workers():
+    from tests.helpers import run_driver
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHRAY_ADDRESS", "RAY_ADDRESS")}
+    out = run_driver(JOB_LEVEL_DRIVER, timeout=180, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["hooked 6"]

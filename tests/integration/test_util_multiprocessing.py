@@ -137,6 +137,40 @@ def test_close_join_and_terminate(ray):
         q.apply(_square, (2,))
 
 
+def test_apply_takes_rays_kwargs_and_the_standard_librarys_kwds(pool):
+    assert pool.apply(int, ("ff",), kwargs={"base": 16}) == 255         # Ray's name
+    assert pool.apply(int, ("ff",), kwds={"base": 16}) == 255           # the standard library's
+    assert pool.apply_async(int, ("11",), kwargs={"base": 2}).get(timeout=60) == 3
+    assert pool.apply_async(int, ("11",), kwds={"base": 8}).get(timeout=60) == 9
+    for method in (pool.apply, pool.apply_async):
+        with pytest.raises(TypeError, match=r"got the keyword arguments twice, as "
+                                            r"kwargs=\{'base': 16\} and kwds=\{'base': 8\}"):
+            method(int, ("11",), kwargs={"base": 16}, kwds={"base": 8})
+
+
+def test_more_processes_than_the_clusters_cpus_is_refused(ray):
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(ValueError, match=rf"processes={cpus + 1}\) asks for {cpus + 1} "
+                                         rf"processes, but the cluster has only {cpus} CPUs"):
+        Pool(processes=cpus + 1)
+    with Pool(processes=cpus) as p:             # one per CPU is fine
+        assert p.map(_square, range(3)) == [0, 1, 4]
+
+
+def test_pool_made_before_init_starts_a_cluster_with_one_cpu_per_process():
+    from tests.helpers import run_driver
+    env = {k: v for k, v in os.environ.items() if k not in ("MESHRAY_ADDRESS", "RAY_ADDRESS")}
+    out = run_driver(
+        "import meshray\n"
+        "from meshray.util.multiprocessing import Pool\n"
+        "assert not meshray.is_initialized()\n"
+        "with Pool(processes=3) as pool:\n"
+        "    print(meshray.cluster_resources()['CPU'], pool.apply(divmod, (7, 2)))\n"
+        "meshray.shutdown()\n", timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3.0 (3, 1)"]
+
+
 def test_bad_arguments_name_themselves(ray):
     with pytest.raises(ValueError, match="processes"):
         Pool(processes=0)

@@ -74,6 +74,49 @@ def test_producer_task_and_consumer_actor_share_one_queue(ray):
     assert q.empty()
 
 
+def test_put_async_and_get_async_from_an_async_actor(ray):
+    q = Queue(maxsize=2)
+
+    @ray.remote
+    class AsyncUser:
+        async def take(self, queue, count):
+            return [await queue.get_async(timeout=60) for _ in range(count)]
+
+        async def give(self, queue, items):
+            for item in items:
+                await queue.put_async(item, timeout=60)
+            return len(items)
+
+        async def refusals(self, queue):
+            seen = []
+            for attempt in (lambda: queue.get_async(block=False),
+                            lambda: queue.get_async(timeout=0.05)):
+                try:
+                    await attempt()
+                except Empty:
+                    seen.append("Empty")
+            await queue.put_async("a")
+            await queue.put_async("b", block=False)
+            for attempt in (lambda: queue.put_async("c", block=False),
+                            lambda: queue.put_async("c", timeout=0.05)):
+                try:
+                    await attempt()
+                except Full:
+                    seen.append("Full")
+            seen.append([await queue.get_async(), await queue.get_async(block=False)])
+            return seen
+
+    user = AsyncUser.remote()
+    # take() awaits in the actor while give() runs on the same actor's loop:
+    # neither blocks it, and five items pass a queue that holds two.
+    taken = user.take.remote(q, 5)
+    assert ray.get(user.give.remote(q, [0, 1, 2, 3, 4]), timeout=60) == 5
+    assert ray.get(taken, timeout=60) == [0, 1, 2, 3, 4]
+    assert ray.get(user.refusals.remote(q), timeout=60) == \
+        ["Empty", "Empty", "Full", "Full", ["a", "b"]]
+    assert q.empty()
+
+
 def test_a_blocked_get_does_not_hold_the_queue(ray):
     q = Queue()
     # Calls from one caller start in the order sent: the get below is waiting

@@ -59,3 +59,16 @@ def test_custom_resources_name_the_bad_entry():
     with pytest.raises(TypeError, match="must be a dict"):
         validation.check_resources("init()", [("ssd", 1)])
 
+
+
+def test_wait_and_cancel_name_their_first_parameter_as_ray():
+    import inspect
+
+    import meshray
+    assert list(inspect.signature(meshray.wait).parameters)[0] == "ray_waitables"
+    assert list(inspect.signature(meshray.cancel).parameters) == \
+        ["ray_waitable", "force", "recursive"]
+    # The keyword form reaches the check (no cluster is needed to refuse it).
+    with pytest.raises(TypeError, match="ray_waitable must be an ObjectRef or "
+                                        "ObjectRefGenerator, got str"):
+        meshray.cancel(ray_waitable="not a ref")

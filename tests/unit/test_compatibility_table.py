@@ -4,7 +4,9 @@ Every row's Ray name is resolved the way `import ray` resolves it under
 `meshray run`: the longest module prefix the alias finder answers for is
 imported, the rest is looked up by getattr. A `supported`/`differs` row must
 resolve and a `missing` row must not, so a row goes stale in neither
-direction; and every public meshray name Ray also has must have a row.
+direction; and every public meshray name Ray also has must have a row: each
+module's `__all__`, and each public member of the classes programs call most
+(`PUBLIC_CLASSES`).
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ PUBLIC_MODULES = (
     "meshray.util.scheduling_strategies", "meshray.util.placement_group", "meshray.util.queue",
     "meshray.util.multiprocessing",
 )
+
+# Classes whose every public member (a name not starting with "_") needs a row.
+PUBLIC_CLASSES = ("ray.runtime_context.RuntimeContext", "ray.ObjectRef", "ray.ObjectRefGenerator",
+                  "ray.util.ActorPool")
 
 # Public meshray names with no Ray 2.60 name of the same path, and why.
 MESHRAY_ONLY = {
@@ -127,6 +133,25 @@ def test_every_public_name_ray_also_has_is_in_the_table(module_name):
               if f"{ray_prefix}.{name}" not in listed
               and f"{ray_prefix}.{name}" not in MESHRAY_ONLY]
     assert not absent, f"public names with no row in {SECTION!r}: {absent}"
+
+
+@pytest.mark.parametrize("class_name", PUBLIC_CLASSES)
+def test_every_public_member_of_the_main_classes_is_in_the_table(class_name):
+    listed = {name for name, _, _ in ROWS}
+    cls = resolve(class_name)
+    members = [name for name in dir(cls) if not name.startswith("_")]
+    assert members, f"{class_name} resolved to {cls!r}, which has no public members"
+    absent = [f"{class_name}.{name}" for name in members
+              if f"{class_name}.{name}" not in listed
+              and f"{class_name}.{name}" not in MESHRAY_ONLY]
+    assert not absent, f"public members with no row in {SECTION!r}: {absent}"
+
+
+def test_no_exception_ray_has_is_missing():
+    # docs/compatibility.md's Exceptions paragraph says meshray has them all.
+    lacking = [name for name, status, _ in ROWS
+               if name.startswith("ray.exceptions.") and status == "missing"]
+    assert not lacking
 
 
 def test_meshray_only_names_exist_and_have_no_row():

@@ -61,3 +61,18 @@ def test_object_ref_hex_from_hex_binary_and_nil():
     assert meshray.ObjectID is meshray.ObjectRef   # Ray's older name
     with pytest.raises(ValueError, match="ObjectRef.from_hex"):
         meshray.ObjectRef.from_hex("00")
+
+
+def test_object_refs_sort_by_id_in_hex_order():
+    refs = [meshray.ObjectRef(ids.object_id_for(bytes([b]) * ids.TASK_ID_LEN, index))
+            for b, index in ((9, 1), (2, 3), (2, 1), (200, 2), (17, 1))]
+    ordered = sorted(refs)
+    assert [ref.hex() for ref in ordered] == sorted(ref.hex() for ref in refs)
+    low, high = ordered[0], ordered[-1]
+    assert low < high and low <= high and high > low and high >= low
+    assert not high < low and not low > high
+    twin = meshray.ObjectRef.from_hex(low.hex())
+    assert low <= twin and low >= twin and not low < twin     # equal ids: neither is less
+    assert min(refs) is low and max(refs) is high
+    with pytest.raises(TypeError):
+        low < "a string"

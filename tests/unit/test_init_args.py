@@ -36,9 +36,29 @@ def test_arguments_with_no_effect_are_named_with_the_reason():
     ignored = dict(init_args.ignored_arguments({
         "local_mode": True, "include_dashboard": True, "_system_config": {"x": 1},
         "dashboard_port": 8265, "_temp_dir": "/tmp/x"}))
-    assert set(ignored) == {"local_mode", "include_dashboard", "_system_config",
-                            "dashboard_port", "_temp_dir"}
-    assert "dashboard" in ignored["include_dashboard"]
+    assert set(ignored) == {"local_mode", "_system_config", "dashboard_port", "_temp_dir"}
+    assert "dashboard" in ignored["dashboard_port"]
+
+
+def test_node_arguments_are_honoured_for_the_node_init_starts_and_warn_when_joining():
+    given = {"include_dashboard": False, "_metrics_export_port": 9000}
+    assert init_args.ignored_arguments(given) == []           # init() starts its own node
+    ignored = dict(init_args.ignored_arguments(given, joining=True))
+    assert set(ignored) == {"include_dashboard", "_metrics_export_port"}
+    assert "serve Prometheus metrics (/metrics)" in ignored["_metrics_export_port"]
+    assert "meshray start" in ignored["include_dashboard"]
+    # A dashboard asked for is there either way: only False asks for something.
+    assert init_args.ignored_arguments({"include_dashboard": True}, joining=True) == []
+    assert init_args.ignored_arguments({"include_dashboard": None}, joining=True) == []
+
+
+@pytest.mark.parametrize("bad", [-1, 65536, "9000", True, 1.5])
+def test_metrics_export_port_must_be_a_port_number(bad):
+    with pytest.raises(ValueError, match=rf"_metrics_export_port={bad!r} must be a port number"):
+        init_args.check_metrics_port(bad)
+    init_args.check_metrics_port(None)
+    init_args.check_metrics_port(0)
+    init_args.check_metrics_port(9000)
 
 
 def test_ray_defaults_do_not_warn():
@@ -52,8 +72,8 @@ def test_warns_once_per_argument(monkeypatch):
     monkeypatch.setattr(init_args, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        init_args.warn_ignored({"_metrics_export_port": 9000})
-        init_args.warn_ignored({"_metrics_export_port": 9000})
+        init_args.warn_ignored({"_metrics_export_port": 9000}, joining=True)
+        init_args.warn_ignored({"_metrics_export_port": 9000}, joining=True)
     assert len(caught) == 1
     assert issubclass(caught[0].category, UserWarning)
     assert "_metrics_export_port=9000 has no effect on meshray" in str(caught[0].message)

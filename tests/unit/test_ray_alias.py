@@ -1,7 +1,13 @@
 """The `ray` alias finder's answers, asked directly (nothing installed here)."""
 import pytest
 
-from meshray.core.ray_alias import ENV_VAR, RayAliasFinder, with_alias_env
+from meshray.core.ray_alias import (
+    ENV_VAR,
+    MissingRayLibraryError,
+    RayAliasFinder,
+    missing_library,
+    with_alias_env,
+)
 
 
 def test_ray_names_map_to_meshray_modules():
@@ -34,3 +40,24 @@ def test_alias_env_keeps_the_jobs_own_variables():
     env = with_alias_env({"env_vars": {"A": "1"}, "working_dir": "."})
     assert env == {"env_vars": {"A": "1", ENV_VAR: "1"}, "working_dir": "."}
     assert with_alias_env(None) == {"env_vars": {ENV_VAR: "1"}}
+
+
+@pytest.mark.parametrize("name, library", [("data", "Ray Data"), ("tune", "Ray Tune"),
+                                           ("serve", "Ray Serve"), ("workflow", "Ray Workflows")])
+def test_attribute_access_to_a_missing_library_names_it(name, library):
+    # `import meshray as ray; ray.data`: Ray would load the library here.
+    import meshray
+    with pytest.raises(MissingRayLibraryError) as info:
+        getattr(meshray, name)
+    assert isinstance(info.value, AttributeError) and info.value.name == name
+    assert f"meshray does not provide {library} (ray.{name})" in str(info.value)
+    assert not hasattr(meshray, name)
+    assert getattr(meshray, name, "default") == "default"
+
+
+def test_other_missing_attributes_stay_plain_attribute_errors():
+    import meshray
+    with pytest.raises(AttributeError, match="module 'meshray' has no attribute 'no_such_name'$"):
+        meshray.no_such_name
+    assert missing_library("no_such_name") is None
+    assert meshray.util.__name__ == "meshray.util"       # real submodules are untouched

@@ -184,10 +184,15 @@ class IMapIterator:
 class Pool:
     """A pool of actor "processes" with the standard library's Pool methods.
 
-    `processes` defaults to the cluster's CPU count. `ray_remote_args` are
-    the actors' options (by default they hold no CPU while idle, as any
-    actor that names no resources). `context` is ignored. `ray_address`
-    connects first when this process is not connected yet.
+    `processes` defaults to the cluster's CPU count and may not exceed it.
+    `ray_remote_args` are the actors' options (by default they hold no CPU
+    while idle, as any actor that names no resources). `context` is ignored.
+    When this process is not connected yet, `ray_address` (or
+    MESHRAY_ADDRESS / RAY_ADDRESS) is joined; with neither, a private
+    cluster starts with `num_cpus=processes`.
+
+    `apply`/`apply_async` take the keyword dict as `kwargs` (Ray's name) or
+    `kwds` (the standard library's), not both.
     """
 
     def __init__(self, processes: Optional[int] = None, initializer: Optional[Callable] = None,
@@ -208,9 +213,11 @@ class Pool:
         if context is not None:
             log.warning("Pool(context=...) is ignored: the pool's processes are actors")
         if not _api.is_initialized():
-            _api.init(address=ray_address)
-        if processes is None:
-            processes = max(1, int(_api.cluster_resources().get("CPU", 1)))
+            if processes is not None and _api._resolve_address(ray_address) is None:
+                _api.init(num_cpus=processes)     # a private cluster sized for the pool
+            else:
+                _api.init(address=ray_address)
+        processes = _checked_processes(processes, int(_api.cluster_resources().get("CPU", 0)))
         self._initializer = initializer
         self._initargs = tuple(initargs or ())
         self._maxtasksperchild = maxtasksperchild
@@ -258,18 +265,21 @@ class Pool:
         return ref
 
     # ------------------------------------------------------------ the API
-    def apply(self, func: Callable, args: Optional[tuple] = None, kwds: Optional[dict] = None):
-        """``func(*args, **kwds)`` in one of the pool's processes; waits for it."""
-        return self.apply_async(func, args, kwds).get()
+    def apply(self, func: Callable, args: Optional[tuple] = None, kwargs: Optional[dict] = None,
+              *, kwds: Optional[dict] = None):
+        """``func(*args, **kwargs)`` in one of the pool's processes; waits for it."""
+        return self.apply_async(func, args, _keyword_dict("apply", kwargs, kwds)).get()
 
     def apply_async(self, func: Callable, args: Optional[tuple] = None,
-                    kwds: Optional[dict] = None, callback: Optional[Callable] = None,
-                    error_callback: Optional[Callable] = None) -> AsyncResult:
-        """Start ``func(*args, **kwds)``; its AsyncResult re-raises its error on get()."""
+                    kwargs: Optional[dict] = None, callback: Optional[Callable] = None,
+                    error_callback: Optional[Callable] = None, *,
+                    kwds: Optional[dict] = None) -> AsyncResult:
+        """Start ``func(*args, **kwargs)``; its AsyncResult re-raises its error on get()."""
+        kwargs = _keyword_dict("apply_async", kwargs, kwds)
         self._check_running()
         if not callable(func):
             raise TypeError(f"func={func!r} is not callable")
-        bound_args, bound_kwds = tuple(args or ()), dict(kwds or {})
+        bound_args, bound_kwds = tuple(args or ()), dict(kwargs or {})
         ref = self._run_batch(_call_with_kwargs, [(func, bound_args, bound_kwds)], True)
         self._submitted.append(ref)
         return AsyncResult([ref], True, callback, error_callback)
@@ -337,3 +347,25 @@ class Pool:
 
 def _call_with_kwargs(func: Callable, args: tuple, kwds: dict):
     return func(*args, **kwds)
+
+
+def _checked_processes(processes: Optional[int], cluster_cpus: int) -> int:
+    """How many actors the pool starts: `processes`, else one per CPU of the cluster.
+
+    As Ray, a pool never has more processes than the cluster has CPUs."""
+    if processes is None:
+        processes = max(1, cluster_cpus)
+    if processes > cluster_cpus:
+        raise ValueError(f"Pool(processes={processes}) asks for {processes} processes, but "
+                         f"the cluster has only {cluster_cpus} CPUs (expected at most one "
+                         f"process per CPU)")
+    return processes
+
+
+def _keyword_dict(method: str, kwargs: Optional[dict], kwds: Optional[dict]) -> Optional[dict]:
+    """The one keyword dict given, under Ray's name (`kwargs`) or the standard library's."""
+    if kwargs is not None and kwds is not None:
+        raise TypeError(f"{method}() got the keyword arguments twice, as kwargs={kwargs!r} and "
+                        f"kwds={kwds!r}; pass one of them (kwargs is Ray's name, kwds the "
+                        f"standard library's)")
+    return kwds if kwargs is None else kwargs
