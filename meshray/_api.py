@@ -260,10 +260,25 @@ def _context_info() -> InitContext:
                        dashboard_url=dashboard_url_of(core))
 
 
+FLUSH_OUTPUT_TIMEOUT_S = 2.0
+
+
+def _flush_output(core, mode) -> None:
+    """A driver's last look at its node's worker output: lines its finished
+    tasks printed (a progress bar's final state, say) that were still in a
+    pipe arrive before the answer. Best effort: leaving is never held up long."""
+    if mode != "driver" or core.lost:
+        return
+    try:
+        core.request("flush_output", timeout=FLUSH_OUTPUT_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - the node may be gone or old: nothing more to show
+        pass
+
+
 def shutdown() -> None:
     """Disconnect, and stop the cluster this process started (if any)."""
     with _state.lock:
-        core, node = _state.core, _state.local_node
+        core, node, mode = _state.core, _state.local_node, _state.mode
         _state.core = None
         _state.local_node = None
         _state.mode = None
@@ -274,6 +289,7 @@ def shutdown() -> None:
             metrics = sys.modules.get("meshray.util.metrics")
             if metrics is not None:
                 metrics._flush(core)       # what was recorded since the last report
+            _flush_output(core, mode)
             core.close()
         if node is not None:
             node.stop()

@@ -311,6 +311,11 @@ class CoreWorker(StreamsMixin):
             request_id=request_id, method=method, payload=json.dumps(payload or {}).encode())))
         return future
 
+    @property
+    def lost(self) -> bool:
+        """Whether the session with the node ended without this process closing it."""
+        return self._lost
+
     def close(self) -> None:
         if self._closed:
             return

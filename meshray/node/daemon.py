@@ -516,6 +516,16 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
     def _apply_actor(self, entry: ActorEntry, event: str, detail: str = ""):
         return actor_states.apply(entry, event, detail, self.events)
 
+    async def _ask_flush_output(self, conn, payload: dict) -> dict:
+        """Pass on what the workers' pipes hold now. A driver asks before it
+        leaves: a worker flushes its output before it reports a result, so the
+        last lines a finished task printed are in a pipe by then, and they
+        reach the driver ahead of this answer (one ordered stream)."""
+        if self.pool is not None:
+            for worker in list(self.pool.by_id.values()):
+                self.pool.drain_output(worker)
+        return {}
+
     async def _ask_dump_events(self, conn, payload: dict) -> dict:
         """The node's event log (the last `last` entries, all when absent)."""
         last = payload.get("last")

@@ -94,6 +94,7 @@ def node_routes(node) -> Routes:
         },
         questions={
             "dump_events": node._ask_dump_events, "store_stats": node._ask_store_stats,
+            "flush_output": node._ask_flush_output,
             "restore": node.transfer.ask_restore, "rebuild_object": node.transfer.ask_rebuild_object,
             "pg_create": node.placement.ask_create, "pg_remove": node.placement.ask_remove,
             "pg_get": node.placement.ask_get, "pg_get_by_name": node.placement.ask_get_by_name,
@@ -104,4 +105,5 @@ def node_routes(node) -> Routes:
             "list_logs": node.logs.ask_list, "get_log": node.logs.ask_get,
             **node.jobs.questions(), **cluster_questions,
         },
-        local_only=frozenset(cluster_questions) | {"state_query"} | set(node.jobs.questions()))
+        local_only=frozenset(cluster_questions) | {"state_query", "flush_output"}
+        | set(node.jobs.questions()))

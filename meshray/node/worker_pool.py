@@ -144,6 +144,13 @@ class WorkerPool:
             loop.add_reader(stream.fileno(), self._read_output, worker, stream, is_err)
         return worker
 
+    def drain_output(self, worker: WorkerProcess) -> None:
+        """Read and pass on everything the worker's pipes hold now."""
+        for stream, is_err in ((worker.process.stdout, False), (worker.process.stderr, True)):
+            if stream is not None and not stream.closed:
+                while self._read_output(worker, stream, is_err):
+                    pass
+
     def _read_output(self, worker: WorkerProcess, stream, is_err: bool) -> bool:
         """Take what the pipe holds now; False once there is nothing (more) to read."""
         try:
