@@ -91,7 +91,7 @@ class ActorHosting:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None
         self.tasks[spec.task_id] = task
-        self._place_or_queue(task)
+        self.peers.place_or_queue(task)
 
     def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
         self._apply_actor(entry, event, detail)
@@ -104,9 +104,10 @@ class ActorHosting:
     def _kill_actor(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
         if entry.state == actor_states.DEAD:
             return
-        if entry.remote_node and entry.remote_node not in self.view.known_dead and entry.worker is None:
+        if entry.remote_node and entry.remote_node not in self.peers.view.known_dead \
+                and entry.worker is None:
             # Hosted elsewhere: its host kills it; we only stop restarting it.
-            self._send_peer(entry.remote_node, pb.PeerEvent(request=pb.Request(
+            self.peers.send(entry.remote_node, pb.PeerEvent(request=pb.Request(
                 request_id=0, method="kill_actor", payload=json.dumps({
                     "actor_id": entry.actor_id.hex(), "no_restart": no_restart,
                     "cause": cause}).encode())))
@@ -246,12 +247,13 @@ class ActorHosting:
         while True:
             remaining = max(0.0, deadline - loop.time())
             host = entry.remote_node
-            if host and host not in self.view.known_dead and entry.state == actor_states.ALIVE:
+            if host and host not in self.peers.view.known_dead \
+                    and entry.state == actor_states.ALIVE:
                 try:
-                    record = await self.ask_peer(host, "actor_info",
+                    record = await self.peers.ask(host, "actor_info",
                                                  {**payload, "timeout": remaining}, remaining + 10)
                 except (ConnectionError, asyncio.TimeoutError):
-                    if host in self.view.known_dead and loop.time() < deadline:
+                    if host in self.peers.view.known_dead and loop.time() < deadline:
                         continue   # its host died while we asked: we restart it
                     raise
                 entry.num_restarts = max(entry.num_restarts, int(record.get("num_restarts", 0)))
@@ -291,10 +293,10 @@ class ActorHosting:
                 # first record for etcd (_publish_actor) while the handle may
                 # already be in a task on this node. The creator, named by the
                 # actor id's prefix, knows the actor from the start.
-                creator = self.view.node_for_prefix(actor_id)
+                creator = self.peers.view.node_for_prefix(actor_id)
                 if creator is not None and creator != self.node_id.hex():
                     remaining = max(0.0, deadline - loop.time())
-                    return await self.ask_peer(creator, "actor_info",
+                    return await self.peers.ask(creator, "actor_info",
                                                {**payload, "timeout": remaining}, remaining + 10)
                 return record
             if record.get("state") == "DEAD":
@@ -303,8 +305,8 @@ class ActorHosting:
                 entry = self.actors.get(actor_id)
                 if entry is not None:
                     return entry.record(self.node_id.hex())
-            elif node in self.view.nodes and record.get("state") == "ALIVE":
-                return await self.ask_peer(node, "actor_info", payload, timeout + 10)
+            elif node in self.peers.view.nodes and record.get("state") == "ALIVE":
+                return await self.peers.ask(node, "actor_info", payload, timeout + 10)
             if not payload.get("wait") or loop.time() >= deadline:
                 return record
             await asyncio.sleep(0.2)  # placed, restarting, or its host just died
@@ -319,13 +321,14 @@ class ActorHosting:
     async def _ask_kill_actor(self, conn, payload: dict) -> dict:
         actor_id = bytes.fromhex(payload["actor_id"])
         entry = self.actors.get(actor_id)
-        if entry is not None and entry.remote_node and entry.remote_node not in self.view.known_dead:
-            return await self.ask_peer(entry.remote_node, "kill_actor", payload)
+        if entry is not None and entry.remote_node \
+                and entry.remote_node not in self.peers.view.known_dead:
+            return await self.peers.ask(entry.remote_node, "kill_actor", payload)
         if entry is None:
             record = await self._etcd_call(self._read_actor_record, actor_id)
             node = record.get("node_id", "")
-            if node and node != self.node_id.hex() and node in self.view.nodes:
-                return await self.ask_peer(node, "kill_actor", payload)
+            if node and node != self.node_id.hex() and node in self.peers.view.nodes:
+                return await self.peers.ask(node, "kill_actor", payload)
             raise ValueError(f"actor {payload['actor_id']} is not known to this node "
                              f"(its record says state {record.get('state')}, node {node or '?'})")
         self._kill_actor(entry, no_restart=bool(payload.get("no_restart", True)),

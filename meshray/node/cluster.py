@@ -1,4 +1,4 @@
-"""The node daemon's duties towards its peers, as a mixin of NodeDaemon.
+"""The node daemon's duties towards its peers (`daemon.peers`, a PeerDuties).
 
 - Placement: a task that should not run here (policy.decide) is offered to a
   peer (SpillTask); a peer whose real availability differs refuses, and the
@@ -20,26 +20,28 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
+from typing import Callable
 
 from meshray import exceptions
 from meshray.common import ids
 from meshray.node import actors as actor_states
+from meshray.node.actors import ActorEntry
 from meshray.node.cluster_view import SPILL_SAMPLE, ClusterView
-from meshray.node.peers import PeerLink
 from meshray.node.objects import error_value
+from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
 from meshray.node.routes import answer
 from meshray.node.task_lifecycle import TaskState, take_retry
-from meshray.node.tasks import infeasible_notice
+from meshray.node.tasks import TaskRecord, infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
-from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler import policy
 from meshray.scheduler.resources import ResourceSet
 
-__all__ = ["ClusterDuties", "RemoteOwner"]
+__all__ = ["PeerDuties", "RemoteOwner", "holder_node"]
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,6 @@ class RemoteOwner:
         return None
 
 
-def value_is_copy(value) -> bool:
-    """A store value whose bytes live on some node (not an error, not inline)."""
-    return value is not None and value.in_store
-
-
 def holder_node(holder) -> str | None:
     """The node a holder id stands for ("node:<hex>" or "node:<hex>:<container>")."""
     if isinstance(holder, str) and holder.startswith("node:"):
@@ -81,31 +78,52 @@ def container_holder(node_hex: str, container_id: bytes) -> str:
     return f"node:{node_hex}:{container_id.hex()}"
 
 
-class ClusterDuties(pb_grpc.NodePeerServicer):
-    """Mixed into NodeDaemon."""
+class PeerDuties:
+    """This node among its peers (the module docstring says what that takes).
 
-    def _init_cluster(self) -> None:
+    It owns the peer links, the picture of the peers (`view`), the tasks
+    that fit no node in the view, questions out to peers, the lineage of
+    results held elsewhere, and the actors created here that run on a peer.
+    It keeps the node's tables, resources, queue and store, which live as
+    long as the node, and the node itself for what is made later or belongs
+    to another part: membership, worker pool, dispatch, drain, placement
+    groups, transfers, routes, log streams, and the task and actor
+    lifecycles the node owns (move, fail, finish, kill, restart, publish).
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self._node_hex = node.node_hex
+        self._config = node.config
+        self._resources = node.resources
+        self._queue = node.queue
+        self._tasks = node.tasks
+        self._actors = node.actors
+        self._functions = node.functions
+        self._objects = node.objects
+        self._store = node.store
         self.links: dict[str, PeerLink] = {}
-        self.view = ClusterView(self.node_id.hex())     # peers, their room, offers out
-        self.value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
-        self.lineage: dict[bytes, object] = {}      # task id -> finished TaskRecord (remote results)
-        self.remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
-        self.prefix = self.node_id[:ids.NODE_PREFIX_LEN]
-        self.node_hex = self.node_id.hex()
-
-    def is_local_object(self, object_id: bytes) -> bool:
-        return object_id[:ids.NODE_PREFIX_LEN] == self.prefix
+        self.view = ClusterView(self._node_hex)     # peers, their room, offers out
+        # Called with a peer's id when it is first seen dead (a simulation notes when).
+        self.on_death: Callable[[str], None] | None = None
+        self._infeasible: list = []                 # tasks that fit no node in the view
+        self._questions: dict[int, asyncio.Future] = {}   # request id -> its answer, awaited
+        self._question_ids = itertools.count(1)
+        self._value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
+        self._lineage: dict[bytes, object] = {}     # task id -> finished task (results elsewhere)
+        self._remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
 
     # ------------------------------------------------------------ view
     def on_view_change(self) -> None:
-        if self.membership is None:
+        """The membership's view changed: handle who left, place waiting work again."""
+        if self._node.membership is None:
             return
-        nodes, avail, changed_nodes, changed_avail = self.membership.view_update()
+        nodes, avail, changed_nodes, changed_avail = self._node.membership.view_update()
         gone = self.view.update(nodes, avail, time.monotonic(), changed_nodes, changed_avail)
         for node_hex in gone:
-            self._node_died(node_hex)
-        self._replace_waiting()
-        self.dispatch.schedule()
+            self.node_died(node_hex)
+        self.replace_waiting()
+        self._node.dispatch.schedule()
 
     def on_lease_lost(self) -> None:
         """Our lease expired: peers consider us dead and re-run our guests' work.
@@ -113,22 +131,22 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         So the work we run for other nodes stops here: their tasks, and the
         actors they created on us (restarted elsewhere or declared dead by now).
         """
-        for entry in list(self.actors.values()):
+        for entry in list(self._actors.values()):
             if entry.owner_node and entry.state != "DEAD":
-                self._kill_actor(entry, no_restart=True,
-                                 cause=f"node {self.node_hex} lost its etcd lease")
-        for task in list(self.tasks.values()):
+                self._node._kill_actor(entry, no_restart=True,
+                                       cause=f"node {self._node_hex} lost its etcd lease")
+        for task in list(self._tasks.values()):
             if isinstance(task.owner, RemoteOwner):
                 task.cancelled = True
                 if task.worker is not None:
-                    self.pool.kill(task.worker)
+                    self._node.pool.kill(task.worker)
                 else:
                     self._drop_task(task)
 
     def _node_views(self, backlog_for: dict | None = None, only=None) -> dict:
         """The views policy.decide sees (cluster_view.py), this node's own live."""
-        local = policy.NodeView(self.node_hex, self.resources.total, self.resources.available,
-                                not self.drain.draining, dict(self.config.labels))
+        local = policy.NodeView(self._node_hex, self._resources.total, self._resources.available,
+                                not self._node.drain.draining, dict(self._config.labels))
         return self.view.node_views(local, time.monotonic(), backlog_for, only)
 
     def _decide(self, request, spread: int, backlog_for: dict | None = None):
@@ -138,27 +156,33 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             sample = self.view.sample_peers(SPILL_SAMPLE, request.arg_bytes_by_node)
             if sample is not None:
                 decision = policy.decide(request, self._node_views(backlog_for, sample),
-                                         self.node_hex, spread)
+                                         self._node_hex, spread)
                 if decision.kind in ("spill", "run_local"):
                     return decision
-        return policy.decide(request, self._node_views(backlog_for), self.node_hex, spread)
+        return policy.decide(request, self._node_views(backlog_for), self._node_hex, spread)
 
-    def _link(self, node_hex: str) -> PeerLink | None:
+    def link(self, node_hex: str) -> PeerLink | None:
+        """The link to `node_hex` (opened on first use); None when the view has no address."""
         link = self.links.get(node_hex)
         if link is None:
             record = self.view.nodes.get(node_hex)
             if record is None or not record.get("Address"):
                 return None
-            link = self.links[node_hex] = PeerLink(self.node_id, node_hex, record["Address"],
-                                                   self.config.token, load=self._load_report)
+            link = self.links[node_hex] = PeerLink(self._node.node_id, node_hex, record["Address"],
+                                                   self._config.token, load=self._load_report)
         return link
 
-    def _send_peer(self, node_hex: str, event: pb.PeerEvent) -> bool:
-        link = self._link(node_hex)
+    def send(self, node_hex: str, event: pb.PeerEvent) -> bool:
+        """Queue `event` for `node_hex`, in order; False when it has no link."""
+        link = self.link(node_hex)
         if link is None:
             return False
         link.send(event)
         return True
+
+    def links_idle(self) -> bool:
+        """Whether every event queued for a peer has been delivered (a drain waits)."""
+        return not any(link.pending for link in self.links.values())
 
     # ------------------------------------------------------------ placement
     def _placement(self, task):
@@ -168,13 +192,13 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         if spec.strategy_blob:
             import cloudpickle
             strategy = cloudpickle.loads(spec.strategy_blob)
-        if strategy == "DEFAULT" and not self.drain.draining and (
-                self.resources.can_fit(task.request)
+        if strategy == "DEFAULT" and not self._node.drain.draining and (
+                self._resources.can_fit(task.request)
                 # Alone in the view: whatever fits this node at all waits here.
-                or (len(self.view.nodes) <= 1 and self.resources.is_feasible(task.request))
+                or (len(self.view.nodes) <= 1 and self._resources.is_feasible(task.request))
         ) and not self._args_elsewhere(spec):
             return policy.RunLocal()
-        task.only_elsewhere = not policy.may_run_on(strategy, self.node_hex, self.config.labels)
+        task.only_elsewhere = not policy.may_run_on(strategy, self._node_hex, self._config.labels)
         request = policy.SchedulingRequest(
             task.request, strategy, self._arg_bytes_by_node(spec),
             excluded_nodes=frozenset(task.refused_by))
@@ -191,48 +215,48 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
 
     def _args_elsewhere(self, spec) -> bool:
         for object_id in spec.arg_ref_ids:
-            value = self.objects.get(object_id)
-            if value is not None and value.in_store and value.location not in ("", self.node_hex):
+            value = self._objects.get(object_id)
+            if value is not None and value.in_store and value.location not in ("", self._node_hex):
                 return True
         return False
 
     def _arg_bytes_by_node(self, spec) -> dict:
         sizes: dict[str, int] = {}
         for object_id in spec.arg_ref_ids:
-            value = self.objects.get(object_id)
+            value = self._objects.get(object_id)
             if value is not None and value.in_store:
-                node = value.location or self.node_hex
+                node = value.location or self._node_hex
                 sizes[node] = sizes.get(node, 0) + value.size
         return sizes
 
-    def _place_or_queue(self, task) -> None:
+    def place_or_queue(self, task) -> None:
         """Queue here, spill, or hold as infeasible, per the placement decision."""
         if isinstance(task.owner, RemoteOwner):
-            self.queue.push(task, "accepted from a peer")   # spilled to us: it runs here
+            self._queue.push(task, "accepted from a peer")   # spilled to us: it runs here
             return
         if task.bundle is None and pg_strategy(task.spec) is not None:
-            self.placement.route_to_group(task)
+            self._node.placement.route_to_group(task)
             return
         decision = self._placement(task)
         kind = decision.kind
-        if kind == "run_local" and not self.queue.has_class(task.sched_class) \
-                and self.dispatch.try_acquire(task):
-            self.dispatch.start(task)           # it fits here now: no queueing at all
+        if kind == "run_local" and not self._queue.has_class(task.sched_class) \
+                and self._node.dispatch.try_acquire(task):
+            self._node.dispatch.start(task)     # it fits here now: no queueing at all
         elif kind in ("run_local", "wait", "placement_group"):
-            self.queue.push(task, f"placed here ({kind})")
+            self._queue.push(task, f"placed here ({kind})")
         elif kind == "spill":
-            self._spill(task, list(decision.candidates))
+            self.spill(task, list(decision.candidates))
         elif kind == "unschedulable":
             self._fail_unschedulable(task, decision.reason)
         else:  # infeasible
             self._report_infeasible(task, getattr(decision, "reason", ""))
-            self._move(task, TaskState.INFEASIBLE, "fits no node in the view")
-            self.infeasible.append(task)
+            self._node._move(task, TaskState.INFEASIBLE, "fits no node in the view")
+            self._infeasible.append(task)
 
     def _fail_unschedulable(self, task, reason: str) -> None:
         error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
                      else exceptions.TaskUnschedulableError)
-        self._fail(task, error_cls(
+        self._node._fail(task, error_cls(
             f"{task.spec.name} (id {task.task_id.hex()}) cannot be scheduled: {reason}"))
 
     def _report_infeasible(self, task, reason: str) -> None:
@@ -241,85 +265,95 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         task.infeasible_reported = True
         task.owner.send(pb.ServerEvent(notice=pb.Notice(text=infeasible_notice(task, reason))))
 
-    def _replace_waiting(self) -> None:
+    def replace_waiting(self) -> None:
         """Re-place infeasible tasks, and queued ones that a peer could run now."""
-        waiting, self.infeasible = self.infeasible, []
+        waiting, self._infeasible = self._infeasible, []
         for task in waiting:
             if not task.cancelled:
                 task.refused_by.clear()
-                self._move(task, TaskState.WAITING, "placed again: the cluster view changed")
-                self._place_or_queue(task)
-        self._offer_queued()
+                self._node._move(task, TaskState.WAITING, "placed again: the cluster view changed")
+                self.place_or_queue(task)
+        self.offer_queued()
 
-    def _offer_queued(self) -> None:
+    def offer_queued(self) -> None:
         """Offer queued tasks that cannot run here now to peers with room."""
-        for task in self.queue.held():
+        for task in self._queue.held():
             # Only a peer may run it: offer it to one with room, fail it once
             # none ever can (its node died), else keep it held.
             decision = self._placement(task)
             if decision.kind in ("spill", "unschedulable"):
-                self.queue.remove(task)
+                self._queue.remove(task)
                 if decision.kind == "spill":
-                    self._spill(task, list(decision.candidates))
+                    self.spill(task, list(decision.candidates))
                 else:
                     self._fail_unschedulable(task, decision.reason)
         if len(self.view.nodes) <= 1:
             return
-        for _key, tasks in list(self.queue.heads()):
+        for _key, tasks in list(self._queue.heads()):
             # Offer queued work to peers with room, head first, until none has
             # room by our (offer-adjusted) view.
             while tasks:
                 task = tasks[0]
                 if isinstance(task.owner, RemoteOwner) or (
-                        self.resources.can_fit(task.request) and not self.drain.draining):
+                        self._resources.can_fit(task.request) and not self._node.drain.draining):
                     break
                 decision = self._placement(task)
                 if decision.kind != "spill":
                     break
                 tasks.popleft()
-                self._spill(task, list(decision.candidates))
+                self.spill(task, list(decision.candidates))
 
-    async def _replace_loop(self) -> None:
-        while not self._stopping.is_set():
+    def forget_infeasible(self, task) -> None:
+        """`task` no longer waits for the view to change (it was cancelled)."""
+        if task in self._infeasible:
+            self._infeasible.remove(task)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Re-place waiting work every REPLACE_INTERVAL_S while peers exist: a
+        peer's room may show up without a view change (its load on a batch)."""
+        while not stopping.is_set():
             await asyncio.sleep(REPLACE_INTERVAL_S)
-            if len(self.queue) and len(self.view.nodes) > 1:
-                self._replace_waiting()
-                self.dispatch.schedule()
+            if len(self._queue) and len(self.view.nodes) > 1:
+                self.replace_waiting()
+                self._node.dispatch.schedule()
 
-    def _spill(self, task, candidates: list) -> None:
+    def spill(self, task, candidates: list) -> None:
+        """Offer `task` to the first reachable candidate; queue it here when none is."""
         while candidates:
             node_hex = candidates.pop(0)
-            link = self._link(node_hex)
+            link = self.link(node_hex)
             if link is None:
                 continue
             spec = task.spec
             event = pb.SpillTask(spec=spec)
             if spec.function_id not in link.functions_sent:
-                event.function_pickled = self.functions.get(spec.function_id, b"")
+                event.function_pickled = self._functions.get(spec.function_id, b"")
                 link.functions_sent.add(spec.function_id)
             for object_id in spec.arg_ref_ids:
-                value = self.objects.get(object_id)
-                event.args.append(self._exportable(value))
+                value = self._objects.get(object_id)
+                event.args.append(self.exportable(value))
             task.remote_node = node_hex          # before the move: its record says where
-            self._move(task, TaskState.SPILLED, f"offered to node {node_hex}")
+            self._node._move(task, TaskState.SPILLED, f"offered to node {node_hex}")
             task.spill_candidates = candidates
             self.view.offer(node_hex, spec.task_id, task.request.to_dict())
             link.send(pb.PeerEvent(spill=event))
             return
         task.refused_by.clear()
-        self.queue.push(task, "no candidate peer reachable")
+        self._queue.push(task, "no candidate peer reachable")
 
-    def _exportable(self, value):
+    def exportable(self, value):
         """A copy of `value` that says where its store bytes live."""
         if value is None or not value.in_store or value.location:
             return value
         out = pb.ObjectValue()
         out.CopyFrom(value)
-        out.location = self.node_hex
+        out.location = self._node_hex
         return out
 
     # ------------------------------------------------------------ peer rpc
-    async def Deliver(self, request: pb.PeerBatch, context):
+    def deliver(self, request: pb.PeerBatch) -> pb.PeerAck:
+        """A batch of events from a peer (the daemon's NodePeer.Deliver)."""
+        node = self._node
         from_hex = request.from_node.hex()
         has_load = request.HasField("load")
         if has_load:
@@ -327,56 +361,55 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         for event in request.events:
             kind = event.WhichOneof("kind")
             try:
-                self.routes.peer[kind](from_hex, getattr(event, kind))
+                node.routes.peer[kind](from_hex, getattr(event, kind))
             except Exception:  # noqa: BLE001 - one bad event never takes the node down
                 log.exception("failed to handle peer event %s from %s", kind, from_hex)
-        self._flush_borrows()
-        if has_load and len(self.queue):
+        self.flush_borrows()
+        if has_load and len(self._queue):
             # The freshest word on the sender (a result, a verdict): offer
             # it queued work now rather than at the next re-placement tick.
-            self._offer_queued()
-        self.dispatch.schedule()
+            self.offer_queued()
+        self._node.dispatch.schedule()
         return pb.PeerAck()
 
     def _load_report(self) -> pb.NodeLoad:
         """Our load, attached to every batch we send a peer (peers.py)."""
-        return pb.NodeLoad(available=self.resources.available.to_dict(),
+        return pb.NodeLoad(available=self._resources.available.to_dict(),
                            backlog_room=self._backlog_room())
 
     def _backlog_room(self) -> int:
         """How many more offers we would queue behind busy workers."""
-        if self.drain.draining:
+        if self._node.drain.draining:
             return 0
-        limit = max(1, int(self.resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
-        return max(0, limit - len(self.queue))
+        limit = max(1, int(self._resources.total.get("CPU", 1) * SPILL_BACKLOG_PER_CPU))
+        return max(0, limit - len(self._queue))
 
-    def _peer_spill(self, origin: str, msg: pb.SpillTask) -> None:
-        from meshray.node.actors import ActorEntry
-        from meshray.node.tasks import TaskRecord
+    def on_spill(self, origin: str, msg: pb.SpillTask) -> None:
         spec = msg.spec
         verdict = pb.SpillVerdict(task_id=spec.task_id)
         if msg.function_pickled:
-            self.functions.setdefault(spec.function_id, msg.function_pickled)
-        if spec.task_id in self.tasks:
+            self._functions.setdefault(spec.function_id, msg.function_pickled)
+        if spec.task_id in self._tasks:
             verdict.accepted = True   # a re-sent offer we already took
-        elif not self.membership or not self.membership._registered.is_set() \
-                or not self.fence.valid():
+        elif not self._node.membership or not self._node.membership._registered.is_set() \
+                or not self._node.fence.valid():
             verdict.reason = "node is not a registered member right now"
-        elif self.drain.draining:
+        elif self._node.drain.draining:
             verdict.reason = "node is draining"
         else:
             request = ResourceSet.from_dict(dict(spec.resources))
-            if spec.function_id not in self.functions:
+            if spec.function_id not in self._functions:
                 verdict.reason = "function bytes were not shipped"
             else:
                 owner = RemoteOwner(origin)
-                self.log_streams.note_job_origin(spec.job_id.hex(), origin)   # its output goes there
-                task = TaskRecord.from_spec(spec, owner, self._env_key(spec),
-                                            return_ids=self._return_ids(spec))
+                # Its output goes to the driver's node.
+                self._node.log_streams.note_job_origin(spec.job_id.hex(), origin)
+                task = TaskRecord.from_spec(spec, owner, self._node._env_key(spec),
+                                            return_ids=self._node._return_ids(spec))
                 task.remote_args = list(msg.args)
-                if not self.placement.bind_bundle(task):
+                if not self._node.placement.bind_bundle(task):
                     verdict.reason = "its placement-group bundle is not reserved on this node"
-                    self._send_peer(origin, pb.PeerEvent(verdict=verdict))
+                    self.send(origin, pb.PeerEvent(verdict=verdict))
                     return
                 if spec.actor_creation:
                     entry = ActorEntry.from_spec(spec, owner)
@@ -385,27 +418,27 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 # Accept only what we can start now: resources are taken at
                 # once, so concurrent offers cannot both be accepted.
                 backlog_room = task.bundle is None and self._backlog_room() > 0
-                started = self.dispatch.try_acquire(task)
+                started = self._node.dispatch.try_acquire(task)
                 if started or (backlog_room and task.actor is None
-                               and self.resources.is_feasible(request)):
+                               and self._resources.is_feasible(request)):
                     verdict.accepted = True
                     if task.actor is not None:
-                        self.actors[spec.actor_id] = task.actor
-                        self._publish_actor(task.actor)
-                    self.tasks[spec.task_id] = task
+                        self._actors[spec.actor_id] = task.actor
+                        self._node._publish_actor(task.actor)
+                    self._tasks[spec.task_id] = task
                     if started:
-                        self.dispatch.start(task)
+                        self._node.dispatch.start(task)
                     else:
-                        self.queue.push(task, "accepted from a peer for the backlog")
+                        self._queue.push(task, "accepted from a peer for the backlog")
                 else:
                     verdict.reason = (f"not enough free resources here "
-                                      f"({self.resources.available.to_dict()})")
-        self._send_peer(origin, pb.PeerEvent(verdict=verdict))
+                                      f"({self._resources.available.to_dict()})")
+        self.send(origin, pb.PeerEvent(verdict=verdict))
 
-    def _peer_verdict(self, from_hex: str, msg: pb.SpillVerdict) -> None:
+    def on_verdict(self, from_hex: str, msg: pb.SpillVerdict) -> None:
         # Answered, whatever became of the task meanwhile (cancelled, say).
         self.view.answered(from_hex, msg.task_id)
-        task = self.tasks.get(msg.task_id)
+        task = self._tasks.get(msg.task_id)
         if task is None or task.state != "spilled" or task.remote_node != from_hex:
             return
         if msg.accepted:
@@ -413,147 +446,150 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
         log.debug("node %s refused %s: %s", from_hex, task.spec.name, msg.reason)
         task.refused_by.add(from_hex)
         if task.spill_candidates:
-            self._spill(task, task.spill_candidates)
+            self.spill(task, task.spill_candidates)
         else:
-            # Everyone was busy: wait here; _replace_waiting offers it again
+            # Everyone was busy: wait here; replace_waiting offers it again
             # as the view shows room somewhere.
             task.refused_by.clear()
-            self.queue.push(task, "every candidate peer refused it")
+            self._queue.push(task, "every candidate peer refused it")
 
-    def _peer_result(self, from_hex: str, result: pb.TaskResult) -> None:
-        task = self.tasks.get(result.task_id)
+    def on_result(self, from_hex: str, result: pb.TaskResult) -> None:
+        task = self._tasks.get(result.task_id)
         if task is None or task.remote_node != from_hex:
             return
         for value in result.returns:
             if value.contained_ids:
-                self.value_from[value.object_id] = from_hex
+                self._value_from[value.object_id] = from_hex
         if result.stream_item_id:
             item = result.returns[0]
-            self.objects.expect(item.object_id, task.owner.conn_id)
-            self.objects.subscribe(item.object_id, task.owner.conn_id)
-            self._apply(self.objects.set_value(item.object_id, item))
+            self._objects.expect(item.object_id, task.owner.conn_id)
+            self._objects.subscribe(item.object_id, task.owner.conn_id)
+            self._node._apply(self._objects.set_value(item.object_id, item))
             return
         if task.actor is not None:
             entry = task.actor
             entry.address = result.actor_address
             entry.remote_node = from_hex
             if result.failed:
-                self._apply_actor(entry, "init_failed",
-                                   result.actor_error or "the actor's __init__ failed")
+                self._node._apply_actor(entry, "init_failed",
+                                        result.actor_error or "the actor's __init__ failed")
             else:
-                self._apply_actor(entry, "created", f"running on node {from_hex}")
-                self.remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
+                self._node._apply_actor(entry, "created", f"running on node {from_hex}")
+                self._remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
             entry.wake()
         if any(v.in_store for v in result.returns):
-            self.lineage[task.task_id] = task
-        self._finish(task, list(result.returns))
+            self._lineage[task.task_id] = task
+        self._node._finish(task, list(result.returns))
 
-    def _peer_subscribe(self, from_hex: str, msg: pb.Subscribe) -> None:
+    def on_subscribe(self, from_hex: str, msg: pb.Subscribe) -> None:
         log.debug("node %s subscribes to %s (%s)", from_hex, [o.hex() for o in msg.object_ids],
-                  [(self.objects.is_ready(o), self.objects.holders_of(o)) for o in msg.object_ids])
+                  [(self._objects.is_ready(o), self._objects.holders_of(o))
+                   for o in msg.object_ids])
         for object_id in msg.object_ids:
-            self._apply(self.objects.subscribe(object_id, f"node:{from_hex}"))
+            self._node._apply(self._objects.subscribe(object_id, f"node:{from_hex}"))
 
-    def _peer_ready(self, from_hex: str, msg: pb.ObjectReady) -> None:
+    def on_ready(self, from_hex: str, msg: pb.ObjectReady) -> None:
         value = msg.value
         log.debug("node %s sent the value of %s (known here: %s)", from_hex,
-                  value.object_id.hex(), value.object_id in self.objects)
+                  value.object_id.hex(), value.object_id in self._objects)
         if value.in_store and not value.location:
             value.location = from_hex
-        if value.object_id in self.objects:
-            self._apply(self.objects.set_value(value.object_id, value))
+        if value.object_id in self._objects:
+            self._node._apply(self._objects.set_value(value.object_id, value))
 
-    def _peer_refs(self, from_hex: str, msg: pb.RefUpdate) -> None:
+    def on_refs(self, from_hex: str, msg: pb.RefUpdate) -> None:
         holder = f"node:{from_hex}"
         for object_id in msg.add:
-            self.objects.add_holder(object_id, holder)
-            self._apply(self.objects.complete_handoff(object_id))
+            self._objects.add_holder(object_id, holder)
+            self._node._apply(self._objects.complete_handoff(object_id))
         for object_id in msg.remove:
-            self._apply(self.objects.remove_holder(object_id, holder))
+            self._node._apply(self._objects.remove_holder(object_id, holder))
 
-    def _peer_free(self, from_hex: str, msg: pb.FreeObjects) -> None:
+    def on_free(self, from_hex: str, msg: pb.FreeObjects) -> None:
         for object_id in msg.object_ids:
-            if object_id in self.objects:
-                self._apply(self.objects.remove_holder(object_id, f"node:{from_hex}"))
+            if object_id in self._objects:
+                self._node._apply(self._objects.remove_holder(object_id, f"node:{from_hex}"))
             else:   # the node we pulled it from freed it (transfer.py)
-                self.transfer.copy_source_freed(object_id)
+                self._node.transfer.copy_source_freed(object_id)
 
-    def _peer_request(self, from_hex: str, msg: pb.Request) -> None:
+    def on_request(self, from_hex: str, msg: pb.Request) -> None:
         async def reply():
-            self._send_peer(from_hex, pb.PeerEvent(reply=await answer(
-                self.routes, RemoteOwner(from_hex), msg, from_peer=True)))
+            self.send(from_hex, pb.PeerEvent(reply=await answer(
+                self._node.routes, RemoteOwner(from_hex), msg, from_peer=True)))
         asyncio.get_running_loop().create_task(reply())
 
-    def _peer_container_freed(self, from_hex: str, msg: pb.ContainerFreed) -> None:
+    def on_container_freed(self, from_hex: str, msg: pb.ContainerFreed) -> None:
         holder = container_holder(from_hex, msg.container_id)
         for object_id in msg.contained_ids:
-            self._apply(self.objects.remove_holder(object_id, holder))
+            self._node._apply(self._objects.remove_holder(object_id, holder))
 
-    def _peer_cancel_remote(self, from_hex: str, msg: pb.CancelTask) -> None:
-        task = self.tasks.get(ids.task_id_of(msg.object_id))
+    def on_cancel_remote(self, from_hex: str, msg: pb.CancelTask) -> None:
+        task = self._tasks.get(ids.task_id_of(msg.object_id))
         if task is not None and isinstance(task.owner, RemoteOwner):
-            self._cancel(task, msg.force, msg.recursive)
+            self._node._cancel(task, msg.force, msg.recursive)
 
-    def _peer_reply(self, from_hex: str, msg: pb.Reply) -> None:
-        future = self.peer_requests.pop(msg.request_id, None)
+    def on_reply(self, from_hex: str, msg: pb.Reply) -> None:
+        future = self._questions.pop(msg.request_id, None)
         if future is not None and not future.done():
             future.set_result(msg)
 
-    async def ask_peer(self, node_hex: str, method: str, payload: dict, timeout: float = 70.0):
+    async def ask(self, node_hex: str, method: str, payload: dict, timeout: float = 70.0):
         """A JSON question to another node's daemon (same handlers as local ones)."""
-        request_id = next(self._conn_ids)
+        request_id = next(self._question_ids)
         future = asyncio.get_running_loop().create_future()
         future.node_hex = node_hex
-        self.peer_requests[request_id] = future
-        if not self._send_peer(node_hex, pb.PeerEvent(request=pb.Request(
+        self._questions[request_id] = future
+        if not self.send(node_hex, pb.PeerEvent(request=pb.Request(
                 request_id=request_id, method=method, payload=json.dumps(payload).encode()))):
-            self.peer_requests.pop(request_id, None)
+            self._questions.pop(request_id, None)
             raise ConnectionError(f"node {node_hex} is not in this node's cluster view")
         try:
             reply = await asyncio.wait_for(future, timeout)
         finally:
-            self.peer_requests.pop(request_id, None)
+            self._questions.pop(request_id, None)
         if reply.error:
             raise RuntimeError(f"node {node_hex} failed to answer {method}: {reply.error}")
         return json.loads(reply.payload)
 
     # ------------------------------------------------------------ results home
-    def _send_home(self, task, values: list) -> None:
+    def send_home(self, task, values: list) -> None:
         """Results of a task run here for another node go back to that node."""
         origin = task.owner.node_hex
         holder = task.owner.conn_id
         result = pb.TaskResult(task_id=task.task_id)
         for value in values:
-            value = self._exportable(value)
+            value = self.exportable(value)
             if value.in_store:
                 # Our store keeps the bytes until the owner frees them.
-                self.objects.add_holder(value.object_id, holder)
-                self._apply(self.objects.set_value(value.object_id, value))
-                self._note_location(value.object_id, True)
+                self._objects.add_holder(value.object_id, holder)
+                self._node._apply(self._objects.set_value(value.object_id, value))
+                self.note_location(value.object_id, True)
             for object_id in value.contained_ids:
                 # Kept for the owner until it frees the container (ContainerFreed).
-                self.objects.add_holder(object_id, container_holder(origin, value.object_id))
+                self._objects.add_holder(object_id, container_holder(origin, value.object_id))
             result.returns.append(value)
         if task.actor is not None and task.actor.state == "ALIVE":
             result.actor_address = task.actor.address
         elif task.actor is not None:
             result.failed = True
             result.actor_error = task.actor.death_cause
-        self._send_peer(origin, pb.PeerEvent(result=result))
+        self.send(origin, pb.PeerEvent(result=result))
 
-    def _forward_stream_item(self, task, item) -> None:
-        value = self._exportable(item)
+    def forward_stream_item(self, task, item) -> None:
+        """A streamed item of a task run here for another node goes to that node."""
+        value = self.exportable(item)
         holder = task.owner.conn_id
         if value.in_store:
-            self.objects.add_holder(value.object_id, holder)
-            self._apply(self.objects.set_value(value.object_id, value))
-        self._send_peer(task.owner.node_hex, pb.PeerEvent(result=pb.TaskResult(
+            self._objects.add_holder(value.object_id, holder)
+            self._node._apply(self._objects.set_value(value.object_id, value))
+        self.send(task.owner.node_hex, pb.PeerEvent(result=pb.TaskResult(
             task_id=task.task_id, returns=[value], stream_item_id=item.object_id,
             stream_index=0)))
 
     # ------------------------------------------------------------ objects
-    def _flush_borrows(self) -> None:
-        borrows, unborrows, fetches = self.objects.drain()
+    def flush_borrows(self) -> None:
+        """Tell owners what this node borrowed, let go of or wants the value of."""
+        borrows, unborrows, fetches = self._objects.drain()
         if borrows or unborrows or fetches:
             log.debug("borrow %d, unborrow %d, fetch %d", len(borrows), len(unborrows), len(fetches))
         by_node: dict[str, pb.RefUpdate] = {}
@@ -566,112 +602,113 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
             if node is not None:
                 by_node.setdefault(node, pb.RefUpdate()).remove.append(object_id)
         for node, update in by_node.items():
-            self._send_peer(node, pb.PeerEvent(refs=update))
+            self.send(node, pb.PeerEvent(refs=update))
         for object_id in fetches:
             node = self.view.node_for_prefix(object_id)
             if node is not None:
-                self._send_peer(node, pb.PeerEvent(subscribe=pb.Subscribe(object_ids=[object_id])))
+                self.send(node, pb.PeerEvent(subscribe=pb.Subscribe(object_ids=[object_id])))
             else:
-                self._apply(self.objects.set_value(object_id, self._lost_value(
-                    object_id, "its owner node is not in the cluster")))
+                self._node._apply(self._objects.set_value(object_id, error_value(
+                    object_id, exceptions.ObjectLostError(
+                        object_id.hex(), call_site="its owner node is not in the cluster"))))
 
-    def _lost_value(self, object_id: bytes, why: str) -> pb.ObjectValue:
-        return error_value(object_id, exceptions.ObjectLostError(
-            object_id.hex(), call_site=why))
-
-    def _free_value(self, value) -> None:
+    def free_value(self, value) -> None:
         """A value nobody references any more: drop its bytes wherever they are."""
         if value.in_store:
             location = value.location
-            if not location or location == self.node_hex:
-                self.store.delete(value.object_id)
-                self._note_location(value.object_id, False)
-                self.transfer.copies_freed(value.object_id)
+            if not location or location == self._node_hex:
+                self._store.delete(value.object_id)
+                self.note_location(value.object_id, False)
+                self._node.transfer.copies_freed(value.object_id)
             else:
-                if self.store.contains(value.object_id):   # a pulled copy
-                    self.store.delete(value.object_id)
-                    self._note_location(value.object_id, False)
-                if self.is_local_object(value.object_id):
-                    self.transfer.copies_freed(value.object_id)
-                self._send_peer(location, pb.PeerEvent(free=pb.FreeObjects(
+                if self._store.contains(value.object_id):   # a pulled copy
+                    self._store.delete(value.object_id)
+                    self.note_location(value.object_id, False)
+                if self._node._owns(value.object_id):
+                    self._node.transfer.copies_freed(value.object_id)
+                self.send(location, pb.PeerEvent(free=pb.FreeObjects(
                     object_ids=[value.object_id])))
-        node = self.value_from.pop(value.object_id, None)
+        node = self._value_from.pop(value.object_id, None)
         if node is not None and value.contained_ids:
-            self._send_peer(node, pb.PeerEvent(container_freed=pb.ContainerFreed(
+            self.send(node, pb.PeerEvent(container_freed=pb.ContainerFreed(
                 container_id=value.object_id, contained_ids=list(value.contained_ids))))
-        self.lineage.pop(ids.task_id_of(value.object_id), None)
+        self._lineage.pop(ids.task_id_of(value.object_id), None)
 
-    def _note_location(self, object_id: bytes, present: bool) -> None:
-        if self.membership is not None:
-            self.membership.note_location(object_id, present)
+    def note_location(self, object_id: bytes, present: bool) -> None:
+        """List (or unlist) this node as holding a copy, where other nodes look."""
+        if self._node.membership is not None:
+            self._node.membership.note_location(object_id, present)
 
     # ------------------------------------------------------------ node death
-    def _node_died(self, node_hex: str) -> None:
+    def node_died(self, node_hex: str) -> None:
+        """`node_hex` left the view (its lease is gone): undo what it was part of."""
         if not self.view.died(node_hex):
             return
+        if self.on_death is not None:
+            self.on_death(node_hex)
         log.warning("node %s died (its etcd lease is gone)", node_hex)
         link = self.links.pop(node_hex, None)
         if link is not None:
             asyncio.get_running_loop().create_task(link.close())
-        for request_id, future in list(self.peer_requests.items()):
+        for request_id, future in list(self._questions.items()):
             if getattr(future, "node_hex", None) == node_hex and not future.done():
                 future.set_exception(ConnectionError(f"node {node_hex} died"))
         # Its borrows and the refs we kept for its containers are released.
-        for object_id, entry in list(self.objects.entries()):
+        for object_id, entry in list(self._objects.entries()):
             for holder in [h for h in entry.holders | entry.subscribers
                            if holder_node(h) == node_hex]:
-                self._apply(self.objects.remove_holder(object_id, holder))
+                self._node._apply(self._objects.remove_holder(object_id, holder))
         # Work we sent there is retried elsewhere.
-        for task in list(self.tasks.values()):
+        for task in list(self._tasks.values()):
             if task.state == "spilled" and task.remote_node == node_hex:
                 self._remote_task_lost(task, node_hex)
             elif isinstance(task.owner, RemoteOwner) and task.owner.node_hex == node_hex:
                 task.cancelled = True
                 if task.worker is not None and task.actor is None:
-                    self.pool.kill(task.worker)
+                    self._node.pool.kill(task.worker)
                 elif task.state != "running":
                     self._drop_task(task)
         # Actors it owned die with it (unless detached); ours it hosted restart.
-        for entry in list(self.actors.values()):
+        for entry in list(self._actors.values()):
             if getattr(entry, "owner_node", None) == node_hex and not entry.detached:
-                self._kill_actor(entry, no_restart=True,
-                                 cause=f"the actor's owner node {node_hex} died")
-        for actor_id, info in list(self.remote_actors.items()):
+                self._node._kill_actor(entry, no_restart=True,
+                                       cause=f"the actor's owner node {node_hex} died")
+        for actor_id, info in list(self._remote_actors.items()):
             if info["node"] == node_hex:
-                del self.remote_actors[actor_id]
+                del self._remote_actors[actor_id]
                 self._restart_remote_actor(info["entry"], node_hex)
         # Objects whose copy or owner was there: find another copy, rebuild
         # from lineage, or report them lost.
         stranded = []
-        for object_id, entry in list(self.objects.entries()):
+        for object_id, entry in list(self._objects.entries()):
             value = entry.value
             if value is not None and value.in_store and value.location == node_hex:
                 stranded.append(object_id)
             elif value is None and self.view.node_for_prefix(object_id) is None \
-                    and not self.is_local_object(object_id):
+                    and not self._node._owns(object_id):
                 stranded.append(object_id)     # waiting on an owner that is gone
         if stranded:
             asyncio.get_running_loop().create_task(self._recover_objects(node_hex, stranded))
 
     async def _recover_objects(self, node_hex: str, object_ids: list) -> None:
         for object_id in object_ids:
-            if self.store.contains(object_id):
+            if self._store.contains(object_id):
                 self._use_copy(object_id, "")
                 continue
             copies = []
-            if self.membership is not None:
+            if self._node.membership is not None:
                 try:
                     copies = await asyncio.get_running_loop().run_in_executor(
-                        None, self.membership.locations, object_id)
+                        None, self._node.membership.locations, object_id)
                 except Exception as exc:  # noqa: BLE001 - treat as no copy
                     log.warning("could not list copies of %s: %s", object_id.hex(), exc)
             alive = [n for n in copies if n in self.view.nodes and n != node_hex]
             if alive:
                 self._use_copy(object_id, alive[0])
-            elif self.is_local_object(object_id):
-                self._object_copy_lost(object_id, node_hex)
-            elif self.view.node_for_prefix(object_id) is not None and value_is_copy(
-                    self.objects.get(object_id)):
+            elif self._node._owns(object_id):
+                self.object_copy_lost(object_id, node_hex)
+            elif self.view.node_for_prefix(object_id) is not None and getattr(
+                    self._objects.get(object_id), "in_store", False):   # a copy's bytes
                 # Its owner lives and rebuilds it; a reader that needs the
                 # bytes asks the owner for the new copy (transfer.py).
                 continue
@@ -679,79 +716,83 @@ class ClusterDuties(pb_grpc.NodePeerServicer):
                 error = exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"its owner node {node_hex} died and no other "
                     "node holds a copy")
-                self.objects.forget_value(object_id)
-                self._apply(self.objects.set_value(object_id, error_value(object_id, error)))
+                self._objects.forget_value(object_id)
+                self._node._apply(self._objects.set_value(object_id,
+                                                          error_value(object_id, error)))
 
     def _use_copy(self, object_id: bytes, node_hex: str) -> None:
         """Point the entry at a surviving copy (here when node_hex is empty)."""
-        old = self.objects.get(object_id)
+        old = self._objects.get(object_id)
         value = pb.ObjectValue(object_id=object_id, in_store=True, location=node_hex)
         if old is not None:
             value.CopyFrom(old)
             value.location = node_hex
-            self.objects.replace_value(object_id, value)
+            self._objects.replace_value(object_id, value)
         else:
-            self._apply(self.objects.set_value(object_id, value))
+            self._node._apply(self._objects.set_value(object_id, value))
 
     def _drop_task(self, task) -> None:
-        self._move(task, TaskState.DONE, "dropped: its owner's node died")
-        self.queue.remove(task)
-        self.dispatch.drop_awaiting(task)
-        self.dispatch.release(task)
-        self.tasks.pop(task.task_id, None)
+        self._node._move(task, TaskState.DONE, "dropped: its owner's node died")
+        self._queue.remove(task)
+        self._node.dispatch.drop_awaiting(task)
+        self._node.dispatch.release(task)
+        self._tasks.pop(task.task_id, None)
 
     def _remote_task_lost(self, task, node_hex: str) -> None:
         if task.actor is not None:
             self._restart_remote_actor(task.actor, node_hex)
             return
         if task.cancelled:
-            self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
+            self._node._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
         elif take_retry(task):
-            self._move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
+            self._node._move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
             task.refused_by = {node_hex}
             log.info("retrying %s: its node %s died", task.spec.name, node_hex)
-            self._place_or_queue(task)
+            self.place_or_queue(task)
         else:
-            self._fail(task, exceptions.WorkerCrashedError(
+            self._node._fail(task, exceptions.WorkerCrashedError(
                 f"Task {task.spec.name} (id {task.task_id.hex()}) was running on node "
                 f"{node_hex}, which died; no retries left (max_retries={task.spec.max_retries})."))
 
     def _restart_remote_actor(self, entry, node_hex: str) -> None:
         entry.worker = None
         entry.remote_node = ""
-        if self._apply_actor(entry, "node_died",
-                              f"the node {node_hex} hosting the actor died") \
+        if self._node._apply_actor(entry, "node_died",
+                                   f"the node {node_hex} hosting the actor died") \
                 == actor_states.RESTARTING:
             entry.num_restarts += 1
             entry.wake()
-            self._restart_actor(entry, None)
+            self._node._restart_actor(entry, None)
         else:
             entry.wake()
-            self._publish_actor(entry)
-            self._release_actor_name(entry)
+            self._node._publish_actor(entry)
+            self._node._release_actor_name(entry)
 
-    def _object_copy_lost(self, object_id: bytes, node_hex: str) -> None:
-        task = self.lineage.get(ids.task_id_of(object_id))
-        lost = self.objects.forget_value(object_id)
+    def object_copy_lost(self, object_id: bytes, node_hex: str) -> None:
+        """The only copy of an object we own was on `node_hex`: rebuild it from
+        lineage, or set the error saying why it cannot be."""
+        task = self._lineage.get(ids.task_id_of(object_id))
+        lost = self._objects.forget_value(object_id)
         if lost is None:
             return
         if task is not None and task.actor is None and take_retry(task):
             # Lineage: run the producing task again; its other outputs are rebuilt too.
-            del self.lineage[task.task_id]
-            self._move(task, TaskState.WAITING, f"re-run from lineage: a copy on node {node_hex} was lost")
+            del self._lineage[task.task_id]
+            self._node._move(task, TaskState.WAITING,
+                             f"re-run from lineage: a copy on node {node_hex} was lost")
             task.refused_by = {node_hex}
             for other in task.return_ids:
                 if other != object_id:
-                    self.objects.forget_value(other)
-            self.tasks[task.task_id] = task
-            self.objects.pin(task.spec.arg_ref_ids)
-            self.objects.pin(task.spec.contained_ids)
+                    self._objects.forget_value(other)
+            self._tasks[task.task_id] = task
+            self._objects.pin(task.spec.arg_ref_ids)
+            self._objects.pin(task.spec.contained_ids)
             log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)
-            self._place_or_queue(task)
+            self.place_or_queue(task)
             return
         reason = ("no retries left to rebuild it" if task is not None else
                   "it cannot be rebuilt (a put object, or its lineage was released)")
         error = exceptions.ObjectReconstructionFailedError(
             object_id.hex(), call_site=f"its only copy was on node {node_hex}, which died; {reason}")
-        self._apply(self.objects.set_value(object_id, error_value(object_id, error)))
+        self._node._apply(self._objects.set_value(object_id, error_value(object_id, error)))
 

@@ -22,7 +22,7 @@ from meshray.common.fence import LeaseFence
 from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
-from meshray.node.cluster import ClusterDuties, RemoteOwner, holder_node
+from meshray.node.cluster import PeerDuties, RemoteOwner, holder_node
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.draining import Drain
 from meshray.node.env_setup import EnvSetup, parse_task_env
@@ -118,10 +118,11 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
+class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
+        self.node_hex = config.node_id.hex()
         self.resources = NodeResources(
             ResourceSet.from_dict(config.resources),
             instances={"GPU": list(config.gpu_ids)} if config.gpu_ids else None)
@@ -150,16 +151,14 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         self.actors: dict[bytes, ActorEntry] = {}
         self._actor_records: dict = {}       # actor id -> (record, first): queued for etcd
         self._actor_publisher = None         # the task writing them, in order
-        self.infeasible: list[TaskRecord] = []
         self._crash_reports: set = set()     # _report_crash tasks, held until they finish
-        self.peer_requests: dict[int, asyncio.Future] = {}
         self._stopping = asyncio.Event()
-        self._init_cluster()
+        self.peers = PeerDuties(self)
         self.drain = Drain(self)
         self.dispatch = TaskDispatch(self)
         self.placement = PlacementDuties(self)
         self.transfer = ObjectTransfer(self)
-        self.log_streams = LogStreams(self.node_hex, self.conns, self._send_peer,
+        self.log_streams = LogStreams(self.node_hex, self.conns, self.peers.send,
                                       self._advertised_host)
         self.state = state_records.state_service_for(self)
         self.log_writer = LogWriter(os.path.join(config.session_dir, LOGS_DIR))
@@ -218,10 +217,10 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         asyncio.get_running_loop().create_task(self._reap_loop())
         if "log_files" in extras:
             asyncio.get_running_loop().create_task(self.log_writer.run(self._stopping))
-        asyncio.get_running_loop().create_task(self._replace_loop())
+        asyncio.get_running_loop().create_task(self.peers.run(self._stopping))
         if "memory_monitor" in extras:
             asyncio.get_running_loop().create_task(self.memory_monitor.run(self._stopping))
-        liveness = PeerLiveness(self, self._revoke_dead_peer)
+        liveness = PeerLiveness(self.peers, self._revoke_dead_peer)
         asyncio.get_running_loop().create_task(liveness.run(self._stopping))
 
     def _make_pool(self, **options) -> WorkerPool:
@@ -303,6 +302,10 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             pass
 
     # ------------------------------------------------------------ rpc
+    async def Deliver(self, request, context):
+        """A peer's batch of events (see PeerDuties.deliver)."""
+        return self.peers.deliver(request)
+
     async def PullObject(self, request, context):
         """A peer pulls an object's bytes from here (see ObjectTransfer.serve_pull)."""
         async for chunk in self.transfer.serve_pull(request, context):
@@ -351,7 +354,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
                             log.exception("failed to handle %s from connection %d",
                                           event.WhichOneof("kind"), conn.conn_id)
                 finally:   # what the batch did before a refusal still takes effect
-                    self._flush_borrows()
+                    self.peers.flush_borrows()
                     self.dispatch.schedule()
         except asyncio.CancelledError:
             raise
@@ -407,7 +410,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
                 task.pending_deps.add(object_id)
                 self.waiting_on.setdefault(object_id, []).append(task)
         if not task.pending_deps:
-            self._place_or_queue(task)
+            self.peers.place_or_queue(task)
 
     @staticmethod
     def _return_ids(spec) -> list:
@@ -421,7 +424,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         self._seal_if_stored(value)
         if value.in_store and value.location not in ("", self.node_hex) and not msg.handoff:
             # An actor on another node holds this return for us until we claim it.
-            self._send_peer(value.location, pb.PeerEvent(refs=pb.RefUpdate(add=[value.object_id])))
+            self.peers.send(value.location, pb.PeerEvent(refs=pb.RefUpdate(add=[value.object_id])))
         if msg.handoff:
             self._apply(self.objects.put_handoff(value.object_id, value, conn.conn_id))
         else:
@@ -489,7 +492,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             return
         if result.stream_item_id and isinstance(task.owner, RemoteOwner):
             self._seal_if_stored(result.returns[0])
-            self._forward_stream_item(task, result.returns[0])
+            self.peers.forward_stream_item(task, result.returns[0])
             return
         if result.stream_item_id:
             item = result.returns[0]
@@ -504,7 +507,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         self.dispatch.task_returned(worker, task)
         if result.failed and result.retryable_error and not task.cancelled and take_retry(task):
             self._move(task, TaskState.WAITING, "retry: the task raised a retryable error")
-            self._place_or_queue(task)
+            self.peers.place_or_queue(task)
             return
         self._finish(task, list(result.returns))
 
@@ -544,7 +547,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             self._seal_if_stored(value)
         if isinstance(task.owner, RemoteOwner):
             if not task.cancelled or task.actor is not None:
-                self._send_home(task, values)
+                self.peers.send_home(task, values)
             return
         for value in values:
             self._apply(self.objects.set_value(value.object_id, value))
@@ -587,14 +590,13 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             self.dispatch.drop_awaiting(task)
             self._fail(task, error)
         elif task.state == "spilled":
-            self._send_peer(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
+            self.peers.send(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
                 object_id=ids.object_id_for(task.task_id, 1), force=force, recursive=recursive)))
         elif task.state == "waiting_group":
             self.placement.drop_waiting(task)
             self._fail(task, error)
         elif task.state == "infeasible":
-            if task in self.infeasible:
-                self.infeasible.remove(task)
+            self.peers.forget_infeasible(task)
             self._fail(task, error)
         elif task.state == "running":
             if force:
@@ -613,20 +615,20 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         for conn_id, value in effects.deliver:
             node = holder_node(conn_id)
             if node is not None:
-                self._send_peer(node, pb.PeerEvent(ready=pb.ObjectReady(
-                    value=self._exportable(value))))
+                self.peers.send(node, pb.PeerEvent(ready=pb.ObjectReady(
+                    value=self.peers.exportable(value))))
                 continue
             conn = self.conns.get(conn_id)
             if conn is not None:
                 conn.send(pb.ServerEvent(ready=pb.ObjectReady(value=value)))
         for value in effects.free:
-            self._free_value(value)
+            self.peers.free_value(value)
         for object_id in effects.became_ready:
             self.transfer.object_ready(object_id)
             for task in self.waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
                 if not task.pending_deps and task.state == "waiting":
-                    self._place_or_queue(task)
+                    self.peers.place_or_queue(task)
 
     # ------------------------------------------------------------ failures
     def _disconnected(self, conn: Connection) -> None:
@@ -682,7 +684,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
                            or exceptions.TaskCancelledError(follower.task_id.hex()))
             else:
                 self._move(follower, TaskState.WAITING, "placed again: its worker died before it ran")
-                self._place_or_queue(follower)
+                self.peers.place_or_queue(follower)
         task = worker.current_task
         if task is None:
             return
@@ -702,7 +704,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
             self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
-            self._place_or_queue(task)
+            self.peers.place_or_queue(task)
         else:
             # No longer running; finished once the exit status is in.
             self._move(task, TaskState.CRASHED, f"worker {worker.pid} died; no retries left")
@@ -714,7 +716,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
         """A memory-killed task's retry delay is over: place it (unless it ended meanwhile)."""
         if self.tasks.get(task.task_id) is not task or task.state != TaskState.WAITING:
             return
-        self._place_or_queue(task)
+        self.peers.place_or_queue(task)
 
     def _reports_crash(self, worker: WorkerProcess, task) -> bool:
         """Whether losing `worker` fails `task` (WorkerCrashedError, or the error it was
@@ -740,6 +742,14 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
         self._finish_failed(task, error)
 
+    def on_view_change(self) -> None:
+        """Membership saw the member records or availabilities change."""
+        self.peers.on_view_change()
+
+    def on_lease_lost(self) -> None:
+        """Membership lost our etcd lease (see PeerDuties.on_lease_lost)."""
+        self.peers.on_lease_lost()
+
     def on_pg_change(self) -> None:
         """Membership saw our alloc record or a group record change."""
         self.placement.on_change()
@@ -754,7 +764,7 @@ class NodeDaemon(ActorHosting, ClusterDuties, pb_grpc.NodeServiceServicer):
     def _owner_present(self, owner) -> bool:
         """Whether a retry's result would still reach the task's owner."""
         if isinstance(owner, RemoteOwner):
-            return owner.node_hex not in self.view.known_dead
+            return owner.node_hex not in self.peers.view.known_dead
         return owner.conn_id in self.conns
 
     def _job_ended(self, driver: Connection) -> None:

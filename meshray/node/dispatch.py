@@ -178,7 +178,7 @@ class TaskDispatch:
             execute.args.extend(task.remote_args)
         else:
             for object_id in spec.arg_ref_ids:
-                execute.args.append(node._exportable(node.objects.get(object_id)))
+                execute.args.append(node.peers.exportable(node.objects.get(object_id)))
         execute.assigned_gpu_ids.extend(task.gpu_ids)
         worker.conn.send(pb.ServerEvent(execute=execute))
 

@@ -107,16 +107,14 @@ class Drain:
                 node._move(task, TaskState.DONE, "handed back: this node is draining")
                 node.dispatch.release(task)
                 node.tasks.pop(task.task_id, None)
-                node._send_peer(task.owner.node_hex, pb.PeerEvent(verdict=pb.SpillVerdict(
+                node.peers.send(task.owner.node_hex, pb.PeerEvent(verdict=pb.SpillVerdict(
                     task_id=task.task_id, accepted=False, reason="node is draining")))
                 handed += 1
         if handed:
             log.info("node %s handed %d queued task(s) back to their owners",
                      node.node_hex, handed)
-        node._replace_waiting()      # local drivers' queued tasks go to peers
+        node.peers.replace_waiting()      # local drivers' queued tasks go to peers
 
-    def _links_idle(self) -> bool:
-        return not any(link.pending for link in self._node.links.values())
 
     async def _loop(self) -> None:
         node, plan = self._node, self.plan
@@ -130,7 +128,7 @@ class Drain:
                 self._hand_back_queued()
             await asyncio.sleep(DRAIN_POLL_S)
         flush_until = time.monotonic() + FLUSH_TIMEOUT_S
-        while not self._links_idle() and time.monotonic() < flush_until \
+        while not node.peers.links_idle() and time.monotonic() < flush_until \
                 and not node._stopping.is_set():
             await asyncio.sleep(0.02)
         if self.lifecycle.drained() == "stop":

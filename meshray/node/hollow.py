@@ -100,7 +100,7 @@ class HollowPool(WorkerPool):
         """Handled as the daemon handles a batch from a worker's stream."""
         daemon = self._daemon
         daemon._handle(conn, event)
-        daemon._flush_borrows()
+        daemon.peers.flush_borrows()
         daemon.dispatch.schedule()
 
     def _result_of(self, spec: pb.TaskSpec) -> pb.TaskResult:
@@ -135,13 +135,13 @@ class HollowNode(NodeDaemon):
         super().__init__(config)
         self.task_s = task_s
         self.deaths: dict[str, float] = {}    # peer node id hex -> wall time its death was seen
+        self.peers.on_death = self._note_death
 
     def _make_pool(self, **options) -> WorkerPool:
         return HollowPool(self, self.task_s, **options)
 
-    def _node_died(self, node_hex: str) -> None:
+    def _note_death(self, node_hex: str) -> None:
         self.deaths.setdefault(node_hex, time.time())
-        super()._node_died(node_hex)
 
     async def crash(self, close_port: bool = True) -> None:
         """Stop as a killed process would, but leave the process running:

@@ -51,10 +51,11 @@ async def probe_refused(address: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 
 class PeerLiveness:
-    """Runs on the daemon's loop; `revoke(node_hex, lease_id)` is called off it."""
+    """Runs on the daemon's loop over the node's peer duties (their links and
+    view); `revoke(node_hex, lease_id)` is called off it."""
 
-    def __init__(self, daemon, revoke):
-        self._daemon = daemon
+    def __init__(self, peers, revoke):
+        self._peers = peers
         self._revoke = revoke
         self._states: dict[str, object] = {}
         self._probing: set[str] = set()
@@ -62,7 +63,7 @@ class PeerLiveness:
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await asyncio.sleep(POLL_INTERVAL_S)
-            links = self._daemon.links
+            links = self._peers.links
             for node_hex in [n for n in self._states if n not in links]:
                 del self._states[node_hex]
             for node_hex, link in list(links.items()):
@@ -75,8 +76,8 @@ class PeerLiveness:
 
     async def _probe(self, node_hex: str, address: str) -> None:
         try:
-            record = self._daemon.view.nodes.get(node_hex)
-            if record is None or node_hex in self._daemon.view.known_dead:
+            record = self._peers.view.nodes.get(node_hex)
+            if record is None or node_hex in self._peers.view.known_dead:
                 return
             if not await probe_refused(address):
                 return

@@ -293,6 +293,6 @@ def log_service_for(node) -> LogService:
     return LogService(
         node.node_hex, node.log_writer.dir_fd, session_fd, task_record=task_record,
         actor_record=actor_record, live_worker_of=live_worker_of,
-        members=lambda: list(node.view.nodes) or [node.node_hex],
-        ask_peer=node.ask_peer)
+        members=lambda: list(node.peers.view.nodes) or [node.node_hex],
+        ask_peer=node.peers.ask)
 

@@ -179,7 +179,7 @@ class PlacementDuties:
             self._node._finish_failed(task, self._group_removed_error(task))
         elif take_retry(task):
             self._node._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
-            self._node._place_or_queue(task)
+            self._node.peers.place_or_queue(task)
         else:
             self._node._finish_failed(task, exceptions.WorkerCrashedError(
                 f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
@@ -207,7 +207,7 @@ class PlacementDuties:
                 task.bundle = (task.pg_hex, index)
                 self._node.queue.push(task, f"its bundle {index} of group {task.pg_hex} is here")
             else:
-                self._node._spill(task, [node])
+                self._node.peers.spill(task, [node])
             return
         self._node._fail(task, self._group_removed_error(task))
 

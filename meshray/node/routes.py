@@ -84,12 +84,12 @@ def node_routes(node) -> Routes:
             "metrics": node.metrics.on_report,
         },
         peer={
-            "spill": node._peer_spill, "verdict": node._peer_verdict,
-            "result": node._peer_result, "subscribe": node._peer_subscribe,
-            "ready": node._peer_ready, "refs": node._peer_refs,
-            "request": node._peer_request, "reply": node._peer_reply,
-            "free": node._peer_free, "cancel_remote": node._peer_cancel_remote,
-            "container_freed": node._peer_container_freed,
+            "spill": node.peers.on_spill, "verdict": node.peers.on_verdict,
+            "result": node.peers.on_result, "subscribe": node.peers.on_subscribe,
+            "ready": node.peers.on_ready, "refs": node.peers.on_refs,
+            "request": node.peers.on_request, "reply": node.peers.on_reply,
+            "free": node.peers.on_free, "cancel_remote": node.peers.on_cancel_remote,
+            "container_freed": node.peers.on_container_freed,
             "logs": node.log_streams.on_peer_logs,
         },
         questions={

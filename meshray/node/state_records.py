@@ -140,8 +140,8 @@ def state_service_for(node) -> StateService:
                                           node.node_hex, host()),
         "jobs": lambda: job_records(list(node.conns.values()), node.node_hex),
     }, cluster_sources={"actors": actors, "nodes": nodes, "placement_groups": placement_groups},
-        members=lambda: [n for n in node.view.nodes if n not in node.view.known_dead],
-        ask_peer=node.ask_peer,
+        members=node.peers.view.live_members,
+        ask_peer=node.peers.ask,
         dropped=lambda resource: node.task_events.dropped if resource == "tasks" else 0,
         counted=lambda resource: ((node.task_events.counted_total,
                                    node.task_events.counted_summary())

@@ -171,7 +171,7 @@ class ObjectTransfer:
         self._node = node
         self._store = node.store
         self._objects = node.objects
-        self._view = node.view
+        self._view = node.peers.view
         self._node_hex = node.node_hex
         self._metrics = node.metrics
         self._pulls: dict[bytes, asyncio.Future] = {}
@@ -270,7 +270,7 @@ class ObjectTransfer:
                 raise _NoLiveCopy(tried or ([hint] if hint else []))
             missing = 0
             for node_hex in candidates:
-                link = self._node._link(node_hex)
+                link = self._node.peers.link(node_hex)
                 if link is None:
                     continue
                 if node_hex not in tried:
@@ -287,7 +287,7 @@ class ObjectTransfer:
                     last_error[0] = repr(exc)
                     log.warning("pulling %s from %s failed: %r", object_id.hex(), node_hex, exc)
                     continue
-                self._node._note_location(object_id, True)
+                self._node.peers.note_location(object_id, True)
                 return path
             if missing == len(candidates):
                 raise _NoLiveCopy(candidates)   # holders alive, but none has it
@@ -389,7 +389,7 @@ class ObjectTransfer:
                 future = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(object_id, []).append(future)
                 self._node._apply(self._objects.subscribe(object_id, holder))
-                self._node._flush_borrows()
+                self._node.peers.flush_borrows()
                 value = self._objects.get(object_id) or await asyncio.wait_for(future, 120)
             if value.is_error:
                 raise exceptions.RuntimeEnvSetupError(
@@ -403,7 +403,7 @@ class ObjectTransfer:
             return _BytesOnly(io.BytesIO(value.inline_data)).load()
         finally:
             self._node._apply(self._objects.remove_holder(object_id, holder))
-            self._node._flush_borrows()
+            self._node.peers.flush_borrows()
 
     def object_ready(self, object_id: bytes) -> None:
         """`object_id` has its value now: wake whoever here awaits it."""
@@ -414,7 +414,7 @@ class ObjectTransfer:
     # ------------------------------------------------------------ copies
     def _copy_dropped(self, object_id: bytes) -> None:
         """The store dropped a pulled copy for room (any thread, store lock held)."""
-        self._node._note_location(object_id, False)
+        self._node.peers.note_location(object_id, False)
 
     def copies_freed(self, object_id: bytes) -> None:
         """The object was freed for good: nodes that pulled it from us drop their copies.
@@ -424,7 +424,7 @@ class ObjectTransfer:
         release, so a copy goes only when nothing anywhere can ask for it.
         """
         for node_hex in self._copies_sent.pop(object_id, ()):
-            self._node._send_peer(node_hex, pb.PeerEvent(free=pb.FreeObjects(object_ids=[object_id])))
+            self._node.peers.send(node_hex, pb.PeerEvent(free=pb.FreeObjects(object_ids=[object_id])))
 
     def copy_source_freed(self, object_id: bytes) -> None:
         """A node we pulled from says the object is freed: drop our copy, and
@@ -432,12 +432,12 @@ class ObjectTransfer:
         the pages (recycle.py) for the next large object."""
         if object_id not in self._pulls and self._store.contains(object_id):
             self._store.delete(object_id)
-            self._node._note_location(object_id, False)
+            self._node.peers.note_location(object_id, False)
         self.copies_freed(object_id)
 
     async def _rebuilt_value(self, object_id: bytes, lost: list) -> pb.ObjectValue:
         """The object's value once its owner has replaced the lost copies."""
-        if self._node.is_local_object(object_id):
+        if self._node._owns(object_id):
             value = await self._rebuild_object(object_id, lost)
         else:
             owner = self._view.node_for_prefix(object_id)
@@ -445,7 +445,7 @@ class ObjectTransfer:
                 raise exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"no live node holds a copy (tried {lost}) and "
                     "its owner node, which could rebuild it, is not in the cluster")
-            reply = await self._node.ask_peer(owner, "rebuild_object", {
+            reply = await self._node.peers.ask(owner, "rebuild_object", {
                 "object_id": object_id.hex(), "lost": lost}, REBUILD_WAIT_S + 10)
             value = pb.ObjectValue.FromString(base64.b64decode(reply["value"]))
         if self._objects.get(object_id) is not None:
@@ -468,12 +468,12 @@ class ObjectTransfer:
                 where = value.location or self._node_hex
                 if not value.in_store or where not in lost or (
                         where == self._node_hex and self._store.contains(object_id)):
-                    return self._node._exportable(value)
+                    return self._node.peers.exportable(value)
                 if where not in self._view.known_dead:
                     # Its holder lives on but cannot serve it: the copy is lost.
                     log.warning("object %s is missing on its holder %s; rebuilding",
                                 object_id.hex(), where)
-                    self._node._object_copy_lost(object_id, where)
+                    self._node.peers.object_copy_lost(object_id, where)
                     continue
                 # Its holder died: the node-death handling rebuilds it.
             elif object_id not in self._objects:

@@ -139,7 +139,7 @@ class Host:
             return {"time": time.time(), "cpu_s": time.process_time(),
                     "threads": threading.active_count(), "nodes": [
                         {"id": node.node_hex, "registered": node.membership.registered,
-                         "view": len(node.view.nodes),
+                         "view": len(node.peers.view.nodes),
                          "watch_events": node.membership.watch_events,
                          "crashed": node.node_hex in self.crashed} for node in self.nodes]}
         if op == "crash":

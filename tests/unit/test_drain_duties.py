@@ -32,10 +32,12 @@ class _Node:
         self._stopping = asyncio.Event()
         self.republished = 0
         self.membership = SimpleNamespace(republish_record=self._republish)
-        self.tasks, self.links = {}, {}
+        self.tasks = {}
         self.queue = TaskQueue()
         self.released, self.sent, self.replaced = [], [], 0
         self.dispatch = SimpleNamespace(release=self.released.append)
+        self.peers = SimpleNamespace(send=self._send, replace_waiting=self._replace_waiting,
+                                     links_idle=lambda: True)
 
     def _republish(self):
         self.republished += 1
@@ -43,7 +45,7 @@ class _Node:
     def _move(self, task, new, cause):
         move(task, new, cause)
 
-    def _send_peer(self, node_hex, event):
+    def _send(self, node_hex, event):
         self.sent.append((node_hex, event))
         return True
 

@@ -1,7 +1,7 @@
 """A node's object transfers (node/transfer.py), holder side, with a stand-in node.
 
 ObjectTransfer keeps the node's store, directory, view and metrics and asks
-the node for its peer links; here those are in-memory stand-ins, so the
+the node's peer duties to send; here those are in-memory stand-ins, so the
 tests check what it serves and whom it tells: a pull streams the file's
 bytes and remembers the puller, whose copy is freed with the object (once);
 an object not here is refused NOT_FOUND; a local object is restored without
@@ -55,9 +55,10 @@ class _Context:
 def _transfer(files: dict):
     sent = []
     node = SimpleNamespace(store=_Store(files), objects=ObjectDirectory(),
-                           view=ClusterView(HERE), node_hex=HERE, membership=None,
+                           node_hex=HERE, membership=None,
                            metrics=SimpleNamespace(bytes_sent=0, bytes_received=0),
-                           _send_peer=lambda node_hex, event: sent.append((node_hex, event)))
+                           peers=SimpleNamespace(view=ClusterView(HERE), send=lambda node_hex,
+                                                 event: sent.append((node_hex, event))))
     return ObjectTransfer(node), node, sent
 
 
@@ -124,5 +125,5 @@ def test_a_reader_waiting_for_a_value_is_woken_when_it_is_ready():
         return await asyncio.wait_for(waiting, 5)
 
     node._apply = lambda effects: None
-    node._flush_borrows = lambda: None
+    node.peers.flush_borrows = lambda: None
     assert asyncio.run(main()) == b"package bytes"

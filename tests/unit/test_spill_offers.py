@@ -1,18 +1,17 @@
 """Spill offers driven by the load peers attach to their batches (node/cluster.py).
 
-A stand-in daemon (ClusterDuties with in-memory links) checks who gets
-queued work: a batch showing room gets work offered at once, a peer's
-backlog is used only when no peer can start the task, unanswered offers are
-never counted twice, and an answered offer stops counting even if its task
-was cancelled meanwhile.
+PeerDuties acts on a stand-in node (a busy CPU, a queue, recorded moves)
+with in-memory links; these tests check who gets queued work: a batch
+showing room gets work offered at once, a peer's backlog is used only when
+no peer can start the task, unanswered offers are never counted twice, and
+an answered offer stops counting even if its task was cancelled meanwhile.
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from types import SimpleNamespace
 
-from meshray.node.cluster import ClusterDuties
+from meshray.node.cluster import PeerDuties
 from meshray.node.objects import ObjectDirectory
 from meshray.node.task_lifecycle import move
 from meshray.node.tasks import TaskQueue, TaskRecord
@@ -36,10 +35,12 @@ class _Config:
     labels: dict = {}
 
 
-class _Daemon(ClusterDuties):
-    def __init__(self, peers_free: dict):
+class _Node:
+    """What PeerDuties reads and calls on its node here: a busy CPU, a queue, moves."""
+
+    def __init__(self):
         self.node_id = bytes.fromhex(HEAD)
-        self._init_cluster()
+        self.node_hex = HEAD
         self.drain = SimpleNamespace(draining=False)
         self.dispatch = SimpleNamespace(schedule=lambda: None)
         self.config = _Config()
@@ -48,26 +49,32 @@ class _Daemon(ClusterDuties):
         self.resources.try_acquire(ResourceSet.from_dict({"CPU": 1.0}))   # busy here
         self.queue = TaskQueue()
         self.objects = ObjectDirectory()
-        self.functions = {}
-        self.tasks = {}
-        self.infeasible = []
-        self.view.nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
-                           for n in (HEAD, A, B)}
-        self.view.avail = {HEAD: {"CPU": 0.0}, **peers_free}
-        self.view.avail_changed_at = {n: time.monotonic() - 5 for n in self.view.avail}
-        self.links = {A: _Link(), B: _Link()}
-        self.routes = SimpleNamespace(peer=dispatch_table(pb.PeerEvent, {
-            kind: getattr(self, "_peer_" + kind, lambda *event: None)
-            for kind in event_kinds(pb.PeerEvent)}))
-
-    def _flush_borrows(self):
-        pass
+        self.store = None
+        self.functions, self.tasks, self.actors = {}, {}, {}
 
     def _move(self, task, new, cause):
         move(task, new, cause)
 
+
+class _Daemon:
+    """A node and its peer duties, whose links to A and B record what they send."""
+
+    def __init__(self, peers_free: dict):
+        node = _Node()
+        self.tasks, self.queue = node.tasks, node.queue
+        self.part = part = PeerDuties(node)
+        part.view.nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
+                           for n in (HEAD, A, B)}
+        part.view.avail = {HEAD: {"CPU": 0.0}, **peers_free}
+        part.view.avail_changed_at = {n: time.monotonic() - 5 for n in part.view.avail}
+        part.links.update({A: _Link(), B: _Link()})
+        node.routes = SimpleNamespace(peer=dispatch_table(pb.PeerEvent, {
+            kind: getattr(part, "on_" + kind, lambda *event: None)
+            for kind in event_kinds(pb.PeerEvent)}))
+
     def offers_to(self, node_hex):
-        return [e.spill.spec.task_id for e in self.links[node_hex].sent if e.HasField("spill")]
+        return [e.spill.spec.task_id for e in self.part.links[node_hex].sent
+                if e.HasField("spill")]
 
     def queue_tasks(self, count):
         tasks = []
@@ -85,13 +92,13 @@ class _Daemon(ClusterDuties):
 def _deliver(daemon, from_hex, *, free, backlog, events=()):
     batch = pb.PeerBatch(from_node=bytes.fromhex(from_hex), events=list(events),
                          load=pb.NodeLoad(available={"CPU": free}, backlog_room=backlog))
-    asyncio.run(daemon.Deliver(batch, None))
+    daemon.part.deliver(batch)
 
 
 def test_a_batch_showing_room_gets_queued_work_offered_at_once():
     daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})   # etcd: everyone busy
     daemon.queue_tasks(3)
-    daemon._offer_queued()
+    daemon.part.offer_queued()
     assert daemon.offers_to(A) == daemon.offers_to(B) == []
     _deliver(daemon, A, free=1.0, backlog=0)        # a result came back: A has room
     assert len(daemon.offers_to(A)) == 1
@@ -125,13 +132,13 @@ def test_an_answered_offer_stops_counting_even_for_a_cancelled_task():
     del daemon.tasks[task.task_id]                 # cancelled while the offer was out
     verdict = pb.PeerEvent(verdict=pb.SpillVerdict(task_id=task.task_id, accepted=True))
     _deliver(daemon, A, free=0.0, backlog=0, events=[verdict])
-    assert daemon.view.offered.get(A) == {}
+    assert daemon.part.view.offered.get(A) == {}
 
 
 def test_an_old_load_yields_to_a_newer_etcd_value():
     daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})
-    daemon.view.loads[A] = (pb.NodeLoad(available={"CPU": 1.0}), time.monotonic() - 10)
-    daemon.view.avail_changed_at[A] = time.monotonic() - 1    # etcd changed since: busy
+    daemon.part.view.loads[A] = (pb.NodeLoad(available={"CPU": 1.0}), time.monotonic() - 10)
+    daemon.part.view.avail_changed_at[A] = time.monotonic() - 1   # etcd changed since: busy
     daemon.queue_tasks(1)
-    daemon._offer_queued()
+    daemon.part.offer_queued()
     assert daemon.offers_to(A) == []

@@ -52,13 +52,11 @@ class _Node:
         self.envs = SimpleNamespace(start_workers_for=lambda task, n: self.worker_starts.append(
             (task, n)))
         self.transfer = SimpleNamespace(prefetch_args=lambda task: None)
+        self.peers = SimpleNamespace(exportable=lambda value: value)
         self.owner = SimpleNamespace(conn_id=1)
 
     def _move(self, task, new, cause):
         move(task, new, cause)
-
-    def _exportable(self, value):
-        return value
 
     def worker(self, pid: int) -> WorkerProcess:
         worker = WorkerProcess(worker_id=bytes([pid]) * 4, env_key="default",
