@@ -1,4 +1,4 @@
-"""The node daemon's actor duties, as a mixin of NodeDaemon.
+"""The node daemon's actor duties (`daemon.hosting`, an ActorHosting).
 
 Creation is an ordinary queued task whose worker is then kept for the actor;
 after that, callers talk to the actor's worker directly and the daemon only
@@ -15,6 +15,7 @@ from meshray import exceptions
 from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
 from meshray.node.objects import error_value
+from meshray.node.tasks import TaskRecord
 from meshray.rpc import strict
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -26,17 +27,45 @@ ACTOR_WAIT_S = 60.0
 
 
 class ActorHosting:
-    """Mixed into NodeDaemon; uses its tasks, pool, resources and membership."""
+    """The actors this node creates and hosts, from creation to death.
+
+    It owns the actor records queued for etcd and the task writing them.
+    It keeps the node's actor and task tables, which live as long as the
+    node, and the node itself for what is made later or belongs to another
+    part: membership (etcd, once a member), resources, the worker pool,
+    dispatch, placement groups, the peer duties (an actor hosted elsewhere
+    is reached there), the task events and event log, and the task
+    lifecycle the node owns (finish, cancel).
+    """
+
+    def __init__(self, node):
+        self._node = node
+        self._node_hex = node.node_hex
+        self._actors, self._tasks = node.actors, node.tasks
+        self._records: dict = {}       # actor id -> (record, first): queued for etcd
+        self._publisher = None         # the task writing them, in order
 
     # ------------------------------------------------------------ lifecycle
-    def _actor_created(self, task, worker, result: pb.TaskResult) -> None:
+    def admit(self, entry: ActorEntry) -> ActorEntry:
+        """A new actor created here or hosted for a peer: into the node's table,
+        its first record on its way to etcd."""
+        self._actors[entry.actor_id] = entry
+        self.publish(entry)
+        return entry
+
+    def apply(self, entry: ActorEntry, event: str, detail: str = ""):
+        """Every actor move on this node: checked by the table, kept in the event log."""
+        return actor_states.apply(entry, event, detail, self._node.events)
+
+    def created(self, task, worker, result: pb.TaskResult) -> None:
+        """The actor's __init__ on `worker` returned (`result`): it lives, or it failed."""
         entry: ActorEntry = task.actor
         if result.failed:
-            self.dispatch.release(task)
+            self._node.dispatch.release(task)
             worker.actor = None
-            self.pool.kill(worker)
-            self._set_actor_state(entry, "init_failed", result.actor_error)
-            self._finish(task, list(result.returns))
+            self._node.pool.kill(worker)
+            self.set_state(entry, "init_failed", result.actor_error)
+            self._node._finish(task, list(result.returns))
             return
         # The worker stays with the actor; its held resources stay taken.
         task.worker = None
@@ -46,91 +75,109 @@ class ActorHosting:
         entry.bundle_task = task if task.bundle is not None else None
         worker.current_task = None
         entry.address = result.actor_address
-        self._set_actor_state(entry, "created")
-        self._finish(task, list(result.returns))
+        self.set_state(entry, "created")
+        self._node._finish(task, list(result.returns))
 
-    def _actor_worker_died(self, worker) -> None:
+    def worker_died(self, worker) -> None:
+        """The worker hosting an actor died: give back what it held; restart or bury it."""
         entry: ActorEntry = worker.actor
         worker.actor = None
-        self.task_events.worker_gone(worker.worker_id)
+        self._node.task_events.worker_gone(worker.worker_id)
         task = worker.current_task
         if task is not None and task.actor is entry:
             # Died inside __init__ (e.g. os._exit): counts as a failed start.
-            self.dispatch.release(task)
+            self._node.dispatch.release(task)
             task.worker = None
         elif entry.holding:
             if entry.bundle_task is not None:
-                self.placement.release_bundle(entry.bundle_task)
+                self._node.placement.release_bundle(entry.bundle_task)
             elif entry.allocation is not None:
-                self.resources.release(entry.allocation)
+                self._node.resources.release(entry.allocation)
             else:
-                self.resources.release(entry.hold)
+                self._node.resources.release(entry.hold)
         entry.holding = False
         entry.allocation = None
         entry.worker = None
         event = "killed" if entry.killed else "worker_died"
-        self._set_actor_state(entry, event, entry.kill_cause)
+        self.set_state(entry, event, entry.kill_cause)
         if entry.state == actor_states.RESTARTING:
             entry.num_restarts += 1
             entry.killed = False
             entry.kill_cause = ""
-            self._restart_actor(entry, task)
+            self.restart(entry, task)
         elif task is not None and task.actor is entry and task.state != "done":
             values = [self._actor_error_value(oid, entry) for oid in task.return_ids]
-            self._finish(task, values, exceptions.ActorDiedError(error_message=entry.death_cause))
+            self._node._finish(task, values,
+                               exceptions.ActorDiedError(error_message=entry.death_cause))
 
-    def _restart_actor(self, entry: ActorEntry, old_task) -> None:
-        from meshray.node.tasks import TaskRecord
-
+    def restart(self, entry: ActorEntry, old_task) -> None:
+        """Place a new creation task for `entry` (a new attempt of its spec)."""
         spec = pb.TaskSpec()
         spec.CopyFrom(entry.spec)
         spec.attempt += 1
-        task = TaskRecord.from_spec(spec, entry.owner, self._env_key(spec), return_ids=[],
+        task = TaskRecord.from_spec(spec, entry.owner, self._node._env_key(spec), return_ids=[],
                                     actor=entry)
         if entry.bundle_task is not None:
             task.bundle = entry.bundle_task.bundle   # restarts stay in the same bundle
         entry.bundle_task = None
-        self.tasks[spec.task_id] = task
-        self.peers.place_or_queue(task)
+        self._tasks[spec.task_id] = task
+        self._node.peers.place_or_queue(task)
 
-    def _set_actor_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
-        self._apply_actor(entry, event, detail)
+    def set_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
+        """Apply `event`, wake who waits on the actor and publish its record."""
+        self.apply(entry, event, detail)
         if entry.state == actor_states.DEAD:
             entry.address = ""
-            self._release_actor_name(entry)
+            self.release_name(entry)
         entry.wake()
-        self._publish_actor(entry)
+        self.publish(entry)
 
-    def _kill_actor(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
+    def kill(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
+        """Kill the actor here, or ask its host to; `cause` becomes its death cause."""
         if entry.state == actor_states.DEAD:
             return
-        if entry.remote_node and entry.remote_node not in self.peers.view.known_dead \
+        peers = self._node.peers
+        if entry.remote_node and entry.remote_node not in peers.view.known_dead \
                 and entry.worker is None:
             # Hosted elsewhere: its host kills it; we only stop restarting it.
-            self.peers.send(entry.remote_node, pb.PeerEvent(request=pb.Request(
+            peers.send(entry.remote_node, pb.PeerEvent(request=pb.Request(
                 request_id=0, method="kill_actor", payload=json.dumps({
                     "actor_id": entry.actor_id.hex(), "no_restart": no_restart,
                     "cause": cause}).encode())))
             if no_restart:
                 entry.no_restart = True
-                self._apply_actor(entry, "killed", cause)
+                self.apply(entry, "killed", cause)
                 entry.wake()
             return
         entry.no_restart = entry.no_restart or no_restart
         entry.killed = True
         entry.kill_cause = cause
         if entry.worker is not None:
-            self.pool.kill(entry.worker)
+            self._node.pool.kill(entry.worker)
             return
         # Not started yet (queued creation): it never runs.
-        for task in list(self.tasks.values()):
+        for task in list(self._tasks.values()):
             if task.actor is entry and task.state != "running":
-                self._cancel(task, force=False, recursive=False)
+                self._node._cancel(task, force=False, recursive=False)
         if entry.no_restart:
-            self._set_actor_state(entry, "killed", cause)
+            self.set_state(entry, "killed", cause)
 
-    def _on_actor_exiting(self, conn, msg: pb.ActorExiting) -> None:
-        entry = self.actors.get(msg.actor_id)
+    def start_failed(self, entry: ActorEntry, error: BaseException) -> None:
+        """A (re)start of `entry` that can never happen failed with `error`: the
+        actor is dead and says why (a restart has no return value to carry it)."""
+        if entry.state != actor_states.DEAD and entry.worker is None:
+            self.set_state(entry, "init_failed", f"{type(error).__name__}: {error}")
+
+    def owner_left(self, conn) -> None:
+        """The process `conn` exited: the non-detached actors it created die with it."""
+        for entry in list(self._actors.values()):
+            if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
+                self.kill(entry, no_restart=True, cause=(
+                    f"the actor's owner (pid {conn.pid}) exited; a non-detached actor "
+                    "dies with its owner"))
+
+    def on_actor_exiting(self, conn, msg: pb.ActorExiting) -> None:
+        entry = self._actors.get(msg.actor_id)
         if entry is None:
             return
         if conn.worker is None or conn.worker.actor is not entry:
@@ -142,29 +189,22 @@ class ActorHosting:
         entry.exiting = not msg.restartable
         entry.kill_cause = msg.reason
 
-    def _on_task_events(self, conn, msg: pb.ActorTaskEvents) -> None:
+    def on_task_events(self, conn, msg: pb.ActorTaskEvents) -> None:
         worker = conn.worker
         if worker is None or worker.actor is None:
             raise strict.Malformed("task_events: only the worker hosting an actor reports "
                                    "its method calls")
-        self.task_events.actor_calls(worker.worker_id, worker.pid, worker.actor.actor_id, msg)
+        self._node.task_events.actor_calls(worker.worker_id, worker.pid,
+                                           worker.actor.actor_id, msg)
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
         return error_value(object_id, exceptions.ActorDiedError(
             actor_id=entry.actor_id.hex(), class_name=entry.options.get("class_name"),
-            name=entry.options.get("name") or None, node_id=self.node_id.hex(),
+            name=entry.options.get("name") or None, node_id=self._node_hex,
             error_message=entry.death_cause))
 
     # ------------------------------------------------------------ etcd
-    async def _coordinator(self):
-        membership = self.membership
-        if membership is None:
-            return None
-        loop = asyncio.get_running_loop()
-        registered = await loop.run_in_executor(None, membership._registered.wait, 15.0)
-        return membership.coordinator if registered else None
-
-    def _publish_actor(self, entry: ActorEntry) -> None:
+    def publish(self, entry: ActorEntry) -> None:
         """Queue `entry`'s record for etcd; records reach etcd in the order
         their states were reached.
 
@@ -178,24 +218,23 @@ class ActorHosting:
         yet) is written only if the key is absent: the node that hosts the
         actor may already have published that it is ALIVE.
         """
-        record = entry.encode(self.node_id.hex())
+        record = entry.encode(self._node_hex)
         first = entry.state == actor_states.PENDING and entry.num_restarts == 0
-        self._actor_records.pop(entry.actor_id, None)        # keep queue order = change order
-        self._actor_records[entry.actor_id] = (record, first)
-        if self._actor_publisher is None or self._actor_publisher.done():
-            self._actor_publisher = asyncio.get_running_loop().create_task(
-                self._publish_actor_records())
+        self._records.pop(entry.actor_id, None)      # keep queue order = change order
+        self._records[entry.actor_id] = (record, first)
+        if self._publisher is None or self._publisher.done():
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_records())
 
-    async def _publish_actor_records(self) -> None:
+    async def _publish_records(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._actor_records:
-            coordinator = await self._coordinator()
+        while self._records:
+            coordinator = await self._node._coordinator()
             if coordinator is None:
-                self._actor_records.clear()     # not a member: nothing to publish into
+                self._records.clear()     # not a member: nothing to publish into
                 return
-            actor_id, (record, first) = next(iter(self._actor_records.items()))
-            del self._actor_records[actor_id]   # a newer record arriving now is written next
-            key = self.membership.keys.actor(actor_id)
+            actor_id, (record, first) = next(iter(self._records.items()))
+            del self._records[actor_id]   # a newer record arriving now is written next
+            key = self._node.membership.keys.actor(actor_id)
             try:
                 if first:
                     await loop.run_in_executor(None, coordinator.put_if_absent, key, record)
@@ -204,7 +243,8 @@ class ActorHosting:
             except Exception as exc:  # noqa: BLE001 - the local table stays authoritative
                 log.warning("could not publish actor %s: %s", actor_id.hex(), exc)
 
-    def _release_actor_name(self, entry: ActorEntry) -> None:
+    def release_name(self, entry: ActorEntry) -> None:
+        """Free the dead actor's name in etcd (if it still maps to this actor)."""
         name = entry.options.get("name")
         if not name:
             return
@@ -212,10 +252,10 @@ class ActorHosting:
 
         async def release():
             from meshray.coordination.client import Delete, ValueEquals
-            coordinator = await self._coordinator()
+            coordinator = await self._node._coordinator()
             if coordinator is None:
                 return
-            key = self.membership.keys.actor_name(namespace, name)
+            key = self._node.membership.keys.actor_name(namespace, name)
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: coordinator.txn([ValueEquals(key, entry.actor_id.hex().encode())],
                                               [Delete(key)]))
@@ -223,13 +263,13 @@ class ActorHosting:
         asyncio.get_running_loop().create_task(release())
 
     async def _etcd_call(self, fn, *args):
-        coordinator = await self._coordinator()
+        coordinator = await self._node._coordinator()
         if coordinator is None:
             raise ConnectionError("this node is not connected to etcd")
         return await asyncio.get_running_loop().run_in_executor(None, fn, coordinator, *args)
 
     # ------------------------------------------------------------ questions
-    async def _ask_actor_info(self, conn, payload: dict) -> dict:
+    async def ask_actor_info(self, conn, payload: dict) -> dict:
         """The actor's record; with wait, once it is DEAD or ALIVE with a live worker.
 
         The node hosting the actor answers for it; the node that created it
@@ -238,22 +278,22 @@ class ActorHosting:
         host entry, so only "is what you would dial alive" is well defined.
         """
         actor_id = bytes.fromhex(payload["actor_id"])
-        entry = self.actors.get(actor_id)
+        entry = self._actors.get(actor_id)
         timeout = float(payload.get("timeout", ACTOR_WAIT_S))
         if entry is None:
             return await self._remote_actor_info(actor_id, payload, timeout)
+        peers = self._node.peers
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             remaining = max(0.0, deadline - loop.time())
             host = entry.remote_node
-            if host and host not in self.peers.view.known_dead \
-                    and entry.state == actor_states.ALIVE:
+            if host and host not in peers.view.known_dead and entry.state == actor_states.ALIVE:
                 try:
-                    record = await self.peers.ask(host, "actor_info",
-                                                 {**payload, "timeout": remaining}, remaining + 10)
+                    record = await peers.ask(host, "actor_info",
+                                             {**payload, "timeout": remaining}, remaining + 10)
                 except (ConnectionError, asyncio.TimeoutError):
-                    if host in self.peers.view.known_dead and loop.time() < deadline:
+                    if host in peers.view.known_dead and loop.time() < deadline:
                         continue   # its host died while we asked: we restart it
                     raise
                 entry.num_restarts = max(entry.num_restarts, int(record.get("num_restarts", 0)))
@@ -262,7 +302,7 @@ class ActorHosting:
                 await entry.wait_settled(remaining)
                 if entry.settled() and loop.time() < deadline:
                     continue
-            return entry.record(self.node_id.hex())
+            return entry.record(self._node_hex)
 
     async def _remote_actor_info(self, actor_id: bytes, payload: dict, timeout: float) -> dict:
         """An actor neither hosted nor created here: etcd says where; ask that node.
@@ -270,6 +310,7 @@ class ActorHosting:
         A failed etcd read says nothing about the actor (etcd may be stalled
         or electing a leader): it is retried until the caller's deadline.
         """
+        peers = self._node.peers
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         failures = 0
@@ -290,57 +331,58 @@ class ActorHosting:
             node = record.get("node_id", "")
             if record.get("state") == "UNKNOWN":
                 # No record yet is not "no such actor": its creator queues the
-                # first record for etcd (_publish_actor) while the handle may
+                # first record for etcd (publish) while the handle may
                 # already be in a task on this node. The creator, named by the
                 # actor id's prefix, knows the actor from the start.
-                creator = self.peers.view.node_for_prefix(actor_id)
-                if creator is not None and creator != self.node_id.hex():
+                creator = peers.view.node_for_prefix(actor_id)
+                if creator is not None and creator != self._node_hex:
                     remaining = max(0.0, deadline - loop.time())
-                    return await self.peers.ask(creator, "actor_info",
-                                               {**payload, "timeout": remaining}, remaining + 10)
+                    return await peers.ask(creator, "actor_info",
+                                           {**payload, "timeout": remaining}, remaining + 10)
                 return record
             if record.get("state") == "DEAD":
                 return record
-            if node == self.node_id.hex():
-                entry = self.actors.get(actor_id)
+            if node == self._node_hex:
+                entry = self._actors.get(actor_id)
                 if entry is not None:
-                    return entry.record(self.node_id.hex())
-            elif node in self.peers.view.nodes and record.get("state") == "ALIVE":
-                return await self.peers.ask(node, "actor_info", payload, timeout + 10)
+                    return entry.record(self._node_hex)
+            elif node in peers.view.nodes and record.get("state") == "ALIVE":
+                return await peers.ask(node, "actor_info", payload, timeout + 10)
             if not payload.get("wait") or loop.time() >= deadline:
                 return record
             await asyncio.sleep(0.2)  # placed, restarting, or its host just died
 
     def _read_actor_record(self, coordinator, actor_id: bytes) -> dict:
         from meshray.coordination import keyspace
-        value, _rev = coordinator.get(self.membership.keys.actor(actor_id))
+        value, _rev = coordinator.get(self._node.membership.keys.actor(actor_id))
         if value is None:
             return {"actor_id": actor_id.hex(), "state": "UNKNOWN"}
         return keyspace.decode_json(value)
 
-    async def _ask_kill_actor(self, conn, payload: dict) -> dict:
+    async def ask_kill_actor(self, conn, payload: dict) -> dict:
+        peers = self._node.peers
         actor_id = bytes.fromhex(payload["actor_id"])
-        entry = self.actors.get(actor_id)
+        entry = self._actors.get(actor_id)
         if entry is not None and entry.remote_node \
-                and entry.remote_node not in self.peers.view.known_dead:
-            return await self.peers.ask(entry.remote_node, "kill_actor", payload)
+                and entry.remote_node not in peers.view.known_dead:
+            return await peers.ask(entry.remote_node, "kill_actor", payload)
         if entry is None:
             record = await self._etcd_call(self._read_actor_record, actor_id)
             node = record.get("node_id", "")
-            if node and node != self.node_id.hex() and node in self.peers.view.nodes:
-                return await self.peers.ask(node, "kill_actor", payload)
+            if node and node != self._node_hex and node in peers.view.nodes:
+                return await peers.ask(node, "kill_actor", payload)
             raise ValueError(f"actor {payload['actor_id']} is not known to this node "
                              f"(its record says state {record.get('state')}, node {node or '?'})")
-        self._kill_actor(entry, no_restart=bool(payload.get("no_restart", True)),
-                         cause=payload.get("cause") or "the actor was killed with meshray.kill()")
+        self.kill(entry, no_restart=bool(payload.get("no_restart", True)),
+                  cause=payload.get("cause") or "the actor was killed with meshray.kill()")
         return {"ok": True}
 
-    async def _ask_claim_actor_name(self, conn, payload: dict) -> dict:
+    async def ask_claim_actor_name(self, conn, payload: dict) -> dict:
         """Claim (namespace, name) for an actor in one etcd transaction."""
         from meshray.coordination.client import Get, KeyMissing, Put
 
         def claim(coordinator):
-            key = self.membership.keys.actor_name(payload["namespace"], payload["name"])
+            key = self._node.membership.keys.actor_name(payload["namespace"], payload["name"])
             result = coordinator.txn([KeyMissing(key)], [Put(key, payload["actor_id"].encode())],
                                      [Get(key)])
             if result.succeeded:
@@ -350,24 +392,24 @@ class ActorHosting:
 
         return await self._etcd_call(claim)
 
-    async def _ask_get_named_actor(self, conn, payload: dict) -> dict:
+    async def ask_get_named_actor(self, conn, payload: dict) -> dict:
         def lookup(coordinator):
             from meshray.coordination import keyspace
-            key = self.membership.keys.actor_name(payload["namespace"], payload["name"])
+            key = self._node.membership.keys.actor_name(payload["namespace"], payload["name"])
             value, _ = coordinator.get(key)
             if value is None:
                 return {"state": "UNKNOWN"}
-            record_value, _ = coordinator.get(self.membership.keys.actor(value.decode()))
+            record_value, _ = coordinator.get(self._node.membership.keys.actor(value.decode()))
             if record_value is None:
                 return {"actor_id": value.decode(), "state": "PENDING"}
             return keyspace.decode_json(record_value)
 
         return await self._etcd_call(lookup)
 
-    async def _ask_list_actors(self, conn, payload: dict) -> list:
+    async def ask_list_actors(self, conn, payload: dict) -> list:
         def listing(coordinator):
             from meshray.coordination import keyspace
-            items, _rev = coordinator.get_prefix(self.membership.keys.actors_prefix())
+            items, _rev = coordinator.get_prefix(self._node.membership.keys.actors_prefix())
             return [keyspace.decode_json(item[1]) for item in items]
 
         return await self._etcd_call(listing)

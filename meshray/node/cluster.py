@@ -133,8 +133,8 @@ class PeerDuties:
         """
         for entry in list(self._actors.values()):
             if entry.owner_node and entry.state != "DEAD":
-                self._node._kill_actor(entry, no_restart=True,
-                                       cause=f"node {self._node_hex} lost its etcd lease")
+                self._node.hosting.kill(entry, no_restart=True,
+                                        cause=f"node {self._node_hex} lost its etcd lease")
         for task in list(self._tasks.values()):
             if isinstance(task.owner, RemoteOwner):
                 task.cancelled = True
@@ -423,8 +423,7 @@ class PeerDuties:
                                and self._resources.is_feasible(request)):
                     verdict.accepted = True
                     if task.actor is not None:
-                        self._actors[spec.actor_id] = task.actor
-                        self._node._publish_actor(task.actor)
+                        self._node.hosting.admit(task.actor)
                     self._tasks[spec.task_id] = task
                     if started:
                         self._node.dispatch.start(task)
@@ -471,10 +470,10 @@ class PeerDuties:
             entry.address = result.actor_address
             entry.remote_node = from_hex
             if result.failed:
-                self._node._apply_actor(entry, "init_failed",
-                                        result.actor_error or "the actor's __init__ failed")
+                self._node.hosting.apply(entry, "init_failed",
+                                         result.actor_error or "the actor's __init__ failed")
             else:
-                self._node._apply_actor(entry, "created", f"running on node {from_hex}")
+                self._node.hosting.apply(entry, "created", f"running on node {from_hex}")
                 self._remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
             entry.wake()
         if any(v.in_store for v in result.returns):
@@ -671,8 +670,8 @@ class PeerDuties:
         # Actors it owned die with it (unless detached); ours it hosted restart.
         for entry in list(self._actors.values()):
             if getattr(entry, "owner_node", None) == node_hex and not entry.detached:
-                self._node._kill_actor(entry, no_restart=True,
-                                       cause=f"the actor's owner node {node_hex} died")
+                self._node.hosting.kill(entry, no_restart=True,
+                                        cause=f"the actor's owner node {node_hex} died")
         for actor_id, info in list(self._remote_actors.items()):
             if info["node"] == node_hex:
                 del self._remote_actors[actor_id]
@@ -757,16 +756,16 @@ class PeerDuties:
     def _restart_remote_actor(self, entry, node_hex: str) -> None:
         entry.worker = None
         entry.remote_node = ""
-        if self._node._apply_actor(entry, "node_died",
-                                   f"the node {node_hex} hosting the actor died") \
+        if self._node.hosting.apply(entry, "node_died",
+                                    f"the node {node_hex} hosting the actor died") \
                 == actor_states.RESTARTING:
             entry.num_restarts += 1
             entry.wake()
-            self._node._restart_actor(entry, None)
+            self._node.hosting.restart(entry, None)
         else:
             entry.wake()
-            self._node._publish_actor(entry)
-            self._node._release_actor_name(entry)
+            self._node.hosting.publish(entry)
+            self._node.hosting.release_name(entry)
 
     def object_copy_lost(self, object_id: bytes, node_hex: str) -> None:
         """The only copy of an object we own was on `node_hex`: rebuild it from

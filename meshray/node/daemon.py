@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from meshray import exceptions
 from meshray.common import arg_dir, ids
 from meshray.common.fence import LeaseFence
-from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import PeerDuties, RemoteOwner, holder_node
@@ -118,7 +117,7 @@ def env_key_for(env_vars: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
+class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     def __init__(self, config: NodeConfig):
         self.config = config
         self.node_id = config.node_id
@@ -149,11 +148,10 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
         self.local_address = ""
         self.membership = None            # set by the process entry point
         self.actors: dict[bytes, ActorEntry] = {}
-        self._actor_records: dict = {}       # actor id -> (record, first): queued for etcd
-        self._actor_publisher = None         # the task writing them, in order
         self._crash_reports: set = set()     # _report_crash tasks, held until they finish
         self._stopping = asyncio.Event()
         self.peers = PeerDuties(self)
+        self.hosting = ActorHosting(self)
         self.drain = Drain(self)
         self.dispatch = TaskDispatch(self)
         self.placement = PlacementDuties(self)
@@ -280,6 +278,14 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
         if self.membership is not None:
             self.membership.coordinator.revoke_lease(lease_id, timeout=3.0)
 
+    async def _coordinator(self):
+        """etcd's client once this node is a registered member; None when it is not one."""
+        if self.membership is None:
+            return None
+        registered = await asyncio.get_running_loop().run_in_executor(
+            None, self.membership.wait_registered, 15.0)
+        return self.membership.coordinator if registered else None
+
     async def stop(self) -> None:
         for conn in list(self.conns.values()):
             conn.closed = True
@@ -393,9 +399,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
         return_ids = self._return_ids(spec)
         task = TaskRecord.from_spec(spec, conn, self._env_key(spec), return_ids=return_ids)
         if spec.actor_creation:
-            entry = task.actor = ActorEntry.from_spec(spec, conn)
-            self.actors[spec.actor_id] = entry
-            self._publish_actor(entry)
+            task.actor = self.hosting.admit(ActorEntry.from_spec(spec, conn))
         self.tasks[spec.task_id] = task
         parent = self.tasks.get(spec.parent_task_id)
         if parent is not None:
@@ -502,7 +506,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
             self._apply(self.objects.set_value(item.object_id, item))
             return
         if task.actor is not None:
-            self._actor_created(task, worker, result)
+            self.hosting.created(task, worker, result)
             return
         self.dispatch.task_returned(worker, task)
         if result.failed and result.retryable_error and not task.cancelled and take_retry(task):
@@ -515,9 +519,6 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
     def _move(self, task: TaskRecord, new: TaskState, cause: str) -> None:
         """Every task move on this node: checked by the table, kept in the event log."""
         move(task, new, cause, self.events)
-
-    def _apply_actor(self, entry: ActorEntry, event: str, detail: str = ""):
-        return actor_states.apply(entry, event, detail, self.events)
 
     async def _ask_flush_output(self, conn, payload: dict) -> dict:
         """Pass on what the workers' pipes hold now. A driver asks before it
@@ -560,11 +561,8 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
         self.dispatch.release(task)
-        entry = task.actor
-        if entry is not None and entry.state != actor_states.DEAD and entry.worker is None:
-            # A (re)start that can never happen: the actor is dead, and says why
-            # (a restart has no return value to carry the error).
-            self._set_actor_state(entry, "init_failed", f"{type(error).__name__}: {error}")
+        if task.actor is not None:
+            self.hosting.start_failed(task.actor, error)
         self._finish_failed(task, error)
 
     def _cancel(self, task: TaskRecord, force: bool, recursive: bool) -> None:
@@ -640,11 +638,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
         if conn.pid:
             # Actor-call argument files this process can no longer release.
             arg_dir.sweep_process(self.store_dir, conn.pid, conn.worker_id)
-        for entry in list(self.actors.values()):
-            if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
-                self._kill_actor(entry, no_restart=True, cause=(
-                    f"the actor's owner (pid {conn.pid}) exited; a non-detached actor "
-                    "dies with its owner"))
+        self.hosting.owner_left(conn)
         worker = conn.worker
         if worker is not None:
             self._worker_lost(worker)
@@ -669,7 +663,7 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
             # for good instead waits for its worker's real exit status.
             self.pool.kill(worker)
         if worker.actor is not None:
-            self._actor_worker_died(worker)
+            self.hosting.worker_died(worker)
             return
         if worker.pipeline:
             log.info("worker %d died with %d pipelined task(s) queued; placing them again",
@@ -742,16 +736,15 @@ class NodeDaemon(ActorHosting, pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServ
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
         self._finish_failed(task, error)
 
+    # What membership tells the node: the member records or availabilities
+    # changed, our lease was lost, our alloc record or a group record changed.
     def on_view_change(self) -> None:
-        """Membership saw the member records or availabilities change."""
         self.peers.on_view_change()
 
     def on_lease_lost(self) -> None:
-        """Membership lost our etcd lease (see PeerDuties.on_lease_lost)."""
         self.peers.on_lease_lost()
 
     def on_pg_change(self) -> None:
-        """Membership saw our alloc record or a group record change."""
         self.placement.on_change()
 
     def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:

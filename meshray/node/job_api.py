@@ -305,11 +305,11 @@ class JobApi:
         """Best effort: a pending supervisor that starts later sees STOPPED and exits."""
         name = supervisor_name(record["submission_id"], record.get("attempt", 0))
         try:
-            found = self.http.on_loop(self.daemon._ask_get_named_actor(
+            found = self.http.on_loop(self.daemon.hosting.ask_get_named_actor(
                 None, {"namespace": SUPERVISOR_NAMESPACE, "name": name}), timeout=10)
             actor_id = found.get("actor_id")
             if actor_id:
-                self.http.on_loop(self.daemon._ask_kill_actor(
+                self.http.on_loop(self.daemon.hosting.ask_kill_actor(
                     None, {"actor_id": actor_id, "no_restart": True,
                            "cause": "the job was stopped before it started"}), timeout=10)
         except Exception as exc:  # noqa: BLE001 - best effort (see docstring)

@@ -279,7 +279,7 @@ def log_service_for(node) -> LogService:
         return found
 
     async def actor_record(actor_hex: str):
-        for record in await node._ask_list_actors(None, {}):
+        for record in await node.hosting.ask_list_actors(None, {}):
             if isinstance(record, dict) and record.get("actor_id") == actor_hex:
                 return record
         return None

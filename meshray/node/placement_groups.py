@@ -131,7 +131,7 @@ class PlacementDuties:
     def _stop_group_task(self, task, removed: bool) -> None:
         error = self._group_removed_error(task) if removed else None
         if task.actor is not None:
-            self._node._kill_actor(task.actor, no_restart=removed, cause=(
+            self._node.hosting.kill(task.actor, no_restart=removed, cause=(
                 "its placement group was removed" if removed else "its bundle moved"))
             return
         if task.worker is not None and task.state == "running":

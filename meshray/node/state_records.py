@@ -119,7 +119,7 @@ def state_service_for(node) -> StateService:
         return node._advertised_host()
 
     async def actors() -> list:
-        return actor_records(await node._ask_list_actors(None, {}))
+        return actor_records(await node.hosting.ask_list_actors(None, {}))
 
     async def nodes() -> list:
         return node_records(await node._cluster_asker("nodes")(None, {}))
