@@ -1,0 +1,124 @@
+"""A peer's death as this node's peer duties (node/cluster.py) handle it.
+
+PeerDuties is given the node whose tables, queue and lifecycles it acts on;
+here that node is a recorder with one free CPU that dispatch never takes,
+so these tests check what a death undoes: work offered to the dead peer is
+retried here (never offered to it again), work it sent here is dropped, a
+question out to it fails at once naming it, the actors it owned die, and a
+death seen twice is handled (and reported to `on_death`) once.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from meshray.node.cluster import PeerDuties, RemoteOwner
+from meshray.node.objects import ObjectDirectory
+from meshray.node.task_lifecycle import TaskState, move
+from meshray.node.tasks import TaskQueue, TaskRecord
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.scheduler.resources import NodeResources, ResourceSet
+
+HERE, DEAD_PEER, LIVE_PEER = "aa" * 28, "bb" * 28, "cc" * 28
+
+
+class _Node:
+    """What PeerDuties reads and calls on its node, recorded."""
+
+    def __init__(self):
+        self.node_id = bytes.fromhex(HERE)
+        self.node_hex = HERE
+        self.config = SimpleNamespace(labels={}, token=None)
+        self.resources = NodeResources({"CPU": 1.0})
+        self.queue = TaskQueue()
+        self.objects = ObjectDirectory()
+        self.store = None
+        self.functions, self.tasks, self.actors = {}, {}, {}
+        self.membership = None
+        self.drain = SimpleNamespace(draining=False)
+        self.dispatch = SimpleNamespace(schedule=lambda: None, try_acquire=lambda task: False,
+                                        drop_awaiting=lambda task: None,
+                                        release=lambda task: None)
+        self.killed_actors = []
+        self.hosting = SimpleNamespace(kill=lambda entry, no_restart, cause:
+                                       self.killed_actors.append((entry, no_restart, cause)))
+
+    def _move(self, task, new, cause):
+        move(task, new, cause)
+
+    def _owns(self, object_id):
+        return True
+
+
+def _task(node, number: int, owner) -> TaskRecord:
+    spec = pb.TaskSpec(task_id=bytes([number]) * 4, name=f"t{number}", resources={"CPU": 1.0},
+                       scheduling_strategy="DEFAULT")
+    task = TaskRecord(spec=spec, owner=owner, return_ids=[], retries_left=1,
+                      request=ResourceSet.from_dict({"CPU": 1.0}), env_key="", env_vars={})
+    node.tasks[task.task_id] = task
+    node.queue.push(task, "test: queued here")
+    return task
+
+
+def _duties():
+    node = _Node()
+    part = PeerDuties(node)
+    part.view.update({n: {"Resources": {"CPU": 1.0}} for n in (HERE, DEAD_PEER, LIVE_PEER)},
+                     {}, time.monotonic())
+    deaths = []
+    part.on_death = deaths.append
+    return node, part, deaths
+
+
+def test_a_peers_death_retries_the_work_sent_there_and_drops_the_work_it_sent_here():
+    async def scenario():
+        node, part, deaths = _duties()
+        offered = _task(node, 1, SimpleNamespace(conn_id=1))
+        node.queue.remove(offered)
+        offered.remote_node = DEAD_PEER
+        move(offered, TaskState.SPILLED, "test: offered to the peer")
+        guest = _task(node, 2, RemoteOwner(DEAD_PEER))
+
+        part.node_died(DEAD_PEER)
+
+        assert offered.state == TaskState.QUEUED and offered.refused_by == {DEAD_PEER}
+        assert offered.retries_left == 0 and offered.spec.attempt == 1
+        assert guest.state == TaskState.DONE and guest.task_id not in node.tasks
+        assert list(node.queue) == [offered]
+        assert deaths == [DEAD_PEER] and DEAD_PEER in part.view.known_dead
+
+        part.node_died(DEAD_PEER)                 # seen again: nothing more happens
+        assert deaths == [DEAD_PEER] and offered.retries_left == 0
+    asyncio.run(scenario())
+
+
+def test_a_question_out_to_a_peer_that_dies_fails_at_once_naming_it():
+    async def scenario():
+        node, part, _deaths = _duties()
+        sent = []
+        part.links[DEAD_PEER] = SimpleNamespace(send=sent.append, close=lambda: asyncio.sleep(0))
+        asking = asyncio.get_running_loop().create_task(part.ask(DEAD_PEER, "dump_events", {}))
+        await asyncio.sleep(0)
+        assert [event.request.method for event in sent] == ["dump_events"]
+        part.node_died(DEAD_PEER)
+        with pytest.raises(ConnectionError, match=f"node {DEAD_PEER} died"):
+            await asyncio.wait_for(asking, 5)
+        assert DEAD_PEER not in part.links
+        with pytest.raises(ConnectionError, match="not in this node's cluster view"):
+            await part.ask("dd" * 28, "dump_events", {})
+    asyncio.run(scenario())
+
+
+def test_the_actors_a_dead_peer_owned_die_unless_detached():
+    async def scenario():
+        node, part, _deaths = _duties()
+        owned = SimpleNamespace(owner_node=DEAD_PEER, detached=False)
+        detached = SimpleNamespace(owner_node=DEAD_PEER, detached=True)
+        elsewhere = SimpleNamespace(owner_node=LIVE_PEER, detached=False)
+        node.actors.update({b"1": owned, b"2": detached, b"3": elsewhere})
+        part.node_died(DEAD_PEER)
+        assert node.killed_actors == [(owned, True, f"the actor's owner node {DEAD_PEER} died")]
+    asyncio.run(scenario())
