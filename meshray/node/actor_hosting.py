@@ -123,6 +123,20 @@ class ActorHosting:
         self._tasks[spec.task_id] = task
         self._node.peers.place_or_queue(task)
 
+    def host_died(self, entry: ActorEntry, node_hex: str) -> None:
+        """The peer hosting our actor (`node_hex`) died: restart it, or bury it."""
+        entry.worker = None
+        entry.remote_node = ""
+        if self.apply(entry, "node_died", f"the node {node_hex} hosting the actor died") \
+                == actor_states.RESTARTING:
+            entry.num_restarts += 1
+            entry.wake()
+            self.restart(entry, None)
+        else:
+            entry.wake()
+            self.publish(entry)
+            self.release_name(entry)
+
     def set_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
         """Apply `event`, wake who waits on the actor and publish its record."""
         self.apply(entry, event, detail)

@@ -28,7 +28,6 @@ from typing import Callable
 
 from meshray import exceptions
 from meshray.common import ids
-from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster_view import SPILL_SAMPLE, ClusterView
 from meshray.node.objects import error_value
@@ -552,7 +551,10 @@ class PeerDuties:
 
     # ------------------------------------------------------------ results home
     def send_home(self, task, values: list) -> None:
-        """Results of a task run here for another node go back to that node."""
+        """Results of a task run here for another node go back to that node
+        (an actor's creation always, since the owner waits for its fate)."""
+        if task.cancelled and task.actor is None:
+            return            # its owner cancelled it: it waits for nothing
         origin = task.owner.node_hex
         holder = task.owner.conn_id
         result = pb.TaskResult(task_id=task.task_id)
@@ -586,6 +588,12 @@ class PeerDuties:
             stream_index=0)))
 
     # ------------------------------------------------------------ objects
+    def send_value(self, holder, value) -> None:
+        """A value for `holder`: sent on when it is a peer's holder id ("node:<hex>...")."""
+        node_hex = holder_node(holder)
+        if node_hex is not None:
+            self.send(node_hex, pb.PeerEvent(ready=pb.ObjectReady(value=self.exportable(value))))
+
     def flush_borrows(self) -> None:
         """Tell owners what this node borrowed, let go of or wants the value of."""
         borrows, unborrows, fetches = self._objects.drain()
@@ -675,7 +683,7 @@ class PeerDuties:
         for actor_id, info in list(self._remote_actors.items()):
             if info["node"] == node_hex:
                 del self._remote_actors[actor_id]
-                self._restart_remote_actor(info["entry"], node_hex)
+                self._node.hosting.host_died(info["entry"], node_hex)
         # Objects whose copy or owner was there: find another copy, rebuild
         # from lineage, or report them lost.
         stranded = []
@@ -739,7 +747,7 @@ class PeerDuties:
 
     def _remote_task_lost(self, task, node_hex: str) -> None:
         if task.actor is not None:
-            self._restart_remote_actor(task.actor, node_hex)
+            self._node.hosting.host_died(task.actor, node_hex)
             return
         if task.cancelled:
             self._node._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
@@ -752,20 +760,6 @@ class PeerDuties:
             self._node._fail(task, exceptions.WorkerCrashedError(
                 f"Task {task.spec.name} (id {task.task_id.hex()}) was running on node "
                 f"{node_hex}, which died; no retries left (max_retries={task.spec.max_retries})."))
-
-    def _restart_remote_actor(self, entry, node_hex: str) -> None:
-        entry.worker = None
-        entry.remote_node = ""
-        if self._node.hosting.apply(entry, "node_died",
-                                    f"the node {node_hex} hosting the actor died") \
-                == actor_states.RESTARTING:
-            entry.num_restarts += 1
-            entry.wake()
-            self._node.hosting.restart(entry, None)
-        else:
-            entry.wake()
-            self._node.hosting.publish(entry)
-            self._node.hosting.release_name(entry)
 
     def object_copy_lost(self, object_id: bytes, node_hex: str) -> None:
         """The only copy of an object we own was on `node_hex`: rebuild it from

@@ -21,7 +21,7 @@ from meshray.common import arg_dir, ids
 from meshray.common.fence import LeaseFence
 from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
-from meshray.node.cluster import PeerDuties, RemoteOwner, holder_node
+from meshray.node.cluster import PeerDuties, RemoteOwner
 from meshray.node.dispatch import TaskDispatch
 from meshray.node.draining import Drain
 from meshray.node.env_setup import EnvSetup, parse_task_env
@@ -547,8 +547,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         for value in values:
             self._seal_if_stored(value)
         if isinstance(task.owner, RemoteOwner):
-            if not task.cancelled or task.actor is not None:
-                self.peers.send_home(task, values)
+            self.peers.send_home(task, values)
             return
         for value in values:
             self._apply(self.objects.set_value(value.object_id, value))
@@ -611,14 +610,11 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
 
     def _apply(self, effects) -> None:
         for conn_id, value in effects.deliver:
-            node = holder_node(conn_id)
-            if node is not None:
-                self.peers.send(node, pb.PeerEvent(ready=pb.ObjectReady(
-                    value=self.peers.exportable(value))))
-                continue
             conn = self.conns.get(conn_id)
             if conn is not None:
                 conn.send(pb.ServerEvent(ready=pb.ObjectReady(value=value)))
+            else:
+                self.peers.send_value(conn_id, value)    # a peer's holder id
         for value in effects.free:
             self.peers.free_value(value)
         for object_id in effects.became_ready:
@@ -735,17 +731,6 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                 f"{task.spec.max_retries}).",
                 task_id=task.task_id, worker_id=worker.worker_id, node_id=self.node_id)
         self._finish_failed(task, error)
-
-    # What membership tells the node: the member records or availabilities
-    # changed, our lease was lost, our alloc record or a group record changed.
-    def on_view_change(self) -> None:
-        self.peers.on_view_change()
-
-    def on_lease_lost(self) -> None:
-        self.peers.on_lease_lost()
-
-    def on_pg_change(self) -> None:
-        self.placement.on_change()
 
     def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:
         """A runtime env's setup ended: on failure the tasks waiting for its workers fail."""

@@ -100,7 +100,7 @@ class Membership:
         self._avails = DecodedRecords(self.keys.parse_avail)    # node id hex -> availability
         self._live_cache: tuple[int, list] = (-1, [])           # (records version, live ids)
         self._wake = threading.Event()    # something to publish (availability, locations)
-        self._view_call_pending = False   # a daemon.on_view_change is already scheduled
+        self._view_call_pending = False   # a daemon.peers.on_view_change is already scheduled
         self._thread = threading.Thread(target=self._run, name="meshray-membership", daemon=True)
         self.lease_generation = 0
         self.loop_failures = 0            # errors the loop survived (for tests and status)
@@ -169,7 +169,7 @@ class Membership:
         The flag drops before the daemon reads the view, so a change applied
         meanwhile schedules another call rather than being missed."""
         self._view_call_pending = False
-        self._daemon.on_view_change()
+        self._daemon.peers.on_view_change()
 
     def poke(self) -> None:
         """Something may need publishing (the node's availability changed).
@@ -196,7 +196,7 @@ class Membership:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._daemon.on_pg_change)
+                loop.call_soon_threadsafe(self._daemon.placement.on_change)
             except RuntimeError:
                 pass
 
@@ -404,7 +404,7 @@ class Membership:
             self._lease.stop(revoke=False)
             self._registered.clear()
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._daemon.on_lease_lost)
+                self._loop.call_soon_threadsafe(self._daemon.peers.on_lease_lost)
             log.warning("node %s lost its etcd lease; stopped acting as a member until "
                         "re-registered", self._daemon.node_id.hex())
 

@@ -191,18 +191,11 @@ class FakeDaemon:
         self.config = SimpleNamespace(token=token)
         self.address = "127.0.0.1:1"
         self.resources = SimpleNamespace(available=SimpleNamespace(to_dict=lambda: {"CPU": 1.0}))
+        self.peers = SimpleNamespace(on_view_change=lambda: None, on_lease_lost=lambda: None)
+        self.placement = SimpleNamespace(on_change=lambda: None)
 
     def local_node_record(self) -> dict:
         return {"NodeID": self.node_id.hex(), "Resources": {"CPU": 1.0}}
-
-    def on_view_change(self):
-        pass
-
-    def on_pg_change(self):
-        pass
-
-    def on_lease_lost(self):
-        pass
 
 
 def _registered(endpoint: str, daemon: FakeDaemon) -> bool:

@@ -6,8 +6,9 @@ list of writes, so these tests check what each actor event makes it do:
 records reach etcd in the order of their states with only the latest one
 waiting, a kill goes to the host of an actor running elsewhere, an actor
 not started yet dies by its creation being cancelled, a hosting worker's
-death gives the actor's resources back and places its restart, and a
-departing process takes only its non-detached actors with it.
+death gives the actor's resources back and places its restart, an actor
+whose host died restarts while it may, and a departing process takes only
+its non-detached actors with it.
 """
 from __future__ import annotations
 
@@ -166,4 +167,24 @@ def test_a_departing_process_takes_only_its_non_detached_actors():
         part.owner_left(owner)
         assert mine.state == actor_states.DEAD and "pid 7" in mine.death_cause
         assert detached.state == theirs.state == actor_states.PENDING
+    asyncio.run(scenario())
+
+
+def test_an_actor_whose_host_died_restarts_while_restarts_are_left_then_dies():
+    async def scenario():
+        node = _Node()
+        part = ActorHosting(node)
+        entry = part.admit(_entry(1, max_restarts=1))
+        part.set_state(entry, "created")
+        entry.remote_node = PEER
+        part.host_died(entry, PEER)
+        assert entry.state == actor_states.RESTARTING and entry.remote_node == ""
+        assert [task.actor for task in node.placed] == [entry]
+        part.set_state(entry, "created")
+        entry.remote_node = PEER
+        part.host_died(entry, PEER)
+        assert entry.state == actor_states.DEAD and PEER in entry.death_cause
+        assert len(node.placed) == 1
+        await _until(lambda: node.etcd.writes[-1:] == [
+            ("put", Keyspace().actor(entry.actor_id), "DEAD")])
     asyncio.run(scenario())
