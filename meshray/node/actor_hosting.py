@@ -104,13 +104,13 @@ class ActorHosting:
             entry.num_restarts += 1
             entry.killed = False
             entry.kill_cause = ""
-            self.restart(entry, task)
+            self.restart(entry)
         elif task is not None and task.actor is entry and task.state != "done":
             values = [self._actor_error_value(oid, entry) for oid in task.return_ids]
             self._node._finish(task, values,
                                exceptions.ActorDiedError(error_message=entry.death_cause))
 
-    def restart(self, entry: ActorEntry, old_task) -> None:
+    def restart(self, entry: ActorEntry) -> None:
         """Place a new creation task for `entry` (a new attempt of its spec)."""
         spec = pb.TaskSpec()
         spec.CopyFrom(entry.spec)
@@ -131,7 +131,7 @@ class ActorHosting:
                 == actor_states.RESTARTING:
             entry.num_restarts += 1
             entry.wake()
-            self.restart(entry, None)
+            self.restart(entry)
         else:
             entry.wake()
             self.publish(entry)
@@ -222,10 +222,9 @@ class ActorHosting:
         """Queue `entry`'s record for etcd; records reach etcd in the order
         their states were reached.
 
-        Each state change used to be written by its own task through the
-        thread pool, so two writes could land in either order: an actor's
-        ALIVE record overwritten by its older PENDING one, which left callers
-        on other nodes waiting for an actor that was already serving. Now one
+        Writes made independently could land in either order: an actor's
+        ALIVE record overwritten by its older PENDING one would leave callers
+        on other nodes waiting for an actor that is already serving. So one
         writer per node takes the records in order, and only the latest
         record of an actor waits in the queue (an older one is never written
         after a newer one). The creator's first record (PENDING, no restart

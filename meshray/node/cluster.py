@@ -390,7 +390,7 @@ class PeerDuties:
             self._functions.setdefault(spec.function_id, msg.function_pickled)
         if spec.task_id in self._tasks:
             verdict.accepted = True   # a re-sent offer we already took
-        elif not self._node.membership or not self._node.membership._registered.is_set() \
+        elif not self._node.membership or not self._node.membership.registered \
                 or not self._node.fence.valid():
             verdict.reason = "node is not a registered member right now"
         elif self._node.drain.draining:
