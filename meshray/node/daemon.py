@@ -9,9 +9,7 @@ policy lives in pure modules (scheduler.policy, node.objects, node.tasks).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.routes import answer, node_routes
+from meshray.node.session import DEFAULT_ENV_KEY, Connection, env_key_for
 from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
 from meshray.node import state_records
 from meshray.node.task_events import TaskEvents
@@ -61,7 +60,6 @@ __all__ = ["NodeConfig", "NodeDaemon"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENV_KEY = "default"
 # How long a task whose worker died waits for the worker's exit status (its
 # stream closes a moment before the status exists) before reporting it.
 WORKER_EXIT_WAIT_S = 2.0
@@ -87,34 +85,6 @@ class NodeConfig:
     metrics_export_port: int = 0      # Prometheus endpoint (0: a free port)
     dashboard_port: int | None = None  # HTTP API (None: 8265, or a free port when taken)
     extras: frozenset = frozenset(EXTRAS)  # per-node services to run (a simulation drops them)
-
-
-@dataclass(eq=False)
-class Connection:
-    conn_id: int
-    outbox: asyncio.Queue
-    role: str = ""
-    worker_id: bytes = b""
-    job_id: bytes = b""
-    pid: int = 0
-    namespace: str = ""
-    log_to_driver: bool = True
-    submission_id: str = ""                     # a job's driver: the job it runs (job API)
-    worker: WorkerProcess | None = None
-    closed: bool = False
-    malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT
-    reserved: set = field(default_factory=set)  # store reservations it has not sealed yet
-
-    def send(self, event: pb.ServerEvent) -> None:
-        if not self.closed:
-            self.outbox.put_nowait(event)
-
-
-def env_key_for(env_vars: dict) -> str:
-    if not env_vars:
-        return DEFAULT_ENV_KEY
-    blob = json.dumps(env_vars, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):

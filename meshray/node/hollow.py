@@ -23,7 +23,8 @@ import itertools
 import pickle
 import time
 
-from meshray.node.daemon import Connection, NodeDaemon
+from meshray.node.daemon import NodeDaemon
+from meshray.node.session import Connection
 from meshray.node.worker_pool import WorkerPool, WorkerProcess
 from meshray.rpc.generated import meshray_pb2 as pb
 
