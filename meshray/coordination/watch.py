@@ -488,7 +488,7 @@ class _WatchStream:
         with self._lock:
             zero = call.by_id.get(0)
         if zero is not None:
-            # etcd up to 3.5 names a refusal with id 0 and then holds back
+            # etcd 3.5.1 names a refusal with id 0 and then holds back
             # the events of the watch that has id 0, for good.
             log.info("watch %r: etcd's refusal of another watch on this "
                      "stream stalls it; opening a new stream",

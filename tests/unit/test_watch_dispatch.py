@@ -108,7 +108,7 @@ def test_a_refusal_ends_only_that_watch():
 
 
 def test_a_refusal_restarts_the_stream_when_a_watch_holds_id_0():
-    """etcd up to 3.5 answers a refusal with id 0 and then never sends the
+    """etcd 3.5.1 answers a refusal with id 0 and then never sends the
     events of the watch it numbered 0: that watch must move to a new stream."""
     stream, call, (a, b), _ = _setup("/a/", "/b/")
     stream._dispatch(call, _created(0))
