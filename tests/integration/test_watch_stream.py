@@ -186,13 +186,17 @@ def test_cancelled_call_resumes_each_watch_from_its_own_revision(coord):
         thread.start()
         wait_for(lambda: len(recorders[0].seen()) > 10, 10, message="the burst arrives")
         stream._call.grpc_call.cancel()        # break the stream under the watches
+        for j, p in enumerate(prefixes):       # written while it is broken
+            expected[j].append(("put", p + "gap", b"g", writer.put(p + "gap", b"g")))
         assert done.wait(30)
+        wait_for(lambda: stream.streams_opened >= 2, 10, message="a new stream")
+        for exp in expected:                   # two writers: order by revision
+            exp.sort(key=lambda event: event[3])
         for r, exp in zip(recorders, expected):
             wait_for(lambda r=r, exp=exp: len(r.seen()) >= len(exp), 15,
                      message="every watch caught up")
         for r, exp in zip(recorders, expected):
             assert r.seen() == exp
-        assert stream.streams_opened >= 2
         assert [h.revision for h in handles] == [exp[-1][3] for exp in expected]
     finally:
         writer.close()
