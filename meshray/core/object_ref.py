@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 
 from meshray.common import id_types, ids
 from meshray.core import serialization
@@ -31,6 +32,7 @@ def set_tracker(tracker) -> None:
     _tracker = tracker
 
 
+@functools.total_ordering
 class ObjectRef:
     __slots__ = ("_id", "_tracker", "__weakref__")
 
@@ -98,20 +100,12 @@ class ObjectRef:
     def __hash__(self):
         return hash(self._id)
 
-    # Ordered by id, so `sorted(refs)` and refs in sorted containers work; the
-    # order is that of `hex()` (ids are all the same width). It says nothing
-    # about when the objects were made.
+    # Ordered by id (the rest of the comparisons from functools.total_ordering),
+    # so `sorted(refs)` and refs in sorted containers work; the order is that
+    # of `hex()` (ids are all the same width). It says nothing about when the
+    # objects were made.
     def __lt__(self, other):
         return self._id < other._id if isinstance(other, ObjectRef) else NotImplemented
-
-    def __le__(self, other):
-        return self._id <= other._id if isinstance(other, ObjectRef) else NotImplemented
-
-    def __gt__(self, other):
-        return self._id > other._id if isinstance(other, ObjectRef) else NotImplemented
-
-    def __ge__(self, other):
-        return self._id >= other._id if isinstance(other, ObjectRef) else NotImplemented
 
     def __repr__(self):
         return f"ObjectRef({self._id.hex()})"

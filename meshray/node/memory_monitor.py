@@ -195,7 +195,6 @@ class MemoryMonitor:
         self.settings = settings or MemorySettings.from_env()
         self._victim = None               # the worker last killed, until it has exited
         self._quiet_until = 0.0
-        self.kills = 0
         # For the node's metrics: kills by (Type, Name), as Ray's
         # ray_memory_manager_worker_eviction_total, and the last sample.
         self.evictions: dict = {}
@@ -278,10 +277,14 @@ class MemoryMonitor:
         task = worker.current_task
         if task is None or task.state != "running" or task.cancelled:
             return None
-        retriable = (oom_retry_allowed(task.spec.max_retries, task.oom_kills,
-                                       self.settings.oom_retries)
-                     and self.daemon._owner_present(task.owner) and not task.pg_dropped)
-        return Candidate(worker.worker_id, task.spec.owner_id, task.started_at, retriable)
+        return Candidate(worker.worker_id, task.spec.owner_id, task.started_at,
+                         self._retriable(task))
+
+    def _retriable(self, task) -> bool:
+        """Whether a memory kill of `task` may be retried (the policy may still
+        make an owner's last task final)."""
+        return (oom_retry_allowed(task.spec.max_retries, task.oom_kills, self.settings.oom_retries)
+                and self.daemon._owner_present(task.owner) and not task.pg_dropped)
 
     def _kill(self, worker, victim: Candidate, usage: MemoryReading) -> None:
         daemon = self.daemon
@@ -295,9 +298,7 @@ class MemoryMonitor:
             kind, what, task_id = "Task", f"task {name}", worker.current_task.task_id
         if victim.retriable:
             reason = "it was the newest retriable work of the owner with the most running tasks"
-        elif entry is None and not victim.is_actor and oom_retry_allowed(
-                worker.current_task.spec.max_retries, worker.current_task.oom_kills,
-                self.settings.oom_retries):
+        elif entry is None and self._retriable(worker.current_task):
             reason = ("it was its owner's last task running here, and each owner keeps one "
                       "task making progress: killing that one ends it for good")
         else:
@@ -327,7 +328,6 @@ class MemoryMonitor:
                          f"(memory kill {task.oom_kills}; RAY_task_oom_retries="
                          f"{self.settings.oom_retries}).")))
         log.warning("memory monitor: %s", message)
-        self.kills += 1
         key = (kind, name)
         self.evictions[key] = self.evictions.get(key, 0) + 1
         self._victim = worker

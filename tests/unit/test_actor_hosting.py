@@ -90,6 +90,15 @@ async def _until(condition) -> None:
         await asyncio.sleep(0.01)
 
 
+def _hosting_a_created_actor(**options):
+    """A stand-in node, its ActorHosting, and one actor it has created."""
+    node = _Node()
+    part = ActorHosting(node)
+    entry = part.admit(_entry(1, **options))
+    part.set_state(entry, "created")
+    return node, part, entry
+
+
 def test_records_reach_etcd_in_the_order_of_their_states_and_only_the_latest_waits():
     async def scenario():
         node = _Node()
@@ -138,10 +147,7 @@ def test_an_actor_not_started_yet_dies_by_its_creation_being_cancelled():
 
 def test_a_hosting_workers_death_gives_the_resources_back_and_places_the_restart():
     async def scenario():
-        node = _Node()
-        part = ActorHosting(node)
-        entry = part.admit(_entry(1, max_restarts=1))
-        part.set_state(entry, "created")
+        node, part, entry = _hosting_a_created_actor(max_restarts=1)
         assert node.resources.try_acquire(entry.hold)
         entry.holding = True
         worker = WorkerProcess(worker_id=b"\x09" * 4, env_key="default",
@@ -172,10 +178,7 @@ def test_a_departing_process_takes_only_its_non_detached_actors():
 
 def test_an_actor_whose_host_died_restarts_while_restarts_are_left_then_dies():
     async def scenario():
-        node = _Node()
-        part = ActorHosting(node)
-        entry = part.admit(_entry(1, max_restarts=1))
-        part.set_state(entry, "created")
+        node, part, entry = _hosting_a_created_actor(max_restarts=1)
         entry.remote_node = PEER
         part.host_died(entry, PEER)
         assert entry.state == actor_states.RESTARTING and entry.remote_node == ""
