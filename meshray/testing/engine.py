@@ -389,6 +389,24 @@ class ClusterEngine(EtcdView):
         self.nodes.append(process)
         return process
 
+    def wait_for_nodes(self, want: set[str], *, exact: bool = True,
+                       timeout: float = 30.0) -> None:
+        """As :meth:`EtcdView.wait_for_nodes`; a timeout also quotes the last
+        lines of the log of each node started here that is still missing,
+        since the test's temporary directories go with its teardown."""
+        try:
+            super().wait_for_nodes(want, exact=exact, timeout=timeout)
+        except TimeoutError as exc:
+            try:
+                missing = set(want) - self.node_ids()
+            except Exception:  # noqa: BLE001 - etcd may not answer: quote them all
+                missing = set(want)
+            tails = [_log_tail(node) for node in self.nodes
+                     if node.info.get("node_id") in missing]
+            if not tails:
+                raise
+            raise TimeoutError("\n".join([str(exc), *tails])) from exc
+
     def kill_node(self, node) -> None:
         """SIGKILL a daemon (a crash); its workers die with it."""
         self._paused.pop(node.pid, None)
@@ -484,3 +502,16 @@ class ClusterEngine(EtcdView):
             if leader is not None or time.monotonic() > deadline:
                 return leader
             time.sleep(0.1)
+
+
+def _log_tail(node, lines: int = 40) -> str:
+    """The end of a node's log (and its stderr), headed by its id and pid."""
+    parts = [f"--- node {node.info.get('node_id', '?')[:12]} pid {node.pid} "
+             f"(alive: {node.alive()}), {node.session_dir}"]
+    for name in ("node.log", "node.stderr"):
+        try:
+            with open(os.path.join(node.session_dir, name), errors="replace") as handle:
+                parts.append(f"{name}:\n" + "".join(handle.readlines()[-lines:]))
+        except OSError as exc:
+            parts.append(f"{name}: unreadable ({exc})")
+    return "\n".join(parts)

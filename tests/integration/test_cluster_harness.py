@@ -45,6 +45,14 @@ def test_a_paused_node_is_frozen_loses_its_lease_and_rejoins_when_resumed(cluste
              message="the daemon stops")   # SIGSTOP lands asynchronously
     wait_for(lambda: node.node_id not in cluster._registered(), timeout=30,
              message="the frozen node's lease expires")
+    # Waiting for it now times out, and the error quotes the missing node's log
+    # (its session dir goes with the test, so this is all a failure keeps).
+    with pytest.raises(TimeoutError) as failure:
+        cluster.engine.wait_for_nodes({node.node_id}, exact=False, timeout=0.5)
+    text = str(failure.value)
+    assert f"--- node {node.node_id[:12]} pid {node.pid}" in text
+    assert f"registered node {node.node_id}" in text      # the line its log has from joining
+    assert f"--- node {cluster.head_node.node_id[:12]}" not in text   # registered: not quoted
     node.resume()
     wait_for(lambda: node.node_id in cluster._registered(), timeout=30,
              message="the resumed node registers again")
