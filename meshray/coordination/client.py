@@ -7,7 +7,7 @@ third-party client, so the client library can be swapped without touching
 them. Today the wire layer is the etcd v3 gRPC API through the generated stubs
 shipped by ``etcd-sdk-python`` (module ``pyetcd.etcdrpc``); channel management,
 failover, deadlines, retries and watch resumption are done here because the
-meshray failure model (DESIGN.md §2, §7) needs guarantees pyetcd's high-level
+meshray failure model (docs/architecture.md, "Several nodes") needs guarantees pyetcd's high-level
 client does not give (see docs/keyspace.md, "Client notes").
 
 Guarantees:

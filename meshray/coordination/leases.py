@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class LeaseKeeper:
     """Hold a lease alive from a daemon thread; report its loss exactly once.
 
-    A node's membership is its lease (DESIGN.md §2): when the keeper can no
+    A node's membership is its lease: when the keeper can no
     longer vouch for the lease — etcd says it is gone, or no refresh has
     succeeded for a whole TTL so it must be assumed expired — it calls
     ``on_lost(lease_id)`` once and stops. The owner then stops acting as a

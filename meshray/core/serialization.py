@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 # Values at or below this many bytes travel inline with messages; larger ones
-# go to the shared-memory store (DESIGN §4).
+# go to the shared-memory store (docs/architecture.md, "Objects and ownership").
 INLINE_THRESHOLD = 100 * 1024
 
 _context = threading.local()

@@ -1,6 +1,6 @@
 """Noticing a dead peer before its lease runs out.
 
-Membership is the etcd lease (DESIGN.md §2), and a silent peer -- paused,
+Membership is the etcd lease (docs/architecture.md, "etcd"), and a silent peer -- paused,
 partitioned, or a machine that vanished -- is only declared dead when its
 lease expires. But a peer whose *process* died leaves evidence at once: its
 connections close, and its port, on a host that is still up, refuses new

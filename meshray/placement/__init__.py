@@ -1,4 +1,4 @@
-"""Placement groups without a head node (DESIGN.md §6, docs/placement-groups.md).
+"""Placement groups without a head node (docs/placement-groups.md).
 
 * `records` — the etcd record schemas and the checks on user input (pure).
 * `policy` — which node each bundle goes to (pure, deterministic).

@@ -81,8 +81,8 @@ def create_placement_group(coordinator, spec: PlacementGroupSpec, *, pg_id: str,
     then try once to reserve it.
 
     The id comes from the caller, so a retried request finds its own record
-    and succeeds instead of creating a twin (DESIGN.md §7: state-changing
-    calls are idempotent). Raises PlacementGroupNameTaken (a ValueError) if
+    and succeeds instead of creating a twin (state-changing calls are
+    idempotent, so any caller may retry them). Raises PlacementGroupNameTaken (a ValueError) if
     another live group holds the name.
     """
     pg_hex = ks.id_hex(pg_id, "pg_id")

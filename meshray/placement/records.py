@@ -73,7 +73,7 @@ DETACHED = "detached"
 SCHEMA_VERSION = 1
 
 #: Bundles per group. Keeps a group record and its alloc entries far below
-#: etcd's request limit (DESIGN.md §2 asks for values < 64 KiB).
+#: etcd's request limit (docs/keyspace.md: values stay well under 64 KiB).
 MAX_BUNDLES = 500
 
 #: How many distinct nodes one reservation transaction may write. Each target
