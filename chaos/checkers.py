@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["Verdict", "Checker", "CHECKERS", "run_checkers", "bundle_demands", "group_of"]
+__all__ = ["Verdict", "Checker", "CHECKERS", "run_checkers", "group_of"]
 
 
 @dataclass
@@ -51,7 +51,7 @@ class TaskResults(Checker):
     name = "task-results"
     guarantee = ("Every task result is present and correct: a task whose worker or node dies "
                  "is retried elsewhere (max_retries) and a lost object is rebuilt from lineage "
-                 "(DESIGN.md §7).")
+                 "(docs/architecture.md, \"Several nodes\").")
 
     def check(self, run) -> Verdict:
         pairs = run.history.pairs(f="fan-out") + run.history.pairs(f="transfer")
@@ -146,18 +146,11 @@ class ActorDelivery(Checker):
         return self.verdict("; ".join(parts), details, violations)
 
 
-def bundle_demands(record) -> list[dict]:
-    """The resource demand of each bundle in one ``alloc/<node>`` record,
-    read with the placement-group component's own parser."""
-    from meshray.placement.records import AllocRecord
-    return [dict(bundle.resources) for bundle in AllocRecord.from_dict(record).bundles]
-
-
 class PlacementGroupOvercommit(Checker):
     name = "pg-no-overcommit"
     guarantee = ("A placement group is reserved atomically in one etcd transaction that "
                  "compares every allocation record, so no node's bundles ever exceed its "
-                 "resources, at any revision (DESIGN.md §6).")
+                 "resources, at any revision (docs/placement-groups.md).")
 
     def check(self, run) -> Verdict:
         if "placement-groups" in run.skipped:
@@ -165,68 +158,23 @@ class PlacementGroupOvercommit(Checker):
         data = run.data.get("placement-groups")
         if not data:
             return self.verdict("", skip="no placement-groups workload ran")
-        violations = []
-        revisions, peak_bundles, unparsed = self._replay(data["recorder"], violations)
+        from meshray.placement.audit import replay_allocations
+        recorder = data["recorder"]
+        replay = replay_allocations(recorder.initial, recorder.events)
+        violations = list(replay.violations)
         held_violations, peak = self._observed_holds(run, data)
         violations += held_violations
         capacity = data["capacity_per_node"] * len(run.victim_slots)
-        details = {"alloc_revisions_replayed": revisions, "peak_reserved_bundles": peak_bundles,
-                   "unparseable_records": unparsed, "watch_resets": data["recorder"].resets,
+        details = {"alloc_revisions_replayed": replay.revisions,
+                   "peak_reserved_bundles": replay.peak_bundles,
+                   "unparseable_records": len(replay.unparsed), "watch_resets": recorder.resets,
                    "peak_held_by_drivers": peak,
                    "capacity": capacity}
-        summary = (f"{revisions} alloc revisions replayed, peak {peak_bundles} of {capacity} "
-                   f"bundles reserved in etcd, " + (f"peak {peak} held by drivers" if peak is not None
-                                                   else "driver holds not judged (node faults)"))
+        summary = (f"{replay.revisions} alloc revisions replayed, peak {replay.peak_bundles} of "
+                   f"{capacity} bundles reserved in etcd, "
+                   + (f"peak {peak} held by drivers" if peak is not None
+                      else "driver holds not judged (node faults)"))
         return self.verdict(summary, details, violations)
-
-    @staticmethod
-    def _replay(recorder, violations) -> tuple[int, int, int]:
-        from meshray.coordination import keyspace
-        keys = keyspace.Keyspace()
-        state = dict(recorder.initial)
-        by_rev = collections.defaultdict(list)
-        for event in recorder.events:
-            by_rev[event["rev"]].append(event)
-        revisions = bundles = 0
-        unparsed = set()
-        for rev in sorted(by_rev):
-            for event in by_rev[rev]:
-                if event["kind"] == "reset":      # re-listed after compaction
-                    state = {k: v for k, v in state.items() if not k.startswith(event["prefix"])}
-                    state.update(event["items"])
-                elif event["kind"] == "delete":
-                    state.pop(event["key"], None)
-                else:
-                    state[event["key"]] = event["value"]
-            totals, used = {}, collections.defaultdict(collections.Counter)
-            reserved = 0
-            for key, value in state.items():
-                try:
-                    family, (node,) = keys.parse(key)
-                    record = keyspace.decode_json(value)
-                    demands = bundle_demands(record) if family == "alloc" else []
-                except (ValueError, KeyError, TypeError):
-                    unparsed.add(key)
-                    continue
-                if family == "nodes":
-                    totals[node] = record.get("Resources", {})
-                elif family == "alloc":
-                    reserved += len(demands)
-                    for demand in demands:
-                        used[node].update(demand)
-            bundles = max(bundles, reserved)
-            if any(e["kind"] == "reset" or "/alloc/" in e["key"] for e in by_rev[rev]):
-                revisions += 1
-            for node, amounts in used.items():
-                total = totals.get(node)
-                if total is None:
-                    continue          # node gone: its reservations are being moved
-                for resource, amount in amounts.items():
-                    if amount > total.get(resource, 0.0) + 1e-9:
-                        violations.append(f"revision {rev}: node {node[:12]} has {amount} "
-                                          f"{resource} reserved but only "
-                                          f"{total.get(resource, 0.0)}")
-        return revisions, bundles, len(unparsed)
 
     @staticmethod
     def _observed_holds(run, data) -> tuple[list, int]:

@@ -401,51 +401,6 @@ def pg_api():
         return None
 
 
-class AllocRecorder:
-    """Record every change to etcd's ``alloc/`` and ``nodes/`` keys during a run.
-
-    Reading the history afterwards would depend on etcd not having compacted
-    it; a watch started before the first placement group sees every
-    revision, in order, and survives member failures (it resumes from the
-    last revision it delivered).
-    """
-
-    def __init__(self, coordinator):
-        from meshray.coordination import keyspace
-        self._coordinator = coordinator
-        self._keys = keyspace.Keyspace()
-        self.events: list[dict] = []
-        self.initial: dict[str, bytes] = {}
-        self.resets = 0
-        self._lock = threading.Lock()
-        self._watches = []
-
-    def start(self) -> "AllocRecorder":
-        for prefix in (self._keys.alloc_prefix(), self._keys.nodes_prefix()):
-            items, revision = self._coordinator.get_prefix(prefix)
-            self.initial.update({item.key: item.value for item in items})
-            self._watches.append(self._coordinator.watch_prefix(
-                prefix, revision + 1, self._on_events,
-                lambda items, rev, prefix=prefix: self._on_reset(prefix, items, rev)))
-        return self
-
-    def _on_events(self, events) -> None:
-        with self._lock:
-            for event in events:
-                self.events.append({"rev": event.mod_revision, "kind": event.kind,
-                                    "key": event.key, "value": event.value})
-
-    def _on_reset(self, prefix: str, items, revision) -> None:
-        with self._lock:
-            self.resets += 1
-            self.events.append({"rev": revision, "kind": "reset", "prefix": prefix, "key": "",
-                                "items": {item.key: item.value for item in items}})
-
-    def stop(self) -> None:
-        for watch in self._watches:
-            watch.cancel()
-
-
 class PlacementGroupWorkload(Workload):
     name = "placement-groups"
     summary = "several driver processes race to reserve scarce bundles, hold, release"
@@ -460,6 +415,7 @@ class PlacementGroupWorkload(Workload):
         return None
 
     def setup(self, ctx: RunContext) -> None:
+        from meshray.placement.audit import AllocRecorder
         self.recorder = AllocRecorder(ctx.cluster.coordinator()).start()
         ctx.data[self.name] = {"capacity_per_node": ctx.cluster.pg_capacity,
                                "resource": PG_RESOURCE, "recorder": self.recorder}
