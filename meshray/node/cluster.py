@@ -202,6 +202,7 @@ class PeerDuties:
             task.request, strategy, self._arg_bytes_by_node(spec),
             excluded_nodes=frozenset(task.refused_by))
         spread = self.view.next_spread()
+        started = time.perf_counter()
         decision = self._decide(request, spread)
         if (decision.kind == "wait" and strategy == "DEFAULT" and task.actor is None
                 and task.bundle is None and self.view.loads):
@@ -209,7 +210,8 @@ class PeerDuties:
             # so it starts there the moment a worker frees up.
             queued = self._decide(request, spread, task.request.to_dict())
             if queued.kind == "spill":
-                return queued
+                decision = queued
+        self._node.metrics.spill_decided(time.perf_counter() - started)
         return decision
 
     def _args_elsewhere(self, spec) -> bool:

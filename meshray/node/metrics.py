@@ -31,11 +31,15 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from meshray.node import metric_families as families
 from meshray.node.metric_families import ACTOR_STATES, NameCap, UserMetrics
 
-__all__ = ["NodeMetrics", "SNAPSHOT_TIMEOUT_S", "sd_targets"]
+__all__ = ["NodeMetrics", "SNAPSHOT_TIMEOUT_S", "SPILL_DECISION_BUCKETS_S", "sd_targets"]
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_TIMEOUT_S = 2.0
+# Placement decisions take ~0.1 ms on a sampled view and tens of ms on a whole
+# view of a thousand nodes (docs/scale.md): buckets fine enough to tell them apart.
+SPILL_DECISION_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                            0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 def _version() -> str:
@@ -121,6 +125,12 @@ class NodeMetrics:
             "Round-trip time of this node's successful etcd requests.",
             [*families.BASE_LABELS, "Operation"], registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self._spill_decision = Histogram(
+            "meshray_spill_decision_duration_seconds",
+            "Time this node took to decide where a task that does not plainly run here goes "
+            "(a peer, a queue here, or nowhere yet).",
+            families.BASE_LABELS, registry=self.registry, buckets=SPILL_DECISION_BUCKETS_S)
+        self._spill_decision_child = None
 
     # ------------------------------------------------------------ events
     def task_ended(self, state: str, name: str, attempt: int) -> None:
@@ -131,6 +141,14 @@ class NodeMetrics:
     def on_report(self, conn, msg) -> None:
         """A process's `metrics` event (checked by node/request_rules.py)."""
         self.user.apply(msg.updates)
+
+    def spill_decided(self, seconds: float) -> None:
+        """On the loop: one placement decision (node/cluster.py) took `seconds`."""
+        child = self._spill_decision_child
+        if child is None:
+            child = self._spill_decision_child = self._spill_decision.labels(
+                *[self.base_labels[k] for k in families.BASE_LABELS])
+        child.observe(seconds)
 
     def etcd_round_trip(self, operation: str, seconds: float) -> None:
         """Any thread: one etcd request answered in `seconds`."""

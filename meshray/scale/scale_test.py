@@ -12,6 +12,15 @@ real workers) and ceil(N/K) host processes of K hollow nodes each
 - ``tasks``: a real driver on the real node submits many tiny tasks that
   spill onto hollow nodes; every result is checked (``many_tasks_per_s``),
   and etcd writes are counted meanwhile (``etcd_writes_per_s_busy``);
+- ``actors``: the driver creates many small actors (``--actors`` of
+  ``--actor-cpus``) and waits for each creation (``many_actors_per_s``);
+- ``pgs``: the driver creates ``--pgs`` placement groups of ``--pg-bundles``
+  one-CPU bundles, waits for each, removes them all; every change to the
+  reservations meanwhile is recorded and replayed revision by revision
+  (``pg_overcommit_violations`` must be 0) and ``many_pgs_per_s`` counts
+  the creations;
+- after ``tasks`` and ``actors``: ``spill_decision_p99_ms``, the p99 bucket
+  bound of the real node's placement-decision histogram;
 - ``detect``: one hollow node, then 10% of them, are killed (--kill-mode:
   their keepalives stop; with ``crash`` their ports close too); each
   surviving hollow node notes when its view dropped each; latency = seen -
@@ -36,10 +45,12 @@ import tempfile
 import time
 import urllib.request
 
+from meshray.scale import drivers
+
 __all__ = ["add_parser", "run", "percentile", "detection_latencies", "render_table",
            "SCENARIOS", "RESULT_KEYS", "check_tasks"]
 
-SCENARIOS = ("join", "idle", "tasks", "detect")
+SCENARIOS = ("join", "idle", "tasks", "actors", "pgs", "detect")
 RESULT_KEYS = ("nodes", "real_nodes", "nodes_joined", "join_s", "etcd_writes_per_s_idle",
                "etcd_writes_per_s_busy", "watch_events_per_node_per_s", "detect_p50_s",
                "detect_p99_s", "detect_10pct_p50_s", "detect_10pct_p99_s", "detect_missed",
@@ -47,22 +58,6 @@ RESULT_KEYS = ("nodes", "real_nodes", "nodes_joined", "join_s", "etcd_writes_per
                "spill_decision_p99_ms")
 WRITE_COUNTER = "etcd_server_proposals_committed_total"
 KILL_MODES = ("freeze", "crash")
-DRIVER = r"""
-import collections, json, sys, time
-import meshray
-cfg = json.loads(sys.argv[1])
-meshray.init(address=cfg["address"])
-
-@meshray.remote(num_cpus=1)
-def tiny(i):
-    return ("real", i)
-
-start = time.monotonic()
-refs = [tiny.remote(i) for i in range(cfg["tasks"])]
-values = meshray.get(refs, timeout=cfg["timeout"])
-elapsed = time.monotonic() - start
-print(json.dumps({"elapsed_s": elapsed, "values": values}))
-"""
 
 
 # ------------------------------------------------------------------ pure parts
@@ -239,22 +234,39 @@ class ScaleRun:
             size = min(per_host, args.nodes - index * per_host)
             self.hosts.append(HostProcess(args, index, size, self.engine.address,
                                           self.engine.token, self.base_dir))
-        for host in self.hosts:
-            host.wait_ready(args.join_timeout)
         want = args.nodes + args.real_nodes
+        real = {node.node_id for node in self.real}
         deadline = started + args.join_timeout
+        # One deadline for everything: a host still starting its nodes (it
+        # reports ready once each has registered or given up) is not waited
+        # on alone, and registrations are counted in etcd, so a join that
+        # does not finish still says how far it got.
+        starting = list(self.hosts)
         while True:
-            statuses = [host.ask({"op": "status"}) for host in self.hosts]
-            nodes = [node for status in statuses for node in status["nodes"]]
-            joined = sum(1 for node in nodes if node["registered"])
-            seeing = sum(1 for node in nodes if node["view"] >= want)
+            for host in list(starting):
+                try:
+                    host.wait_ready(0.05)
+                    starting.remove(host)
+                except TimeoutError:
+                    pass
+            try:
+                joined = len(self.engine.node_ids() - real)
+            except Exception as exc:  # noqa: BLE001 - a busy etcd: count again next round
+                self._say(f"cannot count registered nodes yet: {exc}")
+                joined = self.result["nodes_joined"] or 0
+            statuses = [host.ask({"op": "status"}) for host in self.hosts
+                        if host not in starting]
+            seeing = sum(1 for status in statuses for node in status["nodes"]
+                         if node["view"] >= want)
             self.result["nodes_joined"] = joined
-            if joined == args.nodes and seeing == args.nodes:
+            if not starting and joined == args.nodes and seeing == args.nodes:
                 self.result["join_s"] = round(time.monotonic() - started, 3)
                 break
             if time.monotonic() > deadline:
                 self._say(f"join timed out: {joined}/{args.nodes} registered, "
-                          f"{seeing} see all {want} nodes")
+                          f"{seeing} see all {want} nodes, {len(starting)} host(s) "
+                          f"still starting their nodes")
+                self.result["nodes_seeing_all"] = seeing
                 break
             time.sleep(0.5)
         self._say(f"joined: {self.result['nodes_joined']}/{args.nodes} in "
@@ -276,21 +288,28 @@ class ScaleRun:
         self.result["watch_events_per_node_per_s"] = round(events / elapsed / self.args.nodes, 4)
         self._say(f"idle {elapsed:.1f}s: {writes:.0f} etcd writes, {events} watch events")
 
-    def tasks(self) -> None:
+    def _drive(self, kind: str, **config) -> tuple[dict, float, float]:
+        """Run the `kind` driver (drivers.py) on the real node: (its report,
+        seconds the process ran, etcd writes meanwhile)."""
         args = self.args
         endpoint = self.engine.address.split(",")[0]
         env = dict(os.environ, MESHRAY_TOKEN=self.engine.token)
-        config = {"address": self.engine.address, "tasks": args.tasks, "timeout": args.task_timeout}
+        config.update(address=self.engine.address, timeout=args.task_timeout)
         writes = etcd_counter(endpoint)
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(config)], env=env,
-                              capture_output=True, text=True, timeout=args.task_timeout + 60)
+        done = subprocess.run([sys.executable, "-c", drivers.PROGRAMS[kind], json.dumps(config)],
+                              env=env, capture_output=True, text=True,
+                              timeout=args.task_timeout + 60)
         elapsed = time.monotonic() - started
         writes = etcd_counter(endpoint) - writes
         if done.returncode != 0:
-            raise RuntimeError(f"the task driver failed (status {done.returncode}): "
+            raise RuntimeError(f"the {kind} driver failed (status {done.returncode}): "
                                f"{done.stderr[-2000:]}")
-        report = json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads(done.stdout.strip().splitlines()[-1]), elapsed, writes
+
+    def tasks(self) -> None:
+        args = self.args
+        report, elapsed, writes = self._drive("tasks", count=args.tasks)
         good, bad, by_node = check_tasks(report["values"], set(self.hollow_ids))
         if bad or good != args.tasks:
             raise RuntimeError(f"{args.tasks - good} of {args.tasks} task results are wrong, "
@@ -303,6 +322,87 @@ class ScaleRun:
                                         "hollow_tasks": good - by_node.get("real", 0)}
         self._say(f"{good} task results correct in {report['elapsed_s']:.1f}s; "
                   f"{self.result['tasks_by_node']}")
+        self._spill_decisions()
+
+    def actors(self) -> None:
+        args = self.args
+        report, _elapsed, _writes = self._drive("actors", count=args.actors,
+                                                actor_cpus=args.actor_cpus)
+        self.result["many_actors_created"] = report["created"]
+        if report["created"] != args.actors:
+            raise RuntimeError(f"{report['created']} of {args.actors} actors were created "
+                               f"({report['failed']} failed, {report['pending']} still pending "
+                               f"after {args.task_timeout}s)")
+        self.result["many_actors_per_s"] = round(args.actors / report["elapsed_s"], 1)
+        self._say(f"{args.actors} actors created in {report['elapsed_s']:.1f}s")
+        self._spill_decisions()
+
+    def pgs(self) -> None:
+        """Groups created and removed while every change to the reservations
+        is recorded; the record is then replayed revision by revision
+        (placement/audit.py): no node may ever hold more than it offers."""
+        from meshray.placement.audit import AllocRecorder, replay_allocations
+        args = self.args
+        recorder = AllocRecorder(self.engine.coordinator()).start()
+        try:
+            report, _elapsed, _writes = self._drive("pgs", count=args.pgs,
+                                                    bundles=args.pg_bundles)
+            self._settle_allocations()
+        finally:
+            recorder.stop()
+        replay = replay_allocations(recorder.initial, recorder.events)
+        self.result.update(many_pgs_created=report["created"],
+                           pg_alloc_revisions_replayed=replay.revisions,
+                           pg_peak_reserved_bundles=replay.peak_bundles,
+                           pg_overcommit_violations=len(replay.violations))
+        if replay.violations or replay.unparsed:
+            raise RuntimeError(f"placement groups over-committed a node: {replay.violations[:5]}"
+                               f" ({len(replay.unparsed)} unreadable records)")
+        if report["created"] != args.pgs:
+            raise RuntimeError(f"{report['created']} of {args.pgs} placement groups were "
+                               f"created within {args.task_timeout}s")
+        self.result["many_pgs_per_s"] = round(args.pgs / report["elapsed_s"], 1)
+        self._say(f"{args.pgs} groups of {args.pg_bundles} created in "
+                  f"{report['elapsed_s']:.1f}s and removed in {report['removed_s']:.1f}s; "
+                  f"{replay.revisions} alloc revisions replayed, peak {replay.peak_bundles} "
+                  f"bundles, no over-commit")
+
+    def _settle_allocations(self, timeout: float = 60.0) -> None:
+        """Wait until every removal reached etcd (no alloc/ record lists a bundle)."""
+        from meshray.coordination import keyspace
+        from meshray.placement.audit import bundle_demands
+        prefix = keyspace.Keyspace().alloc_prefix()
+        deadline = time.monotonic() + timeout
+        while True:
+            items, _rev = self.engine.coordinator().get_prefix(prefix, timeout=10.0)
+            held = sum(len(bundle_demands(item.value)) for item in items)
+            if not held:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{held} bundles still reserved {timeout:.0f}s after every "
+                                   f"group was removed")
+            time.sleep(0.5)
+
+    def _spill_decisions(self) -> None:
+        """p99 of the real node's placement decisions so far, from its metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+        node = self.real[0]
+        port = node.info.get("metrics_export_port")
+        if not port:
+            return
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10.0) as page:
+            text = page.read().decode()
+        buckets = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "meshray_spill_decision_duration_seconds":
+                for sample in family.samples:
+                    if sample.name.endswith("_bucket"):
+                        bound = float(sample.labels["le"])
+                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
+        p99 = drivers.p99_from_buckets(buckets)
+        if p99 is not None:
+            self.result["spill_decision_p99_ms"] = round(p99 * 1000.0, 3)
+            self.result["spill_decisions"] = int(max(buckets.values()))
 
     def _kill_and_watch(self, victims: list[str]) -> tuple[list, int]:
         killed = {}
@@ -375,7 +475,7 @@ def run(args, on_start=None) -> dict:
             scale.result["error"] = (f"only {scale.result['nodes_joined']} of {args.nodes} "
                                      f"hollow nodes joined within {args.join_timeout}s")
             return scale.result
-        for name in ("idle", "tasks", "detect"):
+        for name in ("idle", "tasks", "actors", "pgs", "detect"):
             if name in scenarios:
                 getattr(scale, name)()
         scale.result["host_cpu_s"] = round(sum(
@@ -420,6 +520,14 @@ def add_parser(commands) -> None:
                              "join always runs)")
     parser.add_argument("--tasks", type=_count("--tasks"), default=10_000,
                         help="tasks the driver submits (default 10000)")
+    parser.add_argument("--actors", type=_count("--actors"), default=10_000,
+                        help="actors the actors driver creates (default 10000)")
+    parser.add_argument("--actor-cpus", type=float, default=0.2,
+                        help="CPUs each of those actors asks for (default 0.2, as Ray's test)")
+    parser.add_argument("--pgs", type=_count("--pgs"), default=1000,
+                        help="placement groups the pgs driver creates (default 1000)")
+    parser.add_argument("--pg-bundles", type=_count("--pg-bundles"), default=3,
+                        help="one-CPU bundles in each group (default 3)")
     parser.add_argument("--idle-s", type=float, default=10.0,
                         help="seconds the idle measurement lasts (default 10)")
     parser.add_argument("--join-timeout", type=float, default=300.0)

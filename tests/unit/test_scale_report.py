@@ -1,5 +1,6 @@
 """The pure parts of `meshray scale-test`: percentiles, detection latencies,
-task-result checks, the table, and the host's argument errors."""
+task-result checks, the decision p99 from a histogram, the table, and the
+host's argument errors."""
 from __future__ import annotations
 
 import pytest
@@ -35,6 +36,18 @@ def test_check_tasks_accepts_real_and_hollow_results_only():
     assert good == 3
     assert bad == [(3, ("real", 7)), (4, ("hollow", "zz"))]
     assert by_node == {"real": 1, "n1": 1, "n2": 1}
+
+
+def test_p99_is_the_bound_of_the_bucket_holding_it():
+    from meshray.scale.drivers import p99_from_buckets
+    inf = float("inf")
+    assert p99_from_buckets({}) is None
+    assert p99_from_buckets({0.001: 0, inf: 0}) is None            # nothing observed
+    # 1,000 decisions: 980 within 0.1 ms, 995 within 1 ms, all within 10 ms.
+    buckets = {0.0001: 980, 0.001: 995, 0.01: 1000, inf: 1000}
+    assert p99_from_buckets(buckets) == 0.001
+    assert p99_from_buckets({0.0001: 1000, inf: 1000}) == 0.0001
+    assert p99_from_buckets({0.0001: 5, inf: 1000}) == inf         # past the last bound
 
 
 def test_table_shows_unmeasured_results_as_dashes():

@@ -43,6 +43,8 @@ class _Node:
         self.node_hex = HEAD
         self.drain = SimpleNamespace(draining=False)
         self.dispatch = SimpleNamespace(schedule=lambda: None)
+        self.decision_times: list[float] = []     # what the node's metrics were told
+        self.metrics = SimpleNamespace(spill_decided=self.decision_times.append)
         self.config = _Config()
         self.membership = None
         self.resources = NodeResources({"CPU": 1.0})
@@ -60,7 +62,7 @@ class _Daemon:
     """A node and its peer duties, whose links to A and B record what they send."""
 
     def __init__(self, peers_free: dict):
-        node = _Node()
+        self.node = node = _Node()
         self.tasks, self.queue = node.tasks, node.queue
         self.part = part = PeerDuties(node)
         part.view.nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
@@ -104,6 +106,8 @@ def test_a_batch_showing_room_gets_queued_work_offered_at_once():
     assert len(daemon.offers_to(A)) == 1
     assert daemon.offers_to(B) == []
     assert len(daemon.queue) == 2
+    # Every decision taken on the way was timed for the node's metrics.
+    assert daemon.node.decision_times and all(t >= 0 for t in daemon.node.decision_times)
 
 
 def test_unanswered_offers_are_not_counted_twice():
