@@ -20,7 +20,8 @@ Guarantees:
   :class:`CoordinationUnavailable` with ``outcome_unknown=True``.
 * Watches deliver events in revision order, resume after a broken stream from
   the last revision seen + 1, and after compaction re-list at one revision and
-  continue from there — they never skip an event.
+  continue from there — they never skip an event. All watches of a
+  Coordinator share one gRPC stream and one thread (see :mod:`.watch`).
 * With a user and password, a request refused for a stale auth token (etcd
   restarted and forgot it, it expired, or auth was turned on after we
   connected) logs in again and is retried; an etcd without auth is used
@@ -33,8 +34,8 @@ The pieces live in sibling modules, all re-exported here so
   from gRPC failures onto it;
 * :mod:`.txn` — transaction compares/ops (:class:`KeyMissing`,
   :class:`Put`, ...), :class:`TxnResult` and :data:`MAX_TXN_OPS`;
-* :mod:`.watch` — :class:`WatchHandle` and the :class:`KeyValue` /
-  :class:`Event` value types;
+* :mod:`.watch` — :class:`WatchHandle`, the stream its Coordinator's
+  watches share, and the :class:`KeyValue` / :class:`Event` value types;
 * :mod:`.leases` — :class:`LeaseKeeper`;
 * :mod:`.wire` — encoding, endpoint and channel plumbing (private).
 """
@@ -81,7 +82,7 @@ from .txn import (
     TxnResult,
     ValueEquals,
 )
-from .watch import Event, KeyValue, WatchHandle
+from .watch import Event, KeyValue, WatchHandle, _WatchStream
 from .wire import (
     _backoff,
     _Endpoint,
@@ -177,7 +178,7 @@ class Coordinator:
         self._closed = False
         self._eps = [_Endpoint(addr, creds) for addr, _ in parsed]
         self._current = random.randrange(len(self._eps))
-        self._watches: weakref.WeakSet[WatchHandle] = weakref.WeakSet()
+        self._watch_stream = _WatchStream(self)
         self._keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
         # callable(what, seconds) told of every answered request (node metrics).
         self.on_round_trip: Callable[[str, float], None] | None = None
@@ -628,8 +629,8 @@ class Coordinator:
                      = None) -> "WatchHandle":
         """Deliver every change under ``prefix`` from ``start_revision`` on.
 
-        ``on_events(batch)`` runs on the watch's own thread, in revision
-        order. If history before the resume point was compacted, the prefix is
+        ``on_events(batch)`` runs on the Coordinator's watch thread (shared
+        by its watches, so it must not block for long), in revision order. If history before the resume point was compacted, the prefix is
         re-listed at one revision ``R`` and ``on_reset(items, R)`` replaces
         the caller's state; events continue from ``R + 1``. Without
         ``on_reset`` such a watch stops and records a :class:`CompactedError`
@@ -642,7 +643,6 @@ class Coordinator:
                              f"{start_revision!r}")
         handle = WatchHandle(self, _kb(prefix, "prefix"), start_revision,
                              on_events, on_reset)
-        self._watches.add(handle)
         handle._start()
         return handle
 
@@ -660,8 +660,7 @@ class Coordinator:
         leases simply expire) and close the channels."""
         if self._closed:
             return
-        for handle in list(self._watches):
-            handle.cancel()
+        self._watch_stream.close()
         for keeper in list(self._keepers):
             keeper.stop(revoke=False)
         self._closed = True

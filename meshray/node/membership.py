@@ -154,7 +154,11 @@ class Membership:
         self._view_changed()
 
     def _view_changed(self) -> None:
-        self.placer.poke()
+        # A member or its room changing matters to the placer only for groups
+        # it knows of (a new group pokes it itself); with none, waking it at
+        # every change anywhere costs each node O(members) for nothing.
+        if self.pg_view.has_groups():
+            self.placer.poke()
         loop = self._loop
         if loop is None or loop.is_closed() or self._view_call_pending:
             return      # the call already scheduled reads the view after this change

@@ -87,6 +87,25 @@ def test_a_ledger_change_wakes_the_membership_publisher():
     assert membership._wake.is_set()
 
 
+def test_view_changes_wake_the_group_placer_only_when_there_are_groups(monkeypatch):
+    from types import SimpleNamespace
+
+    from meshray.node.membership import Membership
+
+    daemon = SimpleNamespace(node_id=b"\x01" * 16, resources=None,
+                             config=SimpleNamespace(token=None))
+    membership = Membership(daemon, ["127.0.0.1:1"])
+    pokes = []
+    monkeypatch.setattr(membership.placer, "poke", lambda: pokes.append(1))
+    membership._nodes_changed([_put(A, {"Address": "a"})])
+    membership._avails_changed([])
+    assert pokes == []
+    monkeypatch.setattr(membership.pg_view, "has_groups", lambda: True)
+    membership._nodes_changed([_delete(A)])
+    membership._avails_changed([])
+    assert pokes == [1, 1]
+
+
 def test_availability_is_worth_publishing_at_once_only_when_room_appears_vanishes_or_moves_a_lot():
     from meshray.node.membership import availability_worth_publishing as worth
 
