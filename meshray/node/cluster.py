@@ -45,6 +45,7 @@ __all__ = ["PeerDuties", "RemoteOwner", "holder_node"]
 log = logging.getLogger(__name__)
 
 REPLACE_INTERVAL_S = 0.02
+IDLE_CHECK_S = 1.0
 # A peer also accepts offers it can't start at once while its own backlog is
 # short (per CPU), so a busy cluster keeps every node fed between view updates.
 SPILL_BACKLOG_PER_CPU = 2
@@ -96,6 +97,8 @@ class PeerDuties:
         self._config = node.config
         self._resources = node.resources
         self._queue = node.queue
+        self._queued = asyncio.Event()              # set when work is queued here
+        self._queue.on_push = self._queued.set
         self._tasks = node.tasks
         self._actors = node.actors
         self._functions = node.functions
@@ -311,8 +314,19 @@ class PeerDuties:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Re-place waiting work every REPLACE_INTERVAL_S while peers exist: a
-        peer's room may show up without a view change (its load on a batch)."""
+        peer's room may show up without a view change (its load on a batch).
+
+        With nothing queued it sleeps until something is (or IDLE_CHECK_S
+        passes, to notice `stopping`): a node that woke 50 times a second
+        for an empty queue cost its machine ~0.2% of a core doing nothing,
+        which a host of hundreds of hollow nodes (docs/scale.md) cannot pay."""
         while not stopping.is_set():
+            if not len(self._queue):
+                self._queued.clear()
+                try:
+                    await asyncio.wait_for(self._queued.wait(), IDLE_CHECK_S)
+                except asyncio.TimeoutError:
+                    continue
             await asyncio.sleep(REPLACE_INTERVAL_S)
             if len(self._queue) and len(self.view.nodes) > 1:
                 self.replace_waiting()

@@ -733,7 +733,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     async def _reap_loop(self) -> None:
         """Notice workers that exit before or without closing their stream."""
         while not self._stopping.is_set():
-            await asyncio.sleep(0.2)
+            # No worker at all (a hollow node, a node with nothing prestarted):
+            # nothing can exit, so once a second is enough.
+            await asyncio.sleep(0.2 if self.pool.by_id else 1.0)
             self.pool.reap()
             self.envs.reclaim_idle_workers()
             for worker in list(self.pool.by_id.values()):

@@ -25,6 +25,7 @@ __all__ = ["PeerLiveness", "should_probe", "probe_refused"]
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
+IDLE_POLL_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 1.0
 _READY = grpc.ChannelConnectivity.READY
 
@@ -62,7 +63,9 @@ class PeerLiveness:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            await asyncio.sleep(POLL_INTERVAL_S)
+            # A node linked to no peer has nothing to poll: it looks again a
+            # second later (hundreds of idle hollow nodes share one machine).
+            await asyncio.sleep(POLL_INTERVAL_S if self._peers.links else IDLE_POLL_INTERVAL_S)
             links = self._peers.links
             for node_hex in [n for n in self._states if n not in links]:
                 del self._states[node_hex]

@@ -106,11 +106,14 @@ class TaskQueue:
         self._classes: "OrderedDict[tuple, deque]" = OrderedDict()
         self._held: list = []    # only_elsewhere tasks: offered to peers, never started here
         self._log = log          # the node's event log: queueing is a recorded move
+        self.on_push = None      # called after each push (the peer duties wake on it)
 
     def push(self, task: TaskRecord, cause: str) -> None:
         """Queue `task`; one that may only run on other nodes is held apart,
         where nothing starts it here (see `held`)."""
         move(task, TaskState.QUEUED, cause, self._log)
+        if self.on_push is not None:
+            self.on_push()
         if task.only_elsewhere:
             self._held.append(task)
             return
