@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -85,6 +86,8 @@ def parse_args(argv) -> HostConfig:
     parser.add_argument("--object-store-memory", type=_number(int, "--object-store-memory"),
                         default=DEFAULT_STORE_BYTES)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--start-interval", type=_number(float, "--start-interval", zero_ok=True),
+                        default=0.0, help="seconds between this host's node starts (default 0)")
     return parser.parse_args(argv, namespace=HostConfig())
 
 
@@ -106,7 +109,13 @@ class Host:
         args = self.args
         endpoints = [e for e in args.address.split(",") if e]
         loop = asyncio.get_running_loop()
-        for _ in range(args.nodes):
+        first = loop.time()
+        for index in range(args.nodes):
+            # Paced (--start-interval): the driver spreads the cluster's joins
+            # evenly over its hosts instead of letting every host start at once.
+            due = first + index * args.start_interval
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
             node_id = ids.new_id()
             session_dir = os.path.join(args.base_dir, node_id.hex()[:12])
             os.makedirs(session_dir, mode=0o700)
@@ -183,11 +192,30 @@ async def _serve(args: HostConfig, replies) -> int:
     host = Host(args, token)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
+    # SIGTERM (the driver gives up on a host still starting its nodes, or a
+    # `timeout` wrapper) stops every node started so far -- their store and
+    # session dirs go with them -- instead of dying with them in place.
+    starting = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if not done.is_set() and starting is not None and not ready_sent:
+            starting.cancel()
+        else:
+            loop.create_task(_stop_and_finish(host, done))
+
+    ready_sent = False
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         await host.start()
     except BaseException:
         await host.stop()
+        if terminated:
+            return 128 + signal.SIGTERM
         raise
+    ready_sent = True
     _reply(replies, {"ready": True, "nodes": [node.node_hex for node in host.nodes]})
 
     def read_commands() -> None:
@@ -208,7 +236,14 @@ async def _serve(args: HostConfig, replies) -> int:
 
     threading.Thread(target=read_commands, name="meshray-scale-commands", daemon=True).start()
     await done.wait()
-    return 0
+    return 128 + signal.SIGTERM if terminated else 0
+
+
+async def _stop_and_finish(host: Host, done: asyncio.Event) -> None:
+    try:
+        await host.stop()
+    finally:
+        done.set()
 
 
 def _reply(replies, obj: dict) -> None:

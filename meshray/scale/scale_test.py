@@ -34,6 +34,7 @@ measured are null, never estimated.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -138,16 +139,21 @@ class HostProcess:
                    "--cpus", str(args.cpus), "--task-s", str(args.task_s)]
         if args.lease_ttl:
             command += ["--lease-ttl", str(args.lease_ttl)]
+        if args.join_rate:
+            hosts = math.ceil(args.nodes / args.nodes_per_host)
+            command += ["--start-interval", f"{hosts / args.join_rate:.6f}"]
         try:
             self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             env=env, pass_fds=(fd,), text=True)
         finally:
             os.close(fd)
         self.nodes: list[str] = []
+        self.ready = False          # it said so: it reads commands now
 
     def wait_ready(self, timeout: float) -> None:
         line = self._read(timeout)
         self.nodes = list(line["nodes"])
+        self.ready = True
 
     def _read(self, timeout: float) -> dict:
         import select
@@ -173,17 +179,35 @@ class HostProcess:
         self.process.stdin.flush()
         return self._read(timeout)
 
-    def close(self, timeout: float = 60.0) -> None:
+    def begin_close(self) -> None:
+        """Tell the host to stop its nodes (the reply is read by finish_close)."""
+        if self.process.poll() is not None:
+            return
+        try:
+            if self.ready:
+                self.process.stdin.write(json.dumps({"op": "stop"}) + "\n")
+                self.process.stdin.flush()
+            else:
+                # Still starting its nodes: SIGTERM stops the ones started (host.py).
+                self.process.terminate()
+        except OSError:
+            pass
+
+    def finish_close(self, timeout: float = 60.0) -> None:
+        """Wait (up to `timeout`) for the host to exit, else kill it."""
         if self.process.poll() is None:
             try:
-                self.ask({"op": "stop"}, timeout)
                 self.process.wait(timeout)
-            except Exception:  # noqa: BLE001 - fall back to a kill
+            except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         with contextlib.suppress(OSError):
             self.process.stdin.close()
         self.process.stdout.close()
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.begin_close()
+        self.finish_close(timeout)
 
 
 def etcd_counter(endpoint: str, name: str = WRITE_COUNTER) -> float:
@@ -221,6 +245,16 @@ class ScaleRun:
         self.engine = ClusterEngine(etcd_endpoints=args.address, lease_ttl=args.lease_ttl or 5.0,
                                     token=os.environ.get("MESHRAY_TOKEN") if args.address else None,
                                     dir_prefix="meshray-scale-etcd-").start()
+        if not args.address and args.etcd_nice:
+            # etcd has machines of its own in production; here the simulated
+            # nodes share its cores, and an etcd they starve measures the box.
+            for pid in self.engine.etcd_pids():
+                try:
+                    os.setpriority(os.PRIO_PROCESS, pid, args.etcd_nice)
+                except PermissionError:
+                    self._say(f"--etcd-nice={args.etcd_nice}: not permitted here (needs root "
+                              f"below 0); etcd keeps its priority")
+            self.result["etcd_nice"] = os.getpriority(os.PRIO_PROCESS, self.engine.etcd_pids()[0])
         for _ in range(args.real_nodes):
             self.real.append(self.engine.start_node(num_cpus=args.real_cpus))
         self._say(f"etcd at {self.engine.address}; {len(self.real)} real node(s) up")
@@ -250,7 +284,7 @@ class ScaleRun:
                 except TimeoutError:
                     pass
             try:
-                joined = len(self.engine.node_ids() - real)
+                joined = len(self._registered_in_etcd() - real)
             except Exception as exc:  # noqa: BLE001 - a busy etcd: count again next round
                 self._say(f"cannot count registered nodes yet: {exc}")
                 joined = self.result["nodes_joined"] or 0
@@ -263,14 +297,28 @@ class ScaleRun:
                 self.result["join_s"] = round(time.monotonic() - started, 3)
                 break
             if time.monotonic() > deadline:
+                with contextlib.suppress(Exception):   # the last count, given time
+                    self.engine.close_view()
+                    joined = self.result["nodes_joined"] = len(
+                        self._registered_in_etcd(timeout=30.0) - real)
                 self._say(f"join timed out: {joined}/{args.nodes} registered, "
                           f"{seeing} see all {want} nodes, {len(starting)} host(s) "
                           f"still starting their nodes")
                 self.result["nodes_seeing_all"] = seeing
                 break
             time.sleep(0.5)
-        self._say(f"joined: {self.result['nodes_joined']}/{args.nodes} in "
-                  f"{self.result['join_s']}s")
+        if self.result["join_s"] is not None:
+            self._say(f"joined: {self.result['nodes_joined']}/{args.nodes} in "
+                      f"{self.result['join_s']}s")
+
+    def _registered_in_etcd(self, timeout: float = 5.0) -> set[str]:
+        from meshray.coordination import keyspace
+        keys = keyspace.Keyspace()
+        items, _rev = self.engine.coordinator().get_prefix(keys.nodes_prefix(), timeout=timeout)
+        return {keys.parse_node(item.key) for item in items}
+
+    def _host_cpu(self) -> float:
+        return sum(host.ask({"op": "status"})["cpu_s"] for host in self.hosts)
 
     def _watch_events(self) -> int:
         return sum(node["watch_events"] for host in self.hosts
@@ -279,11 +327,15 @@ class ScaleRun:
     def idle(self) -> None:
         endpoint = self.engine.address.split(",")[0]
         window = self.args.idle_s
-        writes, events = etcd_counter(endpoint), self._watch_events()
+        writes, events, cpu = etcd_counter(endpoint), self._watch_events(), self._host_cpu()
         started = time.monotonic()
         time.sleep(window)
         elapsed = time.monotonic() - started
         writes, events = etcd_counter(endpoint) - writes, self._watch_events() - events
+        # What a hollow node costs its host doing nothing: its threads' and
+        # loops' wakeups, lease refreshes; the share of a core per node.
+        self.result["host_cpu_per_node_idle"] = round(
+            (self._host_cpu() - cpu) / elapsed / self.args.nodes, 5)
         self.result["etcd_writes_per_s_idle"] = round(writes / elapsed, 3)
         self.result["watch_events_per_node_per_s"] = round(events / elapsed / self.args.nodes, 4)
         self._say(f"idle {elapsed:.1f}s: {writes:.0f} etcd writes, {events} watch events")
@@ -437,17 +489,40 @@ class ScaleRun:
         self._say(f"detection: 1 kill p99 {self.result['detect_p99_s']}s, {len(many)} kills "
                   f"p99 {self.result['detect_10pct_p99_s']}s, {missed + missed_10} missed")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 120.0) -> None:
+        # All hosts stop their nodes at once; one deadline for all of them.
+        for host in self.hosts:
+            host.begin_close()
+        deadline = time.monotonic() + timeout
         for host in self.hosts:
             try:
-                host.close()
+                host.finish_close(max(1.0, deadline - time.monotonic()))
             except Exception as exc:  # noqa: BLE001 - close the rest
                 self._say(f"closing host pid {host.process.pid}: {exc}")
+        self._remove_orphaned_stores()
         try:
             if self.engine is not None:
                 self.engine.close()
         finally:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+    def _remove_orphaned_stores(self) -> None:
+        """Store dirs of hollow nodes whose host had to be killed (a host that
+        would not stop in time): each is named after its node's session dir
+        under our base dir and marked with its host's pid."""
+        from meshray.node.node_store import OWNER_FILE, SHM_ROOT
+        dead = {str(host.process.pid) for host in self.hosts if host.process.poll() is not None}
+        for host_dir in glob.glob(os.path.join(self.base_dir, "host*")):
+            for name in os.listdir(host_dir):
+                store = os.path.join(SHM_ROOT, f"meshray-{name}")
+                try:
+                    with open(os.path.join(store, OWNER_FILE)) as handle:
+                        owner = handle.read().strip()
+                except OSError:
+                    continue
+                if owner in dead:
+                    shutil.rmtree(store, ignore_errors=True)
 
 
 def _rounded(value):
@@ -531,6 +606,14 @@ def add_parser(commands) -> None:
     parser.add_argument("--idle-s", type=float, default=10.0,
                         help="seconds the idle measurement lasts (default 10)")
     parser.add_argument("--join-timeout", type=float, default=300.0)
+    parser.add_argument("--join-rate", type=float, default=0.0,
+                        help="hollow nodes started per second, cluster-wide, spread over the "
+                             "hosts (default 0: each host starts its nodes as fast as they "
+                             "register, a few at a time)")
+    parser.add_argument("--etcd-nice", type=int, default=-10,
+                        help="CPU priority (nice) of the etcd member the command starts "
+                             "(default -10, so the simulated nodes do not starve it; 0 to "
+                             "leave it as is; needs root to go below 0)")
     parser.add_argument("--task-timeout", type=float, default=600.0)
     parser.add_argument("--detect-grace", type=float, default=10.0,
                         help="seconds past the lease TTL to wait for every observer")

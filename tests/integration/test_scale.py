@@ -67,3 +67,31 @@ def test_unknown_scenario_is_refused_with_its_name():
     from meshray.scale import scale_test
     with pytest.raises(ValueError, match="--scenarios='join,bogus'.*bogus"):
         scale_test.run(_args("--scenarios", "join,bogus"))
+
+
+@pytest.mark.timeout(120)
+def test_a_host_told_to_stop_while_starting_its_nodes_leaves_nothing_behind(tmp_path):
+    """SIGTERM to a host the driver has not heard ready from (a join it gave
+    up on): the nodes started so far stop, their session and store dirs go.
+    (Should the host finish starting first, the same signal stops it all the same.)"""
+    from meshray.scale import scale_test
+    from meshray.testing.engine import ClusterEngine
+    from tests.helpers import wait_for
+
+    args = _args("--cpus", "4")
+    engine = ClusterEngine(lease_ttl=2.0, dir_prefix="meshray-scale-term-").start()
+    try:
+        host = scale_test.HostProcess(args, 0, 40, engine.address, engine.token, str(tmp_path))
+        base = tmp_path / "host0"
+        started = lambda: [d for d in base.iterdir() if d.is_dir()] if base.exists() else []  # noqa: E731
+        wait_for(lambda: len(started()) >= 2, timeout=60, message="the host starts nodes")
+        stores = {f"/dev/shm/meshray-{d.name}" for d in started()}
+        assert any(os.path.exists(s) for s in stores)
+        host.close()
+        assert not host.ready
+        assert host.process.returncode == 128 + 15, host.process.returncode
+        # Its nodes' store dirs are gone (their session dirs are under the base
+        # dir, which the driver removes: ScaleRun.close).
+        assert not [s for s in stores if os.path.exists(s)]
+    finally:
+        engine.close()
