@@ -33,6 +33,7 @@ measured are null, never estimated.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import json
@@ -47,6 +48,7 @@ import time
 import urllib.request
 
 from meshray.scale import drivers
+from meshray.scale.host import _number
 
 __all__ = ["add_parser", "run", "percentile", "detection_latencies", "render_table",
            "SCENARIOS", "RESULT_KEYS", "check_tasks"]
@@ -567,9 +569,16 @@ def _count(flag: str, minimum: int = 1):
         except ValueError:
             value = minimum - 1
         if value < minimum:
-            raise ValueError(f"{flag}={text!r}: expected a whole number >= {minimum}")
+            raise argparse.ArgumentTypeError(
+                f"{flag}={text!r}: expected a whole number >= {minimum}")
         return value
     return parse
+
+
+def _amount(flag: str, *, zero_ok: bool = False):
+    """A number flag (seconds, CPUs, a rate) that must be > 0 (>= 0 with
+    `zero_ok`); anything else is refused naming the flag and the value."""
+    return _number(float, flag, zero_ok=zero_ok)
 
 
 def add_parser(commands) -> None:
@@ -580,15 +589,15 @@ def add_parser(commands) -> None:
                         help="hollow nodes (default 100)")
     parser.add_argument("--real-nodes", type=_count("--real-nodes"), default=1,
                         help="real node daemons; the task driver runs on the first (default 1)")
-    parser.add_argument("--real-cpus", type=float, default=1.0,
+    parser.add_argument("--real-cpus", type=_amount("--real-cpus"), default=1.0,
                         help="CPUs of each real node (default 1: most tasks spill)")
     parser.add_argument("--nodes-per-host", type=_count("--nodes-per-host"), default=50,
                         help="hollow nodes per host process (default 50)")
-    parser.add_argument("--cpus", type=float, default=64.0,
+    parser.add_argument("--cpus", type=_amount("--cpus"), default=64.0,
                         help="CPUs of each hollow node (default 64)")
-    parser.add_argument("--task-s", type=float, default=0.0,
+    parser.add_argument("--task-s", type=_amount("--task-s", zero_ok=True), default=0.0,
                         help="seconds a simulated task runs (default 0)")
-    parser.add_argument("--lease-ttl", type=float, default=None,
+    parser.add_argument("--lease-ttl", type=_amount("--lease-ttl"), default=None,
                         help="node lease TTL in seconds (default: the node default, 5)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, from {','.join(SCENARIOS)} (default all; "
@@ -597,16 +606,16 @@ def add_parser(commands) -> None:
                         help="tasks the driver submits (default 10000)")
     parser.add_argument("--actors", type=_count("--actors"), default=10_000,
                         help="actors the actors driver creates (default 10000)")
-    parser.add_argument("--actor-cpus", type=float, default=0.2,
+    parser.add_argument("--actor-cpus", type=_amount("--actor-cpus"), default=0.2,
                         help="CPUs each of those actors asks for (default 0.2, as Ray's test)")
     parser.add_argument("--pgs", type=_count("--pgs"), default=1000,
                         help="placement groups the pgs driver creates (default 1000)")
     parser.add_argument("--pg-bundles", type=_count("--pg-bundles"), default=3,
                         help="one-CPU bundles in each group (default 3)")
-    parser.add_argument("--idle-s", type=float, default=10.0,
+    parser.add_argument("--idle-s", type=_amount("--idle-s"), default=10.0,
                         help="seconds the idle measurement lasts (default 10)")
-    parser.add_argument("--join-timeout", type=float, default=300.0)
-    parser.add_argument("--join-rate", type=float, default=0.0,
+    parser.add_argument("--join-timeout", type=_amount("--join-timeout"), default=300.0)
+    parser.add_argument("--join-rate", type=_amount("--join-rate", zero_ok=True), default=0.0,
                         help="hollow nodes started per second, cluster-wide, spread over the "
                              "hosts (default 0: each host starts its nodes as fast as they "
                              "register, a few at a time)")
@@ -614,8 +623,8 @@ def add_parser(commands) -> None:
                         help="CPU priority (nice) of the etcd member the command starts "
                              "(default -10, so the simulated nodes do not starve it; 0 to "
                              "leave it as is; needs root to go below 0)")
-    parser.add_argument("--task-timeout", type=float, default=600.0)
-    parser.add_argument("--detect-grace", type=float, default=10.0,
+    parser.add_argument("--task-timeout", type=_amount("--task-timeout"), default=600.0)
+    parser.add_argument("--detect-grace", type=_amount("--detect-grace", zero_ok=True), default=10.0,
                         help="seconds past the lease TTL to wait for every observer")
     parser.add_argument("--kill-mode", choices=KILL_MODES, default="freeze",
                         help="freeze (default): a killed node's keepalives stop and its port "

@@ -67,6 +67,17 @@ def test_host_refuses_bad_numbers_naming_the_flag(flag, value, capsys):
     assert f"{flag}={value!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--nodes", "0", "a whole number >= 1"), ("--actors", "many", "a whole number >= 1"),
+    ("--cpus", "-3", "a number > 0"), ("--actor-cpus", "0", "a number > 0"),
+    ("--join-rate", "x", "a number >= 0"), ("--task-s", "-1", "a number >= 0")])
+def test_scale_test_refuses_bad_numbers_naming_the_flag(flag, value, expected, capsys):
+    from meshray.cli.main import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scale-test", flag, value])
+    assert f"{flag}={value!r}: expected {expected}" in capsys.readouterr().err
+
+
 def test_a_host_lengthens_grpcs_wait_slice(monkeypatch):
     from grpc import _common
 
