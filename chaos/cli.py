@@ -529,8 +529,8 @@ def _parser(prog: str = "python -m chaos") -> argparse.ArgumentParser:
     from chaos.fuzz_wire import add_parser as add_fuzz_wire
     add_fuzz_wire(sub)
     pg = sub.add_parser("_pg-driver", help=argparse.SUPPRESS)
-    for flag in ("--address", "--token", "--out", "--stop-file"):
-        pg.add_argument(flag, required=flag != "--token")
+    for flag in ("--address", "--out", "--stop-file"):      # the token comes on a pipe
+        pg.add_argument(flag, required=True)
     pg.add_argument("--seed", type=int, required=True)
     pg.add_argument("--index", type=int, required=True)
     pg.add_argument("--wait", type=float, default=3.0)

@@ -392,6 +392,32 @@ class ObjectsWorkload(Workload):
 
 
 # ------------------------------------------------------------------ placement groups
+def pg_driver_command(address: str, *, seed: int, index: int, out: str, stop_file: str,
+                      wait: float) -> list[str]:
+    """The command line of one placement-group driver. The cluster token is
+    not on it: it would show in `ps`, and a token may begin with "-", which
+    the driver's argument parser would take for an option. The driver reads
+    it from the pipe `_start_with_token` hands it."""
+    return [sys.executable, "-m", "chaos", "_pg-driver", "--address", address,
+            "--seed", str(seed), "--index", str(index), "--out", out, "--stop-file", stop_file,
+            "--wait", str(wait)]
+
+
+def _start_with_token(args: list, env: dict, token: str | None, **popen) -> subprocess.Popen:
+    """Start `args` with the cluster token on a pipe (MESHRAY_TOKEN_FD), as a node hands
+    its token to its workers."""
+    from meshray import security
+    env = {k: v for k, v in env.items() if k not in ("MESHRAY_TOKEN", "MESHRAY_TOKEN_FILE")}
+    if not token:
+        return subprocess.Popen(args, env=env, cwd=REPO_ROOT, **popen)
+    fd = security.token_pipe(token)
+    try:
+        env[security.TOKEN_FD_ENV] = str(fd)
+        return subprocess.Popen(args, env=env, cwd=REPO_ROOT, pass_fds=(fd,), **popen)
+    finally:
+        os.close(fd)
+
+
 def pg_api():
     """Ray's placement-group API from meshray, or None while it does not exist."""
     try:
@@ -433,13 +459,11 @@ class PlacementGroupWorkload(Workload):
         for i in range(drivers):
             out = os.path.join(ctx.work_dir, f"pg-driver-{i}.jsonl")
             self.outputs.append(out)
-            args = [sys.executable, "-m", "chaos", "_pg-driver", "--address", ctx.cluster.address,
-                    "--token", ctx.cluster.token or "", "--seed", str(ctx.seed), "--index", str(i),
-                    "--out", out, "--stop-file", os.path.join(ctx.work_dir, "pg-stop"),
-                    "--wait", str(ctx.option(self.name, "wait", 3.0))]
-            self.procs.append(subprocess.Popen(args, env=env, cwd=REPO_ROOT,
-                                               stdout=subprocess.DEVNULL,
-                                               stderr=open(out + ".stderr", "w")))
+            args = pg_driver_command(ctx.cluster.address, seed=ctx.seed, index=i, out=out,
+                                     stop_file=os.path.join(ctx.work_dir, "pg-stop"),
+                                     wait=ctx.option(self.name, "wait", 3.0))
+            self.procs.append(_start_with_token(args, env, ctx.cluster.token, stdout=subprocess.DEVNULL,
+                                                stderr=open(out + ".stderr", "w")))
         ctx.stop.wait()
         open(os.path.join(ctx.work_dir, "pg-stop"), "w").close()
         for proc in self.procs:
@@ -472,6 +496,8 @@ def pg_driver_main(args) -> int:
         print("meshray.util.placement_group is not available", file=sys.stderr)
         return 2
     import meshray
+    from meshray import security
+    token = security.process_token()      # handed over on a pipe (_start_with_token)
     history = History(args.out)
     process = f"pg-driver-{args.index}"
     # A driver may start while a fault is on (the etcd leader killed, a node
@@ -480,7 +506,7 @@ def pg_driver_main(args) -> int:
     while True:
         join = history.invoke(process, "join", {"address": args.address})
         try:
-            meshray.init(address=args.address, _token=args.token or None, log_to_driver=False)
+            meshray.init(address=args.address, _token=token, log_to_driver=False)
         except Exception as exc:  # noqa: BLE001 - recorded, then tried again
             join.fail(exc)
             if os.path.exists(args.stop_file):

@@ -405,3 +405,36 @@ def test_pause_node_past_its_lease_keeps_every_guarantee():
         raise RuntimeError("the seed no longer yields one pause: fix the scenario")
     assert _verdicts(result)["no-leaked-resources"].status == "pass", _explain(result)
     assert result.ok, _explain(result)
+
+
+def test_a_pg_driver_gets_the_token_on_a_pipe_even_one_that_looks_like_an_option(tmp_path):
+    """A cluster token may begin with "-" (token_urlsafe); on the drivers' command line their
+    argument parser took it for an option and every driver exited 2 (a failed CI run). The
+    token travels on a pipe, never on the command line, and such a token works."""
+    from chaos.workloads import PG_RESOURCE, _start_with_token, pg_driver_command
+    from meshray.testing.engine import ClusterEngine
+    from tests.helpers import wait_for
+
+    token = "-" + "t0ken" * 9
+    engine = ClusterEngine(token=token, lease_ttl=2.0).start()
+    try:
+        engine.start_node(num_cpus=1, resources={PG_RESOURCE: 2.0})
+        out, stop, err = tmp_path / "driver.jsonl", tmp_path / "stop", tmp_path / "driver.err"
+        args = pg_driver_command(engine.address, seed=1, index=0, out=str(out),
+                                 stop_file=str(stop), wait=3.0)
+        assert not [arg for arg in args if token in arg]
+        with open(err, "w") as stderr:
+            driver = _start_with_token(args, dict(os.environ), token,
+                                       stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            # It joined (with the token) and went on to create a group.
+            wait_for(lambda: out.exists() and '"create"' in out.read_text(), timeout=60,
+                     message=f"the driver joins and creates a group; stderr: {err.read_text()}")
+            stop.touch()
+            assert driver.wait(60) == 0, err.read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    finally:
+        engine.close()
