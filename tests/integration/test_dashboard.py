@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import http.server
 import os
+import pathlib
 import shutil
+import tempfile
 import threading
 
 import pytest
@@ -35,17 +37,31 @@ pytestmark = [
 PAGE_TIMEOUT_S = 90.0
 
 
+def _chromium_dirs() -> set:
+    return {name for name in os.listdir("/tmp") if name.startswith("org.chromium.Chromium.")}
+
+
 @pytest.fixture
 def browser():
+    """A headless Chromium whose profile and temporary files (its singleton
+    socket dir among them, which it leaves in $TMPDIR) live in a directory of
+    their own, removed afterwards: nothing is left in /tmp. The directory is
+    short-named, since a unix socket's path must stay under 108 bytes."""
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="mr-chromium-"))
+    before = _chromium_dirs()
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1400,900", "--no-first-run", "--disable-extensions"):
+                 "--window-size=1400,900", "--no-first-run", "--disable-extensions",
+                 f"--user-data-dir={scratch / 'profile'}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER),
-                              options=options)
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER,
+                                      env={**os.environ, "TMPDIR": str(scratch)})
+    driver = webdriver.Chrome(service=service, options=options)
     yield driver
     driver.quit()
+    shutil.rmtree(scratch, ignore_errors=True)
+    assert _chromium_dirs() <= before, "the browser left temporary dirs in /tmp"
 
 
 def shots_dir(tmp_path) -> str:
