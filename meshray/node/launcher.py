@@ -229,13 +229,19 @@ def _read_ready(fd: int, process: subprocess.Popen, session_dir: str) -> dict:
     return json.loads(data)
 
 
-def _startup_failure(process: subprocess.Popen, session_dir: str) -> str:
+def session_log_tail(session_dir: str, lines: int = 20) -> str:
+    """The last `lines` lines of a daemon's log and of its stderr (what it
+    printed before logging was set up, or a crash), as they are."""
     tail = ""
     for name in ("node.log", "node.stderr"):
         try:
-            with open(os.path.join(session_dir, name)) as handle:
-                tail += "".join(handle.readlines()[-20:])
+            with open(os.path.join(session_dir, name), errors="replace") as handle:
+                tail += "".join(handle.readlines()[-lines:])
         except OSError:
             pass
+    return tail
+
+
+def _startup_failure(process: subprocess.Popen, session_dir: str) -> str:
     return (f"node daemon exited with code {process.returncode} during startup.\n"
-            f"Last lines of {session_dir}/node.log:\n{tail}")
+            f"Last lines of {session_dir}/node.log:\n{session_log_tail(session_dir)}")

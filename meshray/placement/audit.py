@@ -14,11 +14,10 @@ group, which delivers every revision in order (and re-lists, recorded as a
 rebuilds the state from that record.
 
 The replay is incremental: it keeps each node's reserved sums and, after
-each revision, re-checks only the nodes that revision touched. Re-checking
-every node at every revision (the first version of this check) costs
-revisions x nodes record decodes: nothing on three nodes, minutes on a
-thousand. The chaos harness's checker and ``meshray scale-test`` call the
-same function.
+each revision, re-checks only the nodes that revision touched, since
+re-checking every node at every revision costs revisions x nodes record
+decodes, which a thousand-node history cannot pay. The chaos harness's
+checker and ``meshray scale-test`` call the same function.
 
 Pure apart from the recorder's watches; the parser of an allocation record
 is the placement component's own (:class:`~.records.AllocRecord`).

@@ -42,8 +42,7 @@ print(json.dumps({"elapsed_s": elapsed, "values": values}))
 ACTORS = _PREAMBLE + r"""
 @meshray.remote(num_cpus=cfg["actor_cpus"])
 class Hollow:
-    def ping(self):
-        return "pong"
+    pass
 
 start = time.monotonic()
 actors = [Hollow.remote() for _ in range(cfg["count"])]

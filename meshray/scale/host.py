@@ -113,9 +113,9 @@ class Host:
         for index in range(args.nodes):
             # Paced (--start-interval): the driver spreads the cluster's joins
             # evenly over its hosts instead of letting every host start at once.
-            due = first + index * args.start_interval
-            if due > loop.time():
-                await asyncio.sleep(due - loop.time())
+            delay = first + index * args.start_interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             node_id = ids.new_id()
             session_dir = os.path.join(args.base_dir, node_id.hex()[:12])
             os.makedirs(session_dir, mode=0o700)
@@ -196,17 +196,16 @@ async def _serve(args: HostConfig, replies) -> int:
     # `timeout` wrapper) stops every node started so far -- their store and
     # session dirs go with them -- instead of dying with them in place.
     starting = asyncio.current_task()
-    terminated = False
+    terminated = ready_sent = False
 
     def on_sigterm() -> None:
         nonlocal terminated
         terminated = True
-        if not done.is_set() and starting is not None and not ready_sent:
-            starting.cancel()
+        if not ready_sent:
+            starting.cancel()         # host.start() unwinds and stops what it started
         else:
             loop.create_task(_stop_and_finish(host, done))
 
-    ready_sent = False
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
         await host.start()

@@ -286,7 +286,7 @@ class ScaleRun:
                 except TimeoutError:
                     pass
             try:
-                joined = len(self._registered_in_etcd() - real)
+                joined = len(self.engine.node_ids() - real)
             except Exception as exc:  # noqa: BLE001 - a busy etcd: count again next round
                 self._say(f"cannot count registered nodes yet: {exc}")
                 joined = self.result["nodes_joined"] or 0
@@ -302,7 +302,7 @@ class ScaleRun:
                 with contextlib.suppress(Exception):   # the last count, given time
                     self.engine.close_view()
                     joined = self.result["nodes_joined"] = len(
-                        self._registered_in_etcd(timeout=30.0) - real)
+                        self.engine.node_ids(timeout=30.0) - real)
                 self._say(f"join timed out: {joined}/{args.nodes} registered, "
                           f"{seeing} see all {want} nodes, {len(starting)} host(s) "
                           f"still starting their nodes")
@@ -313,31 +313,28 @@ class ScaleRun:
             self._say(f"joined: {self.result['nodes_joined']}/{args.nodes} in "
                       f"{self.result['join_s']}s")
 
-    def _registered_in_etcd(self, timeout: float = 5.0) -> set[str]:
-        from meshray.coordination import keyspace
-        keys = keyspace.Keyspace()
-        items, _rev = self.engine.coordinator().get_prefix(keys.nodes_prefix(), timeout=timeout)
-        return {keys.parse_node(item.key) for item in items}
-
-    def _host_cpu(self) -> float:
-        return sum(host.ask({"op": "status"})["cpu_s"] for host in self.hosts)
-
-    def _watch_events(self) -> int:
-        return sum(node["watch_events"] for host in self.hosts
-                   for node in host.ask({"op": "status"})["nodes"] if not node["crashed"])
+    def _host_totals(self) -> tuple[int, float]:
+        """(watch events delivered to live nodes, CPU seconds) summed over the hosts."""
+        events, cpu = 0, 0.0
+        for host in self.hosts:
+            status = host.ask({"op": "status"})
+            cpu += status["cpu_s"]
+            events += sum(node["watch_events"] for node in status["nodes"] if not node["crashed"])
+        return events, cpu
 
     def idle(self) -> None:
         endpoint = self.engine.address.split(",")[0]
         window = self.args.idle_s
-        writes, events, cpu = etcd_counter(endpoint), self._watch_events(), self._host_cpu()
+        writes, (events, cpu) = etcd_counter(endpoint), self._host_totals()
         started = time.monotonic()
         time.sleep(window)
         elapsed = time.monotonic() - started
-        writes, events = etcd_counter(endpoint) - writes, self._watch_events() - events
+        events_after, cpu_after = self._host_totals()
+        writes, events = etcd_counter(endpoint) - writes, events_after - events
         # What a hollow node costs its host doing nothing: its threads' and
         # loops' wakeups, lease refreshes; the share of a core per node.
         self.result["host_cpu_per_node_idle"] = round(
-            (self._host_cpu() - cpu) / elapsed / self.args.nodes, 5)
+            (cpu_after - cpu) / elapsed / self.args.nodes, 5)
         self.result["etcd_writes_per_s_idle"] = round(writes / elapsed, 3)
         self.result["watch_events_per_node_per_s"] = round(events / elapsed / self.args.nodes, 4)
         self._say(f"idle {elapsed:.1f}s: {writes:.0f} etcd writes, {events} watch events")
@@ -555,8 +552,7 @@ def run(args, on_start=None) -> dict:
         for name in ("idle", "tasks", "actors", "pgs", "detect"):
             if name in scenarios:
                 getattr(scale, name)()
-        scale.result["host_cpu_s"] = round(sum(
-            host.ask({"op": "status"})["cpu_s"] for host in scale.hosts), 1)
+        scale.result["host_cpu_s"] = round(scale._host_totals()[1], 1)
         return scale.result
     finally:
         scale.close()

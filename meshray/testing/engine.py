@@ -104,11 +104,11 @@ class EtcdView:
                                             **security.etcd_client_options(token=self.token))
         return self._coordinator
 
-    def node_ids(self) -> set[str]:
+    def node_ids(self, timeout: float = 5.0) -> set[str]:
         """Ids of the nodes registered now (live leases only)."""
         from meshray.coordination import keyspace
         keys = keyspace.Keyspace()
-        items, _rev = self.coordinator().get_prefix(keys.nodes_prefix(), timeout=5.0)
+        items, _rev = self.coordinator().get_prefix(keys.nodes_prefix(), timeout=timeout)
         return {keys.parse_node(item.key) for item in items}
 
     def registered(self) -> dict[str, dict]:
@@ -506,12 +506,7 @@ class ClusterEngine(EtcdView):
 
 def _log_tail(node, lines: int = 40) -> str:
     """The end of a node's log (and its stderr), headed by its id and pid."""
-    parts = [f"--- node {node.info.get('node_id', '?')[:12]} pid {node.pid} "
-             f"(alive: {node.alive()}), {node.session_dir}"]
-    for name in ("node.log", "node.stderr"):
-        try:
-            with open(os.path.join(node.session_dir, name), errors="replace") as handle:
-                parts.append(f"{name}:\n" + "".join(handle.readlines()[-lines:]))
-        except OSError as exc:
-            parts.append(f"{name}: unreadable ({exc})")
-    return "\n".join(parts)
+    from meshray.node.launcher import session_log_tail
+    return (f"--- node {node.info.get('node_id', '?')[:12]} pid {node.pid} "
+            f"(alive: {node.alive()}), {node.session_dir}\n"
+            + session_log_tail(node.session_dir, lines))
