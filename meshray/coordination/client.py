@@ -91,6 +91,7 @@ from .wire import (
     _lease_id,
     _parse_endpoint,
     _prefix_end,
+    _range_end,
     _read_file,
     _vb,
 )
@@ -387,16 +388,17 @@ class Coordinator:
         return self._open(kv.key, kv.value), kv.mod_revision
 
     def get_prefix(self, prefix: str | bytes, *,
-                   timeout: float | None = None
+                   timeout: float | None = None, end: str | bytes | None = None
                    ) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix``, sorted, read at one revision.
 
         Returns the items and that revision, which is where a watch that
         follows this listing must start (revision + 1). Large prefixes are
-        read in pages pinned to the first page's revision.
+        read in pages pinned to the first page's revision. With ``end``,
+        only the keys from ``prefix`` up to (not including) ``end``.
         """
         start = _kb(prefix, "prefix")
-        end = _prefix_end(start)
+        end = _range_end(start, end)
         for _ in range(3):
             items: list[KeyValue] = []
             revision = 0
@@ -626,8 +628,10 @@ class Coordinator:
     def watch_prefix(self, prefix: str | bytes, start_revision: int,
                      on_events: Callable[[list[Event]], None],
                      on_reset: Callable[[list[KeyValue], int], None] | None
-                     = None) -> "WatchHandle":
-        """Deliver every change under ``prefix`` from ``start_revision`` on.
+                     = None, *, end: str | bytes | None = None) -> "WatchHandle":
+        """Deliver every change under ``prefix`` from ``start_revision`` on
+        (with ``end``, to the keys from ``prefix`` up to ``end``, as
+        :meth:`get_prefix` lists them).
 
         ``on_events(batch)`` runs on the Coordinator's watch thread (shared
         by its watches, so it must not block for long), in revision order. If history before the resume point was compacted, the prefix is
@@ -641,8 +645,9 @@ class Coordinator:
             raise ValueError(f"start_revision must be an int >= 1 (use the "
                              f"revision from get_prefix() + 1); got "
                              f"{start_revision!r}")
-        handle = WatchHandle(self, _kb(prefix, "prefix"), start_revision,
-                             on_events, on_reset)
+        start = _kb(prefix, "prefix")
+        handle = WatchHandle(self, start, start_revision, on_events, on_reset,
+                             end=_range_end(start, end))
         handle._start()
         return handle
 

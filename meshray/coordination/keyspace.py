@@ -65,6 +65,7 @@ FAMILIES: dict[str, int] = {
 _CHUNK_RE = re.compile(r"^[0-9]{6}$")
 
 _HEX_RE = re.compile(r"^(?:[0-9a-f]{2})+$")
+_LOWER_HEX_RE = re.compile(r"[0-9a-f]+")
 _CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Characters left unescaped in namespaces and names. "/" is never among them.
 _SAFE = "-._~"
@@ -180,6 +181,18 @@ class Keyspace:
 
     def avail_prefix(self) -> str:
         return self.prefix("avail")
+
+    def avail_range(self, low: str, high: str | None) -> tuple[str, str]:
+        """(start, end) of the availability keys whose node id begins at
+        hex `low` or after, and before hex `high` (None: to the family's
+        last key): one slice of the members (node/avail_slice.py)."""
+        for name, value in (("low", low), ("high", high)):
+            if value is not None and not _LOWER_HEX_RE.fullmatch(value):
+                raise ValueError(f"{name}={value!r}: expected lowercase hex digits")
+        base = self.avail_prefix()
+        # '/' + 1 is '0': the end of every key under the family's prefix.
+        end = f"{base}{high}" if high is not None else f"{base[:-1]}0"
+        return f"{base}{low}", end
 
     def actors_prefix(self) -> str:
         return self.prefix("actors")

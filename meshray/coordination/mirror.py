@@ -46,9 +46,13 @@ class PrefixMirror:
     """
 
     def __init__(self, coordinator: Coordinator, prefix: str,
-                 on_change: Callable[[list[Change]], None] | None = None):
+                 on_change: Callable[[list[Change]], None] | None = None, *,
+                 end: str | None = None):
+        """With `end`, the mirror holds only the keys from `prefix` up to
+        (not including) `end`."""
         self._coord = coordinator
         self.prefix = prefix
+        self.end = end
         self._on_change = on_change
         self._data: dict[str, Entry] = {}
         self._view = MappingProxyType(self._data)
@@ -73,10 +77,10 @@ class PrefixMirror:
         if self._started:
             raise RuntimeError(f"mirror of {self.prefix!r} already started")
         self._started = True
-        items, revision = self._coord.get_prefix(self.prefix, timeout=timeout)
+        items, revision = self._coord.get_prefix(self.prefix, timeout=timeout, end=self.end)
         self._apply_reset(items, revision)
         self._watch = self._coord.watch_prefix(
-            self.prefix, revision + 1, self._apply_events, self._apply_reset)
+            self.prefix, revision + 1, self._apply_events, self._apply_reset, end=self.end)
         return self
 
     def stop(self) -> None:

@@ -110,10 +110,11 @@ class WatchHandle:
     """
 
     def __init__(self, coordinator: Coordinator, prefix: bytes,
-                 start_revision: int, on_events, on_reset):
+                 start_revision: int, on_events, on_reset, *, end: bytes | None = None):
         self._coord = coordinator
         self._stream = coordinator._watch_stream
         self._prefix = prefix
+        self._end = end if end is not None else _prefix_end(prefix)   # etcd's range_end
         self._next_rev = start_revision
         self._on_events = on_events
         self._on_reset = on_reset
@@ -167,7 +168,7 @@ class WatchHandle:
 
     def _create_request(self) -> etcdrpc.WatchRequest:
         return etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
-            key=self._prefix, range_end=_prefix_end(self._prefix),
+            key=self._prefix, range_end=self._end,
             start_revision=self._next_rev))
 
     def _deliver(self, raw_events) -> None:
@@ -201,7 +202,7 @@ class WatchHandle:
                 f"revision {self._next_rev} and has no on_reset to re-sync; "
                 f"stopping"))
         try:
-            items, revision = self._coord.get_prefix(self._prefix)
+            items, revision = self._coord.get_prefix(self._prefix, end=self._end)
         except CoordinationUnavailable as exc:
             log.warning("watch %r: re-list after compaction failed: %s",
                         _ks(self._prefix), exc)

@@ -71,6 +71,17 @@ def _prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
+def _range_end(start: bytes, end: str | bytes | None) -> bytes:
+    """etcd's range_end for the keys from ``start`` up to ``end``; without
+    ``end``, every key that starts with ``start``."""
+    if end is None:
+        return _prefix_end(start)
+    end_b = end.encode() if isinstance(end, str) else bytes(end)
+    if end_b <= start:
+        raise ValueError(f"end={end!r}: expected a key after the start {start!r}")
+    return end_b
+
+
 def _parse_endpoint(text: str) -> tuple[str, bool]:
     """``host:port`` / ``http://`` / ``https://`` / ``etcd://`` -> (netloc,
     secure)."""

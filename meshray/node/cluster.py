@@ -120,8 +120,10 @@ class PeerDuties:
         """The membership's view changed: handle who left, place waiting work again."""
         if self._node.membership is None:
             return
-        nodes, avail, changed_nodes, changed_avail = self._node.membership.view_update()
-        gone = self.view.update(nodes, avail, time.monotonic(), changed_nodes, changed_avail)
+        membership = self._node.membership
+        nodes, avail, changed_nodes, changed_avail = membership.view_update()
+        gone = self.view.update(nodes, avail, time.monotonic(), changed_nodes, changed_avail,
+                                avail_bits=membership.avail_bits)
         for node_hex in gone:
             self.node_died(node_hex)
         self.replace_waiting()

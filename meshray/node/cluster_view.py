@@ -18,20 +18,32 @@ the "power of k choices" of Sparrow-style schedulers) and only falls back to
 the whole view when none of them has room: per-task cost is independent of N
 while the cluster has room somewhere, and a task is declared infeasible or
 left waiting only on the whole view.
+
+In a big cluster the node follows the availability of a slice of the members
+only (node/avail_slice.py); the sample is drawn from the slice. A peer
+outside it that has not sent us its load lately is shown with its whole
+total free: nothing says it is busy, and the offer is how we find out (it
+refuses what it cannot start, and its refusal carries its load). A sampled
+decision still prefers the slice, whose figures are known.
 """
 from __future__ import annotations
 
 import random
 
 from meshray.common import ids
+from meshray.node import avail_slice
 from meshray.scheduler import peer_load, policy
 from meshray.scheduler.resources import ResourceSet
 
-__all__ = ["ClusterView", "SPILL_SAMPLE"]
+__all__ = ["ClusterView", "SPILL_SAMPLE", "OUTSIDE_LOAD_S"]
 
 # Peers examined per sampled decision: enough that one with room is almost
 # always among them when a fair share of the cluster has room.
 SPILL_SAMPLE = 8
+# How long the load on a batch from a peer outside the availability slice
+# stands for its room. Past that, nothing newer can come (its availability
+# is not followed), so it is shown free again and a later offer finds out.
+OUTSIDE_LOAD_S = 5.0
 
 
 class ClusterView:
@@ -39,6 +51,8 @@ class ClusterView:
         self.node_hex = node_hex
         self._rng = rng or random.Random()
         self._peer_ids: list[str] = []              # members but us, for sampling
+        self.avail_bits = 0                         # the availability slice followed
+        self._slice_ids: list[str] = []             # peers in it (all peers at bits 0)
         self.nodes: dict[str, dict] = {}            # node -> its etcd record (members only)
         self.avail: dict[str, dict] = {}            # node -> its etcd availability
         self.avail_changed_at: dict[str, float] = {}  # node -> when that last changed
@@ -49,13 +63,14 @@ class ClusterView:
 
     # ------------------------------------------------------------ events
     def update(self, nodes: dict, avail: dict, now: float,
-               changed_nodes=None, changed_avail=None) -> list:
+               changed_nodes=None, changed_avail=None, avail_bits: int = 0) -> list:
         """A new etcd view; returns the peers that left it (to be handled as dead).
 
         With `changed_nodes` / `changed_avail` (the ids whose record /
         availability changed since the last update, as the membership tracks
         them) only those are examined, so an update costs O(changes), not
         O(members): it runs at every node for every change anywhere.
+        `avail_bits` is the slice whose availability `avail` holds.
         """
         node_ids = self.nodes if changed_nodes is None else changed_nodes
         gone = [n for n in node_ids
@@ -68,8 +83,11 @@ class ClusterView:
             value = avail.get(node_hex)
             if value is not None and self.avail.get(node_hex) != value:
                 self.avail_changed_at[node_hex] = now
-        if changed_nodes is None or changed_nodes:
+        if changed_nodes is None or changed_nodes or avail_bits != self.avail_bits:
             self._peer_ids = [n for n in nodes if n != self.node_hex]
+            self._slice_ids = self._peer_ids if avail_bits == 0 else [
+                n for n in self._peer_ids if avail_slice.in_slice(n, self.node_hex, avail_bits)]
+        self.avail_bits = avail_bits
         self.nodes, self.avail = nodes, avail
         return gone
 
@@ -105,14 +123,14 @@ class ClusterView:
         return [n for n in self.nodes if n not in self.known_dead]
 
     def sample_peers(self, k: int, include=()) -> list | None:
-        """`k` peers picked at random, plus those of `include` that are
-        members (e.g. the nodes holding a task's arguments, so locality is
-        still seen); None when there are no more than `k` peers (look at
-        them all)."""
-        peers = self._peer_ids
-        if len(peers) <= k:
+        """`k` peers of the availability slice picked at random, plus those
+        of `include` that are members (e.g. the nodes holding a task's
+        arguments, so locality is still seen); None when there are no more
+        than `k` peers in all (look at them all)."""
+        if len(self._peer_ids) <= k:
             return None
-        picked = self._rng.sample(peers, k)
+        peers = self._slice_ids
+        picked = self._rng.sample(peers, k) if len(peers) > k else list(peers)
         picked.extend(n for n in include
                       if n in self.nodes and n != self.node_hex and n not in picked)
         return picked
@@ -130,12 +148,18 @@ class ClusterView:
             if record is None or node_hex == self.node_hex:
                 continue
             load, load_at = self.loads.get(node_hex, (None, None))
-            available = peer_load.newest_available(
-                self.avail.get(node_hex, {}), self.avail_changed_at.get(node_hex),
-                None if load is None else load.available, load_at, now)
+            total = record.get("Resources", {})
+            if self.avail_bits and not avail_slice.in_slice(node_hex, self.node_hex,
+                                                            self.avail_bits):
+                if load is None or now - load_at > OUTSIDE_LOAD_S:
+                    load = load_at = None
+                available = dict(total) if load is None else dict(load.available)
+            else:
+                available = peer_load.newest_available(
+                    self.avail.get(node_hex, {}), self.avail_changed_at.get(node_hex),
+                    None if load is None else load.available, load_at, now)
             offers = self.offered.get(node_hex, {})
             room = peer_load.peer_room(available, peer_load.total_of(offers.values()))
-            total = record.get("Resources", {})
             if backlog_for is not None and load is not None:
                 room = peer_load.with_backlog(room, total, backlog_for, peer_load.backlog_left(
                     load.backlog_room, len(offers)))

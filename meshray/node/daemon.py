@@ -777,7 +777,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             return membership.nodes() if membership else [self.local_node_record()]
         if method == "node_usage":
             # Per-node availability as this node's view holds it (ours is live).
-            usage = dict(membership.view_snapshot()[1]) if membership else {}
+            usage = membership.availabilities() if membership else {}
             usage[self.node_id.hex()] = local_available
             return usage
         raise ValueError(f"unknown request method {method!r}")

@@ -130,7 +130,7 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                advertise_host: str = "", metrics_export_port: int | None = None,
                dashboard_port: int | None = None, memory: int | None = None,
                drain_timeout: float | None = None,
-               include_dashboard: bool = True) -> NodeProcess:
+               include_dashboard: bool = True, node_id: str | None = None) -> NodeProcess:
     from meshray import security
 
     if not embedded_etcd and not etcd:
@@ -156,7 +156,7 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                         ("--lease-ttl", lease_ttl), ("--prestart-workers", prestart_workers),
                         ("--metrics-export-port", metrics_export_port),
                         ("--dashboard-port", dashboard_port), ("--memory", memory),
-                        ("--drain-timeout", drain_timeout)):
+                        ("--drain-timeout", drain_timeout), ("--node-id", node_id)):
         if value is not None:
             args += [flag, str(value)]
     if cli:

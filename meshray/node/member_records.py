@@ -58,6 +58,9 @@ class DecodedRecords:
             self.version += 1
             self._lock.notify_all()
 
+    def __len__(self) -> int:
+        return len(self._by_node)
+
     def reset(self) -> None:
         """Forget everything (the mirror behind it is being replaced); every
         node known so far counts as changed."""

@@ -27,6 +27,7 @@ import threading
 import time
 
 from meshray.coordination import keyspace
+from meshray.node import avail_slice
 from meshray.node.member_records import DecodedRecords
 
 __all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay",
@@ -57,6 +58,22 @@ def retry_delay(failures: int, *, base: float = 0.2, cap: float = 5.0) -> float:
     return min(cap, base * (2 ** min(failures - 1, 16)))
 
 
+def _slice_target_from_env() -> int:
+    """MESHRAY_AVAIL_SLICE_TARGET: the fewest members whose availability a
+    node follows once it follows a slice (node/avail_slice.py); tests lower
+    it to slice a small cluster."""
+    text = os.environ.get("MESHRAY_AVAIL_SLICE_TARGET")
+    if not text:
+        return avail_slice.SLICE_TARGET
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"MESHRAY_AVAIL_SLICE_TARGET={text!r}: expected a whole number >= 1")
+    return value
+
+
 def availability_worth_publishing(published: dict, current: dict, total: dict,
                                   share: float = SIGNIFICANT_SHARE) -> bool:
     """Whether `current` availability differs enough from `published` to be
@@ -82,13 +99,19 @@ def availability_worth_publishing(published: dict, current: dict, total: dict,
 
 class Membership:
     def __init__(self, daemon, endpoints: list[str], *, ttl: float | None = None,
-                 keys: keyspace.Keyspace | None = None, etcd_options: dict | None = None):
+                 keys: keyspace.Keyspace | None = None, etcd_options: dict | None = None,
+                 coordinator=None):
+        """`coordinator`: an etcd connection to use instead of opening one,
+        which stays its lender's to close (the nodes of one scale-test host
+        share one: docs/scale.md). The lease, records and watches are this
+        node's own either way."""
         self._daemon = daemon
         self._endpoints = endpoints
         self._etcd_options = etcd_options    # None: from the environment and the token
+        self._borrowed = coordinator is not None
         self._ttl = ttl or float(os.environ.get("MESHRAY_LEASE_TTL", DEFAULT_LEASE_TTL_S))
         self.keys = keys or keyspace.Keyspace()
-        self.coordinator = None
+        self.coordinator = coordinator
         self._lease = None
         self._nodes_view = None
         self._avail_view = None
@@ -98,6 +121,12 @@ class Membership:
         self._seen_nodes: dict[str, dict] = {}
         self._records = DecodedRecords(self.keys.parse_node)    # node id hex -> record
         self._avails = DecodedRecords(self.keys.parse_avail)    # node id hex -> availability
+        # Whose availability the avail view follows (node/avail_slice.py):
+        # the top bits of the ids it covers (0: everyone's), and what the
+        # member count calls for, which the membership thread carries out.
+        self.avail_bits = 0
+        self._wanted_bits = 0
+        self._slice_target = _slice_target_from_env()
         self._live_cache: tuple[int, list] = (-1, [])           # (records version, live ids)
         self._wake = threading.Event()    # something to publish (availability, locations)
         self._view_call_pending = False   # a daemon.peers.on_view_change is already scheduled
@@ -136,6 +165,11 @@ class Membership:
     def _nodes_changed(self, changes) -> None:
         self._count(changes)
         self._records.apply(changes)
+        wanted = avail_slice.slice_bits(len(self._records), self._wanted_bits,
+                                        self._slice_target)
+        if wanted != self._wanted_bits:
+            self._wanted_bits = wanted
+            self._wake.set()      # the membership thread re-watches (not this watch thread)
         for change in changes:
             if change.new is None:
                 continue
@@ -297,7 +331,7 @@ class Membership:
                 self._lease.stop(revoke=True)
             except Exception:  # noqa: BLE001 - etcd may already be gone
                 pass
-        if self.coordinator is not None:
+        if self.coordinator is not None and not self._borrowed:
             self.coordinator.close()
 
     def abandon(self) -> None:
@@ -356,23 +390,62 @@ class Membership:
         is replaced by a fresh one)."""
         from meshray.coordination.mirror import PrefixMirror
         specs = (("_nodes_view", self.keys.nodes_prefix(), self._nodes_changed),
-                 ("_avail_view", self.keys.avail_prefix(), self._avails_changed),
+                 ("_avail_view", None, self._avails_changed),
                  ("_pgs_view", self.keys.pgs_prefix(), self._pgs_changed),
                  ("_alloc_view", self.keys.alloc(self._daemon.node_id), self._alloc_changed))
         for attr, prefix, on_change in specs:
             view = getattr(self, attr)
             if view is not None and view.watch is not None:
                 continue
+            end = None
+            if attr == "_avail_view":
+                # The member list is in by now: a node joining a big cluster
+                # follows its slice from the start.
+                bits = self._wanted_bits
+                prefix, end = self._avail_range(bits)
             if view is not None:          # the fresh mirror lists everything again
                 view.stop()
                 decoded = {"_nodes_view": self._records, "_avail_view": self._avails}.get(attr)
                 if decoded is not None:
                     decoded.reset()
-            view = PrefixMirror(self.coordinator, prefix, on_change=on_change)
+            view = PrefixMirror(self.coordinator, prefix, on_change=on_change, end=end)
             setattr(self, attr, view)
+            if attr == "_avail_view":
+                self.avail_bits = bits
             view.start(timeout=VIEW_START_TIMEOUT_S)
             if attr == "_alloc_view":
                 self.pg_view.note_alloc_revision(view.revision)
+
+    def _avail_range(self, bits: int) -> tuple[str, str | None]:
+        """(first key, end) of the availability keys a slice of `bits` covers."""
+        bounds = avail_slice.slice_bounds(self._daemon.node_id.hex(), bits)
+        if bounds is None:
+            return self.keys.avail_prefix(), None
+        return self.keys.avail_range(*bounds)
+
+    def _reslice(self) -> None:
+        """Follow the availability slice the member count now calls for.
+
+        The old view stops before the new one lists its range, so no value
+        from the old watch lands after the new listing; in between (one
+        listing) the view has no availability, which costs a spill decision
+        at most a refused offer (avail_slice.py says why that is safe)."""
+        from meshray.coordination.mirror import PrefixMirror
+        bits = self._wanted_bits
+        old = self._avail_view
+        if old is None or (bits == self.avail_bits and old.watch is not None):
+            return
+        log.info("node %s follows the availability of %s", self._daemon.node_id.hex(),
+                 "every member" if bits == 0 else
+                 f"1/{2 ** bits} of the members ({len(self._records)} now)")
+        old.stop()
+        self._avails.reset()
+        start, end = self._avail_range(bits)
+        self._avail_view = PrefixMirror(self.coordinator, start, on_change=self._avails_changed,
+                                        end=end)
+        self._avail_view.start(timeout=VIEW_START_TIMEOUT_S)   # failing: tried next round
+        self.avail_bits = bits
+        self._view_changed()
 
     def _serve(self) -> None:
         """Connect, start the views, then stay registered until stopped.
@@ -476,6 +549,7 @@ class Membership:
             if self._lease_lost.is_set():
                 return
             try:
+                self._reslice()
                 if self._republish.is_set():
                     self._republish.clear()
                     try:
@@ -537,9 +611,20 @@ class Membership:
                 totals[name] = totals.get(name, 0.0) + amount
         return totals
 
+    def availabilities(self) -> dict[str, dict]:
+        """Every member's published availability, by node id hex: the view's
+        when it follows everyone, else read from etcd (one range read)."""
+        if self.avail_bits == 0 or self.coordinator is None:
+            return self._avails.snapshot()
+        from meshray.coordination.mirror import Change
+        items, _rev = self.coordinator.get_prefix(self.keys.avail_prefix(), timeout=5.0)
+        decoded = DecodedRecords(self.keys.parse_avail)
+        decoded.apply(Change(kv.key, None, kv) for kv in items)   # untrusted: decoded as a view
+        return decoded.snapshot()
+
     def available_resources(self, local_available: dict) -> dict:
         alive = self._alive_records()
-        avail = self._avails.snapshot()
+        avail = self.availabilities()
         avail[self._daemon.node_id.hex()] = local_available
         totals: dict[str, float] = {}
         for node_hex in alive:

@@ -1,8 +1,14 @@
 """A process that runs many hollow nodes: `python -m meshray.scale.host`.
 
 Every node is a `HollowNode` (meshray/node/hollow.py) with its own session
-dir, store dir, gRPC port, etcd client, lease, watches and membership thread;
-they share this process's one event loop. The process takes the cluster
+dir, store dir, gRPC port, lease, records, watches and membership thread;
+they share this process's one event loop and, by default, one etcd
+connection (``--etcd-connection shared``): one gRPC channel and one watch
+stream carry every node's own watches and requests, so etcd still holds a
+lease and four watches per node, but the host wakes one thread per delivered
+change instead of two per node (docs/scale.md, fifth slice).
+``--etcd-connection per-node`` gives each node a connection of its own, as
+separate machines would have. The process takes the cluster
 token like a node daemon (MESHRAY_TOKEN_FD pipe, or MESHRAY_TOKEN).
 
 It is driven over stdin/stdout, one JSON object a line, by `meshray
@@ -10,7 +16,8 @@ scale-test` (meshray/scale/scale_test.py). The first line out is
 ``{"ready": true, "nodes": [...]}``; after that each command line in gets one
 reply line:
 
-- ``{"op": "status"}``: per node: registered, peers in its view, watch events
+- ``{"op": "status"}``: per node: registered, peers in its view, watch events,
+  whose availability it follows (slice bits, how many)
 - ``{"op": "crash", "ids": [...], "close_port": bool}``: those nodes go
   silent as if killed (node/hollow.py `crash`); the reply has each one's
   wall-clock kill time
@@ -86,6 +93,9 @@ def parse_args(argv) -> HostConfig:
     parser.add_argument("--object-store-memory", type=_number(int, "--object-store-memory"),
                         default=DEFAULT_STORE_BYTES)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--etcd-connection", choices=("shared", "per-node"), default="shared",
+                        help="one etcd connection for all of this host's nodes (default) "
+                             "or one per node")
     parser.add_argument("--start-interval", type=_number(float, "--start-interval", zero_ok=True),
                         default=0.0, help="seconds between this host's node starts (default 0)")
     return parser.parse_args(argv, namespace=HostConfig())
@@ -99,6 +109,7 @@ class Host:
         self.token = token
         self.nodes: list = []            # HollowNode, in start order
         self.crashed: set[str] = set()
+        self.coordinator = None          # the nodes' shared etcd connection, if shared
 
     async def start(self) -> None:
         from meshray.common import ids
@@ -109,6 +120,8 @@ class Host:
         args = self.args
         endpoints = [e for e in args.address.split(",") if e]
         loop = asyncio.get_running_loop()
+        if args.etcd_connection == "shared":
+            self.coordinator = await loop.run_in_executor(None, self._connect)
         first = loop.time()
         for index in range(args.nodes):
             # Paced (--start-interval): the driver spreads the cluster's joins
@@ -131,8 +144,15 @@ class Host:
             if len(self.nodes) > JOIN_WINDOW:
                 await self._registered(self.nodes[-1 - JOIN_WINDOW])
             await node.start()
-            node.membership = Membership(node, endpoints, ttl=args.lease_ttl)
+            node.membership = Membership(node, endpoints, ttl=args.lease_ttl,
+                                         coordinator=self.coordinator)
             node.membership.start(loop)
+
+    def _connect(self):
+        from meshray import security
+        from meshray.coordination.client import Coordinator
+        return Coordinator([e for e in self.args.address.split(",") if e], timeout=5.0,
+                           **security.etcd_client_options(token=self.token))
 
     @staticmethod
     async def _registered(node) -> None:
@@ -150,6 +170,8 @@ class Host:
                         {"id": node.node_hex, "registered": node.membership.registered,
                          "view": len(node.peers.view.nodes),
                          "watch_events": node.membership.watch_events,
+                         "avail_bits": node.membership.avail_bits,
+                         "avail_followed": len(node.peers.view.avail),
                          "crashed": node.node_hex in self.crashed} for node in self.nodes]}
         if op == "crash":
             wanted = set(command.get("ids") or ())
@@ -182,6 +204,11 @@ class Host:
                 await node.stop()
             except Exception:  # noqa: BLE001 - stop the others all the same
                 log.exception("stopping hollow node %s failed", node.node_hex)
+        if self.coordinator is not None:
+            # Crashed nodes' lease keepers stopped without revoking; the
+            # connection's close ends whatever else is left on it.
+            self.coordinator.close()
+            self.coordinator = None
 
 
 async def _serve(args: HostConfig, replies) -> int:

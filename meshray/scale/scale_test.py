@@ -138,7 +138,8 @@ class HostProcess:
         env[security.TOKEN_FD_ENV] = str(fd)
         command = [sys.executable, "-m", "meshray.scale.host", "--nodes", str(count),
                    "--address", address, "--base-dir", os.path.join(base_dir, f"host{index}"),
-                   "--cpus", str(args.cpus), "--task-s", str(args.task_s)]
+                   "--cpus", str(args.cpus), "--task-s", str(args.task_s),
+                   "--etcd-connection", args.etcd_connection]
         if args.lease_ttl:
             command += ["--lease-ttl", str(args.lease_ttl)]
         if args.join_rate:
@@ -230,7 +231,8 @@ class ScaleRun:
         self.base_dir = tempfile.mkdtemp(prefix="meshray-scale-")
         self.result: dict = {key: None for key in RESULT_KEYS}
         self.result.update(nodes=args.nodes, real_nodes=args.real_nodes,
-                           lease_ttl_s=args.lease_ttl or 5.0, kill_mode=args.kill_mode)
+                           lease_ttl_s=args.lease_ttl or 5.0, kill_mode=args.kill_mode,
+                           etcd_connection=args.etcd_connection)
         self.rng = random.Random(args.seed)
 
     @property
@@ -297,6 +299,7 @@ class ScaleRun:
             self.result["nodes_joined"] = joined
             if not starting and joined == args.nodes and seeing == args.nodes:
                 self.result["join_s"] = round(time.monotonic() - started, 3)
+                self._note_fan_out(statuses)
                 break
             if time.monotonic() > deadline:
                 with contextlib.suppress(Exception):   # the last count, given time
@@ -312,6 +315,16 @@ class ScaleRun:
         if self.result["join_s"] is not None:
             self._say(f"joined: {self.result['nodes_joined']}/{args.nodes} in "
                       f"{self.result['join_s']}s")
+
+    def _note_fan_out(self, statuses: list) -> None:
+        """What the join cost in deliveries: watch events per node (every
+        registration reaches every member; availability only its slice,
+        node/avail_slice.py), and how many members' availability a node follows."""
+        nodes = [node for status in statuses for node in status["nodes"]]
+        self.result["join_watch_events_per_node"] = round(
+            sum(node["watch_events"] for node in nodes) / max(1, len(nodes)), 1)
+        self.result["avail_slice_bits"] = max(node["avail_bits"] for node in nodes)
+        self.result["avail_followed_max"] = max(node["avail_followed"] for node in nodes)
 
     def _host_totals(self) -> tuple[int, float]:
         """(watch events delivered to live nodes, CPU seconds) summed over the hosts."""
@@ -619,6 +632,10 @@ def add_parser(commands) -> None:
                         help="CPU priority (nice) of the etcd member the command starts "
                              "(default -10, so the simulated nodes do not starve it; 0 to "
                              "leave it as is; needs root to go below 0)")
+    parser.add_argument("--etcd-connection", choices=("shared", "per-node"), default="shared",
+                        help="shared (default): a host's nodes share one etcd connection, "
+                             "each with its own lease and watches; per-node: one each, as "
+                             "separate machines would have")
     parser.add_argument("--task-timeout", type=_amount("--task-timeout"), default=600.0)
     parser.add_argument("--detect-grace", type=_amount("--detect-grace", zero_ok=True), default=10.0,
                         help="seconds past the lease TTL to wait for every observer")

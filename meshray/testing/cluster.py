@@ -112,16 +112,17 @@ class Cluster:
     def add_node(self, wait: bool = True, num_cpus: float | None = 1, num_gpus: float | None = None,
                  resources: dict | None = None, labels: dict | None = None,
                  object_store_memory: int | None = None, env: dict | None = None,
-                 **ignored) -> ClusterNode:
+                 node_id: str | None = None, **ignored) -> ClusterNode:
         import os
         args = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources,
                 "labels": labels, "object_store_memory": object_store_memory}
         child_env = dict(os.environ)
         child_env.update(env or {})
+        extra = {} if node_id is None else {"node_id": node_id}
         process = self.engine.start_node(
             num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, labels=labels,
             object_store_memory=object_store_memory or self.engine.object_store_memory,
-            env=child_env)
+            env=child_env, **extra)
         node = ClusterNode(process, args, self.engine)
         self._nodes.append(node)
         if wait:

@@ -28,14 +28,26 @@ def _args(*extra):
 
 
 @pytest.mark.timeout(180)
-def test_hollow_cluster_runs_work_and_sees_every_death():
+@pytest.mark.parametrize("slice_target", [None, 16], ids=["every-availability", "sliced"])
+def test_hollow_cluster_runs_work_and_sees_every_death(slice_target, monkeypatch):
+    """Also with each node following the availability of only half the
+    members (node/avail_slice.py: a slice target of 16 halves 61 members):
+    work still spreads, and a node outside the slice is still offered work."""
     from meshray.scale import scale_test
 
+    if slice_target is not None:
+        monkeypatch.setenv("MESHRAY_AVAIL_SLICE_TARGET", str(slice_target))
     runs = []
     result = scale_test.run(_args(), on_start=runs.append)
     scale = runs[0]
 
     assert result["nodes_joined"] == HOLLOW and result["join_s"] is not None
+    if slice_target is None:
+        assert result["avail_slice_bits"] == 0
+        assert result["avail_followed_max"] == HOLLOW + 1       # every member, itself too
+    else:
+        assert result["avail_slice_bits"] == 1
+        assert 0 < result["avail_followed_max"] < HOLLOW        # its half, about 30
     assert result["many_tasks_checked"] == TASKS
     used = result["tasks_by_node"]
     assert used["hollow_tasks"] > 0 and used["hollow_nodes_used"] >= 2, used

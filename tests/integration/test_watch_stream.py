@@ -339,3 +339,40 @@ def test_watch_thread_survives_a_cancel_from_inside_a_callback(coord):
     finally:
         for h in handles.values():
             h.cancel()
+
+
+def test_a_range_watch_and_listing_hold_exactly_the_keys_before_its_end(coord, etcd):
+    (base,) = _prefixes(1)
+    for key in ("a0", "a9", "b0", "bz", "c0", "d"):
+        coord.put(base + key, b"old")
+    items, revision = coord.get_prefix(base + "a9", end=base + "c0")
+    assert [kv.key for kv in items] == [base + "a9", base + "b0", base + "bz"]
+    with pytest.raises(ValueError, match="end="):
+        coord.get_prefix(base + "b", end=base + "a")
+    seen = Recorder()
+    handle = coord.watch_prefix(base + "a9", revision + 1, seen.on_events, seen.on_reset,
+                                end=base + "c0")
+    try:
+        assert handle.wait_established(10)
+        for key in ("a0", "a9", "b5", "c0", "c00", "d"):
+            coord.put(base + key, b"new")
+        last = coord.put(base + "bz", b"last")
+        wait_for(lambda: seen.seen() and seen.seen()[-1][3] == last, 10,
+                 message="the range watch delivered its last key")
+        assert [e[1] for e in seen.seen()] == [base + "a9", base + "b5", base + "bz"]
+        # compaction re-lists the range, not the whole prefix
+        raw = pyetcd.client(etcd.host, etcd.client_port, timeout=5)
+        try:
+            raw.compact(last, physical=True)
+        finally:
+            raw.close()
+        stale = Recorder()
+        behind = coord.watch_prefix(base + "a9", revision + 1, stale.on_events, stale.on_reset,
+                                    end=base + "c0")
+        try:
+            wait_for(lambda: stale.resets, 10, message="the range watch re-listed")
+            assert sorted(stale.resets[0][0]) == [base + k for k in ("a9", "b0", "b5", "bz")]
+        finally:
+            behind.cancel()
+    finally:
+        handle.cancel()

@@ -133,3 +133,52 @@ def test_sampled_peers_are_k_members_plus_the_included_ones_or_none_when_few():
     # node_views limited to the sample holds just those peers and us.
     views = view.node_views(_local(), 2.0, only=picked)
     assert set(views) == set(picked) | {ME}
+
+
+def _sliced_view(bits=1):
+    """A view following the availability of the peers that share our top bit."""
+    inside = [f"{i:02x}" + "00" * 15 for i in range(0x10, 0x20)]     # top bit 0, as ours
+    outside = [f"{i:02x}" + "00" * 15 for i in range(0x90, 0xa0)]    # top bit 1
+    me = "01" + "00" * 15
+    nodes = {n: _record(4.0) for n in (me, *inside, *outside)}
+    view = ClusterView(me, rng=random.Random(1))
+    view.update(nodes, {n: {"CPU": 0.0} for n in inside}, now=1.0, avail_bits=bits)
+    local = policy.NodeView(me, ResourceSet.from_dict({"CPU": 4.0}),
+                            ResourceSet.from_dict({"CPU": 0.0}), True, {})
+    return view, local, inside, outside
+
+
+def test_a_sliced_view_samples_only_the_peers_whose_availability_it_follows():
+    view, _local_view, inside, outside = _sliced_view()
+    for _ in range(20):
+        picked = view.sample_peers(4, include=[outside[0]])
+        assert set(picked) - {outside[0]} <= set(inside) and outside[0] in picked
+
+
+def test_a_peer_outside_the_slice_shows_free_until_its_load_says_otherwise():
+    view, local, inside, outside = _sliced_view()
+    rooms = {n: v.available.to_dict().get("CPU", 0.0)
+             for n, v in view.node_views(local, 2.0).items()}
+    assert all(rooms[n] == 0.0 for n in inside)          # etcd says full
+    assert all(rooms[n] == 4.0 for n in outside)         # unknown: its whole total
+    view.offer(outside[0], b"t", {"CPU": 1.0})
+    view.note_load(outside[1], SimpleNamespace(available={"CPU": 0.0}, backlog_room=0), now=2.0)
+    views = view.node_views(local, 3.0)
+    assert views[outside[0]].available.to_dict()["CPU"] == 3.0   # less the offer out
+    assert views[outside[1]].available.to_dict().get("CPU", 0.0) == 0.0   # its load, fresh
+    later = view.node_views(local, 3.0 + 5.1)
+    assert later[outside[1]].available.to_dict()["CPU"] == 4.0   # stale: free again
+    # a full cluster we know of and one we do not: the policy offers to the latter
+    decision = policy.decide(policy.SchedulingRequest(ResourceSet.from_dict({"CPU": 1.0}),
+                                                      "DEFAULT", {}), views, view.node_hex, 0)
+    assert decision.kind == "spill" and set(decision.candidates) <= set(outside)
+
+
+def test_following_everyone_again_shows_every_peer_by_its_etcd_value():
+    view, local, inside, outside = _sliced_view()
+    view.update(view.nodes, {n: {"CPU": 1.0} for n in view.nodes}, now=4.0, avail_bits=0)
+    rooms = {n: v.available.to_dict().get("CPU", 0.0)
+             for n, v in view.node_views(local, 5.0).items() if n != view.node_hex}
+    assert set(rooms.values()) == {1.0}
+    picked = view.sample_peers(30)                       # 32 peers: a sample of everyone
+    assert len(picked) == 30 and set(picked) & set(outside) and set(picked) & set(inside)
