@@ -47,9 +47,13 @@ class LeaseKeeper:
 
     def __init__(self, coordinator: Coordinator, ttl: int,
                  on_lost: Callable[[int], None] | None = None, *,
-                 lapse_is_loss: bool = True):
+                 lapse_is_loss: bool = True,
+                 on_refreshed: Callable[[float], None] | None = None):
+        """``on_refreshed(expires_at)`` runs on the keeper's thread after each
+        successful refresh (a node moves its lease fence on with it)."""
         self._coord = coordinator
         self._lapse_is_loss = lapse_is_loss
+        self._on_refreshed = on_refreshed
         granted_at = time.monotonic()
         self.lease_id, self.ttl = coordinator._grant(ttl, None)
         self._on_lost = on_lost
@@ -128,6 +132,11 @@ class LeaseKeeper:
             failures = 0
             self._expires_at = sent + ttl
             wait_s = min(interval, ttl / 3.0)
+            if self._on_refreshed is not None:
+                try:
+                    self._on_refreshed(self._expires_at)
+                except Exception:
+                    log.exception("lease %x: on_refreshed callback failed", self.lease_id)
 
     def stop(self, revoke: bool = True, timeout: float | None = None) -> None:
         """Stop refreshing; with ``revoke`` also revoke the lease now so its

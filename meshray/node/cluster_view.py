@@ -46,13 +46,48 @@ SPILL_SAMPLE = 8
 OUTSIDE_LOAD_S = 5.0
 
 
+class _Sampleable:
+    """A set of node ids that can be sampled: O(1) to add and remove (a
+    list and each id's place in it), so the view's update stays O(changes)."""
+
+    def __init__(self, items=()):
+        self._list: list[str] = []
+        self._index: dict[str, int] = {}
+        for item in items:
+            self.add(item)
+
+    def add(self, item: str) -> None:
+        if item not in self._index:
+            self._index[item] = len(self._list)
+            self._list.append(item)
+
+    def discard(self, item: str) -> None:
+        place = self._index.pop(item, None)
+        if place is None:
+            return
+        last = self._list.pop()
+        if place < len(self._list):
+            self._list[place] = last
+            self._index[last] = place
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def __contains__(self, item) -> bool:
+        return item in self._index
+
+    def sample(self, rng: random.Random, k: int) -> list:
+        """`k` of them at random (all of them, in any order, when no more)."""
+        return rng.sample(self._list, k) if len(self._list) > k else list(self._list)
+
+
 class ClusterView:
     def __init__(self, node_hex: str, rng: random.Random | None = None):
         self.node_hex = node_hex
         self._rng = rng or random.Random()
-        self._peer_ids: list[str] = []              # members but us, for sampling
+        self._peer_ids = _Sampleable()              # members but us, for sampling
         self.avail_bits = 0                         # the availability slice followed
-        self._slice_ids: list[str] = []             # peers in it (all peers at bits 0)
+        self._slice_ids = _Sampleable()             # peers in it (all peers at bits 0)
         self.nodes: dict[str, dict] = {}            # node -> its etcd record (members only)
         self.avail: dict[str, dict] = {}            # node -> its etcd availability
         self.avail_changed_at: dict[str, float] = {}  # node -> when that last changed
@@ -83,11 +118,20 @@ class ClusterView:
             value = avail.get(node_hex)
             if value is not None and self.avail.get(node_hex) != value:
                 self.avail_changed_at[node_hex] = now
-        if changed_nodes is None or changed_nodes or avail_bits != self.avail_bits:
-            self._peer_ids = [n for n in nodes if n != self.node_hex]
-            self._slice_ids = self._peer_ids if avail_bits == 0 else [
-                n for n in self._peer_ids if avail_slice.in_slice(n, self.node_hex, avail_bits)]
-        self.avail_bits = avail_bits
+        if changed_nodes is None or avail_bits != self.avail_bits:
+            self.avail_bits = avail_bits
+            self._peer_ids, self._slice_ids = _Sampleable(), _Sampleable()
+            changed_nodes = nodes
+        for node_hex in changed_nodes:
+            if node_hex == self.node_hex:
+                continue
+            if node_hex in nodes:
+                self._peer_ids.add(node_hex)
+                if avail_slice.in_slice(node_hex, self.node_hex, avail_bits):
+                    self._slice_ids.add(node_hex)
+            else:
+                self._peer_ids.discard(node_hex)
+                self._slice_ids.discard(node_hex)
         self.nodes, self.avail = nodes, avail
         return gone
 
@@ -129,8 +173,7 @@ class ClusterView:
         than `k` peers in all (look at them all)."""
         if len(self._peer_ids) <= k:
             return None
-        peers = self._slice_ids
-        picked = self._rng.sample(peers, k) if len(peers) > k else list(peers)
+        picked = self._slice_ids.sample(self._rng, k)
         picked.extend(n for n in include
                       if n in self.nodes and n != self.node_hex and n not in picked)
         return picked

@@ -4,9 +4,11 @@ Runs on its own thread so the daemon's event loop never waits on etcd. The
 node record and availability live under the node's lease and vanish when the
 node dies. Availability is published when the daemon's ledger changed
 (it pokes this thread), at most every PUBLISH_INTERVAL_S and only when the
-value differs from what was published: tasks never touch etcd. With nothing
-to publish the thread wakes only every FENCE_INTERVAL_S, to carry the lease
-keeper's deadline into the fence, so an idle node costs next to nothing.
+value differs from what was published: tasks never touch etcd. The lease
+keeper moves the fence on itself at each refresh, so with nothing to publish
+the thread sleeps (waking every IDLE_WAKE_S as a safety net): an idle node
+costs next to nothing, which is what lets one machine run a thousand hollow
+ones (docs/scale.md).
 
 The view of the members is decoded once per change (node/member_records.py)
 and the daemon is called once per burst of changes, not once per change:
@@ -37,12 +39,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL_S = 5.0
 PUBLISH_INTERVAL_S = 0.1
-# Longest sleep of the publish loop with nothing to publish: the fence must
-# move on well within a lease TTL (the keeper refreshes every TTL/3).
+# Retry interval of the publish loop while etcd refuses its writes.
 FENCE_INTERVAL_S = 1.0
+# Longest sleep of the publish loop with nothing to publish (everything that
+# needs it -- a ledger change, a lost lease, a location, a drain -- wakes it).
+IDLE_WAKE_S = 30.0
 # A change of less than this share of a resource's total is published once
-# EXACT_AFTER_S passed since the last write, on the next round (at most
-# FENCE_INTERVAL_S later): see availability_worth_publishing.
+# EXACT_AFTER_S passed since the last write (the loop wakes for it then):
+# see availability_worth_publishing.
 SIGNIFICANT_SHARE = 0.1
 EXACT_AFTER_S = 1.0
 VIEW_WAIT_S = 15.0
@@ -497,6 +501,7 @@ class Membership:
         lost = threading.Event()
         self._lease = LeaseKeeper(self.coordinator, max(1, int(round(self._ttl))),
                                   on_lost=lambda _id: (lost.set(), self._wake.set()),
+                                  on_refreshed=lambda _until: self._extend_fence(),
                                   lapse_is_loss=False)
         self._lease_lost = lost
         lease_id = self._lease.lease_id
@@ -536,14 +541,17 @@ class Membership:
         member if the lease turns out alive.
         """
         failing_since = None
+        sleep_s = IDLE_WAKE_S
         while not self._stop.is_set():
-            # Sleep until poked (or the fence is due), then publish; the
-            # second wait spaces rounds PUBLISH_INTERVAL_S apart so a burst of
-            # ledger changes becomes one write. Failing rounds retry on the
-            # fence interval (the wake was spent).
-            self._wake.wait(FENCE_INTERVAL_S)
+            # Sleep until poked, then publish; the second wait spaces rounds
+            # PUBLISH_INTERVAL_S apart so a burst of ledger changes becomes
+            # one write. A small change held back wakes the loop when it is
+            # due; failing rounds retry every FENCE_INTERVAL_S (the wake was
+            # spent).
+            self._wake.wait(sleep_s)
             if self._stop.wait(PUBLISH_INTERVAL_S):
                 return
+            sleep_s = IDLE_WAKE_S
             self._wake.clear()
             self._extend_fence()
             if self._lease_lost.is_set():
@@ -569,8 +577,11 @@ class Membership:
                                          lease=self._lease.lease_id)
                     self._published = current
                     self._published_at = time.monotonic()
+                elif current != self._published:     # held back: due EXACT_AFTER_S after
+                    sleep_s = max(0.0, self._published_at + EXACT_AFTER_S - time.monotonic())
                 failing_since = None
             except Exception as exc:  # noqa: BLE001 - etcd trouble, judged below
+                sleep_s = FENCE_INTERVAL_S
                 if "lease not found" in str(exc):
                     return                 # etcd itself says the lease is gone
                 if failing_since is None:
