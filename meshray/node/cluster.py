@@ -121,9 +121,9 @@ class PeerDuties:
         if self._node.membership is None:
             return
         membership = self._node.membership
-        nodes, avail, changed_nodes, changed_avail = membership.view_update()
-        gone = self.view.update(nodes, avail, time.monotonic(), changed_nodes, changed_avail,
-                                avail_bits=membership.avail_bits)
+        node_changes, avail_changes = membership.view_changes()
+        gone = self.view.apply(node_changes, avail_changes, time.monotonic(),
+                               avail_bits=membership.avail_bits)
         for node_hex in gone:
             self.node_died(node_hex)
         self.replace_waiting()

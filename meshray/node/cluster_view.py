@@ -99,40 +99,50 @@ class ClusterView:
     # ------------------------------------------------------------ events
     def update(self, nodes: dict, avail: dict, now: float,
                changed_nodes=None, changed_avail=None, avail_bits: int = 0) -> list:
-        """A new etcd view; returns the peers that left it (to be handled as dead).
+        """A whole etcd view; returns the peers that left it (to be handled
+        as dead). With `changed_nodes` / `changed_avail` only those ids are
+        examined (see `apply`)."""
+        if changed_nodes is None:
+            changed_nodes = dict.fromkeys([*self.nodes, *nodes])     # in order
+        if changed_avail is None:
+            changed_avail = dict.fromkeys([*self.avail, *avail])
+        return self.apply({n: nodes.get(n) for n in changed_nodes},
+                          {n: avail.get(n) for n in changed_avail}, now, avail_bits)
 
-        With `changed_nodes` / `changed_avail` (the ids whose record /
-        availability changed since the last update, as the membership tracks
-        them) only those are examined, so an update costs O(changes), not
-        O(members): it runs at every node for every change anywhere.
-        `avail_bits` is the slice whose availability `avail` holds.
-        """
-        node_ids = self.nodes if changed_nodes is None else changed_nodes
-        gone = [n for n in node_ids
-                if n in self.nodes and n not in nodes and n != self.node_hex]
-        # A node that lost its lease and registered again is a member again.
-        back = nodes if changed_nodes is None else changed_nodes
-        self.known_dead.difference_update([n for n in back if n in nodes and n in self.known_dead])
-        avail_ids = avail if changed_avail is None else changed_avail
-        for node_hex in avail_ids:
-            value = avail.get(node_hex)
-            if value is not None and self.avail.get(node_hex) != value:
-                self.avail_changed_at[node_hex] = now
-        if changed_nodes is None or avail_bits != self.avail_bits:
-            self.avail_bits = avail_bits
-            self._peer_ids, self._slice_ids = _Sampleable(), _Sampleable()
-            changed_nodes = nodes
-        for node_hex in changed_nodes:
-            if node_hex == self.node_hex:
+    def apply(self, node_changes: dict, avail_changes: dict, now: float,
+              avail_bits: int = 0) -> list:
+        """What changed in the etcd view since the last call (node id ->
+        record / availability now, None when gone); returns the peers that
+        left (to be handled as dead). O(changes), not O(members): it runs at
+        every node for every change anywhere. `avail_bits` is the slice
+        whose availability the changes come from."""
+        nodes = self.nodes
+        gone = [n for n, record in node_changes.items()
+                if record is None and n in nodes and n != self.node_hex]
+        for node_hex, record in node_changes.items():
+            if record is None:
+                nodes.pop(node_hex, None)
+                self._peer_ids.discard(node_hex)
+                self._slice_ids.discard(node_hex)
                 continue
-            if node_hex in nodes:
+            nodes[node_hex] = record
+            # A node that lost its lease and registered again is a member again.
+            self.known_dead.discard(node_hex)
+            if node_hex != self.node_hex:
                 self._peer_ids.add(node_hex)
                 if avail_slice.in_slice(node_hex, self.node_hex, avail_bits):
                     self._slice_ids.add(node_hex)
-            else:
-                self._peer_ids.discard(node_hex)
-                self._slice_ids.discard(node_hex)
-        self.nodes, self.avail = nodes, avail
+        for node_hex, value in avail_changes.items():
+            if value is None:
+                self.avail.pop(node_hex, None)
+            elif self.avail.get(node_hex) != value:
+                self.avail_changed_at[node_hex] = now
+                self.avail[node_hex] = value
+        if avail_bits != self.avail_bits:
+            self.avail_bits = avail_bits
+            self._slice_ids = _Sampleable(
+                n for n in nodes
+                if n != self.node_hex and avail_slice.in_slice(n, self.node_hex, avail_bits))
         return gone
 
     def note_load(self, node_hex: str, load, now: float) -> None:

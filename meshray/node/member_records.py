@@ -12,9 +12,10 @@ Values come from etcd, so they are untrusted: a key that does not parse as
 the family's key, or a value that is not a JSON object, is left out of the
 view (as if absent) and logged once per change.
 
-`take_changed` hands out the node ids whose value changed since it was last
-called, so the one consumer that keeps derived state (the daemon's
-ClusterView) can update it incrementally; it is no concern of other readers.
+`take_changes` hands out what changed since it was last called (each
+changed id with its value now), so the one consumer that keeps derived
+state (the daemon's ClusterView) updates it in O(changes) rather than
+copying the whole view at each burst; it is no concern of other readers.
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ from meshray.coordination import keyspace
 __all__ = ["DecodedRecords"]
 
 log = logging.getLogger(__name__)
+
+# Values decoded lately, by their bytes, for every DecodedRecords of the
+# process. The nodes of one scale-test host each receive every change and
+# decode the same bytes (docs/scale.md); a real node decodes each value once
+# anyway. Decoding is a pure function of the bytes and the decoded dicts are
+# shared read-only already, so sharing them across views changes nothing
+# else. Bounded: cleared when full.
+_DECODED: dict[bytes, dict] = {}
+_DECODED_MAX = 8192
 
 
 class DecodedRecords:
@@ -71,6 +81,10 @@ class DecodedRecords:
 
     @staticmethod
     def _decode(key: str, raw: bytes) -> dict | None:
+        raw = bytes(raw)
+        known = _DECODED.get(raw)
+        if known is not None:
+            return known
         try:
             value = keyspace.decode_json(raw)
         except ValueError as exc:      # JSONDecodeError and UnicodeDecodeError
@@ -80,6 +94,9 @@ class DecodedRecords:
             log.warning("ignoring %s: expected a JSON object, got %s", key,
                         type(value).__name__)
             return None
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[raw] = value
         return value
 
     def snapshot(self) -> dict[str, dict]:
@@ -96,8 +113,10 @@ class DecodedRecords:
         with self._lock:
             return self._lock.wait_for(lambda: node_hex in self._by_node, timeout)
 
-    def take_changed(self) -> set[str]:
-        """Node ids whose value changed (or vanished) since the last call."""
+    def take_changes(self) -> dict[str, dict | None]:
+        """What changed since the last call: node id hex -> its value now
+        (None: gone). O(changes), where a snapshot is O(members): the
+        daemon's view takes these at every burst of changes anywhere."""
         with self._lock:
             changed, self._changed = self._changed, set()
-            return changed
+            return {node_hex: self._by_node.get(node_hex) for node_hex in changed}

@@ -314,13 +314,10 @@ class Membership:
         callers must not mutate them."""
         return self._records.snapshot(), self._avails.snapshot()
 
-    def view_update(self) -> tuple[dict, dict, set, set]:
-        """`view_snapshot` plus the node ids whose record / availability
-        changed since the last call: for the daemon's ClusterView only."""
-        changed_nodes = self._records.take_changed()
-        changed_avail = self._avails.take_changed()
-        nodes, avail = self.view_snapshot()
-        return nodes, avail, changed_nodes, changed_avail
+    def view_changes(self) -> tuple[dict, dict]:
+        """(node records, availabilities) that changed since the last call,
+        by node id hex (None: gone): for the daemon's ClusterView only."""
+        return self._records.take_changes(), self._avails.take_changes()
 
     def stop(self) -> None:
         self._stop.set()

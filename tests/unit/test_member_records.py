@@ -34,15 +34,22 @@ def test_each_change_is_decoded_once_and_unchanged_records_keep_their_identity()
     assert set(records.snapshot()) == {B}
 
 
-def test_changed_ids_are_handed_out_once():
+def test_changes_are_handed_out_once_with_the_value_now():
     records = DecodedRecords(KEYS.parse_node)
-    records.apply([_put(A, {}), _put(B, {})])
-    assert records.take_changed() == {A, B}
-    assert records.take_changed() == set()
+    records.apply([_put(A, {"n": 1}), _put(B, {}), _put(A, {"n": 2})])
+    assert records.take_changes() == {A: {"n": 2}, B: {}}
+    assert records.take_changes() == {}
     records.apply([_delete(A)])
-    assert records.take_changed() == {A}
+    assert records.take_changes() == {A: None}
     records.reset()
-    assert records.snapshot() == {} and records.take_changed() == {B}
+    assert records.snapshot() == {} and records.take_changes() == {B: None}
+
+
+def test_the_same_bytes_are_decoded_once_in_the_process():
+    mine, theirs = DecodedRecords(KEYS.parse_node), DecodedRecords(KEYS.parse_node)
+    mine.apply([_put(A, {"Address": "shared"})])
+    theirs.apply([_put(A, {"Address": "shared"})])
+    assert theirs.get(A) is mine.get(A)           # decoded by the first view only
 
 
 def test_values_that_are_not_json_objects_and_foreign_keys_are_left_out():
