@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,8 @@ RESULT_KEYS = ("nodes", "real_nodes", "nodes_joined", "join_s", "etcd_writes_per
                "many_tasks_per_s", "many_tasks_checked", "many_actors_per_s", "many_pgs_per_s",
                "spill_decision_p99_ms")
 WRITE_COUNTER = "etcd_server_proposals_committed_total"
+# A line of gRPC core's own log (absl format: severity letter, MMDD, time).
+_GRPC_LOG_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
 KILL_MODES = ("freeze", "crash")
 
 
@@ -358,6 +361,9 @@ class ScaleRun:
         args = self.args
         endpoint = self.engine.address.split(",")[0]
         env = dict(os.environ, MESHRAY_TOKEN=self.engine.token)
+        # gRPC's core logs connection chatter (an idle connection's GOAWAY)
+        # at INFO on stderr, which would bury a failing driver's traceback.
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
         config.update(address=self.engine.address, timeout=args.task_timeout)
         writes = etcd_counter(endpoint)
         started = time.monotonic()
@@ -367,8 +373,10 @@ class ScaleRun:
         elapsed = time.monotonic() - started
         writes = etcd_counter(endpoint) - writes
         if done.returncode != 0:
+            said = "\n".join(line for line in done.stderr.splitlines()
+                             if not _GRPC_LOG_LINE.match(line))
             raise RuntimeError(f"the {kind} driver failed (status {done.returncode}): "
-                               f"{done.stderr[-2000:]}")
+                               f"{said[-2000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1]), elapsed, writes
 
     def tasks(self) -> None:
@@ -564,7 +572,12 @@ def run(args, on_start=None) -> dict:
             return scale.result
         for name in ("idle", "tasks", "actors", "pgs", "detect"):
             if name in scenarios:
-                getattr(scale, name)()
+                try:
+                    getattr(scale, name)()
+                except Exception as exc:  # noqa: BLE001 - reported with what was measured
+                    scale.result["error"] = f"the {name} scenario failed: {exc}"
+                    scale._say(scale.result["error"])
+                    return scale.result
         scale.result["host_cpu_s"] = round(scale._host_totals()[1], 1)
         return scale.result
     finally:

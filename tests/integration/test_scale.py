@@ -41,6 +41,7 @@ def test_hollow_cluster_runs_work_and_sees_every_death(slice_target, monkeypatch
     result = scale_test.run(_args(), on_start=runs.append)
     scale = runs[0]
 
+    assert "error" not in result, result["error"]
     assert result["nodes_joined"] == HOLLOW and result["join_s"] is not None
     if slice_target is None:
         assert result["avail_slice_bits"] == 0
