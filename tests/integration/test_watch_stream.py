@@ -57,6 +57,14 @@ def _gauge(server: EmbeddedEtcd, name: str) -> float:
     return etcd_counter(server.endpoint, name)
 
 
+def _compact(etcd, revision: int) -> None:
+    raw = pyetcd.client(etcd.host, etcd.client_port, timeout=5)
+    try:
+        raw.compact(revision, physical=True)
+    finally:
+        raw.close()
+
+
 @pytest.fixture
 def coord(etcd):
     """A Coordinator of the test's own, so its watch stream is the test's."""
@@ -241,11 +249,7 @@ def test_compaction_relists_only_the_prefix_that_fell_behind(coord, etcd):
     coord.put(strict + "a", b"1")
     coord.delete(behind + "gone")
     now = coord.put(behind + "a", b"2")
-    raw = pyetcd.client(etcd.host, etcd.client_port, timeout=5)
-    try:
-        raw.compact(now, physical=True)
-    finally:
-        raw.close()
+    _compact(etcd, now)
     live = Recorder()
     live_handle = coord.watch_prefix(current, now + 1, live.on_events, live.on_reset)
     assert live_handle.wait_established(10)
@@ -360,12 +364,7 @@ def test_a_range_watch_and_listing_hold_exactly_the_keys_before_its_end(coord, e
         wait_for(lambda: seen.seen() and seen.seen()[-1][3] == last, 10,
                  message="the range watch delivered its last key")
         assert [e[1] for e in seen.seen()] == [base + "a9", base + "b5", base + "bz"]
-        # compaction re-lists the range, not the whole prefix
-        raw = pyetcd.client(etcd.host, etcd.client_port, timeout=5)
-        try:
-            raw.compact(last, physical=True)
-        finally:
-            raw.close()
+        _compact(etcd, last)     # a watch behind it re-lists the range, not the prefix
         stale = Recorder()
         behind = coord.watch_prefix(base + "a9", revision + 1, stale.on_events, stale.on_reset,
                                     end=base + "c0")
