@@ -202,8 +202,7 @@ class ClusterView:
                 continue
             load, load_at = self.loads.get(node_hex, (None, None))
             total = record.get("Resources", {})
-            if self.avail_bits and not avail_slice.in_slice(node_hex, self.node_hex,
-                                                            self.avail_bits):
+            if self.avail_bits and node_hex not in self._slice_ids:
                 if load is None or now - load_at > OUTSIDE_LOAD_S:
                     load = load_at = None
                 available = dict(total) if load is None else dict(load.available)

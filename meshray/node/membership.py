@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 
+from meshray.common.env import positive_env
 from meshray.coordination import keyspace
 from meshray.node import avail_slice
 from meshray.node.member_records import DecodedRecords
@@ -60,22 +61,6 @@ def retry_delay(failures: int, *, base: float = 0.2, cap: float = 5.0) -> float:
     if failures < 1:
         raise ValueError(f"failures must be >= 1, got {failures!r}")
     return min(cap, base * (2 ** min(failures - 1, 16)))
-
-
-def _slice_target_from_env() -> int:
-    """MESHRAY_AVAIL_SLICE_TARGET: the fewest members whose availability a
-    node follows once it follows a slice (node/avail_slice.py); tests lower
-    it to slice a small cluster."""
-    text = os.environ.get("MESHRAY_AVAIL_SLICE_TARGET")
-    if not text:
-        return avail_slice.SLICE_TARGET
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"MESHRAY_AVAIL_SLICE_TARGET={text!r}: expected a whole number >= 1")
-    return value
 
 
 def availability_worth_publishing(published: dict, current: dict, total: dict,
@@ -130,7 +115,11 @@ class Membership:
         # member count calls for, which the membership thread carries out.
         self.avail_bits = 0
         self._wanted_bits = 0
-        self._slice_target = _slice_target_from_env()
+        # The fewest members whose availability a node follows once it follows
+        # a slice; tests lower it to slice a small cluster.
+        self._slice_target = positive_env("MESHRAY_AVAIL_SLICE_TARGET",
+                                          avail_slice.SLICE_TARGET,
+                                          expected="a whole number >= 1")
         self._live_cache: tuple[int, list] = (-1, [])           # (records version, live ids)
         self._wake = threading.Event()    # something to publish (availability, locations)
         self._view_call_pending = False   # a daemon.peers.on_view_change is already scheduled
@@ -431,21 +420,16 @@ class Membership:
         from the old watch lands after the new listing; in between (one
         listing) the view has no availability, which costs a spill decision
         at most a refused offer (avail_slice.py says why that is safe)."""
-        from meshray.coordination.mirror import PrefixMirror
-        bits = self._wanted_bits
-        old = self._avail_view
-        if old is None or (bits == self.avail_bits and old.watch is not None):
-            return
+        view = self._avail_view
+        if view is None or (self._wanted_bits == self.avail_bits and view.watch is not None):
+            return      # not started yet, or already the wanted slice (a failed start: again)
         log.info("node %s follows the availability of %s", self._daemon.node_id.hex(),
-                 "every member" if bits == 0 else
-                 f"1/{2 ** bits} of the members ({len(self._records)} now)")
-        old.stop()
+                 "every member" if self._wanted_bits == 0 else
+                 f"1/{2 ** self._wanted_bits} of the members ({len(self._records)} now)")
+        view.stop()
         self._avails.reset()
-        start, end = self._avail_range(bits)
-        self._avail_view = PrefixMirror(self.coordinator, start, on_change=self._avails_changed,
-                                        end=end)
-        self._avail_view.start(timeout=VIEW_START_TIMEOUT_S)   # failing: tried next round
-        self.avail_bits = bits
+        self._avail_view = None
+        self._start_views()           # the avail view again, cut for the wanted slice
         self._view_changed()
 
     def _serve(self) -> None:

@@ -56,6 +56,7 @@ GRPC_WAIT_SLICE_S = 2.0
 # window spreads the same work out. A node that does not register within
 # JOIN_WAIT_S does not hold the others up any longer.
 JOIN_WINDOW = 4
+ETCD_CONNECTIONS = ("shared", "per-node")   # --etcd-connection: one for the host, or one each
 JOIN_WAIT_S = 30.0
 
 
@@ -93,7 +94,7 @@ def parse_args(argv) -> HostConfig:
     parser.add_argument("--object-store-memory", type=_number(int, "--object-store-memory"),
                         default=DEFAULT_STORE_BYTES)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--etcd-connection", choices=("shared", "per-node"), default="shared",
+    parser.add_argument("--etcd-connection", choices=ETCD_CONNECTIONS, default="shared",
                         help="one etcd connection for all of this host's nodes (default) "
                              "or one per node")
     parser.add_argument("--start-interval", type=_number(float, "--start-interval", zero_ok=True),
@@ -121,7 +122,7 @@ class Host:
         endpoints = [e for e in args.address.split(",") if e]
         loop = asyncio.get_running_loop()
         if args.etcd_connection == "shared":
-            self.coordinator = await loop.run_in_executor(None, self._connect)
+            self.coordinator = await loop.run_in_executor(None, self._connect, endpoints)
         first = loop.time()
         for index in range(args.nodes):
             # Paced (--start-interval): the driver spreads the cluster's joins
@@ -148,10 +149,10 @@ class Host:
                                          coordinator=self.coordinator)
             node.membership.start(loop)
 
-    def _connect(self):
+    def _connect(self, endpoints: list[str]):
         from meshray import security
         from meshray.coordination.client import Coordinator
-        return Coordinator([e for e in self.args.address.split(",") if e], timeout=5.0,
+        return Coordinator(endpoints, timeout=5.0,
                            **security.etcd_client_options(token=self.token))
 
     @staticmethod

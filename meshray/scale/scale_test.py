@@ -49,7 +49,7 @@ import time
 import urllib.request
 
 from meshray.scale import drivers
-from meshray.scale.host import _number
+from meshray.scale.host import ETCD_CONNECTIONS, _number
 
 __all__ = ["add_parser", "run", "percentile", "detection_latencies", "render_table",
            "SCENARIOS", "RESULT_KEYS", "check_tasks"]
@@ -645,7 +645,7 @@ def add_parser(commands) -> None:
                         help="CPU priority (nice) of the etcd member the command starts "
                              "(default -10, so the simulated nodes do not starve it; 0 to "
                              "leave it as is; needs root to go below 0)")
-    parser.add_argument("--etcd-connection", choices=("shared", "per-node"), default="shared",
+    parser.add_argument("--etcd-connection", choices=ETCD_CONNECTIONS, default="shared",
                         help="shared (default): a host's nodes share one etcd connection, "
                              "each with its own lease and watches; per-node: one each, as "
                              "separate machines would have")
