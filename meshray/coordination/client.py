@@ -53,6 +53,8 @@ import grpc
 import tenacity
 from pyetcd import etcdrpc
 
+from meshray.rpc.streams import release_stream_error
+
 from .errors import (
     AuthError,
     CompactedError,
@@ -319,6 +321,7 @@ class Coordinator:
                 return result
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
+                release_stream_error(exc)    # each path below raises anew
                 if (self._user is not None and logins < _MAX_LOGINS_PER_CALL
                         and _token_stale(details)):
                     # Refused before anything was applied: safe to retry

@@ -55,6 +55,8 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
+from meshray.rpc.streams import release_stream_error
+
 from .errors import (
     CompactedError,
     CoordinationError,
@@ -411,6 +413,7 @@ class _WatchStream:
             if call.ended:
                 return True
             self._broken(call, exc)
+            release_stream_error(exc)
             return False
         finally:
             call.end()

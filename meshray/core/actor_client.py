@@ -34,6 +34,7 @@ from meshray.core import arg_files
 from meshray.rpc import make_channel
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+from meshray.rpc.streams import release_stream_error
 
 __all__ = ["REFUSED_KEY", "ActorConnection", "maybe_delivered", "stream_refused"]
 
@@ -149,6 +150,14 @@ class ActorConnection:
             self._release(name)
         if self._core.store_dir:
             arg_files.drop_pool(self._core.store_dir, self._core.worker_id)
+
+    def join(self, deadline: float) -> None:
+        """Wait until `deadline` (monotonic) for the connection's thread to
+        end after close(): a daemon thread stopped by the interpreter's exit
+        inside its stream can hang the exit (CoreWorker._join_stream_threads)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _release(self, name: str, reusable: bool = False) -> None:
         if name:
@@ -278,6 +287,7 @@ class ActorConnection:
                 malformed = exc.details()
             refused = stream_refused(exc)
             why = getattr(exc, "details", lambda: None)() or str(exc) or why
+            release_stream_error(exc)
         finally:
             with self._lock:
                 if self._queue is replies_queue:

@@ -32,6 +32,7 @@ from meshray.rpc import make_channel
 from meshray.rpc.dispatch import dispatch_table
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
+from meshray.rpc.streams import release_stream_error
 
 __all__ = ["CoreWorker"]
 
@@ -52,6 +53,8 @@ class _RefBatch:
         self.removed: set = set()
 _NO_ARGS_BLOB = serialization.serialize(([], {})).inband
 CONNECT_TIMEOUT_S = 15.0
+# How long close() waits for the threads that touch the session stream.
+CLOSE_JOIN_S = 5.0
 
 
 class _Waiter:
@@ -127,6 +130,7 @@ class CoreWorker(StreamsMixin):
         self.node_address = ""
 
         self._channel = make_channel(daemon_address, token=token)
+        self._sender = None     # gRPC's thread that consumes _outgoing()
         stub = pb_grpc.NodeServiceStub(self._channel)
         self._send(pb.ClientEvent(hello=pb.Hello(
             role=role, worker_id=self.worker_id, pid=os.getpid(), job_id=job_id,
@@ -183,6 +187,7 @@ class CoreWorker(StreamsMixin):
         return item
 
     def _outgoing(self):
+        self._sender = threading.current_thread()
         while True:
             event = self._outbox.get()
             if event is None:
@@ -233,6 +238,7 @@ class CoreWorker(StreamsMixin):
                     future.set_exception(ConnectionError("node daemon connection lost"))
             if self._lost and self._kill_callback is not None:
                 self._kill_callback(None)
+            release_stream_error(ended)
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         self._welcome.set_result(welcome)
@@ -329,6 +335,31 @@ class CoreWorker(StreamsMixin):
         except Exception:  # noqa: BLE001
             pass
         self._channel.close()
+        self._join_stream_threads(time.monotonic() + CLOSE_JOIN_S)
+
+    def _join_stream_threads(self, deadline: float) -> None:
+        """Wait (until `deadline`) for the threads that use this process's streams.
+
+        The session stream's reader and gRPC's sender for it, and each actor
+        connection's thread, take their stream's lock; so does the stream's
+        finalizer. A daemon thread still running when the interpreter exits
+        is stopped where it stands -- if that is inside the lock, a finalizer
+        that runs during exit waits for it forever and the process, its work
+        done, never ends. So the threads finish here, and the session stream
+        is dropped here (no reference cycle keeps it: rpc/streams.py) while
+        every thread that could hold its lock -- gRPC's own polling thread
+        too -- can still release it.
+        """
+        current = threading.current_thread()
+        for thread in (self._reader, self._sender):
+            if thread is not None and thread is not current and thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if not any(t is not None and t.is_alive() for t in (self._reader, self._sender)):
+            self._responses = None
+        # The session is gone, so an actor connection waiting on the node
+        # has its answer (an error) and ends too.
+        for connection in list(self._actor_connections.values()):
+            connection.join(deadline)
 
     # ------------------------------------------------------------ references
     def add_local_ref(self, object_id: bytes) -> None:

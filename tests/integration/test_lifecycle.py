@@ -44,6 +44,38 @@ print(json.dumps(info))
     assert not os.path.exists(info["session"])
 
 
+def test_shutdown_ends_every_thread_of_the_session_stream():
+    # A daemon thread still inside the session stream when the interpreter
+    # exits is frozen holding the stream's lock, and the stream's finalizer
+    # then waits for that lock forever: the process prints everything and
+    # never exits. shutdown() must leave no such thread behind.
+    code = """
+import gc, json, threading, grpc, meshray as ray
+ray.init(num_cpus=1)
+@ray.remote
+def f(): return 1
+@ray.remote
+class A:
+    def f(self): return 2
+ray.get(f.remote())
+assert ray.get(A.remote().f.remote()) == 2
+from meshray.core.state import state
+core = state.core
+threads = [core._reader, core._sender] + [c._thread for c in core._actor_connections.values()]
+ray.shutdown()
+print(json.dumps({"alive": [t.name for t in threads if t is None or t.is_alive()],
+                  "stream_dropped": core._responses is None,
+                  # nor a stream left for the cyclic collector to finalize
+                  "streams": [repr(o) for o in gc.get_objects() if isinstance(o, grpc.Call)],
+                  "others": [t.name for t in threading.enumerate()
+                             if t is not threading.main_thread()]}))
+"""
+    result = run_driver(code)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info == {"alive": [], "stream_dropped": True, "streams": [], "others": []}
+
+
 def test_driver_killed_with_sigkill_leaves_nothing():
     code = """
 import json, os, sys, time, psutil, meshray as ray
