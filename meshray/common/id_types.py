@@ -128,7 +128,21 @@ class ClusterID(BaseID):
 
 
 class PlacementGroupID(BaseID):
-    """A placement group's id: random, and the key of all of the group's records."""
+    """A placement group's id: the key of all of the group's records.
+
+    It begins with the prefix of the node it was created on (as a task id
+    does), the rest random: the nodes that follow a slice of the groups
+    (node/group_follow.py) follow the slice their own id is in, so the node
+    a group is created on follows it with no extra watch.
+    """
+
+    @classmethod
+    def for_node(cls, node_id: bytes) -> "PlacementGroupID":
+        """A new id for a group created on `node_id` (random where unknown)."""
+        if len(node_id) < ids.NODE_PREFIX_LEN:
+            return cls.from_random()
+        return cls(node_id[:ids.NODE_PREFIX_LEN]
+                   + os.urandom(cls.SIZE - ids.NODE_PREFIX_LEN))
 
     @classmethod
     def from_hex(cls, hex_id) -> "PlacementGroupID":

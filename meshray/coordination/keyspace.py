@@ -186,10 +186,19 @@ class Keyspace:
         """(start, end) of the availability keys whose node id begins at
         hex `low` or after, and before hex `high` (None: to the family's
         last key): one slice of the members (node/avail_slice.py)."""
+        return self._id_range("avail", low, high)
+
+    def pgs_range(self, low: str, high: str | None) -> tuple[str, str]:
+        """(start, end) of the group records whose id begins at hex `low` or
+        after, and before hex `high` (None: to the last): one slice of the
+        groups (node/group_follow.py)."""
+        return self._id_range("pgs", low, high)
+
+    def _id_range(self, family: str, low: str, high: str | None) -> tuple[str, str]:
         for name, value in (("low", low), ("high", high)):
             if value is not None and not _LOWER_HEX_RE.fullmatch(value):
                 raise ValueError(f"{name}={value!r}: expected lowercase hex digits")
-        base = self.avail_prefix()
+        base = self.prefix(family)
         # '/' + 1 is '0': the end of every key under the family's prefix.
         end = f"{base}{high}" if high is not None else f"{base[:-1]}0"
         return f"{base}{low}", end

@@ -39,7 +39,7 @@ each change of the member list; the cluster view asks `in_slice`.
 """
 from __future__ import annotations
 
-__all__ = ["SLICE_TARGET", "ID_BITS", "slice_bits", "slice_bounds", "in_slice"]
+__all__ = ["SLICE_TARGET", "ID_BITS", "slice_bits", "slice_bounds", "in_slice", "id_prefix"]
 
 # Members whose availability a node follows, at least (up to twice as many).
 SLICE_TARGET = 64
@@ -73,7 +73,8 @@ def slice_bits(members: int, current: int = 0, target: int = SLICE_TARGET) -> in
     return current
 
 
-def _id_prefix(node_hex: str) -> int | None:
+def id_prefix(node_hex: str) -> int | None:
+    """The top ID_BITS of a hex id, or None where it is too short or not hex."""
     head = node_hex[:_HEX_DIGITS]
     if len(head) < _HEX_DIGITS:
         return None
@@ -90,7 +91,7 @@ def slice_bounds(node_hex: str, bits: int) -> tuple[str, str | None] | None:
         return None
     if not 0 < bits <= ID_BITS:
         raise ValueError(f"bits={bits!r}: expected 0 to {ID_BITS}")
-    own = _id_prefix(node_hex)
+    own = id_prefix(node_hex)
     if own is None:
         raise ValueError(f"node_hex={node_hex!r}: expected at least {_HEX_DIGITS} hex digits")
     width = 1 << (ID_BITS - bits)
@@ -105,7 +106,7 @@ def in_slice(peer_hex: str, node_hex: str, bits: int) -> bool:
     availability (an id that is not hex, from etcd, is in no slice)."""
     if bits == 0:
         return True
-    peer, own = _id_prefix(peer_hex), _id_prefix(node_hex)
+    peer, own = id_prefix(peer_hex), id_prefix(node_hex)
     if peer is None or own is None:
         return False
     shift = ID_BITS - bits

@@ -31,6 +31,7 @@ import time
 from meshray.common.env import positive_env
 from meshray.coordination import keyspace
 from meshray.node import avail_slice
+from meshray.node.group_follow import InterestViews
 from meshray.node.member_records import DecodedRecords
 
 __all__ = ["Membership", "DEFAULT_LEASE_TTL_S", "PUBLISH_INTERVAL_S", "retry_delay",
@@ -141,7 +142,11 @@ class Membership:
         self.placer = GroupPlacer(node_hex=node_hex, view=self.pg_view, keys=self.keys,
                                   coordinator=lambda: self.coordinator,
                                   live_nodes=self._live_node_ids,
-                                  ready=self._registered.wait, lease_ttl_s=self._ttl)
+                                  ready=self._registered.wait, lease_ttl_s=self._ttl,
+                                  slice_bits=lambda: self.avail_bits)
+        # Groups followed outside the slice of pgs/ (group_follow.py).
+        self.group_interest = InterestViews(self.keys, node_hex, on_change=self._pgs_changed,
+                                            forget=self.pg_view.forget)
 
     # ------------------------------------------------------------ lifecycle
     def start(self, loop=None) -> None:
@@ -248,6 +253,22 @@ class Membership:
     def poke_placer(self) -> None:
         self.placer.poke()
 
+    def follow_groups(self, groups) -> None:
+        """The groups the daemon needs records of now (bundles here, work
+        waiting here): those outside the slice get a watch of their own."""
+        if self.group_interest.want(groups):
+            self._wake.set()       # the membership thread reconciles
+
+    def need_group(self, pg_hex: str) -> None:
+        """One more group the daemon needs (work for it waits here)."""
+        if self.group_interest.want_one(pg_hex):
+            self._wake.set()
+
+    def follows_group(self, pg_hex: str) -> bool:
+        """Whether this node holds the group's record if it exists (a
+        missing record then means the group is gone)."""
+        return self.group_interest.follows(pg_hex)
+
     def pg_snapshot(self):
         """(group records by id hex: a live read-only mapping, this node's
         AllocRecord or None), parsed once per change by the GroupView."""
@@ -316,6 +337,7 @@ class Membership:
         for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
             if view is not None:
                 view.stop()
+        self.group_interest.stop()
         if self._lease is not None:
             try:
                 self._lease.stop(revoke=True)
@@ -336,6 +358,7 @@ class Membership:
         for view in (self._nodes_view, self._avail_view, self._pgs_view, self._alloc_view):
             if view is not None:
                 view.stop()
+        self.group_interest.stop()
 
     def _run(self) -> None:
         failures = 0
@@ -380,7 +403,7 @@ class Membership:
         is replaced by a fresh one)."""
         from meshray.coordination.mirror import PrefixMirror
         specs = (("_nodes_view", self.keys.nodes_prefix(), self._nodes_changed),
-                 ("_avail_view", None, self._avails_changed),
+                 ("_avail_view", self.keys.avail_prefix(), self._avails_changed),
                  ("_pgs_view", self.keys.pgs_prefix(), self._pgs_changed),
                  ("_alloc_view", self.keys.alloc(self._daemon.node_id), self._alloc_changed))
         for attr, prefix, on_change in specs:
@@ -388,11 +411,15 @@ class Membership:
             if view is not None and view.watch is not None:
                 continue
             end = None
+            bits = self.avail_bits
             if attr == "_avail_view":
                 # The member list is in by now: a node joining a big cluster
                 # follows its slice from the start.
                 bits = self._wanted_bits
-                prefix, end = self._avail_range(bits)
+                prefix, end = self._slice_range(prefix, self.keys.avail_range, bits)
+            elif attr == "_pgs_view":
+                # Cut as the avail view is; started after it (the same bits).
+                prefix, end = self._slice_range(prefix, self.keys.pgs_range, bits)
             if view is not None:          # the fresh mirror lists everything again
                 view.stop()
                 decoded = {"_nodes_view": self._records, "_avail_view": self._avails}.get(attr)
@@ -402,35 +429,52 @@ class Membership:
             setattr(self, attr, view)
             if attr == "_avail_view":
                 self.avail_bits = bits
+            elif attr == "_pgs_view":
+                # Records of groups the new slice does not hold go, unless
+                # followed by key; until the listing is in, a missing record
+                # proves nothing.
+                self.group_interest.bits = bits
+                self.group_interest.slice_listed = False
+                self.pg_view.retain(self.group_interest.follows)
             view.start(timeout=VIEW_START_TIMEOUT_S)
             if attr == "_alloc_view":
                 self.pg_view.note_alloc_revision(view.revision)
+            elif attr == "_pgs_view":
+                self.group_interest.slice_listed = True
 
-    def _avail_range(self, bits: int) -> tuple[str, str | None]:
-        """(first key, end) of the availability keys a slice of `bits` covers."""
+    def _slice_range(self, prefix: str, family_range, bits: int) -> tuple[str, str | None]:
+        """(first key, end) of the keys of the family under `prefix` (cut by
+        its `family_range`) that a slice of `bits` covers: all at bits 0."""
         bounds = avail_slice.slice_bounds(self._daemon.node_id.hex(), bits)
         if bounds is None:
-            return self.keys.avail_prefix(), None
-        return self.keys.avail_range(*bounds)
+            return prefix, None
+        return family_range(*bounds)
 
     def _reslice(self) -> None:
-        """Follow the availability slice the member count now calls for.
+        """Follow the slice (of availabilities and of groups) the member
+        count now calls for.
 
-        The old view stops before the new one lists its range, so no value
-        from the old watch lands after the new listing; in between (one
+        The old views stop before the new ones list their range, so no value
+        from an old watch lands after the new listing; in between (one
         listing) the view has no availability, which costs a spill decision
-        at most a refused offer (avail_slice.py says why that is safe)."""
-        view = self._avail_view
-        if view is None or (self._wanted_bits == self.avail_bits and view.watch is not None):
+        at most a refused offer (avail_slice.py says why that is safe), and
+        a missing group record proves nothing (group_follow.py)."""
+        view, groups = self._avail_view, self._pgs_view
+        if self._nodes_view is None or (
+                self._wanted_bits == self.avail_bits == self.group_interest.bits
+                and all(v is not None and v.watch is not None for v in (view, groups))):
             return      # not started yet, or already the wanted slice (a failed start: again)
-        log.info("node %s follows the availability of %s", self._daemon.node_id.hex(),
-                 "every member" if self._wanted_bits == 0 else
+        log.info("node %s follows the availability and groups of %s",
+                 self._daemon.node_id.hex(), "every member" if self._wanted_bits == 0 else
                  f"1/{2 ** self._wanted_bits} of the members ({len(self._records)} now)")
-        view.stop()
+        for stale in (view, groups):
+            if stale is not None:
+                stale.stop()
         self._avails.reset()
-        self._avail_view = None
-        self._start_views()           # the avail view again, cut for the wanted slice
+        self._avail_view = self._pgs_view = None
+        self._start_views()           # both again, cut for the wanted slice
         self._view_changed()
+        self._pg_changed()
 
     def _serve(self) -> None:
         """Connect, start the views, then stay registered until stopped.
@@ -539,6 +583,7 @@ class Membership:
                 return
             try:
                 self._reslice()
+                self.group_interest.reconcile(self.coordinator, VIEW_START_TIMEOUT_S)
                 if self._republish.is_set():
                     self._republish.clear()
                     try:

@@ -10,9 +10,10 @@ until everything submitted before it is committed, so a client always reads
 its own writes.
 
 The same thread keeps groups placed: it is woken by changes of the mirrored
-``pgs/``, own ``alloc/``, ``nodes/`` and ``avail/`` prefixes and asks the
-`GroupView` (a parsed, incrementally maintained copy of ``pgs/``) which groups
-need placing. Only when some do does it go to etcd, and then only for those
+``pgs/`` (the groups this node follows: group_follow.py), own ``alloc/``,
+``nodes/`` and ``avail/`` prefixes and asks the `GroupView` (a parsed,
+incrementally maintained copy of those group records) which groups need
+placing. Only when some do does it go to etcd, and then only for those
 groups (plus a full pass every few seconds while any wait, and a slow
 background sweep for orphans and garbage). Nothing here polls etcd in a loop.
 """
@@ -27,6 +28,7 @@ from collections import deque
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from meshray.coordination.keyspace import decode_json
+from meshray.node import group_follow
 from meshray.placement import policy
 from meshray.placement.records import (
     PENDING,
@@ -47,7 +49,8 @@ GC_PASS_S = 30.0       # list every group (garbage of interrupted removals, miss
 
 
 class GroupView:
-    """``pgs/`` and this node's ``alloc/`` record, parsed once per change.
+    """The group records this node follows and its ``alloc/`` record,
+    parsed once per change.
 
     Fed with the change lists of the daemon's mirrors (watch threads); read
     by the event loop (`records`, a live read-only mapping) and the placer.
@@ -91,6 +94,17 @@ class GroupView:
                     for node in set(record.placement):
                         if node is not None:
                             self._on_node.setdefault(node, set()).add(pg_hex)
+
+    def forget(self, pg_hex: str) -> None:
+        """Drop the group's record: this node no longer follows it."""
+        with self._lock:
+            self._forget(pg_hex)
+
+    def retain(self, keep: Callable[[str], bool]) -> None:
+        """Drop every record `keep` says this node no longer follows."""
+        with self._lock:
+            for pg_hex in [pg for pg in self._records if not keep(pg)]:
+                self._forget(pg_hex)
 
     def _forget(self, pg_hex: str) -> None:
         old = self._records.pop(pg_hex, None)
@@ -173,8 +187,10 @@ class GroupPlacer:
 
     def __init__(self, *, node_hex: str, view: GroupView, keys,
                  coordinator: Callable[[], Any], live_nodes: Callable[[], Iterable[str]],
-                 ready: Callable[[float], bool], lease_ttl_s: float):
+                 ready: Callable[[float], bool], lease_ttl_s: float,
+                 slice_bits: Callable[[], int] = lambda: 0):
         self._me = node_hex
+        self._slice_bits = slice_bits
         self._view = view
         self._keys = keys
         self._coordinator = coordinator
@@ -364,8 +380,16 @@ class GroupPlacer:
                 self._next_retry = min(self._next_retry or soon, soon)
             if now >= self._next_retry:
                 full = now - self._last_full >= FULL_PASS_S
-                mine = waiting if full else [pg for pg in waiting
-                                             if policy.responsible_node(pg, live) == self._me]
+                if full:
+                    mine = waiting
+                else:
+                    # Responsible among the nodes that follow the group's
+                    # slice (group_follow.py): only they know of it.
+                    bits = self._slice_bits()
+                    everyone = list(live)
+                    members = group_follow.slice_members(everyone, bits)
+                    mine = [pg for pg in waiting if policy.responsible_node(
+                        pg, group_follow.followers(pg, members, bits, everyone)) == self._me]
                 if full:
                     self._last_full = now
                 self._last_run = now

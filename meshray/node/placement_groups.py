@@ -55,6 +55,15 @@ class BundlePool:
         self.available = self.available + request
 
 
+def _record_state(value: bytes) -> str | None:
+    """The state in a group record read from etcd (None: unreadable)."""
+    from meshray.coordination.keyspace import decode_json
+    try:
+        return decode_json(value).get("state")
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
 def pg_strategy(spec):
     """The task's PlacementGroupSchedulingStrategy, or None."""
     if not spec.strategy_blob or spec.scheduling_strategy != "PlacementGroupSchedulingStrategy":
@@ -80,6 +89,7 @@ class PlacementDuties:
         self._node = node
         self.records: dict[str, object] = {}
         self.bundles: dict[tuple, BundlePool] = {}
+        self._leaving: dict[tuple, BundlePool] = {}   # dropped, the reason being read
         self.waiting: list = []
 
     # ------------------------------------------------------------ etcd view
@@ -94,14 +104,38 @@ class PlacementDuties:
             for bundle in own_alloc.bundles:
                 wanted[(bundle.pg_id, bundle.index)] = bundle.resources
         for key in [k for k in self.bundles if k not in wanted]:
-            self._drop_bundle(self.bundles.pop(key))
+            pool = self.bundles.pop(key)
+            record = self.records.get(pool.pg_hex)
+            if record is None or record.state == "REMOVED":
+                self._drop_bundle(pool, self._known_gone(pool.pg_hex))
+            else:
+                self._drop_when_known(pool)
         for key, resources in wanted.items():
             if key not in self.bundles:
                 self.bundles[key] = BundlePool(key[0], key[1], resources)
         self.take_bundles()
         self._fail_removed_group_work()
         self._route_waiting()
+        self._follow_needed()
         self._node.dispatch.schedule()
+
+    def _follow_needed(self) -> None:
+        """Tell the membership which groups this node needs records of: those
+        with a bundle here or work waiting here (node/group_follow.py)."""
+        membership = self._node.membership
+        if membership is not None:
+            membership.follow_groups({pg for pg, _index in self.bundles}
+                                     | {task.pg_hex for task in self.waiting})
+
+    def _known_gone(self, pg_hex: str) -> bool:
+        """Whether the group is removed: its record says so, or this node
+        follows it and it has no record (group_follow.py: a record not
+        followed yet proves nothing)."""
+        record = self.records.get(pg_hex)
+        if record is not None:
+            return record.state == "REMOVED"
+        membership = self._node.membership
+        return membership is None or membership.follows_group(pg_hex)
 
     def take_bundles(self) -> None:
         """Move reserved bundles out of the general pool (as soon as it has room)."""
@@ -118,10 +152,37 @@ class PlacementDuties:
                 continue
             pool.acquired_from_node = True
 
-    def _drop_bundle(self, pool: BundlePool) -> None:
-        """The bundle left our alloc record: its work stops, its resources return."""
-        record = self.records.get(pool.pg_hex)
-        removed = record is None or record.state == "REMOVED"
+    def _drop_when_known(self, pool: BundlePool) -> None:
+        """The bundle left our alloc record, and the group's record here does
+        not say it was removed -- yet. The transaction that removes a group
+        writes its record and the allocation records at one revision, but
+        they reach this node on different watches (the record perhaps on a
+        watch of its own: group_follow.py), so ask etcd, then drop."""
+        loop = asyncio.get_running_loop()
+        key = (pool.pg_hex, pool.index)
+        self._leaving[key] = pool
+
+        async def confirm() -> None:
+            removed = False
+            try:
+                coordinator = await self._node._coordinator()
+                if coordinator is not None:
+                    pg_key = self._node.membership.keys.pg(pool.pg_hex)
+                    value, _rev = await loop.run_in_executor(None, coordinator.get, pg_key)
+                    removed = value is None or _record_state(value) == "REMOVED"
+            except Exception as exc:  # noqa: BLE001 - taken as moved: its work learns
+                log.warning("could not read placement group %s: %s", pool.pg_hex, exc)
+            if self._leaving.get(key) is pool:
+                del self._leaving[key]
+            self._drop_bundle(pool, removed)
+            self.take_bundles()
+            self._node.dispatch.schedule()
+
+        loop.create_task(confirm())
+
+    def _drop_bundle(self, pool: BundlePool, removed: bool) -> None:
+        """The bundle left our alloc record: its work stops, its resources
+        return; `removed`: because its group was removed (else it moved)."""
         for task in list(pool.tasks):
             self._stop_group_task(task, removed)
         if pool.acquired_from_node:
@@ -157,7 +218,8 @@ class PlacementDuties:
         for task in list(self.waiting):
             record = self.records.get(task.pg_hex)
             missing_too_long = (record is None and now - task.pg_since > MISSING_GROUP_GRACE_S
-                                and not self._node.membership.placer.creating(task.pg_hex))
+                                and not self._node.membership.placer.creating(task.pg_hex)
+                                and self._node.membership.follows_group(task.pg_hex))
             if (record is not None and record.state == "REMOVED") or missing_too_long:
                 self.waiting.remove(task)
                 self._node._fail(task, self._group_removed_error(task))
@@ -174,8 +236,7 @@ class PlacementDuties:
             return False
         task.pg_dropped = False
         task.bundle = None
-        record = self.records.get(task.pg_hex)
-        if record is None or record.state == "REMOVED":
+        if self._known_gone(task.pg_hex):
             self._node._finish_failed(task, self._group_removed_error(task))
         elif take_retry(task):
             self._node._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
@@ -201,6 +262,8 @@ class PlacementDuties:
             if target is None:
                 self.waiting.append(task)
                 self._node._move(task, TaskState.WAITING_GROUP, f"no bundle reserved yet in group {task.pg_hex}")
+                if record is None and self._node.membership is not None:
+                    self._node.membership.need_group(task.pg_hex)
                 return
             node, index = target
             if node == self._node.node_hex:
@@ -269,7 +332,7 @@ class PlacementDuties:
         return True
 
     def release_bundle(self, task) -> None:
-        pool = self.bundles.get(task.bundle)
+        pool = self.bundles.get(task.bundle) or self._leaving.get(task.bundle)
         if pool is None:
             return
         if task.bundle_gpu_ids and pool.gpus is not None:

@@ -340,7 +340,7 @@ def placement_group(bundles: List[Dict[str, float]], strategy: str = "PACK", nam
         raise ValueError("placement_group(bundle_label_selector=...) is not supported by meshray")
     core = _core()
     job_hex, namespace = _job_and_namespace(core)
-    pg_id = PlacementGroupID.from_random()
+    pg_id = PlacementGroupID.for_node(getattr(core, "node_id", b"") or b"")
     payload = spec.to_payload()
     payload.update({"pg_id": pg_id.hex(), "namespace": namespace, "job_id": job_hex})
     if spec.name:

@@ -88,3 +88,65 @@ def test_requests_sent_without_waiting_survive_the_driver_exiting(tmp_path, clus
     assert len(detached) == 21
     assert detached[doomed]["state"] == "REMOVED"
     assert sum(t["state"] == "CREATED" for t in detached.values()) == 20
+
+
+def test_with_sliced_groups_work_reaches_every_bundle_from_any_node(monkeypatch):
+    """Once a cluster is big, a node follows the group records of its slice
+    only, and each other group it needs by key (node/group_follow.py). A
+    slice target of 1 makes three members big: each follows the groups whose
+    ids share its top bit. A group created on the driver's node (top bit 0)
+    spreads a bundle onto `outside` (top bit 1), which does not follow the
+    group's slice: it carries out the bundle, routes work submitted there to
+    the other bundles, and frees its bundle when the group is removed."""
+    from meshray import exceptions
+    from meshray.testing import Cluster
+
+    monkeypatch.setenv("MESHRAY_AVAIL_SLICE_TARGET", "1")
+    head_id, inside_id, outside_id = ("0" + "1" * 31), ("4" + "1" * 31), ("c" + "1" * 31)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_id": head_id})
+    try:
+        cluster.add_node(num_cpus=1, node_id=inside_id)
+        cluster.add_node(num_cpus=1, node_id=outside_id)
+        ray = cluster.connect()
+        api, Strategy = _pg_api()
+        wait_for(lambda: ray.cluster_resources().get("CPU") == 3.0, message="three nodes")
+        pg = api.placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+        assert pg.wait(60)
+        assert pg.id.hex().startswith(head_id[:12])        # its creating node's prefix
+        placed = api.placement_group_table(pg)["bundles_to_node_id"]
+        assert sorted(placed.values()) == sorted([head_id, inside_id, outside_id])
+        on = {node: index for index, node in placed.items()}
+
+        @ray.remote(num_cpus=1)
+        def where():
+            return ray.get_runtime_context().get_node_id()
+
+        for index, node in placed.items():
+            assert ray.get(where.options(scheduling_strategy=Strategy(pg, index)).remote(),
+                           timeout=60) == node
+
+        @ray.remote(num_cpus=0)
+        class Relay:
+            def node(self):
+                return ray.get_runtime_context().get_node_id()
+
+            def run_in(self, index):
+                # Submitted on `outside`, for a group outside its slice.
+                return ray.get(where.options(scheduling_strategy=Strategy(pg, index)).remote(),
+                               timeout=60)
+
+        relay = Relay.options(scheduling_strategy=Strategy(pg, on[outside_id])).remote()
+        assert ray.get(relay.node.remote(), timeout=60) == outside_id
+        assert ray.get(relay.run_in.remote(on[inside_id]), timeout=90) == inside_id
+        assert ray.get(relay.run_in.remote(on[head_id]), timeout=90) == head_id
+
+        api.remove_placement_group(pg)
+        wait_for(lambda: ray.available_resources().get("CPU") == 3.0, timeout=60,
+                 message="every bundle freed, the one on `outside` too")
+        try:
+            ray.get(relay.node.remote(), timeout=60)
+            raise AssertionError("the actor outlived its removed group")
+        except exceptions.RayActorError as exc:
+            assert "placement group" in str(exc)
+    finally:
+        cluster.shutdown()

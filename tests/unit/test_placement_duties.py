@@ -32,8 +32,14 @@ class _Node:
         self.alloc = None
         self.records = {}
         placer = SimpleNamespace(creating=lambda pg: False, removing=lambda pg: False)
+        # A node of a small cluster: its slice holds every group
+        # (node/group_follow.py); the groups it says it needs are recorded.
+        self.followed, self.needed = [], []
         self.membership = SimpleNamespace(placer=placer,
-                                          pg_snapshot=lambda: (self.records, self.alloc))
+                                          pg_snapshot=lambda: (self.records, self.alloc),
+                                          follow_groups=self.followed.append,
+                                          need_group=self.needed.append,
+                                          follows_group=lambda pg: True)
         self.failed, self.moves, self.schedules = [], [], 0
         self.dispatch = SimpleNamespace(schedule=self._schedule)
 
@@ -76,6 +82,7 @@ def test_bundles_in_the_alloc_record_leave_the_general_pool_until_they_leave_it(
     placement.on_change()
     assert node.resources.available.to_dict() == {"CPU": 1.0}
     assert set(placement.bundles) == {(PG, 0)} and node.schedules == 1
+    assert node.followed[-1] == {PG}         # a group with a bundle here is needed
 
     task = _bound(_group_task(0, cpu=2.0))
     assert placement.try_acquire_bundle(task)
@@ -87,6 +94,7 @@ def test_bundles_in_the_alloc_record_leave_the_general_pool_until_they_leave_it(
     placement.on_change()
     assert placement.bundles == {}
     assert node.resources.available.to_dict() == {"CPU": 4.0}
+    assert node.followed[-1] == set()
 
 
 def _bound(task):
@@ -101,6 +109,7 @@ def test_work_waiting_for_a_group_fails_once_the_group_is_removed():
     placement.route_to_group(task)          # no record yet: it waits
     assert placement.waiting == [task] and node.failed == []
     assert task.pg_hex == PG and node.moves[-1][1] == TaskState.WAITING_GROUP
+    assert node.needed == [PG]               # its record is wanted
 
     node.records = {PG: SimpleNamespace(state="REMOVED", placement=(None,))}
     placement.on_change()
