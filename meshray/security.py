@@ -268,7 +268,7 @@ def token_pipe(token: str) -> int:
 
 
 def _read_handover(value: str) -> str:
-    import select
+    from meshray.common.fd_wait import wait_readable
 
     if not value.isdigit():
         raise ValueError(f"{TOKEN_FD_ENV}={value!r} must be a file descriptor number")
@@ -278,7 +278,7 @@ def _read_handover(value: str) -> str:
         data = b""
         while len(data) <= _HANDOVER_LIMIT:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            if remaining <= 0 or not wait_readable(fd, remaining):
                 raise TimeoutError(f"no cluster token arrived on {TOKEN_FD_ENV}={fd} within "
                                    f"{_HANDOVER_TIMEOUT_S:.0f}s")
             chunk = os.read(fd, _HANDOVER_LIMIT + 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+
+from meshray.common.fd_wait import wait_readable
 
 __all__ = ["NodeProcess", "start_node", "new_token"]
 
@@ -216,8 +217,7 @@ def _read_ready(fd: int, process: subprocess.Popen, session_dir: str) -> dict:
         if remaining <= 0:
             raise TimeoutError(f"node daemon (pid {process.pid}) did not start within "
                                f"{READY_TIMEOUT_S:.0f}s; see {session_dir}/node.log")
-        readable, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-        if not readable:
+        if not wait_readable(fd, min(remaining, 0.5)):
             if process.poll() is not None:
                 raise RuntimeError(_startup_failure(process, session_dir))
             continue

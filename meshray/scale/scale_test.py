@@ -162,12 +162,10 @@ class HostProcess:
         self.ready = True
 
     def _read(self, timeout: float) -> dict:
-        import select
+        from meshray.common.fd_wait import wait_readable
         deadline = time.monotonic() + timeout
         while True:
-            ready, _, _ = select.select([self.process.stdout], [], [],
-                                        max(0.0, deadline - time.monotonic()))
-            if ready:
+            if wait_readable(self.process.stdout, deadline - time.monotonic()):
                 line = self.process.stdout.readline()
                 if not line:
                     raise RuntimeError(f"hollow host pid {self.process.pid} exited "

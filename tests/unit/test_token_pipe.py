@@ -50,3 +50,23 @@ def test_bad_handover_fd_is_a_clear_error():
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "MESHRAY_TOKEN_FD='not-a-number' must be a file descriptor number" in out.stderr
+
+
+def test_a_token_pipe_numbered_past_select_s_limit_is_read():
+    """A node of a big cluster holds thousands of descriptors (a link per
+    peer), so its worker inherits the token pipe under a number past
+    select()'s FD_SETSIZE (1,024); the worker must still read it."""
+    import resource
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    high = 1500
+    assert soft > high, f"RLIMIT_NOFILE {soft}: this test needs descriptors past {high}"
+    token = security.generate_token()
+    fd = security.token_pipe(token)
+    os.dup2(fd, high)
+    os.close(fd)
+    assert security._read_handover(str(high)) == token
+    try:
+        os.fstat(high)
+        raise AssertionError("the handover left the pipe open")
+    except OSError:
+        pass
