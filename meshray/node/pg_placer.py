@@ -379,9 +379,9 @@ class GroupPlacer:
                 soon = max(now, self._last_run + DEBOUNCE_S)
                 self._next_retry = min(self._next_retry or soon, soon)
             if now >= self._next_retry:
-                full = now - self._last_full >= FULL_PASS_S
-                if full:
+                if now - self._last_full >= FULL_PASS_S:
                     mine = waiting
+                    self._last_full = now
                 else:
                     # Responsible among the nodes that follow the group's
                     # slice (group_follow.py): only they know of it.
@@ -390,8 +390,6 @@ class GroupPlacer:
                     members = group_follow.slice_members(everyone, bits)
                     mine = [pg for pg in waiting if policy.responsible_node(
                         pg, group_follow.followers(pg, members, bits, everyone)) == self._me]
-                if full:
-                    self._last_full = now
                 self._last_run = now
                 self._next_retry = now + RETRY_S
                 if mine:

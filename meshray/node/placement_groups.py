@@ -23,6 +23,7 @@ import cloudpickle
 
 from meshray import exceptions
 from meshray.node.task_lifecycle import TaskState, take_retry
+from meshray.placement.snapshot import get_record
 from meshray.scheduler.resources import ResourceSet, UnitInstanceAllocator
 
 __all__ = ["PlacementDuties", "BundlePool"]
@@ -53,15 +54,6 @@ class BundlePool:
 
     def give(self, request: ResourceSet) -> None:
         self.available = self.available + request
-
-
-def _record_state(value: bytes) -> str | None:
-    """The state in a group record read from etcd (None: unreadable)."""
-    from meshray.coordination.keyspace import decode_json
-    try:
-        return decode_json(value).get("state")
-    except (ValueError, TypeError, AttributeError):
-        return None
 
 
 def pg_strategy(spec):
@@ -167,10 +159,10 @@ class PlacementDuties:
             try:
                 coordinator = await self._node._coordinator()
                 if coordinator is not None:
-                    pg_key = self._node.membership.keys.pg(pool.pg_hex)
-                    value, _rev = await loop.run_in_executor(None, coordinator.get, pg_key)
-                    removed = value is None or _record_state(value) == "REMOVED"
-            except Exception as exc:  # noqa: BLE001 - taken as moved: its work learns
+                    record, _rev = await loop.run_in_executor(
+                        None, get_record, coordinator, pool.pg_hex, self._node.membership.keys)
+                    removed = record is None or record.state == "REMOVED"
+            except Exception as exc:  # noqa: BLE001 - unread or unreadable: taken as moved
                 log.warning("could not read placement group %s: %s", pool.pg_hex, exc)
             if self._leaving.get(key) is pool:
                 del self._leaving[key]
