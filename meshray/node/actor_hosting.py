@@ -15,6 +15,7 @@ from meshray import exceptions
 from meshray.node import actors as actor_states
 from meshray.node.actors import ActorEntry
 from meshray.node.objects import error_value
+from meshray.node.state import messages as m
 from meshray.node.tasks import TaskRecord
 from meshray.rpc import strict
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -61,19 +62,17 @@ class ActorHosting:
         """The actor's __init__ on `worker` returned (`result`): it lives, or it failed."""
         entry: ActorEntry = task.actor
         if result.failed:
-            self._node.dispatch.release(task)
+            self._node.dispatch.handle(m.Release(task))
             worker.actor = None
             self._node.pool.kill(worker)
             self.set_state(entry, "init_failed", result.actor_error)
             self._node._finish(task, list(result.returns))
             return
         # The worker stays with the actor; its held resources stay taken.
-        task.worker = None
-        task.acquired = False
         entry.holding = True
-        entry.allocation, task.allocation = task.allocation, None
+        entry.allocation = task.allocation
         entry.bundle_task = task if task.bundle is not None else None
-        worker.current_task = None
+        self._node.dispatch.handle(m.Adopted(task, worker))
         entry.address = result.actor_address
         self.set_state(entry, "created")
         self._node._finish(task, list(result.returns))
@@ -86,8 +85,7 @@ class ActorHosting:
         task = worker.current_task
         if task is not None and task.actor is entry:
             # Died inside __init__ (e.g. os._exit): counts as a failed start.
-            self._node.dispatch.release(task)
-            task.worker = None
+            self._node.dispatch.handle(m.Release(task))
         elif entry.holding:
             if entry.bundle_task is not None:
                 self._node.placement.release_bundle(entry.bundle_task)

@@ -34,7 +34,9 @@ from meshray.node.objects import error_value
 from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
 from meshray.node.routes import answer
-from meshray.node.task_lifecycle import TaskState, take_retry
+from meshray.node.state import RETRY, retry_or_fail
+from meshray.node.state import messages as m
+from meshray.node.task_lifecycle import TaskState
 from meshray.node.tasks import TaskRecord, infeasible_notice
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler import policy
@@ -245,10 +247,11 @@ class PeerDuties:
             return
         decision = self._placement(task)
         kind = decision.kind
-        if kind == "run_local" and not self._queue.has_class(task.sched_class) \
-                and self._node.dispatch.try_acquire(task):
-            self._node.dispatch.start(task)     # it fits here now: no queueing at all
-        elif kind in ("run_local", "wait", "placement_group"):
+        if kind == "run_local":
+            # Started at once when it fits and nothing of its class waits.
+            self._node.dispatch.handle(m.Place(task, time.monotonic(), time.time(),
+                                               "placed here (run_local)"))
+        elif kind in ("wait", "placement_group"):
             self._queue.push(task, f"placed here ({kind})")
         elif kind == "spill":
             self.spill(task, list(decision.candidates))
@@ -434,18 +437,17 @@ class PeerDuties:
                     task.actor = entry
                 # Accept only what we can start now: resources are taken at
                 # once, so concurrent offers cannot both be accepted.
-                backlog_room = task.bundle is None and self._backlog_room() > 0
-                started = self._node.dispatch.try_acquire(task)
-                if started or (backlog_room and task.actor is None
-                               and self._resources.is_feasible(request)):
+                backlog = (task.bundle is None and self._backlog_room() > 0
+                           and task.actor is None and self._resources.is_feasible(request))
+                dispatch = self._node.dispatch
+                started = dispatch.machine.handle(
+                    m.Offer(task, time.monotonic(), time.time(), backlog))
+                if task.state is not TaskState.WAITING:       # started, or queued
                     verdict.accepted = True
                     if task.actor is not None:
                         self._node.hosting.admit(task.actor)
                     self._tasks[spec.task_id] = task
-                    if started:
-                        self._node.dispatch.start(task)
-                    else:
-                        self._queue.push(task, "accepted from a peer for the backlog")
+                    dispatch.carry_out(started)
                 else:
                     verdict.reason = (f"not enough free resources here "
                                       f"({self._resources.available.to_dict()})")
@@ -757,23 +759,21 @@ class PeerDuties:
             self._node._apply(self._objects.set_value(object_id, value))
 
     def _drop_task(self, task) -> None:
+        self._node.dispatch.handle(m.Release(task))
         self._node._move(task, TaskState.DONE, "dropped: its owner's node died")
-        self._queue.remove(task)
-        self._node.dispatch.drop_awaiting(task)
-        self._node.dispatch.release(task)
         self._tasks.pop(task.task_id, None)
 
     def _remote_task_lost(self, task, node_hex: str) -> None:
         if task.actor is not None:
             self._node.hosting.host_died(task.actor, node_hex)
             return
-        if task.cancelled:
-            self._node._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
-        elif take_retry(task):
+        if retry_or_fail(task) == RETRY:
             self._node._move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
             task.refused_by = {node_hex}
             log.info("retrying %s: its node %s died", task.spec.name, node_hex)
             self.place_or_queue(task)
+        elif task.cancelled:
+            self._node._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
         else:
             self._node._fail(task, exceptions.WorkerCrashedError(
                 f"Task {task.spec.name} (id {task.task_id.hex()}) was running on node "
@@ -786,7 +786,7 @@ class PeerDuties:
         lost = self._objects.forget_value(object_id)
         if lost is None:
             return
-        if task is not None and task.actor is None and take_retry(task):
+        if task is not None and task.actor is None and retry_or_fail(task) == RETRY:
             # Lineage: run the producing task again; its other outputs are rebuilt too.
             del self._lineage[task.task_id]
             self._node._move(task, TaskState.WAITING,

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from meshray import exceptions
@@ -40,7 +41,8 @@ from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.routes import answer, node_routes
 from meshray.node.session import DEFAULT_ENV_KEY, Connection, env_key_for
-from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
+from meshray.node.state import messages as m
+from meshray.node.task_lifecycle import TaskState, move
 from meshray.node import state_records
 from meshray.node.task_events import TaskEvents
 from meshray.node.tasks import TaskQueue, TaskRecord
@@ -123,8 +125,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.peers = PeerDuties(self)
         self.hosting = ActorHosting(self)
         self.drain = Drain(self)
-        self.dispatch = TaskDispatch(self)
         self.placement = PlacementDuties(self)
+        self.dispatch = TaskDispatch(self)         # the node state machine's shell
         self.transfer = ObjectTransfer(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self.peers.send,
                                       self._advertised_host)
@@ -177,6 +179,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             node_host=self.config.host, advertise_host=self._advertised_host(),
             fence_path=self.fence.path, log_writer=self.log_writer if "log_files" in extras else None)
         self.pool.on_forget = lambda worker: worker.resolved_env.release(self.envs.cache)
+        self.dispatch.attach_pool(self.pool)
         count = self.config.prestart_workers
         if count is None:
             count = int(self.config.resources.get("CPU", 0))
@@ -356,7 +359,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                     "this node started and that has not connected yet")
             worker.conn, conn.worker = conn, worker
             self.pool.connected(worker)
-            self.dispatch.worker_free(worker)
+            self.dispatch.handle(m.WorkerReady(worker, time.monotonic(), time.time()))
         conn.send(pb.ServerEvent(welcome=pb.Welcome(
             node_id=self.node_id, store_dir=self.store_dir,
             session_dir=self.config.session_dir, node_address=self.address, job_id=conn.job_id)))
@@ -426,18 +429,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             self._apply(self.objects.remove_holder(object_id, conn.conn_id))
 
     def _on_blocked(self, conn: Connection, msg: pb.WorkerBlocked) -> None:
-        worker = conn.worker
-        task = worker.current_task if worker else None
-        if task is None or not task.acquired or task.bundle is not None:
-            return
-        cpu = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)})
-        if msg.blocked and not task.cpu_lent and not cpu.is_empty():
-            self.resources.release(cpu)
-            task.cpu_lent = True
-        elif not msg.blocked and task.cpu_lent and self.resources.try_acquire(cpu):
-            # When the CPU is taken meanwhile the task runs on without it (a
-            # brief oversubscription) rather than deadlock waiting for it.
-            task.cpu_lent = False
+        if conn.worker is not None:
+            self.dispatch.handle(m.Blocked(conn.worker, msg.blocked))
 
     def _env_key(self, spec) -> str:
         env, _packages = parse_task_env(spec)
@@ -478,12 +471,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if task.actor is not None:
             self.hosting.created(task, worker, result)
             return
-        self.dispatch.task_returned(worker, task)
-        if result.failed and result.retryable_error and not task.cancelled and take_retry(task):
-            self._move(task, TaskState.WAITING, "retry: the task raised a retryable error")
-            self.peers.place_or_queue(task)
-            return
-        self._finish(task, list(result.returns))
+        self.dispatch.handle(m.TaskReturned(
+            worker, task, tuple(result.returns), result.failed and result.retryable_error,
+            time.monotonic(), time.time()))
 
     # ------------------------------------------------------------ lifecycles
     def _move(self, task: TaskRecord, new: TaskState, cause: str) -> None:
@@ -529,7 +519,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self._finish(task, [error_value(oid, error) for oid in task.return_ids], error)
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
-        self.dispatch.release(task)
+        self.dispatch.handle(m.Release(task))
         if task.actor is not None:
             self.hosting.start_failed(task.actor, error)
         self._finish_failed(task, error)
@@ -540,36 +530,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                 child = self.tasks.get(child_id)
                 if child is not None:
                     self._cancel(child, force, recursive)
-        if task.state == "done" or task.cancelled:
-            return
-        task.cancelled = True
-        error = exceptions.TaskCancelledError(task.task_id.hex())
-        if task.state == "waiting":
-            for object_id in task.pending_deps:
-                waiters = self.waiting_on.get(object_id, [])
-                if task in waiters:
-                    waiters.remove(task)
-            self._fail(task, error)
-        elif task.state == "queued":
-            self.queue.remove(task)
-            self._fail(task, error)
-        elif task.state == "assigned":
-            self.dispatch.drop_awaiting(task)
-            self._fail(task, error)
-        elif task.state == "spilled":
-            self.peers.send(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
-                object_id=ids.object_id_for(task.task_id, 1), force=force, recursive=recursive)))
-        elif task.state == "waiting_group":
-            self.placement.drop_waiting(task)
-            self._fail(task, error)
-        elif task.state == "infeasible":
-            self.peers.forget_infeasible(task)
-            self._fail(task, error)
-        elif task.state == "running":
-            if force:
-                self.pool.kill(task.worker)
-            else:
-                task.worker.conn.send(pb.ServerEvent(kill=pb.KillTask(task_id=task.task_id)))
+        self.dispatch.handle(m.Cancel(task, force, recursive))
 
     # ------------------------------------------------------------ objects
     def _seal_if_stored(self, value: pb.ObjectValue) -> None:
@@ -624,69 +585,22 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     def _worker_lost(self, worker: WorkerProcess) -> None:
         self.pool.forget(worker)
         task = worker.current_task
-        if not self._reports_crash(worker, task):
-            # Killed now: it must not run on beside a retry. A task that fails
-            # for good instead waits for its worker's real exit status.
-            self.pool.kill(worker)
-        if worker.actor is not None:
-            self.hosting.worker_died(worker)
-            return
-        if worker.pipeline:
+        owner_present = task is not None and self._owner_present(task.owner)
+        group_gone = task is not None and task.pg_dropped \
+            and self.placement.known_gone(task.pg_hex)
+        if worker.pipeline and worker.actor is None:
             log.info("worker %d died with %d pipelined task(s) queued; placing them again",
                      worker.pid, len(worker.pipeline))
-        while worker.pipeline:
-            # Sent to run after the current task; never reported: place again
-            # (only tasks with a retry budget are ever pipelined).
-            follower = worker.pipeline.popleft()
-            follower.worker = None
-            if follower.cancelled:
-                self._fail(follower, follower.pg_error
-                           or exceptions.TaskCancelledError(follower.task_id.hex()))
-            else:
-                self._move(follower, TaskState.WAITING, "placed again: its worker died before it ran")
-                self.peers.place_or_queue(follower)
-        task = worker.current_task
-        if task is None:
-            return
-        self.dispatch.release(task)
-        if self.placement.group_task_lost(task):
-            return
-        if task.cancelled:
-            self._finish_failed(task, task.pg_error
-                                or exceptions.TaskCancelledError(task.task_id.hex()))
-        elif worker.oom_retry_in is not None and self._owner_present(task.owner):
-            take_memory_retry(task)
-            delay = worker.oom_retry_in
-            self._move(task, TaskState.WAITING,
-                       f"retry in {delay:g} s: the memory monitor killed worker {worker.pid}")
-            asyncio.get_running_loop().call_later(delay, self._place_after_backoff, task)
-        elif worker.kill_error is None and self._owner_present(task.owner) and take_retry(task):
-            self._move(task, TaskState.WAITING, f"retry: worker {worker.pid} died running it")
+        self.dispatch.handle(m.WorkerLost(worker, owner_present, group_gone))
+        if task is not None and task.actor is None and task.state is TaskState.WAITING:
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
-            self.peers.place_or_queue(task)
-        else:
-            # No longer running; finished once the exit status is in.
-            self._move(task, TaskState.CRASHED, f"worker {worker.pid} died; no retries left")
-            report = asyncio.get_running_loop().create_task(self._report_crash(task, worker))
-            self._crash_reports.add(report)
-            report.add_done_callback(self._crash_reports.discard)
 
-    def _place_after_backoff(self, task: TaskRecord) -> None:
-        """A memory-killed task's retry delay is over: place it (unless it ended meanwhile)."""
-        if self.tasks.get(task.task_id) is not task or task.state != TaskState.WAITING:
-            return
-        self.peers.place_or_queue(task)
-
-    def _reports_crash(self, worker: WorkerProcess, task) -> bool:
-        """Whether losing `worker` fails `task` (WorkerCrashedError, or the error it was
-        killed with) rather than retrying it (mirrors _worker_lost)."""
-        if worker.actor is not None or task is None or task.pg_dropped or task.cancelled:
-            return False
-        if worker.kill_error is not None:
-            return True
-        retries = worker.oom_retry_in is not None or task.retries_left != 0
-        return not (retries and self._owner_present(task.owner))
+    def report_crash(self, task: TaskRecord, worker: WorkerProcess) -> None:
+        """Fail `task` once `worker`'s exit status is in (so the error can name it)."""
+        report = asyncio.get_running_loop().create_task(self._report_crash(task, worker))
+        self._crash_reports.add(report)
+        report.add_done_callback(self._crash_reports.discard)
 
     async def _report_crash(self, task: TaskRecord, worker: WorkerProcess) -> None:
         code = await wait_for_exit(worker.process, WORKER_EXIT_WAIT_S)
@@ -705,8 +619,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     def _env_setup_ended(self, worker_key: str, error: BaseException | None) -> None:
         """A runtime env's setup ended: on failure the tasks waiting for its workers fail."""
         if error is not None:
-            for waiting in self.dispatch.take_awaiting(worker_key):
-                self._fail(waiting, error)
+            self.dispatch.handle(m.EnvSetupFailed(worker_key, error))
         self.dispatch.schedule()
 
     def _owner_present(self, owner) -> bool:
@@ -744,7 +657,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                                 worker.pid, worker.process.returncode)
                     self.pool.forget(worker)
                     # Tasks waiting on a worker for this env get a new start.
-                    self.dispatch.worker_start_failed(worker.env_key)
+                    self.dispatch.handle(m.WorkerStartFailed(worker.env_key))
 
     # ------------------------------------------------------------ questions
     def local_node_record(self) -> dict:

@@ -17,6 +17,7 @@ import time
 
 from meshray.node import drain
 from meshray.node.cluster import RemoteOwner
+from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -72,6 +73,7 @@ class Drain:
                                           now=time.monotonic(), wall_now=time.time())
         log.warning("node %s draining (%s: %s); running tasks get %.1fs to finish",
                     node.node_hex, reason, reason_message or "-", timeout_s)
+        node.dispatch.handle(m.Drain())       # it starts no more queued work
         if node.membership is not None:
             node.membership.republish_record()
         self._hand_back_queued()
@@ -103,9 +105,8 @@ class Drain:
             if task.actor is not None or task.state != "queued":
                 continue
             if isinstance(task.owner, RemoteOwner):
-                node.queue.remove(task)
+                node.dispatch.handle(m.Release(task))
                 node._move(task, TaskState.DONE, "handed back: this node is draining")
-                node.dispatch.release(task)
                 node.tasks.pop(task.task_id, None)
                 node.peers.send(task.owner.node_hex, pb.PeerEvent(verdict=pb.SpillVerdict(
                     task_id=task.task_id, accepted=False, reason="node is draining")))

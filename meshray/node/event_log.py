@@ -54,6 +54,19 @@ class EventLog:
         self.recorded += 1
         task.stamps.append(now)
 
+    def handled(self, event) -> None:
+        """An event the node's state machine handled (meshray/node/state): its
+        kind and the task (or worker) it is about; what it changed follows as
+        the moves it made."""
+        task = getattr(event, "task", None)
+        if task is not None:
+            ident = task.task_id
+        else:
+            worker = getattr(event, "worker", None)
+            ident = worker.worker_id if worker is not None else b""
+        self._entries.append((self._clock(), "event", ident, "", type(event).__name__, ""))
+        self.recorded += 1
+
     def tail(self, count: int | None = None) -> list[dict]:
         """The last `count` entries (all when None), oldest first, as plain dicts."""
         entries = list(self._entries)
@@ -65,5 +78,6 @@ class EventLog:
     def format_tail(self, count: int = 20) -> str:
         lines = [f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}"
                  f".{int(e['time'] * 1000) % 1000:03d} {e['kind']} {e['id'][:16]} "
-                 f"{e['from']} -> {e['to']}: {e['cause']}" for e in self.tail(count)]
+                 + (e['to'] if e['kind'] == "event" else f"{e['from']} -> {e['to']}: {e['cause']}")
+                 for e in self.tail(count)]
         return "\n".join(lines) or "  (empty)"

@@ -22,7 +22,7 @@ import time
 import cloudpickle
 
 from meshray import exceptions
-from meshray.node.task_lifecycle import TaskState, take_retry
+from meshray.node.task_lifecycle import TaskState
 from meshray.placement.snapshot import get_record
 from meshray.scheduler.resources import ResourceSet, UnitInstanceAllocator
 
@@ -99,7 +99,7 @@ class PlacementDuties:
             pool = self.bundles.pop(key)
             record = self.records.get(pool.pg_hex)
             if record is None or record.state == "REMOVED":
-                self._drop_bundle(pool, self._known_gone(pool.pg_hex))
+                self._drop_bundle(pool, self.known_gone(pool.pg_hex))
             else:
                 self._drop_when_known(pool)
         for key, resources in wanted.items():
@@ -119,7 +119,7 @@ class PlacementDuties:
             membership.follow_groups({pg for pg, _index in self.bundles}
                                      | {task.pg_hex for task in self.waiting})
 
-    def _known_gone(self, pg_hex: str) -> bool:
+    def known_gone(self, pg_hex: str) -> bool:
         """Whether the group is removed: its record says so, or this node
         follows it and it has no record (group_follow.py: a record not
         followed yet proves nothing)."""
@@ -182,7 +182,7 @@ class PlacementDuties:
             pool.acquired_from_node = False
 
     def _stop_group_task(self, task, removed: bool) -> None:
-        error = self._group_removed_error(task) if removed else None
+        error = self.group_removed_error(task) if removed else None
         if task.actor is not None:
             self._node.hosting.kill(task.actor, no_restart=removed, cause=(
                 "its placement group was removed" if removed else "its bundle moved"))
@@ -195,7 +195,7 @@ class PlacementDuties:
         elif error is not None:
             self._node._cancel(task, force=False, recursive=False)
 
-    def _group_removed_error(self, task):
+    def group_removed_error(self, task):
         group = task.pg_hex or "?"
         if task.actor is not None:
             return exceptions.ActorPlacementGroupRemoved(
@@ -214,30 +214,13 @@ class PlacementDuties:
                                 and self._node.membership.follows_group(task.pg_hex))
             if (record is not None and record.state == "REMOVED") or missing_too_long:
                 self.waiting.remove(task)
-                self._node._fail(task, self._group_removed_error(task))
+                self._node._fail(task, self.group_removed_error(task))
         for task in list(self._node.queue):
             if task.pg_hex:
                 record = self.records.get(task.pg_hex)
                 if record is not None and record.state == "REMOVED":
                     self._node.queue.remove(task)
-                    self._node._fail(task, self._group_removed_error(task))
-
-    def group_task_lost(self, task) -> bool:
-        """A group task's worker was killed because its bundle left: fail or re-route."""
-        if not task.pg_dropped:
-            return False
-        task.pg_dropped = False
-        task.bundle = None
-        if self._known_gone(task.pg_hex):
-            self._node._finish_failed(task, self._group_removed_error(task))
-        elif take_retry(task):
-            self._node._move(task, TaskState.WAITING, "retry: its placement-group bundle moved")
-            self._node.peers.place_or_queue(task)
-        else:
-            self._node._finish_failed(task, exceptions.WorkerCrashedError(
-                f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
-                "bundle and has no retries left"))
-        return True
+                    self._node._fail(task, self.group_removed_error(task))
 
     # ------------------------------------------------------------ routing
     def route_to_group(self, task) -> None:
@@ -264,7 +247,7 @@ class PlacementDuties:
             else:
                 self._node.peers.spill(task, [node])
             return
-        self._node._fail(task, self._group_removed_error(task))
+        self._node._fail(task, self.group_removed_error(task))
 
     def _bundle_target(self, task, record):
         placement = list(record.placement)
@@ -317,8 +300,7 @@ class PlacementDuties:
             ids = pool.gpus.assign(task.hold.get("GPU"))
             if ids is None:
                 return False
-            task.bundle_gpu_ids = ids
-            self._node.dispatch.assign_devices(task, ids)
+            task.bundle_gpu_ids = ids       # the node state pins its worker to them
         pool.take(task.hold)
         pool.tasks.add(task)
         return True

@@ -203,7 +203,6 @@ class WorkerPool:
         self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
 
     def push_idle(self, worker: WorkerProcess) -> None:
-        worker.current_task = None
         worker.idle_since = time.monotonic()
         self.idle.setdefault(worker.env_key, []).append(worker)
 

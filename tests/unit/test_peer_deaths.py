@@ -17,6 +17,7 @@ import pytest
 
 from meshray.node.cluster import PeerDuties, RemoteOwner
 from meshray.node.objects import ObjectDirectory
+from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState, move
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -39,15 +40,20 @@ class _Node:
         self.functions, self.tasks, self.actors = {}, {}, {}
         self.membership = None
         self.drain = SimpleNamespace(draining=False)
-        self.dispatch = SimpleNamespace(schedule=lambda: None, try_acquire=lambda task: False,
-                                        drop_awaiting=lambda task: None,
-                                        release=lambda task: None)
+        # The node's state machine finds no room: work placed here queues.
+        self.dispatch = SimpleNamespace(schedule=lambda: None, handle=self._handle)
         self.killed_actors = []
         self.hosting = SimpleNamespace(kill=lambda entry, no_restart, cause:
                                        self.killed_actors.append((entry, no_restart, cause)))
 
     def _move(self, task, new, cause):
         move(task, new, cause)
+
+    def _handle(self, event):
+        if isinstance(event, m.Place):
+            self.queue.push(event.task, event.cause)
+        elif isinstance(event, m.Release) and event.task.state is TaskState.QUEUED:
+            self.queue.remove(event.task)
 
     def _owns(self, object_id):
         return True

@@ -1,0 +1,476 @@
+"""The life of a task placed on this node, as a state machine: events in,
+instructions out.
+
+Why: a task placed here meets messages from its owner (cancel), its worker
+(result, ``get`` blocking), the worker pool (connected, died before
+connecting), runtime-env setup, and the node itself (resources freed, drain),
+in any order. Each decision those messages call for -- which queued task
+starts, on which worker, what follows it on that worker, whether a failure is
+retried, what a cancel does in each state -- is made here, by
+:meth:`NodeState.handle`, which changes only in-memory bookkeeping and returns
+the instructions (``messages.py``) the daemon must carry out: send a task to a
+worker, start workers, kill one, deliver values, place a task again. The
+daemon (``node/daemon.py``) turns messages into events and carries out
+instructions; it decides nothing about these tasks itself. So every decision
+is unit-tested by feeding events and comparing instructions
+(``tests/unit/test_node_state.py``), with no process, socket or event loop,
+and a hollow node (``node/hollow.py``) runs the very same decisions as a real
+one.
+
+What it owns, and is the only writer of:
+
+- each task's lifecycle state, through :func:`task_lifecycle.move` (the one
+  writer of ``task.state``; an illegal move raises with the task's story and
+  the tail of the node's event log);
+- the local queue (``tasks.TaskQueue``), the tasks holding resources while
+  they wait for a worker (`awaiting`), and run-time statistics
+  (``pipelining.RuntimeStats``) that decide what may be pipelined;
+- each worker handle's ``current_task`` and ``pipeline`` while it runs
+  normal tasks;
+- the task's hold on the node's resources (``scheduler.resources``), on its
+  bundle's pool, and on its GPUs.
+
+It reads, and updates only as bookkeeping, the worker pool's idle lists
+(``pop_idle``/``push_idle``: which connected workers wait for work). It
+reads no clock (times come with events), sends nothing, starts and signals
+nothing.
+
+What it does not own yet: where a task goes before it is placed here
+(placement, spilling, infeasible and placement-group waits live in
+``node/cluster.py`` and ``node/placement_groups.py``), the actor lifecycle
+(``node/actors.py``, a pure table of its own driven by
+``node/actor_hosting.py``) and the object directory (``node/objects.py``,
+pure with its ``Effects``). Those modules hand tasks in with `Place`/`Offer`
+and take them back through `Replace`.
+
+Alternatives considered: callbacks from the daemon into methods that both
+decide and act (what this replaced: the decisions could only be tested by
+stubbing a daemon); a state object per task with a method per event (spreads
+one lifecycle's rules over classes); an asyncio actor per task (every
+decision would cost a loop turn on the hottest path).
+
+Safety rests on: `handle` runs to its end on the node's one event loop before
+any of its instructions is carried out, and leaves every structure
+consistent when it returns; carrying out an instruction may feed a new event
+(placing a retried task may start it here), which is therefore safe. Every
+retry is spent by :func:`retry_or_fail` alone.
+"""
+from __future__ import annotations
+
+from meshray import exceptions
+from meshray.node import pipelining
+from meshray.node.state import messages as m
+from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
+from meshray.scheduler.resources import Allocation, ResourceSet
+
+__all__ = ["NodeState", "retry_or_fail", "RETRY", "RETRY_LATER", "FAIL", "CRASHED"]
+
+S = TaskState
+# The verdicts of retry_or_fail.
+RETRY, RETRY_LATER, FAIL, CRASHED = "retry", "retry later", "fail", "crashed"
+
+
+def retry_or_fail(task, *, owner_present: bool = True, kill_error=None,
+                  oom_delay: float | None = None, crashed: bool = False) -> str:
+    """The one rule for a task that did not finish: run it again or not.
+
+    - a cancelled task never runs again (FAIL);
+    - killed by the memory monitor with its owner still there: RETRY_LATER,
+      a new attempt that spends none of ``max_retries`` (the monitor's own
+      limit was checked when it chose to kill);
+    - killed on purpose by the node (`kill_error`), or its owner gone: no
+      retry -- CRASHED when the loss was a worker's death (the error waits for
+      the exit status), else FAIL;
+    - otherwise RETRY when a retry is left (spent here), else as above.
+    """
+    if task.cancelled:
+        return FAIL
+    if oom_delay is not None and owner_present:
+        take_memory_retry(task)
+        return RETRY_LATER
+    if kill_error is None and owner_present and take_retry(task):
+        return RETRY
+    return CRASHED if crashed else FAIL
+
+
+def cancelled_error(task) -> BaseException:
+    return task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
+
+
+class NodeState:
+    """The tasks placed on this node, from the queue to their result.
+
+    `resources` is the node's ``NodeResources``; `queue` its ``TaskQueue``;
+    `workers` gives idle workers (``pop_idle(key)``, ``push_idle(worker)``);
+    `bundles` holds placement-group bundle pools (``try_acquire_bundle(task)``,
+    ``release_bundle(task)``); `log` is the node's ``EventLog``; `gpu_ids`
+    the device ids behind its GPU resource.
+    """
+
+    def __init__(self, *, resources, queue, workers, bundles, log=None, gpu_ids=()):
+        self.resources = resources
+        self.queue = queue
+        self.workers = workers
+        self.bundles = bundles
+        self.log = log
+        self.gpu_ids = list(gpu_ids)
+        self.awaiting: list = []         # resources taken, waiting for a worker
+        self.runtime_stats = pipelining.RuntimeStats()
+        self.draining = False
+        self._handlers = {
+            m.Schedule: self._schedule,
+            m.Place: self._place,
+            m.Offer: self._offer,
+            m.WorkerReady: self._worker_ready,
+            m.WorkerStartFailed: self._worker_start_failed,
+            m.TaskReturned: self._task_returned,
+            m.WorkerLost: self._worker_lost,
+            m.Cancel: self._cancel,
+            m.Blocked: self._blocked,
+            m.Release: self._release_event,
+            m.Adopted: self._adopted,
+            m.EnvSetupFailed: self._env_setup_failed,
+            m.Drain: self._drain,
+        }
+
+    def handle(self, event) -> list:
+        """Apply `event`; return the instructions it calls for, in order."""
+        try:
+            handler = self._handlers[type(event)]
+        except KeyError:
+            raise TypeError(f"event={event!r}: expected one of "
+                            f"{', '.join(t.__name__ for t in self._handlers)}") from None
+        if self.log is not None and type(event) is not m.Schedule:
+            self.log.handled(event)
+        out: list = []
+        handler(event, out)
+        return out
+
+    def _move(self, task, new: TaskState, cause: str) -> None:
+        move(task, new, cause, self.log)
+
+    # ------------------------------------------------------------ starting
+    def _schedule(self, event: m.Schedule, out: list) -> None:
+        if self.draining:
+            return
+        waiting = False
+        for _key, tasks in self.queue.heads():
+            while tasks:
+                task = tasks[0]
+                if not self._try_acquire(task):
+                    waiting = True
+                    break
+                tasks.popleft()
+                self._start(task, event.now, event.wall, out)
+        if waiting:
+            # Out of room: short tasks may still queue behind running ones.
+            for worker in self._busy_workers():
+                if len(worker.pipeline) < pipelining.PIPELINE_DEPTH - 1:
+                    self._top_up_pipeline(worker, event.now, out)
+
+    def _busy_workers(self):
+        """Workers running a normal task (which may get short tasks behind it)."""
+        for worker in list(self.workers.by_id.values()):
+            if worker.current_task is not None and worker.actor is None:
+                yield worker
+
+    def _place(self, event: m.Place, out: list) -> None:
+        task = event.task
+        if not self.queue.has_class(task.sched_class) and self._try_acquire(task):
+            self._start(task, event.now, event.wall, out)     # fits now: no queueing at all
+        else:
+            self.queue.push(task, event.cause)
+
+    def _offer(self, event: m.Offer, out: list) -> None:
+        task = event.task
+        if self._try_acquire(task):
+            self._start(task, event.now, event.wall, out)
+        elif event.backlog:
+            self.queue.push(task, "accepted from a peer for the backlog")
+
+    def _try_acquire(self, task) -> bool:
+        """Take `task`'s resources (from its bundle, or the node's pool) if they are free."""
+        if task.bundle is not None:
+            if not self.bundles.try_acquire_bundle(task):
+                return False
+            if task.bundle_gpu_ids:
+                self._assign_devices(task, task.bundle_gpu_ids)
+            return True
+        # An actor must fit its placement request but only holds `hold`.
+        if task.hold is not task.request and not self.resources.can_fit(task.request):
+            return False
+        if self.gpu_ids and task.hold.get("GPU"):
+            allocation = self.resources.allocate(task.hold)
+            if allocation is None:
+                return False
+            task.allocation = allocation
+            self._assign_devices(task, allocation.instances.get("GPU", ()))
+            return True
+        return self.resources.try_acquire(task.hold)
+
+    @staticmethod
+    def _assign_devices(task, gpu_ids) -> None:
+        """Pin the task's worker to its GPUs; such workers serve only that assignment."""
+        from meshray.accelerators.nvidia import visible_devices_env
+        task.gpu_ids = [str(i) for i in gpu_ids]
+        extra = visible_devices_env(gpu_ids)
+        if extra:
+            task.worker_env = {**task.env_vars, **extra}
+            task.worker_key = f"{task.env_key}|gpu:{','.join(task.gpu_ids)}"
+
+    def _start(self, task, now: float, wall: float, out: list) -> None:
+        """`task`'s resources are taken: hand it to a worker (one is started when none is idle)."""
+        task.acquired = True
+        out.append(m.Prefetch(task))
+        worker = self.workers.pop_idle(task.worker_key)
+        if worker is None:
+            self._move(task, S.ASSIGNED, "resources taken; waiting for a worker")
+            self.awaiting.append(task)
+            self._ensure_workers(task, out)
+        else:
+            self._dispatch(task, worker, now, wall, out)
+
+    def _ensure_workers(self, task, out: list) -> None:
+        key = task.worker_key
+        out.append(m.EnsureWorkers(task, sum(1 for t in self.awaiting if t.worker_key == key)))
+
+    def _dispatch(self, task, worker, now: float, wall: float, out: list) -> None:
+        self._move(task, S.RUNNING, f"sent to worker {worker.pid}")
+        task.worker = worker
+        task.started_at = now
+        worker.current_task = task
+        task.started_wall, task.ran_on = wall, (worker.worker_id, worker.pid)
+        if task.actor is not None:
+            worker.actor = task.actor
+            task.actor.worker, task.actor.pid = worker, worker.pid
+        out.append(m.Execute(task, worker))
+        self._top_up_pipeline(worker, now, out)
+
+    def _top_up_pipeline(self, worker, now: float, out: list) -> None:
+        """Queue short tasks of the running one's class on its worker (pipelining.py)."""
+        leader = worker.current_task
+        if leader is None or not pipelining.can_lead(leader, self.runtime_stats):
+            return
+        while len(worker.pipeline) < pipelining.PIPELINE_DEPTH - 1:
+            follower = self.queue.pop_matching_head(
+                leader.sched_class,
+                lambda t: pipelining.can_follow(leader, t, self.runtime_stats))
+            if follower is None:
+                return
+            self._move(follower, S.RUNNING, f"pipelined behind a task on worker {worker.pid}")
+            follower.worker = worker
+            worker.pipeline.append(follower)
+            out.append(m.Prefetch(follower))
+            out.append(m.Execute(follower, worker))
+
+    # ------------------------------------------------------------ workers
+    def _worker_ready(self, event: m.WorkerReady, out: list) -> None:
+        worker = event.worker
+        for index, task in enumerate(self.awaiting):
+            if task.worker_key == worker.env_key:
+                del self.awaiting[index]
+                self._dispatch(task, worker, event.now, event.wall, out)
+                return
+        worker.current_task = None
+        self.workers.push_idle(worker)
+
+    def _worker_start_failed(self, event: m.WorkerStartFailed, out: list) -> None:
+        for task in self.awaiting:
+            if task.worker_key == event.worker_key:
+                self._ensure_workers(task, out)
+                return
+
+    def _blocked(self, event: m.Blocked, out: list) -> None:
+        task = event.worker.current_task
+        if task is None or not task.acquired or task.bundle is not None:
+            return
+        cpu = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)})
+        if event.blocked and not task.cpu_lent and not cpu.is_empty():
+            self.resources.release(cpu)
+            task.cpu_lent = True
+        elif not event.blocked and task.cpu_lent and self.resources.try_acquire(cpu):
+            # When the CPU is taken meanwhile the task runs on without it (a
+            # brief oversubscription) rather than deadlock waiting for it.
+            task.cpu_lent = False
+
+    def _drain(self, event: m.Drain, out: list) -> None:
+        self.draining = True
+
+    # ------------------------------------------------------------ results
+    def _task_returned(self, event: m.TaskReturned, out: list) -> None:
+        worker, task = event.worker, event.task
+        if worker.current_task is task:
+            self.runtime_stats.observe(task.spec.function_id, event.now - task.started_at)
+        elif task in worker.pipeline:
+            # The task it followed was dropped here without its result.
+            worker.pipeline.remove(task)
+        if not self._promote_follower(worker, task, event.now, event.wall, out):
+            self._release(task)
+            self._worker_ready(m.WorkerReady(worker, event.now, event.wall), out)
+        if event.retryable and retry_or_fail(task) == RETRY:
+            self._move(task, S.WAITING, "retry: the task raised a retryable error")
+            out.append(m.Replace(task))
+            return
+        out.append(m.Finish(task, event.values))
+
+    def _promote_follower(self, worker, done, now: float, wall: float, out: list) -> bool:
+        """The worker moved on to its next pipelined task: it inherits `done`'s resources."""
+        if not worker.pipeline:
+            return False
+        follower = worker.pipeline.popleft()
+        if done.acquired and not done.cpu_lent and done.allocation is None:
+            follower.acquired, done.acquired = True, False
+        else:
+            self._release(done)
+            follower.acquired = self.resources.try_acquire(follower.hold)
+        done.worker = None
+        worker.current_task = follower
+        follower.started_at = now
+        follower.started_wall, follower.ran_on = wall, (worker.worker_id, worker.pid)
+        self._top_up_pipeline(worker, now, out)
+        return True
+
+    def _worker_lost(self, event: m.WorkerLost, out: list) -> None:
+        worker = event.worker
+        task = worker.current_task
+        if not self._reports_crash(worker, task, event.owner_present):
+            # Killed now: it must not run on beside a retry. A task that fails
+            # for good instead waits for its worker's real exit status.
+            out.append(m.KillWorker(worker))
+        if worker.actor is not None:
+            out.append(m.ActorWorkerDied(worker))
+            return
+        while worker.pipeline:
+            # Sent to run after the current task; never reported: place again
+            # (only tasks with a retry budget are ever pipelined).
+            follower = worker.pipeline.popleft()
+            follower.worker = None
+            if follower.cancelled:
+                self._fail(follower, cancelled_error(follower), out)
+            else:
+                self._move(follower, S.WAITING, "placed again: its worker died before it ran")
+                out.append(m.Replace(follower))
+        task = worker.current_task
+        if task is None:
+            return
+        self._release(task)
+        if task.pg_dropped:
+            self._group_task_lost(task, event.group_gone, out)
+            return
+        verdict = retry_or_fail(task, owner_present=event.owner_present,
+                                kill_error=worker.kill_error, oom_delay=worker.oom_retry_in,
+                                crashed=True)
+        if verdict == FAIL:                  # cancelled
+            out.append(m.FailTask(task, cancelled_error(task)))
+        elif verdict == RETRY_LATER:
+            delay = worker.oom_retry_in
+            self._move(task, S.WAITING,
+                       f"retry in {delay:g} s: the memory monitor killed worker {worker.pid}")
+            out.append(m.ReplaceLater(task, delay))
+        elif verdict == RETRY:
+            self._move(task, S.WAITING, f"retry: worker {worker.pid} died running it")
+            out.append(m.Replace(task))
+        else:
+            # No longer running; finished once the exit status is in.
+            self._move(task, S.CRASHED, f"worker {worker.pid} died; no retries left")
+            out.append(m.ReportCrash(task, worker))
+
+    def _group_task_lost(self, task, group_gone: bool, out: list) -> None:
+        """A group task's worker was killed because its bundle left: fail or re-route."""
+        task.pg_dropped = False
+        task.bundle = None
+        if group_gone:
+            out.append(m.GroupRemoved(task))
+        elif take_retry(task):
+            self._move(task, S.WAITING, "retry: its placement-group bundle moved")
+            out.append(m.Replace(task))
+        else:
+            out.append(m.FailTask(task, exceptions.WorkerCrashedError(
+                f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
+                "bundle and has no retries left")))
+
+    @staticmethod
+    def _reports_crash(worker, task, owner_present: bool) -> bool:
+        """Whether losing `worker` fails `task` for good (so its process is left
+        to exit and report why) rather than retrying it (mirrors _worker_lost)."""
+        if worker.actor is not None or task is None or task.pg_dropped or task.cancelled:
+            return False
+        if worker.kill_error is not None:
+            return True
+        retries = worker.oom_retry_in is not None or task.retries_left != 0
+        return not (retries and owner_present)
+
+    def _env_setup_failed(self, event: m.EnvSetupFailed, out: list) -> None:
+        taken = [t for t in self.awaiting if t.worker_key == event.worker_key]
+        for task in taken:
+            self.awaiting.remove(task)
+            self._fail(task, event.error, out)
+
+    # ------------------------------------------------------------ cancel
+    def _cancel(self, event: m.Cancel, out: list) -> None:
+        task = event.task
+        if task.state is S.DONE or task.cancelled:
+            return
+        task.cancelled = True
+        state = task.state
+        if state is S.RUNNING:
+            out.append(m.KillWorker(task.worker) if event.force else m.KillTask(task, task.worker))
+        elif state is S.SPILLED:
+            out.append(m.CancelRemote(task, event.force, event.recursive))
+        elif state is S.CRASHED:
+            return                            # fails once its exit status is in
+        else:
+            if state is S.QUEUED:
+                self.queue.remove(task)
+            elif state is S.ASSIGNED:
+                if task in self.awaiting:
+                    self.awaiting.remove(task)
+            else:                             # WAITING, WAITING_GROUP, INFEASIBLE
+                out.append(m.Unwait(task, state))
+            self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()), out)
+
+    # ------------------------------------------------------------ releasing
+    def _fail(self, task, error: BaseException, out: list) -> None:
+        self._release(task)
+        out.append(m.FailTask(task, error))
+
+    def _release_event(self, event: m.Release, out: list) -> None:
+        task = event.task
+        if task.state is S.ASSIGNED and task in self.awaiting:
+            self.awaiting.remove(task)
+        elif task.state is S.QUEUED:
+            self.queue.remove(task)
+        self._release(task)
+
+    def _adopted(self, event: m.Adopted, out: list) -> None:
+        task, worker = event.task, event.worker
+        if worker.current_task is task:
+            worker.current_task = None
+        task.worker = None
+        task.acquired = False
+        task.allocation = None
+
+    def _release(self, task) -> None:
+        """Give back `task`'s resources (or its bundle's share); it leaves its worker."""
+        if task.acquired and task.bundle is not None:
+            self.bundles.release_bundle(task)
+            task.acquired = False
+        if task.acquired:
+            lent = ResourceSet.from_dict({"CPU": task.hold.get("CPU", 0.0)}) \
+                if task.cpu_lent else ResourceSet()
+            if task.allocation is not None:
+                allocation = task.allocation
+                if task.cpu_lent:
+                    allocation = Allocation(allocation.resources - lent, allocation.instances)
+                self.resources.release(allocation)
+                task.allocation = None
+            else:
+                self.resources.release(task.hold - lent)
+            task.acquired = task.cpu_lent = False
+        worker = task.worker
+        if worker is not None:
+            if worker.current_task is task:
+                worker.current_task = None
+            elif task in worker.pipeline:
+                worker.pipeline.remove(task)
+            task.worker = None

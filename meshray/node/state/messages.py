@@ -1,0 +1,245 @@
+"""What goes into the node's state machine and what comes out of it.
+
+Events are facts the daemon learned (a worker connected, a result arrived, a
+worker's stream closed); instructions are what the state machine decided must
+happen outside it (send this task to that worker, start workers, deliver a
+task's values). Both are small frozen records of plain values and of the
+node's own handles (task records, worker handles), so a unit test builds
+them by hand and compares them with ``==``.
+
+Times come in with events -- ``now`` from the monotonic clock (run-time
+statistics), ``wall`` from the wall clock (task events) -- because the state
+machine reads no clock.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    # events
+    "Schedule", "Place", "Offer", "WorkerReady", "WorkerStartFailed", "TaskReturned",
+    "WorkerLost", "Cancel", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
+    # instructions
+    "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
+    "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
+    "ActorWorkerDied", "GroupRemoved",
+]
+
+
+# ---------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Resources, workers or the queue changed: start what fits now."""
+    now: float
+    wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Placement chose this node for `task`: start it at once when nothing of
+    its class waits ahead of it and it fits; else queue it (`cause`)."""
+    task: object
+    now: float
+    wall: float
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A peer offers `task`: start it if it fits now; else queue it when
+    `backlog` (there is room in the node's backlog), else leave it WAITING --
+    the offer is refused."""
+    task: object
+    now: float
+    wall: float
+    backlog: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReady:
+    """`worker` connected, or finished what it ran: it takes the next task
+    waiting for a worker of its kind, or becomes idle."""
+    worker: object
+    now: float
+    wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStartFailed:
+    """A worker of `worker_key` exited before it connected."""
+    worker_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReturned:
+    """`worker` reported `task`'s result (not an actor creation's, not a
+    generator item). `retryable` when the task raised an error its retry
+    options cover."""
+    worker: object
+    task: object
+    values: tuple
+    retryable: bool
+    now: float
+    wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    """`worker`'s stream closed (it died, or was killed). The shell adds what
+    only it can know: whether the owner of the task it ran can still take a
+    retry's result, and -- for a task killed because its bundle left this
+    node -- whether its placement group is known to be removed."""
+    worker: object
+    owner_present: bool
+    group_gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The owner cancelled `task` (children are the shell's to walk)."""
+    task: object
+    force: bool
+    recursive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    """`worker` blocked in (or returned from) ``get``: lend or take back the
+    CPU its task holds."""
+    worker: object
+    blocked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """`task` leaves this node's bookkeeping without a result here (its actor
+    took over its worker, its owner's node died, the node drains): give back
+    its resources, its worker, its place in line."""
+    task: object
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """The actor that `task` created keeps `worker` and the resources the
+    task took (its hosting holds them now): the task lets go of both without
+    giving them back."""
+    task: object
+    worker: object
+
+
+@dataclass(frozen=True, slots=True)
+class EnvSetupFailed:
+    """The runtime environment behind `worker_key` could not be set up:
+    the tasks waiting for its workers fail with `error`."""
+    worker_key: str
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """The node started draining: it starts no more queued work."""
+
+
+# ---------------------------------------------------------------- instructions
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Send `task` to `worker` (as its current task or pipelined behind it)."""
+    task: object
+    worker: object
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Start pulling `task`'s arguments that live on other nodes: it got its
+    resources here, so the copies travel while its worker is found."""
+    task: object
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureWorkers:
+    """`wanted` tasks wait for a worker of `task`'s kind: have that many
+    starting (setting up its runtime environment first when it needs one)."""
+    task: object
+    wanted: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """`task` finished here: deliver `values` to its owner."""
+    task: object
+    values: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class FailTask:
+    """`task` failed with `error` decided by the node (its resources are
+    already given back): deliver the error as every return value, and fail
+    its actor's start when it is a creation."""
+    task: object
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """`task` is WAITING again (a retry, or its worker died before running
+    it): placement decides where it runs."""
+    task: object
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceLater:
+    """As Replace, after `delay` seconds (the memory monitor's backoff)."""
+    task: object
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class KillWorker:
+    """Kill `worker`'s process now."""
+    worker: object
+
+
+@dataclass(frozen=True, slots=True)
+class KillTask:
+    """Ask `worker` to interrupt `task` (a cancel that is not forced)."""
+    task: object
+    worker: object
+
+
+@dataclass(frozen=True, slots=True)
+class ReportCrash:
+    """`task` is CRASHED: wait for `worker`'s exit status, then fail the task
+    with an error that names it."""
+    task: object
+    worker: object
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRemote:
+    """`task` runs on a peer (SPILLED): ask that peer to cancel it."""
+    task: object
+    force: bool
+    recursive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unwait:
+    """Cancelled `task` leaves the list that held it while it waited
+    outside the queue: for its arguments (WAITING), its placement group's
+    bundle (WAITING_GROUP) or a node that can fit it (INFEASIBLE). `state`
+    says which."""
+    task: object
+    state: object
+
+
+@dataclass(frozen=True, slots=True)
+class ActorWorkerDied:
+    """The worker hosting an actor died: the actor's lifecycle decides."""
+    worker: object
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRemoved:
+    """`task` lost its bundle and its placement group is removed: it fails
+    with the group-removed error."""
+    task: object
