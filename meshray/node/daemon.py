@@ -591,8 +591,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if worker.pipeline and worker.actor is None:
             log.info("worker %d died with %d pipelined task(s) queued; placing them again",
                      worker.pid, len(worker.pipeline))
+        attempt = task.spec.attempt if task is not None else 0
         self.dispatch.handle(m.WorkerLost(worker, owner_present, group_gone))
-        if task is not None and task.actor is None and task.state is TaskState.WAITING:
+        if task is not None and task.actor is None and task.spec.attempt != attempt:
             log.info("worker %d died running %s; retrying (%s retries left)",
                      worker.pid, task.spec.name, task.retries_left)
 
