@@ -49,3 +49,34 @@ def run_python(args: list, timeout: float = 60.0, env=None) -> subprocess.Comple
 def run_driver(code: str, timeout: float = 60.0, env=None) -> subprocess.CompletedProcess:
     """Run a driver script in a fresh interpreter and return its outcome."""
     return run_python(["-c", code], timeout=timeout, env=env)
+
+
+class RecordingDispatch:
+    """A node's `dispatch` for unit tests of the parts around it: the real
+    state machine (`NodeState`, on the node's own queue and resources), with
+    the events it was handed and the instructions it returned kept, and
+    carried out by nobody. `schedules` counts the times the node was asked to
+    start what fits."""
+
+    def __init__(self, queue, resources=None, bundles=None):
+        from meshray.node.state import NodeState
+        from meshray.scheduler.resources import NodeResources
+
+        class _NoWorkerIdle:
+            by_id: dict = {}
+
+            @staticmethod
+            def pop_idle(_key):
+                return None
+
+        self.machine = NodeState(resources=resources or NodeResources({"CPU": 0.0}),
+                                 queue=queue, workers=_NoWorkerIdle, bundles=bundles)
+        self.events, self.instructions = [], []
+        self.schedules = 0
+
+    def handle(self, event) -> None:
+        self.events.append(event)
+        self.instructions.extend(self.machine.handle(event))
+
+    def schedule(self) -> None:
+        self.schedules += 1

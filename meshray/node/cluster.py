@@ -240,7 +240,8 @@ class PeerDuties:
     def place_or_queue(self, task) -> None:
         """Queue here, spill, or hold as infeasible, per the placement decision."""
         if isinstance(task.owner, RemoteOwner):
-            self._queue.push(task, "accepted from a peer")   # spilled to us: it runs here
+            # Spilled to us: it runs here.
+            self._node.dispatch.handle(m.Enqueue(task, "accepted from a peer"))
             return
         if task.bundle is None and pg_strategy(task.spec) is not None:
             self._node.placement.route_to_group(task)
@@ -252,7 +253,7 @@ class PeerDuties:
             self._node.dispatch.handle(m.Place(task, time.monotonic(), time.time(),
                                                "placed here (run_local)"))
         elif kind in ("wait", "placement_group"):
-            self._queue.push(task, f"placed here ({kind})")
+            self._node.dispatch.handle(m.Enqueue(task, f"placed here ({kind})"))
         elif kind == "spill":
             self.spill(task, list(decision.candidates))
         elif kind == "unschedulable":
@@ -291,7 +292,7 @@ class PeerDuties:
             # none ever can (its node died), else keep it held.
             decision = self._placement(task)
             if decision.kind in ("spill", "unschedulable"):
-                self._queue.remove(task)
+                self._node.dispatch.handle(m.Dequeue(task))
                 if decision.kind == "spill":
                     self.spill(task, list(decision.candidates))
                 else:
@@ -309,7 +310,7 @@ class PeerDuties:
                 decision = self._placement(task)
                 if decision.kind != "spill":
                     break
-                tasks.popleft()
+                self._node.dispatch.handle(m.Dequeue(task))
                 self.spill(task, list(decision.candidates))
 
     def forget_infeasible(self, task) -> None:
@@ -359,7 +360,7 @@ class PeerDuties:
             link.send(pb.PeerEvent(spill=event))
             return
         task.refused_by.clear()
-        self._queue.push(task, "no candidate peer reachable")
+        self._node.dispatch.handle(m.Enqueue(task, "no candidate peer reachable"))
 
     def exportable(self, value):
         """A copy of `value` that says where its store bytes live."""
@@ -469,7 +470,7 @@ class PeerDuties:
             # Everyone was busy: wait here; replace_waiting offers it again
             # as the view shows room somewhere.
             task.refused_by.clear()
-            self._queue.push(task, "every candidate peer refused it")
+            self._node.dispatch.handle(m.Enqueue(task, "every candidate peer refused it"))
 
     def on_result(self, from_hex: str, result: pb.TaskResult) -> None:
         task = self._tasks.get(result.task_id)

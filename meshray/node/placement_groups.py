@@ -22,6 +22,7 @@ import time
 import cloudpickle
 
 from meshray import exceptions
+from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState
 from meshray.placement.snapshot import get_record
 from meshray.scheduler.resources import ResourceSet, UnitInstanceAllocator
@@ -219,8 +220,7 @@ class PlacementDuties:
             if task.pg_hex:
                 record = self.records.get(task.pg_hex)
                 if record is not None and record.state == "REMOVED":
-                    self._node.queue.remove(task)
-                    self._node._fail(task, self.group_removed_error(task))
+                    self._node._fail(task, self.group_removed_error(task))   # out of line too
 
     # ------------------------------------------------------------ routing
     def route_to_group(self, task) -> None:
@@ -243,7 +243,8 @@ class PlacementDuties:
             node, index = target
             if node == self._node.node_hex:
                 task.bundle = (task.pg_hex, index)
-                self._node.queue.push(task, f"its bundle {index} of group {task.pg_hex} is here")
+                self._node.dispatch.handle(m.Enqueue(
+                    task, f"its bundle {index} of group {task.pg_hex} is here"))
             else:
                 self._node.peers.spill(task, [node])
             return

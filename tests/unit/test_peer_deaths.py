@@ -50,8 +50,10 @@ class _Node:
         move(task, new, cause)
 
     def _handle(self, event):
-        if isinstance(event, m.Place):
+        if isinstance(event, (m.Place, m.Enqueue)):
             self.queue.push(event.task, event.cause)
+        elif isinstance(event, m.Dequeue):
+            self.queue.remove(event.task)
         elif isinstance(event, m.Release) and event.task.state is TaskState.QUEUED:
             self.queue.remove(event.task)
 

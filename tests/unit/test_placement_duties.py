@@ -17,6 +17,7 @@ from meshray.node.placement_groups import PlacementDuties
 from meshray.node.task_lifecycle import TaskState
 from meshray.node.tasks import TaskQueue
 from meshray.scheduler.resources import NodeResources, ResourceSet
+from tests.helpers import RecordingDispatch
 
 PG = "01" * 18
 
@@ -40,8 +41,8 @@ class _Node:
                                           follow_groups=self.followed.append,
                                           need_group=self.needed.append,
                                           follows_group=lambda pg: True)
-        self.failed, self.moves, self.schedules = [], [], 0
-        self.dispatch = SimpleNamespace(schedule=self._schedule)
+        self.failed, self.moves = [], []
+        self.dispatch = RecordingDispatch(self.queue)
 
     def _fail(self, task, error):
         self.failed.append((task, error))
@@ -49,8 +50,6 @@ class _Node:
     def _move(self, task, new, cause):
         self.moves.append((task, new))
 
-    def _schedule(self):
-        self.schedules += 1
 
 
 def _alloc(*bundles):
@@ -81,7 +80,7 @@ def test_bundles_in_the_alloc_record_leave_the_general_pool_until_they_leave_it(
     node.alloc = _alloc((0, {"CPU": 3.0}))
     placement.on_change()
     assert node.resources.available.to_dict() == {"CPU": 1.0}
-    assert set(placement.bundles) == {(PG, 0)} and node.schedules == 1
+    assert set(placement.bundles) == {(PG, 0)} and node.dispatch.schedules == 1
     assert node.followed[-1] == {PG}         # a group with a bundle here is needed
 
     task = _bound(_group_task(0, cpu=2.0))

@@ -18,6 +18,7 @@ from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.rpc.dispatch import dispatch_table, event_kinds
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler.resources import NodeResources, ResourceSet
+from tests.helpers import RecordingDispatch
 
 HEAD, A, B = "aa" * 14, "bb" * 14, "cc" * 14
 
@@ -42,7 +43,6 @@ class _Node:
         self.node_id = bytes.fromhex(HEAD)
         self.node_hex = HEAD
         self.drain = SimpleNamespace(draining=False)
-        self.dispatch = SimpleNamespace(schedule=lambda: None)
         self.decision_times: list[float] = []     # what the node's metrics were told
         self.metrics = SimpleNamespace(spill_decided=self.decision_times.append)
         self.config = _Config()
@@ -50,6 +50,7 @@ class _Node:
         self.resources = NodeResources({"CPU": 1.0})
         self.resources.try_acquire(ResourceSet.from_dict({"CPU": 1.0}))   # busy here
         self.queue = TaskQueue()
+        self.dispatch = RecordingDispatch(self.queue, self.resources)
         self.objects = ObjectDirectory()
         self.store = None
         self.functions, self.tasks, self.actors = {}, {}, {}

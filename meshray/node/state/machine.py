@@ -19,12 +19,18 @@ one.
 
 What it owns, and is the only writer of:
 
-- each task's lifecycle state, through :func:`task_lifecycle.move` (the one
-  writer of ``task.state``; an illegal move raises with the task's story and
-  the tail of the node's event log);
-- the local queue (``tasks.TaskQueue``), the tasks holding resources while
-  they wait for a worker (`awaiting`), and run-time statistics
-  (``pipelining.RuntimeStats``) that decide what may be pipelined;
+- a task's moves from queued to its result: queued, assigned, running,
+  crashed, and back to waiting for a retry (through
+  :func:`task_lifecycle.move`, the one writer of ``task.state``, where an
+  illegal move raises with the task's story and the tail of the node's event
+  log; the moves placement decides -- spilled, infeasible, waiting for a
+  group -- and a task's end are made through it by the parts that decide
+  them);
+- the local queue (``tasks.TaskQueue``: placement puts tasks in line and
+  takes them out to offer them to peers with `Enqueue`/`Dequeue`, and reads
+  it), the tasks holding resources while they wait for a worker
+  (`awaiting`), and run-time statistics (``pipelining.RuntimeStats``) that
+  decide what may be pipelined;
 - each worker handle's ``current_task`` and ``pipeline`` while it runs
   normal tasks;
 - the task's hold on the node's resources (``scheduler.resources``), on its
@@ -121,6 +127,8 @@ class NodeState:
             m.Schedule: self._schedule,
             m.Place: self._place,
             m.Offer: self._offer,
+            m.Enqueue: lambda event, out: self.queue.push(event.task, event.cause),
+            m.Dequeue: lambda event, out: self.queue.remove(event.task),
             m.WorkerReady: self._worker_ready,
             m.WorkerStartFailed: self._worker_start_failed,
             m.TaskReturned: self._task_returned,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Schedule", "Place", "Offer", "WorkerReady", "WorkerStartFailed", "TaskReturned",
+    "Schedule", "Place", "Offer", "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
@@ -53,6 +53,21 @@ class Offer:
     now: float
     wall: float
     backlog: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """`task` waits in this node's queue (`cause`: why), for room here or a
+    peer with room."""
+    task: object
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dequeue:
+    """Queued `task` leaves the line to be offered to a peer (it stays QUEUED
+    until the offer moves it)."""
+    task: object
 
 
 @dataclass(frozen=True, slots=True)
