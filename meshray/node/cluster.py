@@ -143,10 +143,9 @@ class PeerDuties:
                                         cause=f"node {self._node_hex} lost its etcd lease")
         for task in list(self._tasks.values()):
             if isinstance(task.owner, RemoteOwner):
-                task.cancelled = True
-                if task.worker is not None:
-                    self._node.pool.kill(task.worker)
-                else:
+                running = task.worker is not None
+                self._node.dispatch.handle(m.StopRunning(task, "cancelled"))
+                if not running:
                     self._drop_task(task)
 
     def _node_views(self, backlog_for: dict | None = None, only=None) -> dict:
@@ -691,10 +690,12 @@ class PeerDuties:
             if task.state == "spilled" and task.remote_node == node_hex:
                 self._remote_task_lost(task, node_hex)
             elif isinstance(task.owner, RemoteOwner) and task.owner.node_hex == node_hex:
-                task.cancelled = True
-                if task.worker is not None and task.actor is None:
-                    self._node.pool.kill(task.worker)
-                elif task.state != "running":
+                if task.worker is None or task.actor is None:
+                    # Its worker (if it has one) is killed: nobody waits for it.
+                    self._node.dispatch.handle(m.StopRunning(task, "cancelled"))
+                else:
+                    task.cancelled = True   # an actor's __init__: the actor dies below
+                if task.worker is None and task.state != "running":
                     self._drop_task(task)
         # Actors it owned die with it (unless detached); ours it hosted restart.
         for entry in list(self._actors.values()):

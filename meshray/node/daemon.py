@@ -638,8 +638,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             if task.actor is not None and task.actor.detached:
                 continue              # a detached actor outlives its creator, __init__ too
             if task.state == "running" and task.worker is not None:
-                task.cancelled = True
-                self.pool.kill(task.worker)
+                self.dispatch.handle(m.StopRunning(task, "cancelled"))
             elif task.state in ("queued", "waiting", "assigned") and task.actor is None:
                 self._cancel(task, force=False, recursive=False)
                 self.tasks.pop(task.task_id, None)

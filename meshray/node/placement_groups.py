@@ -191,8 +191,7 @@ class PlacementDuties:
         if task.worker is not None and task.state == "running":
             # Whether the group was removed or the bundle moved is decided when
             # the worker is gone (our view of the group may lag the alloc change).
-            task.pg_dropped = True
-            self._node.pool.kill(task.worker)
+            self._node.dispatch.handle(m.StopRunning(task, "bundle_left"))
         elif error is not None:
             self._node._cancel(task, force=False, recursive=False)
 

@@ -568,3 +568,20 @@ def test_retry_or_fail_is_the_one_rule(retries, options, verdict, left):
 def test_retry_or_fail_never_runs_a_cancelled_task_again():
     task = _bare(5, cancelled=True)
     assert retry_or_fail(task, oom_delay=1.0) == FAIL and task.retries_left == 5
+
+
+def test_stopping_a_running_task_kills_its_worker_and_its_loss_decides_the_rest():
+    node = Node(cpus=1.0)
+    task, worker = node.running(retries=3)
+    assert node.handle(m.StopRunning(task, "cancelled")) == [m.KillWorker(worker)]
+    (kill, failed) = node.handle(m.WorkerLost(worker, owner_present=True))
+    assert isinstance(failed.error, exceptions.TaskCancelledError) and task.retries_left == 3
+
+    moved, worker2 = node.running(pid=102, retries=3)
+    assert node.handle(m.StopRunning(moved, "bundle_left")) == [m.KillWorker(worker2)]
+    assert moved.pg_dropped
+
+    waiting = node.task(queued=False)
+    assert node.handle(m.StopRunning(waiting, "cancelled")) == [] and waiting.cancelled
+    with pytest.raises(ValueError, match="why='bored'"):
+        node.handle(m.StopRunning(waiting, "bored"))

@@ -134,6 +134,7 @@ class NodeState:
             m.TaskReturned: self._task_returned,
             m.WorkerLost: self._worker_lost,
             m.Cancel: self._cancel,
+            m.StopRunning: self._stop_running,
             m.Blocked: self._blocked,
             m.Release: self._release_event,
             m.Adopted: self._adopted,
@@ -436,6 +437,17 @@ class NodeState:
             else:                             # WAITING, WAITING_GROUP, INFEASIBLE
                 out.append(m.Unwait(task, state))
             self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()), out)
+
+    def _stop_running(self, event: m.StopRunning, out: list) -> None:
+        task = event.task
+        if event.why == "bundle_left":
+            task.pg_dropped = True
+        elif event.why == "cancelled":
+            task.cancelled = True
+        else:
+            raise ValueError(f"why={event.why!r}: expected 'cancelled' or 'bundle_left'")
+        if task.worker is not None:
+            out.append(m.KillWorker(task.worker))     # WorkerLost decides what follows
 
     # ------------------------------------------------------------ releasing
     def _fail(self, task, error: BaseException, out: list) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 __all__ = [
     # events
     "Schedule", "Place", "Offer", "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
-    "WorkerLost", "Cancel", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
+    "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
     "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
@@ -115,6 +115,16 @@ class Cancel:
     task: object
     force: bool
     recursive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StopRunning:
+    """`task`'s worker must stop now: its job's driver left or this node's
+    lease lapsed (`why` "cancelled": it fails as cancelled, never retried), or
+    its bundle left this node ("bundle_left": its group's fate decides, once
+    the worker is gone)."""
+    task: object
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
