@@ -54,9 +54,10 @@ def run_driver(code: str, timeout: float = 60.0, env=None) -> subprocess.Complet
 class RecordingDispatch:
     """A node's `dispatch` for unit tests of the parts around it: the real
     state machine (`NodeState`, on the node's own queue and resources), with
-    the events it was handed and the instructions it returned kept, and
-    carried out by nobody. `schedules` counts the times the node was asked to
-    start what fits."""
+    the events it was handed and the instructions it returned kept. An
+    instruction is carried out only by what a test puts in `carry_out`
+    (instruction type -> callable). `schedules` counts the times the node was
+    asked to start what fits."""
 
     def __init__(self, queue, resources=None, bundles=None):
         from meshray.node.state import NodeState
@@ -72,11 +73,16 @@ class RecordingDispatch:
         self.machine = NodeState(resources=resources or NodeResources({"CPU": 0.0}),
                                  queue=queue, workers=_NoWorkerIdle, bundles=bundles)
         self.events, self.instructions = [], []
+        self.carry_out: dict = {}
         self.schedules = 0
 
     def handle(self, event) -> None:
         self.events.append(event)
-        self.instructions.extend(self.machine.handle(event))
+        for instruction in self.machine.handle(event):
+            self.instructions.append(instruction)
+            carry_out = self.carry_out.get(type(instruction))
+            if carry_out is not None:
+                carry_out(instruction)
 
     def schedule(self) -> None:
         self.schedules += 1

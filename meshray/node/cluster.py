@@ -37,7 +37,7 @@ from meshray.node.routes import answer
 from meshray.node.state import RETRY, retry_or_fail
 from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState
-from meshray.node.tasks import TaskRecord, infeasible_notice
+from meshray.node.tasks import TaskRecord
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler import policy
 from meshray.scheduler.resources import ResourceSet
@@ -110,7 +110,6 @@ class PeerDuties:
         self.view = ClusterView(self._node_hex)     # peers, their room, offers out
         # Called with a peer's id when it is first seen dead (a simulation notes when).
         self.on_death: Callable[[str], None] | None = None
-        self._infeasible: list = []                 # tasks that fit no node in the view
         self._questions: dict[int, asyncio.Future] = {}   # request id -> its answer, awaited
         self._question_ids = itertools.count(1)
         self._value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
@@ -245,43 +244,13 @@ class PeerDuties:
         if task.bundle is None and pg_strategy(task.spec) is not None:
             self._node.placement.route_to_group(task)
             return
-        decision = self._placement(task)
-        kind = decision.kind
-        if kind == "run_local":
-            # Started at once when it fits and nothing of its class waits.
-            self._node.dispatch.handle(m.Place(task, time.monotonic(), time.time(),
-                                               "placed here (run_local)"))
-        elif kind in ("wait", "placement_group"):
-            self._node.dispatch.handle(m.Enqueue(task, f"placed here ({kind})"))
-        elif kind == "spill":
-            self.spill(task, list(decision.candidates))
-        elif kind == "unschedulable":
-            self._fail_unschedulable(task, decision.reason)
-        else:  # infeasible
-            self._report_infeasible(task, getattr(decision, "reason", ""))
-            self._node._move(task, TaskState.INFEASIBLE, "fits no node in the view")
-            self._infeasible.append(task)
-
-    def _fail_unschedulable(self, task, reason: str) -> None:
-        error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
-                     else exceptions.TaskUnschedulableError)
-        self._node._fail(task, error_cls(
-            f"{task.spec.name} (id {task.task_id.hex()}) cannot be scheduled: {reason}"))
-
-    def _report_infeasible(self, task, reason: str) -> None:
-        if task.infeasible_reported:
-            return
-        task.infeasible_reported = True
-        task.owner.send(pb.ServerEvent(notice=pb.Notice(text=infeasible_notice(task, reason))))
+        # What the decision means for the task is the node state machine's.
+        self._node.dispatch.handle(m.Decided(task, self._placement(task), time.monotonic(),
+                                             time.time()))
 
     def replace_waiting(self) -> None:
         """Re-place infeasible tasks, and queued ones that a peer could run now."""
-        waiting, self._infeasible = self._infeasible, []
-        for task in waiting:
-            if not task.cancelled:
-                task.refused_by.clear()
-                self._node._move(task, TaskState.WAITING, "placed again: the cluster view changed")
-                self.place_or_queue(task)
+        self._node.dispatch.handle(m.ViewChanged())
         self.offer_queued()
 
     def offer_queued(self) -> None:
@@ -291,11 +260,7 @@ class PeerDuties:
             # none ever can (its node died), else keep it held.
             decision = self._placement(task)
             if decision.kind in ("spill", "unschedulable"):
-                self._node.dispatch.handle(m.Dequeue(task))
-                if decision.kind == "spill":
-                    self.spill(task, list(decision.candidates))
-                else:
-                    self._fail_unschedulable(task, decision.reason)
+                self._dequeue_decided(task, decision)
         if len(self.view.nodes) <= 1:
             return
         for _key, tasks in list(self._queue.heads()):
@@ -309,13 +274,13 @@ class PeerDuties:
                 decision = self._placement(task)
                 if decision.kind != "spill":
                     break
-                self._node.dispatch.handle(m.Dequeue(task))
-                self.spill(task, list(decision.candidates))
+                self._dequeue_decided(task, decision)
 
-    def forget_infeasible(self, task) -> None:
-        """`task` no longer waits for the view to change (it was cancelled)."""
-        if task in self._infeasible:
-            self._infeasible.remove(task)
+    def _dequeue_decided(self, task, decision) -> None:
+        """Queued `task` leaves the line for what placement now says (a peer, or failure)."""
+        dispatch = self._node.dispatch
+        dispatch.handle(m.Dequeue(task))
+        dispatch.handle(m.Decided(task, decision, time.monotonic(), time.time()))
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Re-place waiting work every REPLACE_INTERVAL_S while peers exist: a
@@ -462,14 +427,7 @@ class PeerDuties:
         if msg.accepted:
             return
         log.debug("node %s refused %s: %s", from_hex, task.spec.name, msg.reason)
-        task.refused_by.add(from_hex)
-        if task.spill_candidates:
-            self.spill(task, task.spill_candidates)
-        else:
-            # Everyone was busy: wait here; replace_waiting offers it again
-            # as the view shows room somewhere.
-            task.refused_by.clear()
-            self._node.dispatch.handle(m.Enqueue(task, "every candidate peer refused it"))
+        self._node.dispatch.handle(m.Refused(task, from_hex))
 
     def on_result(self, from_hex: str, result: pb.TaskResult) -> None:
         task = self._tasks.get(result.task_id)

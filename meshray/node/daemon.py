@@ -110,7 +110,6 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.task_events.on_end = self.metrics.task_ended
         self.queue = TaskQueue(self.events)
         self.tasks: dict[bytes, TaskRecord] = {}
-        self.waiting_on: dict[bytes, list[TaskRecord]] = {}
         self.functions: dict[bytes, bytes] = {}
         self.conns: dict[int, Connection] = {}
         self._conn_ids = itertools.count(1)
@@ -382,12 +381,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             self.objects.subscribe(object_id, conn.conn_id)
         self.objects.pin(spec.arg_ref_ids)
         self.objects.pin(spec.contained_ids)
-        for object_id in spec.arg_ref_ids:
-            if not self.objects.is_ready(object_id):
-                task.pending_deps.add(object_id)
-                self.waiting_on.setdefault(object_id, []).append(task)
-        if not task.pending_deps:
-            self.peers.place_or_queue(task)
+        is_ready = self.objects.is_ready
+        self.dispatch.handle(m.Submitted(
+            task, tuple(oid for oid in spec.arg_ref_ids if not is_ready(oid))))
 
     @staticmethod
     def _return_ids(spec) -> list:
@@ -548,12 +544,10 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                 self.peers.send_value(conn_id, value)    # a peer's holder id
         for value in effects.free:
             self.peers.free_value(value)
-        for object_id in effects.became_ready:
-            self.transfer.object_ready(object_id)
-            for task in self.waiting_on.pop(object_id, ()):
-                task.pending_deps.discard(object_id)
-                if not task.pending_deps and task.state == "waiting":
-                    self.peers.place_or_queue(task)
+        if effects.became_ready:
+            for object_id in effects.became_ready:
+                self.transfer.object_ready(object_id)
+            self.dispatch.handle(m.ObjectsReady(tuple(effects.became_ready)))
 
     # ------------------------------------------------------------ failures
     def _disconnected(self, conn: Connection) -> None:

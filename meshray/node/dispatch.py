@@ -58,6 +58,9 @@ class TaskDispatch:
             m.ActorWorkerDied: lambda ins: node.hosting.worker_died(ins.worker),
             m.GroupRemoved: lambda ins: node._finish_failed(
                 ins.task, node.placement.group_removed_error(ins.task)),
+            m.Spill: lambda ins: node.peers.spill(ins.task, ins.candidates),
+            m.Notice: lambda ins: ins.task.owner.send(
+                pb.ServerEvent(notice=pb.Notice(text=ins.text))),
         }
 
     @property
@@ -138,13 +141,5 @@ class TaskDispatch:
             recursive=ins.recursive)))
 
     def _unwait(self, ins: m.Unwait) -> None:
-        node, task, state = self._node, ins.task, str(ins.state)
-        if state == "waiting":
-            for object_id in task.pending_deps:
-                waiters = node.waiting_on.get(object_id, [])
-                if task in waiters:
-                    waiters.remove(task)
-        elif state == "waiting_group":
-            node.placement.drop_waiting(task)
-        elif state == "infeasible":
-            node.peers.forget_infeasible(task)
+        if str(ins.state) == "waiting_group":
+            self._node.placement.drop_waiting(ins.task)

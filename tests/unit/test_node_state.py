@@ -121,6 +121,27 @@ def _returned(task, worker, *, retryable=False, values=("v",), now=T0 + 1):
 
 
 # ---------------------------------------------------------------- starting
+def test_a_task_whose_arguments_are_ready_is_placed_at_once():
+    node = Node()
+    task = node.task(queued=False)
+    assert node.handle(m.Submitted(task, ())) == [m.Replace(task)]
+    assert task.state is S.WAITING and node.state.waiting_on == {}
+
+
+def test_a_task_waits_for_every_missing_argument_then_is_placed():
+    node = Node()
+    both = node.task(queued=False)
+    one = node.task(queued=False)
+    assert node.handle(m.Submitted(both, (b"a", b"b"))) == []
+    assert node.handle(m.Submitted(one, (b"a",))) == []
+    assert node.state.waiting_on == {b"a": [both, one], b"b": [both]}
+    assert node.handle(m.ObjectsReady((b"a",))) == [m.Replace(one)]
+    assert both.pending_deps == {b"b"}
+    assert node.handle(m.ObjectsReady((b"zzz", b"b"))) == [m.Replace(both)]
+    assert node.state.waiting_on == {}
+    assert node.handle(m.ObjectsReady((b"b",))) == []           # nobody waits now
+
+
 def test_queued_tasks_start_while_cpus_last_and_one_without_a_worker_waits_for_the_next():
     node = Node(cpus=2.0)
     first = node.worker(101)
@@ -236,6 +257,71 @@ def test_a_bundle_task_with_a_gpu_is_pinned_to_the_bundles_device():
     task = node.task(bundle=("g", 0), gpus=1.0)
     assert node.handle(m.Schedule(T0, W0)) == [m.Prefetch(task), m.EnsureWorkers(task, 1)]
     assert task.gpu_ids == ["3"] and task.worker_key == "default|gpu:3"
+
+
+# ---------------------------------------------------------------- placement's verdicts
+def _decision(kind, **fields):
+    return SimpleNamespace(kind=kind, **fields)
+
+
+def test_each_placement_verdict_does_what_it_says():
+    node = Node(cpus=1.0)
+    worker = node.worker(101)
+    here = node.task(queued=False)
+    assert node.handle(m.Decided(here, _decision("run_local"), T0, W0)) == [
+        m.Prefetch(here), m.Execute(here, worker)]
+    for kind in ("wait", "placement_group"):
+        waits = node.task(queued=False)
+        assert node.handle(m.Decided(waits, _decision(kind), T0, W0)) == []
+        assert waits.state is S.QUEUED and list(waits.story)[-1][2] == f"placed here ({kind})"
+    away = node.task(queued=False)
+    assert node.handle(m.Decided(away, _decision("spill", candidates=("b", "c")), T0, W0)) == [
+        m.Spill(away, ["b", "c"])]
+    assert away.state is S.WAITING              # the offer itself moves it (SPILLED)
+
+    nowhere = node.task(queued=False, name="f")
+    (failed,) = node.handle(m.Decided(nowhere, _decision("unschedulable", reason="its node died"),
+                                      T0, W0))
+    assert isinstance(failed.error, exceptions.TaskUnschedulableError)
+    assert f"f (id {nowhere.task_id.hex()}) cannot be scheduled: its node died" \
+        in str(failed.error)
+
+
+def test_a_task_that_fits_no_node_is_told_once_and_placed_again_when_the_view_changes():
+    node = Node(cpus=1.0)
+    task = node.task(queued=False, cpus=64.0)
+    task.refused_by.add("b")
+    (notice,) = node.handle(m.Decided(task, _decision("infeasible", reason="no node has 64 CPU"),
+                                      T0, W0))
+    assert notice.task is task and "cannot be scheduled right now" in notice.text
+    assert "no node has 64 CPU" in notice.text
+    assert task.state is S.INFEASIBLE and node.state.infeasible == [task]
+
+    assert node.handle(m.ViewChanged()) == [m.Replace(task)]
+    assert task.state is S.WAITING and not task.refused_by and node.state.infeasible == []
+    assert node.handle(m.Decided(task, _decision("infeasible", reason=""), T0, W0)) == []  # told once
+
+    (failed,) = node.handle(m.Cancel(task, force=False))       # no longer waits for the view
+    assert failed.task is task and node.state.infeasible == []
+    assert node.handle(m.ViewChanged()) == []
+
+
+def test_a_refused_offer_goes_to_the_next_candidate_then_back_in_line():
+    node = Node(cpus=0.0)
+    task = node.task(queued=False)
+    move(task, S.SPILLED, "test: offered to b")
+    task.spill_candidates = ["c"]
+    assert node.handle(m.Refused(task, "b")) == [m.Spill(task, ["c"])]
+    assert task.refused_by == {"b"}
+    task.spill_candidates = []
+    assert node.handle(m.Refused(task, "c")) == []
+    assert task.state is S.QUEUED and not task.refused_by        # every candidate refused
+
+
+def test_a_verdict_of_no_known_kind_is_refused_by_name():
+    node = Node()
+    with pytest.raises(ValueError, match="decision.kind='maybe'"):
+        node.handle(m.Decided(node.task(queued=False), _decision("maybe"), T0, W0))
 
 
 # ---------------------------------------------------------------- results
@@ -442,12 +528,15 @@ def test_cancel_in_each_state_does_what_that_state_needs():
     assert node.handle(m.Cancel(spilled, force=True, recursive=True)) == [
         m.CancelRemote(spilled, True, True)]
 
-    for state in (S.WAITING, S.WAITING_GROUP, S.INFEASIBLE):
-        waiting = node.task(queued=False)
-        if state is not S.WAITING:
-            move(waiting, state, "test: waits elsewhere")
-        unwait, failed = node.handle(m.Cancel(waiting, force=False))
-        assert unwait == m.Unwait(waiting, state) and failed.task is waiting
+    for_group = node.task(queued=False)
+    move(for_group, S.WAITING_GROUP, "test: waits for its bundle")
+    unwait, failed = node.handle(m.Cancel(for_group, force=False))
+    assert unwait == m.Unwait(for_group, S.WAITING_GROUP) and failed.task is for_group
+
+    for_args = node.task(queued=False)
+    node.handle(m.Submitted(for_args, (b"arg1",)))
+    (failed,) = node.handle(m.Cancel(for_args, force=False))
+    assert failed.task is for_args and node.state.waiting_on == {}
 
     crashed, worker2 = Node(cpus=1.0).running(retries=0)
     move(crashed, S.CRASHED, "test: died")
@@ -523,14 +612,15 @@ def test_an_illegal_move_raises_with_the_tasks_story_and_the_nodes_last_events()
 
 
 def test_an_unknown_event_is_refused_by_name():
-    with pytest.raises(TypeError, match="event='schedule!': expected one of Schedule, Place"):
+    with pytest.raises(TypeError, match="event='schedule!': expected one of Submitted, ObjectsReady, .*, Drain$"):
         Node().handle("schedule!")
 
 
-def test_the_event_log_keeps_each_event_handled_but_the_frequent_schedule():
+def test_the_event_log_keeps_each_event_handled_but_the_frequent_ones():
     log = EventLog(capacity=50)
     node = Node(cpus=1.0, log=log)
     task, worker = node.running()
+    node.handle(m.ObjectsReady((b"x",)))
     node.handle(_returned(task, worker))
     events = [e for e in log.tail() if e["kind"] == "event"]
     assert [e["to"] for e in events] == ["TaskReturned"]

@@ -52,6 +52,8 @@ class _Node:
     def _handle(self, event):
         if isinstance(event, (m.Place, m.Enqueue)):
             self.queue.push(event.task, event.cause)
+        elif isinstance(event, m.Decided):             # whatever the verdict: it waits here
+            self.queue.push(event.task, f"placed here ({event.decision.kind})")
         elif isinstance(event, m.Dequeue):
             self.queue.remove(event.task)
         elif isinstance(event, m.Release) and event.task.state is TaskState.QUEUED:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from meshray.node.cluster import PeerDuties
 from meshray.node.objects import ObjectDirectory
+from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import move
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.rpc.dispatch import dispatch_table, event_kinds
@@ -66,6 +67,7 @@ class _Daemon:
         self.node = node = _Node()
         self.tasks, self.queue = node.tasks, node.queue
         self.part = part = PeerDuties(node)
+        node.dispatch.carry_out[m.Spill] = lambda ins: part.spill(ins.task, ins.candidates)
         part.view.nodes = {n: {"Resources": {"CPU": 1.0}, "Address": "x"}
                            for n in (HEAD, A, B)}
         part.view.avail = {HEAD: {"CPU": 0.0}, **peers_free}

@@ -1,12 +1,13 @@
-"""The life of a task placed on this node, as a state machine: events in,
-instructions out.
+"""The life of a task submitted to or placed on this node, as a state
+machine: events in, instructions out.
 
-Why: a task placed here meets messages from its owner (cancel), its worker
-(result, ``get`` blocking), the worker pool (connected, died before
-connecting), runtime-env setup, and the node itself (resources freed, drain),
-in any order. Each decision those messages call for -- which queued task
-starts, on which worker, what follows it on that worker, whether a failure is
-retried, what a cancel does in each state -- is made here, by
+Why: such a task meets messages from its owner (cancel), its arguments'
+producers (ready), its worker (result, ``get`` blocking), the worker pool
+(connected, died before connecting), runtime-env setup, and the node itself
+(resources freed, drain), in any order. Each decision those messages call
+for -- when it may be placed, which queued task starts, on which worker,
+what follows it on that worker, whether a failure is retried, what a cancel
+does in each state -- is made here, by
 :meth:`NodeState.handle`, which changes only in-memory bookkeeping and returns
 the instructions (``messages.py``) the daemon must carry out: send a task to a
 worker, start workers, kill one, deliver values, place a task again. The
@@ -26,6 +27,8 @@ What it owns, and is the only writer of:
   log; the moves placement decides -- spilled, infeasible, waiting for a
   group -- and a task's end are made through it by the parts that decide
   them);
+- the tasks waiting for their arguments (`waiting_on`: a task submitted
+  here is placed once every argument object has its value);
 - the local queue (``tasks.TaskQueue``: placement puts tasks in line and
   takes them out to offer them to peers with `Enqueue`/`Dequeue`, and reads
   it), the tasks holding resources while they wait for a worker
@@ -67,11 +70,15 @@ from meshray import exceptions
 from meshray.node import pipelining
 from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
+from meshray.node.tasks import infeasible_notice
 from meshray.scheduler.resources import Allocation, ResourceSet
 
 __all__ = ["NodeState", "retry_or_fail", "RETRY", "RETRY_LATER", "FAIL", "CRASHED"]
 
 S = TaskState
+# Events too frequent to log, whose effects the log shows anyway (the moves
+# they cause).
+_UNLOGGED = frozenset({m.Schedule, m.ObjectsReady})
 # The verdicts of retry_or_fail.
 RETRY, RETRY_LATER, FAIL, CRASHED = "retry", "retry later", "fail", "crashed"
 
@@ -121,9 +128,16 @@ class NodeState:
         self.log = log
         self.gpu_ids = list(gpu_ids)
         self.awaiting: list = []         # resources taken, waiting for a worker
+        self.waiting_on: dict = {}       # object id -> tasks waiting for it as an argument
+        self.infeasible: list = []       # tasks that fit no node in the view
         self.runtime_stats = pipelining.RuntimeStats()
         self.draining = False
         self._handlers = {
+            m.Submitted: self._submitted,
+            m.ObjectsReady: self._objects_ready,
+            m.Decided: self._decided,
+            m.ViewChanged: self._view_changed,
+            m.Refused: self._refused,
             m.Schedule: self._schedule,
             m.Place: self._place,
             m.Offer: self._offer,
@@ -149,7 +163,7 @@ class NodeState:
         except KeyError:
             raise TypeError(f"event={event!r}: expected one of "
                             f"{', '.join(t.__name__ for t in self._handlers)}") from None
-        if self.log is not None and type(event) is not m.Schedule:
+        if self.log is not None and type(event) not in _UNLOGGED:
             self.log.handled(event)
         out: list = []
         handler(event, out)
@@ -157,6 +171,75 @@ class NodeState:
 
     def _move(self, task, new: TaskState, cause: str) -> None:
         move(task, new, cause, self.log)
+
+    # ------------------------------------------------------------ arguments
+    def _submitted(self, event: m.Submitted, out: list) -> None:
+        task = event.task
+        for object_id in event.missing:
+            task.pending_deps.add(object_id)
+            self.waiting_on.setdefault(object_id, []).append(task)
+        if not task.pending_deps:
+            out.append(m.Replace(task))
+
+    def _objects_ready(self, event: m.ObjectsReady, out: list) -> None:
+        waiting_on = self.waiting_on
+        for object_id in event.object_ids:
+            for task in waiting_on.pop(object_id, ()):
+                task.pending_deps.discard(object_id)
+                if not task.pending_deps and task.state is S.WAITING:
+                    out.append(m.Replace(task))
+
+    def _stop_waiting_for_args(self, task) -> None:
+        for object_id in task.pending_deps:
+            waiters = self.waiting_on.get(object_id)
+            if waiters and task in waiters:
+                waiters.remove(task)
+                if not waiters:
+                    del self.waiting_on[object_id]
+
+    # ------------------------------------------------------------ placement's verdicts
+    def _decided(self, event: m.Decided, out: list) -> None:
+        task, decision = event.task, event.decision
+        kind = decision.kind
+        if kind == "run_local":
+            self._place(m.Place(task, event.now, event.wall, "placed here (run_local)"), out)
+        elif kind in ("wait", "placement_group"):
+            self.queue.push(task, f"placed here ({kind})")
+        elif kind == "spill":
+            out.append(m.Spill(task, list(decision.candidates)))
+        elif kind == "unschedulable":
+            error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
+                         else exceptions.TaskUnschedulableError)
+            self._fail(task, error_cls(f"{task.spec.name} (id {task.task_id.hex()}) cannot be "
+                                       f"scheduled: {decision.reason}"), out)
+        elif kind == "infeasible":
+            if not task.infeasible_reported:
+                task.infeasible_reported = True
+                out.append(m.Notice(task, infeasible_notice(task, getattr(decision, "reason", ""))))
+            self._move(task, S.INFEASIBLE, "fits no node in the view")
+            self.infeasible.append(task)
+        else:
+            raise ValueError(f"decision.kind={kind!r}: expected run_local, wait, "
+                             "placement_group, spill, unschedulable or infeasible")
+
+    def _view_changed(self, event: m.ViewChanged, out: list) -> None:
+        waiting, self.infeasible = self.infeasible, []
+        for task in waiting:
+            if not task.cancelled:
+                task.refused_by.clear()
+                self._move(task, S.WAITING, "placed again: the cluster view changed")
+                out.append(m.Replace(task))
+
+    def _refused(self, event: m.Refused, out: list) -> None:
+        task = event.task
+        task.refused_by.add(event.node_hex)
+        if task.spill_candidates:
+            out.append(m.Spill(task, task.spill_candidates))
+        else:
+            # Everyone was busy: wait here; the peer duties offer it again as
+            # the view shows room somewhere.
+            task.refused_by.clear()
+            self.queue.push(task, "every candidate peer refused it")
 
     # ------------------------------------------------------------ starting
     def _schedule(self, event: m.Schedule, out: list) -> None:
@@ -434,7 +517,12 @@ class NodeState:
             elif state is S.ASSIGNED:
                 if task in self.awaiting:
                     self.awaiting.remove(task)
-            else:                             # WAITING, WAITING_GROUP, INFEASIBLE
+            elif state is S.WAITING:
+                self._stop_waiting_for_args(task)
+            elif state is S.INFEASIBLE:
+                if task in self.infeasible:
+                    self.infeasible.remove(task)
+            else:                             # WAITING_GROUP
                 out.append(m.Unwait(task, state))
             self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()), out)
 

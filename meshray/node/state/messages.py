@@ -17,16 +17,56 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Schedule", "Place", "Offer", "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
+    "Submitted", "ObjectsReady", "Decided", "ViewChanged", "Refused", "Schedule", "Place",
+    "Offer", "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
     "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
-    "ActorWorkerDied", "GroupRemoved",
+    "ActorWorkerDied", "GroupRemoved", "Spill", "Notice",
 ]
 
 
 # ---------------------------------------------------------------- events
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A local process submitted `task`; `missing` are its argument objects
+    not ready yet (it waits for them before it is placed)."""
+    task: object
+    missing: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectsReady:
+    """These objects got their values: tasks waiting only for them are placed."""
+    object_ids: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """Placement's verdict on WAITING `task` (``scheduler.policy``: its
+    `kind` -- run_local, wait, placement_group, spill with `candidates`,
+    unschedulable or infeasible with a `reason`), made from the cluster view:
+    what it means for the task is this machine's to carry out."""
+    task: object
+    decision: object
+    now: float
+    wall: float
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChanged:
+    """The cluster view changed: tasks that fit no node are placed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The peer `node_hex` refused SPILLED `task`: the next candidate, or
+    back in line here."""
+    task: object
+    node_hex: str
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """Resources, workers or the queue changed: start what fits now."""
@@ -206,8 +246,9 @@ class FailTask:
 
 @dataclass(frozen=True, slots=True)
 class Replace:
-    """`task` is WAITING again (a retry, or its worker died before running
-    it): placement decides where it runs."""
+    """`task` is WAITING to be placed -- new with its arguments ready, or again
+    (a retry, its worker died before running it): placement decides where it
+    runs."""
     task: object
 
 
@@ -249,10 +290,9 @@ class CancelRemote:
 
 @dataclass(frozen=True, slots=True)
 class Unwait:
-    """Cancelled `task` leaves the list that held it while it waited
-    outside the queue: for its arguments (WAITING), its placement group's
-    bundle (WAITING_GROUP) or a node that can fit it (INFEASIBLE). `state`
-    says which."""
+    """Cancelled `task` leaves the list that held it while it waited outside
+    this machine, for its placement group's bundle (WAITING_GROUP; `state`
+    says so)."""
     task: object
     state: object
 
@@ -268,3 +308,18 @@ class GroupRemoved:
     """`task` lost its bundle and its placement group is removed: it fails
     with the group-removed error."""
     task: object
+
+
+@dataclass(frozen=True, slots=True)
+class Spill:
+    """Offer `task` to the first reachable of `candidates` (the rest are
+    its next candidates); queue it here when none is reachable."""
+    task: object
+    candidates: list
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Tell `task`'s owner `text` (once: a task no node can fit)."""
+    task: object
+    text: str
