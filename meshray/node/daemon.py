@@ -382,8 +382,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.objects.pin(spec.arg_ref_ids)
         self.objects.pin(spec.contained_ids)
         is_ready = self.objects.is_ready
-        self.dispatch.handle(m.Submitted(
-            task, tuple(oid for oid in spec.arg_ref_ids if not is_ready(oid))))
+        missing = tuple(oid for oid in spec.arg_ref_ids if not is_ready(oid)) \
+            if spec.arg_ref_ids else ()
+        self.dispatch.handle(m.Submitted(task, missing))
 
     @staticmethod
     def _return_ids(spec) -> list:
@@ -468,7 +469,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             self.hosting.created(task, worker, result)
             return
         self.dispatch.handle(m.TaskReturned(
-            worker, task, tuple(result.returns), result.failed and result.retryable_error,
+            worker, task, result.returns, result.failed and result.retryable_error,
             time.monotonic(), time.time()))
 
     # ------------------------------------------------------------ lifecycles

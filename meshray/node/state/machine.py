@@ -202,7 +202,7 @@ class NodeState:
         task, decision = event.task, event.decision
         kind = decision.kind
         if kind == "run_local":
-            self._place(m.Place(task, event.now, event.wall, "placed here (run_local)"), out)
+            self._place_here(task, event.now, event.wall, "placed here (run_local)", out)
         elif kind in ("wait", "placement_group"):
             self.queue.push(task, f"placed here ({kind})")
         elif kind == "spill":
@@ -267,11 +267,13 @@ class NodeState:
                 yield worker
 
     def _place(self, event: m.Place, out: list) -> None:
-        task = event.task
+        self._place_here(event.task, event.now, event.wall, event.cause, out)
+
+    def _place_here(self, task, now: float, wall: float, cause: str, out: list) -> None:
         if not self.queue.has_class(task.sched_class) and self._try_acquire(task):
-            self._start(task, event.now, event.wall, out)     # fits now: no queueing at all
+            self._start(task, now, wall, out)     # fits now: no queueing at all
         else:
-            self.queue.push(task, event.cause)
+            self.queue.push(task, cause)
 
     def _offer(self, event: m.Offer, out: list) -> None:
         task = event.task
@@ -357,11 +359,13 @@ class NodeState:
 
     # ------------------------------------------------------------ workers
     def _worker_ready(self, event: m.WorkerReady, out: list) -> None:
-        worker = event.worker
+        self._worker_free(event.worker, event.now, event.wall, out)
+
+    def _worker_free(self, worker, now: float, wall: float, out: list) -> None:
         for index, task in enumerate(self.awaiting):
             if task.worker_key == worker.env_key:
                 del self.awaiting[index]
-                self._dispatch(task, worker, event.now, event.wall, out)
+                self._dispatch(task, worker, now, wall, out)
                 return
         worker.current_task = None
         self.workers.push_idle(worker)
@@ -398,7 +402,7 @@ class NodeState:
             worker.pipeline.remove(task)
         if not self._promote_follower(worker, task, event.now, event.wall, out):
             self._release(task)
-            self._worker_ready(m.WorkerReady(worker, event.now, event.wall), out)
+            self._worker_free(worker, event.now, event.wall, out)
         if event.retryable and retry_or_fail(task) == RETRY:
             self._move(task, S.WAITING, "retry: the task raised a retryable error")
             out.append(m.Replace(task))
