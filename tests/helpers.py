@@ -62,16 +62,8 @@ class RecordingDispatch:
     def __init__(self, queue, resources=None, bundles=None):
         from meshray.node.state import NodeState
         from meshray.scheduler.resources import NodeResources
-
-        class _NoWorkerIdle:
-            by_id: dict = {}
-
-            @staticmethod
-            def pop_idle(_key):
-                return None
-
         self.machine = NodeState(resources=resources or NodeResources({"CPU": 0.0}),
-                                 queue=queue, workers=_NoWorkerIdle, bundles=bundles)
+                                 queue=queue, bundles=bundles)
         self.events, self.instructions = [], []
         self.carry_out: dict = {}
         self.schedules = 0

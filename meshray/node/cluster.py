@@ -405,14 +405,14 @@ class PeerDuties:
                 backlog = (task.bundle is None and self._backlog_room() > 0
                            and task.actor is None and self._resources.is_feasible(request))
                 dispatch = self._node.dispatch
-                started = dispatch.machine.handle(
+                instructions = dispatch.machine.handle(
                     m.Offer(task, time.monotonic(), time.time(), backlog))
                 if task.state is not TaskState.WAITING:       # started, or queued
                     verdict.accepted = True
                     if task.actor is not None:
                         self._node.hosting.admit(task.actor)
                     self._tasks[spec.task_id] = task
-                    dispatch.carry_out(started)
+                    dispatch.carry_out(instructions)
                 else:
                     verdict.reason = (f"not enough free resources here "
                                       f"({self._resources.available.to_dict()})")

@@ -20,26 +20,13 @@ from meshray.rpc.generated import meshray_pb2 as pb
 __all__ = ["TaskDispatch"]
 
 
-class _NoWorkers:
-    """The worker pool before the node serves: nothing is idle, nothing runs."""
-    by_id: dict = {}
-
-    @staticmethod
-    def pop_idle(_key: str):
-        return None
-
-    @staticmethod
-    def push_idle(_worker) -> None:
-        raise RuntimeError("a worker connected before the node's worker pool exists")
-
-
 class TaskDispatch:
     """Feeds events to the node's `NodeState` and carries out its instructions."""
 
     def __init__(self, node):
         self._node = node
         self.machine = NodeState(resources=node.resources, queue=node.queue,
-                                 workers=_NoWorkers, bundles=node.placement, log=node.events,
+                                 bundles=node.placement, log=node.events,
                                  gpu_ids=node.config.gpu_ids)
         self._carry_out = {
             m.Execute: self._execute,
@@ -63,24 +50,13 @@ class TaskDispatch:
                 pb.ServerEvent(notice=pb.Notice(text=ins.text))),
         }
 
-    @property
-    def awaiting_worker(self) -> list:
-        """Tasks holding resources here while a worker is found or started."""
-        return self.machine.awaiting
-
-    @property
-    def runtime_stats(self):
-        return self.machine.runtime_stats
-
     def attach_pool(self, pool) -> None:
         """The node serves: its workers come from `pool` from now on."""
         self.machine.workers = pool
 
     def handle(self, event) -> None:
         """Let the state machine decide on `event`, then do what it says."""
-        carry_out = self._carry_out
-        for instruction in self.machine.handle(event):
-            carry_out[type(instruction)](instruction)
+        self.carry_out(self.machine.handle(event))
 
     def carry_out(self, instructions: list) -> None:
         """Do what the state machine said (for a caller that had to look at

@@ -15,29 +15,15 @@ from types import SimpleNamespace
 from meshray.node import drain
 from meshray.node.cluster import RemoteOwner
 from meshray.node.draining import Drain
-from meshray.node.state import NodeState
 from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState, move
 from meshray.node.tasks import TaskQueue, TaskRecord
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler.resources import NodeResources, ResourceSet
+from tests.helpers import RecordingDispatch
 
 PEER = "bb" * 28
 DEADLINE_S = 10.0
-
-
-class _Dispatch:
-    """The node's state machine, with the events Drain hands it recorded;
-    none of them may call for anything to be carried out."""
-
-    def __init__(self, queue: TaskQueue):
-        self.machine = NodeState(resources=NodeResources(ResourceSet.from_dict({"CPU": 4.0})),
-                                 queue=queue, workers=None, bundles=None)
-        self.events = []
-
-    def handle(self, event):
-        self.events.append(event)
-        assert self.machine.handle(event) == []
 
 
 class _Node:
@@ -51,7 +37,9 @@ class _Node:
         self.tasks = {}
         self.queue = TaskQueue()
         self.sent, self.replaced = [], 0
-        self.dispatch = _Dispatch(self.queue)
+        # The node's state machine; none of Drain's events may call for
+        # anything to be carried out.
+        self.dispatch = RecordingDispatch(self.queue, NodeResources({"CPU": 4.0}))
         self.peers = SimpleNamespace(send=self._send, replace_waiting=self._replace_waiting,
                                      links_idle=lambda: True)
 
@@ -96,6 +84,7 @@ def test_the_first_stop_signal_drains_and_hands_a_peers_queued_task_back():
         assert part.plan.reason == drain.REASON_PREEMPTION and node.republished == 1
         assert guest.state == TaskState.DONE and guest.task_id not in node.tasks
         assert node.dispatch.events == [m.Drain(), m.Release(guest)]
+        assert node.dispatch.instructions == []
         assert node.dispatch.machine.draining and list(node.queue) == [local]
         ((to, event),) = node.sent
         assert to == PEER and event.verdict.task_id == guest.task_id

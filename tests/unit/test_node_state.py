@@ -188,20 +188,23 @@ def test_a_draining_node_starts_nothing():
     assert task.state is S.QUEUED and node.free_cpus() == 2.0
 
 
+def _run_local(task):
+    return m.Decided(task, _decision("run_local"), T0, W0)
+
+
 def test_placed_here_a_task_starts_at_once_only_when_it_fits_and_none_of_its_class_waits():
     node = Node(cpus=1.0)
     worker = node.worker(101)
     first = node.task(queued=False)
-    assert node.handle(m.Place(first, T0, W0, "placed here")) == [
-        m.Prefetch(first), m.Execute(first, worker)]
+    assert node.handle(_run_local(first)) == [m.Prefetch(first), m.Execute(first, worker)]
     second = node.task(queued=False)
-    assert node.handle(m.Place(second, T0, W0, "placed here")) == []
-    assert second.state is S.QUEUED and list(second.story)[-1][2] == "placed here"
+    assert node.handle(_run_local(second)) == []
+    assert second.state is S.QUEUED and list(second.story)[-1][2] == "placed here (run_local)"
 
     # Room again, but `second` of the same class waits: a newcomer queues behind it.
     node.handle(_returned(first, worker))
     third = node.task(queued=False)
-    assert node.handle(m.Place(third, T0, W0, "placed here")) == []
+    assert node.handle(_run_local(third)) == []
     assert list(node.queue) == [second, third]
 
 
@@ -355,7 +358,7 @@ def test_a_retryable_error_runs_the_task_again_while_retries_last():
     assert task.state is S.WAITING and task.retries_left == 0 and task.spec.attempt == 1
     assert node.free_cpus() == 1.0
 
-    node.handle(m.Place(task, T0, W0, "placed again"))
+    node.handle(_run_local(task))
     out = node.handle(_returned(task, worker, retryable=True))
     assert out == [m.Finish(task, ("v",))]          # no retry left: the error is the result
 
@@ -604,11 +607,11 @@ def test_an_illegal_move_raises_with_the_tasks_story_and_the_nodes_last_events()
     node = Node(cpus=1.0, log=log)
     task, _worker = node.running()
     with pytest.raises(InvalidTaskTransition) as caught:
-        node.handle(m.Place(task, T0, W0, "placed twice"))       # RUNNING cannot queue
+        node.handle(_run_local(task))           # placed twice: RUNNING cannot queue
     text = str(caught.value)
-    assert "cannot move from running to queued (placed twice)" in text
+    assert "cannot move from running to queued (placed here (run_local))" in text
     assert "queued -> running: sent to worker 101" in text       # its story
-    assert "The node's last events:" in text and " Place" in text
+    assert "The node's last events:" in text and " Decided" in text
 
 
 def test_an_unknown_event_is_refused_by_name():

@@ -50,7 +50,7 @@ class _Node:
         move(task, new, cause)
 
     def _handle(self, event):
-        if isinstance(event, (m.Place, m.Enqueue)):
+        if isinstance(event, m.Enqueue):
             self.queue.push(event.task, event.cause)
         elif isinstance(event, m.Decided):             # whatever the verdict: it waits here
             self.queue.push(event.task, f"placed here ({event.decision.kind})")

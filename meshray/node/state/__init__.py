@@ -6,7 +6,8 @@ from meshray.node.state.machine import (
     RETRY,
     RETRY_LATER,
     NodeState,
+    NoWorkers,
     retry_or_fail,
 )
 
-__all__ = ["NodeState", "retry_or_fail", "RETRY", "RETRY_LATER", "FAIL", "CRASHED"]
+__all__ = ["NodeState", "NoWorkers", "retry_or_fail", "RETRY", "RETRY_LATER", "FAIL", "CRASHED"]

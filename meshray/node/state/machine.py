@@ -44,13 +44,13 @@ It reads, and updates only as bookkeeping, the worker pool's idle lists
 reads no clock (times come with events), sends nothing, starts and signals
 nothing.
 
-What it does not own yet: where a task goes before it is placed here
-(placement, spilling, infeasible and placement-group waits live in
-``node/cluster.py`` and ``node/placement_groups.py``), the actor lifecycle
-(``node/actors.py``, a pure table of its own driven by
-``node/actor_hosting.py``) and the object directory (``node/objects.py``,
-pure with its ``Effects``). Those modules hand tasks in with `Place`/`Offer`
-and take them back through `Replace`.
+What it does not own yet: the placement decision itself (``node/cluster.py``
+reads the cluster view and hands the verdict in with `Decided`), the offer
+to a peer and placement-group routing (``node/cluster.py``,
+``node/placement_groups.py``, which take tasks back through `Spill`,
+`Replace` and `Unwait`), the actor lifecycle (``node/actors.py``, a pure
+table of its own driven by ``node/actor_hosting.py``) and the object
+directory (``node/objects.py``, pure with its ``Effects``).
 
 Alternatives considered: callbacks from the daemon into methods that both
 decide and act (what this replaced: the decisions could only be tested by
@@ -73,7 +73,7 @@ from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take
 from meshray.node.tasks import infeasible_notice
 from meshray.scheduler.resources import Allocation, ResourceSet
 
-__all__ = ["NodeState", "retry_or_fail", "RETRY", "RETRY_LATER", "FAIL", "CRASHED"]
+__all__ = ["NodeState", "NoWorkers", "retry_or_fail", "RETRY", "RETRY_LATER", "FAIL", "CRASHED"]
 
 S = TaskState
 # Events too frequent to log, whose effects the log shows anyway (the moves
@@ -106,6 +106,19 @@ def retry_or_fail(task, *, owner_present: bool = True, kill_error=None,
     return CRASHED if crashed else FAIL
 
 
+class NoWorkers:
+    """The worker pool of a node that serves no workers yet: none is idle."""
+    by_id: dict = {}
+
+    @staticmethod
+    def pop_idle(_key: str):
+        return None
+
+    @staticmethod
+    def push_idle(_worker) -> None:
+        raise RuntimeError("a worker connected before the node's worker pool exists")
+
+
 def cancelled_error(task) -> BaseException:
     return task.pg_error or exceptions.TaskCancelledError(task.task_id.hex())
 
@@ -114,13 +127,14 @@ class NodeState:
     """The tasks placed on this node, from the queue to their result.
 
     `resources` is the node's ``NodeResources``; `queue` its ``TaskQueue``;
-    `workers` gives idle workers (``pop_idle(key)``, ``push_idle(worker)``);
+    `workers` gives idle workers (``pop_idle(key)``, ``push_idle(worker)``;
+    `NoWorkers` until the node serves);
     `bundles` holds placement-group bundle pools (``try_acquire_bundle(task)``,
     ``release_bundle(task)``); `log` is the node's ``EventLog``; `gpu_ids`
     the device ids behind its GPU resource.
     """
 
-    def __init__(self, *, resources, queue, workers, bundles, log=None, gpu_ids=()):
+    def __init__(self, *, resources, queue, bundles, workers=NoWorkers, log=None, gpu_ids=()):
         self.resources = resources
         self.queue = queue
         self.workers = workers
@@ -139,7 +153,6 @@ class NodeState:
             m.ViewChanged: self._view_changed,
             m.Refused: self._refused,
             m.Schedule: self._schedule,
-            m.Place: self._place,
             m.Offer: self._offer,
             m.Enqueue: lambda event, out: self.queue.push(event.task, event.cause),
             m.Dequeue: lambda event, out: self.queue.remove(event.task),
@@ -202,7 +215,11 @@ class NodeState:
         task, decision = event.task, event.decision
         kind = decision.kind
         if kind == "run_local":
-            self._place_here(task, event.now, event.wall, "placed here (run_local)", out)
+            # Started at once when it fits and nothing of its class waits ahead.
+            if not self.queue.has_class(task.sched_class) and self._try_acquire(task):
+                self._start(task, event.now, event.wall, out)
+            else:
+                self.queue.push(task, "placed here (run_local)")
         elif kind in ("wait", "placement_group"):
             self.queue.push(task, f"placed here ({kind})")
         elif kind == "spill":
@@ -265,15 +282,6 @@ class NodeState:
         for worker in list(self.workers.by_id.values()):
             if worker.current_task is not None and worker.actor is None:
                 yield worker
-
-    def _place(self, event: m.Place, out: list) -> None:
-        self._place_here(event.task, event.now, event.wall, event.cause, out)
-
-    def _place_here(self, task, now: float, wall: float, cause: str, out: list) -> None:
-        if not self.queue.has_class(task.sched_class) and self._try_acquire(task):
-            self._start(task, now, wall, out)     # fits now: no queueing at all
-        else:
-            self.queue.push(task, cause)
 
     def _offer(self, event: m.Offer, out: list) -> None:
         task = event.task

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Submitted", "ObjectsReady", "Decided", "ViewChanged", "Refused", "Schedule", "Place",
-    "Offer", "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
+    "Submitted", "ObjectsReady", "Decided", "ViewChanged", "Refused", "Schedule", "Offer",
+    "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
@@ -74,16 +74,6 @@ class Schedule:
     """Resources, workers or the queue changed: start what fits now."""
     now: float
     wall: float
-
-
-@dataclass(slots=True)
-class Place:
-    """Placement chose this node for `task`: start it at once when nothing of
-    its class waits ahead of it and it fits; else queue it (`cause`)."""
-    task: object
-    now: float
-    wall: float
-    cause: str
 
 
 @dataclass(slots=True)
