@@ -84,12 +84,12 @@ class Node:
         return self.state.handle(event)
 
     def task(self, *, cpus: float = 1.0, retries: int = 3, queued: bool = True,
-             gpus: float = 0.0, bundle=None, name: str = "") -> TaskRecord:
+             gpus: float = 0.0, bundle=None, name: str = "", args=()) -> TaskRecord:
         self._next += 1
         resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         spec = pb.TaskSpec(task_id=bytes([self._next]) * 4, name=name or f"t{self._next}",
                            function_id=FUNCTION, resources=resources, num_returns=1,
-                           max_retries=retries)
+                           max_retries=retries, arg_ref_ids=list(args))
         task = TaskRecord.from_spec(spec, self.owner, "default", return_ids=[])
         task.bundle = bundle
         if queued:
@@ -142,6 +142,17 @@ def test_a_task_waits_for_every_missing_argument_then_is_placed():
     assert node.handle(m.ObjectsReady((b"b",))) == []           # nobody waits now
 
 
+def test_arguments_are_pulled_when_a_task_gets_its_resources_and_only_a_task_with_some():
+    node = Node(cpus=2.0)
+    worker = node.worker(101)
+    plain, with_args = node.task(), node.task(args=[b"o" * 28])
+    out = node.handle(m.Schedule(T0, W0))
+    # The first has nothing to pull; the second waits for a worker, its
+    # argument already on its way.
+    assert out == [m.Execute(plain, worker), m.Prefetch(with_args),
+                   m.EnsureWorkers(with_args, 1)]
+
+
 def test_queued_tasks_start_while_cpus_last_and_one_without_a_worker_waits_for_the_next():
     node = Node(cpus=2.0)
     first = node.worker(101)
@@ -149,8 +160,7 @@ def test_queued_tasks_start_while_cpus_last_and_one_without_a_worker_waits_for_t
 
     out = node.handle(m.Schedule(T0, W0))
 
-    assert out == [m.Prefetch(one), m.Execute(one, first), m.Prefetch(two),
-                   m.EnsureWorkers(two, 1)]
+    assert out == [m.Execute(one, first), m.EnsureWorkers(two, 1)]
     assert one.state is S.RUNNING and first.current_task is one and one.worker is first
     assert one.started_at == T0 and one.started_wall == W0 and one.ran_on == (first.worker_id, 101)
     assert two.state is S.ASSIGNED and two.acquired and node.state.awaiting == [two]
@@ -196,7 +206,7 @@ def test_placed_here_a_task_starts_at_once_only_when_it_fits_and_none_of_its_cla
     node = Node(cpus=1.0)
     worker = node.worker(101)
     first = node.task(queued=False)
-    assert node.handle(_run_local(first)) == [m.Prefetch(first), m.Execute(first, worker)]
+    assert node.handle(_run_local(first)) == [m.Execute(first, worker)]
     second = node.task(queued=False)
     assert node.handle(_run_local(second)) == []
     assert second.state is S.QUEUED and list(second.story)[-1][2] == "placed here (run_local)"
@@ -213,7 +223,7 @@ def test_a_peers_offer_starts_if_it_fits_else_joins_the_backlog_or_is_refused():
     worker = node.worker(101)
     fits = node.task(queued=False)
     assert node.handle(m.Offer(fits, T0, W0, backlog=False)) == [
-        m.Prefetch(fits), m.Execute(fits, worker)]
+        m.Execute(fits, worker)]
     backlog = node.task(queued=False)
     assert node.handle(m.Offer(backlog, T0, W0, backlog=True)) == []
     assert backlog.state is S.QUEUED
@@ -230,7 +240,7 @@ def test_a_gpu_task_is_pinned_to_its_devices_and_to_workers_of_that_assignment()
     assert task.gpu_ids in (["0"], ["1"])
     assert task.worker_key == f"default|gpu:{task.gpu_ids[0]}"
     assert task.worker_env["CUDA_VISIBLE_DEVICES"] == task.gpu_ids[0]
-    assert out == [m.Prefetch(task), m.EnsureWorkers(task, 1)]
+    assert out == [m.EnsureWorkers(task, 1)]
     # Its GPU goes back with it.
     node.handle(m.Cancel(task, force=False))
     assert node.resources.available.get("GPU") == 2.0 and task.allocation is None
@@ -258,7 +268,7 @@ def test_a_bundle_task_with_a_gpu_is_pinned_to_the_bundles_device():
     node = Node(cpus=2.0, bundles=bundles)
     node.worker(101)                               # a worker of no device assignment
     task = node.task(bundle=("g", 0), gpus=1.0)
-    assert node.handle(m.Schedule(T0, W0)) == [m.Prefetch(task), m.EnsureWorkers(task, 1)]
+    assert node.handle(m.Schedule(T0, W0)) == [m.EnsureWorkers(task, 1)]
     assert task.gpu_ids == ["3"] and task.worker_key == "default|gpu:3"
 
 
@@ -272,7 +282,7 @@ def test_each_placement_verdict_does_what_it_says():
     worker = node.worker(101)
     here = node.task(queued=False)
     assert node.handle(m.Decided(here, _decision("run_local"), T0, W0)) == [
-        m.Prefetch(here), m.Execute(here, worker)]
+        m.Execute(here, worker)]
     for kind in ("wait", "placement_group"):
         waits = node.task(queued=False)
         assert node.handle(m.Decided(waits, _decision(kind), T0, W0)) == []
@@ -371,6 +381,16 @@ def test_a_cancelled_task_that_raised_is_not_retried():
     assert task.retries_left == 5
 
 
+def test_a_pipelined_task_with_arguments_has_them_pulled_before_it_is_sent():
+    node = Node(cpus=1.0)
+    for _ in range(3):
+        node.state.runtime_stats.observe(FUNCTION, 0.0001)    # known to be short
+    worker = node.worker(101)
+    leader, follower = node.task(), node.task(args=[b"o" * 28])
+    assert node.handle(m.Schedule(T0, W0)) == [
+        m.Execute(leader, worker), m.Prefetch(follower), m.Execute(follower, worker)]
+
+
 def test_a_pipelined_short_task_inherits_the_cpu_of_the_one_it_followed():
     node = Node(cpus=1.0)
     for _ in range(3):
@@ -380,8 +400,8 @@ def test_a_pipelined_short_task_inherits_the_cpu_of_the_one_it_followed():
 
     out = node.handle(m.Schedule(T0, W0))
 
-    assert out == [m.Prefetch(leader), m.Execute(leader, worker),
-                   m.Prefetch(follower), m.Execute(follower, worker)]
+    assert out == [m.Execute(leader, worker),
+                   m.Execute(follower, worker)]
     assert follower.state is S.RUNNING and list(worker.pipeline) == [follower]
     assert not follower.acquired and len(node.queue) == 0
 
@@ -410,7 +430,7 @@ def test_busy_workers_take_short_tasks_behind_them_when_cpus_run_out():
     node.handle(m.Schedule(T0, W0))
     assert list(worker.pipeline) == []
     late = node.task()
-    assert node.handle(m.Schedule(T0, W0)) == [m.Prefetch(late), m.Execute(late, worker)]
+    assert node.handle(m.Schedule(T0, W0)) == [m.Execute(late, worker)]
     assert list(worker.pipeline) == [late] and leader.state is S.RUNNING
 
 

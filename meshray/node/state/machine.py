@@ -323,7 +323,8 @@ class NodeState:
     def _start(self, task, now: float, wall: float, out: list) -> None:
         """`task`'s resources are taken: hand it to a worker (one is started when none is idle)."""
         task.acquired = True
-        out.append(m.Prefetch(task))
+        if task.spec.arg_ref_ids or task.remote_args:
+            out.append(m.Prefetch(task))
         worker = self.workers.pop_idle(task.worker_key)
         if worker is None:
             self._move(task, S.ASSIGNED, "resources taken; waiting for a worker")
@@ -362,7 +363,8 @@ class NodeState:
             self._move(follower, S.RUNNING, f"pipelined behind a task on worker {worker.pid}")
             follower.worker = worker
             worker.pipeline.append(follower)
-            out.append(m.Prefetch(follower))
+            if follower.spec.arg_ref_ids:     # (a follower never came with its values)
+                out.append(m.Prefetch(follower))
             out.append(m.Execute(follower, worker))
 
     # ------------------------------------------------------------ workers

@@ -208,7 +208,8 @@ class Execute:
 @dataclass(slots=True)
 class Prefetch:
     """Start pulling `task`'s arguments that live on other nodes: it got its
-    resources here, so the copies travel while its worker is found."""
+    resources here, so the copies travel while its worker is found. (Only for
+    a task with object arguments.)"""
     task: object
 
 
