@@ -2,8 +2,12 @@
 
 Creation is an ordinary queued task whose worker is then kept for the actor;
 after that, callers talk to the actor's worker directly and the daemon only
-hears about lifecycle events: created, worker died, killed, exiting. Each
-change is published to etcd (the actor directory) off the event loop.
+hears about lifecycle events: created, worker died, killed, exiting. What
+each means for the actor is decided by the node's state machine
+(``node/state/actor_life.py``); this carries out what it says -- publish the
+record to etcd (the actor directory) off the event loop, free a dead actor's
+name, place a restart, ask a host to kill -- and answers questions about
+actors.
 """
 from __future__ import annotations
 
@@ -54,59 +58,11 @@ class ActorHosting:
         self.publish(entry)
         return entry
 
-    def apply(self, entry: ActorEntry, event: str, detail: str = ""):
-        """Every actor move on this node: checked by the table, kept in the event log."""
-        return actor_states.apply(entry, event, detail, self._node.events)
-
-    def created(self, task, worker, result: pb.TaskResult) -> None:
-        """The actor's __init__ on `worker` returned (`result`): it lives, or it failed."""
-        entry: ActorEntry = task.actor
-        if result.failed:
-            self._node.dispatch.handle(m.Release(task))
-            worker.actor = None
-            self._node.pool.kill(worker)
-            self.set_state(entry, "init_failed", result.actor_error)
-            self._node._finish(task, list(result.returns))
-            return
-        # The worker stays with the actor; its held resources stay taken.
-        entry.holding = True
-        entry.allocation = task.allocation
-        entry.bundle_task = task if task.bundle is not None else None
-        self._node.dispatch.handle(m.Adopted(task, worker))
-        entry.address = result.actor_address
-        self.set_state(entry, "created")
-        self._node._finish(task, list(result.returns))
-
-    def worker_died(self, worker) -> None:
-        """The worker hosting an actor died: give back what it held; restart or bury it."""
-        entry: ActorEntry = worker.actor
-        worker.actor = None
-        self._node.task_events.worker_gone(worker.worker_id)
-        task = worker.current_task
-        if task is not None and task.actor is entry:
-            # Died inside __init__ (e.g. os._exit): counts as a failed start.
-            self._node.dispatch.handle(m.Release(task))
-        elif entry.holding:
-            if entry.bundle_task is not None:
-                self._node.placement.release_bundle(entry.bundle_task)
-            elif entry.allocation is not None:
-                self._node.resources.release(entry.allocation)
-            else:
-                self._node.resources.release(entry.hold)
-        entry.holding = False
-        entry.allocation = None
-        entry.worker = None
-        event = "killed" if entry.killed else "worker_died"
-        self.set_state(entry, event, entry.kill_cause)
-        if entry.state == actor_states.RESTARTING:
-            entry.num_restarts += 1
-            entry.killed = False
-            entry.kill_cause = ""
-            self.restart(entry)
-        elif task is not None and task.actor is entry and task.state != "done":
-            values = [self._actor_error_value(oid, entry) for oid in task.return_ids]
-            self._node._finish(task, values,
-                               exceptions.ActorDiedError(error_message=entry.death_cause))
+    def changed(self, entry: ActorEntry, publish: bool) -> None:
+        """`entry` changed: wake who waits on it; queue its record for etcd."""
+        entry.wake()
+        if publish:
+            self.publish(entry)
 
     def restart(self, entry: ActorEntry) -> None:
         """Place a new creation task for `entry` (a new attempt of its spec)."""
@@ -121,72 +77,16 @@ class ActorHosting:
         self._tasks[spec.task_id] = task
         self._node.peers.place_or_queue(task)
 
-    def host_died(self, entry: ActorEntry, node_hex: str) -> None:
-        """The peer hosting our actor (`node_hex`) died: restart it, or bury it."""
-        entry.worker = None
-        entry.remote_node = ""
-        if self.apply(entry, "node_died", f"the node {node_hex} hosting the actor died") \
-                == actor_states.RESTARTING:
-            entry.num_restarts += 1
-            entry.wake()
-            self.restart(entry)
-        else:
-            entry.wake()
-            self.publish(entry)
-            self.release_name(entry)
+    def ask_host_to_kill(self, entry: ActorEntry, no_restart: bool, cause: str) -> None:
+        self._node.peers.send(entry.remote_node, pb.PeerEvent(request=pb.Request(
+            request_id=0, method="kill_actor", payload=json.dumps({
+                "actor_id": entry.actor_id.hex(), "no_restart": no_restart,
+                "cause": cause}).encode())))
 
-    def set_state(self, entry: ActorEntry, event: str, detail: str = "") -> None:
-        """Apply `event`, wake who waits on the actor and publish its record."""
-        self.apply(entry, event, detail)
-        if entry.state == actor_states.DEAD:
-            entry.address = ""
-            self.release_name(entry)
-        entry.wake()
-        self.publish(entry)
-
-    def kill(self, entry: ActorEntry, *, no_restart: bool, cause: str) -> None:
-        """Kill the actor here, or ask its host to; `cause` becomes its death cause."""
-        if entry.state == actor_states.DEAD:
-            return
-        peers = self._node.peers
-        if entry.remote_node and entry.remote_node not in peers.view.known_dead \
-                and entry.worker is None:
-            # Hosted elsewhere: its host kills it; we only stop restarting it.
-            peers.send(entry.remote_node, pb.PeerEvent(request=pb.Request(
-                request_id=0, method="kill_actor", payload=json.dumps({
-                    "actor_id": entry.actor_id.hex(), "no_restart": no_restart,
-                    "cause": cause}).encode())))
-            if no_restart:
-                entry.no_restart = True
-                self.apply(entry, "killed", cause)
-                entry.wake()
-            return
-        entry.no_restart = entry.no_restart or no_restart
-        entry.killed = True
-        entry.kill_cause = cause
-        if entry.worker is not None:
-            self._node.pool.kill(entry.worker)
-            return
-        # Not started yet (queued creation): it never runs.
-        for task in list(self._tasks.values()):
-            if task.actor is entry and task.state != "running":
-                self._node._cancel(task, force=False, recursive=False)
-        if entry.no_restart:
-            self.set_state(entry, "killed", cause)
-
-    def start_failed(self, entry: ActorEntry, error: BaseException) -> None:
-        """A (re)start of `entry` that can never happen failed with `error`: the
-        actor is dead and says why (a restart has no return value to carry it)."""
-        if entry.state != actor_states.DEAD and entry.worker is None:
-            self.set_state(entry, "init_failed", f"{type(error).__name__}: {error}")
-
-    def owner_left(self, conn) -> None:
-        """The process `conn` exited: the non-detached actors it created die with it."""
-        for entry in list(self._actors.values()):
-            if entry.owner is conn and not entry.detached and entry.state != actor_states.DEAD:
-                self.kill(entry, no_restart=True, cause=(
-                    f"the actor's owner (pid {conn.pid}) exited; a non-detached actor "
-                    "dies with its owner"))
+    def creation_lost(self, task, entry: ActorEntry) -> None:
+        """`entry` died before its creation `task` returned: that is the task's result."""
+        values = [self._actor_error_value(oid, entry) for oid in task.return_ids]
+        self._node._finish(task, values, exceptions.ActorDiedError(error_message=entry.death_cause))
 
     def on_actor_exiting(self, conn, msg: pb.ActorExiting) -> None:
         entry = self._actors.get(msg.actor_id)
@@ -197,9 +97,7 @@ class ActorHosting:
             raise strict.Malformed(
                 f"actor_exiting.actor_id={msg.actor_id.hex()}: only the worker hosting an "
                 "actor may say that it exits")
-        # A restartable exit (sys.exit(1)) is a death like a crash, with its cause.
-        entry.exiting = not msg.restartable
-        entry.kill_cause = msg.reason
+        self._node.dispatch.handle(m.ActorExiting(entry, msg.restartable, msg.reason))
 
     def on_task_events(self, conn, msg: pb.ActorTaskEvents) -> None:
         worker = conn.worker
@@ -384,8 +282,9 @@ class ActorHosting:
                 return await peers.ask(node, "kill_actor", payload)
             raise ValueError(f"actor {payload['actor_id']} is not known to this node "
                              f"(its record says state {record.get('state')}, node {node or '?'})")
-        self.kill(entry, no_restart=bool(payload.get("no_restart", True)),
-                  cause=payload.get("cause") or "the actor was killed with meshray.kill()")
+        self._node.dispatch.handle(m.KillActor(
+            entry, bool(payload.get("no_restart", True)),
+            payload.get("cause") or "the actor was killed with meshray.kill()"))
         return {"ok": True}
 
     async def ask_claim_actor_name(self, conn, payload: dict) -> dict:

@@ -102,7 +102,6 @@ class PeerDuties:
         self._queued = asyncio.Event()              # set when work is queued here
         self._queue.on_push = self._queued.set
         self._tasks = node.tasks
-        self._actors = node.actors
         self._functions = node.functions
         self._objects = node.objects
         self._store = node.store
@@ -136,10 +135,7 @@ class PeerDuties:
         So the work we run for other nodes stops here: their tasks, and the
         actors they created on us (restarted elsewhere or declared dead by now).
         """
-        for entry in list(self._actors.values()):
-            if entry.owner_node and entry.state != "DEAD":
-                self._node.hosting.kill(entry, no_restart=True,
-                                        cause=f"node {self._node_hex} lost its etcd lease")
+        self._node.dispatch.handle(m.LeaseLost(f"node {self._node_hex} lost its etcd lease"))
         for task in list(self._tasks.values()):
             if isinstance(task.owner, RemoteOwner):
                 running = task.worker is not None
@@ -443,16 +439,10 @@ class PeerDuties:
             self._node._apply(self._objects.set_value(item.object_id, item))
             return
         if task.actor is not None:
-            entry = task.actor
-            entry.address = result.actor_address
-            entry.remote_node = from_hex
-            if result.failed:
-                self._node.hosting.apply(entry, "init_failed",
-                                         result.actor_error or "the actor's __init__ failed")
-            else:
-                self._node.hosting.apply(entry, "created", f"running on node {from_hex}")
-                self._remote_actors[entry.actor_id] = {"node": from_hex, "entry": entry}
-            entry.wake()
+            self._node.dispatch.handle(m.ActorCreatedElsewhere(
+                task, from_hex, result.failed, result.actor_error, result.actor_address))
+            if not result.failed:
+                self._remote_actors[task.actor.actor_id] = {"node": from_hex, "entry": task.actor}
         if any(v.in_store for v in result.returns):
             self._lineage[task.task_id] = task
         self._node._finish(task, list(result.returns))
@@ -656,14 +646,11 @@ class PeerDuties:
                 if task.worker is None and task.state != "running":
                     self._drop_task(task)
         # Actors it owned die with it (unless detached); ours it hosted restart.
-        for entry in list(self._actors.values()):
-            if getattr(entry, "owner_node", None) == node_hex and not entry.detached:
-                self._node.hosting.kill(entry, no_restart=True,
-                                        cause=f"the actor's owner node {node_hex} died")
+        self._node.dispatch.handle(m.OwnerNodeDied(node_hex))
         for actor_id, info in list(self._remote_actors.items()):
             if info["node"] == node_hex:
                 del self._remote_actors[actor_id]
-                self._node.hosting.host_died(info["entry"], node_hex)
+                self._node.dispatch.handle(m.ActorHostDied(info["entry"], node_hex))
         # Objects whose copy or owner was there: find another copy, rebuild
         # from lineage, or report them lost.
         stranded = []
@@ -725,7 +712,7 @@ class PeerDuties:
 
     def _remote_task_lost(self, task, node_hex: str) -> None:
         if task.actor is not None:
-            self._node.hosting.host_died(task.actor, node_hex)
+            self._node.dispatch.handle(m.ActorHostDied(task.actor, node_hex))
             return
         if retry_or_fail(task) == RETRY:
             self._node._move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")

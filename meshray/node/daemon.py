@@ -466,7 +466,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             self._apply(self.objects.set_value(item.object_id, item))
             return
         if task.actor is not None:
-            self.hosting.created(task, worker, result)
+            self.dispatch.handle(m.ActorCreated(task, worker, result.failed, result.actor_error,
+                                                result.actor_address, result.returns))
             return
         self.dispatch.handle(m.TaskReturned(
             worker, task, result.returns, result.failed and result.retryable_error,
@@ -516,10 +517,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self._finish(task, [error_value(oid, error) for oid in task.return_ids], error)
 
     def _fail(self, task: TaskRecord, error: BaseException) -> None:
-        self.dispatch.handle(m.Release(task))
-        if task.actor is not None:
-            self.hosting.start_failed(task.actor, error)
-        self._finish_failed(task, error)
+        self.dispatch.handle(m.Fail(task, error))
 
     def _cancel(self, task: TaskRecord, force: bool, recursive: bool) -> None:
         if recursive:
@@ -560,7 +558,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if conn.pid:
             # Actor-call argument files this process can no longer release.
             arg_dir.sweep_process(self.store_dir, conn.pid, conn.worker_id)
-        self.hosting.owner_left(conn)
+        self.dispatch.handle(m.OwnerLeft(conn))
         worker = conn.worker
         if worker is not None:
             self._worker_lost(worker)
@@ -587,6 +585,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             log.info("worker %d died with %d pipelined task(s) queued; placing them again",
                      worker.pid, len(worker.pipeline))
         attempt = task.spec.attempt if task is not None else 0
+        if worker.actor is not None:
+            self.task_events.worker_gone(worker.worker_id)
         self.dispatch.handle(m.WorkerLost(worker, owner_present, group_gone))
         if task is not None and task.actor is None and task.spec.attempt != attempt:
             log.info("worker %d died running %s; retrying (%s retries left)",

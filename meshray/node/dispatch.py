@@ -27,13 +27,14 @@ class TaskDispatch:
         self._node = node
         self.machine = NodeState(resources=node.resources, queue=node.queue,
                                  bundles=node.placement, log=node.events,
-                                 gpu_ids=node.config.gpu_ids)
+                                 gpu_ids=node.config.gpu_ids, tasks=node.tasks,
+                                 actors=node.actors, peer_dead=self._peer_dead)
         self._carry_out = {
             m.Execute: self._execute,
             m.Prefetch: lambda ins: node.transfer.prefetch_args(ins.task),
             m.EnsureWorkers: self._ensure_workers,
             m.Finish: lambda ins: node._finish(ins.task, list(ins.values)),
-            m.FailTask: self._fail_task,
+            m.FailTask: lambda ins: node._finish_failed(ins.task, ins.error),
             m.Replace: lambda ins: node.peers.place_or_queue(ins.task),
             m.ReplaceLater: self._replace_later,
             m.KillWorker: lambda ins: node.pool.kill(ins.worker),
@@ -42,13 +43,21 @@ class TaskDispatch:
             m.ReportCrash: lambda ins: node.report_crash(ins.task, ins.worker),
             m.CancelRemote: self._cancel_remote,
             m.Unwait: self._unwait,
-            m.ActorWorkerDied: lambda ins: node.hosting.worker_died(ins.worker),
             m.GroupRemoved: lambda ins: node._finish_failed(
                 ins.task, node.placement.group_removed_error(ins.task)),
             m.Spill: lambda ins: node.peers.spill(ins.task, ins.candidates),
             m.Notice: lambda ins: ins.task.owner.send(
                 pb.ServerEvent(notice=pb.Notice(text=ins.text))),
+            m.ActorChanged: lambda ins: node.hosting.changed(ins.entry, ins.publish),
+            m.ReleaseActorName: lambda ins: node.hosting.release_name(ins.entry),
+            m.RestartActor: lambda ins: node.hosting.restart(ins.entry),
+            m.AskHostToKill: lambda ins: node.hosting.ask_host_to_kill(
+                ins.entry, ins.no_restart, ins.cause),
+            m.ActorCreationLost: lambda ins: node.hosting.creation_lost(ins.task, ins.entry),
         }
+
+    def _peer_dead(self, node_hex: str) -> bool:
+        return node_hex in self._node.peers.view.known_dead
 
     def attach_pool(self, pool) -> None:
         """The node serves: its workers come from `pool` from now on."""
@@ -94,12 +103,6 @@ class TaskDispatch:
         missing = ins.wanted - node.pool.starting.get(ins.task.worker_key, 0)
         if missing > 0:
             node.envs.start_workers_for(ins.task, missing)
-
-    def _fail_task(self, ins: m.FailTask) -> None:
-        node = self._node
-        if ins.task.actor is not None:
-            node.hosting.start_failed(ins.task.actor, ins.error)
-        node._finish_failed(ins.task, ins.error)
 
     def _replace_later(self, ins: m.ReplaceLater) -> None:
         asyncio.get_running_loop().call_later(ins.delay, self._place_after_backoff, ins.task)

@@ -185,8 +185,8 @@ class PlacementDuties:
     def _stop_group_task(self, task, removed: bool) -> None:
         error = self.group_removed_error(task) if removed else None
         if task.actor is not None:
-            self._node.hosting.kill(task.actor, no_restart=removed, cause=(
-                "its placement group was removed" if removed else "its bundle moved"))
+            self._node.dispatch.handle(m.KillActor(task.actor, removed, (
+                "its placement group was removed" if removed else "its bundle moved")))
             return
         if task.worker is not None and task.state == "running":
             # Whether the group was removed or the bundle moved is decided when

@@ -1,14 +1,14 @@
 """A node's actor duties (node/actor_hosting.py), acting on a stand-in node.
 
-ActorHosting is given the node whose actor and task tables, resources, pool,
-peer duties and etcd it acts on; here that node is a recorder and etcd a
-list of writes, so these tests check what each actor event makes it do:
+What an actor event means is the node state machine's to decide
+(tests/unit/test_actor_life.py); ActorHosting carries out what it says. It is
+given the node whose tables, peer duties and etcd it acts on; here that node
+is a recorder and etcd a list of writes, so these tests check each duty:
 records reach etcd in the order of their states with only the latest one
-waiting, a kill goes to the host of an actor running elsewhere, an actor
-not started yet dies by its creation being cancelled, a hosting worker's
-death gives the actor's resources back and places its restart, an actor
-whose host died restarts while it may, and a departing process takes only
-its non-detached actors with it.
+waiting, a change wakes waiters and is published only when asked, a kill
+request to a host names actor, restart rule and cause, a restart places the
+next attempt in the same bundle, and a creation lost with its actor finishes
+with the actor's death.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import asyncio
 import json
 from types import SimpleNamespace
 
+from meshray import exceptions
 from meshray.coordination.keyspace import Keyspace
 from meshray.node import actors as actor_states
 from meshray.node.actor_hosting import ActorHosting
@@ -23,9 +24,8 @@ from meshray.node.actors import ActorEntry
 from meshray.node.cluster_view import ClusterView
 from meshray.node.event_log import EventLog
 from meshray.node.tasks import TaskRecord
-from meshray.node.worker_pool import WorkerProcess
+from meshray.node.objects import error_of
 from meshray.rpc.generated import meshray_pb2 as pb
-from meshray.scheduler.resources import NodeResources, ResourceSet
 
 HERE, PEER = "aa" * 28, "bb" * 28
 DEADLINE_S = 10.0
@@ -50,26 +50,19 @@ class _Node:
     def __init__(self):
         self.node_hex = HERE
         self.actors, self.tasks = {}, {}
-        self.resources = NodeResources({"CPU": 2.0})
         self.events = EventLog()
         self.etcd = _Etcd()
         self.membership = SimpleNamespace(keys=Keyspace())
-        self.killed, self.placed, self.sent, self.cancelled, self.finished = [], [], [], [], []
-        self.pool = SimpleNamespace(kill=self.killed.append)
-        self.dispatch = SimpleNamespace(release=lambda task: None)
+        self.placed, self.sent, self.finished = [], [], []
         self.peers = SimpleNamespace(view=ClusterView(HERE), place_or_queue=self.placed.append,
                                      send=lambda node_hex, event: self.sent.append(
                                          (node_hex, event)))
-        self.task_events = SimpleNamespace(worker_gone=lambda worker_id: None)
 
     async def _coordinator(self):
         return self.etcd
 
     def _finish(self, task, values, error=None):
-        self.finished.append(task)
-
-    def _cancel(self, task, force, recursive):
-        self.cancelled.append(task)
+        self.finished.append((task, values, error))
 
     def _env_key(self, spec):
         return "default"
@@ -90,21 +83,13 @@ async def _until(condition) -> None:
         await asyncio.sleep(0.01)
 
 
-def _hosting_a_created_actor(**options):
-    """A stand-in node, its ActorHosting, and one actor it has created."""
-    node = _Node()
-    part = ActorHosting(node)
-    entry = part.admit(_entry(1, **options))
-    part.set_state(entry, "created")
-    return node, part, entry
-
-
 def test_records_reach_etcd_in_the_order_of_their_states_and_only_the_latest_waits():
     async def scenario():
         node = _Node()
         part = ActorHosting(node)
         first = part.admit(_entry(1))
-        part.set_state(first, "created")     # before the writer ran: PENDING is never written
+        actor_states.apply(first, "created")
+        part.changed(first, True)            # before the writer ran: PENDING is never written
         second = part.admit(_entry(2))
         await _until(lambda: len(node.etcd.writes) == 2)
         keys = Keyspace()
@@ -114,80 +99,57 @@ def test_records_reach_etcd_in_the_order_of_their_states_and_only_the_latest_wai
     asyncio.run(scenario())
 
 
-def test_killing_an_actor_hosted_elsewhere_asks_its_host_and_stops_restarting_it():
-    async def scenario():
-        node = _Node()
-        part = ActorHosting(node)
-        entry = part.admit(_entry(1, max_restarts=-1))
-        entry.remote_node = PEER
-        part.kill(entry, no_restart=True, cause="stopped by its owner")
-        ((to, event),) = node.sent
-        assert to == PEER and event.request.method == "kill_actor"
-        assert json.loads(event.request.payload) == {
-            "actor_id": entry.actor_id.hex(), "no_restart": True, "cause": "stopped by its owner"}
-        assert entry.state == actor_states.DEAD and entry.death_cause == "stopped by its owner"
-        assert node.killed == [] and node.cancelled == []
-    asyncio.run(scenario())
-
-
-def test_an_actor_not_started_yet_dies_by_its_creation_being_cancelled():
+def test_a_change_wakes_who_waits_on_the_actor_and_is_published_only_when_asked():
     async def scenario():
         node = _Node()
         part = ActorHosting(node)
         entry = part.admit(_entry(1))
-        creation = TaskRecord.from_spec(entry.spec, None, "default", return_ids=[], actor=entry)
-        node.tasks[creation.task_id] = creation
-        part.kill(entry, no_restart=True, cause="killed before it started")
-        assert node.cancelled == [creation] and node.killed == []
-        assert entry.state == actor_states.DEAD
-        await _until(lambda: node.etcd.writes[-1:] == [
-            ("put", Keyspace().actor(entry.actor_id), "DEAD")])
+        await _until(lambda: len(node.etcd.writes) == 1)
+        waiter = asyncio.get_running_loop().create_future()
+        entry.waiters.append(waiter)
+        actor_states.apply(entry, "created")
+        part.changed(entry, False)
+        assert waiter.done() and entry.waiters == []
+        await asyncio.sleep(0)
+        assert len(node.etcd.writes) == 1
     asyncio.run(scenario())
 
 
-def test_a_hosting_workers_death_gives_the_resources_back_and_places_the_restart():
-    async def scenario():
-        node, part, entry = _hosting_a_created_actor(max_restarts=1)
-        assert node.resources.try_acquire(entry.hold)
-        entry.holding = True
-        worker = WorkerProcess(worker_id=b"\x09" * 4, env_key="default",
-                               process=SimpleNamespace(pid=9, poll=lambda: 1))
-        worker.actor, entry.worker = entry, worker
-        part.worker_died(worker)
-        assert node.resources.available == ResourceSet.from_dict({"CPU": 2.0})
-        assert entry.state == actor_states.RESTARTING and entry.num_restarts == 1
-        (restart,) = node.placed
-        assert restart.actor is entry and restart.spec.attempt == entry.spec.attempt + 1
-        assert node.tasks == {restart.task_id: restart}
-    asyncio.run(scenario())
+def test_asking_a_host_to_kill_names_the_actor_the_restart_rule_and_the_cause():
+    node = _Node()
+    part = ActorHosting(node)
+    entry = _entry(1, max_restarts=-1)
+    entry.remote_node = PEER
+    part.ask_host_to_kill(entry, True, "stopped by its owner")
+    ((to, event),) = node.sent
+    assert to == PEER and event.request.method == "kill_actor"
+    assert json.loads(event.request.payload) == {
+        "actor_id": entry.actor_id.hex(), "no_restart": True, "cause": "stopped by its owner"}
 
 
-def test_a_departing_process_takes_only_its_non_detached_actors():
-    async def scenario():
-        node = _Node()
-        part = ActorHosting(node)
-        owner, other = SimpleNamespace(pid=7), SimpleNamespace(pid=8)
-        mine = part.admit(_entry(1, owner=owner))
-        detached = part.admit(_entry(2, owner=owner, lifetime="detached"))
-        theirs = part.admit(_entry(3, owner=other))
-        part.owner_left(owner)
-        assert mine.state == actor_states.DEAD and "pid 7" in mine.death_cause
-        assert detached.state == theirs.state == actor_states.PENDING
-    asyncio.run(scenario())
+def test_a_restart_places_the_next_attempt_of_the_creation_in_the_same_bundle():
+    node = _Node()
+    part = ActorHosting(node)
+    entry = _entry(1, max_restarts=1)
+    entry.bundle_task = SimpleNamespace(bundle=("g" * 8, 0))
+    part.restart(entry)
+    (restart,) = node.placed
+    assert restart.actor is entry and restart.spec.attempt == entry.spec.attempt + 1
+    assert restart.bundle == ("g" * 8, 0) and entry.bundle_task is None
+    assert node.tasks == {restart.task_id: restart}
 
 
-def test_an_actor_whose_host_died_restarts_while_restarts_are_left_then_dies():
-    async def scenario():
-        node, part, entry = _hosting_a_created_actor(max_restarts=1)
-        entry.remote_node = PEER
-        part.host_died(entry, PEER)
-        assert entry.state == actor_states.RESTARTING and entry.remote_node == ""
-        assert [task.actor for task in node.placed] == [entry]
-        part.set_state(entry, "created")
-        entry.remote_node = PEER
-        part.host_died(entry, PEER)
-        assert entry.state == actor_states.DEAD and PEER in entry.death_cause
-        assert len(node.placed) == 1
-        await _until(lambda: node.etcd.writes[-1:] == [
-            ("put", Keyspace().actor(entry.actor_id), "DEAD")])
-    asyncio.run(scenario())
+def test_a_creation_lost_with_its_actor_finishes_with_the_actors_death():
+    node = _Node()
+    part = ActorHosting(node)
+    entry = _entry(1, class_name="Counter")
+    entry.death_cause = "the worker died"
+    creation = TaskRecord.from_spec(entry.spec, None, "default", return_ids=[b"r" * 28],
+                                    actor=entry)
+    part.creation_lost(creation, entry)
+    ((task, values, error),) = node.finished
+    assert task is creation and isinstance(error, exceptions.ActorDiedError)
+    (value,) = values
+    died = error_of(value)
+    assert value.is_error and isinstance(died, exceptions.ActorDiedError)
+    assert "the worker died" in str(died)

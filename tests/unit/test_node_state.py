@@ -18,102 +18,17 @@ from meshray.node.state import (
     FAIL,
     RETRY,
     RETRY_LATER,
-    NodeState,
     retry_or_fail,
 )
 from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import InvalidTaskTransition, TaskState, move
-from meshray.node.tasks import TaskQueue, TaskRecord
-from meshray.node.worker_pool import WorkerProcess
+from meshray.node.tasks import TaskRecord
+from meshray.scheduler.resources import ResourceSet
 from meshray.rpc.generated import meshray_pb2 as pb
-from meshray.scheduler.resources import NodeResources, ResourceSet
+from tests.helpers import FUNCTION, T0, W0, MachineBundles
+from tests.helpers import MachineNode as Node
 
 S = TaskState
-FUNCTION = b"\x0f" * 8
-T0, W0 = 100.0, 1_700_000_000.0       # monotonic and wall "now" of the events
-
-
-class _Workers:
-    """The worker pool's idle lists, as the state machine sees them."""
-
-    def __init__(self):
-        self.by_id, self.idle = {}, {}
-
-    def pop_idle(self, key):
-        workers = self.idle.get(key)
-        return workers.pop() if workers else None
-
-    def push_idle(self, worker):
-        self.idle.setdefault(worker.env_key, []).append(worker)
-
-
-class _Bundles:
-    """Bundle pools: (group hex, index) -> what is left of the bundle."""
-
-    def __init__(self, **pools):
-        self.left = {key: ResourceSet.from_dict(total) for key, total in pools.items()}
-        self.gpus: dict = {}
-
-    def try_acquire_bundle(self, task):
-        left = self.left.get(task.bundle)
-        if left is None or not task.hold.fits_in(left):
-            return False
-        self.left[task.bundle] = left - task.hold
-        task.bundle_gpu_ids = self.gpus.get(task.bundle, [])
-        return True
-
-    def release_bundle(self, task):
-        self.left[task.bundle] = self.left[task.bundle] + task.hold
-
-
-class Node:
-    """A NodeState with its bookkeeping, and makers of tasks and workers."""
-
-    def __init__(self, cpus: float = 2.0, gpu_ids=(), bundles=None, log=None):
-        self.queue = TaskQueue(log)
-        self.workers = _Workers()
-        self.resources = NodeResources(ResourceSet.from_dict(
-            {"CPU": cpus, **({"GPU": float(len(gpu_ids))} if gpu_ids else {})}),
-            instances={"GPU": list(gpu_ids)} if gpu_ids else None)
-        self.state = NodeState(resources=self.resources, queue=self.queue, workers=self.workers,
-                               bundles=bundles or _Bundles(), log=log, gpu_ids=gpu_ids)
-        self.owner = SimpleNamespace(conn_id=1)
-        self._next = 0
-
-    def handle(self, event):
-        return self.state.handle(event)
-
-    def task(self, *, cpus: float = 1.0, retries: int = 3, queued: bool = True,
-             gpus: float = 0.0, bundle=None, name: str = "", args=()) -> TaskRecord:
-        self._next += 1
-        resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        spec = pb.TaskSpec(task_id=bytes([self._next]) * 4, name=name or f"t{self._next}",
-                           function_id=FUNCTION, resources=resources, num_returns=1,
-                           max_retries=retries, arg_ref_ids=list(args))
-        task = TaskRecord.from_spec(spec, self.owner, "default", return_ids=[])
-        task.bundle = bundle
-        if queued:
-            self.queue.push(task, "test: queued here")
-        return task
-
-    def worker(self, pid: int, *, idle: bool = True) -> WorkerProcess:
-        worker = WorkerProcess(worker_id=pid.to_bytes(4, "big"), env_key="default",
-                               process=SimpleNamespace(pid=pid))
-        self.workers.by_id[worker.worker_id] = worker
-        if idle:
-            self.workers.push_idle(worker)
-        return worker
-
-    def free_cpus(self) -> float:
-        return self.resources.available.get("CPU", 0.0)
-
-    def running(self, pid: int = 101, **options):
-        """A worker running a fresh task: (task, worker)."""
-        worker = self.worker(pid)
-        task = self.task(**options)
-        self.handle(m.Schedule(T0, W0))
-        assert task.state is S.RUNNING and worker.current_task is task
-        return task, worker
 
 
 def _returned(task, worker, *, retryable=False, values=("v",), now=T0 + 1):
@@ -247,7 +162,7 @@ def test_a_gpu_task_is_pinned_to_its_devices_and_to_workers_of_that_assignment()
 
 
 def test_a_bundle_task_takes_its_bundles_share_and_gives_it_back():
-    bundles = _Bundles()
+    bundles = MachineBundles()
     bundles.left = {("g", 0): ResourceSet.from_dict({"CPU": 1.0})}
     node = Node(cpus=2.0, bundles=bundles)
     worker = node.worker(101)
@@ -262,7 +177,7 @@ def test_a_bundle_task_takes_its_bundles_share_and_gives_it_back():
 
 
 def test_a_bundle_task_with_a_gpu_is_pinned_to_the_bundles_device():
-    bundles = _Bundles()
+    bundles = MachineBundles()
     bundles.left = {("g", 0): ResourceSet.from_dict({"CPU": 1.0, "GPU": 1.0})}
     bundles.gpus = {("g", 0): [3]}
     node = Node(cpus=2.0, bundles=bundles)
@@ -493,19 +408,11 @@ def test_a_cancelled_tasks_worker_death_fails_it_as_cancelled():
     assert failed.task is task and isinstance(failed.error, exceptions.TaskCancelledError)
 
 
-def test_an_actors_worker_death_is_the_actor_lifecycles_to_decide():
-    node = Node(cpus=1.0)
-    task, worker = node.running()
-    worker.actor = object()
-    out = node.handle(m.WorkerLost(worker, owner_present=True))
-    assert out == [m.KillWorker(worker), m.ActorWorkerDied(worker)]
-
-
 @pytest.mark.parametrize("group_gone, retries, expected", [
     (True, 3, "removed"), (False, 3, "retry"), (False, 0, "fail")])
 def test_a_task_whose_bundle_left_fails_when_its_group_is_gone_else_retries(
         group_gone, retries, expected):
-    bundles = _Bundles()
+    bundles = MachineBundles()
     bundles.left = {("g", 0): ResourceSet.from_dict({"CPU": 1.0})}
     node = Node(cpus=1.0, bundles=bundles)
     task, worker = node.running(retries=retries, bundle=("g", 0))
@@ -613,14 +520,6 @@ def test_release_takes_a_task_out_of_line_and_gives_back_what_it_held():
     assert node.handle(m.Release(assigned)) == [] and len(node.queue) == 0
 
 
-def test_an_actor_adopts_its_creation_tasks_worker_and_resources():
-    node = Node(cpus=1.0)
-    task, worker = node.running()
-    assert node.handle(m.Adopted(task, worker)) == []
-    assert worker.current_task is None and task.worker is None and not task.acquired
-    assert node.free_cpus() == 0.0                  # the actor holds the CPU now
-
-
 # ---------------------------------------------------------------- errors and the log
 def test_an_illegal_move_raises_with_the_tasks_story_and_the_nodes_last_events():
     log = EventLog(capacity=50)
@@ -635,7 +534,7 @@ def test_an_illegal_move_raises_with_the_tasks_story_and_the_nodes_last_events()
 
 
 def test_an_unknown_event_is_refused_by_name():
-    with pytest.raises(TypeError, match="event='schedule!': expected one of Submitted, ObjectsReady, .*, Drain$"):
+    with pytest.raises(TypeError, match="event='schedule!': expected one of Submitted, ObjectsReady, .*, LeaseLost$"):
         Node().handle("schedule!")
 
 

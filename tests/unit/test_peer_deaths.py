@@ -42,9 +42,7 @@ class _Node:
         self.drain = SimpleNamespace(draining=False)
         # The node's state machine finds no room: work placed here queues.
         self.dispatch = SimpleNamespace(schedule=lambda: None, handle=self._handle)
-        self.killed_actors = []
-        self.hosting = SimpleNamespace(kill=lambda entry, no_restart, cause:
-                                       self.killed_actors.append((entry, no_restart, cause)))
+        self.actor_events = []     # what the state machine is told about actors
 
     def _move(self, task, new, cause):
         move(task, new, cause)
@@ -58,6 +56,8 @@ class _Node:
             self.queue.remove(event.task)
         elif isinstance(event, m.Release) and event.task.state is TaskState.QUEUED:
             self.queue.remove(event.task)
+        elif isinstance(event, (m.OwnerNodeDied, m.ActorHostDied)):
+            self.actor_events.append(event)
 
     def _owns(self, object_id):
         return True
@@ -122,13 +122,16 @@ def test_a_question_out_to_a_peer_that_dies_fails_at_once_naming_it():
     asyncio.run(scenario())
 
 
-def test_the_actors_a_dead_peer_owned_die_unless_detached():
+def test_the_state_machine_hears_of_a_dead_peer_and_of_each_actor_it_hosted_for_us():
+    # Which of them die or restart is the machine's (tests/unit/test_actor_life.py).
     async def scenario():
         node, part, _deaths = _duties()
-        owned = SimpleNamespace(owner_node=DEAD_PEER, detached=False)
-        detached = SimpleNamespace(owner_node=DEAD_PEER, detached=True)
-        elsewhere = SimpleNamespace(owner_node=LIVE_PEER, detached=False)
-        node.actors.update({b"1": owned, b"2": detached, b"3": elsewhere})
+        ours_there = SimpleNamespace(actor_id=b"1")
+        ours_alive = SimpleNamespace(actor_id=b"2")
+        part._remote_actors.update({b"1": {"node": DEAD_PEER, "entry": ours_there},
+                                    b"2": {"node": LIVE_PEER, "entry": ours_alive}})
         part.node_died(DEAD_PEER)
-        assert node.killed_actors == [(owned, True, f"the actor's owner node {DEAD_PEER} died")]
+        assert node.actor_events == [m.OwnerNodeDied(DEAD_PEER),
+                                     m.ActorHostDied(ours_there, DEAD_PEER)]
+        assert list(part._remote_actors) == [b"2"]
     asyncio.run(scenario())

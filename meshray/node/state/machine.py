@@ -44,13 +44,16 @@ It reads, and updates only as bookkeeping, the worker pool's idle lists
 reads no clock (times come with events), sends nothing, starts and signals
 nothing.
 
+The actors created or hosted here are decided on by its actor part
+(``actor_life.py``): their creation, their workers' and hosts' deaths, kills,
+owners leaving, the node losing its lease.
+
 What it does not own yet: the placement decision itself (``node/cluster.py``
 reads the cluster view and hands the verdict in with `Decided`), the offer
 to a peer and placement-group routing (``node/cluster.py``,
 ``node/placement_groups.py``, which take tasks back through `Spill`,
-`Replace` and `Unwait`), the actor lifecycle (``node/actors.py``, a pure
-table of its own driven by ``node/actor_hosting.py``) and the object
-directory (``node/objects.py``, pure with its ``Effects``).
+`Replace` and `Unwait`) and the object directory (``node/objects.py``, pure
+with its ``Effects``).
 
 Alternatives considered: callbacks from the daemon into methods that both
 decide and act (what this replaced: the decisions could only be tested by
@@ -69,6 +72,7 @@ from __future__ import annotations
 from meshray import exceptions
 from meshray.node import pipelining
 from meshray.node.state import messages as m
+from meshray.node.state.actor_life import ActorLife
 from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
 from meshray.node.tasks import infeasible_notice
 from meshray.scheduler.resources import Allocation, ResourceSet
@@ -134,7 +138,8 @@ class NodeState:
     the device ids behind its GPU resource.
     """
 
-    def __init__(self, *, resources, queue, bundles, workers=NoWorkers, log=None, gpu_ids=()):
+    def __init__(self, *, resources, queue, bundles, workers=NoWorkers, log=None, gpu_ids=(),
+                 tasks=None, actors=None, peer_dead=lambda _node_hex: False):
         self.resources = resources
         self.queue = queue
         self.workers = workers
@@ -146,6 +151,10 @@ class NodeState:
         self.infeasible: list = []       # tasks that fit no node in the view
         self.runtime_stats = pipelining.RuntimeStats()
         self.draining = False
+        self.tasks = {} if tasks is None else tasks      # task id -> record (read)
+        self.actors = {} if actors is None else actors   # actor id -> ActorEntry
+        self.peer_dead = peer_dead
+        self.actor_life = ActorLife(self)
         self._handlers = {
             m.Submitted: self._submitted,
             m.ObjectsReady: self._objects_ready,
@@ -164,9 +173,10 @@ class NodeState:
             m.StopRunning: self._stop_running,
             m.Blocked: self._blocked,
             m.Release: self._release_event,
-            m.Adopted: self._adopted,
             m.EnvSetupFailed: self._env_setup_failed,
             m.Drain: self._drain,
+            m.Fail: self._fail_event,
+            **self.actor_life.handlers(),
         }
 
     def handle(self, event) -> list:
@@ -444,7 +454,7 @@ class NodeState:
             # for good instead waits for its worker's real exit status.
             out.append(m.KillWorker(worker))
         if worker.actor is not None:
-            out.append(m.ActorWorkerDied(worker))
+            self.actor_life.worker_died(worker, out)
             return
         while worker.pipeline:
             # Sent to run after the current task; never reported: place again
@@ -467,7 +477,7 @@ class NodeState:
                                 kill_error=worker.kill_error, oom_delay=worker.oom_retry_in,
                                 crashed=True)
         if verdict == FAIL:                  # cancelled
-            out.append(m.FailTask(task, cancelled_error(task)))
+            self._failed(task, cancelled_error(task), out)
         elif verdict == RETRY_LATER:
             delay = worker.oom_retry_in
             self._move(task, S.WAITING,
@@ -491,9 +501,9 @@ class NodeState:
             self._move(task, S.WAITING, "retry: its placement-group bundle moved")
             out.append(m.Replace(task))
         else:
-            out.append(m.FailTask(task, exceptions.WorkerCrashedError(
+            self._failed(task, exceptions.WorkerCrashedError(
                 f"task {task.spec.name} (id {task.task_id.hex()}) lost its placement-group "
-                "bundle and has no retries left")))
+                "bundle and has no retries left"), out)
 
     @staticmethod
     def _reports_crash(worker, task, owner_present: bool) -> bool:
@@ -554,18 +564,37 @@ class NodeState:
     # ------------------------------------------------------------ releasing
     def _fail(self, task, error: BaseException, out: list) -> None:
         self._release(task)
+        self._failed(task, error, out)
+
+    def _failed(self, task, error: BaseException, out: list) -> None:
+        """`task` (its resources given back) fails with `error`; an actor it
+        was creating does not start."""
+        if task.actor is not None:
+            self.actor_life.start_failed(task.actor, error, out)
         out.append(m.FailTask(task, error))
 
+    def _fail_event(self, event: m.Fail, out: list) -> None:
+        self.release(event.task)
+        self._failed(event.task, event.error, out)
+
     def _release_event(self, event: m.Release, out: list) -> None:
-        task = event.task
+        self.release(event.task)
+
+    def release(self, task) -> None:
+        """`task` leaves the node's bookkeeping: its place in line or in the
+        wait for a worker, its resources, its worker."""
         if task.state is S.ASSIGNED and task in self.awaiting:
             self.awaiting.remove(task)
         elif task.state is S.QUEUED:
             self.queue.remove(task)
         self._release(task)
 
-    def _adopted(self, event: m.Adopted, out: list) -> None:
-        task, worker = event.task, event.worker
+    def cancel(self, task, out: list) -> None:
+        """Cancel `task` (not forced, not its children): as the `Cancel` event."""
+        self._cancel(m.Cancel(task, False, False), out)
+
+    def adopt(self, task, worker) -> None:
+        """The actor `task` created keeps `worker` and the resources the task took."""
         if worker.current_task is task:
             worker.current_task = None
         task.worker = None

@@ -21,11 +21,17 @@ __all__ = [
     # events
     "Submitted", "ObjectsReady", "Decided", "ViewChanged", "Refused", "Schedule", "Offer",
     "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
-    "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "Adopted", "EnvSetupFailed", "Drain",
+    "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "EnvSetupFailed", "Drain",
+    "Fail",
+    # actor events
+    "ActorCreated", "ActorCreatedElsewhere", "ActorHostDied", "ActorExiting", "KillActor",
+    "OwnerLeft", "OwnerNodeDied", "LeaseLost",
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
     "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
-    "ActorWorkerDied", "GroupRemoved", "Spill", "Notice",
+    "GroupRemoved", "Spill", "Notice",
+    # actor instructions
+    "ActorChanged", "ReleaseActorName", "RestartActor", "AskHostToKill", "ActorCreationLost",
 ]
 
 
@@ -176,15 +182,6 @@ class Release:
 
 
 @dataclass(slots=True)
-class Adopted:
-    """The actor that `task` created keeps `worker` and the resources the
-    task took (its hosting holds them now): the task lets go of both without
-    giving them back."""
-    task: object
-    worker: object
-
-
-@dataclass(slots=True)
 class EnvSetupFailed:
     """The runtime environment behind `worker_key` could not be set up:
     the tasks waiting for its workers fail with `error`."""
@@ -195,6 +192,85 @@ class EnvSetupFailed:
 @dataclass(slots=True)
 class Drain:
     """The node started draining: it starts no more queued work."""
+
+
+@dataclass(slots=True)
+class Fail:
+    """`task` fails with `error`, decided outside the machine (its group was
+    removed, its spill target died and it has no retry left): it gives back
+    what it holds, and its actor, if it is a creation, does not start."""
+    task: object
+    error: BaseException
+
+
+# ---------------------------------------------------------------- actor events
+@dataclass(slots=True)
+class ActorCreated:
+    """The creation task of an actor hosted here returned on `worker`: the
+    actor serves at `address`, or its ``__init__`` failed (`failed`, with
+    `detail`); `values` are the task's return values."""
+    task: object
+    worker: object
+    failed: bool
+    detail: str
+    address: str
+    values: tuple
+
+
+@dataclass(slots=True)
+class ActorCreatedElsewhere:
+    """Peer `node_hex` ran the creation task of an actor created here: it
+    serves there at `address`, or its ``__init__`` failed (`failed`, `detail`)."""
+    task: object
+    node_hex: str
+    failed: bool
+    detail: str
+    address: str
+
+
+@dataclass(slots=True)
+class ActorHostDied:
+    """Peer `node_hex`, which hosted `entry` for this node, died."""
+    entry: object
+    node_hex: str
+
+
+@dataclass(slots=True)
+class ActorExiting:
+    """The worker hosting `entry` says the actor exits: on purpose (no
+    restart) unless `restartable`; `reason` becomes its death cause."""
+    entry: object
+    restartable: bool
+    reason: str
+
+
+@dataclass(slots=True)
+class KillActor:
+    """Kill `entry` (``meshray.kill``, its group removed, its owner gone);
+    no restart after it when `no_restart`; `cause` becomes its death cause."""
+    entry: object
+    no_restart: bool
+    cause: str
+
+
+@dataclass(slots=True)
+class OwnerLeft:
+    """The local process behind connection `owner` exited: the actors it
+    created die with it unless detached."""
+    owner: object
+
+
+@dataclass(slots=True)
+class OwnerNodeDied:
+    """Peer `node_hex` died: actors hosted here for it die unless detached."""
+    node_hex: str
+
+
+@dataclass(slots=True)
+class LeaseLost:
+    """This node's etcd lease expired (peers think it dead and restart what
+    it hosts for them): every actor hosted here for a peer dies, `cause` saying why."""
+    cause: str
 
 
 # ---------------------------------------------------------------- instructions
@@ -291,12 +367,6 @@ class Unwait:
 
 
 @dataclass(slots=True)
-class ActorWorkerDied:
-    """The worker hosting an actor died: the actor's lifecycle decides."""
-    worker: object
-
-
-@dataclass(slots=True)
 class GroupRemoved:
     """`task` lost its bundle and its placement group is removed: it fails
     with the group-removed error."""
@@ -316,3 +386,40 @@ class Notice:
     """Tell `task`'s owner `text` (once: a task no node can fit)."""
     task: object
     text: str
+
+
+# ---------------------------------------------------------------- actor instructions
+@dataclass(slots=True)
+class ActorChanged:
+    """`entry` changed: wake whoever waits on it, and queue its record for
+    etcd when `publish`."""
+    entry: object
+    publish: bool
+
+
+@dataclass(slots=True)
+class ReleaseActorName:
+    """`entry` is dead: free its name in etcd (if the name still maps to it)."""
+    entry: object
+
+
+@dataclass(slots=True)
+class RestartActor:
+    """Place a new creation task for `entry` (the next attempt of its spec)."""
+    entry: object
+
+
+@dataclass(slots=True)
+class AskHostToKill:
+    """Ask the peer hosting `entry` to kill it (with `no_restart` and `cause`)."""
+    entry: object
+    no_restart: bool
+    cause: str
+
+
+@dataclass(slots=True)
+class ActorCreationLost:
+    """`entry` died for good before its creation `task` returned: the task's
+    values are the actor's death (``ActorDiedError``, with its cause)."""
+    task: object
+    entry: object
