@@ -2,22 +2,64 @@
 
 Pure state, no I/O. Every change returns what the daemon must now do (send a
 value to subscribers, delete a value from the store), so reference counting
-and readiness can be tested without processes.
+and readiness can be tested without processes (tests/unit/test_object_directory.py).
 
 An object stays alive while anything holds it:
 - a process that has an ObjectRef to it (a *holder*, tracked per connection,
   so a process that dies releases everything it held);
 - a pending task that takes it as an argument (a *pin*);
 - another live object that contains a ref to it (also a pin).
+
+An entry's life, in `ObjectState` (checked against OBJECT_TRANSITIONS by
+`_move`, the only writer of an entry's state and value; an illegal move
+raises with the entry's story)::
+
+    PENDING --value--> READY --only copy lost--> LOST --value (rebuilt, or the error)--> READY
+    READY --pointed at another copy--> READY
+    PENDING, READY, LOST --no reference left--> FREED (out of the directory)
+
+PENDING: its task runs, or (a borrowed object) its owner has the value.
+A local object is never FREED while PENDING or LOST: its producer still
+delivers (a lost value is being rebuilt), and the owner must see it.
 """
 from __future__ import annotations
 
+import enum
 import pickle
 from dataclasses import dataclass, field
 
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["ObjectDirectory", "ObjectEntry", "Effects", "error_value", "error_of"]
+__all__ = ["ObjectDirectory", "ObjectEntry", "ObjectState", "OBJECT_TRANSITIONS",
+           "InvalidObjectTransition", "Effects", "error_value", "error_of"]
+
+
+class ObjectState(str, enum.Enum):
+    PENDING = "PENDING"
+    READY = "READY"
+    LOST = "LOST"
+    FREED = "FREED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PENDING, READY, LOST, FREED = (ObjectState.PENDING, ObjectState.READY, ObjectState.LOST,
+                               ObjectState.FREED)
+OBJECT_TRANSITIONS = {
+    PENDING: frozenset({READY, FREED}),
+    READY: frozenset({READY, LOST, FREED}),      # READY again: pointed at another copy
+    LOST: frozenset({READY, FREED}),
+    FREED: frozenset(),                          # gone from the directory
+}
+
+
+class InvalidObjectTransition(RuntimeError):
+    def __init__(self, object_id: bytes, entry: "ObjectEntry", new, cause: str):
+        story = "\n".join(f"  {old} -> {to}: {why}" for old, to, why in entry.story) or "  (none)"
+        super().__init__(f"object {object_id.hex()} cannot move from {entry.state} to {new} "
+                         f"({cause}). Its moves:\n{story}")
+        self.object_id = object_id
 
 
 def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
@@ -32,7 +74,9 @@ def error_of(value: pb.ObjectValue) -> BaseException:
 
 @dataclass
 class ObjectEntry:
-    value: object = None                # rpc ObjectValue once produced
+    state: ObjectState = PENDING        # written only by _move
+    value: object = None                # rpc ObjectValue while READY (written only by _move)
+    story: list = field(default_factory=list)   # (old, new, cause) of each move
     holders: set = field(default_factory=set)
     pins: int = 0
     subscribers: set = field(default_factory=set)
@@ -91,7 +135,7 @@ class ObjectDirectory:
 
     def is_ready(self, object_id: bytes) -> bool:
         entry = self._entries.get(object_id)
-        return entry is not None and entry.value is not None
+        return entry is not None and entry.state is READY
 
     def __contains__(self, object_id: bytes) -> bool:
         return object_id in self._entries
@@ -104,6 +148,17 @@ class ObjectDirectory:
         return set(entry.holders) if entry else set()
 
     # -- changes ---------------------------------------------------------
+    @staticmethod
+    def _move(object_id: bytes, entry: ObjectEntry, new: ObjectState, cause: str,
+              value=None) -> None:
+        """Move `entry` to `new` (holding `value` when READY) -- the only writer of
+        its state and value -- or raise with its story."""
+        if new not in OBJECT_TRANSITIONS[entry.state]:
+            raise InvalidObjectTransition(object_id, entry, new, cause)
+        entry.story.append((entry.state, new, cause))
+        entry.state = new
+        entry.value = value
+
     def _entry(self, object_id: bytes) -> ObjectEntry:
         entry = self._entries.get(object_id)
         if entry is None:
@@ -150,7 +205,7 @@ class ObjectDirectory:
     def subscribe(self, object_id: bytes, conn) -> Effects:
         """Ask for the value; delivered now if present, else when produced."""
         entry = self._entry(object_id)
-        if entry.value is not None:
+        if entry.state is READY:
             return Effects(deliver=[(conn, entry.value)])
         entry.subscribers.add(conn)
         if not entry.fetching and not self._is_local(object_id):
@@ -166,11 +221,11 @@ class ObjectDirectory:
         """
         entry = self._entry(object_id)
         effects = Effects()
-        if entry.value is not None:
+        if entry.state is READY:
             # A retried task produced it again: keep the first copy.
             effects.free.append(value)
             return effects
-        entry.value = value
+        self._move(object_id, entry, READY, "produced", value)
         self.pin(value.contained_ids)
         effects.became_ready.append(object_id)
         for conn in entry.subscribers:
@@ -204,7 +259,7 @@ class ObjectDirectory:
         entry.holders.add(holder)
         entry.ever_referenced = True
         entry.registered_by_owner = True
-        if entry.value is not None:
+        if entry.state is READY:
             effects = Effects(deliver=[(conn, entry.value) for conn in entry.subscribers])
             entry.subscribers.clear()
         else:
@@ -226,30 +281,33 @@ class ObjectDirectory:
         return self.remove_holder(object_id, handed)
 
     def _maybe_free(self, object_id: bytes, entry: ObjectEntry) -> Effects:
-        if entry.referenced or entry.subscribers:
+        if entry.referenced or entry.subscribers or entry.state is FREED:
             return Effects()
         local = self._is_local(object_id)
-        if entry.value is None and local:
-            return Effects()            # still being produced here
+        if entry.state is not READY and local:
+            return Effects()            # still being produced (or rebuilt) here
+        value = entry.value
         del self._entries[object_id]
+        self._move(object_id, entry, FREED, "no reference left")
         if not local:
             self.unborrows.append(object_id)
-        if entry.value is None:
+        if value is None:
             return Effects()
-        effects = Effects(free=[entry.value])
-        effects.extend(self.unpin(entry.value.contained_ids))
+        effects = Effects(free=[value])
+        effects.extend(self.unpin(value.contained_ids))
         return effects
 
     def replace_value(self, object_id: bytes, value) -> None:
-        """Point an existing entry at another copy (a pull, or a rebuilt value)."""
+        """Point a READY entry at another copy (a pull, or a rebuilt value)."""
         entry = self._entries.get(object_id)
-        if entry is not None:
-            entry.value = value
+        if entry is not None and entry.state is READY:
+            self._move(object_id, entry, READY, "another copy", value)
 
     def forget_value(self, object_id: bytes):
-        """The only copy was lost: the entry waits for the value again."""
+        """The only copy was lost: the entry waits for the value again (LOST)."""
         entry = self._entries.get(object_id)
-        if entry is None or entry.value is None:
+        if entry is None or entry.state is not READY:
             return None
-        lost, entry.value = entry.value, None
+        lost = entry.value
+        self._move(object_id, entry, LOST, "its only copy was lost")
         return lost
