@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from meshray import exceptions
 from meshray.node.actors import ALIVE, DEAD, PENDING, RESTARTING
+from meshray.node.event_log import EventLog
 from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState as S
 from meshray.node.task_lifecycle import move
@@ -238,3 +239,17 @@ def test_actors_hosted_for_a_dead_node_die_unless_detached_and_all_when_our_leas
 def test_a_fresh_actor_is_pending_until_its_creation_returns():
     node = Node()
     assert node.actor().actor.state is PENDING
+
+
+def test_a_closed_connection_is_not_logged_but_what_it_kills_is():
+    log = EventLog(capacity=50)
+    node = Node(cpus=2.0, log=log)
+    owner = SimpleNamespace(conn_id=7, pid=555)
+    _task, entry, worker = _alive(node, owner=owner)
+    before = log.recorded
+    node.handle(m.OwnerLeft(SimpleNamespace(conn_id=8, pid=556)))   # owns nothing here
+    assert log.recorded == before
+    node.handle(m.OwnerLeft(owner))
+    node.handle(m.WorkerLost(worker, owner_present=False))
+    moves = [(e["kind"], e["from"], e["to"]) for e in log.tail()[before - log.recorded:]]
+    assert moves == [("event", "", "WorkerLost"), ("actor", "ALIVE", "DEAD")]

@@ -81,8 +81,9 @@ __all__ = ["NodeState", "NoWorkers", "retry_or_fail", "RETRY", "RETRY_LATER", "F
 
 S = TaskState
 # Events too frequent to log, whose effects the log shows anyway (the moves
-# they cause).
-_UNLOGGED = frozenset({m.Schedule, m.ObjectsReady})
+# they cause). OwnerLeft comes with every closed connection (each worker, each
+# CLI call), and almost always changes nothing.
+_UNLOGGED = frozenset({m.Schedule, m.ObjectsReady, m.OwnerLeft})
 # The verdicts of retry_or_fail.
 RETRY, RETRY_LATER, FAIL, CRASHED = "retry", "retry later", "fail", "crashed"
 
