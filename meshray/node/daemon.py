@@ -546,7 +546,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if effects.became_ready:
             for object_id in effects.became_ready:
                 self.transfer.object_ready(object_id)
-            self.dispatch.handle(m.ObjectsReady(tuple(effects.became_ready)))
+            if self.dispatch.machine.waiting_on:      # else no task waits for an argument
+                self.dispatch.handle(m.ObjectsReady(tuple(effects.became_ready)))
 
     # ------------------------------------------------------------ failures
     def _disconnected(self, conn: Connection) -> None:

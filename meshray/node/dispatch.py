@@ -65,7 +65,9 @@ class TaskDispatch:
 
     def handle(self, event) -> None:
         """Let the state machine decide on `event`, then do what it says."""
-        self.carry_out(self.machine.handle(event))
+        carry_out = self._carry_out
+        for instruction in self.machine.handle(event):
+            carry_out[type(instruction)](instruction)
 
     def carry_out(self, instructions: list) -> None:
         """Do what the state machine said (for a caller that had to look at
