@@ -16,11 +16,12 @@ Whether a restart is left is decided in one place, `restarts_left()`.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+
+from meshray.common.state_names import StateName
 
 __all__ = ["ActorEntry", "ActorState", "ACTOR_TRANSITIONS", "InvalidActorTransition", "apply",
            "restarts_left", "transition", "PENDING", "ALIVE", "RESTARTING", "DEAD"]
@@ -28,15 +29,12 @@ __all__ = ["ActorEntry", "ActorState", "ACTOR_TRANSITIONS", "InvalidActorTransit
 log = logging.getLogger(__name__)
 
 
-class ActorState(str, enum.Enum):
+class ActorState(StateName):
     """Values are the state names callers and etcd records carry."""
     PENDING = "PENDING"
     ALIVE = "ALIVE"
     RESTARTING = "RESTARTING"
     DEAD = "DEAD"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 PENDING, ALIVE, RESTARTING, DEAD = (ActorState.PENDING, ActorState.ALIVE,

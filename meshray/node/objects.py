@@ -24,24 +24,21 @@ delivers (a lost value is being rebuilt), and the owner must see it.
 """
 from __future__ import annotations
 
-import enum
 import pickle
 from dataclasses import dataclass, field
 
+from meshray.common.state_names import StateName
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ObjectDirectory", "ObjectEntry", "ObjectState", "OBJECT_TRANSITIONS",
            "InvalidObjectTransition", "Effects", "error_value", "error_of"]
 
 
-class ObjectState(str, enum.Enum):
+class ObjectState(StateName):
     PENDING = "PENDING"
     READY = "READY"
     LOST = "LOST"
     FREED = "FREED"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 PENDING, READY, LOST, FREED = (ObjectState.PENDING, ObjectState.READY, ObjectState.LOST,

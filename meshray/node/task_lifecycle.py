@@ -31,14 +31,15 @@ legal move in one screen, which is what a reviewer checks.
 """
 from __future__ import annotations
 
-import enum
 from collections import deque
+
+from meshray.common.state_names import StateName
 
 __all__ = ["TaskState", "TRANSITIONS", "InvalidTaskTransition", "move", "take_retry",
            "take_memory_retry", "new_story"]
 
 
-class TaskState(str, enum.Enum):
+class TaskState(StateName):
     WAITING = "waiting"
     QUEUED = "queued"
     ASSIGNED = "assigned"
@@ -48,9 +49,6 @@ class TaskState(str, enum.Enum):
     WAITING_GROUP = "waiting_group"
     CRASHED = "crashed"
     DONE = "done"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 S = TaskState
