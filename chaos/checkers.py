@@ -275,7 +275,7 @@ class Recovery(Checker):
         violations, rows = [], []
         for fault in faults:
             t0 = fault["inject_time"]
-            per_group, stalled = {}, 0.0
+            per_group, stalled, stalled_by = {}, 0.0, ""
             for group, pairs in sorted(groups.items()):
                 after = [d.time for i, d in pairs
                          if i.time >= t0 and d is not None and d.type == "ok"]
@@ -283,14 +283,18 @@ class Recovery(Checker):
                     per_group[group] = round(min(after) - t0, 3) if after else None
                 for i, d in pairs:          # work caught in flight by the fault
                     if i.time < t0 and (d is None or d.time > t0):
-                        stalled = max(stalled, (d.time if d else run.ended_at) - t0)
+                        waited = (d.time if d else run.ended_at) - t0
+                        if waited > stalled:
+                            stalled, stalled_by = waited, group
             never = [g for g, v in per_group.items() if v is None]
             recovery = None if never or not per_group else max(per_group.values())
             healthy = fault.get("health_after", {})
             fault["recovery_s"], fault["stalled_s"] = recovery, round(stalled, 3)
+            fault["stalled_by"] = stalled_by
             rows.append({"fault": fault["label"], "inject_at": run.history.relative(t0),
                          "recovery_s": recovery, "per_workload_s": per_group,
                          "in_flight_stalled_s": round(stalled, 3),
+                         "in_flight_stalled_by": stalled_by,
                          "healthy_after_heal_s": healthy.get("elapsed_s"),
                          "healthy": healthy.get("ok")})
             if never:

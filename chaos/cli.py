@@ -468,9 +468,10 @@ def format_summary(result: RunResult) -> str:
             f"{(str(healthy.get('elapsed_s')) + 's') if healthy else '-':>10}"
             f"{(f'{recovery:.2f}s' if recovery is not None else 'never'):>10}"
             f"{f.get('stalled_s', 0):>8.2f}s"
+            + (f" {f['stalled_by']}" if f.get("stalled_by") else "")
             + ("" if healthy.get("ok", True) else "  NOT HEALTHY"))
     lines.append("  (recovery: fault -> every workload has completed an op invoked after it; "
-                 "stall: longest wait of an op in flight at the fault)")
+                 "stall: longest wait of an op in flight at the fault, and its workload)")
     lines.append("== checkers ==")
     for v in result.verdicts:
         lines.append(f"  {v.checker:<22}{v.status.upper():<14}{v.summary}")

@@ -296,7 +296,7 @@ def test_recovery_checker_measures_every_workload_after_the_fault():
     row = verdict.details["faults"][0]
     assert set(row["per_workload_s"]) == {"tasks", "alo"}
     assert row["recovery_s"] == max(row["per_workload_s"].values()) >= 0.05
-    assert row["in_flight_stalled_s"] >= 0.05
+    assert row["in_flight_stalled_s"] >= 0.05 and row["in_flight_stalled_by"] == "tasks"
 
 
 def test_history_round_trips_through_its_file(tmp_path):
