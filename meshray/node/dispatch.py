@@ -122,5 +122,5 @@ class TaskDispatch:
             recursive=ins.recursive)))
 
     def _unwait(self, ins: m.Unwait) -> None:
-        if str(ins.state) == "waiting_group":
-            self._node.placement.drop_waiting(ins.task)
+        # (The machine sends it only for a task waiting for its group's bundle.)
+        self._node.placement.drop_waiting(ins.task)
