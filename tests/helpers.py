@@ -133,7 +133,7 @@ class MachineBundles:
 class MachineNode:
     """A NodeState with its bookkeeping, and makers of tasks and workers."""
 
-    def __init__(self, cpus: float = 2.0, gpu_ids=(), bundles=None, log=None):
+    def __init__(self, cpus: float = 2.0, gpu_ids=(), bundles=None, log=None, objects=None):
         self.tasks, self.actors, self.dead_peers = {}, {}, set()
         self.queue = TaskQueue(log)
         self.workers = MachineWorkers()
@@ -143,7 +143,8 @@ class MachineNode:
         self.state = NodeState(resources=self.resources, queue=self.queue, workers=self.workers,
                                bundles=bundles or MachineBundles(), log=log, gpu_ids=gpu_ids,
                                tasks=self.tasks, actors=self.actors,
-                               peer_dead=self.dead_peers.__contains__)
+                               peer_dead=self.dead_peers.__contains__, objects=objects)
+        self.objects = self.state.objects
         self.owner = SimpleNamespace(conn_id=1, pid=4242)
         self._next = 0
 
@@ -151,13 +152,14 @@ class MachineNode:
         return self.state.handle(event)
 
     def task(self, *, cpus: float = 1.0, retries: int = 3, queued: bool = True,
-             gpus: float = 0.0, bundle=None, name: str = "", args=()) -> TaskRecord:
+             gpus: float = 0.0, bundle=None, name: str = "", args=(),
+             returns=()) -> TaskRecord:
         self._next += 1
         resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         spec = pb.TaskSpec(task_id=bytes([self._next]) * 4, name=name or f"t{self._next}",
                            function_id=FUNCTION, resources=resources, num_returns=1,
                            max_retries=retries, arg_ref_ids=list(args))
-        task = TaskRecord.from_spec(spec, self.owner, "default", return_ids=[])
+        task = TaskRecord.from_spec(spec, self.owner, "default", return_ids=list(returns))
         task.bundle = bundle
         self.tasks[spec.task_id] = task
         if queued:

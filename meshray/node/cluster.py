@@ -30,7 +30,7 @@ from meshray import exceptions
 from meshray.common import ids
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster_view import SPILL_SAMPLE, ClusterView
-from meshray.node.objects import error_value
+from meshray.node.objects import container_holder, holder_node
 from meshray.node.peers import PeerLink
 from meshray.node.placement_groups import pg_strategy
 from meshray.node.routes import answer
@@ -42,7 +42,7 @@ from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.scheduler import policy
 from meshray.scheduler.resources import ResourceSet
 
-__all__ = ["PeerDuties", "RemoteOwner", "holder_node"]
+__all__ = ["PeerDuties", "RemoteOwner"]
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,6 @@ class RemoteOwner:
 
     def send(self, event) -> None:  # notices for a remote owner are dropped
         return None
-
-
-def holder_node(holder) -> str | None:
-    """The node a holder id stands for ("node:<hex>" or "node:<hex>:<container>")."""
-    if isinstance(holder, str) and holder.startswith("node:"):
-        return holder[5:].split(":", 1)[0]
-    return None
-
-
-def container_holder(node_hex: str, container_id: bytes) -> str:
-    """Holder id for refs kept alive for `node_hex` because container_id holds them."""
-    return f"node:{node_hex}:{container_id.hex()}"
 
 
 class PeerDuties:
@@ -114,6 +102,7 @@ class PeerDuties:
         self._value_from: dict[bytes, str] = {}     # object id -> node that pre-holds its contents
         self._lineage: dict[bytes, object] = {}     # task id -> finished task (results elsewhere)
         self._remote_actors: dict[bytes, dict] = {}  # actors we created that live elsewhere
+        self._notices: list = []                    # TellOwners not sent yet (flush_borrows)
 
     # ------------------------------------------------------------ view
     def on_view_change(self) -> None:
@@ -433,10 +422,7 @@ class PeerDuties:
             if value.contained_ids:
                 self._value_from[value.object_id] = from_hex
         if result.stream_item_id:
-            item = result.returns[0]
-            self._objects.expect(item.object_id, task.owner.conn_id)
-            self._objects.subscribe(item.object_id, task.owner.conn_id)
-            self._node._apply(self._objects.set_value(item.object_id, item))
+            self._node.dispatch.handle(m.StreamItem(task.owner.conn_id, result.returns[0]))
             return
         if task.actor is not None:
             self._node.dispatch.handle(m.ActorCreatedElsewhere(
@@ -451,8 +437,7 @@ class PeerDuties:
         log.debug("node %s subscribes to %s (%s)", from_hex, [o.hex() for o in msg.object_ids],
                   [(self._objects.is_ready(o), self._objects.holders_of(o))
                    for o in msg.object_ids])
-        for object_id in msg.object_ids:
-            self._node._apply(self._objects.subscribe(object_id, f"node:{from_hex}"))
+        self._node.dispatch.handle(m.Subscribe(f"node:{from_hex}", tuple(msg.object_ids)))
 
     def on_ready(self, from_hex: str, msg: pb.ObjectReady) -> None:
         value = msg.value
@@ -460,22 +445,18 @@ class PeerDuties:
                   value.object_id.hex(), value.object_id in self._objects)
         if value.in_store and not value.location:
             value.location = from_hex
-        if value.object_id in self._objects:
-            self._node._apply(self._objects.set_value(value.object_id, value))
+        self._node.dispatch.handle(m.ValueArrived(value))
 
     def on_refs(self, from_hex: str, msg: pb.RefUpdate) -> None:
-        holder = f"node:{from_hex}"
-        for object_id in msg.add:
-            self._objects.add_holder(object_id, holder)
-            self._node._apply(self._objects.complete_handoff(object_id))
-        for object_id in msg.remove:
-            self._node._apply(self._objects.remove_holder(object_id, holder))
+        self._node.dispatch.handle(m.RefsChanged(f"node:{from_hex}", msg.add, msg.remove,
+                                                 claim=True))
 
     def on_free(self, from_hex: str, msg: pb.FreeObjects) -> None:
+        held = tuple(o for o in msg.object_ids if o in self._objects)
+        if held:
+            self._node.dispatch.handle(m.RefsChanged(f"node:{from_hex}", remove=held))
         for object_id in msg.object_ids:
-            if object_id in self._objects:
-                self._node._apply(self._objects.remove_holder(object_id, f"node:{from_hex}"))
-            else:   # the node we pulled it from freed it (transfer.py)
+            if object_id not in held:   # the node we pulled it from freed it (transfer.py)
                 self._node.transfer.copy_source_freed(object_id)
 
     def on_request(self, from_hex: str, msg: pb.Request) -> None:
@@ -485,9 +466,8 @@ class PeerDuties:
         asyncio.get_running_loop().create_task(reply())
 
     def on_container_freed(self, from_hex: str, msg: pb.ContainerFreed) -> None:
-        holder = container_holder(from_hex, msg.container_id)
-        for object_id in msg.contained_ids:
-            self._node._apply(self._objects.remove_holder(object_id, holder))
+        self._node.dispatch.handle(m.RefsChanged(container_holder(from_hex, msg.container_id),
+                                                 remove=tuple(msg.contained_ids)))
 
     def on_cancel_remote(self, from_hex: str, msg: pb.CancelTask) -> None:
         task = self._tasks.get(ids.task_id_of(msg.object_id))
@@ -530,12 +510,12 @@ class PeerDuties:
             value = self.exportable(value)
             if value.in_store:
                 # Our store keeps the bytes until the owner frees them.
-                self._objects.add_holder(value.object_id, holder)
-                self._node._apply(self._objects.set_value(value.object_id, value))
+                self._node.dispatch.handle(m.Produced((value,), holder=holder))
                 self.note_location(value.object_id, True)
-            for object_id in value.contained_ids:
+            if value.contained_ids:
                 # Kept for the owner until it frees the container (ContainerFreed).
-                self._objects.add_holder(object_id, container_holder(origin, value.object_id))
+                self._node.dispatch.handle(m.RefsChanged(
+                    container_holder(origin, value.object_id), add=tuple(value.contained_ids)))
             result.returns.append(value)
         if task.actor is not None and task.actor.state == "ALIVE":
             result.actor_address = task.actor.address
@@ -549,8 +529,7 @@ class PeerDuties:
         value = self.exportable(item)
         holder = task.owner.conn_id
         if value.in_store:
-            self._objects.add_holder(value.object_id, holder)
-            self._node._apply(self._objects.set_value(value.object_id, value))
+            self._node.dispatch.handle(m.Produced((value,), holder=holder))
         self.send(task.owner.node_hex, pb.PeerEvent(result=pb.TaskResult(
             task_id=task.task_id, returns=[value], stream_item_id=item.object_id,
             stream_index=0)))
@@ -562,11 +541,20 @@ class PeerDuties:
         if node_hex is not None:
             self.send(node_hex, pb.PeerEvent(ready=pb.ObjectReady(value=self.exportable(value))))
 
+    def tell_owners(self, notices: m.TellOwners) -> None:
+        """Queue what the state machine says to tell owners; sent by `flush_borrows`."""
+        self._notices.append(notices)
+
     def flush_borrows(self) -> None:
         """Tell owners what this node borrowed, let go of or wants the value of."""
-        borrows, unborrows, fetches = self._objects.drain()
-        if borrows or unborrows or fetches:
-            log.debug("borrow %d, unborrow %d, fetch %d", len(borrows), len(unborrows), len(fetches))
+        while self._notices:
+            notices, self._notices = self._notices, []
+            self._send_notices([o for n in notices for o in n.borrows],
+                               [o for n in notices for o in n.unborrows],
+                               [o for n in notices for o in n.fetches])
+
+    def _send_notices(self, borrows: list, unborrows: list, fetches: list) -> None:
+        log.debug("borrow %d, unborrow %d, fetch %d", len(borrows), len(unborrows), len(fetches))
         by_node: dict[str, pb.RefUpdate] = {}
         for object_id in borrows:
             node = self.view.node_for_prefix(object_id)
@@ -583,9 +571,8 @@ class PeerDuties:
             if node is not None:
                 self.send(node, pb.PeerEvent(subscribe=pb.Subscribe(object_ids=[object_id])))
             else:
-                self._node._apply(self._objects.set_value(object_id, error_value(
-                    object_id, exceptions.ObjectLostError(
-                        object_id.hex(), call_site="its owner node is not in the cluster"))))
+                self._node.dispatch.handle(m.Lost((object_id,), exceptions.ObjectLostError(
+                    object_id.hex(), call_site="its owner node is not in the cluster")))
 
     def free_value(self, value) -> None:
         """A value nobody references any more: drop its bytes wherever they are."""
@@ -628,11 +615,6 @@ class PeerDuties:
         for request_id, future in list(self._questions.items()):
             if getattr(future, "node_hex", None) == node_hex and not future.done():
                 future.set_exception(ConnectionError(f"node {node_hex} died"))
-        # Its borrows and the refs we kept for its containers are released.
-        for object_id, entry in list(self._objects.entries()):
-            for holder in [h for h in entry.holders | entry.subscribers
-                           if holder_node(h) == node_hex]:
-                self._node._apply(self._objects.remove_holder(object_id, holder))
         # Work we sent there is retried elsewhere.
         for task in list(self._tasks.values()):
             if task.state == "spilled" and task.remote_node == node_hex:
@@ -645,7 +627,8 @@ class PeerDuties:
                     task.cancelled = True   # an actor's __init__: the actor dies below
                 if task.worker is None and task.state != "running":
                     self._drop_task(task)
-        # Actors it owned die with it (unless detached); ours it hosted restart.
+        # Its borrows and the refs we kept for its containers are released;
+        # actors it owned die with it (unless detached); ours it hosted restart.
         self._node.dispatch.handle(m.OwnerNodeDied(node_hex))
         for actor_id, info in list(self._remote_actors.items()):
             if info["node"] == node_hex:
@@ -690,9 +673,7 @@ class PeerDuties:
                 error = exceptions.OwnerDiedError(
                     object_id.hex(), call_site=f"its owner node {node_hex} died and no other "
                     "node holds a copy")
-                self._objects.forget_value(object_id)
-                self._node._apply(self._objects.set_value(object_id,
-                                                          error_value(object_id, error)))
+                self._node.dispatch.handle(m.Lost((object_id,), error))
 
     def _use_copy(self, object_id: bytes, node_hex: str) -> None:
         """Point the entry at a surviving copy (here when node_hex is empty)."""
@@ -701,9 +682,9 @@ class PeerDuties:
         if old is not None:
             value.CopyFrom(old)
             value.location = node_hex
-            self._objects.replace_value(object_id, value)
+            self._node.dispatch.handle(m.CopyMoved(value))
         else:
-            self._node._apply(self._objects.set_value(object_id, value))
+            self._node.dispatch.handle(m.Produced((value,)))
 
     def _drop_task(self, task) -> None:
         self._node.dispatch.handle(m.Release(task))
@@ -730,27 +711,25 @@ class PeerDuties:
         """The only copy of an object we own was on `node_hex`: rebuild it from
         lineage, or set the error saying why it cannot be."""
         task = self._lineage.get(ids.task_id_of(object_id))
-        lost = self._objects.forget_value(object_id)
-        if lost is None:
-            return
+        if not self._objects.is_ready(object_id):
+            return            # not here, or already waiting for its value again
         if task is not None and task.actor is None and retry_or_fail(task) == RETRY:
             # Lineage: run the producing task again; its other outputs are rebuilt too.
             del self._lineage[task.task_id]
             self._node._move(task, TaskState.WAITING,
                              f"re-run from lineage: a copy on node {node_hex} was lost")
             task.refused_by = {node_hex}
-            for other in task.return_ids:
-                if other != object_id:
-                    self._objects.forget_value(other)
+            # Its other outputs wait for the new run too.
+            self._node.dispatch.handle(m.Lost(
+                tuple(task.return_ids) if object_id in task.return_ids
+                else (object_id, *task.return_ids),
+                pin=(*task.spec.arg_ref_ids, *task.spec.contained_ids)))
             self._tasks[task.task_id] = task
-            self._objects.pin(task.spec.arg_ref_ids)
-            self._objects.pin(task.spec.contained_ids)
             log.info("rebuilding %s from lineage (node %s died)", object_id.hex(), node_hex)
             self.place_or_queue(task)
             return
         reason = ("no retries left to rebuild it" if task is not None else
                   "it cannot be rebuilt (a put object, or its lineage was released)")
-        error = exceptions.ObjectReconstructionFailedError(
-            object_id.hex(), call_site=f"its only copy was on node {node_hex}, which died; {reason}")
-        self._node._apply(self._objects.set_value(object_id, error_value(object_id, error)))
+        self._node.dispatch.handle(m.Lost((object_id,), exceptions.ObjectReconstructionFailedError(
+            object_id.hex(), call_site=f"its only copy was on node {node_hex}, which died; {reason}")))
 

@@ -4,7 +4,9 @@ It serves the session streams of local drivers and workers, keeps the node's
 object directory and shared-memory store, queues and dispatches tasks onto
 its worker pool, and (through meshray.node.membership) holds the node's etcd
 lease. Everything runs on one asyncio loop, so the state below needs no locks;
-policy lives in pure modules (scheduler.policy, node.objects, node.tasks).
+its decisions are made by the pure node state machine (node.state) and the
+pure modules it and the peer duties use (scheduler.policy, node.objects,
+node.tasks).
 """
 from __future__ import annotations
 
@@ -376,15 +378,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         parent = self.tasks.get(spec.parent_task_id)
         if parent is not None:
             parent.children.add(spec.task_id)
-        for object_id in return_ids:
-            self.objects.expect(object_id, conn.conn_id)
-            self.objects.subscribe(object_id, conn.conn_id)
-        self.objects.pin(spec.arg_ref_ids)
-        self.objects.pin(spec.contained_ids)
-        is_ready = self.objects.is_ready
-        missing = tuple(oid for oid in spec.arg_ref_ids if not is_ready(oid)) \
-            if spec.arg_ref_ids else ()
-        self.dispatch.handle(m.Submitted(task, missing))
+        self.dispatch.handle(m.Submitted(task))
 
     @staticmethod
     def _return_ids(spec) -> list:
@@ -399,10 +393,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if value.in_store and value.location not in ("", self.node_hex) and not msg.handoff:
             # An actor on another node holds this return for us until we claim it.
             self.peers.send(value.location, pb.PeerEvent(refs=pb.RefUpdate(add=[value.object_id])))
-        if msg.handoff:
-            self._apply(self.objects.put_handoff(value.object_id, value, conn.conn_id))
-        else:
-            self._apply(self.objects.put_owned(value.object_id, value, conn.conn_id))
+        self.dispatch.handle(m.Put(conn.conn_id, value, msg.handoff))
 
     def _on_reserve(self, conn: Connection, msg: pb.ReserveObject) -> None:
         try:
@@ -416,14 +407,10 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         conn.send(pb.ServerEvent(reserve_reply=pb.ReserveReply(request_id=msg.request_id, path=path)))
 
     def _on_subscribe(self, conn: Connection, msg: pb.Subscribe) -> None:
-        for object_id in msg.object_ids:
-            self._apply(self.objects.subscribe(object_id, conn.conn_id))
+        self.dispatch.handle(m.Subscribe(conn.conn_id, tuple(msg.object_ids)))
 
     def _on_refs(self, conn: Connection, msg: pb.RefUpdate) -> None:
-        for object_id in msg.add:
-            self.objects.add_holder(object_id, conn.conn_id)
-        for object_id in msg.remove:
-            self._apply(self.objects.remove_holder(object_id, conn.conn_id))
+        self.dispatch.handle(m.RefsChanged(conn.conn_id, msg.add, msg.remove))
 
     def _on_blocked(self, conn: Connection, msg: pb.WorkerBlocked) -> None:
         if conn.worker is not None:
@@ -460,10 +447,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             return
         if result.stream_item_id:
             item = result.returns[0]
-            self.objects.expect(item.object_id, task.owner.conn_id)
-            self.objects.subscribe(item.object_id, task.owner.conn_id)
             self._seal_if_stored(item)
-            self._apply(self.objects.set_value(item.object_id, item))
+            self.dispatch.handle(m.StreamItem(task.owner.conn_id, item))
             return
         if task.actor is not None:
             self.dispatch.handle(m.ActorCreated(task, worker, result.failed, result.actor_error,
@@ -507,10 +492,9 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if isinstance(task.owner, RemoteOwner):
             self.peers.send_home(task, values)
             return
-        for value in values:
-            self._apply(self.objects.set_value(value.object_id, value))
-        self._apply(self.objects.unpin(task.spec.arg_ref_ids))
-        self._apply(self.objects.unpin(task.spec.contained_ids))
+        spec = task.spec
+        self.dispatch.handle(m.Produced(
+            tuple(values), unpin=(*spec.arg_ref_ids, *spec.contained_ids)))
 
     def _finish_failed(self, task: TaskRecord, error: BaseException) -> None:
         """Fail a task whose resources are already released."""
@@ -534,32 +518,24 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                 and not self.objects.is_ready(value.object_id):
             self.store.seal(value.object_id, value.size)
 
-    def _apply(self, effects) -> None:
-        for conn_id, value in effects.deliver:
-            conn = self.conns.get(conn_id)
-            if conn is not None:
-                conn.send(pb.ServerEvent(ready=pb.ObjectReady(value=value)))
-            else:
-                self.peers.send_value(conn_id, value)    # a peer's holder id
-        for value in effects.free:
-            self.peers.free_value(value)
-        if effects.became_ready:
-            for object_id in effects.became_ready:
-                self.transfer.object_ready(object_id)
-            if self.dispatch.machine.waiting_on:      # else no task waits for an argument
-                self.dispatch.handle(m.ObjectsReady(tuple(effects.became_ready)))
+    def deliver(self, holder, value: pb.ObjectValue) -> None:
+        """Send `value` to `holder`: a local process, or a peer's holder id."""
+        conn = self.conns.get(holder)
+        if conn is not None:
+            conn.send(pb.ServerEvent(ready=pb.ObjectReady(value=value)))
+        else:
+            self.peers.send_value(holder, value)
 
     # ------------------------------------------------------------ failures
     def _disconnected(self, conn: Connection) -> None:
         log.debug("connection %d (%s pid %d) closed", conn.conn_id, conn.role, conn.pid)
         conn.closed = True
         self.conns.pop(conn.conn_id, None)
-        self._apply(self.objects.drop_connection(conn.conn_id))
         self._abort_reservations(conn)
         if conn.pid:
             # Actor-call argument files this process can no longer release.
             arg_dir.sweep_process(self.store_dir, conn.pid, conn.worker_id)
-        self.dispatch.handle(m.OwnerLeft(conn))
+        self.dispatch.handle(m.OwnerLeft(conn))       # what it held goes too
         worker = conn.worker
         if worker is not None:
             self._worker_lost(worker)

@@ -4,7 +4,7 @@
 (``node/state/``), which decides, and carries out the instructions it
 returns, in order, through the node's collaborators: the worker pool, the
 peer duties, runtime-env setup, object transfer and the daemon's delivery of
-results. The table `_carry_out` is the one place that says which collaborator
+values. The table `_carry_out` is the one place that says which collaborator
 carries out which instruction; nothing here decides what happens to a task.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ class TaskDispatch:
         self.machine = NodeState(resources=node.resources, queue=node.queue,
                                  bundles=node.placement, log=node.events,
                                  gpu_ids=node.config.gpu_ids, tasks=node.tasks,
-                                 actors=node.actors, peer_dead=self._peer_dead)
+                                 actors=node.actors, peer_dead=self._peer_dead,
+                                 objects=node.objects)
         self._carry_out = {
             m.Execute: self._execute,
             m.Prefetch: lambda ins: node.transfer.prefetch_args(ins.task),
@@ -54,6 +55,10 @@ class TaskDispatch:
             m.AskHostToKill: lambda ins: node.hosting.ask_host_to_kill(
                 ins.entry, ins.no_restart, ins.cause),
             m.ActorCreationLost: lambda ins: node.hosting.creation_lost(ins.task, ins.entry),
+            m.Deliver: lambda ins: node.deliver(ins.holder, ins.value),
+            m.FreeValue: lambda ins: node.peers.free_value(ins.value),
+            m.ValuesReady: self._values_ready,
+            m.TellOwners: lambda ins: node.peers.tell_owners(ins),
         }
 
     def _peer_dead(self, node_hex: str) -> bool:
@@ -120,6 +125,11 @@ class TaskDispatch:
         self._node.peers.send(task.remote_node, pb.PeerEvent(cancel_remote=pb.CancelTask(
             object_id=ids.object_id_for(task.task_id, 1), force=ins.force,
             recursive=ins.recursive)))
+
+    def _values_ready(self, ins: m.ValuesReady) -> None:
+        object_ready = self._node.transfer.object_ready
+        for object_id in ins.object_ids:
+            object_ready(object_id)
 
     def _unwait(self, ins: m.Unwait) -> None:
         # (The machine sends it only for a task waiting for its group's bundle.)

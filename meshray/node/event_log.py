@@ -56,14 +56,19 @@ class EventLog:
 
     def handled(self, event) -> None:
         """An event the node's state machine handled (meshray/node/state): its
-        kind and the task (or worker) it is about; what it changed follows as
+        kind and the task (or worker, or object) it is about; what it changed follows as
         the moves it made."""
         task = getattr(event, "task", None)
         if task is not None:
             ident = task.task_id
+        elif getattr(event, "worker", None) is not None:
+            ident = event.worker.worker_id
+        elif getattr(event, "object_ids", None):
+            ident = event.object_ids[0]
+        elif getattr(event, "value", None) is not None:
+            ident = event.value.object_id
         else:
-            worker = getattr(event, "worker", None)
-            ident = worker.worker_id if worker is not None else b""
+            ident = b""
         self._entries.append((self._clock(), "event", ident, "", type(event).__name__, ""))
         self.recorded += 1
 

@@ -1,8 +1,11 @@
 """The node's object directory: which values exist, who holds them, who waits.
 
-Pure state, no I/O. Every change returns what the daemon must now do (send a
-value to subscribers, delete a value from the store), so reference counting
-and readiness can be tested without processes (tests/unit/test_object_directory.py).
+Pure state, no I/O. Every change returns what must now happen (send a value
+to subscribers, delete a value from the store, wake what waits for it), so
+reference counting and readiness can be tested without processes
+(tests/unit/test_object_directory.py). The node state machine's object part
+(node/state/object_life.py) is the only caller of the changing methods and
+turns what they return into instructions; everything else only reads.
 
 An object stays alive while anything holds it:
 - a process that has an ObjectRef to it (a *holder*, tracked per connection,
@@ -31,7 +34,8 @@ from meshray.common.state_names import StateName
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ObjectDirectory", "ObjectEntry", "ObjectState", "OBJECT_TRANSITIONS",
-           "InvalidObjectTransition", "Effects", "error_value", "error_of"]
+           "InvalidObjectTransition", "Effects", "error_value", "error_of", "holder_node",
+           "container_holder"]
 
 
 class ObjectState(StateName):
@@ -67,6 +71,18 @@ def error_value(object_id: bytes, error: BaseException) -> pb.ObjectValue:
 def error_of(value: pb.ObjectValue) -> BaseException:
     """The exception an error value (``is_error``) holds."""
     return pickle.loads(value.inline_data)
+
+
+def holder_node(holder) -> str | None:
+    """The node a holder id stands for ("node:<hex>" or "node:<hex>:<container>")."""
+    if isinstance(holder, str) and holder.startswith("node:"):
+        return holder[5:].split(":", 1)[0]
+    return None
+
+
+def container_holder(node_hex: str, container_id: bytes) -> str:
+    """Holder id for refs kept alive for `node_hex` because container_id holds them."""
+    return f"node:{node_hex}:{container_id.hex()}"
 
 
 @dataclass

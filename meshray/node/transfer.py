@@ -41,6 +41,7 @@ import tenacity
 
 from meshray import exceptions
 from meshray.node.objects import error_of, error_value
+from meshray.node.state import messages as m
 from meshray.object_store import layout
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -382,13 +383,14 @@ class ObjectTransfer:
     async def object_bytes(self, object_id: bytes) -> bytes:
         """The bytes held by a put(bytes) object, wherever it lives."""
         holder = "runtime_env"
-        self._objects.add_holder(object_id, holder)
+        handle = self._node.dispatch.handle
+        handle(m.RefsChanged(holder, add=(object_id,)))
         try:
             value = self._objects.get(object_id)
             if value is None:
                 future = asyncio.get_running_loop().create_future()
                 self._waiters.setdefault(object_id, []).append(future)
-                self._node._apply(self._objects.subscribe(object_id, holder))
+                handle(m.Subscribe(holder, (object_id,)))
                 self._node.peers.flush_borrows()
                 value = self._objects.get(object_id) or await asyncio.wait_for(future, 120)
             if value.is_error:
@@ -402,7 +404,7 @@ class ObjectTransfer:
                 return bytes(data)
             return _BytesOnly(io.BytesIO(value.inline_data)).load()
         finally:
-            self._node._apply(self._objects.remove_holder(object_id, holder))
+            handle(m.RefsChanged(holder, remove=(object_id,)))
             self._node.peers.flush_borrows()
 
     def object_ready(self, object_id: bytes) -> None:
@@ -449,7 +451,7 @@ class ObjectTransfer:
                 "object_id": object_id.hex(), "lost": lost}, REBUILD_WAIT_S + 10)
             value = pb.ObjectValue.FromString(base64.b64decode(reply["value"]))
         if self._objects.get(object_id) is not None:
-            self._objects.replace_value(object_id, value)
+            self._node.dispatch.handle(m.CopyMoved(value))
         return value
 
     # ------------------------------------------------------------ owner side

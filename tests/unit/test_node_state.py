@@ -31,6 +31,10 @@ from tests.helpers import MachineNode as Node
 S = TaskState
 
 
+def _value(object_id: bytes):
+    return pb.ObjectValue(object_id=object_id, inline_data=b"v")
+
+
 def _returned(task, worker, *, retryable=False, values=("v",), now=T0 + 1):
     return m.TaskReturned(worker, task, tuple(values), retryable, now, W0 + 1)
 
@@ -39,22 +43,26 @@ def _returned(task, worker, *, retryable=False, values=("v",), now=T0 + 1):
 def test_a_task_whose_arguments_are_ready_is_placed_at_once():
     node = Node()
     task = node.task(queued=False)
-    assert node.handle(m.Submitted(task, ())) == [m.Replace(task)]
+    assert node.handle(m.Submitted(task)) == [m.Replace(task)]
     assert task.state is S.WAITING and node.state.waiting_on == {}
 
 
 def test_a_task_waits_for_every_missing_argument_then_is_placed():
     node = Node()
-    both = node.task(queued=False)
-    one = node.task(queued=False)
-    assert node.handle(m.Submitted(both, (b"a", b"b"))) == []
-    assert node.handle(m.Submitted(one, (b"a",))) == []
+    both = node.task(queued=False, args=[b"a", b"b"])
+    one = node.task(queued=False, args=[b"a"])
+    ready = node.task(queued=False, args=[b"z"])
+    node.handle(m.Put(1, _value(b"z")))
+    assert node.handle(m.Submitted(both)) == []
+    assert node.handle(m.Submitted(one)) == []
+    assert node.handle(m.Submitted(ready)) == [m.Replace(ready)]     # its argument exists
     assert node.state.waiting_on == {b"a": [both, one], b"b": [both]}
-    assert node.handle(m.ObjectsReady((b"a",))) == [m.Replace(one)]
+    a, b = _value(b"a"), _value(b"b")
+    # The value is made ready, readers are woken, and the task is placed, in one call.
+    assert node.handle(m.Produced((a,))) == [m.ValuesReady((b"a",)), m.Replace(one)]
     assert both.pending_deps == {b"b"}
-    assert node.handle(m.ObjectsReady((b"zzz", b"b"))) == [m.Replace(both)]
+    assert node.handle(m.Produced((b,))) == [m.ValuesReady((b"b",)), m.Replace(both)]
     assert node.state.waiting_on == {}
-    assert node.handle(m.ObjectsReady((b"b",))) == []           # nobody waits now
 
 
 def test_arguments_are_pulled_when_a_task_gets_its_resources_and_only_a_task_with_some():
@@ -463,8 +471,8 @@ def test_cancel_in_each_state_does_what_that_state_needs():
     unwait, failed = node.handle(m.Cancel(for_group, force=False))
     assert unwait == m.Unwait(for_group, S.WAITING_GROUP) and failed.task is for_group
 
-    for_args = node.task(queued=False)
-    node.handle(m.Submitted(for_args, (b"arg1",)))
+    for_args = node.task(queued=False, args=[b"arg1"])
+    node.handle(m.Submitted(for_args))
     (failed,) = node.handle(m.Cancel(for_args, force=False))
     assert failed.task is for_args and node.state.waiting_on == {}
 
@@ -534,7 +542,7 @@ def test_an_illegal_move_raises_with_the_tasks_story_and_the_nodes_last_events()
 
 
 def test_an_unknown_event_is_refused_by_name():
-    with pytest.raises(TypeError, match="event='schedule!': expected one of Submitted, ObjectsReady, .*, LeaseLost$"):
+    with pytest.raises(TypeError, match="event='schedule!': expected one of Submitted, Decided, .*, OwnerNodeDied$"):
         Node().handle("schedule!")
 
 
@@ -542,7 +550,7 @@ def test_the_event_log_keeps_each_event_handled_but_the_frequent_ones():
     log = EventLog(capacity=50)
     node = Node(cpus=1.0, log=log)
     task, worker = node.running()
-    node.handle(m.ObjectsReady((b"x",)))
+    node.handle(m.RefsChanged(7, add=(b"x",)))
     node.handle(_returned(task, worker))
     events = [e for e in log.tail() if e["kind"] == "event"]
     assert [e["to"] for e in events] == ["TaskReturned"]

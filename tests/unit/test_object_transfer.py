@@ -18,9 +18,12 @@ import pytest
 
 from meshray.node.cluster_view import ClusterView
 from meshray.node.objects import ObjectDirectory
+from meshray.node.state import NodeState
+from meshray.node.tasks import TaskQueue
 from meshray.node.transfer import PULLER_METADATA_KEY, ObjectTransfer, decode_chunk
 from meshray.object_store.layout import write_object
 from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.scheduler.resources import NodeResources
 
 HERE, PEER = "aa" * 28, "bb" * 28
 OID = b"\x05" * 20
@@ -54,7 +57,11 @@ class _Context:
 
 def _transfer(files: dict):
     sent = []
-    node = SimpleNamespace(store=_Store(files), objects=ObjectDirectory(),
+    objects = ObjectDirectory()
+    machine = NodeState(resources=NodeResources({"CPU": 1.0}), queue=TaskQueue(), bundles=None,
+                        objects=objects)
+    node = SimpleNamespace(store=_Store(files), objects=objects,
+                           dispatch=SimpleNamespace(handle=machine.handle),
                            node_hex=HERE, membership=None,
                            metrics=SimpleNamespace(bytes_sent=0, bytes_received=0),
                            peers=SimpleNamespace(view=ClusterView(HERE), send=lambda node_hex,
@@ -124,6 +131,5 @@ def test_a_reader_waiting_for_a_value_is_woken_when_it_is_ready():
         transfer.object_ready(OID)
         return await asyncio.wait_for(waiting, 5)
 
-    node._apply = lambda effects: None
     node.peers.flush_borrows = lambda: None
     assert asyncio.run(main()) == b"package bytes"

@@ -61,8 +61,6 @@ class ActorLife:
             m.ActorExiting: self._exiting,
             m.KillActor: lambda event, out: self.kill(event.entry, event.no_restart,
                                                       event.cause, out),
-            m.OwnerLeft: self._owner_left,
-            m.OwnerNodeDied: self._owner_node_died,
             m.LeaseLost: self._lease_lost,
         }
 
@@ -191,14 +189,14 @@ class ActorLife:
         if entry.no_restart and entry.state is not DEAD:   # (a cancelled creation buried it)
             self._set_state(entry, "killed", cause, out)
 
-    def _owner_left(self, event: m.OwnerLeft, out: list) -> None:
+    def owner_left(self, event: m.OwnerLeft, out: list) -> None:
         owner = event.owner
         for entry in list(self._state.actors.values()):
             if entry.owner is owner and not entry.detached and entry.state is not DEAD:
                 self.kill(entry, True, f"the actor's owner (pid {owner.pid}) exited; a "
                           "non-detached actor dies with its owner", out)
 
-    def _owner_node_died(self, event: m.OwnerNodeDied, out: list) -> None:
+    def owner_node_died(self, event: m.OwnerNodeDied, out: list) -> None:
         for entry in list(self._state.actors.values()):
             if entry.owner_node == event.node_hex and not entry.detached:
                 self.kill(entry, True, f"the actor's owner node {event.node_hex} died", out)

@@ -48,12 +48,16 @@ The actors created or hosted here are decided on by its actor part
 (``actor_life.py``): their creation, their workers' and hosts' deaths, kills,
 owners leaving, the node losing its lease.
 
-What it does not own yet: the placement decision itself (``node/cluster.py``
-reads the cluster view and hands the verdict in with `Decided`), the offer
-to a peer and placement-group routing (``node/cluster.py``,
-``node/placement_groups.py``, which take tasks back through `Spill`,
-`Replace` and `Unwait`) and the object directory (``node/objects.py``, pure
-with its ``Effects``).
+The objects it owns or borrows are decided on by its object part
+(``object_life.py``, over the directory of ``node/objects.py``): refs taken
+and dropped, values put, produced, lost and moved, holders leaving; a value
+that becomes ready places the tasks waiting for it in the same call.
+
+What it leaves to collaborators, which hand it their verdicts: the
+placement decision itself (``node/cluster.py`` reads the cluster view and
+hands the verdict in with `Decided`), the offer to a peer and
+placement-group routing (``node/cluster.py``, ``node/placement_groups.py``,
+which take tasks back through `Spill`, `Replace` and `Unwait`).
 
 Alternatives considered: callbacks from the daemon into methods that both
 decide and act (what this replaced: the decisions could only be tested by
@@ -72,7 +76,9 @@ from __future__ import annotations
 from meshray import exceptions
 from meshray.node import pipelining
 from meshray.node.state import messages as m
+from meshray.node.objects import ObjectDirectory
 from meshray.node.state.actor_life import ActorLife
+from meshray.node.state.object_life import ObjectLife
 from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
 from meshray.node.tasks import infeasible_notice
 from meshray.scheduler.resources import Allocation, ResourceSet
@@ -82,8 +88,10 @@ __all__ = ["NodeState", "NoWorkers", "retry_or_fail", "RETRY", "RETRY_LATER", "F
 S = TaskState
 # Events too frequent to log, whose effects the log shows anyway (the moves
 # they cause). OwnerLeft comes with every closed connection (each worker, each
-# CLI call), and almost always changes nothing.
-_UNLOGGED = frozenset({m.Schedule, m.ObjectsReady, m.OwnerLeft})
+# CLI call), and almost always changes nothing; the object events come with
+# every ref taken or dropped and every value made (a lost copy is logged).
+_UNLOGGED = frozenset({m.Schedule, m.OwnerLeft, m.RefsChanged, m.Subscribe, m.Put,
+                       m.StreamItem, m.Produced, m.ValueArrived})
 # The verdicts of retry_or_fail.
 RETRY, RETRY_LATER, FAIL, CRASHED = "retry", "retry later", "fail", "crashed"
 
@@ -136,11 +144,11 @@ class NodeState:
     `NoWorkers` until the node serves);
     `bundles` holds placement-group bundle pools (``try_acquire_bundle(task)``,
     ``release_bundle(task)``); `log` is the node's ``EventLog``; `gpu_ids`
-    the device ids behind its GPU resource.
+    the device ids behind its GPU resource; `objects` its ``ObjectDirectory``.
     """
 
     def __init__(self, *, resources, queue, bundles, workers=NoWorkers, log=None, gpu_ids=(),
-                 tasks=None, actors=None, peer_dead=lambda _node_hex: False):
+                 tasks=None, actors=None, peer_dead=lambda _node_hex: False, objects=None):
         self.resources = resources
         self.queue = queue
         self.workers = workers
@@ -155,10 +163,11 @@ class NodeState:
         self.tasks = {} if tasks is None else tasks      # task id -> record (read)
         self.actors = {} if actors is None else actors   # actor id -> ActorEntry
         self.peer_dead = peer_dead
+        self.objects = ObjectDirectory() if objects is None else objects
         self.actor_life = ActorLife(self)
+        self.object_life = ObjectLife(self)
         self._handlers = {
             m.Submitted: self._submitted,
-            m.ObjectsReady: self._objects_ready,
             m.Decided: self._decided,
             m.ViewChanged: self._view_changed,
             m.Refused: self._refused,
@@ -178,6 +187,9 @@ class NodeState:
             m.Drain: self._drain,
             m.Fail: self._fail_event,
             **self.actor_life.handlers(),
+            **self.object_life.handlers(),
+            m.OwnerLeft: self._owner_left,
+            m.OwnerNodeDied: self._owner_node_died,
         }
 
     def handle(self, event) -> list:
@@ -191,6 +203,7 @@ class NodeState:
             self.log.handled(event)
         out: list = []
         handler(event, out)
+        self.object_life.notices(out)
         return out
 
     def _move(self, task, new: TaskState, cause: str) -> None:
@@ -199,15 +212,21 @@ class NodeState:
     # ------------------------------------------------------------ arguments
     def _submitted(self, event: m.Submitted, out: list) -> None:
         task = event.task
-        for object_id in event.missing:
-            task.pending_deps.add(object_id)
-            self.waiting_on.setdefault(object_id, []).append(task)
+        self.object_life.submitted(task)
+        is_ready = self.objects.is_ready
+        for object_id in task.spec.arg_ref_ids:
+            if not is_ready(object_id):
+                task.pending_deps.add(object_id)
+                self.waiting_on.setdefault(object_id, []).append(task)
         if not task.pending_deps:
             out.append(m.Replace(task))
 
-    def _objects_ready(self, event: m.ObjectsReady, out: list) -> None:
+    def objects_ready(self, object_ids: tuple, out: list) -> None:
+        """`object_ids` got their values: tasks waiting only for them are placed."""
         waiting_on = self.waiting_on
-        for object_id in event.object_ids:
+        if not waiting_on:
+            return
+        for object_id in object_ids:
             for task in waiting_on.pop(object_id, ()):
                 task.pending_deps.discard(object_id)
                 if not task.pending_deps and task.state is S.WAITING:
@@ -577,6 +596,14 @@ class NodeState:
     def _fail_event(self, event: m.Fail, out: list) -> None:
         self.release(event.task)
         self._failed(event.task, event.error, out)
+
+    def _owner_left(self, event: m.OwnerLeft, out: list) -> None:
+        self.object_life.holder_gone(event.owner.conn_id, out)
+        self.actor_life.owner_left(event, out)
+
+    def _owner_node_died(self, event: m.OwnerNodeDied, out: list) -> None:
+        self.object_life.node_gone(event.node_hex, out)
+        self.actor_life.owner_node_died(event, out)
 
     def _release_event(self, event: m.Release, out: list) -> None:
         self.release(event.task)

@@ -19,35 +19,34 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Submitted", "ObjectsReady", "Decided", "ViewChanged", "Refused", "Schedule", "Offer",
+    "Submitted", "Decided", "ViewChanged", "Refused", "Schedule", "Offer",
     "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "EnvSetupFailed", "Drain",
     "Fail",
     # actor events
     "ActorCreated", "ActorCreatedElsewhere", "ActorHostDied", "ActorExiting", "KillActor",
     "OwnerLeft", "OwnerNodeDied", "LeaseLost",
+    # object events
+    "RefsChanged", "Subscribe", "Put", "StreamItem", "Produced", "ValueArrived", "CopyMoved",
+    "Lost",
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
     "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
     "GroupRemoved", "Spill", "Notice",
     # actor instructions
     "ActorChanged", "ReleaseActorName", "RestartActor", "AskHostToKill", "ActorCreationLost",
+    # object instructions
+    "Deliver", "FreeValue", "ValuesReady", "TellOwners",
 ]
 
 
 # ---------------------------------------------------------------- events
 @dataclass(slots=True)
 class Submitted:
-    """A local process submitted `task`; `missing` are its argument objects
-    not ready yet (it waits for them before it is placed)."""
+    """A local process submitted `task`: it holds the task's returns and
+    waits for them; the task's arguments stay alive until it finishes, and
+    it is placed once every argument has its value."""
     task: object
-    missing: tuple
-
-
-@dataclass(slots=True)
-class ObjectsReady:
-    """These objects got their values: tasks waiting only for them are placed."""
-    object_ids: tuple
 
 
 @dataclass(slots=True)
@@ -255,14 +254,15 @@ class KillActor:
 
 @dataclass(slots=True)
 class OwnerLeft:
-    """The local process behind connection `owner` exited: the actors it
-    created die with it unless detached."""
+    """The local process behind connection `owner` exited: what it held is
+    released, and the actors it created die with it unless detached."""
     owner: object
 
 
 @dataclass(slots=True)
 class OwnerNodeDied:
-    """Peer `node_hex` died: actors hosted here for it die unless detached."""
+    """Peer `node_hex` died: what it borrowed (and the refs kept for its
+    containers) is released; actors hosted here for it die unless detached."""
     node_hex: str
 
 
@@ -271,6 +271,76 @@ class LeaseLost:
     """This node's etcd lease expired (peers think it dead and restart what
     it hosts for them): every actor hosted here for a peer dies, `cause` saying why."""
     cause: str
+
+
+# ---------------------------------------------------------------- object events
+# A holder is a local connection's id, or a peer's holder id ("node:<hex>",
+# "node:<hex>:<container id>"), or a name for a hold the node takes itself.
+@dataclass(slots=True)
+class RefsChanged:
+    """`holder` took refs to the objects in `add` and dropped those in
+    `remove`; with `claim`, `holder` is the owner claiming actor returns
+    handed to it (its hold replaces the actor's)."""
+    holder: object
+    add: tuple = ()
+    remove: tuple = ()
+    claim: bool = False
+
+
+@dataclass(slots=True)
+class Subscribe:
+    """`holder` wants the values of `object_ids` (now, or when produced)."""
+    holder: object
+    object_ids: tuple
+
+
+@dataclass(slots=True)
+class Put:
+    """A local process registers `value`: its own put, or (`handoff`) an
+    actor's return held for its caller until the caller registers it."""
+    holder: object
+    value: object
+    handoff: bool = False
+
+
+@dataclass(slots=True)
+class StreamItem:
+    """A streaming task produced `value`, which `holder` (its owner) holds and wants."""
+    holder: object
+    value: object
+
+
+@dataclass(slots=True)
+class Produced:
+    """`values` exist now (a task's returns, a copy found, an error); `holder`
+    holds each when given (a peer owner whose bytes we keep); `unpin`: the
+    ids a finished task kept alive."""
+    values: tuple
+    holder: object = None
+    unpin: tuple = ()
+
+
+@dataclass(slots=True)
+class ValueArrived:
+    """A peer sent `value`, which this node asked for (ignored when nobody
+    here wants it any more)."""
+    value: object
+
+
+@dataclass(slots=True)
+class CopyMoved:
+    """A ready object's bytes are now where `value` says (a pull, a rebuilt copy)."""
+    value: object
+
+
+@dataclass(slots=True)
+class Lost:
+    """The only copy of each of `object_ids` is gone: each waits for its value
+    again -- `error` when given (it cannot be rebuilt), else its producer's
+    new run, whose arguments `pin` keeps alive until it finishes."""
+    object_ids: tuple
+    error: BaseException | None = None
+    pin: tuple = ()
 
 
 # ---------------------------------------------------------------- instructions
@@ -423,3 +493,32 @@ class ActorCreationLost:
     values are the actor's death (``ActorDiedError``, with its cause)."""
     task: object
     entry: object
+
+
+# ---------------------------------------------------------------- object instructions
+@dataclass(slots=True)
+class Deliver:
+    """Send `value` to `holder` (a local connection, or a peer's holder id)."""
+    holder: object
+    value: object
+
+
+@dataclass(slots=True)
+class FreeValue:
+    """Nothing references `value` any more: drop its bytes wherever they are."""
+    value: object
+
+
+@dataclass(slots=True)
+class ValuesReady:
+    """`object_ids` have their values: wake readers in the node waiting for them."""
+    object_ids: tuple
+
+
+@dataclass(slots=True)
+class TellOwners:
+    """Tell the owner nodes which of their objects this node now borrows,
+    no longer borrows, and wants the values of."""
+    borrows: list
+    unborrows: list
+    fetches: list
