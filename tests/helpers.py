@@ -22,6 +22,16 @@ from meshray.scheduler.resources import NodeResources, ResourceSet
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+    One look: a process that exits between two looks must not raise."""
+    import psutil
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = ""):
     """Poll `predicate` until it is truthy or the deadline passes (then fail)."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import REPO, run_driver, wait_for
+from tests.helpers import REPO, process_gone, run_driver, wait_for
 
 
 def _meshray_children(pid: int) -> list[psutil.Process]:
@@ -39,7 +39,7 @@ print(json.dumps(info))
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(info["children"]) >= 3  # daemon, etcd, worker(s)
     for pid in info["children"]:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert process_gone(pid)
     assert not os.path.exists(info["store"])
     assert not os.path.exists(info["session"])
 

@@ -10,7 +10,7 @@ import threading
 import cloudpickle
 import pytest
 
-from tests.helpers import run_driver, wait_for
+from tests.helpers import process_gone, run_driver, wait_for
 
 # Workers do not have this test module on their path: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -101,10 +101,7 @@ def test_get_log_by_task_and_actor_from_a_node_that_does_not_hold_them(cluster, 
 
     # The files stay after the worker exits.
     ray.kill(speaker)
-    import psutil
-    wait_for(lambda: not psutil.pid_exists(actor_pid) or
-             psutil.Process(actor_pid).status() == psutil.STATUS_ZOMBIE,
-             message="the actor's worker exited")
+    wait_for(lambda: process_gone(actor_pid), message="the actor's worker exited")
     assert "actor line on the far node" in _text(node_id=far.node_id, pid=actor_pid)
 
 

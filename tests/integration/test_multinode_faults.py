@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from meshray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tests.helpers import wait_for
+from tests.helpers import process_gone, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -220,9 +220,7 @@ def test_actor_on_a_node_back_from_a_lapsed_lease_runs_as_one_incarnation(cluste
     # lease; the old worker must refuse it (fence), not answer it.
     new_pid = ray.get(actor.pid.remote(), timeout=60)
     assert new_pid != old_pid
-    wait_for(lambda: not psutil.pid_exists(old_pid) or
-             psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
-             message="the old incarnation's worker is stopped")
+    wait_for(lambda: process_gone(old_pid), message="the old incarnation's worker is stopped")
 
 
 def test_actor_pinned_to_a_node_that_lapsed_dies_with_the_reason(cluster):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
-import psutil
 import pytest
+
+from tests.helpers import process_gone
 
 HOLLOW = 60
 PER_HOST = 20
@@ -73,7 +74,7 @@ def test_hollow_cluster_runs_work_and_sees_every_death(slice_target, monkeypatch
     assert len(hollow) == HOLLOW
     assert not [n for n in hollow if os.path.exists(f"/dev/shm/meshray-{n[:12]}")]
     for pid in [node.pid for node in scale.real] + scale.engine.etcd_pids():
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert process_gone(pid)
 
 
 def test_unknown_scenario_is_refused_with_its_name():
