@@ -352,7 +352,7 @@ class PodCluster:
                       "--volume", f"{self.token_file}:/run/secrets/meshray_token:ro",
                       self.image, "meshray", "start", "--address", address,
                       "--host", "0.0.0.0", "--port", str(NODE_PORT),
-                      "--dashboard-port", str(JOBS_PORT), "--object-store-memory",
+                      "--data-port", str(NODE_PORT + 1), "--dashboard-port", str(JOBS_PORT), "--object-store-memory",
                       str(256 * 1024 * 1024),
                       "--token-file", "/run/secrets/meshray_token", "--block")
 

@@ -54,7 +54,7 @@ def _cmd_start(args) -> int:
         token=token, session_dir=None, tie_to_parent=False, cli=True,
         lease_ttl=args.lease_ttl, tls=tls, etcd_options=etcd_options, advertise_host=args.advertise_host,
         metrics_export_port=args.metrics_export_port, dashboard_port=args.dashboard_port,
-        memory=args.memory, drain_timeout=args.drain_timeout)
+        data_port=args.data_port, memory=args.memory, drain_timeout=args.drain_timeout)
     node.owns_session_dir = False  # the daemon removes its own session dir on exit
     token_path = os.path.join(node.session_dir, "token")
     print(f"meshray node {node.node_id} started (pid {node.pid})")
@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--dashboard-port", type=int, default=None,
                        help="port of the node's HTTP API (jobs), on --host (default: 8265, or "
                             "a free port when taken; meshray status shows it)")
+    start.add_argument("--data-port", type=int, default=None,
+                       help="port of the node's data link, on --host: large objects' bytes "
+                            "between nodes (default: a free port; meshray.nodes() shows it as "
+                            "DataPort). Open it between nodes beside --port")
     start.add_argument("--allow-unsafe-etcd", action="store_true",
                        help="run the embedded etcd even if its release is known to lose data "
                             "after a crash (or MESHRAY_ALLOW_UNSAFE_ETCD=1)")

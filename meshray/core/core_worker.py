@@ -575,7 +575,7 @@ class CoreWorker(StreamsMixin):
     def materialize(self, value: pb.ObjectValue):
         """Turn an ObjectValue into the Python value (raising stored errors)."""
         if value.in_store:
-            result = self._read_store(value.object_id, value.location)
+            result = self._read_store(value.object_id, value.location, value.size)
         elif value.is_error:
             try:
                 result = serialization.deserialize_inline(value.inline_data)
@@ -591,7 +591,7 @@ class CoreWorker(StreamsMixin):
             raise result
         return result
 
-    def _read_store(self, object_id: bytes, location: str = ""):
+    def _read_store(self, object_id: bytes, location: str = "", size: int = 0):
         mapped = self._mapped.get(object_id)
         if mapped is None:
             path = os.path.join(self.store_dir, object_id.hex())
@@ -600,7 +600,8 @@ class CoreWorker(StreamsMixin):
             except FileNotFoundError:
                 # Spilled to disk, or on another node: ask ours to make it local.
                 reply = self.request("restore", {"object_id": object_id.hex(),
-                                                 "location": location}, timeout=600)
+                                                 "location": location, "size": size},
+                                     timeout=600)
                 if "error_value" in reply:   # lost for good: the node says why
                     raise serialization.deserialize_inline(base64.b64decode(reply["error_value"]))
                 mapped = layout.read_object(reply["path"])
@@ -635,7 +636,8 @@ class CoreWorker(StreamsMixin):
             if (value is not None and value.in_store and object_id not in self._mapped
                     and not os.path.exists(os.path.join(self.store_dir, object_id.hex()))):
                 pulls[object_id] = self.request_async("restore", {
-                    "object_id": object_id.hex(), "location": value.location})
+                    "object_id": object_id.hex(), "location": value.location,
+                    "size": value.size})
         if not pulls:
             return refs
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 WORKER_EXIT_WAIT_S = 2.0
 # Per-node services beside the node's duties: the HTTP API, the Prometheus
 # endpoint, the memory monitor and the worker log files.
-EXTRAS = ("http", "metrics", "memory_monitor", "log_files")
+EXTRAS = ("http", "metrics", "memory_monitor", "log_files", "data_link")
 
 
 @dataclass
@@ -88,6 +88,7 @@ class NodeConfig:
     gpu_ids: list = field(default_factory=list)   # device ids behind the GPU resource
     metrics_export_port: int = 0      # Prometheus endpoint (0: a free port)
     dashboard_port: int | None = None  # HTTP API (None: 8265, or a free port when taken)
+    data_port: int = 0                # data link for large objects' bytes (0: a free port)
     extras: frozenset = frozenset(EXTRAS)  # per-node services to run (a simulation drops them)
 
 
@@ -117,6 +118,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self._conn_ids = itertools.count(1)
         self.pool: WorkerPool | None = None
         self.server = None
+        self.data_server = None
         self.address = ""
         self.local_address = ""
         self.membership = None            # set by the process entry point
@@ -168,6 +170,10 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
         extras = self.config.extras
+        if "data_link" in extras:        # large objects' bytes (rpc/data_link.py)
+            self.data_server = self.transfer.serve_data(self.config.host, self.config.data_port,
+                                                        self.config.token)
+            self.data_server.accept_hosts([self._advertised_host()])
         if "metrics" in extras:
             self.metrics.start(asyncio.get_running_loop())
         if "http" in extras:
@@ -270,6 +276,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.logs.close()
         if self.server is not None:
             await self.server.stop(grace=0.5)
+        if self.data_server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.data_server.close)
         await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop)
         self.jobs.stop()
         await asyncio.get_running_loop().run_in_executor(None, self.http.stop)
@@ -643,6 +651,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             "MetricsExportPort": self.metrics.port,
             "DashboardPort": self.http.port,
         }
+        if self.data_server is not None:
+            record["DataPort"] = self.data_server.port
         if self.drain.plan is not None:
             record["Draining"] = self.drain.plan.record()   # peers stop offering it work
         return record

@@ -129,7 +129,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                env: dict | None = None, prestart_workers: int | None = None,
                tls=None, etcd_options: dict | None = None,
                advertise_host: str = "", metrics_export_port: int | None = None,
-               dashboard_port: int | None = None, memory: int | None = None,
+               dashboard_port: int | None = None, data_port: int | None = None,
+               memory: int | None = None,
                drain_timeout: float | None = None,
                include_dashboard: bool = True, node_id: str | None = None) -> NodeProcess:
     from meshray import security
@@ -156,7 +157,8 @@ def start_node(*, etcd: str | None = None, embedded_etcd: bool = False,
                         ("--object-store-memory", object_store_memory),
                         ("--lease-ttl", lease_ttl), ("--prestart-workers", prestart_workers),
                         ("--metrics-export-port", metrics_export_port),
-                        ("--dashboard-port", dashboard_port), ("--memory", memory),
+                        ("--dashboard-port", dashboard_port), ("--data-port", data_port),
+                        ("--memory", memory),
                         ("--drain-timeout", drain_timeout), ("--node-id", node_id)):
         if value is not None:
             args += [flag, str(value)]

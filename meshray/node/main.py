@@ -75,6 +75,9 @@ def _parse(argv):
     parser.add_argument("--dashboard-port", type=lambda text: _port(text, "--dashboard-port"),
                         default=None, help="port of the HTTP API (jobs) on --host (default: "
                                            "8265, or a free port when taken)")
+    parser.add_argument("--data-port", type=lambda text: _port(text, "--data-port"), default=0,
+                        help="port of the data link (large objects' bytes between nodes) on "
+                             "--host (default: a free port)")
     parser.add_argument("--no-dashboard", action="store_true",
                         help="serve no HTTP API (no dashboard, no jobs API): init("
                              "include_dashboard=False) for the node it starts")
@@ -187,7 +190,7 @@ async def _run(args) -> int:
         port=args.port, token=token,
         etcd_endpoints=endpoints, labels=labels, prestart_workers=args.prestart_workers,
         gpu_ids=gpu_ids, metrics_export_port=args.metrics_export_port,
-        dashboard_port=args.dashboard_port,
+        dashboard_port=args.dashboard_port, data_port=args.data_port,
         extras=frozenset(EXTRAS) - ({"http"} if args.no_dashboard else set()))
     daemon = NodeDaemon(config)
     try:

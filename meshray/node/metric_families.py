@@ -151,6 +151,10 @@ def _cluster_families(out: _Families, snap: dict) -> None:
     out.counter("meshray_object_transfer_bytes", "Object bytes pulled from (received) or "
                 "served to (sent) peer nodes.", ("Direction",),
                 {"received": transfer["received"], "sent": transfer["sent"]})
+    out.counter("meshray_object_transfer_data_link_bytes", "Of those, the bytes that travelled "
+                "on the data link (large objects) rather than the PullObject RPC.",
+                ("Direction",), {"received": transfer["data_link_received"],
+                                 "sent": transfer["data_link_sent"]})
     lease = snap["lease"]
     out.gauge("meshray_etcd_lease_up", "1 while this node holds its etcd lease and is "
               "registered, else 0.", value=1.0 if lease["registered"] else 0.0)

@@ -104,6 +104,8 @@ class NodeMetrics:
         self.port = 0
         self.bytes_received = 0          # peer transfers; plain ints, written on the loop
         self.bytes_sent = 0
+        self.data_link_received = 0      # of which on the data link (rpc/data_link.py)
+        self.data_link_sent = 0
         self.snapshot_timeouts = 0
         self.names = NameCap(int(os.environ.get("MESHRAY_METRICS_MAX_NAMES",
                                                 families.DEFAULT_MAX_NAMES)))
@@ -218,7 +220,9 @@ class NodeMetrics:
         return {
             "loop": self._ask_loop(),
             "store": self.daemon.store.stats(),
-            "transfer": {"received": self.bytes_received, "sent": self.bytes_sent},
+            "transfer": {"received": self.bytes_received, "sent": self.bytes_sent,
+                         "data_link_received": self.data_link_received,
+                         "data_link_sent": self.data_link_sent},
             "lease": {"registered": bool(membership is not None and membership.registered),
                       "registrations": membership.lease_generation if membership else 0,
                       "errors": membership.loop_failures if membership else 0},

@@ -564,7 +564,8 @@ class ChunkWriter:
         self._lock = threading.Lock()
         self._starts: list = []  # disjoint, sorted [start, end) ranges received
         self._ends: list = []
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        # Read-write: `fill` maps the file to receive straight into its pages.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         if total_size >= RECYCLE_MIN_BYTES:
             try:
                 os.rename(path + RECYCLED_SUFFIX, self._tmp)
@@ -599,6 +600,56 @@ class ChunkWriter:
         if len(view):
             with self._lock:
                 self._add_range(offset, end)
+
+    def fill(self, offset: int, length: int, receive) -> None:
+        """Let `receive(view)` fill bytes [offset, offset + length) in place.
+
+        `view` is a writable view of the file's own (shared, prefaulted)
+        pages, so a socket can ``recv_into`` it with no copy in between;
+        `receive` must fill all of it or raise. Several ranges may be filled
+        at once from different threads.
+        """
+        end = offset + length
+        if offset < 0 or length <= 0 or end > self.total_size:
+            raise ValueError(
+                f"range [{offset}, {end}) lies outside the {self.total_size}-byte "
+                f"object {self.path}"
+            )
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"ChunkWriter for {self.path} is already closed")
+            fd = self._fd
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(fd, end - start, flags=flags, offset=start)
+        try:
+            receive(memoryview(mapped)[offset - start:])
+        finally:
+            try:
+                mapped.close()
+            except BufferError:
+                pass    # a failed receive's traceback still holds a view: unmapped with it
+        with self._lock:
+            self._add_range(offset, end)
+
+    def fill_fd(self, offset: int, length: int, receive) -> None:
+        """Let `receive(fd, offset, length)` write bytes [offset, offset +
+        length) into the file's descriptor itself (``os.splice`` from a
+        socket, say: the bytes never enter this process); it must write all
+        of them or raise."""
+        end = offset + length
+        if offset < 0 or length <= 0 or end > self.total_size:
+            raise ValueError(
+                f"range [{offset}, {end}) lies outside the {self.total_size}-byte "
+                f"object {self.path}"
+            )
+        with self._lock:
+            if self._fd is None:
+                raise ValueError(f"ChunkWriter for {self.path} is already closed")
+            fd = self._fd
+        receive(fd, offset, length)
+        with self._lock:
+            self._add_range(offset, end)
 
     def _add_range(self, start: int, end: int) -> None:
         i = bisect.bisect_left(self._ends, start)

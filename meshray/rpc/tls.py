@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import stat
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -217,6 +218,34 @@ class TlsConfig:
         if self.server_name:
             return [("grpc.ssl_target_name_override", self.server_name)]
         return []
+
+    # ---------------------------------------------------------------- raw sockets
+    def ssl_server_context(self) -> ssl.SSLContext:
+        """The same identity and client-certificate rule for a raw listener
+        (the data link, rpc/data_link.py)."""
+        if self.cert is None:
+            raise ValueError("TlsConfig without cert= and key= cannot serve TLS; give the "
+                             "node a certificate (see scripts/gen_certs.py)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.ca is not None:
+            context.load_verify_locations(cafile=self.ca)
+        if self.client_auth:
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def ssl_client_context(self) -> ssl.SSLContext:
+        """Trust roots and (for mutual TLS) this process's certificate, for a raw connection."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ca is not None:
+            context.load_verify_locations(cafile=self.ca)
+        else:
+            context.load_default_certs()
+        if self.cert is not None:
+            context.load_cert_chain(self.cert, self.key)
+        return context
 
 
 def resolve_tls(tls) -> TlsConfig | None:

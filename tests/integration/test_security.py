@@ -265,6 +265,41 @@ def test_grpc_tls_round_trip(certs):
         server.stop(0)
 
 
+def test_data_link_tls_round_trip(certs, tmp_path):
+    """The data link speaks TLS with the same certificates and client rule as gRPC."""
+    from meshray.object_store import layout
+    from meshray.rpc import data_link
+
+    path = str(tmp_path / "object")
+    layout.write_object(path, b"inband", [os.urandom(2_000_000)])
+    data = open(path, "rb").read()
+    served: list = []
+    server = data_link.DataServer(
+        "127.0.0.1", token=TOKEN, sent=lambda *args: None,
+        tls=TlsConfig(certs["node"], certs["node-key"], certs["ca"], client_auth=True),
+        open_object=lambda object_id, puller: served.append(object_id) or path)
+
+    def read(tls):
+        sock, total, count = data_link.open_range(
+            server.address, token=TOKEN, object_id=b"o" * 28, offset=0,
+            length=data_link.WHOLE, puller="p", timeout=10, tls=tls)
+        with sock:
+            buf = bytearray(count)
+            data_link.receive_into(sock, memoryview(buf))
+        return bytes(buf)
+
+    try:
+        assert read(TlsConfig(certs["node"], certs["node-key"], certs["ca"],
+                              server_name="meshray")) == data
+        for what, tls in {"plaintext": None,
+                          "no client certificate (mTLS)": TlsConfig(ca=certs["ca"])}.items():
+            with pytest.raises(data_link.DataLinkError):
+                read(tls)
+        assert len(served) == 1          # nothing was looked up for the refused readers
+    finally:
+        server.close()
+
+
 def test_grpc_tls_from_environment_aio(certs, monkeypatch):
     """Worker processes get TLS by inheriting MESHRAY_TLS_*; the defaults read it."""
     config = TlsConfig(certs["node"], certs["node-key"], certs["ca"], client_auth=True,

@@ -6,9 +6,11 @@ import collections
 import os
 import sys
 import time
+import urllib.request
 
 import cloudpickle
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import wait_for
 
@@ -47,6 +49,52 @@ def test_a_pulled_copy_is_dropped_when_its_object_is_freed(cluster):
     wait_for(lambda: not _store_has(reader, object_hex), timeout=10,
              message="the reader's copy dropped after the free")
     assert not _store_has(cluster.head_node, object_hex)
+
+
+def _data_link_bytes(ray, node_id: str) -> dict:
+    """What the node's metrics say moved on its data link, and on any path."""
+    (record,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
+    host = record["Address"].rsplit(":", 1)[0]
+    url = f"http://{host}:{record['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    out = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("meshray_object_transfer_data_link_bytes_total",
+                               "meshray_object_transfer_bytes_total"):
+                key = "link" if "data_link" in sample.name else "any"
+                out[f"{key}:{sample.labels['Direction']}"] += sample.value
+    return out
+
+
+def test_large_objects_travel_on_the_data_link_and_small_ones_on_the_rpc(cluster):
+    reader = cluster.add_node(num_cpus=1, resources={"dst": 1})
+    ray = cluster.connect()
+    ports = [n.get("DataPort") for n in ray.nodes() if n["Alive"]]
+    assert len(ports) == 2 and all(isinstance(p, int) and p > 0 for p in ports)
+
+    @ray.remote(num_cpus=0, resources={"src": 0.01})
+    def produce(size):
+        import numpy as np
+        return np.full(size, 3, dtype=np.uint8)
+
+    @ray.remote(num_cpus=0, resources={"dst": 0.01})
+    def consume(array):
+        return int(array.sum())
+
+    head = cluster.head_node.node_id
+    before = _data_link_bytes(ray, reader.node_id)
+    assert ray.get(consume.remote(produce.remote(SIZE)), timeout=60) == 3 * SIZE
+    after = _data_link_bytes(ray, reader.node_id)
+    assert after["link:received"] - before["link:received"] >= SIZE
+    assert _data_link_bytes(ray, head)["link:sent"] >= SIZE
+    # A small store object (over the inline limit, under the data link's) takes the RPC.
+    small = 300 * 1024
+    assert ray.get(consume.remote(produce.remote(small)), timeout=60) == 3 * small
+    last = _data_link_bytes(ray, reader.node_id)
+    assert last["link:received"] == after["link:received"]
+    assert last["any:received"] - after["any:received"] >= small
 
 
 def test_spilled_work_keeps_every_node_busy(cluster):
