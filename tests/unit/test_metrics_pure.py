@@ -168,7 +168,7 @@ SNAPSHOT = {
     "store": {"capacity": 100, "used_bytes": 40, "spilled_bytes": 7, "num_objects": 3,
               "spill_count": 1, "spill_bytes_total": 7, "restore_count": 0,
               "restore_bytes_total": 0},
-    "transfer": {"received": 10, "sent": 20},
+    "transfer": {"received": 10, "sent": 20, "data_link_received": 8, "data_link_sent": 16},
     "lease": {"registered": True, "registrations": 1, "errors": 0},
     "host": {"cpu_percent": 12.5, "cpu_count": 8, "mem_total": 100, "mem_available": 60,
              "mem_used": 40, "daemon_rss": 5},
@@ -196,6 +196,9 @@ def test_node_families_carry_the_base_labels_and_reserve_their_ray_names():
     assert at("ray_memory_manager_worker_eviction_total", Type="Task", Name="hog") == 2
     assert at("meshray_memory_monitor_usage_fraction") == 0.5
     assert at("meshray_memory_monitor_threshold") == 0.95
+    assert at("meshray_object_transfer_bytes_total", Direction="received") == 10
+    assert at("meshray_object_transfer_data_link_bytes_total", Direction="received") == 8
+    assert at("meshray_object_transfer_data_link_bytes_total", Direction="sent") == 16
 
 
 def test_a_loop_that_did_not_answer_leaves_its_families_out():
