@@ -584,18 +584,22 @@ class ChunkWriter:
             self.abort()
             raise
 
-    def write(self, offset: int, data) -> None:
-        view = _as_bytes_view(data)
-        end = offset + len(view)
+    def _fd_for(self, offset: int, end: int, what: str) -> int:
+        """The open file, once [offset, end) is known to lie inside the object."""
         if offset < 0 or end > self.total_size:
             raise ValueError(
-                f"chunk [{offset}, {end}) lies outside the {self.total_size}-byte "
+                f"{what} [{offset}, {end}) lies outside the {self.total_size}-byte "
                 f"object {self.path}"
             )
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"ChunkWriter for {self.path} is already closed")
-            fd = self._fd
+            return self._fd
+
+    def write(self, offset: int, data) -> None:
+        view = _as_bytes_view(data)
+        end = offset + len(view)
+        fd = self._fd_for(offset, end, "chunk")
         _pwrite_all(fd, [view], offset)
         if len(view):
             with self._lock:
@@ -609,44 +613,29 @@ class ChunkWriter:
         `receive` must fill all of it or raise. Several ranges may be filled
         at once from different threads.
         """
-        end = offset + length
-        if offset < 0 or length <= 0 or end > self.total_size:
-            raise ValueError(
-                f"range [{offset}, {end}) lies outside the {self.total_size}-byte "
-                f"object {self.path}"
-            )
-        with self._lock:
-            if self._fd is None:
-                raise ValueError(f"ChunkWriter for {self.path} is already closed")
-            fd = self._fd
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapped = mmap.mmap(fd, end - start, flags=flags, offset=start)
-        try:
-            receive(memoryview(mapped)[offset - start:])
-        finally:
+        def into_mapping(fd: int, offset: int, length: int) -> None:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapped = mmap.mmap(fd, offset + length - start, flags=flags, offset=start)
             try:
-                mapped.close()
-            except BufferError:
-                pass    # a failed receive's traceback still holds a view: unmapped with it
-        with self._lock:
-            self._add_range(offset, end)
+                receive(memoryview(mapped)[offset - start:])
+            finally:
+                try:
+                    mapped.close()
+                except BufferError:
+                    pass    # a failed receive's traceback still holds a view: unmapped with it
+
+        self.fill_fd(offset, length, into_mapping)
 
     def fill_fd(self, offset: int, length: int, receive) -> None:
         """Let `receive(fd, offset, length)` write bytes [offset, offset +
         length) into the file's descriptor itself (``os.splice`` from a
         socket, say: the bytes never enter this process); it must write all
-        of them or raise."""
+        of them or raise. The range counts as received once it returns."""
         end = offset + length
-        if offset < 0 or length <= 0 or end > self.total_size:
-            raise ValueError(
-                f"range [{offset}, {end}) lies outside the {self.total_size}-byte "
-                f"object {self.path}"
-            )
-        with self._lock:
-            if self._fd is None:
-                raise ValueError(f"ChunkWriter for {self.path} is already closed")
-            fd = self._fd
+        if length <= 0:
+            raise ValueError(f"length={length}: a range to fill has at least one byte")
+        fd = self._fd_for(offset, end, "range")
         receive(fd, offset, length)
         with self._lock:
             self._add_range(offset, end)
