@@ -414,9 +414,13 @@ class DataServer:
         try:
             path = self._open_object(object_id, puller)
             file = open(path, "rb")
-        except (RangeNotServed, OSError) as exc:
+        except (RangeNotServed, FileNotFoundError) as exc:     # not here (any more)
             why = str(exc).encode("utf-8", "replace")[:4096]
             conn.sendall(proof + b"\x01" + struct.pack("!H", len(why)) + why)
+            return
+        except Exception as exc:  # noqa: BLE001 - slow or failed lookup: the reader retries
+            log.warning("data link: could not open object %s for %s: %r", object_id.hex(),
+                        puller, exc)
             return
         with file:
             total = os.fstat(file.fileno()).st_size

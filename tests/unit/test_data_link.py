@@ -251,3 +251,17 @@ def test_a_holder_that_stops_sending_is_given_up_on_after_the_deadline(tmp_path)
         writer.abort()
         reader.close()
         listener.close()
+
+
+def test_a_lookup_that_fails_otherwise_is_a_transient_failure_not_a_missing_copy(tmp_path):
+    def slow(object_id, puller):
+        raise TimeoutError("the node's loop did not answer in time")
+
+    server = DataServer("127.0.0.1", token=TOKEN, tls=None, open_object=slow,
+                        sent=lambda *a: None)
+    try:
+        with pytest.raises(DataLinkError) as info:     # retried, never "no copy here"
+            _read(server.address)
+        assert info.value.reached and not isinstance(info.value, RangeNotServed)
+    finally:
+        server.close()
