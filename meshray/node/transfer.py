@@ -45,7 +45,7 @@ from meshray import exceptions
 from meshray.node.objects import error_of, error_value
 from meshray.node.state import messages as m
 from meshray.object_store import layout
-from meshray.rpc import data_link, split_host_port
+from meshray.rpc import data_link, join_host_port, split_host_port
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["ObjectTransfer", "PULL_CHUNK_BYTES", "PULL_DEADLINE_S", "PULL_METHOD",
@@ -78,23 +78,24 @@ DATA_LINK_STREAMS = max(1, min(4, (os.cpu_count() or 2) // 2))
 # After the data link to a holder could not be reached, its pulls take the
 # RPC for this long (a firewall that lets only --port through, say).
 DATA_LINK_RETRY_S = 60.0
-_writers = None
-_data_threads = None
+_pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
 
-def _data_link_threads() -> concurrent.futures.ThreadPoolExecutor:
-    global _data_threads
-    if _data_threads is None:
-        _data_threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=8, thread_name_prefix="meshray-data-pull")
-    return _data_threads
+def _threads(name: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The node's pool of threads named `name` (made on first use)."""
+    pool = _pools.get(name)
+    if pool is None:
+        pool = _pools[name] = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix=name)
+    return pool
 
 
 def _chunk_writers() -> concurrent.futures.ThreadPoolExecutor:
-    global _writers
-    if _writers is None:
-        _writers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="meshray-pull")
-    return _writers
+    return _threads("meshray-pull", 2)
+
+
+def _data_link_threads() -> concurrent.futures.ThreadPoolExecutor:
+    return _threads("meshray-data-pull", 8)
 
 
 # ------------------------------------------------------------ chunk wire format
@@ -374,12 +375,12 @@ class ObjectTransfer:
             host, _port = split_host_port(str(record.get("Address") or ""))
         except ValueError:
             return None
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return join_host_port(host, port)
 
     async def _pull_data(self, address: str, object_id: bytes, node_hex: str,
                          size: int) -> str:
         """Receive the object on the data link, in ranges on parallel connections,
-        straight into the mapped pages of our store file.
+        straight into our store file (spliced; under TLS, into its mapped pages).
 
         Abandoned when its holder is declared dead mid-transfer, or sends
         nothing for PULL_STALL_S (every read has that deadline).
@@ -433,12 +434,11 @@ class ObjectTransfer:
                 receive(sock, offset, count)
 
             running.append(loop.run_in_executor(threads, receive, sock, 0, count))
-            rest = total - count
-            parts = max(1, streams - 1)
-            step = -(-rest // parts) if rest > 0 else 0
-            for offset in range(count, total, step or 1):
-                running.append(loop.run_in_executor(
-                    threads, fetch, offset, min(step, total - offset)))
+            if total > count:                       # the other streams share the rest
+                step = -(-(total - count) // max(1, streams - 1))
+                for offset in range(count, total, step):
+                    running.append(loop.run_in_executor(
+                        threads, fetch, offset, min(step, total - offset)))
             await self._until_done(node_hex, running)
             size = writer.finish()
             self._metrics.bytes_received += total

@@ -2,6 +2,7 @@
 from meshray.rpc.factory import (
     accept_targets,
     is_loopback_host,
+    join_host_port,
     make_aio_channel,
     make_aio_server,
     make_channel,
@@ -12,6 +13,7 @@ from meshray.rpc.factory import (
 __all__ = [
     "accept_targets",
     "is_loopback_host",
+    "join_host_port",
     "make_aio_channel",
     "make_aio_server",
     "make_channel",

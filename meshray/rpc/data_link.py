@@ -67,6 +67,7 @@ from meshray.rpc.factory import (
     _check_token,
     _Failpoints,
     _failpoints_wanted,
+    join_host_port,
     split_host_port,
 )
 from meshray.rpc.tls import TLS_FROM_ENV, TlsConfig, resolve_tls
@@ -116,13 +117,7 @@ def _mac(key: bytes, data: bytes) -> bytes:
 
 def _recv_exact(sock, count: int) -> bytes:
     buf = bytearray(count)
-    view = memoryview(buf)
-    got = 0
-    while got < count:
-        n = sock.recv_into(view[got:], count - got)
-        if not n:
-            raise DataLinkError(f"connection closed after {got} of {count} bytes")
-        got += n
+    receive_into(sock, memoryview(buf))
     return bytes(buf)
 
 
@@ -136,10 +131,6 @@ def _request(object_id: bytes, offset: int, length: int, puller: str) -> bytes:
                          "and length > 0")
     return (bytes([len(object_id)]) + object_id + _RANGE.pack(offset, length)
             + bytes([len(who)]) + who)
-
-
-def _target(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ------------------------------------------------------------------ reader side
@@ -157,7 +148,7 @@ def open_range(address: str, *, token: str | None, object_id: bytes, offset: int
     tls = resolve_tls(tls)
     keys = _keys(_check_token(token))
     request = _request(object_id, offset, length, puller)
-    target = _target(host, port).encode("ascii")
+    target = join_host_port(host, port).encode("ascii")
     try:
         sock = socket.create_connection((host, port), timeout=min(timeout, HANDSHAKE_TIMEOUT_S))
     except OSError as exc:
@@ -209,7 +200,7 @@ def receive_into(sock, view: memoryview) -> None:
         while got < size:
             n = sock.recv_into(view[got:], size - got)
             if not n:
-                raise DataLinkError(f"the holder closed the data link after {got} of "
+                raise DataLinkError(f"the other end closed the data link after {got} of "
                                     f"{size} bytes")
             got += n
     except OSError as exc:
@@ -295,7 +286,7 @@ class DataServer:
                  tls: TlsConfig | None = TLS_FROM_ENV, allow_insecure_remote: bool = False,
                  stall_s: float = 15.0, max_connections: int = MAX_CONNECTIONS):
         token = _check_token(token)
-        _check_binds([_target(host, port)], token, allow_insecure_remote)
+        _check_binds([join_host_port(host, port)], token, allow_insecure_remote)
         tls = resolve_tls(tls)
         self._context = tls.ssl_server_context() if tls is not None else None
         self._keys = _keys(token)
@@ -304,7 +295,7 @@ class DataServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.create_server((host, port), family=family, backlog=64)
         self.port = self._sock.getsockname()[1]
-        self.address = _target(host, self.port)
+        self.address = join_host_port(host, self.port)
         self._targets = {self.address}
         if host in ("127.0.0.1", "localhost"):
             self._targets |= {f"127.0.0.1:{self.port}", f"localhost:{self.port}"}
@@ -321,7 +312,7 @@ class DataServer:
     def accept_hosts(self, hosts) -> None:
         """Hosts readers dial this node at besides the bound one (its advertised address)."""
         for host in hosts:
-            self._targets.add(_target(host, self.port))
+            self._targets.add(join_host_port(host, self.port))
 
     def close(self) -> None:
         """Stop accepting and break every open connection."""

@@ -84,6 +84,11 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """"host:port", with an IPv6 host in brackets (split_host_port's inverse)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_loopback_host(host: str) -> bool:
     """True when binding `host` only exposes the port to this machine."""
     if host in ("localhost", ""):
@@ -479,7 +484,7 @@ def _bind_all(server, bind: list[str], tls: TlsConfig | None) -> list[str]:
             bound.append(address)
             continue
         host, port = split_host_port(address)
-        target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        target = join_host_port(host, port)
         try:
             actual = (server.add_secure_port(target, creds) if creds is not None
                       else server.add_insecure_port(target))
