@@ -64,7 +64,7 @@ def _external(args, seed: int):
     targets = [Target("node", [args.address], fc.Context(node_id=info.node_id), info.pid)]
     if args.actor:
         targets.append(Target("actor", [args.actor], fc.Context(
-            node_id=info.node_id, actor_id=actor_id, actor_methods=())))
+            node_id=info.node_id, actor_id=actor_id, actor_methods=()), link=True))
     fuzzer = WireFuzzer(targets, token, seed, args.deadline)
     report = Report(seed)
     try:

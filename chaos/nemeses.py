@@ -265,7 +265,7 @@ class RpcDrop(_Failpoint):
 
 class RpcDropActor(_Failpoint):
     name = "rpc-drop-actor"
-    summary = "break a node's actor call streams now and then (failpoint actor.call=drop)"
+    summary = "break a node's actor call links now and then (failpoint actor.call=drop)"
     specs = ("actor.call=drop(0.05)", "actor.call=drop_reply(0.05)")
 
 

@@ -1,16 +1,18 @@
-"""The caller-side half of actors: one direct stream per (process, actor).
+"""The caller-side half of actors: one direct call link per (process, actor).
 
-Calls are numbered and sent in submission order on the stream, so calls from
+Calls are numbered and sent in submission order on the link
+(rpc/call_link.py), written by the thread that submits them (or by one
+submitting at the same moment, which writes both), so calls from
 one process run in that order on a synchronous actor. The actor's address
 comes from the caller's node (which asks etcd when the actor lives
 elsewhere) once per incarnation; after that, calls never touch the node or
-etcd. When the stream breaks, the connection asks the node what happened:
+etcd. When the link breaks, the connection asks the node what happened:
 a restarted actor gets the unanswered calls again if they may be retried
 (max_task_retries), a dead one fails them with ActorDiedError.
 
 Errors tell what is known about each call. A call that provably never
-reached the actor -- still queued here when the stream ended, or refused by
-an actor whose node's lease fence is down (actor_host.py ends such a stream
+reached the actor -- still queued here when the link ended, or refused by
+an actor whose node's lease fence is down (actor_host.py ends such a link
 only after answering every call it accepted) -- did not run: it is sent
 again without using a retry, and if it must fail its error says it did not
 run. Only a call that left this process and went unanswered "may or may not
@@ -21,27 +23,21 @@ and calls fail only after DELIVERY_TIMEOUT_S without any way to the actor.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import grpc
-
 from meshray import exceptions
 from meshray.core import arg_files
-from meshray.rpc import make_channel
+from meshray.rpc import call_link
+from meshray.rpc.call_link import LinkClosed
 from meshray.rpc.generated import meshray_pb2 as pb
-from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from meshray.rpc.streams import release_stream_error
 
-__all__ = ["REFUSED_KEY", "ActorConnection", "maybe_delivered", "stream_refused"]
+__all__ = ["ActorConnection", "maybe_delivered", "stream_refused"]
 
 log = logging.getLogger(__name__)
 
-_BATCH = 2000
-_BATCH_BYTES = 2 * 1024 * 1024
 RESOLVE_TIMEOUT_S = 60.0
 # How long a call may wait while its actor cannot be reached at all (the
 # lookup fails, or every stream breaks or is refused before any answer).
@@ -51,9 +47,6 @@ DELIVERY_TIMEOUT_S = 60.0
 # node can see it exited). Ask again for this long before concluding the
 # actor lives and the calls out were lost in the network.
 SAME_ADDRESS_GRACE_S = 2.0
-# Trailing metadata of a stream the actor refused (actor_host.py): none of
-# its unanswered calls reached the actor's code.
-REFUSED_KEY = "meshray-calls-not-run"
 _NOT_DELIVERED = "This call was never delivered to the actor, so it did not run."
 
 
@@ -63,13 +56,14 @@ class PendingCall:
     return_ids: list
     keepalive: list
     retries_left: int
-    # On the current stream, or sent on an earlier one and maybe delivered.
+    # On the current link, or sent on an earlier one and maybe delivered.
     sent: bool = False
     queued_at: float = field(default_factory=time.monotonic)
     extra: dict = field(default_factory=dict)
     arg_file: str = ""        # this call's argument file (arg_files), released when it is over
     resent: bool = False      # sent more than once: an earlier recipient may still map arg_file
     cancelled: bool = False   # meshray.cancel asked for it: never sent again
+    frame: int = 0            # its frame on the current link (Link.sent_upto says if it left)
 
 
 class ActorConnection:
@@ -81,12 +75,11 @@ class ActorConnection:
         self.max_task_retries = max_task_retries
         self._lock = threading.Lock()
         self._pending: "OrderedDict[bytes, PendingCall]" = OrderedDict()
-        self._queue: queue.SimpleQueue | None = None
+        self._link: call_link.Link | None = None     # to the current incarnation
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
         self._closed = False
         self._sequence = 0
-        self._channel = None
         # Whether the current incarnation lives on this node (None: not
         # located yet); large arguments use files only for a local actor.
         self.same_node: bool | None = None
@@ -106,13 +99,18 @@ class ActorConnection:
             spec.sequence = self._sequence
             call = PendingCall(spec, return_ids, keepalive, max_task_retries, arg_file=arg_file)
             self._pending[spec.task_id] = call
-            if self._queue is not None:
-                call.sent = True
-                self._queue.put(spec)
+            link = self._link
+            if link is not None:
+                self._enqueue(link, call)
+            # A call with none before it waits alone: written now, from this
+            # thread; in a burst the link's writer sends them in batches.
+            alone = len(self._pending) <= 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name=f"meshray-actor-{self.actor_id.hex()[:8]}")
                 self._thread.start()
+        if link is not None and call.sent:
+            self._flush(link, now=alone)
 
     def has_call(self, task_id: bytes) -> bool:
         """Whether the call `task_id` was submitted here and is not answered yet."""
@@ -127,23 +125,31 @@ class ActorConnection:
             if call is None or call.cancelled:
                 return
             call.cancelled = True
-            if call.sent and self._queue is not None:
-                self._queue.put(_Cancel(task_id))
-                return
-            if call.sent:
-                return      # its stream broke: it fails below when the actor is found again
-            del self._pending[task_id]
+            link = self._link
+            if call.sent and link is not None:
+                try:
+                    link.enqueue(call_link.CALLS, pb.ActorCallBatch(
+                        cancel_task_ids=[task_id]).SerializeToString())
+                except LinkClosed:
+                    pass      # it fails below when the actor is found again
+            elif call.sent:
+                return      # its link broke: it fails below when the actor is found again
+            else:
+                del self._pending[task_id]
+        if call.sent:
+            if link is not None:
+                self._flush(link)
+            return
         self._release(call.arg_file)
         self._core.fail_locally(call.return_ids, exceptions.TaskCancelledError(task_id.hex()))
 
     def close(self) -> None:
         self._closed = True
         with self._lock:
-            if self._queue is not None:
-                self._queue.put(None)
+            link = self._link
             files = [call.arg_file for call in self._pending.values() if call.arg_file]
-        if self._channel is not None:
-            self._channel.close()
+        if link is not None:
+            link.shutdown()
         # This process will not hear the answers any more: its argument files
         # are of no further use (an actor that already mapped one keeps it).
         for name in files:
@@ -222,28 +228,32 @@ class ActorConnection:
             self._fail_overdue(why, unreachable_since)
 
     def _serve(self, info: dict) -> tuple[bool, str]:
-        """Stream calls to the incarnation `info` names.
+        """Send calls to the incarnation `info` names and read its answers.
 
-        Returns whether any answer came back, and why the stream ended.
+        Returns whether any answer came back, and why the link ended.
         """
+        address = self._pick_address(info)
+        try:
+            link = call_link.connect(address, token=self._core.token)
+        except LinkClosed as exc:
+            return False, exc.details
         answered = False
-        why = "its stream ended"
+        why = "its link ended"
         refused = False
-        handed: set = set()         # task ids of calls that left this process
-        replies_queue: queue.SimpleQueue = queue.SimpleQueue()
+        malformed = None
         same_node = info.get("node_id") == self._core.node_id.hex()
         with self._lock:
             self.same_node = same_node
             lost = [call for call in self._pending.values() if call.sent]
             for call in [call for call in self._pending.values() if call.cancelled]:
-                # Cancelled, and the stream that carried the cancel is gone.
+                # Cancelled, and the link that carried the cancel is gone.
                 self._pending.pop(call.spec.task_id)
                 self._release(call.arg_file)
                 self._core.fail_locally(call.return_ids,
                                         exceptions.TaskCancelledError(call.spec.task_id.hex()))
             lost = [call for call in lost if not call.cancelled]
             for call in lost:
-                # Sent on an earlier stream that broke, and never answered: it
+                # Sent on an earlier link that broke, and never answered: it
                 # may have run. Retry only if the caller allowed it.
                 if call.retries_left == 0:
                     self._pending.pop(call.spec.task_id)
@@ -259,17 +269,22 @@ class ActorConnection:
                     call.resent = True
                 if call.arg_file and not same_node:
                     self._inline_arg_file(call)
-                call.sent = True
-                replies_queue.put(call.spec)
-            self._queue = replies_queue
-        address = self._pick_address(info)
-        self._channel = make_channel(address, token=self._core.token)
-        stub = pb_grpc.ActorServiceStub(self._channel)
-        malformed = None
+                self._enqueue(link, call)
+            self._link = link
         try:
-            for batch in stub.Call(self._outgoing(replies_queue, handed)):
+            self._flush(link)
+            while True:
+                kind, payload = link.recv()
+                if kind == call_link.STATUS:
+                    code, refused = payload[0], bool(payload[1])
+                    details = payload[2:].decode("utf-8", "replace")
+                    if code == call_link.OK:
+                        break
+                    raise LinkClosed(details, code=code, refused=refused)
+                if kind != call_link.REPLIES:
+                    raise LinkClosed(f"the actor sent a frame of unknown kind {kind}")
                 answered = True
-                for result in batch.results:
+                for result in pb.ActorReplyBatch.FromString(payload).results:
                     if result.stream_item_id:
                         # One item of a generator call: the call goes on.
                         self._core.deliver_stream_item(result)
@@ -281,31 +296,47 @@ class ActorConnection:
                         if call.arg_file:
                             self._release(call.arg_file,
                                           reusable=result.args_released and not call.resent)
-        except Exception as exc:  # noqa: BLE001 - stream broke: find out why
-            log.debug("actor %s stream ended: %s", self.actor_id.hex(), exc)
-            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                malformed = exc.details()
+        except Exception as exc:  # noqa: BLE001 - link broke: find out why
+            log.debug("actor %s link ended: %s", self.actor_id.hex(), exc)
+            if isinstance(exc, LinkClosed) and exc.code == call_link.MALFORMED:
+                malformed = exc.details
             refused = stream_refused(exc)
-            why = getattr(exc, "details", lambda: None)() or str(exc) or why
-            release_stream_error(exc)
+            why = getattr(exc, "details", None) or str(exc) or why
         finally:
             with self._lock:
-                if self._queue is replies_queue:
-                    self._queue = None
+                if self._link is link:
+                    self._link = None
+                link.shutdown()           # nothing more is queued on it
                 for call in self._pending.values():
-                    if call.sent and not maybe_delivered(call.spec.task_id in handed, refused):
+                    if call.sent and not maybe_delivered(call.frame <= link.sent_upto, refused):
                         call.sent = False    # it never reached the actor: just send it again
-            replies_queue.put(None)
-            self._channel.close()
+            link.close()
         if malformed is not None:
             # Sent again, a malformed call would be refused again: fail what
-            # the stream carried instead of retrying it.
+            # the link carried instead of retrying it.
             log.error("actor %s refused a call from this process as malformed: %s",
                       self.actor_id.hex(), malformed)
             self._fail_sent(exceptions.RaySystemError(
                 f"actor {self.actor_id.hex()} refused a call as malformed: {malformed}"))
             return True, why
         return answered, why
+
+    def _enqueue(self, link, call: PendingCall) -> None:
+        """Queue `call` on `link` (the caller holds the lock)."""
+        try:
+            call.frame = link.enqueue(call_link.CALLS,
+                                      pb.ActorCallBatch(calls=[call.spec]).SerializeToString())
+        except LinkClosed:
+            call.sent = False    # the reading thread finds the link over and sends it again
+            return
+        call.sent = True
+
+    def _flush(self, link, now: bool = True) -> None:
+        try:
+            link.flush(now)
+        except LinkClosed as exc:
+            # The reading thread sees the break and sorts the calls out.
+            log.debug("actor %s: sending calls failed: %s", self.actor_id.hex(), exc)
 
     def _fail_sent(self, error: BaseException) -> None:
         """Fail the calls sent and not answered (those the refused stream carried)."""
@@ -338,36 +369,6 @@ class ActorConnection:
                 if address.startswith("unix:"):
                     return address
         return next(a for a in addresses if not a.startswith("unix:"))
-
-    @staticmethod
-    def _outgoing(calls: queue.SimpleQueue, handed: set):
-        """Batches for the stream; each call's task id goes into `handed`
-        before gRPC can have it, so a call not in it never left."""
-        while True:
-            spec = calls.get()
-            if spec is None:
-                return
-            batch, cancels, size = [], [], 0
-            while True:
-                if isinstance(spec, _Cancel):
-                    cancels.append(spec.task_id)
-                else:
-                    handed.add(spec.task_id)
-                    batch.append(spec)
-                    # (ByteSize, not len(args_blob): reading a bytes field copies it.)
-                    size += spec.ByteSize()
-                # Cap batches by bytes too, so large arguments pipeline instead of
-                # forming one huge message the actor can only start on when whole.
-                if len(batch) >= _BATCH or size >= _BATCH_BYTES:
-                    break
-                try:
-                    spec = calls.get_nowait()
-                except queue.Empty:
-                    break
-                if spec is None:
-                    yield pb.ActorCallBatch(calls=batch, cancel_task_ids=cancels)
-                    return
-            yield pb.ActorCallBatch(calls=batch, cancel_task_ids=cancels)
 
     def _fail_dead(self, info: dict, cause: str) -> None:
         """The actor is dead: fail every call, saying which ones never reached it."""
@@ -407,24 +408,20 @@ class ActorConnection:
 
 @dataclass(frozen=True)
 class _Cancel:
-    """Queued for the stream behind the calls: cancel the call `task_id`."""
+    """Queued for the link behind the calls: cancel the call `task_id`."""
     task_id: bytes
 
 
 def maybe_delivered(handed: bool, refused: bool) -> bool:
-    """Whether an unanswered call of an ended stream may have reached the actor.
+    """Whether an unanswered call of an ended link may have reached the actor.
 
     Not when it never left this process, nor when the actor refused the
-    stream: it ends such a stream only after answering every call it took.
+    link: it ends such a link only after answering every call it took.
     """
     return handed and not refused
 
 
 def stream_refused(exc: BaseException) -> bool:
-    """True when a broken actor stream carries the actor's refusal mark."""
-    trailing = getattr(exc, "trailing_metadata", None)
-    try:
-        pairs = trailing() if callable(trailing) else None
-    except Exception:  # noqa: BLE001 - no metadata on this error
-        pairs = None
-    return any(key == REFUSED_KEY for key, _value in pairs or ())
+    """True when an ended actor link carries the actor's refusal (none of its
+    unanswered calls ran)."""
+    return isinstance(exc, LinkClosed) and exc.refused

@@ -1,6 +1,7 @@
 """The worker-side half of an actor: its instance, its server, its threads.
 
-Callers stream method calls straight to this process (ActorService.Call).
+Callers send method calls straight to this process, on a call link
+(rpc/call_link.py) each.
 How a call runs depends on the actor:
 - a plain actor (max_concurrency=1, no async methods): on the main thread,
   one at a time, in arrival order;
@@ -11,10 +12,10 @@ How a call runs depends on the actor:
 
 An actor created for another node refuses calls while its node's lease
 fence is down (common/fence.py): that node may have restarted it elsewhere.
-A refusal never leaves the caller guessing: the stream is ended only once
-every call read before the refusal has been answered, with trailing
-metadata (REFUSED_KEY) that tells the caller none of the unanswered calls
-ran, so it sends them again rather than failing them as maybe executed.
+A refusal never leaves the caller guessing: the link is ended only once
+every call read before the refusal has been answered, with a status that
+says none of the unanswered calls ran, so the caller sends them again
+rather than failing them as maybe executed.
 """
 from __future__ import annotations
 
@@ -25,33 +26,29 @@ import json
 import logging
 import os
 import pickle
-import queue
 import sys
 import threading
 import time
 import weakref
 
-import grpc
-
 from meshray import exceptions
 from meshray.common import ids
 from meshray.common.fence import LeaseFence, fence_applies
 from meshray.core import arg_files, call_rules, state as state_mod
-from meshray.core.actor_client import REFUSED_KEY
 from meshray.core.actor_task_events import ActorTaskRecorder
 from meshray.core.object_ref import ArgPlaceholder
 from meshray.core.options import resolve_max_concurrency
-from meshray.rpc import accept_targets, make_server, strict
+from meshray.rpc import call_link, strict
+from meshray.rpc.call_link import CALL_METHOD, LinkClosed, LinkServer, status_payload
 from meshray.rpc.rules import pickle_problem
 from meshray.rpc.generated import meshray_pb2 as pb
-from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
 __all__ = ["ActorHost", "ActorExitRequested", "MalformedArguments"]
 
 log = logging.getLogger(__name__)
 
-_BATCH = 2000
 TERMINATE_METHOD = "__ray_terminate__"
+_FINAL_WRITE_S = 5.0      # how long a link's last answers and status may take to leave
 READY_METHOD = "__ray_ready__"
 
 
@@ -70,51 +67,93 @@ class ActorExitRequested(BaseException):
     """
 
 
-class _Refused:
-    """Queued by the reader in place of a batch it refused: how many calls
-    it had handed on before, which the stream answers before it ends, and why."""
-
-    def __init__(self, dispatched: int, why: str):
-        self.dispatched = dispatched
-        self.why = why
-
-
 class _CallStream:
-    """The replies of one Call stream, and when it may end.
+    """The answers on one call link, and when the link may end.
 
-    A caller that half-closes its side still gets the answers to the calls it
-    sent: the stream ends once every call it carried has been answered.
+    Each answer is written from the thread that produced it (call_link
+    combines answers that leave at once). The link ends with its status
+    only once every call read from it has been answered: a caller that
+    sent END, or was refused, still gets the answers to the calls it sent.
     """
 
-    def __init__(self):
-        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, link, answered):
+        self.link = link
+        self._answered = answered           # records answers for the state API
         self._lock = threading.Lock()
         self._unanswered = 0
-        self._input_ended = False
+        self._final: bytes | None = None    # the status, once the input ended
+        self.drop_reply = False             # chaos: break the link at the next answer
+        self._finishing = False
+        self.done = threading.Event()       # the status is written (or the link broke)
 
     def started(self) -> None:
         with self._lock:
             self._unanswered += 1
 
     def reply(self, item) -> None:
-        self.replies.put(item)
-        if is_stream_item(item):
+        if isinstance(item, strict.Malformed):     # MalformedArguments of one call
+            self.finish_now(call_link.MALFORMED, f"malformed request to {CALL_METHOD}: {item}")
+            return
+        if self.drop_reply:
+            self.finish_now(call_link.UNAVAILABLE, "failpoint actor.call: dropped a reply")
+            return
+        item_only = is_stream_item(item)
+        if not item_only:
+            self._answered([item])
+        with self._lock:
+            # The only call out on this link: its caller is waiting for this
+            # answer, so it is written now; in a burst the link's writer
+            # sends what gathers in one write.
+            alone = self._unanswered <= 1
+        try:
+            self.link.send(call_link.REPLIES, pb.ActorReplyBatch(results=[item]).SerializeToString(),
+                           now=alone)
+        except LinkClosed as exc:
+            log.debug("an answer could not be sent: %s", exc)     # the caller is gone
+        if item_only:
             return          # one of a generator call's items: the call is not answered yet
         with self._lock:
             self._unanswered -= 1
-            last = self._input_ended and self._unanswered == 0
+            last = self._final is not None and self._unanswered == 0
         if last:
-            self.replies.put(None)
+            self._send_final()
 
-    def input_ended(self) -> None:
+    def end(self, status: bytes) -> None:
+        """No more calls will be read: `status` goes once all are answered."""
         with self._lock:
-            self._input_ended = True
+            if self._final is None:
+                self._final = status
             last = self._unanswered == 0
         if last:
-            self.replies.put(None)
+            self._send_final()
+
+    def finish_now(self, code: int, details: str) -> None:
+        """End the link at once with `code` (its unanswered calls are lost):
+        the status, then end of input for the caller, which then closes."""
+        with self._lock:
+            self._final = status_payload(code, details)
+            self._unanswered = 0
+        self._send_final()
+        self.link.shutdown_write()
+
+    def broken(self) -> None:
+        self.done.set()
+
+    def _send_final(self) -> None:
+        with self._lock:
+            if self._finishing:
+                return
+            self._finishing = True
+            final = self._final
+        try:
+            self.link.send(call_link.STATUS, final)
+            self.link.wait_idle(_FINAL_WRITE_S)
+        except LinkClosed as exc:
+            log.debug("a link's status could not be sent: %s", exc)
+        self.done.set()
 
 
-class ActorHost(pb_grpc.ActorServiceServicer):
+class ActorHost:
     def __init__(self, executor, creation_spec, cls):
         self.executor = executor
         self.core = executor.core
@@ -142,8 +181,9 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._groups = groups
         self._inline = not self.is_async and self.max_concurrency == 1 and not groups
-        self._server = None
-        self._streams: list[queue.SimpleQueue] = []
+        self._server: LinkServer | None = None
+        self._links: list[_CallStream] = []
+        self._malformed_log = strict.MalformedLog()
         self._exiting = False
         self._exit_reason = ""
         self._exit_restartable = False
@@ -188,104 +228,86 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         self.instance = self.cls(*args, **kwargs)
 
     def start_server(self) -> str:
-        """Serve ActorService on a unix socket and a loopback/host TCP port."""
+        """Serve call links on a unix socket and a loopback/host TCP port."""
         session = self.core.session_dir or "/tmp"
         unix_path = os.path.join(session, f"actor-{self.actor_id.hex()[:12]}-{os.getpid()}.sock")
         host = os.environ.get("MESHRAY_NODE_HOST", "127.0.0.1")
-        self._server, bound = make_server([f"{host}:0", f"unix:{unix_path}"],
-                                          token=self.core.token,
-                                          max_workers=256)
         methods = frozenset(self.options.get("methods") or ()) | {READY_METHOD, TERMINATE_METHOD}
-        # A malformed call batch is answered INVALID_ARGUMENT and never dispatched.
-        strict.add_service(self._server, self, "meshray.ActorService", checks={
-            "Call": lambda batch: call_rules.check_actor_call_batch(batch, self.actor_id, methods)})
-        self._server.start()
+        self._check = lambda batch: call_rules.check_actor_call_batch(batch, self.actor_id,
+                                                                      methods)
+        self._server = LinkServer([f"{host}:0", f"unix:{unix_path}"], token=self.core.token,
+                                  on_link=self._serve_link)
         advertise = os.environ.get("MESHRAY_ADVERTISE_HOST") or host
         addresses = [a if a.startswith("unix:") else f"{advertise}:{a.rsplit(':', 1)[1]}"
-                     for a in bound]
-        accept_targets(self._server, addresses)   # callers dial what we advertise
+                     for a in self._server.addresses]
+        self._server.accept_targets(addresses)   # callers dial what we advertise
         return ",".join(addresses)
 
-    # ------------------------------------------------------------ stream
-    def Call(self, request_iterator, context):
-        stream = _CallStream()
-        replies = stream.replies
-        self._streams.append(replies)
-        reader = threading.Thread(target=self._read_calls, args=(request_iterator, stream),
-                                  name="meshray-actor-calls", daemon=True)
-        reader.start()
-        answered = 0
-        refused: _Refused | None = None
+    # ------------------------------------------------------------ links
+    def _serve_link(self, link) -> None:
+        """One caller's link, on its own thread: read calls until the caller
+        ends (or is refused), then wait until every call read is answered."""
+        stream = _CallStream(link, self._answered)
+        self._links.append(stream)
         try:
-            while True:
-                if refused is not None and answered >= refused.dispatched:
-                    context.set_trailing_metadata(((REFUSED_KEY, "1"),))
-                    context.abort(grpc.StatusCode.UNAVAILABLE,
-                                  f"actor {self.actor_id.hex()}: {refused.why}")
-                result = replies.get()
-                if result is None:
-                    return
-                if isinstance(result, _Refused):
-                    refused = result
-                    continue
-                if isinstance(result, strict.Malformed):
-                    raise result           # strict.py answers INVALID_ARGUMENT
-                results = [result]
-                while len(results) < _BATCH:
-                    try:
-                        result = replies.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(result, _Refused):
-                        refused = result
-                        break
-                    if not isinstance(result, pb.TaskResult):     # the end, or malformed
-                        self._answered(results)
-                        yield pb.ActorReplyBatch(results=results)
-                        if result is None:
-                            return
-                        raise result           # strict.py answers INVALID_ARGUMENT
-                    results.append(result)
-                answered += self._answered(results)
-                yield pb.ActorReplyBatch(results=results)
+            self._read_calls(link, stream)
+            stream.done.wait()
+            link.drain(_FINAL_WRITE_S)
         finally:
-            self._streams.remove(replies)
+            self._links.remove(stream)
 
-    def _answered(self, results: list) -> int:
-        """Record the calls `results` answer (not mere stream items); how many."""
-        answers = [result for result in results if not is_stream_item(result)]
-        self._task_events.answered(answers)
-        return len(answers)
+    def _answered(self, results: list) -> None:
+        self._task_events.answered(results)
 
-    def _read_calls(self, request_iterator, stream: "_CallStream") -> None:
-        dispatched = 0
-        try:
-            for batch in request_iterator:
-                if self._fence is not None and not self._fence.valid(self._fence_lease):
-                    # Never run calls as an incarnation the cluster may have given up on.
-                    stream.replies.put(_Refused(dispatched, (
-                        "its node's etcd lease has lapsed, so its creator may have restarted "
-                        "it elsewhere; calls are refused (not run) until the node is a member "
-                        "again")))
-                    return
-                if self._exiting and self._exit_restartable:
-                    # Not run here: the caller sends them to the restarted actor.
-                    stream.replies.put(_Refused(dispatched, (
-                        f"it is exiting to be restarted ({self._exit_reason}); calls sent "
-                        "from now on are refused (not run)")))
-                    return
-                self._task_events.received(batch.calls)
-                for spec in batch.calls:
-                    dispatched += 1
-                    stream.started()
-                    self._dispatch(spec, stream.reply)
-                for task_id in batch.cancel_task_ids:
-                    self.cancel_call(task_id)
-        except Exception as exc:  # noqa: BLE001 - the caller went away, or sent garbage
-            log.debug("actor call stream ended: %s", exc)
-            stream.replies.put(None)
-            return
-        stream.input_ended()
+    def _read_calls(self, link, stream: _CallStream) -> None:
+        while True:
+            try:
+                kind, payload = link.recv()
+            except LinkClosed as exc:
+                log.debug("actor call link ended: %s", exc)
+                stream.broken()       # the caller went away: its answers have nowhere to go
+                return
+            if stream.done.is_set():
+                return                # ended already (a call's arguments were malformed)
+            fired = self._server.roll()
+            if fired and fired[0] == "drop":
+                stream.finish_now(call_link.UNAVAILABLE,
+                                  "failpoint actor.call: dropped a request message")
+                return
+            if fired:
+                stream.drop_reply = True
+            if kind == call_link.END:
+                stream.end(status_payload(call_link.OK))
+                return
+            try:
+                if kind != call_link.CALLS:
+                    raise strict.Malformed(f"a frame of kind {kind}: a caller sends calls "
+                                           f"({call_link.CALLS}) and their end ({call_link.END})")
+                batch = strict.accept(pb.ActorCallBatch, payload, self._check)
+            except strict.Malformed as exc:
+                self._malformed_log.record(CALL_METHOD, link.peer, str(exc))
+                stream.finish_now(call_link.MALFORMED, f"malformed request to {CALL_METHOD}: {exc}")
+                return
+            if self._fence is not None and not self._fence.valid(self._fence_lease):
+                # Never run calls as an incarnation the cluster may have given up on.
+                stream.end(status_payload(call_link.UNAVAILABLE, (
+                    f"actor {self.actor_id.hex()}: its node's etcd lease has lapsed, so its "
+                    "creator may have restarted it elsewhere; calls are refused (not run) "
+                    "until the node is a member again"), refused=True))
+                return
+            if self._exiting and self._exit_restartable:
+                # Not run here: the caller sends them to the restarted actor.
+                stream.end(status_payload(call_link.UNAVAILABLE, (
+                    f"actor {self.actor_id.hex()}: it is exiting to be restarted "
+                    f"({self._exit_reason}); calls sent from now on are refused (not run)"),
+                    refused=True))
+                return
+            self._task_events.received(batch.calls)
+            for spec in batch.calls:
+                stream.started()
+                self._dispatch(spec, stream.reply)
+            for task_id in batch.cancel_task_ids:
+                self.cancel_call(task_id)
 
     def _refuse(self, spec) -> pb.TaskResult:
         result = pb.TaskResult(task_id=spec.task_id)
@@ -450,7 +472,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
                                        f"worker exits with code {exc.code!r}",
                                  restartable=restartable, code=code))
         except MalformedArguments as exc:
-            reply(exc)   # Call ends the caller's stream with INVALID_ARGUMENT
+            reply(exc)   # the link ends with INVALID_ARGUMENT (_CallStream.reply)
 
     async def _run_async(self, spec, reply) -> None:
         """Run one call of an async actor as its own asyncio task (cancel_call cancels it)."""
@@ -595,7 +617,7 @@ class ActorHost(pb_grpc.ActorServiceServicer):
         deadline = time.monotonic() + 2.0
         time.sleep(0.02)
         while time.monotonic() < deadline and not (
-                self.core.outbox_empty() and all(q.empty() for q in list(self._streams))):
+                self.core.outbox_empty() and all(s.link.idle() for s in list(self._links))):
             time.sleep(0.01)
         time.sleep(0.1)
         sys.stdout.flush()

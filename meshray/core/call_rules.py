@@ -1,4 +1,4 @@
-"""What a well-formed call batch to an actor is (ActorService.Call).
+"""What a well-formed call batch to an actor is (sent on a call link).
 
 Pure checks, run by rpc/strict.py on each decoded batch before any call in
 it is dispatched. Beyond the shared rules (rpc/rules.py): the call is for
@@ -51,7 +51,7 @@ def check_actor_call(spec, where: tuple, actor_id: bytes, methods) -> None:
 
 
 def check_actor_call_batch(batch, actor_id: bytes, methods) -> None:
-    """An ActorCallBatch on ActorService.Call of the actor `actor_id`."""
+    """An ActorCallBatch on a call link to the actor `actor_id`."""
     check_id(batch.caller_id, WORKER_ID_LEN, (), "caller_id", "worker id", optional=True)
     for index, spec in enumerate(batch.calls):
         check_actor_call(spec, ("calls", index), actor_id, methods)

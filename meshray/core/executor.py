@@ -262,7 +262,7 @@ class TaskExecutor:
         `deliver` is called while the outputs are still referenced here, so
         refs nested in them are handed on before this frame lets them go.
         A generator's items go to `send_item` as they are yielded (default:
-        the node, for a task; an actor call sends them on its call stream).
+        the node, for a task; an actor call sends them on its call link).
         """
         core = self.core
         core.current_task_id = spec.task_id

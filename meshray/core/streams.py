@@ -2,7 +2,7 @@
 
 A task's stream items reach its owner through the node, which holds them
 for it until they are taken. An actor call's items come straight back on
-the actor's call stream (actor_client.py) and the node never hears of them,
+the actor's call link (actor_client.py) and the node never hears of them,
 so the stream itself holds a reference to each item until `next()` takes it
 (or the generator is dropped). A stream that ends in failure (cancelled,
 actor or worker died) gets one more item whose value is the error, so the
@@ -47,7 +47,7 @@ class StreamsMixin:
     # ------------------------------------------------------------ streams
     def open_stream(self, task_id: bytes, *, direct: bool = False):
         """Start tracking the stream of `task_id`. `direct`: an actor call's,
-        whose items and end come on its actor stream, never from the node."""
+        whose items and end come on its call link, never from the node."""
         with self._lock:
             self._streams.setdefault(task_id, _Stream())
         if not direct:

@@ -40,7 +40,7 @@ from google.protobuf import unknown_fields
 from meshray.rpc.burst_log import BurstLog
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["Malformed", "MalformedLog", "add_service", "decode"]
+__all__ = ["Malformed", "MalformedLog", "accept", "add_service", "decode"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,18 @@ def decode(message_class, data):
     message.DiscardUnknownFields()
     if message.ByteSize() != len(data):
         raise Malformed(_encoding_problem(message_class, data))
+    return message
+
+
+def accept(message_class, data, check=None):
+    """Decode `data` strictly and run `check` on it (servers not on gRPC:
+    the call link); Malformed says why not, naming fields by their path."""
+    message = decode(message_class, data)
+    if check is not None:
+        try:
+            check(message)
+        except Malformed as exc:
+            raise Malformed(f"{message_class.DESCRIPTOR.full_name}.{exc}") from None
     return message
 
 
@@ -123,13 +135,7 @@ class _Method:
     refused_response: object = None
 
     def accept(self, data):
-        message = decode(self.request_class, data)
-        if self.check is not None:
-            try:
-                self.check(message)
-            except Malformed as exc:   # rules name fields by their path in the message
-                raise Malformed(f"{self.request_class.DESCRIPTOR.full_name}.{exc}") from None
-        return message
+        return accept(self.request_class, data, self.check)
 
     def more_than_one(self) -> Malformed:
         return Malformed(f"exactly one {self.request_class.DESCRIPTOR.full_name} per call "

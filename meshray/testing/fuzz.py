@@ -16,6 +16,12 @@ methods, valid templates (controls) and templates with one field set at
 random, and random well-typed messages (fuzz_cases.py, fuzz_semantic.py say
 what each must be answered with). Every call has a deadline.
 
+An actor is not a gRPC server: its calls come on call links
+(rpc/call_link.py). For an actor target each case's messages go as CALLS
+frames on a link, then END, and the link's closing status is the answer
+(INVALID_ARGUMENT, UNAVAILABLE, OK as on gRPC); "unknown method" cases do
+not apply to it.
+
 fuzz_local.run_local starts a private cluster and an actor, fuzzes both, and
 checks what must hold afterwards (see there).
 """
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from meshray.rpc import make_channel
+from meshray.rpc import call_link, make_channel
 from meshray.testing import fuzz_cases as fc
 from meshray.testing.fuzz_semantic import semantic_case
 
@@ -47,6 +53,7 @@ class Target:
     context: fc.Context
     pid: int = 0
     methods: list = field(default_factory=list)    # what it serves (probe)
+    link: bool = False              # an actor: served on call links, not gRPC
 
 
 def judge(case: fc.Case, code: str, details: str, deadline_s: float) -> str | None:
@@ -222,6 +229,8 @@ class CaseMaker:
                        note=f"garbage after {len(messages) - 1} valid messages")
 
     def _unknown_method(self, rng, target, method):
+        if target.link:
+            return None      # a link carries one kind of request: there is no other method
         served = {m.path for m in target.methods}
         foreign = [m.path for m in self._all if m.path not in served]
         name = method.path.rsplit("/", 1)[1]
@@ -319,6 +328,35 @@ def _invoke(channel, case: fc.Case, deadline_s: float) -> tuple:
     return "OK", ""
 
 
+def _invoke_link(address: str, token: str | None, case: fc.Case, deadline_s: float) -> tuple:
+    """(status code name, details) of sending `case`'s messages on a call link."""
+    deadline = time.monotonic() + deadline_s
+    try:
+        link = call_link.connect(address, token=token, timeout=deadline_s)
+    except call_link.LinkClosed as exc:
+        return "UNAVAILABLE", exc.details
+    try:
+        link.set_timeout(deadline_s)
+        try:
+            for message in case.messages:
+                link.send(call_link.CALLS, message)
+            link.send(call_link.END)
+        except call_link.LinkClosed:
+            pass          # the actor ended the link early: its status says why
+        while time.monotonic() < deadline:
+            kind, payload = link.recv()
+            if kind == call_link.STATUS:
+                return (call_link.CODE_NAMES.get(payload[0], str(payload[0])),
+                        payload[2:].decode("utf-8", "replace"))
+        return "DEADLINE_EXCEEDED", "no status on the link"
+    except call_link.LinkClosed as exc:
+        if "timed out" in exc.details:
+            return "DEADLINE_EXCEEDED", exc.details
+        return "UNAVAILABLE", exc.details
+    finally:
+        link.close()
+
+
 class WireFuzzer:
     def __init__(self, targets: list, token: str | None, seed: int, deadline_s: float = 10.0):
         self.targets = targets
@@ -346,6 +384,16 @@ class WireFuzzer:
             by_service[method.service].append(method)
         for target in self.targets:
             target.methods = []
+            if target.link:
+                probe = fc.Case(-1, "probe", target.name, call_link.CALL_METHOD, "stream_stream",
+                                [], fc.CLEAR)
+                code, details = _invoke_link(target.addresses[0], self.token, probe,
+                                             PROBE_TIMEOUT_S)
+                if code != "OK":
+                    raise RuntimeError(f"probing the call link of {target.name} "
+                                       f"({target.addresses[0]}) failed: {code} {details}")
+                target.methods = [m for m in fc.wire_methods() if m.path == call_link.CALL_METHOD]
+                continue
             for service, methods in sorted(by_service.items()):
                 first = methods[0]
                 probe = fc.Case(-1, "probe", target.name, first.path, "stream_stream",
@@ -360,11 +408,14 @@ class WireFuzzer:
 
     def run_case(self, case: fc.Case, address: str | None = None) -> tuple:
         """(code, details, seconds); the address, when not given, is drawn from the case."""
+        target = next(t for t in self.targets if t.name == case.target)
         if address is None:
-            target = next(t for t in self.targets if t.name == case.target)
             address = random.Random(f"{self.seed}:{case.index}:address").choice(target.addresses)
         started = time.monotonic()
-        code, details = _invoke(self.channel(address), case, self.deadline_s)
+        if target.link:
+            code, details = _invoke_link(address, self.token, case, self.deadline_s)
+        else:
+            code, details = _invoke(self.channel(address), case, self.deadline_s)
         return code, details, time.monotonic() - started
 
     def run(self, cases: int, seconds: float, *, first: int = 0, report: Report | None = None,

@@ -142,7 +142,7 @@ def _fuzz_cluster(meshray, token, seed, cases, seconds, first, deadline_s, settl
                fc.Context(node_id=info.node_id, actor_id=actor._actor_id), info.pid),
         Target("actor", [a for a in record["address"].split(",") if a],
                fc.Context(node_id=info.node_id, actor_id=actor._actor_id,
-                          actor_methods=("echo",)), actor_pid),
+                          actor_methods=("echo",)), actor_pid, link=True),
     ]
     fuzzer = WireFuzzer(targets, token, seed, deadline_s)
     report = Report(seed)

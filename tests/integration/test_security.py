@@ -13,15 +13,18 @@ import asyncio
 import importlib.util
 import os
 import pickle
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
 import pytest
 
 from meshray import security
+from meshray.rpc import call_link
 from meshray.rpc.factory import make_aio_channel, make_aio_server, make_channel, make_server
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
@@ -169,13 +172,27 @@ def test_actor_rejects_unauthenticated_call(ray, tmp_path):
     marker = tmp_path / "actor-marker"
     spec = pb.TaskSpec(task_id=os.urandom(24), actor_id=actor._actor_id, method_name="take",
                        args_blob=evil(marker), num_returns=1, sequence=1)
-    batch = pb.ActorCallBatch(calls=[spec], caller_id=os.urandom(16))
+    batch = pb.ActorCallBatch(calls=[spec]).SerializeToString()
+    frame = call_link._HEADER.pack(len(batch), call_link.CALLS) + batch
     for address in addresses:
-        for metadata in (None, [("meshray-token", WRONG)]):
-            with grpc.insecure_channel(address) as channel:
-                stub = pb_grpc.ActorServiceStub(channel)
-                _expect_unauthenticated(lambda: stub.Call(iter([batch]), metadata=metadata,
-                                                          timeout=10))
+        # A wrong secret, or none: refused at the handshake.
+        for token in (WRONG, None):
+            with pytest.raises(call_link.LinkClosed, match="without proving membership"):
+                call_link.connect(address, token=token, tls=None)
+        # Frames without any handshake: never read as calls.
+        if address.startswith("unix:"):
+            raw = socket.socket(socket.AF_UNIX)
+            raw.connect(address[len("unix:"):])
+        else:
+            host, port = address.rsplit(":", 1)
+            raw = socket.create_connection((host, int(port)))
+        with raw:
+            raw.settimeout(10)
+            try:
+                raw.sendall(frame * 3)
+                assert raw.recv(4096) == b""        # closed without a word
+            except ConnectionResetError:
+                pass
     time.sleep(0.3)
     assert not marker.exists()
     # The actor is unharmed, and the payload is live through the front door.
@@ -296,6 +313,51 @@ def test_data_link_tls_round_trip(certs, tmp_path):
             with pytest.raises(data_link.DataLinkError):
                 read(tls)
         assert len(served) == 1          # nothing was looked up for the refused readers
+    finally:
+        server.close()
+
+
+def test_call_link_tls_round_trip(certs, tmp_path):
+    """A TCP call link speaks TLS with the same certificates and client rule
+    as gRPC, both ways at once (a reader and a writer on one TLS socket); a
+    unix-socket link on the same server is not TLS."""
+    answered: list = []
+
+    def echo(link):
+        answered.append(link.peer)
+        while True:
+            try:
+                kind, payload = link.recv()
+            except call_link.LinkClosed:
+                return
+            link.send(call_link.REPLIES, payload, now=False)
+
+    server = call_link.LinkServer(
+        ["127.0.0.1:0", f"unix:{tmp_path / 'tls.sock'}"], token=TOKEN, on_link=echo,
+        tls=TlsConfig(certs["node"], certs["node-key"], certs["ca"], client_auth=True))
+    tcp, unix = server.addresses
+    good = TlsConfig(certs["node"], certs["node-key"], certs["ca"], server_name="meshray")
+    try:
+        link = call_link.connect(tcp, token=TOKEN, tls=good)
+        try:
+            payloads = [os.urandom(n) for n in (10, 100_000, 2_500_000)] * 3
+            sender = threading.Thread(target=lambda: [
+                link.send(call_link.CALLS, p) for p in payloads], daemon=True)
+            sender.start()
+            got = b""
+            while len(got) < sum(map(len, payloads)):
+                got += link.recv()[1]
+            sender.join(10)
+            assert got == b"".join(payloads)
+        finally:
+            link.close()
+        link = call_link.connect(unix, token=TOKEN, tls=good)   # TLS settings ignored there
+        link.close()
+        for what, tls in {"plaintext": None,
+                          "no client certificate (mTLS)": TlsConfig(ca=certs["ca"])}.items():
+            with pytest.raises(call_link.LinkClosed):
+                call_link.connect(tcp, token=TOKEN, tls=tls)
+        assert len(answered) == 2          # nothing served the refused callers
     finally:
         server.close()
 

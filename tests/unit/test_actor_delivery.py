@@ -1,18 +1,9 @@
-"""What an actor caller concludes about a call whose stream ended unanswered."""
+"""What an actor caller concludes about a call whose link ended unanswered."""
 from __future__ import annotations
 
-import grpc
-
 from meshray import exceptions
-from meshray.core.actor_client import REFUSED_KEY, maybe_delivered, stream_refused
-
-
-class _StreamError(grpc.RpcError):
-    def __init__(self, trailing):
-        self._trailing = trailing
-
-    def trailing_metadata(self):
-        return self._trailing
+from meshray.core.actor_client import maybe_delivered, stream_refused
+from meshray.rpc.call_link import MALFORMED, UNAVAILABLE, LinkClosed
 
 
 def test_a_call_that_never_left_or_was_refused_did_not_run():
@@ -21,10 +12,10 @@ def test_a_call_that_never_left_or_was_refused_did_not_run():
     assert not maybe_delivered(handed=True, refused=True)
 
 
-def test_only_the_actors_refusal_mark_counts_as_a_refusal():
-    assert stream_refused(_StreamError(((REFUSED_KEY, "1"),)))
-    assert not stream_refused(_StreamError((("other", "1"),)))
-    assert not stream_refused(_StreamError(None))
+def test_only_the_actors_refusal_counts_as_a_refusal():
+    assert stream_refused(LinkClosed("lease lapsed", code=UNAVAILABLE, refused=True))
+    assert not stream_refused(LinkClosed("dropped", code=UNAVAILABLE))
+    assert not stream_refused(LinkClosed("bad batch", code=MALFORMED))
     assert not stream_refused(ConnectionError("reset"))
 
 

@@ -26,9 +26,12 @@ if _version_not_supported:
 
 
 class ActorServiceStub:
-    """Served by an actor's worker process: callers stream method calls to it
-    directly (after finding its address through their node), so an actor call
-    costs one hop each way and never touches etcd.
+    """An actor's calls and answers. Not served by gRPC: callers send method
+    calls straight to the actor's worker process on a call link
+    (meshray/rpc/call_link.py: a framed, authenticated socket carrying these
+    two messages), after finding its address through their node, so an actor
+    call costs one hop each way and never touches etcd. The service is kept
+    to name the pair; its path names the exchange in failpoints and logs.
     """
 
     def __init__(self, channel):
@@ -45,9 +48,12 @@ class ActorServiceStub:
 
 
 class ActorServiceServicer:
-    """Served by an actor's worker process: callers stream method calls to it
-    directly (after finding its address through their node), so an actor call
-    costs one hop each way and never touches etcd.
+    """An actor's calls and answers. Not served by gRPC: callers send method
+    calls straight to the actor's worker process on a call link
+    (meshray/rpc/call_link.py: a framed, authenticated socket carrying these
+    two messages), after finding its address through their node, so an actor
+    call costs one hop each way and never touches etcd. The service is kept
+    to name the pair; its path names the exchange in failpoints and logs.
     """
 
     def Call(self, request_iterator, context):
@@ -73,9 +79,12 @@ def add_ActorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ActorService:
-    """Served by an actor's worker process: callers stream method calls to it
-    directly (after finding its address through their node), so an actor call
-    costs one hop each way and never touches etcd.
+    """An actor's calls and answers. Not served by gRPC: callers send method
+    calls straight to the actor's worker process on a call link
+    (meshray/rpc/call_link.py: a framed, authenticated socket carrying these
+    two messages), after finding its address through their node, so an actor
+    call costs one hop each way and never touches etcd. The service is kept
+    to name the pair; its path names the exchange in failpoints and logs.
     """
 
     @staticmethod
