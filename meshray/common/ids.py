@@ -20,6 +20,7 @@ __all__ = [
     "new_id",
     "new_job_id",
     "object_id_for",
+    "return_ids_of",
     "task_id_of",
     "index_of",
 ]
@@ -44,6 +45,14 @@ def new_job_id() -> bytes:
 def object_id_for(task_id: bytes, index: int) -> bytes:
     """The id of return value (or put) number `index` of `task_id`."""
     return task_id + _INDEX.pack(index)
+
+
+def return_ids_of(task_id: bytes, num_returns: int) -> list:
+    """The ids a task's submitter gets back: one per return, or for a
+    generator (`num_returns` < 0) the id of its end (index 0)."""
+    if num_returns < 0:
+        return [object_id_for(task_id, 0)]
+    return [object_id_for(task_id, i + 1) for i in range(num_returns)]
 
 
 def task_id_of(object_id: bytes) -> bytes:

@@ -726,6 +726,11 @@ class CoreWorker(StreamsMixin):
         return ArgPlaceholder(len(arg_refs) - 1)
 
     def submit(self, spec: pb.TaskSpec, keepalive) -> None:
+        # The node subscribes a task's submitter to its returns as it takes
+        # the task (ObjectLife.submitted), so a get of them asks nothing more
+        # of the node: one message per task instead of two.
+        with self._lock:
+            self._subscribed.update(ids.return_ids_of(spec.task_id, spec.num_returns))
         self._send(pb.ClientEvent(submit=pb.SubmitTask(spec=spec)))
         del keepalive  # refs may now drop: the queued submission pins them
 

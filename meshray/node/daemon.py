@@ -390,9 +390,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
 
     @staticmethod
     def _return_ids(spec) -> list:
-        if spec.num_returns < 0:
-            return [ids.object_id_for(spec.task_id, 0)]
-        return [ids.object_id_for(spec.task_id, i + 1) for i in range(spec.num_returns)]
+        return ids.return_ids_of(spec.task_id, spec.num_returns)
 
     def _on_put(self, conn: Connection, msg: pb.PutObject) -> None:
         value = msg.value
