@@ -8,13 +8,15 @@
 Without --address it starts a private cluster with an actor and checks
 afterwards that both survived, leaked nothing and still work
 (meshray/testing/fuzz_local.py). With --address it fuzzes a running node
-(and an actor, if given) and checks only that they still answer. The engine
+(its session link too when the node runs on this machine) and an actor, if
+given, and checks only that they still answer. The engine
 is meshray/testing/fuzz.py. Exit status: 0 no violation, 1 violations, 2 the
 run could not be carried out.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 
@@ -55,6 +57,8 @@ def _external(args, seed: int):
     from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
     from meshray.testing import fuzz_cases as fc
     from meshray.testing.fuzz import Report, Target, WireFuzzer
+    from meshray.rpc import call_link
+    from meshray.rpc.session_link import SESSION_METHOD, session_address
     from meshray.testing.fuzz_local import ask_node
 
     token = security.resolve_token(args.token, args.token_file)
@@ -62,9 +66,15 @@ def _external(args, seed: int):
         info = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=20)
     actor_id = bytes.fromhex(args.actor_id) if args.actor_id else b""
     targets = [Target("node", [args.address], fc.Context(node_id=info.node_id), info.pid)]
+    session = session_address(info.session_dir, info.node_id)
+    if os.path.exists(session[len("unix:"):]):
+        # Sessions are opened on the node's machine only: fuzzed when it is this one.
+        targets.append(Target("session", [session], fc.Context(node_id=info.node_id),
+                              info.pid, link=SESSION_METHOD))
     if args.actor:
         targets.append(Target("actor", [args.actor], fc.Context(
-            node_id=info.node_id, actor_id=actor_id, actor_methods=()), link=True))
+            node_id=info.node_id, actor_id=actor_id, actor_methods=()),
+            link=call_link.CALL_METHOD))
     fuzzer = WireFuzzer(targets, token, seed, args.deadline)
     report = Report(seed)
     try:
@@ -75,7 +85,10 @@ def _external(args, seed: int):
     finally:
         fuzzer.close()
     try:
-        ask_node(args.address, token, "nodes")
+        with make_channel(args.address, token=token) as channel:
+            pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=20)
+        if os.path.exists(session[len("unix:"):]):
+            ask_node(session, token, "nodes")
         report.checks["after the run, a question to the node"] = "ok"
     except Exception as exc:  # noqa: BLE001 - reported as a violation
         report.violations.append(f"after the run, the node does not answer: {exc}")

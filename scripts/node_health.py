@@ -2,9 +2,9 @@
 """Container health check: exit 0 when this machine's meshray node serves.
 
 "Serves" means more than "the process exists": the check makes an
-authenticated GetNodeInfo call over the node's unix socket, so a daemon
-that is wedged, or whose token gate rejects its own token, is reported
-unhealthy. It reads the token from the node's 0600 session file, so it
+authenticated GetNodeInfo call to the node's gRPC address (the one its
+record advertises), so a daemon that is wedged, or whose token gate rejects
+its own token, is reported unhealthy. It reads the token from the node's 0600 session file, so it
 must run as the user that started the node (the image's `meshray` user).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def check(timeout: float = 3.0) -> str:
         token_path = os.path.join(record.get("session_dir", ""), "token")
         try:
             token = security.read_token_file(token_path)
-            with make_channel(record["local_address"], token=token) as channel:
+            with make_channel(record["address"], token=token) as channel:
                 reply = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(),
                                                                      timeout=timeout)
             return reply.node_id.hex()

@@ -1,9 +1,13 @@
 """The core worker: what every driver and worker process runs to take part.
 
-It holds the process's session stream to its node daemon, the values this
-process has received, its local reference counts, and the submission side of
-tasks. Outgoing events are queued and a single sender drains the queue into
-batches, so many `.remote()` calls in a row cost few gRPC messages.
+It holds the process's session with its node daemon (a session link on the
+node's unix socket: rpc/session_link.py), the values this process has
+received, its local reference counts, and the submission side of tasks.
+Outgoing events are queued; one that comes while the session has been quiet
+(a lone task whose result the caller will wait for) is written at once by
+the thread that made it, and events that come in a burst are left to the
+session's writer thread, which drains the queue into batches, so many
+`.remote()` calls in a row cost few messages.
 """
 from __future__ import annotations
 
@@ -19,8 +23,6 @@ import sys
 import threading
 import time
 
-import grpc
-
 from meshray import exceptions
 from meshray.common import ids
 from meshray.core import object_ref, progress_bars, serialization
@@ -28,11 +30,10 @@ from meshray.core.actor_client import ActorConnection
 from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
 from meshray.core.streams import StreamsMixin
 from meshray.object_store import layout
-from meshray.rpc import make_channel
+from meshray.rpc import call_link
+from meshray.rpc.call_link import LinkClosed
 from meshray.rpc.dispatch import dispatch_table
 from meshray.rpc.generated import meshray_pb2 as pb
-from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
-from meshray.rpc.streams import release_stream_error
 
 __all__ = ["CoreWorker"]
 
@@ -55,6 +56,9 @@ _NO_ARGS_BLOB = serialization.serialize(([], {})).inband
 CONNECT_TIMEOUT_S = 15.0
 # How long close() waits for the threads that touch the session stream.
 CLOSE_JOIN_S = 5.0
+# An event queued this soon after the session's last write is part of a
+# burst: the writer thread sends it with whatever else comes meanwhile.
+_QUIET_S = 0.0002
 
 
 class _Waiter:
@@ -65,15 +69,18 @@ class _Waiter:
         self.event = threading.Event()
 
 
-def _session_refused(exc: BaseException | None) -> ConnectionError:
-    """Why the node ended the session before welcoming us: credentials, or anything else."""
-    code = exc.code() if isinstance(exc, grpc.RpcError) else None
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        details = exc.details() if hasattr(exc, "details") else str(exc)
+def _session_refused(exc: BaseException | None, address: str = "") -> ConnectionError:
+    """Why the node would not open or ended the session before welcoming
+    us: credentials, or anything else."""
+    details = getattr(exc, "details", None) or str(exc or "")
+    if isinstance(exc, LinkClosed) and "proving membership" in details:
         return exceptions.AuthenticationError(
-            f"the node daemon refused this process's credentials ({code.name}: {details}); "
+            f"the node daemon refused this process's credentials ({details}); "
             "check the cluster token (init(_token=...), MESHRAY_TOKEN or MESHRAY_TOKEN_FILE)")
-    return ConnectionError("node daemon closed the session")
+    if isinstance(exc, LinkClosed) and not exc.reached:
+        return ConnectionError(f"cannot reach the node daemon at {address}: {details}")
+    return ConnectionError("node daemon closed the session"
+                           + (f": {details}" if details else ""))
 
 
 class CoreWorker(StreamsMixin):
@@ -129,15 +136,22 @@ class CoreWorker(StreamsMixin):
         self.session_dir = ""
         self.node_address = ""
 
-        self._channel = make_channel(daemon_address, token=token)
-        self._sender = None     # gRPC's thread that consumes _outgoing()
-        stub = pb_grpc.NodeServiceStub(self._channel)
+        try:
+            self._link = call_link.connect(daemon_address, token=token,
+                                           magic=call_link.SESSION_MAGIC, tls=None)
+        except LinkClosed as exc:
+            raise _session_refused(exc, daemon_address) from None
+        self._turn = threading.Lock()          # held by the thread writing the outbox
+        self._wake = threading.Event()         # the writer thread has work
+        self._last_write = 0.0
+        self._welcome = concurrent.futures.Future()
+        self._reader = threading.Thread(target=self._read_loop, name="meshray-reader", daemon=True)
+        self._sender = threading.Thread(target=self._write_loop, name="meshray-writer",
+                                        daemon=True)
+        self._sender.start()
         self._send(pb.ClientEvent(hello=pb.Hello(
             role=role, worker_id=self.worker_id, pid=os.getpid(), job_id=job_id,
             namespace=namespace, log_to_driver=log_to_driver)))
-        self._welcome = concurrent.futures.Future()
-        self._responses = stub.Connect(self._outgoing())
-        self._reader = threading.Thread(target=self._read_loop, name="meshray-reader", daemon=True)
         self._reader.start()
         try:
             welcome = self._welcome.result(CONNECT_TIMEOUT_S)
@@ -157,6 +171,56 @@ class CoreWorker(StreamsMixin):
         with self._ref_lock:
             self._ref_batch = None      # ref changes after this event go after it
             self._outbox.put(event)
+        self._flush()
+
+    def _flush(self, now: bool = True) -> None:
+        """Write what waits in the outbox: here and now when the session has
+        been quiet (no thread hop for a lone event), else by the writer thread."""
+        if now and time.monotonic() - self._last_write > _QUIET_S \
+                and self._turn.acquire(blocking=False):
+            try:
+                self._write_outbox()
+            finally:
+                self._turn.release()
+            if self._outbox.empty():
+                return
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        while not self._lost:
+            self._wake.wait()
+            self._wake.clear()
+            with self._turn:
+                if not self._write_outbox():
+                    return
+
+    def _write_outbox(self) -> bool:
+        """Send the outbox's events (the caller holds the turn); False once
+        the session is over (closed here, or broken)."""
+        while True:
+            events, done = [], False
+            while len(events) < _MAX_BATCH:
+                try:
+                    event = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if event is None:
+                    done = True
+                    break
+                events.append(self._as_event(event))
+            try:
+                if events:
+                    self._link.send(call_link.CALLS,
+                                    pb.ClientBatch(events=events).SerializeToString())
+                    self._last_write = time.monotonic()
+                if done:
+                    self._link.send(call_link.END)
+                    return False
+            except (LinkClosed, ValueError) as exc:
+                log.debug("writing to the node failed: %s", exc)   # the reader sees the end
+                return False
+            if not events:
+                return True
 
     def _queue_ref_change(self, object_id: bytes, added: bool) -> None:
         """Coalesce reference changes into one RefUpdate per run between other events.
@@ -172,11 +236,17 @@ class CoreWorker(StreamsMixin):
                     added and object_id in batch.removed):
                 batch = self._ref_batch = _RefBatch()
                 self._outbox.put(batch)
+                wake = True
+            else:
+                wake = False
             if added:
                 batch.add.append(object_id)
             else:
                 batch.remove.append(object_id)
                 batch.removed.add(object_id)
+        if wake:
+            # Never written here: this may run in a finalizer (ObjectRef.__del__).
+            self._wake.set()
 
     def _as_event(self, item) -> pb.ClientEvent:
         if isinstance(item, _RefBatch):
@@ -186,44 +256,31 @@ class CoreWorker(StreamsMixin):
             return pb.ClientEvent(refs=pb.RefUpdate(add=item.add, remove=item.remove))
         return item
 
-    def _outgoing(self):
-        self._sender = threading.current_thread()
-        while True:
-            event = self._outbox.get()
-            if event is None:
-                return
-            events = [self._as_event(event)]
-            done = False
-            while len(events) < _MAX_BATCH:
-                try:
-                    event = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if event is None:
-                    done = True
-                    break
-                events.append(self._as_event(event))
-            yield pb.ClientBatch(events=events)
-            if done:
-                return
-
     def _read_loop(self) -> None:
         ended = None
         try:
-            for batch in self._responses:
-                for event in batch.events:
+            while True:
+                kind, payload = self._link.recv()
+                if kind == call_link.STATUS:
+                    code, details = payload[0], payload[2:].decode("utf-8", "replace")
+                    if code == call_link.OK:
+                        break
+                    raise LinkClosed(details, code=code)
+                if kind != call_link.REPLIES:
+                    raise LinkClosed(f"the node sent a frame of unknown kind {kind}")
+                for event in pb.ServerBatch.FromString(payload).events:
                     kind = event.WhichOneof("kind")
                     try:
                         self._handlers[kind](getattr(event, kind))
                     except Exception:  # noqa: BLE001 - keep reading
                         log.exception("failed to handle %s from the node", kind)
-        except Exception as exc:  # noqa: BLE001 - stream ended
+        except Exception as exc:  # noqa: BLE001 - the session ended
             ended = exc
-            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            if isinstance(exc, LinkClosed) and exc.code == call_link.MALFORMED:
                 # This process sent something malformed: a bug worth seeing.
-                log.error("the node refused this process's session: %s", exc.details())
+                log.error("the node refused this process's session: %s", exc.details)
             elif not self._closed:
-                log.debug("session stream ended: %s", exc)
+                log.debug("session ended: %s", exc)
         finally:
             with self._lock:
                 self._lost = not self._closed
@@ -236,9 +293,9 @@ class CoreWorker(StreamsMixin):
             for future in list(self._requests.values()):
                 if not future.done():
                     future.set_exception(ConnectionError("node daemon connection lost"))
+            self._wake.set()                  # the writer thread ends too
             if self._lost and self._kill_callback is not None:
                 self._kill_callback(None)
-            release_stream_error(ended)
 
     def _on_welcome(self, welcome: pb.Welcome) -> None:
         self._welcome.set_result(welcome)
@@ -329,33 +386,28 @@ class CoreWorker(StreamsMixin):
         object_ref.set_tracker(None)
         for connection in list(self._actor_connections.values()):
             connection.close()
+        # What is queued goes, then END; a node that does not read it within
+        # the deadline is not waited for.
         self._outbox.put(None)
-        try:
-            self._responses.cancel()
-        except Exception:  # noqa: BLE001
-            pass
-        self._channel.close()
+        self._link.set_timeout(CLOSE_JOIN_S)
+        self._wake.set()
+        self._sender.join(CLOSE_JOIN_S)
+        self._link.shutdown()
         self._join_stream_threads(time.monotonic() + CLOSE_JOIN_S)
 
     def _join_stream_threads(self, deadline: float) -> None:
-        """Wait (until `deadline`) for the threads that use this process's streams.
+        """Wait (until `deadline`) for the threads that use this process's links.
 
-        The session stream's reader and gRPC's sender for it, and each actor
-        connection's thread, take their stream's lock; so does the stream's
-        finalizer. A daemon thread still running when the interpreter exits
-        is stopped where it stands -- if that is inside the lock, a finalizer
-        that runs during exit waits for it forever and the process, its work
-        done, never ends. So the threads finish here, and the session stream
-        is dropped here (no reference cycle keeps it: rpc/streams.py) while
-        every thread that could hold its lock -- gRPC's own polling thread
-        too -- can still release it.
+        A daemon thread still running when the interpreter exits is stopped
+        where it stands -- if that is inside a lock a finalizer needs during
+        exit, the process, its work done, never ends. So the session's
+        reader and writer and each actor connection's thread finish here.
         """
         current = threading.current_thread()
         for thread in (self._reader, self._sender):
             if thread is not None and thread is not current and thread.is_alive():
                 thread.join(max(0.0, deadline - time.monotonic()))
-        if not any(t is not None and t.is_alive() for t in (self._reader, self._sender)):
-            self._responses = None
+        self._link.close()
         # The session is gone, so an actor connection waiting on the node
         # has its answer (an error) and ends too.
         for connection in list(self._actor_connections.values()):

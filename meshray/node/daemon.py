@@ -55,7 +55,9 @@ from meshray.node.worker_pool import (
     describe_exit,
     wait_for_exit,
 )
-from meshray.rpc import accept_targets, make_aio_server, strict
+from meshray.rpc import accept_targets, call_link, make_aio_server, strict
+from meshray.rpc.call_link import LinkClosed, status_payload
+from meshray.rpc.session_link import SESSION_METHOD, SessionServer, session_address
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.scheduler.resources import NodeResources, ResourceSet
@@ -118,6 +120,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self._conn_ids = itertools.count(1)
         self.pool: WorkerPool | None = None
         self.server = None
+        self.sessions: SessionServer | None = None
         self.data_server = None
         self.address = ""
         self.local_address = ""
@@ -161,12 +164,16 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     async def start(self) -> None:
         self.fence = LeaseFence.create(
             os.path.join(self.config.session_dir, f"lease-{self.node_id.hex()[:8]}.fence"))
-        unix_path = os.path.join(self.config.session_dir, f"node-{self.node_id.hex()[:8]}.sock")
+        unix_path = session_address(self.config.session_dir, self.node_id)[len("unix:"):]
         self.server, bound = make_aio_server(
-            [f"{self.config.host}:{self.config.port}", f"unix:{unix_path}"], token=self.config.token)
+            [f"{self.config.host}:{self.config.port}"], token=self.config.token)
         self._serve(self.server)
+        # Local processes' sessions (rpc/session_link.py).
+        self.sessions = SessionServer(unix_path, token=self.config.token,
+                                      on_link=self._session)
         self.transfer.start()   # pulled copies, allocator
         await self.server.start()
+        await self.sessions.start()
         self.address = f"{self._advertised_host()}:{bound[0].rsplit(':', 1)[1]}"
         accept_targets(self.server, [self.address])   # peers dial what we advertise
         extras = self.config.extras
@@ -179,7 +186,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         if "http" in extras:
             self.http.start(asyncio.get_running_loop())
             self.jobs.start(self.http)
-        self.local_address = bound[1]
+        self.local_address = self.sessions.address
         self.pool = self._make_pool(
             daemon_address=self.local_address, token=self.config.token,
             session_dir=self.config.session_dir, on_output=self.log_streams.worker_output,
@@ -208,11 +215,11 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     def _serve(self, server) -> None:
         """Register both services; a malformed request never reaches a handler
         (rpc/strict.py answers it INVALID_ARGUMENT, node/request_rules.py says
-        what is malformed)."""
+        what is malformed). Sessions come on session links (_session)."""
         local, questions = frozenset(self.routes.questions), self.routes.peer_questions
-        refused = strict.MalformedLog()
-        strict.add_service(server, self, "meshray.NodeService", malformed_log=refused, checks={
-            "Connect": lambda batch: request_rules.check_client_batch(batch, local)})
+        refused = self._malformed_log = strict.MalformedLog()
+        self._check_client_batch = lambda batch: request_rules.check_client_batch(batch, local)
+        strict.add_service(server, self, "meshray.NodeService", malformed_log=refused)
         # PullObject yields chunks encoded by hand (transfer.encode_chunk).
         strict.add_service(server, self, "meshray.NodePeer", malformed_log=refused,
                            raw_responses=("PullObject",), checks={
@@ -274,6 +281,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             await asyncio.get_running_loop().run_in_executor(None, self.pool.stop_all)
         await self.log_writer.aclose()
         self.logs.close()
+        if self.sessions is not None:
+            await self.sessions.close()
         if self.server is not None:
             await self.server.stop(grace=0.5)
         if self.data_server is not None:
@@ -304,10 +313,14 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                                 etcd_endpoints=",".join(self.config.etcd_endpoints),
                                 session_dir=self.config.session_dir, pid=os.getpid())
 
-    async def Connect(self, request_iterator, context):
+    async def _session(self, link) -> None:
+        """One process's session (rpc/session_link.py): its batches are read
+        and handled by _read_client, our events go back in batches."""
         conn = Connection(next(self._conn_ids), asyncio.Queue())
         self.conns[conn.conn_id] = conn
-        reader = asyncio.get_running_loop().create_task(self._read_client(conn, request_iterator))
+        reader = asyncio.get_running_loop().create_task(
+            self._read_client(conn, self._client_batches(link, conn)))
+        status = status_payload(call_link.OK)
         try:
             while True:
                 event = await conn.outbox.get()
@@ -320,14 +333,51 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                         conn.closed = True
                         break
                     events.append(event)
-                yield pb.ServerBatch(events=events)
+                if conn.drop_reply:
+                    conn.ended = (call_link.UNAVAILABLE, "failpoint node.connect: dropped a reply")
+                    break
+                link.write(call_link.REPLIES, pb.ServerBatch(events=events).SerializeToString())
+                await link.drain()
                 if conn.closed:
                     break
             if conn.malformed is not None:
-                raise conn.malformed
+                status = status_payload(call_link.MALFORMED,
+                                        f"malformed request to {SESSION_METHOD}: {conn.malformed}")
+            elif conn.ended is not None:
+                status = status_payload(*conn.ended)
+            await link.finish(call_link.STATUS, status)
+        except LinkClosed as exc:
+            log.debug("connection %d ended: %s", conn.conn_id, exc)
         finally:
             reader.cancel()
             self._disconnected(conn)
+
+    async def _client_batches(self, link, conn: Connection):
+        """The process's batches, each decoded and checked whole (strict.py)."""
+        while True:
+            try:
+                kind, payload = await link.recv()
+            except LinkClosed as exc:
+                log.debug("connection %d: %s", conn.conn_id, exc)
+                return
+            fired = await self.sessions.roll()
+            if fired and fired[0] == "drop":
+                conn.ended = (call_link.UNAVAILABLE,
+                              "failpoint node.connect: dropped a request message")
+                return
+            if fired:
+                conn.drop_reply = True
+            if kind == call_link.END:
+                return
+            try:
+                if kind != call_link.CALLS:
+                    raise strict.Malformed(f"a frame of kind {kind}: a process sends batches "
+                                           f"({call_link.CALLS}) and their end ({call_link.END})")
+                batch = strict.accept(pb.ClientBatch, payload, self._check_client_batch)
+            except strict.Malformed as exc:
+                self._malformed_log.record(SESSION_METHOD, link.peer, str(exc))
+                raise
+            yield batch
 
     async def _read_client(self, conn: Connection, request_iterator) -> None:
         try:

@@ -36,6 +36,8 @@ class Connection:
     worker: WorkerProcess | None = None
     closed: bool = False
     malformed: strict.Malformed | None = None   # ends the session with INVALID_ARGUMENT
+    ended: tuple | None = None       # (status code, why): ends the session with that status
+    drop_reply: bool = False         # chaos (failpoint node.connect=drop_reply)
     reserved: set = field(default_factory=set)  # store reservations it has not sealed yet
 
     def send(self, event: pb.ServerEvent) -> None:

@@ -79,12 +79,13 @@ from meshray.rpc.factory import (
 from meshray.rpc.limits import ENV_MAX_CONNECTIONS_PER_PEER, current_limits
 from meshray.rpc.tls import TLS_FROM_ENV, TlsConfig, resolve_tls
 
-__all__ = ["CALLS", "END", "REPLIES", "STATUS", "OK", "MALFORMED", "UNAVAILABLE",
+__all__ = ["CALLS", "END", "REPLIES", "STATUS", "OK", "MALFORMED", "UNAVAILABLE", "SESSION_MAGIC",
            "Link", "LinkClosed", "LinkServer", "connect", "status_payload"]
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"MRCALL1\n"
+SESSION_MAGIC = b"MRSESS1\n"      # a process's session with its node (session_link.py)
 CALL_METHOD = "/meshray.ActorService/Call"      # whose failpoints (actor.call) apply here
 CALLS, END, REPLIES, STATUS = 1, 2, 3, 4
 OK, MALFORMED, UNAVAILABLE = 0, 1, 2
@@ -442,9 +443,10 @@ def _merged(frames: list) -> bytes:
 
 # ------------------------------------------------------------------ caller side
 def connect(address: str, *, token: str | None, timeout: float = HANDSHAKE_TIMEOUT_S,
-            tls=TLS_FROM_ENV) -> Link:
+            tls=TLS_FROM_ENV, magic: bytes = MAGIC) -> Link:
     """Open a link to the actor at `address` ("host:port" or "unix:/path") and
-    prove membership both ways. Raises LinkClosed (`reached` False when
+    prove membership both ways; `magic` SESSION_MAGIC opens a session with
+    the node at `address` instead. Raises LinkClosed (`reached` False when
     nothing could be connected at all)."""
     keys = _keys(_check_token(token))
     unix = address.startswith("unix:")
@@ -469,12 +471,12 @@ def connect(address: str, *, token: str | None, timeout: float = HANDSHAKE_TIMEO
                 sock, server_hostname=tls.server_name or split_host_port(address)[0])
         nonce = os.urandom(_NONCE)
         try:
-            sock.sendall(MAGIC + nonce + bytes([len(target)]) + target)
+            sock.sendall(magic + nonce + bytes([len(target)]) + target)
             theirs = _recv_exact(sock, _NONCE)
         except OSError:
             raise LinkClosed(f"{address} closed the connection before its handshake "
                              "(at its limit of links, or not an actor)", reached=False) from None
-        mac = _mac(keys[0], MAGIC + nonce + theirs + target) if keys else bytes(_MAC)
+        mac = _mac(keys[0], magic + nonce + theirs + target) if keys else bytes(_MAC)
         sock.sendall(mac)
         try:
             proof = _recv_exact(sock, _MAC)

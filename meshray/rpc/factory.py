@@ -144,7 +144,7 @@ FAILPOINT_METHODS = {
     "/meshray.NodePeer/Deliver": "peer.deliver",
     "/meshray.NodePeer/PullObject": "peer.pull",
     "/meshray.ActorService/Call": "actor.call",
-    "/meshray.NodeService/Connect": "node.connect",
+    "/meshray.NodeSession/Connect": "node.connect",
     "/meshray.NodeService/GetNodeInfo": "node.info",
 }
 _FAILPOINT_ACTIONS = ("delay", "drop", "drop_reply")

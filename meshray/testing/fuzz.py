@@ -16,11 +16,12 @@ methods, valid templates (controls) and templates with one field set at
 random, and random well-typed messages (fuzz_cases.py, fuzz_semantic.py say
 what each must be answered with). Every call has a deadline.
 
-An actor is not a gRPC server: its calls come on call links
-(rpc/call_link.py). For an actor target each case's messages go as CALLS
-frames on a link, then END, and the link's closing status is the answer
-(INVALID_ARGUMENT, UNAVAILABLE, OK as on gRPC); "unknown method" cases do
-not apply to it.
+Two exchanges are not gRPC: an actor's calls come on call links
+(rpc/call_link.py) and a process's session with its node on the node's
+session link (rpc/session_link.py). For such a target (`Target.link`: the
+method its link carries) each case's messages go as CALLS frames on a link,
+then END, and the link's closing status is the answer (INVALID_ARGUMENT,
+UNAVAILABLE, OK as on gRPC); "unknown method" cases do not apply to it.
 
 fuzz_local.run_local starts a private cluster and an actor, fuzzes both, and
 checks what must hold afterwards (see there).
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from meshray.rpc import call_link, make_channel
+from meshray.rpc.session_link import SESSION_METHOD
 from meshray.testing import fuzz_cases as fc
 from meshray.testing.fuzz_semantic import semantic_case
 
@@ -53,7 +55,10 @@ class Target:
     context: fc.Context
     pid: int = 0
     methods: list = field(default_factory=list)    # what it serves (probe)
-    link: bool = False              # an actor: served on call links, not gRPC
+    link: str = ""                  # served on a link carrying this method, not gRPC
+
+
+_LINK_MAGIC = {call_link.CALL_METHOD: call_link.MAGIC, SESSION_METHOD: call_link.SESSION_MAGIC}
 
 
 def judge(case: fc.Case, code: str, details: str, deadline_s: float) -> str | None:
@@ -328,11 +333,14 @@ def _invoke(channel, case: fc.Case, deadline_s: float) -> tuple:
     return "OK", ""
 
 
-def _invoke_link(address: str, token: str | None, case: fc.Case, deadline_s: float) -> tuple:
-    """(status code name, details) of sending `case`'s messages on a call link."""
+def _invoke_link(address: str, token: str | None, case: fc.Case, deadline_s: float,
+                 method: str) -> tuple:
+    """(status code name, details) of sending `case`'s messages on a link
+    carrying `method`."""
     deadline = time.monotonic() + deadline_s
     try:
-        link = call_link.connect(address, token=token, timeout=deadline_s)
+        link = call_link.connect(address, token=token, timeout=deadline_s,
+                                 magic=_LINK_MAGIC[method])
     except call_link.LinkClosed as exc:
         return "UNAVAILABLE", exc.details
     try:
@@ -385,14 +393,14 @@ class WireFuzzer:
         for target in self.targets:
             target.methods = []
             if target.link:
-                probe = fc.Case(-1, "probe", target.name, call_link.CALL_METHOD, "stream_stream",
+                probe = fc.Case(-1, "probe", target.name, target.link, "stream_stream",
                                 [], fc.CLEAR)
                 code, details = _invoke_link(target.addresses[0], self.token, probe,
-                                             PROBE_TIMEOUT_S)
+                                             PROBE_TIMEOUT_S, target.link)
                 if code != "OK":
-                    raise RuntimeError(f"probing the call link of {target.name} "
+                    raise RuntimeError(f"probing the link of {target.name} "
                                        f"({target.addresses[0]}) failed: {code} {details}")
-                target.methods = [m for m in fc.wire_methods() if m.path == call_link.CALL_METHOD]
+                target.methods = [m for m in fc.wire_methods() if m.path == target.link]
                 continue
             for service, methods in sorted(by_service.items()):
                 first = methods[0]
@@ -413,7 +421,7 @@ class WireFuzzer:
             address = random.Random(f"{self.seed}:{case.index}:address").choice(target.addresses)
         started = time.monotonic()
         if target.link:
-            code, details = _invoke_link(address, self.token, case, self.deadline_s)
+            code, details = _invoke_link(address, self.token, case, self.deadline_s, target.link)
         else:
             code, details = _invoke(self.channel(address), case, self.deadline_s)
         return code, details, time.monotonic() - started

@@ -16,10 +16,10 @@ import json
 import os
 import random
 import re
-import threading
 import time
 
-from meshray.rpc import make_channel
+from meshray.rpc import call_link, make_channel
+from meshray.rpc.session_link import SESSION_METHOD
 from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 from meshray.testing import fuzz_cases as fc
@@ -66,30 +66,30 @@ def process_figures(pid: int) -> dict | None:
 
 def ask_node(address: str, token: str | None, method: str, payload: dict | None = None,
              timeout: float = 20.0):
-    """One JSON question on a fresh session with the node, as a driver asks it."""
+    """One JSON question on a fresh session with the node (its session
+    link, `address` "unix:PATH"), as a driver asks it."""
     events = [fc._hello(random.Random()), pb.ClientEvent(request=pb.Request(
         request_id=1, method=method, payload=json.dumps(payload or {}).encode()))]
-    answered = threading.Event()
-
-    def requests():
-        yield pb.ClientBatch(events=events)
-        answered.wait(timeout)    # keep the session open until the reply is read
-
-    channel = make_channel(address, token=token)
+    link = call_link.connect(address, token=token, timeout=timeout,
+                             magic=call_link.SESSION_MAGIC, tls=None)
     try:
-        call = channel.stream_stream("/meshray.NodeService/Connect",
-                                     request_serializer=pb.ClientBatch.SerializeToString,
-                                     response_deserializer=pb.ServerBatch.FromString)
-        for batch in call(requests(), timeout=timeout):
-            for event in batch.events:
+        link.set_timeout(timeout)
+        link.send(call_link.CALLS, pb.ClientBatch(events=events).SerializeToString())
+        while True:
+            kind, data = link.recv()
+            if kind != call_link.REPLIES:
+                break
+            for event in pb.ServerBatch.FromString(data).events:
                 if event.WhichOneof("kind") == "reply":
                     if event.reply.error:
                         raise RuntimeError(f"the node did not answer {method}: {event.reply.error}")
                     return json.loads(event.reply.payload)
         raise RuntimeError(f"the node closed the session without answering {method}")
+    except call_link.LinkClosed as exc:
+        raise RuntimeError(f"the node closed the session without answering {method}: "
+                           f"{exc.details}") from None
     finally:
-        answered.set()
-        channel.close()
+        link.close()
 
 
 def _log_size(path: str) -> int:
@@ -138,11 +138,14 @@ def _fuzz_cluster(meshray, token, seed, cases, seconds, first, deadline_s, settl
         info = pb_grpc.NodeServiceStub(channel).GetNodeInfo(pb.NodeInfoRequest(), timeout=20)
     log_path = os.path.join(info.session_dir, "node.log")
     targets = [
-        Target("node", [node.address, node.local_address],
+        Target("node", [node.address],
                fc.Context(node_id=info.node_id, actor_id=actor._actor_id), info.pid),
+        Target("session", [node.local_address],
+               fc.Context(node_id=info.node_id, actor_id=actor._actor_id), info.pid,
+               link=SESSION_METHOD),
         Target("actor", [a for a in record["address"].split(",") if a],
                fc.Context(node_id=info.node_id, actor_id=actor._actor_id,
-                          actor_methods=("echo",)), actor_pid, link=True),
+                          actor_methods=("echo",)), actor_pid, link=call_link.CALL_METHOD),
     ]
     fuzzer = WireFuzzer(targets, token, seed, deadline_s)
     report = Report(seed)
@@ -151,15 +154,15 @@ def _fuzz_cluster(meshray, token, seed, cases, seconds, first, deadline_s, settl
         report.checks["served"] = {t.name: sorted({m.service for m in t.methods})
                                    for t in targets}
         _warm_up(fuzzer, targets)
-        before = _figures(targets, node.address, token, core.store_dir)
+        before = _figures(targets, node.local_address, token, core.store_dir)
         offset = _log_size(log_path)
         fuzzer.run(cases, seconds, first=first, report=report, on_violation=echo,
                    on_case=on_case)
         _check_alive(report, targets)
-        after = _settle(report, targets, node.address, token, core.store_dir, before, settle_s)
+        after = _settle(report, targets, node.local_address, token, core.store_dir, before, settle_s)
         report.checks["before"], report.checks["after"] = before, after
         _check_log(report, _log_since(log_path, offset))
-        _check_work(report, meshray, actor, node.address, token)
+        _check_work(report, meshray, actor, node.local_address, token)
         _check_alive(report, targets)
     finally:
         fuzzer.close()

@@ -64,7 +64,7 @@ core = state.core
 threads = [core._reader, core._sender] + [c._thread for c in core._actor_connections.values()]
 ray.shutdown()
 print(json.dumps({"alive": [t.name for t in threads if t is None or t.is_alive()],
-                  "stream_dropped": core._responses is None,
+                  "link_closed": core._link._sock.fileno() == -1,
                   # nor a stream left for the cyclic collector to finalize
                   "streams": [repr(o) for o in gc.get_objects() if isinstance(o, grpc.Call)],
                   "others": [t.name for t in threading.enumerate()
@@ -73,7 +73,7 @@ print(json.dumps({"alive": [t.name for t in threads if t is None or t.is_alive()
     result = run_driver(code)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info == {"alive": [], "stream_dropped": True, "streams": [], "others": []}
+    assert info == {"alive": [], "link_closed": True, "streams": [], "others": []}
 
 
 def test_driver_killed_with_sigkill_leaves_nothing():

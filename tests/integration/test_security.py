@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from meshray import security
+from tests.helpers import wait_for
 from meshray.rpc import call_link
 from meshray.rpc.factory import make_aio_channel, make_aio_server, make_channel, make_server
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -116,19 +117,16 @@ def _read(path) -> str:
         return ""
 
 
-@pytest.mark.parametrize("which", ["tcp", "unix"])
 @pytest.mark.parametrize("metadata", [None, [("meshray-token", WRONG)]],
                          ids=["no-token", "wrong-token"])
-def test_daemon_rejects_unauthenticated_connect(local_node, tmp_path, which, metadata):
+def test_daemon_rejects_unauthenticated_grpc(local_node, tmp_path, metadata):
     node = local_node
     marker = tmp_path / "marker"
-    address = node.address if which == "tcp" else node.local_address
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.NodeServiceStub(channel)
-        _expect_unauthenticated(lambda: stub.Connect(iter([_node_batch(marker)]),
-                                                     metadata=metadata, timeout=10))
-        _expect_unauthenticated(lambda: stub.GetNodeInfo(pb.NodeInfoRequest(),
-                                                         metadata=metadata, timeout=10))
+    with grpc.insecure_channel(node.address) as channel:
+        _expect_unauthenticated(lambda: pb_grpc.NodeSessionStub(channel).Connect(
+            iter([_node_batch(marker)]), metadata=metadata, timeout=10))
+        _expect_unauthenticated(lambda: pb_grpc.NodeServiceStub(channel).GetNodeInfo(
+            pb.NodeInfoRequest(), metadata=metadata, timeout=10))
     time.sleep(0.3)  # anything that would unpickle has had time to
     assert not marker.exists()
     log = os.path.join(node.session_dir, "node.log")
@@ -136,11 +134,42 @@ def test_daemon_rejects_unauthenticated_connect(local_node, tmp_path, which, met
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         text = _read(log)
-        if "/meshray.NodeService/Connect" in text and reason in text:
+        if "/meshray.NodeService/GetNodeInfo" in text and reason in text:
             break
         time.sleep(0.1)
-    assert "rejected unauthenticated gRPC call to /meshray.NodeService/Connect" in text
+    assert "rejected unauthenticated gRPC call to /meshray.NodeService/GetNodeInfo" in text
     assert reason in text
+
+
+def test_daemon_session_link_refuses_strangers(local_node, tmp_path):
+    """A session is opened only with the membership handshake: a wrong
+    secret, none, or a call link's proof is refused, and frames sent
+    without a handshake are never read as a session's batches."""
+    node = local_node
+    marker = tmp_path / "marker"
+    address = node.local_address
+    for token, magic in ((WRONG, call_link.SESSION_MAGIC), (None, call_link.SESSION_MAGIC),
+                         (TOKEN, call_link.MAGIC)):
+        with pytest.raises(call_link.LinkClosed):
+            call_link.connect(address, token=token, magic=magic, tls=None)
+    batch = _node_batch(marker).SerializeToString()
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(address[len("unix:"):])
+    with raw:
+        raw.settimeout(10)
+        try:
+            raw.sendall(call_link._HEADER.pack(len(batch), call_link.CALLS) + batch)
+            assert raw.recv(4096) == b""        # closed without a word
+        except ConnectionResetError:
+            pass
+    time.sleep(0.3)  # anything that would unpickle has had time to
+    assert not marker.exists()
+    log = os.path.join(node.session_dir, "node.log")
+    wait_for(lambda: "session link: refused a connection without a valid membership proof"
+             in _read(log), timeout=10, message="the refusal in the node's log")
+    # The front door works.
+    link = call_link.connect(address, token=TOKEN, magic=call_link.SESSION_MAGIC, tls=None)
+    link.close()
 
 
 def test_daemon_accepts_the_token(local_node):

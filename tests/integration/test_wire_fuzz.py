@@ -1,7 +1,8 @@
 """A bounded, seeded wire-fuzz run against a real node daemon and a real actor.
 
 The fuzzer (meshray/testing/fuzz.py) holds the cluster token and sends every
-method both servers serve random bytes, truncated and mutated messages,
+method the node and the actor serve (gRPC, the node's session link, the
+actor's call link) random bytes, truncated and mutated messages,
 wrong wire types, unknown fields, huge lengths, one-field semantic garbage
 (ids, counts, unknown "enum" strings, bad JSON, bad pickles), wrong call
 shapes and unknown methods. The report holds a violation for every answer
@@ -36,6 +37,7 @@ def test_seeded_wire_fuzz_of_node_and_actor():
     served = report.checks["served"]
     assert {"meshray.NodePeer", "meshray.NodeService"} <= set(served["node"]), summary
     assert "meshray.ActorService" in served["actor"], summary
+    assert served["session"] == ["meshray.NodeSession"], summary
     assert set(report.by_kind) == set(fc.KINDS), summary
     assert report.by_expect[fc.INVALID] >= 200, summary
     assert report.answers["template"]["OK"] >= 20, summary

@@ -24,7 +24,7 @@ ACTOR = NODE[:6] + bytes(range(100, 110))
 METHODS = fc.wire_methods()
 QUESTIONS = frozenset({"actor_info", "restore", "store_stats"})
 CHECKS = {
-    "/meshray.NodeService/Connect": lambda b: node_rules.check_client_batch(
+    "/meshray.NodeSession/Connect": lambda b: node_rules.check_client_batch(
         b, QUESTIONS | node_rules.CLUSTER_QUESTIONS),
     "/meshray.NodePeer/Deliver": lambda b: node_rules.check_peer_batch(b, QUESTIONS),
     "/meshray.NodePeer/PullObject": node_rules.check_pull_request,

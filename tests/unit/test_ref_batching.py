@@ -5,21 +5,50 @@ import queue
 import threading
 
 from meshray.core.core_worker import CoreWorker
+from meshray.rpc import call_link
 from meshray.rpc.generated import meshray_pb2 as pb
 
 
+class _Recorder:
+    """Stands in for the session link: keeps what is written on it."""
+
+    def __init__(self):
+        self.frames: list = []
+
+    def send(self, kind, payload=b"", now=True):
+        self.frames.append((kind, payload))
+
+
 def bare_worker() -> CoreWorker:
-    """Only the outbox half of a CoreWorker: no node, no stream."""
+    """Only the outbox half of a CoreWorker: no node, a link that records."""
     worker = CoreWorker.__new__(CoreWorker)
     worker._outbox = queue.SimpleQueue()
     worker._ref_lock = threading.Lock()
     worker._ref_batch = None
+    worker._link = _Recorder()
+    worker._turn = threading.Lock()
+    worker._wake = threading.Event()
+    worker._last_write = 0.0
     return worker
 
 
 def drained(worker: CoreWorker) -> list:
+    """Every event written, in order, once the outbox is written to its end."""
     worker._outbox.put(None)
-    return [event for batch in worker._outgoing() for event in batch.events]
+    worker._write_outbox()
+    assert worker._link.frames[-1] == (call_link.END, b"")
+    return [event for kind, payload in worker._link.frames if kind == call_link.CALLS
+            for event in pb.ClientBatch.FromString(payload).events]
+
+
+def test_an_event_on_a_quiet_session_is_written_at_once_and_ref_changes_only_wake_the_writer():
+    worker = bare_worker()
+    worker._queue_ref_change(b"a", True)
+    assert worker._link.frames == [] and worker._wake.is_set()     # a finalizer never writes
+    worker._send(pb.ClientEvent(submit=pb.SubmitTask(spec=pb.TaskSpec(name="t"))))
+    (kind, payload), = worker._link.frames
+    assert [e.WhichOneof("kind") for e in pb.ClientBatch.FromString(payload).events] == [
+        "refs", "submit"]
 
 
 def test_consecutive_changes_share_one_update():

@@ -1,6 +1,7 @@
 """rpc/strict.py on real in-process gRPC servers of both flavours.
 
-A throw-away NodeService servicer counts what reaches it, so each test shows
+A throw-away NodeService and NodeSession servicer (the session's messages are
+a streaming method's, whatever carries them in production) counts what reaches it, so each test shows
 both the answer a malformed request gets (INVALID_ARGUMENT naming what was
 wrong, never a hang) and that the servicer never saw it.
 """
@@ -18,7 +19,7 @@ from meshray.rpc.generated import meshray_pb2 as pb
 from meshray.rpc.generated import meshray_pb2_grpc as pb_grpc
 
 TOKEN = "unit-test-token-0123456789abcdef"
-CONNECT = "/meshray.NodeService/Connect"
+CONNECT = "/meshray.NodeSession/Connect"
 INFO = "/meshray.NodeService/GetNodeInfo"
 
 
@@ -64,7 +65,8 @@ def served(request):
     if request.param == "sync":
         servicer = SyncServicer()
         server, bound = make_server(["127.0.0.1:0"], token=TOKEN, max_workers=8, tls=None)
-        strict.add_service(server, servicer, "meshray.NodeService", checks=checks)
+        strict.add_service(server, servicer, "meshray.NodeService")
+        strict.add_service(server, servicer, "meshray.NodeSession", checks=checks)
         server.start()
         yield bound[0], servicer
         server.stop(0)
@@ -76,7 +78,8 @@ def served(request):
 
     async def build():
         server, bound = make_aio_server(["127.0.0.1:0"], token=TOKEN, tls=None)
-        strict.add_service(server, servicer, "meshray.NodeService", checks=checks)
+        strict.add_service(server, servicer, "meshray.NodeService")
+        strict.add_service(server, servicer, "meshray.NodeSession", checks=checks)
         await server.start()
         return server, bound
 
@@ -104,9 +107,9 @@ def _hello(role="driver") -> bytes:
 def test_valid_calls_work_through_generated_stubs(served):
     address, servicer = served
     with make_channel(address, token=TOKEN, tls=None) as channel:
-        stub = pb_grpc.NodeServiceStub(channel)
-        assert stub.GetNodeInfo(pb.NodeInfoRequest(), timeout=5).address == "here"
-        replies = list(stub.Connect(iter([pb.ClientBatch(), pb.ClientBatch()]), timeout=5))
+        assert pb_grpc.NodeServiceStub(channel).GetNodeInfo(
+            pb.NodeInfoRequest(), timeout=5).address == "here"
+        replies = list(pb_grpc.NodeSessionStub(channel).Connect(iter([pb.ClientBatch(), pb.ClientBatch()]), timeout=5))
     assert len(replies) == 2 and len(servicer.seen) == 3
 
 
@@ -219,7 +222,7 @@ def test_a_flood_of_refusals_does_not_grow_the_server():
 
     async def build():
         server, bound = make_aio_server(["127.0.0.1:0"], token=TOKEN, tls=None)
-        strict.add_service(server, servicer, "meshray.NodeService",
+        strict.add_service(server, servicer, "meshray.NodeSession",
                            checks={"Connect": _refuse_bad_roles},
                            malformed_log=strict.MalformedLog(burst=0))
         await server.start()

@@ -244,10 +244,10 @@ def test_malformed_log_is_rate_limited(caplog):
     refusals = strict.MalformedLog(burst=3, window_s=3600)
     with caplog.at_level(logging.WARNING, logger="meshray.rpc.strict"):
         for _ in range(50):
-            refusals.record("/meshray.NodeService/Connect", "ipv4:1.2.3.4:5", "bad")
+            refusals.record("/meshray.NodeSession/Connect", "ipv4:1.2.3.4:5", "bad")
     lines = [r for r in caplog.records if "refused a malformed request" in r.getMessage()]
     assert len(lines) == 3
-    assert "/meshray.NodeService/Connect" in lines[0].getMessage()
+    assert "/meshray.NodeSession/Connect" in lines[0].getMessage()
 
 
 def test_a_generator_call_streams_with_num_returns_minus_one():

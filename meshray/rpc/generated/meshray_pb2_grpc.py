@@ -251,11 +251,6 @@ class NodeServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Connect = channel.stream_stream(
-                '/meshray.NodeService/Connect',
-                request_serializer=meshray__pb2.ClientBatch.SerializeToString,
-                response_deserializer=meshray__pb2.ServerBatch.FromString,
-                _registered_method=True)
         self.GetNodeInfo = channel.unary_unary(
                 '/meshray.NodeService/GetNodeInfo',
                 request_serializer=meshray__pb2.NodeInfoRequest.SerializeToString,
@@ -265,13 +260,6 @@ class NodeServiceStub:
 
 class NodeServiceServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def Connect(self, request_iterator, context):
-        """The session stream of one local driver or worker.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def GetNodeInfo(self, request, context):
         """Cheap out-of-band questions (status, address discovery, health).
@@ -283,11 +271,6 @@ class NodeServiceServicer:
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Connect': grpc.stream_stream_rpc_method_handler(
-                    servicer.Connect,
-                    request_deserializer=meshray__pb2.ClientBatch.FromString,
-                    response_serializer=meshray__pb2.ServerBatch.SerializeToString,
-            ),
             'GetNodeInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNodeInfo,
                     request_deserializer=meshray__pb2.NodeInfoRequest.FromString,
@@ -303,33 +286,6 @@ def add_NodeServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class NodeService:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Connect(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/meshray.NodeService/Connect',
-            meshray__pb2.ClientBatch.SerializeToString,
-            meshray__pb2.ServerBatch.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def GetNodeInfo(request,
@@ -348,6 +304,96 @@ class NodeService:
             '/meshray.NodeService/GetNodeInfo',
             meshray__pb2.NodeInfoRequest.SerializeToString,
             meshray__pb2.NodeInfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class NodeSessionStub:
+    """The session of one driver or worker with its node. Not served by gRPC:
+    every such process runs on its node's machine and opens its session on
+    the node's unix socket as a session link (meshray/rpc/session_link.py: the
+    call link's framing and handshake, carrying these two messages). The
+    service is kept to name the pair; its path names the session in
+    failpoints and logs.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Connect = channel.stream_stream(
+                '/meshray.NodeSession/Connect',
+                request_serializer=meshray__pb2.ClientBatch.SerializeToString,
+                response_deserializer=meshray__pb2.ServerBatch.FromString,
+                _registered_method=True)
+
+
+class NodeSessionServicer:
+    """The session of one driver or worker with its node. Not served by gRPC:
+    every such process runs on its node's machine and opens its session on
+    the node's unix socket as a session link (meshray/rpc/session_link.py: the
+    call link's framing and handshake, carrying these two messages). The
+    service is kept to name the pair; its path names the session in
+    failpoints and logs.
+    """
+
+    def Connect(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeSessionServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=meshray__pb2.ClientBatch.FromString,
+                    response_serializer=meshray__pb2.ServerBatch.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshray.NodeSession', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshray.NodeSession', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeSession:
+    """The session of one driver or worker with its node. Not served by gRPC:
+    every such process runs on its node's machine and opens its session on
+    the node's unix socket as a session link (meshray/rpc/session_link.py: the
+    call link's framing and handshake, carrying these two messages). The
+    service is kept to name the pair; its path names the session in
+    failpoints and logs.
+    """
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/meshray.NodeSession/Connect',
+            meshray__pb2.ClientBatch.SerializeToString,
+            meshray__pb2.ServerBatch.FromString,
             options,
             channel_credentials,
             insecure,
