@@ -2,11 +2,14 @@
 node state machine over plain bookkeeping."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -30,6 +33,57 @@ def process_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@contextlib.contextmanager
+def relay_to(port: int):
+    """An impostor on another loopback port that forwards one connection's
+    bytes both ways to `port`; yields its own port (for tests that a proof
+    names the address its maker dialled)."""
+    relay = socket.create_server(("127.0.0.1", 0))
+
+    def forward(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def run():
+        try:
+            client, _ = relay.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(("127.0.0.1", port))
+        threads = [threading.Thread(target=forward, args=pair, daemon=True)
+                   for pair in ((client, upstream), (upstream, client))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        client.close()
+        upstream.close()
+
+    relaying = threading.Thread(target=run, daemon=True)
+    relaying.start()
+    try:
+        yield relay.getsockname()[1]
+    finally:
+        try:
+            relay.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        relay.close()
+        relaying.join(10)
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, message: str = ""):

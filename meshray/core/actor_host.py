@@ -280,10 +280,7 @@ class ActorHost:
                 stream.end(status_payload(call_link.OK))
                 return
             try:
-                if kind != call_link.CALLS:
-                    raise strict.Malformed(f"a frame of kind {kind}: a caller sends calls "
-                                           f"({call_link.CALLS}) and their end ({call_link.END})")
-                batch = strict.accept(pb.ActorCallBatch, payload, self._check)
+                batch = call_link.decode_calls(kind, payload, pb.ActorCallBatch, self._check)
             except strict.Malformed as exc:
                 self._malformed_log.record(CALL_METHOD, link.peer, str(exc))
                 stream.finish_now(call_link.MALFORMED, f"malformed request to {CALL_METHOD}: {exc}")

@@ -370,10 +370,8 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             if kind == call_link.END:
                 return
             try:
-                if kind != call_link.CALLS:
-                    raise strict.Malformed(f"a frame of kind {kind}: a process sends batches "
-                                           f"({call_link.CALLS}) and their end ({call_link.END})")
-                batch = strict.accept(pb.ClientBatch, payload, self._check_client_batch)
+                batch = call_link.decode_calls(kind, payload, pb.ClientBatch,
+                                               self._check_client_batch)
             except strict.Malformed as exc:
                 self._malformed_log.record(SESSION_METHOD, link.peer, str(exc))
                 raise

@@ -66,6 +66,8 @@ __all__ = [
     "MembershipError",
     "ProofChecker",
     "derive_key",
+    "link_keys",
+    "link_mac",
 ]
 
 AUTH_METADATA_KEY = "meshray-auth"
@@ -97,6 +99,19 @@ def derive_key(secret: str, purpose: str) -> bytes:
     """HMAC-SHA256(secret, "meshray/v1/" + purpose): one key per use."""
     return hmac.new(secret.encode("ascii"), b"meshray/v1/" + purpose.encode(),
                     hashlib.sha256).digest()
+
+
+def link_keys(secret: str | None, use: str) -> tuple[bytes, bytes] | None:
+    """The two keys of a plain-socket link's handshake (data link, call and
+    session links): (the dialler's, the answerer's); None without a secret."""
+    if not secret:
+        return None
+    return derive_key(secret, f"{use}-call"), derive_key(secret, f"{use}-answer")
+
+
+def link_mac(key: bytes, data: bytes) -> bytes:
+    """A link handshake's proof: HMAC-SHA256 over raw bytes."""
+    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 def _b64(raw: bytes) -> str:

@@ -55,7 +55,6 @@ bound on links at once per server.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import os
@@ -66,7 +65,9 @@ import struct
 import threading
 import time
 
-from meshray.rpc.auth import derive_key
+from meshray.rpc import strict
+from meshray.rpc.auth import link_keys
+from meshray.rpc.auth import link_mac as _mac
 from meshray.rpc.factory import (
     MAX_MESSAGE_BYTES,
     _check_binds,
@@ -124,13 +125,16 @@ def status_payload(code: int, details: str = "", refused: bool = False) -> bytes
 
 
 def _keys(token: str | None):
-    if not token:
-        return None
-    return derive_key(token, "link-call"), derive_key(token, "link-answer")
+    return link_keys(token, "link")
 
 
-def _mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+def decode_calls(kind: int, payload: bytes, message_class, check):
+    """The message of a CALLS frame, decoded strictly and checked (strict.py);
+    Malformed says why not (another kind of frame, or what is wrong)."""
+    if kind != CALLS:
+        raise strict.Malformed(f"a frame of kind {kind}: the caller's side sends messages "
+                               f"({CALLS}) and their end ({END})")
+    return strict.accept(message_class, payload, check)
 
 
 def _tune(sock) -> None:

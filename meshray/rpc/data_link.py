@@ -49,7 +49,6 @@ that.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import hmac
 import logging
 import mmap
@@ -61,7 +60,8 @@ import struct
 import threading
 import time
 
-from meshray.rpc.auth import derive_key
+from meshray.rpc.auth import link_keys
+from meshray.rpc.auth import link_mac as _mac
 from meshray.rpc.factory import (
     _check_binds,
     _check_token,
@@ -106,13 +106,7 @@ class RangeNotServed(Exception):
 
 
 def _keys(token: str | None):
-    if not token:
-        return None
-    return derive_key(token, "data-call"), derive_key(token, "data-answer")
-
-
-def _mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    return link_keys(token, "data")
 
 
 def _recv_exact(sock, count: int) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 from meshray.rpc import call_link
 from meshray.rpc.call_link import LinkClosed, LinkServer, connect
 from meshray.rpc.generated import meshray_pb2 as pb
-from tests.helpers import wait_for
+from tests.helpers import relay_to, wait_for
 
 TOKEN = "call-link-test-secret-0123456789abcdef"
 
@@ -130,47 +130,11 @@ def test_a_caller_without_the_secret_is_refused_before_any_frame_is_read(server)
 def test_a_proof_relayed_through_another_address_is_refused(server):
     """An impostor at another address forwarding a member's bytes gets no
     link: the proof names the address the member dialled."""
-    relay = socket.create_server(("127.0.0.1", 0))
-    port = relay.getsockname()[1]
     upstream_port = int(_tcp(server).rsplit(":", 1)[1])
-
-    def forward(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def run():
-        client, _ = relay.accept()
-        upstream = socket.create_connection(("127.0.0.1", upstream_port))
-        threads = [threading.Thread(target=forward, args=pair, daemon=True)
-                   for pair in ((client, upstream), (upstream, client))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-        client.close()
-        upstream.close()
-
-    relaying = threading.Thread(target=run, daemon=True)
-    relaying.start()
-    try:
+    with relay_to(upstream_port) as port:
         with pytest.raises(LinkClosed, match="without proving membership"):
             connect(f"127.0.0.1:{port}", token=TOKEN, tls=None)
-        assert server.echo.links == 0
-    finally:
-        relaying.join(10)
-        relay.close()
+    assert server.echo.links == 0
 
 
 def test_an_actor_that_cannot_prove_membership_is_not_read():

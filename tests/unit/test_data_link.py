@@ -15,7 +15,7 @@ import pytest
 from meshray.object_store import layout
 from meshray.rpc import data_link
 from meshray.rpc.data_link import DataLinkError, DataServer, RangeNotServed, open_range
-from tests.helpers import wait_for
+from tests.helpers import relay_to, wait_for
 
 TOKEN = "data-link-test-secret-0123456789abcdef"
 OID = b"\x07" * 28
@@ -77,46 +77,10 @@ def test_a_reader_without_the_secret_is_refused_before_the_holder_looks_anything
 def test_a_proof_relayed_through_another_address_is_refused(holder):
     """An impostor at another address forwarding a member's bytes gets nothing:
     the proof names the address the member dialled."""
-    relay = socket.create_server(("127.0.0.1", 0))
-    port = relay.getsockname()[1]
-
-    def forward(src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def run():
-        client, _ = relay.accept()
-        upstream = socket.create_connection(("127.0.0.1", holder.port))
-        threads = [threading.Thread(target=forward, args=pair, daemon=True)
-                   for pair in ((client, upstream), (upstream, client))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-        client.close()
-        upstream.close()
-
-    relaying = threading.Thread(target=run, daemon=True)
-    relaying.start()
-    try:
+    with relay_to(holder.port) as port:
         with pytest.raises(DataLinkError, match="without proving membership"):
             _read(f"127.0.0.1:{port}")
-        assert holder.asked == []
-    finally:
-        relaying.join(10)
-        relay.close()
+    assert holder.asked == []
 
 
 def test_a_holder_that_cannot_prove_membership_is_not_read(tmp_path):
