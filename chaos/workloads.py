@@ -489,6 +489,14 @@ class PlacementGroupWorkload(Workload):
                                                 for out in self.outputs]
 
 
+def run_over(stop_file: str, parent: int) -> bool:
+    """Whether a racing driver's run is over: its stop file exists, or the
+    run that started it is gone (its work dir removed, or its parent process
+    exited -- an interrupted run never writes the stop file)."""
+    return (os.path.exists(stop_file) or not os.path.isdir(os.path.dirname(stop_file))
+            or os.getppid() != parent)
+
+
 def pg_driver_main(args) -> int:
     """One racing driver (a separate process: one meshray driver per process)."""
     module = pg_api()
@@ -498,6 +506,7 @@ def pg_driver_main(args) -> int:
     import meshray
     from meshray import security
     token = security.process_token()      # handed over on a pipe (_start_with_token)
+    parent = os.getppid()
     history = History(args.out)
     process = f"pg-driver-{args.index}"
     # A driver may start while a fault is on (the etcd leader killed, a node
@@ -509,7 +518,7 @@ def pg_driver_main(args) -> int:
             meshray.init(address=args.address, _token=token, log_to_driver=False)
         except Exception as exc:  # noqa: BLE001 - recorded, then tried again
             join.fail(exc)
-            if os.path.exists(args.stop_file):
+            if run_over(args.stop_file, parent):
                 history.close()
                 return 1
             time.sleep(0.5)
@@ -519,7 +528,7 @@ def pg_driver_main(args) -> int:
     rng = random.Random(f"{args.seed}:pg:{args.index}")
     table = getattr(module, "placement_group_table", None)
     try:
-        while not os.path.exists(args.stop_file):
+        while not run_over(args.stop_file, parent):
             count = rng.choice([1, 2])
             strategy = rng.choice(["PACK", "SPREAD"])
             bundles = [{PG_RESOURCE: 1.0} for _ in range(count)]
