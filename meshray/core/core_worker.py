@@ -262,10 +262,10 @@ class CoreWorker(StreamsMixin):
             while True:
                 kind, payload = self._link.recv()
                 if kind == call_link.STATUS:
-                    error = call_link.status_error(payload)
-                    if error is None:
+                    code, details = payload[0], payload[2:].decode("utf-8", "replace")
+                    if code == call_link.OK:
                         break
-                    raise error
+                    raise LinkClosed(details, code=code)
                 if kind != call_link.REPLIES:
                     raise LinkClosed(f"the node sent a frame of unknown kind {kind}")
                 for event in pb.ServerBatch.FromString(payload).events:
