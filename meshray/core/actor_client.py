@@ -276,11 +276,10 @@ class ActorConnection:
             while True:
                 kind, payload = link.recv()
                 if kind == call_link.STATUS:
-                    code, refused = payload[0], bool(payload[1])
-                    details = payload[2:].decode("utf-8", "replace")
-                    if code == call_link.OK:
+                    error = call_link.status_error(payload)
+                    if error is None:
                         break
-                    raise LinkClosed(details, code=code, refused=refused)
+                    raise error
                 if kind != call_link.REPLIES:
                     raise LinkClosed(f"the actor sent a frame of unknown kind {kind}")
                 answered = True

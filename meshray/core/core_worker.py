@@ -262,10 +262,10 @@ class CoreWorker(StreamsMixin):
             while True:
                 kind, payload = self._link.recv()
                 if kind == call_link.STATUS:
-                    code, details = payload[0], payload[2:].decode("utf-8", "replace")
-                    if code == call_link.OK:
+                    error = call_link.status_error(payload)
+                    if error is None:
                         break
-                    raise LinkClosed(details, code=code)
+                    raise error
                 if kind != call_link.REPLIES:
                     raise LinkClosed(f"the node sent a frame of unknown kind {kind}")
                 for event in pb.ServerBatch.FromString(payload).events:

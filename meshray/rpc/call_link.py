@@ -97,7 +97,6 @@ _MAC = 32
 HANDSHAKE_TIMEOUT_S = 10.0
 _ACCEPT_RETRY_S = 0.05
 _LOG_EVERY_S = 60.0
-_KEEPALIVE = ((socket.SO_KEEPALIVE, 1),)
 _TCP_KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2),
                   ("TCP_USER_TIMEOUT", 20_000), ("TCP_NODELAY", 1))
 
@@ -124,6 +123,32 @@ def status_payload(code: int, details: str = "", refused: bool = False) -> bytes
     return bytes([code, 1 if refused else 0]) + details.encode("utf-8", "replace")[:8192]
 
 
+def status_error(payload: bytes) -> LinkClosed | None:
+    """What a STATUS frame says: None for OK, else the end as LinkClosed."""
+    code = payload[0] if payload else UNAVAILABLE
+    if code == OK:
+        return None
+    return LinkClosed(payload[2:].decode("utf-8", "replace"), code=code,
+                      refused=len(payload) > 1 and bool(payload[1]))
+
+
+def answer_proof(keys, magic: bytes, theirs: bytes, ours: bytes, target: bytes, mac: bytes,
+                 accepted, what: str) -> bytes | None:
+    """The answerer's side of a link handshake: the proof to send back, or
+    None (logged) when the dialler's proof is wrong or made for an address
+    `accepted(name)` refuses."""
+    if keys is None:
+        return bytes(_MAC)
+    if not hmac.compare_digest(mac, _mac(keys[0], magic + theirs + ours + target)):
+        log.warning("%s: refused a connection without a valid membership proof", what)
+        return None
+    name = target.decode("utf-8", "replace")
+    if not accepted(name):
+        log.warning("%s: refused a proof made for %r, not this one", what, name)
+        return None
+    return _mac(keys[1], mac)
+
+
 def _keys(token: str | None):
     return link_keys(token, "link")
 
@@ -140,8 +165,7 @@ def decode_calls(kind: int, payload: bytes, message_class, check):
 def _tune(sock) -> None:
     if sock.family == socket.AF_UNIX:
         return
-    for option, value in _KEEPALIVE:
-        sock.setsockopt(socket.SOL_SOCKET, option, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in _TCP_KEEPALIVE:
         option = getattr(socket, name, None)
         if option is not None:
@@ -372,22 +396,19 @@ class Link:
     # -------------------------------------------------------------- ending
     def shutdown(self) -> None:
         """Break the link now: the reading thread (either end) sees it end."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._end(socket.SHUT_RDWR)
 
     def shutdown_write(self) -> None:
         """Say nothing more comes from this end (the other end reads to the
         end, then closes); reading goes on."""
+        self._end(socket.SHUT_WR)
+
+    def _end(self, how: int) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         try:
-            self._sock.shutdown(socket.SHUT_WR)
+            self._sock.shutdown(how)
         except OSError:
             pass
 
@@ -688,18 +709,12 @@ class LinkServer:
         nonce = os.urandom(_NONCE)
         conn.sendall(nonce)
         mac = _recv_exact(conn, _MAC)
-        name = target.decode("utf-8", "replace")
-        if self._keys is None:
-            conn.sendall(bytes(_MAC))
-            return name
-        if not hmac.compare_digest(mac, _mac(self._keys[0], MAGIC + theirs + nonce + target)):
-            log.warning("call link: refused a connection without a valid membership proof")
+        proof = answer_proof(self._keys, MAGIC, theirs, nonce, target, mac,
+                             self._targets.__contains__, "call link")
+        if proof is None:
             return None
-        if name not in self._targets:
-            log.warning("call link: refused a proof made for %r, not this actor", name)
-            return None
-        conn.sendall(_mac(self._keys[1], mac))
-        return name
+        conn.sendall(proof)
+        return target.decode("utf-8", "replace")
 
     def roll(self, actions=("delay", "drop", "drop_reply")):
         """A failpoint's verdict for one frame (chaos testing), after any delay."""

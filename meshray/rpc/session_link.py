@@ -30,7 +30,6 @@ bounded and decoded strictly before it is handled.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -40,11 +39,12 @@ from meshray.rpc.call_link import (
     _MAC,
     _NONCE,
     HANDSHAKE_TIMEOUT_S,
+    MALFORMED,
     MAX_MESSAGE_BYTES,
     SESSION_MAGIC,
     LinkClosed,
     _keys,
-    _mac,
+    answer_proof,
 )
 from meshray.rpc.factory import _check_token, _Failpoints, _failpoints_wanted
 from meshray.rpc.limits import current_limits
@@ -76,7 +76,7 @@ class AioLink:
             length, kind = _HEADER.unpack(header)
             if length > MAX_MESSAGE_BYTES:
                 raise LinkClosed(f"{self.peer} sent a frame of {length} bytes, over the "
-                                 f"{MAX_MESSAGE_BYTES}-byte limit", code=1)
+                                 f"{MAX_MESSAGE_BYTES}-byte limit", code=MALFORMED)
             payload = await self._reader.readexactly(length) if length else b""
             return kind, payload
         except asyncio.IncompleteReadError:
@@ -195,16 +195,9 @@ class SessionServer:
         nonce = os.urandom(_NONCE)
         writer.write(nonce)
         mac = await reader.readexactly(_MAC)
-        name = target.decode("utf-8", "replace")
-        if self._keys is None:
-            writer.write(bytes(_MAC))
-            return name
-        if not hmac.compare_digest(mac, _mac(self._keys[0],
-                                             SESSION_MAGIC + theirs + nonce + target)):
-            log.warning("session link: refused a connection without a valid membership proof")
+        proof = answer_proof(self._keys, SESSION_MAGIC, theirs, nonce, target, mac,
+                             self.address.__eq__, "session link")
+        if proof is None:
             return None
-        if name != self.address:
-            log.warning("session link: refused a proof made for %r, not this node", name)
-            return None
-        writer.write(_mac(self._keys[1], mac))
-        return name
+        writer.write(proof)
+        return target.decode("utf-8", "replace")

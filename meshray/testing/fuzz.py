@@ -354,8 +354,8 @@ def _invoke_link(address: str, token: str | None, case: fc.Case, deadline_s: flo
         while time.monotonic() < deadline:
             kind, payload = link.recv()
             if kind == call_link.STATUS:
-                return (call_link.CODE_NAMES.get(payload[0], str(payload[0])),
-                        payload[2:].decode("utf-8", "replace"))
+                error = call_link.status_error(payload)
+                return ("OK", "") if error is None else (error.code_name, error.details)
         return "DEADLINE_EXCEEDED", "no status on the link"
     except call_link.LinkClosed as exc:
         if "timed out" in exc.details:
