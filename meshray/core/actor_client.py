@@ -273,15 +273,7 @@ class ActorConnection:
             self._link = link
         try:
             self._flush(link)
-            while True:
-                kind, payload = link.recv()
-                if kind == call_link.STATUS:
-                    error = call_link.status_error(payload)
-                    if error is None:
-                        break
-                    raise error
-                if kind != call_link.REPLIES:
-                    raise LinkClosed(f"the actor sent a frame of unknown kind {kind}")
+            while (payload := link.recv_reply()) is not None:
                 answered = True
                 for result in pb.ActorReplyBatch.FromString(payload).results:
                     if result.stream_item_id:

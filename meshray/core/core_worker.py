@@ -259,15 +259,7 @@ class CoreWorker(StreamsMixin):
     def _read_loop(self) -> None:
         ended = None
         try:
-            while True:
-                kind, payload = self._link.recv()
-                if kind == call_link.STATUS:
-                    error = call_link.status_error(payload)
-                    if error is None:
-                        break
-                    raise error
-                if kind != call_link.REPLIES:
-                    raise LinkClosed(f"the node sent a frame of unknown kind {kind}")
+            while (payload := self._link.recv_reply()) is not None:
                 for event in pb.ServerBatch.FromString(payload).events:
                     kind = event.WhichOneof("kind")
                     try:

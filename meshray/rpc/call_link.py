@@ -388,6 +388,20 @@ class Link:
                 raise
             raise LinkClosed(f"the link to {self.peer} broke: {exc}") from None
 
+    def recv_reply(self) -> bytes | None:
+        """The next REPLIES payload, or None once the other end ended with
+        status OK; any other end (a status, a break, a stray frame) raises
+        LinkClosed."""
+        kind, payload = self.recv()
+        if kind == REPLIES:
+            return payload
+        if kind != STATUS:
+            raise LinkClosed(f"{self.peer} sent a frame of unknown kind {kind}")
+        error = status_error(payload)
+        if error is not None:
+            raise error
+        return None
+
     def set_timeout(self, seconds: float | None) -> None:
         """Bound every read and write (tools and tests that use a link from
         one thread; a timed-out read ends the link with LinkClosed)."""

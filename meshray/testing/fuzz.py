@@ -352,15 +352,13 @@ def _invoke_link(address: str, token: str | None, case: fc.Case, deadline_s: flo
         except call_link.LinkClosed:
             pass          # the actor ended the link early: its status says why
         while time.monotonic() < deadline:
-            kind, payload = link.recv()
-            if kind == call_link.STATUS:
-                error = call_link.status_error(payload)
-                return ("OK", "") if error is None else (error.code_name, error.details)
+            if link.recv_reply() is None:
+                return "OK", ""
         return "DEADLINE_EXCEEDED", "no status on the link"
     except call_link.LinkClosed as exc:
         if "timed out" in exc.details:
             return "DEADLINE_EXCEEDED", exc.details
-        return "UNAVAILABLE", exc.details
+        return exc.code_name, exc.details      # the actor's status, or UNAVAILABLE for a break
     finally:
         link.close()
 

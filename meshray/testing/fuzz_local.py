@@ -75,10 +75,7 @@ def ask_node(address: str, token: str | None, method: str, payload: dict | None 
     try:
         link.set_timeout(timeout)
         link.send(call_link.CALLS, pb.ClientBatch(events=events).SerializeToString())
-        while True:
-            kind, data = link.recv()
-            if kind != call_link.REPLIES:
-                break
+        while (data := link.recv_reply()) is not None:
             for event in pb.ServerBatch.FromString(data).events:
                 if event.WhichOneof("kind") == "reply":
                     if event.reply.error:
