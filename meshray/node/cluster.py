@@ -94,6 +94,9 @@ class PeerDuties:
         self._objects = node.objects
         self._store = node.store
         self.links: dict[str, PeerLink] = {}
+        # Deliveries that became due since the count was last read: a daemon
+        # handling a long client batch yields to let them start (daemon.py).
+        self.deliveries_due = 0
         self.view = ClusterView(self._node_hex)     # peers, their room, offers out
         # Called with a peer's id when it is first seen dead (a simulation notes when).
         self.on_death: Callable[[str], None] | None = None
@@ -132,23 +135,28 @@ class PeerDuties:
                 if not running:
                     self._drop_task(task)
 
-    def _node_views(self, backlog_for: dict | None = None, only=None) -> dict:
+    def _node_views(self, backlog_for: dict | None = None, only=None,
+                    local_waiting: int = 0) -> dict:
         """The views policy.decide sees (cluster_view.py), this node's own live."""
         local = policy.NodeView(self._node_hex, self._resources.total, self._resources.available,
                                 not self._node.drain.draining, dict(self._config.labels))
-        return self.view.node_views(local, time.monotonic(), backlog_for, only)
+        per_cpu = local_waiting / max(1.0, self._resources.total.get("CPU", 1.0))
+        return self.view.node_views(local, time.monotonic(), backlog_for, only, per_cpu)
 
-    def _decide(self, request, spread: int, backlog_for: dict | None = None):
+    def _decide(self, request, spread: int, backlog_for: dict | None = None,
+                local_waiting: int = 0):
         """policy.decide, on a few sampled peers first for DEFAULT work
         (cluster_view.py says why); the whole view when they have no room."""
         if request.strategy == "DEFAULT":
             sample = self.view.sample_peers(SPILL_SAMPLE, request.arg_bytes_by_node)
             if sample is not None:
-                decision = policy.decide(request, self._node_views(backlog_for, sample),
-                                         self._node_hex, spread)
+                decision = policy.decide(
+                    request, self._node_views(backlog_for, sample, local_waiting),
+                    self._node_hex, spread)
                 if decision.kind in ("spill", "run_local"):
                     return decision
-        return policy.decide(request, self._node_views(backlog_for), self._node_hex, spread)
+        return policy.decide(request, self._node_views(backlog_for, None, local_waiting),
+                             self._node_hex, spread)
 
     def link(self, node_hex: str) -> PeerLink | None:
         """The link to `node_hex` (opened on first use); None when the view has no address."""
@@ -158,8 +166,12 @@ class PeerDuties:
             if record is None or not record.get("Address"):
                 return None
             link = self.links[node_hex] = PeerLink(self._node.node_id, node_hex, record["Address"],
-                                                   self._config.token, load=self._load_report)
+                                                   self._config.token, load=self._load_report,
+                                                   on_start=self._delivery_due)
         return link
+
+    def _delivery_due(self) -> None:
+        self.deliveries_due += 1
 
     def send(self, node_hex: str, event: pb.PeerEvent) -> bool:
         """Queue `event` for `node_hex`, in order; False when it has no link."""
@@ -197,8 +209,10 @@ class PeerDuties:
         if (decision.kind == "wait" and strategy == "DEFAULT" and task.actor is None
                 and task.bundle is None and self.view.loads):
             # Nobody can start it now: a peer that would queue it takes it,
-            # so it starts there the moment a worker frees up.
-            queued = self._decide(request, spread, task.request.to_dict())
+            # so it starts there the moment a worker frees up -- if that is
+            # sooner than here, behind what waits here (itself included).
+            waiting = self._queue.waiting() + (task.state is not TaskState.QUEUED)
+            queued = self._decide(request, spread, task.request.to_dict(), waiting)
             if queued.kind == "spill":
                 decision = queued
         self._node.metrics.spill_decided(time.perf_counter() - started)
@@ -345,7 +359,7 @@ class PeerDuties:
     def _load_report(self) -> pb.NodeLoad:
         """Our load, attached to every batch we send a peer (peers.py)."""
         return pb.NodeLoad(available=self._resources.available.to_dict(),
-                           backlog_room=self._backlog_room())
+                           backlog_room=self._backlog_room(), queued=self._queue.waiting())
 
     def _backlog_room(self) -> int:
         """How many more offers we would queue behind busy workers."""

@@ -189,11 +189,14 @@ class ClusterView:
         return picked
 
     def node_views(self, local: policy.NodeView, now: float,
-                   backlog_for: dict | None = None, only=None) -> dict:
+                   backlog_for: dict | None = None, only=None,
+                   local_waiting_per_cpu: float = float("inf")) -> dict:
         """The cluster as policy.decide sees it: each peer's newest reported
         room, less our unanswered offers. With `backlog_for` (a request), a
         peer that would queue it behind its busy workers shows room for it
-        (peer_load.with_backlog). With `only` (node ids), just those peers."""
+        (peer_load.with_backlog) when it would start there sooner than the
+        last of `local_waiting_per_cpu` waiting here (peer_load.worth_queueing).
+        With `only` (node ids), just those peers."""
         views = {}
         nodes = self.nodes
         for node_hex in (nodes if only is None else only):
@@ -212,7 +215,8 @@ class ClusterView:
                     None if load is None else load.available, load_at, now)
             offers = self.offered.get(node_hex, {})
             room = peer_load.peer_room(available, peer_load.total_of(offers.values()))
-            if backlog_for is not None and load is not None:
+            if backlog_for is not None and load is not None and peer_load.worth_queueing(
+                    load.queued, len(offers), total.get("CPU", 1.0), local_waiting_per_cpu):
                 room = peer_load.with_backlog(room, total, backlog_for, peer_load.backlog_left(
                     load.backlog_room, len(offers)))
             # A draining peer (node/drain.py) is a member but no candidate.

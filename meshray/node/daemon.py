@@ -66,6 +66,13 @@ __all__ = ["NodeConfig", "NodeDaemon"]
 
 log = logging.getLogger(__name__)
 
+# Loop turns a gRPC aio unary call takes from its caller to its request on
+# the wire: the link's send loop, the call's own task, the client
+# interceptor's (membership proof). Four are needed on a connected link
+# (tests/unit/test_client_batch_cut.py fails with two, passes with four);
+# two more for margin cost ~20 us, and only where a batch is cut.
+TURNS_TO_START_A_DELIVERY = 6
+
 # How long a task whose worker died waits for the worker's exit status (its
 # stream closes a moment before the status exists) before reporting it.
 WORKER_EXIT_WAIT_S = 2.0
@@ -378,20 +385,36 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             yield batch
 
     async def _read_client(self, conn: Connection, request_iterator) -> None:
+        """Handle each batch's events in order. Where an event leaves a peer
+        delivery waiting to start (work offered to a peer) and more events
+        follow, the batch is cut there as if the process had sent two: the
+        batch's end work runs and the loop turns until the delivery is on
+        its way (TURNS_TO_START_A_DELIVERY), so the peer starts the work
+        while the rest is handled. Measured: a burst of 60 submissions held
+        a peer's first task back by the ~6 ms the whole burst took here
+        (peer's first start 7.8 ms after the burst began; 3.0 ms cut)."""
+        peers = self.peers
         try:
             async for batch in request_iterator:
-                try:
-                    for event in batch.events:
-                        try:
-                            self._handle(conn, event)
-                        except strict.Malformed:
-                            raise
-                        except Exception:  # noqa: BLE001 - one bad event never takes the node down
-                            log.exception("failed to handle %s from connection %d",
-                                          event.WhichOneof("kind"), conn.conn_id)
-                finally:   # what the batch did before a refusal still takes effect
-                    self.peers.flush_borrows()
-                    self.dispatch.schedule()
+                events = batch.events
+                last = len(events) - 1
+                due = peers.deliveries_due
+                for index, event in enumerate(events):
+                    try:
+                        self._handle(conn, event)
+                    except strict.Malformed:
+                        self._batch_done()   # what came before the refusal takes effect
+                        raise
+                    except Exception:  # noqa: BLE001 - one bad event never takes the node down
+                        log.exception("failed to handle %s from connection %d",
+                                      event.WhichOneof("kind"), conn.conn_id)
+                    if index == last:
+                        self._batch_done()
+                    elif peers.deliveries_due != due:
+                        self._batch_done()
+                        for _ in range(TURNS_TO_START_A_DELIVERY):
+                            await asyncio.sleep(0)
+                        due = peers.deliveries_due
         except asyncio.CancelledError:
             raise
         except strict.Malformed as exc:
@@ -399,6 +422,11 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         except Exception as exc:  # noqa: BLE001
             log.debug("connection %d read ended: %s", conn.conn_id, exc)
         conn.outbox.put_nowait(None)
+
+    def _batch_done(self) -> None:
+        """What ends a client batch: borrows told to owners, queued work started."""
+        self.peers.flush_borrows()
+        self.dispatch.schedule()
 
     def _handle(self, conn: Connection, event: pb.ClientEvent) -> None:
         kind = event.WhichOneof("kind")

@@ -32,11 +32,14 @@ _MAX_BATCH = 1000
 
 class PeerLink:
     def __init__(self, local_node_id: bytes, node_hex: str, address: str, token: str | None,
-                 load=None):
+                 load=None, on_start=None):
         self.node_hex = node_hex
         self.address = address
         self._local_node_id = local_node_id
         self._load = load    # callable -> pb.NodeLoad: ours, attached to every batch
+        # Called when an event arrives at a link with nothing on its way: the
+        # delivery it needs starts only when the event loop turns.
+        self._on_start = on_start
         self._channel = make_aio_channel(address, token=token)
         self.stub = pb_grpc.NodePeerStub(self._channel)
         # PullObject with its replies left as bytes: transfer.decode_chunk
@@ -63,6 +66,8 @@ class PeerLink:
     def send(self, event: pb.PeerEvent) -> None:
         if self._closed:
             return
+        if not self._queue and not self._delivering and self._on_start is not None:
+            self._on_start()
         self._queue.append(event)
         self._wakeup.set()
 

@@ -158,8 +158,12 @@ class TaskQueue:
             return True
         return False
 
+    def waiting(self) -> int:
+        """Tasks queued to start here (those held for other nodes not counted)."""
+        return sum(len(t) for t in self._classes.values())
+
     def __len__(self) -> int:
-        return sum(len(t) for t in self._classes.values()) + len(self._held)
+        return self.waiting() + len(self._held)
 
     def __iter__(self):
         for tasks in self._classes.values():

@@ -27,8 +27,9 @@ def _view():
     return view
 
 
-def _room(view, node, now=20.0, backlog_for=None):
-    return view.node_views(_local(), now, backlog_for)[node].available.to_dict().get("CPU", 0.0)
+def _room(view, node, now=20.0, backlog_for=None, waiting_here=float("inf")):
+    views = view.node_views(_local(), now, backlog_for, local_waiting_per_cpu=waiting_here)
+    return views[node].available.to_dict().get("CPU", 0.0)
 
 
 def test_room_is_the_etcd_value_less_the_offers_out():
@@ -47,7 +48,7 @@ def test_room_is_the_etcd_value_less_the_offers_out():
 
 def test_a_batch_load_newer_than_the_etcd_value_wins_and_an_older_one_does_not():
     view = _view()
-    view.note_load(B, SimpleNamespace(available={"CPU": 2.0}, backlog_room=0), now=15.0)
+    view.note_load(B, SimpleNamespace(available={"CPU": 2.0}, backlog_room=0, queued=0), now=15.0)
     assert _room(view, B) == 2.0                     # received after etcd last changed
     view.update(view.nodes, {**view.avail, B: {"CPU": 1.0}}, now=16.0)
     assert _room(view, B, now=30.0) == 1.0           # etcd changed since: it is newer
@@ -55,11 +56,25 @@ def test_a_batch_load_newer_than_the_etcd_value_wins_and_an_older_one_does_not()
 
 def test_backlog_shows_room_only_when_asked_for_a_request():
     view = _view()
-    view.note_load(B, SimpleNamespace(available={"CPU": 0.0}, backlog_room=1), now=15.0)
+    view.note_load(B, SimpleNamespace(available={"CPU": 0.0}, backlog_room=1, queued=0), now=15.0)
     assert _room(view, B) == 0.0
     assert _room(view, B, backlog_for={"CPU": 1.0}) >= 1.0
     view.offer(B, b"t1", {"CPU": 1.0})               # the one backlog place is taken
     assert _room(view, B, backlog_for={"CPU": 1.0}) == 0.0
+
+
+def test_backlog_is_shown_only_where_the_task_would_start_sooner_than_here():
+    """B (2 CPUs) has one task queued: one more would wait (1 + 1) / 2 = 1
+    queue place per CPU there, so it goes only while more than that waits
+    here per CPU."""
+    view = _view()
+    view.note_load(B, SimpleNamespace(available={"CPU": 0.0}, backlog_room=3, queued=1),
+                   now=15.0)
+    assert _room(view, B, backlog_for={"CPU": 1.0}, waiting_here=1.5) >= 1.0
+    assert _room(view, B, backlog_for={"CPU": 1.0}, waiting_here=1.0) == 0.0   # a tie stays
+    view.offer(B, b"t1", {"CPU": 1.0})               # an unanswered offer queues there too
+    assert _room(view, B, backlog_for={"CPU": 1.0}, waiting_here=1.5) == 0.0
+    assert _room(view, B, backlog_for={"CPU": 1.0}, waiting_here=2.0) >= 1.0
 
 
 def test_the_local_view_is_ours_and_labels_come_from_the_records():
@@ -71,7 +86,7 @@ def test_the_local_view_is_ours_and_labels_come_from_the_records():
 def test_a_death_is_news_once_and_forgets_the_peers_offers_and_load():
     view = _view()
     view.offer(A, b"t1", {"CPU": 1.0})
-    view.note_load(A, SimpleNamespace(available={"CPU": 2.0}, backlog_room=0), now=15.0)
+    view.note_load(A, SimpleNamespace(available={"CPU": 2.0}, backlog_room=0, queued=0), now=15.0)
     assert view.died(A) is True and view.died(A) is False
     assert A not in view.offered and A not in view.loads and not view.is_alive_member(A)
     assert view.live_members() == [ME, B]
@@ -162,7 +177,7 @@ def test_a_peer_outside_the_slice_shows_free_until_its_load_says_otherwise():
     assert all(rooms[n] == 0.0 for n in inside)          # etcd says full
     assert all(rooms[n] == 4.0 for n in outside)         # unknown: its whole total
     view.offer(outside[0], b"t", {"CPU": 1.0})
-    view.note_load(outside[1], SimpleNamespace(available={"CPU": 0.0}, backlog_room=0), now=2.0)
+    view.note_load(outside[1], SimpleNamespace(available={"CPU": 0.0}, backlog_room=0, queued=0), now=2.0)
     views = view.node_views(local, 3.0)
     assert views[outside[0]].available.to_dict()["CPU"] == 3.0   # less the offer out
     assert views[outside[1]].available.to_dict().get("CPU", 0.0) == 0.0   # its load, fresh

@@ -8,6 +8,7 @@ from meshray.scheduler.peer_load import (
     peer_room,
     total_of,
     with_backlog,
+    worth_queueing,
 )
 
 BUSY = {"CPU": 0.0}
@@ -74,3 +75,14 @@ def test_with_backlog_never_lowers_room_already_free():
 def test_total_of_sums_the_unanswered_offers():
     assert total_of([]) == {}
     assert total_of([{"CPU": 1.0}, {"CPU": 0.5, "GPU": 1.0}]) == {"CPU": 1.5, "GPU": 1.0}
+
+
+def test_queueing_at_a_peer_is_worth_it_only_when_the_task_starts_sooner_there():
+    # One-CPU peer, empty queue, nothing offered: it would start after one
+    # peer task; here the last of 2 waiting would start after 2.
+    assert worth_queueing(0, 0, 1.0, 2.0)
+    assert not worth_queueing(0, 0, 1.0, 1.0)         # equal: it stays
+    assert not worth_queueing(1, 0, 1.0, 2.0)         # the peer's queue is as long
+    assert not worth_queueing(0, 1, 1.0, 2.0)         # an offer not yet answered counts
+    assert worth_queueing(3, 0, 4.0, 1.5)             # more CPUs there: shorter per CPU
+    assert worth_queueing(0, 0, 0.0, 1.5)             # a CPU-less peer counts as one

@@ -123,12 +123,27 @@ def test_unanswered_offers_are_not_counted_twice():
 
 def test_backlog_only_when_no_peer_can_start_the_task():
     daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 1.0}})
-    daemon.queue_tasks(4)
+    daemon.queue_tasks(6)
     _deliver(daemon, A, free=0.0, backlog=2)
     # B (free per etcd) gets the first; then A queues two, as many as it said.
     assert len(daemon.offers_to(B)) == 1
     assert len(daemon.offers_to(A)) == 2
+    assert len(daemon.queue) == 3
+
+
+def test_backlog_only_while_the_task_would_start_there_sooner_than_here():
+    """The end of a burst: two wait here behind a busy CPU, and A would
+    queue two. The first goes (it starts after A's one running task, the
+    last here after two); the second would wait as long there as here."""
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}})
+    daemon.queue_tasks(2)
+    _deliver(daemon, A, free=0.0, backlog=2)
+    assert len(daemon.offers_to(A)) == 1
     assert len(daemon.queue) == 1
+    batch = pb.PeerBatch(from_node=bytes.fromhex(B), events=[],
+                         load=pb.NodeLoad(available={"CPU": 0.0}, backlog_room=2, queued=1))
+    daemon.part.deliver(batch)                   # B already has one queued: no better
+    assert daemon.offers_to(B) == [] and len(daemon.queue) == 1
 
 
 def test_an_answered_offer_stops_counting_even_for_a_cancelled_task():

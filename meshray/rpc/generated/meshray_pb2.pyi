@@ -544,7 +544,7 @@ class PeerBatch(_message.Message):
     def __init__(self, from_node: _Optional[bytes] = ..., events: _Optional[_Iterable[_Union[PeerEvent, _Mapping]]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("available", "backlog_room")
+    __slots__ = ("available", "backlog_room", "queued")
     class AvailableEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -554,9 +554,11 @@ class NodeLoad(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_ROOM_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     available: _containers.ScalarMap[str, float]
     backlog_room: int
-    def __init__(self, available: _Optional[_Mapping[str, float]] = ..., backlog_room: _Optional[int] = ...) -> None: ...
+    queued: int
+    def __init__(self, available: _Optional[_Mapping[str, float]] = ..., backlog_room: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class PeerAck(_message.Message):
     __slots__ = ()
