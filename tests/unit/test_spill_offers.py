@@ -40,7 +40,7 @@ class _Config:
 class _Node:
     """What PeerDuties reads and calls on its node here: a busy CPU, a queue, moves."""
 
-    def __init__(self):
+    def __init__(self, cpus: float = 1.0):
         self.node_id = bytes.fromhex(HEAD)
         self.node_hex = HEAD
         self.drain = SimpleNamespace(draining=False)
@@ -48,8 +48,8 @@ class _Node:
         self.metrics = SimpleNamespace(spill_decided=self.decision_times.append)
         self.config = _Config()
         self.membership = None
-        self.resources = NodeResources({"CPU": 1.0})
-        self.resources.try_acquire(ResourceSet.from_dict({"CPU": 1.0}))   # busy here
+        self.resources = NodeResources({"CPU": cpus})
+        self.resources.try_acquire(ResourceSet.from_dict({"CPU": cpus}))   # busy here
         self.queue = TaskQueue()
         self.dispatch = RecordingDispatch(self.queue, self.resources)
         self.objects = ObjectDirectory()
@@ -63,8 +63,8 @@ class _Node:
 class _Daemon:
     """A node and its peer duties, whose links to A and B record what they send."""
 
-    def __init__(self, peers_free: dict):
-        self.node = node = _Node()
+    def __init__(self, peers_free: dict, cpus: float = 1.0):
+        self.node = node = _Node(cpus)
         self.tasks, self.queue = node.tasks, node.queue
         self.part = part = PeerDuties(node)
         node.dispatch.carry_out[m.Spill] = lambda ins: part.spill(ins.task, ins.candidates)
@@ -144,6 +144,15 @@ def test_backlog_only_while_the_task_would_start_there_sooner_than_here():
                          load=pb.NodeLoad(available={"CPU": 0.0}, backlog_room=2, queued=1))
     daemon.part.deliver(batch)                   # B already has one queued: no better
     assert daemon.offers_to(B) == [] and len(daemon.queue) == 1
+
+
+def test_a_node_that_cannot_run_the_task_fills_a_backlog_whatever_waits_here():
+    """A CPU-less node (a driver's, say) never runs the task: any peer's
+    backlog is sooner, even for the one task waiting here."""
+    daemon = _Daemon({A: {"CPU": 0.0}, B: {"CPU": 0.0}}, cpus=0.0)
+    daemon.queue_tasks(1)
+    _deliver(daemon, A, free=0.0, backlog=2)
+    assert len(daemon.offers_to(A)) == 1 and len(daemon.queue) == 0
 
 
 def test_an_answered_offer_stops_counting_even_for_a_cancelled_task():
