@@ -42,7 +42,7 @@ from meshray.node import request_rules
 from meshray.node.objects import ObjectDirectory, error_value
 from meshray.node.placement_groups import PlacementDuties
 from meshray.node.routes import answer, node_routes
-from meshray.node.session import DEFAULT_ENV_KEY, Connection, env_key_for
+from meshray.node.session import DEFAULT_ENV_KEY, MAX_EVENTS_PER_BATCH, Connection, env_key_for
 from meshray.node.state import messages as m
 from meshray.node.task_lifecycle import TaskState, move
 from meshray.node import state_records
@@ -124,6 +124,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.tasks: dict[bytes, TaskRecord] = {}
         self.functions: dict[bytes, bytes] = {}
         self.conns: dict[int, Connection] = {}
+        self._sent_to: dict[int, Connection] = {}    # given events since the last write
         self._conn_ids = itertools.count(1)
         self.pool: WorkerPool | None = None
         self.server = None
@@ -283,7 +284,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     async def stop(self) -> None:
         for conn in list(self.conns.values()):
             conn.closed = True
-            conn.outbox.put_nowait(None)
+            conn.end()
         if self.pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.pool.stop_all)
         await self.log_writer.aclose()
@@ -308,7 +309,10 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
     # ------------------------------------------------------------ rpc
     async def Deliver(self, request, context):
         """A peer's batch of events (see PeerDuties.deliver)."""
-        return self.peers.deliver(request)
+        try:
+            return self.peers.deliver(request)
+        finally:
+            self._write_sent()       # results of spilled work, to their drivers now
 
     async def PullObject(self, request, context):
         """A peer pulls an object's bytes from here (see ObjectTransfer.serve_pull)."""
@@ -324,17 +328,25 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         """One process's session (rpc/session_link.py): its batches are read
         and handled by _read_client, our events go back in batches."""
         conn = Connection(next(self._conn_ids), asyncio.Queue())
+        conn.write_now = lambda events: link.write(
+            call_link.REPLIES, pb.ServerBatch(events=events).SerializeToString())
+        conn.congested = link.congested
+        conn.on_send = self._note_send
         self.conns[conn.conn_id] = conn
         reader = asyncio.get_running_loop().create_task(
             self._read_client(conn, self._client_batches(link, conn)))
         status = status_payload(call_link.OK)
         try:
             while True:
-                event = await conn.outbox.get()
+                conn.parked = True
+                try:
+                    event = await conn.outbox.get()
+                finally:
+                    conn.parked = False
                 if event is None:
                     break
                 events = [event]
-                while not conn.outbox.empty() and len(events) < 2000:
+                while not conn.outbox.empty() and len(events) < MAX_EVENTS_PER_BATCH:
                     event = conn.outbox.get_nowait()
                     if event is None:
                         conn.closed = True
@@ -421,12 +433,28 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             conn.malformed = exc      # Connect ends the session with INVALID_ARGUMENT
         except Exception as exc:  # noqa: BLE001
             log.debug("connection %d read ended: %s", conn.conn_id, exc)
-        conn.outbox.put_nowait(None)
+        conn.end()
 
     def _batch_done(self) -> None:
-        """What ends a client batch: borrows told to owners, queued work started."""
+        """What ends a client batch: borrows told to owners, queued work
+        started, and what that gave each process written to it now."""
         self.peers.flush_borrows()
         self.dispatch.schedule()
+        self._write_sent()
+
+    def _note_send(self, conn: Connection) -> None:
+        self._sent_to[conn.conn_id] = conn
+
+    def _write_sent(self) -> None:
+        """Write the events handling gave each process from here, where its
+        session's writer is parked (Connection.flush_now): a sync task's
+        dispatch and its result then skip a turn of the loop each."""
+        sent, self._sent_to = self._sent_to, {}
+        for conn in sent.values():
+            try:
+                conn.flush_now()
+            except Exception:  # noqa: BLE001 - the session's writer still has them
+                log.exception("writing to connection %d failed", conn.conn_id)
 
     def _handle(self, conn: Connection, event: pb.ClientEvent) -> None:
         kind = event.WhichOneof("kind")

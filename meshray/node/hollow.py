@@ -101,8 +101,7 @@ class HollowPool(WorkerPool):
         """Handled as the daemon handles a batch from a worker's stream."""
         daemon = self._daemon
         daemon._handle(conn, event)
-        daemon.peers.flush_borrows()
-        daemon.dispatch.schedule()
+        daemon._batch_done()
 
     def _result_of(self, spec: pb.TaskSpec) -> pb.TaskResult:
         result = pb.TaskResult(task_id=spec.task_id)
@@ -119,7 +118,7 @@ class HollowPool(WorkerPool):
             worker.process.returncode = -sig
             conn = self._conns.get(worker.worker_id)
             if conn is not None:
-                conn.outbox.put_nowait(None)
+                conn.end()
 
     def _drain_output(self, worker: WorkerProcess) -> None:
         return None          # no pipes

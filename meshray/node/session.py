@@ -12,14 +12,16 @@ import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from meshray.node.worker_pool import WorkerProcess
 from meshray.rpc import strict
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["Connection", "DEFAULT_ENV_KEY", "env_key_for"]
+__all__ = ["Connection", "DEFAULT_ENV_KEY", "MAX_EVENTS_PER_BATCH", "env_key_for"]
 
 DEFAULT_ENV_KEY = "default"
+MAX_EVENTS_PER_BATCH = 2000       # events in one batch to a process
 
 
 @dataclass(eq=False)
@@ -39,10 +41,42 @@ class Connection:
     ended: tuple | None = None       # (status code, why): ends the session with that status
     drop_reply: bool = False         # chaos (failpoint node.connect=drop_reply)
     reserved: set = field(default_factory=set)  # store reservations it has not sealed yet
+    # The session's writer (the daemon's): `parked` while it waits for events
+    # with everything before written, `write_now` puts a batch on the link
+    # without that task's hop, `congested` says the link has bytes unsent.
+    # `on_send` tells the daemon this connection has events waiting.
+    parked: bool = False
+    ending: bool = False                        # the end of the session is queued
+    write_now: Callable[[list], None] | None = None
+    congested: Callable[[], bool] | None = None
+    on_send: Callable[["Connection"], None] | None = None
 
     def send(self, event: pb.ServerEvent) -> None:
         if not self.closed:
             self.outbox.put_nowait(event)
+            if self.on_send is not None:
+                self.on_send(self)
+
+    def end(self) -> None:
+        """Queue the end of the session: its writer stops after what is queued."""
+        self.ending = True
+        self.outbox.put_nowait(None)
+
+    def flush_now(self) -> bool:
+        """Write the waiting events now, from the caller, when the writer is
+        parked and the link has nothing unsent: the same bytes in the same
+        order the writer would send, one event-loop hop sooner. Otherwise
+        (the writer busy, the link congested, the session ending, a chaos
+        failpoint armed) the writer sends them. True when it wrote."""
+        if (not self.parked or self.closed or self.ending or self.drop_reply
+                or self.write_now is None or self.outbox.empty()
+                or (self.congested is not None and self.congested())):
+            return False
+        events = []
+        while not self.outbox.empty() and len(events) < MAX_EVENTS_PER_BATCH:
+            events.append(self.outbox.get_nowait())
+        self.write_now(events)
+        return True
 
 
 def env_key_for(env_vars: dict) -> str:

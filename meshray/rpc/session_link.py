@@ -88,6 +88,10 @@ class AioLink:
         if not self._writer.is_closing():
             self._writer.write(_HEADER.pack(len(payload), kind) + payload)
 
+    def congested(self) -> bool:
+        """Bytes written earlier are still waiting for the socket."""
+        return self._writer.transport.get_write_buffer_size() > 0
+
     async def drain(self) -> None:
         try:
             await self._writer.drain()

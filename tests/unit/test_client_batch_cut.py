@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 from meshray.node.daemon import NodeDaemon
 from meshray.node.peers import PeerLink
+from meshray.node.session import Connection
 from meshray.rpc import strict
 from meshray.rpc.factory import make_server
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -72,8 +73,10 @@ def test_the_rest_of_a_batch_waits_for_a_peer_delivery_to_start():
 
         daemon = SimpleNamespace(peers=peers, _handle=handle,
                                  dispatch=SimpleNamespace(schedule=lambda: seen.append("schedule")))
+        daemon._sent_to = {}
         daemon._batch_done = lambda: NodeDaemon._batch_done(daemon)
-        conn = SimpleNamespace(conn_id=1, outbox=asyncio.Queue(), malformed=None)
+        daemon._write_sent = lambda: NodeDaemon._write_sent(daemon)
+        conn = Connection(1, asyncio.Queue())
         batch = pb.ClientBatch(events=[pb.ClientEvent(hello=pb.Hello(role="driver")),
                                        pb.ClientEvent(refs=pb.RefUpdate())])
         try:
