@@ -338,11 +338,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         status = status_payload(call_link.OK)
         try:
             while True:
-                conn.parked = True
-                try:
-                    event = await conn.outbox.get()
-                finally:
-                    conn.parked = False
+                event = await conn.next_event()
                 if event is None:
                     break
                 events = [event]

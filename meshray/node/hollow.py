@@ -81,7 +81,7 @@ class HollowPool(WorkerPool):
             self._client_event(conn, pb.ClientEvent(hello=pb.Hello(
                 role="worker", worker_id=worker.worker_id, pid=worker.pid)))
             while True:
-                event = await conn.outbox.get()
+                event = await conn.next_event()
                 if event is None or worker.process.returncode is not None:
                     break
                 if event.WhichOneof("kind") != "execute":

@@ -57,6 +57,15 @@ class Connection:
             if self.on_send is not None:
                 self.on_send(self)
 
+    async def next_event(self):
+        """The writer's wait for its next event, parked meanwhile (so
+        `flush_now` may write for it); None when the session ends."""
+        self.parked = True
+        try:
+            return await self.outbox.get()
+        finally:
+            self.parked = False
+
     def end(self) -> None:
         """Queue the end of the session: its writer stops after what is queued."""
         self.ending = True

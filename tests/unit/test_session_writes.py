@@ -72,15 +72,8 @@ def test_a_writer_woken_for_events_the_handler_wrote_waits_on_for_the_next():
         written = []
         conn = _conn(written)
 
-        async def writer():
-            while True:
-                conn.parked = True
-                try:
-                    event = await conn.outbox.get()
-                finally:
-                    conn.parked = False
-                if event is None:
-                    return
+        async def writer():            # the daemon's session writer, its batching aside
+            while (event := await conn.next_event()) is not None:
                 written.append(["writer", event])
 
         task = asyncio.get_running_loop().create_task(writer())
