@@ -136,7 +136,7 @@ class PeerDuties:
                     self._drop_task(task)
 
     def _node_views(self, backlog_for: dict | None = None, only=None,
-                    local_waiting: float = 0) -> dict:
+                    local_waiting: float = float("inf")) -> dict:
         """The views policy.decide sees (cluster_view.py), this node's own live."""
         local = policy.NodeView(self._node_hex, self._resources.total, self._resources.available,
                                 not self._node.drain.draining, dict(self._config.labels))
@@ -144,7 +144,7 @@ class PeerDuties:
         return self.view.node_views(local, time.monotonic(), backlog_for, only, per_cpu)
 
     def _decide(self, request, spread: int, backlog_for: dict | None = None,
-                local_waiting: float = 0):
+                local_waiting: float = float("inf")):
         """policy.decide, on a few sampled peers first for DEFAULT work
         (cluster_view.py says why); the whole view when they have no room."""
         if request.strategy == "DEFAULT":

@@ -351,7 +351,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                 if conn.drop_reply:
                     conn.ended = (call_link.UNAVAILABLE, "failpoint node.connect: dropped a reply")
                     break
-                link.write(call_link.REPLIES, pb.ServerBatch(events=events).SerializeToString())
+                conn.write_now(events)
                 await link.drain()
                 if conn.closed:
                     break

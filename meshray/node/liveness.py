@@ -108,7 +108,9 @@ class PeerLiveness:
         for node_hex in [n for n in self._watches if n not in links]:
             del self._watches[node_hex]
         for node_hex, link in list(links.items()):
-            watch = self._watches.setdefault(node_hex, LinkWatch())
+            watch = self._watches.get(node_hex)
+            if watch is None:
+                watch = self._watches[node_hex] = LinkWatch()
             if watch.observe(link.channel_state(), now) and node_hex not in self._probing:
                 self._probing.add(node_hex)
                 asyncio.get_running_loop().create_task(self._probe(node_hex, link.address))

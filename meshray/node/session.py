@@ -1,7 +1,7 @@
 """A local process's session with its node, and which workers an environment may use.
 
-A driver or worker opens one bidirectional stream to its node; the node
-keeps a `Connection` for it: who it is (its role, worker and job ids, pid),
+A driver or worker opens one session link to its node; the node keeps a
+`Connection` for it: who it is (its role, worker and job ids, pid),
 the queue its events leave by, and what it reserved in the store and has
 not sealed (given back if it goes). Workers are pooled by an environment
 key: tasks whose env vars hash alike may share a worker.
