@@ -43,7 +43,7 @@ from meshray.rpc.call_link import CALL_METHOD, LinkClosed, LinkServer, status_pa
 from meshray.rpc.rules import pickle_problem
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["ActorHost", "ActorExitRequested", "MalformedArguments"]
+__all__ = ["ActorHost", "ActorExitRequested", "CallStream", "MalformedArguments"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ActorExitRequested(BaseException):
     """
 
 
-class _CallStream:
+class CallStream:
     """The answers on one call link, and when the link may end.
 
     Each answer is written from the thread that produced it (call_link
@@ -182,7 +182,7 @@ class ActorHost:
         self._groups = groups
         self._inline = not self.is_async and self.max_concurrency == 1 and not groups
         self._server: LinkServer | None = None
-        self._links: list[_CallStream] = []
+        self._links: list[CallStream] = []
         self._malformed_log = strict.MalformedLog()
         self._exiting = False
         self._exit_reason = ""
@@ -247,7 +247,7 @@ class ActorHost:
     def _serve_link(self, link) -> None:
         """One caller's link, on its own thread: read calls until the caller
         ends (or is refused), then wait until every call read is answered."""
-        stream = _CallStream(link, self._answered)
+        stream = CallStream(link, self._answered)
         self._links.append(stream)
         try:
             self._read_calls(link, stream)
@@ -259,7 +259,7 @@ class ActorHost:
     def _answered(self, results: list) -> None:
         self._task_events.answered(results)
 
-    def _read_calls(self, link, stream: _CallStream) -> None:
+    def _read_calls(self, link, stream: CallStream) -> None:
         while True:
             try:
                 kind, payload = link.recv()
@@ -469,7 +469,7 @@ class ActorHost:
                                        f"worker exits with code {exc.code!r}",
                                  restartable=restartable, code=code))
         except MalformedArguments as exc:
-            reply(exc)   # the link ends with INVALID_ARGUMENT (_CallStream.reply)
+            reply(exc)   # the link ends with INVALID_ARGUMENT (CallStream.reply)
 
     async def _run_async(self, spec, reply) -> None:
         """Run one call of an async actor as its own asyncio task (cancel_call cancels it)."""

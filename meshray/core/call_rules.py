@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from meshray.common import ids
 from meshray.rpc.rules import (
+    FUNCTION_ID_LEN,
     MAX_NUM_RETURNS,
     WORKER_ID_LEN,
     check_common_spec,
     check_id,
     check_ids,
+    check_pickle,
     fail,
 )
 
-__all__ = ["check_actor_call", "check_actor_call_batch"]
+__all__ = ["check_actor_call", "check_actor_call_batch", "check_lease_call",
+           "check_lease_call_batch", "LEASE_ID_LEN"]
+
+LEASE_ID_LEN = 16
 
 
 def check_actor_call(spec, where: tuple, actor_id: bytes, methods) -> None:
@@ -55,5 +60,38 @@ def check_actor_call_batch(batch, actor_id: bytes, methods) -> None:
     check_id(batch.caller_id, WORKER_ID_LEN, (), "caller_id", "worker id", optional=True)
     for index, spec in enumerate(batch.calls):
         check_actor_call(spec, ("calls", index), actor_id, methods)
+    if batch.cancel_task_ids:
+        check_ids(batch.cancel_task_ids, ids.TASK_ID_LEN, (), "cancel_task_ids", "task id")
+
+
+def check_lease_call(spec, where: tuple) -> None:
+    """A normal task pushed to a leased worker by the lease's holder.
+
+    The holder pushes only tasks the node would run unchanged on a worker of
+    this kind (core/task_leases.py, `pushable`): no actor, no stream, no
+    argument file; anything else is malformed.
+    """
+    check_common_spec(spec, where)
+    if spec.actor_id or spec.actor_creation or spec.method_name:
+        fail(where, "actor_id", spec.actor_id, "empty in a task pushed on a lease")
+    if len(spec.function_id) != FUNCTION_ID_LEN:
+        fail(where, "function_id", spec.function_id, f"a {FUNCTION_ID_LEN}-byte function id")
+    num_returns = spec.num_returns
+    if not 0 <= num_returns <= MAX_NUM_RETURNS:
+        fail(where, "num_returns", num_returns, f"0..{MAX_NUM_RETURNS} (no streams on a lease)")
+    if spec.args_file or spec.args_image:
+        fail(where, "args_file", spec.args_file, "no argument file or image on a lease")
+
+
+def check_lease_call_batch(batch) -> None:
+    """An ActorCallBatch on a link to a leased worker."""
+    check_id(batch.caller_id, WORKER_ID_LEN, (), "caller_id", "worker id", optional=True)
+    check_id(batch.lease_id, LEASE_ID_LEN, (), "lease_id", "lease id")
+    for index, function in enumerate(batch.functions):
+        where = ("functions", index)
+        check_id(function.function_id, FUNCTION_ID_LEN, where, "function_id", "function id")
+        check_pickle(function.pickled, where, "pickled", optional=False)
+    for index, spec in enumerate(batch.calls):
+        check_lease_call(spec, ("calls", index))
     if batch.cancel_task_ids:
         check_ids(batch.cancel_task_ids, ids.TASK_ID_LEN, (), "cancel_task_ids", "task id")

@@ -27,6 +27,7 @@ from meshray import exceptions
 from meshray.common import ids
 from meshray.core import object_ref, progress_bars, serialization
 from meshray.core.actor_client import ActorConnection
+from meshray.core.task_leases import TaskLeases
 from meshray.core.object_ref import ArgPlaceholder, ObjectRef, substitute_refs
 from meshray.core.streams import StreamsMixin
 from meshray.object_store import layout
@@ -86,7 +87,8 @@ def _session_refused(exc: BaseException | None, address: str = "") -> Connection
 class CoreWorker(StreamsMixin):
     def __init__(self, *, daemon_address: str, token: str | None, role: str,
                  worker_id: bytes | None = None, job_id: bytes = b"", namespace: str = "",
-                 log_to_driver: bool = True, on_execute=None, on_kill=None):
+                 log_to_driver: bool = True, on_execute=None, on_kill=None,
+                 call_address: str = "", on_lease=None):
         self.role = role
         self.token = token
         self.worker_id = worker_id or ids.new_id()
@@ -97,7 +99,8 @@ class CoreWorker(StreamsMixin):
         self._handlers = dispatch_table(pb.ServerEvent, {
             "welcome": self._on_welcome, "ready": self._on_ready, "execute": self._on_execute,
             "kill": self._on_kill, "reserve_reply": self._on_answer, "reply": self._on_answer,
-            "logs": self._on_logs, "notice": self._on_notice})
+            "logs": self._on_logs, "notice": self._on_notice,
+            "lease": on_lease or self._on_unexpected_lease})
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         # Re-entrant: ObjectRef.__del__ may run (via GC) while this thread holds it.
         self._lock = threading.RLock()
@@ -126,6 +129,7 @@ class CoreWorker(StreamsMixin):
         self._node_knows: set[bytes] = set()
         self._register_on_arrival: set[bytes] = set()
         self._actor_connections: dict[bytes, object] = {}
+        self.leases = TaskLeases(self)      # worker leases: tasks pushed to workers directly
         self._put_task_id = b""             # set once the node's id is known
         self._put_counter = itertools.count(1)
         self._closed = False
@@ -151,7 +155,7 @@ class CoreWorker(StreamsMixin):
         self._sender.start()
         self._send(pb.ClientEvent(hello=pb.Hello(
             role=role, worker_id=self.worker_id, pid=os.getpid(), job_id=job_id,
-            namespace=namespace, log_to_driver=log_to_driver)))
+            namespace=namespace, log_to_driver=log_to_driver, call_address=call_address)))
         self._reader.start()
         try:
             welcome = self._welcome.result(CONNECT_TIMEOUT_S)
@@ -329,6 +333,11 @@ class CoreWorker(StreamsMixin):
     def _on_logs(self, msg: pb.LogBatch) -> None:
         progress_bars.PRINTER.show_logs(msg.lines)    # remote progress bars drawn, not printed
 
+    @staticmethod
+    def _on_unexpected_lease(msg: pb.LeaseChange) -> None:
+        log.warning("the node sent a lease change (%s) to a process that serves no lease",
+                    msg.lease_id.hex())
+
     def _on_notice(self, msg: pb.Notice) -> None:
         # Printed, not also logged: with logging unconfigured, Python's
         # last-resort handler prints warnings to stderr too, so the user saw
@@ -376,6 +385,7 @@ class CoreWorker(StreamsMixin):
             return
         self._closed = True
         object_ref.set_tracker(None)
+        self.leases.close()         # given back while the session still carries it
         for connection in list(self._actor_connections.values()):
             connection.close()
         # What is queued goes, then END; a node that does not read it within
@@ -483,6 +493,28 @@ class CoreWorker(StreamsMixin):
                     self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=[object_id])))
             if wanted:
                 self._on_ready(pb.ObjectReady(value=value))
+
+    def has_values(self, object_ids) -> bool:
+        """Whether every one of these objects has its value known here."""
+        with self._lock:
+            values = self._values
+            return all(object_id in values for object_id in object_ids)
+
+    def reroute_to_node(self, spec: pb.TaskSpec, return_ids: list) -> None:
+        """Send a task pushed on a lease (task_leases.py) through the node
+        instead: its returns stop being ours alone, and the node holds them
+        for us from its submission on (as for any task we submit)."""
+        drop = []
+        with self._lock:
+            for object_id in return_ids:
+                self._local_only.discard(object_id)
+                self._register_on_arrival.discard(object_id)
+                if object_id not in self._local_refs:
+                    drop.append(object_id)      # already let go of: the node must not keep it
+            self._subscribed.update(return_ids)
+        self._send(pb.ClientEvent(submit=pb.SubmitTask(spec=spec)))
+        if drop:
+            self._send(pb.ClientEvent(refs=pb.RefUpdate(remove=drop)))
 
     def fail_locally(self, object_ids, error: BaseException) -> None:
         blob = pickle.dumps(error)
@@ -780,6 +812,12 @@ class CoreWorker(StreamsMixin):
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         task_id = ids.task_id_of(ref.binary())
+        if self.leases.cancel(task_id, force):
+            if recursive:
+                # Its children went through the node, which cancels them.
+                self._send(pb.ClientEvent(cancel=pb.CancelTask(
+                    object_id=ref.binary(), force=force, recursive=True)))
+            return
         with self._lock:
             connections = list(self._actor_connections.values())
         for connection in connections:

@@ -64,6 +64,7 @@ class TaskExecutor:
         self._interrupt_pending = False
         self.core = None
         self.actor_host = None
+        self.lease_host = None       # lease_host.LeaseHost: tasks pushed on a lease
         self._announced = None
         # Outcome of each worker_process_setup_hook run here (hook -> error or None).
         self._setup_hooks: dict[str, BaseException | None] = {}
@@ -75,6 +76,10 @@ class TaskExecutor:
     def enqueue_call(self, spec: pb.TaskSpec, reply) -> None:
         """An actor method call to run on the main thread, in order."""
         self._inbox.put(("call", (spec, reply)))
+
+    def enqueue_leased(self, spec: pb.TaskSpec, reply) -> None:
+        """A task a lease's holder pushed (lease_host.py), to run on the main thread."""
+        self._inbox.put(("lease", (spec, reply)))
 
     def kill(self, msg) -> None:
         if msg is None:
@@ -125,6 +130,8 @@ class TaskExecutor:
             try:
                 if kind == "task":
                     self._execute(item)
+                elif kind == "lease":
+                    self.lease_host.run(*item)
                 else:
                     spec, reply = item
                     self.actor_host.run_call(spec, reply)
@@ -142,24 +149,29 @@ class TaskExecutor:
 
     # ------------------------------------------------------------ tasks
     def _load_function(self, msg: pb.ExecuteTask):
-        function = self._functions.get(msg.spec.function_id)
+        return self.function_for(msg.spec, msg.function_pickled)
+
+    def function_for(self, spec, pickled: bytes | None):
+        """The function `spec` runs: loaded here before, or from `pickled`
+        (the node, or a lease's holder, sends it the first time)."""
+        function = self._functions.get(spec.function_id)
         if function is not None:
             return function
-        if not msg.function_pickled:
+        if not pickled:
             raise exceptions.RaySystemError(
-                f"function for task {msg.spec.name} was never shipped to this worker")
+                f"function for task {spec.name} was never shipped to this worker")
         try:
-            function = pickle.loads(msg.function_pickled)
+            function = pickle.loads(pickled)
         except ModuleNotFoundError as exc:
             raise exceptions.RaySystemError(
-                f"Failed to unpickle the function of task {msg.spec.name}: module "
+                f"Failed to unpickle the function of task {spec.name}: module "
                 f"{exc.name!r} is not importable on this worker (node "
                 f"{self.core.node_id.hex()}). Install it there, or ship it with "
                 f"runtime_env={{'py_modules': [...]}}.") from exc
-        self._functions[msg.spec.function_id] = function
-        state_mod.state.function_names[msg.spec.function_id] = (
+        self._functions[spec.function_id] = function
+        state_mod.state.function_names[spec.function_id] = (
             getattr(function, "__module__", None) or "",
-            getattr(function, "__qualname__", None) or msg.spec.name)
+            getattr(function, "__qualname__", None) or spec.name)
         return function
 
     def resolve_args(self, spec, values: list):

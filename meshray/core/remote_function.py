@@ -145,9 +145,17 @@ class RemoteFunction:
             core.submit(spec, keepalive)
             return generator
         return_ids = [ids.object_id_for(task_id, i + 1) for i in range(spec.num_returns)]
-        core.mark_node_knows(return_ids)   # the submission makes us their holder
-        refs = [ObjectRef(object_id) for object_id in return_ids]
-        core.submit(spec, keepalive)
+        lease = core.leases.take(spec)
+        if lease is not None:
+            # Pushed straight to a leased worker: the returns are ours alone
+            # until a ref to one leaves this process (task_leases.py).
+            core.mark_local_only(return_ids)
+            refs = [ObjectRef(object_id) for object_id in return_ids]
+            core.leases.push(lease, spec, return_ids, keepalive, self._pickled)
+        else:
+            core.mark_node_knows(return_ids)   # the submission makes us their holder
+            refs = [ObjectRef(object_id) for object_id in return_ids]
+            core.submit(spec, keepalive)
         if spec.num_returns == 0:
             return None
         return refs[0] if spec.num_returns == 1 else refs

@@ -31,17 +31,26 @@ def main() -> None:
     from meshray.core import ray_alias, state as state_mod
     from meshray.core.core_worker import CoreWorker
     from meshray.core.executor import TaskExecutor
+    from meshray.core.lease_host import LeaseHost
 
     if os.environ.get(ray_alias.ENV_VAR) == "1":
         ray_alias.install()    # a job started by `meshray run`: its code may `import ray`
     executor = TaskExecutor()
+    token = security.process_token()     # read once from the pipe the daemon passed
+    worker_id = bytes.fromhex(os.environ["MESHRAY_WORKER_ID"])
+    # Listening before the hello, which names the address, so a lease
+    # granted on this worker finds it serving.
+    executor.lease_host = LeaseHost(executor, session_dir=os.environ["MESHRAY_SESSION_DIR"],
+                                    worker_id=worker_id, token=token)
     core = CoreWorker(
         daemon_address=os.environ["MESHRAY_DAEMON_ADDRESS"],
-        token=security.process_token(),     # read once from the pipe the daemon passed
+        token=token,
         role="worker",
-        worker_id=bytes.fromhex(os.environ["MESHRAY_WORKER_ID"]),
+        worker_id=worker_id,
         on_execute=executor.enqueue,
         on_kill=executor.kill,
+        call_address=executor.lease_host.address,
+        on_lease=executor.lease_host.on_lease,
     )
     executor.core = core
     state_mod.state.core = core

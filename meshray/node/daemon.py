@@ -24,6 +24,7 @@ from meshray.node.actor_hosting import ActorHosting
 from meshray.node.actors import ActorEntry
 from meshray.node.cluster import PeerDuties, RemoteOwner
 from meshray.node.dispatch import TaskDispatch
+from meshray.node.lease_service import LeaseService
 from meshray.node.draining import Drain
 from meshray.node.env_setup import EnvSetup, parse_task_env
 from meshray.node.event_log import EventLog
@@ -140,6 +141,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         self.hosting = ActorHosting(self)
         self.drain = Drain(self)
         self.placement = PlacementDuties(self)
+        self.leases = LeaseService(self)           # worker leases: questions and their verdicts
         self.dispatch = TaskDispatch(self)         # the node state machine's shell
         self.transfer = ObjectTransfer(self)
         self.log_streams = LogStreams(self.node_hex, self.conns, self.peers.send,
@@ -467,6 +469,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
                     f"hello.worker_id={hello.worker_id.hex()}: expected the id of a worker "
                     "this node started and that has not connected yet")
             worker.conn, conn.worker = conn, worker
+            worker.call_address = hello.call_address
             self.pool.connected(worker)
             self.dispatch.handle(m.WorkerReady(worker, time.monotonic(), time.time()))
         conn.send(pb.ServerEvent(welcome=pb.Welcome(
@@ -530,9 +533,15 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
         return env_key_for(dict(spec.env_vars))
 
     def _on_cancel(self, conn: Connection, msg: pb.CancelTask) -> None:
-        task = self.tasks.get(ids.task_id_of(msg.object_id))
+        task_id = ids.task_id_of(msg.object_id)
+        task = self.tasks.get(task_id)
         if task is not None:
             self._cancel(task, msg.force, msg.recursive)
+        elif msg.recursive:
+            # A task pushed on a lease (this node never had it): the tasks it
+            # submitted did come here.
+            for child in [t for t in self.tasks.values() if t.spec.parent_task_id == task_id]:
+                self._cancel(child, msg.force, True)
 
     def _on_request(self, conn: Connection, msg: pb.Request) -> None:
         asyncio.get_running_loop().create_task(self._answer_request(conn, msg))

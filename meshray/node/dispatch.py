@@ -59,6 +59,7 @@ class TaskDispatch:
             m.FreeValue: lambda ins: node.peers.free_value(ins.value),
             m.ValuesReady: self._values_ready,
             m.TellOwners: lambda ins: node.peers.tell_owners(ins),
+            **node.leases.instructions(),
         }
 
     def _peer_dead(self, node_hex: str) -> bool:

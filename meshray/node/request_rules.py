@@ -235,6 +235,10 @@ def _client_event(event, index: int, questions) -> None:
         check_id(msg.job_id, JOB_ID_LEN, where, "job_id", "job id", optional=True)
         if msg.runtime_env_json:
             check_runtime_env(msg.runtime_env_json, where, "runtime_env_json")
+        if msg.call_address and (msg.role != "worker" or not msg.call_address.startswith("unix:")
+                                 or len(msg.call_address) > MAX_CALL_ADDRESS):
+            fail(where, "call_address", msg.call_address[:80],
+                 f"empty, or a worker's 'unix:' address of at most {MAX_CALL_ADDRESS} characters")
     elif kind == "register_function":
         check_id(msg.function_id, FUNCTION_ID_LEN, where, "function_id", "function id")
         check_pickle(msg.pickled, where, "pickled", optional=False)
@@ -252,6 +256,7 @@ def _client_event(event, index: int, questions) -> None:
 
 
 MAX_ACTOR_TASK_EVENTS = 20_000
+MAX_CALL_ADDRESS = 4096
 MAX_TASK_NAME = 1024
 MAX_COUNTED_NAMES = 10_000     # methods of one actor counted in one report
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping
 
 from meshray.node import request_rules
+from meshray.node.lease_service import LEASE_QUESTIONS
 from meshray.rpc.dispatch import dispatch_table
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -105,7 +106,8 @@ def node_routes(node) -> Routes:
             "get_named_actor": node.hosting.ask_get_named_actor,
             "state_local": node.state.ask_local, "state_query": node.state.ask_cluster,
             "list_logs": node.logs.ask_list, "get_log": node.logs.ask_get,
-            **node.jobs.questions(), **cluster_questions,
+            **node.jobs.questions(), **node.leases.questions(), **cluster_questions,
         },
         local_only=frozenset(cluster_questions) | {"state_query", "flush_output"}
+        | LEASE_QUESTIONS
         | set(node.jobs.questions()))

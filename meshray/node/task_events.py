@@ -245,8 +245,9 @@ class TaskEvents:
             self._spill(oldest)
 
     def actor_calls(self, worker_id: bytes, pid: int, actor_id: bytes, report) -> None:
-        """An actor's report of its method calls (core/actor_task_events.py; columns
-        checked by node/request_rules.py)."""
+        """A worker's report of the calls it ran (core/actor_task_events.py; columns
+        checked by node/request_rules.py): an actor's method calls, or (`actor_id`
+        empty) the tasks a lease's holder pushed to it."""
         if not self.enabled:
             return
         running = []
@@ -283,8 +284,9 @@ class TaskEvents:
     def counted_summary(self) -> dict:
         """The counted actor calls as a task summary (state_queries.summarize's shape)."""
         summary: dict = {}
-        for (_actor, name), counts in self.counted.items():
-            entry = summary.setdefault(name, {"type": "ACTOR_TASK", "state_counts": {}})
+        for (actor, name), counts in self.counted.items():
+            entry = summary.setdefault(name, {"type": "ACTOR_TASK" if actor else "NORMAL_TASK",
+                                              "state_counts": {}})
             for state, number in counts.items():
                 if number:
                     entry["state_counts"][state] = entry["state_counts"].get(state, 0) + number
@@ -298,7 +300,9 @@ class TaskEvents:
             end, events = finished, (("RUNNING", received), (state, finished))
         else:
             state, end, events = "RUNNING", None, (("RUNNING", received),)
-        return (task_id, attempt, name, job, actor_id, parent, None, "ACTOR_TASK", state,
+        # No actor: a task its lease's holder pushed to this worker.
+        return (task_id, attempt, name, job, actor_id or None, parent, None,
+                "ACTOR_TASK" if actor_id else "NORMAL_TASK", state,
                 worker_id, pid, "TASK_EXECUTION_EXCEPTION" if failed else None, None,
                 received, received, end, events, None, None, None)
 

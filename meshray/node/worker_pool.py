@@ -72,6 +72,8 @@ class WorkerProcess:
     functions_sent: set = field(default_factory=set)
     idle_since: float = 0.0
     actor: object = None             # its ActorEntry
+    lease: object = None             # the worker lease its holder pushes tasks under
+    call_address: str = ""           # where a lease's holder reaches it (its hello says)
     resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""
     task_name: str = ""

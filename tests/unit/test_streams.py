@@ -1,7 +1,7 @@
 """Pure parts of generator calls: stream readiness, and when an actor's call stream may end."""
 from __future__ import annotations
 
-from meshray.core.actor_host import MalformedArguments, _CallStream, is_stream_item
+from meshray.core.actor_host import MalformedArguments, CallStream, is_stream_item
 from meshray.core.streams import stream_ready
 from meshray.rpc import call_link
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -39,7 +39,7 @@ def _results(sent):
 
 def test_items_do_not_answer_a_call_so_a_half_closed_stream_waits_for_the_answer():
     link, answered = _Recorder(), []
-    stream = _CallStream(link, answered.extend)
+    stream = CallStream(link, answered.extend)
     stream.started()
     stream.end(call_link.status_payload(call_link.OK))
     item = pb.TaskResult(task_id=b"t", stream_item_id=b"i", stream_index=1)
@@ -55,7 +55,7 @@ def test_items_do_not_answer_a_call_so_a_half_closed_stream_waits_for_the_answer
 
 def test_a_refusal_goes_only_after_every_call_read_is_answered():
     link = _Recorder()
-    stream = _CallStream(link, lambda results: None)
+    stream = CallStream(link, lambda results: None)
     for _ in range(2):
         stream.started()
     stream.end(call_link.status_payload(call_link.UNAVAILABLE, "lease lapsed", refused=True))
@@ -69,7 +69,7 @@ def test_a_refusal_goes_only_after_every_call_read_is_answered():
 
 def test_an_answer_its_caller_waits_for_alone_is_written_at_once_a_burst_is_left_to_the_writer():
     link = _Recorder()
-    stream = _CallStream(link, lambda results: None)
+    stream = CallStream(link, lambda results: None)
     for _ in range(3):
         stream.started()
     for name in (b"a", b"b", b"c"):
@@ -79,7 +79,7 @@ def test_an_answer_its_caller_waits_for_alone_is_written_at_once_a_burst_is_left
 
 def test_malformed_arguments_end_the_link_at_once_with_invalid_argument():
     link = _Recorder()
-    stream = _CallStream(link, lambda results: None)
+    stream = CallStream(link, lambda results: None)
     stream.started()
     stream.started()
     stream.reply(MalformedArguments("args_blob: not a pickle"))

@@ -78,6 +78,7 @@ from meshray.node import pipelining
 from meshray.node.state import messages as m
 from meshray.node.objects import ObjectDirectory
 from meshray.node.state.actor_life import ActorLife
+from meshray.node.state.lease_life import LeaseLife
 from meshray.node.state.object_life import ObjectLife
 from meshray.node.task_lifecycle import TaskState, move, take_memory_retry, take_retry
 from meshray.node.tasks import infeasible_notice
@@ -166,6 +167,7 @@ class NodeState:
         self.objects = ObjectDirectory() if objects is None else objects
         self.actor_life = ActorLife(self)
         self.object_life = ObjectLife(self)
+        self.lease_life = LeaseLife(self)
         self._handlers = {
             m.Submitted: self._submitted,
             m.Decided: self._decided,
@@ -188,6 +190,7 @@ class NodeState:
             m.Fail: self._fail_event,
             **self.actor_life.handlers(),
             **self.object_life.handlers(),
+            **self.lease_life.handlers(),
             m.OwnerLeft: self._owner_left,
             m.OwnerNodeDied: self._owner_node_died,
         }
@@ -402,6 +405,8 @@ class NodeState:
         self._worker_free(event.worker, event.now, event.wall, out)
 
     def _worker_free(self, worker, now: float, wall: float, out: list) -> None:
+        """`worker` has nothing to run: the next task waiting for a worker of
+        its kind, or the idle list (also when a lease on it ends)."""
         for index, task in enumerate(self.awaiting):
             if task.worker_key == worker.env_key:
                 del self.awaiting[index]
@@ -410,6 +415,8 @@ class NodeState:
         worker.current_task = None
         self.workers.push_idle(worker)
 
+    worker_free = _worker_free
+
     def _worker_start_failed(self, event: m.WorkerStartFailed, out: list) -> None:
         for task in self.awaiting:
             if task.worker_key == event.worker_key:
@@ -417,6 +424,8 @@ class NodeState:
                 return
 
     def _blocked(self, event: m.Blocked, out: list) -> None:
+        if self.lease_life.blocked(event.worker, event.blocked):
+            return
         task = event.worker.current_task
         if task is None or not task.acquired or task.bundle is not None:
             return
@@ -468,6 +477,7 @@ class NodeState:
 
     def _worker_lost(self, event: m.WorkerLost, out: list) -> None:
         worker = event.worker
+        self.lease_life.worker_lost(worker, out)
         task = worker.current_task
         if not self._reports_crash(worker, task, event.owner_present):
             # Killed now: it must not run on beside a retry. A task that fails
@@ -598,6 +608,7 @@ class NodeState:
         self._failed(event.task, event.error, out)
 
     def _owner_left(self, event: m.OwnerLeft, out: list) -> None:
+        self.lease_life.holder_left(event.owner.conn_id, out)
         self.object_life.holder_gone(event.owner.conn_id, out)
         self.actor_life.owner_left(event, out)
 

@@ -22,7 +22,7 @@ __all__ = [
     "Submitted", "Decided", "ViewChanged", "Refused", "Schedule", "Offer",
     "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "EnvSetupFailed", "Drain",
-    "Fail",
+    "Fail", "LeaseRequested", "LeaseReturned",
     # actor events
     "ActorCreated", "ActorCreatedElsewhere", "ActorHostDied", "ActorExiting", "KillActor",
     "OwnerLeft", "OwnerNodeDied", "LeaseLost",
@@ -32,7 +32,7 @@ __all__ = [
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
     "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
-    "GroupRemoved", "Spill", "Notice",
+    "GroupRemoved", "Spill", "Notice", "GrantLease", "EndLease",
     # actor instructions
     "ActorChanged", "ReleaseActorName", "RestartActor", "AskHostToKill", "ActorCreationLost",
     # object instructions
@@ -253,6 +253,27 @@ class KillActor:
 
 
 @dataclass(slots=True)
+class LeaseRequested:
+    """A local process asks for a worker lease (`lease`, REQUESTED: what it
+    would hold): granted now, or refused with the reason (lease_life.py)."""
+    lease: object
+    now: float
+    wall: float
+
+
+@dataclass(slots=True)
+class LeaseReturned:
+    """The holder (connection `holder_conn_id`) ends lease `lease_id`: its
+    worker back to the pool, or killed when `kill` (`why` says why)."""
+    lease_id: bytes
+    holder_conn_id: int
+    kill: bool
+    why: str
+    now: float
+    wall: float
+
+
+@dataclass(slots=True)
 class OwnerLeft:
     """The local process behind connection `owner` exited: what it held is
     released, and the actors it created die with it unless detached."""
@@ -396,6 +417,20 @@ class ReplaceLater:
     """As Replace, after `delay` seconds (the memory monitor's backoff)."""
     task: object
     delay: float
+
+
+@dataclass(slots=True)
+class GrantLease:
+    """Tell `worker` it is leased (LeaseChange), before the holder hears so."""
+    lease: object
+    worker: object
+
+
+@dataclass(slots=True)
+class EndLease:
+    """Tell `worker` its lease is over: calls under it are refused from now on."""
+    lease: object
+    worker: object
 
 
 @dataclass(slots=True)

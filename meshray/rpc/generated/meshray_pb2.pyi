@@ -110,14 +110,18 @@ class TaskSpec(_message.Message):
     def __init__(self, task_id: _Optional[bytes] = ..., job_id: _Optional[bytes] = ..., function_id: _Optional[bytes] = ..., name: _Optional[str] = ..., args_blob: _Optional[bytes] = ..., arg_ref_ids: _Optional[_Iterable[bytes]] = ..., contained_ids: _Optional[_Iterable[bytes]] = ..., num_returns: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., max_retries: _Optional[int] = ..., retry_exceptions: _Optional[bool] = ..., retry_exception_types: _Optional[bytes] = ..., scheduling_strategy: _Optional[str] = ..., strategy_blob: _Optional[bytes] = ..., env_vars: _Optional[_Mapping[str, str]] = ..., owner_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., attempt: _Optional[int] = ..., runtime_env_json: _Optional[str] = ..., actor_id: _Optional[bytes] = ..., actor_creation: _Optional[bool] = ..., method_name: _Optional[str] = ..., sequence: _Optional[int] = ..., concurrency_group: _Optional[str] = ..., actor_options: _Optional[bytes] = ..., held_resources: _Optional[_Mapping[str, float]] = ..., args_image: _Optional[bool] = ..., args_file: _Optional[str] = ..., namespace: _Optional[str] = ..., dynamic_returns: _Optional[bool] = ...) -> None: ...
 
 class ActorCallBatch(_message.Message):
-    __slots__ = ("calls", "caller_id", "cancel_task_ids")
+    __slots__ = ("calls", "caller_id", "cancel_task_ids", "lease_id", "functions")
     CALLS_FIELD_NUMBER: _ClassVar[int]
     CALLER_ID_FIELD_NUMBER: _ClassVar[int]
     CANCEL_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     calls: _containers.RepeatedCompositeFieldContainer[TaskSpec]
     caller_id: bytes
     cancel_task_ids: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, calls: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., caller_id: _Optional[bytes] = ..., cancel_task_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    lease_id: bytes
+    functions: _containers.RepeatedCompositeFieldContainer[RegisterFunction]
+    def __init__(self, calls: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., caller_id: _Optional[bytes] = ..., cancel_task_ids: _Optional[_Iterable[bytes]] = ..., lease_id: _Optional[bytes] = ..., functions: _Optional[_Iterable[_Union[RegisterFunction, _Mapping]]] = ...) -> None: ...
 
 class ActorReplyBatch(_message.Message):
     __slots__ = ("results",)
@@ -150,7 +154,7 @@ class TaskResult(_message.Message):
     def __init__(self, task_id: _Optional[bytes] = ..., returns: _Optional[_Iterable[_Union[ObjectValue, _Mapping]]] = ..., failed: _Optional[bool] = ..., retryable_error: _Optional[bool] = ..., stream_item_id: _Optional[bytes] = ..., stream_end: _Optional[bool] = ..., stream_index: _Optional[int] = ..., actor_address: _Optional[str] = ..., actor_error: _Optional[str] = ..., args_released: _Optional[bool] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("role", "worker_id", "pid", "job_id", "namespace", "log_to_driver", "runtime_env_json")
+    __slots__ = ("role", "worker_id", "pid", "job_id", "namespace", "log_to_driver", "runtime_env_json", "call_address")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +162,7 @@ class Hello(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     LOG_TO_DRIVER_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_ENV_JSON_FIELD_NUMBER: _ClassVar[int]
+    CALL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     role: str
     worker_id: bytes
     pid: int
@@ -165,7 +170,8 @@ class Hello(_message.Message):
     namespace: str
     log_to_driver: bool
     runtime_env_json: str
-    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[bytes] = ..., pid: _Optional[int] = ..., job_id: _Optional[bytes] = ..., namespace: _Optional[str] = ..., log_to_driver: _Optional[bool] = ..., runtime_env_json: _Optional[str] = ...) -> None: ...
+    call_address: str
+    def __init__(self, role: _Optional[str] = ..., worker_id: _Optional[bytes] = ..., pid: _Optional[int] = ..., job_id: _Optional[bytes] = ..., namespace: _Optional[str] = ..., log_to_driver: _Optional[bool] = ..., runtime_env_json: _Optional[str] = ..., call_address: _Optional[str] = ...) -> None: ...
 
 class RegisterFunction(_message.Message):
     __slots__ = ("function_id", "pickled", "name")
@@ -428,7 +434,7 @@ class Reply(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., payload: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
-    __slots__ = ("welcome", "ready", "execute", "reserve_reply", "kill", "logs", "notice", "reply")
+    __slots__ = ("welcome", "ready", "execute", "reserve_reply", "kill", "logs", "notice", "reply", "lease")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     EXECUTE_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +443,7 @@ class ServerEvent(_message.Message):
     LOGS_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     REPLY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     ready: ObjectReady
     execute: ExecuteTask
@@ -445,7 +452,18 @@ class ServerEvent(_message.Message):
     logs: LogBatch
     notice: Notice
     reply: Reply
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., execute: _Optional[_Union[ExecuteTask, _Mapping]] = ..., reserve_reply: _Optional[_Union[ReserveReply, _Mapping]] = ..., kill: _Optional[_Union[KillTask, _Mapping]] = ..., logs: _Optional[_Union[LogBatch, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ...) -> None: ...
+    lease: LeaseChange
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., ready: _Optional[_Union[ObjectReady, _Mapping]] = ..., execute: _Optional[_Union[ExecuteTask, _Mapping]] = ..., reserve_reply: _Optional[_Union[ReserveReply, _Mapping]] = ..., kill: _Optional[_Union[KillTask, _Mapping]] = ..., logs: _Optional[_Union[LogBatch, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., lease: _Optional[_Union[LeaseChange, _Mapping]] = ...) -> None: ...
+
+class LeaseChange(_message.Message):
+    __slots__ = ("lease_id", "holder_id", "granted")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: bytes
+    holder_id: bytes
+    granted: bool
+    def __init__(self, lease_id: _Optional[bytes] = ..., holder_id: _Optional[bytes] = ..., granted: _Optional[bool] = ...) -> None: ...
 
 class ServerBatch(_message.Message):
     __slots__ = ("events",)

@@ -1,0 +1,101 @@
+"""The daemon's side of worker leases: questions in, the state machine's
+verdicts out (``node/state/lease_life.py`` decides; nothing here does).
+
+A local process asks ``lease_worker`` with the resources and environment
+variables of the task it is about to submit; the answer is a lease (its id
+and the worker's call address) or a refusal with the reason. It gives the
+lease back with ``return_lease`` (``kill``: the worker must not live on --
+a forced cancel, or a link that broke with a task on it). Neither question
+is answered for a peer: a lease is a local process's only.
+"""
+from __future__ import annotations
+
+import time
+
+from meshray.common import ids
+from meshray.node.session import env_key_for
+from meshray.node.state import messages as m
+from meshray.node.state.lease_life import Lease, LeaseState
+from meshray.rpc.generated import meshray_pb2 as pb
+from meshray.scheduler.resources import ResourceSet
+
+__all__ = ["LeaseService", "LEASE_QUESTIONS"]
+
+LEASE_QUESTIONS = frozenset({"lease_worker", "return_lease"})
+_MAX_WHY = 512
+
+
+def _resources(payload: dict) -> dict:
+    resources = payload.get("resources")
+    if not isinstance(resources, dict) or not resources or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and 0 <= v < 1e12 for k, v in resources.items()):
+        raise ValueError(f"resources={resources!r}: expected a non-empty map of resource "
+                         "names to amounts >= 0")
+    return resources
+
+
+def _env_vars(payload: dict) -> dict:
+    env_vars = payload.get("env_vars") or {}
+    if not isinstance(env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
+        raise ValueError(f"env_vars={env_vars!r}: expected a map of strings to strings")
+    return env_vars
+
+
+class LeaseService:
+    def __init__(self, node):
+        self._node = node
+
+    def questions(self) -> dict:
+        return {"lease_worker": self.ask_lease, "return_lease": self.ask_return}
+
+    def instructions(self) -> dict:
+        return {m.GrantLease: self._grant, m.EndLease: self._end}
+
+    # ------------------------------------------------------------ questions
+    async def ask_lease(self, conn, payload: dict) -> dict:
+        resources = _resources(payload)
+        env_vars = _env_vars(payload)
+        if conn.role not in ("driver", "worker") or not conn.worker_id:
+            raise ValueError("lease_worker: only a process that said hello may hold a lease")
+        env_key = env_key_for(env_vars)
+        lease = Lease(lease_id=ids.new_id(), holder=conn,
+                      hold=ResourceSet.from_dict(resources), worker_key=env_key,
+                      sched_class=(env_key, tuple(sorted(resources.items()))),
+                      requested_wall=time.time())
+        node = self._node
+        node.dispatch.handle(m.LeaseRequested(lease, time.monotonic(), time.time()))
+        if lease.state is not LeaseState.GRANTED:
+            return {"granted": False, "reason": lease.reason}
+        worker = lease.worker
+        return {"granted": True, "lease_id": lease.lease_id.hex(),
+                "address": worker.call_address, "worker_id": worker.worker_id.hex(),
+                "pid": worker.pid}
+
+    async def ask_return(self, conn, payload: dict) -> dict:
+        lease_hex = payload.get("lease_id")
+        try:
+            lease_id = bytes.fromhex(lease_hex)
+        except (TypeError, ValueError):
+            raise ValueError(f"lease_id={lease_hex!r}: expected a lease id in hex") from None
+        why = str(payload.get("why") or "")[:_MAX_WHY]
+        node = self._node
+        node.dispatch.handle(m.LeaseReturned(lease_id, conn.conn_id, bool(payload.get("kill")),
+                                             why, time.monotonic(), time.time()))
+        node.dispatch.schedule()      # what waited for its resources may start now
+        return {}
+
+    # ------------------------------------------------------------ instructions
+    @staticmethod
+    def _grant(ins: m.GrantLease) -> None:
+        lease = ins.lease
+        ins.worker.conn.send(pb.ServerEvent(lease=pb.LeaseChange(
+            lease_id=lease.lease_id, holder_id=lease.holder.worker_id, granted=True)))
+
+    @staticmethod
+    def _end(ins: m.EndLease) -> None:
+        conn = ins.worker.conn
+        if conn is not None:
+            conn.send(pb.ServerEvent(lease=pb.LeaseChange(lease_id=ins.lease.lease_id,
+                                                          granted=False)))
