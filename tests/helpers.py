@@ -251,7 +251,8 @@ class MachineNode:
 
     def worker(self, pid: int, *, idle: bool = True) -> WorkerProcess:
         worker = WorkerProcess(worker_id=pid.to_bytes(4, "big"), env_key="default",
-                               process=SimpleNamespace(pid=pid))
+                               process=SimpleNamespace(pid=pid),
+                               call_address=f"unix:/session/worker-{pid}.sock")
         self.workers.by_id[worker.worker_id] = worker
         if idle:
             self.workers.push_idle(worker)

@@ -28,7 +28,7 @@ COLUMNS = {
     "nodes": ("node_id", "node_ip", "is_head_node", "state", "node_name"),
     "placement_groups": ("placement_group_id", "name", "creator_job_id", "state"),
     "jobs": ("job_id", "status", "type", "driver_pid", "driver_node_id"),
-    "workers": ("worker_id", "worker_type", "is_alive", "pid", "node_id", "job_id"),
+    "workers": ("worker_id", "worker_type", "state", "is_alive", "pid", "node_id", "job_id"),
 }
 _FILTER = re.compile(r"^\s*([A-Za-z_]+)\s*(!=|=)\s*(.*?)\s*$")
 

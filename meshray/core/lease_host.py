@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 
+from meshray.common.worker_socket import worker_socket_path
 from meshray.core import call_rules, state as state_mod
 from meshray.core.actor_host import CallStream
 from meshray.core.actor_task_events import ActorTaskRecorder
@@ -35,17 +36,13 @@ from meshray.rpc import call_link, strict
 from meshray.rpc.call_link import LinkClosed, LinkServer, status_payload
 from meshray.rpc.generated import meshray_pb2 as pb
 
-__all__ = ["LeaseHost", "socket_path"]
+__all__ = ["LeaseHost"]
 
 log = logging.getLogger(__name__)
 
 LEASE_KNOWN_WAIT_S = 2.0
 LEASE_METHOD = "/meshray.WorkerLease/Push"       # how malformed batches are logged
 _FINAL_WRITE_S = 5.0
-
-
-def socket_path(session_dir: str, worker_id: bytes) -> str:
-    return os.path.join(session_dir, f"worker-{worker_id.hex()[:16]}-{os.getpid()}.sock")
 
 
 class LeaseHost:
@@ -59,7 +56,8 @@ class LeaseHost:
         self._malformed_log = strict.MalformedLog()
         self._recorder: ActorTaskRecorder | None = None
         self._recorder_lock = threading.Lock()
-        self._server = LinkServer([f"unix:{socket_path(session_dir, worker_id)}"], token=token,
+        path = worker_socket_path(session_dir, worker_id)
+        self._server = LinkServer([f"unix:{path}"], token=token,
                                   on_link=self._serve_link, failpoint=LEASE_METHOD)
         self.address = self._server.addresses[0]
 

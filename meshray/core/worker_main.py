@@ -40,8 +40,14 @@ def main() -> None:
     worker_id = bytes.fromhex(os.environ["MESHRAY_WORKER_ID"])
     # Listening before the hello, which names the address, so a lease
     # granted on this worker finds it serving.
-    executor.lease_host = LeaseHost(executor, session_dir=os.environ["MESHRAY_SESSION_DIR"],
-                                    worker_id=worker_id, token=token)
+    try:
+        executor.lease_host = LeaseHost(executor, session_dir=os.environ["MESHRAY_SESSION_DIR"],
+                                        worker_id=worker_id, token=token)
+    except OSError as exc:
+        # (e.g. a session directory too deep for a unix socket's path): this
+        # worker serves no leases, and runs everything its node sends it.
+        logging.getLogger(__name__).warning("worker %s serves no worker leases: %s",
+                                            worker_id.hex(), exc)
     core = CoreWorker(
         daemon_address=os.environ["MESHRAY_DAEMON_ADDRESS"],
         token=token,
@@ -49,8 +55,8 @@ def main() -> None:
         worker_id=worker_id,
         on_execute=executor.enqueue,
         on_kill=executor.kill,
-        call_address=executor.lease_host.address,
-        on_lease=executor.lease_host.on_lease,
+        call_address=executor.lease_host.address if executor.lease_host else "",
+        on_lease=executor.lease_host.on_lease if executor.lease_host else None,
     )
     executor.core = core
     state_mod.state.core = core

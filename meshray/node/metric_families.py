@@ -95,8 +95,12 @@ def _task_families(out: _Families, loop: dict) -> None:
               loop["actors"])
     out.gauge("ray_placement_groups", "Placement groups created through this node, by state.",
               ("State",), loop["placement_groups"])
-    out.gauge("meshray_workers", "Worker processes of this node, by what they run.",
+    out.gauge("meshray_workers", "Worker processes of this node, by what they run (task, "
+              "actor, or leased: held by a local process that pushes its tasks to it).",
               ("Kind",), loop["workers"])
+    out.counter("meshray_worker_leases", "Worker lease requests granted or refused by this "
+                "node, and granted leases ended (returned, revoked, lost).", ("State",),
+                loop.get("leases", {}))
 
 
 def _resource_families(out: _Families, loop: dict) -> None:

@@ -177,12 +177,16 @@ class NodeMetrics:
         for record in list(daemon.placement.records.values()):
             if getattr(record, "creator_node", "") == node_hex:
                 groups[record.state] = groups.get(record.state, 0) + 1
-        workers: dict = {"task": 0, "actor": 0}
+        workers: dict = {"task": 0, "actor": 0, "leased": 0}
         if daemon.pool is not None:
             for worker in daemon.pool.by_id.values():
-                workers["actor" if worker.actor is not None else "task"] += 1
+                kind = ("actor" if worker.actor is not None
+                        else "leased" if worker.lease is not None else "task")
+                workers[kind] += 1
+        leases = {(state,): count
+                  for state, count in daemon.dispatch.machine.lease_life.counts.items()}
         return {"tasks_live": live, "tasks_ended": dict(self._ended), "actors": actors,
-                "placement_groups": groups, "workers": workers,
+                "placement_groups": groups, "workers": workers, "leases": leases,
                 "memory_monitor": daemon.memory_monitor.metrics_snapshot(self.names),
                 "resources_total": daemon.resources.total.to_dict(),
                 "resources_available": daemon.resources.available.to_dict()}

@@ -17,13 +17,18 @@ def worker_records(workers, conns, node_hex: str, ip: str) -> list:
     records = []
     for worker in workers:
         task = worker.current_task
+        lease = getattr(worker, "lease", None)
         records.append({
             "worker_id": worker.worker_id.hex(), "node_id": node_hex, "ip": ip,
             "pid": worker.pid, "is_alive": worker.process.poll() is None,
             "worker_type": "WORKER", "exit_type": None, "job_id": worker.job_hex or None,
             "actor_id": worker.actor.actor_id.hex() if worker.actor is not None else None,
             "current_task_id": task.task_id.hex() if task is not None else None,
-            "state": "BUSY" if task is not None or worker.actor is not None else "IDLE",
+            "state": ("BUSY" if task is not None or worker.actor is not None
+                      else "LEASED" if lease is not None else "IDLE"),
+            # The lease a local process pushes its tasks under (task_leases.py).
+            "lease_id": lease.lease_id.hex() if lease is not None else None,
+            "lease_holder_id": lease.holder_hex if lease is not None else None,
         })
     for conn in conns:
         if conn.role == "driver":

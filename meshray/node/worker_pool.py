@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from meshray import security
 from meshray.common.fence import FENCE_ENV
 from meshray.common.worker_output import parse_context_line
+from meshray.common.worker_socket import worker_socket_path
 from meshray.node.log_files import section_header, worker_log_name
 
 __all__ = ["WorkerProcess", "WorkerPool", "describe_exit", "wait_for_exit"]
@@ -231,6 +232,11 @@ class WorkerPool:
             workers.remove(worker)
         if worker.conn is None:
             self.starting[worker.env_key] = max(0, self.starting.get(worker.env_key, 1) - 1)
+        try:
+            # Where it listened for a lease's holder (closed only if it exited cleanly).
+            os.unlink(worker_socket_path(self._session_dir, worker.worker_id))
+        except OSError:
+            pass
         self._drain_output(worker)
 
     def _drain_output(self, worker: WorkerProcess) -> None:

@@ -250,6 +250,42 @@ def test_malformed_log_is_rate_limited(caplog):
     assert "/meshray.NodeSession/Connect" in lines[0].getMessage()
 
 
+def _pushed(lease_id=b"L" * 16, functions=(), **fields) -> pb.ActorCallBatch:
+    spec = pb.TaskSpec(task_id=_oid()[:16], function_id=b"f" * 16, num_returns=1,
+                       args_blob=pickle.dumps(((1,), {}), protocol=5))
+    for name, value in fields.items():
+        setattr(spec, name, value)
+    return pb.ActorCallBatch(calls=[spec], lease_id=lease_id, functions=list(functions))
+
+
+@pytest.mark.parametrize("batch, named", [
+    (_pushed(lease_id=b""), "lease_id"), (_pushed(lease_id=b"short"), "lease_id"),
+    (_pushed(actor_id=ACTOR), "actor_id"), (_pushed(method_name="echo"), "actor_id"),
+    (_pushed(function_id=b"f"), "function_id"), (_pushed(num_returns=-1), "num_returns"),
+    (_pushed(args_image=True), "args_file"),
+    (_pushed(functions=[pb.RegisterFunction(function_id=b"f" * 16, pickled=b"junk")]),
+     "pickled"),
+    (_pushed(functions=[pb.RegisterFunction(function_id=b"f", pickled=pickle.dumps(len))]),
+     "function_id"),
+])
+def test_tasks_pushed_on_a_lease(batch, named):
+    """A leased worker runs only plain tasks under a lease id (core/lease_host.py)."""
+    call_rules.check_lease_call_batch(_pushed(functions=[pb.RegisterFunction(
+        function_id=b"f" * 16, pickled=pickle.dumps(len))]))
+    assert named in _refusal(call_rules.check_lease_call_batch, batch)
+
+
+def test_only_a_worker_says_where_it_serves_leases():
+    hello = dict(role="worker", worker_id=b"w" * 16, pid=5)
+    _client(pb.ClientBatch(events=[pb.ClientEvent(hello=pb.Hello(
+        **hello, call_address="unix:/s/worker.sock"))]))
+    for bad in ({**hello, "call_address": "127.0.0.1:5"},
+                {**hello, "role": "driver", "call_address": "unix:/s/w.sock"},
+                {**hello, "call_address": "unix:" + "x" * 5000}):
+        assert "call_address" in _refusal(_client, pb.ClientBatch(events=[pb.ClientEvent(
+            hello=pb.Hello(**bad))]))
+
+
 def test_a_generator_call_streams_with_num_returns_minus_one():
     """An actor call whose method is a generator streams its items: num_returns -1."""
     call_rules.check_actor_call_batch(_call(num_returns=-1), ACTOR, {"echo"})

@@ -23,7 +23,8 @@ waits here or takes what the node has promised elsewhere):
   bundle (the holder sends such tasks through the node);
 - nothing of the same scheduling class waits in the node's queue or for a
   worker (those came first);
-- the resources fit now, and a worker of that environment is idle.
+- the resources fit now, and a worker of that environment is idle (and
+  serves leases: it said where, in its hello).
 
 Otherwise it is refused with the reason, and the holder sends its task
 through the node as before: a refusal costs a request, never a task.
@@ -181,7 +182,9 @@ class LeaseLife:
             self._move(lease, L.REFUSED, lease.reason)
             return
         worker = machine.workers.pop_idle(lease.worker_key)
-        if worker is None:
+        if worker is None or not worker.call_address:
+            if worker is not None:       # (a hollow node's worker serves no leases)
+                machine.workers.push_idle(worker)
             machine.resources.release(lease.hold)
             lease.reason = "no worker of its environment is idle on this node now"
             self._move(lease, L.REFUSED, lease.reason)

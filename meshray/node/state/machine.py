@@ -48,6 +48,9 @@ The actors created or hosted here are decided on by its actor part
 (``actor_life.py``): their creation, their workers' and hosts' deaths, kills,
 owners leaving, the node losing its lease.
 
+The worker leases it grants to local processes are decided on by its
+lease part (``lease_life.py``): granted or refused, returned, revoked, lost.
+
 The objects it owns or borrows are decided on by its object part
 (``object_life.py``, over the directory of ``node/objects.py``): refs taken
 and dropped, values put, produced, lost and moved, holders leaving; a value
