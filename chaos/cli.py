@@ -218,6 +218,13 @@ def _network_mode(config: RunConfig) -> str:
     return "proxy" if "partition-node" in config.nemeses else "loopback"
 
 
+def _pushed_on_leases() -> int | None:
+    """How many tasks this process pushed straight to leased workers (None: no session)."""
+    from meshray.core import state as state_mod
+    core = state_mod.state.core
+    return core.leases.pushed if core is not None else None
+
+
 def _settle_resources(cluster, deadline_s: float) -> dict:
     """Poll until every live node has all its resources back, or give up."""
     start = time.monotonic()
@@ -373,6 +380,11 @@ def run_chaos(config: RunConfig) -> RunResult:
         for workload in active:
             workload.finish(ctx)
         result.ended_at = time.monotonic()
+        pushed = _pushed_on_leases()
+        if pushed is not None:
+            # (The tasks-direct loop's tasks go on worker leases: say that they did.)
+            result.observations["tasks_pushed_on_leases"] = pushed
+            _say(config, f"tasks pushed on worker leases by this driver: {pushed}")
         result.observations["resources"] = _settle_resources(cluster, config.settle_deadline)
     finally:
         try:

@@ -157,6 +157,8 @@ class TasksWorkload(Workload):
     name = "tasks"
     summary = "fan-out of squares then a fan-in sum, with retries; every result recomputable"
     option_help = {"width": "tasks per fan-out (8)", "threads": "concurrent clients (2)",
+                   "direct_threads": "clients that wait for each task in turn (1): their "
+                                     "plain tasks are pushed on worker leases",
                    "max_retries": "task max_retries (5); 0 plants the lost-result bug",
                    "max_delay": "longest task sleep in seconds (0.8)"}
 
@@ -171,7 +173,30 @@ class TasksWorkload(Workload):
 
     def loops(self, ctx: RunContext):
         threads = ctx.option(self.name, "threads", 2)
-        return [(f"tasks-{i}", self._loop) for i in range(threads)]
+        direct = ctx.option(self.name, "direct_threads", 1)
+        return ([(f"tasks-{i}", self._loop) for i in range(threads)]
+                + [(f"tasks-direct-{i}", self._direct_loop) for i in range(direct)])
+
+    def _direct_loop(self, ctx: RunContext, process: str) -> None:
+        """Fan-outs whose tasks are waited for one at a time, with the default
+        strategy and ready arguments: what a process pushes on a worker lease
+        (core/task_leases.py), so faults meet pushed tasks too."""
+        ray = ctx.ray
+        rng = ctx.rng(self.name, process)
+        width = ctx.option(self.name, "width", 8)
+        max_delay = ctx.option(self.name, "max_delay", 0.8)
+        while not ctx.stop.is_set():
+            xs = [rng.randrange(1, 10_000) for _ in range(width)]
+            delays = [round(rng.uniform(0.0, max_delay / 4), 3) for _ in range(width)]
+            handle = ctx.history.invoke(process, "fan-out",
+                                        {"xs": xs, "max_retries": self.retries, "direct": True})
+            try:
+                values = [ray.get(self.square.remote(x, d, ctx.busy_dir), timeout=ctx.op_timeout)
+                          for x, d in zip(xs, delays)]
+                handle.ok({"values": values, "total": ray.get(self.total.remote(*values),
+                                                              timeout=ctx.op_timeout)})
+            except Exception as exc:  # noqa: BLE001 - every outcome goes in the history
+                _complete_with_error(handle, exc)
 
     def _loop(self, ctx: RunContext, process: str) -> None:
         ray = ctx.ray
