@@ -177,43 +177,44 @@ class TasksWorkload(Workload):
         return ([(f"tasks-{i}", self._loop) for i in range(threads)]
                 + [(f"tasks-direct-{i}", self._direct_loop) for i in range(direct)])
 
+    def _loop(self, ctx: RunContext, process: str) -> None:
+        """Fan-outs submitted at once (SPREAD), then their sum from the refs."""
+        ray = ctx.ray
+
+        def run(xs, delays):
+            refs = [self.square.options(scheduling_strategy="SPREAD").remote(
+                x, d, ctx.busy_dir) for x, d in zip(xs, delays)]
+            total_ref = self.total.remote(*refs)
+            values = ray.get(refs, timeout=ctx.op_timeout)
+            return values, ray.get(total_ref, timeout=ctx.op_timeout)
+
+        self._fan_outs(ctx, process, run, direct=False)
+
     def _direct_loop(self, ctx: RunContext, process: str) -> None:
         """Fan-outs whose tasks are waited for one at a time, with the default
         strategy and ready arguments: what a process pushes on a worker lease
         (core/task_leases.py), so faults meet pushed tasks too."""
         ray = ctx.ray
-        rng = ctx.rng(self.name, process)
-        width = ctx.option(self.name, "width", 8)
-        max_delay = ctx.option(self.name, "max_delay", 0.8)
-        while not ctx.stop.is_set():
-            xs = [rng.randrange(1, 10_000) for _ in range(width)]
-            delays = [round(rng.uniform(0.0, max_delay / 4), 3) for _ in range(width)]
-            handle = ctx.history.invoke(process, "fan-out",
-                                        {"xs": xs, "max_retries": self.retries, "direct": True})
-            try:
-                values = [ray.get(self.square.remote(x, d, ctx.busy_dir), timeout=ctx.op_timeout)
-                          for x, d in zip(xs, delays)]
-                handle.ok({"values": values, "total": ray.get(self.total.remote(*values),
-                                                              timeout=ctx.op_timeout)})
-            except Exception as exc:  # noqa: BLE001 - every outcome goes in the history
-                _complete_with_error(handle, exc)
 
-    def _loop(self, ctx: RunContext, process: str) -> None:
-        ray = ctx.ray
+        def run(xs, delays):
+            values = [ray.get(self.square.remote(x, d / 4, ctx.busy_dir), timeout=ctx.op_timeout)
+                      for x, d in zip(xs, delays)]
+            return values, ray.get(self.total.remote(*values), timeout=ctx.op_timeout)
+
+        self._fan_outs(ctx, process, run, direct=True)
+
+    def _fan_outs(self, ctx: RunContext, process: str, run, *, direct: bool) -> None:
         rng = ctx.rng(self.name, process)
         width = ctx.option(self.name, "width", 8)
         max_delay = ctx.option(self.name, "max_delay", 0.8)
         while not ctx.stop.is_set():
             xs = [rng.randrange(1, 10_000) for _ in range(width)]
             delays = [round(rng.uniform(0.05, max_delay), 3) for _ in range(width)]
-            handle = ctx.history.invoke(process, "fan-out",
-                                        {"xs": xs, "max_retries": self.retries})
+            handle = ctx.history.invoke(process, "fan-out", {
+                "xs": xs, "max_retries": self.retries, **({"direct": True} if direct else {})})
             try:
-                refs = [self.square.options(scheduling_strategy="SPREAD").remote(
-                    x, d, ctx.busy_dir) for x, d in zip(xs, delays)]
-                total_ref = self.total.remote(*refs)
-                values = ray.get(refs, timeout=ctx.op_timeout)
-                handle.ok({"values": values, "total": ray.get(total_ref, timeout=ctx.op_timeout)})
+                values, total_value = run(xs, delays)
+                handle.ok({"values": values, "total": total_value})
             except Exception as exc:  # noqa: BLE001 - every outcome goes in the history
                 _complete_with_error(handle, exc)
 

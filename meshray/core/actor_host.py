@@ -139,6 +139,40 @@ class CallStream:
     def broken(self) -> None:
         self.done.set()
 
+    def batches(self, method: str, check, malformed_log, roll=None):
+        """The caller's call batches, decoded and checked, until the link ends:
+        END (the status OK follows once every call read is answered), a break
+        (its answers have nowhere to go), a malformed batch (INVALID_ARGUMENT,
+        logged as a request to `method`) or -- with `roll`, a chaos failpoint
+        -- a dropped request. Whoever stops early ends the link itself."""
+        link = self.link
+        while True:
+            try:
+                kind, payload = link.recv()
+            except LinkClosed as exc:
+                log.debug("call link ended: %s", exc)
+                self.broken()
+                return
+            if self.done.is_set():
+                return            # ended already (a call's arguments were malformed)
+            fired = roll() if roll is not None else None
+            if fired and fired[0] == "drop":
+                self.finish_now(call_link.UNAVAILABLE,
+                                "failpoint actor.call: dropped a request message")
+                return
+            if fired:
+                self.drop_reply = True
+            if kind == call_link.END:
+                self.end(status_payload(call_link.OK))
+                return
+            try:
+                batch = call_link.decode_calls(kind, payload, pb.ActorCallBatch, check)
+            except strict.Malformed as exc:
+                malformed_log.record(method, link.peer, str(exc))
+                self.finish_now(call_link.MALFORMED, f"malformed request to {method}: {exc}")
+                return
+            yield batch
+
     def _send_final(self) -> None:
         with self._lock:
             if self._finishing:
@@ -260,31 +294,8 @@ class ActorHost:
         self._task_events.answered(results)
 
     def _read_calls(self, link, stream: CallStream) -> None:
-        while True:
-            try:
-                kind, payload = link.recv()
-            except LinkClosed as exc:
-                log.debug("actor call link ended: %s", exc)
-                stream.broken()       # the caller went away: its answers have nowhere to go
-                return
-            if stream.done.is_set():
-                return                # ended already (a call's arguments were malformed)
-            fired = self._server.roll()
-            if fired and fired[0] == "drop":
-                stream.finish_now(call_link.UNAVAILABLE,
-                                  "failpoint actor.call: dropped a request message")
-                return
-            if fired:
-                stream.drop_reply = True
-            if kind == call_link.END:
-                stream.end(status_payload(call_link.OK))
-                return
-            try:
-                batch = call_link.decode_calls(kind, payload, pb.ActorCallBatch, self._check)
-            except strict.Malformed as exc:
-                self._malformed_log.record(CALL_METHOD, link.peer, str(exc))
-                stream.finish_now(call_link.MALFORMED, f"malformed request to {CALL_METHOD}: {exc}")
-                return
+        for batch in stream.batches(CALL_METHOD, self._check, self._malformed_log,
+                                    roll=self._server.roll):
             if self._fence is not None and not self._fence.valid(self._fence_lease):
                 # Never run calls as an incarnation the cluster may have given up on.
                 stream.end(status_payload(call_link.UNAVAILABLE, (

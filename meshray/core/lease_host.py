@@ -33,7 +33,7 @@ from meshray.core import call_rules, state as state_mod
 from meshray.core.actor_host import CallStream
 from meshray.core.actor_task_events import ActorTaskRecorder
 from meshray.rpc import call_link, strict
-from meshray.rpc.call_link import LinkClosed, LinkServer, status_payload
+from meshray.rpc.call_link import LinkServer, status_payload
 from meshray.rpc.generated import meshray_pb2 as pb
 
 __all__ = ["LeaseHost"]
@@ -91,26 +91,8 @@ class LeaseHost:
         link.drain(_FINAL_WRITE_S)
 
     def _read_calls(self, link, stream: CallStream) -> None:
-        while True:
-            try:
-                kind, payload = link.recv()
-            except LinkClosed as exc:
-                log.debug("lease link ended: %s", exc)
-                stream.broken()
-                return
-            if stream.done.is_set():
-                return
-            if kind == call_link.END:
-                stream.end(status_payload(call_link.OK))
-                return
-            try:
-                batch = call_link.decode_calls(kind, payload, pb.ActorCallBatch,
-                                               call_rules.check_lease_call_batch)
-            except strict.Malformed as exc:
-                self._malformed_log.record(LEASE_METHOD, link.peer, str(exc))
-                stream.finish_now(call_link.MALFORMED,
-                                  f"malformed request to {LEASE_METHOD}: {exc}")
-                return
+        for batch in stream.batches(LEASE_METHOD, call_rules.check_lease_call_batch,
+                                    self._malformed_log):
             if batch.calls and not self._lease_is(batch.lease_id):
                 # Never run a task the node has not leased this worker for.
                 stream.end(status_payload(call_link.UNAVAILABLE, (

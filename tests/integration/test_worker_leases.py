@@ -100,21 +100,24 @@ def test_sync_tasks_are_pushed_on_a_lease_that_the_state_api_shows(cluster, tmp_
     assert task["type"] == "NORMAL_TASK" and task["node_id"] == worker["node_id"]
 
 
-def test_a_pushed_task_whose_worker_dies_runs_again_through_the_node(cluster, tmp_path):
-    ray = cluster.connect()
-    slow = ray.remote(max_retries=2)(mark_and_sleep)
-    ref = _pushed_while_leased(ray, slow, str(tmp_path), "victim", 2.0)
+def _pushed_then_killed(ray, tmp_path, retries: int):
+    """A pushed task whose worker is SIGKILLed while it runs: (its ref, the pid killed)."""
+    slow = ray.remote(max_retries=retries)(mark_and_sleep)
+    ref = _pushed_while_leased(ray, slow, str(tmp_path), "victim", 30.0 if retries == 0 else 2.0)
     pid = wait_for(lambda: _pid_of(tmp_path, "victim"), message="the pushed task started")
     os.kill(pid, signal.SIGKILL)
+    return ref, pid
+
+
+def test_a_pushed_task_whose_worker_dies_runs_again_through_the_node(cluster, tmp_path):
+    ray = cluster.connect()
+    ref, pid = _pushed_then_killed(ray, tmp_path, retries=2)
     assert ray.get(ref, timeout=60) != pid       # the retry ran on another worker
 
 
 def test_a_pushed_task_without_retries_fails_with_worker_crashed(cluster, tmp_path):
     ray = cluster.connect()
-    slow = ray.remote(max_retries=0)(mark_and_sleep)
-    ref = _pushed_while_leased(ray, slow, str(tmp_path), "victim", 30.0)
-    pid = wait_for(lambda: _pid_of(tmp_path, "victim"), message="the pushed task started")
-    os.kill(pid, signal.SIGKILL)
+    ref, _pid = _pushed_then_killed(ray, tmp_path, retries=0)
     with pytest.raises(ray.exceptions.WorkerCrashedError, match="max_retries=0"):
         ray.get(ref, timeout=60)
 
