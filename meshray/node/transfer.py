@@ -45,6 +45,7 @@ from meshray import exceptions
 from meshray.node.objects import error_of, error_value
 from meshray.node.state import messages as m
 from meshray.object_store import layout
+from meshray.object_store.store import ObjectStateError
 from meshray.rpc import data_link, join_host_port, split_host_port
 from meshray.rpc.generated import meshray_pb2 as pb
 
@@ -278,7 +279,15 @@ class ObjectTransfer:
                     object_id.hex(), call_site=f"it was rebuilt, but {exc}"))
         except BaseException as exc:  # noqa: BLE001 - every waiter gets the error
             if not done.done():
-                done.set_exception(exc)
+                if self._store.contains(object_id) and not isinstance(exc, asyncio.CancelledError):
+                    # The pull failed because the object was made here
+                    # meanwhile (a rebuild on this node sealed it under the
+                    # same reservation): the readers get that copy.
+                    log.info("pull of %s failed (%s), but a copy was made here meanwhile",
+                             object_id.hex(), exc)
+                    done.set_result(self._store.ensure_in_memory(object_id))
+                else:
+                    done.set_exception(exc)
         finally:
             self._pulls.pop(object_id, None)
 
@@ -462,8 +471,8 @@ class ObjectTransfer:
                 sock.close()
             if writer is not None:
                 writer.abort()
-            if reserved and hasattr(self._store, "abort"):
-                self._store.abort(object_id)
+            if reserved:
+                self._drop_reservation(object_id)
             raise
 
     async def _until_done(self, node_hex: str, futures: list):
@@ -546,9 +555,19 @@ class ObjectTransfer:
                     pass
             if writer is not None:
                 writer.abort()
-            if hasattr(self._store, "abort"):
-                self._store.abort(object_id)
+            self._drop_reservation(object_id)
             raise
+
+    def _drop_reservation(self, object_id: bytes) -> None:
+        """Give back a failed pull's reservation -- unless the object was
+        sealed meanwhile by another creator here (a rebuild writes under the
+        same reservation): that copy is the object, and stays."""
+        if not hasattr(self._store, "abort"):
+            return
+        try:
+            self._store.abort(object_id)
+        except ObjectStateError as exc:
+            log.info("a failed pull leaves %s as it is: %s", object_id.hex(), exc)
 
     def _reserve_for_pull(self, object_id: bytes, size: int) -> str:
         if hasattr(self._store, "mark_copy"):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from meshray import exceptions
 from meshray.node.cluster_view import ClusterView
 from meshray.node.objects import ObjectDirectory
 from meshray.node.state import NodeState
@@ -133,3 +134,44 @@ def test_a_reader_waiting_for_a_value_is_woken_when_it_is_ready():
 
     node.peers.flush_borrows = lambda: None
     assert asyncio.run(main()) == b"package bytes"
+
+
+def test_a_pull_that_fails_because_the_object_was_made_here_meanwhile_gives_that_copy(tmp_path):
+    """A rebuild on this node can seal the object under the pull's own
+    reservation; the pull then fails, and its readers get the local copy
+    instead of the pull's error (seen in a long chaos run)."""
+    transfer, node, _sent = _transfer({})
+    path = str(tmp_path / "obj")
+
+    async def pull_fails_after_a_local_seal(object_id, location, size=0):
+        node.store.files[object_id] = path
+        raise ConnectionError("the pull's seal found the object already sealed")
+
+    transfer._pull_any = pull_fails_after_a_local_seal
+    reply = asyncio.run(transfer.ask_restore(None, {"object_id": OID.hex(), "location": PEER}))
+    assert reply == {"path": path}
+
+
+def test_a_pull_that_fails_with_no_copy_here_reports_its_error():
+    transfer, _node, _sent = _transfer({})
+
+    async def pull_fails(object_id, location, size=0):
+        raise exceptions.ObjectLostError(object_id.hex(), call_site="test: every copy died")
+
+    transfer._pull_any = pull_fails
+    reply = asyncio.run(transfer.ask_restore(None, {"object_id": OID.hex(), "location": PEER}))
+    assert "error_value" in reply
+
+
+def test_a_failed_pulls_reservation_is_kept_when_another_creator_sealed_it():
+    from meshray.object_store.store import ObjectStateError
+    transfer, node, _sent = _transfer({})
+    aborted = []
+
+    def abort(object_id):
+        aborted.append(object_id)
+        raise ObjectStateError(f"cannot abort object {object_id.hex()}: it is already sealed")
+
+    node.store.abort = abort
+    transfer._drop_reservation(OID)          # does not raise: the sealed copy stays
+    assert aborted == [OID]
