@@ -30,7 +30,9 @@ What the node would have done per task, the holder does here:
 - a task the worker refused (it did not know the lease) or never received
   goes through the node with no retry spent: it did not run;
 - ``cancel``: a pushed task is interrupted on its worker as a node's task
-  is (KeyboardInterrupt); ``force=True`` kills the worker through the node.
+  is (KeyboardInterrupt); ``force=True`` kills the worker through the node;
+- no lineage: a stored result lives, pinned, in the store of this process's
+  own node, lost only with that node -- which this process does not outlive.
 
 Alternatives considered: a queue of tasks per lease (pipelining) -- a task
 longer than expected would strand the ones behind it, and the node's own
@@ -176,31 +178,34 @@ class TaskLeases:
             lease.task = pushed
             self._by_task[spec.task_id] = lease
             self.pushed += 1
+        failure = ""
         with lease.lock:
             link = lease.link
             if link is None and lease.usable:
                 try:
                     link = lease.link = call_link.connect(lease.address, token=self._core.token)
                 except LinkClosed as exc:
-                    self._broken(lease, f"could not reach the leased worker: {exc.details}",
-                                 delivered=False)
-                    return
-                threading.Thread(target=self._read, args=(lease, link), daemon=True,
-                                 name=f"meshray-lease-{lease.pid}").start()
-            if link is None:
-                self._broken(lease, "the lease ended before the task was sent", delivered=False)
-                return
-            batch = pb.ActorCallBatch(calls=[spec], caller_id=self._core.worker_id,
-                                      lease_id=lease.lease_id)
-            if spec.function_id not in lease.functions:
-                batch.functions.add(function_id=spec.function_id, pickled=pickled,
-                                    name=spec.name)
-                lease.functions.add(spec.function_id)
-            try:
-                link.send(call_link.CALLS, batch.SerializeToString(), now=True)
-            except LinkClosed as exc:
-                log.debug("lease %s: sending a task failed: %s", lease.lease_id.hex(), exc)
-                # The reading thread sees the break and decides what the task needs.
+                    failure = f"could not reach the leased worker: {exc.details}"
+                else:
+                    threading.Thread(target=self._read, args=(lease, link), daemon=True,
+                                     name=f"meshray-lease-{lease.pid}").start()
+            elif link is None:
+                failure = "the lease ended before the task was sent"
+            if not failure:
+                batch = pb.ActorCallBatch(calls=[spec], caller_id=self._core.worker_id,
+                                          lease_id=lease.lease_id)
+                if spec.function_id not in lease.functions:
+                    batch.functions.add(function_id=spec.function_id, pickled=pickled,
+                                        name=spec.name)
+                    lease.functions.add(spec.function_id)
+                try:
+                    link.send(call_link.CALLS, batch.SerializeToString(), now=True)
+                except LinkClosed as exc:
+                    # The reading thread sees the break and decides what the task needs.
+                    log.debug("lease %s: sending a task failed: %s", lease.lease_id.hex(), exc)
+        if failure:
+            # (Outside the lease's lock, which giving the lease back takes.)
+            self._broken(lease, failure, delivered=False)
 
     def cancel(self, task_id: bytes, force: bool) -> bool:
         """Cancel a pushed task; False if `task_id` is not one."""

@@ -1,14 +1,27 @@
-"""Which tasks a process may push on a worker lease (core/task_leases.py, `pushable`).
+"""The holder's half of worker leases (core/task_leases.py).
 
-Only a task the node would hand unchanged to a plain worker of its own is
-pushed; every other kind keeps the node's path, and the reason names it.
+Which tasks a process may push (only a task the node would hand unchanged to
+a plain worker of its own; every other kind keeps the node's path, and the
+reason names it), and what the holder does with each end of a pushed task,
+over real call links to stand-in workers: an answer is delivered and the
+idle lease goes back; a broken link retries through the node (a retry
+spent, the worker killed) or fails with WorkerCrashedError; a refusal or an
+unreachable worker costs the task nothing.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import threading
+
 import pytest
 
-from meshray.core.task_leases import _spend_retry, pushable
+from meshray import exceptions
+from meshray.core.task_leases import TaskLeases, _spend_retry, pushable
+from meshray.rpc import call_link
+from meshray.rpc.call_link import LinkServer, status_payload
 from meshray.rpc.generated import meshray_pb2 as pb
+from tests.helpers import wait_for
 
 
 def _spec(**fields) -> pb.TaskSpec:
@@ -52,3 +65,135 @@ def test_a_retry_is_a_new_attempt_and_spends_one_of_max_retries():
     assert not _spend_retry(spec) and spec.attempt == 1
     forever = _spec(max_retries=-1)
     assert _spend_retry(forever) and forever.max_retries == -1 and forever.attempt == 1
+
+
+# ---------------------------------------------------------------- the holder, over real links
+
+TOKEN = "task-leases-test-secret-0123456789abcdef"
+LEASE_HEX = "ab" * 16
+
+
+class _Core:
+    """The parts of a CoreWorker the holder uses: the node's answers are canned."""
+
+    def __init__(self, address: str):
+        self.token, self.worker_id = TOKEN, b"d" * 16
+        self.address = address
+        self.asked, self.rerouted, self.delivered, self.failed = [], [], [], []
+
+    def has_values(self, object_ids):
+        return True
+
+    def request_async(self, method, payload=None):
+        self.asked.append((method, payload))
+        answer = ({"granted": True, "lease_id": LEASE_HEX, "address": self.address,
+                   "worker_id": "77" * 16, "pid": 4242} if method == "lease_worker" else {})
+        future = concurrent.futures.Future()
+        future.set_result(pb.Reply(payload=json.dumps(answer).encode()))
+        return future
+
+    def reroute_to_node(self, spec, return_ids):
+        self.rerouted.append((spec.attempt, spec.max_retries))
+
+    def deliver_actor_result(self, result):
+        self.delivered.append(result.task_id)
+
+    def fail_locally(self, object_ids, error):
+        self.failed.append(error)
+
+    def returns(self):
+        return [p for m, p in self.asked if m == "return_lease"]
+
+
+def _worker(tmp_path, behaviour):
+    """A stand-in leased worker: `behaviour(link, batch)` after the first batch."""
+    def serve(link):
+        kind, payload = link.recv()
+        behaviour(link, pb.ActorCallBatch.FromString(payload))
+    return LinkServer([f"unix:{tmp_path / 'w.sock'}"], token=TOKEN, on_link=serve, tls=None)
+
+
+def _leased(core) -> TaskLeases:
+    leases = TaskLeases(core)
+    assert leases.take(_spec()) is None            # no lease yet: through the node, and ask
+    lease = wait_for(lambda: leases.take(_spec()), message="the granted lease is idle")
+    return leases, lease
+
+
+def _push(leases, lease, task_id=b"t" * 16):
+    spec = _spec(task_id=task_id)
+    leases.push(lease, spec, [b"r" * 20], [], b"pickled function")
+    return spec
+
+
+def test_an_answered_task_is_delivered_and_the_idle_lease_goes_back(tmp_path):
+    def answer(link, batch):
+        assert batch.lease_id == bytes.fromhex(LEASE_HEX) and len(batch.functions) == 1
+        link.send(call_link.REPLIES, pb.ActorReplyBatch(results=[pb.TaskResult(
+            task_id=batch.calls[0].task_id)]).SerializeToString())
+        link.recv()                                # until the holder closes the link
+    server = _worker(tmp_path, answer)
+    core = _Core(server.addresses[0])
+    try:
+        leases, lease = _leased(core)
+        _push(leases, lease)
+        wait_for(lambda: core.delivered == [b"t" * 16], message="the result was delivered")
+        returned = wait_for(core.returns, timeout=5, message="the idle lease went back")
+        assert returned == [{"lease_id": LEASE_HEX, "kill": False, "why": ""}]
+        assert core.rerouted == [] and core.failed == []
+    finally:
+        server.close()
+
+
+def test_a_task_whose_worker_dies_is_retried_through_the_node_and_the_worker_killed(tmp_path):
+    def die(link, batch):
+        link.shutdown()                            # the link breaks with the task out
+    server = _worker(tmp_path, die)
+    core = _Core(server.addresses[0])
+    try:
+        leases, lease = _leased(core)
+        _push(leases, lease)
+        wait_for(lambda: core.rerouted, message="the task went through the node")
+        assert core.rerouted == [(1, 2)]          # a new attempt, one retry spent
+        assert core.returns()[0]["kill"] is True
+    finally:
+        server.close()
+
+
+def test_a_task_the_worker_refused_goes_through_the_node_without_spending_a_retry(tmp_path):
+    def refuse(link, batch):
+        link.send(call_link.STATUS, status_payload(call_link.UNAVAILABLE, "not leased",
+                                                   refused=True))
+        link.wait_idle(5)
+    server = _worker(tmp_path, refuse)
+    core = _Core(server.addresses[0])
+    try:
+        leases, lease = _leased(core)
+        _push(leases, lease)
+        wait_for(lambda: core.rerouted, message="the task went through the node")
+        assert core.rerouted == [(0, 3)] and core.returns()[0]["kill"] is False
+    finally:
+        server.close()
+
+
+def test_a_worker_that_cannot_be_reached_costs_the_task_nothing(tmp_path):
+    core = _Core(f"unix:{tmp_path / 'nobody.sock'}")
+    leases, lease = _leased(core)
+    done = threading.Event()
+    threading.Thread(target=lambda: (_push(leases, lease), done.set()), daemon=True).start()
+    assert done.wait(10), "pushing to an unreachable worker hung"
+    assert core.rerouted == [(0, 3)] and core.returns()[0]["kill"] is False
+
+
+def test_a_task_with_no_retry_left_fails_with_worker_crashed(tmp_path):
+    server = _worker(tmp_path, lambda link, batch: link.shutdown())
+    core = _Core(server.addresses[0])
+    try:
+        leases, lease = _leased(core)
+        spec = _spec(max_retries=0)
+        leases.push(lease, spec, [b"r" * 20], [], b"f")
+        wait_for(lambda: core.failed, message="the task failed")
+        assert isinstance(core.failed[0], exceptions.WorkerCrashedError)
+        assert core.rerouted == []
+    finally:
+        server.close()
