@@ -13,8 +13,11 @@ Which tasks: those the node would run unchanged on a plain worker of this
 node (:func:`pushable`) whose ref arguments all have values here already
 (a pushed task never waits on a worker for its inputs). Everything else,
 and every task for which no lease is idle, goes through the node as before;
-the first such task of a class asks for a lease on the side, so the next
-one may find it. A lease is never waited for.
+a task of a class with no lease held asks for one first and waits for the
+answer (one node round trip, once per lease: sent without waiting, the ask
+would reach the node behind the task and find its resources taken by it);
+a task that finds every lease of its class busy asks for another on the
+side, for the tasks after it.
 
 What the node would have done per task, the holder does here:
 
@@ -36,9 +39,11 @@ What the node would have done per task, the holder does here:
 
 Alternatives considered: a queue of tasks per lease (pipelining) -- a task
 longer than expected would strand the ones behind it, and the node's own
-pipelining already serves bursts; waiting for a lease before sending the
-first task (a node round trip on the first task of each class, and on every
-task while the node is full); leases on other nodes (spilling stays the
+pipelining already serves bursts; asking without waiting (the ask reaches
+the node behind the task that made it, which takes the resources: on a
+one-CPU node no lease would ever be granted); waiting on every task while
+the node is full (a refusal makes the class wait REFUSED_BACKOFF_S before
+asking again, and only a class with no lease waits); leases on other nodes (spilling stays the
 node's: a peer's lease would need its own retry and liveness story, and the
 node's spill path already carries bursts).
 
@@ -50,6 +55,7 @@ away, so no pushed task outlives the process that owns its results.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -68,6 +74,7 @@ log = logging.getLogger(__name__)
 
 LEASE_IDLE_S = 0.02          # an idle lease goes back after this long
 REFUSED_BACKOFF_S = 0.05     # after a refusal, a class asks again only after this
+ASK_WAIT_S = 2.0             # how long a task waits for the node's answer to a lease request
 MAX_LEASES_PER_CLASS = 64
 _PLAIN_RESOURCES = frozenset({"CPU", "memory"})
 
@@ -166,8 +173,20 @@ class TaskLeases:
             if not cls.requesting and now >= cls.retry_at \
                     and len(cls.leases) < MAX_LEASES_PER_CLASS:
                 cls.requesting = ask = True
-        if ask:
-            self._ask(key, spec)
+                wait = not cls.leases
+        if not ask:
+            return None
+        if not wait:
+            self._ask(key, spec)           # more leases for a busy class: not waited for
+            return None
+        # None held: this task waits for the node's answer and runs on the
+        # lease if granted. (Sent on without waiting, it would reach the node
+        # first and take the very resources the lease then lacks.)
+        lease = self._ask_now(key, spec)
+        with self._lock:
+            if lease is not None and lease.usable and not lease.busy:
+                lease.busy = True
+                return lease
         return None
 
     def push(self, lease: _Lease, spec, return_ids: list, keepalive: list,
@@ -238,7 +257,24 @@ class TaskLeases:
             return
         future.add_done_callback(lambda f: self._answered_ask(key, f, ""))
 
-    def _answered_ask(self, key: tuple, future, error: str) -> None:
+    def _ask_now(self, key: tuple, spec):
+        """Ask for a lease and wait for the answer (ASK_WAIT_S at most): the lease or None."""
+        try:
+            future = self._core.request_async("lease_worker", {
+                "resources": dict(spec.resources)})
+        except Exception as exc:  # noqa: BLE001 - the session is gone: no lease
+            return self._answered_ask(key, None, str(exc))
+        try:
+            future.result(ASK_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            # Not waited for any longer; a late grant still joins the class.
+            future.add_done_callback(lambda f: self._answered_ask(key, f, ""))
+            return None
+        except Exception:  # noqa: BLE001 - read by _answered_ask
+            pass
+        return self._answered_ask(key, future, "")
+
+    def _answered_ask(self, key: tuple, future, error: str):
         answer: dict = {}
         if future is not None:
             try:
@@ -268,8 +304,9 @@ class TaskLeases:
         if lease is not None:
             if not lease.usable:
                 self._give_back(lease, kill=False, why="")
-            else:
-                self._start_keeper()
+                return None
+            self._start_keeper()
+        return lease
 
     def _give_back(self, lease: _Lease, *, kill: bool, why: str) -> None:
         with self._lock:

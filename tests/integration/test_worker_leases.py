@@ -180,3 +180,32 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def parent_of_a_child(x):
+    """A task that submits a task and waits for it (its CPU must be lent meanwhile)."""
+    import meshray
+    return meshray.get(meshray.remote(quick).remote(x), timeout=60) * 10
+
+
+@pytest.mark.cluster_args(head_node_args={"num_cpus": 1})
+def test_a_pushed_task_waiting_for_its_child_on_a_one_cpu_node_does_not_deadlock(cluster):
+    ray = cluster.connect()
+    parent = ray.remote(parent_of_a_child)
+    ref = _pushed_while_leased(ray, parent, 4)
+    assert ray.get(ref, timeout=60) == 50
+
+
+def test_a_pushed_tasks_result_passed_to_another_task_reaches_it(cluster):
+    ray = cluster.connect()
+    add = ray.remote(quick)
+    first = _pushed_while_leased(ray, add, 1)
+    # Passed on before and after its value arrived: either way the node gets it.
+    second = add.remote(first)
+    assert ray.get(first, timeout=30) == 2
+    third = add.remote(first)
+    assert ray.get([second, third], timeout=30) == [3, 3]
+    import numpy as np
+    big = ray.remote(lambda n: np.ones(n, dtype=np.uint8))
+    stored = _pushed_while_leased(ray, big, 4 << 20)      # a stored (not inline) result
+    assert ray.get(ray.remote(lambda a: int(a.sum())).remote(stored), timeout=30) == 4 << 20

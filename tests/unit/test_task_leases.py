@@ -114,10 +114,19 @@ def _worker(tmp_path, behaviour):
 
 
 def _leased(core) -> TaskLeases:
+    """A holder and the lease its first task got: with none held, a task
+    asks for one and waits for the answer."""
     leases = TaskLeases(core)
-    assert leases.take(_spec()) is None            # no lease yet: through the node, and ask
-    lease = wait_for(lambda: leases.take(_spec()), message="the granted lease is idle")
+    lease = leases.take(_spec())
+    assert lease is not None and core.asked[0][0] == "lease_worker"
     return leases, lease
+
+
+def test_a_refused_class_goes_through_the_node_and_asks_again_only_after_a_while():
+    core = _Core("")            # granted without an address: as refused
+    leases = TaskLeases(core)
+    assert leases.take(_spec()) is None and leases.take(_spec()) is None
+    assert [m for m, _ in core.asked] == ["lease_worker"]       # the second did not ask
 
 
 def _push(leases, lease, task_id=b"t" * 16):
