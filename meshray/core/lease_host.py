@@ -122,7 +122,13 @@ class LeaseHost:
             args, kwargs = executor.resolve_args(spec, values)
             return function(*args, **kwargs)
 
-        executor.run(spec, body, self._deliver(reply))
+        core = executor.core
+        # Its node's memory monitor must be able to name (and judge) what runs here.
+        core.send_leased_task(spec, finished=False)
+        try:
+            executor.run(spec, body, self._deliver(reply))
+        finally:
+            core.send_leased_task(spec, finished=True)
 
     def _deliver(self, reply):
         core = self.executor.core

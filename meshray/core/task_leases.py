@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 LEASE_IDLE_S = 0.02          # an idle lease goes back after this long
 REFUSED_BACKOFF_S = 0.05     # after a refusal, a class asks again only after this
 ASK_WAIT_S = 2.0             # how long a task waits for the node's answer to a lease request
+LEASE_END_WAIT_S = 10.0      # how long a failing task waits to hear how its worker ended
 MAX_LEASES_PER_CLASS = 64
 _PLAIN_RESOURCES = frozenset({"CPU", "memory"})
 
@@ -120,6 +121,7 @@ class _Lease:
     address: str
     pid: int
     idle_since: float
+    worker_hex: str = ""
     busy: bool = False              # a task is taken for it (pushed or about to be)
     task: _Pushed | None = None
     link: object = None
@@ -292,7 +294,8 @@ class TaskLeases:
             cls.requesting = False
             if answer.get("granted") and answer.get("address"):
                 lease = _Lease(bytes.fromhex(answer["lease_id"]), key, answer["address"],
-                               int(answer.get("pid") or 0), idle_since=now)
+                               int(answer.get("pid") or 0), idle_since=now,
+                               worker_hex=str(answer.get("worker_id") or ""))
                 if self._closed:
                     lease.usable = False
                 else:
@@ -415,15 +418,54 @@ class TaskLeases:
         if pushed.cancelled:
             self._core.fail_locally(pushed.return_ids,
                                     exceptions.TaskCancelledError(spec.task_id.hex()))
-        elif not delivered:
+            return
+        if not delivered:
             self._core.reroute_to_node(spec, pushed.return_ids)   # it never ran
+            return
+        end = self._worker_end(lease)
+        oom = end.get("oom")
+        if isinstance(oom, dict):
+            self._after_memory_kill(pushed, oom, end.get("retry_in"))
         elif _spend_retry(spec):
             self._core.reroute_to_node(spec, pushed.return_ids)
         else:
             self._core.fail_locally(pushed.return_ids, exceptions.WorkerCrashedError(
-                f"The worker running task {spec.name} (id {spec.task_id.hex()}, pushed on "
-                f"lease {lease.lease_id.hex()} to worker pid {lease.pid}) died or became "
-                f"unreachable: {why}; max_retries={spec.max_retries} left no retry"))
+                f"The worker (pid {lease.pid}) running task {spec.name} died: "
+                f"{end.get('exit') or f'its link ended ({why})'}; no retries left "
+                f"(max_retries={spec.max_retries}).", task_id=spec.task_id,
+                worker_id=bytes.fromhex(lease.worker_hex) if lease.worker_hex else None,
+                node_id=self._core.node_id))
+
+    def _worker_end(self, lease: _Lease) -> dict:
+        """How the lease's worker ended, as its node saw it: its exit ("killed by
+        signal 9 (SIGKILL)"), and the memory monitor's verdict if it killed it.
+        Empty when the node cannot say."""
+        try:
+            return self._core.request("lease_end", {"lease_id": lease.lease_id.hex()},
+                                      timeout=LEASE_END_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - the node did not say
+            log.debug("lease %s: the node did not say how its worker ended: %s",
+                      lease.lease_id.hex(), exc)
+            return {}
+
+    def _after_memory_kill(self, pushed: _Pushed, oom: dict, retry_in) -> None:
+        """The node's memory monitor killed the worker: as for its own tasks,
+        a retriable task runs again after the delay it gave, spending none of
+        max_retries; any other fails with OutOfMemoryError and the figures."""
+        spec = pushed.spec
+        if isinstance(retry_in, (int, float)) and not isinstance(retry_in, bool):
+            spec.attempt += 1
+            timer = threading.Timer(max(0.0, float(retry_in)), self._core.reroute_to_node,
+                                    args=(spec, pushed.return_ids))
+            timer.daemon = True
+            timer.start()
+            return
+        fields = {key: oom.get(key) for key in ("memory_used", "memory_limit", "threshold",
+                                                "rss")}
+        self._core.fail_locally(pushed.return_ids, exceptions.OutOfMemoryError(
+            str(oom.get("message") or "killed by its node's memory monitor"),
+            task_id=oom.get("task_id"), node_id=oom.get("node_id"),
+            worker_id=oom.get("worker_id"), **fields))
 
     # ------------------------------------------------------------ closing
     def close(self) -> None:

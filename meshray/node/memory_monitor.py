@@ -274,11 +274,22 @@ class MemoryMonitor:
                 return None
             return Candidate(worker.worker_id, entry.spec.owner_id, worker.started_at,
                              actor_states.restarts_left(entry), is_actor=True)
+        run = worker.leased_task
+        if worker.lease is not None and run is not None:
+            # A task its lease's holder pushed: judged as the node's own are.
+            return Candidate(worker.worker_id, worker.lease.holder.worker_id, run.started_at,
+                             self._leased_retriable(worker, run))
         task = worker.current_task
         if task is None or task.state != "running" or task.cancelled:
             return None
         return Candidate(worker.worker_id, task.spec.owner_id, task.started_at,
                          self._retriable(task))
+
+    def _leased_retriable(self, worker, run) -> bool:
+        """As `_retriable`, for a pushed task (its earlier memory kills are
+        not known here: each attempt counts as its first)."""
+        return (oom_retry_allowed(run.max_retries, 0, self.settings.oom_retries)
+                and not getattr(worker.lease.holder, "closed", False))
 
     def _retriable(self, task) -> bool:
         """Whether a memory kill of `task` may be retried (the policy may still
@@ -290,15 +301,20 @@ class MemoryMonitor:
         daemon = self.daemon
         rss = process_rss(worker.pid)
         entry = worker.actor
+        run = worker.leased_task if worker.lease is not None else None
         if entry is not None:
             name = entry.options.get("class_name") or entry.actor_id.hex()
             kind, what, task_id = "Actor", f"actor {name}", b""
+        elif run is not None:
+            name = run.name
+            kind, what, task_id = "Task", f"task {name}", run.task_id
         else:
             name = worker.current_task.spec.name
             kind, what, task_id = "Task", f"task {name}", worker.current_task.task_id
         if victim.retriable:
             reason = "it was the newest retriable work of the owner with the most running tasks"
-        elif entry is None and self._retriable(worker.current_task):
+        elif entry is None and (self._leased_retriable(worker, run) if run is not None
+                                else self._retriable(worker.current_task)):
             reason = ("it was its owner's last task running here, and each owner keeps one "
                       "task making progress: killing that one ends it for good")
         else:
@@ -318,7 +334,14 @@ class MemoryMonitor:
                 message, task_id=task_id, node_id=daemon.node_id, worker_id=worker.worker_id,
                 memory_used=usage.used, memory_limit=usage.limit,
                 threshold=self.settings.threshold, rss=rss)
-            if victim.retriable:       # otherwise the error itself tells the owner
+            if victim.retriable and run is not None:
+                # Its holder retries it after the delay (lease_end says so).
+                worker.oom_retry_in = oom_retry_delay(
+                    1, self.settings.oom_retry_delay_base_ms / 1000.0)
+                worker.lease.holder.send(pb.ServerEvent(notice=pb.Notice(
+                    text=f"{message} The task will be retried in {worker.oom_retry_in:g} s "
+                         f"(RAY_task_oom_retries={self.settings.oom_retries}).")))
+            elif victim.retriable:       # otherwise the error itself tells the owner
                 task = worker.current_task
                 task.oom_kills += 1
                 worker.oom_retry_in = oom_retry_delay(

@@ -252,6 +252,12 @@ def _client_event(event, index: int, questions) -> None:
         _actor_task_events(msg, where)
     elif kind == "metrics":
         _metrics_report(msg, where)
+    elif kind == "leased_task":
+        check_id(msg.task_id, ids.TASK_ID_LEN, where, "task_id", "task id")
+        if len(msg.name) > MAX_TASK_NAME:
+            fail(where, "name", msg.name[:40] + "...", f"at most {MAX_TASK_NAME} characters")
+        check_int_at_least(msg.max_retries, -1, where, "max_retries")
+        check_int_at_least(msg.attempt, 0, where, "attempt")
     # blocked: one bool, always well-formed
 
 

@@ -84,6 +84,7 @@ def node_routes(node) -> Routes:
             "actor_exiting": node.hosting.on_actor_exiting,
             "task_events": node.hosting.on_task_events,
             "metrics": node.metrics.on_report,
+            "leased_task": node.leases.on_leased_task,
         },
         peer={
             "spill": node.peers.on_spill, "verdict": node.peers.on_verdict,

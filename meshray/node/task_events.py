@@ -266,6 +266,10 @@ class TaskEvents:
             if finished:
                 self._finished.pop(task_id, None)
                 self._keep(task_id, record)
+                if not actor_id and self.on_end is not None:
+                    # A task pushed on a lease: its end counts here, as a task's
+                    # that went through this node does (metrics).
+                    self.on_end(record[8], names[index], attempt)
             else:
                 running.append(record)
         self._actor_running[worker_id] = running
@@ -274,6 +278,10 @@ class TaskEvents:
             for name, done, failed in zip(names, report.counted_finished or
                                           [0] * len(names), report.counted_failed or
                                           [0] * len(names)):
+                if not actor_id and self.on_end is not None:
+                    for state, number in (("FINISHED", done), ("FAILED", failed)):
+                        for _ in range(number):
+                            self.on_end(state, name, 0)
                 if done or failed:
                     counts = self.counted.setdefault((actor_hex, name),
                                                      {"FINISHED": 0, "FAILED": 0})
@@ -457,10 +465,15 @@ class TaskEvents:
             yield self._dict(self._raw(record))
 
     def live_states(self):
-        """(state, name, attempt) of each task not finished yet that this node answers for."""
+        """(state, name, attempt) of each task not finished yet that this node answers
+        for, and of each task running here on a lease (as its worker last reported)."""
         for task in self._live_tasks():
             if task.state is not _SPILLED and task.state is not _DONE:
                 yield _ray_state(task), task.spec.name, task.spec.attempt
+        for records in list(self._actor_running.values()):
+            for record in records:
+                if record[7] == "NORMAL_TASK":
+                    yield "RUNNING", record[2], record[1]
 
     def stats(self) -> dict:
         return {"live": sum(1 for _ in self._live_tasks()),

@@ -74,6 +74,7 @@ class WorkerProcess:
     idle_since: float = 0.0
     actor: object = None             # its ActorEntry
     lease: object = None             # the worker lease its holder pushes tasks under
+    leased_task: object = None       # lease_service.LeasedRun: the pushed task it runs now
     call_address: str = ""           # where a lease's holder reaches it (its hello says)
     resolved_env: object = None      # runtime env pinned in the node's cache while it lives
     job_hex: str = ""

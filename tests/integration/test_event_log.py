@@ -45,6 +45,8 @@ def test_dump_events_writes_task_and_actor_moves(tmp_path):
            if k not in (security.TOKEN_ENV, security.TOKEN_FILE_ENV)}
     env["MESHRAY_RUN_DIR"] = str(tmp_path / "run")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    # The node's own tasks: one pushed on a worker lease never passes the node.
+    env["MESHRAY_WORKER_LEASES"] = "0"
     cli = [sys.executable, "-m", "meshray.cli.main"]
     started = subprocess.run(cli + ["start", "--num-cpus", "2"], capture_output=True, text=True,
                              env=env, timeout=60, cwd=REPO)

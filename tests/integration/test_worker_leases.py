@@ -166,7 +166,7 @@ while not any(n.startswith("orphan-") for n in os.listdir({str(tmp_path)!r})):
 print("PUSHED", flush=True)
 os._exit(0)
 """
-    driver = run_driver(code, timeout=120)
+    driver = run_driver(code, timeout=90)
     assert "PUSHED" in driver.stdout, driver.stderr
     pid = _pid_of(tmp_path, "orphan")
     wait_for(lambda: not _alive(pid), timeout=30,

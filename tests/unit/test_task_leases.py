@@ -77,7 +77,7 @@ class _Core:
     """The parts of a CoreWorker the holder uses: the node's answers are canned."""
 
     def __init__(self, address: str):
-        self.token, self.worker_id = TOKEN, b"d" * 16
+        self.token, self.worker_id, self.node_id = TOKEN, b"d" * 16, b"n" * 16
         self.address = address
         self.asked, self.rerouted, self.delivered, self.failed = [], [], [], []
 
@@ -91,6 +91,10 @@ class _Core:
         future = concurrent.futures.Future()
         future.set_result(pb.Reply(payload=json.dumps(answer).encode()))
         return future
+
+    def request(self, method, payload=None, timeout=30.0):
+        self.asked.append((method, payload))
+        return {"pid": 4242, "exit": "killed by signal 9 (SIGKILL)"}
 
     def reroute_to_node(self, spec, return_ids):
         self.rerouted.append((spec.attempt, spec.max_retries))
@@ -202,7 +206,10 @@ def test_a_task_with_no_retry_left_fails_with_worker_crashed(tmp_path):
         spec = _spec(max_retries=0)
         leases.push(lease, spec, [b"r" * 20], [], b"f")
         wait_for(lambda: core.failed, message="the task failed")
-        assert isinstance(core.failed[0], exceptions.WorkerCrashedError)
+        error = core.failed[0]
+        assert isinstance(error, exceptions.WorkerCrashedError)
+        assert "killed by signal 9 (SIGKILL)" in str(error) and "max_retries=0" in str(error)
+        assert ("lease_end", {"lease_id": LEASE_HEX}) in core.asked
         assert core.rerouted == []
     finally:
         server.close()

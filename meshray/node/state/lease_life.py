@@ -276,6 +276,13 @@ class LeaseLife:
         elif new is L.REVOKED:
             out.append(m.KillWorker(worker))
 
+    def find(self, lease_id: bytes):
+        """The lease `lease_id`, granted or among the last ended; None if unknown."""
+        lease = self.granted.get(lease_id)
+        if lease is None:
+            lease = next((e for e in self.ended if e.lease_id == lease_id), None)
+        return lease
+
     def records(self) -> list[dict]:
         """Every granted lease and the last ended ones, for the state API."""
         return [lease.record() for lease in (*self.granted.values(), *self.ended)]
