@@ -75,7 +75,7 @@ class ActorTaskRecorder:
         self._refilled = now
         running, counting = self._running, self._counting
         for spec in calls:
-            method = spec.method_name or spec.name    # (a task pushed on a lease: its name)
+            method = spec.method_name
             if method.startswith("__ray_"):
                 continue
             if tokens >= 1.0:
@@ -150,8 +150,7 @@ class ActorTaskRecorder:
         report.task_ids = b"".join(task_ids)   # call_rules: every id is TASK_ID_LEN bytes
         report.job_ids = b"".join(job_ids)
         report.parent_task_ids = b"".join(parents)
-        prefix = f"{self._class_name}." if self._class_name else ""
-        report.names.extend(f"{prefix}{method}"[:MAX_NAME] for method in names)
+        report.names.extend(f"{self._class_name}.{method}"[:MAX_NAME] for method in names)
         report.name_index.extend(name_index)
         report.attempts.extend(attempts)
         report.received.extend(received)

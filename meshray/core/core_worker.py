@@ -844,11 +844,13 @@ class CoreWorker(StreamsMixin):
         self._send(pb.ClientEvent(actor_exiting=pb.ActorExiting(
             actor_id=actor_id, reason=reason, restartable=restartable)))
 
-    def send_leased_task(self, spec: pb.TaskSpec, *, finished: bool) -> None:
+    def send_leased_task(self, spec: pb.TaskSpec, *, finished: bool, failed: bool = False
+                         ) -> None:
         """Tell the node the task a lease's holder pushed here starts (or ended)."""
         self._send(pb.ClientEvent(leased_task=pb.LeasedTask(
             task_id=spec.task_id, name=spec.name[:1024], max_retries=spec.max_retries,
-            attempt=spec.attempt, finished=finished)))
+            attempt=spec.attempt, finished=finished, job_id=spec.job_id,
+            parent_task_id=spec.parent_task_id, failed=failed)))
 
     def send_actor_task_events(self, report: pb.ActorTaskEvents) -> None:
         self._send(pb.ClientEvent(task_events=report))

@@ -15,8 +15,9 @@ the node's own tasks do on this worker -- so a cancel interrupts one the
 same way (KeyboardInterrupt, executor.py). Results go back on the link; a
 value stored in the node's store (or holding refs) is handed to the node
 first (as an actor's return is), so it lives until the holder claims it.
-What ran is reported to the node for the state API as an actor reports its
-calls (actor_task_events.py).
+The worker tells its node when each pushed task starts and ends
+(``LeasedTask``): its memory monitor, state API and metrics see pushed tasks
+as they see the node's own.
 
 Why a socket per worker rather than one per lease: a lease is granted in
 one node round trip, and the holder connects at once; binding then would put
@@ -31,7 +32,6 @@ import threading
 from meshray.common.worker_socket import worker_socket_path
 from meshray.core import call_rules, state as state_mod
 from meshray.core.actor_host import CallStream
-from meshray.core.actor_task_events import ActorTaskRecorder
 from meshray.rpc import call_link, strict
 from meshray.rpc.call_link import LinkServer, status_payload
 from meshray.rpc.generated import meshray_pb2 as pb
@@ -54,8 +54,6 @@ class LeaseHost:
         self._changed = threading.Condition()
         self._function_bytes: dict[bytes, bytes] = {}
         self._malformed_log = strict.MalformedLog()
-        self._recorder: ActorTaskRecorder | None = None
-        self._recorder_lock = threading.Lock()
         path = worker_socket_path(session_dir, worker_id)
         self._server = LinkServer([f"unix:{path}"], token=token,
                                   on_link=self._serve_link, failpoint=LEASE_METHOD)
@@ -74,18 +72,9 @@ class LeaseHost:
         with self._changed:
             return self._changed.wait_for(lambda: self._lease == lease_id, LEASE_KNOWN_WAIT_S)
 
-    def _events(self) -> ActorTaskRecorder:
-        with self._recorder_lock:
-            if self._recorder is None:
-                core = self.executor.core
-                self._recorder = ActorTaskRecorder(
-                    "", core.send_actor_task_events,
-                    enabled=os.environ.get("MESHRAY_TASK_EVENTS", "1") != "0")
-            return self._recorder
-
     # ------------------------------------------------------------ links
     def _serve_link(self, link) -> None:
-        stream = CallStream(link, lambda results: self._events().answered(results))
+        stream = CallStream(link, lambda results: None)   # (the node hears of each task itself)
         self._read_calls(link, stream)
         stream.done.wait()
         link.drain(_FINAL_WRITE_S)
@@ -101,8 +90,6 @@ class LeaseHost:
                 return
             for function in batch.functions:
                 self._function_bytes.setdefault(function.function_id, function.pickled)
-            if batch.calls:
-                self._events().received(batch.calls)
             for spec in batch.calls:
                 stream.started()
                 self.executor.enqueue_leased(spec, stream.reply)
@@ -123,12 +110,14 @@ class LeaseHost:
             return function(*args, **kwargs)
 
         core = executor.core
-        # Its node's memory monitor must be able to name (and judge) what runs here.
+        # Its node must know what runs here: its memory monitor names (and
+        # judges) it, its state API and metrics show it.
         core.send_leased_task(spec, finished=False)
+        failed = True
         try:
-            executor.run(spec, body, self._deliver(reply))
+            failed = executor.run(spec, body, self._deliver(reply)).failed
         finally:
-            core.send_leased_task(spec, finished=True)
+            core.send_leased_task(spec, finished=True, failed=failed)
 
     def _deliver(self, reply):
         core = self.executor.core
@@ -144,6 +133,4 @@ class LeaseHost:
 
     def close(self) -> None:
         self._server.close()
-        if self._recorder is not None:
-            self._recorder.close()
 

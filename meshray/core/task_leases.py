@@ -26,8 +26,13 @@ What the node would have done per task, the holder does here:
   a stored value is handed to the node by the worker first;
 - a worker's death (the link breaks with a task out): the task runs again
   through the node if ``max_retries`` allows (one retry spent), else it
-  fails with WorkerCrashedError; the lease is given back with ``kill`` so a
+  fails with WorkerCrashedError naming the worker's exit status, which the
+  node tells (``lease_end``); the lease is given back with ``kill`` so a
   worker cut off by a broken link cannot run on beside the retry;
+- a kill by the node's memory monitor (``lease_end`` gives its verdict,
+  made by the node's rules from what the worker told it it runs): run again
+  after the monitor's delay with none of ``max_retries`` spent, or fail
+  with OutOfMemoryError and the figures;
 - a retryable error (``retry_exceptions``) likewise runs again through the
   node while retries are left;
 - a task the worker refused (it did not know the lease) or never received
@@ -466,6 +471,17 @@ class TaskLeases:
             str(oom.get("message") or "killed by its node's memory monitor"),
             task_id=oom.get("task_id"), node_id=oom.get("node_id"),
             worker_id=oom.get("worker_id"), **fields))
+
+    def release_idle(self) -> None:
+        """Give back every idle lease now: before the node is asked what is
+        free, so its answer does not count resources nothing is using."""
+        with self._lock:
+            idle = [lease for cls in self._classes.values() for lease in cls.leases
+                    if lease.usable and not lease.busy]
+            for lease in idle:
+                lease.usable = False
+        for lease in idle:
+            self._give_back(lease, kill=False, why="")
 
     # ------------------------------------------------------------ closing
     def close(self) -> None:

@@ -101,12 +101,11 @@ class ActorHosting:
 
     def on_task_events(self, conn, msg: pb.ActorTaskEvents) -> None:
         worker = conn.worker
-        if worker is None:
-            raise strict.Malformed("task_events: only a worker reports the calls it ran "
-                                   "(an actor's method calls, or tasks pushed on a lease)")
-        # A worker with no actor ran tasks its lease's holder pushed to it.
+        if worker is None or worker.actor is None:
+            raise strict.Malformed("task_events: only the worker hosting an actor reports "
+                                   "its method calls")
         self._node.task_events.actor_calls(worker.worker_id, worker.pid,
-                                           worker.actor.actor_id if worker.actor else b"", msg)
+                                           worker.actor.actor_id, msg)
 
     def _actor_error_value(self, object_id: bytes, entry: ActorEntry) -> pb.ObjectValue:
         return error_value(object_id, exceptions.ActorDiedError(

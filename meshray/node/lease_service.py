@@ -136,6 +136,7 @@ class LeaseService:
         worker = conn.worker
         if worker is None:
             raise strict.Malformed("leased_task: only a worker runs pushed tasks")
+        self._node.task_events.leased_task(worker.worker_id, worker.pid, msg, time.time())
         if msg.finished or worker.lease is None:
             if worker.leased_task is not None and worker.leased_task.task_id == msg.task_id:
                 worker.leased_task = None

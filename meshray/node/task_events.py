@@ -187,6 +187,7 @@ class TaskEvents:
         # recorded twice while a task lives (callable -> its TaskRecords).
         self._live_tasks = live_tasks
         self._actor_running: dict[bytes, list] = {}   # worker id -> its actor's running calls
+        self._leased_running: dict[bytes, tuple] = {}  # task id -> a pushed task running here
         self._actor_common: dict[bytes, tuple] = {}   # worker id -> (actor id, pid)
         self._finished: "OrderedDict[bytes, list]" = OrderedDict()
         self.memory_limit = int(memory_limit or _positive_env("MESHRAY_TASK_EVENTS_MEMORY", 20_000))
@@ -245,9 +246,8 @@ class TaskEvents:
             self._spill(oldest)
 
     def actor_calls(self, worker_id: bytes, pid: int, actor_id: bytes, report) -> None:
-        """A worker's report of the calls it ran (core/actor_task_events.py; columns
-        checked by node/request_rules.py): an actor's method calls, or (`actor_id`
-        empty) the tasks a lease's holder pushed to it."""
+        """An actor's report of its method calls (core/actor_task_events.py; columns
+        checked by node/request_rules.py)."""
         if not self.enabled:
             return
         running = []
@@ -266,10 +266,6 @@ class TaskEvents:
             if finished:
                 self._finished.pop(task_id, None)
                 self._keep(task_id, record)
-                if not actor_id and self.on_end is not None:
-                    # A task pushed on a lease: its end counts here, as a task's
-                    # that went through this node does (metrics).
-                    self.on_end(record[8], names[index], attempt)
             else:
                 running.append(record)
         self._actor_running[worker_id] = running
@@ -278,10 +274,6 @@ class TaskEvents:
             for name, done, failed in zip(names, report.counted_finished or
                                           [0] * len(names), report.counted_failed or
                                           [0] * len(names)):
-                if not actor_id and self.on_end is not None:
-                    for state, number in (("FINISHED", done), ("FAILED", failed)):
-                        for _ in range(number):
-                            self.on_end(state, name, 0)
                 if done or failed:
                     counts = self.counted.setdefault((actor_hex, name),
                                                      {"FINISHED": 0, "FAILED": 0})
@@ -292,9 +284,8 @@ class TaskEvents:
     def counted_summary(self) -> dict:
         """The counted actor calls as a task summary (state_queries.summarize's shape)."""
         summary: dict = {}
-        for (actor, name), counts in self.counted.items():
-            entry = summary.setdefault(name, {"type": "ACTOR_TASK" if actor else "NORMAL_TASK",
-                                              "state_counts": {}})
+        for (_actor, name), counts in self.counted.items():
+            entry = summary.setdefault(name, {"type": "ACTOR_TASK", "state_counts": {}})
             for state, number in counts.items():
                 if number:
                     entry["state_counts"][state] = entry["state_counts"].get(state, 0) + number
@@ -308,11 +299,33 @@ class TaskEvents:
             end, events = finished, (("RUNNING", received), (state, finished))
         else:
             state, end, events = "RUNNING", None, (("RUNNING", received),)
-        # No actor: a task its lease's holder pushed to this worker.
-        return (task_id, attempt, name, job, actor_id or None, parent, None,
-                "ACTOR_TASK" if actor_id else "NORMAL_TASK", state,
+        return (task_id, attempt, name, job, actor_id, parent, None, "ACTOR_TASK", state,
                 worker_id, pid, "TASK_EXECUTION_EXCEPTION" if failed else None, None,
                 received, received, end, events, None, None, None)
+
+    def leased_task(self, worker_id: bytes, pid: int, msg, wall: float) -> None:
+        """A leased worker's pushed task started or ended (`LeasedTask`): it is
+        recorded as the node's own tasks are, and its end counts in the metrics."""
+        if not self.enabled:
+            return
+        task_id = msg.task_id
+        if not msg.finished:
+            self._leased_running[task_id] = (
+                task_id, msg.attempt, msg.name, msg.job_id, None, msg.parent_task_id, None,
+                "NORMAL_TASK", "RUNNING", worker_id, pid, None, None, wall, wall, None,
+                (("RUNNING", wall),), None, None, None)
+            return
+        started = self._leased_running.pop(task_id, None)
+        began = started[13] if started is not None else wall
+        state = "FAILED" if msg.failed else "FINISHED"
+        record = (task_id, msg.attempt, msg.name, msg.job_id, None, msg.parent_task_id, None,
+                  "NORMAL_TASK", state, worker_id, pid,
+                  "TASK_EXECUTION_EXCEPTION" if msg.failed else None, None, began, began, wall,
+                  (("RUNNING", began), (state, wall)), None, None, None)
+        if self.on_end is not None:
+            self.on_end(state, msg.name, msg.attempt)
+        self._finished.pop(task_id, None)
+        self._keep(task_id, record)
 
     def worker_gone(self, worker_id: bytes) -> None:
         """Its actor's running calls end with it (its callers get the error)."""
@@ -461,19 +474,18 @@ class TaskEvents:
                 if task.state is not _SPILLED]
         for record in [*self._finished.values(), *(r for running in
                                                    list(self._actor_running.values())
-                                                   for r in running), *live]:
+                                                   for r in running),
+                       *list(self._leased_running.values()), *live]:
             yield self._dict(self._raw(record))
 
     def live_states(self):
         """(state, name, attempt) of each task not finished yet that this node answers
-        for, and of each task running here on a lease (as its worker last reported)."""
+        for, pushed tasks running on its leased workers included."""
         for task in self._live_tasks():
             if task.state is not _SPILLED and task.state is not _DONE:
                 yield _ray_state(task), task.spec.name, task.spec.attempt
-        for records in list(self._actor_running.values()):
-            for record in records:
-                if record[7] == "NORMAL_TASK":
-                    yield "RUNNING", record[2], record[1]
+        for record in list(self._leased_running.values()):
+            yield "RUNNING", record[2], record[1]
 
     def stats(self) -> dict:
         return {"live": sum(1 for _ in self._live_tasks()),

@@ -137,3 +137,20 @@ def test_an_actor_killed_for_memory_dies_with_the_cause(cluster):
         ray.get(hoarder.hoard.remote(), timeout=120)
     assert "ran low on memory" in str(info.value) and "actor Hoarder" in str(info.value)
     assert ray.get(ray.remote(lambda: "ok").remote(), timeout=60) == "ok"
+
+
+def test_a_task_pushed_on_a_worker_lease_is_judged_and_named_as_the_nodes_own(cluster):
+    """A sync task goes straight to a leased worker (core/task_leases.py); the
+    worker told its node what it runs, so the monitor's error names it."""
+    from meshray.core import state as state_mod
+    ray = cluster.connect()
+    leases = state_mod.state.core.leases
+    assert ray.get(ray.remote(lambda: "warm").remote(), timeout=60) == "warm"
+    before = leases.pushed
+    with pytest.raises(exceptions.OutOfMemoryError) as info:
+        ray.get(ray.remote(max_retries=0)(hog).remote(), timeout=120)
+    assert leases.pushed == before + 1, "the task was not pushed on a lease"
+    text = str(info.value)
+    assert "task " in text and "hog" in text and info.value.task_id
+    assert info.value.memory_limit == LIMIT and info.value.rss > 0
+    assert ray.get(ray.remote(lambda: "ok").remote(), timeout=60) == "ok"

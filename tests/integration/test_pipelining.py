@@ -20,6 +20,13 @@ from tests.helpers import wait_for
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.fixture(autouse=True)
+def through_the_node(monkeypatch):
+    """The node's pipelining is under test: every task goes through the node
+    (one pushed on a worker lease never meets the node's pipeline)."""
+    monkeypatch.setenv("MESHRAY_WORKER_LEASES", "0")
+
+
 def node_log(cluster) -> str:
     path = os.path.join(cluster.head_node._process.session_dir, "node.log")
     return open(path).read() if os.path.exists(path) else ""

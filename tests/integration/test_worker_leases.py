@@ -156,12 +156,14 @@ ray.init(address={cluster.address!r}, _token={cluster.token!r})
 q, slow = ray.remote(quick), ray.remote(mark_and_sleep)
 from meshray.core import state
 for i in range(20):
-    ray.get(q.remote(i))
+    ray.get(q.remote(i), timeout=30)
     before = state.state.core.leases.pushed
     slow.remote({str(tmp_path)!r}, "orphan", 120.0)
     if state.state.core.leases.pushed > before:
         break
+deadline = time.monotonic() + 30
 while not any(n.startswith("orphan-") for n in os.listdir({str(tmp_path)!r})):
+    assert time.monotonic() < deadline, "the pushed task never started"
     time.sleep(0.05)
 print("PUSHED", flush=True)
 os._exit(0)

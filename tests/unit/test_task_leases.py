@@ -213,3 +213,22 @@ def test_a_task_with_no_retry_left_fails_with_worker_crashed(tmp_path):
         assert core.rerouted == []
     finally:
         server.close()
+
+
+def test_idle_leases_are_given_back_before_the_node_is_asked_what_is_free(tmp_path):
+    def answer(link, batch):
+        link.send(call_link.REPLIES, pb.ActorReplyBatch(results=[pb.TaskResult(
+            task_id=batch.calls[0].task_id)]).SerializeToString())
+        link.recv()
+    server = _worker(tmp_path, answer)
+    core = _Core(server.addresses[0])
+    try:
+        leases, lease = _leased(core)
+        leases.release_idle()                # busy: kept
+        assert core.returns() == []
+        _push(leases, lease)
+        wait_for(lambda: core.delivered, message="the result was delivered")
+        leases.release_idle()                # idle now: given back at once
+        assert core.returns() == [{"lease_id": LEASE_HEX, "kill": False, "why": ""}]
+    finally:
+        server.close()

@@ -275,6 +275,15 @@ def test_tasks_pushed_on_a_lease(batch, named):
     assert named in _refusal(call_rules.check_lease_call_batch, batch)
 
 
+def test_a_leased_workers_task_report():
+    good = dict(task_id=b"t" * 16, name="f", max_retries=3, attempt=0)
+    _client(pb.ClientBatch(events=[pb.ClientEvent(leased_task=pb.LeasedTask(**good))]))
+    for bad, named in (({"task_id": b"t"}, "task_id"), ({"name": "x" * 2000}, "name"),
+                       ({"max_retries": -2}, "max_retries"), ({"attempt": -1}, "attempt")):
+        assert named in _refusal(_client, pb.ClientBatch(events=[pb.ClientEvent(
+            leased_task=pb.LeasedTask(**{**good, **bad}))]))
+
+
 def test_only_a_worker_says_where_it_serves_leases():
     hello = dict(role="worker", worker_id=b"w" * 16, pid=5)
     _client(pb.ClientBatch(events=[pb.ClientEvent(hello=pb.Hello(

@@ -320,18 +320,24 @@ class ClientEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., register_function: _Optional[_Union[RegisterFunction, _Mapping]] = ..., submit: _Optional[_Union[SubmitTask, _Mapping]] = ..., put: _Optional[_Union[PutObject, _Mapping]] = ..., reserve: _Optional[_Union[ReserveObject, _Mapping]] = ..., subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., refs: _Optional[_Union[RefUpdate, _Mapping]] = ..., task_result: _Optional[_Union[TaskResult, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., blocked: _Optional[_Union[WorkerBlocked, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ..., actor_exiting: _Optional[_Union[ActorExiting, _Mapping]] = ..., task_events: _Optional[_Union[ActorTaskEvents, _Mapping]] = ..., metrics: _Optional[_Union[MetricsReport, _Mapping]] = ..., leased_task: _Optional[_Union[LeasedTask, _Mapping]] = ...) -> None: ...
 
 class LeasedTask(_message.Message):
-    __slots__ = ("task_id", "name", "max_retries", "attempt", "finished")
+    __slots__ = ("task_id", "name", "max_retries", "attempt", "finished", "job_id", "parent_task_id", "failed")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     task_id: bytes
     name: str
     max_retries: int
     attempt: int
     finished: bool
-    def __init__(self, task_id: _Optional[bytes] = ..., name: _Optional[str] = ..., max_retries: _Optional[int] = ..., attempt: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+    job_id: bytes
+    parent_task_id: bytes
+    failed: bool
+    def __init__(self, task_id: _Optional[bytes] = ..., name: _Optional[str] = ..., max_retries: _Optional[int] = ..., attempt: _Optional[int] = ..., finished: _Optional[bool] = ..., job_id: _Optional[bytes] = ..., parent_task_id: _Optional[bytes] = ..., failed: _Optional[bool] = ...) -> None: ...
 
 class ActorTaskEvents(_message.Message):
     __slots__ = ("task_ids", "job_ids", "parent_task_ids", "names", "name_index", "attempts", "received", "finished", "failed", "counted_finished", "counted_failed")
