@@ -11,6 +11,7 @@ unreachable worker costs the task nothing.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import threading
 
@@ -133,6 +134,26 @@ def test_a_refused_class_goes_through_the_node_and_asks_again_only_after_a_while
     assert [m for m, _ in core.asked] == ["lease_worker"]       # the second did not ask
 
 
+@contextlib.contextmanager
+def _holder(tmp_path, behaviour):
+    """A stand-in worker doing `behaviour`, and a holder with a lease on it:
+    (its core, its TaskLeases, the lease)."""
+    server = _worker(tmp_path, behaviour)
+    core = _Core(server.addresses[0])
+    try:
+        leases, lease = _leased(core)
+        yield core, leases, lease
+    finally:
+        server.close()
+
+
+def _answer(link, batch):
+    """A stand-in worker's answer to its first task; then it waits for the holder to close."""
+    link.send(call_link.REPLIES, pb.ActorReplyBatch(results=[pb.TaskResult(
+        task_id=batch.calls[0].task_id)]).SerializeToString())
+    link.recv()
+
+
 def _push(leases, lease, task_id=b"t" * 16):
     spec = _spec(task_id=task_id)
     leases.push(lease, spec, [b"r" * 20], [], b"pickled function")
@@ -142,35 +163,21 @@ def _push(leases, lease, task_id=b"t" * 16):
 def test_an_answered_task_is_delivered_and_the_idle_lease_goes_back(tmp_path):
     def answer(link, batch):
         assert batch.lease_id == bytes.fromhex(LEASE_HEX) and len(batch.functions) == 1
-        link.send(call_link.REPLIES, pb.ActorReplyBatch(results=[pb.TaskResult(
-            task_id=batch.calls[0].task_id)]).SerializeToString())
-        link.recv()                                # until the holder closes the link
-    server = _worker(tmp_path, answer)
-    core = _Core(server.addresses[0])
-    try:
-        leases, lease = _leased(core)
+        _answer(link, batch)
+    with _holder(tmp_path, answer) as (core, leases, lease):
         _push(leases, lease)
         wait_for(lambda: core.delivered == [b"t" * 16], message="the result was delivered")
         returned = wait_for(core.returns, timeout=5, message="the idle lease went back")
         assert returned == [{"lease_id": LEASE_HEX, "kill": False, "why": ""}]
         assert core.rerouted == [] and core.failed == []
-    finally:
-        server.close()
 
 
 def test_a_task_whose_worker_dies_is_retried_through_the_node_and_the_worker_killed(tmp_path):
-    def die(link, batch):
-        link.shutdown()                            # the link breaks with the task out
-    server = _worker(tmp_path, die)
-    core = _Core(server.addresses[0])
-    try:
-        leases, lease = _leased(core)
-        _push(leases, lease)
+    with _holder(tmp_path, lambda link, batch: link.shutdown()) as (core, leases, lease):
+        _push(leases, lease)                       # the link breaks with the task out
         wait_for(lambda: core.rerouted, message="the task went through the node")
         assert core.rerouted == [(1, 2)]          # a new attempt, one retry spent
         assert core.returns()[0]["kill"] is True
-    finally:
-        server.close()
 
 
 def test_a_task_the_worker_refused_goes_through_the_node_without_spending_a_retry(tmp_path):
@@ -178,15 +185,10 @@ def test_a_task_the_worker_refused_goes_through_the_node_without_spending_a_retr
         link.send(call_link.STATUS, status_payload(call_link.UNAVAILABLE, "not leased",
                                                    refused=True))
         link.wait_idle(5)
-    server = _worker(tmp_path, refuse)
-    core = _Core(server.addresses[0])
-    try:
-        leases, lease = _leased(core)
+    with _holder(tmp_path, refuse) as (core, leases, lease):
         _push(leases, lease)
         wait_for(lambda: core.rerouted, message="the task went through the node")
         assert core.rerouted == [(0, 3)] and core.returns()[0]["kill"] is False
-    finally:
-        server.close()
 
 
 def test_a_worker_that_cannot_be_reached_costs_the_task_nothing(tmp_path):
@@ -199,36 +201,21 @@ def test_a_worker_that_cannot_be_reached_costs_the_task_nothing(tmp_path):
 
 
 def test_a_task_with_no_retry_left_fails_with_worker_crashed(tmp_path):
-    server = _worker(tmp_path, lambda link, batch: link.shutdown())
-    core = _Core(server.addresses[0])
-    try:
-        leases, lease = _leased(core)
-        spec = _spec(max_retries=0)
-        leases.push(lease, spec, [b"r" * 20], [], b"f")
+    with _holder(tmp_path, lambda link, batch: link.shutdown()) as (core, leases, lease):
+        leases.push(lease, _spec(max_retries=0), [b"r" * 20], [], b"f")
         wait_for(lambda: core.failed, message="the task failed")
         error = core.failed[0]
         assert isinstance(error, exceptions.WorkerCrashedError)
         assert "killed by signal 9 (SIGKILL)" in str(error) and "max_retries=0" in str(error)
         assert ("lease_end", {"lease_id": LEASE_HEX}) in core.asked
         assert core.rerouted == []
-    finally:
-        server.close()
 
 
 def test_idle_leases_are_given_back_before_the_node_is_asked_what_is_free(tmp_path):
-    def answer(link, batch):
-        link.send(call_link.REPLIES, pb.ActorReplyBatch(results=[pb.TaskResult(
-            task_id=batch.calls[0].task_id)]).SerializeToString())
-        link.recv()
-    server = _worker(tmp_path, answer)
-    core = _Core(server.addresses[0])
-    try:
-        leases, lease = _leased(core)
+    with _holder(tmp_path, _answer) as (core, leases, lease):
         leases.release_idle()                # busy: kept
         assert core.returns() == []
         _push(leases, lease)
         wait_for(lambda: core.delivered, message="the result was delivered")
         leases.release_idle()                # idle now: given back at once
         assert core.returns() == [{"lease_id": LEASE_HEX, "kill": False, "why": ""}]
-    finally:
-        server.close()
