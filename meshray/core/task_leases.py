@@ -256,21 +256,16 @@ class TaskLeases:
 
     # ------------------------------------------------------------ leases
     def _ask(self, key: tuple, spec) -> None:
-        try:
-            future = self._core.request_async("lease_worker", {
-                "resources": dict(spec.resources)})
-        except Exception as exc:  # noqa: BLE001 - the session is gone: no lease
-            self._answered_ask(key, None, str(exc))
-            return
-        future.add_done_callback(lambda f: self._answered_ask(key, f, ""))
+        """Ask for another lease of a busy class; the answer is not waited for."""
+        future = self._request_lease(key, spec)
+        if future is not None:
+            future.add_done_callback(lambda f: self._answered_ask(key, f, ""))
 
     def _ask_now(self, key: tuple, spec):
         """Ask for a lease and wait for the answer (ASK_WAIT_S at most): the lease or None."""
-        try:
-            future = self._core.request_async("lease_worker", {
-                "resources": dict(spec.resources)})
-        except Exception as exc:  # noqa: BLE001 - the session is gone: no lease
-            return self._answered_ask(key, None, str(exc))
+        future = self._request_lease(key, spec)
+        if future is None:
+            return None
         try:
             future.result(ASK_WAIT_S)
         except concurrent.futures.TimeoutError:
@@ -280,6 +275,15 @@ class TaskLeases:
         except Exception:  # noqa: BLE001 - read by _answered_ask
             pass
         return self._answered_ask(key, future, "")
+
+    def _request_lease(self, key: tuple, spec):
+        """Send `lease_worker` for `spec`'s class: the answer's future, or None
+        (the session is gone: the class counts as refused)."""
+        try:
+            return self._core.request_async("lease_worker", {"resources": dict(spec.resources)})
+        except Exception as exc:  # noqa: BLE001 - the session is gone: no lease
+            self._answered_ask(key, None, str(exc))
+            return None
 
     def _answered_ask(self, key: tuple, future, error: str):
         answer: dict = {}

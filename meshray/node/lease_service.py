@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from meshray import exceptions
 from meshray.common import ids
 from meshray.node.session import env_key_for
+from meshray.node.tasks import sched_class_of
 from meshray.node.state import messages as m
 from meshray.node.state.lease_life import Lease, LeaseState
 from meshray.node.worker_pool import describe_exit, wait_for_exit
@@ -87,7 +88,7 @@ class LeaseService:
         env_key = env_key_for(env_vars)
         lease = Lease(lease_id=ids.new_id(), holder=conn,
                       hold=ResourceSet.from_dict(resources), worker_key=env_key,
-                      sched_class=(env_key, tuple(sorted(resources.items()))),
+                      sched_class=sched_class_of(env_key, resources),
                       requested_wall=time.time())
         node = self._node
         node.dispatch.handle(m.LeaseRequested(lease, time.monotonic(), time.time()))

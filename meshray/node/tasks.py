@@ -15,7 +15,12 @@ from functools import cached_property
 from meshray.node.task_lifecycle import TaskState, move, new_story
 from meshray.scheduler.resources import ResourceSet
 
-__all__ = ["TaskRecord", "TaskQueue", "infeasible_notice"]
+__all__ = ["TaskRecord", "TaskQueue", "infeasible_notice", "sched_class_of"]
+
+
+def sched_class_of(env_key: str, resources) -> tuple:
+    """A scheduling class: tasks (and leases) of one environment asking for the same resources."""
+    return (env_key, tuple(sorted(resources.items())))
 
 
 @dataclass(eq=False)
@@ -96,7 +101,7 @@ class TaskRecord:
 
     @cached_property
     def sched_class(self) -> tuple:
-        return (self.env_key, tuple(sorted(self.spec.resources.items())))
+        return sched_class_of(self.env_key, self.spec.resources)
 
 
 class TaskQueue:
