@@ -677,7 +677,7 @@ class NodeDaemon(pb_grpc.NodeServiceServicer, pb_grpc.NodePeerServicer):
             log.info("worker %d died with %d pipelined task(s) queued; placing them again",
                      worker.pid, len(worker.pipeline))
         attempt = task.spec.attempt if task is not None else 0
-        if worker.actor is not None:
+        if worker.actor is not None or worker.leased_task is not None:
             self.task_events.worker_gone(worker.worker_id)
         self.dispatch.handle(m.WorkerLost(worker, owner_present, group_gone))
         if task is not None and task.actor is None and task.spec.attempt != attempt:

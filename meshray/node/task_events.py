@@ -293,13 +293,15 @@ class TaskEvents:
 
     @staticmethod
     def _actor_call(task_id, attempt, name, job, parent, received, finished, failed,
-                    worker_id, pid, actor_id) -> tuple:
+                    worker_id, pid, actor_id, kind: str = "ACTOR_TASK") -> tuple:
+        """The record of a call a worker reports (an actor's method call, or --
+        `kind` NORMAL_TASK -- a task pushed to it on a lease); `finished` 0: running."""
         if finished:
             state = "FAILED" if failed else "FINISHED"
             end, events = finished, (("RUNNING", received), (state, finished))
         else:
             state, end, events = "RUNNING", None, (("RUNNING", received),)
-        return (task_id, attempt, name, job, actor_id, parent, None, "ACTOR_TASK", state,
+        return (task_id, attempt, name, job, actor_id, parent, None, kind, state,
                 worker_id, pid, "TASK_EXECUTION_EXCEPTION" if failed else None, None,
                 received, received, end, events, None, None, None)
 
@@ -310,26 +312,27 @@ class TaskEvents:
             return
         task_id = msg.task_id
         if not msg.finished:
-            self._leased_running[task_id] = (
-                task_id, msg.attempt, msg.name, msg.job_id, None, msg.parent_task_id, None,
-                "NORMAL_TASK", "RUNNING", worker_id, pid, None, None, wall, wall, None,
-                (("RUNNING", wall),), None, None, None)
+            self._leased_running[task_id] = self._actor_call(
+                task_id, msg.attempt, msg.name, msg.job_id, msg.parent_task_id, wall, 0.0,
+                False, worker_id, pid, None, kind="NORMAL_TASK")
             return
         started = self._leased_running.pop(task_id, None)
-        began = started[13] if started is not None else wall
-        state = "FAILED" if msg.failed else "FINISHED"
-        record = (task_id, msg.attempt, msg.name, msg.job_id, None, msg.parent_task_id, None,
-                  "NORMAL_TASK", state, worker_id, pid,
-                  "TASK_EXECUTION_EXCEPTION" if msg.failed else None, None, began, began, wall,
-                  (("RUNNING", began), (state, wall)), None, None, None)
+        record = self._actor_call(
+            task_id, msg.attempt, msg.name, msg.job_id, msg.parent_task_id,
+            started[START] if started is not None else wall, wall, msg.failed, worker_id, pid,
+            None, kind="NORMAL_TASK")
         if self.on_end is not None:
-            self.on_end(state, msg.name, msg.attempt)
+            self.on_end(record[STATE], msg.name, msg.attempt)
         self._finished.pop(task_id, None)
         self._keep(task_id, record)
 
     def worker_gone(self, worker_id: bytes) -> None:
-        """Its actor's running calls end with it (its callers get the error)."""
+        """Its actor's running calls, or the pushed task it ran, end with it
+        (their callers get the error; a pushed task's holder retries it)."""
         self._actor_running.pop(worker_id, None)
+        for task_id, record in list(self._leased_running.items()):
+            if record[WORKER] == worker_id:
+                del self._leased_running[task_id]
 
     # ------------------------------------------------------------ reading a record
     @staticmethod

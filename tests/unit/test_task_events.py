@@ -185,3 +185,32 @@ def test_recording_can_be_turned_off(monkeypatch):
     live = node.submit(1)
     node.run(node.submit(2))
     assert [r["task_id"] for r in node.records()] == [live.task_id.hex()]   # only the live one
+
+
+def _leased(task_id: bytes, finished=False, failed=False) -> pb.LeasedTask:
+    return pb.LeasedTask(task_id=task_id, name="pushed", attempt=0, job_id=b"\x01" * 8,
+                         finished=finished, failed=failed)
+
+
+def test_a_pushed_task_is_running_then_finished_and_counted_once():
+    node, ended = Node(), []
+    node.events.on_end = lambda *args: ended.append(args)
+    node.events.leased_task(b"w" * 16, 77, _leased(b"t" * 16), 1000.0)
+    [running] = node.records()
+    assert running["state"] == "RUNNING" and running["type"] == "NORMAL_TASK"
+    assert list(node.events.live_states()) == [("RUNNING", "pushed", 0)]
+    node.events.leased_task(b"w" * 16, 77, _leased(b"t" * 16, finished=True, failed=True),
+                            1002.0)
+    [done] = node.records()
+    assert done["state"] == "FAILED" and done["worker_pid"] == 77
+    assert done["start_time_ms"] == 1_000_000 and done["end_time_ms"] == 1_002_000
+    assert ended == [("FAILED", "pushed", 0)] and list(node.events.live_states()) == []
+
+
+def test_a_pushed_task_whose_worker_died_stops_running():
+    node = Node()
+    node.events.leased_task(b"w" * 16, 77, _leased(b"t" * 16), 1000.0)
+    node.events.leased_task(b"v" * 16, 78, _leased(b"u" * 16), 1000.0)
+    node.events.worker_gone(b"w" * 16)
+    assert [r["task_id"] for r in node.records()] == [(b"u" * 16).hex()]
+    assert list(node.events.live_states()) == [("RUNNING", "pushed", 0)]
