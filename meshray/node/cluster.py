@@ -29,6 +29,7 @@ from typing import Callable
 from meshray import exceptions
 from meshray.common import ids
 from meshray.node.actors import ActorEntry
+from meshray.node.membership import retry_delay
 from meshray.node.cluster_view import SPILL_SAMPLE, ClusterView
 from meshray.node.objects import container_holder, holder_node
 from meshray.node.peers import PeerLink
@@ -662,6 +663,37 @@ class PeerDuties:
                 stranded.append(object_id)     # waiting on an owner that is gone
         if stranded:
             asyncio.get_running_loop().create_task(self._recover_objects(node_hex, stranded))
+
+    def confirm_member(self, ins: m.ConfirmMember) -> None:
+        """Ask etcd whether `ins.node_hex` is a member (the view does not show it)."""
+        asyncio.get_running_loop().create_task(self._confirm_member(ins))
+
+    async def _confirm_member(self, ins: m.ConfirmMember) -> None:
+        """MemberAbsent unless etcd has the node's record. A member the view
+        has yet to show needs nothing: the view change that shows it places
+        the task again. While etcd cannot answer, ask again (the task waits)."""
+        membership = self._node.membership
+        failures = 0
+        while True:
+            if membership is None:
+                present = False
+            else:
+                try:
+                    present = await asyncio.get_running_loop().run_in_executor(
+                        None, membership.is_member, ins.node_hex)
+                except Exception as exc:  # noqa: BLE001 - etcd unreachable: the task waits
+                    failures += 1
+                    delay = retry_delay(failures)
+                    log.warning("cannot ask etcd whether node %s is a member (%s: %s); "
+                                "asking again in %.1fs", ins.node_hex, type(exc).__name__, exc,
+                                delay)
+                    await asyncio.sleep(delay)
+                    if ins.task.state != TaskState.INFEASIBLE:
+                        return        # placed again (or ended) meanwhile
+                    continue
+            if not present:
+                self._node.dispatch.handle(m.MemberAbsent(ins.task, ins.node_hex, ins.reason))
+            return
 
     async def _recover_objects(self, node_hex: str, object_ids: list) -> None:
         for object_id in object_ids:

@@ -47,6 +47,7 @@ class TaskDispatch:
             m.GroupRemoved: lambda ins: node._finish_failed(
                 ins.task, node.placement.group_removed_error(ins.task)),
             m.Spill: lambda ins: node.peers.spill(ins.task, ins.candidates),
+            m.ConfirmMember: lambda ins: node.peers.confirm_member(ins),
             m.Notice: lambda ins: ins.task.owner.send(
                 pb.ServerEvent(notice=pb.Notice(text=ins.text))),
             m.ActorChanged: lambda ins: node.hosting.changed(ins.entry, ins.publish),

@@ -641,6 +641,25 @@ class Membership:
             out.append(entry)
         return out
 
+    def is_member(self, node_hex: str) -> bool:
+        """Whether etcd holds a live record for `node_hex` now: read, not
+        from the view, which lags etcd by its watch. A record that does not
+        decode counts as none, as in the view; so does an id that is no id."""
+        coordinator = self.coordinator
+        if coordinator is None:
+            raise ConnectionError("this node has not reached etcd yet")
+        try:
+            key = self.keys.node(node_hex)
+        except (TypeError, ValueError):
+            return False
+        value, revision = coordinator.get(key, timeout=5.0)
+        if value is None:
+            return False
+        from meshray.coordination.mirror import Change, Entry
+        decoded = DecodedRecords(self.keys.parse_node)
+        decoded.apply([Change(key, None, Entry(value, revision))])
+        return len(decoded) == 1
+
     def cluster_resources(self) -> dict:
         totals: dict[str, float] = {}
         for record in self._alive_records().values():

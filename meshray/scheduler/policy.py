@@ -23,6 +23,9 @@ How the daemon uses a decision:
   once, retry when a node joins.
 * `Unschedulable` - hard node affinity to a node that is dead, unknown or
   too small: fail the task (TaskUnschedulableError / ActorUnschedulableError).
+  An unknown target is named in `unknown_node`: a view lags etcd by its
+  watch, so a node that just joined may be unknown here yet a member; the
+  caller may confirm with etcd before failing the task.
 * `UsePlacementGroup` - the request belongs to a placement group; the
   caller routes it to the reserved bundle.
 
@@ -128,6 +131,7 @@ class Infeasible(Decision):
 @dataclass(frozen=True)
 class Unschedulable(Decision):
     reason: str
+    unknown_node: str = ""       # the target, when the view does not know it
     kind: ClassVar[str] = "unschedulable"
 
 
@@ -422,7 +426,8 @@ def _decide_affinity(request, nodes, local_node_id, s: NodeAffinitySchedulingStr
     if problem is not None:
         if s.soft:
             return _decide_default(request, nodes, local_node_id, filters)
-        return Unschedulable(f"Hard NodeAffinitySchedulingStrategy cannot be satisfied: {problem}.")
+        return Unschedulable(f"Hard NodeAffinitySchedulingStrategy cannot be satisfied: {problem}.",
+                             s.node_id if target is None else "")
 
     if s.node_id not in request.excluded_nodes and _fits(need, target.available):
         return _RUN_LOCAL if s.node_id == local_node_id else Spill((s.node_id,))

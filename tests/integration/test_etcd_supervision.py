@@ -1,5 +1,6 @@
 """A node's embedded etcd is restarted when it dies, and the node's membership
-survives etcd outages: at startup, just after init(), and errors of its own.
+survives etcd outages: at startup, just after init(), and errors of its own;
+it reads from etcd, not its lagging view, whether a node is a member.
 
 Real etcd members, real daemons and workers; the only fixed waits are the
 ones a lease TTL requires (to prove leases are renewed across a restart).
@@ -222,6 +223,33 @@ def test_membership_waits_out_an_etcd_that_is_down_at_startup(tmp_path):
         assert _registered(etcd.endpoint, daemon)
         assert membership._thread.is_alive()
     finally:
+        membership.stop()
+        etcd.stop()
+
+
+def test_membership_reads_from_etcd_whether_a_node_is_a_member(tmp_path):
+    # What decides whether a task pinned to a node the view does not show
+    # yet fails: only a live, decodable record counts.
+    from meshray.coordination.keyspace import Keyspace
+    from meshray.node.membership import Membership
+    etcd = EmbeddedEtcd(tmp_path / "e", private_peer=True, unsafe_no_fsync=True,
+                        auth_password=security.etcd_password(TOKEN)).start()
+    daemon = FakeDaemon(TOKEN)
+    membership = Membership(daemon, [etcd.endpoint], ttl=LEASE_TTL_S)
+    client = Coordinator([etcd.endpoint], timeout=5,
+                         **security.etcd_client_options(token=TOKEN, environ={}))
+    try:
+        with pytest.raises(ConnectionError, match="not reached etcd"):
+            membership.is_member(daemon.node_id.hex())
+        membership.start()
+        assert membership._registered.wait(30)
+        assert membership.is_member(daemon.node_id.hex())
+        assert not membership.is_member("ab" * 16)                 # never registered
+        assert not membership.is_member("not a node id")
+        client.put(Keyspace().node("cd" * 16), b"{not json")      # sealed, but no record
+        assert not membership.is_member("cd" * 16)
+    finally:
+        client.close()
         membership.stop()
         etcd.stop()
 

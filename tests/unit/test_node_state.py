@@ -223,6 +223,36 @@ def test_each_placement_verdict_does_what_it_says():
         in str(failed.error)
 
 
+def test_a_task_pinned_to_a_node_the_view_does_not_know_waits_for_etcd_before_failing():
+    # A node that just joined is in etcd before this node's watch shows it:
+    # the task waits for the view while etcd is asked, and fails only when
+    # etcd has no such member.
+    node = Node(cpus=1.0)
+    reason = "Hard NodeAffinitySchedulingStrategy cannot be satisfied: node n1 is not known."
+    unknown = _decision("unschedulable", reason=reason, unknown_node="n1")
+    joined = node.task(queued=False)
+    assert node.handle(m.Decided(joined, unknown, T0, W0)) == [
+        m.ConfirmMember(joined, "n1", reason)]
+    assert joined.state is S.INFEASIBLE and node.state.infeasible == [joined]
+    # The view change that shows the node places it again; a late "absent"
+    # (from a question asked before) no longer touches it.
+    assert node.handle(m.ViewChanged()) == [m.Replace(joined)]
+    assert node.handle(m.MemberAbsent(joined, "n1", reason)) == []
+    assert joined.state is S.WAITING
+
+    stranger = node.task(queued=False, name="f")
+    node.handle(m.Decided(stranger, unknown, T0, W0))
+    (failed,) = node.handle(m.MemberAbsent(stranger, "n1", reason))
+    assert failed.task is stranger and isinstance(failed.error, exceptions.TaskUnschedulableError)
+    assert f"f (id {stranger.task_id.hex()}) cannot be scheduled: {reason}" in str(failed.error)
+    assert node.state.infeasible == []
+
+    # A node this one saw die is not asked about: the task fails at once.
+    node.dead_peers.add("n1")
+    (failed,) = node.handle(m.Decided(node.task(queued=False), unknown, T0, W0))
+    assert isinstance(failed.error, exceptions.TaskUnschedulableError)
+
+
 def test_a_task_that_fits_no_node_is_told_once_and_placed_again_when_the_view_changes():
     node = Node(cpus=1.0)
     task = node.task(queued=False, cpus=64.0)

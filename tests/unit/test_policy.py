@@ -203,11 +203,12 @@ def test_hard_affinity_paths():
     assert isinstance(d, Wait) and d.feasible_nodes == ("b",)
     assert isinstance(decide(hard("b", _fail_on_unavailable=True), nodes, "a"), Unschedulable)
     d = decide(hard("dead"), nodes, "a")
-    assert isinstance(d, Unschedulable) and "dead" in d.reason
+    assert isinstance(d, Unschedulable) and "dead" in d.reason and d.unknown_node == ""
+    # Only a node the view does not know is named: the caller may ask etcd.
     d = decide(hard("nope"), nodes, "a")
-    assert isinstance(d, Unschedulable) and "nope" in d.reason
+    assert isinstance(d, Unschedulable) and "nope" in d.reason and d.unknown_node == "nope"
     d = decide(hard("small"), nodes, "a")
-    assert isinstance(d, Unschedulable) and "never fit" in d.reason
+    assert isinstance(d, Unschedulable) and "never fit" in d.reason and d.unknown_node == ""
 
 
 def test_may_run_on_names_the_nodes_hard_constraints_allow():

@@ -175,6 +175,7 @@ class NodeState:
             m.Submitted: self._submitted,
             m.Decided: self._decided,
             m.ViewChanged: self._view_changed,
+            m.MemberAbsent: self._member_absent,
             m.Refused: self._refused,
             m.Schedule: self._schedule,
             m.Offer: self._offer,
@@ -261,10 +262,19 @@ class NodeState:
         elif kind == "spill":
             out.append(m.Spill(task, list(decision.candidates)))
         elif kind == "unschedulable":
-            error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
-                         else exceptions.TaskUnschedulableError)
-            self._fail(task, error_cls(f"{task.spec.name} (id {task.task_id.hex()}) cannot be "
-                                       f"scheduled: {decision.reason}"), out)
+            unknown = getattr(decision, "unknown_node", "")
+            if unknown and task.state is S.WAITING and not self.peer_dead(unknown):
+                # Its node may have joined after this node's view was last
+                # told (the watch lags etcd): etcd decides. Meanwhile it waits
+                # as work no node in the view fits, so the view change that
+                # shows the node places it again. (A queued task's node was in
+                # the view when it was placed: it left.)
+                self._move(task, S.INFEASIBLE, f"its node {unknown} is not in the view: "
+                                               "asking etcd")
+                self.infeasible.append(task)
+                out.append(m.ConfirmMember(task, unknown, decision.reason))
+            else:
+                self._unschedulable(task, decision.reason, out)
         elif kind == "infeasible":
             if not task.infeasible_reported:
                 task.infeasible_reported = True
@@ -274,6 +284,19 @@ class NodeState:
         else:
             raise ValueError(f"decision.kind={kind!r}: expected run_local, wait, "
                              "placement_group, spill, unschedulable or infeasible")
+
+    def _unschedulable(self, task, reason: str, out: list) -> None:
+        error_cls = (exceptions.ActorUnschedulableError if task.actor is not None
+                     else exceptions.TaskUnschedulableError)
+        self._fail(task, error_cls(f"{task.spec.name} (id {task.task_id.hex()}) cannot be "
+                                   f"scheduled: {reason}"), out)
+
+    def _member_absent(self, event: m.MemberAbsent, out: list) -> None:
+        task = event.task
+        if task.state is not S.INFEASIBLE or task not in self.infeasible:
+            return          # placed again (or ended) since it was asked about
+        self.infeasible.remove(task)
+        self._unschedulable(task, event.reason, out)
 
     def _view_changed(self, event: m.ViewChanged, out: list) -> None:
         waiting, self.infeasible = self.infeasible, []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Submitted", "Decided", "ViewChanged", "Refused", "Schedule", "Offer",
+    "Submitted", "Decided", "ViewChanged", "MemberAbsent", "Refused", "Schedule", "Offer",
     "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "EnvSetupFailed", "Drain",
     "Fail", "LeaseRequested", "LeaseReturned",
@@ -32,7 +32,7 @@ __all__ = [
     # instructions
     "Execute", "Prefetch", "EnsureWorkers", "Finish", "FailTask", "Replace",
     "ReplaceLater", "KillWorker", "KillTask", "ReportCrash", "CancelRemote", "Unwait",
-    "GroupRemoved", "Spill", "Notice", "GrantLease", "EndLease",
+    "GroupRemoved", "Spill", "ConfirmMember", "Notice", "GrantLease", "EndLease",
     # actor instructions
     "ActorChanged", "ReleaseActorName", "RestartActor", "AskHostToKill", "ActorCreationLost",
     # object instructions
@@ -64,6 +64,15 @@ class Decided:
 @dataclass(slots=True)
 class ViewChanged:
     """The cluster view changed: tasks that fit no node are placed again."""
+
+
+@dataclass(slots=True)
+class MemberAbsent:
+    """etcd has no member `node_hex`, which INFEASIBLE `task` is pinned to
+    by hard affinity (ConfirmMember asked): it fails with `reason`."""
+    task: object
+    node_hex: str
+    reason: str
 
 
 @dataclass(slots=True)
@@ -484,6 +493,17 @@ class Spill:
     its next candidates); queue it here when none is reachable."""
     task: object
     candidates: list
+
+
+@dataclass(slots=True)
+class ConfirmMember:
+    """Ask etcd whether `node_hex` is a member (`task`, pinned to it by hard
+    affinity, waits INFEASIBLE meanwhile): MemberAbsent when it is not; when
+    it is, nothing -- the view has yet to show it, and its change places
+    the task again."""
+    task: object
+    node_hex: str
+    reason: str
 
 
 @dataclass(slots=True)
