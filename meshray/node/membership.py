@@ -627,7 +627,26 @@ class Membership:
             f"after {VIEW_WAIT_S:.0f}s")
 
     def _alive_records(self) -> dict[str, dict]:
+        """Every live member's record, as etcd has them now.
+
+        The view lags etcd by its watch (a node that just registered can be
+        in etcd and not yet here), and what a caller is told about the
+        cluster -- nodes(), its resources -- must not be older than what it
+        could have read from etcd itself: so it is read from etcd (one range
+        read of small records). The view answers only while etcd cannot."""
         self._wait_view()
+        coordinator = self.coordinator
+        if coordinator is not None:
+            try:
+                items, _rev = coordinator.get_prefix(self.keys.nodes_prefix(), timeout=5.0)
+            except Exception as exc:  # noqa: BLE001 - etcd unreachable: the view answers
+                log.warning("cannot read the members from etcd (%s: %s); answering from "
+                            "this node's view", type(exc).__name__, exc)
+            else:
+                from meshray.coordination.mirror import Change
+                decoded = DecodedRecords(self.keys.parse_node)
+                decoded.apply(Change(kv.key, None, kv) for kv in items)  # untrusted, as the view's
+                return decoded.snapshot()
         return self._records.snapshot()
 
     def nodes(self) -> list[dict]:

@@ -1,6 +1,7 @@
 """A node's embedded etcd is restarted when it dies, and the node's membership
 survives etcd outages: at startup, just after init(), and errors of its own;
-it reads from etcd, not its lagging view, whether a node is a member.
+it reads from etcd, not its lagging view, whether a node is a member and
+who the members are.
 
 Real etcd members, real daemons and workers; the only fixed waits are the
 ones a lease TTL requires (to prove leases are renewed across a restart).
@@ -251,6 +252,32 @@ def test_membership_reads_from_etcd_whether_a_node_is_a_member(tmp_path):
     finally:
         client.close()
         membership.stop()
+        etcd.stop()
+
+
+def test_what_membership_tells_of_the_cluster_is_etcds_present_not_its_view(tmp_path):
+    # A node that just registered is in etcd before the others' watches
+    # show it: nodes() and cluster_resources() must list it all the same.
+    from meshray.node.membership import Membership
+    etcd = EmbeddedEtcd(tmp_path / "e", private_peer=True, unsafe_no_fsync=True,
+                        auth_password=security.etcd_password(TOKEN)).start()
+    first, second = FakeDaemon(TOKEN), FakeDaemon(TOKEN)
+    asking = Membership(first, [etcd.endpoint], ttl=LEASE_TTL_S)
+    joining = Membership(second, [etcd.endpoint], ttl=LEASE_TTL_S)
+    try:
+        asking.start()
+        assert asking._registered.wait(30)
+        assert [n["NodeID"] for n in asking.nodes()] == [first.node_id.hex()]
+        asking._nodes_view.stop()                 # its view follows etcd no more
+        joining.start()
+        assert joining._registered.wait(30)
+        assert second.node_id.hex() not in asking._records.snapshot()   # never seen here
+        listed = {n["NodeID"]: n["Alive"] for n in asking.nodes()}
+        assert listed == {first.node_id.hex(): True, second.node_id.hex(): True}
+        assert asking.cluster_resources() == {"CPU": 2.0}
+    finally:
+        joining.stop()
+        asking.stop()
         etcd.stop()
 
 
