@@ -632,10 +632,17 @@ class PeerDuties:
         for request_id, future in list(self._questions.items()):
             if getattr(future, "node_hex", None) == node_hex and not future.done():
                 future.set_exception(ConnectionError(f"node {node_hex} died"))
-        # Work we sent there is retried elsewhere.
+        # Work we sent there is retried elsewhere -- after the objects it
+        # needs from there are found or being rebuilt (below): placed before,
+        # it could take a node's resources while it waits for an argument
+        # whose rebuild needs them (a deadlock until the pull gave up).
+        after_recovery = []
         for task in list(self._tasks.values()):
             if task.state == "spilled" and task.remote_node == node_hex:
-                self._remote_task_lost(task, node_hex)
+                if self._has_copy_on(task.spec.arg_ref_ids, node_hex):
+                    after_recovery.append(task)
+                else:
+                    self._remote_task_lost(task, node_hex)
             elif isinstance(task.owner, RemoteOwner) and task.owner.node_hex == node_hex:
                 if task.worker is None or task.actor is None:
                     # Its worker (if it has one) is killed: nobody waits for it.
@@ -661,8 +668,28 @@ class PeerDuties:
             elif value is None and self.view.node_for_prefix(object_id) is None \
                     and not self._node._owns(object_id):
                 stranded.append(object_id)     # waiting on an owner that is gone
-        if stranded:
-            asyncio.get_running_loop().create_task(self._recover_objects(node_hex, stranded))
+        # Until the recovery has its verdict, what we own whose copy was there
+        # is not ready: a task submitted meanwhile waits for it, rather than
+        # being placed to pull a copy that is gone (holding resources the
+        # rebuild may need).
+        withheld = {}
+        for object_id in stranded:
+            value = self._objects.get(object_id)
+            if value is not None and self._node._owns(object_id):
+                withheld[object_id] = value
+        if withheld:
+            self._node.dispatch.handle(m.Lost(tuple(withheld)))
+        if stranded or after_recovery:
+            asyncio.get_running_loop().create_task(
+                self._recover_objects(node_hex, stranded, after_recovery, withheld))
+
+    def _has_copy_on(self, object_ids, node_hex: str) -> bool:
+        """Whether any of `object_ids` has its stored value on `node_hex`."""
+        for object_id in object_ids:
+            value = self._objects.get(object_id)
+            if value is not None and value.in_store and value.location == node_hex:
+                return True
+        return False
 
     def confirm_member(self, ins: m.ConfirmMember) -> None:
         """Ask etcd whether `ins.node_hex` is a member (the view does not show it)."""
@@ -695,10 +722,25 @@ class PeerDuties:
                 self._node.dispatch.handle(m.MemberAbsent(ins.task, ins.node_hex, ins.reason))
             return
 
-    async def _recover_objects(self, node_hex: str, object_ids: list) -> None:
+    async def _recover_objects(self, node_hex: str, object_ids: list, tasks: list,
+                               withheld: dict) -> None:
+        """Find each object another copy, rebuild it, or report it lost; then
+        retry `tasks` (spilled to `node_hex`, needing some of them).
+        `withheld`: the values of those made not ready until then."""
+        try:
+            await self._recover_each(node_hex, object_ids, withheld)
+        except Exception:  # noqa: BLE001 - logged; the tasks are retried all the same
+            log.exception("recovering the objects node %s held failed", node_hex)
+        finally:
+            for task in tasks:
+                if task.state == "spilled" and task.remote_node == node_hex:
+                    self._remote_task_lost(task, node_hex)
+
+    async def _recover_each(self, node_hex: str, object_ids: list, withheld: dict) -> None:
         for object_id in object_ids:
+            before = withheld.get(object_id)
             if self._store.contains(object_id):
-                self._use_copy(object_id, "")
+                self._use_copy(object_id, "", before)
                 continue
             copies = []
             if self._node.membership is not None:
@@ -709,9 +751,9 @@ class PeerDuties:
                     log.warning("could not list copies of %s: %s", object_id.hex(), exc)
             alive = [n for n in copies if n in self.view.nodes and n != node_hex]
             if alive:
-                self._use_copy(object_id, alive[0])
+                self._use_copy(object_id, alive[0], before)
             elif self._node._owns(object_id):
-                self.object_copy_lost(object_id, node_hex)
+                self.object_copy_lost(object_id, node_hex, withheld=before is not None)
             elif self.view.node_for_prefix(object_id) is not None and getattr(
                     self._objects.get(object_id), "in_store", False):   # a copy's bytes
                 # Its owner lives and rebuilds it; a reader that needs the
@@ -723,8 +765,9 @@ class PeerDuties:
                     "node holds a copy")
                 self._node.dispatch.handle(m.Lost((object_id,), error))
 
-    def _use_copy(self, object_id: bytes, node_hex: str) -> None:
-        """Point the entry at a surviving copy (here when node_hex is empty)."""
+    def _use_copy(self, object_id: bytes, node_hex: str, withheld=None) -> None:
+        """Point the entry at a surviving copy (here when node_hex is empty);
+        a `withheld` value is made ready again, pointing there."""
         old = self._objects.get(object_id)
         value = pb.ObjectValue(object_id=object_id, in_store=True, location=node_hex)
         if old is not None:
@@ -732,6 +775,9 @@ class PeerDuties:
             value.location = node_hex
             self._node.dispatch.handle(m.CopyMoved(value))
         else:
+            if withheld is not None and not self._objects.is_ready(object_id):
+                value.CopyFrom(withheld)
+                value.location = node_hex
             self._node.dispatch.handle(m.Produced((value,)))
 
     def _drop_task(self, task) -> None:
@@ -747,7 +793,7 @@ class PeerDuties:
             self._node._move(task, TaskState.WAITING, f"retry: node {node_hex} running it died")
             task.refused_by = {node_hex}
             log.info("retrying %s: its node %s died", task.spec.name, node_hex)
-            self.place_or_queue(task)
+            self._node.dispatch.handle(m.PlaceWhenArgsReady(task))
         elif task.cancelled:
             self._node._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
         else:
@@ -755,11 +801,15 @@ class PeerDuties:
                 f"Task {task.spec.name} (id {task.task_id.hex()}) was running on node "
                 f"{node_hex}, which died; no retries left (max_retries={task.spec.max_retries})."))
 
-    def object_copy_lost(self, object_id: bytes, node_hex: str) -> None:
+    def object_copy_lost(self, object_id: bytes, node_hex: str, withheld: bool = False) -> None:
         """The only copy of an object we own was on `node_hex`: rebuild it from
-        lineage, or set the error saying why it cannot be."""
+        lineage, or set the error saying why it cannot be. `withheld`: its
+        value was already made not ready (node_died) until this verdict."""
         task = self._lineage.get(ids.task_id_of(object_id))
-        if not self._objects.is_ready(object_id):
+        if withheld:
+            if self._objects.is_ready(object_id) or object_id not in self._objects:
+                return        # its value came back meanwhile, or it was freed
+        elif not self._objects.is_ready(object_id):
             return            # not here, or already waiting for its value again
         if task is not None and task.actor is None and retry_or_fail(task) == RETRY:
             # Lineage: run the producing task again; its other outputs are rebuilt too.

@@ -65,6 +65,19 @@ def test_a_task_waits_for_every_missing_argument_then_is_placed():
     assert node.state.waiting_on == {}
 
 
+def test_a_task_run_again_waits_for_an_argument_being_rebuilt_before_it_is_placed():
+    node = Node()
+    task = node.task(queued=False, args=[b"a", b"z"])
+    node.handle(m.Put(1, _value(b"z")))
+    node.handle(m.Put(1, _value(b"a")))
+    node.handle(m.Lost((b"a",)))                 # its only copy died: rebuilt
+    assert node.handle(m.PlaceWhenArgsReady(task)) == []
+    assert task.pending_deps == {b"a"} and node.state.waiting_on == {b"a": [task]}
+    assert node.handle(m.Produced((_value(b"a"),))) == [m.ValuesReady((b"a",)), m.Replace(task)]
+    ready = node.task(queued=False, args=[b"z"])
+    assert node.handle(m.PlaceWhenArgsReady(ready)) == [m.Replace(ready)]
+
+
 def test_arguments_are_pulled_when_a_task_gets_its_resources_and_only_a_task_with_some():
     node = Node(cpus=2.0)
     worker = node.worker(101)

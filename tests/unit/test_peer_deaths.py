@@ -43,15 +43,19 @@ class _Node:
         # The node's state machine finds no room: work placed here queues.
         self.dispatch = SimpleNamespace(schedule=lambda: None, handle=self._handle)
         self.actor_events = []     # what the state machine is told about actors
+        self.handled = []          # every event, in order
 
     def _move(self, task, new, cause):
         move(task, new, cause)
 
     def _handle(self, event):
+        self.handled.append(event)
         if isinstance(event, m.Enqueue):
             self.queue.push(event.task, event.cause)
         elif isinstance(event, m.Decided):             # whatever the verdict: it waits here
             self.queue.push(event.task, f"placed here ({event.decision.kind})")
+        elif isinstance(event, m.PlaceWhenArgsReady):  # as the machine, its arguments ready
+            self.queue.push(event.task, "placed here (run again)")
         elif isinstance(event, m.Dequeue):
             self.queue.remove(event.task)
         elif isinstance(event, m.Release) and event.task.state is TaskState.QUEUED:
@@ -102,6 +106,40 @@ def test_a_peers_death_retries_the_work_sent_there_and_drops_the_work_it_sent_he
 
         part.node_died(DEAD_PEER)                 # seen again: nothing more happens
         assert deaths == [DEAD_PEER] and offered.retries_left == 0
+    asyncio.run(scenario())
+
+
+def test_work_needing_a_copy_that_died_with_the_peer_is_retried_after_that_copy_is_dealt_with():
+    # Retried at once, it could be placed where it holds the resources the
+    # rebuild of its argument needs, and wait for that argument for ever.
+    async def scenario():
+        node, part, _deaths = _duties()
+        node.store = SimpleNamespace(contains=lambda object_id: False)   # no copy here
+        part._store = node.store
+        held_there = b"o" * 28
+        node.objects.add_holder(held_there, 1)
+        node.objects.set_value(held_there, pb.ObjectValue(
+            object_id=held_there, in_store=True, location=DEAD_PEER, size=10))
+        needs_it = _task(node, 1, SimpleNamespace(conn_id=1))
+        needs_it.spec.arg_ref_ids.append(held_there)
+        plain = _task(node, 2, SimpleNamespace(conn_id=1))
+        for task in (needs_it, plain):
+            node.queue.remove(task)
+            task.remote_node = DEAD_PEER
+            move(task, TaskState.SPILLED, "test: offered to the peer")
+
+        part.node_died(DEAD_PEER)
+        assert plain.state == TaskState.QUEUED                # retried at once
+        assert needs_it.state == TaskState.SPILLED            # not yet
+        # Meanwhile the copy is not ready: work submitted now waits for it.
+        assert node.handled[-1] == m.Lost((held_there,))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert needs_it.state == TaskState.QUEUED and needs_it.refused_by == {DEAD_PEER}
+        kinds = [type(event).__name__ for event in node.handled]
+        # The copy was dealt with first (no lineage here: it is lost for good), then the task placed.
+        assert kinds.index("Lost") < len(kinds) - 1 - kinds[::-1].index("PlaceWhenArgsReady")
+        assert node.handled[-1] == m.PlaceWhenArgsReady(needs_it)
     asyncio.run(scenario())
 
 

@@ -174,6 +174,7 @@ class NodeState:
         self._handlers = {
             m.Submitted: self._submitted,
             m.Decided: self._decided,
+            m.PlaceWhenArgsReady: lambda event, out: self._place_when_args_ready(event.task, out),
             m.ViewChanged: self._view_changed,
             m.MemberAbsent: self._member_absent,
             m.Refused: self._refused,
@@ -218,11 +219,13 @@ class NodeState:
 
     # ------------------------------------------------------------ arguments
     def _submitted(self, event: m.Submitted, out: list) -> None:
-        task = event.task
-        self.object_life.submitted(task)
+        self.object_life.submitted(event.task)
+        self._place_when_args_ready(event.task, out)
+
+    def _place_when_args_ready(self, task, out: list) -> None:
         is_ready = self.objects.is_ready
         for object_id in task.spec.arg_ref_ids:
-            if not is_ready(object_id):
+            if not is_ready(object_id) and object_id not in task.pending_deps:
                 task.pending_deps.add(object_id)
                 self.waiting_on.setdefault(object_id, []).append(task)
         if not task.pending_deps:

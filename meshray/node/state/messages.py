@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Submitted", "Decided", "ViewChanged", "MemberAbsent", "Refused", "Schedule", "Offer",
+    "Submitted", "PlaceWhenArgsReady", "Decided", "ViewChanged", "MemberAbsent", "Refused", "Schedule", "Offer",
     "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "EnvSetupFailed", "Drain",
     "Fail", "LeaseRequested", "LeaseReturned",
@@ -46,6 +46,14 @@ class Submitted:
     """A local process submitted `task`: it holds the task's returns and
     waits for them; the task's arguments stay alive until it finishes, and
     it is placed once every argument has its value."""
+    task: object
+
+
+@dataclass(slots=True)
+class PlaceWhenArgsReady:
+    """WAITING `task` runs again (its node died): placed once every argument
+    has its value -- one whose only copy died with that node waits for its
+    rebuild, so the task holds no resources a rebuild may need meanwhile."""
     task: object
 
 
