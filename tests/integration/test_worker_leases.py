@@ -11,6 +11,7 @@ driver that dies holding a lease leaves no task of its running.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -158,19 +159,26 @@ from meshray.core import state
 for i in range(20):
     ray.get(q.remote(i), timeout=30)
     before = state.state.core.leases.pushed
-    slow.remote({str(tmp_path)!r}, "orphan", 120.0)
+    ref = slow.remote({str(tmp_path)!r}, f"orphan{{i}}", 120.0)
     if state.state.core.leases.pushed > before:
+        name = f"orphan{{i}}"
         break
+    # It went through the node (the lease was already given back): it would
+    # hold a CPU for two minutes, and two of them every CPU of the node.
+    ray.cancel(ref, force=True)
+else:
+    raise SystemExit("no task was pushed in 20 tries")
 deadline = time.monotonic() + 30
-while not any(n.startswith("orphan-") for n in os.listdir({str(tmp_path)!r})):
+while not any(n.startswith(name + "-") for n in os.listdir({str(tmp_path)!r})):
     assert time.monotonic() < deadline, "the pushed task never started"
     time.sleep(0.05)
-print("PUSHED", flush=True)
+print("PUSHED", name, flush=True)
 os._exit(0)
 """
     driver = run_driver(code, timeout=90)
-    assert "PUSHED" in driver.stdout, driver.stderr
-    pid = _pid_of(tmp_path, "orphan")
+    pushed = re.search(r"^PUSHED (orphan\d+)$", driver.stdout, re.MULTILINE)
+    assert pushed, driver.stderr
+    pid = _pid_of(tmp_path, pushed.group(1))
     wait_for(lambda: not _alive(pid), timeout=30,
              message=f"the leased worker {pid} of the dead driver was killed")
     assert ray.get(ray.remote(quick).remote(1), timeout=30) == 2
