@@ -700,27 +700,23 @@ class PeerDuties:
         has yet to show needs nothing: the view change that shows it places
         the task again. While etcd cannot answer, ask again (the task waits)."""
         membership = self._node.membership
+        present = False
         failures = 0
-        while True:
-            if membership is None:
-                present = False
-            else:
-                try:
-                    present = await asyncio.get_running_loop().run_in_executor(
-                        None, membership.is_member, ins.node_hex)
-                except Exception as exc:  # noqa: BLE001 - etcd unreachable: the task waits
-                    failures += 1
-                    delay = retry_delay(failures)
-                    log.warning("cannot ask etcd whether node %s is a member (%s: %s); "
-                                "asking again in %.1fs", ins.node_hex, type(exc).__name__, exc,
-                                delay)
-                    await asyncio.sleep(delay)
-                    if ins.task.state != TaskState.INFEASIBLE:
-                        return        # placed again (or ended) meanwhile
-                    continue
-            if not present:
-                self._node.dispatch.handle(m.MemberAbsent(ins.task, ins.node_hex, ins.reason))
-            return
+        while membership is not None:
+            try:
+                present = await asyncio.get_running_loop().run_in_executor(
+                    None, membership.is_member, ins.node_hex)
+                break
+            except Exception as exc:  # noqa: BLE001 - etcd unreachable: the task waits
+                failures += 1
+                delay = retry_delay(failures)
+                log.warning("cannot ask etcd whether node %s is a member (%s: %s); asking "
+                            "again in %.1fs", ins.node_hex, type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                if ins.task.state != TaskState.INFEASIBLE:
+                    return        # placed again (or ended) meanwhile
+        if not present:
+            self._node.dispatch.handle(m.MemberAbsent(ins.task, ins.node_hex, ins.reason))
 
     async def _recover_objects(self, node_hex: str, object_ids: list, tasks: list,
                                withheld: dict) -> None:
@@ -775,7 +771,7 @@ class PeerDuties:
             value.location = node_hex
             self._node.dispatch.handle(m.CopyMoved(value))
         else:
-            if withheld is not None and not self._objects.is_ready(object_id):
+            if withheld is not None:       # (made not ready at the death: no value now)
                 value.CopyFrom(withheld)
                 value.location = node_hex
             self._node.dispatch.handle(m.Produced((value,)))

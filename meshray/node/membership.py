@@ -87,6 +87,15 @@ def availability_worth_publishing(published: dict, current: dict, total: dict,
     return False
 
 
+def _decoded(parse_key, items) -> dict:
+    """Records read from etcd (`(key, entry)` pairs) by node id hex, decoded
+    and checked as the view's are: untrusted input, a bad one left out."""
+    from meshray.coordination.mirror import Change
+    decoded = DecodedRecords(parse_key)
+    decoded.apply(Change(key, None, entry) for key, entry in items)
+    return decoded.snapshot()
+
+
 class Membership:
     def __init__(self, daemon, endpoints: list[str], *, ttl: float | None = None,
                  keys: keyspace.Keyspace | None = None, etcd_options: dict | None = None,
@@ -643,10 +652,7 @@ class Membership:
                 log.warning("cannot read the members from etcd (%s: %s); answering from "
                             "this node's view", type(exc).__name__, exc)
             else:
-                from meshray.coordination.mirror import Change
-                decoded = DecodedRecords(self.keys.parse_node)
-                decoded.apply(Change(kv.key, None, kv) for kv in items)  # untrusted, as the view's
-                return decoded.snapshot()
+                return _decoded(self.keys.parse_node, ((kv.key, kv) for kv in items))
         return self._records.snapshot()
 
     def nodes(self) -> list[dict]:
@@ -674,10 +680,8 @@ class Membership:
         value, revision = coordinator.get(key, timeout=5.0)
         if value is None:
             return False
-        from meshray.coordination.mirror import Change, Entry
-        decoded = DecodedRecords(self.keys.parse_node)
-        decoded.apply([Change(key, None, Entry(value, revision))])
-        return len(decoded) == 1
+        from meshray.coordination.mirror import Entry
+        return bool(_decoded(self.keys.parse_node, [(key, Entry(value, revision))]))
 
     def cluster_resources(self) -> dict:
         totals: dict[str, float] = {}
@@ -691,11 +695,8 @@ class Membership:
         when it follows everyone, else read from etcd (one range read)."""
         if self.avail_bits == 0 or self.coordinator is None:
             return self._avails.snapshot()
-        from meshray.coordination.mirror import Change
         items, _rev = self.coordinator.get_prefix(self.keys.avail_prefix(), timeout=5.0)
-        decoded = DecodedRecords(self.keys.parse_avail)
-        decoded.apply(Change(kv.key, None, kv) for kv in items)   # untrusted: decoded as a view
-        return decoded.snapshot()
+        return _decoded(self.keys.parse_avail, ((kv.key, kv) for kv in items))
 
     def available_resources(self, local_available: dict) -> dict:
         alive = self._alive_records()

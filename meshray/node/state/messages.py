@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 __all__ = [
     # events
-    "Submitted", "PlaceWhenArgsReady", "Decided", "ViewChanged", "MemberAbsent", "Refused", "Schedule", "Offer",
+    "Submitted", "PlaceWhenArgsReady", "Decided", "ViewChanged", "MemberAbsent", "Refused",
+    "Schedule", "Offer",
     "Enqueue", "Dequeue", "WorkerReady", "WorkerStartFailed", "TaskReturned",
     "WorkerLost", "Cancel", "StopRunning", "Blocked", "Release", "EnvSetupFailed", "Drain",
     "Fail", "LeaseRequested", "LeaseReturned",
